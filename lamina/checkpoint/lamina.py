@@ -1,0 +1,149 @@
+"""lamina's own checkpoint folder: plain files, written atomically.
+
+    config.yaml              the exact ModelConfig
+    model.safetensors        weights (a tied output head is stored once, as tok_emb.weight)
+    tokenizer.json           the tokenizer (HF ``tokenizers`` format)
+    tokenizer_config.json    special tokens and chat template (HF keys)
+    generation.yaml          default decoding controls (eos / stop ids, max_new_tokens)
+
+A folder is first written next to its destination under a temporary name, then renamed into place, so a
+crash never leaves a half-written checkpoint where a good one is expected.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lamina.config import GenerationConfig, ModelConfig, load_yaml, save_yaml
+from lamina.errors import CheckpointError
+from lamina.model.layers import alibi_slopes, rope_inv_freq
+from lamina.model.transformer import Transformer
+
+if TYPE_CHECKING:
+    from lamina.tokenizer import Tokenizer
+
+CONFIG_FILE, WEIGHTS_FILE, GENERATION_FILE = "config.yaml", "model.safetensors", "generation.yaml"
+
+
+def build_model(
+    cfg: ModelConfig,
+    state_dict: Mapping[str, torch.Tensor],
+    dtype: torch.dtype | None = torch.float32,
+    device: torch.device | str = "cpu",
+) -> Transformer:
+    """A ``Transformer`` holding exactly ``state_dict`` (no random init is spent on weights that get replaced).
+
+    Missing or unexpected tensors raise ``CheckpointError`` listing them.
+    """
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    sd = dict(state_dict)
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    expected = {k for k in model.state_dict() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"weights do not match the config: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    for name, param in model.state_dict().items():
+        if name in sd and sd[name].shape != param.shape:
+            raise CheckpointError(
+                f"tensor {name} has shape {tuple(sd[name].shape)}, the config needs {tuple(param.shape)}"
+            )
+    sd = {
+        k: v.to(device=device, dtype=dtype if v.is_floating_point() and dtype else v.dtype)
+        for k, v in sd.items()
+    }
+    model.load_state_dict(sd, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    # buffers (RoPE frequencies, ALiBi slopes) were made on the meta device: make them for real
+    if cfg.pos_encoding == "rope":
+        model.register_buffer("inv_freq", rope_inv_freq(cfg).to(device), persistent=False)
+    if cfg.pos_encoding == "alibi":
+        model.register_buffer("slopes", alibi_slopes(cfg.n_heads).to(device), persistent=False)
+    return model.eval()
+
+
+def weights_for_saving(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's tensors, contiguous, with a tied output head stored once."""
+    sd = model.state_dict()
+    if model.config.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return {k: v.detach().contiguous() for k, v in sd.items()}
+
+
+def atomic_folder(dest: str | Path, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp_folder)``, then move the folder to ``dest`` in one rename (replacing any old one)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        write(tmp)
+        for f in tmp.iterdir():  # flush file contents before the rename makes them visible
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if dest.exists():
+            old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def save_checkpoint(
+    folder: str | Path,
+    model: Transformer,
+    tokenizer: Tokenizer | None = None,
+    generation: GenerationConfig | None = None,
+) -> Path:
+    """Write a lamina checkpoint folder atomically; returns its path."""
+
+    def write(tmp: Path) -> None:
+        save_yaml(model.config, tmp / CONFIG_FILE)
+        save_file(weights_for_saving(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        save_yaml(generation or GenerationConfig(), tmp / GENERATION_FILE)
+
+    return atomic_folder(folder, write)
+
+
+def is_lamina_checkpoint(folder: str | Path) -> bool:
+    """True when ``folder`` looks like a lamina checkpoint (has config.yaml and model.safetensors)."""
+    p = Path(folder)
+    return (p / CONFIG_FILE).is_file() and (p / WEIGHTS_FILE).is_file()
+
+
+def load_checkpoint(
+    folder: str | Path, dtype: torch.dtype | None = torch.float32, device: torch.device | str = "cpu"
+) -> tuple[Transformer, GenerationConfig]:
+    """The model and default generation config of a lamina checkpoint folder."""
+    folder = Path(folder)
+    if not is_lamina_checkpoint(folder):
+        raise CheckpointError(f"{folder} is not a lamina checkpoint (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+    cfg = load_yaml(ModelConfig, folder / CONFIG_FILE)
+    try:
+        sd = load_file(str(folder / WEIGHTS_FILE))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {folder / WEIGHTS_FILE} (truncated or corrupt?): {e}") from e
+    gen_path = folder / GENERATION_FILE
+    gen = load_yaml(GenerationConfig, gen_path) if gen_path.is_file() else GenerationConfig()
+    return build_model(cfg, sd, dtype=dtype, device=device), gen

@@ -1,0 +1,26 @@
+"""lamina's error hierarchy: one base class, a few kinds, messages that say how to fix the problem."""
+
+from __future__ import annotations
+
+
+class LaminaError(Exception):
+    """Base class of every error lamina raises on purpose.
+
+    The CLI prints these on one line and exits non-zero (traceback only with ``--debug``).
+    """
+
+
+class ConfigError(LaminaError, ValueError):
+    """A configuration value or combination of values is invalid."""
+
+
+class CheckpointError(LaminaError):
+    """A model or checkpoint file is missing, truncated, or in a format lamina cannot read."""
+
+
+class ModelNotFoundError(CheckpointError, FileNotFoundError):
+    """A model name or path does not resolve to anything on this machine."""
+
+
+class TokenizerError(LaminaError):
+    """A tokenizer cannot be built, loaded or used as asked."""

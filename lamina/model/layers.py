@@ -1,0 +1,236 @@
+"""The parts a transformer block is made of: norms, positional encodings, attention with a KV cache, MLPs.
+
+Each family difference (which norm, which MLP, which positional encoding) is decided in one place here,
+from ``ModelConfig``; ``transformer.py`` only stacks the parts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lamina.config import ModelConfig
+
+# -- norms ---------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Llama): ``x / rms(x) * weight``, computed in float32."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalise over the last dimension."""
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    """The norm layer the config asks for."""
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+# -- positional encodings ---------------------------------------------------------------------------------
+
+
+def rope_inv_freq(cfg: ModelConfig, seq_len: Tensor | None = None) -> Tensor:
+    """RoPE inverse frequencies (head_dim / 2,), with linear, dynamic-NTK or llama3 scaling applied.
+
+    ``seq_len`` (B,) (dynamic scaling only) is each row's longest position + 1; as in ``transformers``,
+    the base grows once a sequence passes ``rope_original_max_seq_len``. Unlike ``transformers``, which
+    takes the longest row of the batch, lamina scales each row by its own length, so a row's logits do
+    not depend on what else is in the batch. Returns (B, head_dim / 2) then.
+    """
+    assert cfg.head_dim is not None
+    dim = cfg.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    if cfg.rope_scaling == "dynamic" and seq_len is not None:
+        original = cfg.rope_original_max_seq_len or cfg.max_seq_len
+        n = seq_len.float().clamp(min=original)[:, None]  # (B, 1)
+        f = cfg.rope_factor
+        base = cfg.rope_theta * ((f * n / original) - (f - 1)) ** (dim / (dim - 2))
+        return 1.0 / (base ** exponents.to(n.device))
+    inv_freq = 1.0 / (cfg.rope_theta**exponents)
+    if cfg.rope_scaling == "linear":
+        inv_freq = inv_freq / cfg.rope_factor
+    elif cfg.rope_scaling == "llama3":
+        assert cfg.rope_original_max_seq_len is not None
+        f, lo, hi = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        old_len = cfg.rope_original_max_seq_len
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / f, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / f + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(inv_freq: Tensor, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin tables (B, 1, T, head_dim) for positions (B, T); ``inv_freq`` is (hd/2,) or (B, hd/2)."""
+    inv = inv_freq.to(position_ids.device)
+    if inv.dim() == 2:
+        inv = inv[:, None, :]  # (B, 1, hd/2): a base per row
+    freqs = position_ids[..., None].float() * inv  # (B, T, head_dim/2)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate (B, H, T, head_dim) by position, in the "rotate half" layout used by HF Llama checkpoints."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def sinusoidal_encoding(position_ids: Tensor, d_model: int) -> Tensor:
+    """The original Transformer's fixed encoding (B, T, d_model): sin on even, cos on odd channels."""
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, d_model, 2, device=position_ids.device).float() / d_model))
+    angles = position_ids[..., None].float() * inv_freq  # (B, T, d_model/2)
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)
+
+
+def alibi_slopes(n_heads: int) -> Tensor:
+    """ALiBi head slopes (Press et al. 2022), with the interleaving rule for non-powers of two (as BLOOM)."""
+    closest = 2 ** math.floor(math.log2(n_heads))
+    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
+    slopes = [base ** (i + 1) for i in range(closest)]
+    if closest != n_heads:
+        extra_base = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
+        n_extra = min(closest, n_heads - closest)
+        slopes += [extra_base ** (i + 1) for i in range(0, 2 * n_extra, 2)]
+    return torch.tensor(slopes)
+
+
+# -- KV cache ----------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Preallocated keys and values for incremental decoding.
+
+    Per layer ``k`` and ``v`` are (B, n_kv_heads, capacity, head_dim); all rows share the slot count
+    ``length``. ``valid`` (B, capacity) marks slots holding real tokens (padding is stored but masked out),
+    ``positions`` (B, capacity) their position ids (for ALiBi), and ``next_pos`` (B,) the position the
+    next real token of each row gets.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        batch_size: int,
+        capacity: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        assert cfg.n_kv_heads is not None and cfg.head_dim is not None
+        shape = (batch_size, cfg.n_kv_heads, capacity, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)
+        self.positions = torch.zeros(batch_size, capacity, dtype=torch.long, device=device)
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.length = 0
+        self.capacity = capacity
+
+    @property
+    def batch_size(self) -> int:
+        """Number of rows."""
+        return self.valid.shape[0]
+
+
+# -- attention ---------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped KV heads (MHA / GQA / MQA) on ``scaled_dot_product_attention``."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        assert cfg.n_kv_heads is not None and cfg.head_dim is not None
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
+        self.attn_dropout = cfg.attn_dropout
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor] | None,
+        attn_mask: Tensor | None,
+        is_causal: bool,
+        cache: KVCache | None,
+    ) -> Tensor:
+        """x (B, T, d_model) -> (B, T, d_model).
+
+        ``attn_mask`` is a bool (True = attend) or additive float mask (B, 1|H, T, S) over the S cached +
+        new slots, or None with ``is_causal`` for the plain causal case. New keys/values are written to
+        ``cache`` at slots [length, length + T).
+        """
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            start = cache.length
+            cache.k[self.layer_idx][:, :, start : start + T] = k
+            cache.v[self.layer_idx][:, :, start : start + T] = v
+            k = cache.k[self.layer_idx][:, :, : start + T]
+            v = cache.v[self.layer_idx][:, :, : start + T]
+        if self.n_kv_heads != self.n_heads:  # GQA: each KV head serves n_heads / n_kv_heads query heads
+            rep = self.n_heads // self.n_kv_heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            is_causal=is_causal,
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+# -- MLPs --------------------------------------------------------------------------------------------------
+
+_ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swiglu": F.silu,  # gated: silu(gate(x)) * up(x)
+    "geglu": F.gelu,
+}
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: ``down(act(up(x)))``, or gated ``down(act(gate(x)) * up(x))``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        assert cfg.d_ff is not None
+        self.gated = cfg.activation in ("swiglu", "geglu")
+        self.act = _ACTIVATIONS[cfg.activation]
+        if self.gated:
+            self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, T, d_model) -> (B, T, d_model)."""
+        h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act(self.up_proj(x))
+        return self.down_proj(h)

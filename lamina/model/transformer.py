@@ -1,0 +1,237 @@
+"""One config-driven transformer: GPT-2, Llama/SmolLM2, BLOOM and your own designs are ``ModelConfig`` s.
+
+Data flows: token ids -> embeddings (+ learned/sinusoidal positions) -> n_layers x Block -> final norm
+-> output head (tied to the embeddings or not) -> logits. RoPE and ALiBi act inside attention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lamina.config import ModelConfig
+from lamina.model.layers import (
+    MLP,
+    Attention,
+    KVCache,
+    alibi_slopes,
+    make_norm,
+    rope_cos_sin,
+    rope_inv_freq,
+    sinusoidal_encoding,
+)
+
+
+class Block(nn.Module):
+    """Attention then MLP, each in a residual branch, with the norm before (pre-LN) or after (post-LN)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.pre_norm = cfg.norm_placement == "pre"
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg, layer_idx)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.dropout = nn.Dropout(cfg.resid_dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor] | None,
+        attn_mask: Tensor | None,
+        is_causal: bool,
+        cache: KVCache | None,
+    ) -> Tensor:
+        """(B, T, d_model) -> (B, T, d_model)."""
+        if self.pre_norm:
+            x = x + self.dropout(self.attn(self.attn_norm(x), rope, attn_mask, is_causal, cache))
+            return x + self.dropout(self.mlp(self.mlp_norm(x)))
+        x = self.attn_norm(x + self.dropout(self.attn(x, rope, attn_mask, is_causal, cache)))
+        return self.mlp_norm(x + self.dropout(self.mlp(x)))
+
+
+class Transformer(nn.Module):
+    """A decoder-only causal language model built from a ``ModelConfig``.
+
+    ``forward(input_ids, attention_mask=None, position_ids=None, cache=None)`` returns logits
+    (B, T, vocab_size). ``attention_mask`` (B, T) marks real tokens (1) and padding (0), left or right;
+    position ids then skip the pads. With a ``KVCache`` the call appends to the cached sequence.
+    """
+
+    inv_freq: Tensor  # RoPE buffer
+    slopes: Tensor  # ALiBi buffer
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos_encoding == "learned" else None
+        self.emb_norm = make_norm(cfg) if cfg.emb_norm else None
+        self.emb_dropout = nn.Dropout(cfg.emb_dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.final_norm = make_norm(cfg) if cfg.norm_placement == "pre" else None
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if cfg.pos_encoding == "rope":
+            self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        if cfg.pos_encoding == "alibi":
+            self.register_buffer("slopes", alibi_slopes(cfg.n_heads), persistent=False)
+        self.reset_parameters()
+
+    # -- initialisation ----------------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """Initialise weights as ``config.initializer`` says; norms to 1, biases to 0."""
+        cfg = self.config
+        residual_std = (
+            cfg.init_std / math.sqrt(2 * cfg.n_layers) if cfg.scaled_residual_init else cfg.init_std
+        )
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                is_residual_out = name.endswith(("attn.o_proj", "mlp.down_proj"))
+                if cfg.initializer == "normal":
+                    nn.init.normal_(module.weight, 0.0, residual_std if is_residual_out else cfg.init_std)
+                elif cfg.initializer == "xavier":
+                    nn.init.xavier_uniform_(module.weight)
+                else:
+                    nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter):  # norms
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def num_params(self) -> int:
+        """Number of parameters (shared tensors counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    # -- forward -----------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> Tensor:
+        """Logits (B, T, vocab_size), or (B, 1, vocab_size) for the last position with ``last_only``."""
+        h = self.hidden_states(input_ids, attention_mask, position_ids, cache)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h)
+
+    def hidden_states(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """Final hidden states (B, T, d_model), after the final norm."""
+        cfg = self.config
+        B, T = input_ids.shape
+        offset = cache.length if cache is not None else 0
+        if cache is not None and offset + T > cache.capacity:
+            raise ValueError(f"KV cache full: {offset} + {T} tokens > capacity {cache.capacity}")
+        real = attention_mask.bool() if attention_mask is not None else None
+        if position_ids is None:
+            position_ids = self._default_positions(B, T, real, cache, input_ids.device)
+        if cache is not None:  # record the new slots before attention reads them
+            sl = slice(offset, offset + T)
+            cache.valid[:, sl] = True if real is None else real
+            cache.positions[:, sl] = position_ids
+            cache.next_pos = cache.next_pos + (T if real is None else real.sum(1))
+        if int(position_ids.max()) >= cfg.max_seq_len and cfg.pos_encoding == "learned":
+            raise ValueError(
+                f"position {int(position_ids.max())} is past max_seq_len={cfg.max_seq_len} of this model"
+            )
+
+        x = self.tok_emb(input_ids)
+        if cfg.scale_embeddings:
+            x = x * math.sqrt(cfg.d_model)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(position_ids)
+        elif cfg.pos_encoding == "sinusoidal":
+            x = x + sinusoidal_encoding(position_ids, cfg.d_model).to(x.dtype)
+        if self.emb_norm is not None:
+            x = self.emb_norm(x)
+        x = self.emb_dropout(x)
+
+        rope = None
+        if cfg.pos_encoding == "rope":
+            inv_freq = self.inv_freq
+            if cfg.rope_scaling == "dynamic":
+                inv_freq = rope_inv_freq(cfg, seq_len=position_ids.max(dim=1).values + 1)
+            rope = rope_cos_sin(inv_freq, position_ids, x.dtype)
+        attn_mask, is_causal = self._attention_mask(B, T, real, position_ids, cache, x.dtype)
+        for block in self.blocks:
+            x = block(x, rope, attn_mask, is_causal, cache)
+        if cache is not None:
+            cache.length = offset + T
+        return self.final_norm(x) if self.final_norm is not None else x
+
+    @staticmethod
+    def _default_positions(
+        B: int, T: int, real: Tensor | None, cache: KVCache | None, device: torch.device
+    ) -> Tensor:
+        """Position ids that count only real tokens, continuing from the cache."""
+        start = cache.next_pos[:, None] if cache is not None else torch.zeros(B, 1, dtype=torch.long)
+        start = start.to(device)
+        if real is None:
+            return start + torch.arange(T, device=device)
+        return start + (real.long().cumsum(1) - 1).clamp(min=0)
+
+    def _attention_mask(
+        self,
+        B: int,
+        T: int,
+        real: Tensor | None,
+        position_ids: Tensor,
+        cache: KVCache | None,
+        dtype: torch.dtype,
+    ) -> tuple[Tensor | None, bool]:
+        """The mask for ``scaled_dot_product_attention``: None (fast causal paths), bool, or float (ALiBi)."""
+        offset = cache.length if cache is not None else 0
+        S = offset + T
+        no_pads = (real is None or bool(real.all())) and (cache is None or bool(cache.valid[:, :S].all()))
+        alibi = self.config.pos_encoding == "alibi"
+        if no_pads and not alibi:
+            if offset == 0:
+                return None, T > 1
+            if T == 1:
+                return None, False
+        device = position_ids.device
+        if cache is not None:
+            key_valid, key_pos = cache.valid[:, :S], cache.positions[:, :S]
+        else:
+            key_valid = real if real is not None else torch.ones(B, T, dtype=torch.bool, device=device)
+            key_pos = position_ids
+        q_slot = torch.arange(offset, S, device=device)[:, None]  # (T, 1)
+        k_slot = torch.arange(S, device=device)[None, :]  # (1, S)
+        allowed = (k_slot <= q_slot)[None] & key_valid[:, None, :]  # (B, T, S)
+        allowed = allowed | (k_slot == q_slot)[None]  # a pad query sees itself: no all-masked rows (NaN)
+        if not alibi:
+            return allowed[:, None], False  # (B, 1, T, S)
+        rel = (key_pos[:, None, :] - position_ids[:, :, None]).to(torch.float32)  # (B, T, S)
+        bias = self.slopes.to(device)[None, :, None, None] * rel[:, None]  # (B, H, T, S)
+        return bias.masked_fill(~allowed[:, None], float("-inf")).to(dtype), False
+
+    # -- conveniences ------------------------------------------------------------------------------------
+    def new_cache(
+        self, batch_size: int, capacity: int | None = None, dtype: torch.dtype | None = None
+    ) -> KVCache:
+        """A preallocated KV cache on the model's device (capacity defaults to ``max_seq_len``)."""
+        p = self.tok_emb.weight
+        return KVCache(
+            self.config, batch_size, capacity or self.config.max_seq_len, dtype or p.dtype, p.device
+        )
+
+    def loss(self, input_ids: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+        """Mean next-token cross-entropy of ``targets`` (B, T) given ``input_ids`` (B, T)."""
+        logits = self(input_ids)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)

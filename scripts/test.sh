@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set up lamina with its test dependencies, then run every check CI runs: lint, format, types, tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+bash scripts/setup.sh --test
+"$PY" -m ruff check .
+"$PY" -m ruff format --check .
+"$PY" -m mypy lamina
+"$PY" -m pytest -q "$@"
