@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,12 +87,16 @@ class ModelConfig:
     # -- validation -------------------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the fields and values of any invalid setting or combination."""
-        _check_literals(self)
+        _check_types(self)
         for name in ("vocab_size", "max_seq_len", "n_layers", "d_model", "n_heads", "d_ff"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
         assert self.n_kv_heads is not None and self.d_ff is not None
+        if self.head_dim is not None and self.head_dim <= 0:
+            raise ConfigError(
+                f"head_dim={self.head_dim} must be a positive integer (or None for d_model // n_heads)"
+            )
         if self.head_dim is None:
             raise ConfigError(
                 f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}: choose n_heads that "
@@ -102,6 +107,8 @@ class ModelConfig:
                 f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} "
                 "(n_kv_heads = n_heads for MHA, 1 for MQA, a divisor in between for GQA)"
             )
+        if self.pos_encoding == "rope" and self.rope_theta <= 0:
+            raise ConfigError(f"rope_theta={self.rope_theta} must be positive (10000 is the usual base)")
         if self.pos_encoding == "rope" and self.head_dim % 2 != 0:
             raise ConfigError(f"pos_encoding='rope' needs an even head_dim, got head_dim={self.head_dim}")
         if self.pos_encoding == "sinusoidal" and self.d_model % 2 != 0:
@@ -229,6 +236,29 @@ def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
         raise ConfigError(f"cannot build {cls.__name__}: {e}") from e
 
 
+class _YAMLLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-5`` as a float (YAML 1.1 wants ``1.0e-5``), as people write it."""
+
+
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML text safely (no Python objects), reading ``1e-5`` as a float."""
+    return yaml.load(text, Loader=_YAMLLoader)
+
+
 def save_yaml(cfg: Any, path: str | os.PathLike[str]) -> None:
     """Write a config dataclass to a YAML file."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -240,7 +270,7 @@ def load_yaml(cls: type[T], path: str | os.PathLike[str]) -> T:
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = parse_yaml(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{p} is not valid YAML: {e}") from e
     return from_dict(cls, data)
@@ -256,15 +286,48 @@ def _divisors_near(n: int, k: int) -> str:
     return ", ".join(str(d) for d in sorted(divs, key=lambda d: abs(d - k))[:3])
 
 
-def _check_literals(cfg: Any) -> None:
-    """Check every ``Literal``-typed field holds one of its allowed values."""
+def _check_types(cfg: Any) -> None:
+    """Check every field against its annotation: Literal choices, int, float (ints accepted), bool, lists.
+
+    Floats given as ints are converted (``norm_eps: 1`` -> 1.0); anything else of the wrong type is a
+    ``ConfigError`` naming the field, the value and the expected type.
+    """
     hints = get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
-        allowed = _literal_values(hints[f.name])
-        value = getattr(cfg, f.name)
-        if allowed is not None and value not in allowed:
-            options = ", ".join(repr(a) for a in allowed)
-            raise ConfigError(f"{f.name}={value!r} is not one of {options}")
+        tp, value = hints[f.name], getattr(cfg, f.name)
+        allowed = _literal_values(tp)
+        if allowed is not None:
+            if value not in allowed:
+                options = ", ".join(repr(a) for a in allowed)
+                raise ConfigError(f"{f.name}={value!r} is not one of {options}")
+            continue
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            continue
+        core = next((a for a in args if a is not type(None)), tp) if args and type(None) in args else tp
+        origin = getattr(core, "__origin__", None)
+        ok = True
+        if core is bool:
+            ok = isinstance(value, bool)
+        elif core is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif core is float:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            if ok:
+                setattr(cfg, f.name, float(value))
+        elif core is str:
+            ok = isinstance(value, str)
+        elif origin is list:
+            (item,) = get_args(core) or (object,)
+            ok = isinstance(value, list) and (
+                item is object or all(isinstance(v, item) and not isinstance(v, bool) for v in value)
+            )
+        if not ok:
+            expected = getattr(core, "__name__", str(core))
+            raise ConfigError(
+                f"{f.name}={value!r} ({type(value).__name__}) must be of type {expected}"
+                + (" or None" if type(None) in args else "")
+            )
 
 
 def _literal_values(tp: Any) -> tuple[Any, ...] | None:
@@ -290,5 +353,6 @@ class GenerationConfig:
     eos_token_ids: list[int] = field(default_factory=list)  # stop when any of these is generated
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.max_new_tokens < 0:
             raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be >= 0")

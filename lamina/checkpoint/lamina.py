@@ -25,7 +25,6 @@ from safetensors.torch import load_file, save_file
 
 from lamina.config import GenerationConfig, ModelConfig, load_yaml, save_yaml
 from lamina.errors import CheckpointError
-from lamina.model.layers import alibi_slopes, rope_inv_freq
 from lamina.model.transformer import Transformer
 
 if TYPE_CHECKING:
@@ -68,11 +67,7 @@ def build_model(
     model.load_state_dict(sd, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
-    # buffers (RoPE frequencies, ALiBi slopes) were made on the meta device: make them for real
-    if cfg.pos_encoding == "rope":
-        model.register_buffer("inv_freq", rope_inv_freq(cfg).to(device), persistent=False)
-    if cfg.pos_encoding == "alibi":
-        model.register_buffer("slopes", alibi_slopes(cfg.n_heads).to(device), persistent=False)
+    model.make_position_tables()  # made on the meta device above: make them for real
     return model.eval()
 
 

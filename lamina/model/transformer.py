@@ -61,8 +61,10 @@ class Transformer(nn.Module):
     position ids then skip the pads. With a ``KVCache`` the call appends to the cached sequence.
     """
 
-    inv_freq: Tensor  # RoPE buffer
-    slopes: Tensor  # ALiBi buffer
+    # RoPE frequencies and ALiBi slopes are plain float32 attributes, not buffers, so that
+    # ``model.to(torch.bfloat16)`` cannot round them; they follow the device lazily (``_fp32_table``).
+    inv_freq: Tensor | None
+    slopes: Tensor | None
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -77,11 +79,23 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        if cfg.pos_encoding == "rope":
-            self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-        if cfg.pos_encoding == "alibi":
-            self.register_buffer("slopes", alibi_slopes(cfg.n_heads), persistent=False)
+        self.make_position_tables()
         self.reset_parameters()
+
+    def make_position_tables(self) -> None:
+        """(Re)compute the float32 RoPE frequencies / ALiBi slopes on the CPU."""
+        cfg = self.config
+        with torch.device("cpu"):
+            self.inv_freq = rope_inv_freq(cfg) if cfg.pos_encoding == "rope" else None
+            self.slopes = alibi_slopes(cfg.n_heads) if cfg.pos_encoding == "alibi" else None
+
+    def _fp32_table(self, name: str, device: torch.device) -> Tensor:
+        table = getattr(self, name)
+        assert table is not None
+        if table.device != device:
+            table = table.to(device)
+            setattr(self, name, table)
+        return table
 
     # -- initialisation ----------------------------------------------------------------------------------
     def reset_parameters(self) -> None:
@@ -164,7 +178,7 @@ class Transformer(nn.Module):
 
         rope = None
         if cfg.pos_encoding == "rope":
-            inv_freq = self.inv_freq
+            inv_freq = self._fp32_table("inv_freq", x.device)
             if cfg.rope_scaling == "dynamic":
                 inv_freq = rope_inv_freq(cfg, seq_len=position_ids.max(dim=1).values + 1)
             rope = rope_cos_sin(inv_freq, position_ids, x.dtype)
@@ -218,7 +232,8 @@ class Transformer(nn.Module):
         if not alibi:
             return allowed[:, None], False  # (B, 1, T, S)
         rel = (key_pos[:, None, :] - position_ids[:, :, None]).to(torch.float32)  # (B, T, S)
-        bias = self.slopes.to(device)[None, :, None, None] * rel[:, None]  # (B, H, T, S)
+        slopes = self._fp32_table("slopes", device)
+        bias = slopes[None, :, None, None] * rel[:, None]  # (B, H, T, S)
         return bias.masked_fill(~allowed[:, None], float("-inf")).to(dtype), False
 
     # -- conveniences ------------------------------------------------------------------------------------
