@@ -1,16 +1,38 @@
-"""lamina: a complete, hackable large-language-model workbench on PyTorch."""
+"""lamina: a complete, hackable large-language-model workbench on PyTorch.
+
+The few things a user needs::
+
+    import lamina
+    lm = lamina.load("smollm2")                 # a path, a models-directory name or a packaged name
+    print(lamina.generate(lm, "Hello!"))
+"""
 
 from __future__ import annotations
 
+from lamina.checkpoint.lamina import load_checkpoint, save_checkpoint
+from lamina.checkpoint.load import LoadedModel, load
+from lamina.config import GenerationConfig, ModelConfig
 from lamina.errors import CheckpointError, ConfigError, LaminaError, ModelNotFoundError, TokenizerError
+from lamina.generate.text import generate
+from lamina.model.transformer import Transformer
+from lamina.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "GenerationConfig",
     "LaminaError",
+    "LoadedModel",
+    "ModelConfig",
     "ModelNotFoundError",
+    "Tokenizer",
     "TokenizerError",
+    "Transformer",
     "__version__",
+    "generate",
+    "load",
+    "load_checkpoint",
+    "save_checkpoint",
 ]

@@ -10,14 +10,19 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lamina.config import ModelConfig
+from lamina.checkpoint.lamina import atomic_folder, weights_for_saving
+from lamina.config import GenerationConfig, ModelConfig
 from lamina.errors import CheckpointError
+from lamina.model.transformer import Transformer
+
+if TYPE_CHECKING:
+    from lamina.tokenizer import Tokenizer
 
 StateDict = dict[str, torch.Tensor]
 
@@ -447,3 +452,38 @@ def hf_state_dict_from_lamina(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) 
 def write_hf_weights(sd: StateDict, path: Path) -> None:
     """Save tensors as safetensors with the ``format: pt`` metadata ``transformers`` expects."""
     save_file(sd, str(path), metadata={"format": "pt"})
+
+
+def export_hf(
+    folder: str | Path,
+    model: Transformer,
+    tokenizer: Tokenizer | None = None,
+    generation: GenerationConfig | None = None,
+) -> Path:
+    """Write ``model`` as a Hugging Face folder that ``transformers`` loads, atomically.
+
+    config.json and model.safetensors always; tokenizer.json + tokenizer_config.json (with the chat
+    template) and generation_config.json (eos/bos/pad ids) so an exported chat model still chats.
+    """
+    cfg = model.config
+    hf_cfg = hf_config_from_lamina(cfg)
+    weights = hf_state_dict_from_lamina(weights_for_saving(model), cfg)
+    eos = list(generation.eos_token_ids) if generation is not None else []
+    if not eos and tokenizer is not None and tokenizer.eos_token_id is not None:
+        eos = [tokenizer.eos_token_id]
+    special: dict[str, Any] = {}
+    if tokenizer is not None:
+        special = {"bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    if eos:
+        special["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    hf_cfg.update({k: v for k, v in special.items() if v is not None})
+
+    def write(tmp: Path) -> None:
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+        write_hf_weights(weights, tmp / "model.safetensors")
+        gen = {k: v for k, v in special.items() if v is not None}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+
+    return atomic_folder(folder, write)

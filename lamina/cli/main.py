@@ -1,0 +1,50 @@
+"""``lamina VERB ...``: one thin module per verb over the public Python API."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from lamina import __version__
+from lamina.cli import convert, generate, inspect, models, tokenizer
+from lamina.errors import LaminaError
+
+VERBS = [models, inspect, convert, generate, tokenizer]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``lamina`` argument parser with every verb registered."""
+    parser = argparse.ArgumentParser(
+        prog="lamina",
+        description="lamina: build, train, adapt, run and serve transformer language models.",
+        epilog="Run `lamina VERB --help` for a verb's options. MODEL is a path, a name in the models "
+        "directory, or a packaged short name such as `smollm2` (see `lamina models`).",
+    )
+    parser.add_argument("--version", action="version", version=f"lamina {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for verb in VERBS:
+        verb.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse ``argv`` and run the verb; a ``LaminaError`` prints one line and exits 1."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except LaminaError as e:
+        if args.debug:
+            raise
+        print(f"lamina {args.verb}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `lamina ... | head`
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

