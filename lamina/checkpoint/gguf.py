@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from lamina.errors import CheckpointError, ModelNotFoundError
 
@@ -399,12 +400,24 @@ class GGUFFile:
         for name in names:
             _check_supported(self.tensor_info(name).qtype, f"tensor {name!r} of {self.path}")
         workers = workers or min(8, _cpu_count())
-        if workers == 1 or len(names) < 2:
-            return {name: self.load_tensor(name) for name in names}
-        # biggest first, so that one large tensor (the embedding) does not finish alone at the end
-        order = sorted(names, key=lambda n: -self.tensors[n].nbytes)
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            done = dict(zip(order, pool.map(self.load_tensor, order), strict=True))
+        # a bar appears only if dequantizing takes over 2 s (big files, busy machines)
+        bar = tqdm(
+            total=len(names), desc=f"dequantizing {self.path.name}", unit="tensor", delay=2.0, leave=False
+        )
+        with bar:
+            if workers == 1 or len(names) < 2:
+                out = {}
+                for name in names:
+                    out[name] = self.load_tensor(name)
+                    bar.update()
+                return out
+            # biggest first, so that one large tensor (the embedding) does not finish alone at the end
+            order = sorted(names, key=lambda n: -self.tensors[n].nbytes)
+            done: StateDict = {}
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                for name, t in zip(order, pool.map(self.load_tensor, order), strict=True):
+                    done[name] = t
+                    bar.update()
         return {name: done[name] for name in names}
 
 
