@@ -319,15 +319,40 @@ def _check_types(cfg: Any) -> None:
             ok = isinstance(value, str)
         elif origin is list:
             (item,) = get_args(core) or (object,)
-            ok = isinstance(value, list) and (
-                item is object or all(isinstance(v, item) and not isinstance(v, bool) for v in value)
-            )
+            ok = isinstance(value, list) and all(_is_instance(v, item) for v in value)
+        elif origin is dict:
+            ok = isinstance(value, dict)
+            if ok:  # JSON keys are strings ("50256": -100) and YAML/JSON floats may be ints: convert
+                key_tp, val_tp = get_args(core)
+                converted = {_as(k, key_tp): _as(v, val_tp) for k, v in value.items()}
+                ok = all(_is_instance(k, key_tp) and _is_instance(v, val_tp) for k, v in converted.items())
+                if ok:
+                    setattr(cfg, f.name, converted)
         if not ok:
-            expected = getattr(core, "__name__", str(core))
+            expected = str(core) if get_args(core) else getattr(core, "__name__", str(core))
             raise ConfigError(
                 f"{f.name}={value!r} ({type(value).__name__}) must be of type {expected}"
                 + (" or None" if type(None) in args else "")
             )
+
+
+def _is_instance(value: Any, tp: Any) -> bool:
+    """``isinstance`` for annotations: bools are not ints, and ``list[X]`` checks every item."""
+    if tp is object:
+        return True
+    if getattr(tp, "__origin__", None) is list:
+        (item,) = get_args(tp) or (object,)
+        return isinstance(value, list) and all(_is_instance(v, item) for v in value)
+    return isinstance(value, tp) and not isinstance(value, bool)
+
+
+def _as(value: Any, tp: Any) -> Any:
+    """``value`` converted where the conversion is lossless: "12" -> 12 for int keys, 1 -> 1.0 for floats."""
+    if tp is int and isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def _literal_values(tp: Any) -> tuple[Any, ...] | None:
@@ -341,18 +366,384 @@ def _literal_values(tp: Any) -> tuple[Any, ...] | None:
     return None
 
 
+SAMPLER_NAMES = (
+    "penalties", "dry", "top_n_sigma", "top_k", "typical_p", "top_p", "min_p", "xtc", "temperature",
+)  # fmt: skip
+"""Every name ``GenerationConfig.samplers`` accepts; also the default order (llama.cpp's)."""
+
+_SAMPLER_ALIASES = {  # llama.cpp / HF spellings -> lamina's names, for "did you mean" hints
+    "typ_p": "typical_p", "typical": "typical_p", "typ": "typical_p", "temp": "temperature",
+    "top-k": "top_k", "top-p": "top_p", "min-p": "min_p", "top-n-sigma": "top_n_sigma",
+    "top_n": "top_n_sigma", "repetition_penalty": "penalties", "penalty": "penalties",
+}  # fmt: skip
+
+DEFAULT_DRY_SEQUENCE_BREAKERS = ["\n", ":", '"', "*"]  # llama.cpp's defaults
+
+
 @dataclass
 class GenerationConfig:
-    """Default decoding controls; stored with a checkpoint as ``generation.yaml``.
+    """Decoding controls of one request; stored with a checkpoint as ``generation.yaml``.
 
-    Only greedy decoding and stopping are implemented at this stage; sampling controls arrive with the
-    generation engine.
+    The union of what ``transformers`` (``GenerationConfig``), vLLM (``SamplingParams``) and llama.cpp
+    offer, under the names users know and with their semantics. Every value is checked here, so the
+    sampler (``lamina.generate.sampling``) trusts its inputs.
+
+    **Greedy or sampling.** ``do_sample=None`` (the default) samples iff ``temperature > 0`` and
+    ``num_beams == 1``; ``temperature=0`` or ``do_sample=False`` is greedy (argmax). Greedy decoding still
+    applies the *logit processors* (logit_bias, bad_words_ids, allowed_token_ids, no_repeat_ngram_size,
+    min_new_tokens, and the "penalties" and "dry" samplers) but none of the truncation samplers.
+
+    **Order** in which logits are changed, for each sequence:
+
+    1. always, first: ``logit_bias``; ``bad_words_ids``; ``allowed_token_ids``; ``no_repeat_ngram_size``;
+       ``min_new_tokens`` (these only add biases or ban tokens, so their mutual order does not matter);
+    2. the chain ``samplers``, in its order (llama.cpp style; default
+       ``["penalties", "dry", "top_n_sigma", "top_k", "typical_p", "top_p", "min_p", "xtc",
+       "temperature"]``: temperature last, so truncation sees the unscaled distribution). A sampler
+       left out of the list is not applied (setting its field then is an error). HF's order is
+       ``["penalties", "temperature", "top_k", "top_p", "min_p", "typical_p"]``;
+    3. the token is drawn from the softmax of what is left, or by mirostat: with ``mirostat`` 1 or 2 the
+       truncation samplers (top_n_sigma, top_k, typical_p, top_p, min_p, xtc) are skipped and only
+       "penalties", "dry" and "temperature" run before mirostat picks the token (as llama.cpp, which
+       replaces the truncation chain by temperature + mirostat; lamina keeps the penalties).
+
+    Fields (defaults in brackets):
+
+    - ``max_new_tokens`` [128] / ``min_new_tokens`` [0]: at most / at least this many generated tokens;
+      before ``min_new_tokens`` the eos and ``stop_token_ids`` tokens are banned (vLLM ``min_tokens``).
+    - ``eos_token_ids`` [[]]: the model's end-of-sequence ids; generating one ends the sequence (it is
+      not part of the output). ``ignore_eos`` [False]: keep going past eos (benchmarks; vLLM semantics:
+      eos is not banned, it just does not stop).
+    - ``stop`` [[]]: strings that end the output when they appear in the decoded text; the stop string
+      is cut off unless ``include_stop_str_in_output`` [False]. ``stop_token_ids`` [[]]: extra token ids
+      that end the sequence (like eos).
+    - ``do_sample`` [None]: see above. ``temperature`` [1.0]: logits are divided by it (0 = greedy).
+      ``dynatemp_range`` [0.0] / ``dynatemp_exponent`` [1.0] (llama.cpp dynamic temperature): with a
+      range r > 0 the temperature becomes ``max(0, t - r) + 2r * (H / log(n))**exponent`` where H is the
+      entropy of the candidates' distribution and n their number.
+    - ``top_k`` [0 = off]: keep the k most likely tokens (ties with the k-th are kept, as HF).
+    - ``top_p`` [1.0 = off]: nucleus; keep the most likely tokens whose probability mass reaches p.
+    - ``min_p`` [0.0 = off]: keep tokens with probability >= min_p * (probability of the top token).
+    - ``typical_p`` [1.0 = off]: locally typical sampling (Meister et al.), HF semantics.
+    - ``top_n_sigma`` [None = off; -1 also off]: keep tokens whose logit is >= max - n * std of the
+      candidates' logits (Tang et al., llama.cpp semantics).
+    - ``repetition_penalty`` [1.0 = off]: HF/CTRL multiplicative penalty on every token in the last
+      ``repetition_penalty_last_n`` [-1 = whole context, 0 = off] tokens of prompt + output: a positive
+      logit is divided by it, a negative one multiplied.
+    - ``frequency_penalty`` / ``presence_penalty`` [0.0, in [-2, 2]]: OpenAI additive penalties,
+      ``logit -= frequency_penalty * count + presence_penalty * (count > 0)`` where count is how often the
+      token was *generated* so far (the prompt does not count).
+    - ``dry_multiplier`` [0.0 = off], ``dry_base`` [1.75], ``dry_allowed_length`` [2],
+      ``dry_penalty_last_n`` [-1 = whole context], ``dry_sequence_breakers`` [llama.cpp's
+      ``["\\n", ":", "\\"", "*"]``]: DRY ("don't repeat yourself", llama.cpp semantics): a token that would
+      extend a repetition of length L >= allowed_length of an earlier part of the last
+      ``dry_penalty_last_n`` tokens loses ``multiplier * base ** (L - allowed_length)`` from its logit;
+      repetitions do not reach across a sequence breaker.
+    - ``xtc_probability`` [0.0 = off] / ``xtc_threshold`` [0.1]: XTC ("exclude top choices", llama.cpp):
+      with probability ``xtc_probability`` per token, remove every candidate whose probability is >=
+      threshold except the least likely of them. A threshold above 0.5 never removes anything.
+    - ``mirostat`` [0 = off, 1, 2], ``mirostat_tau`` [5.0] (target surprise in bits), ``mirostat_eta``
+      [0.1] (learning rate): Mirostat v1 / v2 (llama.cpp semantics); each sequence keeps its running
+      ``mu`` (starting at 2 * tau).
+    - ``logit_bias`` [{}]: token id -> value added to its logit (-inf bans it). String keys (as JSON
+      gives) are read as ids.
+    - ``bad_words_ids`` [[]]: token-id sequences that must never be generated (the last token of a
+      sequence is banned when the output ends with the rest of it; HF ``NoBadWordsLogitsProcessor``).
+    - ``allowed_token_ids`` [None = all]: only these tokens may be generated (vLLM).
+    - ``no_repeat_ngram_size`` [0 = off]: no n-gram of this size occurs twice in prompt + output (HF).
+    - ``n`` [1]: sequences returned per prompt (``num_return_sequences``); each sampled sequence gets
+      its own random stream. ``num_beams`` [1], ``length_penalty`` [1.0], ``early_stopping`` [False]:
+      beam search, HF semantics (score = sum of logprobs / length ** length_penalty).
+    - ``seed`` [None]: seeds this request's own random generator, so a seeded request gives the same
+      tokens whatever else runs in the batch; None draws a seed from torch's global generator.
+    - ``logprobs`` [False]: return the log-probability of each generated token; ``top_logprobs`` [0]:
+      and of the this many most likely alternatives; ``prompt_logprobs`` [None]: also for each prompt
+      token, with this many alternatives. Log-probabilities are of the *raw* model distribution (the
+      softmax of the model's logits before any processing), as OpenAI and vLLM report them.
+    - ``samplers`` [``SAMPLER_NAMES``]: the chain order, see above.
     """
 
     max_new_tokens: int = 128
+    min_new_tokens: int = 0
     eos_token_ids: list[int] = field(default_factory=list)  # stop when any of these is generated
+    ignore_eos: bool = False
+    stop: list[str] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    stop_token_ids: list[int] = field(default_factory=list)
+    # -- greedy / sampling
+    do_sample: bool | None = None  # None: sample iff temperature > 0 and num_beams == 1
+    temperature: float = 1.0  # 0: greedy
+    dynatemp_range: float = 0.0
+    dynatemp_exponent: float = 1.0
+    # -- truncation
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    top_n_sigma: float | None = None
+    # -- penalties
+    repetition_penalty: float = 1.0
+    repetition_penalty_last_n: int = -1
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = -1
+    dry_sequence_breakers: list[str] = field(default_factory=lambda: list(DEFAULT_DRY_SEQUENCE_BREAKERS))
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.1
+    mirostat: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    # -- constraints
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    bad_words_ids: list[list[int]] = field(default_factory=list)
+    allowed_token_ids: list[int] | None = None
+    no_repeat_ngram_size: int = 0
+    # -- several sequences / beam search
+    n: int = 1
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool = False
+    seed: int | None = None
+    # -- log-probabilities
+    logprobs: bool = False
+    top_logprobs: int = 0
+    prompt_logprobs: int | None = None
+    samplers: list[str] = field(default_factory=lambda: list(SAMPLER_NAMES))
 
     def __post_init__(self) -> None:
         _check_types(self)
-        if self.max_new_tokens < 0:
-            raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be >= 0")
+        self.validate()
+
+    @property
+    def sampling(self) -> bool:
+        """Whether tokens are sampled (True) or picked greedily / by beam search (False)."""
+        if self.do_sample is not None:
+            return self.do_sample
+        return self.temperature > 0 and self.num_beams == 1
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the field, its value and the allowed range of any invalid setting."""
+
+        def need(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise ConfigError(f"{name}={getattr(self, name)!r} {rule}")
+
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float):
+                need(math.isfinite(value), f.name, "must be a finite number")
+        for name in ("max_new_tokens", "min_new_tokens", "top_k", "no_repeat_ngram_size", "top_logprobs"):
+            need(getattr(self, name) >= 0, name, "must be >= 0")
+        for name in ("n", "num_beams", "dry_allowed_length"):
+            need(getattr(self, name) >= 1, name, "must be >= 1")
+        for name in ("repetition_penalty_last_n", "dry_penalty_last_n"):
+            need(getattr(self, name) >= -1, name, "must be >= -1 (-1 = the whole context, 0 = off)")
+        need(
+            self.min_new_tokens <= self.max_new_tokens,
+            "min_new_tokens",
+            f"must be <= max_new_tokens={self.max_new_tokens}",
+        )
+        need(self.temperature >= 0, "temperature", "must be >= 0 (0 = greedy)")
+        need(self.dynatemp_range >= 0, "dynatemp_range", "must be >= 0 (0 = off)")
+        need(self.dynatemp_exponent > 0, "dynatemp_exponent", "must be > 0")
+        need(0 < self.top_p <= 1, "top_p", "must be in (0, 1] (1 = off)")
+        need(0 <= self.min_p <= 1, "min_p", "must be in [0, 1] (0 = off)")
+        need(0 < self.typical_p <= 1, "typical_p", "must be in (0, 1] (1 = off)")
+        need(
+            self.top_n_sigma is None or self.top_n_sigma == -1 or self.top_n_sigma > 0,
+            "top_n_sigma",
+            "must be > 0 (or -1 / None = off)",
+        )
+        need(self.repetition_penalty > 0, "repetition_penalty", "must be > 0 (1 = off)")
+        for name in ("frequency_penalty", "presence_penalty"):
+            need(-2 <= getattr(self, name) <= 2, name, "must be in [-2, 2] (0 = off)")
+        need(self.dry_multiplier >= 0, "dry_multiplier", "must be >= 0 (0 = off)")
+        need(self.dry_base >= 1, "dry_base", "must be >= 1")
+        need(
+            all(s for s in self.dry_sequence_breakers), "dry_sequence_breakers", "must not hold empty strings"
+        )
+        need(0 <= self.xtc_probability <= 1, "xtc_probability", "must be in [0, 1] (0 = off)")
+        need(0 <= self.xtc_threshold <= 1, "xtc_threshold", "must be in [0, 1]")
+        need(self.mirostat in (0, 1, 2), "mirostat", "must be 0 (off), 1 (Mirostat v1) or 2 (Mirostat v2)")
+        need(self.mirostat_tau > 0, "mirostat_tau", "must be > 0")
+        need(self.mirostat_eta > 0, "mirostat_eta", "must be > 0")
+        for name in ("eos_token_ids", "stop_token_ids"):
+            need(all(t >= 0 for t in getattr(self, name)), name, "must hold token ids >= 0")
+        need(all(t >= 0 for t in self.logit_bias), "logit_bias", "must map token ids >= 0 to biases")
+        need(
+            all(not math.isnan(b) and b != math.inf for b in self.logit_bias.values()),
+            "logit_bias",
+            "values must be finite numbers or -inf (to ban a token)",
+        )
+        need(
+            all(seq and all(t >= 0 for t in seq) for seq in self.bad_words_ids),
+            "bad_words_ids",
+            "must be a list of non-empty token-id sequences (ids >= 0), e.g. [[12], [7, 9]]",
+        )
+        if self.allowed_token_ids is not None:
+            need(
+                len(self.allowed_token_ids) > 0 and all(t >= 0 for t in self.allowed_token_ids),
+                "allowed_token_ids",
+                "must be a non-empty list of token ids >= 0 (or None = all tokens)",
+            )
+        need(all(s for s in self.stop), "stop", "must not hold empty strings")
+        need(math.isfinite(self.length_penalty), "length_penalty", "must be a finite number")
+        need(self.seed is None or self.seed >= 0, "seed", "must be >= 0 (or None)")
+        need(
+            self.prompt_logprobs is None or self.prompt_logprobs >= 0,
+            "prompt_logprobs",
+            "must be >= 0 (or None)",
+        )
+        for name in self.samplers:
+            if name not in SAMPLER_NAMES:
+                hint = _SAMPLER_ALIASES.get(name)
+                hint_text = f" (did you mean {hint!r}?)" if hint else _did_you_mean(name, SAMPLER_NAMES)
+                raise ConfigError(
+                    f"samplers={self.samplers!r}: unknown sampler {name!r}{hint_text}; "
+                    f"known samplers: {', '.join(SAMPLER_NAMES)}"
+                )
+        dupes = sorted({s for s in self.samplers if self.samplers.count(s) > 1})
+        need(not dupes, "samplers", f"lists {', '.join(dupes)} more than once")
+        self._validate_combinations()
+
+    def _validate_combinations(self) -> None:
+        if self.do_sample and self.temperature == 0:
+            raise ConfigError(
+                "do_sample=True with temperature=0: sampling needs temperature > 0 "
+                "(or set do_sample=False / temperature=0 alone for greedy decoding)"
+            )
+        if self.num_beams > 1:
+            if self.do_sample:
+                raise ConfigError(
+                    f"num_beams={self.num_beams} with do_sample=True: beam sampling is not supported; "
+                    "use num_beams=1 to sample or do_sample=False for beam search"
+                )
+            if self.n > self.num_beams:
+                raise ConfigError(
+                    f"n={self.n} must be <= num_beams={self.num_beams} (beam search returns the n best beams)"
+                )
+        elif self.n > 1 and not self.sampling:
+            raise ConfigError(
+                f"n={self.n} greedy sequences would all be the same: sample (temperature > 0) or use "
+                f"num_beams >= {self.n}"
+            )
+        if self.mirostat and not self.sampling:
+            raise ConfigError(
+                f"mirostat={self.mirostat} samples tokens, but decoding is greedy or beam search "
+                f"(temperature={self.temperature}, do_sample={self.do_sample}, num_beams={self.num_beams})"
+            )
+        if self.top_logprobs > 0 and not self.logprobs:
+            raise ConfigError(
+                f"top_logprobs={self.top_logprobs} needs logprobs=True (the alternatives come with the "
+                "log-probability of the chosen token)"
+            )
+        settings = {  # sampler -> (is it switched on?, the fields that switch it on)
+            "penalties": (
+                self.repetition_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0,
+                "repetition_penalty / frequency_penalty / presence_penalty",
+            ),
+            "dry": (self.dry_multiplier > 0, "dry_multiplier"),
+            "top_n_sigma": (self.top_n_sigma is not None and self.top_n_sigma > 0, "top_n_sigma"),
+            "top_k": (self.top_k > 0, "top_k"),
+            "typical_p": (self.typical_p < 1, "typical_p"),
+            "top_p": (self.top_p < 1, "top_p"),
+            "min_p": (self.min_p > 0, "min_p"),
+            "xtc": (self.xtc_probability > 0, "xtc_probability"),
+            "temperature": (
+                self.temperature not in (0, 1) or self.dynatemp_range > 0,
+                "temperature / dynatemp_range",
+            ),
+        }
+        for name, (on, fields) in settings.items():
+            if on and name not in self.samplers:
+                raise ConfigError(
+                    f"samplers={self.samplers!r} leaves out {name!r}, so {fields} would have no effect: "
+                    f"add {name!r} to samplers or leave {fields} at the default"
+                )
+
+
+Optimizer = Literal["adamw", "sgd", "rmsprop", "lion", "adafactor"]
+Schedule = Literal["constant", "linear", "cosine", "step", "wsd"]
+Precision = Literal["fp32", "bf16", "fp16"]
+Parallel = Literal["auto", "none", "ddp", "fsdp"]
+
+
+@dataclass
+class TrainConfig:
+    """Every training hyperparameter. ``batch_size`` is per process and per micro-step: one optimizer
+    step sees ``batch_size x grad_accum_steps x world_size`` sequences of ``seq_len`` tokens."""
+
+    out_dir: str = "runs/lamina"
+    optimizer: Optimizer = "adamw"
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # linear/cosine/wsd decay to lr x min_lr_ratio
+    schedule: Schedule = "cosine"
+    warmup_steps: int = 100
+    lr_step_every: int = 1000  # schedule="step"
+    lr_step_gamma: float = 0.1  # schedule="step"
+    wsd_decay_fraction: float = 0.2  # schedule="wsd": the final fraction of steps that decays
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False  # norms and biases are never decayed
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    momentum: float = 0.9  # sgd / rmsprop
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    batch_size: int = 8
+    grad_accum_steps: int = 1
+    seq_len: int | None = None  # None: the model's max_seq_len
+    max_steps: int | None = 1000
+    epochs: float | None = None  # instead of max_steps: passes over the training tokens
+    label_smoothing: float = 0.0
+    dropout: float | None = None  # override every dropout of the model
+    precision: Precision = "fp32"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    seed: int = 1337
+    eval_every: int = 100
+    eval_batches: int = 20
+    save_every: int = 500
+    keep_last: int = 2  # periodic checkpoints kept (best and last are always kept)
+    early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0 = off
+    early_stopping_min_delta: float = 0.0
+    log_every: int = 10
+    device: str = "auto"  # auto: cuda if available, else cpu
+    parallel: Parallel = "auto"  # auto: ddp under torchrun, else none
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        positive = (
+            "lr",
+            "batch_size",
+            "grad_accum_steps",
+            "eval_every",
+            "eval_batches",
+            "save_every",
+            "log_every",
+        )
+        for name in positive:
+            if not getattr(self, name) > 0:  # also catches nan
+                raise ConfigError(f"{name}={getattr(self, name)} must be positive")
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "keep_last", "early_stopping_patience"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ConfigError(
+                f"set exactly one of max_steps={self.max_steps} and epochs={self.epochs} (the other to null)"
+            )
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ConfigError(f"max_steps={self.max_steps} must be positive")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ConfigError(f"epochs={self.epochs} must be positive")
+        if self.seq_len is not None and self.seq_len <= 0:
+            raise ConfigError(f"seq_len={self.seq_len} must be positive")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")

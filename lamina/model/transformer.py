@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from lamina.config import ModelConfig
 from lamina.model.layers import (
@@ -79,6 +80,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        self.activation_checkpointing = False  # recompute blocks in backward to save memory (training)
         self.make_position_tables()
         self.reset_parameters()
 
@@ -184,7 +186,10 @@ class Transformer(nn.Module):
             rope = rope_cos_sin(inv_freq, position_ids, x.dtype)
         attn_mask, is_causal = self._attention_mask(B, T, real, position_ids, cache, x.dtype)
         for block in self.blocks:
-            x = block(x, rope, attn_mask, is_causal, cache)
+            if self.activation_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, rope, attn_mask, is_causal, None, use_reentrant=False)
+            else:
+                x = block(x, rope, attn_mask, is_causal, cache)
         if cache is not None:
             cache.length = offset + T
         return self.final_norm(x) if self.final_norm is not None else x
@@ -250,3 +255,14 @@ class Transformer(nn.Module):
         """Mean next-token cross-entropy of ``targets`` (B, T) given ``input_ids`` (B, T)."""
         logits = self(input_ids)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
+
+
+def set_dropout(model: Transformer, p: float) -> None:
+    """Set every dropout of ``model`` (embedding, attention, residual) to ``p``, config included."""
+    cfg = model.config
+    cfg.emb_dropout = cfg.attn_dropout = cfg.resid_dropout = p
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        elif isinstance(m, Attention):
+            m.attn_dropout = p

@@ -1,0 +1,39 @@
+"""Losses, one per training objective. Each takes the model and a batch dict and returns
+(mean loss, number of target tokens it averaged over); the trainer knows nothing else about them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Batch = dict[str, Tensor]
+Objective = Callable[[nn.Module, Batch], tuple[Tensor, int]]
+
+
+def causal_lm(label_smoothing: float = 0.0, ignore_index: int = -100) -> Objective:
+    """Next-token cross-entropy on ``batch["input_ids"]`` -> ``batch["targets"]`` (ignore_index skipped)."""
+
+    def loss(model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
+        logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
+        targets = batch["targets"]
+        value = F.cross_entropy(
+            logits.flatten(0, 1).float(),
+            targets.flatten(),
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+        )
+        return value, int((targets != ignore_index).sum())
+
+    return loss
+
+
+@torch.no_grad()
+def unigram_baseline_loss(train_tokens: Tensor, val_tokens: Tensor, vocab_size: int) -> float:
+    """Cross-entropy of the validation tokens under the training unigram frequencies (add-one smoothed):
+    the loss of a model that ignores context, which a language model must beat."""
+    counts = torch.bincount(train_tokens.long(), minlength=vocab_size).double() + 1.0
+    logp = (counts / counts.sum()).log()
+    return float(-logp[val_tokens.long()].mean())

@@ -1,0 +1,367 @@
+"""The training loop: one loop for every objective.
+
+The loop knows a model, a ``BatchSource`` (batch ``i`` is a pure function of ``i``, so resuming at step
+k needs only k), an objective (model, batch) -> loss, and a ``TrainConfig``. It owns: mixed precision,
+gradient accumulation and clipping, the optimizer and schedule, evaluation and early stopping,
+checkpoints (periodic, best, last; atomic; exact resume), metrics and the progress bar.
+
+Output folder::
+
+    OUT/checkpoints/step-00000500/   lamina checkpoint + train_state/ (optimizer, scheduler, RNG, step)
+    OUT/best/                        the checkpoint with the lowest validation loss
+    OUT/last/                        the final checkpoint (with train_state/)
+    OUT/metrics.jsonl, OUT/tensorboard/, OUT/curves.png, OUT/run.yaml
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from lamina.checkpoint.lamina import (
+    CONFIG_FILE,
+    GENERATION_FILE,
+    WEIGHTS_FILE,
+    atomic_folder,
+    load_checkpoint,
+)
+from lamina.config import GenerationConfig, ModelConfig, TrainConfig, save_yaml
+from lamina.errors import LaminaError
+from lamina.model.transformer import Transformer, set_dropout
+from lamina.train import distributed as D
+from lamina.train.metrics import MetricsLog, matmul_peak_flops, plot_curves
+from lamina.train.objectives import Batch, Objective
+from lamina.train.optim import lr_lambda, make_optimizer
+
+STATE_DIR, STATE_FILE = "train_state", "state.pt"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class TrainingError(LaminaError):
+    """Training cannot go on (a NaN/inf loss, a corpus too small for one batch, ...)."""
+
+
+class BatchSource(Protocol):
+    """Batches by index: ``batch(i)`` must depend only on ``i`` (and this process's rank)."""
+
+    def batch(self, index: int) -> Batch:
+        """The ``index``-th micro-batch of this process, as CPU tensors."""
+        ...
+
+
+@dataclass
+class TrainResult:
+    """What a run did."""
+
+    steps: int
+    final_loss: float
+    best_val_loss: float | None
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+    stopped_early: bool = False
+    out_dir: Path | None = None
+    tokens_per_s: float = 0.0
+    mfu: float = 0.0
+
+
+def train(
+    model: Transformer,
+    cfg: TrainConfig,
+    batches: BatchSource,
+    objective: Objective,
+    val_batches: Callable[[], Iterable[Batch]] | None = None,
+    *,
+    tokens_per_batch: int,
+    total_steps: int | None = None,
+    tokenizer: Any = None,
+    run_config: dict[str, Any] | None = None,
+    resume: bool = False,
+) -> TrainResult:
+    """Train ``model`` in place; returns a summary. See the module docstring for what is written.
+
+    ``tokens_per_batch`` (tokens in one micro-batch of one process) feeds tokens/s and MFU;
+    ``total_steps`` overrides ``cfg.max_steps`` (the caller computes it from ``cfg.epochs``).
+    ``resume`` continues from the newest complete checkpoint in ``cfg.out_dir`` (model, optimizer,
+    scheduler, RNG and step), so the losses that follow equal those of an uninterrupted run.
+    """
+    info = D.setup(cfg.device, cfg.parallel)
+    out = Path(cfg.out_dir)
+    steps = total_steps if total_steps is not None else cfg.max_steps
+    assert steps is not None
+    torch.manual_seed(cfg.seed)
+    if cfg.dropout is not None:
+        set_dropout(model, cfg.dropout)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    start_state: dict[str, Any] | None = None
+    if resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            raise TrainingError(f"--resume: no checkpoint in {out / 'checkpoints'}; start without --resume")
+        resumed, _ = load_checkpoint(ckpt)
+        model.load_state_dict(resumed.state_dict())
+        start_state = torch.load(ckpt / STATE_DIR / STATE_FILE, weights_only=True)
+    model.to(info.device)
+    net: nn.Module = D.wrap(model, info)
+    opt = make_optimizer(
+        net,
+        cfg.optimizer,
+        cfg.lr,
+        cfg.weight_decay,
+        (cfg.beta1, cfg.beta2),
+        cfg.eps,
+        cfg.momentum,
+        cfg.decay_embeddings,
+    )
+    warmup = min(cfg.warmup_steps, max(0, steps - 1))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lr_lambda(
+            cfg.schedule,
+            warmup,
+            steps,
+            cfg.min_lr_ratio,
+            cfg.lr_step_every,
+            cfg.lr_step_gamma,
+            cfg.wsd_decay_fraction,
+        ),
+    )
+    scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16")
+    step, best_val, bad_evals = 0, math.inf, 0
+    if start_state is not None:
+        D.load_optimizer_state(net, opt, start_state["optimizer"], info)
+        sched.load_state_dict(start_state["scheduler"])
+        scaler.load_state_dict(start_state["scaler"])
+        torch.set_rng_state(start_state["rng"]["torch"])
+        if info.device.type == "cuda" and "cuda" in start_state["rng"]:
+            torch.cuda.set_rng_state_all(start_state["rng"]["cuda"])
+        step, best_val, bad_evals = start_state["step"], start_state["best_val"], start_state["bad_evals"]
+    if cfg.compile:
+        net = torch.compile(net)  # type: ignore[assignment]
+
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if run_config is not None:
+            (out / "run.yaml").write_text(_yaml(run_config))
+    log = MetricsLog(out, enabled=info.is_main, resume_step=step if resume else None)
+    seq_len = cfg.seq_len or model.config.max_seq_len
+    flops_per_token = model.config.flops_per_token(seq_len, training=True)
+    peak = matmul_peak_flops(info.device) * info.world_size
+    autocast = _autocast(cfg.precision, info.device)
+    tokens_per_step = tokens_per_batch * cfg.grad_accum_steps * info.world_size
+
+    def save(folder: Path, with_state: bool) -> None:
+        weights = D.full_model_state(net, info)
+        state = None
+        if with_state:
+            state = {
+                "optimizer": D.full_optimizer_state(net, opt, info),
+                "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": _rng_state(info.device),
+                "step": step,
+                "best_val": best_val,
+                "bad_evals": bad_evals,
+            }
+        if info.is_main:
+            _write_checkpoint(folder, model.config, weights, tokenizer, state, run_config)
+        D.barrier(info)
+
+    def evaluate() -> float:
+        assert val_batches is not None
+        net.eval()
+        total, count = torch.zeros((), device=info.device), 0
+        with torch.no_grad(), autocast:
+            for i, b in enumerate(val_batches()):
+                if i >= cfg.eval_batches:
+                    break
+                loss, _ = objective(net, _to(b, info.device))
+                total += loss.float()
+                count += 1
+        net.train()
+        if count == 0:
+            raise TrainingError(
+                "the validation split gave no batch; lower batch_size or seq_len, or add data"
+            )
+        return float(D.mean_across(total / count, info))
+
+    result = TrainResult(steps=step, final_loss=math.nan, best_val_loss=None, out_dir=out)
+    bar = tqdm(
+        total=steps,
+        initial=step,
+        desc="train",
+        unit="step",
+        disable=not (cfg.progress and info.is_main),
+        dynamic_ncols=True,
+    )
+    net.train()
+    t_window, tokens_window = time.perf_counter(), 0
+    try:
+        while step < steps:
+            loss_sum = torch.zeros((), device=info.device)
+            for micro in range(cfg.grad_accum_steps):
+                batch = _to(batches.batch(step * cfg.grad_accum_steps + micro), info.device)
+                sync = micro == cfg.grad_accum_steps - 1
+                with _no_sync(net, info, sync), autocast:
+                    loss, _ = objective(net, batch)
+                    scaler.scale(loss / cfg.grad_accum_steps).backward()
+                loss_sum += loss.detach().float()
+            loss_value = float(D.mean_across(loss_sum / cfg.grad_accum_steps, info))
+            if not math.isfinite(loss_value):
+                last = latest_checkpoint(out)
+                raise TrainingError(
+                    f"loss became {loss_value} at step {step + 1}; the last good checkpoint is "
+                    f"{last or 'none (none was saved yet)'}. Lower lr, keep grad_clip on, or use fp32/bf16"
+                )
+            if cfg.grad_clip > 0:
+                scaler.unscale_(opt)
+                grad_norm = float(nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip))
+            else:
+                grad_norm = math.nan
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            lr = float(sched.get_last_lr()[0])
+            sched.step()
+            step += 1
+            tokens_window += tokens_per_step
+            result.final_loss = loss_value
+
+            if step % cfg.log_every == 0 or step == steps:
+                dt = time.perf_counter() - t_window
+                tps = tokens_window / dt if dt > 0 else 0.0
+                mfu = flops_per_token * tps / peak
+                result.tokens_per_s, result.mfu = tps, mfu
+                log.log(step, loss=loss_value, lr=lr, grad_norm=grad_norm, tokens_per_s=tps, mfu=mfu)
+                bar.set_postfix(
+                    loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", mfu=f"{mfu:.0%}"
+                )
+                t_window, tokens_window = time.perf_counter(), 0
+            bar.update(1)
+
+            stop = False
+            if val_batches is not None and (step % cfg.eval_every == 0 or step == steps):
+                val = evaluate()
+                result.val_losses.append((step, val))
+                log.log(step, val_loss=val, val_ppl=math.exp(min(val, 50.0)))
+                bar.write(f"step {step}: val loss {val:.4f}, perplexity {math.exp(min(val, 50.0)):.2f}")
+                if val < best_val - cfg.early_stopping_min_delta:
+                    best_val, bad_evals = val, 0
+                    save(out / "best", with_state=False)
+                else:
+                    bad_evals += 1
+                    if cfg.early_stopping_patience and bad_evals >= cfg.early_stopping_patience:
+                        bar.write(f"early stopping: no improvement in {bad_evals} evaluations")
+                        result.stopped_early = stop = True
+            if step % cfg.save_every == 0 or step == steps or stop:
+                save(out / "checkpoints" / f"step-{step:08d}", with_state=True)
+                if info.is_main:
+                    _prune(out / "checkpoints", cfg.keep_last)
+            if stop:
+                break
+        last = latest_checkpoint(out)
+        if info.is_main and last is not None:
+            atomic_folder(out / "last", lambda tmp: _copy_into(last, tmp))
+    finally:
+        bar.close()
+        log.close()
+        D.cleanup(info)
+    result.steps = step
+    result.best_val_loss = best_val if math.isfinite(best_val) else None
+    if info.is_main and (out / "metrics.jsonl").exists():
+        plot_curves(out / "metrics.jsonl", out / "curves.png")
+    return result
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest complete periodic checkpoint (temp folders of interrupted writes are ignored)."""
+    folder = Path(out_dir) / "checkpoints"
+    if not folder.is_dir():
+        return None
+    steps = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_DIR.match(p.name))]
+    complete = [(s, p) for s, p in steps if (p / STATE_DIR / STATE_FILE).is_file()]
+    return max(complete)[1] if complete else None
+
+
+def _write_checkpoint(
+    folder: Path,
+    model_cfg: ModelConfig,
+    weights: dict[str, torch.Tensor],
+    tokenizer: Any,
+    state: dict[str, Any] | None,
+    run_config: dict[str, Any] | None,
+) -> None:
+    weights = {k: v.contiguous() for k, v in weights.items()}
+    if model_cfg.tie_embeddings:
+        weights.pop("lm_head.weight", None)
+
+    def write(tmp: Path) -> None:
+        save_yaml(model_cfg, tmp / CONFIG_FILE)
+        save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        eos = [tokenizer.eos_token_id] if tokenizer is not None and tokenizer.eos_token_id is not None else []
+        save_yaml(GenerationConfig(eos_token_ids=eos), tmp / GENERATION_FILE)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if run_config is not None:
+            (tmp / "run.yaml").write_text(_yaml(run_config))
+        if state is not None:
+            (tmp / STATE_DIR).mkdir()
+            torch.save(state, tmp / STATE_DIR / STATE_FILE)
+
+    atomic_folder(folder, write)
+
+
+def _copy_into(src: Path, dst: Path) -> None:
+    for p in src.iterdir():
+        (shutil.copytree if p.is_dir() else shutil.copy2)(p, dst / p.name)
+
+
+def _prune(folder: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` periodic checkpoints (and stale temp folders)."""
+    steps = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_DIR.match(p.name)))
+    for _, p in steps[: max(0, len(steps) - max(keep, 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in folder.iterdir():
+        if p.name.startswith(".step-"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _to(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _no_sync(net: nn.Module, info: D.DistInfo, sync: bool) -> contextlib.AbstractContextManager[Any]:
+    """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulation."""
+    if sync or info.mode != "ddp":
+        return contextlib.nullcontext()
+    return net.no_sync()  # type: ignore[operator]
+
+
+def _yaml(data: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
