@@ -1,0 +1,120 @@
+"""Training throughput and model-FLOPs utilisation (MFU): lamina's trainer vs a bare PyTorch loop.
+
+GPT with 6 layers, 6 heads, d_model 384, vocabulary 50304, context 256, batch 8, fp32 on CPU. In the
+same process: the machine's fp32 2048x2048 matmul rate (the MFU denominator), a bare reference loop
+(forward, cross-entropy, backward, AdamW step on the same model and batches), and lamina's
+``train()``. MFU counts 6 x (matmul parameters, output head included) + 12 x n_layers x d_model x
+context FLOPs per token (``ModelConfig.flops_per_token``).
+
+    python benchmarks/train_throughput.py [--steps 8] [--warmup 3] [--variants fp32,bf16,compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from lamina.config import ModelConfig, TrainConfig
+from lamina.model.transformer import Transformer
+from lamina.train.metrics import matmul_peak_flops
+from lamina.train.objectives import causal_lm
+from lamina.train.trainer import train
+
+B, T = 8, 256
+
+
+class RandomTokens:
+    """Batch i: random token ids seeded by i."""
+
+    def __init__(self, vocab: int) -> None:
+        self.vocab = vocab
+
+    def batch(self, index: int) -> dict[str, torch.Tensor]:
+        x = torch.randint(0, self.vocab, (B, T + 1), generator=torch.Generator().manual_seed(index))
+        return {"input_ids": x[:, :-1], "targets": x[:, 1:]}
+
+
+def model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(n_layers=6, n_heads=6, d_model=384, vocab_size=50304, max_seq_len=T))
+
+
+def bare_loop(steps: int, warmup: int) -> float:
+    """nanoGPT-style loop; returns tokens/s over the timed steps."""
+    net = model().train()
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95))
+    data = RandomTokens(net.config.vocab_size)
+    t0 = 0.0
+    for i in range(warmup + steps):
+        if i == warmup:
+            t0 = time.perf_counter()
+        b = data.batch(i)
+        loss = F.cross_entropy(net(b["input_ids"]).flatten(0, 1), b["targets"].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return steps * B * T / (time.perf_counter() - t0)
+
+
+def lamina_loop(steps: int, warmup: int, precision: str = "fp32", compile: bool = False) -> float:
+    """lamina's trainer; tokens/s from its own log window over the steps after warm-up."""
+    net = model()
+    with tempfile.TemporaryDirectory() as out:
+        cfg = TrainConfig(
+            out_dir=out, max_steps=warmup + steps, warmup_steps=0, log_every=10**6, eval_every=10**6,
+            save_every=10**6, progress=False, precision=precision, compile=compile, batch_size=B, seq_len=T,
+        )  # fmt: skip
+        timings: list[float] = []
+        data = RandomTokens(net.config.vocab_size)
+
+        class Timed:
+            def batch(self, index: int) -> dict[str, torch.Tensor]:
+                timings.append(time.perf_counter())
+                return data.batch(index)
+
+        train(net, cfg, Timed(), causal_lm(), tokens_per_batch=B * T)
+    # from fetching batch `warmup` to fetching the last batch: `steps - 1` full steps
+    return (steps - 1) * B * T / (timings[-1] - timings[warmup])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--variants", default="fp32,bf16,compile")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = model().config
+    fpt = cfg.flops_per_token(T, training=True)
+    peak = matmul_peak_flops("cpu", torch.float32)
+    print(f"machine: {platform.machine()}, torch {torch.__version__}, {args.threads} threads")
+    print(f"model: {cfg.n_params / 1e6:.1f}M parameters, {fpt / 1e6:.0f} MFLOP per token, batch {B} x {T}")
+    print(f"measured fp32 matmul peak (2048^2): {peak / 1e9:.1f} GFLOP/s")
+    ref = bare_loop(args.steps, args.warmup)
+    rows = [("bare PyTorch loop (fp32)", ref)]
+    for v in args.variants.split(","):
+        if v == "fp32":
+            rows.append(("lamina train() fp32", lamina_loop(args.steps, args.warmup)))
+        elif v == "bf16":
+            rows.append(
+                ("lamina train() bf16 autocast", lamina_loop(args.steps, args.warmup, precision="bf16"))
+            )
+        elif v == "compile":
+            rows.append(
+                ("lamina train() fp32 + torch.compile", lamina_loop(args.steps, args.warmup, compile=True))
+            )
+    print(f"\n{'':40}{'tokens/s':>10}{'MFU':>8}{'vs bare':>9}")
+    for name, tps in rows:
+        print(f"{name:40}{tps:>10.1f}{fpt * tps / peak:>8.1%}{tps / ref:>8.2f}x")
+    print("\nbf16 matmul is not native on CPUs without AVX512-BF16/AMX: expect it slower than fp32 there.")
+
+
+if __name__ == "__main__":
+    main()
