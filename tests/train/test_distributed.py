@@ -1,0 +1,55 @@
+"""Data parallel (DDP) and sharded (FSDP2) training on 2 CPU processes (gloo) equal one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lamina
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def _run(out: Path, parallel: str, nproc: int) -> list[float]:
+    cmd = [sys.executable, str(WORKER), str(out), parallel]
+    if nproc > 1:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            *cmd[1:],
+        ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[float]]:
+    out = tmp_path_factory.mktemp("single")
+    return out, _run(out, "none", 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one(parallel: str, single: tuple[Path, list[float]], tmp_path: Path) -> None:
+    one_dir, one = single
+    two = _run(tmp_path, parallel, 2)
+    assert len(one) == len(two) == 5
+    for a, b in zip(one, two, strict=True):
+        assert abs(a - b) < 1e-5, (one, two)
+    # the checkpoint written by the parallel run loads in a single process, with the same weights
+    ours = lamina.load(tmp_path / "last").model.state_dict()
+    ref = lamina.load(one_dir / "last").model.state_dict()
+    for k, v in ref.items():
+        torch.testing.assert_close(ours[k], v, atol=1e-5, rtol=1e-4)
