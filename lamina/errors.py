@@ -24,3 +24,7 @@ class ModelNotFoundError(CheckpointError, FileNotFoundError):
 
 class TokenizerError(LaminaError):
     """A tokenizer cannot be built, loaded or used as asked."""
+
+
+class DataError(LaminaError):
+    """Training data cannot be found, read, prepared or batched as asked."""

@@ -7,10 +7,10 @@ import sys
 from collections.abc import Sequence
 
 from lamina import __version__
-from lamina.cli import convert, generate, inspect, models, tokenizer
+from lamina.cli import convert, data, demo, generate, inspect, models, pretrain, tokenizer
 from lamina.errors import LaminaError
 
-VERBS = [models, inspect, convert, generate, tokenizer]
+VERBS = [models, inspect, convert, generate, tokenizer, data, pretrain, demo]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse ``argv`` and run the verb; a ``LaminaError`` prints one line and exits 1."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     try:
         return int(args.func(args) or 0)
     except LaminaError as e:
