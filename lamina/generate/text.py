@@ -7,8 +7,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from lamina.checkpoint.load import LoadedModel, load
+from lamina.config import GenerationConfig
 from lamina.errors import ConfigError
-from lamina.generate.engine import greedy_decode
+from lamina.generate.engine import decode, greedy_decode
+from lamina.generate.sampling import Sampler
+from lamina.model.transformer import Transformer
+from lamina.tokenizer import Tokenizer
 
 
 def build_prompt_ids(
@@ -67,3 +71,20 @@ def print_stream(delta: str) -> None:
     """A ``stream`` callback that writes to stdout as text arrives."""
     sys.stdout.write(delta)
     sys.stdout.flush()
+
+
+def sample_text(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: int = 40,
+    seed: int | None = None,
+) -> str:
+    """Prompt + a sampled continuation (temperature, top-k, seed) from a bare model and tokenizer."""
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    out = decode(model, [ids], max_new_tokens, eos, samplers=[Sampler(cfg, ids)])[0]
+    return prompt + tokenizer.decode(out, skip_special_tokens=True)
