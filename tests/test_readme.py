@@ -14,7 +14,7 @@ README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
 def test_quick_start_commands_are_the_scripts_ci_runs() -> None:
-    assert "bash scripts/setup.sh && python3 -m lamina generate smollm2" in README
+    assert "bash scripts/setup.sh && python3 -m lamina demo" in README
     assert "bash scripts/test.sh" in (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
 
 
@@ -29,7 +29,7 @@ def test_python_blocks_run() -> None:
 @pytest.mark.slow
 def test_console_tour_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     lines = re.findall(r"^\$ (lamina .*?)(?:\s+#.*)?$", README, flags=re.M)
-    assert len(lines) >= 6
+    assert len(lines) >= 10
     for line in lines:
         argv = shlex.split(line.replace("/tmp/", f"{tmp_path}/"))[1:]
         try:

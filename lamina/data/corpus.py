@@ -122,10 +122,6 @@ class DataConfig:
         _check_types(self)
         if not self.out:
             raise ConfigError("out='' : name the output folder (out=... / --out DIR)")
-        if not self.sources and self.builtin is None:
-            raise ConfigError(
-                "no input: give sources=[files, folders or globs] (the PATHS arguments) or builtin='stdlib'"
-            )
         if self.tokenizer is not None and self.train_tokenizer is not None:
             raise ConfigError(
                 f"tokenizer={self.tokenizer!r} and train_tokenizer={self.train_tokenizer} both given: "
@@ -744,6 +740,12 @@ def prepare(cfg: DataConfig, progress: bool = True) -> Manifest:
     tokenizer cannot be found. ``progress``: tqdm bars on a terminal.
     """
     cfg.validate()
+    if (
+        not cfg.sources and cfg.builtin is None
+    ):  # checked here: a run may reuse a prepared folder without inputs
+        raise ConfigError(
+            "no input: give sources=[files, folders or globs] (the PATHS arguments) or builtin='stdlib'"
+        )
     if cfg.tokenizer is None and cfg.train_tokenizer is None:
         raise DataError(
             "no tokenizer: pass tokenizer=... (a tokenizer.json, a folder holding one, or a MODEL; "

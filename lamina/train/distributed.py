@@ -94,7 +94,9 @@ def full_model_state(model: nn.Module, info: DistInfo) -> dict[str, torch.Tensor
     if info.mode == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        state: Any = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state: Any = get_model_state_dict(
+            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
         return state
     return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
 

@@ -24,8 +24,9 @@ def matmul_peak_flops(
     key = (str(dev), dtype)
     if key in _PEAK_CACHE:
         return _PEAK_CACHE[key]
-    a = torch.randn(n, n, device=dev, dtype=dtype)
-    b = torch.randn(n, n, device=dev, dtype=dtype)
+    g = torch.Generator(dev).manual_seed(0)  # its own generator: measuring must not move training's RNG
+    a = torch.randn(n, n, device=dev, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=dev, dtype=dtype, generator=g)
     times = []
     for i in range(6):
         if dev.type == "cuda":

@@ -1,0 +1,190 @@
+"""Pretraining a causal LM from a run config: data folder -> model -> trainer.
+
+A run config is a YAML file with three sections, each one dataclass (the same fields as the Python
+API and the ``--section.field`` flags)::
+
+    model: {preset: small, n_layers: 4}     # a ModelConfig, optionally from a preset
+    data:  {out: runs/data, builtin: stdlib, train_tokenizer: 8192}   # a DataConfig
+    train: {out_dir: runs/gpt, lr: 3.0e-4, max_steps: 2000}           # a TrainConfig
+    init: null                              # or a MODEL to continue training from
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lamina.config import ModelConfig, TrainConfig, from_dict, parse_yaml, to_dict
+from lamina.data.batches import CausalBatches, TokenShards, val_batches
+from lamina.data.corpus import DataConfig, Manifest, prepare
+from lamina.errors import ConfigError, DataError
+from lamina.model.transformer import Transformer
+from lamina.tokenizer import Tokenizer
+from lamina.train.objectives import causal_lm
+from lamina.train.trainer import TrainResult, train
+
+SECTIONS: dict[str, type | None] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "init": None,
+}
+
+
+@dataclass
+class RunConfig:
+    """A whole pretraining run: model architecture, data, training hyperparameters, optional init."""
+
+    model: ModelConfig = field(default_factory=lambda: ModelConfig.preset("small"))
+    data: DataConfig = field(default_factory=lambda: DataConfig(out="runs/data", builtin="stdlib"))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    init: str | None = None  # continue from this MODEL (its architecture and tokenizer win)
+    model_explicit: frozenset[str] = (
+        frozenset()
+    )  # model fields the user set (vocab_size is derived otherwise)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """Build from ``{"model": {...}, "data": {...}, "train": {...}, "init": ...}``."""
+        unknown = set(data) - set(SECTIONS)
+        if unknown:
+            raise ConfigError(
+                f"unknown run config section(s) {sorted(unknown)}; sections: {', '.join(SECTIONS)}"
+            )
+        model = dict(data.get("model") or {})
+        preset = model.pop("preset", None)
+        mcfg = ModelConfig.preset(preset, **model) if preset else from_dict(ModelConfig, model)
+        return cls(
+            model=mcfg,
+            data=from_dict(DataConfig, data.get("data") or {"out": "runs/data", "builtin": "stdlib"}),
+            train=from_dict(TrainConfig, data.get("train") or {}),
+            init=data.get("init"),
+            model_explicit=frozenset(model),
+        )
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> RunConfig:
+        """Read a run YAML file."""
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"run config {str(p)!r} does not exist")
+        return cls.from_dict(parse_yaml(p.read_text()) or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The exact config, as written to ``run.yaml`` next to the checkpoints."""
+        data = {k: (str(v) if isinstance(v, Path) else v) for k, v in to_dict(self.data).items()}
+        return {"model": to_dict(self.model), "data": data, "train": to_dict(self.train), "init": self.init}
+
+
+def prepare_data(run: RunConfig, progress: bool = True) -> Manifest:
+    """The run's data folder: reused when its manifest exists, else prepared now."""
+    out = Path(run.data.out)
+    if (out / "manifest.json").is_file() and not run.data.overwrite:
+        return Manifest.load(out)
+    cfg = run.data
+    if cfg.tokenizer is None and cfg.train_tokenizer is None:
+        if run.init is None:
+            raise ConfigError(
+                "the data needs a tokenizer: set data.tokenizer (a tokenizer.json or MODEL), "
+                "data.train_tokenizer (a vocabulary size to train one), or init (a MODEL whose tokenizer to use)"
+            )
+        cfg = dataclasses.replace(cfg, tokenizer=run.init)
+    return prepare(cfg, progress=progress)
+
+
+def build_model(run: RunConfig, tokenizer: Tokenizer) -> Transformer:
+    """A fresh model (vocab_size from the tokenizer unless set explicitly) or the ``init`` model."""
+    if run.init is not None:
+        from lamina.checkpoint.load import load
+
+        model = load(run.init).model.train()
+    else:
+        cfg = run.model
+        if "vocab_size" not in run.model_explicit:
+            cfg = dataclasses.replace(cfg, vocab_size=_round_up(tokenizer.vocab_size, 64))
+        torch.manual_seed(run.train.seed)
+        model = Transformer(cfg)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            f"{model.config.vocab_size}: set model.vocab_size >= {tokenizer.vocab_size} (or use the model's tokenizer)"
+        )
+    return model
+
+
+def pretrain(run: RunConfig, resume: bool = False) -> tuple[Transformer, Tokenizer, TrainResult]:
+    """Prepare (or reuse) the data, build the model, and train it with the causal-LM objective."""
+    manifest = prepare_data(run, progress=run.train.progress)
+    tokenizer = manifest.load_tokenizer()
+    model = build_model(run, tokenizer)
+    run = dataclasses.replace(run, model=model.config)  # run.yaml records the model actually built
+    tcfg = run.train
+    seq_len = tcfg.seq_len or model.config.max_seq_len
+    if seq_len > model.config.max_seq_len:
+        raise ConfigError(
+            f"train.seq_len={seq_len} is longer than the model's context window max_seq_len="
+            f"{model.config.max_seq_len}: lower train.seq_len or raise model.max_seq_len"
+        )
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    train_tokens = TokenShards.open(manifest.root, "train")
+    global_batch = tcfg.batch_size * tcfg.grad_accum_steps * world
+    needed = global_batch * seq_len + 1
+    if len(train_tokens) < needed:
+        raise DataError(
+            f"the training split has {len(train_tokens):,} tokens, fewer than one step needs "
+            f"({global_batch} sequences x {seq_len} tokens + 1 = {needed:,}): lower train.batch_size, "
+            "train.grad_accum_steps or train.seq_len, or add data"
+        )
+    # one micro-batch index = one CausalBatches step of batch_size x (world x accumulation) windows
+    batches = CausalBatches(
+        train_tokens, tcfg.batch_size, seq_len, seed=tcfg.seed, rank=rank, world_size=world
+    )
+    source = _MicroBatches(batches, tcfg.grad_accum_steps)
+    val_tokens = TokenShards.open(manifest.root, "val") if manifest.splits["val"].tokens > seq_len else None
+
+    def val() -> Any:
+        assert val_tokens is not None
+        for x, y in val_batches(
+            val_tokens, tcfg.batch_size, seq_len, rank, world, max_batches=tcfg.eval_batches
+        ):
+            if len(x):
+                yield {"input_ids": x, "targets": y}
+
+    steps = tcfg.max_steps
+    if tcfg.epochs is not None:
+        steps = max(1, math.ceil(tcfg.epochs * (len(train_tokens) - 1) / (global_batch * seq_len)))
+    result = train(
+        model,
+        tcfg,
+        source,
+        causal_lm(tcfg.label_smoothing),
+        val if val_tokens is not None else None,
+        tokens_per_batch=tcfg.batch_size * seq_len,
+        total_steps=steps,
+        tokenizer=tokenizer,
+        run_config=run.to_dict(),
+        resume=resume,
+    )
+    return model, tokenizer, result
+
+
+class _MicroBatches:
+    """Adapts ``CausalBatches`` to the trainer: micro-batch ``i`` is step ``i`` of a source whose global
+    batch is batch_size x world_size, so accumulation and data parallelism see disjoint windows."""
+
+    def __init__(self, batches: CausalBatches, accum: int) -> None:
+        self.batches, self.accum = batches, accum
+
+    def batch(self, index: int) -> dict[str, torch.Tensor]:
+        x, y = self.batches.batch_at(index)
+        return {"input_ids": x, "targets": y}
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return multiple * math.ceil(n / multiple)
