@@ -54,6 +54,11 @@ def test_flags_yaml_and_run_yaml(corpus: Path, tmp_path: Path) -> None:
     assert run["model"]["vocab_size"] == 320  # the 300-token tokenizer, rounded up to a multiple of 64
     assert (tmp_path / "out" / "last" / "tokenizer.json").is_file()
     assert main(["generate", str(tmp_path / "out" / "last"), "def f", "--max-new-tokens", "4"]) == 0
+    # --init continues from the trained model: its first loss is the trained one's, not a fresh model's
+    again = [*_flags(corpus, tmp_path / "data", tmp_path / "out2"), "--init", str(tmp_path / "out" / "last")]
+    assert main([*again, "--train.max_steps", "2", "--train.lr", "1e-6"]) == 0
+    first, trained_last = _losses(tmp_path / "out2")[0][1], _losses(tmp_path / "out")[-1][1]
+    assert first < _losses(tmp_path / "out")[0][1] - 1.0 and abs(first - trained_last) < 0.5
 
 
 @pytest.mark.parametrize(
