@@ -162,7 +162,7 @@ class Transformer(nn.Module):
             cache.valid[:, sl] = True if real is None else real
             cache.positions[:, sl] = position_ids
             cache.next_pos = cache.next_pos + (T if real is None else real.sum(1))
-        if int(position_ids.max()) >= cfg.max_seq_len and cfg.pos_encoding == "learned":
+        if cfg.pos_encoding == "learned" and int(position_ids.max()) >= cfg.max_seq_len:
             raise ValueError(
                 f"position {int(position_ids.max())} is past max_seq_len={cfg.max_seq_len} of this model"
             )
