@@ -15,6 +15,7 @@ import argparse
 import platform
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -122,7 +123,7 @@ def main() -> None:
 def _bf16_flags() -> str:
     """The CPU flags that make bf16 matmul native (Linux only)."""
     try:
-        flags = set(open("/proc/cpuinfo").read().split())
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return "unknown"
     return " ".join(sorted(f for f in flags if f in {"avx512_bf16", "amx_bf16", "amx_tile"}))
