@@ -1,18 +1,136 @@
-"""Batched KV-cache decoding: greedy, or each row sampled with its own ``Sampler`` (config and seed).
+"""Batched KV-cache decoding with one ``GenerationConfig`` per sequence.
 
-Stop strings, beams, streaming objects and continuous batching arrive with the rest of the generation
-issue; this loop is what they build on.
+Prompts of any lengths are left-padded into one batch and prefilled together; then every step runs one
+token per live sequence. Each sequence has its own sampler (controls and seed), its own stopping
+(``max_new_tokens``, eos / ``stop_token_ids`` unless ``ignore_eos``), and leaves the batch when it
+finishes: its KV-cache row is dropped, so the remaining rows stop paying for it.
+
+Stop strings, beams, logprobs and continuous admission of new requests build on this loop (next steps
+of the generation issue).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
+from lamina.config import GenerationConfig
 from lamina.errors import ConfigError
 from lamina.generate.sampling import Sampler, sample_batch
 from lamina.model.transformer import Transformer
+
+GREEDY = GenerationConfig(temperature=0.0)
+
+
+@dataclass
+class Sequence_:
+    """One generated sequence: its prompt, its new tokens, and why it stopped."""
+
+    prompt_index: int
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (eos / stop token) or "length"
+
+
+@torch.inference_mode()
+def generate_ids(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    configs: GenerationConfig | Sequence[GenerationConfig] = GREEDY,
+    eos_token_ids: Sequence[int] = (),
+    on_token: Callable[[int, int], None] | None = None,
+) -> list[Sequence_]:
+    """Generate from token-id ``prompts``; ``configs`` is one config for all or one per prompt.
+
+    A config with ``n > 1`` gives n sequences for its prompt (each with its own random stream). The
+    result lists every sequence, prompt by prompt. ``eos_token_ids`` (the model's) stop a sequence
+    unless its config has ``ignore_eos``; its ``stop_token_ids`` always do. The stop token is not part
+    of the output. ``on_token(sequence_index, token)`` sees every token as it is produced.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ConfigError("every prompt needs at least one token (empty prompt given)")
+    cfgs = [configs] * len(prompts) if isinstance(configs, GenerationConfig) else list(configs)
+    if len(cfgs) != len(prompts):
+        raise ConfigError(
+            f"{len(cfgs)} generation configs for {len(prompts)} prompts: give one, or one per prompt"
+        )
+    limit = model.config.max_seq_len
+    rows: list[tuple[int, Sampler]] = []  # (prompt index, sampler) per sequence
+    for i, (p, c) in enumerate(zip(prompts, cfgs, strict=True)):
+        if len(p) >= limit:
+            raise ConfigError(
+                f"prompt of {len(p)} tokens does not fit the context window max_seq_len={limit}"
+            )
+        rows += [(i, Sampler(c, p, index=k)) for k in range(c.n)]
+    seqs = [Sequence_(i) for i, _ in rows]
+    samplers = [s for _, s in rows]
+    stops = [
+        set(s.cfg.stop_token_ids) | (set() if s.cfg.ignore_eos else set(eos_token_ids)) for s in samplers
+    ]
+    budgets = [min(s.cfg.max_new_tokens, limit - len(prompts[i])) for i, s in rows]
+    argmax_only = [not s.cfg.sampling and _plain(s.cfg) for s in samplers]
+
+    T = max(len(prompts[i]) for i, _ in rows)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for r, (i, _) in enumerate(rows):
+        p = prompts[i]
+        ids[r, T - len(p) :], mask[r, T - len(p) :] = torch.tensor(list(p)), 1
+    device = model.tok_emb.weight.device
+    cache = model.new_cache(len(rows), capacity=T + max(budgets, default=0))
+    live = [r for r in range(len(rows)) if budgets[r] > 0]  # sequence index of each cache row
+    for r in range(len(rows)):
+        if budgets[r] <= 0:
+            seqs[r].finish_reason = "length"
+    if not live:
+        return seqs
+    if len(live) < len(rows):
+        cache.keep(torch.tensor(live))
+        ids, mask = ids[live], mask[live]
+    logits = model(ids.to(device), attention_mask=mask.to(device), cache=cache, last_only=True)[:, -1]
+    while live:
+        greedy = all(argmax_only[r] for r in live)
+        if greedy:
+            next_ids = logits.float().argmax(-1)
+        else:
+            next_ids = sample_batch(logits.float(), [samplers[r] for r in live])
+        keep: list[int] = []
+        for row, (r, tok) in enumerate(zip(live, next_ids.tolist(), strict=True)):
+            seq = seqs[r]
+            if tok in stops[r]:
+                seq.finish_reason = "stop"
+                continue
+            seq.tokens.append(tok)
+            if greedy:
+                samplers[r].output_ids.append(tok)
+            if on_token is not None:
+                on_token(r, tok)
+            if len(seq.tokens) >= budgets[r]:
+                seq.finish_reason = "length"
+                continue
+            keep.append(row)
+        if len(keep) < len(live):  # finished sequences leave the batch and free their cache rows
+            live = [live[k] for k in keep]
+            if not live:
+                break
+            cache.keep(torch.tensor(keep, device=cache.valid.device))
+            next_ids = next_ids[keep]
+        logits = model(next_ids[:, None], cache=cache)[:, -1]
+    return seqs
+
+
+def _plain(cfg: GenerationConfig) -> bool:
+    """True when greedy decoding with this config is a bare argmax (no bias, ban or penalty to apply)."""
+    return cfg == GenerationConfig(
+        temperature=cfg.temperature,
+        do_sample=cfg.do_sample,
+        max_new_tokens=cfg.max_new_tokens,
+        eos_token_ids=cfg.eos_token_ids,
+        stop_token_ids=cfg.stop_token_ids,
+        ignore_eos=cfg.ignore_eos,
+        seed=cfg.seed,
+    )
 
 
 def greedy_decode(
@@ -22,58 +140,6 @@ def greedy_decode(
     eos_token_ids: Sequence[int] = (),
     on_token: Callable[[int, int], None] | None = None,
 ) -> list[list[int]]:
-    """Greedy continuations of token-id ``prompts`` (see ``decode``)."""
-    return decode(model, prompts, max_new_tokens, eos_token_ids, on_token=on_token)
-
-
-@torch.inference_mode()
-def decode(
-    model: Transformer,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    eos_token_ids: Sequence[int] = (),
-    samplers: Sequence[Sampler] | None = None,
-    on_token: Callable[[int, int], None] | None = None,
-) -> list[list[int]]:
-    """Continuations of token-id ``prompts`` (any lengths: left-padded into one batch).
-
-    ``samplers`` (one per row, e.g. ``Sampler(GenerationConfig(temperature=0.8, top_k=40, seed=1), p)``)
-    pick each row's next token; None is greedy. Each row stops at its first eos token (not included in
-    the output) or after ``max_new_tokens``. ``on_token(row, token_id)`` sees every token as it comes.
-    """
-    if samplers is not None and len(samplers) != len(prompts):
-        raise ConfigError(f"{len(samplers)} samplers for {len(prompts)} prompts: give one per prompt")
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ConfigError("every prompt needs at least one token (empty prompt given)")
-    B, T = len(prompts), max(len(p) for p in prompts)
-    limit = model.config.max_seq_len
-    if T >= limit:
-        raise ConfigError(f"prompt of {T} tokens does not fit the context window max_seq_len={limit}")
-    max_new_tokens = min(max_new_tokens, limit - T)
-    device = model.tok_emb.weight.device
-    ids = torch.zeros(B, T, dtype=torch.long)
-    mask = torch.zeros(B, T, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, T - len(p) :] = torch.tensor(list(p))
-        mask[i, T - len(p) :] = 1
-    cache = model.new_cache(B, capacity=T + max_new_tokens)
-    logits = model(ids.to(device), attention_mask=mask.to(device), cache=cache, last_only=True)
-    eos = set(eos_token_ids)
-    out: list[list[int]] = [[] for _ in range(B)]
-    done = [False] * B
-    for step in range(max_new_tokens):
-        last = logits[:, -1].float()
-        next_ids = last.argmax(-1) if samplers is None else sample_batch(last, samplers)
-        for i, tok in enumerate(next_ids.tolist()):
-            if done[i]:
-                continue
-            if tok in eos:
-                done[i] = True
-                continue
-            out[i].append(tok)
-            if on_token is not None:
-                on_token(i, tok)
-        if all(done) or step == max_new_tokens - 1:
-            break
-        logits = model(next_ids[:, None], cache=cache)
-    return out
+    """Greedy continuations of token-id ``prompts``, each stopping at eos or ``max_new_tokens``."""
+    cfg = GenerationConfig(temperature=0.0, max_new_tokens=max_new_tokens)
+    return [s.tokens for s in generate_ids(model, prompts, cfg, eos_token_ids, on_token)]

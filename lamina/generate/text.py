@@ -7,10 +7,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from lamina.checkpoint.load import LoadedModel, load
-from lamina.config import GenerationConfig
+from lamina.config import GenerationConfig, from_dict, to_dict
 from lamina.errors import ConfigError
-from lamina.generate.engine import decode, greedy_decode
-from lamina.generate.sampling import Sampler
+from lamina.generate.engine import generate_ids
 from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
 
@@ -41,30 +40,50 @@ def build_prompt_ids(
 def generate(
     model: str | LoadedModel,
     prompt: str | Sequence[Mapping[str, Any]],
-    max_new_tokens: int | None = None,
+    config: GenerationConfig | None = None,
     chat: bool | None = None,
     system: str | None = None,
     stream: Callable[[str], None] | None = None,
+    **controls: Any,
 ) -> str:
-    """Generate a (greedy) continuation of ``prompt`` with ``model`` (a name, path or loaded model).
+    """Generate a continuation of ``prompt`` with ``model`` (a name, path or loaded model).
 
-    ``stream`` receives text deltas as they are decoded (never splitting a UTF-8 character).
+    Decoding controls come from ``config``, else the model's defaults, with ``controls`` (any
+    ``GenerationConfig`` field, e.g. ``temperature=0.7, top_p=0.9, seed=1``) on top; with none given the
+    decoding is greedy. ``stream`` receives text deltas as they are decoded (never splitting a UTF-8
+    character).
     """
     lm = load(model) if isinstance(model, str) else model
     ids = build_prompt_ids(lm, prompt, chat=chat, system=system)
     tok = lm.tokenizer
     assert tok is not None
+    cfg = generation_config(lm, config, **controls)
     decoder = tok.decode_stream(skip_special_tokens=True, prompt_ids=ids)
 
     def on_token(_row: int, token: int) -> None:
         if stream is not None and (delta := decoder.step(token)):
             stream(delta)
 
-    n = lm.generation.max_new_tokens if max_new_tokens is None else max_new_tokens
-    out = greedy_decode(lm.model, [ids], n, lm.generation.eos_token_ids, on_token=on_token)[0]
+    out = generate_ids(lm.model, [ids], cfg, lm.generation.eos_token_ids, on_token=on_token)[0].tokens
     if stream is not None and (rest := decoder.finish()):
         stream(rest)
     return tok.decode(out, skip_special_tokens=True)
+
+
+def generation_config(
+    lm: LoadedModel, config: GenerationConfig | None = None, **controls: Any
+) -> GenerationConfig:
+    """``config`` (or greedy with the model's max_new_tokens) with ``controls`` applied, validated."""
+    base = config or GenerationConfig(temperature=0.0, max_new_tokens=lm.generation.max_new_tokens)
+    if (
+        "temperature" not in controls
+        and config is None
+        and any(k in controls for k in ("top_k", "top_p", "min_p", "typical_p", "seed", "n", "mirostat"))
+    ):
+        controls["temperature"] = 1.0  # asking for a sampling control asks for sampling
+    return from_dict(
+        GenerationConfig, {**to_dict(base), **{k: v for k, v in controls.items() if v is not None}}
+    )
 
 
 def print_stream(delta: str) -> None:
@@ -86,5 +105,5 @@ def sample_text(
     ids = tokenizer.encode(prompt, add_special_tokens=False)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    out = decode(model, [ids], max_new_tokens, eos, samplers=[Sampler(cfg, ids)])[0]
+    out = generate_ids(model, [ids], cfg, eos)[0].tokens
     return prompt + tokenizer.decode(out, skip_special_tokens=True)

@@ -146,6 +146,14 @@ class KVCache:
         """Number of rows."""
         return self.valid.shape[0]
 
+    def keep(self, rows: Tensor) -> None:
+        """Keep only ``rows`` (indices, in the new order): finished sequences leave the batch."""
+        self.k = [t.index_select(0, rows) for t in self.k]
+        self.v = [t.index_select(0, rows) for t in self.v]
+        self.valid = self.valid.index_select(0, rows)
+        self.positions = self.positions.index_select(0, rows)
+        self.next_pos = self.next_pos.index_select(0, rows)
+
 
 # -- attention ---------------------------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""Greedy decoding on the real SmolLM2 GGUF equals `transformers` loading the same file."""
+"""The engine: greedy equals `transformers` on the real SmolLM2 GGUF; per-sequence configs, seeds,
+stopping, and finished rows leaving the batch."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from lamina.generate.engine import greedy_decode
+from lamina.config import GenerationConfig
+from lamina.generate.engine import generate_ids, greedy_decode
 
 PROMPTS = [
     "The capital of France is",
@@ -59,3 +61,66 @@ def test_empty_prompt_and_overlong_prompt_are_clear_errors(lamina_smollm2: Any) 
         greedy_decode(lamina_smollm2.model, [[]], 4)
     with pytest.raises(ConfigError, match="max_seq_len"):
         greedy_decode(lamina_smollm2.model, [[1] * 9000], 4)
+
+
+# -- per-sequence configs, stopping and freed slots ---------------------------------------------------------
+
+
+def _first_diff_margin(model: Any, prompt: list[int], a: list[int], b: list[int]) -> float:
+    """The reference's top-2 logit margin at the first position where two continuations differ."""
+    k = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+    logits = model(torch.tensor([prompt + a[:k]]))[0, -1]
+    top = logits.topk(2).values
+    return float(top[0] - top[1])
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_seeded_sampling_is_the_same_batched_or_alone(lamina_smollm2: Any) -> None:
+    model, tok = lamina_smollm2.model, lamina_smollm2.tokenizer
+    prompts = [tok.encode(p) for p in PROMPTS[:3]]
+    cfgs = [
+        GenerationConfig(temperature=0.8, top_k=40, seed=7, max_new_tokens=12),
+        GenerationConfig(temperature=0.0, max_new_tokens=5),  # a greedy neighbour that leaves early
+        GenerationConfig(temperature=1.0, top_p=0.9, min_p=0.05, seed=11, max_new_tokens=12, n=2),
+    ]
+    batched = generate_ids(model, prompts, cfgs)
+    assert [s.prompt_index for s in batched] == [0, 1, 2, 2]
+    assert len(batched[1].tokens) == 5 and batched[1].finish_reason == "length"
+    alone = [generate_ids(model, [prompts[0]], cfgs[0])[0], *generate_ids(model, [prompts[2]], cfgs[2])]
+    for got, ref in zip([batched[0], batched[2], batched[3]], alone, strict=True):
+        if got.tokens != ref.tokens:  # allowed only where the reference itself is a near tie
+            p = prompts[got.prompt_index]
+            assert _first_diff_margin(model, p, ref.tokens, got.tokens) < 1e-4, (got.tokens, ref.tokens)
+    assert batched[2].tokens != batched[3].tokens  # n=2: two random streams
+
+
+@torch.no_grad()
+def test_stopping_rules_and_finished_rows_leave_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lamina.config import ModelConfig
+    from lamina.model.layers import KVCache
+    from lamina.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("llama-tiny", vocab_size=32, max_seq_len=64)).eval()
+    prompts = [[1, 2, 3], [4, 5], [6]]
+    free = greedy_decode(model, prompts, 10)
+    stop_tok = free[0][3]  # the 4th greedy token of row 0 becomes a stop token for row 0 only
+    sizes: list[int] = []
+    orig = KVCache.keep
+
+    def spy(self: KVCache, rows: torch.Tensor) -> None:
+        orig(self, rows)
+        sizes.append(self.batch_size)
+
+    monkeypatch.setattr(KVCache, "keep", spy)
+    cfgs = [
+        GenerationConfig(temperature=0.0, max_new_tokens=10, stop_token_ids=[stop_tok]),
+        GenerationConfig(temperature=0.0, max_new_tokens=2),
+        GenerationConfig(temperature=0.0, max_new_tokens=10, ignore_eos=True),
+    ]
+    out = generate_ids(model, prompts, cfgs, eos_token_ids=[free[2][1]])
+    assert out[0].tokens == free[0][: free[0].index(stop_tok)] and out[0].finish_reason == "stop"
+    assert out[1].tokens == free[1][:2] and out[1].finish_reason == "length"
+    assert out[2].tokens == free[2] and out[2].finish_reason == "length"  # eos ignored
+    assert sizes and sizes[-1] == 1 and sizes == sorted(sizes, reverse=True)  # rows left as they finished
