@@ -59,7 +59,7 @@ def test_learns_and_writes_everything(tmp_path: Path) -> None:
     res = train(_model(), _cfg(tmp_path), Windows(), causal_lm(), _val, tokens_per_batch=256)
     assert res.steps == 30 and res.val_losses[0][1] > 2 * res.val_losses[-1][1]
     assert res.best_val_loss == min(v for _, v in res.val_losses)
-    assert res.tokens_per_s > 0 and 0 < res.mfu < 1.5
+    assert res.tokens_per_s > 0 and res.mfu > 0  # reported (benchmarks/ measure them, not tests)
     for name in (
         "best/model.safetensors",
         "last/train_state/state.pt",
