@@ -20,17 +20,50 @@ from lamina.config import GenerationConfig
 from lamina.errors import ConfigError
 from lamina.generate.sampling import Sampler, sample_batch
 from lamina.model.transformer import Transformer
+from lamina.tokenizer import Tokenizer
 
 GREEDY = GenerationConfig(temperature=0.0)
 
 
 @dataclass
 class Sequence_:
-    """One generated sequence: its prompt, its new tokens, and why it stopped."""
+    """One generated sequence: its prompt, its new tokens, and why it stopped.
+
+    When a stop string ends it, ``tokens`` keeps the token that completed the stop string and ``text`` is
+    the output cut at the stop string.
+    """
 
     prompt_index: int
     tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" (eos / stop token) or "length"
+    finish_reason: str | None = None  # "stop" (eos / stop token / stop string) or "length"
+    text: str | None = None  # the decoded output, set when the config has stop strings
+    stop_str: str | None = None  # the stop string that ended it
+
+
+class _StopStrings:
+    """Watches one sequence's decoded text for its stop strings, including across token boundaries."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt: Sequence[int], cfg: GenerationConfig) -> None:
+        self.stream = tokenizer.decode_stream(skip_special_tokens=True, prompt_ids=prompt)
+        self.stops, self.include = list(cfg.stop), cfg.include_stop_str_in_output
+        self.text = ""
+
+    def add(self, token: int) -> str | None:
+        """Add a token; the stop string now present in the text (the earliest one), or None."""
+        before = len(self.text)
+        self.text += self.stream.step(token)
+        start = max(0, before - max(len(s) for s in self.stops) + 1)  # only where a new match can begin
+        hits = [(i, s) for s in self.stops if (i := self.text.find(s, start)) >= 0]
+        if not hits:
+            return None
+        i, s = min(hits)
+        self.text = self.text[: i + len(s)] if self.include else self.text[:i]
+        return s
+
+    def finish(self) -> str:
+        """The text once the sequence ended for another reason."""
+        self.text += self.stream.finish()
+        return self.text
 
 
 @torch.inference_mode()
@@ -40,6 +73,7 @@ def generate_ids(
     configs: GenerationConfig | Sequence[GenerationConfig] = GREEDY,
     eos_token_ids: Sequence[int] = (),
     on_token: Callable[[int, int], None] | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> list[Sequence_]:
     """Generate from token-id ``prompts``; ``configs`` is one config for all or one per prompt.
 
@@ -47,6 +81,9 @@ def generate_ids(
     result lists every sequence, prompt by prompt. ``eos_token_ids`` (the model's) stop a sequence
     unless its config has ``ignore_eos``; its ``stop_token_ids`` always do. The stop token is not part
     of the output. ``on_token(sequence_index, token)`` sees every token as it is produced.
+    Stop strings (``cfg.stop``) need the ``tokenizer``: they are matched on the decoded text, across
+    token boundaries, and the sequence's ``text`` ends before them (or after, with
+    ``include_stop_str_in_output``).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token (empty prompt given)")
@@ -70,6 +107,14 @@ def generate_ids(
     ]
     budgets = [min(s.cfg.max_new_tokens, limit - len(prompts[i])) for i, s in rows]
     argmax_only = [not s.cfg.sampling and _plain(s.cfg) for s in samplers]
+    if any(s.cfg.stop for s in samplers) and tokenizer is None:
+        raise ConfigError(
+            "stop strings are matched on text: pass the tokenizer to generate_ids(tokenizer=...)"
+        )
+    watch = [
+        _StopStrings(tokenizer, prompts[i], s.cfg) if s.cfg.stop and tokenizer is not None else None
+        for i, s in rows
+    ]
 
     T = max(len(prompts[i]) for i, _ in rows)
     ids = torch.zeros(len(rows), T, dtype=torch.long)
@@ -104,6 +149,10 @@ def generate_ids(
             seq.tokens.append(tok)
             if greedy:
                 samplers[r].output_ids.append(tok)
+            w = watch[r]
+            if w is not None and (hit := w.add(tok)) is not None:  # the token completing a stop string
+                seq.finish_reason, seq.stop_str, seq.text = "stop", hit, w.text  # is not streamed
+                continue
             if on_token is not None:
                 on_token(r, tok)
             if len(seq.tokens) >= budgets[r]:
@@ -117,6 +166,9 @@ def generate_ids(
             cache.keep(torch.tensor(keep, device=cache.valid.device))
             next_ids = next_ids[keep]
         logits = model(next_ids[:, None], cache=cache)[:, -1]
+    for seq, w in zip(seqs, watch, strict=True):
+        if w is not None and seq.text is None:
+            seq.text = w.finish()
     return seqs
 
 

@@ -59,15 +59,22 @@ def generate(
     assert tok is not None
     cfg = generation_config(lm, config, **controls)
     decoder = tok.decode_stream(skip_special_tokens=True, prompt_ids=ids)
+    # with stop strings, hold back the last len(longest stop) - 1 characters: they may start a stop string
+    hold = max((len(x) for x in cfg.stop), default=1) - 1
+    seen, sent = "", 0
 
     def on_token(_row: int, token: int) -> None:
-        if stream is not None and (delta := decoder.step(token)):
-            stream(delta)
+        nonlocal seen, sent
+        seen += decoder.step(token)
+        if stream is not None and len(seen) - hold > sent:
+            stream(seen[sent : len(seen) - hold])
+            sent = len(seen) - hold
 
-    out = generate_ids(lm.model, [ids], cfg, lm.generation.eos_token_ids, on_token=on_token)[0].tokens
-    if stream is not None and (rest := decoder.finish()):
-        stream(rest)
-    return tok.decode(out, skip_special_tokens=True)
+    seq = generate_ids(lm.model, [ids], cfg, lm.generation.eos_token_ids, on_token=on_token, tokenizer=tok)[0]
+    text = seq.text if seq.text is not None else tok.decode(seq.tokens, skip_special_tokens=True)
+    if stream is not None and len(text) > sent:
+        stream(text[sent:])
+    return text
 
 
 def generation_config(

@@ -124,3 +124,44 @@ def test_stopping_rules_and_finished_rows_leave_the_batch(monkeypatch: pytest.Mo
     assert out[1].tokens == free[1][:2] and out[1].finish_reason == "length"
     assert out[2].tokens == free[2] and out[2].finish_reason == "length"  # eos ignored
     assert sizes and sizes[-1] == 1 and sizes == sorted(sizes, reverse=True)  # rows left as they finished
+
+
+@pytest.mark.slow
+def test_stop_strings_across_token_boundaries_and_streaming(lamina_smollm2: Any) -> None:
+    import lamina
+
+    lm, tok = lamina_smollm2, lamina_smollm2.tokenizer
+    prompt = "Describe the ocean in one sentence."
+    free = generate_ids(lm.model, [build(lm, prompt)], GenerationConfig(temperature=0.0, max_new_tokens=24))[
+        0
+    ]
+    pieces = [tok.decode(free.tokens[: k + 1], skip_special_tokens=True) for k in range(len(free.tokens))]
+    full = pieces[-1]
+    # a stop string made of the end of token 3's text and the start of token 4's
+    grow = [len(pieces[0])] + [len(pieces[j]) - len(pieces[j - 1]) for j in range(1, len(pieces))]
+    k = next(k for k in range(3, len(pieces) - 1) if grow[k] >= 2 and grow[k + 1] >= 2)
+    stop = pieces[k][-2:] + pieces[k + 1][len(pieces[k]) : len(pieces[k]) + 2]
+    assert len(stop) >= 3 and stop in full
+    cut = full[: full.index(stop)]
+
+    deltas: list[str] = []
+    text = lamina.generate(lm, prompt, max_new_tokens=24, stop=[stop], stream=deltas.append)
+    assert text == cut and "".join(deltas) == cut
+    seq = generate_ids(
+        lm.model,
+        [build(lm, prompt)],
+        GenerationConfig(temperature=0.0, max_new_tokens=24, stop=[stop]),
+        tokenizer=tok,
+    )[0]
+    assert seq.finish_reason == "stop" and seq.stop_str == stop and seq.text == cut
+    incl = lamina.generate(lm, prompt, max_new_tokens=24, stop=[stop], include_stop_str_in_output=True)
+    assert incl == cut + stop
+    # streaming without stop strings gives the same text as without streaming
+    deltas.clear()
+    assert lamina.generate(lm, prompt, max_new_tokens=24, stream=deltas.append) == "".join(deltas) == full
+
+
+def build(lm: Any, prompt: str) -> list[int]:
+    from lamina.generate.text import build_prompt_ids
+
+    return build_prompt_ids(lm, prompt)
