@@ -73,10 +73,30 @@ def build_model(
 
 def weights_for_saving(model: Transformer) -> dict[str, torch.Tensor]:
     """The model's tensors, contiguous, with a tied output head stored once."""
-    sd = model.state_dict()
-    if model.config.tie_embeddings:
-        sd.pop("lm_head.weight", None)
-    return {k: v.detach().contiguous() for k, v in sd.items()}
+    return _storable(model.config, model.state_dict())
+
+
+def _storable(cfg: ModelConfig, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {
+        k: v.detach().contiguous()
+        for k, v in weights.items()
+        if not (cfg.tie_embeddings and k == "lm_head.weight")
+    }
+
+
+def write_checkpoint_files(
+    folder: Path,
+    cfg: ModelConfig,
+    weights: Mapping[str, torch.Tensor],
+    tokenizer: Tokenizer | None = None,
+    generation: GenerationConfig | None = None,
+) -> None:
+    """Write the files of a lamina checkpoint into ``folder`` (not atomic: see ``save_checkpoint``)."""
+    save_yaml(cfg, folder / CONFIG_FILE)
+    save_file(_storable(cfg, weights), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save(folder)
+    save_yaml(generation or GenerationConfig(), folder / GENERATION_FILE)
 
 
 def atomic_folder(dest: str | Path, write: Callable[[Path], None]) -> Path:
@@ -111,14 +131,10 @@ def save_checkpoint(
 ) -> Path:
     """Write a lamina checkpoint folder atomically; returns its path."""
 
-    def write(tmp: Path) -> None:
-        save_yaml(model.config, tmp / CONFIG_FILE)
-        save_file(weights_for_saving(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-        save_yaml(generation or GenerationConfig(), tmp / GENERATION_FILE)
-
-    return atomic_folder(folder, write)
+    return atomic_folder(
+        folder,
+        lambda tmp: write_checkpoint_files(tmp, model.config, model.state_dict(), tokenizer, generation),
+    )
 
 
 def is_lamina_checkpoint(folder: str | Path) -> bool:

@@ -26,18 +26,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from lamina.checkpoint.lamina import (
-    CONFIG_FILE,
-    GENERATION_FILE,
-    WEIGHTS_FILE,
     atomic_folder,
     load_checkpoint,
+    write_checkpoint_files,
 )
-from lamina.config import GenerationConfig, ModelConfig, TrainConfig, save_yaml
+from lamina.config import GenerationConfig, ModelConfig, TrainConfig
 from lamina.errors import LaminaError
 from lamina.model.transformer import Transformer, set_dropout
 from lamina.train import distributed as D
@@ -301,17 +298,11 @@ def _write_checkpoint(
     state: dict[str, Any] | None,
     run_config: dict[str, Any] | None,
 ) -> None:
-    weights = {k: v.contiguous() for k, v in weights.items()}
-    if model_cfg.tie_embeddings:
-        weights.pop("lm_head.weight", None)
+    """A lamina checkpoint plus the run config and (for resuming) the training state, atomically."""
+    eos = [tokenizer.eos_token_id] if tokenizer is not None and tokenizer.eos_token_id is not None else []
 
     def write(tmp: Path) -> None:
-        save_yaml(model_cfg, tmp / CONFIG_FILE)
-        save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        eos = [tokenizer.eos_token_id] if tokenizer is not None and tokenizer.eos_token_id is not None else []
-        save_yaml(GenerationConfig(eos_token_ids=eos), tmp / GENERATION_FILE)
-        if tokenizer is not None:
-            tokenizer.save(tmp)
+        write_checkpoint_files(tmp, model_cfg, weights, tokenizer, GenerationConfig(eos_token_ids=eos))
         if run_config is not None:
             (tmp / "run.yaml").write_text(_yaml(run_config))
         if state is not None:

@@ -59,7 +59,10 @@ def test_learns_and_writes_everything(tmp_path: Path) -> None:
     res = train(_model(), _cfg(tmp_path), Windows(), causal_lm(), _val, tokens_per_batch=256)
     assert res.steps == 30 and res.val_losses[0][1] > 2 * res.val_losses[-1][1]
     assert res.best_val_loss == min(v for _, v in res.val_losses)
-    assert res.tokens_per_s > 0 and res.mfu > 0  # reported (benchmarks/ measure them, not tests)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(
+        {"tokens_per_s", "mfu", "lr"} <= r.keys() for r in logged if "loss" in r
+    )  # reported, not judged
     for name in (
         "best/model.safetensors",
         "last/train_state/state.pt",
