@@ -460,6 +460,10 @@ class GenerationConfig:
       and of the this many most likely alternatives; ``prompt_logprobs`` [None]: also for each prompt
       token, with this many alternatives. Log-probabilities are of the *raw* model distribution (the
       softmax of the model's logits before any processing), as OpenAI and vLLM report them.
+    - ``response_format`` ["text"]: "json_object" constrains the output to one valid JSON value
+      (nesting at most ``json_max_depth`` [16] deep), whatever the prompt says, by masking every token
+      that cannot continue valid JSON (OpenAI ``response_format={"type": "json_object"}``).
+      ``choices`` [[]]: the output is exactly one of these strings (vLLM ``guided_choice``).
     - ``samplers`` [``SAMPLER_NAMES``]: the chain order, see above.
     """
 
@@ -511,6 +515,10 @@ class GenerationConfig:
     logprobs: bool = False
     top_logprobs: int = 0
     prompt_logprobs: int | None = None
+    # -- constrained output
+    response_format: str = "text"  # "text" or "json_object"
+    json_max_depth: int = 16
+    choices: list[str] = field(default_factory=list)
     samplers: list[str] = field(default_factory=lambda: list(SAMPLER_NAMES))
 
     def __post_init__(self) -> None:
@@ -590,6 +598,18 @@ class GenerationConfig:
                 "must be a non-empty list of token ids >= 0 (or None = all tokens)",
             )
         need(all(s for s in self.stop), "stop", "must not hold empty strings")
+        need(
+            self.response_format in ("text", "json_object"),
+            "response_format",
+            'must be "text" or "json_object"',
+        )
+        need(self.json_max_depth >= 1, "json_max_depth", "must be >= 1")
+        need(all(c for c in self.choices), "choices", "must not hold empty strings")
+        need(
+            not (self.choices and self.response_format != "text"),
+            "choices",
+            'cannot be combined with response_format="json_object": give one constraint',
+        )
         need(math.isfinite(self.length_penalty), "length_penalty", "must be a finite number")
         need(self.seed is None or self.seed >= 0, "seed", "must be >= 0 (or None)")
         need(

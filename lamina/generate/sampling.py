@@ -697,7 +697,8 @@ def sequence_seed(seed: int | None, index: int = 0) -> int:
 
 _NOT_PROCESSING = {  # fields the sampler never reads: rows differing only in these share the batched path
     "max_new_tokens", "stop", "include_stop_str_in_output", "n", "num_beams", "length_penalty",
-    "early_stopping", "seed", "logprobs", "top_logprobs", "prompt_logprobs",
+    "early_stopping", "seed", "logprobs", "top_logprobs", "prompt_logprobs", "response_format",
+    "json_max_depth", "choices",
 }  # fmt: skip
 
 

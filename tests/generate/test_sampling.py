@@ -205,6 +205,9 @@ FIELD_TESTS = {
     "logprobs": "test_logprobs_helpers",
     "top_logprobs": "test_logprobs_helpers",
     "prompt_logprobs": "test_logprobs_helpers",
+    "response_format": "test_every_field_round_trips_through_yaml (tests/generate/test_constrain.py)",
+    "json_max_depth": "test_every_field_round_trips_through_yaml (tests/generate/test_constrain.py)",
+    "choices": "test_every_field_round_trips_through_yaml (tests/generate/test_constrain.py)",
     "samplers": "test_chain_order_follows_samplers",
 }
 
