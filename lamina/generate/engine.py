@@ -1,28 +1,65 @@
-"""Batched KV-cache decoding with one ``GenerationConfig`` per sequence.
+"""The engine: continuous batching of KV-cache decoding, one ``GenerationConfig`` per sequence.
 
-Prompts of any lengths are left-padded into one batch and prefilled together; then every step runs one
-token per live sequence. Each sequence has its own sampler (controls and seed), its own stopping
-(``max_new_tokens``, eos / ``stop_token_ids`` unless ``ignore_eos``), and leaves the batch when it
-finishes: its KV-cache row is dropped, so the remaining rows stop paying for it.
+``Engine`` keeps one running batch. ``submit`` queues a request (a prompt and its config); every
+``step`` first admits queued requests (each prompt is prefilled on its own, exactly as if it ran
+alone, and its rows join the batch's KV cache), then decodes one token for every running sequence.
+Each sequence has its own sampler (controls and seeded random stream), its own stopping (eos,
+``stop_token_ids``, stop strings on the decoded text, a finished JSON value, ``max_new_tokens``), and
+leaves the batch the step it finishes, freeing its cache row for the next request. ``step`` returns the
+new tokens with their text deltas (never splitting a UTF-8 character, holding back text that may
+start a stop string) and, when asked for, their log-probabilities.
 
-Stop strings, beams, logprobs and continuous admission of new requests build on this loop (next steps
-of the generation issue).
+``generate_ids`` runs a list of prompts to completion on an engine; the HTTP server drives ``step``
+from its own loop and submits requests as they arrive.
 """
 
 from __future__ import annotations
 
+import itertools
+import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
+from torch import Tensor
 
 from lamina.config import GenerationConfig
 from lamina.errors import ConfigError
-from lamina.generate.sampling import Sampler, sample_batch
+from lamina.generate.sampling import Sampler, prompt_logprobs, sample_batch, token_logprobs
+from lamina.model.layers import KVCache
 from lamina.model.transformer import Transformer
-from lamina.tokenizer import Tokenizer
+from lamina.tokenizer import DecodeStream, Tokenizer
 
 GREEDY = GenerationConfig(temperature=0.0)
+
+
+class Constraint(Protocol):
+    """Restricts which tokens may come next (JSON mode, choice lists; later schemas and regexes)."""
+
+    def allowed(self, remaining: int) -> Tensor | None:
+        """Bool (vocab,) mask of the tokens that may come next (None: any), ``remaining`` tokens left."""
+        ...
+
+    def advance(self, token: int) -> None:
+        """Record the generated token."""
+        ...
+
+    @property
+    def done(self) -> bool:
+        """The output is complete: the sequence stops."""
+        ...
+
+
+@dataclass
+class TokenLogprob:
+    """A token's log-probability under the raw model distribution, its rank and the top alternatives."""
+
+    token: int
+    logprob: float
+    rank: int  # 1 = the most likely token
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), most likely first
 
 
 @dataclass
@@ -30,43 +67,387 @@ class Sequence_:
     """One generated sequence: its prompt, its new tokens, and why it stopped.
 
     When a stop string ends it, ``tokens`` keeps the token that completed the stop string and ``text`` is
-    the output cut at the stop string.
+    the output cut at the stop string. ``text`` is set when the engine has a tokenizer.
     """
 
-    prompt_index: int
+    prompt_index: int  # the request's index (its position in ``generate_ids``' prompts)
     tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" (eos / stop token / stop string) or "length"
-    text: str | None = None  # the decoded output, set when the config has stop strings
+    finish_reason: str | None = None  # "stop" (eos, stop token or string, JSON done), "length", "abort"
+    text: str | None = None
     stop_str: str | None = None  # the stop string that ended it
+    index: int = 0  # which of the request's n sequences
+    logprobs: list[TokenLogprob] | None = None  # per generated token, with cfg.logprobs
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token (None for the first)
+    prompt_tokens: int = 0
 
 
-class _StopStrings:
-    """Watches one sequence's decoded text for its stop strings, including across token boundaries."""
+@dataclass
+class Delta:
+    """What one step produced for one sequence: a token (None when it only finished) and new text."""
 
-    def __init__(self, tokenizer: Tokenizer, prompt: Sequence[int], cfg: GenerationConfig) -> None:
-        self.stream = tokenizer.decode_stream(skip_special_tokens=True, prompt_ids=prompt)
-        self.stops, self.include = list(cfg.stop), cfg.include_stop_str_in_output
-        self.text = ""
+    seq: Sequence_
+    token: int | None
+    text: str
+    logprob: TokenLogprob | None = None
 
-    def add(self, token: int) -> str | None:
-        """Add a token; the stop string now present in the text (the earliest one), or None."""
-        before = len(self.text)
-        self.text += self.stream.step(token)
-        start = max(0, before - max(len(s) for s in self.stops) + 1)  # only where a new match can begin
-        hits = [(i, s) for s in self.stops if (i := self.text.find(s, start)) >= 0]
+    @property
+    def finished(self) -> bool:
+        """Whether this is the sequence's last delta."""
+        return self.seq.finish_reason is not None
+
+
+class _Running:
+    """Engine-side state of one live sequence."""
+
+    def __init__(
+        self,
+        seq: Sequence_,
+        sampler: Sampler,
+        budget: int,
+        stops: set[int],
+        tokenizer: Tokenizer | None,
+        prompt: Sequence[int],
+        constraint: Constraint | None,
+    ) -> None:
+        self.seq, self.sampler, self.budget, self.stops = seq, sampler, budget, stops
+        self.cfg = sampler.cfg
+        self.constraint = constraint
+        self.decoder: DecodeStream | None = (
+            tokenizer.decode_stream(skip_special_tokens=True, prompt_ids=prompt) if tokenizer else None
+        )
+        self.text = ""  # decoded so far (cut at a stop string once one is found)
+        self.sent = 0  # characters of text already handed out in deltas
+        self.hold = max((len(s) for s in self.cfg.stop), default=1) - 1
+        self.plain = constraint is None and not self.cfg.sampling and _plain(self.cfg)
+        self.feed = -1  # the token to feed the model at the next decode step
+
+    def delta(self, token: int, logprob: TokenLogprob | None) -> Delta:
+        """Record a chosen token and what it means for the sequence, as a ``Delta``."""
+        n = len(self.seq.tokens)
+        text = self.add(token)
+        if len(self.seq.tokens) == n:  # a stop token: not part of the output
+            return Delta(self.seq, None, text)
+        if logprob is not None:
+            self.seq.logprobs = (self.seq.logprobs or []) + [logprob]
+        return Delta(self.seq, token, text, logprob)
+
+    def add(self, token: int) -> str:
+        """Record a chosen token, decide whether the sequence ends; return the text delta."""
+        seq, cfg = self.seq, self.cfg
+        if token in self.stops:
+            seq.finish_reason = "stop"
+            return self._flush()
+        seq.tokens.append(token)
+        if self.constraint is not None:
+            self.constraint.advance(token)
+        if self.decoder is not None:
+            before = len(self.text)
+            self.text += self.decoder.step(token)
+            if cfg.stop and (hit := self._stop_string(before)) is not None:
+                seq.finish_reason, seq.stop_str = "stop", hit
+                return self._flush(decode_rest=False)
+        if self.constraint is not None and self.constraint.done:
+            seq.finish_reason = "stop"
+        elif len(seq.tokens) >= self.budget:
+            seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            return self._flush()
+        end = len(self.text) - self.hold
+        if end <= self.sent:
+            return ""
+        delta, self.sent = self.text[self.sent : end], end
+        return delta
+
+    def _stop_string(self, before: int) -> str | None:
+        start = max(0, before - max(len(s) for s in self.cfg.stop) + 1)  # where a new match can begin
+        hits = [(i, s) for s in self.cfg.stop if (i := self.text.find(s, start)) >= 0]
         if not hits:
             return None
         i, s = min(hits)
-        self.text = self.text[: i + len(s)] if self.include else self.text[:i]
+        self.text = self.text[: i + len(s)] if self.cfg.include_stop_str_in_output else self.text[:i]
         return s
 
-    def finish(self) -> str:
-        """The text once the sequence ended for another reason."""
-        self.text += self.stream.finish()
-        return self.text
+    def _flush(self, decode_rest: bool = True) -> str:
+        """The sequence ended: the rest of its text."""
+        if self.decoder is None:
+            return ""
+        if decode_rest:
+            self.text += self.decoder.finish()
+        self.seq.text = self.text
+        delta, self.sent = self.text[self.sent :], len(self.text)
+        return delta
 
 
-@torch.inference_mode()
+@dataclass
+class _Request:
+    request_id: int
+    prompt: list[int]
+    cfg: GenerationConfig
+    seqs: list[Sequence_]
+
+
+class Engine:
+    """A running batch of sequences that requests join and leave between decode steps.
+
+    ``max_batch_size`` bounds the running sequences, ``max_tokens_in_flight`` (optional) the sum of
+    prompt + budget tokens over them; requests beyond wait in the queue (first come, first served).
+    ``submit`` and ``cancel`` may be called from other threads while one thread calls ``step``.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer | None = None,
+        eos_token_ids: Sequence[int] = (),
+        max_batch_size: int = 32,
+        max_tokens_in_flight: int | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ConfigError(f"max_batch_size={max_batch_size} must be >= 1")
+        self.model, self.tokenizer = model, tokenizer
+        self.eos_token_ids = list(eos_token_ids)
+        self.max_batch_size, self.max_tokens_in_flight = max_batch_size, max_tokens_in_flight
+        self._queue: deque[_Request] = deque()
+        self._cancelled: set[int] = set()
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._running: list[_Running] = []  # in cache row order
+        self._owner: dict[int, int] = {}  # id(Sequence_) -> request id, for cancellation
+        self._cache: KVCache | None = None
+        p = model.tok_emb.weight
+        self._device, self._dtype = p.device, p.dtype
+
+    # -- requests ----------------------------------------------------------------------------------------
+    def submit(self, prompt_ids: Sequence[int], config: GenerationConfig = GREEDY) -> list[Sequence_]:
+        """Queue a request; returns its ``config.n`` sequences (filled in as ``step`` runs).
+
+        Raises ``ConfigError`` at once for an empty prompt, one that does not fit the context window,
+        token ids outside the vocabulary, or stop strings / constraints without a tokenizer.
+        """
+        return self._submit(prompt_ids, config, next(self._ids))[1]
+
+    def _submit(
+        self, prompt_ids: Sequence[int], cfg: GenerationConfig, rid: int, prompt_index: int | None = None
+    ) -> tuple[int, list[Sequence_]]:
+        prompt = [int(t) for t in prompt_ids]
+        limit, vocab = self.model.config.max_seq_len, self.model.config.vocab_size
+        if not prompt:
+            raise ConfigError("every prompt needs at least one token (empty prompt given)")
+        if len(prompt) >= limit:
+            raise ConfigError(
+                f"prompt of {len(prompt)} tokens does not fit the context window max_seq_len={limit}"
+            )
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise ConfigError(f"prompt token ids must be in [0, {vocab}) (vocab_size of the model)")
+        if (cfg.stop or cfg.choices or cfg.response_format != "text") and self.tokenizer is None:
+            raise ConfigError(
+                "stop strings and constrained output work on text: give the engine the tokenizer"
+            )
+        if cfg.num_beams > 1:
+            raise ConfigError("num_beams > 1: use lamina.generate.beam.beam_search (not the batched engine)")
+        idx = rid if prompt_index is None else prompt_index
+        seqs = [Sequence_(idx, index=k, prompt_tokens=len(prompt)) for k in range(cfg.n)]
+        with self._lock:
+            self._queue.append(_Request(rid, prompt, cfg, seqs))
+            for s in seqs:
+                self._owner[id(s)] = rid
+        return rid, seqs
+
+    def cancel(self, seqs: Sequence[Sequence_]) -> None:
+        """Stop the request these sequences belong to (e.g. its client went away) at the next step."""
+        with self._lock:
+            self._cancelled.update(self._owner[id(s)] for s in seqs if id(s) in self._owner)
+
+    @property
+    def num_running(self) -> int:
+        """Sequences in the running batch."""
+        return len(self._running)
+
+    @property
+    def num_queued(self) -> int:
+        """Requests waiting to be admitted."""
+        return len(self._queue)
+
+    def has_work(self) -> bool:
+        """Whether a ``step`` would do anything."""
+        return bool(self._running or self._queue)
+
+    # -- the loop ------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[Delta]:
+        """Admit what fits from the queue, then decode one token for every running sequence."""
+        out: list[Delta] = []
+        self._apply_cancellations(out)
+        for req in self._admissible():
+            out += self._admit(req)
+        if self._running:
+            out += self._decode()
+        return out
+
+    def _apply_cancellations(self, out: list[Delta]) -> None:
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, set()
+            if cancelled:
+                for req in [r for r in self._queue if r.request_id in cancelled]:
+                    self._queue.remove(req)
+                    for s in req.seqs:
+                        s.finish_reason = "abort"
+                        out.append(Delta(s, None, ""))
+        if not cancelled:
+            return
+        keep = []
+        for row, r in enumerate(self._running):
+            if self._owner.get(id(r.seq)) in cancelled:
+                r.seq.finish_reason = "abort"
+                out.append(Delta(r.seq, None, r._flush()))
+            else:
+                keep.append(row)
+        self._retire(keep)
+
+    def _admissible(self) -> list[_Request]:
+        taken: list[_Request] = []
+        rows = len(self._running)
+        tokens = sum(len(r.sampler.prompt_ids) + r.budget for r in self._running)
+        with self._lock:
+            while self._queue:
+                req = self._queue[0]
+                need = len(req.prompt) + min(req.cfg.max_new_tokens, self.model.config.max_seq_len)
+                if rows and rows + req.cfg.n > self.max_batch_size:
+                    break
+                if (
+                    rows
+                    and self.max_tokens_in_flight
+                    and tokens + req.cfg.n * need > self.max_tokens_in_flight
+                ):
+                    break
+                taken.append(self._queue.popleft())
+                rows, tokens = rows + req.cfg.n, tokens + req.cfg.n * need
+        return taken
+
+    def _admit(self, req: _Request) -> list[Delta]:
+        """Prefill one request alone, choose each sequence's first token, and add its rows to the batch."""
+        cfg, prompt = req.cfg, req.prompt
+        limit = self.model.config.max_seq_len
+        budget = min(cfg.max_new_tokens, limit - len(prompt))
+        stops = set(cfg.stop_token_ids) | (set() if cfg.ignore_eos else set(self.eos_token_ids))
+        running = [
+            _Running(s, Sampler(cfg, prompt, index=s.index, tokenizer=self.tokenizer), budget, stops,
+                     self.tokenizer, prompt, self._constraint(cfg))
+            for s in req.seqs
+        ]  # fmt: skip
+        out: list[Delta] = []
+        if budget <= 0:
+            for r in running:
+                r.seq.finish_reason = "length"
+                out.append(Delta(r.seq, None, r._flush()))
+            return out
+        cache = KVCache(self.model.config, 1, len(prompt), self._dtype, self._device)
+        ids = torch.tensor([prompt], device=self._device)
+        want_prompt = cfg.prompt_logprobs is not None
+        logits = self.model(ids, cache=cache, last_only=not want_prompt)
+        if cfg.prompt_logprobs is not None:
+            pl = prompt_logprobs(logits[0], ids[0], cfg.prompt_logprobs)
+            listed: list[TokenLogprob | None] = [None, *_to_list(pl, prompt[1:])]
+            for r in running:
+                r.seq.prompt_logprobs = listed
+        last = logits[:, -1].float().expand(len(running), -1)
+        joined = []
+        for r, tok, lp in zip(running, *self._choose(last, running), strict=True):
+            out.append(r.delta(tok, lp))
+            if r.seq.finish_reason is None:
+                r.feed = tok
+                joined.append(r)
+        if joined:
+            if self._cache is None or not self._running:
+                cap = len(prompt) + budget
+                self._cache = KVCache(
+                    self.model.config, 0, cap, self._dtype, self._device, max_batch_size=len(joined)
+                )
+            self._cache.add_rows(cache, [0] * len(joined))
+            self._running += joined
+        return out
+
+    def _decode(self) -> list[Delta]:
+        cache = self._cache
+        assert cache is not None
+        cache.reserve(1)
+        feed = torch.tensor([[r.feed] for r in self._running], device=self._device)
+        logits = self.model(feed, cache=cache)[:, -1]
+        out: list[Delta] = []
+        keep: list[int] = []
+        tokens, lps = self._choose(logits, self._running)
+        for row, (r, tok, lp) in enumerate(zip(self._running, tokens, lps, strict=True)):
+            out.append(r.delta(tok, lp))
+            if r.seq.finish_reason is None:
+                r.feed = tok
+                keep.append(row)
+        self._retire(keep)
+        return out
+
+    def _retire(self, keep: list[int]) -> None:
+        """Finished sequences leave the batch and free their cache rows."""
+        if len(keep) == len(self._running):
+            return
+        gone = [r for i, r in enumerate(self._running) if i not in set(keep)]
+        self._running = [self._running[i] for i in keep]
+        if self._cache is not None:
+            self._cache.keep(torch.tensor(keep, dtype=torch.long))
+        with self._lock:
+            for r in gone:
+                self._owner.pop(id(r.seq), None)
+
+    def _choose(
+        self, logits: Tensor, rows: Sequence[_Running]
+    ) -> tuple[list[int], list[TokenLogprob | None]]:
+        """The next token of each row (greedy, sampled or constrained) and its logprob when asked for."""
+        logits = logits.float()
+        masked = logits
+        if any(r.constraint is not None for r in rows):
+            masked = logits.clone()
+            for i, r in enumerate(rows):
+                if r.constraint is not None:
+                    allowed = r.constraint.allowed(r.budget - len(r.seq.tokens))
+                    if allowed is not None:
+                        masked[i].masked_fill_(~allowed.to(masked.device), float("-inf"))
+        if all(r.plain for r in rows):
+            chosen = masked.argmax(-1)
+            for r, t in zip(rows, chosen.tolist(), strict=True):
+                r.sampler.output_ids.append(t)
+        else:
+            chosen = sample_batch(masked, [r.sampler for r in rows])
+        tokens = chosen.tolist()
+        lps: list[TokenLogprob | None] = [None] * len(rows)
+        want = [i for i, r in enumerate(rows) if r.cfg.logprobs or r.cfg.top_logprobs]
+        if want:
+            k = max(rows[i].cfg.top_logprobs for i in want)
+            idx = torch.tensor(want, device=logits.device)
+            got = _to_list(token_logprobs(logits[idx], chosen[idx], k), [tokens[i] for i in want])
+            for i, lp in zip(want, got, strict=True):
+                lp.top = lp.top[: rows[i].cfg.top_logprobs]
+                lps[i] = lp
+        return tokens, lps
+
+    def _constraint(self, cfg: GenerationConfig) -> Constraint | None:
+        if cfg.response_format == "text" and not cfg.choices:
+            return None
+        from lamina.generate.constrain import make_constraint
+
+        assert self.tokenizer is not None
+        return make_constraint(cfg, self.tokenizer, self.model.config.vocab_size)
+
+
+def _to_list(lp: object, tokens: Sequence[int]) -> list[TokenLogprob]:
+    from lamina.generate.sampling import TokenLogprobs
+
+    assert isinstance(lp, TokenLogprobs)
+    values, ranks = lp.logprobs.tolist(), lp.ranks.tolist()
+    top_ids, top_lp = lp.top_ids.tolist(), lp.top_logprobs.tolist()
+    return [
+        TokenLogprob(t, v, r, list(zip(ti, tl, strict=True)))
+        for t, v, r, ti, tl in zip(tokens, values, ranks, top_ids, top_lp, strict=True)
+    ]
+
+
 def generate_ids(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
@@ -74,101 +455,37 @@ def generate_ids(
     eos_token_ids: Sequence[int] = (),
     on_token: Callable[[int, int], None] | None = None,
     tokenizer: Tokenizer | None = None,
+    max_batch_size: int | None = None,
 ) -> list[Sequence_]:
     """Generate from token-id ``prompts``; ``configs`` is one config for all or one per prompt.
 
     A config with ``n > 1`` gives n sequences for its prompt (each with its own random stream). The
     result lists every sequence, prompt by prompt. ``eos_token_ids`` (the model's) stop a sequence
     unless its config has ``ignore_eos``; its ``stop_token_ids`` always do. The stop token is not part
-    of the output. ``on_token(sequence_index, token)`` sees every token as it is produced.
-    Stop strings (``cfg.stop``) need the ``tokenizer``: they are matched on the decoded text, across
-    token boundaries, and the sequence's ``text`` ends before them (or after, with
-    ``include_stop_str_in_output``).
+    of the output. ``on_token(sequence_index, token)`` sees every token as it is produced (not the one
+    completing a stop string). Stop strings and constrained output need the ``tokenizer``; with it each
+    sequence's ``text`` is set (cut before a stop string, or after it with
+    ``include_stop_str_in_output``). All prompts run in one batch unless ``max_batch_size`` is smaller.
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
+    if not prompts:
+        raise ConfigError("no prompts given")
+    if any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token (empty prompt given)")
     cfgs = [configs] * len(prompts) if isinstance(configs, GenerationConfig) else list(configs)
     if len(cfgs) != len(prompts):
         raise ConfigError(
             f"{len(cfgs)} generation configs for {len(prompts)} prompts: give one, or one per prompt"
         )
-    limit = model.config.max_seq_len
-    rows: list[tuple[int, Sampler]] = []  # (prompt index, sampler) per sequence
+    total = sum(c.n for c in cfgs)
+    engine = Engine(model, tokenizer, eos_token_ids, max_batch_size=max_batch_size or total)
+    seqs: list[Sequence_] = []
     for i, (p, c) in enumerate(zip(prompts, cfgs, strict=True)):
-        if len(p) >= limit:
-            raise ConfigError(
-                f"prompt of {len(p)} tokens does not fit the context window max_seq_len={limit}"
-            )
-        rows += [(i, Sampler(c, p, index=k)) for k in range(c.n)]
-    seqs = [Sequence_(i) for i, _ in rows]
-    samplers = [s for _, s in rows]
-    stops = [
-        set(s.cfg.stop_token_ids) | (set() if s.cfg.ignore_eos else set(eos_token_ids)) for s in samplers
-    ]
-    budgets = [min(s.cfg.max_new_tokens, limit - len(prompts[i])) for i, s in rows]
-    argmax_only = [not s.cfg.sampling and _plain(s.cfg) for s in samplers]
-    if any(s.cfg.stop for s in samplers) and tokenizer is None:
-        raise ConfigError(
-            "stop strings are matched on text: pass the tokenizer to generate_ids(tokenizer=...)"
-        )
-    watch = [
-        _StopStrings(tokenizer, prompts[i], s.cfg) if s.cfg.stop and tokenizer is not None else None
-        for i, s in rows
-    ]
-
-    T = max(len(prompts[i]) for i, _ in rows)
-    ids = torch.zeros(len(rows), T, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.long)
-    for r, (i, _) in enumerate(rows):
-        p = prompts[i]
-        ids[r, T - len(p) :], mask[r, T - len(p) :] = torch.tensor(list(p)), 1
-    device = model.tok_emb.weight.device
-    cache = model.new_cache(len(rows), capacity=T + max(budgets, default=0))
-    live = [r for r in range(len(rows)) if budgets[r] > 0]  # sequence index of each cache row
-    for r in range(len(rows)):
-        if budgets[r] <= 0:
-            seqs[r].finish_reason = "length"
-    if not live:
-        return seqs
-    if len(live) < len(rows):
-        cache.keep(torch.tensor(live))
-        ids, mask = ids[live], mask[live]
-    logits = model(ids.to(device), attention_mask=mask.to(device), cache=cache, last_only=True)[:, -1]
-    while live:
-        greedy = all(argmax_only[r] for r in live)
-        if greedy:
-            next_ids = logits.float().argmax(-1)
-        else:
-            next_ids = sample_batch(logits.float(), [samplers[r] for r in live])
-        keep: list[int] = []
-        for row, (r, tok) in enumerate(zip(live, next_ids.tolist(), strict=True)):
-            seq = seqs[r]
-            if tok in stops[r]:
-                seq.finish_reason = "stop"
-                continue
-            seq.tokens.append(tok)
-            if greedy:
-                samplers[r].output_ids.append(tok)
-            w = watch[r]
-            if w is not None and (hit := w.add(tok)) is not None:  # the token completing a stop string
-                seq.finish_reason, seq.stop_str, seq.text = "stop", hit, w.text  # is not streamed
-                continue
-            if on_token is not None:
-                on_token(r, tok)
-            if len(seq.tokens) >= budgets[r]:
-                seq.finish_reason = "length"
-                continue
-            keep.append(row)
-        if len(keep) < len(live):  # finished sequences leave the batch and free their cache rows
-            live = [live[k] for k in keep]
-            if not live:
-                break
-            cache.keep(torch.tensor(keep, device=cache.valid.device))
-            next_ids = next_ids[keep]
-        logits = model(next_ids[:, None], cache=cache)[:, -1]
-    for seq, w in zip(seqs, watch, strict=True):
-        if w is not None and seq.text is None:
-            seq.text = w.finish()
+        seqs += engine._submit(p, c, i, prompt_index=i)[1]
+    flat = {id(s): k for k, s in enumerate(seqs)}
+    while engine.has_work():
+        for d in engine.step():
+            if on_token is not None and d.token is not None and d.seq.stop_str is None:
+                on_token(flat[id(d.seq)], d.token)
     return seqs
 
 
@@ -182,6 +499,12 @@ def _plain(cfg: GenerationConfig) -> bool:
         stop_token_ids=cfg.stop_token_ids,
         ignore_eos=cfg.ignore_eos,
         seed=cfg.seed,
+        stop=cfg.stop,
+        include_stop_str_in_output=cfg.include_stop_str_in_output,
+        n=cfg.n,
+        logprobs=cfg.logprobs,
+        top_logprobs=cfg.top_logprobs,
+        prompt_logprobs=cfg.prompt_logprobs,
     )
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from lamina.checkpoint.load import LoadedModel, load
 from lamina.config import GenerationConfig, from_dict, to_dict
 from lamina.errors import ConfigError
-from lamina.generate.engine import generate_ids
+from lamina.generate.engine import Engine, generate_ids
 from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
 
@@ -37,6 +37,33 @@ def build_prompt_ids(
     return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
 
 
+def stream_text(
+    model: str | LoadedModel,
+    prompt: str | Sequence[Mapping[str, Any]],
+    config: GenerationConfig | None = None,
+    chat: bool | None = None,
+    system: str | None = None,
+    **controls: Any,
+) -> Iterator[str]:
+    """Yield the continuation of ``prompt`` as text deltas, as it is decoded.
+
+    Same arguments as ``generate``. A delta never splits a UTF-8 character, and with stop strings the
+    text that may be the start of one is held back until it is known not to be; the deltas concatenate
+    to what ``generate`` returns.
+    """
+    lm = load(model) if isinstance(model, str) else model
+    ids = build_prompt_ids(lm, prompt, chat=chat, system=system)
+    cfg = generation_config(lm, config, **controls)
+    if cfg.n != 1:
+        raise ConfigError(f"n={cfg.n}: streaming text gives one sequence; use generate_ids for n > 1")
+    engine = Engine(lm.model, lm.tokenizer, lm.generation.eos_token_ids, max_batch_size=1)
+    engine.submit(ids, cfg)
+    while engine.has_work():
+        for delta in engine.step():
+            if delta.text:
+                yield delta.text
+
+
 def generate(
     model: str | LoadedModel,
     prompt: str | Sequence[Mapping[str, Any]],
@@ -51,29 +78,13 @@ def generate(
     Decoding controls come from ``config``, else the model's defaults, with ``controls`` (any
     ``GenerationConfig`` field, e.g. ``temperature=0.7, top_p=0.9, seed=1``) on top; with none given the
     decoding is greedy. ``stream`` receives text deltas as they are decoded (never splitting a UTF-8
-    character).
+    character); ``stream_text`` gives them as an iterator instead.
     """
-    lm = load(model) if isinstance(model, str) else model
-    ids = build_prompt_ids(lm, prompt, chat=chat, system=system)
-    tok = lm.tokenizer
-    assert tok is not None
-    cfg = generation_config(lm, config, **controls)
-    decoder = tok.decode_stream(skip_special_tokens=True, prompt_ids=ids)
-    # with stop strings, hold back the last len(longest stop) - 1 characters: they may start a stop string
-    hold = max((len(x) for x in cfg.stop), default=1) - 1
-    seen, sent = "", 0
-
-    def on_token(_row: int, token: int) -> None:
-        nonlocal seen, sent
-        seen += decoder.step(token)
-        if stream is not None and len(seen) - hold > sent:
-            stream(seen[sent : len(seen) - hold])
-            sent = len(seen) - hold
-
-    seq = generate_ids(lm.model, [ids], cfg, lm.generation.eos_token_ids, on_token=on_token, tokenizer=tok)[0]
-    text = seq.text if seq.text is not None else tok.decode(seq.tokens, skip_special_tokens=True)
-    if stream is not None and len(text) > sent:
-        stream(text[sent:])
+    text = ""
+    for delta in stream_text(model, prompt, config, chat=chat, system=system, **controls):
+        text += delta
+        if stream is not None:
+            stream(delta)
     return text
 
 

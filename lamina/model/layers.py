@@ -7,6 +7,7 @@ from ``ModelConfig``; ``transformer.py`` only stacks the parts.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +122,10 @@ class KVCache:
     ``length``. ``valid`` (B, capacity) marks slots holding real tokens (padding is stored but masked out),
     ``positions`` (B, capacity) their position ids (for ALiBi), and ``next_pos`` (B,) the position the
     next real token of each row gets.
+
+    The tensors are views of storage with room for ``max_batch_size`` rows, so rows can leave
+    (``keep``) and join (``add_rows``) a running batch, as continuous batching needs, by copying only
+    the rows that move; ``reserve`` makes room for more slots.
     """
 
     def __init__(
@@ -130,29 +135,119 @@ class KVCache:
         capacity: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        max_batch_size: int | None = None,
     ) -> None:
         assert cfg.n_kv_heads is not None and cfg.head_dim is not None
-        shape = (batch_size, cfg.n_kv_heads, capacity, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
-        self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)
-        self.positions = torch.zeros(batch_size, capacity, dtype=torch.long, device=device)
-        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self._n_layers, self._kv_shape = cfg.n_layers, (cfg.n_kv_heads, cfg.head_dim)
+        self.dtype, self.device = dtype, torch.device(device)
         self.length = 0
         self.capacity = capacity
+        self._alloc(max(batch_size, max_batch_size or 0), capacity)
+        self._set_rows(batch_size)
+
+    def _alloc(self, rows: int, capacity: int) -> None:
+        shape = (rows, *self._kv_shape[:1], capacity, self._kv_shape[1])
+        dev = self.device
+        self._k = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(self._n_layers)]
+        self._v = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(self._n_layers)]
+        self._valid = torch.zeros(rows, capacity, dtype=torch.bool, device=dev)
+        self._positions = torch.zeros(rows, capacity, dtype=torch.long, device=dev)
+        self._next_pos = torch.zeros(rows, dtype=torch.long, device=dev)
+
+    def _set_rows(self, n: int) -> None:
+        self.rows = n
+        self.k = [t[:n] for t in self._k]
+        self.v = [t[:n] for t in self._v]
+        self.valid = self._valid[:n]
+        self.positions = self._positions[:n]
+
+    @property
+    def next_pos(self) -> Tensor:
+        """(B,) the position id the next real token of each row gets."""
+        return self._next_pos[: self.rows]
+
+    @next_pos.setter
+    def next_pos(self, value: Tensor) -> None:
+        self._next_pos[: self.rows] = value
 
     @property
     def batch_size(self) -> int:
         """Number of rows."""
-        return self.valid.shape[0]
+        return self.rows
+
+    @property
+    def max_batch_size(self) -> int:
+        """Rows the storage holds before it must grow."""
+        return self._valid.shape[0]
+
+    def _storage(self) -> list[Tensor]:
+        return [*self._k, *self._v, self._valid, self._positions, self._next_pos]
 
     def keep(self, rows: Tensor) -> None:
         """Keep only ``rows`` (indices, in the new order): finished sequences leave the batch."""
-        self.k = [t.index_select(0, rows) for t in self.k]
-        self.v = [t.index_select(0, rows) for t in self.v]
-        self.valid = self.valid.index_select(0, rows)
-        self.positions = self.positions.index_select(0, rows)
-        self.next_pos = self.next_pos.index_select(0, rows)
+        rows = rows.to(self.device)
+        n = rows.numel()
+        for t in self._storage():
+            t[:n] = t.index_select(0, rows)
+        self._set_rows(n)
+
+    def add_rows(self, src: KVCache, src_rows: Sequence[int] | None = None) -> None:
+        """Append rows of ``src`` (a cache of the same model; all its rows, or ``src_rows``, repeats
+        allowed) to this batch, aligned so that both end at the same slot.
+
+        When ``src`` holds more slots than this cache, this cache's rows get leading empty slots first
+        (cheap: only ``length`` moves, nothing is copied).
+        """
+        idx = torch.tensor(list(range(src.rows)) if src_rows is None else list(src_rows), device=self.device)
+        m, P = idx.numel(), src.length
+        if P > self.length:  # the existing rows see masked, empty slots [length, P)
+            self.reserve(P - self.length)
+            self.valid[:, self.length : P] = False
+            self.length = P
+        L, n = self.length, self.rows
+        if n + m > self.max_batch_size:
+            self._grow(max(n + m, 2 * self.max_batch_size), self.capacity)
+        new = slice(n, n + m)
+        for dst, s in zip((*self._k, *self._v), (*src.k, *src.v), strict=True):
+            dst[new, :, L - P : L] = s.index_select(0, idx)[:, :, :P]
+        self._valid[new, : L - P] = False
+        self._valid[new, L - P : L] = src.valid.index_select(0, idx)[:, :P]
+        self._positions[new, L - P : L] = src.positions.index_select(0, idx)[:, :P]
+        self._next_pos[new] = src.next_pos.index_select(0, idx)
+        self._set_rows(n + m)
+
+    def reserve(self, slots: int) -> None:
+        """Make room for ``slots`` more slots after ``length``: drop leading slots that no row uses,
+        then grow the storage if that is not enough."""
+        if self.length + slots <= self.capacity:
+            return
+        self.compact()
+        if self.length + slots > self.capacity:
+            self._grow(self.max_batch_size, max(self.length + slots, self.capacity + self.capacity // 2))
+
+    def compact(self) -> None:
+        """Drop the leading slots that are empty in every row (left by rows that have left the batch)."""
+        used = self.valid[:, : self.length].any(0).nonzero()
+        first = int(used[0]) if used.numel() else self.length
+        if first == 0:
+            return
+        L = self.length
+        for t in (*self.k, *self.v):
+            t[:, :, : L - first] = t[:, :, first:L].clone()
+        for t in (self.valid, self.positions):
+            t[:, : L - first] = t[:, first:L].clone()
+        self.length = L - first
+
+    def _grow(self, rows: int, capacity: int) -> None:
+        old = self._storage()
+        n, L = self.rows, self.length
+        self._alloc(rows, capacity)
+        for dst, src in zip((*self._k, *self._v), old[: 2 * self._n_layers], strict=True):
+            dst[:n, :, :L] = src[:n, :, :L]
+        self._valid[:n, :L], self._positions[:n, :L] = old[-3][:n, :L], old[-2][:n, :L]
+        self._next_pos[:n] = old[-1][:n]
+        self.capacity = capacity
+        self._set_rows(n)
 
 
 # -- attention ---------------------------------------------------------------------------------------------

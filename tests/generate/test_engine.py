@@ -123,7 +123,7 @@ def test_stopping_rules_and_finished_rows_leave_the_batch(monkeypatch: pytest.Mo
     assert out[0].tokens == free[0][: free[0].index(stop_tok)] and out[0].finish_reason == "stop"
     assert out[1].tokens == free[1][:2] and out[1].finish_reason == "length"
     assert out[2].tokens == free[2] and out[2].finish_reason == "length"  # eos ignored
-    assert sizes and sizes[-1] == 1 and sizes == sorted(sizes, reverse=True)  # rows left as they finished
+    assert sizes and sizes[-1] == 0 and sizes == sorted(sizes, reverse=True)  # rows left as they finished
 
 
 @pytest.mark.slow
@@ -165,3 +165,99 @@ def build(lm: Any, prompt: str) -> list[int]:
     from lamina.generate.text import build_prompt_ids
 
     return build_prompt_ids(lm, prompt)
+
+
+# -- continuous batching, cancellation, logprobs, streaming ---------------------------------------------------
+
+
+def _tiny_model(vocab: int = 48) -> Any:
+    from lamina.config import ModelConfig
+    from lamina.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    return Transformer(ModelConfig.preset("llama-tiny", vocab_size=vocab, max_seq_len=96)).eval()
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_requests_join_a_running_batch_and_equal_alone(lamina_smollm2: Any) -> None:
+    from lamina.generate.engine import Engine
+
+    model, tok = lamina_smollm2.model, lamina_smollm2.tokenizer
+    prompts = [tok.encode(p) for p in PROMPTS[:4]]
+    engine = Engine(model, tok, max_batch_size=3)
+    cfg = GenerationConfig(temperature=0.0, max_new_tokens=10)
+    first = engine.submit(prompts[0], cfg)
+    for _ in range(4):  # the first request runs alone for a few steps
+        engine.step()
+    later = [engine.submit(p, cfg) for p in prompts[1:]]  # a shorter and two longer prompts join
+    sizes = []
+    while engine.has_work():
+        engine.step()
+        sizes.append((engine.num_running, engine.num_queued))
+    assert max(r for r, _ in sizes) == 3 and sizes[0][1] == 1  # the batch filled up; one request waited
+    for p, (seq,) in zip(prompts, [first, *later], strict=True):
+        alone = greedy_decode(model, [p], 10)[0]
+        assert seq.finish_reason == "length" and seq.text == tok.decode(seq.tokens, skip_special_tokens=True)
+        if seq.tokens != alone:
+            assert _first_diff_margin(model, p, alone, seq.tokens) < 1e-4, (seq.tokens, alone)
+
+
+@torch.no_grad()
+def test_cancelled_requests_leave_the_batch_and_the_queue() -> None:
+    from lamina.generate.engine import Engine
+
+    engine = Engine(_tiny_model(), max_batch_size=2)
+    cfg = GenerationConfig(temperature=0.0, max_new_tokens=50, ignore_eos=True)
+    a, b, c = (engine.submit([1, 2, 3], cfg) for _ in range(3))
+    engine.step()
+    assert (engine.num_running, engine.num_queued) == (2, 1)
+    engine.cancel(a)
+    engine.cancel(c)  # still queued
+    deltas = engine.step()
+    assert a[0].finish_reason == c[0].finish_reason == "abort" and b[0].finish_reason is None
+    assert (engine.num_running, engine.num_queued) == (1, 0)
+    assert {id(d.seq) for d in deltas if d.finished} == {id(a[0]), id(c[0])}
+    n, m = len(a[0].tokens), len(b[0].tokens)
+    engine.step()
+    assert len(a[0].tokens) == n and len(b[0].tokens) == m + 1
+
+
+@torch.no_grad()
+def test_logprobs_are_the_raw_log_softmax_of_each_step() -> None:
+    model = _tiny_model()
+    prompt = [5, 9, 2, 7]
+    cfg = GenerationConfig(
+        temperature=1.0, seed=3, max_new_tokens=6, logprobs=True, top_logprobs=3, prompt_logprobs=2
+    )
+    (seq,) = generate_ids(model, [prompt], cfg)
+    full = torch.log_softmax(model(torch.tensor([prompt + seq.tokens]))[0].float(), -1)
+    assert seq.logprobs is not None and len(seq.logprobs) == len(seq.tokens) == 6
+    for i, lp in enumerate(seq.logprobs):
+        row = full[len(prompt) - 1 + i]
+        assert lp.token == seq.tokens[i]
+        assert lp.logprob == pytest.approx(row[lp.token].item(), abs=1e-4)
+        assert lp.rank == int((row > row[lp.token]).sum()) + 1
+        assert [t for t, _ in lp.top] == row.topk(3).indices.tolist()
+    assert seq.prompt_logprobs is not None and seq.prompt_logprobs[0] is None
+    for j, plp in enumerate(seq.prompt_logprobs[1:], start=1):
+        assert plp is not None and plp.token == prompt[j] and len(plp.top) == 2
+        assert plp.logprob == pytest.approx(full[j - 1, prompt[j]].item(), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_stream_deltas_never_split_characters_and_concatenate_to_the_text(lamina_smollm2: Any) -> None:
+    from lamina.generate.text import stream_text
+
+    lm = lamina_smollm2
+    prompt = "Écris une phrase en français avec des emojis 🌊 et des accents:"
+    deltas = list(stream_text(lm, prompt, max_new_tokens=24))
+    text = lamina_generate(lm, prompt, max_new_tokens=24)
+    assert "".join(deltas) == text and len(deltas) > 3
+    assert all("\ufffd" not in d for d in deltas)
+
+
+def lamina_generate(lm: Any, prompt: str, **kw: Any) -> str:
+    import lamina
+
+    return lamina.generate(lm, prompt, **kw)
