@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from lamina.checkpoint.load import LoadedModel, load
@@ -54,6 +55,13 @@ def stream_text(
     lm = load(model) if isinstance(model, str) else model
     ids = build_prompt_ids(lm, prompt, chat=chat, system=system)
     cfg = generation_config(lm, config, **controls)
+    if cfg.num_beams > 1:  # beam search knows its best sequence only at the end
+        from lamina.generate.beam import beam_search
+
+        assert lm.tokenizer is not None
+        best = beam_search(lm.model, [ids], replace(cfg, n=1), lm.generation.eos_token_ids)[0][0]
+        yield lm.tokenizer.decode(best.tokens, skip_special_tokens=True)
+        return
     if cfg.n != 1:
         raise ConfigError(f"n={cfg.n}: streaming text gives one sequence; use generate_ids for n > 1")
     engine = Engine(lm.model, lm.tokenizer, lm.generation.eos_token_ids, max_batch_size=1)

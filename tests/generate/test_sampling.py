@@ -198,16 +198,16 @@ FIELD_TESTS = {
     "allowed_token_ids": "test_bans_through_the_config",
     "no_repeat_ngram_size": "test_bans_through_the_config",
     "n": "test_n_sequences_get_their_own_streams",
-    "num_beams": "test_sampling_resolution (beam search is the engine's)",
-    "length_penalty": "test_every_field_round_trips_through_yaml (engine, beam search)",
-    "early_stopping": "test_every_field_round_trips_through_yaml (engine, beam search)",
+    "num_beams": "test_sampling_resolution, tests/generate/test_beam.py::test_equals_transformers_beam_search",
+    "length_penalty": "tests/generate/test_beam.py::test_equals_transformers_beam_search",
+    "early_stopping": "tests/generate/test_beam.py::test_equals_transformers_beam_search",
     "seed": "test_same_seed_same_tokens_whatever_the_batch",
     "logprobs": "test_logprobs_helpers",
     "top_logprobs": "test_logprobs_helpers",
     "prompt_logprobs": "test_logprobs_helpers",
-    "response_format": "test_every_field_round_trips_through_yaml (tests/generate/test_constrain.py)",
-    "json_max_depth": "test_every_field_round_trips_through_yaml (tests/generate/test_constrain.py)",
-    "choices": "test_every_field_round_trips_through_yaml (tests/generate/test_constrain.py)",
+    "response_format": "tests/generate/test_constrain.py::test_smollm2_json_output_parses_whatever_the_prompt",
+    "json_max_depth": "tests/generate/test_constrain.py::test_depth_limit_forbids_opening_past_it",
+    "choices": "tests/generate/test_constrain.py::test_smollm2_output_is_one_of_the_choices",
     "samplers": "test_chain_order_follows_samplers",
 }
 
@@ -217,7 +217,11 @@ def test_every_field_has_a_test() -> None:
     assert names == set(FIELD_TESTS), names ^ set(FIELD_TESTS)
     for covered_by in FIELD_TESTS.values():
         for test in covered_by.split(" (")[0].split(", "):
-            assert test in globals(), test
+            if "::" in test:  # a test in another module: "tests/path.py::test_name"
+                path, name = test.split("::")
+                assert f"\ndef {name}(" in (Path(__file__).parents[2] / path).read_text(), test
+            else:
+                assert test in globals(), test
 
 
 # ===================================================================================== equal to transformers
