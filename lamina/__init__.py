@@ -12,6 +12,7 @@ from __future__ import annotations
 from lamina.checkpoint.lamina import load_checkpoint, save_checkpoint
 from lamina.checkpoint.load import LoadedModel, load
 from lamina.config import GenerationConfig, ModelConfig
+from lamina.embeddings import embed
 from lamina.errors import CheckpointError, ConfigError, LaminaError, ModelNotFoundError, TokenizerError
 from lamina.generate.text import generate
 from lamina.model.transformer import Transformer
@@ -31,6 +32,7 @@ __all__ = [
     "TokenizerError",
     "Transformer",
     "__version__",
+    "embed",
     "generate",
     "load",
     "load_checkpoint",

@@ -28,7 +28,8 @@ NormPlacement = Literal["pre", "post"]
 PosEncoding = Literal["learned", "sinusoidal", "rope", "alibi", "none"]
 RopeScaling = Literal["linear", "dynamic", "llama3"]
 Initializer = Literal["normal", "xavier", "kaiming"]
-Arch = Literal["decoder"]  # "encoder" and "encoder-decoder" join the family in later steps
+Arch = Literal["decoder", "encoder"]  # "encoder-decoder" joins the family in a later step
+Head = Literal["lm", "none", "classify", "regress", "token_classify"]
 
 GATED_ACTIVATIONS = ("swiglu", "geglu")
 
@@ -41,7 +42,7 @@ class ModelConfig:
     architectures. Derived values (``head_dim``, ``n_kv_heads``, ``d_ff``) may be left ``None``.
     """
 
-    arch: Arch = "decoder"
+    arch: Arch = "decoder"  # decoder: causal attention; encoder: bidirectional (BERT)
     vocab_size: int = 50304
     max_seq_len: int = 1024  # context window
     n_layers: int = 6
@@ -71,6 +72,12 @@ class ModelConfig:
     initializer: Initializer = "normal"
     init_std: float = 0.02
     scaled_residual_init: bool = True  # std / sqrt(2 * n_layers) on residual output projections
+    type_vocab_size: int = 0  # > 0: token-type (segment) embeddings added to the input (BERT: 2)
+    head: Head = "lm"  # the output: lm logits, none (hidden states), or a task head (see lamina.model.heads)
+    lm_head_transform: bool = False  # dense + activation + norm and a bias in the lm head (BERT's MLM head)
+    pooler: bool = False  # dense + tanh on the first token, fed to sequence heads (BERT's pooler)
+    n_labels: int | None = None  # classes of classify / token_classify, outputs of regress (default 1)
+    labels: list[str] | None = None  # names of the task head's outputs (HF id2label), n_labels of them
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -82,6 +89,8 @@ class ModelConfig:
                 self.d_ff = 64 * math.ceil(8 * self.d_model / 3 / 64)
             else:
                 self.d_ff = 4 * self.d_model
+        if self.n_labels is None and self.head == "regress":
+            self.n_labels = 1
         self.validate()
 
     # -- validation -------------------------------------------------------------------------------------
@@ -133,6 +142,38 @@ class ModelConfig:
                     f"rope_scaling={self.rope_scaling!r} needs rope_original_max_seq_len "
                     "(the context length the model was pretrained with)"
                 )
+        self._validate_encoder()
+
+    def _validate_encoder(self) -> None:
+        """The fields of encoders and task heads, alone and together."""
+        if self.type_vocab_size < 0:
+            raise ConfigError(f"type_vocab_size={self.type_vocab_size} must be >= 0 (0 = no token types)")
+        if self.head in ("classify", "token_classify") and (self.n_labels is None or self.n_labels < 2):
+            raise ConfigError(
+                f"head={self.head!r} needs n_labels >= 2 (the number of classes), got n_labels={self.n_labels}"
+            )
+        if self.head == "regress" and (self.n_labels is None or self.n_labels < 1):
+            raise ConfigError(f"head='regress' needs n_labels >= 1 (outputs), got n_labels={self.n_labels}")
+        if self.head in ("lm", "token_classify") and self.pooler:
+            raise ConfigError(
+                f"pooler=True feeds sequence heads (head='classify' or 'regress', or 'none' to keep it), "
+                f"got head={self.head!r}; set pooler=False"
+            )
+        if self.head in ("lm", "none") and self.n_labels is not None:
+            raise ConfigError(
+                f"n_labels={self.n_labels} is for task heads; head={self.head!r} has none: leave n_labels unset"
+            )
+        if self.labels is not None and len(self.labels) != self.n_labels:
+            raise ConfigError(
+                f"labels has {len(self.labels)} names but n_labels={self.n_labels}: give one name per output"
+            )
+        if self.lm_head_transform and self.head != "lm":
+            raise ConfigError(f"lm_head_transform=True needs head='lm', got head={self.head!r}")
+        if self.arch == "encoder" and self.pos_encoding == "alibi":
+            raise ConfigError(
+                "arch='encoder' with pos_encoding='alibi' is not supported (lamina's ALiBi is causal); "
+                "use learned, sinusoidal or rope positions"
+            )
 
     # -- derived numbers ---------------------------------------------------------------------------------
     @property
@@ -150,20 +191,36 @@ class ModelConfig:
         mlp = n_in * (d * self.d_ff + b * self.d_ff) + self.d_ff * d + b * d
         norm = d * (2 if self.norm == "layernorm" and self.bias else 1)
         n_norms = 2 * self.n_layers + int(self.norm_placement == "pre") + int(self.emb_norm)
+        if self.head == "lm":
+            head = (0 if self.tie_embeddings else self.vocab_size * d) + int(self.lm_head_transform) * (
+                d * d + d + norm + self.vocab_size
+            )
+        elif self.head == "none":
+            head = int(self.pooler) * (d * d + d)
+        else:
+            assert self.n_labels is not None
+            head = int(self.pooler) * (d * d + d) + d * self.n_labels + self.n_labels
         return {
-            "embeddings": self.vocab_size * d,
+            "embeddings": (self.vocab_size + self.type_vocab_size) * d,
             "positional": self.max_seq_len * d if self.pos_encoding == "learned" else 0,
             "attention": self.n_layers * attn,
             "mlp": self.n_layers * mlp,
             "norms": n_norms * norm,
-            "head": 0 if self.tie_embeddings else self.vocab_size * d,
+            "head": head,
         }
 
     @property
     def n_matmul_params(self) -> int:
         """Parameters that take part in matrix multiplies per token (attention, MLP and the output head)."""
         c = self.param_counts()
-        return c["attention"] + c["mlp"] + self.vocab_size * self.d_model
+        if self.head != "lm":
+            return c["attention"] + c["mlp"] + c["head"]
+        return (
+            c["attention"]
+            + c["mlp"]
+            + self.vocab_size * self.d_model
+            + int(self.lm_head_transform) * (self.d_model * self.d_model)
+        )
 
     def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> int:
         """Model FLOPs per token at context ``seq_len`` (PaLM appendix B / nanoGPT ``estimate_mfu``).
@@ -204,6 +261,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         vocab_size=49152, max_seq_len=8192, n_layers=30, d_model=576, n_heads=9, n_kv_heads=3, d_ff=1536,
         activation="swiglu", norm="rmsnorm", norm_eps=1e-5, pos_encoding="rope", rope_theta=100000.0,
         bias=False, tie_embeddings=True, init_std=0.041666666666666664,
+    ),
+    "bert-base": dict(
+        arch="encoder", vocab_size=30522, max_seq_len=512, n_layers=12, d_model=768, n_heads=12,
+        d_ff=3072, activation="gelu", norm_placement="post", norm_eps=1e-12, emb_norm=True,
+        type_vocab_size=2, lm_head_transform=True, scaled_residual_init=False,
+    ),
+    "minilm-l6": dict(
+        arch="encoder", vocab_size=30522, max_seq_len=512, n_layers=6, d_model=384, n_heads=12,
+        d_ff=1536, activation="gelu", norm_placement="post", norm_eps=1e-12, emb_norm=True,
+        type_vocab_size=2, head="none", pooler=True, scaled_residual_init=False,
     ),
     "smollm2-360m": dict(
         vocab_size=49152, max_seq_len=8192, n_layers=32, d_model=960, n_heads=15, n_kv_heads=5, d_ff=2560,
@@ -689,6 +756,7 @@ Optimizer = Literal["adamw", "sgd", "rmsprop", "lion", "adafactor"]
 Schedule = Literal["constant", "linear", "cosine", "step", "wsd"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Parallel = Literal["auto", "none", "ddp", "fsdp"]
+TrainObjective = Literal["causal_lm", "masked_lm"]
 
 
 @dataclass
@@ -733,9 +801,15 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     parallel: Parallel = "auto"  # auto: ddp under torchrun, else none
     progress: bool = True
+    objective: TrainObjective | None = None  # None: masked_lm for encoders, causal_lm for decoders
+    mlm_probability: float = 0.15  # masked_lm: share of tokens hidden (80% mask, 10% random, 10% kept)
+    whole_word_masking: bool = False  # masked_lm: hide all tokens of a chosen word together
+    freeze: list[str] = field(default_factory=list)  # block indices ("0", "0-3") or name globs ("tok_emb.*")
 
     def __post_init__(self) -> None:
         _check_types(self)
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise ConfigError(f"mlm_probability={self.mlm_probability} must be in (0, 1) (BERT uses 0.15)")
         positive = (
             "lr",
             "batch_size",

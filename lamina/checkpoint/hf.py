@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints (config.json + safetensors) <-> lamina, for the GPT-2, Llama and BLOOM families.
+"""Hugging Face checkpoints (config.json + safetensors) <-> lamina, for the GPT-2, Llama, BLOOM and BERT
+families.
 
 A family is two things here: a function from HF ``config.json`` to ``ModelConfig`` and a map from HF
 tensor names to lamina's. Export is the inverse of the same maps.
@@ -22,6 +23,7 @@ from lamina.errors import CheckpointError
 from lamina.model.transformer import Transformer
 
 if TYPE_CHECKING:
+    from lamina.embeddings import EmbeddingConfig
     from lamina.tokenizer import Tokenizer
 
 StateDict = dict[str, torch.Tensor]
@@ -132,6 +134,64 @@ def _bloom_config(hf: Mapping[str, Any]) -> ModelConfig:
         bias=True,
         tie_embeddings=hf.get("tie_word_embeddings", True),
         init_std=hf.get("initializer_range", 0.02),
+    )
+
+
+_BERT_HEADS: dict[str, dict[str, Any]] = {  # HF architecture -> lamina head fields
+    "BertModel": {"head": "none", "pooler": True},
+    "BertForMaskedLM": {"head": "lm", "lm_head_transform": True},
+    "BertForSequenceClassification": {"head": "classify", "pooler": True},
+    "BertForTokenClassification": {"head": "token_classify"},
+}
+
+
+def _bert_config(hf: Mapping[str, Any]) -> ModelConfig:
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise CheckpointError(
+            f"BERT position_embedding_type={hf['position_embedding_type']!r} is not supported; "
+            "lamina reads 'absolute' (learned) positions"
+        )
+    if hf.get("is_decoder") or hf.get("add_cross_attention"):
+        raise CheckpointError("BERT as a decoder (is_decoder / add_cross_attention) is not supported")
+    arch = (hf.get("architectures") or ["BertModel"])[0]
+    if arch not in _BERT_HEADS:
+        raise CheckpointError(
+            f"BERT architecture {arch!r} is not supported; lamina maps {', '.join(_BERT_HEADS)}"
+        )
+    head = dict(_BERT_HEADS[arch])
+    n_labels = len(hf.get("id2label") or {}) or hf.get("num_labels") or 2
+    if head["head"] == "classify" and (hf.get("problem_type") == "regression" or n_labels == 1):
+        head["head"] = "regress"
+    if head["head"] != "none" and head["head"] != "lm":
+        head["n_labels"] = n_labels
+        id2label = hf.get("id2label") or {}
+        names = [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(n_labels)]
+        if names != [f"LABEL_{i}" for i in range(n_labels)]:
+            head["labels"] = names
+    act = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+    return ModelConfig(
+        arch="encoder",
+        vocab_size=hf["vocab_size"],
+        max_seq_len=hf.get("max_position_embeddings", 512),
+        n_layers=hf["num_hidden_layers"],
+        d_model=hf["hidden_size"],
+        n_heads=hf["num_attention_heads"],
+        d_ff=hf["intermediate_size"],
+        activation=_map(act, hf.get("hidden_act", "gelu"), "hidden_act"),  # type: ignore[arg-type]
+        norm="layernorm",
+        norm_placement="post",
+        norm_eps=hf.get("layer_norm_eps", 1e-12),
+        emb_norm=True,
+        pos_encoding="learned",
+        bias=True,
+        tie_embeddings=hf.get("tie_word_embeddings", True),
+        type_vocab_size=hf.get("type_vocab_size", 2),
+        init_std=hf.get("initializer_range", 0.02),
+        scaled_residual_init=False,
+        emb_dropout=hf.get("hidden_dropout_prob", 0.0),
+        attn_dropout=hf.get("attention_probs_dropout_prob", 0.0),
+        resid_dropout=hf.get("hidden_dropout_prob", 0.0),
+        **head,
     )
 
 
@@ -247,6 +307,58 @@ def _bloom_weights(sd: StateDict, cfg: ModelConfig) -> StateDict:
     return out
 
 
+_BERT_LAYER = {
+    "attention.self.query.": "attn.q_proj.",
+    "attention.self.key.": "attn.k_proj.",
+    "attention.self.value.": "attn.v_proj.",
+    "attention.output.dense.": "attn.o_proj.",
+    "attention.output.LayerNorm.": "attn_norm.",
+    "intermediate.dense.": "mlp.up_proj.",
+    "output.dense.": "mlp.down_proj.",
+    "output.LayerNorm.": "mlp_norm.",
+}
+_BERT_TOP = {
+    "embeddings.word_embeddings.weight": "tok_emb.weight",
+    "embeddings.position_embeddings.weight": "pos_emb.weight",
+    "embeddings.token_type_embeddings.weight": "type_emb.weight",
+    "embeddings.LayerNorm.weight": "emb_norm.weight",
+    "embeddings.LayerNorm.bias": "emb_norm.bias",
+    "pooler.dense.weight": "pooler.dense.weight",
+    "pooler.dense.bias": "pooler.dense.bias",
+    "cls.predictions.transform.dense.weight": "lm_transform.dense.weight",
+    "cls.predictions.transform.dense.bias": "lm_transform.dense.bias",
+    "cls.predictions.transform.LayerNorm.weight": "lm_transform.norm.weight",
+    "cls.predictions.transform.LayerNorm.bias": "lm_transform.norm.bias",
+    "cls.predictions.decoder.weight": "lm_head.weight",
+    "cls.predictions.bias": "lm_head.bias",
+    "classifier.weight": "task_head.classifier.weight",
+    "classifier.bias": "task_head.classifier.bias",
+}
+_BERT_LAYER_RE = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
+
+
+def _bert_weights(sd: StateDict, cfg: ModelConfig) -> StateDict:
+    """BERT keeps q, k, v apart; the MLM decoder's bias appears as ``cls.predictions.bias`` and/or
+    ``cls.predictions.decoder.bias`` (the same tensor); parts the config's head does not use (the NSP
+    head, a pooler under an MLM head) are dropped, as ``transformers`` drops them."""
+    out: StateDict = {}
+    for name, t in sd.items():
+        name = name.removeprefix("bert.")
+        name = "cls.predictions.bias" if name == "cls.predictions.decoder.bias" else name
+        if name == "embeddings.position_ids" or name.startswith("cls.seq_relationship."):
+            continue
+        if m := _BERT_LAYER_RE.match(name):
+            i, rest = m.groups()
+            out[f"blocks.{i}." + _rename(rest, _BERT_LAYER, name)] = t
+        elif name in _BERT_TOP:
+            out[_BERT_TOP[name]] = t
+        else:
+            raise CheckpointError(f"unexpected BERT tensor {name!r}")
+    unused = ["pooler."] if not cfg.pooler else []
+    unused += ["lm_transform.", "lm_head."] if cfg.head != "lm" else []
+    return {k: v for k, v in out.items() if not k.startswith(tuple(unused))}
+
+
 def _rename(rest: str, table: Mapping[str, str], full: str) -> str:
     for src, dst in table.items():
         if rest.startswith(src):
@@ -266,6 +378,7 @@ FAMILIES: dict[str, Family] = {
     "llama": (_llama_config, _llama_weights),
     "mistral": (_llama_config, _llama_weights),
     "bloom": (_bloom_config, _bloom_weights),
+    "bert": (_bert_config, _bert_weights),
 }
 
 
@@ -333,6 +446,8 @@ def read_hf_folder(folder: str | Path) -> tuple[dict[str, Any], StateDict]:
 def hf_config_from_lamina(cfg: ModelConfig) -> dict[str, Any]:
     """The HF ``config.json`` dict of the family this config belongs to (GPT-2 or Llama)."""
     family = hf_family(cfg)
+    if family == "bert":
+        return _bert_hf_config(cfg)
     if family == "gpt2":
         act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}[cfg.activation]
         return {
@@ -386,8 +501,72 @@ def hf_config_from_lamina(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
+def _bert_hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    arch = {v["head"]: k for k, v in _BERT_HEADS.items()} | {"regress": "BertForSequenceClassification"}
+    out: dict[str, Any] = {
+        "architectures": [arch[cfg.head]],
+        "model_type": "bert",
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_seq_len,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "intermediate_size": cfg.d_ff,
+        "hidden_act": {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}[cfg.activation],
+        "layer_norm_eps": cfg.norm_eps,
+        "type_vocab_size": max(cfg.type_vocab_size, 1),
+        "position_embedding_type": "absolute",
+        "hidden_dropout_prob": cfg.resid_dropout,
+        "attention_probs_dropout_prob": cfg.attn_dropout,
+        "initializer_range": cfg.init_std,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "torch_dtype": "float32",
+    }
+    if cfg.head in ("classify", "regress", "token_classify"):
+        assert cfg.n_labels is not None
+        names = cfg.labels or [f"LABEL_{i}" for i in range(cfg.n_labels)]
+        out["id2label"] = {str(i): name for i, name in enumerate(names)}
+        out["label2id"] = {name: i for i, name in enumerate(names)}
+        if cfg.head == "regress":
+            out["problem_type"] = "regression"
+    return out
+
+
+def _bert_exportable(cfg: ModelConfig) -> str | None:
+    """None when a BERT architecture holds ``cfg`` exactly, else what stands in the way."""
+    if cfg.pos_encoding != "learned" or cfg.norm != "layernorm" or not cfg.bias or not cfg.emb_norm:
+        return "BERT needs learned positions, LayerNorm with biases and a norm after the embeddings"
+    if (
+        cfg.norm_placement != "post"
+        or cfg.scale_embeddings
+        or cfg.activation not in ("gelu", "gelu_tanh", "relu")
+    ):
+        return "BERT needs post-LN, unscaled embeddings and GELU/ReLU"
+    if cfg.n_kv_heads != cfg.n_heads or cfg.head_dim != cfg.d_model // cfg.n_heads:
+        return "BERT needs n_kv_heads = n_heads and head_dim = d_model // n_heads"
+    if cfg.head == "lm" and not cfg.lm_head_transform:
+        return "BERT's MLM head needs lm_head_transform=True"
+    if cfg.head in ("classify", "regress") and not cfg.pooler:
+        return "BERT's sequence classifier reads the pooler: needs pooler=True"
+    return None
+
+
 def hf_family(cfg: ModelConfig) -> str:
-    """Which HF architecture can hold this config exactly ('gpt2' or 'llama'); an error if none can."""
+    """Which HF architecture can hold this config exactly ('gpt2', 'llama' or 'bert'); an error if none can."""
+    if cfg.arch == "encoder":
+        problem = _bert_exportable(cfg)
+        if problem is not None:
+            raise CheckpointError(
+                f"this encoder has no Hugging Face equivalent lamina can export to: {problem}. "
+                "Keep it as a lamina checkpoint instead"
+            )
+        return "bert"
+    if cfg.head != "lm" or cfg.type_vocab_size or cfg.lm_head_transform:
+        raise CheckpointError(
+            f"a decoder with head={cfg.head!r}, type_vocab_size={cfg.type_vocab_size} or "
+            "lm_head_transform=True has no Hugging Face equivalent lamina can export to yet; "
+            "keep it as a lamina checkpoint"
+        )
     common = not cfg.emb_norm and not cfg.scale_embeddings and cfg.norm_placement == "pre"
     if (
         common
@@ -413,6 +592,22 @@ def hf_state_dict_from_lamina(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) 
     """lamina tensors renamed (and fused/transposed for GPT-2) into the HF family's names."""
     family = hf_family(cfg)
     out: StateDict = {}
+    if family == "bert":
+        inv_layer = {v: k for k, v in _BERT_LAYER.items()}
+        inv_top = {v: k for k, v in _BERT_TOP.items()}
+        prefix = "" if cfg.head == "none" else "bert."  # the task models keep the encoder under "bert."
+        for name, t in sd.items():
+            if m := re.match(r"^blocks\.(\d+)\.(.+)$", name):
+                i, rest = m.groups()
+                out[f"{prefix}encoder.layer.{i}." + _rename(rest, inv_layer, name)] = t
+            else:
+                new = inv_top[name]
+                out[new if new.startswith(("cls.", "classifier.")) else prefix + new] = t
+        if cfg.type_vocab_size == 0:  # HF BERT always adds a token-type embedding: one of zeros
+            out[f"{prefix}embeddings.token_type_embeddings.weight"] = torch.zeros(1, cfg.d_model)
+        if cfg.tie_embeddings:
+            out.pop("cls.predictions.decoder.weight", None)
+        return {k: v.contiguous() for k, v in out.items()}
     if family == "llama":
         inv_layer = {v: k for k, v in _LLAMA_LAYER.items()}
         inv_top = {v: k for k, v in _LLAMA_TOP.items()}
@@ -459,11 +654,15 @@ def export_hf(
     model: Transformer,
     tokenizer: Tokenizer | None = None,
     generation: GenerationConfig | None = None,
+    embedding: EmbeddingConfig | None = None,
 ) -> Path:
     """Write ``model`` as a Hugging Face folder that ``transformers`` loads, atomically.
 
     config.json and model.safetensors always; tokenizer.json + tokenizer_config.json (with the chat
     template) and generation_config.json (eos/bos/pad ids) so an exported chat model still chats.
+    An encoder without a head (``head="none"``) also gets the sentence-transformers files (modules.json,
+    pooling, max length) of ``embedding`` (default: mean pooling, unit length), so
+    ``SentenceTransformer(folder)`` embeds as lamina does.
     """
     cfg = model.config
     hf_cfg = hf_config_from_lamina(cfg)
@@ -485,5 +684,9 @@ def export_hf(
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         if tokenizer is not None:
             tokenizer.save(tmp)
+        if cfg.arch == "encoder" and cfg.head == "none":
+            from lamina.embeddings import EmbeddingConfig
+
+            (embedding or EmbeddingConfig(max_seq_len=cfg.max_seq_len)).write(tmp, cfg.d_model)
 
     return atomic_folder(folder, write)

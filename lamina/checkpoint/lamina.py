@@ -65,8 +65,7 @@ def build_model(
         for k, v in sd.items()
     }
     model.load_state_dict(sd, strict=False, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight
+    model.tie_weights()
     model.make_position_tables()  # made on the meta device above: make them for real
     return model.eval()
 

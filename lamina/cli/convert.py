@@ -7,6 +7,7 @@ import argparse
 from lamina.checkpoint.hf import export_hf
 from lamina.checkpoint.lamina import save_checkpoint
 from lamina.checkpoint.load import load
+from lamina.embeddings import EmbeddingConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,9 +31,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Convert and report where it went."""
     lm = load(args.src, dtype=args.dtype)
+    folder = lm.entry.path if lm.entry.path.is_dir() else lm.entry.path.parent
+    embedding = EmbeddingConfig.from_folder(folder)  # a sentence-transformers model keeps its pooling
     if args.to == "hf":
-        out = export_hf(args.dst, lm.model, lm.tokenizer, lm.generation)
+        out = export_hf(args.dst, lm.model, lm.tokenizer, lm.generation, embedding=embedding)
     else:
         out = save_checkpoint(args.dst, lm.model, lm.tokenizer, lm.generation)
+        if embedding is not None:
+            embedding.write(out, lm.model.config.d_model)
     print(f"wrote {args.to} checkpoint {out}")
     return 0

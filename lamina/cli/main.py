@@ -7,10 +7,38 @@ import sys
 from collections.abc import Sequence
 
 from lamina import __version__
-from lamina.cli import convert, data, demo, generate, inspect, models, pretrain, tokenizer
+from lamina.cli import (
+    chat,
+    convert,
+    data,
+    demo,
+    embed,
+    fill_mask,
+    finetune,
+    generate,
+    inspect,
+    models,
+    pretrain,
+    serve,
+    tokenizer,
+)
 from lamina.errors import LaminaError
 
-VERBS = [models, inspect, convert, generate, tokenizer, data, pretrain, demo]
+VERBS = [
+    models,
+    inspect,
+    convert,
+    generate,
+    chat,
+    embed,
+    fill_mask,
+    tokenizer,
+    data,
+    pretrain,
+    finetune,
+    serve,
+    demo,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,9 @@
-"""One config-driven transformer: GPT-2, Llama/SmolLM2, BLOOM and your own designs are ``ModelConfig`` s.
+"""One config-driven transformer: GPT-2, Llama/SmolLM2, BLOOM, BERT and your own designs are ``ModelConfig`` s.
 
-Data flows: token ids -> embeddings (+ learned/sinusoidal positions) -> n_layers x Block -> final norm
--> output head (tied to the embeddings or not) -> logits. RoPE and ALiBi act inside attention.
+Data flows: token ids -> embeddings (+ learned/sinusoidal positions, + token types) -> n_layers x Block
+-> final norm -> output head (``ModelConfig.head``: lm logits tied to the embeddings or not, the hidden
+states, or a task head from ``lamina.model.heads``). RoPE and ALiBi act inside attention. A decoder
+(``arch="decoder"``) attends causally; an encoder (``arch="encoder"``, BERT) to every real token.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lamina.config import ModelConfig
+from lamina.model.heads import LMHeadTransform, Pooler, TaskHead, pool_sequence
 from lamina.model.layers import (
     MLP,
     Attention,
@@ -55,11 +58,13 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A decoder-only causal language model built from a ``ModelConfig``.
+    """A causal decoder or a bidirectional encoder built from a ``ModelConfig``.
 
     ``forward(input_ids, attention_mask=None, position_ids=None, cache=None)`` returns logits
     (B, T, vocab_size). ``attention_mask`` (B, T) marks real tokens (1) and padding (0), left or right;
-    position ids then skip the pads. With a ``KVCache`` the call appends to the cached sequence.
+    position ids then skip the pads. With a ``KVCache`` the call appends to the cached sequence
+    (decoders only). ``token_type_ids`` (B, T) select segment embeddings when ``type_vocab_size > 0``.
+    With a task head, ``forward`` returns (B, n_labels) per sequence or (B, T, n_labels) per token.
     """
 
     # RoPE frequencies and ALiBi slopes are plain float32 attributes, not buffers, so that
@@ -73,16 +78,27 @@ class Transformer(nn.Module):
         self.config = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos_encoding == "learned" else None
+        self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
         self.emb_norm = make_norm(cfg) if cfg.emb_norm else None
         self.emb_dropout = nn.Dropout(cfg.emb_dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.final_norm = make_norm(cfg) if cfg.norm_placement == "pre" else None
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.tok_emb.weight
+        # the output: one of lm_head (with lm_transform before it for BERT), nothing, or task_head
+        self.lm_transform = LMHeadTransform(cfg) if cfg.lm_head_transform else None
+        self.lm_head = (
+            nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.lm_head_transform) if cfg.head == "lm" else None
+        )
+        self.pooler = Pooler(cfg) if cfg.pooler else None
+        self.task_head = TaskHead(cfg) if cfg.head not in ("lm", "none") else None
+        self.tie_weights()
         self.activation_checkpointing = False  # recompute blocks in backward to save memory (training)
         self.make_position_tables()
         self.reset_parameters()
+
+    def tie_weights(self) -> None:
+        """Share the output head's weight with the token embeddings when ``tie_embeddings`` is set."""
+        if self.config.tie_embeddings and self.lm_head is not None:
+            self.lm_head.weight = self.tok_emb.weight
 
     def make_position_tables(self) -> None:
         """(Re)compute the float32 RoPE frequencies / ALiBi slopes on the CPU."""
@@ -134,12 +150,29 @@ class Transformer(nn.Module):
         position_ids: Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        token_type_ids: Tensor | None = None,
     ) -> Tensor:
-        """Logits (B, T, vocab_size), or (B, 1, vocab_size) for the last position with ``last_only``."""
-        h = self.hidden_states(input_ids, attention_mask, position_ids, cache)
+        """What ``config.head`` outputs: logits (B, T, vocab_size) (or (B, 1, vocab_size) for the last
+        position with ``last_only``); hidden states (B, T, d_model) for "none"; (B, n_labels) for
+        "classify" / "regress"; (B, T, n_labels) for "token_classify"."""
+        h = self.hidden_states(input_ids, attention_mask, position_ids, cache, token_type_ids)
         if last_only:
             h = h[:, -1:]
-        return self.lm_head(h)
+        if self.lm_head is not None:
+            if self.lm_transform is not None:
+                h = self.lm_transform(h)
+            return self.lm_head(h)
+        if self.task_head is None:
+            return h
+        if self.config.head == "token_classify":
+            return self.task_head(h)
+        return self.task_head(self.pooled(h, attention_mask))
+
+    def pooled(self, h: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """One vector per sequence (B, d_model) from hidden states: first token (encoder) or last real
+        token (decoder), through the pooler when the config has one."""
+        v = pool_sequence(h, attention_mask, causal=self.config.arch == "decoder")
+        return self.pooler(v) if self.pooler is not None else v
 
     def hidden_states(
         self,
@@ -147,10 +180,15 @@ class Transformer(nn.Module):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         cache: KVCache | None = None,
+        token_type_ids: Tensor | None = None,
     ) -> Tensor:
         """Final hidden states (B, T, d_model), after the final norm."""
         cfg = self.config
         B, T = input_ids.shape
+        if cache is not None and cfg.arch == "encoder":
+            raise ValueError("an encoder (arch='encoder') attends in both directions: it takes no KV cache")
+        if token_type_ids is not None and self.type_emb is None:
+            raise ValueError("token_type_ids given, but this model has no token types (type_vocab_size=0)")
         offset = cache.length if cache is not None else 0
         if cache is not None and offset + T > cache.capacity:
             raise ValueError(f"KV cache full: {offset} + {T} tokens > capacity {cache.capacity}")
@@ -174,6 +212,8 @@ class Transformer(nn.Module):
             x = x + self.pos_emb(position_ids)
         elif cfg.pos_encoding == "sinusoidal":
             x = x + sinusoidal_encoding(position_ids, cfg.d_model).to(x.dtype)
+        if self.type_emb is not None:  # no token_type_ids: every token is of type 0 (as BERT)
+            x = x + (self.type_emb.weight[0] if token_type_ids is None else self.type_emb(token_type_ids))
         if self.emb_norm is not None:
             x = self.emb_norm(x)
         x = self.emb_dropout(x)
@@ -215,6 +255,11 @@ class Transformer(nn.Module):
         dtype: torch.dtype,
     ) -> tuple[Tensor | None, bool]:
         """The mask for ``scaled_dot_product_attention``: None (fast causal paths), bool, or float (ALiBi)."""
+        if self.config.arch == "encoder":  # bidirectional: hide padding keys only
+            if real is None or bool(real.all()):
+                return None, False
+            keys = real | ~real.any(1, keepdim=True)  # an all-pad row attends to everything: no NaN
+            return keys[:, None, None, :], False  # (B, 1, 1, T)
         offset = cache.length if cache is not None else 0
         S = offset + T
         no_pads = (real is None or bool(real.all())) and (cache is None or bool(cache.valid[:, :S].all()))

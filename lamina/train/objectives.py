@@ -37,3 +37,16 @@ def unigram_baseline_loss(train_tokens: Tensor, val_tokens: Tensor, vocab_size: 
     counts = torch.bincount(train_tokens.long(), minlength=vocab_size).double() + 1.0
     logp = (counts / counts.sum()).log()
     return float(-logp[val_tokens.long()].mean())
+
+
+def masked_lm(ignore_index: int = -100) -> Objective:
+    """Cross-entropy of ``batch["labels"]`` at the masked positions only (the others hold ignore_index);
+    the model sees ``batch["input_ids"]`` with the masks in (see ``lamina.data.masking``)."""
+
+    def loss(model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
+        logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
+        labels = batch["labels"]
+        value = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index)
+        return value, int((labels != ignore_index).sum())
+
+    return loss

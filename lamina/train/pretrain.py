@@ -1,4 +1,5 @@
-"""Pretraining a causal LM from a run config: data folder -> model -> trainer.
+"""Pretraining from a run config: data folder -> model -> trainer. A decoder learns the causal-LM
+objective, an encoder (``model.arch: encoder``) the masked-LM one (``train.objective`` picks explicitly).
 
 A run config is a YAML file with three sections, each one dataclass (the same fields as the Python
 API and the ``--section.field`` flags)::
@@ -23,10 +24,11 @@ import torch
 from lamina.config import ModelConfig, TrainConfig, from_dict, parse_yaml, to_dict
 from lamina.data.batches import CausalBatches, TokenShards, val_batches
 from lamina.data.corpus import DataConfig, Manifest, prepare
+from lamina.data.masking import MaskedBatches, special_ids, with_mask_token, word_start_table
 from lamina.errors import ConfigError, DataError
 from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
-from lamina.train.objectives import causal_lm
+from lamina.train.objectives import Objective, causal_lm, masked_lm
 from lamina.train.trainer import TrainResult, train
 
 SECTIONS: dict[str, type | None] = {
@@ -119,10 +121,28 @@ def build_model(run: RunConfig, tokenizer: Tokenizer) -> Transformer:
 
 
 def pretrain(run: RunConfig, resume: bool = False) -> tuple[Transformer, Tokenizer, TrainResult]:
-    """Prepare (or reuse) the data, build the model, and train it with the causal-LM objective."""
+    """Prepare (or reuse) the data, build the model, and train it with the causal-LM objective (decoders)
+    or the masked-LM one (encoders; a mask token is added to a tokenizer that has none)."""
     manifest = prepare_data(run, progress=run.train.progress)
     tokenizer = manifest.load_tokenizer()
+    if (run.train.objective or _default_objective(run.model.arch)) == "masked_lm":
+        tokenizer = with_mask_token(tokenizer)
     model = build_model(run, tokenizer)
+    objective_name = run.train.objective or _default_objective(model.config.arch)
+    if objective_name == "masked_lm" and tokenizer.mask_token_id is None:  # an --init encoder
+        tokenizer = with_mask_token(tokenizer)
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ConfigError(
+                f"masked_lm needs a mask token, and the init model's tokenizer has none and no room for "
+                f"one (vocab_size={model.config.vocab_size}); use a tokenizer with a mask token"
+            )
+    want = {"masked_lm": "encoder", "causal_lm": "decoder"}[objective_name]
+    if model.config.arch != want:
+        raise ConfigError(
+            f"train.objective={objective_name!r} needs model.arch={want!r}, got {model.config.arch!r}: "
+            f"{'an encoder sees the next token, so it cannot learn causal LM' if want == 'decoder' else 'masked LM trains bidirectional encoders'}"
+            "; leave train.objective unset to follow the model"
+        )
     run = dataclasses.replace(run, model=model.config)  # run.yaml records the model actually built
     tcfg = run.train
     seq_len = tcfg.seq_len or model.config.max_seq_len
@@ -145,8 +165,22 @@ def pretrain(run: RunConfig, resume: bool = False) -> tuple[Transformer, Tokeniz
     batches = CausalBatches(
         train_tokens, tcfg.batch_size, seq_len, seed=tcfg.seed, rank=rank, world_size=world
     )
-    source = _MicroBatches(batches, tcfg.grad_accum_steps)
+    source: Any = _MicroBatches(batches, tcfg.grad_accum_steps)
     val_tokens = TokenShards.open(manifest.root, "val") if manifest.splits["val"].tokens > seq_len else None
+    objective: Objective = causal_lm(tcfg.label_smoothing)
+    masker = None
+    if objective_name == "masked_lm":
+        assert tokenizer.mask_token_id is not None
+        masker = MaskedBatches(
+            source,
+            mask_id=tokenizer.mask_token_id,
+            vocab_size=tokenizer.vocab_size,
+            special=special_ids(tokenizer),
+            probability=tcfg.mlm_probability,
+            word_starts=word_start_table(tokenizer) if tcfg.whole_word_masking else None,
+            seed=tcfg.seed + rank,
+        )
+        source, objective = masker, masked_lm()
 
     def val() -> Any:
         assert val_tokens is not None
@@ -156,6 +190,10 @@ def pretrain(run: RunConfig, resume: bool = False) -> tuple[Transformer, Tokeniz
             if len(x):
                 yield {"input_ids": x, "targets": y}
 
+    def masked_val() -> Any:
+        assert masker is not None
+        return masker.masked_stream({"input_ids": b["input_ids"]} for b in val())
+
     steps = tcfg.max_steps
     if tcfg.epochs is not None:
         steps = max(1, math.ceil(tcfg.epochs * (len(train_tokens) - 1) / (global_batch * seq_len)))
@@ -163,8 +201,8 @@ def pretrain(run: RunConfig, resume: bool = False) -> tuple[Transformer, Tokeniz
         model,
         tcfg,
         source,
-        causal_lm(tcfg.label_smoothing),
-        val if val_tokens is not None else None,
+        objective,
+        (masked_val if masker is not None else val) if val_tokens is not None else None,
         tokens_per_batch=tcfg.batch_size * seq_len,
         total_steps=steps,
         tokenizer=tokenizer,
@@ -184,6 +222,10 @@ class _MicroBatches:
     def batch(self, index: int) -> dict[str, torch.Tensor]:
         x, y = self.batches.batch_at(index)
         return {"input_ids": x, "targets": y}
+
+
+def _default_objective(arch: str) -> str:
+    return "masked_lm" if arch == "encoder" else "causal_lm"
 
 
 def _round_up(n: int, multiple: int) -> int:

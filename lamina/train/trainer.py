@@ -38,6 +38,7 @@ from lamina.config import GenerationConfig, ModelConfig, TrainConfig
 from lamina.errors import LaminaError
 from lamina.model.transformer import Transformer, set_dropout
 from lamina.train import distributed as D
+from lamina.train.freeze import freeze
 from lamina.train.metrics import MetricsLog, matmul_peak_flops, plot_curves
 from lamina.train.objectives import Batch, Objective
 from lamina.train.optim import lr_lambda, make_optimizer
@@ -70,6 +71,7 @@ class TrainResult:
     out_dir: Path | None = None
     tokens_per_s: float = 0.0
     mfu: float = 0.0
+    val_metrics: list[tuple[int, dict[str, float]]] = field(default_factory=list)
 
 
 def train(
@@ -84,6 +86,7 @@ def train(
     tokenizer: Any = None,
     run_config: dict[str, Any] | None = None,
     resume: bool = False,
+    eval_metrics: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place; returns a summary. See the module docstring for what is written.
 
@@ -91,6 +94,9 @@ def train(
     ``total_steps`` overrides ``cfg.max_steps`` (the caller computes it from ``cfg.epochs``).
     ``resume`` continues from the newest complete checkpoint in ``cfg.out_dir`` (model, optimizer,
     scheduler, RNG and step), so the losses that follow equal those of an uninterrupted run.
+    ``eval_metrics(model)`` (optional) adds task metrics (accuracy, F1, ...) to every evaluation.
+    ``cfg.freeze`` freezes blocks or parameters by name (``lamina.train.freeze``) before the optimizer
+    is built.
     """
     info = D.setup(cfg.device, cfg.parallel)
     out = Path(cfg.out_dir)
@@ -99,6 +105,8 @@ def train(
     torch.manual_seed(cfg.seed)
     if cfg.dropout is not None:
         set_dropout(model, cfg.dropout)
+    if cfg.freeze:
+        freeze(model, cfg.freeze)
     model.activation_checkpointing = cfg.activation_checkpointing
     start_state: dict[str, Any] | None = None
     if resume:
@@ -250,8 +258,18 @@ def train(
             if val_batches is not None and (step % cfg.eval_every == 0 or step == steps):
                 val = evaluate()
                 result.val_losses.append((step, val))
-                log.log(step, val_loss=val, val_ppl=math.exp(min(val, 50.0)))
-                bar.write(f"step {step}: val loss {val:.4f}, perplexity {math.exp(min(val, 50.0)):.2f}")
+                extra: dict[str, float] = {}
+                if eval_metrics is not None:
+                    net.eval()
+                    with torch.no_grad(), autocast:
+                        extra = eval_metrics(net)
+                    net.train()
+                    result.val_metrics.append((step, extra))
+                log.log(step, val_loss=val, val_ppl=math.exp(min(val, 50.0)), **extra)
+                shown = "".join(f", {k} {v:.4f}" for k, v in extra.items())
+                bar.write(
+                    f"step {step}: val loss {val:.4f}, perplexity {math.exp(min(val, 50.0)):.2f}{shown}"
+                )
                 if val < best_val - cfg.early_stopping_min_delta:
                     best_val, bad_evals = val, 0
                     save(out / "best", with_state=False)

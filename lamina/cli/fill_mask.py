@@ -1,0 +1,34 @@
+"""``lamina fill-mask MODEL "The [MASK] sat on the mat."``: a masked-LM encoder's guesses for each mask."""
+
+from __future__ import annotations
+
+import argparse
+
+from lamina.checkpoint.load import load
+from lamina.fill_mask import fill_mask
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``fill-mask`` verb."""
+    p = sub.add_parser(
+        "fill-mask",
+        help="predict the tokens behind [MASK] with a masked-LM encoder",
+        description="Print the most likely tokens (with probabilities) for each [MASK] in TEXT, and the "
+        "text filled with the best one. [MASK] stands for the model's mask token however it is spelled.",
+        epilog='example: lamina fill-mask runs/bert/last "def [MASK](self):"',
+    )
+    p.add_argument("model", metavar="MODEL", help="a masked-LM encoder (path or name)")
+    p.add_argument("text", metavar="TEXT", help="text with one or more [MASK]")
+    p.add_argument("--top-k", type=int, default=5, help="candidates per mask (default 5)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the candidates of each mask."""
+    results = fill_mask(load(args.model), args.text, top_k=args.top_k)
+    for n, preds in enumerate(results, 1):
+        print(f"mask {n}:")
+        for p in preds:
+            print(f"  {p.score:7.4f}  {p.token!r}")
+    print(results[0][0].sequence if len(results) == 1 else "")
+    return 0

@@ -1,0 +1,241 @@
+"""Sentence embeddings: texts -> one float32 vector each, as ``sentence-transformers`` computes them.
+
+    lm = lamina.load("minilm")                      # all-MiniLM-L6-v2
+    vectors = lamina.embed(lm, ["A cat sits.", "A dog runs."])   # (2, 384) float32, unit length
+
+How a model pools and normalises comes from its sentence-transformers files when the folder has them
+(``modules.json``, ``1_Pooling/config.json``, ``sentence_bert_config.json``: pooling modes, a
+``Normalize`` module, ``max_seq_length`` and ``do_lower_case``); otherwise mean pooling and unit length.
+Texts are sorted by token count and batched so that a batch holds texts of similar length (little
+padding); each text is cut to ``max_seq_len`` tokens ([CLS] and [SEP] kept), and the result says which.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lamina.errors import CheckpointError, ConfigError
+from lamina.model.transformer import Transformer
+from lamina.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from lamina.checkpoint.load import LoadedModel
+
+Pooling = Literal["cls", "max", "mean", "mean_sqrt_len", "lasttoken"]
+POOLINGS: tuple[str, ...] = get_args(Pooling)  # also the order sentence-transformers concatenates them in
+_ST_KEYS = {  # lamina's pooling name -> sentence-transformers' 1_Pooling/config.json key
+    "cls": "pooling_mode_cls_token",
+    "max": "pooling_mode_max_tokens",
+    "mean": "pooling_mode_mean_tokens",
+    "mean_sqrt_len": "pooling_mode_mean_sqrt_len_tokens",
+    "lasttoken": "pooling_mode_lasttoken",
+}
+
+
+@dataclass
+class EmbeddingConfig:
+    """How hidden states become one vector per text.
+
+    ``pooling``: one or more of cls, max, mean, mean_sqrt_len, lasttoken (several are concatenated);
+    ``normalize``: scale to unit length; ``max_seq_len``: tokens per text, special tokens included
+    (None: the model's context window); ``do_lower_case``: lower-case texts before tokenizing.
+    """
+
+    pooling: list[str] = field(default_factory=lambda: ["mean"])
+    normalize: bool = True
+    max_seq_len: int | None = None
+    do_lower_case: bool = False
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.pooling if p not in POOLINGS]
+        if bad or not self.pooling:
+            raise ConfigError(f"pooling={self.pooling!r} must be a non-empty list of {', '.join(POOLINGS)}")
+        if self.max_seq_len is not None and self.max_seq_len < 3:
+            raise ConfigError(f"max_seq_len={self.max_seq_len} must be >= 3 (room for [CLS], a token, [SEP])")
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> EmbeddingConfig | None:
+        """The config a sentence-transformers model folder describes, or None when it has no modules.json."""
+        folder = Path(folder)
+        if not (folder / "modules.json").is_file():
+            return None
+        try:
+            modules = json.loads((folder / "modules.json").read_text())
+            kinds = {m["type"].rsplit(".", 1)[-1]: m.get("path", "") for m in modules}
+            pooling = ["mean"]
+            if "Pooling" in kinds:
+                pool_cfg = json.loads((folder / kinds["Pooling"] / "config.json").read_text())
+                pooling = [p for p in POOLINGS if pool_cfg.get(_ST_KEYS[p])]
+                if pool_cfg.get("pooling_mode_weightedmean_tokens"):
+                    raise CheckpointError(f"{folder}: weighted-mean pooling is not supported by lamina")
+            unknown = set(kinds) - {"Transformer", "Pooling", "Normalize"}
+            if unknown:
+                raise CheckpointError(
+                    f"{folder / 'modules.json'} has sentence-transformers modules lamina does not run: "
+                    f"{', '.join(sorted(unknown))} (lamina runs Transformer, Pooling, Normalize)"
+                )
+            st: dict[str, object] = {}
+            if (folder / "sentence_bert_config.json").is_file():
+                st = json.loads((folder / "sentence_bert_config.json").read_text())
+        except (json.JSONDecodeError, KeyError, OSError) as e:
+            raise CheckpointError(f"cannot read the sentence-transformers files in {folder}: {e}") from e
+        max_len = st.get("max_seq_length")
+        return cls(
+            pooling=pooling,
+            normalize="Normalize" in kinds,
+            max_seq_len=int(max_len) if isinstance(max_len, int) else None,
+            do_lower_case=bool(st.get("do_lower_case", False)),
+        )
+
+    def write(self, folder: str | Path, d_model: int) -> None:
+        """Write the sentence-transformers files (modules.json, pooling and max length) into ``folder``."""
+        folder = Path(folder)
+        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]  # fmt: skip
+        if self.normalize:
+            modules.append(
+                {
+                    "idx": 2,
+                    "name": "2",
+                    "path": "2_Normalize",
+                    "type": "sentence_transformers.models.Normalize",
+                }
+            )
+        (folder / "modules.json").write_text(json.dumps(modules, indent=2))
+        (folder / "1_Pooling").mkdir(exist_ok=True)
+        pool: dict[str, object] = {"word_embedding_dimension": d_model}
+        pool |= {_ST_KEYS[p]: p in self.pooling for p in POOLINGS}
+        (folder / "1_Pooling" / "config.json").write_text(json.dumps(pool, indent=2))
+        st = {"max_seq_length": self.max_seq_len, "do_lower_case": self.do_lower_case}
+        (folder / "sentence_bert_config.json").write_text(json.dumps(st, indent=2))
+
+
+@dataclass
+class Embeddings:
+    """Vectors (N, dim) float32 in the order of the texts, with each text's token count (after
+    truncation) and the indices of the texts cut to ``max_seq_len``."""
+
+    vectors: Tensor
+    n_tokens: list[int]
+    truncated: list[int]
+    max_seq_len: int
+
+
+def embedding_config(lm: LoadedModel) -> EmbeddingConfig:
+    """The model folder's sentence-transformers config, else mean pooling with unit-length vectors."""
+    folder = lm.entry.path if lm.entry.path.is_dir() else lm.entry.path.parent
+    return EmbeddingConfig.from_folder(folder) or EmbeddingConfig()
+
+
+def embed(
+    lm: LoadedModel,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 32,
+    config: EmbeddingConfig | None = None,
+) -> Tensor:
+    """One float32 vector per text (N, dim) on the CPU, pooled as the model's config says (see
+    :func:`embed_texts` for token counts and truncation)."""
+    return embed_texts(lm, texts, batch_size=batch_size, config=config).vectors
+
+
+def embed_texts(
+    lm: LoadedModel,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 32,
+    config: EmbeddingConfig | None = None,
+) -> Embeddings:
+    """Embed ``texts`` with ``lm`` (``lamina.load(...)``); ``config`` overrides the folder's settings."""
+    if lm.tokenizer is None:
+        raise CheckpointError(f"model {lm.entry.name!r} has no tokenizer.json: embeddings need its tokenizer")
+    return encode(lm.model, lm.tokenizer, texts, config or embedding_config(lm), batch_size=batch_size)
+
+
+@torch.inference_mode()
+def encode(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    texts: Sequence[str],
+    config: EmbeddingConfig,
+    batch_size: int = 32,
+) -> Embeddings:
+    """The work of :func:`embed_texts` for a bare model and tokenizer."""
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise ConfigError("texts must be a list of strings; for one text pass [text]")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size} must be >= 1")
+    cfg = model.config
+    max_len = min(config.max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
+    ids, types, truncated = _tokenize(tokenizer, texts, max_len, config.do_lower_case)
+    pad = tokenizer.pad_token_id or 0
+    device = model.tok_emb.weight.device
+    dim = cfg.d_model * len(config.pooling)
+    out = torch.empty(len(texts), dim, dtype=torch.float32)
+    order = sorted(range(len(texts)), key=lambda i: -len(ids[i]))  # longest first: memory peaks early
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        T = len(ids[rows[0]])
+        x = torch.full((len(rows), T), pad, dtype=torch.long)
+        tt = torch.zeros((len(rows), T), dtype=torch.long)
+        mask = torch.zeros((len(rows), T), dtype=torch.long)
+        for r, i in enumerate(rows):
+            n = len(ids[i])
+            x[r, :n], tt[r, :n], mask[r, :n] = torch.tensor(ids[i]), torch.tensor(types[i]), 1
+        h = model.hidden_states(
+            x.to(device),
+            attention_mask=None if bool(mask.all()) else mask.to(device),
+            token_type_ids=tt.to(device) if model.type_emb is not None else None,
+        )
+        v = pool(h.float(), mask.to(device), config.pooling)
+        if config.normalize:
+            v = F.normalize(v, p=2, dim=1)
+        out[torch.tensor(rows)] = v.cpu()
+    return Embeddings(out, [len(t) for t in ids], truncated, max_len)
+
+
+def pool(h: Tensor, mask: Tensor, modes: Sequence[str]) -> Tensor:
+    """Pool hidden states (B, T, d) over real tokens (``mask`` (B, T) = 1) with each mode, concatenated
+    in the order given: cls (first token), max, mean, mean_sqrt_len (sum / sqrt(count)), lasttoken."""
+    m = mask.to(h.dtype)[..., None]  # (B, T, 1)
+    count = m.sum(1).clamp(min=1e-9)  # (B, 1)
+    parts = []
+    for mode in modes:
+        if mode == "cls":
+            parts.append(h[:, 0])
+        elif mode == "max":
+            parts.append(h.masked_fill(m == 0, -1e9).max(1).values)
+        elif mode == "mean":
+            parts.append((h * m).sum(1) / count)
+        elif mode == "mean_sqrt_len":
+            parts.append((h * m).sum(1) / count.sqrt())
+        else:
+            last = mask.sum(1).long() - 1
+            parts.append(h[torch.arange(h.shape[0], device=h.device), last])
+    return torch.cat(parts, dim=1)
+
+
+def _tokenize(
+    tokenizer: Tokenizer, texts: Sequence[str], max_len: int, lower: bool
+) -> tuple[list[list[int]], list[list[int]], list[int]]:
+    """Ids and token types of each text with special tokens, cut so that the whole fits ``max_len``."""
+    backend = tokenizer.backend
+    budget = max_len - backend.num_special_tokens_to_add(is_pair=False)
+    encodings = backend.encode_batch([t.lower() if lower else t for t in texts], add_special_tokens=False)
+    ids, types, truncated = [], [], []
+    for i, enc in enumerate(encodings):
+        if len(enc.ids) > budget:
+            enc.truncate(budget)
+            truncated.append(i)
+        enc = backend.post_process(enc)
+        ids.append(enc.ids)
+        types.append(enc.type_ids)
+    return ids, types, truncated
