@@ -1,0 +1,218 @@
+"""Serving throughput and latency: N concurrent streaming clients against `lamina serve smollm2`.
+
+The server runs as its own process (``python -m lamina serve``); every client runs in this one asyncio
+process beside it (httpx, streaming ``/v1/completions``, greedy, ``ignore_eos`` so every request makes
+exactly ``--tokens`` tokens). For N = 1, 4, 16 clients, each sending ``--requests`` requests one after
+another, it reports total generated tokens/s, time to first token (TTFT) and inter-token latency (ITL)
+percentiles, and the ratio of N clients' tokens/s to 1 client's (the reference, measured in the same run).
+Target: 16 clients >= 4x the tokens/s of 1 client.
+
+Both processes share the machine's cores, so the CPU seconds of each are reported (the client's share is
+the part of the machine this process took from the server), with the load average.
+
+    python benchmarks/serve.py [--clients 1,4,16] [--tokens 64] [--requests 2] [--threads 2]
+    python benchmarks/serve.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+    "import numpy as np\n",
+    "My favourite fruit is",
+    "Water boils at",
+    "The quick brown fox",
+    "In 1969, astronauts",
+    "To make a cup of tea,",
+    "The largest planet in the solar system is",
+    "SELECT name FROM users WHERE",
+    "Dear Sir or Madam,",
+    "The French word for cat is",
+    "1, 2, 3, 4,",
+    "A haiku about autumn:",
+]
+
+
+@dataclass
+class Run:
+    """What one client count gave."""
+
+    clients: int
+    wall: float = 0.0
+    tokens: int = 0
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    client_cpu: float = 0.0
+    server_cpu: float = 0.0
+    peak_batch: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.wall
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100) of values, in milliseconds."""
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return 1000 * s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load_avg() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+async def stream_one(client: httpx.AsyncClient, prompt: str, tokens: int, run: Run) -> None:
+    """One streaming request; records TTFT, the gaps between tokens, and the tokens made."""
+    body = {
+        "model": "smollm2",
+        "prompt": prompt,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    last = None
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            now = time.perf_counter()
+            if chunk.get("usage"):
+                run.tokens += chunk["usage"]["completion_tokens"]
+            if chunk["choices"] and chunk["choices"][0]["text"]:
+                if last is None:
+                    run.ttft.append(now - start)
+                else:
+                    run.itl.append(now - last)
+                last = now
+
+
+async def drive(url: str, clients: int, requests: int, tokens: int, server_pid: int) -> Run:
+    """``clients`` concurrent clients, each sending ``requests`` streaming requests in turn."""
+    run = Run(clients)
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+
+        async def one_client(i: int) -> None:
+            for k in range(requests):
+                await stream_one(client, PROMPTS[(i + k * clients) % len(PROMPTS)], tokens, run)
+
+        cpu0, scpu0 = time.process_time(), cpu_seconds(server_pid)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one_client(i) for i in range(clients)))
+        run.wall = time.perf_counter() - t0
+        run.client_cpu, run.server_cpu = time.process_time() - cpu0, cpu_seconds(server_pid) - scpu0
+        metrics = (await client.get("/metrics")).text
+    for line in metrics.splitlines():
+        if line.startswith("lamina_running_sequences_max"):
+            run.peak_batch = float(line.rsplit(" ", 1)[1])
+    return run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", default="1,4,16", help="client counts to run (the first is the reference)")
+    ap.add_argument("--tokens", type=int, default=64, help="tokens per request")
+    ap.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
+    ap.add_argument("--threads", type=int, default=2, help="the server's torch threads")
+    ap.add_argument("--max-batch-size", type=int, default=16)
+    ap.add_argument(
+        "--omp-wait-policy",
+        default="PASSIVE",
+        choices=["PASSIVE", "ACTIVE", "default"],
+        help="the server's OMP_WAIT_POLICY (PASSIVE: idle OpenMP threads sleep instead of spinning, which "
+        "matters on a machine shared with other jobs; default: leave it unset)",
+    )
+    ap.add_argument("--quick", action="store_true", help="16 tokens, 1 request per client")
+    args = ap.parse_args()
+    if args.quick:
+        args.tokens, args.requests = 16, 1
+    counts = [int(c) for c in args.clients.split(",")]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "lamina", "serve", "smollm2", "--port", str(port), "--log-level", "warning",
+           "--threads", str(args.threads), "--max-batch-size", str(args.max_batch_size)]  # fmt: skip
+    env = dict(os.environ)
+    if args.omp_wait_policy != "default":
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy
+    server = subprocess.Popen(cmd, env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the server did not start")
+            time.sleep(0.5)
+        print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+              f"load average at start {load_avg()}; server: `{' '.join(cmd[2:])}`, "
+              f"OMP_WAIT_POLICY={env.get('OMP_WAIT_POLICY', 'unset')}")  # fmt: skip
+        print(f"SmolLM2-135M fp32, greedy, {args.tokens} tokens per request, {args.requests} requests per "
+              "client, streaming /v1/completions\n")  # fmt: skip
+        asyncio.run(drive(url, 1, 1, 8, server.pid))  # warm-up
+        runs = []
+        for n in counts:
+            runs.append(asyncio.run(drive(url, n, args.requests, args.tokens, server.pid)))
+            print(f"  {n} clients done (load {load_avg()})", flush=True)
+    finally:
+        server.terminate()
+        server.wait(30)
+    ref = runs[0]
+    print()
+    print("| clients | tokens/s | vs 1 client | TTFT p50 / p90 ms | ITL p50 / p90 / p99 ms | peak batch "
+          "| client CPU s (share) | server CPU s |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for r in runs:
+        share = r.client_cpu / max(r.client_cpu + r.server_cpu, 1e-9)
+        print(
+            f"| {r.clients} | {r.rate:.1f} | **{r.rate / ref.rate:.2f}x** | {pct(r.ttft, 50):.0f} / "
+            f"{pct(r.ttft, 90):.0f} | {pct(r.itl, 50):.0f} / {pct(r.itl, 90):.0f} / {pct(r.itl, 99):.0f} | "
+            f"{r.peak_batch:.0f} | {r.client_cpu:.1f} ({100 * share:.0f}%) | {r.server_cpu:.1f} |"
+        )
+    last = runs[-1]
+    verdict = "met" if last.rate >= 4 * ref.rate else "NOT met"
+    print(f"\ntarget {last.clients} clients >= 4x 1 client: {last.rate / ref.rate:.2f}x, {verdict}; "
+          f"wall {statistics.fsum(r.wall for r in runs):.0f} s, load average at end {load_avg()}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""The FastAPI app: OpenAI-compatible routes over a ``Registry`` of served models.
+
+    GET  /v1/models              the served models (GET /v1/models/{model}: one)
+    POST /v1/completions         legacy completions: prompt(s) as text or token ids, echo + logprobs
+    POST /v1/chat/completions    chat completions with the model's chat template
+    POST /v1/embeddings          embedding models (encoders such as minilm)
+    GET  /health                 200 while every engine thread runs (503 otherwise)
+    GET  /metrics                Prometheus text: requests, tokens in/out, queue depth, batch size, TTFT
+    GET  /docs, /openapi.json    the OpenAPI schema
+
+Requests are checked (``params``) before any work starts; generation runs on each model's engine thread
+(``scheduler``); results are shaped by ``outputs``; every error is OpenAI's error object (``errors``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import PlainTextResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from lamina import __version__
+from lamina.serve import outputs
+from lamina.serve.errors import APIError, bad_request, install_handlers
+from lamina.serve.guards import ApiKeyAuth, BodyLimit, CountRequests
+from lamina.serve.params import prepare_chat, prepare_completion
+from lamina.serve.registry import Registry
+from lamina.serve.scheduler import Job
+from lamina.serve.schemas import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    Embedding,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ErrorResponse,
+    Health,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+from lamina.serve.settings import ServeConfig
+
+ROUTES = [
+    "/v1/models",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/embeddings",
+    "/health",
+    "/metrics",
+]
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in [
+        (400, "invalid request (OpenAI error object)"),
+        (401, "missing or wrong API key"),
+        (404, "unknown model"),
+        (429, "queue full (Retry-After)"),
+        (500, "server error"),
+        (504, "timed out"),
+    ]
+}
+_SSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks with stream=true"}
+}
+
+
+def create_app(registry: Registry, config: ServeConfig | None = None) -> FastAPI:
+    """The server app for ``registry``'s models; engine threads start and stop with the app's lifespan."""
+    config = config or registry.config
+    metrics = registry.metrics
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        registry.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(registry.stop)
+
+    app = FastAPI(
+        title="lamina",
+        version=__version__,
+        description="OpenAI-compatible server of lamina models (continuous batching).",
+        lifespan=lifespan,
+        responses=_ERRORS,
+    )
+    app.state.registry, app.state.config, app.state.metrics = registry, config, metrics
+    install_handlers(app)
+    # the last added runs first: count -> auth -> size limit -> routes
+    app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
+    app.add_middleware(ApiKeyAuth, api_keys=config.api_keys)
+    app.add_middleware(CountRequests, metrics=metrics, routes=ROUTES)
+
+    @app.get("/v1/models", response_model=ModelList, tags=["openai"])
+    async def list_models() -> ModelList:
+        """The served models."""
+        return ModelList(data=[_card(m) for m in registry.models()])
+
+    @app.get("/v1/models/{model:path}", response_model=ModelCard, tags=["openai"])
+    async def get_model(model: str) -> ModelCard:
+        """One served model (404 if unknown)."""
+        return _card(registry.get(model))
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=_SSE, tags=["openai"])
+    async def completions(req: CompletionRequest, request: Request) -> Any:
+        """OpenAI legacy completions; ``echo`` with ``logprobs`` scores the prompt (lm-evaluation-harness)."""
+        served = registry.get(req.model, "generation")
+        prepared = await run_in_threadpool(prepare_completion, req, served, config)
+        assert served.scheduler is not None
+        job = served.scheduler.submit(prepared.prompts)
+        echo = bool(req.echo)
+        if req.stream:
+            include = bool(req.stream_options and req.stream_options.include_usage)
+            gen = outputs.completion_stream(job, prepared, served, echo, req.logprobs, include)
+            return _sse(gen)
+        await _wait(job, request)
+        return outputs.completion_response(job, prepared, served, echo, req.logprobs)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_SSE, tags=["openai"])
+    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
+        """OpenAI chat completions, rendered with the model's chat template."""
+        served = registry.get(req.model, "generation")
+        prepared = await run_in_threadpool(prepare_chat, req, served, config)
+        assert served.scheduler is not None
+        job = served.scheduler.submit(prepared.prompts)
+        logprobs, top = bool(req.logprobs), req.top_logprobs or 0
+        if req.stream:
+            include = bool(req.stream_options and req.stream_options.include_usage)
+            return _sse(outputs.chat_stream(job, prepared, served, logprobs, top, include))
+        await _wait(job, request)
+        return outputs.chat_response(job, prepared, served, logprobs, top)
+
+    @app.post("/v1/embeddings", response_model=EmbeddingResponse, tags=["openai"])
+    async def embeddings(req: EmbeddingRequest) -> EmbeddingResponse:
+        """One vector per input, from an embedding (encoder) model."""
+        served = registry.get(req.model, "embedding")
+        texts = [req.input] if isinstance(req.input, str) else req.input
+        if not texts:
+            raise bad_request("input must not be an empty list", param="input")
+        if not all(isinstance(t, str) for t in texts):
+            raise bad_request("token-id input is not supported for embeddings; send strings", param="input")
+        if len(texts) > config.max_embedding_inputs:
+            raise bad_request(
+                f"{len(texts)} inputs; the server allows at most {config.max_embedding_inputs}", param="input"
+            )
+        vectors, n_tokens = await run_in_threadpool(served.embed, [str(t) for t in texts])
+        dim = int(vectors.shape[1])
+        if req.dimensions is not None and req.dimensions != dim:
+            raise bad_request(
+                f"dimensions={req.dimensions}: the model {served.name!r} gives {dim}-dimensional vectors",
+                param="dimensions",
+            )
+        rows = vectors.numpy().astype("<f4")
+        data = [
+            Embedding(
+                index=i,
+                embedding=base64.b64encode(row.tobytes()).decode()
+                if req.encoding_format == "base64"
+                else row.tolist(),
+            )
+            for i, row in enumerate(np.asarray(rows))
+        ]
+        total = sum(n_tokens)
+        return EmbeddingResponse(
+            data=data, model=served.name, usage=Usage(prompt_tokens=total, total_tokens=total)
+        )
+
+    @app.get("/health", response_model=Health, tags=["server"])
+    async def health(response: Response) -> Health:
+        """Whether every engine thread runs (503 when one does not), with the batch and queue sizes."""
+        scheds = [m.scheduler for m in registry.models() if m.scheduler is not None]
+        ok = all(s.alive for s in scheds)
+        response.status_code = 200 if ok else 503
+        return Health(
+            status="ok" if ok else "error",
+            models=registry.names,
+            running=sum(s.engine.num_running for s in scheds),
+            queued=sum(s.engine.num_queued for s in scheds),
+        )
+
+    @app.get("/metrics", response_class=PlainTextResponse, tags=["server"])
+    async def prometheus() -> PlainTextResponse:
+        """Prometheus metrics (text exposition format 0.0.4)."""
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+def _card(m: Any) -> ModelCard:
+    return ModelCard(
+        id=m.name, created=m.created, kind=m.kind, max_model_len=m.context_length, root=str(m.lm.entry.path)
+    )
+
+
+def _sse(gen: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(
+        gen,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _wait(job: Job, request: Request) -> None:
+    """Wait for the job; cancel it if the client disconnects first (its sequences leave the batch)."""
+    waiter = asyncio.ensure_future(job.wait())
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({waiter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if waiter in done:
+            waiter.result()  # raises the job's APIError (timeout, engine failure)
+            return
+        job.cancel()
+        raise APIError(499, "The client closed the request", code="client_closed_request")
+    finally:
+        watcher.cancel()
+        if not waiter.done():
+            waiter.cancel()
+            job.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client disconnects (the body has been read, so only a disconnect can arrive)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

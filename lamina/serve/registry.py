@@ -1,0 +1,145 @@
+"""The models a server serves, by name, each of one kind.
+
+- ``generation`` (decoder models): a ``Scheduler`` over an ``Engine`` does continuous batching; they answer
+  ``/v1/completions`` and ``/v1/chat/completions``.
+- ``embedding`` (encoder models such as ``minilm``): ``lamina.embeddings.embed_texts`` pools their hidden
+  states; they answer ``/v1/embeddings``.
+
+The kind follows the model's ``ModelConfig.arch`` (decoder / encoder). Asking a model for what its kind
+does not do answers 400 ("model X does not support embeddings"); an unknown name answers 404.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from lamina.checkpoint.load import LoadedModel
+from lamina.errors import ConfigError
+from lamina.generate.engine import Engine
+from lamina.serve.errors import APIError, model_not_found
+from lamina.serve.metrics import Metrics
+from lamina.serve.scheduler import Scheduler
+from lamina.serve.settings import ServeConfig
+
+Kind = Literal["generation", "embedding"]
+_ROUTES = {"generation": "completions and chat completions", "embedding": "embeddings"}
+
+
+@dataclass(eq=False)
+class ServedModel:
+    """One served model: its name, kind, the loaded model and (generation) its scheduler."""
+
+    name: str
+    kind: Kind
+    lm: LoadedModel
+    created: int = field(default_factory=lambda: int(time.time()))
+    scheduler: Scheduler | None = None
+    _embed_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def context_length(self) -> int:
+        """The model's context window in tokens (``max_seq_len``)."""
+        return self.lm.model.config.max_seq_len
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids run from 0 to ``vocab_size - 1``."""
+        return self.lm.model.config.vocab_size
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 - one cache per served model, they live as long as the server
+    def token_str(self, token: int) -> str:
+        """How a token reads on its own (logprobs ``tokens``): its decoded text, special tokens included."""
+        tok = self.lm.tokenizer
+        return f"token_id:{token}" if tok is None else tok.decode([token])
+
+    def embed(self, texts: Sequence[str]) -> tuple[Any, list[int]]:
+        """(vectors (N, dim) float32 tensor, token counts) of ``texts``; one batch at a time per model."""
+        from lamina.embeddings import embed_texts
+
+        with self._embed_lock:
+            out = embed_texts(self.lm, texts)
+        return out.vectors, out.n_tokens
+
+
+class Registry:
+    """Served models by name (``add``), their schedulers' lifecycle (``start`` / ``stop``) and lookup."""
+
+    def __init__(self, config: ServeConfig | None = None, metrics: Metrics | None = None) -> None:
+        self.config = config or ServeConfig()
+        self.metrics = metrics or Metrics()
+        self._models: dict[str, ServedModel] = {}
+
+    def add(self, name: str, lm: LoadedModel, kind: Kind | None = None) -> ServedModel:
+        """Serve ``lm`` as ``name``; ``kind`` defaults from the architecture (decoder: generation)."""
+        if not name:
+            raise ConfigError("a served model needs a non-empty name")
+        if name in self._models:
+            raise ConfigError(f"two served models are named {name!r}; give --served-model-name for one")
+        arch = lm.model.config.arch
+        kind = kind or ("embedding" if arch == "encoder" else "generation")
+        if kind == "generation" and arch != "decoder":
+            raise ConfigError(
+                f"model {name!r} is an {arch}: it cannot generate text (serve it for embeddings)"
+            )
+        if kind == "embedding" and lm.tokenizer is None:
+            raise ConfigError(f"model {name!r} has no tokenizer: embeddings need one")
+        served = ServedModel(name, kind, lm)
+        if kind == "generation":
+            cfg = self.config
+
+            def make_engine() -> Engine:
+                return Engine(
+                    lm.model,
+                    lm.tokenizer,
+                    lm.generation.eos_token_ids,
+                    max_batch_size=cfg.max_batch_size,
+                    max_tokens_in_flight=cfg.max_tokens_in_flight,
+                )
+
+            served.scheduler = Scheduler(
+                make_engine, name=name, metrics=self.metrics, max_queue=cfg.max_queue, timeout=cfg.timeout
+            )
+        self._models[name] = served
+        return served
+
+    @property
+    def names(self) -> list[str]:
+        """Served model names, in the order they were added."""
+        return list(self._models)
+
+    def models(self) -> list[ServedModel]:
+        """Every served model."""
+        return list(self._models.values())
+
+    def get(self, name: str, kind: Kind | None = None) -> ServedModel:
+        """The model called ``name`` (404 if none), which must be of ``kind`` when given (400 if not)."""
+        served = self._models.get(name)
+        if served is None:
+            raise model_not_found(name, self.names)
+        if kind is not None and served.kind != kind:
+            others = [m.name for m in self._models.values() if m.kind == kind]
+            hint = f"; models that do: {', '.join(others)}" if others else ""
+            raise APIError(
+                400,
+                f"The model {name!r} is a {served.kind} model: it does not support {_ROUTES[kind]}{hint}",
+                param="model",
+                code="model_not_supported",
+            )
+        return served
+
+    def start(self) -> None:
+        """Start every generation model's engine thread."""
+        for m in self._models.values():
+            if m.scheduler is not None:
+                m.scheduler.start()
+
+    def stop(self) -> None:
+        """Stop every engine thread."""
+        for m in self._models.values():
+            if m.scheduler is not None:
+                m.scheduler.stop()

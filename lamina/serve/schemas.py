@@ -1,0 +1,352 @@
+"""Request and response bodies of the OpenAI-compatible routes, as pydantic models.
+
+Requests follow OpenAI's API reference (field names, types, ranges and defaults); values are checked
+strictly (``"n": "2"`` is a type error, as it is for OpenAI) and every failure becomes a 400 with OpenAI's
+error body (``lamina.serve.errors``). Limits that are server settings (``n``, ``logit_bias`` size, token
+counts) are checked by the routes, which know them.
+
+Beyond OpenAI's fields, a request may carry lamina's decoding controls as extra fields, as vLLM accepts
+its sampling parameters: the common ones are declared here (``top_k``, ``min_p``, ``repetition_penalty``,
+``stop_token_ids``, ``min_tokens``, ``ignore_eos``, ...) and any other ``GenerationConfig`` field (e.g.
+``dry_multiplier``, ``mirostat``, ``choices``) is passed through by name. Any other unknown field is
+refused (400 "Unrecognized request argument supplied"), as OpenAI refuses it.
+
+Responses are OpenAI's: ``text_completion`` / ``chat.completion`` objects, their streamed ``chunk``
+forms, ``usage``, legacy completions ``logprobs`` (``tokens``, ``token_logprobs``, ``top_logprobs``,
+``text_offset``) and chat ``logprobs.content``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# -- requests -----------------------------------------------------------------------------------------------
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class StreamOptions(BaseModel):
+    """``stream_options``: ``include_usage`` adds a last chunk with ``usage`` (and ``"usage": null`` before)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    include_usage: bool = False
+
+
+class ResponseFormat(BaseModel):
+    """``response_format``: ``{"type": "text"}`` or ``{"type": "json_object"}`` (the output is one JSON value)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+class SamplingExtras(_Request):
+    """lamina's (and vLLM's) decoding controls beyond OpenAI's; any other GenerationConfig field also works."""
+
+    top_k: int | None = Field(default=None, ge=0, description="keep the k most likely tokens (0 = off)")
+    min_p: float | None = Field(default=None, ge=0, le=1, description="min-p truncation (0 = off)")
+    typical_p: float | None = Field(
+        default=None, gt=0, le=1, description="locally typical sampling (1 = off)"
+    )
+    repetition_penalty: float | None = Field(
+        default=None, gt=0, description="HF multiplicative penalty (1 = off)"
+    )
+    stop_token_ids: list[int] | None = Field(
+        default=None, description="token ids that end a sequence, like eos"
+    )
+    min_tokens: int | None = Field(
+        default=None, ge=0, description="at least this many tokens (eos banned before)"
+    )
+    ignore_eos: bool | None = Field(default=None, description="keep generating past eos")
+    include_stop_str_in_output: bool | None = Field(
+        default=None, description="keep the stop string in the text"
+    )
+    prompt_logprobs: int | None = Field(
+        default=None, ge=0, description="vLLM: logprobs of the prompt tokens with this many alternatives"
+    )
+    return_tokens_as_token_ids: bool | None = Field(
+        default=None, description='vLLM: logprobs name tokens as "token_id:ID" (exact, unlike their text)'
+    )
+
+
+class CompletionRequest(SamplingExtras):
+    """``POST /v1/completions`` (OpenAI legacy completions)."""
+
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="a string, a list of strings, a list of token ids, or a list of token-id lists"
+    )
+    max_tokens: int | None = Field(16, ge=0, description="tokens to generate (default 16, as OpenAI)")
+    temperature: float | None = Field(default=None, ge=0, le=2, description="0 = greedy; default 1")
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    n: int | None = Field(default=None, ge=1, description="completions per prompt")
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    logprobs: int | None = Field(
+        default=None, ge=0, description="logprobs of each token and of this many alternatives"
+    )
+    echo: bool | None = Field(False, description="prepend the prompt (and its logprobs with logprobs)")
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    best_of: int | None = Field(default=None, ge=1, description="only best_of = n is supported")
+    logit_bias: dict[str, float] | None = Field(
+        default=None, description="token id (as a string) -> bias in [-100, 100]"
+    )
+    user: str | None = None
+    seed: int | None = Field(
+        default=None, ge=-(2**63), le=2**64 - 1, description="64-bit; same seed, same text"
+    )
+    suffix: str | None = Field(default=None, description="not supported (400 when given)")
+    response_format: ResponseFormat | None = None
+
+
+class TextPart(BaseModel):
+    """A part of a message's content; only ``{"type": "text", "text": ...}`` parts are supported."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    """One chat message; ``content`` is a string or a list of text parts."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(SamplingExtras):
+    """``POST /v1/chat/completions``."""
+
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(
+        default=None, ge=0, description="deprecated by OpenAI for max_completion_tokens"
+    )
+    max_completion_tokens: int | None = Field(
+        default=None, ge=0, description="default: the rest of the context"
+    )
+    temperature: float | None = Field(default=None, ge=0, le=2, description="0 = greedy; default 1")
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    n: int | None = Field(default=None, ge=1)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(default=None, ge=0)
+    user: str | None = None
+    seed: int | None = Field(
+        default=None, ge=-(2**63), le=2**64 - 1, description="64-bit; same seed, same text"
+    )
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = Field(
+        default=None, description="not supported yet (400 when non-empty)"
+    )
+    tool_choice: Any = Field(default=None, description="only none / auto without tools")
+    parallel_tool_calls: bool | None = Field(default=None, description="accepted and ignored")
+    store: bool | None = Field(default=None, description="accepted and ignored")
+    metadata: dict[str, Any] | None = Field(default=None, description="accepted and ignored")
+    service_tier: str | None = Field(default=None, description="accepted and ignored")
+
+
+class EmbeddingRequest(_Request):
+    """``POST /v1/embeddings``."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] | None = "float"
+    dimensions: int | None = Field(
+        default=None, ge=1, description="must equal the model's dimension when given"
+    )
+    user: str | None = None
+
+
+# -- responses -----------------------------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    """Token counts of a request (prompt once per prompt, completion over every choice)."""
+
+    prompt_tokens: int
+    completion_tokens: int = 0
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    """Legacy completions logprobs: one entry per token (the echoed prompt's first token has None)."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    """One completion (choice ``index`` = prompt index * n + sequence index)."""
+
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+    stop_reason: str | int | None = Field(
+        default=None, description="vLLM: the stop string or token that ended it"
+    )
+
+
+class CompletionResponse(BaseModel):
+    """A ``text_completion`` object (also each streamed chunk)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class TopLogprob(BaseModel):
+    """A candidate token with its logprob (chat ``logprobs``)."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    """A generated token, its logprob and the most likely alternatives."""
+
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    """Chat ``logprobs``: one entry per generated token."""
+
+    content: list[ChatTokenLogprob] | None = None
+
+
+class ChatMessageOut(BaseModel):
+    """The assistant's message."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    """One chat completion."""
+
+    index: int
+    message: ChatMessageOut
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    """A ``chat.completion`` object."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class ChatDelta(BaseModel):
+    """What a streamed chunk adds to a choice's message."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    """One choice's part of a streamed chunk."""
+
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """A ``chat.completion.chunk`` (server-sent event ``data:``)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ModelCard(BaseModel):
+    """One served model (``GET /v1/models``); ``kind`` and ``max_model_len`` are lamina's additions."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "lamina"
+    kind: Literal["generation", "embedding"]
+    max_model_len: int
+    root: str | None = Field(default=None, description="where the model was loaded from")
+
+
+class ModelList(BaseModel):
+    """``GET /v1/models``."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Embedding(BaseModel):
+    """One input's vector (a list of floats, or base64 of little-endian float32)."""
+
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingResponse(BaseModel):
+    """``POST /v1/embeddings``."""
+
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: Usage
+
+
+class ErrorDetail(BaseModel):
+    """OpenAI's error object."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error body: ``{"error": {...}}``."""
+
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    """``GET /health``."""
+
+    status: Literal["ok", "error"]
+    models: list[str]
+    running: int
+    queued: int

@@ -1,0 +1,67 @@
+"""``ServeConfig``: every setting of ``lamina serve`` (binding, auth, batching, limits) in one dataclass."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from lamina.errors import ConfigError
+
+
+@dataclass
+class ServeConfig:
+    """How the server binds, whom it serves, how it batches, and what it refuses.
+
+    - ``host`` ["127.0.0.1": loopback only; "0.0.0.0" to listen on every interface], ``port`` [8000].
+    - ``api_keys`` [[]]: when non-empty, every ``/v1/*`` request needs ``Authorization: Bearer KEY``
+      with one of them (401 otherwise). ``lamina serve`` also reads ``LAMINA_API_KEY``.
+    - ``max_batch_size`` [32]: sequences decoded together; ``max_tokens_in_flight`` [None = no limit]:
+      the sum of prompt + completion tokens of the running sequences (a request needing more is
+      refused with 400, others wait in the queue).
+    - ``max_queue`` [256]: requests waiting to join the batch; beyond it requests get 429 with
+      ``Retry-After``. ``timeout`` [600 s; None = none]: from a request's arrival to its last token
+      (504 after it).
+    - limits of one request, each refused with 400: ``max_n`` [16] (``n``), ``max_logit_bias`` [300
+      entries, values in [-100, 100]], ``max_top_logprobs`` [20], ``max_stop`` [16 stop strings],
+      ``max_prompts`` [64 prompts per completions request], ``max_embedding_inputs`` [2048],
+      ``max_request_bytes`` [4 MiB of JSON body]. ``max_tokens`` is limited by the model's context window
+      (prompt + max_tokens > context: 400 ``context_length_exceeded``).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: list[str] = field(default_factory=list)
+    max_batch_size: int = 32
+    max_tokens_in_flight: int | None = None
+    max_queue: int = 256
+    timeout: float | None = 600.0
+    max_n: int = 16
+    max_logit_bias: int = 300
+    max_top_logprobs: int = 20
+    max_stop: int = 16
+    max_prompts: int = 64
+    max_embedding_inputs: int = 2048
+    max_request_bytes: int = 4 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_queue", "max_n", "max_prompts", "max_embedding_inputs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("max_logit_bias", "max_top_logprobs", "max_stop"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.max_request_bytes < 1024:
+            raise ConfigError(f"max_request_bytes={self.max_request_bytes} must be >= 1024")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ConfigError(f"timeout={self.timeout} must be > 0 seconds (or None: no timeout)")
+        if self.max_tokens_in_flight is not None and self.max_tokens_in_flight < 2:
+            raise ConfigError(f"max_tokens_in_flight={self.max_tokens_in_flight} must be >= 2 (or None)")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port={self.port} must be in [0, 65535]")
+        if any(not k for k in self.api_keys):
+            raise ConfigError("api_keys must not hold empty strings")
+
+    @staticmethod
+    def env_api_keys() -> list[str]:
+        """API keys from ``LAMINA_API_KEY`` (several separated by commas)."""
+        return [k.strip() for k in os.environ.get("LAMINA_API_KEY", "").split(",") if k.strip()]
