@@ -72,13 +72,14 @@ class Sequence_:
 
     prompt_index: int  # the request's index (its position in ``generate_ids``' prompts)
     tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" (eos, stop token or string, JSON done), "length", "abort"
+    finish_reason: str | None = None  # "stop" (eos, stop token or string, JSON), "length", "abort", "error"
     text: str | None = None
     stop_str: str | None = None  # the stop string that ended it
     index: int = 0  # which of the request's n sequences
     logprobs: list[TokenLogprob] | None = None  # per generated token, with cfg.logprobs
     prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token (None for the first)
     prompt_tokens: int = 0
+    error: str | None = None  # why it stopped, with finish_reason "error"
 
 
 @dataclass
@@ -184,6 +185,7 @@ class _Request:
     prompt: list[int]
     cfg: GenerationConfig
     seqs: list[Sequence_]
+    running: list[_Running]
 
 
 class Engine:
@@ -191,6 +193,8 @@ class Engine:
 
     ``max_batch_size`` bounds the running sequences, ``max_tokens_in_flight`` (optional) the sum of
     prompt + budget tokens over them; requests beyond wait in the queue (first come, first served).
+    ``max_prefill_tokens`` bounds the prompt tokens prefilled in one step (at least one request is
+    admitted), so a burst of arrivals does not stall the running sequences for long.
     ``submit`` and ``cancel`` may be called from other threads while one thread calls ``step``.
     """
 
@@ -201,12 +205,14 @@ class Engine:
         eos_token_ids: Sequence[int] = (),
         max_batch_size: int = 32,
         max_tokens_in_flight: int | None = None,
+        max_prefill_tokens: int = 1024,
     ) -> None:
         if max_batch_size < 1:
             raise ConfigError(f"max_batch_size={max_batch_size} must be >= 1")
         self.model, self.tokenizer = model, tokenizer
         self.eos_token_ids = list(eos_token_ids)
         self.max_batch_size, self.max_tokens_in_flight = max_batch_size, max_tokens_in_flight
+        self.max_prefill_tokens = max_prefill_tokens
         self._queue: deque[_Request] = deque()
         self._cancelled: set[int] = set()
         self._lock = threading.Lock()
@@ -247,8 +253,16 @@ class Engine:
             raise ConfigError("num_beams > 1: use lamina.generate.beam.beam_search (not the batched engine)")
         idx = rid if prompt_index is None else prompt_index
         seqs = [Sequence_(idx, index=k, prompt_tokens=len(prompt)) for k in range(cfg.n)]
+        # samplers and constraints are built now, so that their errors reach the caller, not step()
+        budget = min(cfg.max_new_tokens, limit - len(prompt))
+        stops = set(cfg.stop_token_ids) | (set() if cfg.ignore_eos else set(self.eos_token_ids))
+        running = [
+            _Running(s, Sampler(cfg, prompt, index=s.index, tokenizer=self.tokenizer), budget, stops,
+                     self.tokenizer, prompt, self._constraint(cfg))
+            for s in seqs
+        ]  # fmt: skip
         with self._lock:
-            self._queue.append(_Request(rid, prompt, cfg, seqs))
+            self._queue.append(_Request(rid, prompt, cfg, seqs, running))
             for s in seqs:
                 self._owner[id(s)] = rid
         return rid, seqs
@@ -306,11 +320,13 @@ class Engine:
 
     def _admissible(self) -> list[_Request]:
         taken: list[_Request] = []
-        rows = len(self._running)
+        rows, prefill = len(self._running), 0
         tokens = sum(len(r.sampler.prompt_ids) + r.budget for r in self._running)
         with self._lock:
             while self._queue:
                 req = self._queue[0]
+                if taken and prefill + len(req.prompt) > self.max_prefill_tokens:
+                    break
                 need = len(req.prompt) + min(req.cfg.max_new_tokens, self.model.config.max_seq_len)
                 if rows and rows + req.cfg.n > self.max_batch_size:
                     break
@@ -322,37 +338,39 @@ class Engine:
                     break
                 taken.append(self._queue.popleft())
                 rows, tokens = rows + req.cfg.n, tokens + req.cfg.n * need
+                prefill += len(req.prompt)
         return taken
 
     def _admit(self, req: _Request) -> list[Delta]:
         """Prefill one request alone, choose each sequence's first token, and add its rows to the batch."""
-        cfg, prompt = req.cfg, req.prompt
-        limit = self.model.config.max_seq_len
-        budget = min(cfg.max_new_tokens, limit - len(prompt))
-        stops = set(cfg.stop_token_ids) | (set() if cfg.ignore_eos else set(self.eos_token_ids))
-        running = [
-            _Running(s, Sampler(cfg, prompt, index=s.index, tokenizer=self.tokenizer), budget, stops,
-                     self.tokenizer, prompt, self._constraint(cfg))
-            for s in req.seqs
-        ]  # fmt: skip
+        cfg, prompt, running = req.cfg, req.prompt, req.running
+        budget = running[0].budget
         out: list[Delta] = []
-        if budget <= 0:
+        want_prompt = cfg.prompt_logprobs is not None
+        if budget <= 0 and not want_prompt:
             for r in running:
                 r.seq.finish_reason = "length"
                 out.append(Delta(r.seq, None, r._flush()))
             return out
         cache = KVCache(self.model.config, 1, len(prompt), self._dtype, self._device)
         ids = torch.tensor([prompt], device=self._device)
-        want_prompt = cfg.prompt_logprobs is not None
         logits = self.model(ids, cache=cache, last_only=not want_prompt)
         if cfg.prompt_logprobs is not None:
             pl = prompt_logprobs(logits[0], ids[0], cfg.prompt_logprobs)
             listed: list[TokenLogprob | None] = [None, *_to_list(pl, prompt[1:])]
             for r in running:
                 r.seq.prompt_logprobs = listed
+        if budget <= 0:  # only the prompt's logprobs were asked for (max_tokens=0, as lm-eval does)
+            for r in running:
+                r.seq.finish_reason = "length"
+                out.append(Delta(r.seq, None, r._flush()))
+            return out
         last = logits[:, -1].float().expand(len(running), -1)
         joined = []
-        for r, tok, lp in zip(running, *self._choose(last, running), strict=True):
+        for r, tok, lp in zip(running, *self._choose_safely(last, running), strict=True):
+            if tok < 0:
+                out.append(Delta(r.seq, None, r._flush()))
+                continue
             out.append(r.delta(tok, lp))
             if r.seq.finish_reason is None:
                 r.feed = tok
@@ -375,8 +393,11 @@ class Engine:
         logits = self.model(feed, cache=cache)[:, -1]
         out: list[Delta] = []
         keep: list[int] = []
-        tokens, lps = self._choose(logits, self._running)
+        tokens, lps = self._choose_safely(logits, self._running)
         for row, (r, tok, lp) in enumerate(zip(self._running, tokens, lps, strict=True)):
+            if tok < 0:
+                out.append(Delta(r.seq, None, r._flush()))
+                continue
             out.append(r.delta(tok, lp))
             if r.seq.finish_reason is None:
                 r.feed = tok
@@ -395,6 +416,29 @@ class Engine:
         with self._lock:
             for r in gone:
                 self._owner.pop(id(r.seq), None)
+
+    def _choose_safely(
+        self, logits: Tensor, rows: Sequence[_Running]
+    ) -> tuple[list[int], list[TokenLogprob | None]]:
+        """``_choose``, but a row whose controls fail (e.g. every token banned) finishes alone with
+        ``finish_reason="error"`` (token -1) instead of failing the whole batch."""
+        try:
+            return self._choose(logits, rows)
+        except Exception as e:
+            if len(rows) == 1:
+                rows[0].seq.finish_reason, rows[0].seq.error = "error", f"{type(e).__name__}: {e}"
+                return [-1], [None]
+        tokens: list[int] = []
+        lps: list[TokenLogprob | None] = []
+        for i, r in enumerate(rows):
+            try:
+                t, lp = self._choose(logits[i : i + 1], [r])
+            except Exception as e:
+                r.seq.finish_reason, r.seq.error = "error", f"{type(e).__name__}: {e}"
+                t, lp = [-1], [None]
+            tokens += t
+            lps += lp
+        return tokens, lps
 
     def _choose(
         self, logits: Tensor, rows: Sequence[_Running]

@@ -261,3 +261,32 @@ def lamina_generate(lm: Any, prompt: str, **kw: Any) -> str:
     import lamina
 
     return lamina.generate(lm, prompt, **kw)
+
+
+@torch.no_grad()
+def test_a_failing_sequence_finishes_alone_and_the_batch_goes_on() -> None:
+    model = _tiny_model()
+    doomed = GenerationConfig(
+        temperature=0.0, allowed_token_ids=[5], no_repeat_ngram_size=1, max_new_tokens=4
+    )
+    fine = GenerationConfig(temperature=0.0, max_new_tokens=6, ignore_eos=True)
+    bad, good = generate_ids(model, [[1, 2], [3, 4]], [doomed, fine])
+    assert bad.finish_reason == "error" and bad.error and bad.tokens == [5]  # every token banned at step 2
+    assert good.finish_reason == "length" and good.tokens == greedy_decode(model, [[3, 4]], 6)[0]
+
+
+@torch.no_grad()
+def test_prompt_logprobs_without_new_tokens_and_the_prefill_cap() -> None:
+    from lamina.generate.engine import Engine
+
+    model = _tiny_model()
+    (seq,) = generate_ids(model, [[3, 1, 4, 1, 5]], GenerationConfig(max_new_tokens=0, prompt_logprobs=1))
+    assert seq.tokens == [] and seq.finish_reason == "length"
+    assert seq.prompt_logprobs is not None and len(seq.prompt_logprobs) == 5 and seq.prompt_logprobs[1]
+    engine = Engine(model, max_batch_size=8, max_prefill_tokens=15)
+    for _ in range(3):
+        engine.submit(list(range(1, 11)), GenerationConfig(temperature=0.0, max_new_tokens=5))
+    engine.step()
+    assert (engine.num_running, engine.num_queued) == (1, 2)  # 10 + 10 prompt tokens > 15 per step
+    engine.step()
+    assert (engine.num_running, engine.num_queued) == (2, 1)
