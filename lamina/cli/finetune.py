@@ -1,4 +1,5 @@
-"""``lamina finetune --task classify --data train.csv --init MODEL``: train a task head on labeled text."""
+"""``lamina finetune --task classify --data train.csv --init MODEL``: train a task head on labeled text
+(``--task regress``; ``--task token_classify --data conll.jsonl`` for tagging)."""
 
 from __future__ import annotations
 
@@ -14,17 +15,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``finetune`` verb."""
     p = sub.add_parser(
         "finetune",
-        help="fine-tune a sequence classification or regression head on a CSV/JSONL file",
+        help="fine-tune a classification, regression or token classification head on labeled data",
         description="Put a fresh task head on MODEL (--init) or on a model built from --model.* flags, "
-        "and train on --data (CSV with a header or JSONL; columns --task.text_field [text] and "
-        "--task.label_field [label]). Reports loss, accuracy and macro F1 (or MSE) on held-out rows "
-        "after every epoch. Freeze layers with --train.freeze '[0-3]' (block indices) or name globs "
+        "and train on --data (CSV with a header or JSONL; columns --task.text_field [text], "
+        "--task.pair_field for sentence pairs, and --task.label_field [label]; for token_classify, JSONL "
+        "with a list of words --task.tokens_field [tokens] and one tag per word --task.tags_field [tags]). "
+        "Reports loss, accuracy and macro F1 (or MSE; token_classify: token accuracy, macro F1 and, for "
+        "IOB tags, entity F1) on held-out rows after every epoch. Freeze layers with --train.freeze '[0-3]' (block indices) or name globs "
         "('[tok_emb.*]'). Any field of the sections task, model, train can be set as --SECTION.FIELD.",
         epilog="example: lamina finetune --task classify --data reviews.csv --init minilm "
         "--train.epochs 3 --train.out_dir runs/sentiment",
     )
     p.add_argument("--config", help="run config YAML with sections task, train, model, init")
-    p.add_argument("--task", choices=["classify", "regress"], help="the head to train (default classify)")
+    p.add_argument(
+        "--task",
+        choices=["classify", "regress", "token_classify"],
+        help="the head to train (default classify)",
+    )
     p.add_argument("--data", help="labeled CSV or JSONL file (task.data)")
     p.add_argument("--init", help="MODEL to fine-tune (its tokenizer too)")
     p.set_defaults(func=run, accepts_overrides=True)

@@ -1,4 +1,5 @@
-"""Fine-tuning a task head (sequence classification or regression) on labeled text, with the one trainer.
+"""Fine-tuning a task head (sequence classification, regression or token classification) on labeled
+text, with the one trainer.
 
 A run has the sections of pretraining plus ``task``::
 
@@ -8,9 +9,13 @@ A run has the sections of pretraining plus ``task``::
     train: {epochs: 3, lr: 5.0e-5, freeze: ["0-3"]}
 
 The model keeps its encoder (or decoder) weights and gets a fresh head: ``head=classify`` with one
-output per label (the labels are the sorted distinct values of the label column) or ``head=regress``.
-Every epoch ends with an evaluation on the held-out rows: loss, accuracy and macro F1 (classify) or
-MSE (regress), printed and written to ``metrics.jsonl``.
+output per label (the labels are ``task.labels`` or else the sorted distinct values of the label
+column), ``head=regress``, or ``head=token_classify`` (one label per word; the data is JSONL with
+``tokens`` and ``tags`` columns, see ``lamina.data.labeled.TaggedBatches``). The label names are kept
+in the saved model config (``labels``). Every epoch ends with an evaluation on the held-out rows, printed
+and written to ``metrics.jsonl``: loss, then accuracy and macro F1 (classify), MSE (regress), or token
+accuracy, macro F1 over labels and, for IOB tags (``B-PER``, ``I-PER``, ``O``), entity-level F1 as
+seqeval computes it (token_classify).
 """
 
 from __future__ import annotations
@@ -24,14 +29,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lamina.config import ModelConfig, TrainConfig, from_dict, to_dict
-from lamina.data.labeled import LabeledBatches, LabeledData, read_labeled
+from lamina.data.labeled import (
+    IGNORE,
+    LabeledBatches,
+    LabeledData,
+    TaggedBatches,
+    TaggedData,
+    read_labeled,
+    read_tagged,
+)
 from lamina.errors import ConfigError, DataError
 from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
 from lamina.train.objectives import Batch, Objective
 from lamina.train.trainer import TrainResult, train
 
-Task = Literal["classify", "regress"]
+Task = Literal["classify", "regress", "token_classify"]
 
 
 @dataclass
@@ -45,6 +58,9 @@ class TaskConfig:
     text_field: str = "text"
     pair_field: str | None = None  # a second text per row (sentence pairs: [CLS] a [SEP] b [SEP])
     label_field: str = "label"
+    tokens_field: str = "tokens"  # token_classify: the list of words of a row ...
+    tags_field: str = "tags"  # ... and the list of their tags, one per word (CoNLL-style JSONL)
+    labels: list[str] | None = None  # the label names in output order; None: the data's, sorted
     max_seq_len: int = 128
     tokenizer: str | None = None  # a model built from scratch needs one (tokenizer.json or MODEL)
 
@@ -53,6 +69,12 @@ class TaskConfig:
             raise ConfigError(f"val_fraction={self.val_fraction} must be in (0, 1)")
         if self.max_seq_len < 3:
             raise ConfigError(f"max_seq_len={self.max_seq_len} must be >= 3")
+        if self.labels is not None:
+            if self.task == "regress":
+                raise ConfigError("task.labels names classes; task=regress has none: leave labels unset")
+            self.labels = [_name(v) for v in self.labels]
+            if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
+                raise ConfigError(f"task.labels={self.labels} must be >= 2 distinct names")
 
 
 SECTIONS: dict[str, type | None] = {
@@ -126,14 +148,14 @@ def _is_number(s: str) -> bool:
 
 
 def with_task_head(model: Transformer, task: Task, labels: list[str] | None) -> Transformer:
-    """A copy of ``model`` with a fresh ``task`` head (the body's weights kept; an encoder gets a pooler,
-    the pretrained one when it has it)."""
+    """A copy of ``model`` with a fresh ``task`` head (the body's weights kept; an encoder's sequence head
+    gets a pooler, the pretrained one when it has it)."""
     cfg = dataclasses.replace(
         model.config,
         head=task,
         n_labels=len(labels) if labels is not None else 1,
         labels=labels,
-        pooler=model.config.arch == "encoder",
+        pooler=model.config.arch == "encoder" and task != "token_classify",
         lm_head_transform=False,
     )
     new = Transformer(cfg)
@@ -144,12 +166,18 @@ def with_task_head(model: Transformer, task: Task, labels: list[str] | None) -> 
 
 
 def classification_loss(task: Task) -> Objective:
-    """Cross-entropy over classes (classify) or mean squared error (regress) of ``batch["labels"]``."""
+    """Cross-entropy over classes (classify), over the labelled positions (token_classify: labels
+    (B, T), -100 where unlabelled) or mean squared error (regress) of ``batch["labels"]``."""
 
     def loss(model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
         out = model(batch["input_ids"], attention_mask=batch["attention_mask"],
                     token_type_ids=batch.get("token_type_ids"))  # fmt: skip
         labels = batch["labels"]
+        if task == "token_classify":  # out (B, T, n_labels), labels (B, T)
+            n = int((labels != IGNORE).sum())
+            total = F.cross_entropy(out.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+                                    reduction="sum")  # fmt: skip
+            return total / max(n, 1), n
         if task == "classify":
             return F.cross_entropy(out.float(), labels), len(labels)
         return F.mse_loss(out.float().squeeze(-1), labels.float()), len(labels)
@@ -168,30 +196,59 @@ def classification_metrics(preds: Tensor, labels: Tensor, n_classes: int) -> dic
     return {"accuracy": float((preds == labels).float().mean()), "f1": sum(f1s) / n_classes}
 
 
+def token_classification_metrics(
+    preds: list[Tensor], labels: list[Tensor], names: list[str]
+) -> dict[str, float]:
+    """Token accuracy and macro F1 over the labels of the labelled positions of each sentence (one
+    tensor of tag ids per sentence), plus ``entity_f1`` when the names are IOB tags."""
+    m = classification_metrics(torch.cat(preds), torch.cat(labels), len(names))
+    if all(n == "O" or n.startswith(("B-", "I-")) for n in names) and any(n.startswith("B-") for n in names):
+        m["entity_f1"] = entity_f1(
+            [[names[i] for i in y.tolist()] for y in labels], [[names[i] for i in p.tolist()] for p in preds]
+        )
+    return m
+
+
+def entity_f1(true: list[list[str]], pred: list[list[str]]) -> float:
+    """Entity-level F1 of IOB-tagged sentences, as seqeval's default mode (conlleval): an entity of type
+    X starts at ``B-X`` or at an ``I-X`` that does not continue an X, and runs over the ``I-X`` after it;
+    a predicted entity counts when its type and span both match a true one."""
+    t = {(k, c) for k, tags in enumerate(true) for c in _chunks(tags)}
+    p = {(k, c) for k, tags in enumerate(pred) for c in _chunks(tags)}
+    return 2 * len(t & p) / (len(t) + len(p)) if t or p else 0.0
+
+
+def _chunks(tags: list[str]) -> list[tuple[str, int, int]]:
+    """The (type, start, end) entities of one IOB-tagged sentence."""
+    out, kind, start = [], "", 0
+    for i, tag in enumerate([*tags, "O"]):
+        if tag.startswith("I-") and tag[2:] == kind:
+            continue
+        if kind:
+            out.append((kind, start, i))
+        kind, start = (tag[2:], i) if tag.startswith(("B-", "I-")) else ("", i)
+    return out
+
+
 def finetune(run: FinetuneRun) -> tuple[Transformer, Tokenizer, TrainResult]:
     """Read the data, put a task head on the model, train it; returns the model, tokenizer and summary."""
     t = run.task
     if not t.data:
-        raise ConfigError("task.data is not set: pass a CSV or JSONL file with text and label columns")
-    data = read_labeled(t.data, t.text_field, t.label_field, t.pair_field)
+        kind = "JSONL file with tokens and tags" if t.task == "token_classify" else "CSV or JSONL file"
+        raise ConfigError(f"task.data is not set: pass a labeled {kind}")
+    train_data = _read(t, t.data)
     if t.val_data:
-        train_data, val_data = data, read_labeled(t.val_data, t.text_field, t.label_field, t.pair_field)
+        val_data = _read(t, t.val_data)
     else:
-        train_data, val_data = data.split(t.val_fraction, run.train.seed)
+        train_data, val_data = train_data.split(t.val_fraction, run.train.seed)
     base, tokenizer = _base_model(run)
-    names = label_names(train_data.labels + val_data.labels) if t.task == "classify" else None
-    if names is not None and len(names) < 2:
-        raise DataError(f"the label column {t.label_field!r} has one value ({names[0]!r}): need >= 2 classes")
+    names = _label_names(t, train_data, val_data)
     model = with_task_head(base, t.task, names)
     max_len = min(t.max_seq_len, model.config.max_seq_len)
     tt = model.type_emb is not None
     tcfg = run.train
-    train_b = LabeledBatches(
-        tokenizer, train_data, _targets(train_data, names), tcfg.batch_size, max_len, tcfg.seed, tt
-    )
-    val_b = LabeledBatches(
-        tokenizer, val_data, _targets(val_data, names), tcfg.batch_size, max_len, tcfg.seed, tt
-    )
+    train_b = _batches(tokenizer, train_data, names, tcfg.batch_size, max_len, tcfg.seed, tt)
+    val_b = _batches(tokenizer, val_data, names, tcfg.batch_size, max_len, tcfg.seed, tt)
     per_epoch = train_b.steps_per_epoch
     steps = tcfg.max_steps or max(1, round((tcfg.epochs or 1) * per_epoch))
     tcfg = dataclasses.replace(
@@ -200,16 +257,23 @@ def finetune(run: FinetuneRun) -> tuple[Transformer, Tokenizer, TrainResult]:
 
     def metrics(net: nn.Module) -> dict[str, float]:
         preds, labels = [], []
+        dev = next(net.parameters()).device
         for b in val_b.eval_batches():
-            dev = next(net.parameters()).device
             out = net(b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev),
                       token_type_ids=b["token_type_ids"].to(dev) if "token_type_ids" in b else None)  # fmt: skip
-            preds.append(out.float().cpu())
-            labels.append(b["labels"])
-        p, y = torch.cat(preds), torch.cat(labels)
+            out, y = out.float().cpu(), b["labels"]
+            if t.task == "token_classify":  # one sentence's labelled positions at a time
+                p = out.argmax(-1)
+                preds += [p[r][y[r] != IGNORE] for r in range(len(y))]
+                labels += [y[r][y[r] != IGNORE] for r in range(len(y))]
+            else:
+                preds.append(out)
+                labels.append(y)
         if names is None:
-            return {"mse": float(F.mse_loss(p.squeeze(-1), y.float()))}
-        return classification_metrics(p.argmax(-1), y, len(names))
+            return {"mse": float(F.mse_loss(torch.cat(preds).squeeze(-1), torch.cat(labels).float()))}
+        if t.task == "token_classify":
+            return token_classification_metrics(preds, labels, names)
+        return classification_metrics(torch.cat(preds).argmax(-1), torch.cat(labels), len(names))
 
     result = train(
         model, tcfg, train_b, classification_loss(t.task), val_b.eval_batches,
@@ -219,14 +283,76 @@ def finetune(run: FinetuneRun) -> tuple[Transformer, Tokenizer, TrainResult]:
     return model, tokenizer, result
 
 
+def _read(t: TaskConfig, path: str) -> LabeledData | TaggedData:
+    if t.task == "token_classify":
+        return read_tagged(path, t.tokens_field, t.tags_field)
+    return read_labeled(path, t.text_field, t.label_field, t.pair_field)
+
+
+def _label_names(
+    t: TaskConfig, train_data: LabeledData | TaggedData, val_data: LabeledData | TaggedData
+) -> list[str] | None:
+    """``task.labels``, or else the data's distinct labels, sorted; None for regression."""
+    if t.task == "regress":
+        return None
+    if t.labels is not None:
+        return t.labels
+    if isinstance(train_data, TaggedData) and isinstance(val_data, TaggedData):
+        names = label_names([v for tags in train_data.tags + val_data.tags for v in tags])
+        column = t.tags_field
+    else:
+        assert isinstance(train_data, LabeledData) and isinstance(val_data, LabeledData)
+        names = label_names(train_data.labels + val_data.labels)
+        column = t.label_field
+    if len(names) < 2:
+        raise DataError(f"the label column {column!r} has one value ({names[0]!r}): need >= 2 classes")
+    return names
+
+
+def _batches(
+    tokenizer: Tokenizer,
+    data: LabeledData | TaggedData,
+    names: list[str] | None,
+    batch_size: int,
+    max_len: int,
+    seed: int,
+    token_types: bool,
+) -> LabeledBatches | TaggedBatches:
+    if isinstance(data, TaggedData):
+        assert names is not None
+        index = {n: i for i, n in enumerate(names)}
+        tag_ids = [
+            [_label_id(index, v, where) for v in tags]
+            for tags, where in zip(data.tags, _where(data), strict=True)
+        ]
+        return TaggedBatches(tokenizer, data, tag_ids, batch_size, max_len, seed, token_types)
+    return LabeledBatches(tokenizer, data, _targets(data, names), batch_size, max_len, seed, token_types)
+
+
 def _targets(data: LabeledData, names: list[str] | None) -> Tensor:
     if names is None:
-        try:
-            return torch.tensor([float(v) for v in data.labels])
-        except ValueError as e:
-            raise DataError(f"task=regress needs numeric labels: {e}") from e
+        for v, where in zip(data.labels, _where(data), strict=True):
+            if isinstance(v, str) and not _is_number(v):
+                raise DataError(f"{where}: label {v!r} is not a number; task=regress needs numeric labels")
+        return torch.tensor([float(v) for v in data.labels])
     index = {n: i for i, n in enumerate(names)}
-    return torch.tensor([index[_name(v)] for v in data.labels])
+    return torch.tensor(
+        [_label_id(index, v, where) for v, where in zip(data.labels, _where(data), strict=True)]
+    )
+
+
+def _where(data: LabeledData | TaggedData) -> list[str]:
+    return data.where or [f"row {i}" for i in range(1, len(data) + 1)]
+
+
+def _label_id(index: dict[str, int], value: str | float, where: str) -> int:
+    name = _name(value)
+    if name not in index:
+        raise DataError(
+            f"{where}: label {name!r} is not one of task.labels {list(index)}; fix: add it to task.labels "
+            "or leave task.labels unset to take the data's labels"
+        )
+    return index[name]
 
 
 def _base_model(run: FinetuneRun) -> tuple[Transformer, Tokenizer]:
