@@ -16,6 +16,7 @@ from lamina.checkpoint.lamina import build_model, load_checkpoint
 from lamina.checkpoint.registry import ModelEntry, resolve
 from lamina.config import GenerationConfig
 from lamina.errors import ConfigError
+from lamina.model.quant import FORMATS, convert_weights
 from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
 
@@ -34,14 +35,22 @@ def load(
     model: str | os.PathLike[str],
     dtype: torch.dtype | str = torch.float32,
     device: torch.device | str = "cpu",
+    weights: str | None = None,
 ) -> LoadedModel:
-    """Load MODEL (a path, a name in the models directory, or a packaged short name such as ``smollm2``)."""
+    """Load MODEL (a path, a name in the models directory, or a packaged short name such as ``smollm2``).
+
+    ``weights`` converts the model for inference to a weight format of ``lamina.model.quant.FORMATS``
+    ("fp32", "bf16", "int8" weight-only, "w8a8"); it then decides the dtype (int8 quantizes the
+    fp32 weights).
+    """
+    if weights is not None and weights not in FORMATS:
+        raise ConfigError(f"weight format {weights!r} is not one of {', '.join(FORMATS)}")
     entry = resolve(model)
-    dt = _dtype(dtype)
+    dt = torch.float32 if weights is not None else _dtype(dtype)
     if entry.format == "lamina":
         net, gen = load_checkpoint(entry.path, dtype=dt, device=device)
         tok = Tokenizer.from_file(entry.path) if (entry.path / "tokenizer.json").is_file() else None
-        return LoadedModel(net, tok, gen, entry)
+        return LoadedModel(_convert(net, weights), tok, gen, entry)
     if entry.format == "gguf":
         gf = read_gguf(entry.path)
         hf, sd = gguf_to_hf(gf)
@@ -51,7 +60,11 @@ def load(
         tok = Tokenizer.from_file(entry.path) if (entry.path / "tokenizer.json").is_file() else None
     cfg = config_from_hf(hf)
     net = build_model(cfg, state_dict_from_hf(hf, sd, cfg), dtype=dt, device=device)
-    return LoadedModel(net, tok, _generation_defaults(entry.path, hf, tok), entry)
+    return LoadedModel(_convert(net, weights), tok, _generation_defaults(entry.path, hf, tok), entry)
+
+
+def _convert(net: Transformer, weights: str | None) -> Transformer:
+    return net if weights is None else convert_weights(net, weights)
 
 
 def _generation_defaults(path: Path, hf: dict[str, Any], tok: Tokenizer | None) -> GenerationConfig:

@@ -293,19 +293,22 @@ class Attention(nn.Module):
             cache.v[self.layer_idx][:, :, start : start + T] = v
             k = cache.k[self.layer_idx][:, :, : start + T]
             v = cache.v[self.layer_idx][:, :, : start + T]
-        if self.n_kv_heads != self.n_heads:  # GQA: each KV head serves n_heads / n_kv_heads query heads
-            rep = self.n_heads // self.n_kv_heads
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask,
-            dropout_p=self.attn_dropout if self.training else 0.0,
-            is_causal=is_causal,
-        )
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        dropout_p = self.attn_dropout if self.training else 0.0
+        rep = self.n_heads // self.n_kv_heads  # GQA: each KV head serves `rep` query heads
+        if rep > 1 and T == 1:
+            # one new token (decoding): a KV head's `rep` query heads become `rep` query rows of that
+            # head, so attention reads the cache as it is (no copy) in one call with more rows per head
+            S = k.shape[2]
+            if attn_mask is not None and attn_mask.shape[1] > 1:
+                attn_mask = attn_mask.reshape(B, self.n_kv_heads, rep, S)
+            q = q.reshape(B, self.n_kv_heads, rep, self.head_dim)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=rep > 1
+            )
+        # y is (B, H, T, hd), or (B, Hkv, rep, hd) with T = 1: the same memory order
+        return self.o_proj(y.reshape(B, self.n_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1))
 
 
 # -- MLPs --------------------------------------------------------------------------------------------------
