@@ -27,13 +27,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", metavar="MODEL", help="path, models-directory name or packaged name")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype")
+    p.add_argument(
+        "--weights",
+        default=None,
+        choices=["fp32", "bf16", "int8", "w8a8"],
+        help="convert the weights for inference: int8 (weight-only) decodes fastest on CPU, bf16 next; "
+        "overrides --dtype (default: none, the checkpoint's weights in --dtype)",
+    )
     add_control_flags(p.add_argument_group("decoding controls", "as for `lamina generate`"))
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the model and chat on the terminal."""
-    lm = load(args.model, dtype=args.dtype)
+    lm = load(args.model, dtype=args.dtype, weights=args.weights)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"lamina chat with {lm.entry.name}. {HELP}", file=sys.stderr)

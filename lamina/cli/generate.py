@@ -55,6 +55,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype (default fp32)"
     )
+    p.add_argument(
+        "--weights",
+        default=None,
+        choices=["fp32", "bf16", "int8", "w8a8"],
+        help="convert the weights for inference: int8 (weight-only) decodes fastest on CPU, bf16 next; "
+        "overrides --dtype (default: none, the checkpoint's weights in --dtype)",
+    )
     controls = p.add_argument_group(
         "decoding controls",
         "every GenerationConfig field (its docstring gives the semantics); values are read as YAML, e.g. "
@@ -84,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     if (args.prompt is None) == (args.input is None):
         raise ConfigError("give a PROMPT or --input prompts.jsonl (one of the two)")
     controls = controls_from_args(args)
-    lm = load(args.model, dtype=args.dtype)
+    lm = load(args.model, dtype=args.dtype, weights=args.weights)
     if args.input is not None:
         return run_batch(lm, args, controls)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt

@@ -60,16 +60,16 @@ def test_chat_keeps_history_and_obeys_commands(lamina_smollm2: Any) -> None:
         ["My name is Ada.", "What is my name?", "/reset", "What is my name?", "/bogus", "/exit", "never"]
     )
     written: list[str] = []
-    history = chat_loop(lm, lambda: next(lines, None), written.append, max_new_tokens=12)
+    history = chat_loop(lm, lambda: next(lines, None), written.append, max_new_tokens=8)
     out = "".join(written)
-    first = lamina.generate(lm, [{"role": "user", "content": "My name is Ada."}], max_new_tokens=12)
+    first = lamina.generate(lm, [{"role": "user", "content": "My name is Ada."}], max_new_tokens=8)
     convo = [
         {"role": "user", "content": "My name is Ada."},
         {"role": "assistant", "content": first},
         {"role": "user", "content": "What is my name?"},
     ]
-    second = lamina.generate(lm, convo, max_new_tokens=12)
-    fresh = lamina.generate(lm, [{"role": "user", "content": "What is my name?"}], max_new_tokens=12)
+    second = lamina.generate(lm, convo, max_new_tokens=8)
+    fresh = lamina.generate(lm, [{"role": "user", "content": "What is my name?"}], max_new_tokens=8)
     assert out.startswith(first + "\n" + second + "\n(conversation reset)\n" + fresh + "\n")
     assert "unknown command '/bogus'" in out
     assert history == [

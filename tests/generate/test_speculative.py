@@ -124,12 +124,15 @@ def test_equals_greedy_on_smollm2(lamina_smollm2: Any) -> None:
     model, tok = lamina_smollm2.model, lamina_smollm2.tokenizer
     eos = lamina_smollm2.generation.eos_token_ids
     prompts = [tok.encode("The capital of France is"), tok.encode("def fibonacci(n):\n    ")]
-    refs = greedy_decode(model, prompts, 24, eos)
-    for prompt, ref in zip(prompts, refs, strict=True):
-        for name, kw in [("draft_layers=8", {"draft_layers": 8}), ("draft_layers=20", {"draft_layers": 20}),
-                         ("draft=target", {"draft": model})]:  # fmt: skip
-            res = speculative_decode(model, prompt, 24, eos_token_ids=eos, **kw)
-            print(f"{name}: acceptance {res.acceptance_rate:.2f}, {res.target_calls} target calls")
-            assert res.tokens == ref, name
-            if name == "draft=target":
-                assert res.acceptance_rate == 1.0
+    refs = greedy_decode(model, prompts, 16, eos)
+    runs = [  # each draft on one prompt: 3 runs instead of 6 keep the test short
+        ("draft_layers=8", {"draft_layers": 8}, 0),
+        ("draft_layers=20", {"draft_layers": 20}, 1),
+        ("draft=target", {"draft": model}, 0),
+    ]
+    for name, kw, i in runs:
+        res = speculative_decode(model, prompts[i], 16, eos_token_ids=eos, **kw)
+        print(f"{name}: acceptance {res.acceptance_rate:.2f}, {res.target_calls} target calls")
+        assert res.tokens == refs[i], name
+        if name == "draft=target":
+            assert res.acceptance_rate == 1.0
