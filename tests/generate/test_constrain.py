@@ -7,7 +7,6 @@ import dataclasses
 import json
 import random
 import re
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -443,9 +442,8 @@ def test_json_masks_are_memoised_per_tokenizer(lamina_smollm2: Any) -> None:
         a.allowed(100)
         a.advance(token)
     walks = a.masker.walks
-    t0 = time.perf_counter()
     for token in tok.encode('{"a": "x', add_special_tokens=False):
         b.allowed(100)
         b.advance(token)
-    assert a.masker.walks == walks and time.perf_counter() - t0 < 0.05
+    assert a.masker.walks == walks  # no new trie walk: every mask came from the memo
     assert a.state == b.state
