@@ -143,7 +143,30 @@ def completion_response(
     )
 
 
-async def completion_stream(
+async def _sse(
+    job: Job, chunks: AsyncIterator[str], usage_chunk: Callable[[], str] | None
+) -> AsyncIterator[str]:
+    """Frame a stream of ``data:`` chunks: then the usage chunk (with ``include_usage``) and ``[DONE]``;
+    an error event and ``[DONE]`` if the job fails; the job cancelled if the stream stops early (the
+    client went away)."""
+    finished = False
+    try:
+        async for c in chunks:
+            yield c
+        finished = True
+        if usage_chunk is not None:
+            yield usage_chunk()
+        yield DONE
+    except APIError as e:
+        finished = True
+        yield e.sse()
+        yield DONE
+    finally:
+        if not finished:
+            job.cancel()
+
+
+def completion_stream(
     job: Job,
     prepared: Prepared,
     served: ServedModel,
@@ -157,15 +180,14 @@ async def completion_stream(
     """
     rid, created, n = new_id("cmpl"), int(time.time()), prepared.n
     offsets: dict[int, _Offsets] = {}
-    completion_tokens = 0
-    finished = False
+    counted = [0]  # completion tokens so far
 
     def chunk(index: int, text: str, lp: CompletionLogprobs | None, finish: Any = None) -> str:
         c = CompletionChoice(index=index, text=text, logprobs=lp, finish_reason=finish)
         body = CompletionResponse(id=rid, created=created, model=served.name, choices=[c])
         return f"data: {body.model_dump_json(exclude={'usage'})}\n\n"
 
-    try:
+    async def chunks() -> AsyncIterator[str]:
         async for pi, d in job.events():
             idx = pi * n + d.seq.index
             if idx not in offsets:  # the choice's first delta: the prefill is done
@@ -187,31 +209,18 @@ async def completion_stream(
                 lp = offsets[idx].logprobs([d.token], [d.logprob])
             text = "" if prepared.zero_tokens else d.text
             if d.token is not None and not prepared.zero_tokens:
-                completion_tokens += 1
+                counted[0] += 1
             finish = _finish(d.seq, prepared) if d.finished else None
             if text or lp is not None or finish is not None:
                 yield chunk(idx, text, lp, finish)
-        finished = True
-        if include_usage:
-            body = CompletionResponse(
-                id=rid,
-                created=created,
-                model=served.name,
-                choices=[],
-                usage=usage(prepared, None, completion_tokens),
-            )
-            yield f"data: {body.model_dump_json()}\n\n"
-        yield DONE
-    except APIError as e:
-        finished = True
-        yield e.sse()
-        yield DONE
-    finally:
-        if not finished:
-            job.cancel()
 
+    def usage_chunk() -> str:
+        body = CompletionResponse(
+            id=rid, created=created, model=served.name, choices=[], usage=usage(prepared, None, counted[0])
+        )
+        return f"data: {body.model_dump_json()}\n\n"
 
-# -- chat ------------------------------------------------------------------------------------------------------
+    return _sse(job, chunks(), usage_chunk if include_usage else None)
 
 
 def _chat_logprobs(
@@ -266,7 +275,7 @@ def chat_response(
     )
 
 
-async def chat_stream(
+def chat_stream(
     job: Job,
     prepared: Prepared,
     served: ServedModel,
@@ -276,8 +285,7 @@ async def chat_stream(
 ) -> AsyncIterator[str]:
     """``chat.completion.chunk`` events: the role first, then content deltas, then each finish_reason."""
     rid, created, n = new_id("chatcmpl"), int(time.time()), prepared.n
-    completion_tokens = 0
-    finished = False
+    counted = [0]  # completion tokens so far
     usage_field: dict[str, Any] = {"usage": None} if include_usage else {}
 
     def chunk(choice: ChatChunkChoice) -> str:
@@ -285,7 +293,7 @@ async def chat_stream(
         data = body.model_dump(exclude={"usage"})
         return f"data: {json.dumps({**data, **usage_field}, ensure_ascii=False)}\n\n"
 
-    try:
+    async def chunks() -> AsyncIterator[str]:
         for k in range(n):
             yield chunk(ChatChunkChoice(index=k, delta=ChatDelta(role="assistant", content="")))
         async for _, d in job.events():
@@ -293,7 +301,7 @@ async def chat_stream(
             text = "" if prepared.zero_tokens else d.text
             lp = None
             if d.token is not None and not prepared.zero_tokens:
-                completion_tokens += 1
+                counted[0] += 1
                 if logprobs and d.logprob is not None:
                     lp = _chat_logprobs(
                         _token_str(served, prepared.tokens_as_ids), [d.token], [d.logprob], top_logprobs
@@ -304,21 +312,11 @@ async def chat_stream(
                 yield chunk(
                     ChatChunkChoice(index=k, delta=ChatDelta(), finish_reason=_finish(d.seq, prepared))
                 )
-        finished = True
-        if include_usage:
-            body = ChatCompletionChunk(
-                id=rid,
-                created=created,
-                model=served.name,
-                choices=[],
-                usage=usage(prepared, None, completion_tokens),
-            )
-            yield f"data: {body.model_dump_json()}\n\n"
-        yield DONE
-    except APIError as e:
-        finished = True
-        yield e.sse()
-        yield DONE
-    finally:
-        if not finished:
-            job.cancel()
+
+    def usage_chunk() -> str:
+        body = ChatCompletionChunk(
+            id=rid, created=created, model=served.name, choices=[], usage=usage(prepared, None, counted[0])
+        )
+        return f"data: {body.model_dump_json()}\n\n"
+
+    return _sse(job, chunks(), usage_chunk if include_usage else None)
