@@ -36,12 +36,15 @@ def load(
     dtype: torch.dtype | str = torch.float32,
     device: torch.device | str = "cpu",
     weights: str | None = None,
+    compile: bool = False,
 ) -> LoadedModel:
     """Load MODEL (a path, a name in the models directory, or a packaged short name such as ``smollm2``).
 
     ``weights`` converts the model for inference to a weight format of ``lamina.model.quant.FORMATS``
-    ("fp32", "bf16", "int8" weight-only, "w8a8"); it then decides the dtype (int8 quantizes the
-    fp32 weights).
+    ("fp32", "bf16", "int8" and "int4" weight-only, "w8a8"); it then decides the dtype (the integer
+    formats quantize the fp32 weights). ``compile`` wraps the model's forward in ``torch.compile``
+    (dynamic shapes): the first calls of each new shape compile (minutes for SmolLM2 on 2 cores), later
+    ones run faster.
     """
     if weights is not None and weights not in FORMATS:
         raise ConfigError(f"weight format {weights!r} is not one of {', '.join(FORMATS)}")
@@ -50,7 +53,7 @@ def load(
     if entry.format == "lamina":
         net, gen = load_checkpoint(entry.path, dtype=dt, device=device)
         tok = Tokenizer.from_file(entry.path) if (entry.path / "tokenizer.json").is_file() else None
-        return LoadedModel(_convert(net, weights), tok, gen, entry)
+        return LoadedModel(_convert(net, weights, compile), tok, gen, entry)
     if entry.format == "gguf":
         gf = read_gguf(entry.path)
         hf, sd = gguf_to_hf(gf)
@@ -60,11 +63,15 @@ def load(
         tok = Tokenizer.from_file(entry.path) if (entry.path / "tokenizer.json").is_file() else None
     cfg = config_from_hf(hf)
     net = build_model(cfg, state_dict_from_hf(hf, sd, cfg), dtype=dt, device=device)
-    return LoadedModel(_convert(net, weights), tok, _generation_defaults(entry.path, hf, tok), entry)
+    return LoadedModel(_convert(net, weights, compile), tok, _generation_defaults(entry.path, hf, tok), entry)
 
 
-def _convert(net: Transformer, weights: str | None) -> Transformer:
-    return net if weights is None else convert_weights(net, weights)
+def _convert(net: Transformer, weights: str | None, compile: bool) -> Transformer:
+    if weights is not None:
+        convert_weights(net, weights)
+    if compile:  # dynamic: the KV cache and the batch change shape from step to step
+        net.compile(dynamic=True)
+    return net
 
 
 def _generation_defaults(path: Path, hf: dict[str, Any], tok: Tokenizer | None) -> GenerationConfig:

@@ -7,8 +7,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from lamina.checkpoint.load import LoadedModel, load
-from lamina.cli.generate import add_control_flags, controls_from_args
+from lamina.checkpoint.load import LoadedModel
+from lamina.cli.generate import add_control_flags, add_model_flags, controls_from_args, load_from_args
 from lamina.errors import ConfigError
 from lamina.generate.text import generation_config, stream_text
 
@@ -26,21 +26,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", metavar="MODEL", help="path, models-directory name or packaged name")
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype")
-    p.add_argument(
-        "--weights",
-        default=None,
-        choices=["fp32", "bf16", "int8", "w8a8"],
-        help="convert the weights for inference: int8 (weight-only) decodes fastest on CPU, bf16 next; "
-        "overrides --dtype (default: none, the checkpoint's weights in --dtype)",
-    )
+    add_model_flags(p)
     add_control_flags(p.add_argument_group("decoding controls", "as for `lamina generate`"))
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the model and chat on the terminal."""
-    lm = load(args.model, dtype=args.dtype, weights=args.weights)
+    lm = load_from_args(args)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"lamina chat with {lm.entry.name}. {HELP}", file=sys.stderr)

@@ -17,6 +17,7 @@ from lamina.config import GenerationConfig, parse_yaml
 from lamina.errors import ConfigError
 from lamina.generate.engine import Engine, Sequence_
 from lamina.generate.text import build_prompt_ids, generate, generation_config, print_stream
+from lamina.model.quant import FORMATS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,16 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--raw", dest="chat", action="store_false", help="use the prompt as-is, no chat template"
     )
     p.add_argument("--system", default=None, help="system message (chat mode)")
-    p.add_argument(
-        "--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype (default fp32)"
-    )
-    p.add_argument(
-        "--weights",
-        default=None,
-        choices=["fp32", "bf16", "int8", "w8a8"],
-        help="convert the weights for inference: int8 (weight-only) decodes fastest on CPU, bf16 next; "
-        "overrides --dtype (default: none, the checkpoint's weights in --dtype)",
-    )
+    add_model_flags(p)
     controls = p.add_argument_group(
         "decoding controls",
         "every GenerationConfig field (its docstring gives the semantics); values are read as YAML, e.g. "
@@ -69,6 +61,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_control_flags(controls)
     p.set_defaults(func=run)
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """``--dtype``, ``--weights`` and ``--compile``: how MODEL is loaded for inference (``load_from_args``)."""
+    p.add_argument(
+        "--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype (default fp32)"
+    )
+    p.add_argument(
+        "--weights",
+        default=None,
+        choices=FORMATS,
+        help="convert the weights for inference (lamina.model.quant): int4 (4-bit groups of 32; exact for "
+        "Q4_1 GGUF weights) decodes fastest on CPU, then int8, then bf16; overrides --dtype (default: "
+        "none, the checkpoint's weights in --dtype)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model: a few minutes of compiling first, then about 15%% faster decoding "
+        "on CPU (measured with --weights int4; benchmarks/RESULTS.md)",
+    )
+
+
+def load_from_args(args: argparse.Namespace, model: str | None = None) -> LoadedModel:
+    """Load ``model`` (default ``args.model``) as the flags of ``add_model_flags`` say."""
+    return load(model or args.model, dtype=args.dtype, weights=args.weights, compile=args.compile)
 
 
 def add_control_flags(group: Any) -> None:
@@ -91,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     if (args.prompt is None) == (args.input is None):
         raise ConfigError("give a PROMPT or --input prompts.jsonl (one of the two)")
     controls = controls_from_args(args)
-    lm = load(args.model, dtype=args.dtype, weights=args.weights)
+    lm = load_from_args(args)
     if args.input is not None:
         return run_batch(lm, args, controls)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt

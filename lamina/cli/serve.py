@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from lamina.cli.generate import add_model_flags, load_from_args
 from lamina.errors import ConfigError
 
 
@@ -73,15 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-request-bytes", type=int, default=4 * 1024 * 1024, help="largest request body (default 4 MiB)"
     )
-    p.add_argument(
-        "--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype (default fp32)"
-    )
-    p.add_argument(
-        "--weights",
-        default=None,
-        choices=["fp32", "bf16", "int8", "w8a8"],
-        help="convert the weights for inference (lamina.model.quant; overrides --dtype)",
-    )
+    add_model_flags(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument(
         "--log-level",
@@ -99,8 +92,6 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise ConfigError(f"lamina serve needs the serve extra: pip install 'lamina[serve]' ({e})") from None
     import torch
-
-    from lamina.checkpoint.load import load
 
     names = args.served_model_name or []
     if len(names) > len(args.models):
@@ -123,6 +114,6 @@ def run(args: argparse.Namespace) -> int:
     models = {}
     for i, model in enumerate(args.models):
         name = names[i] if i < len(names) else model
-        models[name] = load(model, dtype=args.dtype, weights=args.weights)
+        models[name] = load_from_args(args, model)
     serve(models, config, log_level=args.log_level)
     return 0

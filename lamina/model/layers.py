@@ -265,7 +265,36 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.bias)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
+        self.qkv_proj: nn.Module | None = None  # q, k and v in one matmul: see fuse_projections
         self.attn_dropout = cfg.attn_dropout
+
+    def fuse_projections(self) -> None:
+        """Replace q/k/v_proj by one ``qkv_proj`` (their weights stacked): one matmul instead of three.
+
+        For inference (``lamina.model.quant.convert_weights``): the fused model computes the same
+        logits, but its state dict no longer has the per-projection names of checkpoints."""
+        if self.qkv_proj is not None:
+            return
+        parts = [self.q_proj, self.k_proj, self.v_proj]
+        self.qkv_proj = _stacked_linear(parts)
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def _project(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+        """q (B, H, T, hd), k and v (B, Hkv, T, hd) from x (B, T, d_model), RoPE applied."""
+        B, T, _ = x.shape
+        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.qkv_proj is None:
+            q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)
+            k = self.k_proj(x).view(B, T, Hkv, hd).transpose(1, 2)
+            v = self.v_proj(x).view(B, T, Hkv, hd).transpose(1, 2)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            return q, k, v
+        qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, hd).transpose(1, 2)  # (B, H + 2 Hkv, T, hd)
+        qk, v = qkv[:, : H + Hkv], qkv[:, H + Hkv :]
+        if rope is not None:  # q and k heads rotate together: one set of ops for both
+            qk = apply_rope(qk, *rope)
+        return qk[:, :H], qk[:, H:], v
 
     def forward(
         self,
@@ -282,11 +311,7 @@ class Attention(nn.Module):
         ``cache`` at slots [length, length + T).
         """
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = self._project(x, rope)
         if cache is not None:
             start = cache.length
             cache.k[self.layer_idx][:, :, start : start + T] = k
@@ -335,8 +360,34 @@ class MLP(nn.Module):
             self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.gate_up_proj: nn.Module | None = None  # gate and up in one matmul: see fuse_projections
+
+    def fuse_projections(self) -> None:
+        """Gated MLPs: replace gate_proj and up_proj by one ``gate_up_proj`` (for inference, as
+        ``Attention.fuse_projections``)."""
+        if self.gated and self.gate_up_proj is None:
+            self.gate_up_proj = _stacked_linear([self.gate_proj, self.up_proj])
+            del self.gate_proj, self.up_proj
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, T, d_model) -> (B, T, d_model)."""
-        h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act(self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            h = self.act(gate) * up
+        elif self.gated:
+            h = self.act(self.gate_proj(x)) * self.up_proj(x)
+        else:
+            h = self.act(self.up_proj(x))
         return self.down_proj(h)
+
+
+def _stacked_linear(parts: list[nn.Linear]) -> nn.Linear:
+    """One linear whose outputs are those of ``parts``, in order (same input size, same dtype)."""
+    first = parts[0]
+    out = sum(p.out_features for p in parts)
+    fused = nn.Linear(first.in_features, out, bias=first.bias is not None, dtype=first.weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([p.weight for p in parts]))
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([p.bias for p in parts if p.bias is not None]))
+    return fused.to(first.weight.device).requires_grad_(first.weight.requires_grad)

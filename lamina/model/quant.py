@@ -1,16 +1,22 @@
-"""Weight formats for inference: fp32, bf16, int8 weight-only and dynamic int8 (W8A8).
+"""Weight formats for inference: fp32, bf16, int8 and int4 weight-only, and dynamic int8 (W8A8).
 
 ``convert_weights(model, fmt)`` converts a ``Transformer`` in place and returns it. Every format keeps
-the model's structure; int8 formats swap each ``nn.Linear`` (the output head included) for a module
-holding per-output-channel symmetric int8 weights and one scale per output channel:
+the model's structure; the integer formats swap each ``nn.Linear`` for a module holding integer weights
+and their scales:
 
 - ``bf16``: every weight and activation in bfloat16 (native on CPUs with AVX-512 BF16 or AMX).
 - ``int8``: int8 weights, bf16 activations; ``torch.ops.aten._weight_int8pack_mm`` dequantizes inside
   the matmul. A quarter of fp32's weight bytes, which is what bounds decoding speed.
+- ``int4``: 4-bit weights in groups of 32 input features, each group with a bf16 scale and offset
+  (asymmetric, the layout of GGUF's Q4_1, so SmolLM2's Q4_1 weights come back exactly up to the bf16
+  rounding of the scales), bf16 activations, ``torch.ops.aten._weight_int4pack_mm_for_cpu``. The output
+  head stays int8 per channel (as llama.cpp keeps it at higher precision in its 4-bit mixes): it is the
+  layer whose error every logit sees. An eighth of fp32's bytes in the blocks: the fastest at batch 1.
 - ``w8a8``: int8 weights and int8 activations, quantized per token on the fly (dynamic), an int8 x int8
   -> int32 matmul (``torch._int_mm``), then both scales. Activations stay fp32 between layers.
 
-Norms, embeddings and the KV cache stay in the activation dtype. A converted model is for inference:
+Norms, embeddings and the KV cache stay in the activation dtype. Every format but fp32 also fuses the
+q/k/v projections into one matmul and the gate/up projections into another (fewer, larger calls). A converted model is for inference:
 it cannot be trained or saved with ``save_checkpoint``.
 """
 
@@ -23,9 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lamina.errors import ConfigError
+from lamina.model.layers import MLP, Attention
 from lamina.model.transformer import Transformer
 
-FORMATS = ("fp32", "bf16", "int8", "w8a8")
+FORMATS = ("fp32", "bf16", "int8", "int4", "w8a8")
+INT4_GROUP = 32  # input features per int4 scale/offset (GGUF Q4_0/Q4_1 use 32)
 DEQUANT_ROWS = 16  # int8: above this many tokens per call, dequantize to bf16 and use the bf16 matmul
 
 
@@ -63,6 +71,58 @@ class Int8Linear(nn.Module):
             if self.bias is not None:
                 y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
+
+
+def quantize_groupwise_int4(weight: Tensor, group: int = INT4_GROUP) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric 4-bit quantization in groups of ``group`` input features, with bf16 scales.
+
+    Returns ``q`` (out, in) int32 in [0, 15], ``scale`` and ``offset`` (out, in // group) bf16 such that
+    ``weight ~= (q - 8) * scale + offset`` per group (the form ``_weight_int4pack_mm_for_cpu`` computes).
+    The scale spans the group's min..max in 15 steps; q is chosen against the bf16-rounded scale and
+    offset, so their rounding does not add to the error beyond a half step."""
+    out_f, in_f = weight.shape
+    w = weight.detach().float().reshape(out_f, in_f // group, group)
+    lo, hi = w.amin(dim=2), w.amax(dim=2)
+    scale = ((hi - lo) / 15).clamp(min=1e-12).to(torch.bfloat16)
+    offset = (lo + 8 * scale.float()).to(torch.bfloat16)
+    q = torch.round((w - offset.float()[..., None]) / scale.float()[..., None] + 8).clamp(0, 15)
+    return q.to(torch.int32).reshape(out_f, in_f), scale, offset
+
+
+class Int4Linear(nn.Module):
+    """Weight-only int4 linear (groups of ``INT4_GROUP`` inputs, bf16 scale and offset per group).
+
+    The kernel needs the output count to be a multiple of 16 and the input count a multiple of the group:
+    other shapes are zero-padded (padded outputs are cut off, padded inputs are multiplied by zero)."""
+
+    packed: Tensor
+    scale_offset: Tensor
+    bias: Tensor | None
+
+    def __init__(self, linear: nn.Linear, group: int = INT4_GROUP) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group = linear.in_features, linear.out_features, group
+        self.pad_in = -self.in_features % group
+        pad_out = -self.out_features % 16
+        w = F.pad(linear.weight.detach().float(), (0, self.pad_in, 0, pad_out))
+        q, scale, offset = quantize_groupwise_int4(w, group)
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
+        # (in // group, out, 2): the kernel's layout of the scales and offsets
+        self.register_buffer("scale_offset", torch.stack([scale, offset], dim=2).transpose(0, 1).contiguous())
+        bias = linear.bias
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., in) -> (..., out) in bf16 (x must be bf16: the kernel is slow in fp32)."""
+        x2 = x.reshape(-1, self.in_features)
+        if self.pad_in:
+            x2 = F.pad(x2, (0, self.pad_in))
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scale_offset)
+        if y.shape[1] != self.out_features:
+            y = y[:, : self.out_features]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 class DynamicInt8Linear(nn.Module):
@@ -104,14 +164,25 @@ def convert_weights(model: Transformer, fmt: str) -> Transformer:
     """Convert ``model`` in place to weight format ``fmt`` (one of ``FORMATS``) and return it."""
     if fmt not in FORMATS:
         raise ConfigError(f"weight format {fmt!r} is not one of {', '.join(FORMATS)}")
-    if any(isinstance(m, Int8Linear | DynamicInt8Linear) for m in model.modules()):
-        raise ConfigError("this model's weights are already int8: convert a fresh copy of the fp32 model")
-    model.eval().float()  # int8 weights are quantized from the fp32 values
+    if any(isinstance(m, Int8Linear | Int4Linear | DynamicInt8Linear) for m in model.modules()):
+        raise ConfigError(
+            "this model's weights are already integer (int8/int4): convert a fresh copy of the fp32 model"
+        )
+    model.eval().float()  # integer weights are quantized from the fp32 values
+    if fmt != "fp32":  # fewer, larger matmuls (fp32 stays the untouched reference)
+        for module in model.modules():
+            if isinstance(module, Attention | MLP):
+                module.fuse_projections()
     if fmt == "w8a8":
         _swap_linears(model, DynamicInt8Linear)
     elif fmt == "int8":
         _swap_linears(model, lambda lin: Int8Linear(lin, torch.bfloat16))
-    if fmt in ("bf16", "int8"):
+    elif fmt == "int4":
+        head = model.lm_head
+        if isinstance(head, nn.Linear):
+            model.lm_head = Int8Linear(head, torch.bfloat16)  # type: ignore[assignment]
+        _swap_linears(model, Int4Linear)
+    if fmt in ("bf16", "int8", "int4"):
         model.to(torch.bfloat16)  # int8 buffers stay int8; scales, norms and embeddings become bf16
     return model
 

@@ -1,7 +1,8 @@
 """Weight formats (``lamina.model.quant``): each one's logits against fp32, on a tiny model and on SmolLM2.
 
 The SmolLM2 bounds are the measured error with a margin (measured over the 256 positions below,
-bf16 max |dlogit| 0.89, top-1 0.969; int8 2.5, 0.949; w8a8 5.0, 0.859; see benchmarks/RESULTS.md).
+bf16 max |dlogit| 0.89, top-1 0.969; int8 2.5, 0.949; int4 1.4, 0.965 (SmolLM2's weights are Q4_1:
+int4 gets them back); w8a8 5.0, 0.859; see benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import lamina
 from lamina.checkpoint.lamina import save_checkpoint
@@ -20,9 +22,11 @@ from lamina.errors import ConfigError
 from lamina.model.quant import (
     FORMATS,
     DynamicInt8Linear,
+    Int4Linear,
     Int8Linear,
     convert_weights,
     logit_agreement,
+    quantize_groupwise_int4,
     quantize_per_channel,
 )
 from lamina.model.transformer import Transformer
@@ -50,8 +54,54 @@ def test_per_channel_quantization_round_trips() -> None:
     torch.testing.assert_close(q.float() * scale[:, None], w, atol=float(scale.max()) / 2, rtol=0)
 
 
+def _dequantize_int4(
+    q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int = 32
+) -> torch.Tensor:
+    out_f, in_f = q.shape
+    w = (q.float().view(out_f, -1, group) - 8) * scale.float()[..., None] + offset.float()[..., None]
+    return w.view(out_f, in_f)
+
+
+def test_int4_gives_back_q4_1_weights_exactly() -> None:
+    """Weights on a Q4_1 grid (``q * d + m`` per group of 32, d and m exact in bf16, each group using
+    q = 0 and q = 15) come back bit for bit: what makes SmolLM2's Q4_1 GGUF weights lossless in int4."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (48, 96), generator=g)
+    q[:, ::32], q[:, 1::32] = 0, 15
+    d = torch.tensor([2.0**-7, 3 * 2.0**-9, 2.0**-5])[torch.randint(0, 3, (48, 3), generator=g)]
+    m = -8 * d + torch.randint(-4, 4, (48, 3), generator=g) * 2.0**-10
+    w = (q.float().view(48, 3, 32) * d[..., None] + m[..., None]).view(48, 96)
+    qq, scale, offset = quantize_groupwise_int4(w)
+    assert qq.dtype == torch.int32 and int(qq.min()) == 0 and int(qq.max()) == 15
+    assert torch.equal(_dequantize_int4(qq, scale, offset), w)
+
+
+def test_int4_error_is_within_half_a_step() -> None:
+    w = torch.randn(32, 64)
+    q, scale, offset = quantize_groupwise_int4(w)
+    step = scale.float().repeat_interleave(32, dim=1)
+    err = (_dequantize_int4(q, scale, offset) - w).abs()
+    assert bool((err <= 0.5 * step * 1.02 + 1e-6).all()), float((err / step).max())
+
+
+@pytest.mark.parametrize(("in_f", "out_f", "bias"), [(64, 48, False), (40, 10, True), (96, 97, False)])
+def test_int4_linear_pads_odd_shapes(in_f: int, out_f: int, bias: bool) -> None:
+    """The kernel wants out % 16 == 0 and in % 32 == 0: other shapes are zero-padded, same result."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(in_f, out_f, bias=bias)
+    layer = Int4Linear(lin)
+    x = torch.randn(2, 5, in_f)
+    w = F.pad(lin.weight.detach(), (0, -in_f % 32, 0, -out_f % 16))
+    q, scale, offset = quantize_groupwise_int4(w)
+    want = F.linear(x, _dequantize_int4(q, scale, offset)[:out_f, :in_f], lin.bias)
+    got = layer(x.to(torch.bfloat16))
+    assert got.shape == (2, 5, out_f) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=0.03, rtol=0.02)
+
+
 # tiny random model: max |dlogit| bound per format (its logits are of order 1)
-TINY_BOUNDS = {"fp32": 0.0, "bf16": 0.05, "int8": 0.05, "w8a8": 0.1}
+TINY_BOUNDS = {"fp32": 0.0, "bf16": 0.05, "int8": 0.05, "int4": 0.1, "w8a8": 0.1}
+LINEAR_KIND = {"int8": Int8Linear, "int4": Int4Linear, "w8a8": DynamicInt8Linear}
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -61,24 +111,29 @@ def test_tiny_model_formats(fmt: str) -> None:
     with torch.no_grad():
         want = ref(ids)
     model = convert_weights(copy.deepcopy(ref), fmt)
-    linear = model.blocks[0].mlp.up_proj
-    kind = {"int8": Int8Linear, "w8a8": DynamicInt8Linear}.get(fmt, torch.nn.Linear)
-    assert isinstance(linear, kind) and isinstance(model.lm_head, kind)
+    kind = LINEAR_KIND.get(fmt, torch.nn.Linear)
+    head_kind = Int8Linear if fmt == "int4" else kind  # int4 keeps the output head in int8
+    assert isinstance(model.blocks[0].mlp.down_proj, kind) and isinstance(model.lm_head, head_kind)
+    fused = model.blocks[0].attn.qkv_proj  # every format but fp32 fuses q/k/v and gate/up
+    assert (fused is None) == (fmt == "fp32") and (model.blocks[0].mlp.gate_up_proj is None) == (
+        fmt == "fp32"
+    )
+    assert fused is None or isinstance(fused, kind)
     with torch.no_grad():
         got = model(ids)
         # decoding through the cache gives the same logits as one forward, in every format
         cache = model.new_cache(2, 16)
         steps = torch.cat([model(ids[:, :10], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(10, 16)], 1)  # fmt: skip
-    assert cache.k[0].dtype == (torch.bfloat16 if fmt in ("bf16", "int8") else torch.float32)
+    assert cache.k[0].dtype == (torch.bfloat16 if fmt in ("bf16", "int8", "int4") else torch.float32)
     assert (got.float() - want).abs().max() <= TINY_BOUNDS[fmt]
     torch.testing.assert_close(steps.float(), got.float(), atol=0.03 if fmt != "fp32" else 1e-5, rtol=0)
 
 
 def test_unknown_format_and_double_conversion_raise() -> None:
-    with pytest.raises(ConfigError, match="int4"):
-        convert_weights(_tiny(), "int4")
-    model = convert_weights(_tiny(), "int8")
-    with pytest.raises(ConfigError, match="already int8"):
+    with pytest.raises(ConfigError, match="int3"):
+        convert_weights(_tiny(), "int3")
+    model = convert_weights(_tiny(), "int4")
+    with pytest.raises(ConfigError, match="already integer"):
         convert_weights(model, "w8a8")
 
 
@@ -91,8 +146,19 @@ def test_load_with_weights(tmp_path: Path) -> None:
         lamina.load(tmp_path / "tiny", weights="fp8")
 
 
+def test_load_with_compile(tmp_path: Path) -> None:
+    """``compile=True`` wraps the converted model in torch.compile; its logits match the eager model's."""
+    save_checkpoint(tmp_path / "tiny", _tiny())
+    eager = lamina.load(tmp_path / "tiny", weights="int4").model
+    compiled = lamina.load(tmp_path / "tiny", weights="int4", compile=True).model
+    assert compiled._compiled_call_impl is not None and eager._compiled_call_impl is None
+    ids = _ids(2, 9)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(ids).float(), eager(ids).float(), atol=0.02, rtol=0)
+
+
 # SmolLM2 over 256 tokens of real text: bounds are the measured values with a margin
-SMOLLM2_BOUNDS = {"bf16": (1.5, 0.94), "int8": (3.5, 0.90), "w8a8": (8.0, 0.80)}
+SMOLLM2_BOUNDS = {"bf16": (1.5, 0.94), "int8": (3.5, 0.90), "int4": (2.5, 0.93), "w8a8": (8.0, 0.80)}
 TEXT = (
     "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
     "foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, "

@@ -555,3 +555,33 @@ def test_position_tables_stay_float32_when_the_model_is_cast() -> None:
         table = model.inv_freq if pos == "rope" else model.slopes
         assert table is not None and table.dtype == torch.float32
         assert model(torch.arange(5)[None]).dtype == torch.bfloat16
+
+
+FUSE_CONFIGS: dict[str, dict[str, Any]] = {
+    "rope-gqa-swiglu-bias": dict(pos_encoding="rope", n_kv_heads=2, activation="swiglu", bias=True),
+    "rope-head_dim-12": GRID["rope-head_dim-12"],
+    "alibi-6-heads-gqa": GRID["alibi-6-heads-gqa"],
+    "none-mqa-untied": GRID["none-mqa-untied"],
+    "learned-gelu": dict(n_kv_heads=2),
+}
+
+
+@pytest.mark.parametrize("name", FUSE_CONFIGS)
+def test_fused_projections_give_the_same_logits(name: str) -> None:
+    """fuse_projections (q/k/v in one linear, gate/up in another) changes no logit, with or without cache."""
+    kw = FUSE_CONFIGS[name]
+    model = _model(**kw)
+    ids = _ids(2, 12)
+    with torch.no_grad():
+        want = model(ids)
+        for block in model.blocks:
+            block.attn.fuse_projections()
+            block.mlp.fuse_projections()
+        assert not any(k.endswith(("q_proj.weight", "gate_proj.weight")) for k in model.state_dict())
+        got = model(ids)
+        cache = model.new_cache(2, 16)
+        steps = torch.cat([model(ids[:, :5], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(5, 12)], 1)  # fmt: skip
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(steps, want, atol=1e-5, rtol=1e-5)
+    assert model.blocks[0].attn.qkv_proj is not None
+    assert (model.blocks[0].mlp.gate_up_proj is not None) == (kw.get("activation") == "swiglu")

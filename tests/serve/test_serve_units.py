@@ -53,7 +53,7 @@ def test_serve_config_checks_its_values() -> None:
 
 
 def test_cli_serve_builds_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    import lamina.checkpoint.load
+    import lamina.cli.generate
     import lamina.serve
     from lamina.cli.main import main
 
@@ -61,7 +61,7 @@ def test_cli_serve_builds_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         lamina.serve, "serve", lambda models, config, log_level: seen.update(models=models, config=config)
     )
-    monkeypatch.setattr(lamina.checkpoint.load, "load", lambda model, dtype, weights: f"loaded {model}")
+    monkeypatch.setattr(lamina.cli.generate, "load", lambda model, dtype, weights, compile: f"loaded {model}")
     monkeypatch.setenv("LAMINA_API_KEY", "k1,k2")
     argv = ["serve", "smollm2", "minilm", "--served-model-name", "chat", "--port", "9001", "--max-n", "4",
             "--timeout", "0", "--max-tokens-in-flight", "4096"]  # fmt: skip
