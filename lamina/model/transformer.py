@@ -262,7 +262,11 @@ class Transformer(nn.Module):
             return keys[:, None, None, :], False  # (B, 1, 1, T)
         offset = cache.length if cache is not None else 0
         S = offset + T
-        no_pads = (real is None or bool(real.all())) and (cache is None or bool(cache.valid[:, :S].all()))
+        # the fast paths need a data-dependent check; under torch.compile the explicit mask (same result)
+        # keeps the whole forward one graph
+        no_pads = not torch.compiler.is_compiling() and (
+            (real is None or bool(real.all())) and (cache is None or bool(cache.valid[:, :S].all()))
+        )
         alibi = self.config.pos_encoding == "alibi"
         if no_pads and not alibi:
             if offset == 0:

@@ -147,14 +147,26 @@ def test_load_with_weights(tmp_path: Path) -> None:
 
 
 def test_load_with_compile(tmp_path: Path) -> None:
-    """``compile=True`` wraps the converted model in torch.compile; its logits match the eager model's."""
+    """``compile=True`` wraps the converted model in torch.compile: the cached decode path is one graph
+    (no graph break) and its logits match the eager model's."""
+    from torch._dynamo.utils import counters
+
     save_checkpoint(tmp_path / "tiny", _tiny())
     eager = lamina.load(tmp_path / "tiny", weights="int4").model
     compiled = lamina.load(tmp_path / "tiny", weights="int4", compile=True).model
     assert compiled._compiled_call_impl is not None and eager._compiled_call_impl is None
     ids = _ids(2, 9)
+    counters.clear()
+    outs = []
     with torch.inference_mode():
-        torch.testing.assert_close(compiled(ids).float(), eager(ids).float(), atol=0.02, rtol=0)
+        for model in (eager, compiled):
+            cache = model.new_cache(2, 16)
+            steps = [model(ids[:, :6], cache=cache)] + [
+                model(ids[:, t : t + 1], cache=cache) for t in (6, 7, 8)
+            ]
+            outs.append(torch.cat(steps, 1).float())
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    torch.testing.assert_close(outs[1], outs[0], atol=0.02, rtol=0)
 
 
 # SmolLM2 over 256 tokens of real text: bounds are the measured values with a margin
