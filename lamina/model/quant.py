@@ -1,8 +1,7 @@
 """Weight formats for inference: fp32, bf16, int8 and int4 weight-only, and dynamic int8 (W8A8).
 
-``convert_weights(model, fmt)`` converts a ``Transformer`` in place and returns it. Every format keeps
-the model's structure; the integer formats swap each ``nn.Linear`` for a module holding integer weights
-and their scales:
+``convert_weights(model, fmt)`` converts a ``Transformer`` in place and returns it. The integer formats
+swap each ``nn.Linear`` for a module holding integer weights and their scales:
 
 - ``bf16``: every weight and activation in bfloat16 (native on CPUs with AVX-512 BF16 or AMX).
 - ``int8``: int8 weights, bf16 activations; ``torch.ops.aten._weight_int8pack_mm`` dequantizes inside
@@ -16,8 +15,8 @@ and their scales:
   -> int32 matmul (``torch._int_mm``), then both scales. Activations stay fp32 between layers.
 
 Norms, embeddings and the KV cache stay in the activation dtype. Every format but fp32 also fuses the
-q/k/v projections into one matmul and the gate/up projections into another (fewer, larger calls). A converted model is for inference:
-it cannot be trained or saved with ``save_checkpoint``.
+q/k/v projections into one matmul and the gate/up projections into another (fewer, larger calls). A
+converted model is for inference: it cannot be trained or saved with ``save_checkpoint``.
 """
 
 from __future__ import annotations
