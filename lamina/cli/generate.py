@@ -86,6 +86,10 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 def load_from_args(args: argparse.Namespace, model: str | None = None) -> LoadedModel:
     """Load ``model`` (default ``args.model``) as the flags of ``add_model_flags`` say."""
+    if args.compile:
+        print(
+            "--compile: the first prompt of each new shape compiles first (minutes on CPU)", file=sys.stderr
+        )
     return load(model or args.model, dtype=args.dtype, weights=args.weights, compile=args.compile)
 
 
