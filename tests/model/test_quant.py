@@ -8,6 +8,7 @@ int4 gets them back); w8a8 5.0, 0.859; see benchmarks/RESULTS.md).
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,9 @@ def test_load_with_weights(tmp_path: Path) -> None:
         lamina.load(tmp_path / "tiny", weights="fp8")
 
 
+@pytest.mark.skipif(
+    not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on CPU needs a C++ compiler"
+)
 def test_load_with_compile(tmp_path: Path) -> None:
     """``compile=True`` wraps the converted model in torch.compile: the cached decode path is one graph
     (no graph break) and its logits match the eager model's."""
