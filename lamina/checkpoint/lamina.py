@@ -72,7 +72,16 @@ def build_model(
 
 def weights_for_saving(model: Transformer) -> dict[str, torch.Tensor]:
     """The model's tensors, contiguous, with a tied output head stored once."""
+    _refuse_converted(model)
     return _storable(model.config, model.state_dict())
+
+
+def _refuse_converted(model: Transformer) -> None:
+    if model.weight_format is not None:  # packed int4/int8 buffers and fused projections: no checkpoint
+        raise CheckpointError(
+            f"this model was converted for inference (weights={model.weight_format!r}): save the model "
+            "as loaded, before lamina.model.quant.convert_weights / lamina.load(..., weights=...)"
+        )
 
 
 def _storable(cfg: ModelConfig, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -129,7 +138,7 @@ def save_checkpoint(
     generation: GenerationConfig | None = None,
 ) -> Path:
     """Write a lamina checkpoint folder atomically; returns its path."""
-
+    _refuse_converted(model)
     return atomic_folder(
         folder,
         lambda tmp: write_checkpoint_files(tmp, model.config, model.state_dict(), tokenizer, generation),

@@ -16,7 +16,7 @@ swap each ``nn.Linear`` for a module holding integer weights and their scales:
 
 Norms, embeddings and the KV cache stay in the activation dtype. Every format but fp32 also fuses the
 q/k/v projections into one matmul and the gate/up projections into another (fewer, larger calls). A
-converted model is for inference: it cannot be trained or saved with ``save_checkpoint``.
+converted model is for inference: it cannot be trained, and ``save_checkpoint`` / ``export_hf`` refuse it.
 """
 
 from __future__ import annotations
@@ -183,6 +183,7 @@ def convert_weights(model: Transformer, fmt: str) -> Transformer:
         _swap_linears(model, Int4Linear)
     if fmt in ("bf16", "int8", "int4"):
         model.to(torch.bfloat16)  # int8 buffers stay int8; scales, norms and embeddings become bf16
+    model.weight_format = fmt
     return model
 
 

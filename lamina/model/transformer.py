@@ -92,6 +92,7 @@ class Transformer(nn.Module):
         self.task_head = TaskHead(cfg) if cfg.head not in ("lm", "none") else None
         self.tie_weights()
         self.activation_checkpointing = False  # recompute blocks in backward to save memory (training)
+        self.weight_format: str | None = None  # set by lamina.model.quant.convert_weights (inference only)
         self.make_position_tables()
         self.reset_parameters()
 

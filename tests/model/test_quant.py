@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 
 import lamina
+from lamina.checkpoint.hf import export_hf
 from lamina.checkpoint.lamina import save_checkpoint
 from lamina.config import ModelConfig
-from lamina.errors import ConfigError
+from lamina.errors import CheckpointError, ConfigError
 from lamina.model.quant import (
     FORMATS,
     DynamicInt8Linear,
@@ -136,6 +137,17 @@ def test_unknown_format_and_double_conversion_raise() -> None:
     model = convert_weights(_tiny(), "int4")
     with pytest.raises(ConfigError, match="already integer"):
         convert_weights(model, "w8a8")
+
+
+def test_converted_model_is_not_saved(tmp_path: Path) -> None:
+    """Packed integer weights and fused projections are no checkpoint: saving says so, writes nothing."""
+    model = convert_weights(_tiny(), "int4")
+    assert model.weight_format == "int4"
+    with pytest.raises(CheckpointError, match="converted for inference"):
+        save_checkpoint(tmp_path / "q", model)
+    with pytest.raises(CheckpointError, match="converted for inference"):
+        export_hf(tmp_path / "hf", model)
+    assert not any(tmp_path.iterdir())
 
 
 def test_load_with_weights(tmp_path: Path) -> None:
