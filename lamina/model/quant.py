@@ -163,9 +163,15 @@ def convert_weights(model: Transformer, fmt: str) -> Transformer:
     """Convert ``model`` in place to weight format ``fmt`` (one of ``FORMATS``) and return it."""
     if fmt not in FORMATS:
         raise ConfigError(f"weight format {fmt!r} is not one of {', '.join(FORMATS)}")
-    if any(isinstance(m, Int8Linear | Int4Linear | DynamicInt8Linear) for m in model.modules()):
+    if model.weight_format is not None:
         raise ConfigError(
-            "this model's weights are already integer (int8/int4): convert a fresh copy of the fp32 model"
+            f"this model is already converted (weights={model.weight_format!r}): convert a fresh copy of the "
+            "model as loaded"
+        )
+    device = model.tok_emb.weight.device
+    if fmt in ("int8", "int4", "w8a8") and device.type != "cpu":
+        raise ConfigError(
+            f"weight format {fmt!r} uses CPU kernels; the model is on {device}: use dtype bf16 there"
         )
     model.eval().float()  # integer weights are quantized from the fp32 values
     if fmt != "fp32":  # fewer, larger matmuls (fp32 stays the untouched reference)
@@ -183,7 +189,8 @@ def convert_weights(model: Transformer, fmt: str) -> Transformer:
         _swap_linears(model, Int4Linear)
     if fmt in ("bf16", "int8", "int4"):
         model.to(torch.bfloat16)  # int8 buffers stay int8; scales, norms and embeddings become bf16
-    model.weight_format = fmt
+    if fmt != "fp32":  # fp32 leaves the model as it was: still trainable and savable
+        model.weight_format = fmt
     return model
 
 

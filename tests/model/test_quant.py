@@ -135,7 +135,7 @@ def test_unknown_format_and_double_conversion_raise() -> None:
     with pytest.raises(ConfigError, match="int3"):
         convert_weights(_tiny(), "int3")
     model = convert_weights(_tiny(), "int4")
-    with pytest.raises(ConfigError, match="already integer"):
+    with pytest.raises(ConfigError, match="already converted"):
         convert_weights(model, "w8a8")
 
 
