@@ -82,6 +82,9 @@ def main() -> None:
     )
     ap.add_argument("--quick", action="store_true", help="16 tokens, 1 repeat, fp32 and int4 only")
     args = ap.parse_args()
+    unknown = set(filter(None, args.compile.split(","))) - set(args.formats.split(","))
+    if unknown:
+        ap.error(f"--compile {','.join(sorted(unknown))}: not among --formats {args.formats}")
     if args.quick:
         args.tokens, args.repeats, args.formats = 16, 1, "fp32,int4"
     torch.set_num_threads(args.threads)

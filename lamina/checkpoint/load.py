@@ -42,9 +42,9 @@ def load(
 
     ``weights`` converts the model for inference to a weight format of ``lamina.model.quant.FORMATS``
     ("fp32", "bf16", "int8" and "int4" weight-only, "w8a8"); it then decides the dtype (the integer
-    formats quantize the fp32 weights). ``compile`` wraps the model's forward in ``torch.compile``
-    (dynamic shapes): the first calls of each new shape compile (minutes for SmolLM2 on 2 cores), later
-    ones run faster.
+    formats quantize the fp32 weights). ``compile`` makes ``model(...)`` run through ``torch.compile``
+    (dynamic shapes; other methods such as ``hidden_states`` stay eager): the first calls of each new
+    shape compile (minutes for SmolLM2 on 2 cores), later ones run faster.
     """
     if weights is not None and weights not in FORMATS:
         raise ConfigError(f"weight format {weights!r} is not one of {', '.join(FORMATS)}")

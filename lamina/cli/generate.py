@@ -72,8 +72,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         "--weights",
         default=None,
         choices=FORMATS,
-        help="convert the weights for inference (lamina.model.quant): int4 (4-bit groups of 32; exact for "
-        "Q4_1 GGUF weights) decodes fastest on CPU, then int8, then bf16; overrides --dtype (default: "
+        help="convert the weights for inference (lamina.model.quant): int4 (4-bit groups of 32, the layout "
+        "of GGUF Q4_1) decodes fastest on CPU, then int8, then bf16; overrides --dtype (default: "
         "none, the checkpoint's weights in --dtype)",
     )
     p.add_argument(

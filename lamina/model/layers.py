@@ -385,9 +385,12 @@ def _stacked_linear(parts: list[nn.Linear]) -> nn.Linear:
     """One linear whose outputs are those of ``parts``, in order (same input size, same dtype)."""
     first = parts[0]
     out = sum(p.out_features for p in parts)
-    fused = nn.Linear(first.in_features, out, bias=first.bias is not None, dtype=first.weight.dtype)
+    w = first.weight
+    fused = torch.nn.utils.skip_init(  # no random init: the weights are copied in below
+        nn.Linear, first.in_features, out, bias=first.bias is not None, device=w.device, dtype=w.dtype
+    )
     with torch.no_grad():
         fused.weight.copy_(torch.cat([p.weight for p in parts]))
         if fused.bias is not None:
             fused.bias.copy_(torch.cat([p.bias for p in parts if p.bias is not None]))
-    return fused.to(first.weight.device).requires_grad_(first.weight.requires_grad)
+    return fused.requires_grad_(w.requires_grad)

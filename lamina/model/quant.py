@@ -7,10 +7,11 @@ swap each ``nn.Linear`` for a module holding integer weights and their scales:
 - ``int8``: int8 weights, bf16 activations; ``torch.ops.aten._weight_int8pack_mm`` dequantizes inside
   the matmul. A quarter of fp32's weight bytes, which is what bounds decoding speed.
 - ``int4``: 4-bit weights in groups of 32 input features, each group with a bf16 scale and offset
-  (asymmetric, the layout of GGUF's Q4_1, so SmolLM2's Q4_1 weights come back exactly up to the bf16
-  rounding of the scales), bf16 activations, ``torch.ops.aten._weight_int4pack_mm_for_cpu``. The output
-  head stays int8 per channel (as llama.cpp keeps it at higher precision in its 4-bit mixes): it is the
-  layer whose error every logit sees. An eighth of fp32's bytes in the blocks: the fastest at batch 1.
+  (asymmetric, the layout of GGUF's Q4_1, so SmolLM2's Q4_1 weights keep their 4-bit codes; the values
+  move by the bf16 rounding of the scales, at most 0.07 of a step), bf16 activations,
+  ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (torch >= 2.6). The output head stays int8 per
+  channel (as llama.cpp keeps it at higher precision in its 4-bit mixes): it is the layer whose error
+  every logit sees. An eighth of fp32's bytes in the blocks: the fastest at batch 1.
 - ``w8a8``: int8 weights and int8 activations, quantized per token on the fly (dynamic), an int8 x int8
   -> int32 matmul (``torch._int_mm``), then both scales. Activations stay fp32 between layers.
 
@@ -45,7 +46,10 @@ def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class Int8Linear(nn.Module):
-    """Weight-only int8 linear: int8 weights (out, in), one scale per output channel, activations unchanged."""
+    """Weight-only int8 linear: int8 weights (out, in), one scale per output channel, activations unchanged.
+
+    The CPU kernel reads out of bounds unless the input count is a multiple of 16: other input counts are
+    zero-padded (padded inputs are multiplied by zero)."""
 
     weight: Tensor
     scale: Tensor
@@ -54,7 +58,8 @@ class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Linear, act_dtype: torch.dtype) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        q, scale = quantize_per_channel(linear.weight)
+        self.pad_in = -self.in_features % 16
+        q, scale = quantize_per_channel(F.pad(linear.weight.detach(), (0, self.pad_in)))
         self.register_buffer("weight", q)
         self.register_buffer("scale", scale.to(act_dtype))
         bias = linear.bias
@@ -63,6 +68,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(..., in) -> (..., out), in x's dtype (which must be the scales' dtype)."""
         x2 = x.reshape(-1, self.in_features)
+        if self.pad_in:
+            x2 = F.pad(x2, (0, self.pad_in))
         if x2.shape[0] > DEQUANT_ROWS:  # prefill: matmul-bound, dequantizing the weight once is cheaper
             y = F.linear(x2, self.weight.to(x.dtype) * self.scale[:, None], self.bias)
         else:
@@ -78,7 +85,9 @@ def quantize_groupwise_int4(weight: Tensor, group: int = INT4_GROUP) -> tuple[Te
     Returns ``q`` (out, in) int32 in [0, 15], ``scale`` and ``offset`` (out, in // group) bf16 such that
     ``weight ~= (q - 8) * scale + offset`` per group (the form ``_weight_int4pack_mm_for_cpu`` computes).
     The scale spans the group's min..max in 15 steps; q is chosen against the bf16-rounded scale and
-    offset, so their rounding does not add to the error beyond a half step."""
+    offset. For groups centred near zero, as trained weights are, the error stays within about half a
+    step; a group whose values sit far from zero compared with their spread (|mean| >> range) loses more
+    to the bf16 offset, and q is clamped at 0 or 15."""
     out_f, in_f = weight.shape
     w = weight.detach().float().reshape(out_f, in_f // group, group)
     lo, hi = w.amin(dim=2), w.amax(dim=2)

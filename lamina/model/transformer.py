@@ -201,7 +201,8 @@ class Transformer(nn.Module):
             cache.valid[:, sl] = True if real is None else real
             cache.positions[:, sl] = position_ids
             cache.next_pos = cache.next_pos + (T if real is None else real.sum(1))
-        if cfg.pos_encoding == "learned" and int(position_ids.max()) >= cfg.max_seq_len:
+        compiling = torch.compiler.is_compiling()  # no data-dependent checks then: one graph per shape
+        if cfg.pos_encoding == "learned" and not compiling and int(position_ids.max()) >= cfg.max_seq_len:
             raise ValueError(
                 f"position {int(position_ids.max())} is past max_seq_len={cfg.max_seq_len} of this model"
             )
@@ -256,8 +257,9 @@ class Transformer(nn.Module):
         dtype: torch.dtype,
     ) -> tuple[Tensor | None, bool]:
         """The mask for ``scaled_dot_product_attention``: None (fast causal paths), bool, or float (ALiBi)."""
+        compiling = torch.compiler.is_compiling()  # the fast paths' checks would break the graph
         if self.config.arch == "encoder":  # bidirectional: hide padding keys only
-            if real is None or bool(real.all()):
+            if real is None or (not compiling and bool(real.all())):
                 return None, False
             keys = real | ~real.any(1, keepdim=True)  # an all-pad row attends to everything: no NaN
             return keys[:, None, None, :], False  # (B, 1, 1, T)
@@ -265,7 +267,7 @@ class Transformer(nn.Module):
         S = offset + T
         # the fast paths need a data-dependent check; under torch.compile the explicit mask (same result)
         # keeps the whole forward one graph
-        no_pads = not torch.compiler.is_compiling() and (
+        no_pads = not compiling and (
             (real is None or bool(real.all())) and (cache is None or bool(cache.valid[:, :S].all()))
         )
         alibi = self.config.pos_encoding == "alibi"

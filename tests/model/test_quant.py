@@ -8,6 +8,7 @@ int4 gets them back); w8a8 5.0, 0.859; see benchmarks/RESULTS.md).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,9 @@ def _dequantize_int4(
 
 def test_int4_gives_back_q4_1_weights_exactly() -> None:
     """Weights on a Q4_1 grid (``q * d + m`` per group of 32, d and m exact in bf16, each group using
-    q = 0 and q = 15) come back bit for bit: what makes SmolLM2's Q4_1 GGUF weights lossless in int4."""
+    q = 0 and q = 15) come back bit for bit. SmolLM2's Q4_1 weights keep their codes the same way; their
+    fp16 scales are not all exact in bf16, so their values move by up to 0.07 of a step (see the bounds
+    of test_smollm2_formats_agree_with_fp32)."""
     g = torch.Generator().manual_seed(0)
     q = torch.randint(0, 16, (48, 96), generator=g)
     q[:, ::32], q[:, 1::32] = 0, 15
@@ -99,6 +102,34 @@ def test_int4_linear_pads_odd_shapes(in_f: int, out_f: int, bias: bool) -> None:
     got = layer(x.to(torch.bfloat16))
     assert got.shape == (2, 5, out_f) and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, atol=0.03, rtol=0.02)
+
+
+@pytest.mark.parametrize("in_f", [8, 40, 60, 64])
+@pytest.mark.parametrize("rows", [1, 20])  # the kernel, and the dequantized matmul past DEQUANT_ROWS
+def test_int8_linear_pads_odd_input_counts(in_f: int, rows: int) -> None:
+    """The int8 CPU kernel reads out of bounds unless in % 16 == 0: other input counts are zero-padded."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(in_f, 48)
+    q, scale = quantize_per_channel(lin.weight)
+    x = torch.randn(rows, in_f)
+    want = F.linear(x, q.float() * scale[:, None], lin.bias)
+    got = Int8Linear(lin, torch.bfloat16)(x.to(torch.bfloat16))
+    torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_odd_widths_decode(fmt: str) -> None:
+    """d_model 40, d_ff 72 (neither a multiple of 16): every integer linear pads, decoding matches fp32."""
+    torch.manual_seed(0)
+    ref = Transformer(dataclasses.replace(TINY, d_model=40, n_heads=4, n_kv_heads=2, d_ff=72)).eval()
+    ids = _ids(2, 12)
+    with torch.no_grad():
+        want = ref(ids)
+        model = convert_weights(copy.deepcopy(ref), fmt)
+        cache = model.new_cache(2, 16)
+        steps = torch.cat([model(ids[:, :8], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(8, 12)], 1)  # fmt: skip
+    assert bool(torch.isfinite(steps).all())
+    assert (steps.float() - want).abs().max() <= TINY_BOUNDS[fmt]
 
 
 # tiny random model: max |dlogit| bound per format (its logits are of order 1)
@@ -162,12 +193,14 @@ def test_load_with_weights(tmp_path: Path) -> None:
 @pytest.mark.skipif(
     not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on CPU needs a C++ compiler"
 )
-def test_load_with_compile(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pos", ["rope", "learned"])
+def test_load_with_compile(pos: str, tmp_path: Path) -> None:
     """``compile=True`` wraps the converted model in torch.compile: the cached decode path is one graph
     (no graph break) and its logits match the eager model's."""
     from torch._dynamo.utils import counters
 
-    save_checkpoint(tmp_path / "tiny", _tiny())
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "tiny", Transformer(dataclasses.replace(TINY, pos_encoding=pos, n_layers=1)))
     eager = lamina.load(tmp_path / "tiny", weights="int4").model
     compiled = lamina.load(tmp_path / "tiny", weights="int4", compile=True).model
     assert compiled._compiled_call_impl is not None and eager._compiled_call_impl is None
