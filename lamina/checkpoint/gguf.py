@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lamina.checkpoint.eos import gguf_eos_token_ids
 from lamina.errors import CheckpointError, ModelNotFoundError
 
 StateDict = dict[str, torch.Tensor]
@@ -617,12 +618,17 @@ def _meta(gf: GGUFFile, key: str, default: Any = ..., kind: type | tuple[type, .
     return value
 
 
-def _token_ids(gf: GGUFFile) -> dict[str, int]:
-    out = {}
-    for gguf_key, hf_key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("padding", "pad_token_id")):
+def _token_ids(gf: GGUFFile) -> dict[str, int | list[int]]:
+    """bos/pad ids, and as ``eos_token_id`` every end-of-generation id (eos, eot, eom): one id as an int,
+    several as a list, as a Llama-3 config.json holds them."""
+    out: dict[str, int | list[int]] = {}
+    for gguf_key, hf_key in (("bos", "bos_token_id"), ("padding", "pad_token_id")):
         value = gf.metadata.get(f"tokenizer.ggml.{gguf_key}_token_id")
         if isinstance(value, int):
             out[hf_key] = value
+    eos = gguf_eos_token_ids(gf.metadata)
+    if eos:
+        out["eos_token_id"] = eos[0] if len(eos) == 1 else eos
     return out
 
 

@@ -4,21 +4,34 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from lamina.checkpoint.eos import eos_token_ids
 from lamina.checkpoint.gguf import gguf_to_hf, read_gguf
 from lamina.checkpoint.hf import config_from_hf, read_hf_folder, state_dict_from_hf
 from lamina.checkpoint.lamina import build_model, load_checkpoint
 from lamina.checkpoint.registry import ModelEntry, resolve
 from lamina.config import GenerationConfig
-from lamina.errors import ConfigError
-from lamina.model.quant import FORMATS, convert_weights
+from lamina.errors import CheckpointError, ConfigError
+from lamina.model.quant import FORMATS, WeightFormat, convert_weights
 from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
+
+
+@dataclass
+class LoadOptions:
+    """How ``load`` prepares a model for inference (the ``--dtype/--weights/--compile`` flags)."""
+
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # weights dtype when --weights is not given
+    # convert the weights for inference: int4 (4-bit groups of 32, GGUF Q4_1's layout) decodes fastest
+    # on CPU, then int8, then bf16; overrides dtype (none: the checkpoint's weights in dtype)
+    weights: WeightFormat | None = None
+    # torch.compile the model: minutes of compiling for each new shape first, then faster decoding
+    compile: bool = False
 
 
 @dataclass
@@ -33,10 +46,10 @@ class LoadedModel:
 
 def load(
     model: str | os.PathLike[str],
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype | str = LoadOptions.dtype,
     device: torch.device | str = "cpu",
-    weights: str | None = None,
-    compile: bool = False,
+    weights: str | None = LoadOptions.weights,
+    compile: bool = LoadOptions.compile,
 ) -> LoadedModel:
     """Load MODEL (a path, a name in the models directory, or a packaged short name such as ``smollm2``).
 
@@ -45,6 +58,10 @@ def load(
     formats quantize the fp32 weights). ``compile`` makes ``model(...)`` run through ``torch.compile``
     (dynamic shapes; other methods such as ``hidden_states`` stay eager): the first calls of each new
     shape compile (minutes for SmolLM2 on 2 cores), later ones run faster.
+
+    ``generation.eos_token_ids`` holds every end-of-generation id the checkpoint names (generation
+    files, config.json, GGUF eos/eot/eom, the tokenizer's eos, the chat template's end of turn; see
+    ``lamina.checkpoint.eos``), so a chat reply stops at the end of its turn.
     """
     if weights is not None and weights not in FORMATS:
         raise ConfigError(f"weight format {weights!r} is not one of {', '.join(FORMATS)}")
@@ -53,6 +70,7 @@ def load(
     if entry.format == "lamina":
         net, gen = load_checkpoint(entry.path, dtype=dt, device=device)
         tok = Tokenizer.from_file(entry.path) if (entry.path / "tokenizer.json").is_file() else None
+        gen = replace(gen, eos_token_ids=_in_vocab(eos_token_ids(gen.eos_token_ids, tokenizer=tok), net))
         return LoadedModel(_convert(net, weights, compile), tok, gen, entry)
     if entry.format == "gguf":
         gf = read_gguf(entry.path)
@@ -63,7 +81,8 @@ def load(
         tok = Tokenizer.from_file(entry.path) if (entry.path / "tokenizer.json").is_file() else None
     cfg = config_from_hf(hf)
     net = build_model(cfg, state_dict_from_hf(hf, sd, cfg), dtype=dt, device=device)
-    return LoadedModel(_convert(net, weights, compile), tok, _generation_defaults(entry.path, hf, tok), entry)
+    gen = GenerationConfig(eos_token_ids=_in_vocab(_hf_eos_token_ids(entry.path, hf, tok), net))
+    return LoadedModel(_convert(net, weights, compile), tok, gen, entry)
 
 
 def _convert(net: Transformer, weights: str | None, compile: bool) -> Transformer:
@@ -74,18 +93,23 @@ def _convert(net: Transformer, weights: str | None, compile: bool) -> Transforme
     return net
 
 
-def _generation_defaults(path: Path, hf: dict[str, Any], tok: Tokenizer | None) -> GenerationConfig:
-    """eos ids from generation_config.json, else config.json, else the tokenizer."""
-    eos: Any = None
-    gen_file = path / "generation_config.json" if path.is_dir() else None
-    if gen_file is not None and gen_file.is_file():
-        eos = json.loads(gen_file.read_text()).get("eos_token_id")
-    if eos is None:
-        eos = hf.get("eos_token_id")
-    if eos is None and tok is not None:
-        eos = tok.eos_token_id
-    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    return GenerationConfig(eos_token_ids=ids)
+def _hf_eos_token_ids(path: Path, hf: dict[str, Any], tok: Tokenizer | None) -> list[int]:
+    """Every end-of-generation id of a HF folder or GGUF file: generation_config.json's eos ids, then
+    config.json's (for GGUF: its eos, eot and eom ids), the tokenizer's eos and the chat template's end of
+    turn (see ``lamina.checkpoint.eos``)."""
+    gen_eos: Any = None
+    gen_file = path / "generation_config.json"
+    if path.is_dir() and gen_file.is_file():
+        try:
+            gen_eos = json.loads(gen_file.read_text()).get("eos_token_id")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise CheckpointError(f"{gen_file} is not a JSON object ({e}); fix or delete the file") from e
+    return eos_token_ids(gen_eos, hf.get("eos_token_id"), tokenizer=tok)
+
+
+def _in_vocab(ids: list[int], net: Transformer) -> list[int]:
+    """The ids the model can generate (a file may name a token past the embedding)."""
+    return [i for i in ids if 0 <= i < net.config.vocab_size]
 
 
 def _dtype(dtype: torch.dtype | str) -> torch.dtype:
