@@ -8,6 +8,7 @@ tensor names to lamina's. Export is the inverse of the same maps.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -411,7 +412,7 @@ def _family(hf: Mapping[str, Any]) -> Family:
 # -- reading a HF folder ------------------------------------------------------------------------------------
 
 
-def read_hf_folder(folder: str | Path) -> tuple[dict[str, Any], StateDict]:
+def read_hf_folder(folder: str | os.PathLike[str]) -> tuple[dict[str, Any], StateDict]:
     """``config.json`` and all safetensors weights of a HF model folder (single file or sharded)."""
     folder = Path(folder)
     cfg_path = folder / "config.json"
@@ -650,7 +651,7 @@ def write_hf_weights(sd: StateDict, path: Path) -> None:
 
 
 def export_hf(
-    folder: str | Path,
+    folder: str | os.PathLike[str],
     model: Transformer,
     tokenizer: Tokenizer | None = None,
     generation: GenerationConfig | None = None,
@@ -667,15 +668,8 @@ def export_hf(
     cfg = model.config
     hf_cfg = hf_config_from_lamina(cfg)
     weights = hf_state_dict_from_lamina(weights_for_saving(model), cfg)
-    eos = list(generation.eos_token_ids) if generation is not None else []
-    if not eos and tokenizer is not None and tokenizer.eos_token_id is not None:
-        eos = [tokenizer.eos_token_id]
-    special: dict[str, Any] = {}
-    if tokenizer is not None:
-        special = {"bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    if eos:
-        special["eos_token_id"] = eos[0] if len(eos) == 1 else eos
-    hf_cfg.update({k: v for k, v in special.items() if v is not None})
+    special = _special_token_ids(cfg, tokenizer, generation)
+    hf_cfg.update(special)
 
     def write(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
@@ -690,3 +684,31 @@ def export_hf(
             (embedding or EmbeddingConfig(max_seq_len=cfg.max_seq_len)).write(tmp, cfg.d_model)
 
     return atomic_folder(folder, write)
+
+
+def _special_token_ids(
+    cfg: ModelConfig, tokenizer: Tokenizer | None, generation: GenerationConfig | None
+) -> dict[str, Any]:
+    """config.json's bos/eos/pad ids: ids the vocabulary holds, else null.
+
+    bos and eos are always written, null when unknown: transformers would otherwise fill in its class
+    defaults (GPT-2: 50256, Llama: 1 and 2), ids a small vocabulary may not have. eos is every id of
+    ``generation.eos_token_ids`` (else the tokenizer's eos): one as an int, several as a list. pad is
+    written only when known (BERT's default, 0, exists in every vocabulary).
+    """
+
+    def known(i: int | None) -> int | None:
+        return i if i is not None and 0 <= i < cfg.vocab_size else None
+
+    eos = list(generation.eos_token_ids) if generation is not None else []
+    if not eos and tokenizer is not None:
+        eos = tokenizer.eos_token_ids
+    eos = [i for i in eos if known(i) is not None]
+    out: dict[str, Any] = {
+        "bos_token_id": known(tokenizer.bos_token_id) if tokenizer is not None else None,
+        "eos_token_id": (eos[0] if len(eos) == 1 else eos) if eos else None,
+    }
+    pad = known(tokenizer.pad_token_id) if tokenizer is not None else None
+    if pad is not None:
+        out["pad_token_id"] = pad
+    return out

@@ -107,7 +107,7 @@ def write_checkpoint_files(
     save_yaml(generation or GenerationConfig(), folder / GENERATION_FILE)
 
 
-def atomic_folder(dest: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_folder(dest: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
     """Run ``write(tmp_folder)``, then move the folder to ``dest`` in one rename (replacing any old one)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -132,7 +132,7 @@ def atomic_folder(dest: str | Path, write: Callable[[Path], None]) -> Path:
 
 
 def save_checkpoint(
-    folder: str | Path,
+    folder: str | os.PathLike[str],
     model: Transformer,
     tokenizer: Tokenizer | None = None,
     generation: GenerationConfig | None = None,
@@ -145,14 +145,16 @@ def save_checkpoint(
     )
 
 
-def is_lamina_checkpoint(folder: str | Path) -> bool:
+def is_lamina_checkpoint(folder: str | os.PathLike[str]) -> bool:
     """True when ``folder`` looks like a lamina checkpoint (has config.yaml and model.safetensors)."""
     p = Path(folder)
     return (p / CONFIG_FILE).is_file() and (p / WEIGHTS_FILE).is_file()
 
 
 def load_checkpoint(
-    folder: str | Path, dtype: torch.dtype | None = torch.float32, device: torch.device | str = "cpu"
+    folder: str | os.PathLike[str],
+    dtype: torch.dtype | None = torch.float32,
+    device: torch.device | str = "cpu",
 ) -> tuple[Transformer, GenerationConfig]:
     """The model and default generation config of a lamina checkpoint folder."""
     folder = Path(folder)

@@ -69,6 +69,29 @@ def test_chat_model_export_keeps_template_and_eos(lamina_smollm2: Any, tmp_path:
     assert gen.eos_token_id == lamina_smollm2.generation.eos_token_ids[0]
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@torch.no_grad()
+def test_export_without_tokenizer_writes_only_ids_the_vocabulary_has(family: str, tmp_path: Path) -> None:
+    """transformers fills unset bos/eos with its class defaults (GPT-2: 50256) past a 300-token vocab."""
+    preset = {"gpt2": "tiny", "llama": "llama-tiny"}[family]
+    model = _random_model(ModelConfig.preset(preset, vocab_size=300, max_seq_len=64))
+    export_hf(tmp_path / "hf", model)
+    ref = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert ref.config.bos_token_id is None and ref.config.eos_token_id is None
+    for cfg in (ref.config, ref.generation_config):
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(cfg, name)
+            assert value is None or all(0 <= i < 300 for i in ([value] if isinstance(value, int) else value))
+    x = torch.randint(0, 300, (1, 5), generator=torch.Generator().manual_seed(0))
+    out = ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 9) and int(out.max()) < 300
+
+    # eos ids past the vocabulary are dropped, the rest kept as a list
+    export_hf(tmp_path / "hf2", model, generation=GenerationConfig(eos_token_ids=[7, 50256, 9]))
+    config = json.loads((tmp_path / "hf2" / "config.json").read_text())
+    assert config["eos_token_id"] == [7, 9] and config["bos_token_id"] is None
+
+
 @torch.no_grad()
 def test_lamina_checkpoint_round_trip_is_exact(tmp_path: Path) -> None:
     cfg = ModelConfig.preset(
