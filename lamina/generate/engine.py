@@ -80,6 +80,8 @@ class Sequence_:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token (None for the first)
     prompt_tokens: int = 0
     error: str | None = None  # why it stopped, with finish_reason "error"
+    stop_token: int | None = None  # the eos / stop token that ended it (not in ``tokens``)
+    stop_logprob: TokenLogprob | None = None  # its logprob, with cfg.logprobs
 
 
 @dataclass
@@ -126,8 +128,9 @@ class _Running:
         """Record a chosen token and what it means for the sequence, as a ``Delta``."""
         n = len(self.seq.tokens)
         text = self.add(token)
-        if len(self.seq.tokens) == n:  # a stop token: not part of the output
-            return Delta(self.seq, None, text)
+        if len(self.seq.tokens) == n:  # a stop token: not part of the output, kept with its logprob
+            self.seq.stop_token, self.seq.stop_logprob = token, logprob
+            return Delta(self.seq, None, text, logprob)
         if logprob is not None:
             self.seq.logprobs = (self.seq.logprobs or []) + [logprob]
         return Delta(self.seq, token, text, logprob)

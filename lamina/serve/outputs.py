@@ -6,6 +6,11 @@ an echoed prompt's first token, which has no context), a dict of the most likely
 token itself (``top_logprobs``), and its character offset in prompt + completion (``text_offset``): the
 shape lm-evaluation-harness reads. Chat ``logprobs.content`` lists ``{token, logprob, bytes,
 top_logprobs}``.
+
+Every generated token has its entry, the eos or stop token that ended the sequence included (named by its
+own text, e.g. ``<|im_end|>``, although the completion's text leaves it out), as OpenAI's legacy
+completions do: a client that drops the last entry (lm-evaluation-harness with ``max_tokens=1``) then
+drops the generated token, never part of the prompt. ``usage.completion_tokens`` counts that token too.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from lamina.generate.engine import Sequence_, TokenLogprob
+from lamina.generate.engine import Delta, Sequence_, TokenLogprob
 from lamina.serve.errors import APIError
 from lamina.serve.params import Prepared
 from lamina.serve.registry import ServedModel
@@ -50,7 +55,7 @@ def usage(prepared: Prepared, job: Job | None = None, completion_tokens: int | N
     prompt = sum(len(p.ids) for p in prepared.prompts)
     if completion_tokens is None:
         completion_tokens = (
-            0 if job is None or prepared.zero_tokens else sum(len(s.tokens) for s in job.all_seqs)
+            0 if job is None or prepared.zero_tokens else sum(len(_generated(s)[0]) for s in job.all_seqs)
         )
     return Usage(
         prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens
@@ -64,6 +69,33 @@ def _token_str(served: ServedModel, as_ids: bool) -> Callable[[int], str]:
 
 def _finish(seq: Sequence_, prepared: Prepared) -> Any:
     return "length" if prepared.zero_tokens else seq.finish_reason
+
+
+def _generated(seq: Sequence_) -> tuple[list[int], list[TokenLogprob | None]]:
+    """The sequence's generated tokens and their logprobs (None where not asked for), ending with the eos
+    or stop token that ended it when one did."""
+    tokens = list(seq.tokens)
+    lps: list[TokenLogprob | None] = list(seq.logprobs or [])
+    lps += [None] * (len(tokens) - len(lps))
+    if seq.stop_token is not None:
+        tokens.append(seq.stop_token)
+        lps.append(seq.stop_logprob)
+    return tokens, lps
+
+
+def _stop_reason(seq: Sequence_, served: ServedModel) -> str | int | None:
+    """vLLM's ``stop_reason``: the stop string or stop token id that ended the sequence (None for eos)."""
+    if seq.stop_str is not None:
+        return seq.stop_str
+    eos = served.lm.generation.eos_token_ids
+    return seq.stop_token if seq.stop_token is not None and seq.stop_token not in eos else None
+
+
+def _delta_token(d: Delta) -> int | None:
+    """The token a delta brings: its generated token, or the eos / stop token that ended the sequence."""
+    if d.token is not None:
+        return d.token
+    return d.seq.stop_token if d.finished else None
 
 
 # -- completions -----------------------------------------------------------------------------------------------
@@ -114,7 +146,7 @@ def completion_response(
         prompt = prepared.prompts[pi].ids
         prefix = prepared.prompt_texts[pi] if echo else ""
         for seq in group:
-            tokens = [] if prepared.zero_tokens else seq.tokens
+            tokens, lps = ([], []) if prepared.zero_tokens else _generated(seq)
             text = prefix + ("" if prepared.zero_tokens else seq.text or "")
             lp = None
             if logprobs is not None:
@@ -124,14 +156,14 @@ def completion_response(
                 lp = CompletionLogprobs()
                 if echo:
                     lp = offsets.logprobs(prompt, seq.prompt_logprobs or [None] * len(prompt))
-                lp = _extend(lp, offsets.logprobs(tokens, (seq.logprobs or [])[: len(tokens)]))
+                lp = _extend(lp, offsets.logprobs(tokens, lps))
             choices.append(
                 CompletionChoice(
                     index=pi * prepared.n + seq.index,
                     text=text,
                     logprobs=lp,
                     finish_reason=_finish(seq, prepared),
-                    stop_reason=seq.stop_str,
+                    stop_reason=_stop_reason(seq, served),
                 )
             )
     return CompletionResponse(
@@ -200,15 +232,16 @@ def completion_stream(
                         plp = offsets[idx].logprobs(ids, d.seq.prompt_logprobs or [None] * len(ids))
                     yield chunk(idx, prepared.prompt_texts[pi], plp)
             lp = None
+            token = _delta_token(d)
             if (
                 logprobs is not None
-                and d.token is not None
+                and token is not None
                 and d.logprob is not None
                 and not prepared.zero_tokens
             ):
-                lp = offsets[idx].logprobs([d.token], [d.logprob])
+                lp = offsets[idx].logprobs([token], [d.logprob])
             text = "" if prepared.zero_tokens else d.text
-            if d.token is not None and not prepared.zero_tokens:
+            if token is not None and not prepared.zero_tokens:
                 counted[0] += 1
             finish = _finish(d.seq, prepared) if d.finished else None
             if text or lp is not None or finish is not None:
@@ -247,17 +280,9 @@ def chat_response(
     """The whole ``chat.completion`` of a finished job."""
     choices = []
     for seq in job.seqs[0]:
-        tokens = [] if prepared.zero_tokens else seq.tokens
-        lp = (
-            _chat_logprobs(
-                _token_str(served, prepared.tokens_as_ids),
-                tokens,
-                (seq.logprobs or [])[: len(tokens)],
-                top_logprobs,
-            )
-            if logprobs
-            else None
-        )
+        tokens, lps = ([], []) if prepared.zero_tokens else _generated(seq)
+        token_str = _token_str(served, prepared.tokens_as_ids)
+        lp = _chat_logprobs(token_str, tokens, lps, top_logprobs) if logprobs else None
         choices.append(
             ChatChoice(
                 index=seq.index,
@@ -300,11 +325,12 @@ def chat_stream(
             k = d.seq.index
             text = "" if prepared.zero_tokens else d.text
             lp = None
-            if d.token is not None and not prepared.zero_tokens:
+            token = _delta_token(d)
+            if token is not None and not prepared.zero_tokens:
                 counted[0] += 1
                 if logprobs and d.logprob is not None:
                     lp = _chat_logprobs(
-                        _token_str(served, prepared.tokens_as_ids), [d.token], [d.logprob], top_logprobs
+                        _token_str(served, prepared.tokens_as_ids), [token], [d.logprob], top_logprobs
                     )
             if text or lp is not None:
                 yield chunk(ChatChunkChoice(index=k, delta=ChatDelta(content=text), logprobs=lp))

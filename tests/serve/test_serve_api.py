@@ -267,7 +267,7 @@ def test_json_object_output_parses_whatever_the_prompt(client: openai.OpenAI) ->
     json.loads(chat.choices[0].message.content or "")
 
 
-def test_lamina_controls_as_extra_fields(greedy: Any, client: openai.OpenAI) -> None:
+def test_lamina_controls_as_extra_fields(greedy: Any, client: openai.OpenAI, lamina_smollm2: Any) -> None:
     r = client.completions.create(
         model="smollm2", prompt=PROMPT, max_tokens=10, temperature=1.0, extra_body={"top_k": 1, "min_p": 0.1}
     )
@@ -276,7 +276,10 @@ def test_lamina_controls_as_extra_fields(greedy: Any, client: openai.OpenAI) -> 
     r = client.completions.create(
         model="smollm2", prompt=PROMPT, max_tokens=10, temperature=0, extra_body={"stop_token_ids": [first]}
     )
-    assert r.usage.completion_tokens == 2 and r.choices[0].finish_reason == "stop"
+    # the stop token counts as generated (as OpenAI's eos does) and is left out of the text
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "stop"
+    assert r.choices[0].stop_reason == first  # type: ignore[attr-defined]
+    assert r.choices[0].text == lamina_smollm2.tokenizer.decode(_ids(greedy.choices[0].logprobs)[:2])
     r = client.completions.create(
         model="smollm2", prompt=PROMPT, max_tokens=10, temperature=0, extra_body={"repetition_penalty": 1.3}
     )
