@@ -19,12 +19,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lamina.checkpoint.lamina import atomic_folder, weights_for_saving
+from lamina.checkpoint.sentence_transformers import EmbeddingConfig
 from lamina.config import GenerationConfig, ModelConfig
 from lamina.errors import CheckpointError
 from lamina.model.transformer import Transformer
 
 if TYPE_CHECKING:
-    from lamina.embeddings import EmbeddingConfig
     from lamina.tokenizer import Tokenizer
 
 StateDict = dict[str, torch.Tensor]
@@ -679,8 +679,6 @@ def export_hf(
         if tokenizer is not None:
             tokenizer.save(tmp)
         if cfg.arch == "encoder" and cfg.head == "none":
-            from lamina.embeddings import EmbeddingConfig
-
             (embedding or EmbeddingConfig(max_seq_len=cfg.max_seq_len)).write(tmp, cfg.d_model)
 
     return atomic_folder(folder, write)
