@@ -519,8 +519,9 @@ class GenerationConfig:
     - ``allowed_token_ids`` [None = all]: only these tokens may be generated (vLLM).
     - ``no_repeat_ngram_size`` [0 = off]: no n-gram of this size occurs twice in prompt + output (HF).
     - ``n`` [1]: sequences returned per prompt (``num_return_sequences``); each sampled sequence gets
-      its own random stream. ``num_beams`` [1], ``length_penalty`` [1.0], ``early_stopping`` [False]:
-      beam search, HF semantics (score = sum of logprobs / length ** length_penalty).
+      its own random stream; greedy decoding gives n identical ones (as OpenAI and vLLM do).
+      ``num_beams`` [1], ``length_penalty`` [1.0], ``early_stopping`` [False]: beam search, HF semantics
+      (score = sum of logprobs / length ** length_penalty).
     - ``seed`` [None]: seeds this request's own random generator, so a seeded request gives the same
       tokens whatever else runs in the batch; None draws a seed from torch's global generator.
     - ``logprobs`` [False]: return the log-probability of each generated token; ``top_logprobs`` [0]:
@@ -712,11 +713,6 @@ class GenerationConfig:
                 raise ConfigError(
                     f"n={self.n} must be <= num_beams={self.num_beams} (beam search returns the n best beams)"
                 )
-        elif self.n > 1 and not self.sampling:
-            raise ConfigError(
-                f"n={self.n} greedy sequences would all be the same: sample (temperature > 0) or use "
-                f"num_beams >= {self.n}"
-            )
         if self.mirostat and not self.sampling:
             raise ConfigError(
                 f"mirostat={self.mirostat} samples tokens, but decoding is greedy or beam search "

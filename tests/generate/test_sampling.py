@@ -137,7 +137,6 @@ INVALID: list[tuple[dict[str, Any], list[str]]] = [
     (dict(do_sample=True, temperature=0), ["do_sample=True", "temperature=0"]),
     (dict(num_beams=4, do_sample=True), ["num_beams=4", "do_sample=True"]),
     (dict(num_beams=2, n=3), ["n=3", "num_beams=2"]),
-    (dict(n=2, temperature=0), ["n=2", "greedy"]),
     (dict(mirostat=1, temperature=0), ["mirostat=1", "greedy"]),
     (dict(top_logprobs=3), ["top_logprobs=3", "logprobs=True"]),
     (dict(top_k=40, samplers=["top_p", "temperature"]), ["samplers", "'top_k'", "top_k"]),

@@ -127,3 +127,25 @@ def test_an_eos_first_token_is_in_chat_logprobs(tiny: Any) -> None:
         for t in c["logprobs"]["content"]
     ]
     assert streamed == ["<|im_end|>"]
+
+
+def test_n_with_greedy_decoding_gives_identical_choices(tiny: Any) -> None:
+    """OpenAI and vLLM accept n > 1 with temperature 0 and return n identical choices."""
+    client, _, prompt, _ = tiny
+    body = {
+        "model": "tiny",
+        "prompt": prompt[:3],
+        "max_tokens": 4,
+        "temperature": 0,
+        "n": 2,
+        "ignore_eos": True,
+    }
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1] and choices[0]["text"] == choices[1]["text"]
+    assert r.json()["usage"]["completion_tokens"] == 8
+    chat = {"model": "tiny", "messages": MESSAGES, "max_tokens": 3, "temperature": 0, "n": 3}
+    r = client.post("/v1/chat/completions", json=chat)
+    assert r.status_code == 200, r.text
+    assert len({c["message"]["content"] for c in r.json()["choices"]}) == 1 and len(r.json()["choices"]) == 3
