@@ -9,6 +9,7 @@ The few things a user needs::
 
 from __future__ import annotations
 
+from lamina.checkpoint.convert import convert
 from lamina.checkpoint.lamina import load_checkpoint, save_checkpoint
 from lamina.checkpoint.load import LoadedModel, load
 from lamina.config import GenerationConfig, ModelConfig
@@ -32,6 +33,7 @@ __all__ = [
     "TokenizerError",
     "Transformer",
     "__version__",
+    "convert",
     "embed",
     "generate",
     "load",

@@ -16,11 +16,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_type_hints
+from typing import Any, ClassVar, Literal, TypeVar, get_args, get_type_hints
 
 import yaml
 
 from lamina.errors import ConfigError
+from lamina.fields import build
 
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu"]
 NormType = Literal["layernorm", "rmsnorm"]
@@ -234,14 +235,23 @@ class ModelConfig:
         return 3 * forward if training else forward
 
     # -- presets and I/O ---------------------------------------------------------------------------------
+    EXTRA_KEYS: ClassVar[tuple[str, ...]] = ("preset",)
+
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> ModelConfig:
         """A named architecture (``gpt2``, ``smollm2-135m``, ``tiny``, ...) with optional field overrides."""
-        if name not in PRESETS:
-            raise ConfigError(
-                f"unknown preset {name!r}{_did_you_mean(name, PRESETS)}; presets: {', '.join(sorted(PRESETS))}"
-            )
-        return from_dict(cls, {**PRESETS[name], **overrides})
+        return from_dict(cls, {"preset": name, **overrides})
+
+    @staticmethod
+    def preset_names() -> list[str]:
+        """The names ``preset`` accepts."""
+        return list(PRESETS)
+
+    @staticmethod
+    def resolve_dict(data: dict[str, Any]) -> dict[str, Any]:
+        """The rule between fields of a mapping: ``preset: NAME`` fills the preset's fields, then the
+        mapping's own fields override them (``{preset: tiny, n_layers: 4}``)."""
+        return _with_preset(data, PRESETS, "model")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -289,18 +299,23 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
-    """Build config ``cls`` from ``data``; an unknown key raises ``ConfigError`` naming the nearest keys."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{cls.__name__} must be a mapping of field: value, got {type(data).__name__}")
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    for key in data:
-        if key not in names:
-            raise ConfigError(f"unknown {cls.__name__} field {key!r}{_did_you_mean(key, names)}")
-    try:
-        return cls(**data)
-    except TypeError as e:  # pragma: no cover - defensive: dataclass signature mismatch
-        raise ConfigError(f"cannot build {cls.__name__}: {e}") from e
+def from_dict(cls: type[T], data: Mapping[str, Any], where: str | None = None) -> T:
+    """Build config ``cls`` from ``data`` (``lamina.fields.build``: the one path of YAML, flags and
+    keywords); an unknown key raises ``ConfigError`` naming the nearest keys."""
+    return build(cls, data, where)
+
+
+def _with_preset(data: dict[str, Any], presets: Mapping[str, Mapping[str, Any]], what: str) -> dict[str, Any]:
+    """``data`` with ``preset: NAME`` replaced by that preset's fields (``data``'s own fields win)."""
+    data = dict(data)
+    name = data.pop("preset", None)
+    if name is None:
+        return data
+    if name not in presets:
+        raise ConfigError(
+            f"unknown {what} preset {name!r}{_did_you_mean(name, presets)}; presets: {', '.join(sorted(presets))}"
+        )
+    return {**presets[name], **data}
 
 
 class _YAMLLoader(yaml.SafeLoader):
@@ -445,6 +460,7 @@ _SAMPLER_ALIASES = {  # llama.cpp / HF spellings -> lamina's names, for "did you
 }  # fmt: skip
 
 DEFAULT_DRY_SEQUENCE_BREAKERS = ["\n", ":", '"', "*"]  # llama.cpp's defaults
+TOKEN_IDS = {"token_ids": True}  # metadata of GenerationConfig fields that hold token ids
 
 
 @dataclass
@@ -537,11 +553,11 @@ class GenerationConfig:
 
     max_new_tokens: int = 128
     min_new_tokens: int = 0
-    eos_token_ids: list[int] = field(default_factory=list)  # stop when any of these is generated
+    eos_token_ids: list[int] = field(default_factory=list, metadata=TOKEN_IDS)  # stop when any is generated
     ignore_eos: bool = False
     stop: list[str] = field(default_factory=list)
     include_stop_str_in_output: bool = False
-    stop_token_ids: list[int] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list, metadata=TOKEN_IDS)
     # -- greedy / sampling
     do_sample: bool | None = None  # None: sample iff temperature > 0 and num_beams == 1
     temperature: float = 1.0  # 0: greedy
@@ -569,9 +585,9 @@ class GenerationConfig:
     mirostat_tau: float = 5.0
     mirostat_eta: float = 0.1
     # -- constraints
-    logit_bias: dict[int, float] = field(default_factory=dict)
-    bad_words_ids: list[list[int]] = field(default_factory=list)
-    allowed_token_ids: list[int] | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict, metadata=TOKEN_IDS)
+    bad_words_ids: list[list[int]] = field(default_factory=list, metadata=TOKEN_IDS)
+    allowed_token_ids: list[int] | None = field(default=None, metadata=TOKEN_IDS)
     no_repeat_ngram_size: int = 0
     # -- several sequences / beam search
     n: int = 1
@@ -697,6 +713,28 @@ class GenerationConfig:
         need(not dupes, "samplers", f"lists {', '.join(dupes)} more than once")
         self._validate_combinations()
 
+    def check_token_ids(self, vocab_size: int) -> None:
+        """Raise ``ConfigError`` when a token-id field (``logit_bias`` keys, ``stop_token_ids``,
+        ``bad_words_ids``, ``allowed_token_ids``, ``eos_token_ids``: the fields marked ``TOKEN_IDS``) names an
+        id outside a vocabulary of ``vocab_size`` tokens; the message names the field, the id and the size.
+
+        ``validate`` cannot know the model; the engine calls this at submit time, so the library, the CLI
+        and the server refuse the same requests with the same words.
+        """
+        for f in dataclasses.fields(self):
+            if not f.metadata.get("token_ids"):
+                continue
+            value = getattr(self, f.name)
+            ids = value if isinstance(value, dict) else value or []
+            flat = [t for x in ids for t in (x if isinstance(x, list) else [x])]
+            bad = sorted({t for t in flat if not 0 <= t < vocab_size})
+            if bad:
+                shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+                raise ConfigError(
+                    f"{f.name} names token id{'s' if len(bad) > 1 else ''} {shown} outside the model's "
+                    f"vocabulary of {vocab_size} tokens (ids 0..{vocab_size - 1})"
+                )
+
     def _validate_combinations(self) -> None:
         if self.do_sample and self.temperature == 0:
             raise ConfigError(
@@ -779,8 +817,10 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum_steps: int = 1
     seq_len: int | None = None  # None: the model's max_seq_len
-    max_steps: int | None = 1000
-    epochs: float | None = None  # instead of max_steps: passes over the training tokens
+    max_steps: int | None = 1000  # optimizer steps; setting it clears epochs
+    epochs: float | None = (
+        None  # passes over the training data instead of max_steps; setting it clears max_steps
+    )
     label_smoothing: float = 0.0
     dropout: float | None = None  # override every dropout of the model
     precision: Precision = "fp32"
@@ -801,6 +841,25 @@ class TrainConfig:
     mlm_probability: float = 0.15  # masked_lm: share of tokens hidden (80% mask, 10% random, 10% kept)
     whole_word_masking: bool = False  # masked_lm: hide all tokens of a chosen word together
     freeze: list[str] = field(default_factory=list)  # block indices ("0", "0-3") or name globs ("tok_emb.*")
+
+    EXTRA_KEYS: ClassVar[tuple[str, ...]] = ("preset",)
+
+    @staticmethod
+    def preset_names() -> list[str]:
+        """The names ``preset`` accepts."""
+        return list(TRAIN_PRESETS)
+
+    @staticmethod
+    def resolve_dict(data: dict[str, Any]) -> dict[str, Any]:
+        """The rules between fields of a mapping (YAML, flags, keywords): ``preset: NAME`` fills a named
+        set of defaults (``TRAIN_PRESETS``: ``finetune``), and setting one of ``epochs`` / ``max_steps``
+        clears the other, so ``--train.epochs 2`` needs no ``--train.max_steps null``."""
+        given = dict(data)
+        data = _with_preset(data, TRAIN_PRESETS, "train")
+        for name, other in (("epochs", "max_steps"), ("max_steps", "epochs")):
+            if given.get(name) is not None and other not in given:
+                data[other] = None
+        return data
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -837,3 +896,9 @@ class TrainConfig:
             raise ConfigError(f"seq_len={self.seq_len} must be positive")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+
+
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    # fine-tuning a pretrained model: a few epochs at a small learning rate, no warmup, light decay
+    "finetune": dict(epochs=3, max_steps=None, lr=5e-5, warmup_steps=0, weight_decay=0.01, out_dir="runs/finetune"),
+}  # fmt: skip

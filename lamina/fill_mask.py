@@ -34,7 +34,11 @@ class Prediction:
 
 @torch.inference_mode()
 def fill_mask(lm: LoadedModel, text: str, top_k: int = 5) -> list[list[Prediction]]:
-    """The ``top_k`` most likely tokens for each mask in ``text``, most likely first, one list per mask."""
+    """The ``top_k`` most likely tokens for each mask in ``text``, most likely first, one list per mask.
+
+    Args:
+        top_k: candidates shown per mask
+    """
     model, tok = lm.model, lm.tokenizer
     if tok is None or tok.mask_token is None or tok.mask_token_id is None:
         raise CheckpointError(

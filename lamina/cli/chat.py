@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lamina.checkpoint.load import LoadedModel
+from lamina.cli.flags import add_config_file
 from lamina.cli.generate import add_control_flags, add_model_flags, controls_from_args, load_from_args
 from lamina.errors import ConfigError
 from lamina.generate.text import generation_config, stream_text
@@ -26,8 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", metavar="MODEL", help="path, models-directory name or packaged name")
     p.add_argument("--system", default=None, help="system prompt")
+    add_config_file(p)
     add_model_flags(p)
-    add_control_flags(p.add_argument_group("decoding controls", "as for `lamina generate`"))
+    add_control_flags(p)
     p.set_defaults(func=run)
 
 

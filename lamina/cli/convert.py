@@ -1,13 +1,12 @@
-"""``lamina convert SRC DST --to lamina|hf``: move checkpoints between lamina, Hugging Face and GGUF."""
+"""``lamina convert SRC --out DST --to lamina|hf``: move checkpoints between lamina, Hugging Face and GGUF."""
 
 from __future__ import annotations
 
 import argparse
 
-from lamina.checkpoint.hf import export_hf
-from lamina.checkpoint.lamina import save_checkpoint
-from lamina.checkpoint.load import load
-from lamina.embeddings import EmbeddingConfig
+from lamina.checkpoint.convert import convert
+from lamina.cli.flags import add_fields, values
+from lamina.errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,29 +14,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert",
         help="convert a model (lamina, HF folder, GGUF) to a lamina or HF checkpoint folder",
-        description="Read SRC (any format lamina loads) and write DST as a lamina checkpoint folder "
-        "(--to lamina) or a Hugging Face folder that transformers loads (--to hf). GGUF weights are "
-        "dequantized. DST is written atomically: it appears complete or not at all.",
+        description="Read SRC (any format lamina loads) and write a lamina checkpoint folder (--to lamina) "
+        "or a Hugging Face folder that transformers loads (--to hf) to --out (or DST). GGUF weights are "
+        "dequantized. The folder is written atomically: it appears complete or not at all.",
+        epilog="example: lamina convert smollm2 --out /tmp/smollm2-hf --to hf",
     )
     p.add_argument("src", metavar="SRC", help="model path or name")
-    p.add_argument("dst", metavar="DST", help="output folder")
-    p.add_argument("--to", choices=["lamina", "hf"], default="lamina", help="output format (default: lamina)")
-    p.add_argument(
-        "--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype (default fp32)"
-    )
+    p.add_argument("dst", metavar="DST", nargs="?", help="output folder (the same as --out)")
+    add_fields(p, convert, title="options (lamina.convert)", skip=("src",))
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Convert and report where it went."""
-    lm = load(args.src, dtype=args.dtype)
-    folder = lm.entry.path if lm.entry.path.is_dir() else lm.entry.path.parent
-    embedding = EmbeddingConfig.from_folder(folder)  # a sentence-transformers model keeps its pooling
-    if args.to == "hf":
-        out = export_hf(args.dst, lm.model, lm.tokenizer, lm.generation, embedding=embedding)
-    else:
-        out = save_checkpoint(args.dst, lm.model, lm.tokenizer, lm.generation)
-        if embedding is not None:
-            embedding.write(out, lm.model.config.d_model)
-    print(f"wrote {args.to} checkpoint {out}")
+    options = values(args, convert)
+    if args.dst is not None:
+        if "out" in options and options["out"] != args.dst:
+            raise ConfigError(f"two output folders: DST {args.dst!r} and --out {options['out']!r}; give one")
+        options["out"] = args.dst
+    if "out" not in options:
+        raise ConfigError("name the output folder: lamina convert SRC --out DIR")
+    out = convert(args.src, **options)
+    print(f"wrote {options.get('to', 'lamina')} checkpoint {out}")
     return 0

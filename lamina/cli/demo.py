@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from lamina.cli.flags import add_config_file, add_fields, print_config, values
 from lamina.train.demo import demo, demo_run, report
 
 
@@ -17,20 +18,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "perplexity against a unigram baseline -> samples of generated Python. Everything is written "
         "under --out (data shards, checkpoints, metrics.jsonl, curves.png).",
     )
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument(
-        "--steps", type=int, default=300, help="training steps (default 300: a few minutes on 2 cores)"
-    )
-    p.add_argument(
-        "--max-bytes", type=int, default=3_000_000, help="bytes of stdlib source to use (default 3 MB)"
-    )
-    p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default 8192)")
-    p.add_argument("--eval-every", type=int, default=50, help="validate every N steps (default 50)")
+    add_config_file(p)
+    add_fields(p, demo_run, title="the demo run (lamina.train.demo.demo_run)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo and print its report."""
-    res = demo(demo_run(args.out, args.steps, args.max_bytes, args.vocab_size, eval_every=args.eval_every))
+    run_config = demo_run(**values(args, demo_run))
+    if args.print_config:
+        print_config(run_config.to_dict())
+        return 0
+    res = demo(run_config)
     print(report(res))
     return 0

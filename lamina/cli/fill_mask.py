@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lamina.checkpoint.load import load
+from lamina.cli.flags import add_fields, values
 from lamina.fill_mask import fill_mask
 
 
@@ -19,13 +20,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", metavar="MODEL", help="a masked-LM encoder (path or name)")
     p.add_argument("text", metavar="TEXT", help="text with one or more [MASK]")
-    p.add_argument("--top-k", type=int, default=5, help="candidates per mask (default 5)")
+    add_fields(p, fill_mask, title="options", skip=("lm", "text"))
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Print the candidates of each mask."""
-    results = fill_mask(load(args.model), args.text, top_k=args.top_k)
+    results = fill_mask(load(args.model), args.text, **values(args, fill_mask))
     for n, preds in enumerate(results, 1):
         print(f"mask {n}:")
         for p in preds:

@@ -4,15 +4,17 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from lamina.cli.overrides import merge, parse_overrides
-from lamina.config import parse_yaml
-from lamina.train.finetune import SECTIONS, FinetuneRun, finetune
+from lamina.cli.flags import add_alias, add_config_file, add_fields, add_top_level, merged, print_config
+from lamina.cli.pretrain import _overwrite
+from lamina.config import ModelConfig, TrainConfig
+from lamina.train.finetune import FinetuneRun, TaskConfig, finetune
+
+SECTIONS = {"task": TaskConfig, "model": ModelConfig, "train": TrainConfig}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add the ``finetune`` verb."""
+    """Add the ``finetune`` verb: one flag per field of the run config's sections."""
     p = sub.add_parser(
         "finetune",
         help="fine-tune a classification, regression or token classification head on labeled data",
@@ -21,35 +23,31 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--task.pair_field for sentence pairs, and --task.label_field [label]; for token_classify, JSONL "
         "with a list of words --task.tokens_field [tokens] and one tag per word --task.tags_field [tags]). "
         "Reports loss, accuracy and macro F1 (or MSE; token_classify: token accuracy, macro F1 and, for "
-        "IOB tags, entity F1) on held-out rows after every epoch. Freeze layers with --train.freeze '[0-3]' (block indices) or name globs "
-        "('[tok_emb.*]'). Any field of the sections task, model, train can be set as --SECTION.FIELD.",
-        epilog="example: lamina finetune --task classify --data reviews.csv --init minilm "
-        "--train.epochs 3 --train.out_dir runs/sentiment",
+        "IOB tags, entity F1) on held-out rows after every epoch. Freeze layers with --train.freeze "
+        "'[0-3]' (block indices) or name globs ('[tok_emb.*]'). The train section starts from the "
+        "`finetune` preset (3 epochs, lr 5e-5, no warmup). Every field is a flag --SECTION.FIELD and a "
+        "key of the --config YAML file; flags win over the file.",
+        epilog="example: lamina finetune --task classify --data examples/reviews.csv --init minilm "
+        "--train.epochs 3 --out runs/sentiment",
     )
-    p.add_argument("--config", help="run config YAML with sections task, train, model, init")
-    p.add_argument(
-        "--task",
-        choices=["classify", "regress", "token_classify"],
-        help="the head to train (default classify)",
-    )
-    p.add_argument("--data", help="labeled CSV or JSONL file (task.data)")
-    p.add_argument("--init", help="MODEL to fine-tune (its tokenizer too)")
-    p.set_defaults(func=run, accepts_overrides=True)
+    add_config_file(p)
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in the output folder")
+    add_alias(p, "--task", TaskConfig, "task", "task")
+    add_alias(p, "--data", TaskConfig, "data", "task")
+    add_alias(p, "--out", TrainConfig, "out_dir", "train")
+    add_top_level(p, "--init", "init", "the MODEL to fine-tune (its tokenizer too)", "MODEL")
+    for section, cls in SECTIONS.items():
+        add_fields(p, cls, section)
+    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Build the run from file + flags, fine-tune, and print the last evaluation."""
-    base = parse_yaml(Path(args.config).read_text()) if args.config else {}
-    data = merge(base or {}, parse_overrides(args.overrides, SECTIONS))
-    task = dict(data.get("task") or {})
-    if args.task:
-        task["task"] = args.task
-    if args.data:
-        task["data"] = args.data
-    data["task"] = task
-    if args.init:
-        data["init"] = args.init
-    _, _, result = finetune(FinetuneRun.from_dict(data))
+    run_config = FinetuneRun.from_dict(merged(args, list(SECTIONS)))
+    if args.print_config:
+        print_config(run_config.to_dict())
+        return 0
+    _, _, result = finetune(run_config, **_overwrite(args))
     last = result.val_metrics[-1][1] if result.val_metrics else {}
     shown = ", ".join(f"{k} {v:.4f}" for k, v in last.items())
     print(f"trained {result.steps} steps; held-out {shown}; checkpoints in {result.out_dir}")

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -12,12 +11,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-from lamina.checkpoint.load import LoadedModel, load
-from lamina.config import GenerationConfig, parse_yaml
+from lamina.checkpoint.load import LoadedModel, LoadOptions, load
+from lamina.cli.flags import add_config_file, add_fields, values
+from lamina.config import GenerationConfig
 from lamina.errors import ConfigError
+from lamina.fields import build
 from lamina.generate.engine import Engine, Sequence_
 from lamina.generate.text import build_prompt_ids, generate, generation_config, print_stream
-from lamina.model.quant import FORMATS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -53,59 +53,42 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--raw", dest="chat", action="store_false", help="use the prompt as-is, no chat template"
     )
     p.add_argument("--system", default=None, help="system message (chat mode)")
+    add_config_file(p)
     add_model_flags(p)
-    controls = p.add_argument_group(
-        "decoding controls",
-        "every GenerationConfig field (its docstring gives the semantics); values are read as YAML, e.g. "
-        "--temperature 0.7 --top-p 0.9 --seed 1 --logit-bias '{50256: -100}'",
-    )
-    add_control_flags(controls)
+    add_control_flags(p)
     p.set_defaults(func=run)
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
-    """``--dtype``, ``--weights`` and ``--compile``: how MODEL is loaded for inference (``load_from_args``)."""
-    p.add_argument(
-        "--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype (default fp32)"
-    )
-    p.add_argument(
-        "--weights",
-        default=None,
-        choices=FORMATS,
-        help="convert the weights for inference (lamina.model.quant): int4 (4-bit groups of 32, the layout "
-        "of GGUF Q4_1) decodes fastest on CPU, then int8, then bf16; overrides --dtype (default: "
-        "none, the checkpoint's weights in --dtype)",
-    )
-    p.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the model: a few minutes of compiling first, then about 15%% faster decoding "
-        "on CPU (measured with --weights int4; benchmarks/RESULTS.md)",
-    )
+    """``--dtype``, ``--weights`` and ``--compile`` (``LoadOptions``): how MODEL is loaded for inference."""
+    add_fields(p, LoadOptions, title="loading the model")
 
 
 def load_from_args(args: argparse.Namespace, model: str | None = None) -> LoadedModel:
-    """Load ``model`` (default ``args.model``) as the flags of ``add_model_flags`` say."""
-    if args.compile:
+    """Load ``model`` (default ``args.model``) with the ``LoadOptions`` given by flags or ``--config``."""
+    opts = build(LoadOptions, values(args, LoadOptions))
+    if opts.compile:
         print(
             "--compile: the first prompt of each new shape compiles first (minutes on CPU)", file=sys.stderr
         )
-    return load(model or args.model, dtype=args.dtype, weights=args.weights, compile=args.compile)
+    return load(model or args.model, dtype=opts.dtype, weights=opts.weights, compile=opts.compile)
 
 
-def add_control_flags(group: Any) -> None:
-    """One ``--flag`` per ``GenerationConfig`` field, read as YAML (``controls_from_args`` collects them)."""
-    for f in dataclasses.fields(GenerationConfig):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
-        flag = "--" + f.name.replace("_", "-")
-        group.add_argument(
-            flag, dest=f"gen_{f.name}", type=parse_yaml, metavar="V", help=f"default {default!r}"
-        )
+def add_control_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per ``GenerationConfig`` field (``controls_from_args`` collects the ones given)."""
+    add_fields(
+        p,
+        GenerationConfig,
+        title="decoding controls",
+        description="every GenerationConfig field (`python -c 'import lamina; help(lamina.GenerationConfig)'` "
+        "gives the semantics); unset fields take the model's own defaults (its generation.yaml / "
+        "generation_config.json), e.g. --temperature 0.7 --top-p 0.9 --seed 1 --stop '[\"\\n\\n\"]'",
+    )
 
 
 def controls_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The decoding controls given on the command line, by ``GenerationConfig`` field name."""
-    return {k[4:]: v for k, v in vars(args).items() if k.startswith("gen_") and v is not None}
+    """The decoding controls given by flags or ``--config``, by ``GenerationConfig`` field name."""
+    return values(args, GenerationConfig)
 
 
 def run(args: argparse.Namespace) -> int:

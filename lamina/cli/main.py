@@ -22,6 +22,7 @@ from lamina.cli import (
     serve,
     tokenizer,
 )
+from lamina.cli.flags import normalize_argv
 from lamina.errors import LaminaError
 
 VERBS = [
@@ -60,10 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse ``argv`` and run the verb; a ``LaminaError`` prints one line and exits 1."""
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and not getattr(args, "accepts_overrides", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.overrides = extra
+    args = parser.parse_args(normalize_argv(parser, sys.argv[1:] if argv is None else argv))
     try:
         return int(args.func(args) or 0)
     except LaminaError as e:

@@ -1,48 +1,56 @@
-"""``lamina pretrain --config run.yaml [--train.lr 3e-4 ...] [--resume]``: train a causal LM."""
+"""``lamina pretrain [--config run.yaml] [--train.lr 3e-4 ...] [--resume]``: train a causal (or masked) LM."""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from lamina.cli.overrides import merge, parse_overrides
-from lamina.config import parse_yaml
-from lamina.train.pretrain import SECTIONS, RunConfig, pretrain
+from lamina.cli.flags import add_alias, add_config_file, add_fields, add_top_level, merged, print_config
+from lamina.config import ModelConfig, TrainConfig
+from lamina.data.corpus import DataConfig
+from lamina.train.pretrain import RunConfig, pretrain
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add the ``pretrain`` verb."""
+    """Add the ``pretrain`` verb: one flag per field of the run config's sections."""
     p = sub.add_parser(
         "pretrain",
-        help="pretrain a causal language model from a run config (any field overridable by flags)",
-        description="Train a causal LM. The run config (YAML) has sections model (a ModelConfig, "
-        "optionally `preset: NAME`), data (a DataConfig: the corpus and tokenizer), train (a "
-        "TrainConfig) and init (a MODEL to continue from). Any field can be set or overridden on the "
-        "command line as --SECTION.FIELD VALUE, e.g. --train.lr 3e-4 --model.n_layers 4 "
-        "--data.builtin stdlib. Launch with torchrun for data-parallel (DDP) or sharded (FSDP, "
-        "--train.parallel fsdp) training.",
+        help="pretrain a language model from a run config (every field is a flag)",
+        description="Train a causal LM (a masked LM for `--model.arch encoder`). The run config has "
+        "sections model (a ModelConfig, optionally from --model.preset), data (a DataConfig: the corpus "
+        "and tokenizer), train (a TrainConfig) and init (a MODEL to continue from). Every field is a "
+        "flag --SECTION.FIELD and a key of the --config YAML file; flags win over the file. The run "
+        "writes the exact config it used to OUT/run.yaml. Launch with torchrun for data-parallel (DDP) "
+        "or sharded (--train.parallel fsdp) training.",
         epilog="example: lamina pretrain --data.builtin stdlib --data.train_tokenizer 8192 "
-        "--data.out runs/data --model.preset small --train.out_dir runs/gpt --train.max_steps 500",
+        "--data.out runs/data --model.preset small --train.max_steps 500 --out runs/gpt",
     )
-    p.add_argument("--config", help="run config YAML (default: only the flags)")
+    add_config_file(p)
     p.add_argument(
-        "--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir"
+        "--resume", action="store_true", help="continue from the newest checkpoint in the output folder"
     )
-    p.add_argument("--init", help="start from this MODEL's weights (same as --init.MODEL in the config)")
-    p.set_defaults(func=run, accepts_overrides=True)
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in the output folder")
+    add_alias(p, "--out", TrainConfig, "out_dir", "train")
+    add_top_level(p, "--init", "init", "continue training from this MODEL's weights and tokenizer", "MODEL")
+    for section, cls in SECTIONS.items():
+        add_fields(p, cls, section)
+    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Build the run config from file + flags and train."""
-    base = parse_yaml(Path(args.config).read_text()) if args.config else {}
-    data = merge(base or {}, parse_overrides(args.overrides, SECTIONS))
-    if args.init:
-        data["init"] = args.init
-    if "model" in data and "preset" in data["model"] and not data["model"]["preset"]:
-        data["model"].pop("preset")
-    _, _, result = pretrain(RunConfig.from_dict(data), resume=args.resume)
+    run_config = RunConfig.from_dict(merged(args, list(SECTIONS)))
+    if args.print_config:
+        print_config(run_config.to_dict())
+        return 0
+    _, _, result = pretrain(run_config, resume=args.resume, **_overwrite(args))
     best = f", best validation loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
     print(
         f"trained {result.steps} steps, final loss {result.final_loss:.4f}{best}; checkpoints in {result.out_dir}"
     )
     return 0
+
+
+def _overwrite(args: argparse.Namespace) -> dict[str, bool]:
+    return {"overwrite": True} if args.overwrite else {}

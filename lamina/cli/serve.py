@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from lamina.cli.flags import add_alias, add_config_file, add_fields, print_config, values
 from lamina.cli.generate import add_model_flags, load_from_args
 from lamina.errors import ConfigError
+from lamina.fields import build
+from lamina.serve.settings import ServeConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,64 +34,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         "each is served under the name given here unless --served-model-name renames it",
     )
     p.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 listens on every interface)",
-    )
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument(
-        "--api-key",
-        action="append",
-        default=None,
-        metavar="KEY",
-        help="require 'Authorization: Bearer KEY' on /v1/* (repeat for several keys; default: the "
-        "comma-separated keys of $LAMINA_API_KEY, or none: no authentication)",
-    )
-    p.add_argument(
         "--served-model-name",
         action="append",
         default=None,
         metavar="NAME",
         help="the name clients use for the MODEL at the same position (repeat per MODEL)",
     )
-    p.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together (default 32)")
-    p.add_argument(
-        "--max-tokens-in-flight",
-        type=int,
-        default=None,
-        help="limit on prompt + completion tokens of the running sequences (default: none)",
-    )
-    p.add_argument(
-        "--max-queue",
-        type=int,
-        default=256,
-        help="requests waiting to join the batch; beyond it clients get 429 + Retry-After (default 256)",
-    )
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=600.0,
-        help="seconds from a request's arrival to its last token, else 504 (default 600; 0 = none)",
-    )
-    p.add_argument("--max-n", type=int, default=16, help="largest n per request (default 16)")
-    p.add_argument(
-        "--max-request-bytes", type=int, default=4 * 1024 * 1024, help="largest request body (default 4 MiB)"
-    )
+    add_config_file(p)
+    add_fields(p, ServeConfig, title="server (ServeConfig)")
+    add_alias(p, "--api-key", ServeConfig, "api_keys", help="one API key (repeat --api-keys for several)")
     add_model_flags(p)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument(
-        "--log-level",
-        default="info",
-        choices=["critical", "error", "warning", "info", "debug"],
-        help="uvicorn's log level (default info)",
-    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the models and serve them until interrupted."""
     try:
-        from lamina.serve import ServeConfig, serve
+        from lamina.serve import serve
     except ImportError as e:
         raise ConfigError(f"lamina serve needs the serve extra: pip install 'lamina[serve]' ({e})") from None
     import torch
@@ -98,22 +60,18 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"{len(names)} --served-model-name for {len(args.models)} MODEL arguments: give at most one per MODEL"
         )
-    config = ServeConfig(
-        host=args.host,
-        port=args.port,
-        api_keys=args.api_key if args.api_key is not None else ServeConfig.env_api_keys(),
-        max_batch_size=args.max_batch_size,
-        max_tokens_in_flight=args.max_tokens_in_flight,
-        max_queue=args.max_queue,
-        timeout=args.timeout or None,
-        max_n=args.max_n,
-        max_request_bytes=args.max_request_bytes,
-    )
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    given = values(args, ServeConfig)
+    if "api_keys" not in given:  # the environment's keys, when no flag or file names any
+        given["api_keys"] = ServeConfig.env_api_keys()
+    config = build(ServeConfig, given)
+    if args.print_config:
+        print_config(config)
+        return 0
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     models = {}
     for i, model in enumerate(args.models):
         name = names[i] if i < len(names) else model
         models[name] = load_from_args(args, model)
-    serve(models, config, log_level=args.log_level)
+    serve(models, config, log_level=config.log_level)
     return 0

@@ -38,6 +38,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import secrets
 import shutil
 from collections import Counter
@@ -69,6 +70,17 @@ JSONL_CHUNK_BYTES = 64 << 20
 UINT16_VOCAB = 1 << 16
 
 
+def parse_size(text: str) -> int:
+    """``"50M"`` -> 50_000_000: a byte or token count with an optional suffix (K, M, G are powers of
+    1000; KiB, MiB, GiB of 1024). Raises ``ValueError`` for anything else."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?(?:[eE]\d+)?)\s*([KMG]i?)?B?\s*", text, re.IGNORECASE)
+    if m is None:
+        raise ValueError("is not a size: use a number, optionally with K, M or G (e.g. 50M)")
+    unit = (m.group(2) or "").upper()
+    base = 1024 if unit.endswith("I") else 1000
+    return int(float(m.group(1)) * base ** {"": 0, "K": 1, "M": 2, "G": 3}[unit[:1]])
+
+
 @dataclass
 class DataConfig:
     """What ``prepare`` reads, how it tokenizes and splits, and where it writes.
@@ -96,14 +108,14 @@ class DataConfig:
     tokenizer: str | None = None
     train_tokenizer: int | None = None
     builtin: Literal["stdlib"] | None = None
-    max_bytes: int | None = None
+    max_bytes: int | None = field(default=None, metadata={"parse": lambda text: parse_size(text)})
     jsonl_field: str = "text"
     val_fraction: float = 0.01
     seed: int = 0
     num_workers: int | None = None
     append_eos: bool = True
     parse_special_tokens: bool = False
-    shard_tokens: int = 1 << 27
+    shard_tokens: int = field(default=1 << 27, metadata={"parse": lambda text: parse_size(text)})
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -813,7 +825,7 @@ def _check_eos(tok: Tokenizer, cfg: DataConfig) -> None:
     if cfg.append_eos and tok.eos_token_id is None:
         raise TokenizerError(
             f"the tokenizer {cfg.tokenizer!r} has no eos token to put between documents; fix: use one that "
-            "has, or pass append_eos=False (--no-eos)"
+            "has, or pass append_eos=False (--no-append-eos)"
         )
 
 

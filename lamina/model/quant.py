@@ -23,6 +23,7 @@ converted model is for inference: it cannot be trained, and ``save_checkpoint`` 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,8 @@ from lamina.errors import ConfigError
 from lamina.model.layers import MLP, Attention
 from lamina.model.transformer import Transformer
 
-FORMATS = ("fp32", "bf16", "int8", "int4", "w8a8")
+WeightFormat = Literal["fp32", "bf16", "int8", "int4", "w8a8"]
+FORMATS: tuple[str, ...] = get_args(WeightFormat)
 INT4_GROUP = 32  # input features per int4 scale/offset (GGUF Q4_0/Q4_1 use 32)
 DEQUANT_ROWS = 16  # int8: above this many tokens per call, dequantize to bf16 and use the bf16 matmul
 

@@ -11,10 +11,20 @@ fastapi, uvicorn, pydantic).
 
 from __future__ import annotations
 
-from lamina.serve.app import create_app
-from lamina.serve.registry import Registry, ServedModel
-from lamina.serve.server import BackgroundServer, build_registry, serve
+from typing import Any
+
 from lamina.serve.settings import ServeConfig
+
+# The rest needs the serve extra (fastapi, uvicorn, pydantic): imported on first use, so `lamina serve
+# --help` and `from lamina.serve.settings import ServeConfig` stay light.
+_LAZY = {
+    "create_app": "lamina.serve.app",
+    "Registry": "lamina.serve.registry",
+    "ServedModel": "lamina.serve.registry",
+    "BackgroundServer": "lamina.serve.server",
+    "build_registry": "lamina.serve.server",
+    "serve": "lamina.serve.server",
+}
 
 __all__ = [
     "BackgroundServer",
@@ -25,3 +35,11 @@ __all__ = [
     "create_app",
     "serve",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lamina.serve' has no attribute {name!r}")

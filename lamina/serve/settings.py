@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Literal
 
 from lamina.errors import ConfigError
 
@@ -42,6 +43,8 @@ class ServeConfig:
     max_prompts: int = 64
     max_embedding_inputs: int = 2048
     max_request_bytes: int = 4 * 1024 * 1024
+    threads: int | None = None  # torch CPU threads (None: torch's choice)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"  # uvicorn's log level
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "max_n", "max_prompts", "max_embedding_inputs"):
@@ -58,6 +61,8 @@ class ServeConfig:
             raise ConfigError(f"max_tokens_in_flight={self.max_tokens_in_flight} must be >= 2 (or None)")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port={self.port} must be in [0, 65535]")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads={self.threads} must be >= 1 (or None: torch's choice)")
         if any(not k for k in self.api_keys):
             raise ConfigError("api_keys must not hold empty strings")
 

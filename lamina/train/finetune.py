@@ -39,6 +39,7 @@ from lamina.data.labeled import (
     read_tagged,
 )
 from lamina.errors import ConfigError, DataError
+from lamina.fields import coerce
 from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
 from lamina.train.objectives import Batch, Objective
@@ -83,8 +84,6 @@ SECTIONS: dict[str, type | None] = {
     "train": TrainConfig,
     "init": None,
 }
-TRAIN_DEFAULTS: dict[str, Any] = {"epochs": 3, "max_steps": None, "lr": 5e-5, "warmup_steps": 0,
-                                  "weight_decay": 0.01, "out_dir": "runs/finetune"}  # fmt: skip
 
 
 @dataclass
@@ -92,7 +91,7 @@ class FinetuneRun:
     """A whole fine-tuning run: the task, the starting model (``init`` or ``model``), the trainer's config."""
 
     task: TaskConfig
-    train: TrainConfig = field(default_factory=lambda: from_dict(TrainConfig, TRAIN_DEFAULTS))
+    train: TrainConfig = field(default_factory=lambda: from_dict(TrainConfig, {"preset": "finetune"}))
     model: ModelConfig | None = None
     init: str | None = None
 
@@ -104,22 +103,16 @@ class FinetuneRun:
             raise ConfigError(
                 f"unknown finetune section(s) {sorted(unknown)}; sections: {', '.join(SECTIONS)}"
             )
-        user_train = dict(data.get("train") or {})
-        defaults = dict(TRAIN_DEFAULTS)
-        if "max_steps" in user_train and "epochs" not in user_train:
-            defaults["epochs"] = None
-        model = None
-        if data.get("model"):
-            m = dict(data["model"])
-            preset = m.pop("preset", None)
-            model = ModelConfig.preset(preset, **m) if preset else from_dict(ModelConfig, m)
-        if (model is None) == (data.get("init") is None):
+        model = from_dict(ModelConfig, data["model"], "model") if data.get("model") else None
+        init = coerce(data.get("init"), str | None, "init")
+        if (model is None) == (init is None):
             raise ConfigError("give exactly one of init (a MODEL to fine-tune) and model (a config to build)")
         return cls(
-            task=from_dict(TaskConfig, data.get("task") or {}),
-            train=from_dict(TrainConfig, {**defaults, **user_train}),
+            task=from_dict(TaskConfig, data.get("task") or {}, "task"),
+            # the train section starts from the `finetune` preset (a few epochs at a small lr)
+            train=from_dict(TrainConfig, {"preset": "finetune", **(data.get("train") or {})}, "train"),
             model=model,
-            init=data.get("init"),
+            init=init,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -21,11 +21,12 @@ from typing import Any
 
 import torch
 
-from lamina.config import ModelConfig, TrainConfig, from_dict, parse_yaml, to_dict
+from lamina.config import ModelConfig, TrainConfig, from_dict, to_dict
 from lamina.data.batches import CausalBatches, TokenShards, val_batches
 from lamina.data.corpus import DataConfig, Manifest, prepare
 from lamina.data.masking import MaskedBatches, special_ids, with_mask_token, word_start_table
 from lamina.errors import ConfigError, DataError
+from lamina.fields import coerce, read_yaml
 from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
 from lamina.train.objectives import Objective, causal_lm, masked_lm
@@ -60,14 +61,12 @@ class RunConfig:
                 f"unknown run config section(s) {sorted(unknown)}; sections: {', '.join(SECTIONS)}"
             )
         model = dict(data.get("model") or {})
-        preset = model.pop("preset", None)
-        mcfg = ModelConfig.preset(preset, **model) if preset else from_dict(ModelConfig, model)
         return cls(
-            model=mcfg,
-            data=from_dict(DataConfig, data.get("data") or {"out": "runs/data", "builtin": "stdlib"}),
-            train=from_dict(TrainConfig, data.get("train") or {}),
-            init=data.get("init"),
-            model_explicit=frozenset(model),
+            model=from_dict(ModelConfig, model, "model"),
+            data=from_dict(DataConfig, data.get("data") or {"out": "runs/data", "builtin": "stdlib"}, "data"),
+            train=from_dict(TrainConfig, data.get("train") or {}, "train"),
+            init=coerce(data.get("init"), str | None, "init"),
+            model_explicit=frozenset(model) - {"preset"},
         )
 
     @classmethod
@@ -76,7 +75,7 @@ class RunConfig:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"run config {str(p)!r} does not exist")
-        return cls.from_dict(parse_yaml(p.read_text()) or {})
+        return cls.from_dict(read_yaml(p))
 
     def to_dict(self) -> dict[str, Any]:
         """The exact config, as written to ``run.yaml`` next to the checkpoints."""

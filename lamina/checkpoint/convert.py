@@ -1,0 +1,41 @@
+"""``lamina.convert``: any model lamina reads, written as a lamina checkpoint folder or a Hugging Face folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from lamina.checkpoint.hf import export_hf
+from lamina.checkpoint.lamina import save_checkpoint
+from lamina.checkpoint.load import load
+
+
+def convert(
+    src: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    to: Literal["lamina", "hf"] = "lamina",
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
+) -> Path:
+    """Read ``src`` (a lamina folder, an HF folder or a GGUF file, by path or name) and write ``out``.
+
+    GGUF weights are dequantized. ``out`` is written atomically: it appears complete or not at all. A
+    sentence-transformers model keeps its pooling files. Returns the folder written.
+
+    Args:
+        src: the model to read (path, models-directory name or packaged name)
+        out: the output folder
+        to: lamina (a lamina checkpoint folder) or hf (a folder transformers loads)
+        dtype: weights dtype of the output
+    """
+    from lamina.embeddings import EmbeddingConfig
+
+    lm = load(src, dtype=dtype)
+    folder = lm.entry.path if lm.entry.path.is_dir() else lm.entry.path.parent
+    embedding = EmbeddingConfig.from_folder(folder)  # a sentence-transformers model keeps its pooling
+    if to == "hf":
+        return export_hf(out, lm.model, lm.tokenizer, lm.generation, embedding=embedding)
+    written = save_checkpoint(out, lm.model, lm.tokenizer, lm.generation)
+    if embedding is not None:
+        embedding.write(written, lm.model.config.d_model)
+    return written

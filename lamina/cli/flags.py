@@ -1,0 +1,273 @@
+"""Flags from config fields: every verb builds its flags here, so a field's name, type, default, choices
+and help live once, on the field (``lamina.fields``).
+
+The naming rule: a flag is its field's name. A verb with one config takes ``--field-name`` (the
+underscore spelling is accepted too); a verb with sections takes ``--section.field_name``. Booleans take
+``--x`` / ``--no-x`` (or ``--x false``). Lists and mappings are written as YAML (``--stop '[".", "!"]'``,
+``--logit-bias '{50256: -100}'``); a list of one item needs no brackets. Values are read by the field's
+type, exactly as the same key in a ``--config`` YAML file is.
+
+Flags default to "not given" (``argparse.SUPPRESS``): a verb sees only what the user set, merges it over
+the ``--config`` file, and the dataclass supplies every other default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from lamina.fields import FALSE_WORDS, TRUE_WORDS, Field, fields_of, read_yaml
+
+_DEST = "cfg:"  # argparse dest prefix of config flags: "cfg:train.lr", "cfg:top_k"
+
+
+def flag_name(name: str, section: str | None = None) -> str:
+    """``--top-k`` for a field of a one-config verb, ``--train.lr`` for a field of a section."""
+    return f"--{section}.{name}" if section else "--" + name.replace("_", "-")
+
+
+def add_fields(
+    parser: argparse.ArgumentParser,
+    source: Any,
+    section: str | None = None,
+    title: str | None = None,
+    description: str | None = None,
+    skip: Sequence[str] = (),
+) -> list[Field]:
+    """Add one flag per field of ``source`` (a config dataclass or a function's keyword parameters).
+
+    ``section`` names the ``--section.field`` prefix (None: ``--field-name``). The flags land in an
+    argument group titled ``title`` (default: the section, or the class's name). Returns the fields.
+    """
+    name = getattr(source, "__name__", str(source))
+    group = parser.add_argument_group(title or (f"{section} ({name})" if section else name), description)
+    fields = fields_of(source, tuple(skip))
+    bools: set[str] = getattr(parser, "_lamina_bools", set())
+    for f in fields:
+        flag = flag_name(f.name, section)
+        dest = _DEST + (f"{section}.{f.name}" if section else f.name)
+        if _is_bool(f.type):
+            group.add_argument(flag, dest=dest, default=argparse.SUPPRESS, metavar="[BOOL]", help=_help(f))
+            group.add_argument(
+                "--no-" + flag[2:], dest=dest, action="store_const", const="false",
+                default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+            )  # fmt: skip
+            bools.add(flag)
+        else:
+            group.add_argument(flag, dest=dest, default=argparse.SUPPRESS, metavar=_metavar(f), help=_help(f))
+    if "preset" in getattr(source, "EXTRA_KEYS", ()):
+        names = source.preset_names()
+        group.add_argument(
+            flag_name("preset", section), dest=_DEST + (f"{section}.preset" if section else "preset"),
+            default=argparse.SUPPRESS, metavar="{" + ",".join(names) + "}",
+            help="start from this named set of fields; the other flags override it",
+        )  # fmt: skip
+    parser._lamina_bools = bools  # type: ignore[attr-defined]
+    if section is None:  # a one-config verb may combine several sources: values() sorts them out
+        sources = [*(parser.get_default("_lamina_sources") or []), source]
+        parser.set_defaults(_lamina_sources=sources)
+    return fields
+
+
+def values(args: argparse.Namespace, source: Any) -> dict[str, Any]:
+    """The fields of ``source`` set by ``--config`` and flags on a one-config verb, read by type.
+
+    A file key that is a field of none of the verb's sources is a ``ConfigError`` naming the nearest.
+    """
+    from lamina.errors import ConfigError
+    from lamina.fields import coerce, did_you_mean
+
+    sources = getattr(args, "_lamina_sources", [])
+    specs = {f.name: f for f in fields_of(source)}
+    known = {f.name for s in sources for f in fields_of(s)}
+    out: dict[str, Any] = {}
+    for key, value in merged(args).items():
+        if key not in known:
+            where = f" in {args.config}" if getattr(args, "config", None) else ""
+            raise ConfigError(f"unknown field {key!r}{where}{did_you_mean(key, sorted(known))}")
+        if key in specs:
+            out[key] = coerce(value, specs[key].type, key, specs[key].parse)
+    return out
+
+
+def add_alias(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    flag: str,
+    source: Any,
+    name: str,
+    section: str | None = None,
+    help: str | None = None,
+) -> None:
+    """A short flag for one field (``--out`` for ``train.out_dir``): same field, type and help."""
+    (f,) = [f for f in fields_of(source) if f.name == name]
+    dest = _DEST + (f"{section}.{name}" if section else name)
+    full = flag_name(name, section)
+    parser.add_argument(
+        flag, dest=dest, default=argparse.SUPPRESS, metavar=_metavar(f), help=help or f"= {full}: {_help(f)}"
+    )
+
+
+def add_top_level(parser: argparse.ArgumentParser, flag: str, name: str, help: str, metavar: str) -> None:
+    """A top-level key of a sectioned run config (``--init MODEL`` is the file's ``init: MODEL``)."""
+    parser.add_argument(flag, dest=_DEST + name, default=argparse.SUPPRESS, metavar=metavar, help=help)
+
+
+def add_config_file(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE`` (YAML of the same fields; flags win) and ``--print-config``."""
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="a YAML file of the same fields (flags given too win over it)",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config as YAML and exit (a file --config reads back)",
+    )
+
+
+def given(args: argparse.Namespace, section: str | None = None) -> dict[str, Any]:
+    """The fields of ``section`` (None: a one-config verb's) set on the command line, as text."""
+    out: dict[str, Any] = {}
+    for key, value in vars(args).items():
+        if not key.startswith(_DEST):
+            continue
+        sec, _, name = key[len(_DEST) :].rpartition(".")
+        if (sec or None) == section:
+            out[name] = value
+    return out
+
+
+def merged(args: argparse.Namespace, sections: Sequence[str] = ()) -> dict[str, Any]:
+    """The ``--config`` file (if any) with the flags set over it, field by field.
+
+    For a one-config verb (``sections`` empty) a flat ``{field: value}``; else ``{section: {...}, ...}``
+    plus any top-level keys of the file. Values from the file and flags are text until ``build`` reads
+    them by type.
+    """
+    data: dict[str, Any] = read_yaml(args.config) if getattr(args, "config", None) else {}
+    if not sections:
+        return {**data, **given(args)}
+    from lamina.errors import ConfigError
+
+    data.update(given(args))  # top-level keys (init)
+    for section in sections:
+        current = data.get(section)
+        flags = given(args, section)
+        if current is not None and not isinstance(current, dict):
+            if flags:
+                raise ConfigError(f"cannot set {section}.* flags: {section} is {current!r} in {args.config}")
+            continue
+        if flags or current is not None:
+            data[section] = {**(current or {}), **flags}
+    return data
+
+
+def print_config(data: Any) -> None:
+    """Print a resolved config (a dataclass or a mapping of them) as YAML that ``--config`` reads back."""
+    print(yaml.safe_dump(_plain(data), sort_keys=False, allow_unicode=True), end="")
+
+
+def _plain(data: Any) -> Any:
+    if dataclasses.is_dataclass(data) and not isinstance(data, type):
+        return {f.name: _plain(getattr(data, f.name)) for f in dataclasses.fields(data) if f.init}
+    if isinstance(data, dict):
+        return {k: _plain(v) for k, v in data.items()}
+    if isinstance(data, list | tuple | frozenset | set):
+        return [_plain(v) for v in data]
+    if hasattr(data, "__fspath__"):
+        return str(data)
+    return data
+
+
+def normalize_argv(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """``argv`` as the parser expects it: ``--top_k`` -> ``--top-k``, ``--train.out-dir`` ->
+    ``--train.out_dir``, and a boolean flag without a value gets ``=true`` (``--compile MODEL`` must not
+    read MODEL as the flag's value; ``--compile false`` still works)."""
+    out: list[str] = []
+    bools: set[str] = getattr(parser, "_lamina_bools", set())
+    current = parser
+    i = 0
+    argv = list(argv)
+    while i < len(argv):
+        tok = argv[i]
+        i += 1
+        if tok == "--":
+            out += argv[i - 1 :]
+            break
+        sub = _subparser(current, tok)
+        if sub is not None:
+            current = sub
+            bools = getattr(sub, "_lamina_bools", set())
+            out.append(tok)
+            continue
+        if not tok.startswith("--") or len(tok) == 2:
+            out.append(tok)
+            continue
+        name, eq, value = tok[2:].partition("=")
+        if "." in name:
+            section, _, field = name.partition(".")
+            name = f"{section}.{field.replace('-', '_')}"
+        elif _known(current, "--" + name.replace("_", "-")):
+            name = name.replace("_", "-")
+        tok = f"--{name}{eq}{value}"
+        flag = "--" + name
+        if flag in bools and not eq:
+            nxt = argv[i] if i < len(argv) else None
+            if nxt is not None and nxt.lower() in TRUE_WORDS + FALSE_WORDS:
+                tok, i = f"{flag}={nxt}", i + 1
+            else:
+                tok = f"{flag}=true"
+        out.append(tok)
+    return out
+
+
+def _known(parser: argparse.ArgumentParser, flag: str) -> bool:
+    return flag in parser._option_string_actions
+
+
+def _subparser(parser: argparse.ArgumentParser, tok: str) -> argparse.ArgumentParser | None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and tok in action.choices:
+            return action.choices[tok]
+    return None
+
+
+def _is_bool(tp: Any) -> bool:
+    if tp is bool:
+        return True
+    args = get_args(tp)
+    return get_origin(tp) in (Union, type(int | None)) and bool in args and len(args) == 2
+
+
+def _metavar(f: Field) -> str:
+    tp = f.type
+    args = [a for a in get_args(tp) if a is not type(None)]
+    if get_origin(tp) in (Union, type(int | None)) and str in args:
+        return "TEXT"
+    core = args[0] if get_origin(tp) in (Union, type(int | None)) and len(args) == 1 else tp
+    origin = get_origin(core)
+    if origin is Literal:
+        return "{" + ",".join(str(a) for a in get_args(core)) + "}"
+    if origin in (list, tuple):
+        return "LIST"
+    if origin is dict:
+        return "MAP"
+    return {int: "N", float: "X", str: "TEXT"}.get(core, "V")
+
+
+def _help(f: Field) -> str:
+    text = f.help.rstrip(".")
+    if f.required:
+        return (text + "; " if text else "") + "required"
+    default = f.default
+    shown = (
+        "none" if default is None else repr(default) if isinstance(default, str | list | dict) else default
+    )
+    if isinstance(default, list | dict) and len(repr(default)) > 40:
+        shown = repr(default)[:37] + "..."
+    return f"{text} (default: {shown})".replace("%", "%%") if text else f"default: {shown}".replace("%", "%%")
