@@ -98,8 +98,11 @@ def fields_of(source: Any, skip: tuple[str, ...] = ()) -> list[Field]:
     for p in inspect.signature(source).parameters.values():
         if p.name in skip or p.annotation is p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
+        tp = _annotation(source, p.annotation)
+        if tp is None:  # a type only checkers see (a model object): not settable from text
+            continue
         default = p.default if p.default is not p.empty else dataclasses.MISSING
-        out.append(Field(p.name, _annotation(source, p.annotation), default, docs.get(p.name, "")))
+        out.append(Field(p.name, tp, default, docs.get(p.name, "")))
     return out
 
 
@@ -108,7 +111,10 @@ def _annotation(func: Any, annotation: Any) -> Any:
     type may exist only for type checkers)."""
     if not isinstance(annotation, str):
         return annotation
-    return eval(annotation, vars(inspect.getmodule(func)))
+    try:
+        return eval(annotation, vars(inspect.getmodule(func)))
+    except NameError:
+        return None
 
 
 # -- text -> typed values --------------------------------------------------------------------------------

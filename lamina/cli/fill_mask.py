@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lamina.checkpoint.load import load
-from lamina.cli.flags import add_fields, values
+from lamina.cli.flags import add_config_file, add_fields, print_config, values
 from lamina.fill_mask import fill_mask
 
 
@@ -20,13 +20,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", metavar="MODEL", help="a masked-LM encoder (path or name)")
     p.add_argument("text", metavar="TEXT", help="text with one or more [MASK]")
+    add_config_file(p)
     add_fields(p, fill_mask, title="options", skip=("lm", "text"))
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Print the candidates of each mask."""
-    results = fill_mask(load(args.model), args.text, **values(args, fill_mask))
+    options = values(args, fill_mask)
+    if args.print_config:
+        print_config(options)
+        return 0
+    results = fill_mask(load(args.model), args.text, **options)
     for n, preds in enumerate(results, 1):
         print(f"mask {n}:")
         for p in preds:
