@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from tqdm import tqdm
 
@@ -16,8 +17,10 @@ from lamina.cli.flags import add_config_file, add_fields, values
 from lamina.config import GenerationConfig
 from lamina.errors import ConfigError
 from lamina.fields import build
-from lamina.generate.engine import Engine, Sequence_
-from lamina.generate.text import build_prompt_ids, generate, generation_config, print_stream
+from lamina.generate.batch import generate_batch, read_requests, token_text
+from lamina.generate.engine import TokenLogprob
+from lamina.generate.text import Completion, complete, generation_config, print_stream
+from lamina.tokenizer import Tokenizer
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,7 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         'optionally with any decoding control (e.g. "temperature": 0.7); they run as one batch and '
         "the results are written as JSONL",
     )
-    p.add_argument("--output", type=Path, default=None, help="where --input results go (default stdout)")
+    p.add_argument(
+        "--out", dest="output", type=Path, default=None, help="where --input results go (default stdout)"
+    )
     p.add_argument(
         "--max-batch-size", type=int, default=16, help="sequences decoded together with --input (16)"
     )
@@ -92,7 +97,12 @@ def controls_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the model and stream the continuation to stdout (or run ``--input`` as a batch)."""
+    """Load the model and stream the continuation to stdout (or run ``--input`` as a batch).
+
+    After the text, stderr gets the logprob tables when asked for (``print_logprobs``) and one line of
+    token counts and speed (``Completion.summary``) unless ``quiet``. Choices of ``--n`` > 1 are printed
+    one after the other, each under a ``--- choice k/n ---`` line.
+    """
     if (args.prompt is None) == (args.input is None):
         raise ConfigError("give a PROMPT or --input prompts.jsonl (one of the two)")
     controls = controls_from_args(args)
@@ -100,82 +110,76 @@ def run(args: argparse.Namespace) -> int:
     if args.input is not None:
         return run_batch(lm, args, controls)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    generate(lm, prompt, chat=args.chat, system=args.system, stream=print_stream, **controls)
-    print()
+    cfg = generation_config(lm, None, **controls)
+    one = cfg.n == 1
+    result = complete(
+        lm, prompt, cfg, chat=args.chat, system=args.system, stream=print_stream if one else None
+    )
+    if one:
+        print()
+    else:
+        for k, choice in enumerate(result.choices, start=1):
+            print(f"--- choice {k}/{cfg.n} ---")
+            print(choice.text)
+    sys.stdout.flush()
+    print_logprobs(result, lm.tokenizer)
+    if not getattr(args, "quiet", False):
+        print(result.summary(), file=sys.stderr)
     return 0
 
 
-def read_requests(path: Path) -> list[dict[str, Any]]:
-    """The requests of a JSONL file, each with a "prompt" string or a "messages" list."""
-    if not path.is_file():
-        raise ConfigError(f"--input {path}: no such file")
-    requests = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
+def print_logprobs(result: Completion, tokenizer: Tokenizer | None, file: TextIO | None = None) -> None:
+    """The log-probability tables a request asked for, to ``file`` (default stderr): the prompt's tokens
+    (``prompt_logprobs``), then each choice's generated tokens (``logprobs``, ``top_logprobs``), one row
+    per token with its text, logprob, rank and the most likely alternatives (the raw model distribution,
+    as vLLM and OpenAI report it)."""
+    out = file or sys.stderr
+    if result.prompt_logprobs is not None:
+        print("prompt logprobs:", file=out)
+        _table(result.prompt_logprobs, tokenizer, out)
+    for k, choice in enumerate(result.choices, start=1):
+        if choice.logprobs is not None:
+            which = f" (choice {k}/{len(result.choices)})" if len(result.choices) > 1 else ""
+            print(f"logprobs{which}:", file=out)
+            _table(choice.logprobs, tokenizer, out)
+
+
+def _table(entries: Sequence[TokenLogprob | None], tokenizer: Tokenizer | None, out: TextIO) -> None:
+    def text(t: int) -> str:
+        return repr(token_text(tokenizer, t))
+
+    rows = [("#", "token", "logprob", "rank", "top alternatives")]
+    for i, lp in enumerate(entries):
+        if lp is None:
+            rows.append((str(i), "-", "", "", "(the first prompt token has no logprob)"))
             continue
-        try:
-            req = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        if not isinstance(req, dict) or not (isinstance(req.get("prompt"), str) or "messages" in req):
-            raise ConfigError(
-                f'{path}:{i}: each line must be an object with "prompt" (a string) or "messages"'
-            )
-        requests.append(req)
-    if not requests:
-        raise ConfigError(f"--input {path}: no requests in the file")
-    return requests
-
-
-def _beam_sequences(lm: LoadedModel, ids: list[int], cfg: GenerationConfig, index: int) -> list[Sequence_]:
-    """A beam-search request's ``cfg.n`` best beams, as engine sequences."""
-    from lamina.generate.beam import beam_search
-
-    assert lm.tokenizer is not None
-    beams = beam_search(lm.model, [ids], cfg, lm.generation.eos_token_ids)[0]
-    return [
-        Sequence_(index, b.tokens, b.finish_reason, lm.tokenizer.decode(b.tokens, skip_special_tokens=True),
-                  index=k, prompt_tokens=len(ids))
-        for k, b in enumerate(beams)
-    ]  # fmt: skip
+        alts = ", ".join(f"{text(t)} {v:.3f}" for t, v in lp.top)
+        rows.append((str(i), text(lp.token), f"{lp.logprob:.4f}", str(lp.rank), alts))
+    widths = [max(len(r[c]) for r in rows) for c in range(4)]
+    for r in rows:
+        print(
+            "  " + "  ".join(v.ljust(w) for v, w in zip(r[:4], widths, strict=True)) + "  " + r[4], file=out
+        )
 
 
 def run_batch(lm: LoadedModel, args: argparse.Namespace, controls: dict[str, Any]) -> int:
-    """Run every request of ``args.input`` through one engine; write one JSON result per line, in order."""
-    requests = read_requests(args.input)
-    engine = Engine(lm.model, lm.tokenizer, lm.generation.eos_token_ids, max_batch_size=args.max_batch_size)
-    submitted = []
-    for i, req in enumerate(requests, start=1):
-        own = {k: v for k, v in req.items() if k not in ("prompt", "messages", "id")}
-        try:
-            cfg = generation_config(lm, None, **{**controls, **own})
-            prompt = req["messages"] if "messages" in req else req["prompt"]
-            ids = build_prompt_ids(lm, prompt, chat=args.chat, system=args.system)
-            if cfg.num_beams > 1:  # beam search runs on its own, not in the sampling batch
-                submitted.append((req, _beam_sequences(lm, ids, cfg, i - 1)))
-            else:
-                submitted.append((req, engine.submit(ids, cfg)))
-        except ConfigError as e:
-            raise ConfigError(f"{args.input}:{i}: {e}") from None
-    total = sum(len(seqs) for _, seqs in submitted)
+    """Run every request of ``args.input`` as one batch (``generate_batch``); write one JSON row per
+    choice, in order, to ``args.output`` or stdout."""
+    requests, lines = read_requests(args.input)
+    with tqdm(total=None, desc="generating", unit="seq", file=sys.stderr, disable=None) as bar:
+
+        def progress(finished: int, total: int) -> None:
+            bar.total = total
+            bar.update(finished - bar.n)
+
+        rows = generate_batch(
+            lm, requests, chat=args.chat, system=args.system, max_batch_size=args.max_batch_size,
+            labels=[f"{args.input}:{n}" for n in lines], progress=progress, **controls,
+        )  # fmt: skip
     out = args.output.open("w", encoding="utf-8") if args.output else sys.stdout
     try:
-        with tqdm(total=total, desc="generating", unit="seq", file=sys.stderr, disable=None) as bar:
-            while engine.has_work():
-                bar.update(sum(1 for d in engine.step() if d.finished))
-        for i, (req, seqs) in enumerate(submitted):
-            for seq in seqs:
-                row: dict[str, Any] = {"index": i, "id": req.get("id", i), "text": seq.text}
-                if len(seqs) > 1:
-                    row["n"] = seq.index
-                row |= {
-                    "finish_reason": seq.finish_reason,
-                    "prompt_tokens": seq.prompt_tokens,
-                    "completion_tokens": len(seq.tokens),
-                }
-                if seq.logprobs is not None:
-                    row["logprobs"] = [lp.logprob for lp in seq.logprobs]
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        for row in rows:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
     finally:
         if args.output:
             out.close()

@@ -28,7 +28,7 @@ def test_generate_input_jsonl_runs_a_batch_in_order(
     path.write_text("\n".join(json.dumps(r) for r in requests) + "\n\n")
     out_path = tmp_path / "out.jsonl"
     code = main(
-        ["generate", "smollm2", "--input", str(path), "--output", str(out_path), "--max-new-tokens", "8"]
+        ["generate", "smollm2", "--input", str(path), "--out", str(out_path), "--max-new-tokens", "8"]
     )
     assert code == 0
     rows = [json.loads(line) for line in out_path.read_text().splitlines()]
