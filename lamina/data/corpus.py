@@ -23,7 +23,8 @@ The split is by document and by content: a document goes to validation when a ke
 (``seed`` is the key) falls below ``val_fraction``, so the split does not depend on file order, paths or
 ``num_workers``, and duplicate documents land on the same side. With two or more documents and
 ``val_fraction > 0`` neither split is left empty (the document with the smallest hash moves to val, or the
-one with the largest to train).
+one with the largest to train). A split whose share of tokens ends up far from ``val_fraction`` (few or
+uneven documents) is reported with a one-line warning on stderr (``Manifest.split_warning``).
 
 Parallel and serial runs give byte-identical output: workers tokenize tasks (groups of files, or chunks of
 a JSONL file) into part files, and the parent writes the shards in input order. The whole folder is built
@@ -41,6 +42,7 @@ import os
 import re
 import secrets
 import shutil
+import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -68,6 +70,8 @@ TASK_FILES = 16
 TASK_BYTES = 1 << 20
 JSONL_CHUNK_BYTES = 64 << 20
 UINT16_VOCAB = 1 << 16
+# how a JSONL field's value is named in messages (a JSON number, array, object, boolean)
+_JSON_KIND = {bool: "a boolean", list: "an array", dict: "an object"}
 
 
 def parse_size(text: str) -> int:
@@ -271,6 +275,27 @@ class Manifest:
         for s in self.skipped:
             counts[s.reason] += s.count
         return dict(sorted(counts.items()))
+
+    def split_warning(self) -> str | None:
+        """One line when the validation split's share of tokens is far from ``val_fraction`` (off by more
+        than a factor 3 either way, or by more than 20 percentage points), else None.
+
+        Documents go wholly to one split, so with few or uneven documents the split is coarse: two input
+        files can give more validation tokens than training tokens.
+        """
+        total = sum(s.tokens for s in self.splits.values())
+        val = self.splits["val"] if "val" in self.splits else SplitInfo()
+        f = self.val_fraction
+        if f <= 0 or total == 0:
+            return None
+        share = val.tokens / total
+        if f / 3 <= share <= 3 * f and abs(share - f) <= 0.2:
+            return None
+        return (
+            f"the validation split holds {share:.1%} of the tokens ({val.documents:,} of {self.documents:,} "
+            f"documents), far from val_fraction={f:g}: each document goes wholly to one split; fix: use "
+            "more, smaller documents, or another val_fraction (--val-fraction)"
+        )
 
     def summary(self) -> str:
         """A few lines for people: documents, tokens and shards per split, what was skipped, the tokenizer."""
@@ -547,7 +572,7 @@ def _read_jsonl(item: _Item, jsonl_field: str, log: _Read) -> Iterator[str]:
                 what = (
                     f"no {jsonl_field!r} field"
                     if value is None
-                    else f"{jsonl_field!r} is a {type(value).__name__}, not a string"
+                    else f"{jsonl_field!r} is {_JSON_KIND.get(type(value), 'a number')}, not a string"
                 )
                 log.skip(item.name, "bad_record", f"first at {where}: {what}")
                 continue
@@ -749,7 +774,8 @@ def prepare(cfg: DataConfig, progress: bool = True) -> Manifest:
 
     Raises ``DataError`` when a source matches no file, when nothing is left after skipping (the message
     says what was skipped), or when ``out`` exists (unless ``overwrite``); ``TokenizerError`` when the
-    tokenizer cannot be found. ``progress``: tqdm bars on a terminal.
+    tokenizer cannot be found. ``progress``: tqdm bars on a terminal. Prints one warning line on stderr
+    when the validation split is far from ``val_fraction`` (see :meth:`Manifest.split_warning`).
     """
     cfg.validate()
     if (
@@ -818,6 +844,8 @@ def prepare(cfg: DataConfig, progress: bool = True) -> Manifest:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     manifest.root = out
+    if (warning := manifest.split_warning()) is not None:
+        print(f"warning: {warning}", file=sys.stderr)
     return manifest
 
 

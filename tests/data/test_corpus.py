@@ -114,6 +114,17 @@ def test_jsonl_field_and_bad_records(tmp_path: Path, tok_dir: Path, tok: Tokeniz
     assert bad.source.endswith("a.jsonl") and "line 3" in bad.detail and "not valid JSON" in bad.detail
 
 
+@pytest.mark.parametrize(
+    ("value", "named"), [(3, "a number"), (2.5, "a number"), (["a"], "an array"), ({"a": 1}, "an object"), (True, "a boolean")]
+)  # fmt: skip
+def test_a_field_that_is_not_a_string_is_named_as_json_names_it(
+    tmp_path: Path, tok_dir: Path, value: object, named: str
+) -> None:
+    write(tmp_path / "a.jsonl", json.dumps({"text": value}) + "\n" + json.dumps({"text": "fine"}) + "\n")
+    m = prepare(config(tmp_path, [str(tmp_path / "a.jsonl")], tok_dir, val_fraction=0), progress=False)
+    assert m.skipped[0].detail.endswith(f"'text' is {named}, not a string")
+
+
 def test_large_jsonl_files_are_read_in_chunks(
     tmp_path: Path, tok_dir: Path, tok: Tokenizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -193,6 +204,43 @@ def test_val_split_is_by_document_non_empty_and_disjoint(
             )
         )
         assert m3.splits["train"].documents == 1 and m3.splits["val"].documents == 1
+
+
+def test_a_split_far_from_val_fraction_is_warned_on_one_line(
+    tmp_path: Path, tok_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two input files of very different sizes: whichever goes to val, its share of the tokens is far from
+    20% (documents go wholly to one split), and prepare says so on stderr, with the fix."""
+    write(tmp_path / "in" / "small.txt", document(0, 1))
+    write(tmp_path / "in" / "large.txt", document(1, 40))
+    m = prepare(config(tmp_path, [str(tmp_path / "in")], tok_dir, val_fraction=0.2), progress=False)
+    err = capsys.readouterr().err
+    share = m.splits["val"].tokens / (m.splits["val"].tokens + m.splits["train"].tokens)
+    assert not 0.04 < share < 0.9 and err.count("\n") == 1
+    assert err.startswith(f"warning: the validation split holds {share:.1%} of the tokens (1 of 2 documents)")
+    assert "val_fraction=0.2" in err
+    assert "more, smaller documents" in err and "--val-fraction" in err
+    assert m.split_warning() == err.removeprefix("warning: ").strip()
+    # many documents of the same size: the share lands near the fraction, no warning
+    for i in range(60):
+        write(tmp_path / "many" / f"{i:02d}.txt", document(i, 2))
+    cfg = config(tmp_path, [str(tmp_path / "many")], tok_dir, val_fraction=0.3, overwrite=True)
+    m = prepare(cfg, progress=False)
+    assert 0.15 <= m.splits["val"].tokens / (m.splits["val"].tokens + m.splits["train"].tokens) <= 0.45
+    assert m.split_warning() is None and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    ("fraction", "val_tokens", "warned"),
+    [(0.0, 0, False), (0.01, 0, True), (0.01, 3, True), (0.01, 4, False), (0.01, 30, False),
+     (0.01, 31, True), (0.3, 101, False), (0.3, 99, True), (0.3, 499, False), (0.3, 501, True),
+     (0.5, 699, False), (0.5, 701, True)],
+)  # fmt: skip
+def test_split_warning_thresholds(fraction: float, val_tokens: int, warned: bool) -> None:
+    """Off by more than a factor 3 either way, or by more than 20 percentage points (tokens of 1000)."""
+    m = Manifest("t", "tokenizer", 10, "uint16", 0, True, {}, [], [], [], 0, None, 0, fraction, 0, "text")
+    m.splits = {"train": corpus.SplitInfo(9, 1000 - val_tokens), "val": corpus.SplitInfo(1, val_tokens)}
+    assert (m.split_warning() is not None) is warned
 
 
 def test_parallel_equals_serial(tmp_path: Path, tok_dir: Path) -> None:
