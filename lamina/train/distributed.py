@@ -89,6 +89,15 @@ def mean_across(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value / info.world_size
 
 
+def sum_across(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The element-wise sum of a tensor over all processes (token counts, loss sums, stop flags)."""
+    if info.world_size == 1:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
 def full_model_state(model: nn.Module, info: DistInfo) -> dict[str, torch.Tensor]:
     """The complete (unsharded) model state dict, on CPU; call on every rank (FSDP gathers)."""
     if info.mode == "fsdp":

@@ -1,5 +1,10 @@
 """Losses, one per training objective. Each takes the model and a batch dict and returns
-(mean loss, number of target tokens it averaged over); the trainer knows nothing else about them."""
+(mean loss, number of targets it averaged over); the trainer knows nothing else about them.
+
+The count is what the trainer weights by: a step's loss is the sum of ``loss x count`` over its
+micro-batches (and processes) divided by the step's total count, so every scored token (or, for
+per-sequence objectives, every sequence) weighs the same however the targets fall into micro-batches.
+A batch with no scored target returns (0.0, 0), finite with zero gradients."""
 
 from __future__ import annotations
 
@@ -19,13 +24,15 @@ def causal_lm(label_smoothing: float = 0.0, ignore_index: int = -100) -> Objecti
     def loss(model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
         logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
         targets = batch["targets"]
-        value = F.cross_entropy(
+        n = int((targets != ignore_index).sum())
+        total = F.cross_entropy(
             logits.flatten(0, 1).float(),
             targets.flatten(),
             ignore_index=ignore_index,
             label_smoothing=label_smoothing,
+            reduction="sum",
         )
-        return value, int((targets != ignore_index).sum())
+        return total / max(n, 1), n
 
     return loss
 
@@ -46,7 +53,10 @@ def masked_lm(ignore_index: int = -100) -> Objective:
     def loss(model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
         logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
         labels = batch["labels"]
-        value = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index)
-        return value, int((labels != ignore_index).sum())
+        n = int((labels != ignore_index).sum())
+        total = F.cross_entropy(
+            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index, reduction="sum"
+        )
+        return total / max(n, 1), n
 
     return loss

@@ -1,9 +1,11 @@
 """The training loop: one loop for every objective.
 
 The loop knows a model, a ``BatchSource`` (batch ``i`` is a pure function of ``i``, so resuming at step
-k needs only k), an objective (model, batch) -> loss, and a ``TrainConfig``. It owns: mixed precision,
-gradient accumulation and clipping, the optimizer and schedule, evaluation and early stopping,
-checkpoints (periodic, best, last; atomic; exact resume), metrics and the progress bar.
+k needs only k), an objective (model, batch) -> (mean loss, count), and a ``TrainConfig``. It owns:
+mixed precision; gradient accumulation, token-weighted (a step's loss and gradient are the mean over
+every target scored in its micro-batches on every process, as one big batch would give); clipping; the
+optimizer and schedule; evaluation and early stopping; checkpoints (periodic, best, last; atomic; exact
+resume); metrics and the progress bar.
 
 Output folder::
 
@@ -164,6 +166,7 @@ def train(
     peak = matmul_peak_flops(info.device) * info.world_size
     autocast = _autocast(cfg.precision, info.device)
     tokens_per_step = tokens_per_batch * cfg.grad_accum_steps * info.world_size
+    norm = float(max(1, tokens_per_batch))
 
     def save(folder: Path, with_state: bool) -> None:
         weights = D.full_model_state(net, info)
@@ -190,15 +193,18 @@ def train(
             for i, b in enumerate(val_batches()):
                 if i >= cfg.eval_batches:
                     break
-                loss, _ = objective(net, _to(b, info.device))
-                total += loss.float()
-                count += 1
+                loss, n = objective(net, _to(b, info.device))
+                total += loss.float() * n
+                count += n
         net.train()
-        if count == 0:
+        # token-weighted over every batch of every process, like the training loss
+        sums = D.sum_across(torch.stack([total, torch.tensor(float(count), device=info.device)]), info)
+        if sums[1] == 0:
             raise TrainingError(
-                "the validation split gave no batch; lower batch_size or seq_len, or add data"
+                "the validation split gave no batch (or no scored target); lower batch_size or seq_len, "
+                "or add data"
             )
-        return float(D.mean_across(total / count, info))
+        return float(sums[0] / sums[1])
 
     result = TrainResult(steps=step, final_loss=math.nan, best_val_loss=None, out_dir=out)
     bar = tqdm(
@@ -213,36 +219,49 @@ def train(
     t_window, tokens_window = time.perf_counter(), 0
     try:
         while step < steps:
+            # Token-weighted accumulation: each micro-batch adds (its mean loss x its count) / norm to the
+            # gradients; once the step's total count over micro-batches and processes is known, the
+            # gradients are rescaled so they equal those of the mean over every scored target of the step
+            # (one big batch), however unevenly the targets fall. DDP/FSDP average over processes, hence
+            # the world size in the rescale. ``norm`` (the same on every process) only keeps magnitudes
+            # near those of a mean loss for fp16 loss scaling.
             loss_sum = torch.zeros((), device=info.device)
+            count = 0
             for micro in range(cfg.grad_accum_steps):
                 batch = _to(batches.batch(step * cfg.grad_accum_steps + micro), info.device)
                 sync = micro == cfg.grad_accum_steps - 1
                 with _no_sync(net, info, sync), autocast:
-                    loss, _ = objective(net, batch)
-                    scaler.scale(loss / cfg.grad_accum_steps).backward()
-                loss_sum += loss.detach().float()
-            loss_value = float(D.mean_across(loss_sum / cfg.grad_accum_steps, info))
-            if not math.isfinite(loss_value):
+                    loss, n = objective(net, batch)
+                    scaler.scale(loss * (n / norm)).backward()
+                loss_sum += loss.detach().float() * n
+                count += n
+            sums = D.sum_across(torch.stack([loss_sum, torch.tensor(float(count), device=info.device)]), info)
+            n_total = float(sums[1])
+            scored = n_total > 0  # a step whose every target is ignored changes nothing
+            loss_value = float(sums[0]) / n_total if scored else math.nan
+            if scored and not math.isfinite(loss_value):
                 last = latest_checkpoint(out)
                 raise TrainingError(
                     f"loss became {loss_value} at step {step + 1}; the last good checkpoint is "
                     f"{last or 'none (none was saved yet)'}. Lower lr, keep grad_clip on, or use fp32/bf16"
                 )
-            if cfg.grad_clip > 0:
-                scaler.unscale_(opt)
-                grad_norm = float(nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip))
-            else:
-                grad_norm = math.nan
-            scaler.step(opt)
-            scaler.update()
+            grad_norm = math.nan
+            if scored:
+                _scale_grads(net, norm * info.world_size / n_total)
+                if cfg.grad_clip > 0:
+                    scaler.unscale_(opt)
+                    grad_norm = float(nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip))
+                scaler.step(opt)
+                scaler.update()
             opt.zero_grad(set_to_none=True)
             lr = float(sched.get_last_lr()[0])
             sched.step()
             step += 1
             tokens_window += tokens_per_step
-            result.final_loss = loss_value
+            if scored:
+                result.final_loss = loss_value
 
-            if step % cfg.log_every == 0 or step == steps:
+            if scored and (step % cfg.log_every == 0 or step == steps):
                 dt = time.perf_counter() - t_window
                 tps = tokens_window / dt if dt > 0 else 0.0
                 mfu = flops_per_token * tps / peak
@@ -368,6 +387,15 @@ def _no_sync(net: nn.Module, info: D.DistInfo, sync: bool) -> contextlib.Abstrac
     if sync or info.mode != "ddp":
         return contextlib.nullcontext()
     return net.no_sync()  # type: ignore[operator]
+
+
+def _scale_grads(net: nn.Module, factor: float) -> None:
+    """Multiply every gradient by ``factor`` (in place; sharded FSDP gradients shard by shard)."""
+    if factor == 1.0:
+        return
+    for p in net.parameters():
+        if p.grad is not None:
+            p.grad.mul_(factor)
 
 
 def _yaml(data: dict[str, Any]) -> str:

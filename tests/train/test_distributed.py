@@ -16,8 +16,8 @@ import lamina
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def _run(out: Path, parallel: str, nproc: int) -> list[float]:
-    cmd = [sys.executable, str(WORKER), str(out), parallel]
+def _run(out: Path, parallel: str, nproc: int, *mode: str) -> list[float]:
+    cmd = [sys.executable, str(WORKER), str(out), parallel, *mode]
     if nproc > 1:
         cmd = [
             sys.executable,
@@ -53,3 +53,19 @@ def test_two_processes_match_one(parallel: str, single: tuple[Path, list[float]]
     ref = lamina.load(one_dir / "last").model.state_dict()
     for k, v in ref.items():
         torch.testing.assert_close(ours[k], v, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_uneven_token_counts_across_processes_match_one_big_batch(parallel: str, tmp_path: Path) -> None:
+    """2 processes x 2 micro-batches scoring 18, 6, 30 and 12 tokens: the update equals that of one
+    process on the whole global batch (the step's total count is summed over processes)."""
+    one = _run(tmp_path / "one", "none", 1, "uneven")
+    two = _run(tmp_path / "two", parallel, 2, "uneven")
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two, strict=True):
+        assert abs(a - b) < 1e-6, (one, two)
+    ours = lamina.load(tmp_path / "two" / "last").model.state_dict()
+    ref = lamina.load(tmp_path / "one" / "last").model.state_dict()
+    for k, v in ref.items():
+        assert float((ours[k] - v).abs().max()) < 1e-6, k

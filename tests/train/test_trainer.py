@@ -109,6 +109,68 @@ def test_grad_accumulation_equals_the_big_batch(tmp_path: Path) -> None:
     assert abs(a.final_loss - b.final_loss) < 1e-5
 
 
+class Uneven:
+    """Big batch i: two windows whose targets are scored at 2 and at 16 positions (the others -100); with
+    ``split`` micro-batch 2i is the first window and 2i+1 the second."""
+
+    def __init__(self, split: bool) -> None:
+        self.split = split
+
+    def batch(self, index: int) -> dict[str, torch.Tensor]:
+        big = Windows(batch_size=2).batch(index // 2 if self.split else index)
+        keep = torch.zeros(2, 32, dtype=torch.bool)
+        keep[0, 5:7], keep[1, 10:26] = True, True
+        big["targets"] = big["targets"].masked_fill(~keep, -100)
+        if not self.split:
+            return big
+        row = index % 2
+        return {k: v[row : row + 1] for k, v in big.items()}
+
+
+def _sgd(out: Path, **kw: Any) -> TrainConfig:
+    """Plain SGD at lr 1, no clipping, decay or schedule: the update is exactly minus the gradient."""
+    base: dict[str, Any] = dict(optimizer="sgd", momentum=0.0, lr=1.0, weight_decay=0.0, grad_clip=0.0,
+                                schedule="constant", warmup_steps=0, log_every=1)  # fmt: skip
+    return _cfg(out, **{**base, **kw})
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_accumulation_weights_every_scored_token_equally(steps: int, tmp_path: Path) -> None:
+    """Micro-batches scoring 2 and 16 tokens give the update of one batch holding both (the plain mean
+    of the two micro-batch means would weigh each of the 2 tokens 8x each of the 16)."""
+    big, accum = _model(), _model()
+    train(big, _sgd(tmp_path / "a", max_steps=steps), Uneven(False), causal_lm(), tokens_per_batch=64)
+    train(accum, _sgd(tmp_path / "b", max_steps=steps, grad_accum_steps=2), Uneven(True), causal_lm(),
+          tokens_per_batch=32)  # fmt: skip
+    with torch.no_grad():
+        moved = max(
+            float((p - q).abs().max()) for p, q in zip(big.parameters(), _model().parameters(), strict=True)
+        )
+    assert moved > 0.1  # the update is large, so 1e-6 is a tight check
+    for (name, p), q in zip(big.named_parameters(), accum.parameters(), strict=True):
+        assert float((p - q).detach().abs().max()) < 1e-6, name
+    for (_, x), (_, y) in zip(_losses(tmp_path / "a"), _losses(tmp_path / "b"), strict=True):
+        assert abs(x - y) < 1e-6  # the logged loss is the token-weighted mean too
+
+
+def test_a_step_that_scores_nothing_changes_nothing(tmp_path: Path) -> None:
+    class Blank(Windows):
+        def batch(self, index: int) -> dict[str, torch.Tensor]:
+            b = super().batch(index)
+            if index == 1:
+                b["targets"] = torch.full_like(b["targets"], -100)
+            return b
+
+    model = _model()
+    res = train(model, _sgd(tmp_path, max_steps=2, lr=0.1), Blank(), causal_lm(), tokens_per_batch=256)
+    assert res.steps == 2 and math.isfinite(res.final_loss)
+    assert [s for s, _ in _losses(tmp_path)] == [1]  # step 2 had nothing to score: no update, no loss
+    ref = _model()
+    train(ref, _sgd(tmp_path / "ref", max_steps=1, lr=0.1), Windows(), causal_lm(), tokens_per_batch=256)
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
 def test_early_stopping(tmp_path: Path) -> None:
     res = train(
         _model(), _cfg(tmp_path, max_steps=200, eval_every=2, early_stopping_patience=2, early_stopping_min_delta=10.0),
