@@ -7,13 +7,19 @@ How a model pools and normalises comes from its sentence-transformers files when
 (``modules.json``, ``1_Pooling/config.json``, ``sentence_bert_config.json``: pooling modes, a
 ``Normalize`` module, ``max_seq_length`` and ``do_lower_case``); otherwise mean pooling and unit length.
 Texts are sorted by token count and batched so that a batch holds texts of similar length (little
-padding); each text is cut to ``max_seq_len`` tokens ([CLS] and [SEP] kept), and the result says which.
+padding). A text longer than ``max_seq_len`` tokens (special tokens included) is refused with
+``InputTooLongError`` naming it, its length and the limit; with ``truncate=True`` it is cut instead
+([CLS] and [SEP] kept) and the result lists which texts were cut. The result also names the pooling
+used; a decoder without sentence-transformers files gets the defaults (mean pooling, unit length), which
+a log line says.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,7 +29,7 @@ from torch import Tensor
 from lamina.checkpoint.sentence_transformers import POOLINGS as POOLINGS  # re-exported: lamina.embeddings.X
 from lamina.checkpoint.sentence_transformers import EmbeddingConfig as EmbeddingConfig
 from lamina.checkpoint.sentence_transformers import Pooling as Pooling
-from lamina.errors import CheckpointError, ConfigError
+from lamina.errors import CheckpointError, ConfigError, InputTooLongError
 from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
 
@@ -31,21 +37,34 @@ if TYPE_CHECKING:
     from lamina.checkpoint.load import LoadedModel
 
 
+log = logging.getLogger("lamina")
+
+
 @dataclass
 class Embeddings:
     """Vectors (N, dim) float32 in the order of the texts, with each text's token count (after
-    truncation) and the indices of the texts cut to ``max_seq_len``."""
+    truncation), the indices of the texts cut to ``max_seq_len`` (only with ``truncate=True``), and the
+    pooling modes used (``"mean"``, ...; several are concatenated in this order)."""
 
     vectors: Tensor
     n_tokens: list[int]
     truncated: list[int]
     max_seq_len: int
+    pooling: list[str] = field(default_factory=lambda: ["mean"])
 
 
 def embedding_config(lm: LoadedModel) -> EmbeddingConfig:
     """The model folder's sentence-transformers config, else mean pooling with unit-length vectors."""
-    folder = lm.entry.path if lm.entry.path.is_dir() else lm.entry.path.parent
-    return EmbeddingConfig.from_folder(folder) or EmbeddingConfig()
+    return EmbeddingConfig.from_folder(_folder(lm)) or EmbeddingConfig()
+
+
+def has_embedding_files(lm: LoadedModel) -> bool:
+    """Whether the model's folder has sentence-transformers files (else pooling is lamina's default)."""
+    return (_folder(lm) / "modules.json").is_file()
+
+
+def _folder(lm: LoadedModel) -> Path:
+    return lm.entry.path if lm.entry.path.is_dir() else lm.entry.path.parent
 
 
 def embed(
@@ -54,10 +73,14 @@ def embed(
     *,
     batch_size: int = 32,
     config: EmbeddingConfig | None = None,
+    truncate: bool = False,
 ) -> Tensor:
-    """One float32 vector per text (N, dim) on the CPU, pooled as the model's config says (see
-    :func:`embed_texts` for token counts and truncation)."""
-    return embed_texts(lm, texts, batch_size=batch_size, config=config).vectors
+    """One float32 vector per text (N, dim) on the CPU, pooled as the model's config says.
+
+    A text over the model's ``max_seq_len`` tokens raises ``InputTooLongError``; ``truncate=True`` cuts it
+    instead (:func:`embed_texts` returns which texts were cut, and token counts).
+    """
+    return embed_texts(lm, texts, batch_size=batch_size, config=config, truncate=truncate).vectors
 
 
 def embed_texts(
@@ -66,11 +89,26 @@ def embed_texts(
     *,
     batch_size: int = 32,
     config: EmbeddingConfig | None = None,
+    truncate: bool = False,
 ) -> Embeddings:
-    """Embed ``texts`` with ``lm`` (``lamina.load(...)``); ``config`` overrides the folder's settings."""
+    """Embed ``texts`` with ``lm`` (``lamina.load(...)``); ``config`` overrides the folder's settings.
+
+    Raises ``InputTooLongError`` for a text over ``max_seq_len`` tokens unless ``truncate=True``, which
+    cuts it and lists it in the result's ``truncated``. A decoder embedded without sentence-transformers
+    files is mean-pooled, and says so in a log line and the result's ``pooling``.
+    """
     if lm.tokenizer is None:
         raise CheckpointError(f"model {lm.entry.name!r} has no tokenizer.json: embeddings need its tokenizer")
-    return encode(lm.model, lm.tokenizer, texts, config or embedding_config(lm), batch_size=batch_size)
+    if config is None:
+        config = embedding_config(lm)
+        if lm.model.config.arch == "decoder" and not has_embedding_files(lm):
+            log.info(
+                "%s is a decoder without sentence-transformers files: embedding with %s pooling%s",
+                lm.entry.name,
+                "+".join(config.pooling),
+                ", unit length" if config.normalize else "",
+            )
+    return encode(lm.model, lm.tokenizer, texts, config, batch_size=batch_size, truncate=truncate)
 
 
 @torch.inference_mode()
@@ -80,6 +118,7 @@ def encode(
     texts: Sequence[str],
     config: EmbeddingConfig,
     batch_size: int = 32,
+    truncate: bool = False,
 ) -> Embeddings:
     """The work of :func:`embed_texts` for a bare model and tokenizer."""
     if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
@@ -88,7 +127,7 @@ def encode(
         raise ConfigError(f"batch_size={batch_size} must be >= 1")
     cfg = model.config
     max_len = min(config.max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
-    ids, types, truncated = _tokenize(tokenizer, texts, max_len, config.do_lower_case)
+    ids, types, truncated = _tokenize(tokenizer, texts, max_len, config.do_lower_case, truncate)
     pad = tokenizer.pad_token_id or 0
     device = model.tok_emb.weight.device
     dim = cfg.d_model * len(config.pooling)
@@ -112,7 +151,7 @@ def encode(
         if config.normalize:
             v = F.normalize(v, p=2, dim=1)
         out[torch.tensor(rows)] = v.cpu()
-    return Embeddings(out, [len(t) for t in ids], truncated, max_len)
+    return Embeddings(out, [len(t) for t in ids], truncated, max_len, list(config.pooling))
 
 
 def pool(h: Tensor, mask: Tensor, modes: Sequence[str]) -> Tensor:
@@ -137,12 +176,25 @@ def pool(h: Tensor, mask: Tensor, modes: Sequence[str]) -> Tensor:
 
 
 def _tokenize(
-    tokenizer: Tokenizer, texts: Sequence[str], max_len: int, lower: bool
+    tokenizer: Tokenizer, texts: Sequence[str], max_len: int, lower: bool, truncate: bool
 ) -> tuple[list[list[int]], list[list[int]], list[int]]:
-    """Ids and token types of each text with special tokens, cut so that the whole fits ``max_len``."""
+    """Ids and token types of each text with special tokens, cut so that the whole fits ``max_len``
+    when ``truncate`` (else a text that does not fit raises ``InputTooLongError``)."""
     backend = tokenizer.backend
-    budget = max_len - backend.num_special_tokens_to_add(is_pair=False)
+    special = backend.num_special_tokens_to_add(is_pair=False)
+    budget = max_len - special
     encodings = backend.encode_batch([t.lower() if lower else t for t in texts], add_special_tokens=False)
+    long = [i for i, enc in enumerate(encodings) if len(enc.ids) > budget]
+    if long and not truncate:
+        i, n = long[0], len(encodings[long[0]].ids) + special
+        others = f" ({len(long)} of {len(texts)} texts are too long)" if len(long) > 1 else ""
+        raise InputTooLongError(
+            f"text {i} has {n} tokens, more than the {max_len} the model takes (max_seq_len, special tokens "
+            f"included){others}; shorten it, or pass truncate=True to cut it",
+            index=i,
+            n_tokens=n,
+            limit=max_len,
+        )
     ids, types, truncated = [], [], []
     for i, enc in enumerate(encodings):
         if len(enc.ids) > budget:

@@ -28,3 +28,14 @@ class TokenizerError(LaminaError):
 
 class DataError(LaminaError):
     """Training data cannot be found, read, prepared or batched as asked."""
+
+
+class InputTooLongError(LaminaError, ValueError):
+    """An input has more tokens than the model takes, and truncation was not asked for.
+
+    ``index``: which input (0-based), ``n_tokens``: its length, ``limit``: the most tokens allowed.
+    """
+
+    def __init__(self, message: str, *, index: int, n_tokens: int, limit: int) -> None:
+        super().__init__(message)
+        self.index, self.n_tokens, self.limit = index, n_tokens, limit

@@ -10,7 +10,7 @@ import torch
 
 import lamina
 from lamina.embeddings import EmbeddingConfig, embed_texts, pool
-from lamina.errors import ConfigError
+from lamina.errors import ConfigError, InputTooLongError
 
 
 @pytest.mark.slow
@@ -18,7 +18,7 @@ def test_minilm_matches_sentence_transformers(
     lamina_minilm: Any, st_minilm: Any, varied_texts: list[str]
 ) -> None:
     texts = varied_texts[:110] + varied_texts[-3:]  # 113 texts, the last three past 256 tokens
-    ours = embed_texts(lamina_minilm, texts, batch_size=16)
+    ours = embed_texts(lamina_minilm, texts, batch_size=16, truncate=True)  # sentence-transformers cuts
     ref = torch.from_numpy(st_minilm.encode(texts, batch_size=16))
     assert ours.vectors.dtype == torch.float32 and ours.vectors.shape == ref.shape == (len(texts), 384)
     cos = torch.nn.functional.cosine_similarity(ours.vectors, ref)
@@ -28,7 +28,7 @@ def test_minilm_matches_sentence_transformers(
     assert ours.max_seq_len == st_minilm.max_seq_length == 256
     long = [i for i, t in enumerate(texts) if len(st_minilm.tokenizer(t)["input_ids"]) > 256]
     assert ours.truncated == long and len(long) == 3
-    assert max(ours.n_tokens) == 256
+    assert max(ours.n_tokens) == 256 and ours.pooling == ["mean"]
 
 
 def test_embed_is_batch_independent(lamina_minilm: Any) -> None:
@@ -62,30 +62,96 @@ def test_bad_input_is_one_clear_error(lamina_minilm: Any) -> None:
         EmbeddingConfig(pooling=["median"])
 
 
-def test_embed_cli_writes_vectors_and_reports_truncation(
+def test_over_long_input_is_refused_unless_truncation_is_asked_for(lamina_minilm: Any) -> None:
+    """The 1,130-token input of the issue: refused, naming the input, its length and the limit; cut and
+    reported with truncate=True."""
+    texts = ["short", "word " * 1128, "word " * 300]
+    with pytest.raises(InputTooLongError) as e:
+        lamina.embed(lamina_minilm, texts)
+    assert (e.value.index, e.value.n_tokens, e.value.limit) == (1, 1130, 256)
+    assert (
+        "text 1 has 1130 tokens" in str(e.value) and "256" in str(e.value) and "truncate=True" in str(e.value)
+    )
+    assert "2 of 3 texts are too long" in str(e.value)
+    result = embed_texts(lamina_minilm, texts, truncate=True)
+    assert result.truncated == [1, 2] and result.n_tokens[1:] == [256, 256] and result.max_seq_len == 256
+    fits = embed_texts(lamina_minilm, ["word " * 254])  # 254 + [CLS] + [SEP] = the limit
+    assert fits.truncated == [] and fits.n_tokens == [256]
+
+
+def _decoder(folder: Path) -> Path:
+    """A tiny random decoder checkpoint with a word-level tokenizer, without sentence-transformers files."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers
+
+    from lamina.checkpoint.lamina import save_checkpoint
+    from lamina.config import ModelConfig
+    from lamina.model.transformer import Transformer
+    from lamina.tokenizer import Tokenizer
+
+    words = ["[UNK]", "a", "cat", "sat", "dog", "ran"]
+    backend = Backend(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("llama-tiny", vocab_size=len(words), max_seq_len=16))
+    return save_checkpoint(folder, model, Tokenizer(backend, unk_token="[UNK]"))
+
+
+def test_embedding_a_decoder_says_which_pooling(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lamina.cli.main import main
+
+    folder = _decoder(tmp_path / "dec")
+    with caplog.at_level("INFO", logger="lamina"):
+        result = embed_texts(lamina.load(folder), ["a cat sat", "dog"])
+    assert result.pooling == ["mean"] and result.vectors.shape == (2, 128)
+    assert (
+        "decoder without sentence-transformers files: embedding with mean pooling, unit length" in caplog.text
+    )
+    (tmp_path / "in.txt").write_text("a cat sat\ndog ran\n")
+    assert (
+        main(["embed", str(folder), "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "v.npy")])
+        == 0
+    )
+    err = capsys.readouterr().err
+    assert "pooling: mean, unit length (lamina's default:" in err and "no sentence-transformers files" in err
+
+
+def test_embed_cli_refuses_or_truncates_and_reports(
     lamina_minilm: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    import argparse
     import json
 
     import numpy as np
 
+    from lamina.cli.embed import run
     from lamina.cli.main import main
 
     texts = ["A cat sat.", "", "word " * 300]
     (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
-    assert (
-        main(["embed", "minilm", "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "v.npy")])
-        == 0
-    )
+    argv = ["embed", "minilm", "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "v.npy")]
+    assert main(argv) == 1  # refused by default: one line naming the input, its length and the limit
     err = capsys.readouterr().err
-    assert "embedded 3 texts as 384-dim vectors" in err
-    assert "1 of 3 texts were cut to max_seq_len=256 tokens (lines 3)" in err
-    ref = lamina.embed(lamina_minilm, texts)
+    assert "input 3 has 302 tokens, more than the 256 the model takes" in err and "Traceback" not in err
+    assert not (tmp_path / "v.npy").exists()
+    args = argparse.Namespace(
+        model="minilm", input=str(tmp_path / "in.txt"), field="text", output=str(tmp_path / "v.npy"),
+        batch_size=32, max_seq_len=None, truncate=True,
+    )  # fmt: skip
+    assert run(args) == 0  # the `truncate` field (a --truncate flag once the verb's flags come from it)
+    err = capsys.readouterr().err
+    assert "embedded 3 texts as 384-dim vectors" in err and "pooling: mean, unit length\n" in err
+    assert "1 of 3 inputs truncated to 256 tokens (inputs 3)" in err
+    ref = lamina.embed(lamina_minilm, texts, truncate=True)
     assert np.allclose(np.load(tmp_path / "v.npy"), ref.numpy(), atol=1e-5)
+    texts = texts[:2]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
+    ref = ref[:2]
     assert main(["embed", "minilm", "--input", str(tmp_path / "in.jsonl"), "--field", "body"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["index"] for r in rows] == [0, 1, 2]
+    assert [r["index"] for r in rows] == [0, 1]
     assert np.allclose(np.array([r["embedding"] for r in rows]), ref.numpy(), atol=1e-5)
     assert main(["embed", "minilm", "--input", str(tmp_path / "in.jsonl"), "--field", "text"]) == 1
     assert "no string field 'text'" in capsys.readouterr().err

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from lamina.checkpoint.load import load
-from lamina.embeddings import embed_texts, embedding_config
-from lamina.errors import ConfigError, DataError
+from lamina.embeddings import embed_texts, embedding_config, has_embedding_files
+from lamina.errors import ConfigError, DataError, InputTooLongError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -61,7 +61,8 @@ def read_texts(source: str, field: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Embed and write the vectors; report truncation on stderr."""
+    """Embed and write the vectors; say the pooling and any truncation on stderr. A text over the limit
+    is refused unless ``args.truncate`` (``lamina.embed``'s ``truncate``)."""
     if args.output and not args.output.endswith((".npy", ".jsonl")):
         raise ConfigError(f"--output {args.output!r} must end in .npy or .jsonl")
     texts = read_texts(args.input, args.field)
@@ -70,7 +71,18 @@ def run(args: argparse.Namespace) -> int:
     if args.max_seq_len is not None:
         cfg = dataclasses.replace(cfg, max_seq_len=args.max_seq_len)
         cfg.__post_init__()
-    result = embed_texts(lm, texts, batch_size=args.batch_size, config=cfg)
+    truncate = bool(getattr(args, "truncate", False))
+    try:
+        result = embed_texts(lm, texts, batch_size=args.batch_size, config=cfg, truncate=truncate)
+    except InputTooLongError as e:
+        how = "pass --truncate" if hasattr(args, "truncate") else "lamina.embed(..., truncate=True) cuts it"
+        raise InputTooLongError(
+            f"input {e.index + 1} has {e.n_tokens} tokens, more than the {e.limit} the model takes "
+            f"(max_seq_len); shorten it, or {how}",
+            index=e.index,
+            n_tokens=e.n_tokens,
+            limit=e.limit,
+        ) from None
     vectors = result.vectors.numpy()
     if args.output and args.output.endswith(".npy"):
         np.save(args.output, vectors)
@@ -84,11 +96,19 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(lines)
     where = f" to {args.output}" if args.output else ""
     print(f"embedded {len(texts)} texts as {vectors.shape[1]}-dim vectors{where}", file=sys.stderr)
-    if result.truncated:
+    source = (
+        ""
+        if has_embedding_files(lm)
+        else f" (lamina's default: {args.model} has no sentence-transformers files)"
+    )
+    unit = ", unit length" if cfg.normalize else ""
+    print(f"pooling: {' + '.join(result.pooling)}{unit}{source}", file=sys.stderr)
+    if truncate:
+        cut = result.truncated
+        which = ", ".join(str(i + 1) for i in cut[:10]) + (", ..." if len(cut) > 10 else "")
         print(
-            f"{len(result.truncated)} of {len(texts)} texts were cut to max_seq_len={result.max_seq_len} "
-            f"tokens (lines {', '.join(str(i + 1) for i in result.truncated[:10])}"
-            f"{', ...' if len(result.truncated) > 10 else ''})",
+            f"{len(cut)} of {len(texts)} inputs truncated to {result.max_seq_len} tokens"
+            + (f" (inputs {which})" if cut else ""),
             file=sys.stderr,
         )
     return 0

@@ -3,7 +3,8 @@
     GET  /v1/models              the served models (GET /v1/models/{model}: one)
     POST /v1/completions         legacy completions: prompt(s) as text or token ids, echo + logprobs
     POST /v1/chat/completions    chat completions with the model's chat template
-    POST /v1/embeddings          embedding models (encoders such as minilm)
+    POST /v1/embeddings          embedding models (encoders such as minilm); over-long input: 400, or cut
+                                 with the extra field truncate=true (truncated_inputs says which)
     GET  /health                 200 while every engine thread runs (503 otherwise)
     GET  /metrics                Prometheus text: requests, tokens in/out, queue depth, batch size, TTFT
     GET  /docs, /openapi.json    the OpenAPI schema
@@ -26,8 +27,9 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from lamina import __version__
+from lamina.errors import InputTooLongError
 from lamina.serve import outputs
-from lamina.serve.errors import APIError, bad_request, install_handlers
+from lamina.serve.errors import APIError, bad_request, context_length_exceeded, install_handlers
 from lamina.serve.guards import ApiKeyAuth, BodyLimit, CountRequests
 from lamina.serve.params import prepare_chat, prepare_completion
 from lamina.serve.registry import Registry
@@ -138,9 +140,16 @@ def create_app(registry: Registry, config: ServeConfig | None = None) -> FastAPI
         await _wait(job, request)
         return outputs.chat_response(job, prepared, served, logprobs, top)
 
-    @app.post("/v1/embeddings", response_model=EmbeddingResponse, tags=["openai"])
-    async def embeddings(req: EmbeddingRequest) -> EmbeddingResponse:
-        """One vector per input, from an embedding (encoder) model."""
+    @app.post(
+        "/v1/embeddings", response_model=EmbeddingResponse, response_model_exclude_none=True, tags=["openai"]
+    )
+    async def embeddings(req: EmbeddingRequest, response: Response) -> EmbeddingResponse:
+        """One vector per input, from an embedding (encoder) model.
+
+        An input over the model's limit answers 400 ``context_length_exceeded`` (as OpenAI does), unless
+        the request sets ``truncate``: then it is cut, and ``truncated_inputs`` and the
+        ``X-Truncated-Inputs`` header say which and how many.
+        """
         served = registry.get(req.model, "embedding")
         texts = [req.input] if isinstance(req.input, str) else req.input
         if not texts:
@@ -151,7 +160,17 @@ def create_app(registry: Registry, config: ServeConfig | None = None) -> FastAPI
             raise bad_request(
                 f"{len(texts)} inputs; the server allows at most {config.max_embedding_inputs}", param="input"
             )
-        vectors, n_tokens = await run_in_threadpool(served.embed, [str(t) for t in texts])
+        try:
+            result = await run_in_threadpool(served.embed, [str(t) for t in texts], req.truncate)
+        except InputTooLongError as e:
+            where = "input" if isinstance(req.input, str) else f"input[{e.index}]"
+            raise context_length_exceeded(
+                f"This model's maximum context length is {e.limit} tokens, however {where} has "
+                f"{e.n_tokens} tokens. Please reduce the length of the input, or send truncate=true to "
+                "cut it.",
+                param=where,
+            ) from None
+        vectors = result.vectors
         dim = int(vectors.shape[1])
         if req.dimensions is not None and req.dimensions != dim:
             raise bad_request(
@@ -168,9 +187,14 @@ def create_app(registry: Registry, config: ServeConfig | None = None) -> FastAPI
             )
             for i, row in enumerate(np.asarray(rows))
         ]
-        total = sum(n_tokens)
+        total = sum(result.n_tokens)
+        if req.truncate:
+            response.headers["X-Truncated-Inputs"] = str(len(result.truncated))
         return EmbeddingResponse(
-            data=data, model=served.name, usage=Usage(prompt_tokens=total, total_tokens=total)
+            data=data,
+            model=served.name,
+            usage=Usage(prompt_tokens=total, total_tokens=total),
+            truncated_inputs=list(result.truncated) if req.truncate else None,
         )
 
     @app.get("/health", response_model=Health, tags=["server"])

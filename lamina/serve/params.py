@@ -83,8 +83,9 @@ def prepare_completion(req: CompletionRequest, served: ServedModel, limits: Serv
         controls["prompt_logprobs"] = req.logprobs
     prompts = []
     zero = req.max_tokens == 0
-    for ids in ids_list:
-        max_tokens = _max_tokens(req.max_tokens, len(ids), served, limits, n, "prompt")
+    for i, ids in enumerate(ids_list):
+        where = "prompt" if len(ids_list) == 1 else f"prompt[{i}]"
+        max_tokens = _max_tokens(req.max_tokens, len(ids), served, limits, n, where)
         cfg = _config({**controls, "max_new_tokens": max(max_tokens, 1)}, served)
         _dry_run(cfg, ids, served)
         prompts.append(Prompt(ids, cfg))

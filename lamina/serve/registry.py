@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from lamina.checkpoint.load import LoadedModel
 from lamina.errors import ConfigError
@@ -25,6 +25,9 @@ from lamina.serve.errors import APIError, model_not_found
 from lamina.serve.metrics import Metrics
 from lamina.serve.scheduler import Scheduler
 from lamina.serve.settings import ServeConfig
+
+if TYPE_CHECKING:
+    from lamina.embeddings import Embeddings
 
 Kind = Literal["generation", "embedding"]
 _ROUTES = {"generation": "completions and chat completions", "embedding": "embeddings"}
@@ -57,13 +60,13 @@ class ServedModel:
         tok = self.lm.tokenizer
         return f"token_id:{token}" if tok is None else tok.decode([token])
 
-    def embed(self, texts: Sequence[str]) -> tuple[Any, list[int]]:
-        """(vectors (N, dim) float32 tensor, token counts) of ``texts``; one batch at a time per model."""
+    def embed(self, texts: Sequence[str], truncate: bool = False) -> Embeddings:
+        """The embeddings of ``texts`` (vectors (N, dim) float32, token counts, which were cut); one batch
+        at a time per model. Raises ``InputTooLongError`` for a text over the limit unless ``truncate``."""
         from lamina.embeddings import embed_texts
 
         with self._embed_lock:
-            out = embed_texts(self.lm, texts)
-        return out.vectors, out.n_tokens
+            return embed_texts(self.lm, texts, truncate=truncate)
 
 
 class Registry:
@@ -124,9 +127,10 @@ class Registry:
         if kind is not None and served.kind != kind:
             others = [m.name for m in self._models.values() if m.kind == kind]
             hint = f"; models that do: {', '.join(others)}" if others else ""
+            article = "an" if served.kind[0] in "aeiou" else "a"
             raise APIError(
                 400,
-                f"The model {name!r} is a {served.kind} model: it does not support {_ROUTES[kind]}{hint}",
+                f"The model {name!r} is {article} {served.kind} model: it does not support {_ROUTES[kind]}{hint}",
                 param="model",
                 code="model_not_supported",
             )

@@ -170,6 +170,11 @@ class EmbeddingRequest(_Request):
         default=None, ge=1, description="must equal the model's dimension when given"
     )
     user: str | None = None
+    truncate: bool = Field(
+        default=False,
+        description="lamina (as TEI's truncate): cut inputs over the model's limit instead of refusing "
+        "them (400 context_length_exceeded); the response's truncated_inputs lists the inputs cut",
+    )
 
 
 # -- responses -----------------------------------------------------------------------------------------------
@@ -320,12 +325,17 @@ class Embedding(BaseModel):
 
 
 class EmbeddingResponse(BaseModel):
-    """``POST /v1/embeddings``."""
+    """``POST /v1/embeddings``; ``usage.prompt_tokens`` counts the tokens embedded (after any cut)."""
 
     object: Literal["list"] = "list"
     data: list[Embedding]
     model: str
     usage: Usage
+    truncated_inputs: list[int] | None = Field(
+        default=None,
+        description="lamina, only with truncate=true: the indices of the inputs cut to the model's limit "
+        "(their number is also the X-Truncated-Inputs header)",
+    )
 
 
 class ErrorDetail(BaseModel):

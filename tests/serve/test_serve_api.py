@@ -306,6 +306,40 @@ def test_embeddings(client: openai.OpenAI, server: Any, lamina_minilm: Any) -> N
     assert np.allclose(np.array([d.embedding for d in floats.data]), ref, atol=1e-5)
 
 
+def test_embeddings_refuse_over_long_input_unless_truncate(http: Any, lamina_minilm: Any) -> None:
+    """The issue's 1,130-token input answered 200 with prompt_tokens 256 and no signal: now OpenAI's
+    context-length error, or with truncate=true the cut vectors and which inputs were cut."""
+    import lamina
+
+    texts = ["A cat sits on the mat.", "word " * 1128]  # 1,130 tokens with [CLS] and [SEP]
+    r = http.post("/v1/embeddings", json={"model": "minilm", "input": texts})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert (error["code"], error["param"]) == ("context_length_exceeded", "input[1]")
+    assert (
+        "maximum context length is 256 tokens" in error["message"]
+        and "input[1] has 1130 tokens" in error["message"]
+    )
+    r = http.post("/v1/embeddings", json={"model": "minilm", "input": texts[1]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input"
+    r = http.post("/v1/embeddings", json={"model": "minilm", "input": texts, "truncate": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["truncated_inputs"] == [1] and r.headers["x-truncated-inputs"] == "1"
+    assert body["usage"]["prompt_tokens"] == 256 + len(lamina_minilm.tokenizer.encode(texts[0]))
+    ref = lamina.embed(lamina_minilm, texts, truncate=True).numpy()
+    assert np.allclose(np.array([d["embedding"] for d in body["data"]]), ref, atol=1e-5)
+    plain = http.post("/v1/embeddings", json={"model": "minilm", "input": texts[:1]})
+    assert "truncated_inputs" not in plain.json() and "x-truncated-inputs" not in plain.headers
+
+
+def test_wrong_kind_of_model_reads_right(http: Any) -> None:
+    r = http.post("/v1/completions", json={"model": "minilm", "prompt": "x"})
+    assert "is an embedding model: it does not support completions" in r.json()["error"]["message"]
+    r = http.post("/v1/embeddings", json={"model": "smollm2", "input": "x"})
+    assert "is a generation model: it does not support embeddings" in r.json()["error"]["message"]
+
+
 BAD_REQUESTS: list[tuple[str, str, Any, int, str | None, str | None]] = [
     # (id, path, body, status, error.param, error.code)
     ("not-json", "/v1/completions", b"{bad", 400, None, "invalid_json"),
@@ -328,6 +362,8 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str | None, str | None]] = [
     ("max-tokens-over-context", "/v1/completions", {"model": "smollm2", "prompt": "x", "max_tokens": 9000}, 400, "max_tokens", None),
     ("context-length", "/v1/completions", {"model": "smollm2", "prompt": "hi " * 8000, "max_tokens": 500}, 400, "max_tokens", "context_length_exceeded"),
     ("prompt-over-context", "/v1/completions", {"model": "smollm2", "prompt": "hi " * 8300}, 400, "prompt", "context_length_exceeded"),
+    ("one-of-prompts-over-context", "/v1/completions", {"model": "smollm2", "prompt": ["hi", "hi " * 8300]}, 400, "prompt[1]", "context_length_exceeded"),
+    ("embedding-over-context", "/v1/embeddings", {"model": "minilm", "input": ["x", "word " * 300]}, 400, "input[1]", "context_length_exceeded"),
     ("suffix", "/v1/completions", {"model": "smollm2", "prompt": "x", "suffix": "y"}, 400, "suffix", None),
     ("json-schema", "/v1/completions", {"model": "smollm2", "prompt": "x", "response_format": {"type": "json_schema"}}, 400, "response_format", None),
     ("json-too-short", "/v1/completions", {"model": "smollm2", "prompt": "x", "max_tokens": 1, "response_format": {"type": "json_object"}}, 400, "response_format", None),
