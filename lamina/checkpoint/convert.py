@@ -9,6 +9,7 @@ from typing import Literal
 from lamina.checkpoint.hf import export_hf
 from lamina.checkpoint.lamina import save_checkpoint
 from lamina.checkpoint.load import load
+from lamina.checkpoint.sentence_transformers import EmbeddingConfig
 
 
 def convert(
@@ -28,8 +29,6 @@ def convert(
         to: lamina (a lamina checkpoint folder) or hf (a folder transformers loads)
         dtype: weights dtype of the output
     """
-    from lamina.embeddings import EmbeddingConfig
-
     lm = load(src, dtype=dtype)
     folder = lm.entry.path if lm.entry.path.is_dir() else lm.entry.path.parent
     embedding = EmbeddingConfig.from_folder(folder)  # a sentence-transformers model keeps its pooling
