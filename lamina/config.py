@@ -44,40 +44,50 @@ class ModelConfig:
     """
 
     arch: Arch = "decoder"  # decoder: causal attention; encoder: bidirectional (BERT)
-    vocab_size: int = 50304
-    max_seq_len: int = 1024  # context window
-    n_layers: int = 6
+    vocab_size: int = 50304  # token ids the embedding table holds, >= the tokenizer's vocabulary size
+    max_seq_len: int = 1024  # context window in tokens
+    n_layers: int = 6  # transformer blocks
     d_model: int = 384  # embedding size
-    n_heads: int = 6
-    n_kv_heads: int | None = None  # None: = n_heads (MHA); 1: MQA; in between: GQA
-    head_dim: int | None = None  # None: d_model // n_heads
-    d_ff: int | None = None  # None: 4 * d_model (8/3 * d_model rounded to 64 for gated MLPs)
+    n_heads: int = 6  # attention (query) heads; must divide d_model unless head_dim is set
+    n_kv_heads: int | None = None  # key/value heads (None: = n_heads, MHA; 1: MQA; a divisor in between: GQA)
+    head_dim: int | None = None  # width of each head (None: d_model // n_heads)
+    d_ff: int | None = None  # MLP hidden size (None: 4 * d_model; 8/3 * d_model rounded up to 64 if gated)
+    # MLP activation: gelu (exact), gelu_tanh (GPT-2's tanh approximation), relu, silu, or the gated
+    # swiglu (Llama) and geglu
     activation: Activation = "gelu"
-    norm: NormType = "layernorm"
+    norm: NormType = "layernorm"  # layernorm (GPT-2, BERT) or rmsnorm (Llama: no mean, no bias)
+    # pre: norm at the start of each residual branch, plus a final norm (GPT-2, Llama); post: norm after
+    # each residual add (BERT, the original Transformer)
     norm_placement: NormPlacement = "pre"
-    norm_eps: float = 1e-5
+    norm_eps: float = 1e-5  # epsilon added to the variance in every norm, > 0
     emb_norm: bool = False  # a norm right after the embeddings (BLOOM, BERT)
+    # positions: learned embeddings (GPT-2, BERT), sinusoidal, rope (Llama), alibi (BLOOM; decoders only)
+    # or none
     pos_encoding: PosEncoding = "learned"
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0  # RoPE base of the rotation frequencies, > 0 (pos_encoding=rope)
+    # RoPE context extension (HF semantics): linear (positions / rope_factor), dynamic (NTK base growth
+    # past rope_original_max_seq_len) or llama3; None: off
     rope_scaling: RopeScaling | None = None
-    rope_factor: float = 1.0
+    rope_factor: float = 1.0  # rope_scaling's factor, >= 1: how many times the context is stretched
     rope_original_max_seq_len: int | None = None  # dynamic / llama3 scaling: the pretraining context
-    rope_low_freq_factor: float = 1.0  # llama3 scaling
-    rope_high_freq_factor: float = 4.0  # llama3 scaling
-    emb_dropout: float = 0.0
-    attn_dropout: float = 0.0
-    resid_dropout: float = 0.0
+    # llama3 scaling (HF low_freq_factor): wavelengths above rope_original_max_seq_len / this get rope_factor
+    rope_low_freq_factor: float = 1.0
+    # llama3 scaling (HF high_freq_factor): wavelengths below rope_original_max_seq_len / this stay unscaled
+    rope_high_freq_factor: float = 4.0
+    emb_dropout: float = 0.0  # dropout on the embeddings' sum, in [0, 1)
+    attn_dropout: float = 0.0  # dropout on the attention probabilities, in [0, 1)
+    resid_dropout: float = 0.0  # dropout on each residual branch's output and before task heads, in [0, 1)
     bias: bool = True  # biases in linear layers and LayerNorms
-    tie_embeddings: bool = True
+    tie_embeddings: bool = True  # the lm head reuses the token embedding matrix (one weight, counted once)
     scale_embeddings: bool = False  # multiply token embeddings by sqrt(d_model) (original Transformer)
-    initializer: Initializer = "normal"
-    init_std: float = 0.02
+    initializer: Initializer = "normal"  # weights: normal(0, init_std), xavier (uniform) or kaiming (normal)
+    init_std: float = 0.02  # std of the normal initializer, > 0 (GPT-2: 0.02)
     scaled_residual_init: bool = True  # std / sqrt(2 * n_layers) on residual output projections
     type_vocab_size: int = 0  # > 0: token-type (segment) embeddings added to the input (BERT: 2)
     head: Head = "lm"  # the output: lm logits, none (hidden states), or a task head (see lamina.model.heads)
     lm_head_transform: bool = False  # dense + activation + norm and a bias in the lm head (BERT's MLM head)
     pooler: bool = False  # dense + tanh on the first token, fed to sequence heads (BERT's pooler)
-    n_labels: int | None = None  # classes of classify / token_classify, outputs of regress (default 1)
+    n_labels: int | None = None  # classes of classify / token_classify, outputs of regress (None: 1 there)
     labels: list[str] | None = None  # names of the task head's outputs (HF id2label), n_labels of them
 
     def __post_init__(self) -> None:
@@ -551,58 +561,88 @@ class GenerationConfig:
     - ``samplers`` [``SAMPLER_NAMES``]: the chain order, see above.
     """
 
-    max_new_tokens: int = 128
-    min_new_tokens: int = 0
+    max_new_tokens: int = 128  # at most this many generated tokens (the prompt not counted), >= 0
+    min_new_tokens: int = 0  # at least this many: eos and stop tokens are banned until then (vLLM min_tokens)
     eos_token_ids: list[int] = field(default_factory=list, metadata=TOKEN_IDS)  # stop when any is generated
-    ignore_eos: bool = False
+    ignore_eos: bool = False  # keep going past eos (benchmarks; vLLM semantics: eos is not banned)
+    # strings that end the output when the decoded text holds one (the stop string is cut off)
     stop: list[str] = field(default_factory=list)
-    include_stop_str_in_output: bool = False
+    include_stop_str_in_output: bool = False  # keep the stop string that ended the output (vLLM)
+    # extra token ids that end the sequence, like eos
     stop_token_ids: list[int] = field(default_factory=list, metadata=TOKEN_IDS)
     # -- greedy / sampling
-    do_sample: bool | None = None  # None: sample iff temperature > 0 and num_beams == 1
-    temperature: float = 1.0  # 0: greedy
+    # True: sample; False: greedy (or beam search); None: sample iff temperature > 0 and num_beams == 1
+    do_sample: bool | None = None
+    temperature: float = 1.0  # logits are divided by it, >= 0 (0: greedy)
+    # dynamic temperature (llama.cpp semantics), >= 0 (0 = off): with range r the temperature is
+    # max(0, t - r) + 2r * (H / log n) ** dynatemp_exponent, H the entropy of the n candidates
     dynatemp_range: float = 0.0
-    dynatemp_exponent: float = 1.0
+    dynatemp_exponent: float = 1.0  # dynamic temperature's exponent on the normalized entropy, > 0
     # -- truncation
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    typical_p: float = 1.0
+    top_k: int = 0  # keep the k most likely tokens, >= 0 (0 = off; ties with the k-th are kept, as HF)
+    top_p: float = 1.0  # nucleus: keep the most likely tokens whose mass reaches p, in (0, 1] (1 = off)
+    min_p: float = 0.0  # keep tokens with probability >= min_p x the top token's, in [0, 1] (0 = off)
+    typical_p: float = 1.0  # locally typical sampling (Meister et al.), HF semantics, in (0, 1] (1 = off)
+    # keep tokens whose logit is >= max - n x std of the candidates' logits (Tang et al., llama.cpp
+    # semantics); > 0, None or -1 = off
     top_n_sigma: float | None = None
     # -- penalties
+    # HF/CTRL multiplicative penalty, > 0 (1 = off), on every token of the last repetition_penalty_last_n
+    # tokens of prompt + output: a positive logit is divided by it, a negative one multiplied
     repetition_penalty: float = 1.0
-    repetition_penalty_last_n: int = -1
+    repetition_penalty_last_n: int = -1  # repetition_penalty's window in tokens (-1 = whole context, 0 = off)
+    # OpenAI additive penalty in [-2, 2] (0 = off): logit -= frequency_penalty x how often the token was
+    # generated so far (the prompt does not count)
     frequency_penalty: float = 0.0
+    # OpenAI additive penalty in [-2, 2] (0 = off): logit -= presence_penalty once the token was
+    # generated (the prompt does not count)
     presence_penalty: float = 0.0
+    # DRY ("don't repeat yourself", llama.cpp semantics), >= 0 (0 = off): a token that extends a repetition
+    # of length L >= dry_allowed_length loses dry_multiplier * dry_base ** (L - dry_allowed_length)
     dry_multiplier: float = 0.0
-    dry_base: float = 1.75
-    dry_allowed_length: int = 2
-    dry_penalty_last_n: int = -1
+    dry_base: float = 1.75  # DRY: growth of the penalty per repeated token, >= 1
+    dry_allowed_length: int = 2  # DRY: repetitions shorter than this go unpenalized, >= 1
+    dry_penalty_last_n: int = -1  # DRY's window in tokens (-1 = whole context, 0 = off)
+    # DRY: strings a repetition does not reach across (llama.cpp's defaults)
     dry_sequence_breakers: list[str] = field(default_factory=lambda: list(DEFAULT_DRY_SEQUENCE_BREAKERS))
+    # XTC ("exclude top choices", llama.cpp semantics), in [0, 1] (0 = off): with this probability per
+    # token, remove every candidate with probability >= xtc_threshold except the least likely of them
     xtc_probability: float = 0.0
-    xtc_threshold: float = 0.1
+    xtc_threshold: float = 0.1  # XTC: probability of a top choice, in [0, 1] (above 0.5 nothing is removed)
+    # Mirostat (llama.cpp semantics): 0 = off, 1 = v1, 2 = v2; replaces the truncation samplers
+    # (penalties, dry and temperature still run first)
     mirostat: int = 0
-    mirostat_tau: float = 5.0
-    mirostat_eta: float = 0.1
+    mirostat_tau: float = 5.0  # Mirostat's target surprise in bits, > 0 (mu starts at 2 x tau)
+    mirostat_eta: float = 0.1  # Mirostat's learning rate for mu, > 0
     # -- constraints
+    # token id -> value added to its logit, a finite number or -inf to ban it (e.g. '{12: -100}')
     logit_bias: dict[int, float] = field(default_factory=dict, metadata=TOKEN_IDS)
+    # token-id sequences never generated, e.g. [[12], [7, 9]] (HF NoBadWordsLogitsProcessor)
     bad_words_ids: list[list[int]] = field(default_factory=list, metadata=TOKEN_IDS)
+    # only these token ids may be generated (vLLM); None: all
     allowed_token_ids: list[int] | None = field(default=None, metadata=TOKEN_IDS)
-    no_repeat_ngram_size: int = 0
+    no_repeat_ngram_size: int = 0  # no n-gram of this size occurs twice in prompt + output (0 = off; HF)
     # -- several sequences / beam search
-    n: int = 1
-    num_beams: int = 1
-    length_penalty: float = 1.0
+    n: int = 1  # sequences returned per prompt, >= 1 (num_return_sequences); greedy gives n identical ones
+    num_beams: int = 1  # beam search with this many beams, >= 1 (1 = off; HF semantics); needs n <= num_beams
+    length_penalty: float = 1.0  # beam search: score = sum of logprobs / length ** length_penalty (HF)
+    # beam search: a prompt is done once it has num_beams finished hypotheses (False: once no running
+    # beam can beat the worst finished one; HF semantics)
     early_stopping: bool = False
+    # seeds this request's own random generator (the same tokens whatever else runs in the batch), >= 0;
+    # None: a seed drawn from torch's global generator
     seed: int | None = None
     # -- log-probabilities
+    # return each generated token's log-probability (of the raw model distribution, as OpenAI and vLLM)
     logprobs: bool = False
-    top_logprobs: int = 0
-    prompt_logprobs: int | None = None
+    top_logprobs: int = 0  # also this many most likely alternatives per token, >= 0 (needs logprobs)
+    prompt_logprobs: int | None = None  # also log-probabilities of the prompt, with this many alternatives
     # -- constrained output
-    response_format: str = "text"  # "text" or "json_object"
-    json_max_depth: int = 16
+    response_format: str = "text"  # "text", or "json_object": the output is one valid JSON value (OpenAI)
+    json_max_depth: int = 16  # response_format="json_object": deepest nesting allowed, >= 1
+    # the output is exactly one of these strings (vLLM guided_choice); not with json_object
     choices: list[str] = field(default_factory=list)
+    # the sampler chain in order (llama.cpp style); a sampler left out is not applied
     samplers: list[str] = field(default_factory=lambda: list(SAMPLER_NAMES))
 
     def __post_init__(self) -> None:
@@ -798,49 +838,49 @@ class TrainConfig:
     """Every training hyperparameter. ``batch_size`` is per process and per micro-step: one optimizer
     step sees ``batch_size x grad_accum_steps x world_size`` sequences of ``seq_len`` tokens."""
 
-    out_dir: str = "runs/lamina"
-    optimizer: Optimizer = "adamw"
-    lr: float = 3e-4
+    out_dir: str = "runs/lamina"  # the run's folder: run.yaml, metrics.jsonl, checkpoints/, best/, last/
+    optimizer: Optimizer = "adamw"  # adamw, sgd (Nesterov when momentum > 0), rmsprop, lion or adafactor
+    lr: float = 3e-4  # peak learning rate, > 0 (reached after warmup_steps)
     min_lr_ratio: float = 0.1  # linear/cosine/wsd decay to lr x min_lr_ratio
-    schedule: Schedule = "cosine"
-    warmup_steps: int = 100
-    lr_step_every: int = 1000  # schedule="step"
-    lr_step_gamma: float = 0.1  # schedule="step"
+    schedule: Schedule = "cosine"  # the lr after warmup: constant, linear, cosine, step or wsd (stable-decay)
+    warmup_steps: int = 100  # optimizer steps of linear warmup to lr, >= 0
+    lr_step_every: int = 1000  # schedule="step": optimizer steps between lr drops
+    lr_step_gamma: float = 0.1  # schedule="step": the lr is multiplied by this at each drop
     wsd_decay_fraction: float = 0.2  # schedule="wsd": the final fraction of steps that decays
-    weight_decay: float = 0.1
-    decay_embeddings: bool = False  # norms and biases are never decayed
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    momentum: float = 0.9  # sgd / rmsprop
+    weight_decay: float = 0.1  # decay of the weight matrices, >= 0 (AdamW: decoupled)
+    decay_embeddings: bool = False  # weight-decay the embeddings too (norms and biases are never decayed)
+    beta1: float = 0.9  # adamw / lion beta1 (AdamW: decay of the gradient's running mean)
+    beta2: float = 0.95  # adamw / lion beta2 (AdamW: decay of the squared gradient's running mean)
+    eps: float = 1e-8  # adamw / rmsprop: added to the denominator for numerical stability
+    momentum: float = 0.9  # sgd / rmsprop momentum (sgd: Nesterov when > 0)
     grad_clip: float = 1.0  # max global grad norm; 0 = off
-    batch_size: int = 8
-    grad_accum_steps: int = 1
-    seq_len: int | None = None  # None: the model's max_seq_len
+    batch_size: int = 8  # sequences per process and micro-step, > 0
+    grad_accum_steps: int = 1  # micro-steps per optimizer step, > 0 (each scored token weighs the same)
+    seq_len: int | None = None  # tokens per training sequence (None: the model's max_seq_len)
     max_steps: int | None = 1000  # optimizer steps; setting it clears epochs
-    epochs: float | None = (
-        None  # passes over the training data instead of max_steps; setting it clears max_steps
-    )
-    label_smoothing: float = 0.0
+    # passes over the training data (fractions allowed) instead of max_steps; setting it clears max_steps
+    epochs: float | None = None
+    label_smoothing: float = 0.0  # of the causal_lm loss, in [0, 1) (masked_lm and finetune do not use it)
     dropout: float | None = None  # override every dropout of the model
-    precision: Precision = "fp32"
-    activation_checkpointing: bool = False
-    compile: bool = False
-    seed: int = 1337
-    eval_every: int = 100
-    eval_batches: int = 20
-    save_every: int = 500
+    precision: Precision = "fp32"  # fp32, or bf16 / fp16 autocast (fp16 with loss scaling)
+    activation_checkpointing: bool = False  # recompute blocks in the backward pass: less memory, more time
+    compile: bool = False  # torch.compile the model: slow first steps, then faster ones
+    seed: int = 1337  # seeds weight init, data order, masking and finetune's validation split
+    eval_every: int = 100  # optimizer steps between validation evaluations (finetune: once per epoch)
+    eval_batches: int = 20  # validation batches per evaluation (finetune: the whole validation set)
+    save_every: int = 500  # optimizer steps between checkpoints (the last step is always saved)
     keep_last: int = 2  # periodic checkpoints kept (best and last are always kept)
     early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0 = off
-    early_stopping_min_delta: float = 0.0
-    log_every: int = 10
-    device: str = "auto"  # auto: cuda if available, else cpu
-    parallel: Parallel = "auto"  # auto: ddp under torchrun, else none
-    progress: bool = True
+    early_stopping_min_delta: float = 0.0  # a validation loss counts as better when lower by more than this
+    log_every: int = 10  # optimizer steps between metrics lines (metrics.jsonl, progress bar)
+    device: str = "auto"  # cpu, cuda, cuda:1, ... (auto: cuda if available, else cpu)
+    parallel: Parallel = "auto"  # none, ddp or fsdp (auto: ddp under torchrun, else none)
+    progress: bool = True  # show a progress bar (main process only)
     objective: TrainObjective | None = None  # None: masked_lm for encoders, causal_lm for decoders
     mlm_probability: float = 0.15  # masked_lm: share of tokens hidden (80% mask, 10% random, 10% kept)
     whole_word_masking: bool = False  # masked_lm: hide all tokens of a chosen word together
-    freeze: list[str] = field(default_factory=list)  # block indices ("0", "0-3") or name globs ("tok_emb.*")
+    # parameters not trained: block indices ("0", "0-3") or parameter name globs ("tok_emb.*")
+    freeze: list[str] = field(default_factory=list)
 
     EXTRA_KEYS: ClassVar[tuple[str, ...]] = ("preset",)
 

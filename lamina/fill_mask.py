@@ -37,6 +37,8 @@ def fill_mask(lm: LoadedModel, text: str, top_k: int = 5) -> list[list[Predictio
     """The ``top_k`` most likely tokens for each mask in ``text``, most likely first, one list per mask.
 
     Args:
+        text: the input, with ``[MASK]`` (or the tokenizer's own mask token) where a token is to be
+            predicted; at most the model's ``max_seq_len`` tokens
         top_k: candidates shown per mask
     """
     model, tok = lm.model, lm.tokenizer

@@ -37,10 +37,12 @@ class EmbeddingConfig:
     (None: the model's context window); ``do_lower_case``: lower-case texts before tokenizing.
     """
 
+    # how token states become one vector: one or more of cls, max, mean, mean_sqrt_len, lasttoken
+    # (several are concatenated; sentence-transformers semantics)
     pooling: list[str] = field(default_factory=lambda: ["mean"])
-    normalize: bool = True
-    max_seq_len: int | None = None
-    do_lower_case: bool = False
+    normalize: bool = True  # scale each vector to unit length (cosine similarity = dot product)
+    max_seq_len: int | None = None  # tokens per text with special ones, >= 3 (None: the model's max_seq_len)
+    do_lower_case: bool = False  # lower-case texts before tokenizing (uncased models)
 
     def __post_init__(self) -> None:
         bad = [p for p in self.pooling if p not in POOLINGS]

@@ -107,20 +107,27 @@ class DataConfig:
     ``shard_tokens``: most ids per shard file. ``overwrite``: replace an existing ``out`` folder.
     """
 
+    # files, folders (read recursively, hidden ones left out) and glob patterns (** recurses); a .jsonl /
+    # .ndjson file holds one document per line, any other file is one document
     sources: list[str] = field(default_factory=list)
-    out: str = ""
-    tokenizer: str | None = None
-    train_tokenizer: int | None = None
-    builtin: Literal["stdlib"] | None = None
+    out: str = ""  # the output folder (shards, tokenizer/, manifest.json); must be given
+    tokenizer: str | None = None  # a tokenizer.json, a folder holding one, or any MODEL (smollm2, a .gguf)
+    train_tokenizer: int | None = None  # instead of tokenizer: train a byte-level BPE of this vocabulary size
+    builtin: Literal["stdlib"] | None = None  # "stdlib": also read the built-in corpus, after the sources
+    # read the inputs in order until their sizes add up to this many bytes (50M, 1GiB; None: all); the
+    # text file that crosses it is cut at its last newline before the limit
     max_bytes: int | None = field(default=None, metadata={"parse": lambda text: parse_size(text)})
-    jsonl_field: str = "text"
-    val_fraction: float = 0.01
-    seed: int = 0
-    num_workers: int | None = None
-    append_eos: bool = True
+    jsonl_field: str = "text"  # the key of each JSONL record that holds the document
+    val_fraction: float = 0.01  # share of documents held out for validation, in [0, 1) (0: none)
+    seed: int = 0  # key of the hash that sends each document to train or validation
+    num_workers: int | None = None  # tokenizer processes (None: min(4, CPU count); 0 or 1: this process)
+    append_eos: bool = True  # put the eos id after every document, so the model learns where one ends
+    # read special-token text such as "<|endoftext|>" in documents as the special token (False: as plain
+    # text, so a document cannot forge an eos)
     parse_special_tokens: bool = False
+    # most token ids per shard file (a count such as 100M)
     shard_tokens: int = field(default=1 << 27, metadata={"parse": lambda text: parse_size(text)})
-    overwrite: bool = False
+    overwrite: bool = False  # replace an existing out folder
 
     def __post_init__(self) -> None:
         # Paths are welcome where strings are expected; the config stays plain strings for YAML.

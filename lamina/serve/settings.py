@@ -29,20 +29,24 @@ class ServeConfig:
       (prompt + max_tokens > context: 400 ``context_length_exceeded``).
     """
 
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = "127.0.0.1"  # address to listen on: 127.0.0.1 loopback only, 0.0.0.0 every interface
+    port: int = 8000  # TCP port to listen on, in [0, 65535]
+    # when non-empty, every /v1/* request needs "Authorization: Bearer KEY" with one of them (else 401);
+    # with none given, lamina serve reads LAMINA_API_KEY (keys separated by commas)
     api_keys: list[str] = field(default_factory=list)
-    max_batch_size: int = 32
+    max_batch_size: int = 32  # sequences decoded together, >= 1
+    # most prompt + completion tokens of the running sequences together, >= 2 (None: no limit); a request
+    # that needs more alone is refused with 400, others wait in the queue
     max_tokens_in_flight: int | None = None
-    max_queue: int = 256
-    timeout: float | None = 600.0
-    max_n: int = 16
-    max_logit_bias: int = 300
-    max_top_logprobs: int = 20
-    max_stop: int = 16
-    max_prompts: int = 64
-    max_embedding_inputs: int = 2048
-    max_request_bytes: int = 4 * 1024 * 1024
+    max_queue: int = 256  # requests waiting to join the batch, >= 1; beyond it 429 with Retry-After
+    timeout: float | None = 600.0  # seconds from a request's arrival to its last token, then 504 (None: none)
+    max_n: int = 16  # most sequences one request may ask for (n), >= 1; more: 400
+    max_logit_bias: int = 300  # most logit_bias entries per request (values in [-100, 100]), >= 0; more: 400
+    max_top_logprobs: int = 20  # most alternatives per token (top_logprobs, prompt_logprobs), >= 0; more: 400
+    max_stop: int = 16  # most stop strings per request, >= 0; more: 400
+    max_prompts: int = 64  # most prompts in one completions request, >= 1; more: 400
+    max_embedding_inputs: int = 2048  # most inputs in one embeddings request, >= 1; more: 400
+    max_request_bytes: int = 4 * 1024 * 1024  # largest JSON request body in bytes, >= 1024; larger: 400
     threads: int | None = None  # torch CPU threads (None: torch's choice)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"  # uvicorn's log level
 

@@ -52,18 +52,19 @@ Task = Literal["classify", "regress", "token_classify"]
 class TaskConfig:
     """What to learn and from which file; ``val_data`` or else ``val_fraction`` of ``data`` is held out."""
 
+    # classify (a class per row), regress (a number per row) or token_classify (a tag per word)
     task: Task = "classify"
-    data: str = ""
-    val_data: str | None = None
-    val_fraction: float = 0.1
-    text_field: str = "text"
+    data: str = ""  # the labeled training file: .csv with a header or .jsonl (token_classify: .jsonl)
+    val_data: str | None = None  # a labeled validation file (None: hold out val_fraction of data)
+    val_fraction: float = 0.1  # share of data's rows held out for validation without val_data, in (0, 1)
+    text_field: str = "text"  # the column (CSV) or key (JSONL) that holds the text
     pair_field: str | None = None  # a second text per row (sentence pairs: [CLS] a [SEP] b [SEP])
-    label_field: str = "label"
-    tokens_field: str = "tokens"  # token_classify: the list of words of a row ...
-    tags_field: str = "tags"  # ... and the list of their tags, one per word (CoNLL-style JSONL)
+    label_field: str = "label"  # the column or key that holds the label: a class, or a number (regress)
+    tokens_field: str = "tokens"  # token_classify: the key of a row's list of words
+    tags_field: str = "tags"  # token_classify: the key of a row's list of tags, one per word (CoNLL-style)
     labels: list[str] | None = None  # the label names in output order; None: the data's, sorted
-    max_seq_len: int = 128
-    tokenizer: str | None = None  # a model built from scratch needs one (tokenizer.json or MODEL)
+    max_seq_len: int = 128  # tokens per row, >= 3 (longer rows are cut; at most the model's max_seq_len)
+    tokenizer: str | None = None  # tokenizer.json or MODEL for a model built from scratch (init has its own)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
