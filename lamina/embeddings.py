@@ -96,6 +96,10 @@ def embed_texts(
     Raises ``InputTooLongError`` for a text over ``max_seq_len`` tokens unless ``truncate=True``, which
     cuts it and lists it in the result's ``truncated``. A decoder embedded without sentence-transformers
     files is mean-pooled, and says so in a log line and the result's ``pooling``.
+
+    Args:
+        batch_size: texts per forward pass
+        truncate: cut a text over max_seq_len tokens instead of refusing it (the result lists the cut ones)
     """
     if lm.tokenizer is None:
         raise CheckpointError(f"model {lm.entry.name!r} has no tokenizer.json: embeddings need its tokenizer")

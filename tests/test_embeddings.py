@@ -111,7 +111,7 @@ def test_embedding_a_decoder_says_which_pooling(
     )
     (tmp_path / "in.txt").write_text("a cat sat\ndog ran\n")
     assert (
-        main(["embed", str(folder), "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "v.npy")])
+        main(["embed", str(folder), "--input", str(tmp_path / "in.txt"), "--out", str(tmp_path / "v.npy")])
         == 0
     )
     err = capsys.readouterr().err
@@ -121,26 +121,20 @@ def test_embedding_a_decoder_says_which_pooling(
 def test_embed_cli_refuses_or_truncates_and_reports(
     lamina_minilm: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import argparse
     import json
 
     import numpy as np
 
-    from lamina.cli.embed import run
     from lamina.cli.main import main
 
     texts = ["A cat sat.", "", "word " * 300]
     (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
-    argv = ["embed", "minilm", "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "v.npy")]
+    argv = ["embed", "minilm", "--input", str(tmp_path / "in.txt"), "--out", str(tmp_path / "v.npy")]
     assert main(argv) == 1  # refused by default: one line naming the input, its length and the limit
     err = capsys.readouterr().err
     assert "input 3 has 302 tokens, more than the 256 the model takes" in err and "Traceback" not in err
     assert not (tmp_path / "v.npy").exists()
-    args = argparse.Namespace(
-        model="minilm", input=str(tmp_path / "in.txt"), field="text", output=str(tmp_path / "v.npy"),
-        batch_size=32, max_seq_len=None, truncate=True,
-    )  # fmt: skip
-    assert run(args) == 0  # the `truncate` field (a --truncate flag once the verb's flags come from it)
+    assert main([*argv, "--truncate"]) == 0  # embed_texts' `truncate` keyword, as a flag
     err = capsys.readouterr().err
     assert "embedded 3 texts as 384-dim vectors" in err and "pooling: mean, unit length\n" in err
     assert "1 of 3 inputs truncated to 256 tokens (inputs 3)" in err

@@ -1,4 +1,4 @@
-"""``lamina embed MODEL --input FILE [--output OUT]``: one sentence embedding per input line."""
+"""``lamina embed MODEL --input FILE [--out OUT]``: one sentence embedding per input line."""
 
 from __future__ import annotations
 
@@ -11,8 +11,12 @@ from pathlib import Path
 import numpy as np
 
 from lamina.checkpoint.load import load
+from lamina.checkpoint.sentence_transformers import EmbeddingConfig
+from lamina.cli.flags import add_config_file, add_fields, print_config, values
+from lamina.data.texts import read_texts
 from lamina.embeddings import embed_texts, embedding_config, has_embedding_files
-from lamina.errors import ConfigError, DataError, InputTooLongError
+from lamina.errors import ConfigError, InputTooLongError
+from lamina.fields import build
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,63 +26,47 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="embed texts (one per line) as vectors with an encoder such as minilm",
         description="Embed each line of --input (or of a JSONL file's --field) with MODEL, pooled and "
         "normalised as the model's sentence-transformers files say (mean pooling and unit length "
-        "otherwise). Writes a .npy matrix or JSONL ({index, embedding}) to --output, or JSONL to stdout. "
-        "Texts longer than max_seq_len tokens are cut; how many is reported on stderr.",
-        epilog="example: lamina embed minilm --input sentences.txt --output vectors.npy",
+        "otherwise). Writes a .npy matrix or JSONL ({index, embedding}) to --out, or JSONL to stdout. "
+        "A text longer than max_seq_len tokens is refused unless --truncate cuts it (then how many were "
+        "cut is reported on stderr).",
+        epilog="example: lamina embed minilm --input examples/sentences.txt --out vectors.npy",
     )
     p.add_argument("model", metavar="MODEL", help="model path or name (e.g. minilm)")
     p.add_argument("--input", required=True, help="text file (one text per line) or .jsonl file; - = stdin")
     p.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
-    p.add_argument("--output", help="output .npy or .jsonl file (default: JSONL on stdout)")
-    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
-    p.add_argument("--max-seq-len", type=int, help="tokens per text (default: the model's setting)")
+    p.add_argument("--out", dest="output", help="output .npy or .jsonl file (default: JSONL on stdout)")
+    add_config_file(p)
+    add_fields(p, embed_texts, title="options (lamina.embed)", skip=("lm", "texts", "config"))
+    add_fields(
+        p,
+        EmbeddingConfig,
+        title="pooling (EmbeddingConfig)",
+        description="override the model's sentence-transformers settings (mean pooling and unit length "
+        "when it has none)",
+    )
     p.set_defaults(func=run)
-
-
-def read_texts(source: str, field: str) -> list[str]:
-    """The texts of ``source``: lines of a text file (blank lines kept), or ``field`` of each JSONL row."""
-    if source == "-":
-        lines = sys.stdin.read().splitlines()
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise DataError(f"--input {source!r} does not exist; fix: pass a text or .jsonl file")
-        lines = path.read_text(encoding="utf-8").splitlines()
-    if not source.endswith(".jsonl"):
-        return lines
-    texts = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{source}:{n} is not valid JSON ({e}); fix the line or use a text file") from e
-        if not isinstance(row, dict) or not isinstance(row.get(field), str):
-            raise DataError(f"{source}:{n} has no string field {field!r}; fix: pass --field NAME")
-        texts.append(row[field])
-    return texts
 
 
 def run(args: argparse.Namespace) -> int:
     """Embed and write the vectors; say the pooling and any truncation on stderr. A text over the limit
     is refused unless ``args.truncate`` (``lamina.embed``'s ``truncate``)."""
     if args.output and not args.output.endswith((".npy", ".jsonl")):
-        raise ConfigError(f"--output {args.output!r} must end in .npy or .jsonl")
+        raise ConfigError(f"--out {args.output!r} must end in .npy or .jsonl")
+    options = values(args, embed_texts)
+    overrides = values(args, EmbeddingConfig)
+    if args.print_config:
+        print_config({**options, **overrides})
+        return 0
     texts = read_texts(args.input, args.field)
     lm = load(args.model)
-    cfg = embedding_config(lm)
-    if args.max_seq_len is not None:
-        cfg = dataclasses.replace(cfg, max_seq_len=args.max_seq_len)
-        cfg.__post_init__()
-    truncate = bool(getattr(args, "truncate", False))
+    cfg = build(EmbeddingConfig, {**dataclasses.asdict(embedding_config(lm)), **overrides})
+    truncate = bool(options.get("truncate", False))
     try:
-        result = embed_texts(lm, texts, batch_size=args.batch_size, config=cfg, truncate=truncate)
+        result = embed_texts(lm, texts, config=cfg, **options)
     except InputTooLongError as e:
-        how = "pass --truncate" if hasattr(args, "truncate") else "lamina.embed(..., truncate=True) cuts it"
         raise InputTooLongError(
             f"input {e.index + 1} has {e.n_tokens} tokens, more than the {e.limit} the model takes "
-            f"(max_seq_len); shorten it, or {how}",
+            f"(max_seq_len); shorten it, or pass --truncate",
             index=e.index,
             n_tokens=e.n_tokens,
             limit=e.limit,

@@ -59,6 +59,8 @@ class ServeConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
         if self.max_request_bytes < 1024:
             raise ConfigError(f"max_request_bytes={self.max_request_bytes} must be >= 1024")
+        if self.timeout == 0:  # 0 means no timeout, as for uvicorn and most servers
+            self.timeout = None
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError(f"timeout={self.timeout} must be > 0 seconds (or None: no timeout)")
         if self.max_tokens_in_flight is not None and self.max_tokens_in_flight < 2:

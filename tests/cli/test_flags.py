@@ -27,7 +27,7 @@ POSITIONALS = {
     "generate": ["m", "p"],
     "chat": ["m"],
     "serve": ["m"],
-    "embed": ["m"],
+    "embed": ["m", "--input", "x.txt"],
     "fill-mask": ["m", "t"],
     "convert": ["m"],
     "data prepare": [],
