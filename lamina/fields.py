@@ -117,6 +117,21 @@ def _annotation(func: Any, annotation: Any) -> Any:
         return None
 
 
+def parse_size(text: str) -> int:
+    """``"50M"`` -> 50_000_000: a count of bytes or tokens with an optional suffix (K, M, G are powers of
+    1000; KiB, MiB, GiB of 1024). Raises ``ValueError`` for anything else."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?(?:[eE]\d+)?)\s*([KMG]i?)?B?\s*", text, re.IGNORECASE)
+    if m is None:
+        raise ValueError("is not a size: use a number, optionally with K, M or G (e.g. 50M)")
+    unit = (m.group(2) or "").upper()
+    base = 1024 if unit.endswith("I") else 1000
+    return int(float(m.group(1)) * base ** {"": 0, "K": 1, "M": 2, "G": 3}[unit[:1]])
+
+
+SIZE = {"parse": parse_size}
+"""``field(metadata=SIZE)``: the field's text form may be a size such as ``50M`` or ``4MiB``."""
+
+
 # -- text -> typed values --------------------------------------------------------------------------------
 def coerce(value: Any, tp: Any, name: str = "value", parse: Callable[[str], Any] | None = None) -> Any:
     """``value`` read as type ``tp``: text is parsed by the type, typed values pass through (checked later).

@@ -101,14 +101,24 @@ def add_alias(
     name: str,
     section: str | None = None,
     help: str | None = None,
+    metavar: str | None = None,
+    append: bool = False,
 ) -> None:
-    """A short flag for one field (``--out`` for ``train.out_dir``): same field, type and help."""
+    """A short flag for one field (``--out`` for ``train.out_dir``): same field, type and help.
+
+    ``append``: for a list field, each use of the flag adds one item (``--api-key A --api-key B``).
+    """
     (f,) = [f for f in fields_of(source) if f.name == name]
     dest = _DEST + (f"{section}.{name}" if section else name)
     full = flag_name(name, section)
+    if append:  # each use adds one item to the field's list (--api-key A --api-key B)
+        parser.add_argument(flag, dest=dest, action="append", default=argparse.SUPPRESS, metavar=metavar,
+                            help=help or f"one item of {full}; repeat for several")  # fmt: skip
+        return
     parser.add_argument(
-        flag, dest=dest, default=argparse.SUPPRESS, metavar=_metavar(f), help=help or f"= {full}: {_help(f)}"
-    )
+        flag, dest=dest, default=argparse.SUPPRESS, metavar=metavar or _metavar(f),
+        help=help or f"= {full}: {_help(f)}",
+    )  # fmt: skip
 
 
 def add_top_level(parser: argparse.ArgumentParser, flag: str, name: str, help: str, metavar: str) -> None:

@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_config_file(p)
     add_fields(p, ServeConfig, title="server (ServeConfig)")
-    add_alias(p, "--api-key", ServeConfig, "api_keys", help="one API key (repeat --api-keys for several)")
+    add_alias(p, "--api-key", ServeConfig, "api_keys", metavar="KEY", append=True)
     add_model_flags(p)
     p.set_defaults(func=run)
 

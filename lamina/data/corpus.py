@@ -39,7 +39,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import re
 import secrets
 import shutil
 import sys
@@ -56,6 +55,7 @@ from tqdm.auto import tqdm
 from lamina.config import _check_types
 from lamina.data.builtin import cut_at_line, stdlib_files
 from lamina.errors import ConfigError, DataError, ModelNotFoundError, TokenizerError
+from lamina.fields import SIZE
 from lamina.tokenizer import Tokenizer
 
 __all__ = ["DataConfig", "Manifest", "Shard", "Skipped", "SplitInfo", "load_tokenizer", "prepare"]
@@ -72,17 +72,6 @@ JSONL_CHUNK_BYTES = 64 << 20
 UINT16_VOCAB = 1 << 16
 # how a JSONL field's value is named in messages (a JSON number, array, object, boolean)
 _JSON_KIND = {bool: "a boolean", list: "an array", dict: "an object"}
-
-
-def parse_size(text: str) -> int:
-    """``"50M"`` -> 50_000_000: a byte or token count with an optional suffix (K, M, G are powers of
-    1000; KiB, MiB, GiB of 1024). Raises ``ValueError`` for anything else."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?(?:[eE]\d+)?)\s*([KMG]i?)?B?\s*", text, re.IGNORECASE)
-    if m is None:
-        raise ValueError("is not a size: use a number, optionally with K, M or G (e.g. 50M)")
-    unit = (m.group(2) or "").upper()
-    base = 1024 if unit.endswith("I") else 1000
-    return int(float(m.group(1)) * base ** {"": 0, "K": 1, "M": 2, "G": 3}[unit[:1]])
 
 
 @dataclass
@@ -116,7 +105,7 @@ class DataConfig:
     builtin: Literal["stdlib"] | None = None  # "stdlib": also read the built-in corpus, after the sources
     # read the inputs in order until their sizes add up to this many bytes (50M, 1GiB; None: all); the
     # text file that crosses it is cut at its last newline before the limit
-    max_bytes: int | None = field(default=None, metadata={"parse": lambda text: parse_size(text)})
+    max_bytes: int | None = field(default=None, metadata=SIZE)
     jsonl_field: str = "text"  # the key of each JSONL record that holds the document
     val_fraction: float = 0.01  # share of documents held out for validation, in [0, 1) (0: none)
     seed: int = 0  # key of the hash that sends each document to train or validation
@@ -126,7 +115,7 @@ class DataConfig:
     # text, so a document cannot forge an eos)
     parse_special_tokens: bool = False
     # most token ids per shard file (a count such as 100M)
-    shard_tokens: int = field(default=1 << 27, metadata={"parse": lambda text: parse_size(text)})
+    shard_tokens: int = field(default=1 << 27, metadata=SIZE)
     overwrite: bool = False  # replace an existing out folder
 
     def __post_init__(self) -> None:

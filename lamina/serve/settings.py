@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lamina.errors import ConfigError
+from lamina.fields import SIZE
 
 
 @dataclass
@@ -46,7 +47,8 @@ class ServeConfig:
     max_stop: int = 16  # most stop strings per request, >= 0; more: 400
     max_prompts: int = 64  # most prompts in one completions request, >= 1; more: 400
     max_embedding_inputs: int = 2048  # most inputs in one embeddings request, >= 1; more: 400
-    max_request_bytes: int = 4 * 1024 * 1024  # largest JSON request body in bytes, >= 1024; larger: 400
+    # largest JSON request body in bytes (sizes such as 4MiB accepted), >= 1024; larger: 400
+    max_request_bytes: int = field(default=4 * 1024 * 1024, metadata=SIZE)
     threads: int | None = None  # torch CPU threads (None: torch's choice)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"  # uvicorn's log level
 

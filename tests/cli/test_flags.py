@@ -61,8 +61,8 @@ def _config_flags(parser: argparse.ArgumentParser) -> list[tuple[str | None, Fie
     for action in parser._actions:
         if not action.dest.startswith("cfg:") or not action.option_strings[0].startswith("--"):
             continue
-        if action.option_strings[0].startswith("--no-"):
-            continue
+        if isinstance(action, argparse._StoreConstAction):
+            continue  # --no-x of a boolean: tested with it
         section, _, name = action.dest[4:].rpartition(".")
         if not section and not parser.get_default("_lamina_sources"):
             continue  # a top-level key of a sectioned run config (--init)
