@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import nn
 
+from lamina.config import Schedule
 from lamina.errors import ConfigError
 
 
@@ -94,6 +95,9 @@ def make_optimizer(
     raise ConfigError(f"optimizer={name!r} is not one of 'adamw', 'sgd', 'rmsprop', 'lion', 'adafactor'")
 
 
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
+
+
 def lr_lambda(
     schedule: str,
     warmup_steps: int,
@@ -103,31 +107,50 @@ def lr_lambda(
     step_gamma: float = 0.1,
     decay_fraction: float = 0.2,
 ) -> Callable[[int], float]:
-    """The learning-rate multiplier at each step: linear warmup, then the schedule.
+    """The learning-rate multiplier of optimizer step ``step`` (0-based: a run's steps are 0 ..
+    ``total_steps - 1``): linear warmup, then the schedule. The last step runs at the schedule's end
+    (nanoGPT's convention), so a decaying schedule's last update is made at ``lr x min_lr_ratio``.
 
-    constant; linear (to ``min_lr_ratio`` at the last step); cosine (likewise); step (x ``step_gamma``
-    every ``step_every`` steps); wsd, warmup-stable-decay (flat, then linear decay over the last
-    ``decay_fraction`` of the steps).
+    - warmup: steps ``0 .. w - 1`` run at ``(step + 1) / w`` with ``w = min(warmup_steps, total_steps - 1)``:
+      at least the last step comes after warmup, so ``warmup_steps >= total_steps`` warms up over all but
+      the last step, and a one-step run has no warmup.
+    - constant: 1.
+    - linear, cosine: from 1 at step ``w`` to ``min_lr_ratio`` at the last step. When only one step is
+      left after warmup (``total_steps == 1``, or ``warmup_steps >= total_steps - 1``) it runs at
+      ``min_lr_ratio``.
+    - wsd (warmup-stable-decay): 1, then over the last ``max(1, int(decay_fraction x total_steps))``
+      steps (never reaching back into warmup) linearly from 1 to ``min_lr_ratio`` at the last step.
+    - step: ``step_gamma ** ((step - w) // step_every)``; ``min_lr_ratio`` does not apply.
+
+    Steps past the end keep the last step's value. Raises ``ConfigError`` for an unknown schedule or
+    ``total_steps < 1``.
     """
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"schedule={schedule!r} is not one of {', '.join(SCHEDULES)}")
+    if total_steps < 1:
+        raise ConfigError(f"total_steps={total_steps} must be >= 1")
+    last = total_steps - 1
+    warm = min(max(warmup_steps, 0), last)
+    decay_start = max(warm, total_steps - max(1, int(decay_fraction * total_steps)))
+
+    def progress(step: int, start: int) -> float:
+        """0 at ``start``, 1 at the last step (1 when ``start`` is the last step)."""
+        return 1.0 if start >= last else min(1.0, (step - start) / (last - start))
 
     def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
+        if step < warm:
+            return (step + 1) / warm
         if schedule == "constant":
             return 1.0
         if schedule == "step":
-            return step_gamma ** ((step - warmup_steps) // step_every)
-        span = max(1, total_steps - warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / span)
-        if schedule == "linear":
-            return 1.0 - (1.0 - min_lr_ratio) * progress
-        if schedule == "cosine":
-            return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+            return step_gamma ** ((step - warm) // step_every)
         if schedule == "wsd":
-            decay_start = total_steps - int(decay_fraction * total_steps)
             if step < decay_start:
                 return 1.0
-            return 1.0 - (1.0 - min_lr_ratio) * (step - decay_start) / max(1, total_steps - decay_start)
-        raise ConfigError(f"schedule={schedule!r} is not one of constant, linear, cosine, step, wsd")
+            return 1.0 - (1.0 - min_lr_ratio) * progress(step, decay_start)
+        p = progress(step, warm)
+        if schedule == "linear":
+            return 1.0 - (1.0 - min_lr_ratio) * p
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
 
     return f

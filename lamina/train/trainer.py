@@ -130,12 +130,11 @@ def train(
         cfg.momentum,
         cfg.decay_embeddings,
     )
-    warmup = min(cfg.warmup_steps, max(0, steps - 1))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
         lr_lambda(
             cfg.schedule,
-            warmup,
+            cfg.warmup_steps,
             steps,
             cfg.min_lr_ratio,
             cfg.lr_step_every,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -254,16 +255,56 @@ def test_weight_decay_spares_norms_biases_and_embeddings() -> None:
 
 
 def test_schedules() -> None:
-    cos = lr_lambda("cosine", 10, 110, min_lr_ratio=0.1)
+    cos = lr_lambda("cosine", 10, 111, min_lr_ratio=0.1)  # steps 0..110: warmup 0..9, decay 10..110
     assert cos(0) == pytest.approx(0.1) and cos(9) == pytest.approx(1.0) and cos(10) == pytest.approx(1.0)
-    assert cos(60) == pytest.approx(0.55) and cos(110) == pytest.approx(0.1)
-    lin = lr_lambda("linear", 0, 100, min_lr_ratio=0.0)
+    assert (
+        cos(60) == pytest.approx(0.55) and cos(110) == pytest.approx(0.1) and cos(500) == pytest.approx(0.1)
+    )
+    lin = lr_lambda("linear", 0, 101, min_lr_ratio=0.0)
     assert lin(50) == pytest.approx(0.5)
     step = lr_lambda("step", 0, 100, step_every=30, step_gamma=0.5)
     assert [step(s) for s in (0, 29, 30, 61)] == [1.0, 1.0, 0.5, 0.25]
-    wsd = lr_lambda("wsd", 10, 100, min_lr_ratio=0.0, decay_fraction=0.2)
-    assert wsd(50) == 1.0 and wsd(80) == 1.0 and wsd(90) == pytest.approx(0.5)
+    wsd = lr_lambda("wsd", 10, 100, min_lr_ratio=0.0, decay_fraction=0.2)  # decays over steps 80..99
+    assert wsd(50) == 1.0 and wsd(80) == 1.0 and wsd(90) == pytest.approx(1 - 10 / 19) and wsd(99) == 0.0
     assert lr_lambda("constant", 5, 100)(99) == 1.0
+    with pytest.raises(ConfigError, match="schedule='exp'"):
+        lr_lambda("exp", 0, 10)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5, 40])
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine", "step", "wsd"])
+def test_every_schedule_ends_where_documented(schedule: str, steps: int) -> None:
+    """The last optimizer step runs at the schedule's end (the floor min_lr_ratio for linear, cosine
+    and wsd), for warmup 0, 1, steps - 1 and warmup >= steps; warmup rises to 1 and decay never rises."""
+    end = {"constant": 1.0, "linear": 0.1, "cosine": 0.1, "wsd": 0.1}
+    for warmup in sorted({0, 1, steps - 1, steps, steps + 7}):
+        f = lr_lambda(schedule, warmup, steps, min_lr_ratio=0.1, step_every=3, step_gamma=0.5)
+        lrs = [f(s) for s in range(steps)]
+        warm = min(warmup, steps - 1)
+        assert all(0.0 < v <= 1.0 and math.isfinite(v) for v in lrs), (warmup, lrs)
+        assert lrs[:warm] == pytest.approx([(s + 1) / warm for s in range(warm)])
+        after = lrs[warm:]
+        assert all(a >= b - 1e-12 for a, b in itertools.pairwise(after)), (warmup, lrs)
+        expected = end.get(schedule, 0.5 ** ((steps - 1 - warm) // 3))
+        assert lrs[-1] == pytest.approx(expected), (warmup, lrs)
+        if schedule != "constant" and steps - warm >= 2:
+            assert after[0] == 1.0  # the first step after warmup runs at the peak
+
+
+def test_the_issue_example_reaches_the_floor() -> None:
+    """min_lr_ratio 0.1, 5 steps, no warmup: the last step ran at 0.28 (linear) and 0.186 (cosine)."""
+    for schedule in ("linear", "cosine", "wsd"):
+        assert lr_lambda(schedule, 0, 5, min_lr_ratio=0.1)(4) == pytest.approx(0.1)
+    assert [lr_lambda("linear", 0, 5)(s) for s in range(5)] == pytest.approx([1.0, 0.775, 0.55, 0.325, 0.1])
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "wsd"])
+def test_the_logged_lr_of_the_last_step_is_the_floor(schedule: str, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, max_steps=5, warmup_steps=0, schedule=schedule, lr=1e-3, log_every=1, save_every=5)
+    train(_model(), cfg, Windows(), causal_lm(), tokens_per_batch=256)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    assert len(lrs) == 5 and lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4)
 
 
 def test_train_config_validation() -> None:
