@@ -29,8 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "generate",
         help="generate text from a prompt with any decoding control, streamed",
         description="Continue PROMPT with MODEL and stream the text. Chat models (those with a chat "
-        "template) get the prompt as a user message unless --raw is given. Greedy unless a sampling "
-        "control (--temperature, --top-p, --seed, ...) is given.",
+        "template) get the prompt as a user message unless --raw is given. Decoding follows the model's own "
+        "defaults when its checkpoint has them, else it is greedy unless a sampling control (--temperature, "
+        "--top-p, --seed, --n 2, ...) is given. Token counts and speed follow on stderr; --logprobs, "
+        "--top-logprobs and --prompt-logprobs print tables there too.",
     )
     p.add_argument(
         "model", metavar="MODEL", help="path, models-directory name or packaged name (e.g. smollm2)"

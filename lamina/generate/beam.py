@@ -32,6 +32,7 @@ from torch import Tensor
 
 from lamina.config import GenerationConfig
 from lamina.errors import ConfigError
+from lamina.generate.engine import require_generative
 from lamina.generate.sampling import process_logits
 from lamina.model.transformer import Transformer
 
@@ -52,6 +53,8 @@ class Beam:
 
 
 def _check(model: Transformer, prompts: Sequence[Sequence[int]], cfg: GenerationConfig) -> None:
+    require_generative(model.config)
+    cfg.check_token_ids(model.config.vocab_size)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token (empty prompt given)")
     if cfg.n > cfg.num_beams:
@@ -68,6 +71,11 @@ def _check(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Generation
             raise ConfigError(f"{name}={getattr(cfg, name)!r} is not supported with beam search")
     if cfg.response_format != "text":
         raise ConfigError(f"response_format={cfg.response_format!r} is not supported with beam search")
+    if cfg.logprobs or cfg.prompt_logprobs is not None:
+        raise ConfigError(
+            "logprobs / prompt_logprobs are not reported by beam search (a beam's score is its summed "
+            "logprob): use num_beams=1 for per-token logprobs"
+        )
     limit = model.config.max_seq_len
     for p in prompts:
         if len(p) >= limit:

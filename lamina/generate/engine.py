@@ -25,7 +25,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from lamina.config import GenerationConfig
+from lamina.config import GenerationConfig, ModelConfig
 from lamina.errors import ConfigError
 from lamina.generate.sampling import Sampler, prompt_logprobs, sample_batch, token_logprobs
 from lamina.model.layers import KVCache
@@ -33,6 +33,37 @@ from lamina.model.transformer import Transformer
 from lamina.tokenizer import DecodeStream, Tokenizer
 
 GREEDY = GenerationConfig(temperature=0.0)
+
+
+def require_generative(config: ModelConfig, name: str | None = None) -> None:
+    """Raise ``ConfigError`` unless a model of this ``config`` can generate text: a decoder with an lm head.
+
+    The message says which verb runs the model instead: ``lamina embed`` / ``lamina fill-mask`` for an
+    encoder, its task head for a classifier or regressor. ``name`` (the model's) goes in the message.
+    """
+    if config.arch == "decoder" and config.head == "lm":
+        return
+    what = f"model {name!r}" if name else "this model"
+    if config.arch == "encoder":
+        use = (
+            "`lamina fill-mask` predicts masked tokens, `lamina embed` gives sentence vectors"
+            if config.head == "lm"
+            else "`lamina embed` gives its sentence vectors"
+            if config.head == "none"
+            else f"run its {config.head!r} head on a text with lm.model(ids)"
+        )
+        raise ConfigError(
+            f"{what} is an encoder (arch='encoder', head={config.head!r}): it reads text in both directions "
+            f"and cannot generate; {use}"
+        )
+    use = (
+        "`lamina embed` gives its hidden states as sentence vectors"
+        if config.head == "none"
+        else f"run its {config.head!r} head on a text with lm.model(ids) (labels: {config.labels or 'unnamed'})"
+    )
+    raise ConfigError(
+        f"{what} has head={config.head!r}, not a language-model head (head='lm'): it cannot generate text; {use}"
+    )
 
 
 class Constraint(Protocol):
@@ -210,6 +241,7 @@ class Engine:
         max_tokens_in_flight: int | None = None,
         max_prefill_tokens: int = 1024,
     ) -> None:
+        require_generative(model.config)
         if max_batch_size < 1:
             raise ConfigError(f"max_batch_size={max_batch_size} must be >= 1")
         self.model, self.tokenizer = model, tokenizer
@@ -231,7 +263,8 @@ class Engine:
         """Queue a request; returns its ``config.n`` sequences (filled in as ``step`` runs).
 
         Raises ``ConfigError`` at once for an empty prompt, one that does not fit the context window,
-        token ids outside the vocabulary, or stop strings / constraints without a tokenizer.
+        token ids outside the vocabulary (in the prompt or in ``config``: ``check_token_ids``), or stop
+        strings / constraints without a tokenizer.
         """
         return self._submit(prompt_ids, config, next(self._ids))[1]
 
@@ -248,6 +281,7 @@ class Engine:
             )
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise ConfigError(f"prompt token ids must be in [0, {vocab}) (vocab_size of the model)")
+        cfg.check_token_ids(vocab)
         if (cfg.stop or cfg.choices or cfg.response_format != "text") and self.tokenizer is None:
             raise ConfigError(
                 "stop strings and constrained output work on text: give the engine the tokenizer"
@@ -291,13 +325,17 @@ class Engine:
 
     # -- the loop ------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self) -> list[Delta]:
-        """Admit what fits from the queue, then decode one token for every running sequence."""
+    def step(self, decode: bool = True) -> list[Delta]:
+        """Admit what fits from the queue, then decode one token for every running sequence.
+
+        ``decode=False`` only admits (prefills the prompts and picks their first tokens): a caller timing
+        the prefill apart from decoding, as ``lamina.generate.text.complete`` does, steps once so.
+        """
         out: list[Delta] = []
         self._apply_cancellations(out)
         for req in self._admissible():
             out += self._admit(req)
-        if self._running:
+        if decode and self._running:
             out += self._decode()
         return out
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lamina.errors import ConfigError
+from lamina.generate.engine import require_generative
 from lamina.model.layers import KVCache
 from lamina.model.transformer import Transformer
 
@@ -108,6 +109,9 @@ def speculative_decode(
     tokens and the target verifies them in one forward. Stops at an eos (not part of the output) or
     after ``max_new_tokens``.
     """
+    require_generative(target.config)
+    if draft is not None:
+        require_generative(draft.config, "draft")
     if len(prompt_ids) == 0:
         raise ConfigError("the prompt needs at least one token (empty prompt given)")
     if num_draft_tokens < 1:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from lamina.checkpoint.load import LoadedModel, load
 from lamina.config import GenerationConfig, from_dict, to_dict
 from lamina.errors import ConfigError
-from lamina.generate.engine import Engine, generate_ids
+from lamina.generate.engine import Engine, Sequence_, TokenLogprob, generate_ids, require_generative
 from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
 
@@ -42,6 +43,132 @@ def stream_text(
     model: str | LoadedModel,
     prompt: str | Sequence[Mapping[str, Any]],
     config: GenerationConfig | None = None,
+@dataclass
+class Completion:
+    """What one prompt gave: its ``n`` choices (or the n best beams), with token counts and timing.
+
+    ``choices[k].text`` is choice k's text, ``.tokens`` its new token ids (the eos / stop token that
+    ended it is not among them), ``.finish_reason`` "stop" or "length", ``.logprobs`` one
+    ``TokenLogprob`` per generated token when ``config.logprobs``. ``prompt_logprobs`` has one entry per
+    prompt token (None for the first) when ``config.prompt_logprobs`` is set. ``prefill_seconds`` is the
+    wall time of the prompt's forward pass and the first token; ``decode_seconds`` the rest, in which
+    ``decode_tokens`` tokens (over all choices) were produced.
+    """
+
+    choices: list[Sequence_]
+    prompt_tokens: int
+    config: GenerationConfig
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    decode_tokens: int = 0
+
+    @property
+    def text(self) -> str:
+        """The first choice's text."""
+        return self.choices[0].text or ""
+
+    @property
+    def completion_tokens(self) -> int:
+        """Generated tokens over all choices."""
+        return sum(len(c.tokens) for c in self.choices)
+
+    def summary(self) -> str:
+        """One line of counts and speed, as llama.cpp prints after a generation, e.g.
+        ``prompt 31 tokens, 0.21 s (148 tokens/s) | generated 20 tokens, 1.19 s (16.0 tokens/s)``.
+
+        The prompt rate covers the prefill (which also picks the first token); the generation rate the
+        decode steps after it. A choice cut by the budget adds ``cut at max_new_tokens=N``.
+        """
+        n = len(self.choices)
+        head = f"prompt {self.prompt_tokens} tokens, {self.prefill_seconds:.2f} s"
+        if self.prefill_seconds > 0:
+            head += f" ({self.prompt_tokens / self.prefill_seconds:.0f} tokens/s)"
+        gen = f"generated {self.completion_tokens} tokens" + (f" in {n} choices" if n > 1 else "")
+        gen += f", {self.prefill_seconds + self.decode_seconds:.2f} s"
+        if self.decode_seconds > 0 and self.decode_tokens:
+            gen += f" ({self.decode_tokens / self.decode_seconds:.1f} tokens/s)"
+        cut = sum(c.finish_reason == "length" for c in self.choices)
+        if cut:
+            budget = self.config.max_new_tokens
+            gen += (
+                f"; {'all' if cut == n else cut} cut at max_new_tokens={budget}"
+                if n > 1
+                else (f"; cut at max_new_tokens={budget}")
+            )
+        return f"{head} | {gen}"
+
+
+def complete(
+    model: str | LoadedModel,
+    prompt: str | Sequence[Mapping[str, Any]],
+    config: GenerationConfig | None = None,
+    chat: bool | None = None,
+    system: str | None = None,
+    stream: Callable[[str], None] | None = None,
+    **controls: Any,
+) -> Completion:
+    """Generate from ``prompt`` and return every choice with its tokens, logprobs, counts and timing.
+
+    Same arguments as ``generate``; ``n`` > 1 (sampled, greedy or the n best of ``num_beams``) gives n
+    choices. ``stream`` receives the first choice's text deltas as they are decoded (beam search knows
+    its best beam only at the end: one delta then). Raises ``ConfigError`` for controls the model cannot
+    take (token ids outside its vocabulary, a prompt over its context window) and when generation
+    fails at a step (e.g. every token banned), and for a model that cannot generate (an encoder).
+    """
+    lm = _loaded(model)
+    ids = build_prompt_ids(lm, prompt, chat=chat, system=system)
+    cfg = generation_config(lm, config, **controls)
+    if cfg.num_beams > 1:
+        return _beam_completion(lm, ids, cfg, stream)
+    engine = Engine(lm.model, lm.tokenizer, lm.generation.eos_token_ids, max_batch_size=cfg.n)
+    start = time.perf_counter()
+    seqs = engine.submit(ids, cfg)
+    prefill, decode_tokens = None, 0
+    while engine.has_work():
+        deltas = engine.step(decode=prefill is not None)  # the first step only prefills
+        if prefill is None:
+            prefill = time.perf_counter() - start
+        else:
+            decode_tokens += len(deltas)
+        if stream is not None:
+            for d in deltas:
+                if d.seq.index == 0 and d.text:
+                    stream(d.text)
+    total, prefill = time.perf_counter() - start, prefill or 0.0
+    failed = next((s for s in seqs if s.finish_reason == "error"), None)
+    if failed is not None:
+        raise ConfigError(f"generation stopped at token {len(failed.tokens)}: {failed.error}")
+    return Completion(seqs, len(ids), cfg, seqs[0].prompt_logprobs, prefill, total - prefill, decode_tokens)
+
+
+def beam_sequences(lm: LoadedModel, ids: list[int], cfg: GenerationConfig, index: int = 0) -> list[Sequence_]:
+    """The ``cfg.n`` best beams of a beam-search request (``cfg.num_beams`` > 1), as engine sequences
+    (``prompt_index`` = ``index``; text decoded, best first)."""
+    from lamina.generate.beam import beam_search
+
+    tok = lm.tokenizer
+    beams = beam_search(lm.model, [ids], cfg, lm.generation.eos_token_ids)[0]
+    return [
+        Sequence_(index, b.tokens, b.finish_reason,
+                  tok.decode(b.tokens, skip_special_tokens=True) if tok is not None else None,
+                  index=k, prompt_tokens=len(ids))
+        for k, b in enumerate(beams)
+    ]  # fmt: skip
+
+
+def _beam_completion(
+    lm: LoadedModel, ids: list[int], cfg: GenerationConfig, stream: Callable[[str], None] | None
+) -> Completion:
+    start = time.perf_counter()
+    seqs = beam_sequences(lm, ids, cfg)
+    took = time.perf_counter() - start
+    if stream is not None and seqs[0].text:
+        stream(seqs[0].text)
+    steps = max(len(s.tokens) for s in seqs)
+    return Completion(seqs, len(ids), cfg, None, 0.0, took, steps * cfg.num_beams)
+
+
     chat: bool | None = None,
     system: str | None = None,
     **controls: Any,
@@ -50,22 +177,20 @@ def stream_text(
 
     Same arguments as ``generate``. A delta never splits a UTF-8 character, and with stop strings the
     text that may be the start of one is held back until it is known not to be; the deltas concatenate
-    to what ``generate`` returns.
+    to what ``generate`` returns. Raises ``ConfigError`` as ``complete`` does.
     """
-    lm = load(model) if isinstance(model, str) else model
+    lm = _loaded(model)
     ids = build_prompt_ids(lm, prompt, chat=chat, system=system)
     cfg = generation_config(lm, config, **controls)
     if cfg.num_beams > 1:  # beam search knows its best sequence only at the end
-        from lamina.generate.beam import beam_search
-
-        assert lm.tokenizer is not None
-        best = beam_search(lm.model, [ids], replace(cfg, n=1), lm.generation.eos_token_ids)[0][0]
-        yield lm.tokenizer.decode(best.tokens, skip_special_tokens=True)
+        yield beam_sequences(lm, ids, replace(cfg, n=1))[0].text or ""
         return
     if cfg.n != 1:
-        raise ConfigError(f"n={cfg.n}: streaming text gives one sequence; use generate_ids for n > 1")
+        raise ConfigError(
+            f"n={cfg.n}: a text stream carries one sequence; lamina.complete(...) returns all {cfg.n} choices"
+        )
     engine = Engine(lm.model, lm.tokenizer, lm.generation.eos_token_ids, max_batch_size=1)
-    engine.submit(ids, cfg)
+    (seq,) = engine.submit(ids, cfg)
     while engine.has_work():
         for delta in engine.step():
             if delta.text:
@@ -74,6 +199,8 @@ def stream_text(
 
 def generate(
     model: str | LoadedModel,
+    if seq.finish_reason == "error":
+        raise ConfigError(f"generation stopped at token {len(seq.tokens)}: {seq.error}")
     prompt: str | Sequence[Mapping[str, Any]],
     config: GenerationConfig | None = None,
     chat: bool | None = None,
@@ -83,32 +210,89 @@ def generate(
 ) -> str:
     """Generate a continuation of ``prompt`` with ``model`` (a name, path or loaded model).
 
-    Decoding controls come from ``config``, else the model's defaults, with ``controls`` (any
-    ``GenerationConfig`` field, e.g. ``temperature=0.7, top_p=0.9, seed=1``) on top; with none given the
-    decoding is greedy. ``stream`` receives text deltas as they are decoded (never splitting a UTF-8
-    character); ``stream_text`` gives them as an iterator instead.
+    Decoding controls come from ``config``, else the model's own defaults (``model_defaults``: its
+    generation.yaml / generation_config.json) or greedy decoding when it has none, with ``controls``
+    (any ``GenerationConfig`` field, e.g. ``temperature=0.7, top_p=0.9, seed=1``) on top. ``stream``
+    receives text deltas as they are decoded (never splitting a UTF-8 character); ``stream_text`` gives
+    them as an iterator instead. One text: for ``n`` > 1 choices, logprobs or token counts use
+    ``complete``. Raises ``ConfigError`` for controls the model cannot take (e.g. ``logit_bias`` on an
+    id outside its vocabulary) and for a model that cannot generate (an encoder: use ``lamina.embed``).
     """
-    text = ""
-    for delta in stream_text(model, prompt, config, chat=chat, system=system, **controls):
-        text += delta
-        if stream is not None:
-            stream(delta)
-    return text
+    lm = _loaded(model)
+    cfg = generation_config(lm, config, **controls)
+    if cfg.n != 1:
+        raise ConfigError(
+            f"n={cfg.n}: generate returns one text; lamina.complete(...).choices holds all {cfg.n}"
+        )
+    return complete(lm, prompt, cfg, chat=chat, system=system, stream=stream).text
+
+
+# fields whose value changes which token is picked: a checkpoint that sets any of them has its own
+# decoding defaults (the rest, eos ids or a budget, say when to stop)
+_DECODING_FIELDS = (
+    "do_sample", "temperature", "dynatemp_range", "dynatemp_exponent", "top_k", "top_p", "min_p",
+    "typical_p", "top_n_sigma", "repetition_penalty", "repetition_penalty_last_n", "frequency_penalty",
+    "presence_penalty", "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n",
+    "dry_sequence_breakers", "xtc_probability", "xtc_threshold", "mirostat", "mirostat_tau",
+    "mirostat_eta", "logit_bias", "bad_words_ids", "allowed_token_ids", "no_repeat_ngram_size",
+    "num_beams", "length_penalty", "early_stopping", "samplers",
+)  # fmt: skip
+
+
+def model_defaults(lm: LoadedModel) -> GenerationConfig | None:
+    """The checkpoint's own decoding controls (``lm.generation``, from its generation.yaml or
+    generation_config.json) when it sets any that change which token is picked (temperature, top_p,
+    penalties, ...); None when it only names its eos ids and budget, as GGUF files and most HF folders do.
+
+    (A checkpoint whose settings equal ``GenerationConfig``'s defaults, plain sampling at temperature 1,
+    cannot be told from one without settings and counts as having none.)
+    """
+    plain = GenerationConfig()
+    if all(getattr(lm.generation, f) == getattr(plain, f) for f in _DECODING_FIELDS):
+        return None
+    return lm.generation
 
 
 def generation_config(
     lm: LoadedModel, config: GenerationConfig | None = None, **controls: Any
 ) -> GenerationConfig:
-    """``config`` (or greedy with the model's max_new_tokens) with ``controls`` applied, validated."""
-    base = config or GenerationConfig(temperature=0.0, max_new_tokens=lm.generation.max_new_tokens)
-    if (
-        "temperature" not in controls
-        and config is None
-        and any(k in controls for k in ("top_k", "top_p", "min_p", "typical_p", "seed", "n", "mirostat"))
-    ):
-        controls["temperature"] = 1.0  # asking for a sampling control asks for sampling
-    return from_dict(
-        GenerationConfig, {**to_dict(base), **{k: v for k, v in controls.items() if v is not None}}
+    """The controls a request runs with: ``config``, else ``model_defaults(lm)``, else greedy (with the
+    model's eos ids and max_new_tokens); ``controls`` on top, validated, token ids checked against the
+    model's vocabulary. Asking for a sampling control (``top_p``, ``seed``, ...) or for ``n`` > 1
+    choices without a ``config`` on greedy defaults asks for sampling (temperature 1; ``num_beams``
+    and ``temperature=0`` say otherwise). Raises ``ConfigError`` naming the field, and for a model that
+    cannot generate (``require_generative``).
+    """
+    require_generative(lm.model.config, lm.entry.name)
+    base = config or model_defaults(lm) or _greedy(lm)
+    asks_to_sample = (
+        any(controls.get(k) is not None for k in _SAMPLING_CONTROLS) or (controls.get("n") or 1) > 1
+    )
+    if config is None and not base.sampling and "temperature" not in controls and asks_to_sample:
+        controls["temperature"] = 1.0  # asking for a sampling control (or n > 1 choices) asks for sampling
+    given = {k: v for k, v in controls.items() if v is not None}
+    cfg = from_dict(GenerationConfig, {**to_dict(base), **given}) if given else base
+    cfg.check_token_ids(lm.model.config.vocab_size)
+    return cfg
+
+
+_SAMPLING_CONTROLS = (
+    "top_k",
+    "top_p",
+    "min_p",
+    "typical_p",
+    "seed",
+    "mirostat",
+    "top_n_sigma",
+    "xtc_probability",
+)
+
+
+def _greedy(lm: LoadedModel) -> GenerationConfig:
+    return GenerationConfig(
+        temperature=0.0,
+        max_new_tokens=lm.generation.max_new_tokens,
+        eos_token_ids=lm.generation.eos_token_ids,
     )
 
 
@@ -116,6 +300,12 @@ def print_stream(delta: str) -> None:
     """A ``stream`` callback that writes to stdout as text arrives."""
     sys.stdout.write(delta)
     sys.stdout.flush()
+def _loaded(model: str | LoadedModel) -> LoadedModel:
+    lm = load(model) if isinstance(model, str) else model
+    require_generative(lm.model.config, lm.entry.name)
+    return lm
+
+
 
 
 def sample_text(

@@ -300,15 +300,6 @@ def _common(req: SamplingExtras, served: ServedModel, limits: ServeConfig) -> di
         if name not in _FIELDS:
             raise bad_request(f"Unrecognized request argument supplied: {key}", param=key)
         controls[name] = value
-    for name in ("stop_token_ids", "allowed_token_ids", "bad_words_ids"):
-        value = controls.get(name) or []
-        flat = [t for x in value for t in (x if isinstance(x, list) else [x])]
-        bad_ids = [t for t in flat if isinstance(t, int) and not 0 <= t < served.vocab_size]
-        if bad_ids:
-            raise bad_request(
-                f"{name} holds token ids {bad_ids[:5]} outside the vocabulary [0, {served.vocab_size})",
-                param=name,
-            )
     return controls
 
 
@@ -320,7 +311,7 @@ def _logit_bias(bias: Mapping[str, float], served: ServedModel, limits: ServeCon
         )
     out = {}
     for key, value in bias.items():
-        if not re.fullmatch(r"\d{1,9}", key) or int(key) >= served.vocab_size:
+        if not re.fullmatch(r"\d{1,9}", key):  # the vocabulary: GenerationConfig.check_token_ids
             raise bad_request(
                 f"logit_bias key {key[:40]!r} is not a token id in [0, {served.vocab_size})",
                 param="logit_bias",
@@ -339,6 +330,7 @@ def _config(controls: dict[str, Any], served: ServedModel) -> GenerationConfig:
         cfg = from_dict(GenerationConfig, controls)
     except ConfigError as e:
         m = re.match(r"(?:unknown GenerationConfig field '|)(\w+)", str(e))
+        cfg.check_token_ids(served.vocab_size)  # the library's one check of token-id fields
         name = m.group(1) if m and m.group(1) in _FIELDS else None
         msg = str(e)
         if name in _OPENAI_NAMES:
