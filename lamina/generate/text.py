@@ -39,10 +39,6 @@ def build_prompt_ids(
     return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
 
 
-def stream_text(
-    model: str | LoadedModel,
-    prompt: str | Sequence[Mapping[str, Any]],
-    config: GenerationConfig | None = None,
 @dataclass
 class Completion:
     """What one prompt gave: its ``n`` choices (or the n best beams), with token counts and timing.
@@ -169,6 +165,10 @@ def _beam_completion(
     return Completion(seqs, len(ids), cfg, None, 0.0, took, steps * cfg.num_beams)
 
 
+def stream_text(
+    model: str | LoadedModel,
+    prompt: str | Sequence[Mapping[str, Any]],
+    config: GenerationConfig | None = None,
     chat: bool | None = None,
     system: str | None = None,
     **controls: Any,
@@ -195,12 +195,12 @@ def _beam_completion(
         for delta in engine.step():
             if delta.text:
                 yield delta.text
+    if seq.finish_reason == "error":
+        raise ConfigError(f"generation stopped at token {len(seq.tokens)}: {seq.error}")
 
 
 def generate(
     model: str | LoadedModel,
-    if seq.finish_reason == "error":
-        raise ConfigError(f"generation stopped at token {len(seq.tokens)}: {seq.error}")
     prompt: str | Sequence[Mapping[str, Any]],
     config: GenerationConfig | None = None,
     chat: bool | None = None,
@@ -296,16 +296,16 @@ def _greedy(lm: LoadedModel) -> GenerationConfig:
     )
 
 
-def print_stream(delta: str) -> None:
-    """A ``stream`` callback that writes to stdout as text arrives."""
-    sys.stdout.write(delta)
-    sys.stdout.flush()
 def _loaded(model: str | LoadedModel) -> LoadedModel:
     lm = load(model) if isinstance(model, str) else model
     require_generative(lm.model.config, lm.entry.name)
     return lm
 
 
+def print_stream(delta: str) -> None:
+    """A ``stream`` callback that writes to stdout as text arrives."""
+    sys.stdout.write(delta)
+    sys.stdout.flush()
 
 
 def sample_text(
