@@ -328,9 +328,9 @@ def _config(controls: dict[str, Any], served: ServedModel) -> GenerationConfig:
     """``GenerationConfig`` from ``controls``; its validation errors become 400s naming the field."""
     try:
         cfg = from_dict(GenerationConfig, controls)
+        cfg.check_token_ids(served.vocab_size)  # the library's one check of token-id fields
     except ConfigError as e:
         m = re.match(r"(?:unknown GenerationConfig field '|)(\w+)", str(e))
-        cfg.check_token_ids(served.vocab_size)  # the library's one check of token-id fields
         name = m.group(1) if m and m.group(1) in _FIELDS else None
         msg = str(e)
         if name in _OPENAI_NAMES:
