@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--train.epochs 3 --out runs/sentiment",
     )
     add_config_file(p)
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in the output folder"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a run already in the output folder")
     add_alias(p, "--task", TaskConfig, "task", "task")
     add_alias(p, "--data", TaskConfig, "data", "task")
@@ -47,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print_config(run_config.to_dict())
         return 0
-    _, _, result = finetune(run_config, **_overwrite(args))
+    _, _, result = finetune(run_config, resume=args.resume, **_overwrite(args))
     last = result.val_metrics[-1][1] if result.val_metrics else {}
     shown = ", ".join(f"{k} {v:.4f}" for k, v in last.items())
     print(f"trained {result.steps} steps; held-out {shown}; checkpoints in {result.out_dir}")

@@ -224,8 +224,12 @@ def _chunks(tags: list[str]) -> list[tuple[str, int, int]]:
     return out
 
 
-def finetune(run: FinetuneRun) -> tuple[Transformer, Tokenizer, TrainResult]:
-    """Read the data, put a task head on the model, train it; returns the model, tokenizer and summary."""
+def finetune(run: FinetuneRun, resume: bool = False) -> tuple[Transformer, Tokenizer, TrainResult]:
+    """Read the data, put a task head on the model, train it; returns the model, tokenizer and summary.
+
+    ``resume`` continues an interrupted run from the newest checkpoint in ``run.train.out_dir`` (the
+    same data and config give exactly the uninterrupted run's weights).
+    """
     t = run.task
     if not t.data:
         kind = "JSONL file with tokens and tags" if t.task == "token_classify" else "CSV or JSONL file"
@@ -272,7 +276,7 @@ def finetune(run: FinetuneRun) -> tuple[Transformer, Tokenizer, TrainResult]:
     result = train(
         model, tcfg, train_b, classification_loss(t.task), val_b.eval_batches,
         tokens_per_batch=tcfg.batch_size * max_len, total_steps=steps, tokenizer=tokenizer,
-        run_config=dataclasses.replace(run, train=tcfg).to_dict(), eval_metrics=metrics,
+        run_config=dataclasses.replace(run, train=tcfg).to_dict(), eval_metrics=metrics, resume=resume,
     )  # fmt: skip
     return model, tokenizer, result
 

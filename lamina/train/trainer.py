@@ -13,6 +13,17 @@ Output folder::
     OUT/best/                        the checkpoint with the lowest validation loss
     OUT/last/                        the final checkpoint (with train_state/)
     OUT/metrics.jsonl, OUT/tensorboard/, OUT/curves.png, OUT/run.yaml
+
+Interrupting. The first SIGINT (Ctrl-C) or SIGTERM lets the current step finish (its micro-batches,
+update, logging, due evaluation), saves ``checkpoints/step-N/`` with ``train_state/`` through the same
+atomic writer as periodic checkpoints, prints the ``--resume`` command on stderr and raises
+``TrainingInterrupted`` (a ``KeyboardInterrupt``: the CLI exits with 130); resuming continues exactly as
+if nothing had happened. A second signal stops at once without saving (the atomic writer leaves the
+previous checkpoints intact). Under torchrun every process takes part: Ctrl-C in a terminal reaches
+them all, and torchrun passes a signal it gets on to its workers (then kills them 30 s later). Each
+process adds its stop request to the all-reduce of the step's loss, so all stop after the same step,
+gather the state together (FSDP) and rank 0 alone writes it. Handlers are installed only when ``train``
+runs in the main thread; the previous ones are restored when it returns.
 """
 
 from __future__ import annotations
@@ -20,7 +31,11 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import shlex
 import shutil
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -51,6 +66,23 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 class TrainingError(LaminaError):
     """Training cannot go on (a NaN/inf loss, a corpus too small for one batch, ...)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM stopped training after a step, once a checkpoint of that step was saved.
+
+    A ``KeyboardInterrupt``, so code that catches ``Exception`` does not swallow it. ``signal``: the
+    signal's name; ``step`` / ``total_steps``: where it stopped; ``checkpoint``: the folder saved;
+    ``resume``: how to continue (the command line when run by the ``lamina`` CLI).
+    """
+
+    def __init__(self, signal_name: str, step: int, total_steps: int, checkpoint: Path, resume: str) -> None:
+        super().__init__(
+            f"interrupted by {signal_name} after step {step} of {total_steps}; saved {checkpoint}; "
+            f"continue with: {resume}"
+        )
+        self.signal, self.step, self.total_steps = signal_name, step, total_steps
+        self.checkpoint, self.resume = checkpoint, resume
 
 
 class BatchSource(Protocol):
@@ -216,7 +248,9 @@ def train(
     )
     net.train()
     t_window, tokens_window = time.perf_counter(), 0
+    stops = _StopSignals(verbose=info.is_main)
     try:
+        stops.install()
         while step < steps:
             # Token-weighted accumulation: each micro-batch adds (its mean loss x its count) / norm to the
             # gradients; once the step's total count over micro-batches and processes is known, the
@@ -234,8 +268,11 @@ def train(
                     scaler.scale(loss * (n / norm)).backward()
                 loss_sum += loss.detach().float() * n
                 count += n
-            sums = D.sum_across(torch.stack([loss_sum, torch.tensor(float(count), device=info.device)]), info)
+            # one all-reduce: the loss sum, the scored count and whether any process was asked to stop
+            local = torch.tensor([float(count), float(stops.requested)], device=info.device)
+            sums = D.sum_across(torch.cat([loss_sum.reshape(1), local]), info)
             n_total = float(sums[1])
+            stop_requested = bool(sums[2] > 0)
             scored = n_total > 0  # a step whose every target is ignored changes nothing
             loss_value = float(sums[0]) / n_total if scored else math.nan
             if scored and not math.isfinite(loss_value):
@@ -296,16 +333,26 @@ def train(
                     if cfg.early_stopping_patience and bad_evals >= cfg.early_stopping_patience:
                         bar.write(f"early stopping: no improvement in {bad_evals} evaluations")
                         result.stopped_early = stop = True
-            if step % cfg.save_every == 0 or step == steps or stop:
-                save(out / "checkpoints" / f"step-{step:08d}", with_state=True)
+            checkpoint = out / "checkpoints" / f"step-{step:08d}"
+            saved = step % cfg.save_every == 0 or step == steps or stop
+            if saved or (stop_requested and step < steps):
+                save(checkpoint, with_state=True)
                 if info.is_main:
                     _prune(out / "checkpoints", cfg.keep_last)
             if stop:
                 break
+            if stop_requested and step < steps:
+                name = stops.name or "a signal to another process"
+                interrupted = TrainingInterrupted(name, step, steps, checkpoint, resume_command())
+                if info.is_main:
+                    bar.close()
+                    print(f"lamina: {interrupted}", file=sys.stderr, flush=True)
+                raise interrupted
         last = latest_checkpoint(out)
         if info.is_main and last is not None:
             atomic_folder(out / "last", lambda tmp: _copy_into(last, tmp))
     finally:
+        stops.restore()
         bar.close()
         log.close()
         D.cleanup(info)
@@ -314,6 +361,52 @@ def train(
     if info.is_main and (out / "metrics.jsonl").exists():
         plot_curves(out / "metrics.jsonl", out / "curves.png")
     return result
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM handlers for the loop: the first signal asks it to stop after the current step
+    (``requested``, ``name``); a second one raises ``KeyboardInterrupt`` at once."""
+
+    def __init__(self, verbose: bool) -> None:
+        self.verbose = verbose
+        self.requested, self.name = False, ""
+        self.previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self.previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested, self.name = True, signal.Signals(signum).name
+        if self.verbose:
+            sys.stderr.write(
+                f"\nlamina: {self.name}: stopping after this step and saving a checkpoint "
+                f"({self.name} again stops at once, without saving)\n"
+            )
+            sys.stderr.flush()
+
+
+def resume_command(argv: list[str] | None = None) -> str:
+    """How to continue an interrupted run: this process's ``lamina pretrain|finetune ...`` command line
+    with ``--resume`` (and without ``--overwrite``) when the ``lamina`` CLI runs it, else a hint for
+    Python callers. ``argv`` defaults to ``sys.argv``."""
+    argv = list(sys.argv if argv is None else argv)
+    program = Path(argv[0]) if argv else Path()
+    is_cli = program.name == "lamina" or (program.name == "__main__.py" and program.parent.name == "lamina")
+    verb = next((a for a in argv[1:] if not a.startswith("-")), None)
+    if not (is_cli and verb in ("pretrain", "finetune")):
+        return "the same call with resume=True"
+    args = [a for a in argv[1:] if a != "--overwrite"]
+    return shlex.join(["lamina", *args, *([] if "--resume" in args else ["--resume"])])
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:

@@ -3,11 +3,14 @@ global batch, each process taking its slice of the rows. Not a test module itsel
 
 ``python ddp_worker.py OUT PARALLEL [uneven]``: with ``uneven``, row j of a global batch is scored at
 ``COUNTS[j]`` positions only (the other targets -100), each process accumulates two micro-batches, and
-the optimizer is plain SGD at lr 1 (the update is minus the gradient)."""
+the optimizer is plain SGD at lr 1 (the update is minus the gradient). With ``interrupt``, the last
+process sends itself SIGINT while it reads the batch of step 3 (the others get no signal)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import signal
 import sys
 
 import torch
@@ -29,7 +32,11 @@ class Slice:
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         self.uneven, self.accum = uneven, accum
 
+    interrupt_at: int | None = None
+
     def batch(self, index: int) -> dict[str, torch.Tensor]:
+        if index == self.interrupt_at and self.rank == self.world - 1:
+            os.kill(os.getpid(), signal.SIGINT)
         step, micro = divmod(index, self.accum)
         x = torch.randint(0, 64, (GLOBAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(step))
         y = x[:, 1:].clone()
@@ -44,6 +51,7 @@ class Slice:
 if __name__ == "__main__":
     out, parallel = sys.argv[1], sys.argv[2]
     uneven = sys.argv[3:] == ["uneven"]
+    interrupt = sys.argv[3:] == ["interrupt"]
     world = int(os.environ.get("WORLD_SIZE", 1))
     accum = 2 if uneven and world > 1 else 1
     torch.manual_seed(0)
@@ -54,4 +62,8 @@ if __name__ == "__main__":
         out_dir=out, max_steps=5, lr=1e-3, warmup_steps=0, log_every=1, save_every=5, eval_every=10**6,
         progress=False, parallel=parallel, batch_size=GLOBAL_BATCH // (world * accum),
         grad_accum_steps=accum), **extra})  # fmt: skip
-    train(model, cfg, Slice(uneven, accum), causal_lm(), tokens_per_batch=cfg.batch_size * SEQ)
+    source = Slice(uneven, accum)
+    if interrupt:
+        source.interrupt_at = 2
+        cfg = dataclasses.replace(cfg, max_steps=50, save_every=1000)
+    train(model, cfg, source, causal_lm(), tokens_per_batch=cfg.batch_size * SEQ)

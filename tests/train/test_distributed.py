@@ -69,3 +69,20 @@ def test_uneven_token_counts_across_processes_match_one_big_batch(parallel: str,
     ref = lamina.load(tmp_path / "one" / "last").model.state_dict()
     for k, v in ref.items():
         assert float((ours[k] - v).abs().max()) < 1e-6, k
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_stops_all_after_the_same_step(tmp_path: Path) -> None:
+    """Rank 1 alone gets SIGINT during step 3: both ranks finish step 3 (the stop request rides on the
+    step's all-reduce), rank 0 writes step 3's checkpoint, and both exit instead of hanging."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(WORKER), str(tmp_path), "ddp", "interrupt"]  # fmt: skip
+    p = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert p.returncode != 0
+    assert "interrupted by a signal to another process after step 3 of 50" in p.stderr, p.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert sorted(e.name for e in (tmp_path / "checkpoints").iterdir()) == ["step-00000003"]
+    assert (tmp_path / "checkpoints" / "step-00000003" / "train_state" / "state.pt").is_file()

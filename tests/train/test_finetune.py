@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from interrupting import assert_same_weights, interrupt_and_resume, losses  # tests/train/interrupting.py
 
 from lamina.checkpoint.lamina import load_checkpoint
 from lamina.cli.main import main
@@ -101,6 +106,22 @@ def _flags(task: dict[str, Path], out: Path, *extra: str) -> list[str]:
         "--train.out_dir", str(out), "--train.batch_size", "32", "--train.lr", "2e-3",
         "--train.warmup_steps", "10", "--train.progress", "false", "--train.log_every", "10", *extra,
     ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_current_step_and_resume_is_exact(task: dict[str, Path], tmp_path: Path) -> None:
+    """SIGTERM (what torchrun and schedulers send) mid-run: the step is saved, the exit code is 130, the
+    printed `lamina finetune ... --resume` ends with the uninterrupted weights."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    extra = ["--train.max_steps", "60", "--train.dropout", "0.1"]
+    ref = tmp_path / "ref"
+    subprocess.run([sys.executable, "-m", "lamina", *_flags(task, ref, *extra)], env=env, check=True,
+                   capture_output=True, timeout=300)  # fmt: skip
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lamina", *_flags(task, out, *extra, "--train.log_every", "1")]
+    interrupt_and_resume(cmd, out, signal.SIGTERM, env)
+    assert_same_weights(out / "last", ref / "last")
+    assert losses(out)[-1] == losses(ref)[-1]
 
 
 def test_bag_of_words_cannot_solve_the_task(task: dict[str, Path]) -> None:

@@ -13,10 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+from interrupting import assert_same_weights, interrupt_and_resume  # tests/train/interrupting.py
 
 from lamina.cli.main import main
 from lamina.errors import ConfigError
 from lamina.train.pretrain import RunConfig
+from lamina.train.trainer import resume_command
 
 LINES = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(400)]
 
@@ -128,6 +130,34 @@ def test_sigkill_mid_step_and_mid_checkpoint_then_resume_is_exact(corpus: Path, 
     assert [s for s, _ in got] == list(range(1, 13))
     for (s1, a), (s2, b) in zip(ref, got, strict=True):
         assert s1 == s2 and a == b, (ref, got)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_the_current_step_and_resume_is_exact(corpus: Path, tmp_path: Path) -> None:
+    """SIGINT mid-run: the step it stopped at is saved (no periodic checkpoint is due), the exit code is
+    130, stderr says the exact --resume command, and that command ends with the uninterrupted weights."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threads in every run: the same float sums
+    data = tmp_path / "data"
+    extra = ["--train.max_steps", "60", "--train.save_every", "1000", "--train.eval_every", "20",
+             "--train.dropout", "0.1"]  # fmt: skip
+    ref = tmp_path / "ref"
+    subprocess.run([sys.executable, "-m", "lamina", *_flags(corpus, data, ref, *extra)], env=env, check=True,
+                   capture_output=True, timeout=300)  # fmt: skip
+    out = tmp_path / "run"
+    interrupt_and_resume([sys.executable, "-m", "lamina", *_flags(corpus, data, out, *extra)], out,
+                         signal.SIGINT, env)  # fmt: skip
+    assert _losses(out) == _losses(ref)
+    assert_same_weights(out / "last", ref / "last")
+
+
+def test_resume_command_is_this_command_line_with_resume() -> None:
+    assert resume_command(["/usr/bin/lamina", "pretrain", "--out", "a b", "--overwrite"]) == (
+        "lamina pretrain --out 'a b' --resume"
+    )
+    assert resume_command(["/x/lamina/__main__.py", "--debug", "finetune", "--resume"]) == (
+        "lamina --debug finetune --resume"
+    )
+    assert "resume=True" in resume_command(["/usr/bin/pytest", "tests"])
 
 
 @pytest.mark.slow
