@@ -5,6 +5,7 @@ The few things a user needs::
     import lamina
     lm = lamina.load("smollm2")                 # a path, a models-directory name or a packaged name
     print(lamina.generate(lm, "Hello!"))
+    result = lamina.complete(lm, "Hello!", n=2, logprobs=True)  # every choice, with logprobs and counts
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from lamina.checkpoint.load import LoadedModel, load
 from lamina.config import GenerationConfig, ModelConfig
 from lamina.embeddings import embed
 from lamina.errors import CheckpointError, ConfigError, LaminaError, ModelNotFoundError, TokenizerError
-from lamina.generate.text import generate
+from lamina.generate.text import complete, generate
 from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
 
@@ -33,6 +34,7 @@ __all__ = [
     "TokenizerError",
     "Transformer",
     "__version__",
+    "complete",
     "convert",
     "embed",
     "generate",

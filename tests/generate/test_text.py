@@ -94,7 +94,7 @@ def test_n_choices_with_logprobs_counts_and_summary(tiny: Any) -> None:
     line = r.summary()
     assert f"prompt {r.prompt_tokens} tokens" in line and "generated 12 tokens in 3 choices" in line
     assert "tokens/s" in line and "all cut at max_new_tokens=4" in line
-    same = complete(tiny, "hello", n=2, temperature=0, max_new_tokens=3)  # greedy n: identical choices
+    same = lamina.complete(tiny, "hello", n=2, temperature=0, max_new_tokens=3)  # greedy n: identical
     assert same.choices[0].tokens == same.choices[1].tokens
     beams = complete(tiny, "hello", num_beams=3, n=2, max_new_tokens=3)
     assert len(beams.choices) == 2 and beams.text == beams.choices[0].text
