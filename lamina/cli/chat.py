@@ -23,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "its checkpoint has them, else temperature 0.7, top-p 0.9, min-p 0.05, repetition penalty 1.1 over "
         "the last 64 tokens and at most 512 tokens (greedy decoding makes small models repeat "
         "themselves); any decoding flag changes them, e.g. --temperature 0 for greedy.",
+        epilog="example: lamina chat smollm2 --system 'You answer in one sentence.' --temperature 0.7",
     )
     p.add_argument("model", metavar="MODEL", help="path, models-directory name or packaged name")
     p.add_argument("--system", default=None, help="system prompt")

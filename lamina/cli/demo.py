@@ -17,6 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "library source -> a byte-level BPE tokenizer -> a 4-layer GPT trained on the CPU -> validation "
         "perplexity against a unigram baseline -> samples of generated Python. Everything is written "
         "under --out (data shards, checkpoints, metrics.jsonl, curves.png).",
+        epilog="example: lamina demo --steps 60 --out runs/demo-short   (a shorter run, about a minute)",
     )
     add_config_file(p)
     add_fields(p, demo_run, title="the demo run (lamina.train.demo.demo_run)")

@@ -30,6 +30,15 @@ def flag_name(name: str, section: str | None = None) -> str:
     return f"--{section}.{name}" if section else "--" + name.replace("_", "-")
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's wrapping for descriptions; an epilog of several lines (examples) is kept as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "\n".join(indent + line for line in text.splitlines())
+        return super()._fill_text(text, width, indent)
+
+
 def add_fields(
     parser: argparse.ArgumentParser,
     source: Any,

@@ -13,11 +13,11 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 from lamina.checkpoint.load import LoadedModel, LoadOptions, load
-from lamina.cli.flags import add_config_file, add_fields, values
+from lamina.cli.flags import HelpFormatter, add_config_file, add_fields, values
 from lamina.config import GenerationConfig
 from lamina.errors import ConfigError
 from lamina.fields import build
-from lamina.generate.batch import generate_batch, read_requests, token_text
+from lamina.generate.batch import MAX_BATCH_SIZE, generate_batch, read_requests, token_text
 from lamina.generate.engine import TokenLogprob
 from lamina.generate.text import Completion, complete, generation_config, print_stream
 from lamina.tokenizer import Tokenizer
@@ -33,6 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "defaults when its checkpoint has them, else it is greedy unless a sampling control (--temperature, "
         "--top-p, --seed, --n 2, ...) is given. Token counts and speed follow on stderr; --logprobs, "
         "--top-logprobs and --prompt-logprobs print tables there too.",
+        epilog='examples: lamina generate smollm2 "Name three colors." --temperature 0.7 --seed 1\n'
+        '  lamina generate smollm2 "def add(a, b):" --raw --max-new-tokens 30 --stop \'["\\n\\n"]\'\n'
+        "  lamina generate smollm2 --input examples/prompts.jsonl --out results.jsonl",
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "model", metavar="MODEL", help="path, models-directory name or packaged name (e.g. smollm2)"
@@ -50,8 +54,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--out", dest="output", type=Path, default=None, help="where --input results go (default stdout)"
     )
     p.add_argument(
-        "--max-batch-size", type=int, default=16, help="sequences decoded together with --input (16)"
+        "--max-batch-size",
+        type=int,
+        default=argparse.SUPPRESS,
+        help=f"sequences decoded together with --input (default: {MAX_BATCH_SIZE})",
     )
+    p.add_argument("--quiet", action="store_true", help="no token counts and speed on stderr after the text")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
         "--chat", dest="chat", action="store_true", default=None, help="apply the chat template"
@@ -125,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
             print(choice.text)
     sys.stdout.flush()
     print_logprobs(result, lm.tokenizer)
-    if not getattr(args, "quiet", False):
+    if not args.quiet:
         print(result.summary(), file=sys.stderr)
     return 0
 
@@ -175,7 +183,8 @@ def run_batch(lm: LoadedModel, args: argparse.Namespace, controls: dict[str, Any
             bar.update(finished - bar.n)
 
         rows = generate_batch(
-            lm, requests, chat=args.chat, system=args.system, max_batch_size=args.max_batch_size,
+            lm, requests, chat=args.chat, system=args.system,
+            max_batch_size=getattr(args, "max_batch_size", MAX_BATCH_SIZE),
             labels=[f"{args.input}:{n}" for n in lines], progress=progress, **controls,
         )  # fmt: skip
     out = args.output.open("w", encoding="utf-8") if args.output else sys.stdout

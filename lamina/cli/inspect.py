@@ -16,6 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="show a model's config, parameter count, dtype, size on disk and tokenizer",
         description="Load MODEL and describe it: architecture config, parameters by part, FLOPs per "
         "token, weights dtype, size on disk, tokenizer and chat template.",
+        epilog="example: lamina inspect smollm2",
     )
     p.add_argument("model", metavar="MODEL", help="path, models-directory name or packaged name")
     p.set_defaults(func=run)

@@ -14,6 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="list models available on this machine (models directory and installed packages)",
         description="List models lamina can load by name: folders and .gguf files in the models "
         "directory ($LAMINA_HOME/models), then model files shipped by installed packages.",
+        epilog="example: lamina models",
     )
     p.set_defaults(func=run)
 
