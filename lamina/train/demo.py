@@ -4,6 +4,7 @@ CPU -> validation perplexity falling below a unigram baseline -> samples of gene
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ class DemoResult:
     val_losses: list[tuple[int, float]]
     samples: list[str]
     out_dir: Path
+    seconds: float = 0.0  # wall time of the whole demo: data, tokenizer, training, sampling
 
     @property
     def final_val_loss(self) -> float:
@@ -83,8 +85,9 @@ def demo_run(
 
 
 def demo(run: RunConfig, samples: int = len(PROMPTS), max_new_tokens: int = 48) -> DemoResult:
-    """Run the demo end to end; returns the baseline, the validation curve and the samples."""
-    model, tokenizer, result = pretrain(run)
+    """Run the demo end to end; returns the baseline, the validation curve, the samples and the time."""
+    start = time.perf_counter()
+    model, tokenizer, result = pretrain(run, overwrite=True)  # a demo starts over: it replaces its last run
     data = Path(run.data.out)
     train_ids = torch.from_numpy(np.asarray(TokenShards.open(data, "train")[:], dtype=np.int64))
     val_ids = torch.from_numpy(np.asarray(TokenShards.open(data, "val")[:], dtype=np.int64))
@@ -94,20 +97,31 @@ def demo(run: RunConfig, samples: int = len(PROMPTS), max_new_tokens: int = 48) 
         sample_text(model, tokenizer, p, max_new_tokens, temperature=0.8, top_k=40, seed=i)
         for i, p in enumerate(PROMPTS[:samples])
     ]
-    return DemoResult(baseline, result.val_losses, texts, Path(run.train.out_dir))
+    out = Path(run.train.out_dir)
+    return DemoResult(baseline, result.val_losses, texts, out, time.perf_counter() - start)
 
 
 def report(res: DemoResult) -> str:
-    """A short human summary."""
+    """A short human summary, ending with the wall time (``done in N s``)."""
     lines = [
         f"unigram baseline (no context): loss {res.unigram_loss:.3f}, perplexity {math.exp(res.unigram_loss):.1f}"
     ]
     for step, v in res.val_losses:
         lines.append(f"  step {step:>5}: validation loss {v:.3f}, perplexity {math.exp(v):.1f}")
     gain = 1 - res.final_val_loss / res.unigram_loss
-    lines.append(f"final validation loss is {gain:.0%} below the unigram baseline")
-    lines.append(f"checkpoints, metrics.jsonl and curves.png: {res.out_dir}")
+    if gain >= 0.005:
+        lines.append(f"final validation loss is {gain:.0%} below the unigram baseline")
+    else:  # too few steps to beat counting tokens
+        where = f"{-gain:.0%} above" if gain <= -0.005 else "level with"
+        lines.append(f"final validation loss is {where} the unigram baseline: train for more steps")
+    if (res.out_dir / "curves.png").is_file():
+        lines.append(f"checkpoints, metrics.jsonl and curves.png: {res.out_dir}")
+    else:
+        lines.append(
+            f"checkpoints and metrics.jsonl: {res.out_dir} (for curves.png: pip install 'lamina[train]')"
+        )
     lines.append("\nsamples (temperature 0.8, top-k 40):")
     for s in res.samples:
         lines.append("-" * 60 + "\n" + s)
+    lines.append("-" * 60 + f"\ndone in {res.seconds:.0f} s")
     return "\n".join(lines)
