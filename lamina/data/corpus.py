@@ -133,7 +133,7 @@ class DataConfig:
         """Raise ``ConfigError`` naming the field and value of any invalid setting."""
         _check_types(self)
         if not self.out:
-            raise ConfigError("out='' : name the output folder (out=... / --out DIR)")
+            raise ConfigError("out is empty: name the output folder (out=... / --out DIR)")
         if self.tokenizer is not None and self.train_tokenizer is not None:
             raise ConfigError(
                 f"tokenizer={self.tokenizer!r} and train_tokenizer={self.train_tokenizer} both given: "
@@ -148,7 +148,9 @@ class DataConfig:
         if self.shard_tokens <= 0:
             raise ConfigError(f"shard_tokens={self.shard_tokens} must be a positive number of tokens")
         if not self.jsonl_field:
-            raise ConfigError("jsonl_field='' : name the JSON field that holds the text (default 'text')")
+            raise ConfigError(
+                "jsonl_field is empty: name the JSON field that holds the text (default 'text')"
+            )
 
 
 # ---------------------------------------------------------------------------------------------- manifest
@@ -295,12 +297,12 @@ class Manifest:
 
     def summary(self) -> str:
         """A few lines for people: documents, tokens and shards per split, what was skipped, the tokenizer."""
-        lines = [f"{self.documents:,} documents from {_mb(self.bytes_read)} of text -> {self.root}"]
+        lines = [f"{_count(self.documents, 'document')} from {_mb(self.bytes_read)} of text -> {self.root}"]
         for name, s in self.splits.items():
             n = len(s.shards)
             lines.append(
-                f"  {name + ':':6} {s.documents:>10,} documents {s.tokens:>14,} tokens  "
-                f"({n} shard{'s' if n != 1 else ''})"
+                f"  {name + ':':6} {s.documents:>10,} {'document ' if s.documents == 1 else 'documents'}"
+                f"{s.tokens:>15,} tokens  ({_count(n, 'shard')})"
             )
         skipped = self.skipped_by_reason()
         lines.append(
@@ -308,14 +310,21 @@ class Manifest:
         )
         if self.invalid_utf8:
             n = len(self.invalid_utf8)
-            lines.append(f"  not UTF-8 (bytes replaced by U+FFFD): {n} source{'s' if n != 1 else ''}")
+            lines.append(f"  not UTF-8 (bytes replaced by U+FFFD): {_count(n, 'source')}")
         if self.unread_files:
-            lines.append(f"  max_bytes={self.max_bytes:,} reached: {self.unread_files:,} files not read")
+            lines.append(
+                f"  max_bytes={self.max_bytes:,} reached: {_count(self.unread_files, 'file')} not read"
+            )
         lines.append(
             f"  tokenizer: {self.tokenizer} (vocab {self.vocab_size:,}, {self.dtype}, eos id "
             f"{self.eos_token_id})"
         )
         return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    """``"1 document"``, ``"12,345 documents"``."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def _mb(n: int) -> str:

@@ -221,6 +221,9 @@ def test_a_split_far_from_val_fraction_is_warned_on_one_line(
     assert "val_fraction=0.2" in err
     assert "more, smaller documents" in err and "--val-fraction" in err
     assert m.split_warning() == err.removeprefix("warning: ").strip()
+    summary = m.summary()  # and the summary counts in words a person would write
+    assert "2 documents from" in summary and "1 document " in summary and "(1 shard)" in summary
+    assert "1 documents" not in summary
     # many documents of the same size: the share lands near the fraction, no warning
     for i in range(60):
         write(tmp_path / "many" / f"{i:02d}.txt", document(i, 2))
