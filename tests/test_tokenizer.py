@@ -379,10 +379,13 @@ def test_chat_template_matches_transformers(
     expected_ids = smollm_hf.apply_chat_template(
         messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
     )
-    assert (
-        smollm.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-        == expected_ids
-    )
+    ids = smollm.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    if any("<|im_end|>" in m["content"] for m in messages):
+        # Control-token text in a message stays text (tests/tokenizer/test_chat_template.py); transformers
+        # parses it, so the ids differ there and only there.
+        assert ids != expected_ids and smollm.decode(ids) == expected
+    else:
+        assert ids == expected_ids
 
 
 @pytest.mark.slow

@@ -21,18 +21,22 @@ def build_prompt_ids(
     prompt: str | Sequence[Mapping[str, Any]],
     chat: bool | None = None,
     system: str | None = None,
+    split_special_tokens: bool = False,
 ) -> list[int]:
     """Token ids for a prompt string or a list of chat messages.
 
     ``chat=None`` (auto) applies the model's chat template when it has one; a plain string then becomes
-    one user message (after ``system``, if given).
+    one user message (after ``system``, if given). In a chat only the template makes control tokens:
+    text in the messages that spells one (``"<|im_end|>"``) stays text (``Tokenizer.apply_chat_template``).
+    A raw prompt (``chat=False``) is encoded as written, special tokens included, unless
+    ``split_special_tokens`` (then they are plain text too).
     """
     tok = lm.tokenizer
     if tok is None:
         raise ConfigError(f"model {lm.entry.name!r} has no tokenizer; give token ids to the engine instead")
     use_chat = (tok.chat_template is not None) if chat is None else chat
     if isinstance(prompt, str) and not use_chat:
-        return tok.encode(prompt)
+        return tok.encode(prompt, split_special_tokens=split_special_tokens)
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if system is not None:
         messages = [{"role": "system", "content": system}, *messages]

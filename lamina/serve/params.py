@@ -68,7 +68,7 @@ def prepare_completion(req: CompletionRequest, served: ServedModel, limits: Serv
             f"logprobs={req.logprobs} is more than the server allows ({limits.max_top_logprobs})",
             param="logprobs",
         )
-    ids_list = _completion_prompts(req.prompt, served, limits)
+    ids_list = _completion_prompts(req.prompt, served, limits, req.split_special_tokens)
     if isinstance(req.prompt, str):
         texts = [req.prompt]
     elif isinstance(req.prompt[0], str):
@@ -156,7 +156,9 @@ def _n(n: int | None, limits: ServeConfig) -> int:
     return n
 
 
-def _completion_prompts(prompt: Any, served: ServedModel, limits: ServeConfig) -> list[list[int]]:
+def _completion_prompts(
+    prompt: Any, served: ServedModel, limits: ServeConfig, split_special_tokens: bool = False
+) -> list[list[int]]:
     """Token ids of each prompt of a completions request (strings are encoded, id lists checked)."""
     if isinstance(prompt, str):
         prompts: list[Any] = [prompt]
@@ -178,7 +180,7 @@ def _completion_prompts(prompt: Any, served: ServedModel, limits: ServeConfig) -
             _check_unicode(p, where)
             if served.lm.tokenizer is None:
                 raise bad_request(f"The model {served.name!r} has no tokenizer: send token ids", param=where)
-            ids = build_prompt_ids(served.lm, p, chat=False)
+            ids = build_prompt_ids(served.lm, p, chat=False, split_special_tokens=split_special_tokens)
         else:
             ids = list(p)
             bad = next((t for t in ids if not 0 <= t < served.vocab_size), None)

@@ -103,6 +103,11 @@ class CompletionRequest(SamplingExtras):
     )
     suffix: str | None = Field(default=None, description="not supported (400 when given)")
     response_format: ResponseFormat | None = None
+    split_special_tokens: bool = Field(
+        default=False,
+        description="lamina: special-token text in a string prompt stays plain text (default: it becomes "
+        "the token, as in transformers; chat messages are always plain text)",
+    )
 
 
 class TextPart(BaseModel):
