@@ -43,7 +43,7 @@ from lamina.fields import coerce
 from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
 from lamina.train.objectives import Batch, Objective
-from lamina.train.trainer import TrainResult, train
+from lamina.train.trainer import TrainResult, check_out_dir, train
 
 Task = Literal["classify", "regress", "token_classify"]
 
@@ -224,12 +224,17 @@ def _chunks(tags: list[str]) -> list[tuple[str, int, int]]:
     return out
 
 
-def finetune(run: FinetuneRun, resume: bool = False) -> tuple[Transformer, Tokenizer, TrainResult]:
+def finetune(
+    run: FinetuneRun, resume: bool = False, overwrite: bool = False
+) -> tuple[Transformer, Tokenizer, TrainResult]:
     """Read the data, put a task head on the model, train it; returns the model, tokenizer and summary.
 
     ``resume`` continues an interrupted run from the newest checkpoint in ``run.train.out_dir`` (the
-    same data and config give exactly the uninterrupted run's weights).
+    same data and config give exactly the uninterrupted run's weights); ``overwrite`` replaces a run
+    that is there. Without either, a folder that holds a run is refused (``ConfigError``, before the
+    data is read); see ``lamina.train.trainer.check_out_dir``.
     """
+    check_out_dir(run.train.out_dir, resume=resume, overwrite=overwrite)
     t = run.task
     if not t.data:
         kind = "JSONL file with tokens and tags" if t.task == "token_classify" else "CSV or JSONL file"
@@ -277,6 +282,7 @@ def finetune(run: FinetuneRun, resume: bool = False) -> tuple[Transformer, Token
         model, tcfg, train_b, classification_loss(t.task), val_b.eval_batches,
         tokens_per_batch=tcfg.batch_size * max_len, total_steps=steps, tokenizer=tokenizer,
         run_config=dataclasses.replace(run, train=tcfg).to_dict(), eval_metrics=metrics, resume=resume,
+        overwrite=overwrite,
     )  # fmt: skip
     return model, tokenizer, result
 

@@ -30,7 +30,7 @@ from lamina.fields import coerce, read_yaml
 from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
 from lamina.train.objectives import Objective, causal_lm, masked_lm
-from lamina.train.trainer import TrainResult, train
+from lamina.train.trainer import TrainResult, check_out_dir, train
 
 SECTIONS: dict[str, type | None] = {
     "model": ModelConfig,
@@ -119,9 +119,17 @@ def build_model(run: RunConfig, tokenizer: Tokenizer) -> Transformer:
     return model
 
 
-def pretrain(run: RunConfig, resume: bool = False) -> tuple[Transformer, Tokenizer, TrainResult]:
+def pretrain(
+    run: RunConfig, resume: bool = False, overwrite: bool = False
+) -> tuple[Transformer, Tokenizer, TrainResult]:
     """Prepare (or reuse) the data, build the model, and train it with the causal-LM objective (decoders)
-    or the masked-LM one (encoders; a mask token is added to a tokenizer that has none)."""
+    or the masked-LM one (encoders; a mask token is added to a tokenizer that has none).
+
+    ``resume`` continues the run in ``run.train.out_dir`` from its newest checkpoint; ``overwrite``
+    replaces a run that is there. Without either, a folder that holds a run is refused (``ConfigError``,
+    before any data is prepared); see ``lamina.train.trainer.check_out_dir``.
+    """
+    check_out_dir(run.train.out_dir, resume=resume, overwrite=overwrite)
     manifest = prepare_data(run, progress=run.train.progress)
     tokenizer = manifest.load_tokenizer()
     if (run.train.objective or _default_objective(run.model.arch)) == "masked_lm":
@@ -207,6 +215,7 @@ def pretrain(run: RunConfig, resume: bool = False) -> tuple[Transformer, Tokeniz
         tokenizer=tokenizer,
         run_config=run.to_dict(),
         resume=resume,
+        overwrite=overwrite,
     )
     return model, tokenizer, result
 

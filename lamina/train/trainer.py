@@ -52,7 +52,7 @@ from lamina.checkpoint.lamina import (
     write_checkpoint_files,
 )
 from lamina.config import GenerationConfig, ModelConfig, TrainConfig
-from lamina.errors import LaminaError
+from lamina.errors import ConfigError, LaminaError
 from lamina.model.transformer import Transformer, set_dropout
 from lamina.train import distributed as D
 from lamina.train.freeze import freeze
@@ -61,6 +61,8 @@ from lamina.train.objectives import Batch, Objective
 from lamina.train.optim import lr_lambda, make_optimizer
 
 STATE_DIR, STATE_FILE = "train_state", "state.pt"
+RUN_MARKERS = ("metrics.jsonl", "checkpoints", "best", "last")  # a folder with any of these holds a run
+RUN_OUTPUTS = (*RUN_MARKERS, "tensorboard", "curves.png", "run.yaml")  # what overwrite=True clears
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -120,6 +122,7 @@ def train(
     tokenizer: Any = None,
     run_config: dict[str, Any] | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     eval_metrics: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place; returns a summary. See the module docstring for what is written.
@@ -128,12 +131,20 @@ def train(
     ``total_steps`` overrides ``cfg.max_steps`` (the caller computes it from ``cfg.epochs``).
     ``resume`` continues from the newest complete checkpoint in ``cfg.out_dir`` (model, optimizer,
     scheduler, RNG and step), so the losses that follow equal those of an uninterrupted run.
+    A folder that already holds a run (``RUN_MARKERS``) is refused with ``ConfigError`` unless
+    ``resume`` continues it or ``overwrite`` first deletes its outputs (``RUN_OUTPUTS``; other files in
+    the folder stay); see ``check_out_dir``.
     ``eval_metrics(model)`` (optional) adds task metrics (accuracy, F1, ...) to every evaluation.
     ``cfg.freeze`` freezes blocks or parameters by name (``lamina.train.freeze``) before the optimizer
     is built.
     """
     info = D.setup(cfg.device, cfg.parallel)
     out = Path(cfg.out_dir)
+    check_out_dir(out, resume=resume, overwrite=overwrite)
+    if overwrite:
+        if info.is_main:
+            clear_run(out)
+        D.barrier(info)
     steps = total_steps if total_steps is not None else cfg.max_steps
     assert steps is not None
     torch.manual_seed(cfg.seed)
@@ -145,8 +156,7 @@ def train(
     start_state: dict[str, Any] | None = None
     if resume:
         ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            raise TrainingError(f"--resume: no checkpoint in {out / 'checkpoints'}; start without --resume")
+        assert ckpt is not None  # check_out_dir made sure
         resumed, _ = load_checkpoint(ckpt)
         model.load_state_dict(resumed.state_dict())
         start_state = torch.load(ckpt / STATE_DIR / STATE_FILE, weights_only=True)
@@ -407,6 +417,43 @@ def resume_command(argv: list[str] | None = None) -> str:
         return "the same call with resume=True"
     args = [a for a in argv[1:] if a != "--overwrite"]
     return shlex.join(["lamina", *args, *([] if "--resume" in args else ["--resume"])])
+
+
+def check_out_dir(out_dir: str | Path, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse to start a run where it would mix with another: ``out_dir`` holding a run (any of
+    ``RUN_MARKERS``) needs ``resume`` (continue it) or ``overwrite`` (replace it); ``resume`` needs a
+    checkpoint to resume from. Cheap: ``pretrain`` and ``finetune`` call it before preparing anything.
+
+    Raises ``ConfigError`` (a run is there; both flags; nothing to resume). Changes nothing.
+    """
+    out = Path(out_dir)
+    if resume and overwrite:
+        raise ConfigError(
+            "resume and overwrite contradict each other: --resume continues the run in "
+            f"{out}, --overwrite deletes it and starts again; pick one"
+        )
+    found = [name for name in RUN_MARKERS if (out / name).exists()]
+    if resume:
+        if latest_checkpoint(out) is None:
+            fix = "start it again with --overwrite (overwrite=True)" if found else "start without --resume"
+            raise ConfigError(f"--resume: no checkpoint to resume in {out / 'checkpoints'}; {fix}")
+        return
+    if found and not overwrite:
+        raise ConfigError(
+            f"{out} already holds a run ({', '.join(found)}): continue it with --resume (resume=True), "
+            "replace it with --overwrite (overwrite=True), or choose another output folder"
+        )
+
+
+def clear_run(out_dir: str | Path) -> None:
+    """Delete the outputs of a run (``RUN_OUTPUTS``) from ``out_dir``; other files there stay."""
+    out = Path(out_dir)
+    for name in RUN_OUTPUTS:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:

@@ -63,6 +63,27 @@ def test_flags_yaml_and_run_yaml(corpus: Path, tmp_path: Path) -> None:
     assert first < _losses(tmp_path / "out")[0][1] - 1.0 and abs(first - trained_last) < 0.5
 
 
+def test_a_folder_that_holds_a_run_needs_resume_or_overwrite(
+    corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    argv = [*_flags(corpus, tmp_path / "data", out), "--train.max_steps", "2"]
+    assert main(argv) == 0
+    before = (out / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert main(argv) == 1  # refused before anything is prepared or written
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(out) in err and "--resume" in err and "--overwrite" in err, err
+    assert (out / "metrics.jsonl").read_text() == before  # nothing appended
+    (out / "notes.txt").write_text("mine")
+    assert main([*argv, "--overwrite", "--train.max_steps", "3"]) == 0
+    assert [s for s, _ in _losses(out)] == [1, 2, 3]  # the old run's records are gone, not appended to
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+    assert (out / "notes.txt").read_text() == "mine"  # only the run's own outputs are replaced
+    assert main([*argv, "--overwrite", "--resume"]) == 1
+    assert "pick one" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

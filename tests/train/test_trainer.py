@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +171,26 @@ def test_a_step_that_scores_nothing_changes_nothing(tmp_path: Path) -> None:
     train(ref, _sgd(tmp_path / "ref", max_steps=1, lr=0.1), Windows(), causal_lm(), tokens_per_batch=256)
     for p, q in zip(model.parameters(), ref.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_an_existing_run_is_refused_resumed_or_overwritten(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, max_steps=2, save_every=1, log_every=1)
+    train(_model(), cfg, Windows(), causal_lm(), tokens_per_batch=256)
+    with pytest.raises(
+        ConfigError,
+        match=rf"{tmp_path} already holds a run \(metrics.jsonl, checkpoints, .*--resume.*--overwrite",
+    ):
+        train(_model(), _cfg(tmp_path, max_steps=2), Windows(), causal_lm(), tokens_per_batch=256)
+    assert [s for s, _ in _losses(tmp_path)] == [1, 2]
+    train(_model(), _cfg(tmp_path, max_steps=1, log_every=1), Windows(), causal_lm(), tokens_per_batch=256,
+          overwrite=True)  # fmt: skip
+    assert [s for s, _ in _losses(tmp_path)] == [1]
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step-00000001"
+    shutil.rmtree(tmp_path / "checkpoints")  # killed before its first checkpoint: --overwrite, not --resume
+    with pytest.raises(ConfigError, match=r"no checkpoint to resume .*start it again with --overwrite"):
+        train(_model(), _cfg(tmp_path), Windows(), causal_lm(), tokens_per_batch=256, resume=True)
+    with pytest.raises(ConfigError, match=r"no checkpoint to resume .*start without --resume"):
+        train(_model(), _cfg(tmp_path / "new"), Windows(), causal_lm(), tokens_per_batch=256, resume=True)
 
 
 def test_early_stopping(tmp_path: Path) -> None:
