@@ -56,7 +56,7 @@ from lamina.errors import ConfigError, LaminaError
 from lamina.model.transformer import Transformer, set_dropout
 from lamina.train import distributed as D
 from lamina.train.freeze import freeze
-from lamina.train.metrics import MetricsLog, matmul_peak_flops, plot_curves
+from lamina.train.metrics import MetricsLog, peak_flops, plot_curves
 from lamina.train.objectives import Batch, Objective
 from lamina.train.optim import lr_lambda, make_optimizer
 
@@ -204,7 +204,7 @@ def train(
     log = MetricsLog(out, enabled=info.is_main, resume_step=step if resume else None)
     seq_len = cfg.seq_len or model.config.max_seq_len
     flops_per_token = model.config.flops_per_token(seq_len, training=True)
-    peak = matmul_peak_flops(info.device) * info.world_size
+    peak = peak_flops(info.device, cfg.precision) * info.world_size  # of the precision in use
     autocast = _autocast(cfg.precision, info.device)
     tokens_per_step = tokens_per_batch * cfg.grad_accum_steps * info.world_size
     norm = float(max(1, tokens_per_batch))
