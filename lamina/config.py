@@ -13,7 +13,7 @@ import difflib
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar, get_args, get_type_hints
@@ -458,9 +458,68 @@ def _literal_values(tp: Any) -> tuple[Any, ...] | None:
     return None
 
 
-SAMPLER_NAMES = (
-    "penalties", "dry", "top_n_sigma", "top_k", "typical_p", "top_p", "min_p", "xtc", "temperature",
+Stage = Literal["first", "penalty", "truncation", "temperature"]
+
+
+@dataclass(frozen=True)
+class LogitsProcessor:
+    """One entry of ``LOGITS_PROCESSORS``: a step that changes the logits before a token is picked.
+
+    ``name`` is its ``samplers`` entry (chain stages); ``fields`` are the ``GenerationConfig`` fields it
+    reads; ``on(cfg)`` says whether a config switches it on (off, it leaves the logits unchanged);
+    ``stage`` says when it runs: "first" (always, before the chain, greedy decoding included: biases and
+    bans), "penalty" (in the chain, greedy included), "truncation" (in the chain, only when sampling;
+    mirostat replaces them), "temperature" (in the chain, only when sampling, mirostat included);
+    ``apply`` names the function of ``lamina.generate.sampling`` that runs it, ``(logits (B, V), cfg,
+    context) -> logits``.
+    """
+
+    name: str
+    fields: tuple[str, ...]
+    on: Callable[[Any], bool]
+    stage: Stage
+    apply: str
+
+
+LOGITS_PROCESSORS: tuple[LogitsProcessor, ...] = (
+    LogitsProcessor("logit_bias", ("logit_bias",), lambda c: bool(c.logit_bias), "first", "_step_logit_bias"),
+    LogitsProcessor("bad_words_ids", ("bad_words_ids",), lambda c: bool(c.bad_words_ids), "first",
+                    "_step_bad_words"),
+    LogitsProcessor("allowed_token_ids", ("allowed_token_ids",), lambda c: c.allowed_token_ids is not None,
+                    "first", "_step_allowed_tokens"),
+    LogitsProcessor("no_repeat_ngram_size", ("no_repeat_ngram_size",), lambda c: c.no_repeat_ngram_size > 0,
+                    "first", "_step_no_repeat_ngram"),
+    LogitsProcessor("min_new_tokens", ("min_new_tokens", "eos_token_ids", "ignore_eos", "stop_token_ids"),
+                    lambda c: c.min_new_tokens > 0, "first", "_step_min_new_tokens"),
+    # the chain, in llama.cpp's default order (``SAMPLER_NAMES``)
+    LogitsProcessor("penalties", ("repetition_penalty", "repetition_penalty_last_n", "frequency_penalty",
+                                  "presence_penalty"),
+                    lambda c: c.repetition_penalty != 1 or c.frequency_penalty != 0 or c.presence_penalty != 0,
+                    "penalty", "_step_penalties"),
+    LogitsProcessor("dry", ("dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n",
+                            "dry_sequence_breakers"), lambda c: c.dry_multiplier > 0, "penalty", "_step_dry"),
+    LogitsProcessor("top_n_sigma", ("top_n_sigma",), lambda c: c.top_n_sigma is not None and c.top_n_sigma > 0,
+                    "truncation", "_step_top_n_sigma"),
+    LogitsProcessor("top_k", ("top_k",), lambda c: c.top_k > 0, "truncation", "_step_top_k"),
+    LogitsProcessor("typical_p", ("typical_p",), lambda c: c.typical_p < 1, "truncation", "_step_typical_p"),
+    LogitsProcessor("top_p", ("top_p",), lambda c: c.top_p < 1, "truncation", "_step_top_p"),
+    LogitsProcessor("min_p", ("min_p",), lambda c: c.min_p > 0, "truncation", "_step_min_p"),
+    LogitsProcessor("xtc", ("xtc_probability", "xtc_threshold"), lambda c: c.xtc_probability > 0, "truncation",
+                    "_step_xtc"),
+    LogitsProcessor("temperature", ("temperature", "dynatemp_range", "dynatemp_exponent"),
+                    lambda c: c.temperature not in (0, 1) or c.dynatemp_range > 0, "temperature",
+                    "_step_temperature"),
 )  # fmt: skip
+"""Everything that changes logits, in the order it runs by default: adding a sampler is one entry here
+(with its fields on ``GenerationConfig`` and its step function in ``lamina.generate.sampling``). The
+sampler names, the config's checks that a switched-on sampler is in ``samplers``, the greedy fast path
+and the fields the sampler never reads are all derived from it."""
+
+PICK_FIELDS = ("do_sample", "mirostat", "mirostat_tau", "mirostat_eta", "samplers")
+"""Fields that decide how the token is picked from the processed logits (with ``temperature``): greedy
+or a draw, mirostat, the chain's order."""
+
+SAMPLER_NAMES = tuple(p.name for p in LOGITS_PROCESSORS if p.stage != "first")
 """Every name ``GenerationConfig.samplers`` accepts; also the default order (llama.cpp's)."""
 
 _SAMPLER_ALIASES = {  # llama.cpp / HF spellings -> lamina's names, for "did you mean" hints
@@ -801,28 +860,12 @@ class GenerationConfig:
                 f"top_logprobs={self.top_logprobs} needs logprobs=True (the alternatives come with the "
                 "log-probability of the chosen token)"
             )
-        settings = {  # sampler -> (is it switched on?, the fields that switch it on)
-            "penalties": (
-                self.repetition_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0,
-                "repetition_penalty / frequency_penalty / presence_penalty",
-            ),
-            "dry": (self.dry_multiplier > 0, "dry_multiplier"),
-            "top_n_sigma": (self.top_n_sigma is not None and self.top_n_sigma > 0, "top_n_sigma"),
-            "top_k": (self.top_k > 0, "top_k"),
-            "typical_p": (self.typical_p < 1, "typical_p"),
-            "top_p": (self.top_p < 1, "top_p"),
-            "min_p": (self.min_p > 0, "min_p"),
-            "xtc": (self.xtc_probability > 0, "xtc_probability"),
-            "temperature": (
-                self.temperature not in (0, 1) or self.dynatemp_range > 0,
-                "temperature / dynatemp_range",
-            ),
-        }
-        for name, (on, fields) in settings.items():
-            if on and name not in self.samplers:
+        for p in LOGITS_PROCESSORS:
+            if p.stage != "first" and p.on(self) and p.name not in self.samplers:
+                fields = " / ".join(p.fields)
                 raise ConfigError(
-                    f"samplers={self.samplers!r} leaves out {name!r}, so {fields} would have no effect: "
-                    f"add {name!r} to samplers or leave {fields} at the default"
+                    f"samplers={self.samplers!r} leaves out {p.name!r}, so {fields} would have no effect: "
+                    f"add {p.name!r} to samplers or leave {fields} at the default"
                 )
 
 

@@ -20,17 +20,20 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from lamina.config import GenerationConfig, ModelConfig
 from lamina.errors import ConfigError
-from lamina.generate.sampling import Sampler, prompt_logprobs, sample_batch, token_logprobs
+from lamina.generate.sampling import Sampler, greedy_is_argmax, prompt_logprobs, sample_batch, token_logprobs
 from lamina.model.layers import KVCache
 from lamina.model.transformer import Transformer
 from lamina.tokenizer import DecodeStream, Tokenizer
+
+if TYPE_CHECKING:  # constrain.py defines the protocol; the engine imports it only when a request needs it
+    from lamina.generate.constrain import Constraint
 
 GREEDY = GenerationConfig(temperature=0.0)
 
@@ -64,23 +67,6 @@ def require_generative(config: ModelConfig, name: str | None = None) -> None:
     raise ConfigError(
         f"{what} has head={config.head!r}, not a language-model head (head='lm'): it cannot generate text; {use}"
     )
-
-
-class Constraint(Protocol):
-    """Restricts which tokens may come next (JSON mode, choice lists; later schemas and regexes)."""
-
-    def allowed(self, remaining: int) -> Tensor | None:
-        """Bool (vocab,) mask of the tokens that may come next (None: any), ``remaining`` tokens left."""
-        ...
-
-    def advance(self, token: int) -> None:
-        """Record the generated token."""
-        ...
-
-    @property
-    def done(self) -> bool:
-        """The output is complete: the sequence stops."""
-        ...
 
 
 @dataclass
@@ -152,7 +138,7 @@ class _Running:
         self.text = ""  # decoded so far (cut at a stop string once one is found)
         self.sent = 0  # characters of text already handed out in deltas
         self.hold = max((len(s) for s in self.cfg.stop), default=1) - 1
-        self.plain = constraint is None and not self.cfg.sampling and _plain(self.cfg)
+        self.plain = constraint is None and greedy_is_argmax(self.cfg)
         self.feed = -1  # the token to feed the model at the next decode step
 
     def delta(self, token: int, logprob: TokenLogprob | None) -> Delta:
@@ -572,25 +558,6 @@ def generate_ids(
             if on_token is not None and d.token is not None and d.seq.stop_str is None:
                 on_token(flat[id(d.seq)], d.token)
     return seqs
-
-
-def _plain(cfg: GenerationConfig) -> bool:
-    """True when greedy decoding with this config is a bare argmax (no bias, ban or penalty to apply)."""
-    return cfg == GenerationConfig(
-        temperature=cfg.temperature,
-        do_sample=cfg.do_sample,
-        max_new_tokens=cfg.max_new_tokens,
-        eos_token_ids=cfg.eos_token_ids,
-        stop_token_ids=cfg.stop_token_ids,
-        ignore_eos=cfg.ignore_eos,
-        seed=cfg.seed,
-        stop=cfg.stop,
-        include_stop_str_in_output=cfg.include_stop_str_in_output,
-        n=cfg.n,
-        logprobs=cfg.logprobs,
-        top_logprobs=cfg.top_logprobs,
-        prompt_logprobs=cfg.prompt_logprobs,
-    )
 
 
 def greedy_decode(

@@ -35,13 +35,13 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from lamina.config import GenerationConfig
+from lamina.config import LOGITS_PROCESSORS, PICK_FIELDS, GenerationConfig
 from lamina.errors import ConfigError
 
 PAD = -1  # padding in token histories: never a token id
 NEG_INF = float("-inf")
-PENALTY_SAMPLERS = ("penalties", "dry")  # change logits without truncating: also run when greedy
-TRUNCATION_SAMPLERS = ("top_n_sigma", "top_k", "typical_p", "top_p", "min_p", "xtc")  # replaced by mirostat
+PENALTY_SAMPLERS = tuple(p.name for p in LOGITS_PROCESSORS if p.stage == "penalty")  # also run when greedy
+TRUNCATION_SAMPLERS = tuple(p.name for p in LOGITS_PROCESSORS if p.stage == "truncation")  # not with mirostat
 MIROSTAT_M = 100  # llama.cpp: tokens used to estimate the Zipf exponent in Mirostat v1
 _FLOAT_MAX_LOG = 88.7228391  # log(float32 max): DRY clamps its exponent below it (llama.cpp)
 
@@ -540,6 +540,108 @@ def xtc_on(cfg: GenerationConfig) -> bool:
     return cfg.xtc_probability > 0 and cfg.xtc_threshold <= 0.5 and "xtc" in active_samplers(cfg)
 
 
+@dataclass
+class StepContext:
+    """What a processing step may read besides the logits and the config: each row's prompt and output
+    ids, DRY's breakers as token ids, XTC's coins (B,) (drawn from torch's global generator when None)."""
+
+    prompts: list[Sequence[int]]
+    outputs: list[Sequence[int]]
+    dry_breakers: Sequence[Sequence[int]] = ()
+    xtc_coins: Tensor | None = None
+    device: torch.device | str | None = None
+
+    @functools.cached_property
+    def contexts(self) -> list[list[int]]:
+        """Each row's prompt + output."""
+        return [[*p, *o] for p, o in zip(self.prompts, self.outputs, strict=True)]
+
+    @functools.cached_property
+    def ids(self) -> Tensor:
+        """``contexts`` as a left-padded ``(B, L)`` tensor (``pad_left``)."""
+        return pad_left(self.contexts, self.device)
+
+
+# One step function per ``LOGITS_PROCESSORS`` entry (its ``apply``): (logits, cfg, context) -> logits.
+
+
+def _step_logit_bias(logits: Tensor, cfg: GenerationConfig, ctx: StepContext) -> Tensor:
+    return apply_logit_bias(logits, cfg.logit_bias)
+
+
+def _step_bad_words(logits: Tensor, cfg: GenerationConfig, ctx: StepContext) -> Tensor:
+    return apply_bad_words(logits, ctx.ids, cfg.bad_words_ids)
+
+
+def _step_allowed_tokens(logits: Tensor, cfg: GenerationConfig, ctx: StepContext) -> Tensor:
+    assert cfg.allowed_token_ids is not None
+    return apply_allowed_tokens(logits, cfg.allowed_token_ids)
+
+
+def _step_no_repeat_ngram(logits: Tensor, cfg: GenerationConfig, ctx: StepContext) -> Tensor:
+    return apply_no_repeat_ngram(logits, ctx.ids, cfg.no_repeat_ngram_size)
+
+
+def _step_min_new_tokens(logits: Tensor, cfg: GenerationConfig, ctx: StepContext) -> Tensor:
+    stops = [*([] if cfg.ignore_eos else cfg.eos_token_ids), *cfg.stop_token_ids]
+    n_generated = torch.tensor([len(o) for o in ctx.outputs], device=logits.device)
+    return apply_min_new_tokens(logits, n_generated, cfg.min_new_tokens, stops)
+
+
+def _step_penalties(logits: Tensor, cfg: GenerationConfig, ctx: StepContext) -> Tensor:
+    n = cfg.repetition_penalty_last_n
+    if cfg.repetition_penalty != 1 and n != 0:
+        window = ctx.ids if n < 0 else pad_left([c[-n:] for c in ctx.contexts], logits.device)
+        logits = apply_repetition_penalty(logits, window, cfg.repetition_penalty)
+    if cfg.frequency_penalty != 0 or cfg.presence_penalty != 0:
+        counts = token_counts(pad_left(ctx.outputs, logits.device), logits.shape[-1])
+        logits = apply_frequency_presence_penalty(logits, counts, cfg.frequency_penalty, cfg.presence_penalty)
+    return logits
+
+
+def _step_dry(logits: Tensor, cfg: GenerationConfig, ctx: StepContext) -> Tensor:
+    return apply_dry(
+        logits, ctx.contexts, cfg.dry_multiplier, cfg.dry_base, cfg.dry_allowed_length,
+        cfg.dry_penalty_last_n, ctx.dry_breakers,
+    )  # fmt: skip
+
+
+def _step_top_n_sigma(logits: Tensor, cfg: GenerationConfig, ctx: StepContext) -> Tensor:
+    return top_n_sigma(logits, cfg.top_n_sigma or -1.0)
+
+
+def _step_top_k(logits: Tensor, cfg: GenerationConfig, ctx: StepContext) -> Tensor:
+    return top_k(logits, cfg.top_k)
+
+
+def _step_typical_p(logits: Tensor, cfg: GenerationConfig, ctx: StepContext) -> Tensor:
+    return typical_p(logits, cfg.typical_p)
+
+
+def _step_top_p(logits: Tensor, cfg: GenerationConfig, ctx: StepContext) -> Tensor:
+    return top_p(logits, cfg.top_p)
+
+
+def _step_min_p(logits: Tensor, cfg: GenerationConfig, ctx: StepContext) -> Tensor:
+    return min_p(logits, cfg.min_p)
+
+
+def _step_xtc(logits: Tensor, cfg: GenerationConfig, ctx: StepContext) -> Tensor:
+    if not xtc_on(cfg):
+        return logits
+    coins = ctx.xtc_coins if ctx.xtc_coins is not None else torch.rand(logits.shape[0], dtype=torch.float64)
+    return xtc(logits, cfg.xtc_threshold, coins.to(logits.device) <= cfg.xtc_probability)
+
+
+def _step_temperature(logits: Tensor, cfg: GenerationConfig, ctx: StepContext) -> Tensor:
+    return apply_temperature(logits, cfg.temperature, cfg.dynatemp_range, cfg.dynatemp_exponent)
+
+
+_STEPS = {p.name: globals()[p.apply] for p in LOGITS_PROCESSORS}  # a missing step function fails here
+_BY_NAME = {p.name: p for p in LOGITS_PROCESSORS}
+_FIRST = [p for p in LOGITS_PROCESSORS if p.stage == "first"]
+
+
 def process_logits(
     logits: Tensor,
     cfg: GenerationConfig,
@@ -556,63 +658,24 @@ def process_logits(
     Returns new float32 logits; the input is not modified.
     """
     logits = logits.float()
-    B, V = logits.shape
+    B = logits.shape[0]
     prompts = list(prompt_ids) if prompt_ids is not None else [[] for _ in range(B)]
     outputs = list(output_ids) if output_ids is not None else [[] for _ in range(B)]
     if len(prompts) != B or len(outputs) != B:
         raise ValueError(f"{len(prompts)} prompts and {len(outputs)} outputs for {B} rows of logits")
-    contexts = [[*p, *o] for p, o in zip(prompts, outputs, strict=True)]
-    device = logits.device
-
-    @functools.cache
-    def context_ids() -> Tensor:
-        return pad_left(contexts, device)
-
-    # -- stage 1: biases and bans
-    logits = apply_logit_bias(logits, cfg.logit_bias)
-    if cfg.bad_words_ids:
-        logits = apply_bad_words(logits, context_ids(), cfg.bad_words_ids)
-    if cfg.allowed_token_ids is not None:
-        logits = apply_allowed_tokens(logits, cfg.allowed_token_ids)
-    if cfg.no_repeat_ngram_size > 0:
-        logits = apply_no_repeat_ngram(logits, context_ids(), cfg.no_repeat_ngram_size)
-    if cfg.min_new_tokens > 0:
-        stops = [*([] if cfg.ignore_eos else cfg.eos_token_ids), *cfg.stop_token_ids]
-        n_generated = torch.tensor([len(o) for o in outputs], device=device)
-        logits = apply_min_new_tokens(logits, n_generated, cfg.min_new_tokens, stops)
-    # -- stage 2: the chain
-    for name in active_samplers(cfg):
-        if name == "penalties":
-            n = cfg.repetition_penalty_last_n
-            if cfg.repetition_penalty != 1 and n != 0:
-                window = context_ids() if n < 0 else pad_left([c[-n:] for c in contexts], device)
-                logits = apply_repetition_penalty(logits, window, cfg.repetition_penalty)
-            if cfg.frequency_penalty != 0 or cfg.presence_penalty != 0:
-                counts = token_counts(pad_left(outputs, device), V)
-                logits = apply_frequency_presence_penalty(
-                    logits, counts, cfg.frequency_penalty, cfg.presence_penalty
-                )
-        elif name == "dry":
-            logits = apply_dry(
-                logits, contexts, cfg.dry_multiplier, cfg.dry_base, cfg.dry_allowed_length,
-                cfg.dry_penalty_last_n, dry_breakers,
-            )  # fmt: skip
-        elif name == "top_n_sigma":
-            logits = top_n_sigma(logits, cfg.top_n_sigma or -1.0)
-        elif name == "top_k":
-            logits = top_k(logits, cfg.top_k)
-        elif name == "typical_p":
-            logits = typical_p(logits, cfg.typical_p)
-        elif name == "top_p":
-            logits = top_p(logits, cfg.top_p)
-        elif name == "min_p":
-            logits = min_p(logits, cfg.min_p)
-        elif name == "xtc" and xtc_on(cfg):
-            coins = xtc_coins if xtc_coins is not None else torch.rand(B, dtype=torch.float64)
-            logits = xtc(logits, cfg.xtc_threshold, coins.to(device) <= cfg.xtc_probability)
-        elif name == "temperature":
-            logits = apply_temperature(logits, cfg.temperature, cfg.dynatemp_range, cfg.dynatemp_exponent)
+    ctx = StepContext(prompts, outputs, dry_breakers, xtc_coins, logits.device)
+    for p in [*_FIRST, *(_BY_NAME[name] for name in active_samplers(cfg))]:
+        if p.on(cfg):
+            logits = _STEPS[p.name](logits, cfg, ctx)
     return logits
+
+
+def greedy_is_argmax(cfg: GenerationConfig) -> bool:
+    """True when ``cfg`` decodes greedily and nothing changes the logits first (no bias, ban or
+    penalty is on): the next token is the bare argmax of the model's logits (the engine's fast path)."""
+    if cfg.sampling:
+        return False
+    return not any(p.on(cfg) for p in [*_FIRST, *(_BY_NAME[name] for name in active_samplers(cfg))])
 
 
 Generators = torch.Generator | Sequence[torch.Generator | None] | None
@@ -695,11 +758,12 @@ def sequence_seed(seed: int | None, index: int = 0) -> int:
     return (x ^ (x >> 31)) % 2**63
 
 
-_NOT_PROCESSING = {  # fields the sampler never reads: rows differing only in these share the batched path
-    "max_new_tokens", "stop", "include_stop_str_in_output", "n", "num_beams", "length_penalty",
-    "early_stopping", "seed", "logprobs", "top_logprobs", "prompt_logprobs", "response_format",
-    "json_max_depth", "choices",
-}  # fmt: skip
+NOT_PROCESSING = frozenset(
+    f.name for f in fields(GenerationConfig)
+    if f.name not in PICK_FIELDS and not any(f.name in p.fields for p in LOGITS_PROCESSORS)
+)  # fmt: skip
+"""Fields the sampler never reads (stopping, output, beam search, constraints the engine applies): rows
+differing only in these share the batched path. Derived from ``LOGITS_PROCESSORS`` and ``PICK_FIELDS``."""
 
 
 class Sampler:
@@ -733,7 +797,7 @@ class Sampler:
                 )
             dry_breakers = dry_breaker_ids(tokenizer, tuple(cfg.dry_sequence_breakers))
         self.dry_breakers = [list(b) for b in dry_breakers or ()]
-        settings = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in _NOT_PROCESSING}
+        settings = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in NOT_PROCESSING}
         self.batch_key = repr((sorted(settings.items()), self.dry_breakers))
 
     def accept(self, token: int) -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from lamina.checkpoint.load import LoadedModel, load
-from lamina.config import GenerationConfig, from_dict, to_dict
+from lamina.config import LOGITS_PROCESSORS, PICK_FIELDS, GenerationConfig, from_dict, to_dict
 from lamina.errors import ConfigError
 from lamina.generate.engine import Engine, Sequence_, TokenLogprob, generate_ids, require_generative
 from lamina.model.transformer import Transformer
@@ -231,16 +231,13 @@ def generate(
     return complete(lm, prompt, cfg, chat=chat, system=system, stream=stream).text
 
 
-# fields whose value changes which token is picked: a checkpoint that sets any of them has its own
-# decoding defaults (the rest, eos ids or a budget, say when to stop)
+# fields whose value changes which token is picked (the logits processors' and the pick's, beam search's):
+# a checkpoint that sets any of them has its own decoding defaults; eos ids and budgets say when to stop
 _DECODING_FIELDS = (
-    "do_sample", "temperature", "dynatemp_range", "dynatemp_exponent", "top_k", "top_p", "min_p",
-    "typical_p", "top_n_sigma", "repetition_penalty", "repetition_penalty_last_n", "frequency_penalty",
-    "presence_penalty", "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n",
-    "dry_sequence_breakers", "xtc_probability", "xtc_threshold", "mirostat", "mirostat_tau",
-    "mirostat_eta", "logit_bias", "bad_words_ids", "allowed_token_ids", "no_repeat_ngram_size",
-    "num_beams", "length_penalty", "early_stopping", "samplers",
-)  # fmt: skip
+    {f for p in LOGITS_PROCESSORS for f in p.fields}
+    | set(PICK_FIELDS)
+    | {"num_beams", "length_penalty", "early_stopping"}
+) - {"eos_token_ids", "ignore_eos", "stop_token_ids", "min_new_tokens"}
 
 
 def model_defaults(lm: LoadedModel) -> GenerationConfig | None:

@@ -725,3 +725,85 @@ def test_logprobs_helpers() -> None:
     processed = S.token_logprobs(s.process(logits[0])[None], torch.tensor([best, worst]).view(2)[:1], top_k=2)
     assert processed.logprobs.item() > lp.logprobs[0].item()
     assert S.token_logprobs(s.process(logits[0])[None], torch.tensor([worst])).logprobs.item() == NEG_INF
+
+
+# -- the registry: one entry per logits processor, everything else derived ----------------------------------
+
+# a setting that switches each processor on, and bites on `_logits_and_ids` histories
+SWITCH_ON: dict[str, dict[str, Any]] = {
+    "logit_bias": dict(logit_bias={1: 5.0}),
+    "bad_words_ids": dict(bad_words_ids=[[5]]),
+    "allowed_token_ids": dict(allowed_token_ids=[1, 2, 3]),
+    "no_repeat_ngram_size": dict(no_repeat_ngram_size=2),
+    "min_new_tokens": dict(min_new_tokens=3, eos_token_ids=[4], max_new_tokens=8),
+    "penalties": dict(repetition_penalty=1.5),
+    "dry": dict(dry_multiplier=0.8, dry_allowed_length=1),
+    "top_n_sigma": dict(top_n_sigma=0.5),
+    "top_k": dict(top_k=3),
+    "typical_p": dict(typical_p=0.5),
+    "top_p": dict(top_p=0.5),
+    "min_p": dict(min_p=0.2),
+    "xtc": dict(xtc_probability=1.0, xtc_threshold=0.01),
+    "temperature": dict(temperature=0.5),
+}
+# a setting other than the default for each field the sampler never reads
+NOT_READ: dict[str, Any] = dict(
+    max_new_tokens=5, stop=["x"], include_stop_str_in_output=True, n=2, num_beams=2, length_penalty=0.5,
+    early_stopping=True, seed=3, logprobs=True, top_logprobs=2, prompt_logprobs=1,
+    response_format="json_object", json_max_depth=3, choices=["a"],
+)  # fmt: skip
+
+
+def test_the_registry_names_every_field_once_and_the_derived_lists_agree() -> None:
+    from lamina.config import LOGITS_PROCESSORS, PICK_FIELDS
+
+    names = {f.name for f in dataclasses.fields(GenerationConfig)}
+    read = [f for p in LOGITS_PROCESSORS for f in p.fields]
+    assert set(read) | set(PICK_FIELDS) | S.NOT_PROCESSING == names  # every field has its place
+    assert len(read) == len(set(read)) and not set(read) & set(PICK_FIELDS)  # ... and only one
+    assert not (set(read) | set(PICK_FIELDS)) & S.NOT_PROCESSING
+    assert set(NOT_READ) == S.NOT_PROCESSING and set(SWITCH_ON) == {p.name for p in LOGITS_PROCESSORS}
+    chain = [p.name for p in LOGITS_PROCESSORS if p.stage != "first"]
+    assert list(SAMPLER_NAMES) == chain == GenerationConfig().samplers
+    assert set(S.PENALTY_SAMPLERS) | set(S.TRUNCATION_SAMPLERS) | {"temperature"} == set(chain)
+    for p in LOGITS_PROCESSORS:
+        assert not p.on(GenerationConfig()), p.name  # every processor is off by default
+
+
+@pytest.mark.parametrize("name", sorted(SWITCH_ON))
+def test_each_processor_switches_on_changes_logits_and_leaves_the_greedy_fast_path(name: str) -> None:
+    from lamina.config import LOGITS_PROCESSORS
+
+    (p,) = [p for p in LOGITS_PROCESSORS if p.name == name]
+    logits, ids = _logits_and_ids(1)
+    history = {"prompt_ids": ids.tolist(), "dry_breakers": [], "xtc_coins": torch.zeros(4)}
+    for temperature in (1.0, 0.0):
+        settings = {"temperature": temperature, **SWITCH_ON[name]}
+        if temperature == 0.0 and p.stage in ("truncation", "temperature"):
+            continue  # they run only when sampling
+        cfg = GenerationConfig(**settings)
+        assert p.on(cfg)
+        assert not torch.equal(S.process_logits(logits, cfg, **history), logits.float()), (name, temperature)
+        if temperature == 0.0:
+            assert not S.greedy_is_argmax(cfg)  # greedy, but a processor changes the logits first
+    if p.stage in ("truncation", "temperature"):  # greedy skips them: the argmax is still bare
+        assert S.greedy_is_argmax(GenerationConfig(**{**SWITCH_ON[name], "temperature": 0.0}))
+    assert S.greedy_is_argmax(GenerationConfig(temperature=0.0))
+    if p.stage != "first":  # a switched-on sampler must be in the chain
+        with pytest.raises(ConfigError, match=f"leaves out '{name}'"):
+            GenerationConfig(**{**SWITCH_ON[name], "samplers": [s for s in SAMPLER_NAMES if s != name]})
+
+
+@pytest.mark.parametrize("field", sorted(NOT_READ))
+def test_fields_the_sampler_never_reads_do_not_change_logits_or_batching(field: str) -> None:
+    logits, ids = _logits_and_ids(2)
+    base = GenerationConfig(temperature=0.0, repetition_penalty=1.3, top_k=5)
+    extra: dict[str, Any] = {field: NOT_READ[field]}
+    if field == "top_logprobs":
+        extra["logprobs"] = True
+    if field == "n":
+        extra["num_beams"] = 2
+    cfg = dataclasses.replace(base, **extra)
+    history = {"prompt_ids": ids.tolist()}
+    assert torch.equal(S.process_logits(logits, cfg, **history), S.process_logits(logits, base, **history))
+    assert Sampler(cfg).batch_key == Sampler(base).batch_key
