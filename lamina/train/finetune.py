@@ -282,7 +282,7 @@ def finetune(
         model, tcfg, train_b, classification_loss(t.task), val_b.eval_batches,
         tokens_per_batch=tcfg.batch_size * max_len, total_steps=steps, tokenizer=tokenizer,
         run_config=dataclasses.replace(run, train=tcfg).to_dict(), eval_metrics=metrics, resume=resume,
-        overwrite=overwrite,
+        overwrite=overwrite, perplexity=False,  # a class or a number per row: no per-token perplexity
     )  # fmt: skip
     return model, tokenizer, result
 

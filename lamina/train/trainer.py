@@ -124,6 +124,7 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     eval_metrics: Callable[[nn.Module], dict[str, float]] | None = None,
+    perplexity: bool = True,
 ) -> TrainResult:
     """Train ``model`` in place; returns a summary. See the module docstring for what is written.
 
@@ -135,6 +136,8 @@ def train(
     ``resume`` continues it or ``overwrite`` first deletes its outputs (``RUN_OUTPUTS``; other files in
     the folder stay); see ``check_out_dir``.
     ``eval_metrics(model)`` (optional) adds task metrics (accuracy, F1, ...) to every evaluation.
+    ``perplexity``: the loss is a cross-entropy per token, so evaluations also report its exponential
+    (``val_ppl``); False for objectives where that means nothing (classification, regression).
     ``cfg.freeze`` freezes blocks or parameters by name (``lamina.train.freeze``) before the optimizer
     is built.
     """
@@ -330,11 +333,11 @@ def train(
                         extra = eval_metrics(net)
                     net.train()
                     result.val_metrics.append((step, extra))
-                log.log(step, val_loss=val, val_ppl=math.exp(min(val, 50.0)), **extra)
+                ppl = {"val_ppl": math.exp(min(val, 50.0))} if perplexity else {}
+                log.log(step, val_loss=val, **ppl, **extra)
                 shown = "".join(f", {k} {v:.4f}" for k, v in extra.items())
-                bar.write(
-                    f"step {step}: val loss {val:.4f}, perplexity {math.exp(min(val, 50.0)):.2f}{shown}"
-                )
+                shown = f", perplexity {ppl['val_ppl']:.2f}{shown}" if perplexity else shown
+                bar.write(f"step {step}: val loss {val:.4f}{shown}")
                 if val < best_val - cfg.early_stopping_min_delta:
                     best_val, bad_evals = val, 0
                     save(out / "best", with_state=False)

@@ -439,3 +439,26 @@ def test_small_encoder_classifies_sentence_pairs(
     assert evals[-1]["accuracy"] > 0.9, evals
     model, _ = load_checkpoint(tmp_path / "out" / "last")
     assert model.config.labels == ["different", "same"] and model.type_emb is not None
+
+
+@pytest.mark.parametrize("kind", ["classify", "regress", "token_classify"])
+def test_task_heads_report_no_perplexity(
+    kind: str,
+    task: dict[str, Path],
+    tagging: dict[str, Path],
+    sequences: dict[str, dict[str, Path]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """exp(loss) means something for a per-token cross-entropy only: not in the logs, bar or metrics."""
+    if kind == "classify":
+        flags = _flags(task, tmp_path / "out", "--train.max_steps", "2")
+    else:
+        data = sequences["count"] if kind == "regress" else tagging
+        flags = _encoder_flags(kind, data, tmp_path / "out", 2)
+    assert main(flags) == 0
+    printed = capsys.readouterr()
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in r for r in rows) and not any("val_ppl" in r for r in rows), rows
+    assert "val loss" in printed.out + printed.err
+    assert "perplexity" not in (printed.out + printed.err).lower() and "ppl" not in printed.out + printed.err

@@ -65,6 +65,7 @@ def test_learns_and_writes_everything(tmp_path: Path) -> None:
     assert all(
         {"tokens_per_s", "mfu", "lr"} <= r.keys() for r in logged if "loss" in r
     )  # reported, not judged
+    assert all("val_ppl" in r for r in logged if "val_loss" in r)  # a language model reports perplexity
     for name in (
         "best/model.safetensors",
         "last/train_state/state.pt",
