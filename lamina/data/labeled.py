@@ -195,6 +195,27 @@ class _Batches:
         self.pad = tokenizer.pad_token_id or 0
         self.token_types = token_types
         self.steps_per_epoch = max(1, len(self.ids) // batch_size)
+        self.truncated = 0  # rows longer than max_seq_len, cut to fit (set by the subclasses)
+
+    @staticmethod
+    def _check_lengths(
+        too_long: list[tuple[int, int]],
+        total: int,
+        max_seq_len: int,
+        where: list[str],
+        truncate: bool,
+        what: str,
+    ) -> None:
+        """Refuse over-long rows ((row, tokens) pairs) unless ``truncate``; the message counts them and
+        names the first."""
+        if too_long and not truncate:
+            row, n = too_long[0]
+            at = where[row] if where else f"row {row + 1}"
+            raise DataError(
+                f"{len(too_long)} of {total} {what} are longer than max_seq_len={max_seq_len} tokens "
+                f"(first: {at}, {n} tokens) and truncation is off; fix: raise task.max_seq_len (at most "
+                "the model's max_seq_len) or turn truncation on (task.truncate true) to cut them"
+            )
 
     def _labels(self, rows: Sequence[int], T: int) -> torch.Tensor:
         raise NotImplementedError
@@ -230,7 +251,12 @@ class _Batches:
 
 class LabeledBatches(_Batches):
     """Padded batches ``{"input_ids", "attention_mask", "token_type_ids"?, "labels"}`` of encoded rows,
-    ``labels`` (B,) one target per row (``targets[row]``). Pairs are cut longest first to fit."""
+    ``labels`` (B,) one target per row (``targets[row]``).
+
+    A row longer than ``max_seq_len`` tokens (special tokens included) is cut to fit, pairs longest
+    first as transformers does, and counted in ``truncated``; with ``truncate=False`` any such row is
+    a ``DataError`` that counts them and names the first.
+    """
 
     def __init__(
         self,
@@ -241,15 +267,21 @@ class LabeledBatches(_Batches):
         max_seq_len: int,
         seed: int = 0,
         token_types: bool = False,
+        truncate: bool = True,
     ) -> None:
         backend = tokenizer.backend
-        budget = max_seq_len - backend.num_special_tokens_to_add(is_pair=data.pairs is not None)
+        specials = backend.num_special_tokens_to_add(is_pair=data.pairs is not None)
+        budget = max_seq_len - specials
         enc_a = backend.encode_batch(data.texts, add_special_tokens=False)
         enc_b = backend.encode_batch(data.pairs, add_special_tokens=False) if data.pairs else None
         ids: list[list[int]] = []
         types: list[list[int]] = []
+        too_long: list[tuple[int, int]] = []
         for k, a in enumerate(enc_a):
             b = enc_b[k] if enc_b is not None else None
+            n = len(a.ids) + (len(b.ids) if b is not None else 0)
+            if n > budget:
+                too_long.append((k, n + specials))
             while len(a.ids) + (len(b.ids) if b is not None else 0) > budget:  # longest first, as HF
                 if b is not None and len(b.ids) >= len(a.ids):
                     b.truncate(len(b.ids) - 1)
@@ -258,8 +290,11 @@ class LabeledBatches(_Batches):
             e = backend.post_process(a, b)
             ids.append(e.ids)
             types.append(e.type_ids)
+        what = "text pairs" if data.pairs is not None else "texts"
+        self._check_lengths(too_long, len(data), max_seq_len, data.where, truncate, what)
         super().__init__(tokenizer, ids, types, batch_size, seed, token_types)
         self.targets = targets
+        self.truncated = len(too_long)
 
     def _labels(self, rows: Sequence[int], T: int) -> torch.Tensor:
         return self.targets[list(rows)]
@@ -277,7 +312,8 @@ class TaggedBatches(_Batches):
     each token belongs to the word of its first non-space character (by the tokenizer's offsets). For
     WordPiece this equals encoding the words one by one (transformers' ``is_split_into_words``); byte-level
     and SentencePiece tokenizers keep the leading-space tokens they were trained on, which word-by-word
-    encoding loses. Words cut off by ``max_seq_len`` are not scored.
+    encoding loses. A sentence longer than ``max_seq_len`` tokens is cut (the words cut off are not
+    scored) and counted in ``truncated``; with ``truncate=False`` it is a ``DataError`` instead.
     """
 
     def __init__(
@@ -289,17 +325,23 @@ class TaggedBatches(_Batches):
         max_seq_len: int,
         seed: int = 0,
         token_types: bool = False,
+        truncate: bool = True,
     ) -> None:
         backend = tokenizer.backend
-        budget = max_seq_len - backend.num_special_tokens_to_add(is_pair=False)
+        specials = backend.num_special_tokens_to_add(is_pair=False)
+        budget = max_seq_len - specials
         texts = [" ".join(words) for words in data.words]
         ids: list[list[int]] = []
         types: list[list[int]] = []
         self.token_labels: list[list[int]] = []
-        for words, tags, text, a in zip(
-            data.words, targets, texts, backend.encode_batch(texts, add_special_tokens=False), strict=True
+        too_long: list[tuple[int, int]] = []
+        for k, (words, tags, text, a) in enumerate(
+            zip(
+                data.words, targets, texts, backend.encode_batch(texts, add_special_tokens=False), strict=True
+            )
         ):
             if len(a.ids) > budget:
+                too_long.append((k, len(a.ids) + specials))
                 a.truncate(budget)
             e = backend.post_process(a)
             owner = np.full(len(text) + 1, -1)  # character -> index of its word (-1: the spaces between)
@@ -316,7 +358,9 @@ class TaggedBatches(_Batches):
             ids.append(e.ids)
             types.append(e.type_ids)
             self.token_labels.append(labels)
+        self._check_lengths(too_long, len(data), max_seq_len, data.where, truncate, "sentences")
         super().__init__(tokenizer, ids, types, batch_size, seed, token_types)
+        self.truncated = len(too_long)
 
     def _labels(self, rows: Sequence[int], T: int) -> torch.Tensor:
         y = torch.full((len(rows), T), IGNORE, dtype=torch.long)

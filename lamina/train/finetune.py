@@ -63,8 +63,10 @@ class TaskConfig:
     tokens_field: str = "tokens"  # token_classify: the key of a row's list of words
     tags_field: str = "tags"  # token_classify: the key of a row's list of tags, one per word (CoNLL-style)
     labels: list[str] | None = None  # the label names in output order; None: the data's, sorted
-    max_seq_len: int = 128  # tokens per row, >= 3 (longer rows are cut; at most the model's max_seq_len)
+    max_seq_len: int = 128  # tokens per row, >= 3 (at most the model's max_seq_len; see truncate)
     tokenizer: str | None = None  # tokenizer.json or MODEL for a model built from scratch (init has its own)
+    # cut rows longer than max_seq_len and count them in the run's summary; false: refuse them
+    truncate: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
@@ -250,8 +252,16 @@ def finetune(
     max_len = min(t.max_seq_len, model.config.max_seq_len)
     tt = model.type_emb is not None
     tcfg = run.train
-    train_b = _batches(tokenizer, train_data, names, tcfg.batch_size, max_len, tcfg.seed, tt)
-    val_b = _batches(tokenizer, val_data, names, tcfg.batch_size, max_len, tcfg.seed, tt)
+    train_b = _batches(tokenizer, train_data, names, tcfg.batch_size, max_len, tcfg.seed, tt, t.truncate)
+    val_b = _batches(tokenizer, val_data, names, tcfg.batch_size, max_len, tcfg.seed, tt, t.truncate)
+    # every truncation is counted: in metrics.jsonl (a step-0 record), the result and the summary
+    what = "sentences" if t.task == "token_classify" else "texts"
+    stats: dict[str, float] = {
+        "train_rows": len(train_b.ids), "train_truncated": train_b.truncated,
+        "val_rows": len(val_b.ids), "val_truncated": val_b.truncated, "max_seq_len": max_len,
+    }  # fmt: skip
+    notes = [f"{b.truncated} of {len(b.ids)} {split} {what} truncated to {max_len} tokens"
+             for split, b in (("training", train_b), ("held-out", val_b)) if b.truncated]  # fmt: skip
     per_epoch = train_b.steps_per_epoch
     steps = tcfg.max_steps or max(1, round((tcfg.epochs or 1) * per_epoch))
     tcfg = dataclasses.replace(
@@ -283,6 +293,7 @@ def finetune(
         tokens_per_batch=tcfg.batch_size * max_len, total_steps=steps, tokenizer=tokenizer,
         run_config=dataclasses.replace(run, train=tcfg).to_dict(), eval_metrics=metrics, resume=resume,
         overwrite=overwrite, perplexity=False,  # a class or a number per row: no per-token perplexity
+        data_stats=stats, notes=notes,
     )  # fmt: skip
     return model, tokenizer, result
 
@@ -321,6 +332,7 @@ def _batches(
     max_len: int,
     seed: int,
     token_types: bool,
+    truncate: bool = True,
 ) -> LabeledBatches | TaggedBatches:
     if isinstance(data, TaggedData):
         assert names is not None
@@ -329,8 +341,10 @@ def _batches(
             [_label_id(index, v, where) for v in tags]
             for tags, where in zip(data.tags, _where(data), strict=True)
         ]
-        return TaggedBatches(tokenizer, data, tag_ids, batch_size, max_len, seed, token_types)
-    return LabeledBatches(tokenizer, data, _targets(data, names), batch_size, max_len, seed, token_types)
+        return TaggedBatches(tokenizer, data, tag_ids, batch_size, max_len, seed, token_types, truncate)
+    return LabeledBatches(
+        tokenizer, data, _targets(data, names), batch_size, max_len, seed, token_types, truncate
+    )
 
 
 def _targets(data: LabeledData, names: list[str] | None) -> Tensor:

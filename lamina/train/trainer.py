@@ -108,6 +108,10 @@ class TrainResult:
     tokens_per_s: float = 0.0
     mfu: float = 0.0
     val_metrics: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    data: dict[str, float] = field(default_factory=dict)  # counts about the data (rows, truncated, ...)
+    notes: list[str] = field(
+        default_factory=list
+    )  # what a person should know (e.g. "3 of 80 texts truncated")
 
 
 def train(
@@ -125,6 +129,8 @@ def train(
     overwrite: bool = False,
     eval_metrics: Callable[[nn.Module], dict[str, float]] | None = None,
     perplexity: bool = True,
+    data_stats: dict[str, float] | None = None,
+    notes: list[str] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place; returns a summary. See the module docstring for what is written.
 
@@ -138,6 +144,9 @@ def train(
     ``eval_metrics(model)`` (optional) adds task metrics (accuracy, F1, ...) to every evaluation.
     ``perplexity``: the loss is a cross-entropy per token, so evaluations also report its exponential
     (``val_ppl``); False for objectives where that means nothing (classification, regression).
+    ``data_stats`` (counts about the data: rows, truncated rows, ...) is written to metrics.jsonl as a
+    step-0 record and kept in ``TrainResult.data``; ``notes`` (lines for a person, e.g. how many texts
+    were truncated) are printed on stderr at the start and kept in ``TrainResult.notes``.
     ``cfg.freeze`` freezes blocks or parameters by name (``lamina.train.freeze``) before the optimizer
     is built.
     """
@@ -205,6 +214,11 @@ def train(
         if run_config is not None:
             (out / "run.yaml").write_text(_yaml(run_config))
     log = MetricsLog(out, enabled=info.is_main, resume_step=step if resume else None)
+    if data_stats and not resume:
+        log.log(0, **data_stats)
+    if notes and info.is_main:
+        for note in notes:
+            print(f"lamina: {note}", file=sys.stderr)
     seq_len = cfg.seq_len or model.config.max_seq_len
     flops_per_token = model.config.flops_per_token(seq_len, training=True)
     peak = peak_flops(info.device, cfg.precision) * info.world_size  # of the precision in use
@@ -250,7 +264,8 @@ def train(
             )
         return float(sums[0] / sums[1])
 
-    result = TrainResult(steps=step, final_loss=math.nan, best_val_loss=None, out_dir=out)
+    result = TrainResult(steps=step, final_loss=math.nan, best_val_loss=None, out_dir=out,
+                         data=dict(data_stats or {}), notes=list(notes or []))  # fmt: skip
     bar = tqdm(
         total=steps,
         initial=step,

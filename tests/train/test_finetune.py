@@ -22,8 +22,8 @@ from interrupting import assert_same_weights, interrupt_and_resume, losses  # te
 
 from lamina.checkpoint.lamina import load_checkpoint
 from lamina.cli.main import main
-from lamina.data.labeled import IGNORE, TaggedBatches, TaggedData
-from lamina.errors import ConfigError
+from lamina.data.labeled import IGNORE, LabeledBatches, LabeledData, TaggedBatches, TaggedData
+from lamina.errors import ConfigError, DataError
 from lamina.tokenizer import Tokenizer
 from lamina.train.finetune import FinetuneRun, classification_metrics, entity_f1, finetune
 
@@ -313,8 +313,13 @@ def test_tags_go_to_first_subwords_as_in_transformers() -> None:
         ]
         assert got.token_labels[k] == expected
     assert sum(y != IGNORE for y in got.token_labels[0]) == 9 and len(got.ids[0]) > 11  # words split
+    assert got.truncated == 0
     cut = TaggedBatches(tok, data, tags, batch_size=2, max_seq_len=6)
     assert len(cut.ids[0]) == 6 and cut.token_labels[0][0] == cut.token_labels[0][-1] == IGNORE  # [CLS] [SEP]
+    assert cut.truncated == sum(len(ids) > 6 for ids in got.ids) >= 1  # every cut sentence is counted
+    message = rf"{cut.truncated} of 2 sentences are longer than max_seq_len=6 tokens \(first: row 1, "
+    with pytest.raises(DataError, match=message):
+        TaggedBatches(tok, data, tags, batch_size=2, max_seq_len=6, truncate=False)
     b = cut.batch(0)
     assert b["labels"].shape == b["input_ids"].shape
     assert (b["labels"][b["attention_mask"] == 0] == IGNORE).all()
@@ -462,3 +467,40 @@ def test_task_heads_report_no_perplexity(
     assert any("val_loss" in r for r in rows) and not any("val_ppl" in r for r in rows), rows
     assert "val loss" in printed.out + printed.err
     assert "perplexity" not in (printed.out + printed.err).lower() and "ppl" not in printed.out + printed.err
+
+
+def test_every_truncated_text_is_counted_or_refused(task: dict[str, Path]) -> None:
+    tok = Tokenizer.from_file(task["tok"])
+    texts = ["the film was good", "the film was not good and not bad and dull and weak", "x"]
+    data = LabeledData(texts, ["a", "b", "a"], where=[f"f.csv row {i}" for i in (2, 3, 4)])
+    lengths = [len(tok.encode(t)) for t in texts]
+    limit = lengths[1] - 1  # only the second text is too long
+    assert max(lengths[0], lengths[2]) <= limit
+    b = LabeledBatches(tok, data, torch.tensor([0, 1, 0]), batch_size=2, max_seq_len=limit)
+    assert b.truncated == 1 and max(len(ids) for ids in b.ids) == limit
+    with pytest.raises(
+        DataError,
+        match=rf"1 of 3 texts are longer than max_seq_len={limit} tokens \(first: f.csv row 3, {lengths[1]} tokens\)",
+    ):
+        LabeledBatches(tok, data, torch.tensor([0, 1, 0]), batch_size=2, max_seq_len=limit, truncate=False)
+    pairs = LabeledData(texts, ["a", "b", "a"], pairs=texts)
+    assert LabeledBatches(tok, pairs, torch.tensor([0, 1, 0]), 2, max_seq_len=2 * limit).truncated == 1
+
+
+def test_finetune_counts_truncations_in_metrics_and_summary(
+    task: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flags = _flags(task, tmp_path / "out", "--train.max_steps", "2", "--task.max_seq_len", "8")
+    assert main(flags) == 0
+    err = capsys.readouterr().err
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    counts = rows[0]
+    assert counts["step"] == 0 and counts["train_rows"] == 1600 and counts["val_rows"] == 400
+    assert (
+        counts["max_seq_len"] == 8 and 0 < counts["train_truncated"] <= 1600 and counts["val_truncated"] > 0
+    )
+    assert f"{counts['train_truncated']} of 1600 training texts truncated to 8 tokens" in err
+    assert main([*flags, "--overwrite", "--task.truncate", "false"]) == 1  # refused instead
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "texts are longer than max_seq_len=8 tokens" in err, err
+    assert "train.csv row " in err and "task.truncate" in err
