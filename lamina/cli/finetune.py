@@ -51,7 +51,5 @@ def run(args: argparse.Namespace) -> int:
         print_config(run_config.to_dict())
         return 0
     _, _, result = finetune(run_config, resume=args.resume, **_overwrite(args))
-    last = result.val_metrics[-1][1] if result.val_metrics else {}
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in last.items())
-    print(f"trained {result.steps} steps; held-out {shown}; checkpoints in {result.out_dir}")
+    print(result.summary())
     return 0

@@ -45,10 +45,7 @@ def run(args: argparse.Namespace) -> int:
         print_config(run_config.to_dict())
         return 0
     _, _, result = pretrain(run_config, resume=args.resume, **_overwrite(args))
-    best = f", best validation loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
-    print(
-        f"trained {result.steps} steps, final loss {result.final_loss:.4f}{best}; checkpoints in {result.out_dir}"
-    )
+    print(result.summary())
     return 0
 
 

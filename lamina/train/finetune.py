@@ -21,6 +21,7 @@ seqeval computes it (token_classify).
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -236,6 +237,7 @@ def finetune(
     that is there. Without either, a folder that holds a run is refused (``ConfigError``, before the
     data is read); see ``lamina.train.trainer.check_out_dir``.
     """
+    started = time.perf_counter()
     check_out_dir(run.train.out_dir, resume=resume, overwrite=overwrite)
     t = run.task
     if not t.data:
@@ -295,6 +297,7 @@ def finetune(
         overwrite=overwrite, perplexity=False,  # a class or a number per row: no per-token perplexity
         data_stats=stats, notes=notes,
     )  # fmt: skip
+    result.elapsed = time.perf_counter() - started
     return model, tokenizer, result
 
 

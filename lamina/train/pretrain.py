@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,7 @@ def pretrain(
     replaces a run that is there. Without either, a folder that holds a run is refused (``ConfigError``,
     before any data is prepared); see ``lamina.train.trainer.check_out_dir``.
     """
+    started = time.perf_counter()
     check_out_dir(run.train.out_dir, resume=resume, overwrite=overwrite)
     manifest = prepare_data(run, progress=run.train.progress)
     tokenizer = manifest.load_tokenizer()
@@ -217,6 +219,7 @@ def pretrain(
         resume=resume,
         overwrite=overwrite,
     )
+    result.elapsed = time.perf_counter() - started
     return model, tokenizer, result
 
 

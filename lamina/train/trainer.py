@@ -109,9 +109,33 @@ class TrainResult:
     mfu: float = 0.0
     val_metrics: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     data: dict[str, float] = field(default_factory=dict)  # counts about the data (rows, truncated, ...)
-    notes: list[str] = field(
-        default_factory=list
-    )  # what a person should know (e.g. "3 of 80 texts truncated")
+    # what a person should know about the run ("3 of 80 training texts truncated to 128 tokens")
+    notes: list[str] = field(default_factory=list)
+    # wall-clock seconds: of train(); pretrain() and finetune() count from their call (data included)
+    elapsed: float = 0.0
+
+    def summary(self) -> str:
+        """The run in one line, as the CLI prints it at the end: steps and elapsed time, the final and
+        best losses, the last evaluation's metrics, the notes, and where the checkpoints are."""
+        head = f"trained {self.steps} steps in {format_duration(self.elapsed)}"
+        if math.isfinite(self.final_loss):
+            head += f", final loss {self.final_loss:.4f}"
+        if self.best_val_loss is not None:
+            head += f", best validation loss {self.best_val_loss:.4f}"
+        parts = [head]
+        if self.val_metrics:
+            parts.append("held-out " + ", ".join(f"{k} {v:.4f}" for k, v in self.val_metrics[-1][1].items()))
+        return "; ".join([*parts, *self.notes, f"checkpoints in {self.out_dir}"])
+
+
+def format_duration(seconds: float) -> str:
+    """``42.3 s``, ``3 min 05 s``, ``2 h 07 min``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def train(
@@ -150,6 +174,7 @@ def train(
     ``cfg.freeze`` freezes blocks or parameters by name (``lamina.train.freeze``) before the optimizer
     is built.
     """
+    started = time.perf_counter()
     info = D.setup(cfg.device, cfg.parallel)
     out = Path(cfg.out_dir)
     check_out_dir(out, resume=resume, overwrite=overwrite)
@@ -388,6 +413,7 @@ def train(
     result.best_val_loss = best_val if math.isfinite(best_val) else None
     if info.is_main and (out / "metrics.jsonl").exists():
         plot_curves(out / "metrics.jsonl", out / "curves.png")
+    result.elapsed = time.perf_counter() - started
     return result
 
 

@@ -492,14 +492,18 @@ def test_finetune_counts_truncations_in_metrics_and_summary(
 ) -> None:
     flags = _flags(task, tmp_path / "out", "--train.max_steps", "2", "--task.max_seq_len", "8")
     assert main(flags) == 0
-    err = capsys.readouterr().err
+    printed = capsys.readouterr()
+    err = printed.err
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     counts = rows[0]
     assert counts["step"] == 0 and counts["train_rows"] == 1600 and counts["val_rows"] == 400
     assert (
         counts["max_seq_len"] == 8 and 0 < counts["train_truncated"] <= 1600 and counts["val_truncated"] > 0
     )
-    assert f"{counts['train_truncated']} of 1600 training texts truncated to 8 tokens" in err
+    note = f"{counts['train_truncated']} of 1600 training texts truncated to 8 tokens"
+    assert note in err  # said at the start, and again in the summary at the end
+    summary = printed.out.strip().splitlines()[-1]
+    assert summary.startswith("trained 2 steps in ") and "held-out accuracy " in summary and note in summary
     assert main([*flags, "--overwrite", "--task.truncate", "false"]) == 1  # refused instead
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "texts are longer than max_seq_len=8 tokens" in err, err

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -70,7 +71,10 @@ def test_a_folder_that_holds_a_run_needs_resume_or_overwrite(
     argv = [*_flags(corpus, tmp_path / "data", out), "--train.max_steps", "2"]
     assert main(argv) == 0
     before = (out / "metrics.jsonl").read_text()
-    capsys.readouterr()
+    summary = capsys.readouterr().out
+    assert re.search(
+        rf"trained 2 steps in \d+\.\d s, final loss \d\.\d{{4}}, .*; checkpoints in {out}$", summary
+    )
     assert main(argv) == 1  # refused before anything is prepared or written
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(out) in err and "--resume" in err and "--overwrite" in err, err

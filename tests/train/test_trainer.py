@@ -17,7 +17,7 @@ from lamina.errors import ConfigError
 from lamina.model.transformer import Transformer
 from lamina.train.objectives import causal_lm
 from lamina.train.optim import lr_lambda, make_optimizer, param_groups
-from lamina.train.trainer import TrainingError, latest_checkpoint, train
+from lamina.train.trainer import TrainingError, TrainResult, format_duration, latest_checkpoint, train
 
 DATA = torch.arange(30_000) % 37  # a pattern a tiny model learns in a few dozen steps
 
@@ -61,6 +61,7 @@ def test_learns_and_writes_everything(tmp_path: Path) -> None:
     res = train(_model(), _cfg(tmp_path), Windows(), causal_lm(), _val, tokens_per_batch=256)
     assert res.steps == 30 and res.val_losses[0][1] > 2 * res.val_losses[-1][1]
     assert res.best_val_loss == min(v for _, v in res.val_losses)
+    assert res.elapsed > 0 and res.summary().startswith("trained 30 steps in ")
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(
         {"tokens_per_s", "mfu", "lr"} <= r.keys() for r in logged if "loss" in r
@@ -192,6 +193,21 @@ def test_an_existing_run_is_refused_resumed_or_overwritten(tmp_path: Path) -> No
         train(_model(), _cfg(tmp_path), Windows(), causal_lm(), tokens_per_batch=256, resume=True)
     with pytest.raises(ConfigError, match=r"no checkpoint to resume .*start without --resume"):
         train(_model(), _cfg(tmp_path / "new"), Windows(), causal_lm(), tokens_per_batch=256, resume=True)
+
+
+def test_summary_and_durations() -> None:
+    res = TrainResult(steps=12, final_loss=1.23456, best_val_loss=1.5, out_dir=Path("runs/x"), elapsed=75.4,
+                      val_metrics=[(6, {"accuracy": 0.5}), (12, {"accuracy": 0.75})],
+                      notes=["3 of 80 training texts truncated to 16 tokens"])  # fmt: skip
+    assert res.summary() == (
+        "trained 12 steps in 1 min 15 s, final loss 1.2346, best validation loss 1.5000; held-out accuracy "
+        "0.7500; 3 of 80 training texts truncated to 16 tokens; checkpoints in runs/x"
+    )
+    assert [format_duration(s) for s in (4.25, 59.96, 3600 + 7 * 60 + 20)] == [
+        "4.2 s",
+        "60.0 s",
+        "1 h 07 min",
+    ]
 
 
 def test_early_stopping(tmp_path: Path) -> None:
