@@ -13,7 +13,9 @@ swap each ``nn.Linear`` for a module holding integer weights and their scales:
   channel (as llama.cpp keeps it at higher precision in its 4-bit mixes): it is the layer whose error
   every logit sees. An eighth of fp32's bytes in the blocks: the fastest at batch 1.
 - ``w8a8``: int8 weights and int8 activations, quantized per token on the fly (dynamic), an int8 x int8
-  -> int32 matmul (``torch._int_mm``), then both scales. Activations stay fp32 between layers.
+  -> int32 matmul (``torch._int_mm``), then both scales. Activations stay fp32 between layers. On CPUs
+  whose int8 matmul saturates (AVX2 without VNNI: oneDNN sums u8 x s8 pairs in int16), the weights get
+  7 bits instead of 8, which keeps the int32 sums exact there (``int8_weight_max``, probed at run time).
 
 Norms, embeddings and the KV cache stay in the activation dtype. Every format but fp32 also fuses the
 q/k/v projections into one matmul and the gate/up projections into another (fewer, larger calls). A
@@ -39,12 +41,26 @@ INT4_GROUP = 32  # input features per int4 scale/offset (GGUF Q4_0/Q4_1 use 32)
 DEQUANT_ROWS = 16  # int8: above this many tokens per call, dequantize to bf16 and use the bf16 matmul
 
 
-def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric int8 per output channel: ``weight ~= q * scale[:, None]``; q in [-127, 127]."""
+def quantize_per_channel(weight: Tensor, qmax: int = 127) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 per output channel: ``weight ~= q * scale[:, None]``; q in [-qmax, qmax]."""
     w = weight.detach().float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (out,)
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / qmax  # (out,)
+    q = torch.round(w / scale[:, None]).clamp(-qmax, qmax).to(torch.int8)
     return q.contiguous(), scale
+
+
+_INT8_WEIGHT_MAX: list[int] = []  # the probe's answer, once per process
+
+
+def int8_weight_max() -> int:
+    """The largest int8 weight code ``torch._int_mm`` sums exactly on this CPU: 127, or 63 where it
+    saturates (oneDNN on AVX2 without VNNI adds pairs of u8 x s8 products in int16; 7-bit weights keep
+    them in range). Probed once at run time with a product that saturates there."""
+    if not _INT8_WEIGHT_MAX:
+        a, b = torch.full((17, 64), 127, dtype=torch.int8), torch.full((64, 8), 127, dtype=torch.int8)
+        exact = bool((torch._int_mm(a, b) == 64 * 127 * 127).all())
+        _INT8_WEIGHT_MAX.append(127 if exact else 63)
+    return _INT8_WEIGHT_MAX[0]
 
 
 class Int8Linear(nn.Module):
@@ -145,7 +161,7 @@ class DynamicInt8Linear(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        q, scale = quantize_per_channel(linear.weight)
+        q, scale = quantize_per_channel(linear.weight, int8_weight_max())
         self.register_buffer("weight_t", q.t())  # (in, out) view of the (out, in) tensor: _int_mm's layout
         self.register_buffer("scale", scale)
         bias = linear.bias

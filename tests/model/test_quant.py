@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +118,39 @@ def test_int8_linear_pads_odd_input_counts(in_f: int, rows: int) -> None:
     want = F.linear(x, q.float() * scale[:, None], lin.bias)
     got = Int8Linear(lin, torch.bfloat16)(x.to(torch.bfloat16))
     torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02)
+
+
+# An int8 matmul whose pairs of products overflow int16 on AVX2 without VNNI (oneDNN's u8 x s8 kernel):
+# the layer's output must equal the exact sum of its own int8 codes on every CPU.
+_W8A8_EXACT = """
+import torch
+from lamina.model.quant import DynamicInt8Linear, int8_weight_max
+torch.manual_seed(0)
+lin = torch.nn.Linear(576, 64)
+layer = DynamicInt8Linear(lin)
+x = torch.randn(17, 576)
+x_scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
+xq = torch.round(x / x_scale)
+exact = (xq.double() @ layer.weight_t.double()) * x_scale.double() * layer.scale.double() + lin.bias.double()
+err = (layer(x).double() - exact).abs().max().item()
+assert err < 1e-4, err
+print(int8_weight_max())
+"""
+
+
+@pytest.mark.parametrize("isa", ["this CPU", "AVX2"])
+def test_w8a8_sums_its_int8_codes_exactly(isa: str) -> None:
+    """On this CPU, and with oneDNN held to AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``: the kernel an AVX2-only CPU
+    runs, which saturates full-range int8 products), where w8a8 detects it and keeps its weights 7-bit."""
+    env = dict(os.environ)
+    if isa == "AVX2":
+        env["ONEDNN_MAX_CPU_ISA"] = "AVX2"
+    res = subprocess.run(
+        [sys.executable, "-c", _W8A8_EXACT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    if isa == "AVX2":
+        assert res.stdout.split() == ["63"]
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
