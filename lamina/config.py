@@ -926,6 +926,9 @@ class TrainConfig:
     freeze: list[str] = field(default_factory=list)
 
     EXTRA_KEYS: ClassVar[tuple[str, ...]] = ("preset",)
+    EXCLUSIVE: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("epochs", "max_steps"),
+    )  # setting one clears the other
 
     @staticmethod
     def preset_names() -> list[str]:

@@ -183,12 +183,14 @@ def _coerce(value: Any, tp: Any) -> Any:
                         return choice
                 except _CoerceError:
                     pass
-        raise _CoerceError(f"is not one of {', '.join(repr(a) for a in args)}")
+        hint = did_you_mean(value, [a for a in args if isinstance(a, str)])
+        raise _CoerceError(f"is not one of {', '.join(repr(a) for a in args)}{hint if '(' in hint else ''}")
     if origin in (list, tuple, set):
         (item,) = args[:1] or (Any,)
         if isinstance(value, str):
             text = value.strip()
-            value = _load_text(text) if text.startswith("[") else [value]  # one item needs no brackets
+            # one item needs no brackets; its \n, \t, \\ are read as llama.cpp reads them (--stop '\n')
+            value = _load_text(text) if text.startswith("[") else [_unescape(value)]
         if not isinstance(value, list | tuple):
             raise _CoerceError(f"must be a list, e.g. '[a, b]'")  # noqa: F541
         return [_coerce(v, item) for v in value]
@@ -224,6 +226,13 @@ def _coerce(value: Any, tp: Any) -> Any:
     if isinstance(tp, type) and issubclass(tp, os.PathLike | Path):
         return Path(value)
     raise _CoerceError(f"cannot be read as {tp}")
+
+
+def _unescape(text: str) -> str:
+    """``\\n``, ``\\t``, ``\\r``, ``\\\\``, ``\\"`` and ``\\'`` as the characters they name (llama.cpp's
+    ``--escape``); any other backslash stays."""
+    table = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'"}
+    return re.sub(r"\\(.)", lambda m: table.get(m.group(1), m.group(0)), text)
 
 
 def _try_order(tp: Any) -> int:

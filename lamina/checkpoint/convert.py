@@ -10,6 +10,7 @@ from lamina.checkpoint.hf import export_hf
 from lamina.checkpoint.lamina import save_checkpoint
 from lamina.checkpoint.load import load
 from lamina.checkpoint.sentence_transformers import EmbeddingConfig
+from lamina.errors import CheckpointError
 
 
 def convert(
@@ -17,6 +18,7 @@ def convert(
     out: str | os.PathLike[str],
     to: Literal["lamina", "hf"] = "lamina",
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
+    overwrite: bool = False,
 ) -> Path:
     """Read ``src`` (a lamina folder, an HF folder or a GGUF file, by path or name) and write ``out``.
 
@@ -28,7 +30,16 @@ def convert(
         out: the output folder
         to: lamina (a lamina checkpoint folder) or hf (a folder transformers loads)
         dtype: weights dtype of the output
+        overwrite: replace an existing model folder at out (else an existing, non-empty out is refused)
+
+    Raises ``CheckpointError`` when ``out`` exists and is not empty, unless ``overwrite`` (which still
+    never replaces a folder that is not a model folder).
     """
+    target = Path(out)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise CheckpointError(
+            f"{target} already exists; choose a new folder, or pass --overwrite to replace it"
+        )
     lm = load(src, dtype=dtype)
     folder = lm.entry.path if lm.entry.path.is_dir() else lm.entry.path.parent
     embedding = EmbeddingConfig.from_folder(folder)  # a sentence-transformers model keeps its pooling

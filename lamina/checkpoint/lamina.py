@@ -108,8 +108,17 @@ def write_checkpoint_files(
 
 
 def atomic_folder(dest: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp_folder)``, then move the folder to ``dest`` in one rename (replacing any old one)."""
+    """Run ``write(tmp_folder)``, then move the folder to ``dest`` in one rename, replacing an old one.
+
+    An existing ``dest`` is replaced only when it is empty or a model folder (it holds ``config.yaml``
+    or ``config.json``); any other folder or file raises ``CheckpointError`` before anything is written,
+    so a checkpoint never deletes a user's files.
+    """
     dest = Path(dest)
+    if dest.exists() and not _replaceable(dest):
+        raise CheckpointError(
+            f"{dest} exists and is not a model folder; choose a new or empty folder (nothing was written)"
+        )
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
@@ -129,6 +138,13 @@ def atomic_folder(dest: str | os.PathLike[str], write: Callable[[Path], None]) -
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def _replaceable(folder: Path) -> bool:
+    if not folder.is_dir():
+        return False
+    names = {p.name for p in folder.iterdir()}
+    return not names or bool(names & {"config.yaml", "config.json"})
 
 
 def save_checkpoint(

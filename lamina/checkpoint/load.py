@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +17,7 @@ from lamina.checkpoint.hf import config_from_hf, read_hf_folder, state_dict_from
 from lamina.checkpoint.lamina import build_model, load_checkpoint
 from lamina.checkpoint.registry import ModelEntry, resolve
 from lamina.config import GenerationConfig
-from lamina.errors import CheckpointError, ConfigError
+from lamina.errors import CheckpointError, ConfigError, TokenizerError
 from lamina.model.quant import FORMATS, WeightFormat, convert_weights
 from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
@@ -32,6 +33,7 @@ class LoadOptions:
     weights: WeightFormat | None = None
     # torch.compile the model: minutes of compiling for each new shape first, then faster decoding
     compile: bool = False
+    threads: int | None = None  # torch CPU threads of this process (None: torch's choice, one per core)
 
 
 @dataclass
@@ -69,20 +71,54 @@ def load(
     dt = torch.float32 if weights is not None else _dtype(dtype)
     if entry.format == "lamina":
         net, gen = load_checkpoint(entry.path, dtype=dt, device=device)
-        tok = Tokenizer.from_file(entry.path) if (entry.path / "tokenizer.json").is_file() else None
+        tok = _tokenizer_of(entry)
         gen = replace(gen, eos_token_ids=_in_vocab(eos_token_ids(gen.eos_token_ids, tokenizer=tok), net))
         return LoadedModel(_convert(net, weights, compile), tok, gen, entry)
     if entry.format == "gguf":
         gf = read_gguf(entry.path)
         hf, sd = gguf_to_hf(gf)
-        tok = Tokenizer.from_gguf_metadata(gf.metadata)
+        tok = _tokenizer_of(entry, gf.metadata)
     else:
         hf, sd = read_hf_folder(entry.path)
-        tok = Tokenizer.from_file(entry.path) if (entry.path / "tokenizer.json").is_file() else None
+        tok = _tokenizer_of(entry)
     cfg = config_from_hf(hf)
     net = build_model(cfg, state_dict_from_hf(hf, sd, cfg), dtype=dt, device=device)
     gen = GenerationConfig(eos_token_ids=_in_vocab(_hf_eos_token_ids(entry.path, hf, tok), net))
     return LoadedModel(_convert(net, weights, compile), tok, gen, entry)
+
+
+def load_tokenizer(model: str | os.PathLike[str]) -> Tokenizer:
+    """The tokenizer of MODEL without its weights: the one resolver every verb uses.
+
+    MODEL is a ``tokenizer.json``, a folder holding one (a lamina checkpoint, a Hugging Face model folder,
+    a saved tokenizer), or anything :func:`load` takes (``smollm2``, a name in the models directory, a
+    ``.gguf``, whose tokenizer is built from its metadata: the tensors are not read).
+
+    Raises:
+        ModelNotFoundError: MODEL is none of these.
+        TokenizerError: the model has no tokenizer (a folder without ``tokenizer.json``, a GGUF without
+            tokenizer metadata) or its tokenizer files cannot be read.
+    """
+    path = Path(model)
+    if (path.is_file() and path.suffix == ".json") or (path.is_dir() and (path / "tokenizer.json").is_file()):
+        return Tokenizer.from_file(path)
+    entry = resolve(model)
+    tok = _tokenizer_of(entry)
+    if tok is None:
+        raise TokenizerError(
+            f"model {os.fspath(model)!r} ({entry.path}) has no tokenizer.json; fix: pass a tokenizer "
+            "explicitly (a tokenizer.json or a folder holding one)"
+        )
+    return tok
+
+
+def _tokenizer_of(entry: ModelEntry, gguf_metadata: Mapping[str, Any] | None = None) -> Tokenizer | None:
+    """The tokenizer stored with a resolved model (GGUF: from its metadata, read here unless given)."""
+    if entry.format == "gguf":
+        return Tokenizer.from_gguf_metadata(
+            read_gguf(entry.path).metadata if gguf_metadata is None else gguf_metadata
+        )
+    return Tokenizer.from_file(entry.path) if (entry.path / "tokenizer.json").is_file() else None
 
 
 def _convert(net: Transformer, weights: str | None, compile: bool) -> Transformer:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lamina.checkpoint.convert import convert
-from lamina.cli.flags import add_config_file, add_fields, print_config, values
+from lamina.cli.flags import add_config_file, add_fields, values
 from lamina.errors import ConfigError
 
 
@@ -33,9 +33,6 @@ def run(args: argparse.Namespace) -> int:
         if "out" in options and options["out"] != args.dst:
             raise ConfigError(f"two output folders: DST {args.dst!r} and --out {options['out']!r}; give one")
         options["out"] = args.dst
-    if args.print_config:
-        print_config(options)
-        return 0
     if "out" not in options:
         raise ConfigError("name the output folder: lamina convert SRC --out DIR")
     out = convert(args.src, **options)

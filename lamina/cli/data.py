@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from lamina.cli.flags import add_config_file, add_fields, print_config, values
+from lamina.cli.flags import HelpFormatter, add_config_file, add_fields, values
 from lamina.data.corpus import DataConfig, prepare
 from lamina.fields import build
 
@@ -37,28 +37,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Tokenize PATHS (files, folders read recursively, glob patterns, JSONL files) and/or "
         "the built-in corpus into memory-mapped token shards with a train/validation split.",
         epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     d.add_argument(
-        "sources",
+        "cfg:sources",  # the config's field: --print-config shows the paths, --config may give them
         nargs="*",
+        default=argparse.SUPPRESS,
         metavar="PATHS",
         help="files, folders or glob patterns (quote globs: 'a/**/*.txt'); DataConfig.sources",
     )
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_config_file(d)
-    add_fields(d, DataConfig, title="data (DataConfig)", skip=("sources",))
+    add_fields(d, DataConfig, title="data (DataConfig)")
     d.set_defaults(func=_prepare)
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    given = values(args, DataConfig)
-    if args.sources:
-        given["sources"] = args.sources
-    cfg = build(DataConfig, given)
-    if args.print_config:
-        print_config(cfg)
-        return 0
+    cfg = build(DataConfig, values(args, DataConfig))
     start = time.perf_counter()
     manifest = prepare(cfg, progress=not args.no_progress)
     print(manifest.summary())

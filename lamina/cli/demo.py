@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lamina.cli.flags import add_config_file, add_fields, print_config, values
+from lamina.cli.flags import add_config_file, add_fields, values
 from lamina.train.demo import demo, demo_run, report
 
 
@@ -26,10 +26,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo and print its report."""
-    run_config = demo_run(**values(args, demo_run))
-    if args.print_config:
-        print_config(run_config.to_dict())
-        return 0
-    res = demo(run_config)
+    res = demo(demo_run(**values(args, demo_run)))
     print(report(res))
     return 0

@@ -12,7 +12,7 @@ import numpy as np
 
 from lamina.checkpoint.load import load
 from lamina.checkpoint.sentence_transformers import EmbeddingConfig
-from lamina.cli.flags import add_config_file, add_fields, print_config, values
+from lamina.cli.flags import add_config_file, add_fields, values
 from lamina.data.texts import read_texts
 from lamina.embeddings import embed_texts, embedding_config, has_embedding_files
 from lamina.errors import ConfigError, InputTooLongError
@@ -32,7 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="example: lamina embed minilm --input examples/sentences.txt --out vectors.npy",
     )
     p.add_argument("model", metavar="MODEL", help="model path or name (e.g. minilm)")
-    p.add_argument("--input", required=True, help="text file (one text per line) or .jsonl file; - = stdin")
+    p.add_argument(
+        "--input", metavar="FILE", help="text file (one text per line) or .jsonl file; - = stdin (required)"
+    )
     p.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
     p.add_argument("--out", dest="output", help="output .npy or .jsonl file (default: JSONL on stdout)")
     add_config_file(p)
@@ -40,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_fields(
         p,
         EmbeddingConfig,
+        partial=True,
         title="pooling (EmbeddingConfig)",
         description="override the model's sentence-transformers settings (mean pooling and unit length "
         "when it has none)",
@@ -54,9 +57,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {args.output!r} must end in .npy or .jsonl")
     options = values(args, embed_texts)
     overrides = values(args, EmbeddingConfig)
-    if args.print_config:
-        print_config({**options, **overrides})
-        return 0
+    if args.input is None:
+        raise ConfigError("name the texts to embed: --input FILE (one text per line, or .jsonl; - = stdin)")
     texts = read_texts(args.input, args.field)
     lm = load(args.model)
     cfg = build(EmbeddingConfig, {**dataclasses.asdict(embedding_config(lm)), **overrides})

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from lamina.checkpoint.load import load
-from lamina.cli.flags import add_config_file, add_fields, print_config, values
+from lamina.cli.flags import add_config_file, add_fields, values
+from lamina.errors import ConfigError
 from lamina.fill_mask import fill_mask
 
 
@@ -19,18 +20,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog='example: lamina fill-mask runs/bert/last "def [MASK](self):"',
     )
     p.add_argument("model", metavar="MODEL", help="a masked-LM encoder (path or name)")
-    p.add_argument("text", metavar="TEXT", help="text with one or more [MASK]")
+    p.add_argument("text", metavar="TEXT", nargs="?", help="text with one or more [MASK]")
     add_config_file(p)
-    add_fields(p, fill_mask, title="options", skip=("lm", "text"))
+    add_fields(p, fill_mask, title="fill-mask options", skip=("lm", "text"))
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Print the candidates of each mask."""
     options = values(args, fill_mask)
-    if args.print_config:
-        print_config(options)
-        return 0
+    if args.text is None:
+        raise ConfigError('give the TEXT to fill, e.g. lamina fill-mask MODEL "The [MASK] sat on the mat."')
     results = fill_mask(load(args.model), args.text, **options)
     for n, preds in enumerate(results, 1):
         print(f"mask {n}:")

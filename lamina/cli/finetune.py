@@ -7,7 +7,7 @@ import argparse
 
 from lamina.cli.flags import add_alias, add_config_file, add_fields, add_top_level, merged, print_config
 from lamina.cli.pretrain import _overwrite
-from lamina.config import ModelConfig, TrainConfig
+from lamina.config import TRAIN_PRESETS, ModelConfig, TrainConfig
 from lamina.train.finetune import FinetuneRun, TaskConfig, finetune
 
 SECTIONS = {"task": TaskConfig, "model": ModelConfig, "train": TrainConfig}
@@ -39,14 +39,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_alias(p, "--data", TaskConfig, "data", "task")
     add_alias(p, "--out", TrainConfig, "out_dir", "train")
     add_top_level(p, "--init", "init", "the MODEL to fine-tune (its tokenizer too)", "MODEL")
-    for section, cls in SECTIONS.items():
-        add_fields(p, cls, section)
+    for section, cls in SECTIONS.items():  # the train section starts from the finetune preset
+        add_fields(p, cls, section, defaults=TRAIN_PRESETS["finetune"] if cls is TrainConfig else None)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Build the run from file + flags, fine-tune, and print the last evaluation."""
-    run_config = FinetuneRun.from_dict(merged(args, list(SECTIONS)))
+    run_config = FinetuneRun.from_dict(merged(args, SECTIONS))
     if args.print_config:
         print_config(run_config.to_dict())
         return 0

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
@@ -46,15 +46,22 @@ def add_fields(
     title: str | None = None,
     description: str | None = None,
     skip: Sequence[str] = (),
+    defaults: Mapping[str, Any] | None = None,
+    partial: bool = False,
 ) -> list[Field]:
     """Add one flag per field of ``source`` (a config dataclass or a function's keyword parameters).
 
     ``section`` names the ``--section.field`` prefix (None: ``--field-name``). The flags land in an
-    argument group titled ``title`` (default: the section, or the class's name). Returns the fields.
+    argument group titled ``title`` (default: the section, or the class's name). ``defaults`` are the
+    defaults to show in ``--help`` where the verb starts from other values than the class (a preset).
+    ``partial``: the verb passes only the fields given on to a library that fills the rest itself (the
+    model's own decoding defaults), so ``--print-config`` shows only those. Returns the fields.
     """
     name = getattr(source, "__name__", str(source))
     group = parser.add_argument_group(title or (f"{section} ({name})" if section else name), description)
     fields = fields_of(source, tuple(skip))
+    if defaults:
+        fields = [dataclasses.replace(f, default=defaults.get(f.name, f.default)) for f in fields]
     bools: set[str] = getattr(parser, "_lamina_bools", set())
     for f in fields:
         flag = flag_name(f.name, section)
@@ -79,6 +86,11 @@ def add_fields(
     if section is None:  # a one-config verb may combine several sources: values() sorts them out
         sources = [*(parser.get_default("_lamina_sources") or []), source]
         parser.set_defaults(_lamina_sources=sources)
+        parser.set_defaults(
+            _lamina_skips={**(parser.get_default("_lamina_skips") or {}), source: tuple(skip)}
+        )
+        if partial:
+            parser.set_defaults(_lamina_partial=[*(parser.get_default("_lamina_partial") or []), source])
     return fields
 
 
@@ -91,8 +103,8 @@ def values(args: argparse.Namespace, source: Any) -> dict[str, Any]:
     from lamina.fields import coerce, did_you_mean
 
     sources = getattr(args, "_lamina_sources", [])
-    specs = {f.name: f for f in fields_of(source)}
-    known = {f.name for s in sources for f in fields_of(s)}
+    specs = {f.name: f for f in _fields(args, source)}
+    known = {f.name for s in sources for f in _fields(args, s)}
     out: dict[str, Any] = {}
     for key, value in merged(args).items():
         if key not in known:
@@ -161,29 +173,81 @@ def given(args: argparse.Namespace, section: str | None = None) -> dict[str, Any
     return out
 
 
-def merged(args: argparse.Namespace, sections: Sequence[str] = ()) -> dict[str, Any]:
+def merged(args: argparse.Namespace, sections: Mapping[str, Any] | Sequence[str] = ()) -> dict[str, Any]:
     """The ``--config`` file (if any) with the flags set over it, field by field.
 
     For a one-config verb (``sections`` empty) a flat ``{field: value}``; else ``{section: {...}, ...}``
     plus any top-level keys of the file. Values from the file and flags are text until ``build`` reads
-    them by type.
+    them by type. When ``sections`` maps names to config classes, a class's ``EXCLUSIVE`` pairs apply
+    across the layers: a flag that sets ``epochs`` drops the file's ``max_steps`` (and the other way
+    round), as setting one in Python clears the other. A section written as ``null`` is left out.
     """
+    from lamina.errors import ConfigError
+    from lamina.fields import NONE_WORDS
+
     data: dict[str, Any] = read_yaml(args.config) if getattr(args, "config", None) else {}
     if not sections:
         return {**data, **given(args)}
-    from lamina.errors import ConfigError
-
     data.update(given(args))  # top-level keys (init)
-    for section in sections:
+    classes = sections if isinstance(sections, Mapping) else dict.fromkeys(sections)
+    for section, cls in classes.items():
         current = data.get(section)
+        if isinstance(current, str) and current.strip().lower() in NONE_WORDS:
+            data.pop(section)
+            current = None
         flags = given(args, section)
         if current is not None and not isinstance(current, dict):
-            if flags:
-                raise ConfigError(f"cannot set {section}.* flags: {section} is {current!r} in {args.config}")
-            continue
+            raise ConfigError(
+                f"{section} in {args.config} must be a mapping of field: value, got {current!r}"
+            )
+        base = dict(current or {})
+        for a, b in getattr(cls, "EXCLUSIVE", ()):
+            for one, other in ((a, b), (b, a)):
+                if one in flags and other not in flags:
+                    base.pop(other, None)
         if flags or current is not None:
-            data[section] = {**(current or {}), **flags}
+            data[section] = {**base, **flags}
     return data
+
+
+def resolved(args: argparse.Namespace, source: Any) -> dict[str, Any]:
+    """Every field of ``source`` as it will be used: given values (file + flags) over the defaults.
+
+    A source the verb marked partial (``partial=True`` in ``add_fields``: decoding controls whose unset
+    fields take the model's defaults) gives only the fields given; a field marked
+    ``metadata={"secret": True}`` (API keys) appears only when given.
+    """
+    from lamina.fields import build
+
+    given_values = values(args, source)
+    if source in (getattr(args, "_lamina_partial", None) or []):
+        return given_values
+    if dataclasses.is_dataclass(source):
+        out = dataclasses.asdict(build(source, given_values))  # type: ignore[arg-type]
+        secret = {f.name for f in dataclasses.fields(source) if f.metadata.get("secret")}
+        return {k: v for k, v in out.items() if k not in secret or k in given_values}
+    out = {f.name: (None if f.required else f.default) for f in _fields(args, source)}
+    return {**out, **given_values}
+
+
+def _fields(args: argparse.Namespace, source: Any) -> list[Field]:
+    """The fields of ``source`` the verb made flags of (its ``skip`` left out)."""
+    return fields_of(source, (getattr(args, "_lamina_skips", None) or {}).get(source, ()))
+
+
+def print_flat_config(args: argparse.Namespace) -> None:
+    """``--print-config`` of a one-config verb: every source's resolved fields, as one YAML mapping."""
+    data: dict[str, Any] = {}
+    notes = []
+    for source in args._lamina_sources:
+        data.update(resolved(args, source))
+        if source in (getattr(args, "_lamina_partial", None) or []):
+            notes.append(
+                f"# {getattr(source, '__name__', source)} fields not listed take the model's defaults"
+            )
+    for note in notes:
+        print(note)
+    print_config(data)
 
 
 def print_config(data: Any) -> None:
@@ -245,6 +309,23 @@ def normalize_argv(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list
     return out
 
 
+def unknown_arguments(parser: argparse.ArgumentParser, argv: Sequence[str], extra: Sequence[str]) -> None:
+    """Exit (2) with the verb's own usage and "did you mean" for each unknown flag in ``extra``."""
+    import difflib
+
+    current = parser
+    for tok in argv:
+        current = _subparser(current, tok) or current
+    hints = []
+    for tok in extra:
+        if tok.startswith("-"):
+            near = difflib.get_close_matches(tok.partition("=")[0], list(current._option_string_actions), n=1)
+            hints.append(f"{tok} (did you mean {near[0]}?)" if near else tok)
+        else:
+            hints.append(repr(tok))
+    current.error("unrecognized arguments: " + ", ".join(hints))
+
+
 def _known(parser: argparse.ArgumentParser, flag: str) -> bool:
     return flag in parser._option_string_actions
 
@@ -287,6 +368,8 @@ def _help(f: Field) -> str:
     shown = (
         "none" if default is None else repr(default) if isinstance(default, str | list | dict) else default
     )
-    if isinstance(default, list | dict) and len(repr(default)) > 40:
-        shown = repr(default)[:37] + "..."
+    if isinstance(default, list | dict) and len(repr(default)) > 100:
+        shown = repr(default)[:97] + "..."
+    if default == "":
+        return text.replace("%", "%%")
     return f"{text} (default: {shown})".replace("%", "%%") if text else f"default: {shown}".replace("%", "%%")

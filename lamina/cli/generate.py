@@ -46,16 +46,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--input",
         type=Path,
         default=None,
+        metavar="FILE",
         help='a JSONL file of requests, one per line: {"prompt": "..."} or {"messages": [...]}, '
         'optionally with any decoding control (e.g. "temperature": 0.7); they run as one batch and '
         "the results are written as JSONL",
     )
     p.add_argument(
-        "--out", dest="output", type=Path, default=None, help="where --input results go (default stdout)"
+        "--out",
+        dest="output",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="where --input results go (default stdout)",
     )
     p.add_argument(
         "--max-batch-size",
         type=int,
+        metavar="N",
         default=argparse.SUPPRESS,
         help=f"sequences decoded together with --input (default: {MAX_BATCH_SIZE})",
     )
@@ -67,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     mode.add_argument(
         "--raw", dest="chat", action="store_false", help="use the prompt as-is, no chat template"
     )
-    p.add_argument("--system", default=None, help="system message (chat mode)")
+    p.add_argument("--system", default=None, metavar="TEXT", help="system message (chat mode)")
     add_config_file(p)
     add_model_flags(p)
     add_control_flags(p)
@@ -82,6 +89,12 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 def load_from_args(args: argparse.Namespace, model: str | None = None) -> LoadedModel:
     """Load ``model`` (default ``args.model``) with the ``LoadOptions`` given by flags or ``--config``."""
     opts = build(LoadOptions, values(args, LoadOptions))
+    if opts.threads is not None:
+        if opts.threads < 1:
+            raise ConfigError(f"threads={opts.threads} must be >= 1 (or unset: torch's choice)")
+        import torch
+
+        torch.set_num_threads(opts.threads)
     if opts.compile:
         print(
             "--compile: the first prompt of each new shape compiles first (minutes on CPU)", file=sys.stderr
@@ -94,6 +107,7 @@ def add_control_flags(p: argparse.ArgumentParser) -> None:
     add_fields(
         p,
         GenerationConfig,
+        partial=True,
         title="decoding controls",
         description="every GenerationConfig field (`python -c 'import lamina; help(lamina.GenerationConfig)'` "
         "gives the semantics); unset fields take the model's own defaults (its generation.yaml / "
@@ -115,6 +129,10 @@ def run(args: argparse.Namespace) -> int:
     """
     if (args.prompt is None) == (args.input is None):
         raise ConfigError("give a PROMPT or --input prompts.jsonl (one of the two)")
+    if args.output is not None and args.input is None:
+        raise ConfigError(
+            f"--out {args.output} is where --input's results go; for one PROMPT redirect: > FILE"
+        )
     controls = controls_from_args(args)
     lm = load_from_args(args)
     if args.input is not None:

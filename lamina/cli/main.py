@@ -22,7 +22,7 @@ from lamina.cli import (
     serve,
     tokenizer,
 )
-from lamina.cli.flags import normalize_argv
+from lamina.cli.flags import normalize_argv, print_flat_config, unknown_arguments
 from lamina.errors import LaminaError
 
 VERBS = [
@@ -61,13 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse ``argv`` and run the verb; a ``LaminaError`` prints one line and exits 1."""
     parser = build_parser()
-    args = parser.parse_args(normalize_argv(parser, sys.argv[1:] if argv is None else argv))
+    argv = normalize_argv(parser, sys.argv[1:] if argv is None else argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        unknown_arguments(parser, argv, extra)
     try:
+        if getattr(args, "print_config", False) and getattr(args, "_lamina_sources", None):
+            print_flat_config(args)  # a one-config verb: the same for every verb, before any work
+            return 0
         return int(args.func(args) or 0)
     except LaminaError as e:
         if args.debug:
             raise
-        print(f"lamina {args.verb}: error: {e}", file=sys.stderr)
+        verb = " ".join(w for w in (args.verb, getattr(args, "action", None)) if w)
+        print(f"lamina {verb}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

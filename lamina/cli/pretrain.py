@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the run config from file + flags and train."""
-    run_config = RunConfig.from_dict(merged(args, list(SECTIONS)))
+    run_config = RunConfig.from_dict(merged(args, SECTIONS))
     if args.print_config:
         print_config(run_config.to_dict())
         return 0

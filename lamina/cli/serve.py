@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lamina.cli.flags import add_alias, add_config_file, add_fields, print_config, values
+from lamina.cli.flags import add_alias, add_config_file, add_fields, values
 from lamina.cli.generate import add_model_flags, load_from_args
 from lamina.errors import ConfigError
 from lamina.fields import build
@@ -53,7 +53,6 @@ def run(args: argparse.Namespace) -> int:
         from lamina.serve import serve
     except ImportError as e:
         raise ConfigError(f"lamina serve needs the serve extra: pip install 'lamina[serve]' ({e})") from None
-    import torch
 
     names = args.served_model_name or []
     if len(names) > len(args.models):
@@ -64,11 +63,6 @@ def run(args: argparse.Namespace) -> int:
     if "api_keys" not in given:  # the environment's keys, when no flag or file names any
         given["api_keys"] = ServeConfig.env_api_keys()
     config = build(ServeConfig, given)
-    if args.print_config:
-        print_config(config)
-        return 0
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
     models = {}
     for i, model in enumerate(args.models):
         name = names[i] if i < len(names) else model

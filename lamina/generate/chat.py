@@ -79,6 +79,13 @@ def chat_loop(
             "continues plain text"
         )
     cfg = chat_config(lm, config, **controls)
+    one_reply = {"n": cfg.n > 1, "num_beams": cfg.num_beams > 1, "logprobs": cfg.logprobs,
+                 "top_logprobs": cfg.top_logprobs > 0, "prompt_logprobs": cfg.prompt_logprobs is not None}  # fmt: skip
+    if asked := [name for name, on in one_reply.items() if on]:
+        raise ConfigError(
+            f"chat streams one reply per turn: {', '.join(asked)} belong to `lamina generate` "
+            "(which prints every choice and the logprob tables)"
+        )
     context = lm.model.config.max_seq_len
     history: list[dict[str, str]] = []
     parts: list[str] = []  # the reply streamed so far

@@ -34,7 +34,7 @@ class ServeConfig:
     port: int = 8000  # TCP port to listen on, in [0, 65535]
     # when non-empty, every /v1/* request needs "Authorization: Bearer KEY" with one of them (else 401);
     # with none given, lamina serve reads LAMINA_API_KEY (keys separated by commas)
-    api_keys: list[str] = field(default_factory=list)
+    api_keys: list[str] = field(default_factory=list, metadata={"secret": True})
     max_batch_size: int = 32  # sequences decoded together, >= 1
     # most prompt + completion tokens of the running sequences together, >= 2 (None: no limit); a request
     # that needs more alone is refused with 400, others wait in the queue
@@ -49,7 +49,6 @@ class ServeConfig:
     max_embedding_inputs: int = 2048  # most inputs in one embeddings request, >= 1; more: 400
     # largest JSON request body in bytes (sizes such as 4MiB accepted), >= 1024; larger: 400
     max_request_bytes: int = field(default=4 * 1024 * 1024, metadata=SIZE)
-    threads: int | None = None  # torch CPU threads (None: torch's choice)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"  # uvicorn's log level
 
     def __post_init__(self) -> None:
@@ -69,8 +68,6 @@ class ServeConfig:
             raise ConfigError(f"max_tokens_in_flight={self.max_tokens_in_flight} must be >= 2 (or None)")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port={self.port} must be in [0, 65535]")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"threads={self.threads} must be >= 1 (or None: torch's choice)")
         if any(not k for k in self.api_keys):
             raise ConfigError("api_keys must not hold empty strings")
 

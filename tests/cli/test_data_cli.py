@@ -88,7 +88,7 @@ def test_errors_are_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
         capsys, "data", "prepare", pattern, "--tokenizer", str(tok_dir), "--out", str(tmp_path / "o")
     )
     assert code == 1 and err.count("\n") == 1
-    assert err.startswith("lamina data: error: no input files matched") and pattern in err
+    assert err.startswith("lamina data prepare: error: no input files matched") and pattern in err
     (tmp_path / "a.txt").write_text("text\n")
     code, _, err = run(capsys, "data", "prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path / "o"))
     assert code == 1 and "no tokenizer" in err and "--train-tokenizer" in err

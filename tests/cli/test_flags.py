@@ -59,8 +59,8 @@ def _config_flags(parser: argparse.ArgumentParser) -> list[tuple[str | None, Fie
     """(section, field) of every flag generated from a config on ``parser``."""
     out = []
     for action in parser._actions:
-        if not action.dest.startswith("cfg:") or not action.option_strings[0].startswith("--"):
-            continue
+        if not action.dest.startswith("cfg:") or not action.option_strings:
+            continue  # not from a config, or a positional field (data prepare's PATHS)
         if isinstance(action, argparse._StoreConstAction):
             continue  # --no-x of a boolean: tested with it
         section, _, name = action.dest[4:].rpartition(".")
@@ -300,3 +300,52 @@ def test_field_types_resolve() -> None:
     for _verb, parser in _verbs().items():
         for _section, f in _config_flags(parser):
             assert not isinstance(f.type, str | typing.ForwardRef), f.name
+
+
+@pytest.mark.parametrize("verb", [v for v, p in _verbs().items() if p.get_default("_lamina_sources")])
+def test_print_config_round_trips_on_every_one_config_verb(
+    verb: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What --print-config prints, --config reads back to the same config (no model is loaded)."""
+    argv = [
+        *verb.split(),
+        *POSITIONALS.get(verb, []),
+        *({"convert": ["--out", "x"], "data prepare": ["--out", "d"]}.get(verb, [])),
+    ]
+    assert main([*argv, "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert yaml.safe_load(printed) is not None or verb == "fill-mask"
+    (tmp_path / "c.yaml").write_text(printed)
+    assert main([*argv, "--config", str(tmp_path / "c.yaml"), "--print-config"]) == 0
+    assert capsys.readouterr().out == printed
+
+
+def test_a_flag_wins_over_the_file_and_keeps_the_epochs_rule(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "run.yaml").write_text("train:\n  max_steps: 6\n  lr: 1e-3\n")
+    assert (
+        main(["pretrain", "--config", str(tmp_path / "run.yaml"), "--train.epochs", "2", "--print-config"])
+        == 0
+    )
+    train = yaml.safe_load(capsys.readouterr().out)["train"]
+    assert (train["max_steps"], train["epochs"], train["lr"]) == (None, 2.0, 1e-3)
+
+
+def test_finetune_help_shows_the_finetune_preset_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: 5e-05)" in out and "(default: 'runs/finetune')" in out
+
+
+def test_unknown_flag_names_the_verb_and_the_nearest(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "m", "p", "--top-kk", "3"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "lamina generate: error" in err and "did you mean --top-k?" in err
+
+
+def test_single_stop_string_reads_escapes_as_llama_cpp() -> None:
+    assert coerce("\\n", list[str]) == ["\n"]
+    assert coerce('["\\n\\n"]', list[str]) == ["\n\n"]
