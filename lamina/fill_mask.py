@@ -42,14 +42,16 @@ def fill_mask(lm: LoadedModel, text: str, top_k: int = 5) -> list[list[Predictio
         top_k: candidates shown per mask
     """
     model, tok = lm.model, lm.tokenizer
-    if tok is None or tok.mask_token is None or tok.mask_token_id is None:
-        raise CheckpointError(
-            f"model {lm.entry.name!r} has no tokenizer with a mask token: fill-mask needs one"
-        )
     if model.config.head != "lm" or model.config.arch != "encoder":
+        decoder = model.config.arch == "decoder" and model.config.head == "lm"
         raise CheckpointError(
             f"model {lm.entry.name!r} (arch={model.config.arch!r}, head={model.config.head!r}) has no "
             "masked-LM head: fill-mask needs an encoder trained with masked LM (head='lm')"
+            + ("; a decoder continues text with `lamina generate`" if decoder else "")
+        )
+    if tok is None or tok.mask_token is None or tok.mask_token_id is None:
+        raise CheckpointError(
+            f"model {lm.entry.name!r} has no tokenizer with a mask token: fill-mask needs one"
         )
     if top_k < 1:
         raise ConfigError(f"top_k={top_k} must be >= 1")
