@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from lamina.checkpoint.load import load
+from lamina.checkpoint.load import load_tokenizer
 from lamina.errors import TokenizerError
 from lamina.tokenizer import Tokenizer
 
@@ -44,18 +43,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=_decode)
 
 
-def _load(name: str) -> Tokenizer:
-    p = Path(name)
-    if p.suffix == ".json" or (
-        p.is_dir() and (p / "tokenizer.json").is_file() and not (p / "config.yaml").is_file()
-    ):
-        return Tokenizer.from_file(p)
-    lm = load(name)
-    if lm.tokenizer is None:
-        raise TokenizerError(f"model {name!r} has no tokenizer")
-    return lm.tokenizer
-
-
 def _text(arg: str) -> str:
     return sys.stdin.read() if arg == "-" else arg
 
@@ -70,12 +57,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _encode(args: argparse.Namespace) -> int:
-    print(json.dumps(_load(args.tokenizer).encode(_text(args.text))))
+    print(json.dumps(load_tokenizer(args.tokenizer).encode(_text(args.text))))
     return 0
 
 
 def _count(args: argparse.Namespace) -> int:
-    print(len(_load(args.tokenizer).encode(_text(args.text))))
+    print(len(load_tokenizer(args.tokenizer).encode(_text(args.text))))
     return 0
 
 
@@ -89,5 +76,5 @@ def _decode(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         raise TokenizerError(f"cannot read token ids from {raw!r}: give integers or a JSON list") from e
-    print(_load(args.tokenizer).decode(ids))
+    print(load_tokenizer(args.tokenizer).decode(ids))
     return 0

@@ -336,28 +336,19 @@ def _mb(n: int) -> str:
 
 def load_tokenizer(name: str | os.PathLike[str]) -> Tokenizer:
     """A tokenizer by name: a ``tokenizer.json``, a folder holding one, or any MODEL (only its tokenizer
-    is read; a GGUF's comes from its metadata, the weights are not loaded).
+    is read; a GGUF's comes from its metadata, the weights are not loaded). The resolver of
+    ``lamina.checkpoint.load.load_tokenizer``, with a not-found message that also offers training one.
     """
-    from lamina.checkpoint.registry import resolve
+    from lamina.checkpoint.load import load_tokenizer as tokenizer_of
 
-    p = Path(name)
-    if (p.is_file() and p.suffix == ".json") or (p.is_dir() and (p / "tokenizer.json").is_file()):
-        return Tokenizer.from_file(p)
     try:
-        entry = resolve(name)
+        return tokenizer_of(name)
     except ModelNotFoundError as e:
         raise TokenizerError(
             f"tokenizer {os.fspath(name)!r} not found: it is not a tokenizer.json, a folder holding one, or "
             f"a MODEL ({e}); fix: pass one of those, or train one (train_tokenizer=VOCAB_SIZE / "
             "--train-tokenizer VOCAB_SIZE)"
         ) from e
-    if entry.format == "gguf":
-        return Tokenizer.from_gguf(entry.path)
-    if (entry.path / "tokenizer.json").is_file():
-        return Tokenizer.from_file(entry.path)
-    raise TokenizerError(
-        f"model {os.fspath(name)!r} ({entry.path}) has no tokenizer.json; fix: pass a tokenizer explicitly"
-    )
 
 
 # ---------------------------------------------------------------------------------------------- planning
