@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, NoReturn
@@ -266,15 +267,26 @@ def encode_chat(backend: Backend, render: Callable[[Any], str], data: Any, avoid
         return list(backend.encode(render(data), add_special_tokens=False).ids)
     strings = sorted(_strings(data))
     starts, ends, longest = _control_affixes(tuple(sorted({token.content for token in controls.values()})))
+    # Only strings holding a control token's text can hold a control token (a token matched after
+    # normalization could hide otherwise: then every string is asked); the tokenizer says where.
+    anywhere = _control_text(tuple(sorted({t.content for t in controls.values() if not t.normalized})))
+    suspects = (
+        strings if any(t.normalized for t in controls.values()) else list(filter(anywhere.search, strings))
+    )
     hidden: dict[str, list[tuple[int, int]]] = {}  # string -> spans of control-token text in it
-    guarded = []
-    for text, encoding in zip(strings, backend.encode_batch(strings, add_special_tokens=False), strict=True):
+    for text, encoding in zip(
+        suspects, backend.encode_batch(suspects, add_special_tokens=False), strict=True
+    ):
         spans = [(a, b) for a, b, _ in _matched(text, encoding, controls)]
-        core = text.strip()
         if spans:
             hidden[text] = spans
-        elif core and (_ends_with_any(core, starts, longest) or _starts_with_any(core, ends, longest)):
-            guarded.append(text)
+    guarded = [
+        text
+        for text in strings
+        if text not in hidden
+        and (core := text.strip())
+        and (_ends_with_any(core, starts, longest) or _starts_with_any(core, ends, longest))
+    ]
     if not hidden and not guarded:
         return list(backend.encode(render(data), add_special_tokens=False).ids)
 
@@ -357,6 +369,12 @@ def _map_strings(value: Any, f: Callable[[str], str]) -> Any:
     if isinstance(value, tuple):
         return tuple(_map_strings(v, f) for v in value)
     return value
+
+
+@functools.lru_cache(maxsize=8)
+def _control_text(contents: tuple[str, ...]) -> re.Pattern[str]:
+    """A pattern that finds any of the control tokens' texts."""
+    return re.compile("|".join(map(re.escape, contents)) or "(?!)")
 
 
 @functools.lru_cache(maxsize=8)
