@@ -31,6 +31,7 @@ import textwrap
 import tokenize
 import types
 import typing
+from collections import abc
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -185,7 +186,7 @@ def _coerce(value: Any, tp: Any) -> Any:
                     pass
         hint = did_you_mean(value, [a for a in args if isinstance(a, str)])
         raise _CoerceError(f"is not one of {', '.join(repr(a) for a in args)}{hint if '(' in hint else ''}")
-    if origin in (list, tuple, set):
+    if origin in (list, tuple, set, abc.Sequence):
         (item,) = args[:1] or (Any,)
         if isinstance(value, str):
             text = value.strip()
@@ -361,7 +362,7 @@ def _is_code_line(source: str, lineno: int) -> bool:
 def _docstring_args(doc: str) -> dict[str, str]:
     """``{name: text}`` from a docstring's ``Args:`` section (``name: text`` lines, indented follow-ups)."""
     out: dict[str, str] = {}
-    in_args, current = False, None
+    in_args, current, indent = False, None, None
     for line in doc.splitlines():
         if line.strip() in ("Args:", "Arguments:", "Parameters:"):
             in_args = True
@@ -371,14 +372,14 @@ def _docstring_args(doc: str) -> dict[str, str]:
         if not line.strip():
             current = None
             continue
-        m = re.match(r"\s{2,}``?(\w+)``?(?: \([^)]*\))?:\s*(.*)", line) or re.match(
-            r"\s{2,}(\w+)(?: \([^)]*\))?:\s*(.*)", line
-        )
-        if m:
+        depth = len(line) - len(line.lstrip())
+        if depth == 0:
+            break
+        m = re.match(r"\s+(?:``)?(\w+)(?:``)?(?: \([^)]*\))?:\s*(.*)", line)
+        if m and (indent is None or depth == indent):
+            indent = depth
             current = m.group(1)
             out[current] = m.group(2).strip()
-        elif current and line.startswith(" " * 6):
+        elif current and indent is not None and depth > indent:
             out[current] += " " + line.strip()
-        elif not line.startswith(" "):
-            break
     return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections import abc
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -353,7 +354,7 @@ def _metavar(f: Field) -> str:
     origin = get_origin(core)
     if origin is Literal:
         return "{" + ",".join(str(a) for a in get_args(core)) + "}"
-    if origin in (list, tuple):
+    if origin in (list, tuple, abc.Sequence):
         return "LIST"
     if origin is dict:
         return "MAP"

@@ -7,7 +7,8 @@ import json
 import sys
 
 from lamina.checkpoint.load import load_tokenizer
-from lamina.errors import TokenizerError
+from lamina.cli.flags import add_config_file, add_fields, values
+from lamina.errors import ConfigError, TokenizerError
 from lamina.tokenizer import Tokenizer
 
 
@@ -20,17 +21,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     acts = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     t = acts.add_parser(
-        "train", help="train a tokenizer on text files", description="Train a tokenizer on FILES."
+        "train",
+        help="train a tokenizer on text files",
+        description="Train a byte-level BPE or Unigram tokenizer on FILES and save it to --out "
+        "(tokenizer.json + tokenizer_config.json).",
+        epilog="example: lamina tokenizer train notes/*.txt --vocab-size 4096 --special-tokens "
+        "'[<|endoftext|>, <|pad|>, <|im_start|>, <|im_end|>]' --out tok/",
     )
     t.add_argument("files", nargs="+", metavar="FILES", help="text files to learn from")
-    t.add_argument("--out", required=True, help="output folder (tokenizer.json + tokenizer_config.json)")
-    t.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size (default 8192)")
     t.add_argument(
-        "--kind", choices=["bpe", "unigram"], default="bpe", help="byte-level BPE (default) or Unigram"
+        "--out", metavar="DIR", help="output folder (tokenizer.json + tokenizer_config.json); required"
     )
-    t.add_argument(
-        "--special", nargs="*", default=None, help="special tokens (default: <|endoftext|> <|pad|>)"
-    )
+    add_config_file(t)
+    add_fields(t, Tokenizer.train, title="training (Tokenizer.train)", skip=("texts", "files"))
     t.set_defaults(func=_train)
     for name, helptext in (("encode", "text -> token ids (JSON)"), ("count", "number of tokens in the text")):
         e = acts.add_parser(name, help=helptext, description=helptext)
@@ -48,11 +51,12 @@ def _text(arg: str) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
-    tok = Tokenizer.train(
-        files=args.files, vocab_size=args.vocab_size, kind=args.kind, special_tokens=args.special
-    )
+    if args.out is None:
+        raise ConfigError("name the output folder: lamina tokenizer train FILES --out DIR")
+    options = values(args, Tokenizer.train)
+    tok = Tokenizer.train(files=args.files, **options)
     out = tok.save(args.out)
-    print(f"trained {args.kind} tokenizer with {tok.vocab_size} tokens -> {out}")
+    print(f"trained {options.get('kind', 'bpe')} tokenizer with {tok.vocab_size} tokens -> {out}")
     return 0
 
 

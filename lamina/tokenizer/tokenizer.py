@@ -125,7 +125,7 @@ class Tokenizer:
         cls,
         texts: Iterable[str] | None = None,
         *,
-        vocab_size: int,
+        vocab_size: int = 8192,
         files: Sequence[str | os.PathLike[str]] | None = None,
         kind: Kind = "bpe",
         special_tokens: Sequence[str] | None = None,
@@ -147,6 +147,20 @@ class Tokenizer:
         ``"<|im_start|>"`` here. The roles default to bos = eos = ``"<|endoftext|>"`` and pad =
         ``"<|pad|>"`` when those are among the special tokens; a role token that is not in the list is
         added to it. ``min_frequency`` (BPE only): a pair must occur this often to be merged.
+
+        Args:
+            vocab_size: tokens in the vocabulary: 256 bytes + special tokens + learned pieces
+            kind: bpe (byte-level BPE, as GPT-2, Llama-3, SmolLM) or unigram (a Unigram language model)
+            special_tokens: special tokens, e.g. '[<|endoftext|>, <|pad|>, <|im_start|>, <|im_end|>]' (none
+                given: <|endoftext|> and <|pad|>)
+            bos_token: the beginning-of-sequence token (default <|endoftext|> when it is special)
+            eos_token: the end-of-sequence token (default <|endoftext|> when it is special)
+            pad_token: the padding token (default <|pad|> when it is special)
+            unk_token: the unknown token (byte-level tokenizers need none)
+            mask_token: the mask token of masked-LM training (e.g. <|mask|>)
+            min_frequency: BPE only: a pair must occur this often to be merged
+            show_progress: show the trainer's progress bar
+            chat_template: a Jinja chat template stored with the tokenizer
         """
         if kind not in ("bpe", "unigram"):
             raise TokenizerError(

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import functools
 import typing
+from collections import abc
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -107,7 +108,7 @@ def _sample(tp: Any, default: Any) -> str | None:
         return "0.25" if default != 0.25 else "0.5"
     if tp is str or tp == (str | Path):
         return "yes"  # YAML would read a bare yes as a boolean: the field's type must win
-    if origin is list:
+    if origin in (list, abc.Sequence):
         (item,) = args
         if get_origin(item) is list:
             return "[[1, 2]]"
