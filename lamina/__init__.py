@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from lamina.checkpoint.convert import convert
 from lamina.checkpoint.lamina import load_checkpoint, save_checkpoint
-from lamina.checkpoint.load import LoadedModel, load
+from lamina.checkpoint.load import LoadedModel, load, load_tokenizer
 from lamina.config import GenerationConfig, ModelConfig
 from lamina.embeddings import embed
 from lamina.errors import CheckpointError, ConfigError, LaminaError, ModelNotFoundError, TokenizerError
@@ -40,5 +40,6 @@ __all__ = [
     "generate",
     "load",
     "load_checkpoint",
+    "load_tokenizer",
     "save_checkpoint",
 ]
