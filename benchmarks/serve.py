@@ -5,13 +5,13 @@ process beside it (httpx, streaming ``/v1/completions``, greedy, ``ignore_eos`` 
 exactly ``--tokens`` tokens). For N = 1, 4, 16 clients, each sending ``--requests`` requests one after
 another, it reports total generated tokens/s, time to first token (TTFT) and inter-token latency (ITL)
 percentiles, and the ratio of N clients' tokens/s to 1 client's (the reference, measured in the same run).
-Target: 16 clients >= 4x the tokens/s of 1 client.
+Target: 16 clients >= 4x the tokens/s of 1 client. Ends with its ``headline:`` line (see common.py).
 
 Both processes share the machine's cores, so the CPU seconds of each are reported (the client's share is
 the part of the machine this process took from the server), with the load average.
 
     python benchmarks/serve.py [--clients 1,4,16] [--tokens 64] [--requests 2] [--threads 2]
-    python benchmarks/serve.py --quick
+    python benchmarks/serve.py --quick      # 16 tokens, 1 request per client
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -29,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+from common import headline, machine
 
 PROMPTS = [
     "The capital of France is",
@@ -183,8 +183,7 @@ def main() -> None:
             if server.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("the server did not start")
             time.sleep(0.5)
-        print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-              f"load average at start {load_avg()}; server: `{' '.join(cmd[2:])}`, "
+        print(f"machine: {machine(args.threads)}; server: `{' '.join(cmd[2:])}`, "
               f"OMP_WAIT_POLICY={env.get('OMP_WAIT_POLICY', 'unset')}")  # fmt: skip
         print(f"SmolLM2-135M fp32, greedy, {args.tokens} tokens per request, {args.requests} requests per "
               "client, streaming /v1/completions\n")  # fmt: skip
@@ -212,6 +211,7 @@ def main() -> None:
     verdict = "met" if last.rate >= 4 * ref.rate else "NOT met"
     print(f"\ntarget {last.clients} clients >= 4x 1 client: {last.rate / ref.rate:.2f}x, {verdict}; "
           f"wall {statistics.fsum(r.wall for r in runs):.0f} s, load average at end {load_avg()}")  # fmt: skip
+    headline(f"serve {last.clients} clients tokens/s", last.rate / ref.rate, f"{ref.clients} client", 4)
 
 
 if __name__ == "__main__":

@@ -4,21 +4,26 @@ GPT with 6 layers, 6 heads, d_model 384, vocabulary 50304, context 256, batch 8,
 same process: the machine's fp32 2048x2048 matmul rate (the MFU denominator), a bare reference loop
 (forward, cross-entropy, backward, AdamW step on the same model and batches), and lamina's
 ``train()``. MFU counts 6 x (matmul parameters, output head included) + 12 x n_layers x d_model x
-context FLOPs per token (``ModelConfig.flops_per_token``).
+context FLOPs per token (``ModelConfig.flops_per_token``), against the measured matmul rate of the
+precision the row computes in (fp32, or bf16 for the bf16 autocast row).
+
+Targets (one ``headline:`` line each at the end, see common.py): lamina fp32 >= 0.95x the bare loop's
+tokens/s, and fp32 MFU >= 60% (0.6x the fp32 matmul rate). Runs with or without the ``train`` extra
+(TensorBoard, matplotlib): the timed runs write no events and no plot.
 
     python benchmarks/train_throughput.py [--steps 8] [--warmup 3] [--variants fp32,bf16,compile]
+    python benchmarks/train_throughput.py --quick      # 3 steps after 1 warm-up, fp32 only
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import cpu_features, headline, machine
 
 from lamina.config import ModelConfig, TrainConfig
 from lamina.model.transformer import Transformer
@@ -90,43 +95,44 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", default="fp32,bf16,compile")
+    ap.add_argument("--quick", action="store_true", help="a short run: 3 steps after 1 warm-up, fp32 only")
     args = ap.parse_args()
+    if args.quick:
+        args.steps, args.warmup, args.variants = 3, 1, "fp32"
+    if args.steps < 2:
+        ap.error("--steps must be at least 2 (lamina's rate is timed between fetched batches)")
+    variants = args.variants.split(",")
     torch.set_num_threads(args.threads)
     cfg = model().config
     fpt = cfg.flops_per_token(T, training=True)
-    peak = matmul_peak_flops("cpu", torch.float32)
-    print(f"machine: {platform.machine()}, torch {torch.__version__}, {args.threads} threads")
+    peak = {"fp32": matmul_peak_flops("cpu", torch.float32)}
+    if "bf16" in variants:
+        peak["bf16"] = matmul_peak_flops("cpu", torch.bfloat16)
+    print(f"machine: {machine(args.threads)}")
     print(f"model: {cfg.n_params / 1e6:.1f}M parameters, {fpt / 1e6:.0f} MFLOP per token, batch {B} x {T}")
-    print(f"measured fp32 matmul peak (2048^2): {peak / 1e9:.1f} GFLOP/s")
+    for precision, rate in peak.items():
+        print(f"measured {precision} matmul peak (2048^2): {rate / 1e9:.1f} GFLOP/s")
+    if "bf16" in variants and "avx512_bf16" not in cpu_features() and "amx" not in cpu_features():
+        print("this CPU has no native bf16 (no AVX-512 BF16 or AMX): bf16 matmuls are emulated and slow")
     ref = bare_loop(args.steps, args.warmup)
-    rows = [("bare PyTorch loop (fp32)", ref)]
-    for v in args.variants.split(","):
+    rows = [("bare PyTorch loop (fp32)", "fp32", ref)]
+    for v in variants:
         if v == "fp32":
-            rows.append(("lamina train() fp32", lamina_loop(args.steps, args.warmup)))
+            rows.append(("lamina train() fp32", "fp32", lamina_loop(args.steps, args.warmup)))
         elif v == "bf16":
-            rows.append(
-                ("lamina train() bf16 autocast", lamina_loop(args.steps, args.warmup, precision="bf16"))
-            )
+            tps = lamina_loop(args.steps, args.warmup, precision="bf16")
+            rows.append(("lamina train() bf16 autocast", "bf16", tps))
         elif v == "compile":
-            rows.append(
-                ("lamina train() fp32 + torch.compile", lamina_loop(args.steps, args.warmup, compile=True))
-            )
+            tps = lamina_loop(args.steps, args.warmup, compile=True)
+            rows.append(("lamina train() fp32 + torch.compile", "fp32", tps))
     print(f"\n{'':40}{'tokens/s':>10}{'MFU':>8}{'vs bare':>9}")
-    for name, tps in rows:
-        print(f"{name:40}{tps:>10.1f}{fpt * tps / peak:>8.1%}{tps / ref:>8.2f}x")
-    print(
-        f"\nCPU bf16 support: {_bf16_flags() or 'none (no avx512_bf16/amx): bf16 matmul is emulated and slow'}"
-    )
-    print("MFU is against the fp32 matmul rate for every row, so a native-bf16 row can pass 100%.")
-
-
-def _bf16_flags() -> str:
-    """The CPU flags that make bf16 matmul native (Linux only)."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return "unknown"
-    return " ".join(sorted(f for f in flags if f in {"avx512_bf16", "amx_bf16", "amx_tile"}))
+    for name, precision, tps in rows:
+        print(f"{name:40}{tps:>10.1f}{fpt * tps / peak[precision]:>8.1%}{tps / ref:>8.2f}x")
+    print("\nMFU of each row is against the measured matmul rate of the precision it computes in.")
+    fp32 = next((tps for name, _, tps in rows if name == "lamina train() fp32"), None)
+    if fp32 is not None:
+        headline("train fp32 tokens/s", fp32 / ref, "bare PyTorch loop", 0.95)
+        headline("train fp32 MFU", fpt * fp32 / peak["fp32"], "fp32 matmul peak", 0.6)
 
 
 if __name__ == "__main__":
