@@ -322,6 +322,10 @@ def unknown_arguments(parser: argparse.ArgumentParser, argv: Sequence[str], extr
         if tok.startswith("-"):
             near = difflib.get_close_matches(tok.partition("=")[0], list(current._option_string_actions), n=1)
             hints.append(f"{tok} (did you mean {near[0]}?)" if near else tok)
+            if not near and "." in tok:  # a misspelt section: suggest the section
+                sections = sorted({f.split(".")[0] for f in current._option_string_actions if "." in f})
+                close = difflib.get_close_matches(tok.split(".")[0], sections, n=1)
+                hints[-1] += f" (did you mean {close[0]}.?)" if close else ""
         else:
             hints.append(repr(tok))
     current.error("unrecognized arguments: " + ", ".join(hints))

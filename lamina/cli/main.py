@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from lamina import __version__
 from lamina.cli import (
@@ -42,9 +43,16 @@ VERBS = [
 ]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line (a verb's full usage lists hundreds of flags)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists every flag)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``lamina`` argument parser with every verb registered."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lamina",
         description="lamina: build, train, adapt, run and serve transformer language models.",
         epilog="Run `lamina VERB --help` for a verb's options. MODEL is a path, a name in the models "

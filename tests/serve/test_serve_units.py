@@ -47,7 +47,7 @@ def test_api_error_shapes() -> None:
 
 def test_serve_config_checks_its_values() -> None:
     assert ServeConfig().host == "127.0.0.1"  # loopback by default
-    for bad in ({"max_n": 0}, {"timeout": 0}, {"max_queue": 0}, {"api_keys": [""]}, {"port": 70000}):
+    for bad in ({"max_n": 0}, {"timeout": -1}, {"max_queue": 0}, {"api_keys": [""]}, {"port": 70000}):
         with pytest.raises(ConfigError):
             ServeConfig(**bad)  # type: ignore[arg-type]
 
