@@ -85,7 +85,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             sys.stdout.write(lines)
     where = f" to {args.output}" if args.output else ""
-    print(f"embedded {len(texts)} texts as {vectors.shape[1]}-dim vectors{where}", file=sys.stderr)
+    print(
+        f"embedded {len(texts)} text{'' if len(texts) == 1 else 's'} as {vectors.shape[1]}-dim vectors{where}",
+        file=sys.stderr,
+    )
     source = (
         ""
         if has_embedding_files(lm)
