@@ -19,6 +19,7 @@ from lamina.errors import ConfigError
 from lamina.fields import build
 from lamina.generate.batch import MAX_BATCH_SIZE, generate_batch, read_requests, token_text
 from lamina.generate.engine import TokenLogprob
+from lamina.generate.speculative import SpeculativeOptions
 from lamina.generate.text import Completion, complete, generation_config, print_stream
 from lamina.tokenizer import Tokenizer
 
@@ -78,6 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_file(p)
     add_model_flags(p)
     add_control_flags(p)
+    add_fields(p, SpeculativeOptions, title="speculative decoding (greedy only)")
     p.set_defaults(func=run)
 
 
@@ -134,15 +136,20 @@ def run(args: argparse.Namespace) -> int:
             f"--out {args.output} is where --input's results go; for one PROMPT redirect: > FILE"
         )
     controls = controls_from_args(args)
+    spec = build(SpeculativeOptions, values(args, SpeculativeOptions))
+    if spec.enabled and args.input is not None:
+        raise ConfigError("--draft/--speculative-layers decode one PROMPT; --input runs a batch without them")
     lm = load_from_args(args)
     if args.input is not None:
         return run_batch(lm, args, controls)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     cfg = generation_config(lm, None, **controls)
     one = cfg.n == 1
+    draft = load_from_args(args, spec.draft) if spec.draft is not None else None
     result = complete(
-        lm, prompt, cfg, chat=args.chat, system=args.system, stream=print_stream if one else None
-    )
+        lm, prompt, cfg, chat=args.chat, system=args.system, stream=print_stream if one else None,
+        draft=draft, speculative_layers=spec.speculative_layers, num_draft_tokens=spec.num_draft_tokens,
+    )  # fmt: skip
     if one:
         print()
     else:

@@ -31,6 +31,23 @@ from lamina.model.transformer import Transformer
 
 
 @dataclass
+class SpeculativeOptions:
+    """How the engine runs a greedy request speculatively (the ``--draft`` / ``--speculative-layers``
+    flags; ``lamina.generate``'s keywords of the same names). Neither set: plain decoding."""
+
+    # a draft model (name or path) with the target's vocabulary: it proposes tokens the target verifies
+    draft: str | None = None
+    # self-speculative decoding: the target's own first K layers (and its head) are the draft
+    speculative_layers: int | None = None
+    num_draft_tokens: int = 4  # tokens the draft proposes per round (one target forward verifies them), >= 1
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a draft or a layer count is given."""
+        return self.draft is not None or self.speculative_layers is not None
+
+
+@dataclass
 class SpeculativeResult:
     """The generated tokens (the target's greedy output, without the eos) and how the draft fared."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -12,6 +13,7 @@ from lamina.checkpoint.load import LoadedModel, load
 from lamina.config import LOGITS_PROCESSORS, PICK_FIELDS, GenerationConfig, from_dict, to_dict
 from lamina.errors import ConfigError
 from lamina.generate.engine import Engine, Sequence_, TokenLogprob, generate_ids, require_generative
+from lamina.generate.speculative import SpeculativeOptions
 from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
 
@@ -106,19 +108,25 @@ def complete(
     chat: bool | None = None,
     system: str | None = None,
     stream: Callable[[str], None] | None = None,
+    draft: str | LoadedModel | Transformer | None = None,
+    speculative_layers: int | None = None,
+    num_draft_tokens: int = SpeculativeOptions.num_draft_tokens,
     **controls: Any,
 ) -> Completion:
     """Generate from ``prompt`` and return every choice with its tokens, logprobs, counts and timing.
 
     Same arguments as ``generate``; ``n`` > 1 (sampled, greedy or the n best of ``num_beams``) gives n
-    choices. ``stream`` receives the first choice's text deltas as they are decoded (beam search knows
-    its best beam only at the end: one delta then). Raises ``ConfigError`` for controls the model cannot
-    take (token ids outside its vocabulary, a prompt over its context window) and when generation
-    fails at a step (e.g. every token banned), and for a model that cannot generate (an encoder).
+    choices. ``stream`` receives the first choice's text deltas as they are decoded (beam search and
+    speculative decoding know the text only at the end: one delta then). Raises ``ConfigError`` for
+    controls the model cannot take (token ids outside its vocabulary, a prompt over its context window)
+    and when generation fails at a step (e.g. every token banned), for a model that cannot generate (an
+    encoder), and for controls speculative decoding cannot honour (``speculative_config``).
     """
     lm = _loaded(model)
     ids = build_prompt_ids(lm, prompt, chat=chat, system=system)
     cfg = generation_config(lm, config, **controls)
+    if draft is not None or speculative_layers is not None:
+        return _speculative_completion(lm, ids, cfg, stream, draft, speculative_layers, num_draft_tokens)
     if cfg.num_beams > 1:
         return _beam_completion(lm, ids, cfg, stream)
     engine = Engine(lm.model, lm.tokenizer, lm.generation.eos_token_ids, max_batch_size=cfg.n)
@@ -155,6 +163,75 @@ def beam_sequences(lm: LoadedModel, ids: list[int], cfg: GenerationConfig, index
                   index=k, prompt_tokens=len(ids))
         for k, b in enumerate(beams)
     ]  # fmt: skip
+
+
+# controls that cannot change a greedy pick or what a request returns: speculative decoding takes any value
+_SPECULATIVE_IGNORES = {
+    "max_new_tokens", "eos_token_ids", "do_sample", "temperature", "include_stop_str_in_output",
+    "dynatemp_range", "dynatemp_exponent", "top_k", "top_p", "min_p", "typical_p", "top_n_sigma",
+    "repetition_penalty_last_n", "dry_base", "dry_allowed_length", "dry_penalty_last_n",
+    "dry_sequence_breakers", "mirostat_tau", "mirostat_eta", "length_penalty", "early_stopping", "seed",
+    "json_max_depth", "samplers",
+}  # fmt: skip
+
+
+def speculative_config(cfg: GenerationConfig) -> None:
+    """Raise ``ConfigError`` (one line, naming the control) unless ``cfg`` is plain greedy decoding of one
+    sequence, the only thing speculative decoding does (``lamina.generate.speculative``): no sampling,
+    ``n`` = 1, no beams, no logprobs, stop strings or tokens, penalties, biases, bans or structured output.
+    ``max_new_tokens`` and the eos ids are honoured; controls that cannot change a greedy pick (``top_k``,
+    ``seed``, ...) are ignored."""
+    if cfg.sampling:
+        raise ConfigError(
+            f"speculative decoding is greedy only: temperature={cfg.temperature} samples "
+            "(the model's defaults when not given); pass temperature=0 or drop --draft/--speculative-layers"
+        )
+    plain = GenerationConfig()
+    for f in dataclasses.fields(GenerationConfig):
+        value = getattr(cfg, f.name)
+        if f.name not in _SPECULATIVE_IGNORES and value != getattr(plain, f.name):
+            raise ConfigError(
+                f"speculative decoding is plain greedy decoding of one sequence: {f.name}={value!r} is not "
+                f"supported with it; drop {f.name} or drop --draft/--speculative-layers"
+            )
+
+
+def _speculative_completion(
+    lm: LoadedModel,
+    ids: list[int],
+    cfg: GenerationConfig,
+    stream: Callable[[str], None] | None,
+    draft: str | LoadedModel | Transformer | None,
+    layers: int | None,
+    num_draft_tokens: int,
+) -> Completion:
+    from lamina.generate.speculative import speculative_decode
+
+    speculative_config(cfg)
+    if draft is not None and layers is not None:
+        raise ConfigError(
+            "give draft= or speculative_layers= (a draft model or the target's first K layers), not both"
+        )
+    drafter = (load(draft) if isinstance(draft, str) else draft) if draft is not None else None
+    draft_model = drafter.model if isinstance(drafter, LoadedModel) else drafter
+    eos = lm.generation.eos_token_ids
+    start = time.perf_counter()
+    result = speculative_decode(
+        lm.model, ids, cfg.max_new_tokens, draft=draft_model, draft_layers=layers,
+        num_draft_tokens=num_draft_tokens, eos_token_ids=eos,
+    )  # fmt: skip
+    took = time.perf_counter() - start
+    budget = min(cfg.max_new_tokens, lm.model.config.max_seq_len - len(ids))
+    tok = lm.tokenizer
+    text = None
+    if tok is not None:  # as the engine decodes it: after the prompt (a leading space stays)
+        decoder = tok.decode_stream(skip_special_tokens=True, prompt_ids=ids)
+        text = "".join(decoder.step(t) for t in result.tokens) + decoder.finish()
+    finish = "length" if len(result.tokens) >= budget else "stop"
+    seq = Sequence_(0, result.tokens, finish, text, prompt_tokens=len(ids))
+    if stream is not None and text:
+        stream(text)
+    return Completion([seq], len(ids), cfg, None, 0.0, took, len(result.tokens))
 
 
 def _beam_completion(
@@ -210,6 +287,9 @@ def generate(
     chat: bool | None = None,
     system: str | None = None,
     stream: Callable[[str], None] | None = None,
+    draft: str | LoadedModel | Transformer | None = None,
+    speculative_layers: int | None = None,
+    num_draft_tokens: int = SpeculativeOptions.num_draft_tokens,
     **controls: Any,
 ) -> str:
     """Generate a continuation of ``prompt`` with ``model`` (a name, path or loaded model).
@@ -221,6 +301,13 @@ def generate(
     them as an iterator instead. One text: for ``n`` > 1 choices, logprobs or token counts use
     ``complete``. Raises ``ConfigError`` for controls the model cannot take (e.g. ``logit_bias`` on an
     id outside its vocabulary) and for a model that cannot generate (an encoder: use ``lamina.embed``).
+
+    ``draft`` (a model name, path, ``LoadedModel`` or ``Transformer`` with this model's vocabulary) or
+    ``speculative_layers=K`` (this model's own first K layers as the draft) make the engine decode
+    speculatively (``lamina.generate.speculative``): the draft proposes ``num_draft_tokens`` tokens a
+    round and the model verifies them in one forward. The text is exactly the greedy text; only speed
+    changes. Greedy decoding of one sequence only: other controls raise ``ConfigError``
+    (``speculative_config``).
     """
     lm = _loaded(model)
     cfg = generation_config(lm, config, **controls)
@@ -228,7 +315,10 @@ def generate(
         raise ConfigError(
             f"n={cfg.n}: generate returns one text; lamina.complete(...).choices holds all {cfg.n}"
         )
-    return complete(lm, prompt, cfg, chat=chat, system=system, stream=stream).text
+    return complete(
+        lm, prompt, cfg, chat=chat, system=system, stream=stream, draft=draft,
+        speculative_layers=speculative_layers, num_draft_tokens=num_draft_tokens,
+    ).text  # fmt: skip
 
 
 # fields whose value changes which token is picked (the logits processors' and the pick's, beam search's):

@@ -194,3 +194,19 @@ def test_chat_from_a_script_notes_cut_replies(
     assert main(["chat", tiny_path, "--max-new-tokens", "3", "--ignore-eos"]) == 0
     out = capsys.readouterr().out
     assert out.count("[reply cut at max_new_tokens=3]") == 2 and "(system prompt set)" in out
+
+
+def test_generate_draft_and_speculative_layers_print_the_greedy_text(
+    tiny_path: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # before: there were no --draft / --speculative-layers flags
+    base = ["generate", tiny_path, "hello", "--max-new-tokens", "10", "--quiet"]
+    assert main(base) == 0
+    greedy = capsys.readouterr().out
+    draft = _save_tiny(tmp_path / "draft", n_layers=1)
+    for extra in (["--speculative-layers", "1"], ["--draft", draft, "--num-draft-tokens", "2"]):
+        assert main([*base, *extra]) == 0
+        assert capsys.readouterr().out == greedy, extra
+    assert main([*base, "--speculative-layers", "1", "--temperature", "0.7"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "greedy only: temperature=0.7" in err

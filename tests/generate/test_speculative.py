@@ -136,3 +136,42 @@ def test_equals_greedy_on_smollm2(lamina_smollm2: Any) -> None:
         assert res.tokens == refs[i], name
         if name == "draft=target":
             assert res.acceptance_rate == 1.0
+
+
+def test_lamina_generate_decodes_speculatively_to_the_greedy_text() -> None:
+    # before: speculative_decode was reached only by its own tests; lamina.generate had no way to it
+    from conftest import tiny_lm
+
+    from lamina.generate.text import complete, generate
+
+    lm = tiny_lm()
+    torch.manual_seed(1)
+    other = Transformer(lm.model.config).eval()  # a draft that disagrees with the target
+    for prompt, budget in [("hello there", 12), ([{"role": "user", "content": "the cat"}], 40)]:
+        plain = complete(lm, prompt, max_new_tokens=budget, temperature=0)
+        for spec in [{"speculative_layers": 1}, {"draft": other, "num_draft_tokens": 3}, {"draft": lm}]:
+            got = complete(lm, prompt, max_new_tokens=budget, temperature=0, **spec)
+            (a,), (b,) = plain.choices, got.choices
+            assert (b.tokens, b.text, b.finish_reason) == (a.tokens, a.text, a.finish_reason), spec
+            assert generate(lm, prompt, max_new_tokens=budget, temperature=0, **spec) == a.text
+
+
+@pytest.mark.parametrize(
+    ("controls", "words"),
+    [
+        ({"temperature": 0.7}, "greedy only: temperature=0.7"),
+        ({"n": 2, "temperature": 0}, "n=2 is not supported"),
+        ({"num_beams": 2}, "num_beams=2 is not supported"),
+        ({"logprobs": True, "temperature": 0}, "logprobs=True is not supported"),
+        ({"stop": ["x"], "temperature": 0}, "stop=['x'] is not supported"),
+        ({"temperature": 0, "draft": "x"}, "not both"),
+    ],
+)
+def test_what_speculative_decoding_cannot_do_is_refused(controls: dict[str, Any], words: str) -> None:
+    from conftest import tiny_lm
+
+    from lamina.generate.text import complete
+
+    with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("]", r"\]")) as err:
+        complete(tiny_lm(), "hello", speculative_layers=1, **controls)
+    assert "\n" not in str(err.value)
