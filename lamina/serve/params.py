@@ -32,9 +32,6 @@ _FIELDS = {f.name for f in dataclasses.fields(GenerationConfig)}
 # stands for them (the value says which).
 _RESERVED = {
     "eos_token_ids": "the model's eos ids are the server's",
-    "num_beams": "beam search is not served (the batched engine samples or decodes greedily)",
-    "length_penalty": "beam search is not served",
-    "early_stopping": "beam search is not served",
     "max_new_tokens": "use max_tokens",
     "min_new_tokens": "use min_tokens",
     "top_logprobs": "use logprobs (completions) or top_logprobs with logprobs=true (chat)",
@@ -61,8 +58,11 @@ def prepare_completion(req: CompletionRequest, served: ServedModel, limits: Serv
     if req.suffix is not None:
         raise bad_request("suffix is not supported (lamina does not insert text)", param="suffix")
     n = _n(req.n, limits)
-    if req.best_of is not None and req.best_of != n:
-        raise bad_request(f"best_of={req.best_of} is not supported: only best_of = n ({n})", param="best_of")
+    if req.best_of is not None and req.best_of != n and not req.use_beam_search:
+        raise bad_request(
+            f"best_of={req.best_of} is not supported: only best_of = n ({n}), or beams with use_beam_search",
+            param="best_of",
+        )
     if req.logprobs is not None and req.logprobs > limits.max_top_logprobs:
         raise bad_request(
             f"logprobs={req.logprobs} is more than the server allows ({limits.max_top_logprobs})",
@@ -81,6 +81,7 @@ def prepare_completion(req: CompletionRequest, served: ServedModel, limits: Serv
     controls["top_logprobs"] = req.logprobs or 0
     if req.echo and req.logprobs is not None:
         controls["prompt_logprobs"] = req.logprobs
+    _beams(req, controls, n, req.best_of)
     prompts = []
     zero = req.max_tokens == 0
     for i, ids in enumerate(ids_list):
@@ -141,12 +142,46 @@ def prepare_chat(req: ChatCompletionRequest, served: ServedModel, limits: ServeC
     controls = _common(req, served, limits)
     controls["logprobs"] = bool(req.logprobs)
     controls["top_logprobs"] = req.top_logprobs or 0
+    _beams(req, controls, n, None)
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = _max_tokens(asked, len(ids), served, limits, n, "messages", param=param)
     cfg = _config({**controls, "max_new_tokens": max(max_tokens, 1)}, served)
     _dry_run(cfg, ids, served)
     return Prepared([Prompt(ids, cfg)], [], n, asked == 0, bool(req.return_tokens_as_token_ids))
+
+
+def _beams(req: SamplingExtras, controls: dict[str, Any], n: int, best_of: int | None) -> None:
+    """Beam search: lamina's ``num_beams`` extra field, or vLLM's ``use_beam_search`` (``num_beams`` =
+    max(best_of or n, 2)). The scheduler runs a beam request on its own (``Scheduler``); what beam search
+    cannot give (a stream, logprobs, stop strings, structured output, n > num_beams) is a 400."""
+    if req.use_beam_search:
+        controls["num_beams"] = max(controls.get("num_beams") or 1, best_of or n, 2)
+    beams = controls.get("num_beams") or 1
+    if beams <= 1:
+        return
+    controls["temperature"] = 0.0  # beam search picks by score; OpenAI's default temperature 1 does not apply
+    param = "use_beam_search" if req.use_beam_search else "num_beams"
+    for name, asked in (
+        ("stream", bool(getattr(req, "stream", False))),
+        ("logprobs", bool(controls.get("logprobs"))),
+        ("prompt_logprobs", controls.get("prompt_logprobs") is not None),
+        ("stop", bool(controls.get("stop"))),
+        (
+            "response_format",
+            controls.get("response_format", "text") != "text" or bool(controls.get("choices")),
+        ),
+    ):
+        if asked:
+            raise bad_request(
+                f"{name} is not supported with beam search (num_beams={beams}): beam search knows its "
+                f"beams only at the end; drop {name} or {param}",
+                param=name,
+            )
+    if n > beams:
+        raise bad_request(
+            f"n={n} is more than num_beams={beams}: beam search returns its n best beams", param="n"
+        )
 
 
 def _n(n: int | None, limits: ServeConfig) -> int:

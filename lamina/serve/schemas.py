@@ -71,6 +71,11 @@ class SamplingExtras(_Request):
     return_tokens_as_token_ids: bool | None = Field(
         default=None, description='vLLM: logprobs name tokens as "token_id:ID" (exact, unlike their text)'
     )
+    use_beam_search: bool | None = Field(
+        default=None,
+        description="vLLM: beam search with num_beams = max(best_of or n, 2), the n best beams returned "
+        "(no streaming); lamina's num_beams extra field sets the width directly",
+    )
 
 
 class CompletionRequest(SamplingExtras):

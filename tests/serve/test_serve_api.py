@@ -357,7 +357,7 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str | None, str | None]] = [
     ("token-id-range", "/v1/completions", {"model": "smollm2", "prompt": [1, 99999]}, 400, "prompt", None),
     ("empty-prompt", "/v1/completions", {"model": "smollm2", "prompt": ""}, 400, "prompt", None),
     ("unknown-field", "/v1/completions", {"model": "smollm2", "prompt": "x", "temprature": 0}, 400, "temprature", None),
-    ("reserved-field", "/v1/completions", {"model": "smollm2", "prompt": "x", "num_beams": 4}, 400, "num_beams", None),
+    ("reserved-field", "/v1/completions", {"model": "smollm2", "prompt": "x", "eos_token_ids": [4]}, 400, "eos_token_ids", None),
     ("invalid-control", "/v1/completions", {"model": "smollm2", "prompt": "x", "top_k": -1}, 400, "top_k", None),
     ("max-tokens-over-context", "/v1/completions", {"model": "smollm2", "prompt": "x", "max_tokens": 9000}, 400, "max_tokens", None),
     ("context-length", "/v1/completions", {"model": "smollm2", "prompt": "hi " * 8000, "max_tokens": 500}, 400, "max_tokens", "context_length_exceeded"),
