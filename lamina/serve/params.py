@@ -5,7 +5,8 @@ context window, chat template) and the server's limits (``ServeConfig``); each p
 request field. OpenAI's names map onto lamina's: ``max_tokens`` / ``max_completion_tokens`` ->
 ``max_new_tokens``, ``logprobs`` / ``top_logprobs`` -> ``logprobs`` / ``top_logprobs``, ``echo`` with
 ``logprobs`` -> ``prompt_logprobs``, ``response_format`` -> ``response_format``, ``min_tokens`` (vLLM) ->
-``min_new_tokens``; temperature defaults to 1 as OpenAI's does (0 is greedy).
+``min_new_tokens``; temperature defaults to 1 as OpenAI's does (0 is greedy). Beam search: lamina's
+``num_beams`` extra field, or vLLM's ``use_beam_search`` with ``best_of`` / ``n`` (``_beams``).
 """
 
 from __future__ import annotations

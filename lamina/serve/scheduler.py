@@ -202,10 +202,11 @@ class Scheduler:
             )
         limit = self.engine.max_tokens_in_flight
         for p in prompts:
-            need = p.config.n * (len(p.ids) + p.config.max_new_tokens)
+            rows = max(p.config.n, p.config.num_beams)  # beam search keeps num_beams rows
+            need = rows * (len(p.ids) + p.config.max_new_tokens)
             if limit is not None and need > limit:
                 raise bad_request(
-                    f"This request needs {need} tokens in flight (n={p.config.n} x ({len(p.ids)} prompt + "
+                    f"This request needs {need} tokens in flight ({rows} sequences x ({len(p.ids)} prompt + "
                     f"{p.config.max_new_tokens} completion tokens)) but the server allows at most {limit} "
                     "(lamina serve --max-tokens-in-flight); ask for fewer tokens or a smaller n",
                     param="max_tokens",
@@ -354,6 +355,7 @@ class Scheduler:
         """Every job in flight gets ``error``; the engine is rebuilt empty."""
         with self._lock:
             jobs, self._jobs, self._owners = self._jobs, set(), {}
+            self._beams.clear()
             try:
                 self.engine = self._make_engine()
             except Exception:  # pragma: no cover - building an engine over a loaded model does not fail

@@ -14,9 +14,8 @@ from tiny_chat import CONTEXT, tiny_tokenizer
 MESSAGES = [{"role": "user", "content": "hello world"}]
 
 
-@pytest.fixture(scope="module")
-def served() -> Iterator[tuple[Any, Any]]:
-    """(a TestClient of a server of a tiny random model "tiny", the model)."""
+def _client(**limits: Any) -> Any:
+    """A TestClient of a server (``limits``: ServeConfig fields) of a tiny random model "tiny"; its model."""
     from fastapi.testclient import TestClient
 
     from lamina.checkpoint.load import LoadedModel
@@ -32,9 +31,16 @@ def served() -> Iterator[tuple[Any, Any]]:
         Transformer(cfg).eval(), tok, GenerationConfig(eos_token_ids=[tok.eos_token_id]),
         ModelEntry("tiny", Path("."), "path", "lamina"),
     )  # fmt: skip
-    registry = Registry(ServeConfig())
+    registry = Registry(ServeConfig(**limits))
     registry.add("tiny", lm)
-    with TestClient(create_app(registry)) as client:
+    return TestClient(create_app(registry)), lm
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[tuple[Any, Any]]:
+    """(a TestClient of a server of a tiny random model "tiny", the model)."""
+    client, lm = _client()
+    with client:
         yield client, lm
 
 
@@ -88,3 +94,14 @@ def test_what_beam_search_cannot_give_is_a_400(served: Any, body: dict[str, Any]
     r = client.post(route, json={"model": "tiny", "max_tokens": 3, **body})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_a_beam_request_counts_its_beams_in_flight() -> None:
+    # num_beams rows are decoded together: 4 x (2 prompt + 10) = 48 tokens > 40; n=1 alone would be 12
+    client, _ = _client(max_tokens_in_flight=40)
+    with client:
+        body = {"model": "tiny", "prompt": "the cat", "max_tokens": 10, "num_beams": 4}
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 400 and "4 sequences" in r.json()["error"]["message"], r.text
+        r = client.post("/v1/completions", json={**body, "num_beams": 2})
+        assert r.status_code == 200, r.text
