@@ -210,3 +210,7 @@ def test_generate_draft_and_speculative_layers_print_the_greedy_text(
     assert main([*base, "--speculative-layers", "1", "--temperature", "0.7"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "greedy only: temperature=0.7" in err
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "hello"}\n')
+    assert main(["generate", tiny_path, "--input", str(path), "--speculative-layers", "1"]) == 1
+    assert "--input runs a batch without them" in capsys.readouterr().err
