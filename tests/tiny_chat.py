@@ -1,9 +1,13 @@
-"""A word-level tokenizer with a chat template, for tiny random chat models in fast tests (shared by
-tests/generate and tests/serve)."""
+"""A word-level tokenizer with a chat template and a tiny random chat model (``tiny_lm``), for fast tests
+(shared by tests/generate and tests/serve; import it as ``tiny_chat``: a module named ``conftest`` is
+ambiguous across folders)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import torch
 
 WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "blue", "green", "red", "hello", "world"]
 SPECIAL = ["[UNK]", "<|im_start|>", "<|im_end|>"]
@@ -26,3 +30,18 @@ def tiny_tokenizer() -> Any:
     backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     backend.add_special_tokens(SPECIAL)
     return Tokenizer(backend, eos_token="<|im_end|>", unk_token="[UNK]", chat_template=TEMPLATE)
+
+
+def tiny_lm(generation: Any = None, **model: Any) -> Any:
+    """A LoadedModel "tiny": a random 2-layer decoder (``model`` overrides ModelConfig fields) and the
+    word-level chat tokenizer; ``generation`` is its checkpoint's GenerationConfig (default: eos only)."""
+    from lamina.checkpoint.load import LoadedModel
+    from lamina.checkpoint.registry import ModelEntry
+    from lamina.config import GenerationConfig, ModelConfig
+    from lamina.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    tok = tiny_tokenizer()
+    cfg = ModelConfig.preset("llama-tiny", **{"vocab_size": tok.vocab_size, "max_seq_len": CONTEXT, **model})
+    gen = generation or GenerationConfig(eos_token_ids=[tok.eos_token_id])
+    return LoadedModel(Transformer(cfg).eval(), tok, gen, ModelEntry("tiny", Path("."), "path", "lamina"))

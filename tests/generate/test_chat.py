@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 import pytest
-from conftest import CONTEXT, tiny_lm
+from tiny_chat import CONTEXT, tiny_lm
 
 import lamina
 from lamina.config import GenerationConfig

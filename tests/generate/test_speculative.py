@@ -140,7 +140,7 @@ def test_equals_greedy_on_smollm2(lamina_smollm2: Any) -> None:
 
 def test_lamina_generate_decodes_speculatively_to_the_greedy_text() -> None:
     # before: speculative_decode was reached only by its own tests; lamina.generate had no way to it
-    from conftest import tiny_lm
+    from tiny_chat import tiny_lm
 
     from lamina.generate.text import complete, generate
 
@@ -168,7 +168,7 @@ def test_lamina_generate_decodes_speculatively_to_the_greedy_text() -> None:
     ],
 )
 def test_what_speculative_decoding_cannot_do_is_refused(controls: dict[str, Any], words: str) -> None:
-    from conftest import tiny_lm
+    from tiny_chat import tiny_lm
 
     from lamina.generate.text import complete
 

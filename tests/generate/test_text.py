@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_lm
+from tiny_chat import tiny_lm
 
 import lamina
 from lamina.config import TOKEN_IDS, GenerationConfig
