@@ -35,6 +35,10 @@ class LoadOptions:
     compile: bool = False
     threads: int | None = None  # torch CPU threads of this process (None: torch's choice, one per core)
 
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads={self.threads} must be >= 1 (or unset: torch's choice)")
+
 
 @dataclass
 class LoadedModel:

@@ -35,9 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--input", metavar="FILE", help="text file (one text per line) or .jsonl file; - = stdin (required)"
     )
-    p.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
     p.add_argument("--out", dest="output", help="output .npy or .jsonl file (default: JSONL on stdout)")
     add_config_file(p)
+    add_fields(p, read_texts, title="reading --input (lamina.data.texts.read_texts)", skip=("source",))
     add_fields(p, embed_texts, title="options (lamina.embed)", skip=("lm", "texts", "config"))
     add_fields(
         p,
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = values(args, EmbeddingConfig)
     if args.input is None:
         raise ConfigError("name the texts to embed: --input FILE (one text per line, or .jsonl; - = stdin)")
-    texts = read_texts(args.input, args.field)
+    texts = read_texts(args.input, **values(args, read_texts))
     lm = load(args.model)
     cfg = build(EmbeddingConfig, {**dataclasses.asdict(embedding_config(lm)), **overrides})
     truncate = bool(options.get("truncate", False))

@@ -186,7 +186,7 @@ def merged(args: argparse.Namespace, sections: Mapping[str, Any] | Sequence[str]
     from lamina.errors import ConfigError
     from lamina.fields import NONE_WORDS
 
-    data: dict[str, Any] = read_yaml(args.config) if getattr(args, "config", None) else {}
+    data = dict(_config_file(args))
     if not sections:
         return {**data, **given(args)}
     data.update(given(args))  # top-level keys (init)
@@ -209,6 +209,15 @@ def merged(args: argparse.Namespace, sections: Mapping[str, Any] | Sequence[str]
         if flags or current is not None:
             data[section] = {**base, **flags}
     return data
+
+
+def _config_file(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--config`` file's mapping, read once per command (every source of a verb asks for it)."""
+    if not getattr(args, "config", None):
+        return {}
+    if getattr(args, "_lamina_file", None) is None:
+        args._lamina_file = read_yaml(args.config)
+    return args._lamina_file
 
 
 def resolved(args: argparse.Namespace, source: Any) -> dict[str, Any]:

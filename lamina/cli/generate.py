@@ -92,8 +92,6 @@ def load_from_args(args: argparse.Namespace, model: str | None = None) -> Loaded
     """Load ``model`` (default ``args.model``) with the ``LoadOptions`` given by flags or ``--config``."""
     opts = build(LoadOptions, values(args, LoadOptions))
     if opts.threads is not None:
-        if opts.threads < 1:
-            raise ConfigError(f"threads={opts.threads} must be >= 1 (or unset: torch's choice)")
         import torch
 
         torch.set_num_threads(opts.threads)

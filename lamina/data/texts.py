@@ -15,6 +15,9 @@ def read_texts(source: str, field: str = "text") -> list[str]:
 
     Raises ``DataError`` naming the file (and line) when it is missing, a row is not JSON, or a row has
     no string ``field``.
+
+    Args:
+        field: the JSONL field holding the text
     """
     if source == "-":
         lines = sys.stdin.read().splitlines()
