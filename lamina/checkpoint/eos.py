@@ -5,7 +5,8 @@ a GGUF file has ``tokenizer.ggml.eos_token_id`` and, apart from it, ``eot_token_
 ``eom_token_id`` (end of message, after a tool call); and a chat template closes every assistant turn with
 its own marker (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``), which is often not the tokenizer's
 eos. Stopping at only one of them lets a chat reply run on into an invented next turn, so lamina stops at
-all of them (as llama.cpp does with its end-of-generation set).
+all of them (as llama.cpp does with its end-of-generation set). A GGUF file's three ids are read by
+``lamina.checkpoint.gguf.gguf_eos_token_ids`` (into the ``eos_token_id`` of the config it converts to).
 """
 
 from __future__ import annotations
@@ -15,9 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lamina.tokenizer import Tokenizer
-
-# GGUF metadata keys of end-of-generation tokens (llama.cpp's llama-vocab.cpp reads the same three)
-GGUF_EOS_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
 
 _MARK = "lamina-end-of-turn-probe"  # plain text no template changes, so it can be found in the rendering
 _PROBES: tuple[Sequence[Mapping[str, str]], ...] = (  # the first that renders answers
@@ -35,11 +33,6 @@ def as_id_list(value: Any) -> list[int]:
     if isinstance(value, (list, tuple)):
         return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
     return []
-
-
-def gguf_eos_token_ids(metadata: Mapping[str, Any]) -> list[int]:
-    """The eos, eot and eom ids of GGUF metadata (``GGUF_EOS_KEYS``), in that order, without repeats."""
-    return unique(v for key in GGUF_EOS_KEYS for v in as_id_list(metadata.get(key)))
 
 
 def end_of_turn_id(tokenizer: Tokenizer) -> int | None:

@@ -24,7 +24,7 @@ import mmap
 import os
 import struct
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +34,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lamina.checkpoint.eos import gguf_eos_token_ids
 from lamina.errors import CheckpointError, ModelNotFoundError
 
 StateDict = dict[str, torch.Tensor]
@@ -312,7 +311,8 @@ def dequantize(raw: np.ndarray, qtype: int, shape: tuple[int, ...]) -> torch.Ten
     data = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
     if data.size != expected:
         raise CheckpointError(
-            f"a {qtype_name(qtype)} tensor of shape {shape} takes {expected} bytes but {data.size} were given"
+            f"a tensor of type {qtype_name(qtype)} and shape {shape} takes {expected} bytes but {data.size} were "
+            "given"
         )
     blocks = data.reshape(-1, _GGML_TYPES[qtype][2])
     return torch.from_numpy(_DEQUANTIZERS[qtype](blocks).reshape(shape))
@@ -612,10 +612,33 @@ def _reverse_qk_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 def _meta(gf: GGUFFile, key: str, default: Any = ..., kind: type | tuple[type, ...] = object) -> Any:
     value = gf.metadata.get(key, default)
     if value is ...:
-        raise CheckpointError(f"{gf.path} lacks metadata key {key!r}, which a {gf.architecture} model needs")
+        raise CheckpointError(
+            f"{gf.path} lacks metadata key {key!r}, which architecture {gf.architecture!r} needs"
+        )
     if value is not None and value is not default and not isinstance(value, kind):
-        raise CheckpointError(f"{gf.path} has {key}={value!r}; expected a {getattr(kind, '__name__', kind)}")
+        raise CheckpointError(f"{gf.path} has {key}={value!r}; expected {kind_words(kind)}")
     return value
+
+
+_KIND_WORDS = {int: "an integer", float: "a number", str: "a string", list: "a list", bool: "true or false"}
+
+
+def kind_words(kind: type | tuple[type, ...]) -> str:
+    """A type (or a tuple of types) as a person names it, article included: ``(int, list)`` ->
+    ``"an integer or a list"`` (never "a int")."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(_KIND_WORDS.get(k, f"a value of type {k.__name__}") for k in kinds)
+
+
+# GGUF metadata keys of end-of-generation tokens (llama.cpp's llama-vocab.cpp reads the same three)
+GGUF_EOS_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+
+
+def gguf_eos_token_ids(metadata: Mapping[str, Any]) -> list[int]:
+    """The eos, eot and eom ids of GGUF metadata (``GGUF_EOS_KEYS``), in that order, without repeats (see
+    ``lamina.checkpoint.eos`` for the whole end-of-generation set)."""
+    ids = [metadata.get(key) for key in GGUF_EOS_KEYS]
+    return list(dict.fromkeys(i for i in ids if isinstance(i, int) and not isinstance(i, bool)))
 
 
 def _token_ids(gf: GGUFFile) -> dict[str, int | list[int]]:

@@ -87,7 +87,7 @@ class Registry:
         kind = kind or ("embedding" if arch == "encoder" else "generation")
         if kind == "generation" and arch != "decoder":
             raise ConfigError(
-                f"model {name!r} is an {arch}: it cannot generate text (serve it for embeddings)"
+                f"model {name!r} (arch={arch!r}) cannot generate text (serve it for embeddings)"
             )
         if kind == "embedding" and lm.tokenizer is None:
             raise ConfigError(f"model {name!r} has no tokenizer: embeddings need one")

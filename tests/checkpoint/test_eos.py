@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import lamina
-from lamina.checkpoint.eos import as_id_list, end_of_turn_id, eos_token_ids, gguf_eos_token_ids
-from lamina.checkpoint.gguf import gguf_to_hf, read_gguf
+from lamina.checkpoint.eos import as_id_list, end_of_turn_id, eos_token_ids
+from lamina.checkpoint.gguf import gguf_eos_token_ids, gguf_to_hf, read_gguf
 from lamina.checkpoint.hf import export_hf
 from lamina.checkpoint.lamina import save_checkpoint
 from lamina.config import GenerationConfig, ModelConfig

@@ -16,7 +16,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from lamina.checkpoint.gguf import SUPPORTED_QTYPES, GGUFFile, dequantize, gguf_to_hf, read_gguf
+from lamina.checkpoint.gguf import SUPPORTED_QTYPES, GGUFFile, dequantize, gguf_to_hf, kind_words, read_gguf
 from lamina.errors import CheckpointError
 
 
@@ -452,3 +452,15 @@ def test_smollm2_q_k_unpermute_matters(smol: GGUFFile, smol_transformers: Any) -
     assert torch.equal(stored, _llama_cpp_permute(sd["model.layers.0.self_attn.q_proj.weight"], 9))
     k = sd["model.layers.0.self_attn.k_proj.weight"]
     assert torch.equal(smol.load_tensor("blk.0.attn_k.weight"), _llama_cpp_permute(k, 3))
+
+
+def test_metadata_errors_read_as_a_person_writes_them() -> None:
+    """A missing or mistyped metadata value is named with a correct article ("an integer", never "a int")."""
+    meta: dict[str, Any] = {"general.architecture": "llama", "llama.attention.head_count": 2}
+    with pytest.raises(CheckpointError, match=r"'llama.embedding_length', which architecture 'llama' needs$"):
+        gguf_to_hf(GGUFFile(Path("m.gguf"), 3, meta, {}))
+    with pytest.raises(CheckpointError, match=r"head_count='two'; expected an integer$"):
+        gguf_to_hf(GGUFFile(Path("m.gguf"), 3, {**meta, "llama.attention.head_count": "two"}, {}))
+    with pytest.raises(CheckpointError, match=r"head_count_kv=2.5; expected an integer or a list$"):
+        gguf_to_hf(GGUFFile(Path("m.gguf"), 3, {**meta, "llama.attention.head_count_kv": 2.5}, {}))
+    assert kind_words(float) == "a number"
