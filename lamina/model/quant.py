@@ -96,6 +96,11 @@ class Int8Linear(nn.Module):
                 y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
 
+    def dequantize(self) -> Tensor:
+        """The weight (out, in) the matmul uses, in the scales' dtype (for LoRA's backward and merges)."""
+        w = self.weight[:, : self.in_features]
+        return w.to(self.scale.dtype) * self.scale[:, None]
+
 
 def quantize_groupwise_int4(weight: Tensor, group: int = INT4_GROUP) -> tuple[Tensor, Tensor, Tensor]:
     """Asymmetric 4-bit quantization in groups of ``group`` input features, with bf16 scales.
@@ -150,6 +155,13 @@ class Int4Linear(nn.Module):
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    def dequantize(self) -> Tensor:
+        """The weight (out, in) the kernel uses, in bf16 (for LoRA's backward): the kernel applied to the
+        identity matrix, which is exact for the packed layout whatever it is."""
+        eye = torch.eye(self.in_features + self.pad_in, dtype=torch.bfloat16, device=self.packed.device)
+        wt = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scale_offset)
+        return wt[: self.in_features, : self.out_features].t()  # (in_pad, out_pad) -> (out, in)
+
 
 class DynamicInt8Linear(nn.Module):
     """W8A8 linear: int8 weights per output channel, activations quantized per token on the fly."""
@@ -186,8 +198,11 @@ def _swap_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> N
                 setattr(module, name, make(child))
 
 
-def convert_weights(model: Transformer, fmt: str) -> Transformer:
-    """Convert ``model`` in place to weight format ``fmt`` (one of ``FORMATS``) and return it."""
+def convert_weights(model: Transformer, fmt: str, fuse: bool = True) -> Transformer:
+    """Convert ``model`` in place to weight format ``fmt`` (one of ``FORMATS``) and return it.
+
+    ``fuse=False`` keeps q/k/v_proj and gate/up_proj apart (LoRA over a quantized base targets them by
+    name: ``lamina.model.lora``)."""
     if fmt not in FORMATS:
         raise ConfigError(f"weight format {fmt!r} is not one of {', '.join(FORMATS)}")
     if model.weight_format is not None:
@@ -201,7 +216,7 @@ def convert_weights(model: Transformer, fmt: str) -> Transformer:
             f"weight format {fmt!r} uses CPU kernels; the model is on {device}: use dtype bf16 there"
         )
     model.eval().float()  # integer weights are quantized from the fp32 values
-    if fmt != "fp32":  # fewer, larger matmuls (fp32 stays the untouched reference)
+    if fmt != "fp32" and fuse:  # fewer, larger matmuls (fp32 stays the untouched reference)
         for module in model.modules():
             if isinstance(module, Attention | MLP):
                 module.fuse_projections()

@@ -1,0 +1,310 @@
+"""Low-rank adapters (LoRA, Hu et al. 2021, arXiv:2106.09685) on lamina's linear layers.
+
+``apply_lora(model, LoraConfig(...))`` freezes every parameter of ``model`` and wraps the linear layers
+that ``target_modules`` names in ``LoraLinear``: ``y = base(x) + scaling * B(A(dropout(x)))`` with
+``A`` (r, in), ``B`` (out, r) and ``scaling = lora_alpha / r`` (rsLoRA, Kalajdzievski 2023: ``lora_alpha
+/ sqrt(r)``). Only ``A`` and ``B`` require grad, so only they get gradients and optimizer state. The
+names and semantics are PEFT's (``peft.LoraConfig``, ``peft.tuners.lora.layer.Linear``): a wrapped layer
+holds ``base_layer``, ``lora_A`` and ``lora_B``, so ``blocks.0.attn.q_proj.lora_A.weight`` is PEFT's
+``...self_attn.q_proj.lora_A.weight`` (``lamina.checkpoint.peft`` writes and reads PEFT's files).
+
+QLoRA-style (Dettmers et al. 2023, arXiv:2305.14314, with lamina's own formats instead of NF4):
+``LoraConfig(base_weights="int8" | "int4")`` (or "bf16") first converts the frozen base to lamina's weight-only
+int8 / int4 linears (``lamina.model.quant``; bf16 activations) and puts fp32 adapters on top. Gradients
+reach the inputs of a quantized layer through a backward that dequantizes its weight on the fly
+(``_FrozenQuantMatmul``), so no dequantized weight is kept between forward and backward.
+
+``merge_lora`` adds ``scaling * B @ A`` into the base weights (``unload=True`` then replaces each wrapper
+by its merged ``nn.Linear``, PEFT's ``merge_and_unload``); ``unmerge_lora`` subtracts it again. A wrapped
+model decodes with the KV-cache engine as it is (merged or not).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lamina.errors import ConfigError
+from lamina.model.layers import MLP, Attention
+from lamina.model.quant import Int4Linear, Int8Linear, convert_weights
+from lamina.model.transformer import Transformer
+
+ALL_LINEAR = "all-linear"  # target_modules shorthand: every linear layer of the blocks (not the output head)
+_BASE_TYPES = (nn.Linear, Int8Linear, Int4Linear)
+
+
+@dataclass
+class LoraConfig:
+    """Which layers get adapters and how (PEFT's ``LoraConfig`` field names and meanings)."""
+
+    r: int = 8  # rank of the adapters: A is (r, in_features), B is (out_features, r)
+    lora_alpha: float = 8.0  # the update B @ A is scaled by lora_alpha / r (rsLoRA: lora_alpha / sqrt(r))
+    lora_dropout: float = 0.0  # dropout on the adapter's input while training
+    # module name globs ('attn.q_proj', 'q_proj', 'blocks.0.mlp.*'), or 'all-linear' (every linear of the blocks)
+    target_modules: list[str] = field(default_factory=lambda: [ALL_LINEAR])
+    use_rslora: bool = False  # rank-stabilized LoRA: scale by lora_alpha / sqrt(r) instead of lora_alpha / r
+    # true: A Kaiming-uniform, B zero (PEFT's default: starts as the base); gaussian: A ~ N(0, 1/r), B zero; false: both random
+    init_lora_weights: bool | Literal["gaussian"] = True
+    bias: Literal["none"] = "none"  # biases stay frozen (PEFT's "none"; the only choice lamina offers)
+    # QLoRA-style: convert the frozen base to this format (bf16 activations; int8/int4 weight-only) under fp32 adapters
+    base_weights: Literal["bf16", "int8", "int4"] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+        if self.r < 1:
+            raise ConfigError(f"r={self.r}: the adapters' rank must be >= 1")
+        if self.lora_alpha <= 0:
+            raise ConfigError(f"lora_alpha={self.lora_alpha} must be > 0 (PEFT's default: 8)")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout={self.lora_dropout} must be in [0, 1)")
+        if not self.target_modules:
+            raise ConfigError(
+                "target_modules is empty: name module globs such as 'attn.q_proj', or 'all-linear'"
+            )
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ConfigError(f"init_lora_weights={self.init_lora_weights!r}: use true, false or gaussian")
+        if self.bias != "none":
+            raise ConfigError(f"bias={self.bias!r}: lamina's adapters train no bias (use 'none')")
+        if self.base_weights not in (None, "bf16", "int8", "int4"):
+            raise ConfigError(f"base_weights={self.base_weights!r}: use bf16, int8, int4 or none")
+
+    @property
+    def scaling(self) -> float:
+        """The factor on ``B @ A``: ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with ``use_rslora``."""
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+class _FrozenQuantMatmul(torch.autograd.Function):
+    """``base(x)`` for a frozen int8/int4 linear, differentiable in ``x``: the backward multiplies by the
+    weight dequantized then (``grad_x = grad_y @ W``), so the forward saves no tensor."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, base: nn.Module) -> Tensor:
+        ctx.base = base
+        with torch.no_grad():
+            return base(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, None]:
+        w = ctx.base.dequantize()  # (out, in)
+        return (grad_y.to(w.dtype) @ w).to(grad_y.dtype), None
+
+
+class LoraLinear(nn.Module):
+    """``base_layer(x) + scaling * lora_B(lora_A(dropout(x)))``: (..., in) -> (..., out) in x's dtype.
+
+    ``base_layer`` is an ``nn.Linear`` or a frozen ``Int8Linear`` / ``Int4Linear``; ``lora_A`` (r, in)
+    and ``lora_B`` (out, r) are fp32. ``merged`` says the update is inside ``base_layer.weight`` (the
+    adapter branch is then skipped)."""
+
+    def __init__(self, base_layer: nn.Module, cfg: LoraConfig) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features: int = base_layer.in_features  # type: ignore[assignment]
+        self.out_features: int = base_layer.out_features  # type: ignore[assignment]
+        self.r, self.scaling = cfg.r, cfg.scaling
+        device = next(itertools.chain(base_layer.parameters(), base_layer.buffers())).device
+        self.lora_A = nn.Linear(self.in_features, cfg.r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(cfg.r, self.out_features, bias=False, device=device, dtype=torch.float32)
+        self.lora_dropout: nn.Module = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout > 0 else nn.Identity()
+        self.merged = False
+        self.reset_lora_parameters(cfg.init_lora_weights)
+
+    def reset_lora_parameters(self, init: bool | str) -> None:
+        """PEFT's initialisations: True (A Kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r), B zero),
+        False (both Kaiming-uniform, as ``nn.Linear``: the adapter changes the output from the start)."""
+        with torch.no_grad():
+            if init == "gaussian":
+                nn.init.normal_(self.lora_A.weight, std=1 / self.r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            if init is False:
+                nn.init.kaiming_uniform_(self.lora_B.weight, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(self.lora_B.weight)
+
+    def delta_weight(self) -> Tensor:
+        """``scaling * B @ A`` (out, in) in fp32: what merging adds to the base weight."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., in) -> (..., out) in x's dtype."""
+        base = self.base_layer
+        if isinstance(base, nn.Linear):
+            y = base(x)
+        elif torch.is_grad_enabled() and x.requires_grad:
+            y = _FrozenQuantMatmul.apply(x, base)
+        else:
+            y = base(x)
+        if self.merged:
+            return y
+        a = self.lora_A.weight
+        h = F.linear(F.linear(self.lora_dropout(x).to(a.dtype), a), self.lora_B.weight)
+        return y + (h * self.scaling).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+def _targets(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Names of the linear layers ``patterns`` select (globs matched against the full name or its tail)."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, _BASE_TYPES) and ".lora_" not in n]
+    in_blocks = [n for n in linears if n.startswith("blocks.")]
+    chosen: set[str] = set()
+    for pat in patterns:
+        if pat == ALL_LINEAR:
+            hits = in_blocks
+        else:
+            hits = [n for n in linears if fnmatch.fnmatchcase(n, pat) or fnmatch.fnmatchcase(n, "*." + pat)]
+        if not hits:
+            examples = sorted({n.split(".", 2)[-1] for n in in_blocks})
+            raise ConfigError(
+                f"target_modules={pat!r} matches no linear layer; use '{ALL_LINEAR}' or globs over names "
+                f"such as {', '.join(examples[:7])}"
+            )
+        chosen.update(hits)
+    return sorted(chosen, key=linears.index)
+
+
+def apply_lora(model: Transformer, cfg: LoraConfig) -> Transformer:
+    """Freeze ``model`` and put adapters on the layers ``cfg.target_modules`` names; in place, returned.
+
+    With ``cfg.base_weights`` the base is first converted to that weight-only format (projections kept
+    apart). Afterwards only the ``lora_A`` / ``lora_B`` weights require grad (``count_trainable``).
+
+    Raises:
+        ConfigError: a target matches no linear layer; the model already has adapters; the model was
+            converted with fused projections (``convert_weights(model, fmt, fuse=False)``, or
+            ``LoraConfig.base_weights``, keep q/k/v and gate/up apart); a format LoRA cannot train over.
+    """
+    if lora_config_of(model) is not None:
+        raise ConfigError("this model already has LoRA adapters: merge_lora(model, unload=True) first")
+    if cfg.base_weights is not None:
+        convert_weights(model, cfg.base_weights, fuse=False)
+    if model.weight_format not in (None, "bf16", "int8", "int4"):
+        raise ConfigError(
+            f"LoRA trains over fp32, bf16, int8 or int4 bases; this model has weights={model.weight_format!r}"
+        )
+    for m in model.modules():
+        if (isinstance(m, Attention) and m.qkv_proj is not None) or (
+            isinstance(m, MLP) and m.gate_up_proj is not None
+        ):
+            raise ConfigError(
+                "this model's projections are fused (q/k/v in one matmul) for inference; for LoRA "
+                "load it unconverted and set LoraConfig.base_weights (or convert_weights(..., fuse=False))"
+            )
+    names = _targets(model, list(cfg.target_modules))
+    model.requires_grad_(False)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoraLinear(getattr(parent, child), cfg))
+    model.lora_config = cfg  # type: ignore[assignment]  # read back by lora_config_of / save_adapter
+    return model
+
+
+def lora_config_of(model: nn.Module) -> LoraConfig | None:
+    """The ``LoraConfig`` ``apply_lora`` used on ``model``, or None for a model without adapters."""
+    cfg = getattr(model, "lora_config", None)
+    return cfg if isinstance(cfg, LoraConfig) else None
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    """Every ``LoraLinear`` of ``model`` by module name (``blocks.0.attn.q_proj``), in model order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The adapter weights only: ``{"blocks.0.attn.q_proj.lora_A.weight": (r, in), ...lora_B...: (out, r)}``."""
+    out: dict[str, Tensor] = {}
+    for name, layer in lora_layers(model).items():
+        out[f"{name}.lora_A.weight"] = layer.lora_A.weight.detach()
+        out[f"{name}.lora_B.weight"] = layer.lora_B.weight.detach()
+    return out
+
+
+def load_lora_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Copy adapter weights (names and shapes of ``lora_state_dict``) into ``model``'s adapters.
+
+    Raises ``ConfigError`` naming missing / unexpected tensors or a shape (rank) mismatch."""
+    own = lora_state_dict(model)
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    if missing or unexpected:
+        raise ConfigError(
+            f"adapter tensors do not match the model's adapters: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}; were they made for this model and target_modules?"
+        )
+    with torch.no_grad():
+        for k, t in own.items():
+            if tuple(state[k].shape) != tuple(t.shape):
+                raise ConfigError(
+                    f"adapter tensor {k} has shape {tuple(state[k].shape)}, the model's is {tuple(t.shape)}"
+                )
+            t.copy_(state[k])
+
+
+def merge_lora(model: Transformer, unload: bool = False) -> Transformer:
+    """Add each adapter's ``scaling * B @ A`` into its base weight (fp32 sums, stored in the weight's
+    dtype); ``unload=True`` also replaces every wrapper by its base ``nn.Linear`` (PEFT's
+    ``merge_and_unload``): a plain model that saves, exports and converts like any other.
+
+    Raises ``ConfigError`` for a quantized base (merge into the fp32 model instead)."""
+    for layer in lora_layers(model).values():
+        base = layer.base_layer
+        if not isinstance(base, nn.Linear):
+            raise ConfigError(
+                "cannot merge adapters into an int8/int4 base; load the base unconverted, "
+                "load_adapter on it, then merge"
+            )
+        if not layer.merged:
+            with torch.no_grad():
+                base.weight.copy_((base.weight.float() + layer.delta_weight()).to(base.weight.dtype))
+            layer.merged = True
+    if unload:
+        unload_lora(model)
+    return model
+
+
+def unmerge_lora(model: Transformer) -> Transformer:
+    """Subtract what ``merge_lora`` added (the adapters act apart again); the weights come back up to
+    float rounding."""
+    for layer in lora_layers(model).values():
+        if layer.merged:
+            base = layer.base_layer
+            assert isinstance(base, nn.Linear)
+            with torch.no_grad():
+                base.weight.copy_((base.weight.float() - layer.delta_weight()).to(base.weight.dtype))
+            layer.merged = False
+    return model
+
+
+def unload_lora(model: Transformer) -> Transformer:
+    """Replace every wrapper by its base layer (merged adapters stay in the weights, unmerged ones are
+    dropped) and forget the ``LoraConfig``."""
+    for name in list(lora_layers(model)):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, getattr(parent, child).base_layer)
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return model
+
+
+def count_trainable(model: nn.Module) -> tuple[int, int]:
+    """(parameters that require grad, all parameters); a tied tensor counts once."""
+    params = list(model.parameters())  # nn.Module.parameters() yields a shared tensor once
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def expected_trainable(model: nn.Module) -> int:
+    """What ``count_trainable`` must find for a LoRA model: ``r * (in + out)`` per wrapped layer."""
+    return sum(m.r * (m.in_features + m.out_features) for m in lora_layers(model).values())

@@ -1,0 +1,185 @@
+"""LoRA adapters: exact trainable counts, gradients only in adapters, merge/unmerge, int8/int4 bases."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lamina.config import ModelConfig
+from lamina.errors import ConfigError
+from lamina.generate.engine import greedy_decode
+from lamina.model.lora import (
+    LoraConfig,
+    LoraLinear,
+    apply_lora,
+    count_trainable,
+    expected_trainable,
+    load_lora_state_dict,
+    lora_state_dict,
+    merge_lora,
+    unmerge_lora,
+)
+from lamina.model.quant import Int4Linear, Int8Linear
+from lamina.model.transformer import Transformer
+
+D, H, KV, HD, FF, L = 64, 4, 2, 16, 96, 2
+
+
+def _cfg() -> ModelConfig:
+    return ModelConfig(
+        vocab_size=101, max_seq_len=64, n_layers=L, d_model=D, n_heads=H, n_kv_heads=KV, d_ff=FF,
+        activation="swiglu", norm="rmsnorm", pos_encoding="rope", bias=False,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def base() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(_cfg()).eval()
+
+
+@pytest.fixture(scope="module")
+def ids() -> torch.Tensor:
+    return torch.randint(0, 101, (2, 20), generator=torch.Generator().manual_seed(1))
+
+
+def _lora(base: Transformer, **kw: object) -> Transformer:
+    torch.manual_seed(2)
+    return apply_lora(copy.deepcopy(base), LoraConfig(**kw))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("r", [1, 4, 16])
+def test_trainable_count_is_r_times_in_plus_out_of_each_linear(base: Transformer, r: int) -> None:
+    model = _lora(base, r=r, target_modules="all-linear")
+    # independently of the model: q, k, v, o, gate, up, down of each block
+    shapes = [(D, H * HD), (D, KV * HD), (D, KV * HD), (H * HD, D), (D, FF), (D, FF), (FF, D)]
+    want = L * sum(r * (i + o) for i, o in shapes)
+    trainable, total = count_trainable(model)
+    print(f"r={r}: trainable {trainable} of {total}")
+    assert trainable == want == expected_trainable(model)
+    assert total == base.num_params() + want
+    assert {n.rsplit(".", 2)[-2] for n, p in model.named_parameters() if p.requires_grad} == {
+        "lora_A",
+        "lora_B",
+    }
+
+
+def test_targets_by_glob_and_errors(base: Transformer) -> None:
+    model = _lora(base, target_modules=["attn.q_proj", "blocks.1.mlp.down_proj"])
+    assert sorted(n for n, m in model.named_modules() if isinstance(m, LoraLinear)) == [
+        "blocks.0.attn.q_proj", "blocks.1.attn.q_proj", "blocks.1.mlp.down_proj"
+    ]  # fmt: skip
+    assert not isinstance(model.lm_head, LoraLinear)  # all-linear and globs leave the output head alone
+    with pytest.raises(ConfigError, match="matches no linear layer"):
+        _lora(base, target_modules=["attn.qq_proj"])
+    with pytest.raises(ConfigError, match="already has LoRA"):
+        apply_lora(model, LoraConfig())
+    with pytest.raises(ConfigError, match="rank"):
+        LoraConfig(r=0)
+
+
+def test_default_init_starts_as_the_base_and_gaussian_too(base: Transformer, ids: torch.Tensor) -> None:
+    ref = base(ids)
+    for init in (True, "gaussian"):
+        assert torch.equal(_lora(base, init_lora_weights=init)(ids), ref)
+    assert (_lora(base, init_lora_weights=False)(ids) - ref).abs().max() > 1e-3
+
+
+def test_scaling_and_rslora() -> None:
+    assert LoraConfig(r=16, lora_alpha=32).scaling == 2.0
+    assert LoraConfig(r=16, lora_alpha=32, use_rslora=True).scaling == 8.0
+
+
+def test_only_adapters_change_in_training(base: Transformer, ids: torch.Tensor) -> None:
+    model = _lora(base, r=4, lora_dropout=0.1)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        model.loss(ids[:, :-1], ids[:, 1:]).backward()
+        opt.step()
+        opt.zero_grad()
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".lora_" in k for k in changed)
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+def test_merge_unmerge_and_unload(base: Transformer, ids: torch.Tensor) -> None:
+    model = _lora(base, r=4, init_lora_weights=False).eval()
+    with torch.no_grad():
+        adapted = model(ids)
+        merge_lora(model)
+        assert (model(ids) - adapted).abs().max() < 1e-5
+        unmerge_lora(model)
+        assert (model(ids) - adapted).abs().max() < 1e-5
+        q = model.blocks[0].attn.q_proj
+        assert (
+            isinstance(q, LoraLinear)
+            and (q.base_layer.weight - base.blocks[0].attn.q_proj.weight).abs().max() < 1e-6
+        )
+        merge_lora(model, unload=True)
+        assert not any(isinstance(m, LoraLinear) for m in model.modules())
+        assert model.state_dict().keys() == base.state_dict().keys()
+        assert (model(ids) - adapted).abs().max() < 1e-5
+
+
+def test_state_dict_round_trip(base: Transformer, ids: torch.Tensor) -> None:
+    a = _lora(base, r=4, init_lora_weights=False)
+    b = _lora(base, r=4)
+    load_lora_state_dict(b, lora_state_dict(a))
+    assert torch.equal(a(ids), b(ids))
+    with pytest.raises(ConfigError, match="do not match"):
+        load_lora_state_dict(_lora(base, r=4, target_modules="q_proj"), lora_state_dict(a))
+
+
+def test_kv_cache_decoding_unchanged(base: Transformer) -> None:
+    """The engine decodes a LoRA model (adapters live) exactly as its merged copy."""
+    model = _lora(base, r=4, init_lora_weights=False).eval()
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+    live = greedy_decode(model, prompts, max_new_tokens=6)
+    merged = greedy_decode(merge_lora(copy.deepcopy(model), unload=True), prompts, max_new_tokens=6)
+    assert live == merged
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantized_base_backward_matches_dequantized_weights(
+    base: Transformer, ids: torch.Tensor, fmt: str
+) -> None:
+    """QLoRA-style: the frozen base is int8/int4; the adapters' gradients equal those of a model whose
+    bf16 base holds the same (dequantized) weights, so backward flows right through the quantized matmul."""
+    q = _lora(base, r=4, init_lora_weights=False, base_weights=fmt)
+    assert q.weight_format == fmt
+    kinds = {type(m.base_layer) for m in q.modules() if isinstance(m, LoraLinear)}
+    assert kinds == {Int8Linear if fmt == "int8" else Int4Linear}
+    # reference: the same base as plain bf16 linears holding the dequantized weights
+    ref = copy.deepcopy(q)
+    for m in ref.modules():
+        if isinstance(m, LoraLinear):
+            lin = nn.Linear(m.in_features, m.out_features, bias=False, dtype=torch.bfloat16)
+            lin.weight.data.copy_(m.base_layer.dequantize())  # type: ignore[operator]
+            lin.requires_grad_(False)
+            m.base_layer = lin
+    grads = []
+    for model in (q, ref):
+        model.train()
+        model.loss(ids[:, :-1], ids[:, 1:]).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))  # type: ignore[union-attr]
+    assert grads[0].abs().max() > 0
+    rel = (grads[0] - grads[1]).norm() / grads[1].norm()
+    assert rel < 0.05, rel  # bf16 activations: the two paths round differently
+    trainable, _ = count_trainable(q)
+    assert trainable == expected_trainable(q)
+    with pytest.raises(ConfigError, match="int8/int4 base"):
+        merge_lora(q)
+
+
+def test_fused_model_refused(base: Transformer) -> None:
+    from lamina.model.quant import convert_weights
+
+    fused = convert_weights(copy.deepcopy(base), "bf16")
+    with pytest.raises(ConfigError, match="fused"):
+        apply_lora(fused, LoraConfig())
