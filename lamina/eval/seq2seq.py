@@ -1,0 +1,213 @@
+"""Sequence-to-sequence metrics (BLEU, chrF, ROUGE-1/2/L, exact match) and a runner that scores any model on
+a pair file.
+
+    scores = score_pairs(["the cat sat"], ["the cat sat down"])
+    # {"bleu": ..., "chrf": ..., "rouge1": ..., "rouge2": ..., "rougeL": ..., "exact_match": 0.0, "n": 1}
+    result = evaluate_pairs(predict, "test.jsonl")       # predict: list[str] -> list[str], any model
+    result = evaluate_pairs(generation_predictor(lamina.load("out/best")), "test.jsonl")
+
+The numbers are the reference libraries' own, unchanged, on their own scales:
+
+- ``bleu``: ``sacrebleu.corpus_bleu(predictions, [references]).score`` (0-100; corpus-level, 13a
+  tokenization, exponential smoothing: sacrebleu's defaults, Post 2018);
+- ``chrf``: ``sacrebleu.corpus_chrf(predictions, [references]).score`` (0-100; chrF2, character 6-grams,
+  Popović 2015), which also scores text without spaces between words;
+- ``rouge1``, ``rouge2``, ``rougeL``: the mean over pairs of the F-measure of
+  ``rouge_score.rouge_scorer.RougeScorer([...], use_stemmer=True).score(reference, prediction)`` (0-1;
+  Lin 2004; stemming as in transformers' summarization examples). rouge-score's default tokenizer keeps
+  only ``[a-z0-9]`` after lowercasing, so text in other scripts scores 0; ``rouge_tokenizer="unicode"``
+  splits on any non-word character instead (Unicode letters kept, no stemming);
+- ``exact_match``: the fraction of pairs whose prediction equals the reference after stripping leading
+  and trailing whitespace (0-1).
+
+The reference libraries are the ``seq2seq`` extra (``pip install 'lamina[seq2seq]'``), imported on first use.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from lamina.errors import ConfigError, LaminaError
+
+if TYPE_CHECKING:
+    from lamina.checkpoint.load import LoadedModel
+    from lamina.data.pairs import PairData
+
+__all__ = [
+    "ROUGE_TYPES",
+    "MissingExtraError",
+    "PairEvaluation",
+    "evaluate_pairs",
+    "generation_predictor",
+    "rouge_scores",
+    "score_pairs",
+]
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+RougeTokenizer = Literal["default", "unicode"]
+Predict = Callable[[list[str]], list[str]]
+
+
+class MissingExtraError(LaminaError, ImportError):
+    """An optional dependency of the capability asked for is not installed."""
+
+
+def _import(name: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        package = {"rouge_score": "rouge-score"}.get(name, name)
+        raise MissingExtraError(
+            f"{package} is not installed; seq2seq metrics need it: pip install 'lamina[seq2seq]'"
+        ) from None
+
+
+class _UnicodeTokenizer:
+    """Lowercased words of any script: runs of Unicode word characters (``\\w``), no stemming."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return re.findall(r"\w+", text.lower())
+
+
+def rouge_scores(
+    predictions: Sequence[str],
+    references: Sequence[str],
+    rouge_tokenizer: RougeTokenizer = "default",
+) -> dict[str, list[float]]:
+    """Per-pair ROUGE-1/2/L F-measures (0-1) from ``rouge_score`` (see the module docstring)."""
+    rouge_scorer = _import("rouge_score.rouge_scorer")
+    if rouge_tokenizer == "default":
+        scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    elif rouge_tokenizer == "unicode":
+        scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), tokenizer=_UnicodeTokenizer())
+    else:
+        raise ConfigError(f"rouge_tokenizer={rouge_tokenizer!r} must be 'default' or 'unicode'")
+    out: dict[str, list[float]] = {k: [] for k in ROUGE_TYPES}
+    for pred, ref in zip(predictions, references, strict=True):
+        scores = scorer.score(ref, pred)  # rouge-score's order: (target, prediction)
+        for k in ROUGE_TYPES:
+            out[k].append(float(scores[k].fmeasure))
+    return out
+
+
+def score_pairs(
+    predictions: Sequence[str],
+    references: Sequence[str],
+    rouge_tokenizer: RougeTokenizer = "default",
+) -> dict[str, float]:
+    """BLEU, chrF, ROUGE-1/2/L, exact match and the count ``n`` of ``predictions`` against ``references``
+    (one reference per prediction), on the scales of the module docstring.
+
+    Raises ``ConfigError`` when the lists differ in length or are empty, and ``MissingExtraError`` (one line
+    naming ``pip install 'lamina[seq2seq]'``) without sacrebleu or rouge-score.
+    """
+    predictions, references = list(predictions), list(references)
+    if len(predictions) != len(references):
+        raise ConfigError(
+            f"{len(predictions)} predictions but {len(references)} references; fix: one reference per prediction"
+        )
+    if not predictions:
+        raise ConfigError("no predictions to score; fix: pass at least one (prediction, reference) pair")
+    bad = [x for x in (*predictions, *references) if not isinstance(x, str)][:1]
+    if bad:
+        raise ConfigError(
+            f"predictions and references must be strings, got {type(bad[0]).__name__} {bad[0]!r:.40}"
+        )
+    sacrebleu = _import("sacrebleu")
+    rouge = rouge_scores(predictions, references, rouge_tokenizer)
+    n = len(predictions)
+    out = {
+        "bleu": float(sacrebleu.corpus_bleu(predictions, [references]).score),
+        "chrf": float(sacrebleu.corpus_chrf(predictions, [references]).score),
+    }
+    out |= {k: sum(v) / n for k, v in rouge.items()}
+    out["exact_match"] = sum(p.strip() == r.strip() for p, r in zip(predictions, references, strict=True)) / n
+    out["n"] = n
+    return out
+
+
+@dataclass
+class PairEvaluation:
+    """What ``evaluate_pairs`` did: the scores (``score_pairs``'s dict) and every pair with its prediction."""
+
+    scores: dict[str, float]
+    sources: list[str] = field(default_factory=list)
+    references: list[str] = field(default_factory=list)
+    predictions: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """The scores on one line: ``n=200 bleu=12.3 chrf=40.1 rouge1=0.412 ... exact_match=0.050``."""
+        s = self.scores
+        head = f"n={int(s['n'])} bleu={s['bleu']:.2f} chrf={s['chrf']:.2f} "
+        return head + " ".join(f"{k}={s[k]:.4f}" for k in (*ROUGE_TYPES, "exact_match"))
+
+
+def evaluate_pairs(
+    predict: Predict,
+    pairs: PairData | str | Path,
+    *,
+    source_field: str = "source",
+    target_field: str = "target",
+    batch_size: int = 32,
+    limit: int | None = None,
+    rouge_tokenizer: RougeTokenizer = "default",
+    progress: Callable[[int, int], None] | None = None,
+) -> PairEvaluation:
+    """Run ``predict`` (a batch of source texts -> one output text each: any model, or a baseline) over
+    ``pairs`` (a ``PairData`` or a pair file, read by ``lamina.data.pairs.read_pairs`` with the fields
+    named) ``batch_size`` sources at a time, and score the outputs against the targets (``score_pairs``).
+
+    ``limit`` scores the first ``limit`` pairs only; ``progress(done, total)`` is called after each batch.
+    Raises ``ConfigError`` when ``predict`` returns a different number of texts than it was given.
+    """
+    from lamina.data.pairs import PairData, read_pairs
+
+    data = pairs if isinstance(pairs, PairData) else read_pairs(pairs, source_field, target_field)
+    if limit is not None:
+        data = data.subset(range(min(limit, len(data))))
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size} must be >= 1")
+    outputs: list[str] = []
+    for start in range(0, len(data), batch_size):
+        batch = data.sources[start : start + batch_size]
+        got = list(predict(batch))
+        if len(got) != len(batch):
+            raise ConfigError(
+                f"predict returned {len(got)} texts for {len(batch)} sources; fix: one per source"
+            )
+        outputs += got
+        if progress is not None:
+            progress(len(outputs), len(data))
+    scores = score_pairs(outputs, data.targets, rouge_tokenizer)
+    return PairEvaluation(scores, list(data.sources), list(data.targets), outputs)
+
+
+def generation_predictor(
+    lm: LoadedModel, *, chat: bool | None = False, max_batch_size: int = 16, **controls: Any
+) -> Predict:
+    """A ``predict`` callable over a loaded model: each batch of texts runs as one batch through the
+    generation engine (``lamina.generate.batch.generate_batch``, so sources of different lengths decode
+    together) with the decoding ``controls`` (``GenerationConfig`` fields; default: the model's own, else
+    greedy), and each output is stripped of leading and trailing whitespace. A decoder continues the text
+    (``chat=False``: no chat template); an encoder-decoder model translates it once lamina's engine
+    decodes seq2seq models. Raises ``ConfigError`` for controls the model cannot take.
+    """
+    from lamina.generate.batch import generate_batch
+
+    def predict(texts: list[str]) -> list[str]:
+        rows = generate_batch(
+            lm, [{"prompt": t} for t in texts], chat=chat, max_batch_size=max_batch_size, **controls
+        )
+        out = [""] * len(texts)
+        for row in rows:
+            if row.get("n", 0) == 0:  # the first choice of each request
+                out[row["index"]] = row["text"].strip()
+        return out
+
+    return predict
