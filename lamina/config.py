@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal, TypeVar, get_args, get_type_hints
 import yaml
 
 from lamina.errors import ConfigError
-from lamina.fields import build
+from lamina.fields import build, parse_yaml
 
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu"]
 NormType = Literal["layernorm", "rmsnorm"]
@@ -326,29 +326,6 @@ def _with_preset(data: dict[str, Any], presets: Mapping[str, Mapping[str, Any]],
             f"unknown {what} preset {name!r}{_did_you_mean(name, presets)}; presets: {', '.join(sorted(presets))}"
         )
     return {**presets[name], **data}
-
-
-class _YAMLLoader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-5`` as a float (YAML 1.1 wants ``1.0e-5``), as people write it."""
-
-
-_YAMLLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def parse_yaml(text: str) -> Any:
-    """Parse YAML text safely (no Python objects), reading ``1e-5`` as a float."""
-    return yaml.load(text, Loader=_YAMLLoader)
 
 
 def save_yaml(cfg: Any, path: str | os.PathLike[str]) -> None:

@@ -257,9 +257,30 @@ def _load_text(text: str) -> Any:
 
 def parse_text(text: str) -> Any:
     """YAML text with YAML's own types (for fields typed ``Any``)."""
-    from lamina.config import parse_yaml
-
     return parse_yaml(text)
+
+
+class _YAMLLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-5`` as a float (YAML 1.1 wants ``1.0e-5``), as people write it."""
+
+
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML text safely (no Python objects), reading ``1e-5`` as a float."""
+    return yaml.load(text, Loader=_YAMLLoader)
 
 
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
