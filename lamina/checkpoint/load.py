@@ -16,7 +16,7 @@ from lamina.checkpoint.gguf import gguf_to_hf, read_gguf
 from lamina.checkpoint.hf import config_from_hf, read_hf_folder, state_dict_from_hf
 from lamina.checkpoint.lamina import build_model, load_checkpoint
 from lamina.checkpoint.registry import ModelEntry, resolve
-from lamina.config import GenerationConfig
+from lamina.config import GenerationConfig, from_dict
 from lamina.errors import CheckpointError, ConfigError, TokenizerError
 from lamina.model.quant import FORMATS, WeightFormat, convert_weights
 from lamina.model.transformer import Transformer
@@ -67,7 +67,10 @@ def load(
 
     ``generation.eos_token_ids`` holds every end-of-generation id the checkpoint names (generation
     files, config.json, GGUF eos/eot/eom, the tokenizer's eos, the chat template's end of turn; see
-    ``lamina.checkpoint.eos``), so a chat reply stops at the end of its turn.
+    ``lamina.checkpoint.eos``), so a chat reply stops at the end of its turn. ``generation`` also holds
+    the checkpoint's decoding defaults: lamina's generation.yaml, a HF folder's generation_config.json
+    (``hf_decoding_defaults``), a GGUF file's ``general.sampling.*`` (``gguf_decoding_defaults``).
+    Raises ``CheckpointError`` when a generation file cannot be read or holds an invalid value.
     """
     if weights is not None and weights not in FORMATS:
         raise ConfigError(f"weight format {weights!r} is not one of {', '.join(FORMATS)}")
@@ -78,16 +81,25 @@ def load(
         tok = _tokenizer_of(entry)
         gen = replace(gen, eos_token_ids=_in_vocab(eos_token_ids(gen.eos_token_ids, tokenizer=tok), net))
         return LoadedModel(_convert(net, weights, compile), tok, gen, entry)
+    hf_gen: dict[str, Any] = {}
     if entry.format == "gguf":
         gf = read_gguf(entry.path)
         hf, sd = gguf_to_hf(gf)
         tok = _tokenizer_of(entry, gf.metadata)
+        defaults, source = gguf_decoding_defaults(gf.metadata), f"{entry.path} (general.sampling.*)"
     else:
         hf, sd = read_hf_folder(entry.path)
         tok = _tokenizer_of(entry)
+        gen_file = entry.path / "generation_config.json"
+        hf_gen = _read_generation_config(gen_file) if gen_file.is_file() else {}
+        defaults, source = hf_decoding_defaults(hf_gen), str(gen_file)
     cfg = config_from_hf(hf)
     net = build_model(cfg, state_dict_from_hf(hf, sd, cfg), dtype=dt, device=device)
-    gen = GenerationConfig(eos_token_ids=_in_vocab(_hf_eos_token_ids(entry.path, hf, tok), net))
+    eos = _in_vocab(eos_token_ids(hf_gen.get("eos_token_id"), hf.get("eos_token_id"), tokenizer=tok), net)
+    try:
+        gen = from_dict(GenerationConfig, {**defaults, "eos_token_ids": eos})
+    except ConfigError as e:
+        raise CheckpointError(f"{source}: decoding default {e}; fix or delete the value") from None
     return LoadedModel(_convert(net, weights, compile), tok, gen, entry)
 
 
@@ -133,18 +145,54 @@ def _convert(net: Transformer, weights: str | None, compile: bool) -> Transforme
     return net
 
 
-def _hf_eos_token_ids(path: Path, hf: dict[str, Any], tok: Tokenizer | None) -> list[int]:
-    """Every end-of-generation id of a HF folder or GGUF file: generation_config.json's eos ids, then
-    config.json's (for GGUF: its eos, eot and eom ids), the tokenizer's eos and the chat template's end of
-    turn (see ``lamina.checkpoint.eos``)."""
-    gen_eos: Any = None
-    gen_file = path / "generation_config.json"
-    if path.is_dir() and gen_file.is_file():
-        try:
-            gen_eos = json.loads(gen_file.read_text()).get("eos_token_id")
-        except (json.JSONDecodeError, AttributeError) as e:
-            raise CheckpointError(f"{gen_file} is not a JSON object ({e}); fix or delete the file") from e
-    return eos_token_ids(gen_eos, hf.get("eos_token_id"), tokenizer=tok)
+def _read_generation_config(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not a JSON object ({e}); fix or delete the file") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a JSON object; fix or delete the file")
+    return data
+
+
+# generation_config.json keys (transformers' GenerationConfig) read as the model's decoding defaults
+_HF_SAMPLING_KEYS = ("temperature", "top_k", "top_p", "typical_p", "min_p")  # only when it samples
+_HF_KEYS = ("repetition_penalty", "no_repeat_ngram_size", "max_new_tokens", "min_new_tokens")
+
+
+def hf_decoding_defaults(gen: Mapping[str, Any]) -> dict[str, Any]:
+    """The decoding defaults of a HF ``generation_config.json`` (``gen``), as GenerationConfig fields.
+
+    ``temperature``, ``top_k``, ``top_p``, ``typical_p`` and ``min_p`` are read as vLLM reads them (its
+    ``generation_config="auto"``), unless ``do_sample`` is false: then decoding is greedy
+    (``temperature=0``) and they are ignored, as transformers ignores them. ``repetition_penalty``,
+    ``no_repeat_ngram_size``, ``max_new_tokens`` and ``min_new_tokens`` apply either way. ``max_length``
+    is not read: it counts the prompt too (transformers' default is 20), and lamina's budget counts only
+    new tokens, bounded by the context window. Keys that are absent or null keep lamina's defaults, so a
+    file with only token ids gives ``{}`` (then the verbs' own defaults apply; see ``model_defaults``).
+    """
+    greedy = gen.get("do_sample") is False
+    keys = _HF_KEYS if greedy else _HF_SAMPLING_KEYS + _HF_KEYS
+    out = {k: gen[k] for k in keys if gen.get(k) is not None}
+    if greedy:
+        out["temperature"] = 0.0
+    return out
+
+
+# GGUF general.sampling.* keys (llama.cpp's sampling defaults of a model) -> GenerationConfig fields
+_GGUF_SAMPLING_KEYS = {
+    "temp": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+    "xtc_probability": "xtc_probability", "xtc_threshold": "xtc_threshold",
+    "penalty_repeat": "repetition_penalty", "penalty_last_n": "repetition_penalty_last_n",
+    "mirostat": "mirostat", "mirostat_tau": "mirostat_tau", "mirostat_eta": "mirostat_eta",
+}  # fmt: skip
+
+
+def gguf_decoding_defaults(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The decoding defaults a GGUF file states (``general.sampling.temp``, ``.top_k``, ...; llama.cpp
+    reads the same keys), as GenerationConfig fields; ``general.sampling.sequence`` is not read."""
+    found = {f: metadata.get(f"general.sampling.{k}") for k, f in _GGUF_SAMPLING_KEYS.items()}
+    return {f: v for f, v in found.items() if v is not None}
 
 
 def _in_vocab(ids: list[int], net: Transformer) -> list[int]:

@@ -1,0 +1,69 @@
+"""``lamina.load`` reads a checkpoint's decoding defaults from every format: HF generation_config.json
+(sampling fields, do_sample=false as greedy, max_new_tokens) and GGUF general.sampling.* keys."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import lamina
+from lamina.checkpoint.hf import export_hf
+from lamina.checkpoint.load import gguf_decoding_defaults, hf_decoding_defaults
+from lamina.config import ModelConfig
+from lamina.generate.text import model_defaults
+from lamina.model.transformer import Transformer
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("hf") / "tiny"
+    export_hf(folder, Transformer(ModelConfig.preset("llama-tiny", vocab_size=101, max_seq_len=32)).eval())
+    return folder
+
+
+def _with_generation_config(folder: Path, gen: dict[str, Any]) -> Path:
+    (folder / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 1, "eos_token_id": [2, 3], **gen})
+    )
+    return folder
+
+
+SAMPLING = {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.05, "max_new_tokens": 77}
+
+
+def test_hf_sampling_defaults_become_the_models_generation_config(hf_folder: Path) -> None:
+    lm = lamina.load(_with_generation_config(hf_folder, {"do_sample": True, **SAMPLING, "max_length": 9}))
+    g = lm.generation
+    assert (g.temperature, g.top_p, g.top_k, g.repetition_penalty) == (0.6, 0.9, 20, 1.05)
+    assert g.max_new_tokens == 77 and g.eos_token_ids == [2, 3] and g.sampling  # max_length counts the prompt
+    assert model_defaults(lm) is g  # generate and chat start from them
+
+
+def test_do_sample_false_is_greedy_and_ignores_the_sampling_fields(hf_folder: Path) -> None:
+    lm = lamina.load(_with_generation_config(hf_folder, {"do_sample": False, **SAMPLING}))
+    g = lm.generation
+    assert not g.sampling and g.temperature == 0 and (g.top_p, g.top_k) == (1.0, 0)
+    assert g.repetition_penalty == 1.05 and g.max_new_tokens == 77  # these apply to greedy decoding too
+
+
+def test_a_file_with_only_token_ids_sets_no_decoding_defaults(hf_folder: Path) -> None:
+    lm = lamina.load(_with_generation_config(hf_folder, {"max_length": 4096, "temperature": None}))
+    assert model_defaults(lm) is None and lm.generation.max_new_tokens == 128
+
+
+def test_an_invalid_value_names_the_file(hf_folder: Path) -> None:
+    _with_generation_config(hf_folder, {"do_sample": True, "top_p": 1.5})
+    with pytest.raises(lamina.CheckpointError, match=r"generation_config\.json: decoding default top_p=1\.5"):
+        lamina.load(hf_folder)
+
+
+def test_mapping_rules() -> None:
+    assert hf_decoding_defaults({"temperature": 0.7, "min_p": None}) == {"temperature": 0.7}  # vLLM's reading
+    assert hf_decoding_defaults({"do_sample": False, "top_k": 5}) == {"temperature": 0.0}
+    meta = {"general.sampling.temp": 0.8, "general.sampling.penalty_last_n": 64, "general.sampling.top_k": 40}
+    assert gguf_decoding_defaults(meta) == {"temperature": 0.8, "repetition_penalty_last_n": 64, "top_k": 40}
