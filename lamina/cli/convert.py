@@ -16,8 +16,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="convert a model (lamina, HF folder, GGUF) to a lamina or HF checkpoint folder",
         description="Read SRC (any format lamina loads) and write a lamina checkpoint folder (--to lamina) "
         "or a Hugging Face folder that transformers loads (--to hf) to --out (or DST). GGUF weights are "
-        "dequantized. The folder is written atomically: it appears complete or not at all.",
-        epilog="example: lamina convert smollm2 --out /tmp/smollm2-hf --to hf",
+        "dequantized; --merge-lora ADAPTER merges a PEFT LoRA adapter into the weights first. The folder is "
+        "written atomically: it appears complete or not at all.",
+        epilog="examples: lamina convert smollm2 --out /tmp/smollm2-hf --to hf; "
+        "lamina convert smollm2 --merge-lora runs/sft/adapter --out /tmp/smollm2-sft",
     )
     p.add_argument("src", metavar="SRC", help="model path or name")
     p.add_argument("dst", metavar="DST", nargs="?", help="output folder (the same as --out)")

@@ -190,6 +190,18 @@ def apply_lora(model: Transformer, cfg: LoraConfig) -> Transformer:
         raise ConfigError("this model already has LoRA adapters: merge_lora(model, unload=True) first")
     if cfg.base_weights is not None:
         convert_weights(model, cfg.base_weights, fuse=False)
+    check_adaptable(model)
+    names = _targets(model, list(cfg.target_modules))
+    model.requires_grad_(False)
+    for name in names:
+        wrap_linear(model, name, cfg)
+    model.lora_config = cfg  # type: ignore[assignment]  # read back by lora_config_of / save_adapter
+    return model
+
+
+def check_adaptable(model: Transformer) -> None:
+    """Raise ``ConfigError`` unless adapters can go on ``model``: fp32/bf16/int8/int4 weights with q/k/v
+    and gate/up apart (``convert_weights(..., fuse=False)``)."""
     if model.weight_format not in (None, "bf16", "int8", "int4"):
         raise ConfigError(
             f"LoRA trains over fp32, bf16, int8 or int4 bases; this model has weights={model.weight_format!r}"
@@ -202,14 +214,19 @@ def apply_lora(model: Transformer, cfg: LoraConfig) -> Transformer:
                 "this model's projections are fused (q/k/v in one matmul) for inference; for LoRA "
                 "load it unconverted and set LoraConfig.base_weights (or convert_weights(..., fuse=False))"
             )
-    names = _targets(model, list(cfg.target_modules))
-    model.requires_grad_(False)
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoraLinear(getattr(parent, child), cfg))
-    model.lora_config = cfg  # type: ignore[assignment]  # read back by lora_config_of / save_adapter
-    return model
+
+
+def wrap_linear(model: nn.Module, name: str, cfg: LoraConfig) -> LoraLinear:
+    """Replace the linear layer ``name`` of ``model`` by a ``LoraLinear`` over it (rank and scaling from
+    ``cfg``) and return the wrapper. Freezes nothing: ``apply_lora`` does that for the whole model."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    base = getattr(parent, child)
+    if not isinstance(base, _BASE_TYPES):
+        raise ConfigError(f"{name} is a {type(base).__name__}, not a linear layer LoRA can adapt")
+    layer = LoraLinear(base, cfg)
+    setattr(parent, child, layer)
+    return layer
 
 
 def lora_config_of(model: nn.Module) -> LoraConfig | None:

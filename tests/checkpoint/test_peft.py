@@ -1,0 +1,187 @@
+"""PEFT adapter files: lamina's adapters load in PEFT with the same logits, PEFT's load in lamina, merges
+agree with ``merge_and_unload``, on tiny random Llama and GPT-2 models exported by ``transformers``."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+
+import lamina
+from lamina.checkpoint.convert import convert
+from lamina.checkpoint.hf import hf_state_dict_from_lamina
+from lamina.checkpoint.peft import hf_module_name, load_adapter, load_with_adapter, save_adapter
+from lamina.cli.main import main
+from lamina.errors import CheckpointError, ConfigError
+from lamina.model.lora import LoraConfig, LoraLinear, apply_lora, lora_layers, merge_lora
+from lamina.model.transformer import Transformer
+
+peft = pytest.importorskip("peft")
+
+V = 101
+
+
+def _llama() -> tf.PreTrainedModel:
+    return tf.LlamaForCausalLM(
+        tf.LlamaConfig(
+            vocab_size=V, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, bos_token_id=0,
+            eos_token_id=1, pad_token_id=2,
+        )
+    )  # fmt: skip
+
+
+def _gpt2() -> tf.PreTrainedModel:
+    return tf.GPT2LMHeadModel(
+        tf.GPT2Config(
+            vocab_size=V, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
+        )
+    )
+
+
+FAMILIES: dict[str, Callable[[], tf.PreTrainedModel]] = {"llama": _llama, "gpt2": _gpt2}
+PEFT_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+IDS = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def base(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, Path, Transformer]:
+    """(family, HF folder, the lamina model loaded from it)."""
+    family = request.param
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp(family) / "hf"
+    FAMILIES[family]().save_pretrained(folder)
+    return family, folder, lamina.load(folder).model
+
+
+def _hf(family: str, folder: Path) -> tf.PreTrainedModel:
+    return type(FAMILIES[family]()).from_pretrained(folder).eval()
+
+
+def _lamina_lora(model: Transformer, **kw: object) -> Transformer:
+    torch.manual_seed(1)
+    return apply_lora(
+        copy.deepcopy(model), LoraConfig(**{"r": 4, "lora_alpha": 8, "init_lora_weights": False, **kw})
+    )  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("targets", ["all-linear", "partial"])
+def test_lamina_adapter_loads_in_peft(
+    base: tuple[str, Path, Transformer], tmp_path: Path, targets: str
+) -> None:
+    family, folder, model = base
+    if targets == "partial":  # some modules of some blocks: PEFT gets a regex of exact module names
+        pick = ["blocks.1.mlp.down_proj", "attn.o_proj"] + (
+            ["attn.[qkv]_proj"] if family == "gpt2" else ["q_proj"]
+        )
+        ours = _lamina_lora(model, target_modules=pick, use_rslora=True)
+    else:
+        ours = _lamina_lora(model)
+    save_adapter(ours, tmp_path / "adapter", base_model_name_or_path=str(folder))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == str(folder)
+    theirs = peft.PeftModel.from_pretrained(_hf(family, folder), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        mine, ref, plain = ours(IDS), theirs(IDS).logits, model(IDS)
+    assert (mine - plain).abs().max() > 1e-3  # the adapter does change the logits
+    assert (mine - ref).abs().max() < 1e-5
+    adapted = {
+        n.removeprefix("base_model.model.").removesuffix(".lora_A.default")
+        for n, _ in theirs.named_modules()
+        if n.endswith(".lora_A.default")
+    }
+    assert adapted == {
+        hf_module_name(n, model.config) for n in lora_layers(ours)
+    }  # PEFT adapts exactly these
+
+
+def test_peft_adapter_loads_in_lamina_and_merges_alike(
+    base: tuple[str, Path, Transformer], tmp_path: Path
+) -> None:
+    family, folder, model = base
+    torch.manual_seed(2)
+    cfg = peft.LoraConfig(
+        r=4, lora_alpha=16, init_lora_weights=False, use_rslora=True, target_modules=PEFT_TARGETS[family],
+        fan_in_fan_out=family == "gpt2",
+    )  # fmt: skip
+    theirs = peft.get_peft_model(_hf(family, folder), cfg).eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = load_adapter(copy.deepcopy(model), tmp_path / "peft")
+    assert all(isinstance(m, LoraLinear) for m in lora_layers(ours).values()) and lora_layers(ours)
+    with torch.no_grad():
+        assert (ours(IDS) - model(IDS)).abs().max() > 1e-3
+        assert (ours(IDS) - theirs(IDS).logits).abs().max() < 1e-5
+        merged_ref = theirs.merge_and_unload().state_dict()
+        merged = hf_state_dict_from_lamina(merge_lora(ours, unload=True).state_dict(), ours.config)
+    assert merged.keys() <= merged_ref.keys()
+    assert max((merged[k] - merged_ref[k]).abs().max().item() for k in merged) < 1e-6
+
+
+def test_resave_replaces_and_bad_folders_are_named(
+    base: tuple[str, Path, Transformer], tmp_path: Path
+) -> None:
+    family, _, model = base
+    ours = _lamina_lora(model)
+    save_adapter(ours, tmp_path / "a")
+    save_adapter(ours, tmp_path / "a")  # an adapter folder is replaced
+    with pytest.raises(CheckpointError, match="not a PEFT adapter folder"):
+        load_adapter(copy.deepcopy(model), tmp_path)
+    with pytest.raises(ConfigError, match="already has LoRA"):
+        load_adapter(ours, tmp_path / "a")
+    with pytest.raises(ConfigError, match="no LoRA adapters"):
+        save_adapter(model, tmp_path / "b")
+    other = Transformer(model.config.__class__(**{**vars(model.config), "d_ff": model.config.d_ff * 2}))
+    with pytest.raises(CheckpointError, match="another base"):
+        load_adapter(other, tmp_path / "a")
+    if family == "gpt2":
+        with pytest.raises(CheckpointError, match="c_attn"):
+            save_adapter(_lamina_lora(model, target_modules="q_proj"), tmp_path / "c")
+
+
+def test_load_with_adapter_and_convert_merge_lora(
+    base: tuple[str, Path, Transformer], tmp_path: Path
+) -> None:
+    family, folder, model = base
+    ours = _lamina_lora(model)
+    save_adapter(ours, tmp_path / "adapter")
+    with torch.no_grad():
+        want = ours(IDS)
+        lm = load_with_adapter(folder, tmp_path / "adapter")
+        assert not lora_layers(lm.model) and (lm.model(IDS) - want).abs().max() < 1e-5
+        convert(folder, tmp_path / "lam", merge_lora=str(tmp_path / "adapter"))
+        assert (lamina.load(tmp_path / "lam").model(IDS) - want).abs().max() < 1e-5
+        assert (
+            main(
+                [
+                    "convert",
+                    str(folder),
+                    "--merge-lora",
+                    str(tmp_path / "adapter"),
+                    "--out",
+                    str(tmp_path / "hf2"),
+                    "--to",
+                    "hf",
+                ]
+            )
+            == 0
+        )
+        assert (_hf(family, tmp_path / "hf2")(IDS).logits - want).abs().max() < 1e-5
+
+
+def test_other_families_are_refused(tmp_path: Path) -> None:
+    bert = lamina.ModelConfig(
+        arch="encoder", vocab_size=V, n_layers=1, d_model=32, n_heads=4, norm="layernorm", norm_placement="post",
+        emb_norm=True, pos_encoding="learned", bias=True, activation="gelu", head="none", type_vocab_size=2,
+    )  # fmt: skip
+    with pytest.raises(CheckpointError, match="Llama and GPT-2"):
+        save_adapter(_lamina_lora(Transformer(bert)), tmp_path / "x")
