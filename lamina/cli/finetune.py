@@ -1,34 +1,49 @@
 """``lamina finetune --task classify --data train.csv --init MODEL``: train a task head on labeled text
-(``--task regress``; ``--task token_classify --data conll.jsonl`` for tagging)."""
+(``--task regress``; ``--task token_classify --data conll.jsonl`` for tagging); ``--task sft --data
+chat.jsonl --init MODEL``: supervised fine-tuning of a language model on conversations."""
 
 from __future__ import annotations
 
 import argparse
 
-from lamina.cli.flags import add_alias, add_config_file, add_fields, add_top_level, merged, print_config
+from lamina.cli.flags import (
+    HelpFormatter,
+    add_alias,
+    add_config_file,
+    add_fields,
+    add_top_level,
+    merged,
+    print_config,
+)
 from lamina.cli.pretrain import _overwrite
 from lamina.config import TRAIN_PRESETS, ModelConfig, TrainConfig
-from lamina.train.finetune import FinetuneRun, TaskConfig, finetune
+from lamina.train.finetune import FinetuneRun, SftConfig, TaskConfig, finetune
 
-SECTIONS = {"task": TaskConfig, "model": ModelConfig, "train": TrainConfig}
+SECTIONS = {"task": TaskConfig, "sft": SftConfig, "model": ModelConfig, "train": TrainConfig}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``finetune`` verb: one flag per field of the run config's sections."""
     p = sub.add_parser(
         "finetune",
-        help="fine-tune a classification, regression or token classification head on labeled data",
+        formatter_class=HelpFormatter,
+        help="fine-tune a classification, regression or token classification head on labeled data, or a "
+        "language model on chat data (--task sft)",
         description="Put a fresh task head on MODEL (--init) or on a model built from --model.* flags, "
         "and train on --data (CSV with a header or JSONL; columns --task.text_field [text], "
         "--task.pair_field for sentence pairs, and --task.label_field [label]; for token_classify, JSONL "
         "with a list of words --task.tokens_field [tokens] and one tag per word --task.tags_field [tags]). "
         "Reports loss, accuracy and macro F1 (or MSE; token_classify: token accuracy, macro F1 and, for "
-        "IOB tags, entity F1) on held-out rows after every epoch. Freeze layers with --train.freeze "
+        "IOB tags, entity F1) on held-out rows after every epoch. --task sft trains a language model on "
+        "JSONL conversations (OpenAI messages, prompt/completion or Alpaca instruction/input/output) "
+        "rendered with its chat template, the loss on the answers only (--sft.loss_on all: every token); "
+        "every evaluation writes greedy answers to a few held-out prompts to OUT/samples.jsonl. Freeze layers with --train.freeze "
         "'[0-3]' (block indices) or name globs ('[tok_emb.*]'). The train section starts from the "
         "`finetune` preset (3 epochs, lr 5e-5, no warmup). Every field is a flag --SECTION.FIELD and a "
         "key of the --config YAML file; flags win over the file.",
-        epilog="example: lamina finetune --task classify --data examples/reviews.csv --init minilm "
-        "--train.epochs 3 --out runs/sentiment",
+        epilog="examples:\n  lamina finetune --task classify --data examples/reviews.csv --init minilm "
+        "--train.epochs 3 --out runs/sentiment\n  lamina finetune --task sft --data chat.jsonl --init smollm2 "
+        "--task.max_seq_len 512 --out runs/chat",
     )
     add_config_file(p)
     p.add_argument(

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lamina.config import ModelConfig, TrainConfig, from_dict, to_dict
+from lamina.data.chat import ChatFormat, LossOn
 from lamina.data.labeled import (
     IGNORE,
     LabeledBatches,
@@ -46,17 +47,20 @@ from lamina.tokenizer import Tokenizer
 from lamina.train.objectives import Batch, Objective
 from lamina.train.trainer import TrainResult, check_out_dir, train
 
-Task = Literal["classify", "regress", "token_classify"]
+HeadTask = Literal["classify", "regress", "token_classify"]  # the tasks that train a fresh head
+Task = Literal[HeadTask, "sft"]
 
 
 @dataclass
 class TaskConfig:
     """What to learn and from which file; ``val_data`` or else ``val_fraction`` of ``data`` is held out."""
 
-    # classify (a class per row), regress (a number per row) or token_classify (a tag per word)
+    # classify (a class per row), regress (a number per row), token_classify (a tag per word) or sft
+    # (supervised fine-tuning of a language model on chat or instruction data; options: the sft section)
     task: Task = "classify"
-    data: str = ""  # the labeled training file: .csv with a header or .jsonl (token_classify: .jsonl)
-    val_data: str | None = None  # a labeled validation file (None: hold out val_fraction of data)
+    # the training file: .csv with a header or .jsonl (token_classify, sft: .jsonl)
+    data: str = ""
+    val_data: str | None = None  # a validation file like data (None: hold out val_fraction of data)
     val_fraction: float = 0.1  # share of data's rows held out for validation without val_data, in (0, 1)
     text_field: str = "text"  # the column (CSV) or key (JSONL) that holds the text
     pair_field: str | None = None  # a second text per row (sentence pairs: [CLS] a [SEP] b [SEP])
@@ -64,9 +68,11 @@ class TaskConfig:
     tokens_field: str = "tokens"  # token_classify: the key of a row's list of words
     tags_field: str = "tags"  # token_classify: the key of a row's list of tags, one per word (CoNLL-style)
     labels: list[str] | None = None  # the label names in output order; None: the data's, sorted
-    max_seq_len: int = 128  # tokens per row, >= 3 (at most the model's max_seq_len; see truncate)
+    # tokens per row (sft: per conversation, and per packed row), >= 3 (at most the model's max_seq_len)
+    max_seq_len: int = 128
     tokenizer: str | None = None  # tokenizer.json or MODEL for a model built from scratch (init has its own)
-    # cut rows longer than max_seq_len and count them in the run's summary; false: refuse them
+    # cut rows longer than max_seq_len and count them in the run's summary; false: refuse them (sft: skip
+    # and count them)
     truncate: bool = True
 
     def __post_init__(self) -> None:
@@ -82,9 +88,34 @@ class TaskConfig:
                 raise ConfigError(f"task.labels={self.labels} must be >= 2 distinct names")
 
 
+@dataclass
+class SftConfig:
+    """How ``task=sft`` reads, renders and masks conversations (``lamina.data.chat``), and what it samples
+    at each evaluation. The files, ``max_seq_len`` and ``truncate`` are the task section's."""
+
+    # the JSONL shape: messages (OpenAI), prompt_completion, alpaca (instruction/input/output) or auto
+    # (each line by its keys)
+    format: ChatFormat = "auto"
+    messages_field: str = "messages"  # format=messages: the key of a line's list of messages
+    chat_template: str | None = None  # a Jinja chat template file (or text); None: the tokenizer's
+    # the tokens with loss: assistant (each answer and its end-of-turn token) or all (every token)
+    loss_on: LossOn = "assistant"
+    # several conversations per row of max_seq_len tokens, attention and positions kept to each
+    packing: bool = False
+    samples: int = 4  # validation prompts answered (greedy) at each evaluation, into samples.jsonl; 0: none
+    sample_max_new_tokens: int = 64  # the longest sampled answer, in tokens, > 0
+
+    def __post_init__(self) -> None:
+        if self.samples < 0:
+            raise ConfigError(f"sft.samples={self.samples} must be >= 0")
+        if self.sample_max_new_tokens <= 0:
+            raise ConfigError(f"sft.sample_max_new_tokens={self.sample_max_new_tokens} must be positive")
+
+
 SECTIONS: dict[str, type | None] = {
     "model": ModelConfig,
     "task": TaskConfig,
+    "sft": SftConfig,
     "train": TrainConfig,
     "init": None,
 }
@@ -98,6 +129,7 @@ class FinetuneRun:
     train: TrainConfig = field(default_factory=lambda: from_dict(TrainConfig, {"preset": "finetune"}))
     model: ModelConfig | None = None
     init: str | None = None
+    sft: SftConfig = field(default_factory=SftConfig)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FinetuneRun:
@@ -117,12 +149,16 @@ class FinetuneRun:
             train=from_dict(TrainConfig, {"preset": "finetune", **(data.get("train") or {})}, "train"),
             model=model,
             init=init,
+            sft=from_dict(SftConfig, data.get("sft") or {}, "sft"),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """The exact config, as written to ``run.yaml``."""
-        return {"task": to_dict(self.task), "train": to_dict(self.train),
-                "model": to_dict(self.model) if self.model else None, "init": self.init}  # fmt: skip
+        """The exact config, as written to ``run.yaml`` (the sft section only for task=sft)."""
+        out = {"task": to_dict(self.task), "train": to_dict(self.train),
+               "model": to_dict(self.model) if self.model else None, "init": self.init}  # fmt: skip
+        if self.task.task == "sft":
+            out["sft"] = to_dict(self.sft)
+        return out
 
 
 def label_names(labels: list[str | float]) -> list[str]:
@@ -144,7 +180,7 @@ def _is_number(s: str) -> bool:
     return True
 
 
-def with_task_head(model: Transformer, task: Task, labels: list[str] | None) -> Transformer:
+def with_task_head(model: Transformer, task: HeadTask, labels: list[str] | None) -> Transformer:
     """A copy of ``model`` with a fresh ``task`` head (the body's weights kept; an encoder's sequence head
     gets a pooler, the pretrained one when it has it)."""
     cfg = dataclasses.replace(
@@ -162,7 +198,7 @@ def with_task_head(model: Transformer, task: Task, labels: list[str] | None) -> 
     return new
 
 
-def classification_loss(task: Task) -> Objective:
+def classification_loss(task: HeadTask) -> Objective:
     """Cross-entropy over classes (classify), over the labelled positions (token_classify: labels
     (B, T), -100 where unlabelled) or mean squared error (regress) of ``batch["labels"]``."""
 
@@ -240,6 +276,12 @@ def finetune(
     started = time.perf_counter()
     check_out_dir(run.train.out_dir, resume=resume, overwrite=overwrite)
     t = run.task
+    if t.task == "sft":
+        from lamina.train.sft import finetune_sft
+
+        model, tokenizer, result = finetune_sft(run, resume=resume, overwrite=overwrite)
+        result.elapsed = time.perf_counter() - started
+        return model, tokenizer, result
     if not t.data:
         kind = "JSONL file with tokens and tags" if t.task == "token_classify" else "CSV or JSONL file"
         raise ConfigError(f"task.data is not set: pass a labeled {kind}")
@@ -248,7 +290,7 @@ def finetune(
         val_data = _read(t, t.val_data)
     else:
         train_data, val_data = train_data.split(t.val_fraction, run.train.seed)
-    base, tokenizer = _base_model(run)
+    base, tokenizer = base_model(run)
     names = _label_names(t, train_data, val_data)
     model = with_task_head(base, t.task, names)
     max_len = min(t.max_seq_len, model.config.max_seq_len)
@@ -376,7 +418,8 @@ def _label_id(index: dict[str, int], value: str | float, where: str) -> int:
     return index[name]
 
 
-def _base_model(run: FinetuneRun) -> tuple[Transformer, Tokenizer]:
+def base_model(run: FinetuneRun) -> tuple[Transformer, Tokenizer]:
+    """The model to fine-tune (``run.init`` loaded in fp32, or built from ``run.model`` with ``run.task.tokenizer``) and its tokenizer."""
     if run.init is not None:
         from lamina.checkpoint.load import load
 

@@ -60,3 +60,23 @@ def masked_lm(ignore_index: int = -100) -> Objective:
         return total / max(n, 1), n
 
     return loss
+
+
+def sft(label_smoothing: float = 0.0, ignore_index: int = -100) -> Objective:
+    """Next-token cross-entropy of supervised fine-tuning: ``batch["targets"]`` (B, T) holds the next
+    token where it carries loss (an answer's tokens and end-of-turn) and ``ignore_index`` elsewhere (see
+    ``lamina.data.chat``). ``position_ids`` and ``segment_ids`` (B, T), when the batch has them, reach the
+    model, so packed conversations keep their own positions (and, where the model takes ``segment_ids``,
+    attend only within themselves)."""
+
+    def loss(model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
+        extra = {"segment_ids": batch["segment_ids"]} if "segment_ids" in batch else {}
+        logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                       position_ids=batch.get("position_ids"), **extra)  # fmt: skip
+        targets = batch["targets"]
+        n = int((targets != ignore_index).sum())
+        total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index,
+                                label_smoothing=label_smoothing, reduction="sum")  # fmt: skip
+        return total / max(n, 1), n
+
+    return loss

@@ -130,9 +130,11 @@ def _cases() -> list[Any]:
 
 def _register_sections() -> None:
     from lamina.data.corpus import DataConfig
-    from lamina.train.finetune import TaskConfig
+    from lamina.train.finetune import SftConfig, TaskConfig
 
-    _SECTION_CLASSES.update(model=ModelConfig, train=TrainConfig, data=DataConfig, task=TaskConfig)
+    _SECTION_CLASSES.update(
+        model=ModelConfig, train=TrainConfig, data=DataConfig, task=TaskConfig, sft=SftConfig
+    )
 
 
 _register_sections()

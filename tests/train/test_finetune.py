@@ -110,7 +110,7 @@ def _flags(task: dict[str, Path], out: Path, *extra: str) -> list[str]:
 
 @pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_resume_is_exact(task: dict[str, Path], tmp_path: Path) -> None:
-    """SIGTERM (what torchrun and schedulers send) mid-run: the step is saved, the exit code is 130, the
+    """SIGTERM (what torchrun and schedulers send) mid-run: the step is saved, the exit code is 143, the
     printed `lamina finetune ... --resume` ends with the uninterrupted weights."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     extra = ["--train.max_steps", "60", "--train.dropout", "0.1"]
@@ -153,9 +153,9 @@ def test_frozen_layers_stay_bit_identical(task: dict[str, Path], tmp_path: Path)
         }
     )  # fmt: skip
     torch.manual_seed(run.train.seed)
-    from lamina.train.finetune import _base_model, with_task_head
+    from lamina.train.finetune import base_model, with_task_head
 
-    base, _ = _base_model(run)
+    base, _ = base_model(run)
     before = {k: v.clone() for k, v in with_task_head(base, "classify", ["a", "b"]).state_dict().items()}
     model, _, _ = finetune(run)
     after = model.state_dict()
