@@ -6,6 +6,8 @@ import argparse
 import time
 
 from lamina.cli.flags import HelpFormatter, add_config_file, add_fields, values
+from lamina.cli.generate import add_control_flags, add_model_flags
+from lamina.data.augment import AugmentConfig
 from lamina.data.corpus import DataConfig, prepare
 from lamina.fields import build
 
@@ -51,6 +53,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_fields(d, DataConfig, title="data (DataConfig)")
     d.set_defaults(func=_prepare)
 
+    a = acts.add_parser(
+        "augment",
+        help="back-translate target-side text with a reverse model into synthetic seq2seq pairs",
+        description="Translate each text of --input with the reverse model --back-translate (target -> "
+        "source language), batched through the generation engine, and write (synthetic source, real "
+        "target) pairs as JSONL: training data for the forward model (Sennrich et al. 2016).",
+        epilog="example:\n  lamina data augment --back-translate out/fr-en --input fr.txt --out pairs.jsonl",
+        formatter_class=HelpFormatter,
+    )
+    a.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_file(a)
+    add_fields(a, AugmentConfig, title="augment (AugmentConfig)")
+    add_model_flags(a)
+    add_control_flags(a)
+    a.set_defaults(func=_augment)
+
 
 def _prepare(args: argparse.Namespace) -> int:
     cfg = build(DataConfig, values(args, DataConfig))
@@ -58,4 +76,35 @@ def _prepare(args: argparse.Namespace) -> int:
     manifest = prepare(cfg, progress=not args.no_progress)
     print(manifest.summary())
     print(f"  time: {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _augment(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from lamina.checkpoint.load import LoadOptions
+    from lamina.config import GenerationConfig
+    from lamina.data.augment import augment
+
+    cfg = build(AugmentConfig, values(args, AugmentConfig))
+    cfg.validate()
+    bar: tqdm | None = None
+
+    def progress(done: int, total: int) -> None:  # the bar starts with the first batch, after loading
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(
+                total=total, desc="back-translate", unit="text", disable=args.no_progress, dynamic_ncols=True
+            )
+        bar.update(done - bar.n)
+
+    try:
+        report = augment(
+            cfg, load=build(LoadOptions, values(args, LoadOptions)), progress=progress,
+            **values(args, GenerationConfig),
+        )  # fmt: skip
+    finally:
+        if bar is not None:
+            bar.close()
+    print(report.summary())
     return 0
