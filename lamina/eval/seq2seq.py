@@ -5,6 +5,7 @@ a pair file.
     # {"bleu": ..., "chrf": ..., "rouge1": ..., "rouge2": ..., "rougeL": ..., "exact_match": 0.0, "n": 1}
     result = evaluate_pairs(predict, "test.jsonl")       # predict: list[str] -> list[str], any model
     result = evaluate_pairs(generation_predictor(lamina.load("out/best")), "test.jsonl")
+    metrics = pair_metrics(tokenizer, val_pairs)          # the trainer's eval_metrics(model) for seq2seq
 
 The numbers are the reference libraries' own, unchanged, on their own scales:
 
@@ -34,8 +35,11 @@ from typing import TYPE_CHECKING, Any, Literal
 from lamina.errors import ConfigError, LaminaError
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from lamina.checkpoint.load import LoadedModel
     from lamina.data.pairs import PairData
+    from lamina.tokenizer import Tokenizer
 
 __all__ = [
     "ROUGE_TYPES",
@@ -43,6 +47,8 @@ __all__ = [
     "PairEvaluation",
     "evaluate_pairs",
     "generation_predictor",
+    "greedy_seq2seq",
+    "pair_metrics",
     "rouge_scores",
     "score_pairs",
 ]
@@ -211,3 +217,90 @@ def generation_predictor(
         return out
 
     return predict
+
+
+def greedy_seq2seq(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    sources: Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    max_source_len: int = 512,
+    decoder_start_token_id: int | None = None,
+) -> list[str]:
+    """Greedy outputs of an encoder-decoder ``model`` for ``sources``, decoded as one batch by a plain loop:
+    the encoder runs once (``model.encode``), then each step runs the decoder on the whole prefix (no
+    cache: a short, obviously correct reference for validation metrics; ``lamina.generate`` is the fast
+    path). Sources are encoded as ``lamina.data.pairs.PairBatches`` encodes them (tokens + eos, cut to
+    ``max_source_len``); decoding starts from ``decoder_start_token_id`` (default: the model config's,
+    else the pad / bos / eos id) and a row stops at eos. Outputs are decoded without special tokens.
+    """
+    import torch
+
+    net: Any = getattr(model, "module", model)  # DDP / FSDP wrappers keep the model as .module
+    if not sources:
+        return []
+    eos = tokenizer.eos_token_id
+    pad = next((i for i in (tokenizer.pad_token_id, eos) if i is not None), 0)
+    if decoder_start_token_id is None:
+        decoder_start_token_id = getattr(getattr(net, "config", None), "decoder_start_token_id", None)
+    if decoder_start_token_id is None:
+        decoder_start_token_id = next(
+            i for i in (tokenizer.pad_token_id, tokenizer.bos_token_id, eos, 0) if i is not None
+        )
+    rows = [ids[: max_source_len - (eos is not None)] + ([eos] if eos is not None else [])
+            for ids in tokenizer.encode_batch(list(sources), add_special_tokens=False)]  # fmt: skip
+    device = next(net.parameters()).device
+    S = max(1, max(len(r) for r in rows))
+    input_ids = torch.full((len(rows), S), pad, dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), S), dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    with torch.no_grad():
+        memory = net.encode(input_ids, mask)
+        out = torch.full((len(rows), 1), decoder_start_token_id, dtype=torch.long, device=device)
+        done = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            logits = net(input_ids, attention_mask=mask, decoder_input_ids=out, memory=memory)
+            nxt = logits[:, -1].argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            out = torch.cat([out, nxt[:, None]], dim=1)
+            if eos is not None:
+                done |= nxt == eos
+            if bool(done.all()):
+                break
+    texts = []
+    for row in out[:, 1:].tolist():
+        if eos is not None and eos in row:
+            row = row[: row.index(eos)]
+        texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return texts
+
+
+def pair_metrics(
+    tokenizer: Tokenizer,
+    pairs: PairData,
+    *,
+    limit: int | None = 200,
+    batch_size: int = 32,
+    max_new_tokens: int = 64,
+    max_source_len: int = 512,
+    rouge_tokenizer: RougeTokenizer = "default",
+) -> Callable[[nn.Module], dict[str, float]]:
+    """The trainer's ``eval_metrics`` for a seq2seq run: at each evaluation, greedy outputs
+    (``greedy_seq2seq``) for the first ``limit`` validation ``pairs`` (None: all), scored by
+    ``score_pairs``; the keys get a ``val_`` prefix (``val_bleu``, ``val_rougeL``, ...; ``n`` left out)."""
+
+    def metrics(model: nn.Module) -> dict[str, float]:
+        def predict(texts: list[str]) -> list[str]:
+            return greedy_seq2seq(
+                model, tokenizer, texts, max_new_tokens=max_new_tokens, max_source_len=max_source_len
+            )
+
+        result = evaluate_pairs(
+            predict, pairs, batch_size=batch_size, limit=limit, rouge_tokenizer=rouge_tokenizer
+        )
+        return {f"val_{k}": v for k, v in result.scores.items() if k != "n"}
+
+    return metrics

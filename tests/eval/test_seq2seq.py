@@ -6,9 +6,11 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import sacrebleu
+import torch
 from rouge_score import rouge_scorer
 
 from lamina.data.pairs import PairData
@@ -134,3 +136,46 @@ def test_missing_extra_is_one_line_naming_the_extra() -> None:
     assert out.stdout.strip() == (
         "MissingExtraError sacrebleu is not installed; seq2seq metrics need it: pip install 'lamina[seq2seq]'"
     )
+
+
+class _ReverseOracle(torch.nn.Module):
+    """An encoder-decoder stand-in with the Transformer's interface that always predicts the reversed
+    source then eos: greedy decoding must give exactly the reversed texts."""
+
+    def __init__(self, vocab_size: int, eos: int) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.vocab_size, self.eos = vocab_size, eos
+        self.config = SimpleNamespace(decoder_start_token_id=0)
+        self.encoded = 0
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        self.encoded += 1
+        return torch.zeros(*input_ids.shape, 4)
+
+    def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, memory=None):  # type: ignore[no-untyped-def]
+        assert memory is not None and decoder_input_ids[:, 0].eq(0).all()
+        B, T = decoder_input_ids.shape
+        logits = torch.zeros(B, T, self.vocab_size)
+        for b in range(B):
+            src = input_ids[b][attention_mask[b].bool()].tolist()
+            assert src[-1] == self.eos  # sources end with eos, as in training batches
+            want = [*src[-2::-1], self.eos]
+            for t in range(T):
+                logits[b, t, want[min(t, len(want) - 1)]] = 1.0
+        return logits
+
+
+def test_greedy_seq2seq_and_pair_metrics_with_an_oracle() -> None:
+    from lamina.data.synthetic import reverse_pairs, symbol_tokenizer
+    from lamina.eval.seq2seq import greedy_seq2seq, pair_metrics
+
+    tok = symbol_tokenizer()
+    oracle = _ReverseOracle(len(tok), tok.eos_token_id)
+    data = reverse_pairs(10, seed=3)
+    assert greedy_seq2seq(oracle, tok, data.sources, max_new_tokens=20) == data.targets
+    assert oracle.encoded == 1  # the encoder runs once per batch
+    cut = greedy_seq2seq(oracle, tok, ["s1 s2 s3 s4"], max_new_tokens=2)
+    assert cut == ["s4 s3"]
+    scores = pair_metrics(tok, data, batch_size=4)(oracle)
+    assert scores["val_exact_match"] == 1.0 and "val_rougeL" in scores and "val_n" not in scores
