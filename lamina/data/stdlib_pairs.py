@@ -265,3 +265,23 @@ def baseline_scores(
         "name_words": score_pairs([name_words(r["source"]) for r in rows], refs),
         "best_constant": {**score_pairs([text] * len(rows), refs), "text": text},
     }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m lamina.data.stdlib_pairs OUT_DIR``: build the task into OUT_DIR and print the two
+    baselines' ROUGE-L on its test split."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m lamina.data.stdlib_pairs", description=main.__doc__)
+    p.add_argument("out_dir", help="where train.jsonl, val.jsonl and test.jsonl go")
+    p.add_argument("--seed", type=int, default=0, help="which modules go to val and test")
+    args = p.parse_args(argv)
+    print(build_stdlib_pairs(args.out_dir, seed=args.seed).summary())
+    for name, scores in baseline_scores(args.out_dir).items():
+        extra = f"  ({scores['text']!r})" if "text" in scores else ""
+        print(f"  baseline {name}: test ROUGE-L {scores['rougeL']:.4f}{extra}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -129,3 +129,17 @@ def test_baselines_on_the_test_split(folder: Path) -> None:
         assert 0.0 < s["rougeL"] < 1.0
     rows = [json.loads(x) for x in (folder / "train.jsonl").read_text().splitlines()]
     assert scores["best_constant"]["text"] in {r["target"] for r in rows}
+
+
+def test_main_builds_and_prints_the_baselines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lamina.data.stdlib_pairs as sp
+
+    real = sp.build_stdlib_pairs
+    monkeypatch.setattr(sp, "build_stdlib_pairs", lambda out, seed=0: real(out, seed=seed, max_bytes=1_500_000,
+                        val_fraction=0.15, test_fraction=0.15))  # fmt: skip
+    assert sp.main([str(tmp_path / "p")]) == 0
+    out = capsys.readouterr().out
+    assert "test:" in out and "baseline name_words: test ROUGE-L 0." in out
+    assert "baseline best_constant: test ROUGE-L 0." in out
