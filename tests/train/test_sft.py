@@ -1,0 +1,154 @@
+"""Supervised fine-tuning on the one trainer (``finetune`` with ``task=sft``), on a tiny random chat model:
+the run writes its counts, samples and checkpoints; a resumed run ends with exactly the uninterrupted
+run's weights; frozen weights stay bit-identical; early stopping; a packed batch scores exactly as the
+same conversations unpacked; all-dropped data stops before training."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from interrupting import assert_same_weights  # tests/train/interrupting.py
+from tiny_chat import WORDS, tiny_lm
+
+import lamina
+from lamina.data.chat import ChatBatches, ChatData, encode_chats
+from lamina.errors import ConfigError, DataError
+from lamina.train.finetune import FinetuneRun, finetune
+from lamina.train.objectives import sft
+from lamina.train.sft import accepts_segment_ids
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random chat model saved as a lamina checkpoint."""
+    lm = tiny_lm(d_model=32, n_heads=2, n_kv_heads=2, d_ff=64)
+    return lamina.save_checkpoint(tmp_path_factory.mktemp("tiny") / "model", lm.model, tokenizer=lm.tokenizer)
+
+
+def _conversation(rng: random.Random) -> dict[str, Any]:
+    words = rng.sample(WORDS[:11], 3)
+    return {"messages": [{"role": "user", "content": " ".join(words)},
+                         {"role": "assistant", "content": " ".join(reversed(words))}]}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """48 conversations (answer: the user's three words reversed), one line that is not JSON and one
+    conversation without an answer."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
+    lines = [json.dumps(_conversation(rng)) for _ in range(48)]
+    lines[5] = "{oops"
+    lines[9] = json.dumps({"messages": [{"role": "user", "content": "the cat"}]})
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _run(tiny: Path, chat_file: Path, out: Path, **train: Any) -> FinetuneRun:
+    return FinetuneRun.from_dict(
+        {
+            "task": {"task": "sft", "data": str(chat_file), "max_seq_len": 32, "val_fraction": 0.2},
+            "init": str(tiny),
+            "sft": {"samples": 2, "sample_max_new_tokens": 4},
+            "train": {"out_dir": str(out), "max_steps": 8, "batch_size": 8, "lr": 3e-3, "eval_every": 4,
+                      "save_every": 4, "log_every": 1, "progress": False, **train},
+        }
+    )  # fmt: skip
+
+
+def test_run_writes_counts_samples_and_learns(tiny: Path, chat_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    model, _, result = finetune(_run(tiny, chat_file, out, max_steps=16, eval_every=8))
+    assert result.data["train_skipped"] + result.data["val_skipped"] == 2
+    assert result.data["train_conversations"] + result.data["val_conversations"] == 46
+    first, last = result.val_losses[0][1], result.val_losses[-1][1]
+    assert last < first
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [8, 8, 16, 16]
+    assert {"where", "prompt", "reference", "output"} <= set(samples[0])
+    assert samples[0]["prompt"].endswith("<|im_start|> assistant")
+    run_yaml = (out / "run.yaml").read_text()
+    assert "sft:" in run_yaml and "loss_on: assistant" in run_yaml
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["step"] == 0 and records[0]["train_answer_tokens"] > 0
+    assert (out / "curves.png").is_file() and (out / "best").is_dir() and (out / "last").is_dir()
+    reloaded, _ = lamina.load_checkpoint(out / "last")
+    sd = model.state_dict()
+    assert all(torch.equal(v, sd[k]) for k, v in reloaded.state_dict().items())
+
+
+def test_resume_is_exact(tiny: Path, chat_file: Path, tmp_path: Path) -> None:
+    ref = tmp_path / "ref"
+    finetune(_run(tiny, chat_file, ref))
+    out = tmp_path / "out"
+    finetune(_run(tiny, chat_file, out))
+    # as if stopped after step 4: only the step-4 checkpoint is left
+    shutil.rmtree(out / "checkpoints" / "step-00000008")
+    shutil.rmtree(out / "last")
+    finetune(_run(tiny, chat_file, out), resume=True)
+    assert_same_weights(out / "last", ref / "last")
+    steps = [json.loads(line)["step"] for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert steps == [4, 4, 8, 8]  # the resumed run's samples replace none and repeat none
+
+
+def test_frozen_weights_stay_bit_identical(tiny: Path, chat_file: Path, tmp_path: Path) -> None:
+    before, _ = lamina.load_checkpoint(tiny)
+    model, _, _ = finetune(_run(tiny, chat_file, tmp_path / "out", max_steps=3, freeze=["0", "tok_emb.*"]))
+    old, new = before.state_dict(), model.state_dict()
+    frozen = [k for k in old if k.startswith(("blocks.0.", "tok_emb."))]
+    assert frozen and all(torch.equal(old[k], new[k]) for k in frozen)
+    assert not torch.equal(old["blocks.1.attn.q_proj.weight"], new["blocks.1.attn.q_proj.weight"])
+
+
+def test_early_stopping_on_validation_loss(tiny: Path, chat_file: Path, tmp_path: Path) -> None:
+    run = _run(tiny, chat_file, tmp_path / "out", max_steps=40, eval_every=2, early_stopping_patience=2,
+               early_stopping_min_delta=10.0)  # fmt: skip
+    _, _, result = finetune(run)
+    assert result.stopped_early and result.steps == 6  # best at step 2, no better at 4 and 6
+
+
+def test_every_example_dropped_stops_before_training(tiny: Path, tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n{"text": "x"}\n')
+    out = tmp_path / "out"
+    run = _run(tiny, path, out)
+    run.task.val_data = str(path)
+    with pytest.raises(
+        DataError, match=r"every training conversation was dropped \(3 skipped; first: bad.jsonl "
+    ):
+        finetune(run)
+    assert not out.exists()
+
+
+def test_packed_batch_scores_as_unpacked(tiny: Path, chat_file: Path) -> None:
+    model, _ = lamina.load_checkpoint(tiny)
+    tok = lamina.load_tokenizer(str(tiny))
+    rng = random.Random(1)
+    data = ChatData([_conversation(rng)["messages"] for _ in range(6)], [f"row {i}" for i in range(6)])
+    examples = encode_chats(tok, data, 64).examples
+    objective = sft()
+    with torch.no_grad():
+        loss, n = objective(model, next(ChatBatches(examples, 6, 64, 0).eval_batches()))
+        packed = next(ChatBatches(examples, 6, 64, 0, packing=True).eval_batches())
+        assert packed["input_ids"].shape[0] < 6
+        if not accepts_segment_ids(model):
+            pytest.skip("Transformer.forward takes no segment_ids yet: packed attention would cross borders")
+        packed_loss, packed_n = objective(model, packed)
+    assert packed_n == n
+    assert torch.allclose(packed_loss, loss, atol=1e-5)
+
+
+def test_packing_without_segment_support_is_refused(
+    tiny: Path, chat_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("lamina.train.sft.accepts_segment_ids", lambda model: False)
+    run = _run(tiny, chat_file, tmp_path / "out")
+    run.sft.packing = True
+    with pytest.raises(ConfigError, match=r"sft\.packing needs"):
+        finetune(run)
