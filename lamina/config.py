@@ -23,16 +23,16 @@ import yaml
 from lamina.errors import ConfigError
 from lamina.fields import build, parse_yaml
 
-Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu"]
+Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu", "geglu_tanh"]
 NormType = Literal["layernorm", "rmsnorm"]
 NormPlacement = Literal["pre", "post"]
-PosEncoding = Literal["learned", "sinusoidal", "rope", "alibi", "none"]
+PosEncoding = Literal["learned", "sinusoidal", "rope", "alibi", "relative", "none"]
 RopeScaling = Literal["linear", "dynamic", "llama3"]
 Initializer = Literal["normal", "xavier", "kaiming"]
-Arch = Literal["decoder", "encoder"]  # "encoder-decoder" joins the family in a later step
+Arch = Literal["decoder", "encoder", "encoder-decoder"]
 Head = Literal["lm", "none", "classify", "regress", "token_classify"]
 
-GATED_ACTIVATIONS = ("swiglu", "geglu")
+GATED_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh")
 
 
 @dataclass
@@ -43,17 +43,20 @@ class ModelConfig:
     architectures. Derived values (``head_dim``, ``n_kv_heads``, ``d_ff``) may be left ``None``.
     """
 
-    arch: Arch = "decoder"  # decoder: causal attention; encoder: bidirectional (BERT)
+    # decoder: causal attention; encoder: bidirectional (BERT); encoder-decoder: an encoder stack of n_layers
+    # and a decoder stack that also attends to the encoder's output (T5, the original Transformer)
+    arch: Arch = "decoder"
     vocab_size: int = 50304  # token ids the embedding table holds, >= the tokenizer's vocabulary size
     max_seq_len: int = 1024  # context window in tokens
-    n_layers: int = 6  # transformer blocks
+    n_layers: int = 6  # transformer blocks (encoder-decoder: of the encoder)
+    n_decoder_layers: int | None = None  # encoder-decoder: decoder blocks (None: = n_layers)
     d_model: int = 384  # embedding size
     n_heads: int = 6  # attention (query) heads; must divide d_model unless head_dim is set
     n_kv_heads: int | None = None  # key/value heads (None: = n_heads, MHA; 1: MQA; a divisor in between: GQA)
     head_dim: int | None = None  # width of each head (None: d_model // n_heads)
     d_ff: int | None = None  # MLP hidden size (None: 4 * d_model; 8/3 * d_model rounded up to 64 if gated)
     # MLP activation: gelu (exact), gelu_tanh (GPT-2's tanh approximation), relu, silu, or the gated
-    # swiglu (Llama) and geglu
+    # swiglu (Llama), geglu and geglu_tanh (T5 v1.1 / Flan-T5 "gated-gelu")
     activation: Activation = "gelu"
     norm: NormType = "layernorm"  # layernorm (GPT-2, BERT) or rmsnorm (Llama: no mean, no bias)
     # pre: norm at the start of each residual branch, plus a final norm (GPT-2, Llama); post: norm after
@@ -61,9 +64,11 @@ class ModelConfig:
     norm_placement: NormPlacement = "pre"
     norm_eps: float = 1e-5  # epsilon added to the variance in every norm, > 0
     emb_norm: bool = False  # a norm right after the embeddings (BLOOM, BERT)
-    # positions: learned embeddings (GPT-2, BERT), sinusoidal, rope (Llama), alibi (BLOOM; decoders only)
-    # or none
+    # positions: learned embeddings (GPT-2, BERT), sinusoidal, rope (Llama), alibi (BLOOM; decoders only),
+    # relative (T5's bucketed bias, one table per stack) or none
     pos_encoding: PosEncoding = "learned"
+    relative_attention_num_buckets: int = 32  # pos_encoding=relative: buckets of relative distance (T5: 32)
+    relative_attention_max_distance: int = 128  # pos_encoding=relative: distances past this share a bucket
     rope_theta: float = 10000.0  # RoPE base of the rotation frequencies, > 0 (pos_encoding=rope)
     # RoPE context extension (HF semantics): linear (positions / rope_factor), dynamic (NTK base growth
     # past rope_original_max_seq_len) or llama3; None: off
@@ -80,6 +85,9 @@ class ModelConfig:
     bias: bool = True  # biases in linear layers and LayerNorms
     tie_embeddings: bool = True  # the lm head reuses the token embedding matrix (one weight, counted once)
     scale_embeddings: bool = False  # multiply token embeddings by sqrt(d_model) (original Transformer)
+    scale_attention: bool = True  # scores q.k / sqrt(head_dim); False: unscaled q.k (T5)
+    scale_decoder_outputs: bool = False  # final hidden states x d_model ** -0.5 before the lm head (T5 v1.0)
+    decoder_start_token_id: int = 0  # encoder-decoder: the first decoder input of every target (T5: 0, pad)
     initializer: Initializer = "normal"  # weights: normal(0, init_std), xavier (uniform) or kaiming (normal)
     init_std: float = 0.02  # std of the normal initializer, > 0 (GPT-2: 0.02)
     scaled_residual_init: bool = True  # std / sqrt(2 * n_layers) on residual output projections
@@ -102,6 +110,8 @@ class ModelConfig:
                 self.d_ff = 4 * self.d_model
         if self.n_labels is None and self.head == "regress":
             self.n_labels = 1
+        if self.n_decoder_layers is None and self.arch == "encoder-decoder":
+            self.n_decoder_layers = self.n_layers
         self.validate()
 
     # -- validation -------------------------------------------------------------------------------------
@@ -154,6 +164,52 @@ class ModelConfig:
                     "(the context length the model was pretrained with)"
                 )
         self._validate_encoder()
+        self._validate_encoder_decoder()
+
+    def _validate_encoder_decoder(self) -> None:
+        """The fields of encoder-decoder models and of T5's relative positions."""
+        if self.pos_encoding == "relative":
+            if self.relative_attention_num_buckets < 4:
+                raise ConfigError(
+                    f"relative_attention_num_buckets={self.relative_attention_num_buckets} must be >= 4 (T5: 32)"
+                )
+            if self.relative_attention_max_distance <= self.relative_attention_num_buckets // 2:
+                raise ConfigError(
+                    f"relative_attention_max_distance={self.relative_attention_max_distance} must be larger "
+                    f"than relative_attention_num_buckets // 2 = {self.relative_attention_num_buckets // 2} "
+                    "(T5: 128 with 32 buckets)"
+                )
+        if self.arch != "encoder-decoder":
+            if self.n_decoder_layers is not None:
+                raise ConfigError(
+                    f"n_decoder_layers={self.n_decoder_layers} is for arch='encoder-decoder', got "
+                    f"arch={self.arch!r}: leave it unset (n_layers counts the blocks)"
+                )
+            return
+        if self.n_decoder_layers is None or self.n_decoder_layers <= 0:
+            raise ConfigError(f"n_decoder_layers={self.n_decoder_layers} must be a positive integer")
+        if self.pos_encoding in ("learned", "alibi"):
+            raise ConfigError(
+                f"arch='encoder-decoder' with pos_encoding={self.pos_encoding!r} is not supported; use relative "
+                "(T5), sinusoidal (the original Transformer), rope or none"
+            )
+        if (
+            self.head != "lm"
+            or self.type_vocab_size
+            or self.lm_head_transform
+            or self.pooler
+            or self.emb_norm
+        ):
+            raise ConfigError(
+                f"arch='encoder-decoder' needs head='lm' without token types, lm_head_transform, pooler or "
+                f"emb_norm; got head={self.head!r}, type_vocab_size={self.type_vocab_size}, "
+                f"lm_head_transform={self.lm_head_transform}, pooler={self.pooler}, emb_norm={self.emb_norm}"
+            )
+        if not 0 <= self.decoder_start_token_id < self.vocab_size:
+            raise ConfigError(
+                f"decoder_start_token_id={self.decoder_start_token_id} is not a token id of the vocabulary "
+                f"(0 .. {self.vocab_size - 1})"
+            )
 
     def _validate_encoder(self) -> None:
         """The fields of encoders and task heads, alone and together."""
@@ -193,7 +249,11 @@ class ModelConfig:
         return sum(self.param_counts().values())
 
     def param_counts(self) -> dict[str, int]:
-        """Parameters by part: embeddings, positional, attention, mlp, norms, head."""
+        """Parameters by part: embeddings, positional, attention, mlp, norms, head.
+
+        An encoder-decoder counts both stacks: its decoder blocks hold a cross-attention (in "attention")
+        and a third norm; ``relative`` positions hold one bias table per stack.
+        """
         assert self.head_dim is not None and self.n_kv_heads is not None and self.d_ff is not None
         d, b = self.d_model, int(self.bias)
         q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
@@ -201,7 +261,14 @@ class ModelConfig:
         n_in = 2 if self.activation in GATED_ACTIVATIONS else 1
         mlp = n_in * (d * self.d_ff + b * self.d_ff) + self.d_ff * d + b * d
         norm = d * (2 if self.norm == "layernorm" and self.bias else 1)
-        n_norms = 2 * self.n_layers + int(self.norm_placement == "pre") + int(self.emb_norm)
+        pre = int(self.norm_placement == "pre")
+        n_norms = 2 * self.n_layers + pre + int(self.emb_norm)
+        n_stacks, n_attn, n_mlp = 1, self.n_layers, self.n_layers
+        if self.arch == "encoder-decoder":
+            assert self.n_decoder_layers is not None
+            n_dec = self.n_decoder_layers
+            n_stacks, n_attn, n_mlp = 2, self.n_layers + 2 * n_dec, self.n_layers + n_dec
+            n_norms += 3 * n_dec + pre
         if self.head == "lm":
             head = (0 if self.tie_embeddings else self.vocab_size * d) + int(self.lm_head_transform) * (
                 d * d + d + norm + self.vocab_size
@@ -211,11 +278,15 @@ class ModelConfig:
         else:
             assert self.n_labels is not None
             head = int(self.pooler) * (d * d + d) + d * self.n_labels + self.n_labels
+        positional = {
+            "learned": self.max_seq_len * d,
+            "relative": self.relative_attention_num_buckets * self.n_heads,
+        }
         return {
             "embeddings": (self.vocab_size + self.type_vocab_size) * d,
-            "positional": self.max_seq_len * d if self.pos_encoding == "learned" else 0,
-            "attention": self.n_layers * attn,
-            "mlp": self.n_layers * mlp,
+            "positional": n_stacks * positional.get(self.pos_encoding, 0),
+            "attention": n_attn * attn,
+            "mlp": n_mlp * mlp,
             "norms": n_norms * norm,
             "head": head,
         }
@@ -237,11 +308,14 @@ class ModelConfig:
         """Model FLOPs per token at context ``seq_len`` (PaLM appendix B / nanoGPT ``estimate_mfu``).
 
         Forward is 2 x matmul parameters + 2 x 2 x n_layers x seq_len x (n_heads x head_dim) for
-        attention scores and values; training (forward + backward) is three times that.
+        attention scores and values; training (forward + backward) is three times that. An
+        encoder-decoder's "token" is one source plus one target token (both sequences ``seq_len`` long):
+        all its matmul parameters, and the encoder's, decoder's and cross attention over ``seq_len`` keys.
         """
         assert self.head_dim is not None
         t = self.max_seq_len if seq_len is None else seq_len
-        forward = 2 * self.n_matmul_params + 4 * self.n_layers * t * self.n_heads * self.head_dim
+        n_attn = self.n_layers + 2 * (self.n_decoder_layers or 0)
+        forward = 2 * self.n_matmul_params + 4 * n_attn * t * self.n_heads * self.head_dim
         return 3 * forward if training else forward
 
     # -- presets and I/O ---------------------------------------------------------------------------------
@@ -296,6 +370,31 @@ PRESETS: dict[str, dict[str, Any]] = {
         vocab_size=49152, max_seq_len=8192, n_layers=32, d_model=960, n_heads=15, n_kv_heads=5, d_ff=2560,
         activation="swiglu", norm="rmsnorm", norm_eps=1e-5, pos_encoding="rope", rope_theta=100000.0,
         bias=False, tie_embeddings=True,
+    ),
+    # encoder-decoder: T5 (Raffel et al. 2020), T5 v1.1 / Flan-T5, "Attention Is All You Need" (2017)
+    "t5-small": dict(
+        arch="encoder-decoder", vocab_size=32128, max_seq_len=512, n_layers=6, d_model=512, n_heads=8,
+        d_ff=2048, activation="relu", norm="rmsnorm", norm_eps=1e-6, pos_encoding="relative", bias=False,
+        scale_attention=False, tie_embeddings=True, scale_decoder_outputs=True, emb_dropout=0.1,
+        resid_dropout=0.1, attn_dropout=0.1, scaled_residual_init=False,
+    ),
+    "t5-v1_1-small": dict(
+        arch="encoder-decoder", vocab_size=32128, max_seq_len=512, n_layers=8, d_model=512, n_heads=6,
+        head_dim=64, d_ff=1024, activation="geglu_tanh", norm="rmsnorm", norm_eps=1e-6,
+        pos_encoding="relative", bias=False, scale_attention=False, tie_embeddings=False,
+        emb_dropout=0.1, resid_dropout=0.1, attn_dropout=0.1, scaled_residual_init=False,
+    ),
+    "transformer-base": dict(
+        arch="encoder-decoder", vocab_size=37000, max_seq_len=512, n_layers=6, d_model=512, n_heads=8,
+        d_ff=2048, activation="relu", norm_placement="post", pos_encoding="sinusoidal",
+        scale_embeddings=True, tie_embeddings=True, emb_dropout=0.1, resid_dropout=0.1,
+        initializer="xavier", scaled_residual_init=False,
+    ),
+    "t5-tiny": dict(
+        arch="encoder-decoder", vocab_size=512, max_seq_len=128, n_layers=2, d_model=64, n_heads=4,
+        d_ff=128, activation="relu", norm="rmsnorm", norm_eps=1e-6, pos_encoding="relative",
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, bias=False,
+        scale_attention=False, tie_embeddings=True, scale_decoder_outputs=True,
     ),
 }  # fmt: skip
 

@@ -1,5 +1,5 @@
-"""Hugging Face checkpoints (config.json + safetensors) <-> lamina, for the GPT-2, Llama, BLOOM and BERT
-families.
+"""Hugging Face checkpoints (config.json + safetensors) <-> lamina, for the GPT-2, Llama, BLOOM, BERT and
+T5 (``lamina.checkpoint.hf_t5``) families.
 
 A family is two things here: a function from HF ``config.json`` to ``ModelConfig`` and a map from HF
 tensor names to lamina's. Export is the inverse of the same maps.
@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lamina.checkpoint.hf_t5 import t5_config, t5_hf_config, t5_hf_weights, t5_weights
 from lamina.checkpoint.lamina import atomic_folder, weights_for_saving
 from lamina.checkpoint.sentence_transformers import EmbeddingConfig
 from lamina.config import GenerationConfig, ModelConfig
@@ -380,6 +381,7 @@ FAMILIES: dict[str, Family] = {
     "mistral": (_llama_config, _llama_weights),
     "bloom": (_bloom_config, _bloom_weights),
     "bert": (_bert_config, _bert_weights),
+    "t5": (t5_config, t5_weights),
 }
 
 
@@ -447,6 +449,8 @@ def read_hf_folder(folder: str | os.PathLike[str]) -> tuple[dict[str, Any], Stat
 def hf_config_from_lamina(cfg: ModelConfig) -> dict[str, Any]:
     """The HF ``config.json`` dict of the family this config belongs to (GPT-2 or Llama)."""
     family = hf_family(cfg)
+    if family == "t5":
+        return t5_hf_config(cfg)
     if family == "bert":
         return _bert_hf_config(cfg)
     if family == "gpt2":
@@ -553,7 +557,11 @@ def _bert_exportable(cfg: ModelConfig) -> str | None:
 
 
 def hf_family(cfg: ModelConfig) -> str:
-    """Which HF architecture can hold this config exactly ('gpt2', 'llama' or 'bert'); an error if none can."""
+    """Which HF architecture can hold this config exactly ('gpt2', 'llama', 'bert' or 't5'); an error if none
+    can."""
+    if cfg.arch == "encoder-decoder":
+        t5_hf_config(cfg)  # raises when T5 cannot hold it
+        return "t5"
     if cfg.arch == "encoder":
         problem = _bert_exportable(cfg)
         if problem is not None:
@@ -592,6 +600,8 @@ def hf_family(cfg: ModelConfig) -> str:
 def hf_state_dict_from_lamina(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> StateDict:
     """lamina tensors renamed (and fused/transposed for GPT-2) into the HF family's names."""
     family = hf_family(cfg)
+    if family == "t5":
+        return t5_hf_weights(sd, cfg)
     out: StateDict = {}
     if family == "bert":
         inv_layer = {v: k for k, v in _BERT_LAYER.items()}

@@ -112,6 +112,33 @@ def alibi_slopes(n_heads: int) -> Tensor:
     return torch.tensor(slopes)
 
 
+def relative_position_bucket(rel: Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> Tensor:
+    """T5's bucket (same shape, long) of each relative position ``rel`` = key position - query position.
+
+    Half the buckets hold exact small distances, the rest grow logarithmically up to ``max_distance``;
+    bidirectional (encoder) splits the buckets between keys before and after the query, causal
+    (decoder) keeps only keys before it. Raffel et al. 2020; as ``transformers``' T5Attention.
+    """
+    buckets = torch.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (rel > 0).long() * num_buckets
+        dist = rel.abs()
+    else:
+        dist = (-rel).clamp(min=0)
+    max_exact = num_buckets // 2
+    large = (
+        max_exact
+        + (
+            torch.log(dist.float() / max_exact)
+            / math.log(max_distance / max_exact)
+            * (num_buckets - max_exact)
+        ).long()
+    )
+    large = large.clamp(max=num_buckets - 1)
+    return buckets + torch.where(dist < max_exact, dist, large)
+
+
 # -- KV cache ----------------------------------------------------------------------------------------------
 
 
@@ -126,6 +153,10 @@ class KVCache:
     The tensors are views of storage with room for ``max_batch_size`` rows, so rows can leave
     (``keep``) and join (``add_rows``) a running batch, as continuous batching needs, by copying only
     the rows that move; ``reserve`` makes room for more slots.
+
+    An encoder-decoder's decoder also keeps the cross-attention keys and values of the encoder output:
+    ``cross_k`` / ``cross_v`` per layer (B, n_kv_heads, S, head_dim) and ``memory_valid`` (B, S), computed
+    once by the first call that gets ``memory`` and reused after (``keep`` reorders them too).
     """
 
     def __init__(
@@ -138,10 +169,15 @@ class KVCache:
         max_batch_size: int | None = None,
     ) -> None:
         assert cfg.n_kv_heads is not None and cfg.head_dim is not None
-        self._n_layers, self._kv_shape = cfg.n_layers, (cfg.n_kv_heads, cfg.head_dim)
+        n_layers = cfg.n_decoder_layers if cfg.arch == "encoder-decoder" else cfg.n_layers
+        assert n_layers is not None
+        self._n_layers, self._kv_shape = n_layers, (cfg.n_kv_heads, cfg.head_dim)
         self.dtype, self.device = dtype, torch.device(device)
         self.length = 0
         self.capacity = capacity
+        self.cross_k: list[Tensor] = []  # encoder-decoder: per layer (B, Hkv, S, hd), filled once
+        self.cross_v: list[Tensor] = []
+        self.memory_valid: Tensor | None = None  # (B, S) real source tokens of the cross keys
         self._alloc(max(batch_size, max_batch_size or 0), capacity)
         self._set_rows(batch_size)
 
@@ -190,6 +226,10 @@ class KVCache:
         for t in self._storage():
             t[:n] = t.index_select(0, rows)
         self._set_rows(n)
+        self.cross_k = [t.index_select(0, rows) for t in self.cross_k]
+        self.cross_v = [t.index_select(0, rows) for t in self.cross_v]
+        if self.memory_valid is not None:
+            self.memory_valid = self.memory_valid.index_select(0, rows)
 
     def add_rows(self, src: KVCache, src_rows: Sequence[int] | None = None) -> None:
         """Append rows of ``src`` (a cache of the same model; all its rows, or ``src_rows``, repeats
@@ -198,6 +238,10 @@ class KVCache:
         When ``src`` holds more slots than this cache, this cache's rows get leading empty slots first
         (cheap: only ``length`` moves, nothing is copied).
         """
+        if self.cross_k or src.cross_k:
+            raise NotImplementedError(
+                "add_rows of an encoder-decoder cache (cross keys) is not supported yet"
+            )
         idx = torch.tensor(list(range(src.rows)) if src_rows is None else list(src_rows), device=self.device)
         m, P = idx.numel(), src.length
         if P > self.length:  # the existing rows see masked, empty slots [length, P)
@@ -256,7 +300,7 @@ class KVCache:
 class Attention(nn.Module):
     """Multi-head attention with grouped KV heads (MHA / GQA / MQA) on ``scaled_dot_product_attention``."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int, cross: bool = False) -> None:
         super().__init__()
         assert cfg.n_kv_heads is not None and cfg.head_dim is not None
         self.layer_idx = layer_idx
@@ -267,13 +311,15 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.qkv_proj: nn.Module | None = None  # q, k and v in one matmul: see fuse_projections
         self.attn_dropout = cfg.attn_dropout
+        self.scale = None if cfg.scale_attention else 1.0  # None: sdpa's 1 / sqrt(head_dim); T5: unscaled
+        self.cross = cross  # cross-attention: queries from x, keys and values from the encoder's memory
 
     def fuse_projections(self) -> None:
         """Replace q/k/v_proj by one ``qkv_proj`` (their weights stacked): one matmul instead of three.
 
         For inference (``lamina.model.quant.convert_weights``): the fused model computes the same
         logits, but its state dict no longer has the per-projection names of checkpoints."""
-        if self.qkv_proj is not None:
+        if self.qkv_proj is not None or self.cross:  # cross: q and k/v read different inputs
             return
         parts = [self.q_proj, self.k_proj, self.v_proj]
         self.qkv_proj = _stacked_linear(parts)
@@ -327,13 +373,50 @@ class Attention(nn.Module):
             if attn_mask is not None and attn_mask.shape[1] > 1:
                 attn_mask = attn_mask.reshape(B, self.n_kv_heads, rep, S)
             q = q.reshape(B, self.n_kv_heads, rep, self.head_dim)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=self.scale
+            )
         else:
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=rep > 1
+                q,
+                k,
+                v,
+                attn_mask=attn_mask,
+                dropout_p=dropout_p,
+                is_causal=is_causal,
+                enable_gqa=rep > 1,
+                scale=self.scale,
             )
         # y is (B, H, T, hd), or (B, Hkv, rep, hd) with T = 1: the same memory order
         return self.o_proj(y.reshape(B, self.n_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1))
+
+    def cross_forward(
+        self, x: Tensor, memory: Tensor | None, memory_mask: Tensor | None, cache: KVCache | None
+    ) -> Tensor:
+        """Cross-attention: x (B, T, d_model) attends to the encoder output ``memory`` (B, S, d_model).
+
+        ``memory_mask`` (B, 1, 1, S) bool marks real source tokens. With a ``cache``, the keys and values
+        of ``memory`` are computed on the first call and read from ``cache.cross_k/v`` after (``memory``
+        may then be None).
+        """
+        B, T, _ = x.shape
+        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+        if cache is not None and len(cache.cross_k) > self.layer_idx:
+            k, v = cache.cross_k[self.layer_idx], cache.cross_v[self.layer_idx]
+        else:
+            assert memory is not None, "cross-attention needs memory (or a cache that holds its keys)"
+            S = memory.shape[1]
+            k = self.k_proj(memory).view(B, S, Hkv, hd).transpose(1, 2)  # (B, Hkv, S, hd)
+            v = self.v_proj(memory).view(B, S, Hkv, hd).transpose(1, 2)
+            if cache is not None:
+                cache.cross_k.append(k)
+                cache.cross_v.append(v)
+        dropout_p = self.attn_dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=memory_mask, dropout_p=dropout_p, enable_gqa=H > Hkv, scale=self.scale
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 # -- MLPs --------------------------------------------------------------------------------------------------
@@ -345,6 +428,7 @@ _ACTIVATIONS = {
     "silu": F.silu,
     "swiglu": F.silu,  # gated: silu(gate(x)) * up(x)
     "geglu": F.gelu,
+    "geglu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # T5 v1.1 "gated-gelu" (gelu_new)
 }
 
 
@@ -354,7 +438,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         assert cfg.d_ff is not None
-        self.gated = cfg.activation in ("swiglu", "geglu")
+        self.gated = cfg.activation in ("swiglu", "geglu", "geglu_tanh")
         self.act = _ACTIVATIONS[cfg.activation]
         if self.gated:
             self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)

@@ -1,9 +1,13 @@
-"""One config-driven transformer: GPT-2, Llama/SmolLM2, BLOOM, BERT and your own designs are ``ModelConfig`` s.
+"""One config-driven transformer: GPT-2, Llama/SmolLM2, BLOOM, BERT, T5, the 2017 Transformer and your own
+designs are ``ModelConfig`` s.
 
 Data flows: token ids -> embeddings (+ learned/sinusoidal positions, + token types) -> n_layers x Block
 -> final norm -> output head (``ModelConfig.head``: lm logits tied to the embeddings or not, the hidden
-states, or a task head from ``lamina.model.heads``). RoPE and ALiBi act inside attention. A decoder
-(``arch="decoder"``) attends causally; an encoder (``arch="encoder"``, BERT) to every real token.
+states, or a task head from ``lamina.model.heads``). RoPE, ALiBi and T5's relative bias act inside
+attention. A decoder (``arch="decoder"``) attends causally; an encoder (``arch="encoder"``, BERT) to every
+real token. An encoder-decoder (T5) runs the source through ``encoder_blocks`` once (``encode``: the
+memory), then its decoder ``blocks`` attend causally to the target and, through cross-attention, to the
+memory: the same Block with a third sub-layer.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from lamina.model.layers import (
     KVCache,
     alibi_slopes,
     make_norm,
+    relative_position_bucket,
     rope_cos_sin,
     rope_inv_freq,
     sinusoidal_encoding,
@@ -30,13 +35,16 @@ from lamina.model.layers import (
 
 
 class Block(nn.Module):
-    """Attention then MLP, each in a residual branch, with the norm before (pre-LN) or after (post-LN)."""
+    """Attention, (cross-attention to the encoder's memory: decoder blocks of an encoder-decoder,) then MLP,
+    each in a residual branch, with the norm before (pre-LN) or after (post-LN)."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int, cross: bool = False) -> None:
         super().__init__()
         self.pre_norm = cfg.norm_placement == "pre"
         self.attn_norm = make_norm(cfg)
         self.attn = Attention(cfg, layer_idx)
+        self.cross_norm = make_norm(cfg) if cross else None
+        self.cross_attn = Attention(cfg, layer_idx, cross=True) if cross else None
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.resid_dropout)
@@ -48,12 +56,22 @@ class Block(nn.Module):
         attn_mask: Tensor | None,
         is_causal: bool,
         cache: KVCache | None,
+        memory: Tensor | None = None,
+        memory_mask: Tensor | None = None,
     ) -> Tensor:
-        """(B, T, d_model) -> (B, T, d_model)."""
+        """(B, T, d_model) -> (B, T, d_model); ``memory`` (B, S, d_model) and ``memory_mask`` (B, 1, 1, S)
+        feed the cross-attention (see ``Attention.cross_forward``)."""
+        cross = self.cross_attn
         if self.pre_norm:
             x = x + self.dropout(self.attn(self.attn_norm(x), rope, attn_mask, is_causal, cache))
+            if cross is not None:
+                assert self.cross_norm is not None
+                x = x + self.dropout(cross.cross_forward(self.cross_norm(x), memory, memory_mask, cache))
             return x + self.dropout(self.mlp(self.mlp_norm(x)))
         x = self.attn_norm(x + self.dropout(self.attn(x, rope, attn_mask, is_causal, cache)))
+        if cross is not None:
+            assert self.cross_norm is not None
+            x = self.cross_norm(x + self.dropout(cross.cross_forward(x, memory, memory_mask, cache)))
         return self.mlp_norm(x + self.dropout(self.mlp(x)))
 
 
@@ -65,6 +83,10 @@ class Transformer(nn.Module):
     position ids then skip the pads. With a ``KVCache`` the call appends to the cached sequence
     (decoders only). ``token_type_ids`` (B, T) select segment embeddings when ``type_vocab_size > 0``.
     With a task head, ``forward`` returns (B, n_labels) per sequence or (B, T, n_labels) per token.
+
+    An encoder-decoder (``arch="encoder-decoder"``) takes the source as ``input_ids`` / ``attention_mask``
+    (B, S) and the target's inputs as ``decoder_input_ids`` (B, T) and returns the decoder's logits
+    (B, T, vocab_size); ``encode`` and ``decode`` run the two halves apart (generation encodes once).
     """
 
     # RoPE frequencies and ALiBi slopes are plain float32 attributes, not buffers, so that
@@ -81,7 +103,16 @@ class Transformer(nn.Module):
         self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
         self.emb_norm = make_norm(cfg) if cfg.emb_norm else None
         self.emb_dropout = nn.Dropout(cfg.emb_dropout)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        relative = cfg.pos_encoding == "relative"  # T5: one bias table per stack, shared by its layers
+        enc_dec = cfg.arch == "encoder-decoder"
+        self.encoder_blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers)) if enc_dec else None
+        self.encoder_norm = make_norm(cfg) if enc_dec and cfg.norm_placement == "pre" else None
+        self.encoder_rel_bias = (
+            nn.Embedding(cfg.relative_attention_num_buckets, cfg.n_heads) if enc_dec and relative else None
+        )
+        n_blocks = cfg.n_decoder_layers if enc_dec and cfg.n_decoder_layers else cfg.n_layers
+        self.blocks = nn.ModuleList(Block(cfg, i, cross=enc_dec) for i in range(n_blocks))
+        self.rel_bias = nn.Embedding(cfg.relative_attention_num_buckets, cfg.n_heads) if relative else None
         self.final_norm = make_norm(cfg) if cfg.norm_placement == "pre" else None
         # the output: one of lm_head (with lm_transform before it for BERT), nothing, or task_head
         self.lm_transform = LMHeadTransform(cfg) if cfg.lm_head_transform else None
@@ -152,22 +183,95 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
         token_type_ids: Tensor | None = None,
+        segment_ids: Tensor | None = None,
+        decoder_input_ids: Tensor | None = None,
+        decoder_attention_mask: Tensor | None = None,
+        memory: Tensor | None = None,
     ) -> Tensor:
         """What ``config.head`` outputs: logits (B, T, vocab_size) (or (B, 1, vocab_size) for the last
         position with ``last_only``); hidden states (B, T, d_model) for "none"; (B, n_labels) for
-        "classify" / "regress"; (B, T, n_labels) for "token_classify"."""
-        h = self.hidden_states(input_ids, attention_mask, position_ids, cache, token_type_ids)
+        "classify" / "regress"; (B, T, n_labels) for "token_classify". ``segment_ids``: see
+        ``hidden_states``.
+
+        Encoder-decoder: logits (B, T, vocab_size) of ``decoder_input_ids`` (B, T) (its real tokens:
+        ``decoder_attention_mask``; ``position_ids`` and ``cache`` are the decoder's) given the source
+        ``input_ids`` (B, S) and its ``attention_mask``. The encoder runs unless ``memory`` (B, S, d_model,
+        from ``encode``) is given or ``cache`` already holds the cross-attention keys.
+        """
+        if self.config.arch == "encoder-decoder":
+            if decoder_input_ids is None:
+                raise ValueError(
+                    "an encoder-decoder needs decoder_input_ids (B, T): decoder_start_token_id, then the "
+                    "target shifted right"
+                )
+            if memory is None and (cache is None or not cache.cross_k):
+                memory = self.encode(input_ids, attention_mask)
+            return self.decode(
+                decoder_input_ids,
+                memory,
+                attention_mask,
+                decoder_attention_mask,
+                position_ids,
+                cache,
+                last_only,
+            )
+        h = self.hidden_states(input_ids, attention_mask, position_ids, cache, token_type_ids, segment_ids)
         if last_only:
             h = h[:, -1:]
         if self.lm_head is not None:
-            if self.lm_transform is not None:
-                h = self.lm_transform(h)
-            return self.lm_head(h)
+            return self._lm_logits(h)
         if self.task_head is None:
             return h
         if self.config.head == "token_classify":
             return self.task_head(h)
         return self.task_head(self.pooled(h, attention_mask))
+
+    def _lm_logits(self, h: Tensor) -> Tensor:
+        """(B, T, d_model) -> (B, T, vocab_size)."""
+        assert self.lm_head is not None
+        if self.lm_transform is not None:
+            h = self.lm_transform(h)
+        if self.config.scale_decoder_outputs:  # T5 v1.0 with its tied embeddings
+            h = h * self.config.d_model**-0.5
+        return self.lm_head(h)
+
+    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """The encoder of an encoder-decoder: source ids (B, S) -> memory (B, S, d_model), after the
+        encoder's final norm. ``attention_mask`` (B, S) marks real tokens (positions count only those).
+
+        Raises ValueError for a model that is not an encoder-decoder."""
+        if self.encoder_blocks is None:
+            raise ValueError(f"encode() is for arch='encoder-decoder' models, not arch={self.config.arch!r}")
+        B, S = input_ids.shape
+        real = attention_mask.bool() if attention_mask is not None else None
+        position_ids = self._default_positions(B, S, real, None, input_ids.device)
+        x = self._embed(input_ids, position_ids, None)
+        rope = self._rope(position_ids, x.dtype)
+        mask, _ = self._attention_mask(
+            B, S, real, position_ids, None, x.dtype, causal=False, rel_table=self.encoder_rel_bias
+        )
+        x = self._run(self.encoder_blocks, x, rope, mask, False, None)
+        return self.encoder_norm(x) if self.encoder_norm is not None else x
+
+    def decode(
+        self,
+        input_ids: Tensor,
+        memory: Tensor | None,
+        memory_mask: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> Tensor:
+        """The decoder of an encoder-decoder: logits (B, T, vocab_size) (B, 1, ... with ``last_only``) of
+        target ids (B, T) attending to ``memory`` (B, S, d_model) whose real tokens are ``memory_mask``
+        (B, S). With a ``cache``, the first call stores the cross-attention keys of ``memory`` (and its
+        mask); later calls read them (``memory`` may be None then) and append to the self-attention cache.
+        """
+        h = self.hidden_states(
+            input_ids, attention_mask, position_ids, cache, memory=memory, memory_mask=memory_mask
+        )
+        return self._lm_logits(h[:, -1:] if last_only else h)
 
     def pooled(self, h: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """One vector per sequence (B, d_model) from hidden states: first token (encoder) or last real
@@ -182,19 +286,35 @@ class Transformer(nn.Module):
         position_ids: Tensor | None = None,
         cache: KVCache | None = None,
         token_type_ids: Tensor | None = None,
+        segment_ids: Tensor | None = None,
+        memory: Tensor | None = None,
+        memory_mask: Tensor | None = None,
     ) -> Tensor:
-        """Final hidden states (B, T, d_model), after the final norm."""
+        """Final hidden states (B, T, d_model), after the final norm (an encoder-decoder: of its decoder).
+
+        ``segment_ids`` (B, T) packs several sequences in a row: a token attends only to tokens of its own
+        segment (block-diagonal; causal in a decoder), and default positions restart at each segment
+        (pass ``position_ids`` to choose them). Not with a cache. ``memory`` (B, S, d_model) and
+        ``memory_mask`` (B, S): the encoder output an encoder-decoder's decoder attends to (see ``decode``).
+        """
         cfg = self.config
         B, T = input_ids.shape
         if cache is not None and cfg.arch == "encoder":
             raise ValueError("an encoder (arch='encoder') attends in both directions: it takes no KV cache")
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids (packed sequences) work without a KV cache: pass one or the other")
+        enc_dec = cfg.arch == "encoder-decoder"
+        if enc_dec and memory is None and (cache is None or not cache.cross_k):
+            raise ValueError("the decoder of an encoder-decoder needs memory, the output of encode(source)")
         if token_type_ids is not None and self.type_emb is None:
             raise ValueError("token_type_ids given, but this model has no token types (type_vocab_size=0)")
         offset = cache.length if cache is not None else 0
         if cache is not None and offset + T > cache.capacity:
             raise ValueError(f"KV cache full: {offset} + {T} tokens > capacity {cache.capacity}")
         real = attention_mask.bool() if attention_mask is not None else None
-        if position_ids is None:
+        if position_ids is None and segment_ids is not None:
+            position_ids = self._segment_positions(segment_ids)
+        elif position_ids is None:
             position_ids = self._default_positions(B, T, real, cache, input_ids.device)
         if cache is not None:  # record the new slots before attention reads them
             sl = slice(offset, offset + T)
@@ -207,6 +327,28 @@ class Transformer(nn.Module):
                 f"position {int(position_ids.max())} is past max_seq_len={cfg.max_seq_len} of this model"
             )
 
+        x = self._embed(input_ids, position_ids, token_type_ids)
+        rope = self._rope(position_ids, x.dtype)
+        attn_mask, is_causal = self._attention_mask(
+            B, T, real, position_ids, cache, x.dtype, cfg.arch != "encoder", segment_ids, self.rel_bias
+        )
+        cross_mask = None
+        if enc_dec:
+            if cache is not None:  # the first call's source mask stays with the cross keys
+                if not cache.cross_k:
+                    cache.memory_valid = memory_mask.bool() if memory_mask is not None else None
+                memory_mask = cache.memory_valid
+            if memory_mask is not None:
+                keys = memory_mask.bool()
+                cross_mask = (keys | ~keys.any(1, keepdim=True))[:, None, None, :]  # (B, 1, 1, S)
+        x = self._run(self.blocks, x, rope, attn_mask, is_causal, cache, memory, cross_mask)
+        if cache is not None:
+            cache.length = offset + T
+        return self.final_norm(x) if self.final_norm is not None else x
+
+    def _embed(self, input_ids: Tensor, position_ids: Tensor, token_type_ids: Tensor | None) -> Tensor:
+        """Token (+ position, + type) embeddings (B, T, d_model), normed and dropped out as configured."""
+        cfg = self.config
         x = self.tok_emb(input_ids)
         if cfg.scale_embeddings:
             x = x * math.sqrt(cfg.d_model)
@@ -218,23 +360,38 @@ class Transformer(nn.Module):
             x = x + (self.type_emb.weight[0] if token_type_ids is None else self.type_emb(token_type_ids))
         if self.emb_norm is not None:
             x = self.emb_norm(x)
-        x = self.emb_dropout(x)
+        return self.emb_dropout(x)
 
-        rope = None
-        if cfg.pos_encoding == "rope":
-            inv_freq = self._fp32_table("inv_freq", x.device)
-            if cfg.rope_scaling == "dynamic":
-                inv_freq = rope_inv_freq(cfg, seq_len=position_ids.max(dim=1).values + 1)
-            rope = rope_cos_sin(inv_freq, position_ids, x.dtype)
-        attn_mask, is_causal = self._attention_mask(B, T, real, position_ids, cache, x.dtype)
-        for block in self.blocks:
+    def _rope(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+        """RoPE's cos and sin tables for ``position_ids`` (B, T), or None without RoPE."""
+        cfg = self.config
+        if cfg.pos_encoding != "rope":
+            return None
+        inv_freq = self._fp32_table("inv_freq", position_ids.device)
+        if cfg.rope_scaling == "dynamic":
+            inv_freq = rope_inv_freq(cfg, seq_len=position_ids.max(dim=1).values + 1)
+        return rope_cos_sin(inv_freq, position_ids, dtype)
+
+    def _run(
+        self,
+        blocks: nn.ModuleList,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor] | None,
+        attn_mask: Tensor | None,
+        is_causal: bool,
+        cache: KVCache | None,
+        memory: Tensor | None = None,
+        memory_mask: Tensor | None = None,
+    ) -> Tensor:
+        """x (B, T, d_model) through a stack of blocks (recomputed in backward with activation checkpointing)."""
+        for block in blocks:
             if self.activation_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, rope, attn_mask, is_causal, None, use_reentrant=False)
+                x = checkpoint(
+                    block, x, rope, attn_mask, is_causal, None, memory, memory_mask, use_reentrant=False
+                )
             else:
-                x = block(x, rope, attn_mask, is_causal, cache)
-        if cache is not None:
-            cache.length = offset + T
-        return self.final_norm(x) if self.final_norm is not None else x
+                x = block(x, rope, attn_mask, is_causal, cache, memory, memory_mask)
+        return x
 
     @staticmethod
     def _default_positions(
@@ -247,6 +404,14 @@ class Transformer(nn.Module):
             return start + torch.arange(T, device=device)
         return start + (real.long().cumsum(1) - 1).clamp(min=0)
 
+    @staticmethod
+    def _segment_positions(segment_ids: Tensor) -> Tensor:
+        """Positions (B, T) that restart at 0 where ``segment_ids`` (B, T) changes."""
+        idx = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
+        starts = torch.ones_like(segment_ids, dtype=torch.bool)
+        starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+        return idx - torch.where(starts, idx, 0).cummax(1).values
+
     def _attention_mask(
         self,
         B: int,
@@ -255,14 +420,30 @@ class Transformer(nn.Module):
         position_ids: Tensor,
         cache: KVCache | None,
         dtype: torch.dtype,
+        causal: bool = True,
+        segment_ids: Tensor | None = None,
+        rel_table: nn.Embedding | None = None,
     ) -> tuple[Tensor | None, bool]:
-        """The mask for ``scaled_dot_product_attention``: None (fast causal paths), bool, or float (ALiBi)."""
+        """The mask for ``scaled_dot_product_attention``: None (fast causal paths), bool, or float (ALiBi,
+        T5's relative bias from ``rel_table``: (B, H, T, S)). ``segment_ids`` (B, T): block-diagonal."""
         compiling = torch.compiler.is_compiling()  # the fast paths' checks would break the graph
-        if self.config.arch == "encoder":  # bidirectional: hide padding keys only
-            if real is None or (not compiling and bool(real.all())):
+        if not causal:  # bidirectional: hide padding keys only
+            plain = segment_ids is None and rel_table is None
+            if plain and (real is None or (not compiling and bool(real.all()))):
                 return None, False
+            if real is None:
+                real = torch.ones(B, T, dtype=torch.bool, device=position_ids.device)
             keys = real | ~real.any(1, keepdim=True)  # an all-pad row attends to everything: no NaN
-            return keys[:, None, None, :], False  # (B, 1, 1, T)
+            if plain:
+                return keys[:, None, None, :], False  # (B, 1, 1, T)
+            allowed = keys[:, None, :].expand(B, T, T)  # (B, T, T)
+            if segment_ids is not None:
+                same = segment_ids[:, :, None] == segment_ids[:, None, :]
+                allowed = (allowed & same) | torch.eye(T, dtype=torch.bool, device=keys.device)
+            if rel_table is None:
+                return allowed[:, None], False  # (B, 1, T, T)
+            bias = self._relative_bias(rel_table, position_ids, position_ids, bidirectional=True)
+            return bias.masked_fill(~allowed[:, None], float("-inf")).to(dtype), False
         offset = cache.length if cache is not None else 0
         S = offset + T
         # the fast paths need a data-dependent check; under torch.compile the explicit mask (same result)
@@ -271,7 +452,8 @@ class Transformer(nn.Module):
             (real is None or bool(real.all())) and (cache is None or bool(cache.valid[:, :S].all()))
         )
         alibi = self.config.pos_encoding == "alibi"
-        if no_pads and not alibi:
+        biased = alibi or rel_table is not None
+        if no_pads and not biased and segment_ids is None:
             if offset == 0:
                 return None, T > 1
             if T == 1:
@@ -285,13 +467,29 @@ class Transformer(nn.Module):
         q_slot = torch.arange(offset, S, device=device)[:, None]  # (T, 1)
         k_slot = torch.arange(S, device=device)[None, :]  # (1, S)
         allowed = (k_slot <= q_slot)[None] & key_valid[:, None, :]  # (B, T, S)
+        if segment_ids is not None:  # no cache here: S == T
+            allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
         allowed = allowed | (k_slot == q_slot)[None]  # a pad query sees itself: no all-masked rows (NaN)
-        if not alibi:
+        if not biased:
             return allowed[:, None], False  # (B, 1, T, S)
-        rel = (key_pos[:, None, :] - position_ids[:, :, None]).to(torch.float32)  # (B, T, S)
-        slopes = self._fp32_table("slopes", device)
-        bias = slopes[None, :, None, None] * rel[:, None]  # (B, H, T, S)
+        if rel_table is not None:
+            bias = self._relative_bias(rel_table, position_ids, key_pos, bidirectional=False)
+        else:
+            rel = (key_pos[:, None, :] - position_ids[:, :, None]).to(torch.float32)  # (B, T, S)
+            slopes = self._fp32_table("slopes", device)
+            bias = slopes[None, :, None, None] * rel[:, None]  # (B, H, T, S)
         return bias.masked_fill(~allowed[:, None], float("-inf")).to(dtype), False
+
+    def _relative_bias(
+        self, table: nn.Embedding, q_pos: Tensor, k_pos: Tensor, bidirectional: bool
+    ) -> Tensor:
+        """T5's position bias (B, H, T, S) from query positions (B, T) and key positions (B, S)."""
+        cfg = self.config
+        rel = k_pos[:, None, :] - q_pos[:, :, None]  # (B, T, S)
+        buckets = relative_position_bucket(
+            rel, bidirectional, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance
+        )
+        return table(buckets).permute(0, 3, 1, 2).float()  # (B, H, T, S)
 
     # -- conveniences ------------------------------------------------------------------------------------
     def new_cache(
