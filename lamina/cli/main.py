@@ -84,9 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         verb = " ".join(w for w in (args.verb, getattr(args, "action", None)) if w)
         print(f"lamina {verb}: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C: 130; a trainer stopped by SIGTERM says 143 (128 + 15)
         print("interrupted", file=sys.stderr)
-        return 130
+        return int(getattr(e, "exit_code", 130))
     except BrokenPipeError:  # `lamina ... | head`
         return 0
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from lamina.config import ModelConfig, TrainConfig, from_dict, to_dict
+from lamina.config import GenerationConfig, ModelConfig, TrainConfig, from_dict, to_dict
 from lamina.data.batches import CausalBatches, TokenShards, val_batches
 from lamina.data.corpus import DataConfig, Manifest, prepare
 from lamina.data.masking import MaskedBatches, special_ids, with_mask_token, word_start_table
@@ -100,12 +100,15 @@ def prepare_data(run: RunConfig, progress: bool = True) -> Manifest:
     return prepare(cfg, progress=progress)
 
 
-def build_model(run: RunConfig, tokenizer: Tokenizer) -> Transformer:
-    """A fresh model (vocab_size from the tokenizer unless set explicitly) or the ``init`` model."""
+def build_model(run: RunConfig, tokenizer: Tokenizer) -> tuple[Transformer, GenerationConfig | None]:
+    """A fresh model (vocab_size from the tokenizer unless set explicitly) or the ``init`` model, with
+    the init model's decoding defaults (its eos ids among them; None for a fresh model)."""
+    generation = None
     if run.init is not None:
         from lamina.checkpoint.load import load
 
-        model = load(run.init).model.train()
+        lm = load(run.init)
+        model, generation = lm.model.train(), lm.generation
     else:
         cfg = run.model
         if "vocab_size" not in run.model_explicit:
@@ -117,7 +120,7 @@ def build_model(run: RunConfig, tokenizer: Tokenizer) -> Transformer:
             f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
             f"{model.config.vocab_size}: set model.vocab_size >= {tokenizer.vocab_size} (or use the model's tokenizer)"
         )
-    return model
+    return model, generation
 
 
 def pretrain(
@@ -136,7 +139,7 @@ def pretrain(
     tokenizer = manifest.load_tokenizer()
     if (run.train.objective or _default_objective(run.model.arch)) == "masked_lm":
         tokenizer = with_mask_token(tokenizer)
-    model = build_model(run, tokenizer)
+    model, generation = build_model(run, tokenizer)
     objective_name = run.train.objective or _default_objective(model.config.arch)
     if objective_name == "masked_lm" and tokenizer.mask_token_id is None:  # an --init encoder
         tokenizer = with_mask_token(tokenizer)
@@ -218,6 +221,7 @@ def pretrain(
         run_config=run.to_dict(),
         resume=resume,
         overwrite=overwrite,
+        generation=generation,
     )
     result.elapsed = time.perf_counter() - started
     return model, tokenizer, result

@@ -17,9 +17,10 @@ Output folder::
 Interrupting. The first SIGINT (Ctrl-C) or SIGTERM lets the current step finish (its micro-batches,
 update, logging, due evaluation), saves ``checkpoints/step-N/`` with ``train_state/`` through the same
 atomic writer as periodic checkpoints, prints the ``--resume`` command on stderr and raises
-``TrainingInterrupted`` (a ``KeyboardInterrupt``: the CLI exits with 130); resuming continues exactly as
-if nothing had happened. A second signal stops at once without saving (the atomic writer leaves the
-previous checkpoints intact). Under torchrun every process takes part: Ctrl-C in a terminal reaches
+``TrainingInterrupted`` (a ``KeyboardInterrupt``); the CLI exits with 128 + the signal's number, as a
+shell reports a process that signal ended (130 for SIGINT, 143 for SIGTERM). Resuming continues exactly
+as if nothing had happened. A second signal stops at once without saving (``StoppedBySignal``, the same
+exit code; the atomic writer leaves the previous checkpoints intact). Under torchrun every process takes part: Ctrl-C in a terminal reaches
 them all, and torchrun passes a signal it gets on to its workers (then kills them 30 s later). Each
 process adds its stop request to the all-reduce of the step's loss, so all stop after the same step,
 gather the state together (FSDP) and rank 0 alone writes it. Handlers are installed only when ``train``
@@ -29,6 +30,7 @@ runs in the main thread; the previous ones are restored when it returns.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import re
 import shlex
@@ -38,7 +40,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -46,6 +48,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lamina.checkpoint.eos import eos_token_ids
 from lamina.checkpoint.lamina import (
     atomic_folder,
     load_checkpoint,
@@ -64,6 +67,24 @@ STATE_DIR, STATE_FILE = "train_state", "state.pt"
 RUN_MARKERS = ("metrics.jsonl", "checkpoints", "best", "last")  # a folder with any of these holds a run
 RUN_OUTPUTS = (*RUN_MARKERS, "tensorboard", "curves.png", "run.yaml")  # what overwrite=True clears
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+EvaluationHook = Callable[[int, dict[str, float]], None]
+_EVALUATION_HOOK: contextvars.ContextVar[EvaluationHook | None] = contextvars.ContextVar(
+    "lamina_evaluation_hook", default=None
+)
+
+
+@contextlib.contextmanager
+def evaluation_hook(hook: EvaluationHook) -> Any:
+    """Call ``hook(step, metrics)`` after every evaluation of the runs trained inside this block
+    (``metrics``: what metrics.jsonl records, ``{"val_loss": ..., "val_ppl": ..., task metrics}``).
+    An exception the hook raises stops the run there (``lamina.train.search`` prunes trials so)."""
+    token = _EVALUATION_HOOK.set(hook)
+    try:
+        yield
+    finally:
+        _EVALUATION_HOOK.reset(token)
 
 
 class TrainingError(LaminaError):
@@ -85,6 +106,28 @@ class TrainingInterrupted(KeyboardInterrupt):
         )
         self.signal, self.step, self.total_steps = signal_name, step, total_steps
         self.checkpoint, self.resume = checkpoint, resume
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number (130 for SIGINT, 143 for SIGTERM); 130 when the signal reached
+        another process of the run, not this one."""
+        return _exit_code(self.signal)
+
+
+class StoppedBySignal(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM stopped training at once, without saving. ``exit_code``: 128 + the
+    signal's number, as for ``TrainingInterrupted``."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(f"stopped by a second {signal_name}, without saving")
+        self.signal = signal_name
+        self.exit_code = _exit_code(signal_name)
+
+
+def _exit_code(signal_name: str) -> int:
+    """The shell's exit status of a process ended by the signal ``signal_name`` (``"SIGTERM"`` -> 143)."""
+    number = getattr(signal.Signals, signal_name, signal.SIGINT)
+    return 128 + int(number)
 
 
 class BatchSource(Protocol):
@@ -155,6 +198,7 @@ def train(
     perplexity: bool = True,
     data_stats: dict[str, float] | None = None,
     notes: list[str] | None = None,
+    generation: GenerationConfig | None = None,
 ) -> TrainResult:
     """Train ``model`` in place; returns a summary. See the module docstring for what is written.
 
@@ -172,9 +216,15 @@ def train(
     step-0 record and kept in ``TrainResult.data``; ``notes`` (lines for a person, e.g. how many texts
     were truncated) are printed on stderr at the start and kept in ``TrainResult.notes``.
     ``cfg.freeze`` freezes blocks or parameters by name (``lamina.train.freeze``) before the optimizer
-    is built.
+    is built. ``generation`` (the starting model's decoding defaults, ``load(init).generation``) is
+    written as every checkpoint's generation.yaml, with every end-of-generation id of the starting model
+    and of ``tokenizer`` (its eos and its chat template's end of turn; ``lamina.checkpoint.eos``), so a
+    trained chat model still stops at the end of its turn.
     """
     started = time.perf_counter()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    generation = _with_eos_ids(generation or GenerationConfig(), tokenizer)
     info = D.setup(cfg.device, cfg.parallel)
     out = Path(cfg.out_dir)
     check_out_dir(out, resume=resume, overwrite=overwrite)
@@ -265,7 +315,7 @@ def train(
                 "bad_evals": bad_evals,
             }
         if info.is_main:
-            _write_checkpoint(folder, model.config, weights, tokenizer, state, run_config)
+            _write_checkpoint(folder, model.config, weights, tokenizer, generation, state, run_config)
         D.barrier(info)
 
     def evaluate() -> float:
@@ -375,6 +425,8 @@ def train(
                     result.val_metrics.append((step, extra))
                 ppl = {"val_ppl": math.exp(min(val, 50.0))} if perplexity else {}
                 log.log(step, val_loss=val, **ppl, **extra)
+                if (hook := _EVALUATION_HOOK.get()) is not None:
+                    hook(step, {"val_loss": val, **ppl, **extra})
                 shown = "".join(f", {k} {v:.4f}" for k, v in extra.items())
                 shown = f", perplexity {ppl['val_ppl']:.2f}{shown}" if perplexity else shown
                 bar.write(f"step {step}: val loss {val:.4f}{shown}")
@@ -419,7 +471,7 @@ def train(
 
 class _StopSignals:
     """SIGINT/SIGTERM handlers for the loop: the first signal asks it to stop after the current step
-    (``requested``, ``name``); a second one raises ``KeyboardInterrupt`` at once."""
+    (``requested``, ``name``); a second one raises ``StoppedBySignal`` at once."""
 
     def __init__(self, verbose: bool) -> None:
         self.verbose = verbose
@@ -439,7 +491,7 @@ class _StopSignals:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
-            raise KeyboardInterrupt
+            raise StoppedBySignal(signal.Signals(signum).name)
         self.requested, self.name = True, signal.Signals(signum).name
         if self.verbose:
             sys.stderr.write(
@@ -515,14 +567,14 @@ def _write_checkpoint(
     model_cfg: ModelConfig,
     weights: dict[str, torch.Tensor],
     tokenizer: Any,
+    generation: GenerationConfig,
     state: dict[str, Any] | None,
     run_config: dict[str, Any] | None,
 ) -> None:
     """A lamina checkpoint plus the run config and (for resuming) the training state, atomically."""
-    eos = [tokenizer.eos_token_id] if tokenizer is not None and tokenizer.eos_token_id is not None else []
 
     def write(tmp: Path) -> None:
-        write_checkpoint_files(tmp, model_cfg, weights, tokenizer, GenerationConfig(eos_token_ids=eos))
+        write_checkpoint_files(tmp, model_cfg, weights, tokenizer, generation)
         if run_config is not None:
             (tmp / "run.yaml").write_text(_yaml(run_config))
         if state is not None:
@@ -530,6 +582,14 @@ def _write_checkpoint(
             torch.save(state, tmp / STATE_DIR / STATE_FILE)
 
     atomic_folder(folder, write)
+
+
+def _with_eos_ids(generation: GenerationConfig, tokenizer: Any) -> GenerationConfig:
+    """``generation`` whose eos list also holds the tokenizer's end-of-generation ids (its eos, its chat
+    template's end of turn), first occurrences kept in order."""
+    if tokenizer is None:
+        return generation
+    return replace(generation, eos_token_ids=eos_token_ids(generation.eos_token_ids, tokenizer=tokenizer))
 
 
 def _copy_into(src: Path, dst: Path) -> None:

@@ -5,19 +5,30 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from lamina.config import ModelConfig, TrainConfig
+from lamina.cli.main import main
+from lamina.config import GenerationConfig, ModelConfig, TrainConfig, load_yaml
 from lamina.errors import ConfigError
 from lamina.model.transformer import Transformer
 from lamina.train.objectives import causal_lm
 from lamina.train.optim import lr_lambda, make_optimizer, param_groups
-from lamina.train.trainer import TrainingError, TrainResult, format_duration, latest_checkpoint, train
+from lamina.train.trainer import (
+    StoppedBySignal,
+    TrainingError,
+    TrainingInterrupted,
+    TrainResult,
+    format_duration,
+    latest_checkpoint,
+    train,
+)
 
 DATA = torch.arange(30_000) % 37  # a pattern a tiny model learns in a few dozen steps
 
@@ -352,3 +363,59 @@ def test_train_config_validation() -> None:
         TrainConfig(optimizer="adam")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="label_smoothing"):
         TrainConfig(label_smoothing=1.5)
+
+
+class SignalAt(Windows):
+    """Windows that send this process ``signals`` while building batch ``at`` (mid-step)."""
+
+    def __init__(self, at: int, *signals: int) -> None:
+        super().__init__()
+        self.at, self.signals = at, signals
+
+    def batch(self, index: int) -> dict[str, torch.Tensor]:
+        if index == self.at:
+            for sig in self.signals:
+                os.kill(os.getpid(), sig)
+        return super().batch(index)
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_saves_the_step_and_the_cli_exits_with_its_code(
+    sig: int, code: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM exits 143 (128 + 15), as a shell reports a process SIGTERM ended; SIGINT (Ctrl-C) 130;
+    a second signal stops at once, without saving, with the same code."""
+    cfg = _cfg(tmp_path, max_steps=20, save_every=100, eval_every=100)
+    with pytest.raises(TrainingInterrupted) as first:
+        train(_model(), cfg, SignalAt(3, sig), causal_lm(), tokens_per_batch=256)
+    assert first.value.exit_code == code and (first.value.checkpoint / "train_state" / "state.pt").is_file()
+    with pytest.raises(StoppedBySignal) as second:
+        train(
+            _model(),
+            _cfg(tmp_path / "b", max_steps=20),
+            SignalAt(3, sig, sig),
+            causal_lm(),
+            tokens_per_batch=256,
+        )
+    assert second.value.exit_code == code and not (tmp_path / "b" / "checkpoints").exists()
+
+    def interrupted(args: Any) -> int:
+        raise first.value
+
+    monkeypatch.setattr("lamina.cli.models.run", interrupted)
+    assert main(["models"]) == code
+
+
+def test_checkpoints_keep_every_eos_id(tmp_path: Path) -> None:
+    """generation.yaml holds the starting model's eos ids (``generation``) and the tokenizer's (its eos
+    and its chat template's end of turn), not just the tokenizer's eos; the decoding defaults stay."""
+    from tiny_chat import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    end = tok.token_to_id("<|im_end|>")
+    start = GenerationConfig(eos_token_ids=[7], temperature=0.7)
+    cfg = _cfg(tmp_path, max_steps=2, save_every=2, eval_every=100)
+    train(_model(), cfg, Windows(), causal_lm(), tokens_per_batch=256, tokenizer=tok, generation=start)
+    for folder in ("last", "checkpoints/step-00000002"):
+        saved = load_yaml(GenerationConfig, tmp_path / folder / "generation.yaml")
+        assert saved.eos_token_ids == [7, end] and saved.temperature == 0.7, folder
