@@ -716,13 +716,14 @@ _JSON_ONE_BYTE_TOKENS = bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0xC0))
 
 
 def make_constraint(
-    cfg: GenerationConfig, tokenizer: Tokenizer, vocab_size: int
+    cfg: GenerationConfig, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: Sequence[int] = ()
 ) -> AutomatonConstraint | None:
     """The constraint ``cfg`` asks for (``response_format="json_object"`` or ``choices``), or None.
 
     ``vocab_size``: the model's (its logits' last dimension; ids the tokenizer lacks are never allowed).
-    The sequence may end with the tokenizer's eos (unless ``cfg.ignore_eos``) or ``cfg.stop_token_ids``
-    where the output is complete. Masks are memoised per tokenizer, so later requests with the same
+    The sequence may end where the output is complete with any end-of-generation id: the model's
+    ``eos_token_ids`` (eos, end of turn, end of message: ``lamina.checkpoint.eos``), ``cfg.eos_token_ids``
+    and the tokenizer's eos (none of them with ``cfg.ignore_eos``), or ``cfg.stop_token_ids``. Masks are memoised per tokenizer, so later requests with the same
     settings reuse them. Raises ``ConfigError`` for requests that cannot be met: a choice the vocabulary
     cannot spell, a vocabulary without the one-byte tokens JSON mode needs, ``max_new_tokens`` below the
     shortest output (2 for JSON; the fewest tokens of any choice).
@@ -730,7 +731,8 @@ def make_constraint(
     if cfg.response_format == "text" and not cfg.choices:
         return None
     trie = vocab_trie(tokenizer, vocab_size)
-    end_ids = tuple(sorted({*cfg.stop_token_ids, *([] if cfg.ignore_eos else tokenizer.eos_token_ids)}))
+    eos = [] if cfg.ignore_eos else [*eos_token_ids, *cfg.eos_token_ids, *tokenizer.eos_token_ids]
+    end_ids = tuple(sorted({*cfg.stop_token_ids, *(i for i in eos if 0 <= i < vocab_size)}))
     if cfg.choices:
         key: Hashable = ("choices", tuple(cfg.choices), end_ids)
     else:

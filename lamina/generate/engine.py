@@ -504,7 +504,7 @@ class Engine:
         from lamina.generate.constrain import make_constraint
 
         assert self.tokenizer is not None
-        return make_constraint(cfg, self.tokenizer, self.model.config.vocab_size)
+        return make_constraint(cfg, self.tokenizer, self.model.config.vocab_size, self.eos_token_ids)
 
 
 def _to_list(lp: object, tokens: Sequence[int]) -> list[TokenLogprob]:

@@ -398,7 +398,7 @@ def _check_constraint(cfg: GenerationConfig, served: ServedModel) -> None:
     try:
         from lamina.generate.constrain import make_constraint
 
-        make_constraint(cfg, served.lm.tokenizer, served.vocab_size)
+        make_constraint(cfg, served.lm.tokenizer, served.vocab_size, served.lm.generation.eos_token_ids)
     except LaminaError as e:
         raise bad_request(str(e), param="response_format" if not cfg.choices else "choices") from None
     except ImportError as e:  # pragma: no cover - constrain.py is part of lamina

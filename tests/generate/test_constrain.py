@@ -361,6 +361,51 @@ def test_impossible_requests_are_config_errors(lamina_smollm2: Any) -> None:
         make_constraint(GenerationConfig(choices=["x7q9 zz", "qqq wvw"], max_new_tokens=1), tok, 49152)
 
 
+def test_any_of_the_models_eos_ids_ends_a_constrained_output() -> None:
+    """Choices and JSON end at any end-of-generation id of the model (eos, end of turn, ...), not only at
+    the tokenizer's eos: a chat model whose turn ends with <eot> must be able to stop there."""
+    words = {"a": 0, "b": 1, "ab": 2, "<eos>": 3, "<unk>": 4, "<eot>": 5}
+    tok = Tokenizer(Backend(models.WordLevel(words, unk_token="<unk>")), eos_token="<eos>", unk_token="<unk>")
+
+    def after_a(c: AutomatonConstraint | None) -> set[int]:
+        assert c is not None
+        c.advance(words["a"])
+        return set(c.allowed(5).nonzero().flatten().tolist())
+
+    # "a" is complete but "ab" goes on: "b" or an end-of-generation id
+    assert after_a(make_constraint(GenerationConfig(choices=["a", "ab"], eos_token_ids=[3, 5]), tok, 6)) == {
+        1,
+        3,
+        5,
+    }
+    assert after_a(make_constraint(GenerationConfig(choices=["a", "ab"]), tok, 6, eos_token_ids=[5, 3])) == {
+        1,
+        3,
+        5,
+    }
+    assert after_a(make_constraint(GenerationConfig(choices=["a", "ab"]), tok, 6)) == {1, 3}
+    ignore = GenerationConfig(choices=["a", "ab"], ignore_eos=True, stop_token_ids=[4])
+    assert after_a(make_constraint(ignore, tok, 6, eos_token_ids=[5])) == {1, 4}
+
+
+def test_a_chat_model_stops_a_choice_at_its_end_of_turn() -> None:
+    """Through the engine: with the tokenizer's eos and the longer choice's next word banned, "cat" still
+    ends, at the model's second eos id."""
+    from tiny_chat import tiny_lm
+
+    from lamina.generate.engine import generate_ids
+
+    lm = tiny_lm()
+    tok = lm.tokenizer
+    eos, eot, sat = (tok.token_to_id(t) for t in ("<|im_end|>", "<|im_start|>", "sat"))
+    ban = {eos: float("-inf"), sat: float("-inf")}
+    cfg = GenerationConfig(choices=["cat", "catsat"], temperature=0, logit_bias=ban, max_new_tokens=5)
+    (seq,) = generate_ids(
+        lm.model, [tok.encode("the dog", add_special_tokens=False)], cfg, [eos, eot], tokenizer=tok
+    )
+    assert seq.tokens == [tok.token_to_id("cat")] and seq.finish_reason == "stop"
+
+
 def test_smollm2_token_bytes_spell_the_text(lamina_smollm2: Any) -> None:
     tok = lamina_smollm2.tokenizer
     spelled = token_bytes(tok)
