@@ -394,7 +394,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         arch="encoder-decoder", vocab_size=512, max_seq_len=128, n_layers=2, d_model=64, n_heads=4,
         d_ff=128, activation="relu", norm="rmsnorm", norm_eps=1e-6, pos_encoding="relative",
         relative_attention_num_buckets=8, relative_attention_max_distance=16, bias=False,
-        scale_attention=False, tie_embeddings=True, scale_decoder_outputs=True,
+        scale_attention=False, tie_embeddings=True, scale_decoder_outputs=True, scaled_residual_init=False,
     ),
 }  # fmt: skip
 
@@ -608,6 +608,23 @@ DEFAULT_DRY_SEQUENCE_BREAKERS = ["\n", ":", '"', "*"]  # llama.cpp's defaults
 TOKEN_IDS = {"token_ids": True}  # metadata of GenerationConfig fields that hold token ids
 
 
+def parse_logprobs(text: str | int) -> bool:
+    """``logprobs`` from text: true or false. A number raises ``ValueError``, as ambiguous: OpenAI's two
+    APIs read it two ways (chat: a bool; legacy completions: a count of alternatives per token)."""
+    word = str(text).strip().lower()
+    if isinstance(text, int) or re.fullmatch(r"[+-]?\d+", word):
+        raise ValueError(
+            "ambiguous: logprobs is a bool (true: each generated token's log-probability, as OpenAI's chat "
+            f"API); a count of alternatives per token (the legacy completions API's logprobs={word}) is "
+            f"logprobs=true with top_logprobs={word}"
+        )
+    if word in ("true", "yes", "on", "y"):
+        return True
+    if word in ("false", "no", "off", "n"):
+        return False
+    raise ValueError("must be true or false")
+
+
 @dataclass
 class GenerationConfig:
     """Decoding controls of one request; stored with a checkpoint as ``generation.yaml``.
@@ -768,8 +785,10 @@ class GenerationConfig:
     # None: a seed drawn from torch's global generator
     seed: int | None = None
     # -- log-probabilities
-    # return each generated token's log-probability (of the raw model distribution, as OpenAI and vLLM)
-    logprobs: bool = False
+    # return each generated token's log-probability (of the raw model distribution, as OpenAI and vLLM):
+    # true or false, as OpenAI's chat API; a number is refused as ambiguous: for N alternatives per token
+    # (the legacy completions API's logprobs=N) give logprobs=true and top_logprobs=N
+    logprobs: bool = field(default=False, metadata={"parse": parse_logprobs})
     top_logprobs: int = 0  # also this many most likely alternatives per token, >= 0 (needs logprobs)
     prompt_logprobs: int | None = None  # also log-probabilities of the prompt, with this many alternatives
     # -- constrained output
@@ -781,6 +800,11 @@ class GenerationConfig:
     samplers: list[str] = field(default_factory=lambda: list(SAMPLER_NAMES))
 
     def __post_init__(self) -> None:
+        if isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool):
+            try:  # a count: refused with the way to ask for it
+                parse_logprobs(self.logprobs)
+            except ValueError as e:
+                raise ConfigError(f"logprobs={self.logprobs!r}: {e}") from None
         _check_types(self)
         self.validate()
 
@@ -984,6 +1008,7 @@ class TrainConfig:
     precision: Precision = "fp32"  # fp32, or bf16 / fp16 autocast (fp16 with loss scaling)
     activation_checkpointing: bool = False  # recompute blocks in the backward pass: less memory, more time
     compile: bool = False  # torch.compile the model: slow first steps, then faster ones
+    threads: int | None = None  # CPU threads torch uses (None: its default, one per core)
     seed: int = 1337  # seeds weight init, data order, masking and finetune's validation split
     eval_every: int = 100  # optimizer steps between validation evaluations (finetune: once per epoch)
     eval_batches: int = 20  # validation batches per evaluation (finetune: the whole validation set)
@@ -1039,6 +1064,8 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:  # also catches nan
                 raise ConfigError(f"{name}={getattr(self, name)} must be positive")
+        if self.threads is not None and self.threads <= 0:
+            raise ConfigError(f"threads={self.threads} must be positive (or null: torch's default)")
         for name in ("warmup_steps", "weight_decay", "grad_clip", "keep_last", "early_stopping_patience"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")

@@ -685,6 +685,8 @@ def export_hf(
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
         write_hf_weights(weights, tmp / "model.safetensors")
         gen = {k: v for k, v in special.items() if v is not None}
+        if cfg.arch == "encoder-decoder":
+            gen["decoder_start_token_id"] = cfg.decoder_start_token_id
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         if tokenizer is not None:
             tokenizer.save(tmp)

@@ -59,7 +59,6 @@ def t5_config(hf: Mapping[str, Any]) -> ModelConfig:
         tie_embeddings=tied,
         scale_decoder_outputs=bool(hf.get("scale_decoder_outputs", tied)),
         decoder_start_token_id=hf.get("decoder_start_token_id", hf.get("pad_token_id", 0)) or 0,
-        init_std=float(hf.get("initializer_factor", 1.0)),
         scaled_residual_init=False,
         emb_dropout=dropout,
         attn_dropout=dropout,
