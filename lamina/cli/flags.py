@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from collections import abc
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Union, get_args, get_origin
@@ -64,6 +65,7 @@ def add_fields(
     if defaults:
         fields = [dataclasses.replace(f, default=defaults.get(f.name, f.default)) for f in fields]
     bools: set[str] = getattr(parser, "_lamina_bools", set())
+    numeric: set[str] = getattr(parser, "_lamina_numeric_bools", set())
     for f in fields:
         flag = flag_name(f.name, section)
         dest = _DEST + (f"{section}.{f.name}" if section else f.name)
@@ -74,6 +76,8 @@ def add_fields(
                 default=argparse.SUPPRESS, help=argparse.SUPPRESS,
             )  # fmt: skip
             bools.add(flag)
+            if f.parse is not None:  # it reads numbers itself (to refuse them: logprobs)
+                numeric.add(flag)
         else:
             group.add_argument(flag, dest=dest, default=argparse.SUPPRESS, metavar=_metavar(f), help=_help(f))
     if "preset" in getattr(source, "EXTRA_KEYS", ()):
@@ -84,6 +88,7 @@ def add_fields(
             help="start from this named set of fields; the other flags override it",
         )  # fmt: skip
     parser._lamina_bools = bools  # type: ignore[attr-defined]
+    parser._lamina_numeric_bools = numeric  # type: ignore[attr-defined]
     if section is None:  # a one-config verb may combine several sources: values() sorts them out
         sources = [*(parser.get_default("_lamina_sources") or []), source]
         parser.set_defaults(_lamina_sources=sources)
@@ -280,9 +285,12 @@ def _plain(data: Any) -> Any:
 def normalize_argv(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
     """``argv`` as the parser expects it: ``--top_k`` -> ``--top-k``, ``--train.out-dir`` ->
     ``--train.out_dir``, and a boolean flag without a value gets ``=true`` (``--compile MODEL`` must not
-    read MODEL as the flag's value; ``--compile false`` still works)."""
+    read MODEL as the flag's value; ``--compile false`` still works). A boolean whose field parses its
+    own text takes a number after it as its value, for the field to judge (``--logprobs 5`` is refused
+    as ambiguous, not read as ``--logprobs`` and a stray ``5``)."""
     out: list[str] = []
     bools: set[str] = getattr(parser, "_lamina_bools", set())
+    numeric: set[str] = getattr(parser, "_lamina_numeric_bools", set())
     current = parser
     i = 0
     argv = list(argv)
@@ -296,6 +304,7 @@ def normalize_argv(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list
         if sub is not None:
             current = sub
             bools = getattr(sub, "_lamina_bools", set())
+            numeric = getattr(sub, "_lamina_numeric_bools", set())
             out.append(tok)
             continue
         if not tok.startswith("--") or len(tok) == 2:
@@ -311,7 +320,10 @@ def normalize_argv(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list
         flag = "--" + name
         if flag in bools and not eq:
             nxt = argv[i] if i < len(argv) else None
-            if nxt is not None and nxt.lower() in TRUE_WORDS + FALSE_WORDS:
+            if nxt is not None and (
+                nxt.lower() in TRUE_WORDS + FALSE_WORDS
+                or (flag in numeric and re.fullmatch(r"[+-]?\d+", nxt))
+            ):
                 tok, i = f"{flag}={nxt}", i + 1
             else:
                 tok = f"{flag}=true"

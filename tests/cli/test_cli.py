@@ -148,3 +148,22 @@ def test_bad_inputs_give_one_clear_line_and_write_nothing(tmp_path: Path, smollm
         _assert_clean_error(_cli("convert", str(src), str(dst)), *needles)
         assert not dst.exists(), name
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
+
+
+@pytest.mark.parametrize("value", ["0", "1", "5"])
+def test_logprobs_takes_a_bool_and_refuses_a_count_in_one_line(
+    capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    """--logprobs is a bool (OpenAI chat's meaning); a number (the legacy completions API's count of
+    alternatives, where 0 and 1 mean "on") is refused in one line that names --top-logprobs' field."""
+    code, _, err = run(capsys, "generate", "--print-config", "m", "hi", "--logprobs", value)
+    assert code == 1 and err.count("\n") == 1
+    assert f"logprobs='{value}': ambiguous" in err and f"top_logprobs={value}" in err
+    for flags, want in (
+        (["--logprobs"], "true"),
+        (["--logprobs", "no"], "false"),
+        (["--no-logprobs"], "false"),
+    ):
+        assert run(capsys, "generate", "--print-config", "m", *flags)[1].count(f"\nlogprobs: {want}\n") == 1
+    with pytest.raises(lamina.ConfigError, match="logprobs=2: ambiguous"):
+        lamina.GenerationConfig(logprobs=2)  # type: ignore[arg-type]
