@@ -22,6 +22,7 @@ from lamina.cli import (
     pretrain,
     serve,
     tokenizer,
+    tune,
 )
 from lamina.cli.flags import normalize_argv, print_flat_config, unknown_arguments
 from lamina.errors import LaminaError
@@ -38,6 +39,7 @@ VERBS = [
     data,
     pretrain,
     finetune,
+    tune,
     serve,
     demo,
 ]
