@@ -183,3 +183,17 @@ def test_fused_model_refused(base: Transformer) -> None:
     fused = convert_weights(copy.deepcopy(base), "bf16")
     with pytest.raises(ConfigError, match="fused"):
         apply_lora(fused, LoraConfig())
+
+
+def test_config_from_text_as_flags_and_yaml_give_it() -> None:
+    from lamina.fields import build
+
+    cfg = build(
+        LoraConfig, {"r": "16", "target_modules": "[q_proj, v_proj]", "init_lora_weights": "gaussian"}
+    )
+    assert (cfg.r, cfg.target_modules, cfg.init_lora_weights) == (16, ["q_proj", "v_proj"], "gaussian")
+    assert build(
+        LoraConfig, {"target_modules": "all-linear", "init_lora_weights": "false"}
+    ).target_modules == ["all-linear"]
+    with pytest.raises(ConfigError):
+        build(LoraConfig, {"base_weights": "int3"})
