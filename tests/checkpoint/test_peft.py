@@ -18,7 +18,7 @@ from lamina.checkpoint.hf import hf_state_dict_from_lamina
 from lamina.checkpoint.peft import hf_module_name, load_adapter, load_with_adapter, save_adapter
 from lamina.cli.main import main
 from lamina.errors import CheckpointError, ConfigError
-from lamina.model.lora import LoraConfig, LoraLinear, apply_lora, lora_layers, merge_lora
+from lamina.model.lora import LoraConfig, LoraLinear, apply_lora, lora_layers, lora_state_dict, merge_lora
 from lamina.model.transformer import Transformer
 
 peft = pytest.importorskip("peft")
@@ -185,3 +185,15 @@ def test_other_families_are_refused(tmp_path: Path) -> None:
     )  # fmt: skip
     with pytest.raises(CheckpointError, match="Llama and GPT-2"):
         save_adapter(_lamina_lora(Transformer(bert)), tmp_path / "x")
+
+
+def test_qlora_adapter_saves_and_loads_on_the_full_precision_base(
+    base: tuple[str, Path, Transformer], tmp_path: Path
+) -> None:
+    """Trained over an int8 base, an adapter is an ordinary PEFT adapter: it loads on the fp32 base."""
+    _, _, model = base
+    q = _lamina_lora(model, base_weights="int8")
+    save_adapter(q, tmp_path / "q")
+    full = load_adapter(copy.deepcopy(model), tmp_path / "q")
+    ours, theirs = lora_state_dict(q), lora_state_dict(full)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
