@@ -444,14 +444,13 @@ def _objective(plan: _Plan, trial: optuna.Trial) -> float:
 
     out = Path(plan.cfg.out) / "trials" / f"{trial.number:04d}"
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-    trial.set_user_attr("out_dir", str(out))
-    trial.set_user_attr("reason", "")
     values = {p.name: p.suggest(trial) for p in plan.params}
     data = trial_config(plan.base, values, out)
     if "threads" not in (plan.base.get("train") or {}) and "train.threads" not in values:
         data["train"]["threads"] = plan.threads
     reported: list[tuple[int, float]] = []
     objective = plan.cfg.objective
+    attrs: dict[str, Any] = {"out_dir": str(out), "reason": ""}  # stored when the trial ends
 
     def report(step: int, metrics: dict[str, float]) -> None:
         if objective not in metrics:
@@ -461,7 +460,7 @@ def _objective(plan: _Plan, trial: optuna.Trial) -> float:
             )
         value = float(metrics[objective])
         reported.append((step, value))
-        trial.set_user_attr("steps", step)
+        attrs["steps"] = step
         trial.report(value, step)
         if trial.should_prune():
             raise optuna.TrialPruned(f"pruned at step {step}: {objective} {value:.6g}")
@@ -470,23 +469,22 @@ def _objective(plan: _Plan, trial: optuna.Trial) -> float:
     try:
         run = build_run(plan.verb, data)
         with evaluation_hook(report):
-            result = _run(plan.verb, run)
-        trial.set_user_attr("steps", result.steps)
+            attrs["steps"] = _run(plan.verb, run).steps
     except optuna.TrialPruned as e:
-        trial.set_user_attr("reason", str(e))
+        attrs["reason"] = str(e)
         raise
     except KeyboardInterrupt:
-        trial.set_user_attr("reason", "interrupted")
+        attrs["reason"] = "interrupted"
         raise
     except Exception as e:
-        trial.set_user_attr(
-            "reason", f"{type(e).__name__}: {e}" if not isinstance(e, LaminaError) else str(e)
-        )
+        attrs["reason"] = str(e) if isinstance(e, LaminaError) else f"{type(e).__name__}: {e}"
         raise
     finally:
-        trial.set_user_attr("seconds", time.perf_counter() - started)
+        attrs["seconds"] = time.perf_counter() - started
         if (out / "run.yaml").is_file():  # the run's exact config (the model as built)
-            trial.set_user_attr("config", (out / "run.yaml").read_text())
+            attrs["config"] = (out / "run.yaml").read_text()
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
     if not reported:
         raise TrainingError(
             "the run made no evaluation: it needs validation data and train.eval_every <= its steps"
@@ -505,12 +503,26 @@ def _storage(plan: _Plan) -> optuna.storages.RDBStorage:
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     kwargs: dict[str, Any] = {}
-    if plan.storage.startswith("sqlite"):  # several processes write one file: wait for its lock
+    sqlite = plan.storage.startswith("sqlite")
+    if sqlite:  # several processes write one file: wait for its lock
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}
-    return optuna.storages.RDBStorage(
+    storage = optuna.storages.RDBStorage(
         plan.storage, heartbeat_interval=plan.cfg.heartbeat, grace_period=2 * plan.cfg.heartbeat,
         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1), **kwargs,
     )  # fmt: skip
+    if sqlite:  # write-ahead log: a commit is an append, not a sync of the whole file (one machine only)
+        import sqlalchemy
+
+        storage.engine.dispose()
+        sqlalchemy.event.listen(storage.engine, "connect", _sqlite_wal)
+    return storage
+
+
+def _sqlite_wal(connection: Any, record: Any) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
 
 
 def make_sampler(
@@ -561,7 +573,7 @@ def open_study(plan: _Plan, worker: int = 0) -> optuna.Study:
 def _quiet() -> None:
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # lamina prints each trial's end itself
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", message=".*heartbeat.*", category=FutureWarning)
 
@@ -585,7 +597,7 @@ def _work(plan: _Plan, worker: int = 0) -> None:
             continue
         try:
             study.optimize(lambda t: _objective(plan, t), n_trials=1, catch=(Exception,),
-                           callbacks=[_print_trial], gc_after_trial=True)  # fmt: skip
+                           callbacks=[_print_trial])  # fmt: skip
         except KeyboardInterrupt:  # a trial stopped by Ctrl-C or SIGTERM: failed, retried once next time
             me = f"{socket.gethostname()}:{os.getpid()}"
             for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
