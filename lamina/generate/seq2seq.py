@@ -1,0 +1,113 @@
+"""Generation with an encoder-decoder (T5, the 2017 Transformer): the sources run through the encoder
+once; the decoder starts every target from ``decoder_start_token_id`` and extends it one token at a time
+with its self-attention KV cache and the cross-attention keys cached from the encoder output at the first
+step. Tokens are chosen by ``lamina.generate.sampling`` (the same processors in the same order, one
+``Sampler`` per sequence with its own seed), so greedy decoding, sampling, penalties, bans,
+``min_new_tokens`` and ``n`` behave as they do for decoder models.
+
+Not here yet (the engine's part): stop strings, beam search, logprobs and constrained decoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from lamina.config import GenerationConfig
+from lamina.errors import ConfigError
+from lamina.generate.sampling import Sampler, sample_batch
+from lamina.model.transformer import Transformer
+
+if TYPE_CHECKING:
+    from lamina.tokenizer import Tokenizer
+
+
+@dataclass
+class Seq2SeqSequence:
+    """One generated target: its token ids (the decoder start and a final stop token not included)."""
+
+    token_ids: list[int]
+    finish_reason: Literal["stop", "length"]  # stop: eos or a stop token; length: max_new_tokens
+
+
+def _check(model: Transformer, cfg: GenerationConfig) -> None:
+    if model.config.arch != "encoder-decoder":
+        raise ConfigError(
+            f"generate_seq2seq needs an encoder-decoder (arch='encoder-decoder'), got arch="
+            f"{model.config.arch!r}: decoder models generate with lamina.generate"
+        )
+    unsupported = {
+        "stop": bool(cfg.stop), "num_beams": cfg.num_beams > 1, "logprobs": bool(cfg.logprobs),
+        "response_format": cfg.response_format != "text", "choices": bool(cfg.choices),
+        "prompt_logprobs": cfg.prompt_logprobs is not None,
+    }  # fmt: skip
+    if names := [k for k, on in unsupported.items() if on]:
+        raise ConfigError(
+            f"{', '.join(names)} not supported by generate_seq2seq yet; leave them at their defaults"
+        )
+
+
+@torch.no_grad()
+def generate_seq2seq(
+    model: Transformer,
+    sources: Sequence[Sequence[int]],
+    config: GenerationConfig | None = None,
+    tokenizer: Tokenizer | None = None,
+) -> list[list[Seq2SeqSequence]]:
+    """``config.n`` targets for each source (token ids, any lengths): a list per source.
+
+    The sources are right-padded into one batch (B, S) and encoded once; sequence j of a source samples
+    with seed ``sequence_seed(config.seed, j)``. ``tokenizer`` is needed only for DRY's sequence
+    breakers. Generation stops at ``eos_token_ids`` (unless ``ignore_eos``) and ``stop_token_ids``.
+
+    Raises ConfigError for a model that is not an encoder-decoder, an empty source, or a control this
+    function does not support yet (stop strings, beams, logprobs, constraints).
+    """
+    cfg = config or GenerationConfig()
+    _check(model, cfg)
+    if not sources or any(len(s) == 0 for s in sources):
+        raise ConfigError("every source needs at least one token (an empty source has nothing to encode)")
+    device = model.tok_emb.weight.device
+    S = max(len(s) for s in sources)
+    src = torch.zeros(len(sources), S, dtype=torch.long, device=device)
+    mask = torch.zeros_like(src)
+    for i, s in enumerate(sources):
+        src[i, : len(s)] = torch.tensor(list(s), device=device)
+        mask[i, : len(s)] = 1
+    memory = model.encode(src, mask)  # (B, S, d_model), once
+    rows = [i for i in range(len(sources)) for _ in range(cfg.n)]  # each source's n sequences, in order
+    memory, mask = memory[rows], mask[rows]  # (B * n, S, d_model)
+    start = model.config.decoder_start_token_id
+    # the decoder start is the "prompt" the penalties see, as transformers' decoder_input_ids
+    samplers = [Sampler(cfg, [start], index=j % cfg.n, tokenizer=tokenizer) for j in range(len(rows))]
+    stops = set(cfg.stop_token_ids) | (set() if cfg.ignore_eos else set(cfg.eos_token_ids))
+    out: list[Seq2SeqSequence | None] = [None] * len(rows)
+    active = list(range(len(rows)))  # sequences still running, in cache row order
+    cache = model.new_cache(len(rows), capacity=cfg.max_new_tokens + 1)
+    step = torch.full((len(rows), 1), start, dtype=torch.long, device=device)
+    for _ in range(cfg.max_new_tokens):
+        first = cache.length == 0
+        logits = model.decode(step, memory if first else None, mask if first else None, cache=cache)
+        tokens = sample_batch(logits[:, -1].float(), [samplers[j] for j in active]).tolist()
+        keep = []
+        for r, (j, token) in enumerate(zip(active, tokens, strict=True)):
+            if token in stops:
+                out[j] = Seq2SeqSequence(samplers[j].output_ids[:-1], "stop")
+            elif len(samplers[j].output_ids) >= cfg.max_new_tokens:
+                out[j] = Seq2SeqSequence(samplers[j].output_ids, "length")
+            else:
+                keep.append(r)
+        if not keep:
+            break
+        if len(keep) < len(active):  # finished rows leave the batch (their cross keys too)
+            cache.keep(torch.tensor(keep))
+        active = [active[r] for r in keep]
+        step = torch.tensor([[tokens[r]] for r in keep], dtype=torch.long, device=device)
+    for j in active:  # max_new_tokens = 0
+        if out[j] is None:
+            out[j] = Seq2SeqSequence(samplers[j].output_ids, "length")
+    done = [s for s in out if s is not None]
+    return [done[i * cfg.n : (i + 1) * cfg.n] for i in range(len(sources))]
