@@ -1,0 +1,119 @@
+"""Generation tasks: greedy answers through lamina's batched engine, scored by exact match, token F1
+(SQuAD's normalisation) and GSM8K-style numeric extraction.
+
+    result = evaluate_generation(lm, load_task("gsm8k", "data/"), shots=5)
+    result.metrics   # {"exact_match": ..., "f1": ..., "exact_match_stderr": ..., "n": ...}
+
+- ``normalize_answer``: SQuAD v1.1's ``evaluate-v1.1.py``: lower case, punctuation and the articles
+  a / an / the removed, whitespace collapsed; ``exact_match`` and ``f1`` (token overlap) take the best over
+  the references, as that script does.
+- GSM8K (Cobbe et al. 2021; lm-eval's ``gsm8k`` filters): the reference number follows "#### ";
+  ``strict_match`` reads "#### N" from the output, ``flexible_extract`` the last number in it; commas,
+  ``$`` and a trailing period are dropped before comparing.
+
+Decoding is greedy with the task's stop strings (lm-eval's ``until``) and ``max_new_tokens``; every prompt
+goes through one engine (``lamina.generate.batch.generate_batch``).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import string
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from lamina.errors import ConfigError
+from lamina.eval.multiple_choice import TaskResult, summarize
+
+if TYPE_CHECKING:
+    from lamina.checkpoint.load import LoadedModel
+    from lamina.eval.tasks import Task
+
+Progress = Callable[[int, int], None]
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD's normalisation: lower case, no punctuation, no articles, single spaces."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def exact_match(prediction: str, references: list[str]) -> float:
+    """1.0 when the normalised prediction equals a normalised reference."""
+    return float(any(normalize_answer(prediction) == normalize_answer(r) for r in references))
+
+
+def token_f1(prediction: str, references: list[str]) -> float:
+    """The best token-overlap F1 against the references (SQuAD's ``f1_score``)."""
+
+    def f1(pred: str, ref: str) -> float:
+        p, r = normalize_answer(pred).split(), normalize_answer(ref).split()
+        common = sum((Counter(p) & Counter(r)).values())
+        if common == 0:
+            return 0.0
+        precision, recall = common / len(p), common / len(r)
+        return 2 * precision * recall / (precision + recall)
+
+    return max(f1(prediction, r) for r in references)
+
+
+STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
+FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+
+
+def _clean_number(s: str) -> str:
+    return s.replace(",", "").replace("$", "").rstrip(".").strip()
+
+
+def extract_number(text: str, strict: bool = True) -> str | None:
+    """The answer number of a GSM8K-style output: after "#### " (``strict``) or the last number in it
+    (lm-eval's ``flexible-extract``); None when there is none."""
+    if strict:
+        m = STRICT.search(text)
+        return _clean_number(m.group(1)) if m else None
+    found = [a or b for a, b in FLEXIBLE.findall(text)]
+    return _clean_number(found[-1]) if found else None
+
+
+def evaluate_generation(
+    lm: LoadedModel,
+    task: Task,
+    shots: int = 0,
+    seed: int = 1234,
+    limit: int | None = None,
+    max_new_tokens: int = 256,
+    max_batch_size: int = 16,
+    progress: Progress | None = None,
+) -> TaskResult:
+    """Greedy answers to ``task``'s items (kind "generate") with ``shots`` examples drawn with ``seed``,
+    scored as the module doc says (``exact_match``, ``f1``; for GSM8K also ``strict_match`` and
+    ``flexible_extract``)."""
+    from lamina.generate.batch import generate_batch
+
+    if task.kind != "generate":
+        raise ConfigError(f"task {task.name} is a multiple-choice task; use evaluate_multiple_choice")
+    rng = random.Random(seed)
+    items = task.items[:limit] if limit is not None else task.items
+    contexts = [task.context(item, shots, rng) for item in items]
+    rows = generate_batch(
+        lm, [{"prompt": c} for c in contexts], chat=False, max_batch_size=max_batch_size,
+        progress=progress, temperature=0.0, stop=task.until, max_new_tokens=max_new_tokens,
+    )  # fmt: skip
+    samples = []
+    for n, (item, context, row) in enumerate(zip(items, contexts, rows, strict=True)):
+        output = row["text"]
+        if task.name == "gsm8k":
+            gold = extract_number(item.answers[0])
+            metrics = {
+                "strict_match": float(extract_number(output) == gold),
+                "flexible_extract": float(extract_number(output, strict=False) == gold),
+            }
+        else:
+            metrics = {"exact_match": exact_match(output, item.answers), "f1": token_f1(output, item.answers)}
+        samples.append({"id": n, "source": item.source, "context": context, "output": output,
+                        "answers": item.answers, "metrics": metrics})  # fmt: skip
+    return summarize(task.name, samples, task.skipped)
