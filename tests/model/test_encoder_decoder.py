@@ -230,3 +230,21 @@ def test_a_packed_row_equals_its_sequences_apart(preset: str) -> None:
     assert not torch.allclose(unpacked[:, 5:], apart[:, 5:], atol=1e-3)  # the mask matters
     with pytest.raises(ValueError, match="segment_ids"):
         net(packed, segment_ids=segments, cache=net.new_cache(1, 32))
+
+
+@pytest.mark.parametrize("arch", ["decoder", "encoder"])
+def test_relative_positions_serve_one_stack_models_too(arch: str) -> None:
+    net = _model(preset="tiny", arch=arch, pos_encoding="relative", vocab_size=64)
+    x = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        full = net(x, mask)
+        assert torch.allclose(net(x[1:, :6]), full[1:, :6], atol=1e-5)  # padding changes nothing
+        if arch == "decoder":
+            cache = net.new_cache(2, 16)
+            steps = torch.cat(
+                [net(x[:, :4], mask[:, :4], cache=cache), net(x[:, 4:], mask[:, 4:], cache=cache)], 1
+            )
+            assert torch.allclose(steps[mask.bool()], full[mask.bool()], atol=1e-5)
+    assert net.rel_bias is not None and net.config.n_params == net.num_params()
