@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from lamina.checkpoint.load import LoadedModel
+    from lamina.config import GenerationConfig
     from lamina.data.pairs import PairData
     from lamina.tokenizer import Tokenizer
 
@@ -47,10 +48,10 @@ __all__ = [
     "PairEvaluation",
     "evaluate_pairs",
     "generation_predictor",
-    "greedy_seq2seq",
     "pair_metrics",
     "rouge_scores",
     "score_pairs",
+    "seq2seq_predictor",
 ]
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
@@ -197,13 +198,33 @@ def evaluate_pairs(
 def generation_predictor(
     lm: LoadedModel, *, chat: bool | None = False, max_batch_size: int = 16, **controls: Any
 ) -> Predict:
-    """A ``predict`` callable over a loaded model: each batch of texts runs as one batch through the
-    generation engine (``lamina.generate.batch.generate_batch``, so sources of different lengths decode
-    together) with the decoding ``controls`` (``GenerationConfig`` fields; default: the model's own, else
-    greedy), and each output is stripped of leading and trailing whitespace. A decoder continues the text
-    (``chat=False``: no chat template); an encoder-decoder model translates it once lamina's engine
-    decodes seq2seq models. Raises ``ConfigError`` for controls the model cannot take.
+    """A ``predict`` callable over a loaded model, with the decoding ``controls`` (``GenerationConfig``
+    fields; default: the model's own, else greedy); each output is stripped of surrounding whitespace.
+
+    An encoder-decoder translates each text (``seq2seq_predictor``: a batch through
+    ``lamina.generate.seq2seq``, starting from the checkpoint's decoding defaults, else greedy, with
+    ``controls`` replacing fields; stop strings, beams and logprobs are not there yet); a decoder continues it (``chat=False``: no chat template), each batch of
+    texts decoding together on the generation engine (``lamina.generate.batch.generate_batch``).
+    Raises ``ConfigError`` for controls the model cannot take.
     """
+    if lm.model.config.arch == "encoder-decoder":
+        import dataclasses
+
+        from lamina.config import GenerationConfig
+        from lamina.generate.text import model_defaults
+
+        if lm.tokenizer is None:
+            raise ConfigError(f"{lm.entry.name} has no tokenizer; texts cannot be encoded for it")
+        # the checkpoint's own decoding controls, else greedy; the controls given on top
+        base = model_defaults(lm) or GenerationConfig(
+            temperature=0.0,
+            max_new_tokens=lm.generation.max_new_tokens,
+            eos_token_ids=lm.generation.eos_token_ids,
+        )
+        config = dataclasses.replace(base, **{k: v for k, v in controls.items() if v is not None})
+        config.check_token_ids(lm.model.config.vocab_size)
+        return seq2seq_predictor(lm.model, lm.tokenizer, config=config)
+
     from lamina.generate.batch import generate_batch
 
     def predict(texts: list[str]) -> list[str]:
@@ -219,63 +240,45 @@ def generation_predictor(
     return predict
 
 
-def greedy_seq2seq(
+def seq2seq_predictor(
     model: nn.Module,
     tokenizer: Tokenizer,
-    sources: Sequence[str],
     *,
-    max_new_tokens: int = 64,
+    config: GenerationConfig | None = None,
     max_source_len: int = 512,
-    decoder_start_token_id: int | None = None,
-) -> list[str]:
-    """Greedy outputs of an encoder-decoder ``model`` for ``sources``, decoded as one batch by a plain loop:
-    the encoder runs once (``model.encode``), then each step runs the decoder on the whole prefix (no
-    cache: a short, obviously correct reference for validation metrics; ``lamina.generate`` is the fast
-    path). Sources are encoded as ``lamina.data.pairs.PairBatches`` encodes them (tokens + eos, cut to
-    ``max_source_len``); decoding starts from ``decoder_start_token_id`` (default: the model config's,
-    else the pad / bos / eos id) and a row stops at eos. Outputs are decoded without special tokens.
+    **controls: Any,
+) -> Predict:
+    """A ``predict`` callable over an encoder-decoder ``model`` (``arch="encoder-decoder"``; a DDP/FSDP
+    wrapper is looked through): each batch of texts is encoded as ``lamina.data.pairs.PairBatches``
+    encodes sources (tokens + eos, cut to ``max_source_len``), decoded together by
+    ``lamina.generate.seq2seq.generate_seq2seq`` (the encoder once, cached decoder) with ``config`` (default:
+    greedy, stopping at the tokenizer's eos, max_new_tokens 64, ``controls`` on top) and turned back
+    into text without special tokens, stripped. Raises ``ConfigError`` for a model of another arch.
     """
-    import torch
+    from lamina.config import GenerationConfig
+    from lamina.fields import build
+    from lamina.generate.seq2seq import generate_seq2seq
 
     net: Any = getattr(model, "module", model)  # DDP / FSDP wrappers keep the model as .module
-    if not sources:
-        return []
-    eos = tokenizer.eos_token_id
-    pad = next((i for i in (tokenizer.pad_token_id, eos) if i is not None), 0)
-    if decoder_start_token_id is None:
-        decoder_start_token_id = getattr(getattr(net, "config", None), "decoder_start_token_id", None)
-    if decoder_start_token_id is None:
-        decoder_start_token_id = next(
-            i for i in (tokenizer.pad_token_id, tokenizer.bos_token_id, eos, 0) if i is not None
+    if config is None:
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        config = build(
+            GenerationConfig, {"temperature": 0.0, "max_new_tokens": 64, "eos_token_ids": eos, **controls}
         )
-    rows = [ids[: max_source_len - (eos is not None)] + ([eos] if eos is not None else [])
-            for ids in tokenizer.encode_batch(list(sources), add_special_tokens=False)]  # fmt: skip
-    device = next(net.parameters()).device
-    S = max(1, max(len(r) for r in rows))
-    input_ids = torch.full((len(rows), S), pad, dtype=torch.long, device=device)
-    mask = torch.zeros((len(rows), S), dtype=torch.long, device=device)
-    for i, r in enumerate(rows):
-        input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    with torch.no_grad():
-        memory = net.encode(input_ids, mask)
-        out = torch.full((len(rows), 1), decoder_start_token_id, dtype=torch.long, device=device)
-        done = torch.zeros(len(rows), dtype=torch.bool, device=device)
-        for _ in range(max_new_tokens):
-            logits = net(input_ids, attention_mask=mask, decoder_input_ids=out, memory=memory)
-            nxt = logits[:, -1].argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-            out = torch.cat([out, nxt[:, None]], dim=1)
-            if eos is not None:
-                done |= nxt == eos
-            if bool(done.all()):
-                break
-    texts = []
-    for row in out[:, 1:].tolist():
-        if eos is not None and eos in row:
-            row = row[: row.index(eos)]
-        texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return texts
+    eos_id = tokenizer.eos_token_id
+
+    def predict(texts: list[str]) -> list[str]:
+        if not texts:
+            return []
+        ids = tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        if eos_id is not None:
+            ids = [[*row[: max_source_len - 1], eos_id] for row in ids]
+        else:
+            ids = [row[:max_source_len] or [0] for row in ids]
+        outs = generate_seq2seq(net, ids, config, tokenizer)
+        return [tokenizer.decode(o[0].token_ids, skip_special_tokens=True).strip() for o in outs]
+
+    return predict
 
 
 def pair_metrics(
@@ -289,15 +292,13 @@ def pair_metrics(
     rouge_tokenizer: RougeTokenizer = "default",
 ) -> Callable[[nn.Module], dict[str, float]]:
     """The trainer's ``eval_metrics`` for a seq2seq run: at each evaluation, greedy outputs
-    (``greedy_seq2seq``) for the first ``limit`` validation ``pairs`` (None: all), scored by
+    (``seq2seq_predictor``) for the first ``limit`` validation ``pairs`` (None: all), scored by
     ``score_pairs``; the keys get a ``val_`` prefix (``val_bleu``, ``val_rougeL``, ...; ``n`` left out)."""
 
     def metrics(model: nn.Module) -> dict[str, float]:
-        def predict(texts: list[str]) -> list[str]:
-            return greedy_seq2seq(
-                model, tokenizer, texts, max_new_tokens=max_new_tokens, max_source_len=max_source_len
-            )
-
+        predict = seq2seq_predictor(
+            model, tokenizer, max_source_len=max_source_len, max_new_tokens=max_new_tokens
+        )
         result = evaluate_pairs(
             predict, pairs, batch_size=batch_size, limit=limit, rouge_tokenizer=rouge_tokenizer
         )
