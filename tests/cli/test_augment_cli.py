@@ -51,3 +51,33 @@ def test_augment_errors_are_one_line(
     err = capsys.readouterr().err
     assert "does not exist" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_augment_with_an_encoder_decoder_translates(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    import lamina
+    from lamina.config import GenerationConfig, ModelConfig
+    from lamina.data.synthetic import symbol_tokenizer
+    from lamina.eval.seq2seq import seq2seq_predictor
+    from lamina.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    tok = symbol_tokenizer()
+    model = Transformer(ModelConfig.preset("t5-tiny", vocab_size=len(tok), init_std=0.5)).eval()
+    folder = lamina.save_checkpoint(
+        tmp_path / "t5", model, tok, GenerationConfig(eos_token_ids=[tok.eos_token_id])
+    )
+    texts = ["s1 s2 s3", "s4", "s9 s8 s7 s6"]
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+    out = tmp_path / "pairs.jsonl"
+    argv = ["data", "augment", "--back-translate", str(folder), "--input", str(tmp_path / "in.txt"), "--out",
+            str(out), "--max-new-tokens", "5", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert "wrote 3 back-translated pairs" in capsys.readouterr().out
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["target"] for r in rows] == texts
+    # greedy translations of the checkpoint's model, batched as the library does it
+    assert [r["source"] for r in rows] == seq2seq_predictor(model, tok, max_new_tokens=5)(texts)
