@@ -9,8 +9,9 @@ teaches the forward model to produce fluent targets.
     report = augment(AugmentConfig(back_translate="out/fr-en", input="fr.txt", out="pairs.jsonl"))
 
 ``lamina data augment --back-translate MODEL --input target_side.txt --out pairs.jsonl`` runs ``augment``:
-MODEL is loaded with ``lamina.load`` and decodes through the batched generation engine (a decoder
-continues each text today; an encoder-decoder translates it once the engine decodes seq2seq models).
+MODEL is loaded with ``lamina.load``; an encoder-decoder translates each batch of texts through
+``lamina.generate.seq2seq`` (encoder once, cached decoder), a decoder continues each text on the batched
+generation engine (``lamina.eval.seq2seq.generation_predictor``).
 """
 
 from __future__ import annotations
