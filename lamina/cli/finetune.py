@@ -17,9 +17,16 @@ from lamina.cli.flags import (
 )
 from lamina.cli.pretrain import _overwrite
 from lamina.config import TRAIN_PRESETS, ModelConfig, TrainConfig
+from lamina.model.lora import LoraConfig
 from lamina.train.finetune import FinetuneRun, SftConfig, TaskConfig, finetune
 
-SECTIONS = {"task": TaskConfig, "sft": SftConfig, "model": ModelConfig, "train": TrainConfig}
+SECTIONS = {
+    "task": TaskConfig,
+    "sft": SftConfig,
+    "lora": LoraConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "IOB tags, entity F1) on held-out rows after every epoch. --task sft trains a language model on "
         "JSONL conversations (OpenAI messages, prompt/completion or Alpaca instruction/input/output) "
         "rendered with its chat template, the loss on the answers only (--sft.loss_on all: every token); "
-        "every evaluation writes greedy answers to a few held-out prompts to OUT/samples.jsonl. Freeze layers with --train.freeze "
+        "every evaluation writes greedy answers to a few held-out prompts to OUT/samples.jsonl; any --lora.* flag (--lora.r 16 --lora.target_modules all-linear) trains LoRA adapters only, saved in PEFT's format in each checkpoint's adapter/ folder. Freeze layers with --train.freeze "
         "'[0-3]' (block indices) or name globs ('[tok_emb.*]'). The train section starts from the "
         "`finetune` preset (3 epochs, lr 5e-5, no warmup). Every field is a flag --SECTION.FIELD and a "
         "key of the --config YAML file; flags win over the file.",

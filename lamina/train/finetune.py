@@ -42,6 +42,7 @@ from lamina.data.labeled import (
 )
 from lamina.errors import ConfigError, DataError
 from lamina.fields import coerce
+from lamina.model.lora import LoraConfig
 from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
 from lamina.train.objectives import Batch, Objective
@@ -116,6 +117,7 @@ SECTIONS: dict[str, type | None] = {
     "model": ModelConfig,
     "task": TaskConfig,
     "sft": SftConfig,
+    "lora": LoraConfig,  # given (even empty, ``lora: {}``): train LoRA adapters instead of the weights
     "train": TrainConfig,
     "init": None,
 }
@@ -130,6 +132,7 @@ class FinetuneRun:
     model: ModelConfig | None = None
     init: str | None = None
     sft: SftConfig = field(default_factory=SftConfig)
+    lora: LoraConfig | None = None  # task=sft: LoRA adapters (lamina.model.lora) train, the model is frozen
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FinetuneRun:
@@ -150,6 +153,7 @@ class FinetuneRun:
             model=model,
             init=init,
             sft=from_dict(SftConfig, data.get("sft") or {}, "sft"),
+            lora=from_dict(LoraConfig, data["lora"], "lora") if data.get("lora") is not None else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,6 +162,8 @@ class FinetuneRun:
                "model": to_dict(self.model) if self.model else None, "init": self.init}  # fmt: skip
         if self.task.task == "sft":
             out["sft"] = to_dict(self.sft)
+        if self.lora is not None:
+            out["lora"] = to_dict(self.lora)
         return out
 
 
@@ -276,6 +282,8 @@ def finetune(
     started = time.perf_counter()
     check_out_dir(run.train.out_dir, resume=resume, overwrite=overwrite)
     t = run.task
+    if run.lora is not None and t.task != "sft":
+        raise ConfigError(f"the lora section trains adapters for task=sft; task={t.task} trains a new head")
     if t.task == "sft":
         from lamina.train.sft import finetune_sft
 

@@ -5,6 +5,13 @@
     sft:   {loss_on: assistant, packing: false, samples: 4}  # lamina.train.finetune.SftConfig
     init:  smollm2
     train: {epochs: 3, lr: 5.0e-5, freeze: ["0-19"]}
+    lora:  {r: 16, lora_alpha: 32, target_modules: all-linear}   # optional: adapters train, nothing else
+
+With a ``lora`` section (``lamina.model.lora.LoraConfig``) the model is frozen and LoRA adapters are put
+on the layers ``target_modules`` names before the optimizer is built, so only they get gradients and
+optimizer state; the trainable count is printed. Every checkpoint then holds the base weights and the
+adapters in PEFT's format in ``adapter/`` (``adapter_config.json`` + ``adapter_model.safetensors``), and
+the training state keeps the adapters exactly, so a resumed LoRA run is exact too.
 
 The conversations are read, rendered with the model's chat template (or ``sft.chat_template``) and
 masked by ``lamina.data.chat``: the loss counts each answer and its end-of-turn token (or every token,
@@ -77,10 +84,24 @@ def finetune_sft(
             "sft.packing needs a model that keeps attention within each packed conversation "
             "(Transformer.forward(segment_ids=...)), which this lamina does not have yet; set sft.packing false"
         )
+    adapters = []
+    if run.lora is not None and run.lora.base_weights is not None:
+        raise ConfigError(
+            f"lora.base_weights={run.lora.base_weights} (a quantized frozen base) is not wired into finetune "
+            "yet; leave it unset"
+        )
+    if run.lora is not None:
+        from lamina.model.lora import apply_lora, count_trainable, lora_layers
+
+        torch.manual_seed(tcfg.seed)  # the adapters' initialisation is part of the run
+        apply_lora(model, run.lora)
+        trained, total = count_trainable(model)
+        adapters = [f"LoRA r={run.lora.r} on {len(lora_layers(model))} layers: {trained:,} of {total:,} "
+                    f"parameters train ({trained / total:.2%})"]  # fmt: skip
     max_len = min(t.max_seq_len, cfg.max_seq_len)
     train_e = encode_chats(tokenizer, train_data, max_len, template, s.loss_on, t.truncate)
     val_e = encode_chats(tokenizer, val_data, max_len, template, s.loss_on, t.truncate)
-    notes = _notes("training", train_e) + _notes("validation", val_e)
+    notes = adapters + _notes("training", train_e) + _notes("validation", val_e)
     for split, e in (("training", train_e), ("validation", val_e)):
         if not e.examples:
             first = f"; first: {e.problems[0]}" if e.problems else ""

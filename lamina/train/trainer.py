@@ -64,6 +64,7 @@ from lamina.train.objectives import Batch, Objective
 from lamina.train.optim import lr_lambda, make_optimizer
 
 STATE_DIR, STATE_FILE = "train_state", "state.pt"
+ADAPTER_DIR = "adapter"  # a LoRA run's adapters in a checkpoint, PEFT's files
 RUN_MARKERS = ("metrics.jsonl", "checkpoints", "best", "last")  # a folder with any of these holds a run
 RUN_OUTPUTS = (*RUN_MARKERS, "tensorboard", "curves.png", "run.yaml")  # what overwrite=True clears
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -244,9 +245,14 @@ def train(
     if resume:
         ckpt = latest_checkpoint(out)
         assert ckpt is not None  # check_out_dir made sure
-        resumed, _ = load_checkpoint(ckpt)
-        model.load_state_dict(resumed.state_dict())
         start_state = torch.load(ckpt / STATE_DIR / STATE_FILE, weights_only=True)
+        if "adapters" in start_state:  # LoRA: the base is frozen (the model given); the adapters come back
+            from lamina.model.lora import load_lora_state_dict
+
+            load_lora_state_dict(model, start_state["adapters"])
+        else:
+            resumed, _ = load_checkpoint(ckpt)
+            model.load_state_dict(resumed.state_dict())
     model.to(info.device)
     net: nn.Module = D.wrap(model, info)
     opt = make_optimizer(
@@ -303,6 +309,7 @@ def train(
 
     def save(folder: Path, with_state: bool) -> None:
         weights = D.full_model_state(net, info)
+        adapted = _has_lora(model)
         state = None
         if with_state:
             state = {
@@ -314,8 +321,11 @@ def train(
                 "best_val": best_val,
                 "bad_evals": bad_evals,
             }
+            if adapted:
+                state["adapters"] = _adapter_weights(weights)
         if info.is_main:
-            _write_checkpoint(folder, model.config, weights, tokenizer, generation, state, run_config)
+            _write_checkpoint(folder, model.config, weights, tokenizer, generation, state, run_config,
+                              adapter_of=model if adapted else None)  # fmt: skip
         D.barrier(info)
 
     def evaluate() -> float:
@@ -570,11 +580,20 @@ def _write_checkpoint(
     generation: GenerationConfig,
     state: dict[str, Any] | None,
     run_config: dict[str, Any] | None,
+    adapter_of: Transformer | None = None,
 ) -> None:
-    """A lamina checkpoint plus the run config and (for resuming) the training state, atomically."""
+    """A lamina checkpoint plus the run config and (for resuming) the training state, atomically. For a
+    model with LoRA adapters (``adapter_of``) the checkpoint holds the base weights under their plain
+    names and the adapters in PEFT's format in ``ADAPTER_DIR`` (``lamina.checkpoint.peft.save_adapter``)."""
+    if adapter_of is not None:
+        weights = {k.replace(".base_layer.", "."): v for k, v in weights.items() if ".lora_" not in k}
 
     def write(tmp: Path) -> None:
         write_checkpoint_files(tmp, model_cfg, weights, tokenizer, generation)
+        if adapter_of is not None:
+            from lamina.checkpoint.peft import save_adapter
+
+            save_adapter(adapter_of, tmp / ADAPTER_DIR)
         if run_config is not None:
             (tmp / "run.yaml").write_text(_yaml(run_config))
         if state is not None:
@@ -590,6 +609,17 @@ def _with_eos_ids(generation: GenerationConfig, tokenizer: Any) -> GenerationCon
     if tokenizer is None:
         return generation
     return replace(generation, eos_token_ids=eos_token_ids(generation.eos_token_ids, tokenizer=tokenizer))
+
+
+def _has_lora(model: nn.Module) -> bool:
+    from lamina.model.lora import lora_config_of
+
+    return lora_config_of(model) is not None
+
+
+def _adapter_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The LoRA A/B tensors of a full state dict, names as ``lamina.model.lora.lora_state_dict``'s."""
+    return {k: v.detach().clone() for k, v in weights.items() if ".lora_A." in k or ".lora_B." in k}
 
 
 def _copy_into(src: Path, dst: Path) -> None:

@@ -130,10 +130,11 @@ def _cases() -> list[Any]:
 
 def _register_sections() -> None:
     from lamina.data.corpus import DataConfig
+    from lamina.model.lora import LoraConfig
     from lamina.train.finetune import SftConfig, TaskConfig
 
     _SECTION_CLASSES.update(
-        model=ModelConfig, train=TrainConfig, data=DataConfig, task=TaskConfig, sft=SftConfig
+        model=ModelConfig, train=TrainConfig, data=DataConfig, task=TaskConfig, sft=SftConfig, lora=LoraConfig
     )
 
 

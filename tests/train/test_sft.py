@@ -14,11 +14,14 @@ from typing import Any
 import pytest
 import torch
 from interrupting import assert_same_weights  # tests/train/interrupting.py
+from safetensors.torch import load_file
 from tiny_chat import WORDS, tiny_lm
 
 import lamina
+from lamina.checkpoint.peft import load_adapter
 from lamina.data.chat import ChatBatches, ChatData, encode_chats
 from lamina.errors import ConfigError, DataError
+from lamina.model.lora import LoraConfig, count_trainable, expected_trainable
 from lamina.train.finetune import FinetuneRun, finetune
 from lamina.train.objectives import sft
 from lamina.train.sft import accepts_segment_ids
@@ -152,3 +155,40 @@ def test_packing_without_segment_support_is_refused(
     run.sft.packing = True
     with pytest.raises(ConfigError, match=r"sft\.packing needs"):
         finetune(run)
+
+
+def _lora_run(tiny: Path, chat_file: Path, out: Path, **train: Any) -> FinetuneRun:
+    run = _run(tiny, chat_file, out, **train)
+    run.lora = LoraConfig(r=4, lora_alpha=8, target_modules=["all-linear"])
+    return run
+
+
+def test_lora_trains_only_adapters_saves_peft_and_resumes_exactly(
+    tiny: Path, chat_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base, _ = lamina.load_checkpoint(tiny)
+    ref = tmp_path / "ref"
+    model, _, result = finetune(_lora_run(tiny, chat_file, ref))
+    trained, total = count_trainable(model)
+    # r (in + out) per adapted linear: 2 blocks x (q, k, v, o: 32 -> 32; gate, up, down: 32 <-> 64)
+    assert trained == expected_trainable(model) == 2 * (4 * 4 * (32 + 32) + 3 * 4 * (32 + 64))
+    assert f"{trained:,} of {total:,} parameters train" in capsys.readouterr().err
+    assert f"{trained:,} of {total:,}" in result.summary()
+    # the base weights are bit-identical; the adapters moved and are saved in PEFT's files
+    last, _ = lamina.load_checkpoint(ref / "last")
+    assert all(torch.equal(v, last.state_dict()[k]) for k, v in base.state_dict().items())
+    assert (ref / "last" / "adapter" / "adapter_config.json").is_file()
+    adapted = load_adapter(last, ref / "last" / "adapter")
+    ids = torch.tensor([[1, 5, 6, 7, 2]])
+    with torch.no_grad():
+        assert torch.equal(adapted.eval()(ids), model.eval()(ids))
+        assert not torch.equal(base.eval()(ids), model(ids))
+    # exact resume, as for full fine-tuning
+    out = tmp_path / "out"
+    finetune(_lora_run(tiny, chat_file, out))
+    shutil.rmtree(out / "checkpoints" / "step-00000008")
+    shutil.rmtree(out / "last")
+    finetune(_lora_run(tiny, chat_file, out), resume=True)
+    a = load_file(str(out / "last" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(ref / "last" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
