@@ -3,46 +3,43 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 from typing import NoReturn
 
 from lamina import __version__
-from lamina.cli import (
-    chat,
-    convert,
-    data,
-    demo,
-    embed,
-    fill_mask,
-    finetune,
-    generate,
-    inspect,
-    models,
-    pretrain,
-    serve,
-    tokenizer,
-    tune,
-)
 from lamina.cli.flags import normalize_argv, print_flat_config, unknown_arguments
 from lamina.errors import LaminaError
 
-VERBS = [
-    models,
-    inspect,
-    convert,
-    generate,
-    chat,
-    embed,
-    fill_mask,
-    tokenizer,
-    data,
-    pretrain,
-    finetune,
-    tune,
-    serve,
-    demo,
-]
+# verb -> its one-line help in `lamina --help`; the verb's module is lamina.cli.<verb> ("-" -> "_").
+# Only the verb being run is imported (its module imports torch and its config classes): `lamina --help`
+# and `lamina --version` start without torch. A test checks each line equals the verb's own help.
+VERBS = {
+    "models": "list models available on this machine (models directory and installed packages)",
+    "inspect": "show a model's config, parameter count, dtype, size on disk and tokenizer",
+    "convert": "convert a model (lamina, HF folder, GGUF) to a lamina or HF checkpoint folder",
+    "generate": "generate text from a prompt with any decoding control, streamed",
+    "chat": "chat with a model interactively (streaming, with history)",
+    "embed": "embed texts (one per line) as vectors with an encoder such as minilm",
+    "fill-mask": "predict the tokens behind [MASK] with a masked-LM encoder",
+    "tokenizer": "train a BPE/Unigram tokenizer; encode, decode and count tokens",
+    "data": "prepare training data: tokenize text into memory-mapped token shards",
+    "pretrain": "pretrain a language model from a run config (every field is a flag)",
+    "finetune": "fine-tune a classification, regression or token classification head on labeled data, or a "
+    "language model on chat data (--task sft)",
+    "tune": "search hyperparameters (any config field) with Optuna: grid, random or TPE, with pruning",
+    "eval": "score a model on benchmarks (MMLU, ARC, HellaSwag, TruthfulQA, WiC, BIG-bench, GSM8K) or "
+    "perplexity; compare two results",
+    "serve": "serve models over an OpenAI-compatible HTTP API (completions, chat, embeddings)",
+    "demo": "train a small GPT on the embedded corpus (Python's stdlib) for a few minutes and sample it",
+}
+
+
+def verb_module(verb: str) -> ModuleType:
+    """The module of ``verb`` (``fill-mask`` -> ``lamina.cli.fill_mask``), imported now."""
+    return importlib.import_module("lamina.cli." + verb.replace("-", "_"))
 
 
 class Parser(argparse.ArgumentParser):
@@ -52,8 +49,9 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists every flag)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``lamina`` argument parser with every verb registered."""
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The ``lamina`` argument parser with every verb registered (``verb`` given: that verb in full and
+    the others by name and help only, which imports nothing else)."""
     parser = Parser(
         prog="lamina",
         description="lamina: build, train, adapt, run and serve transformer language models.",
@@ -63,15 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lamina {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
-    for verb in VERBS:
-        verb.register(sub)
+    for name, help in VERBS.items():
+        if verb is None or name == verb:
+            verb_module(name).register(sub)
+        else:
+            sub.add_parser(name, help=help, add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse ``argv`` and run the verb; a ``LaminaError`` prints one line and exits 1."""
-    parser = build_parser()
-    argv = normalize_argv(parser, sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verb = next((a for a in argv if not a.startswith("-")), "")  # the first word (top-level flags take none)
+    parser = build_parser(verb)
+    argv = normalize_argv(parser, argv)
     args, extra = parser.parse_known_args(argv)
     if extra:
         unknown_arguments(parser, argv, extra)

@@ -34,6 +34,27 @@ def test_help_lists_every_verb(capsys: pytest.CaptureFixture[str]) -> None:
         assert f"    {verb}" in out
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["models", "--help"], ["nosuchverb"]])
+def test_help_does_not_import_torch(argv: list[str]) -> None:
+    """`lamina --help` starts fast: only the verb being run is imported, and `import lamina` is lazy."""
+    code = f"import sys\nfrom lamina.cli.main import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+    code += "print('imported torch:', 'torch' in sys.modules, file=sys.stderr)"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.stderr.strip().splitlines()[-1] == "imported torch: False", p.stderr[-2000:]
+
+
+def test_the_verb_table_matches_each_verbs_own_help() -> None:
+    import argparse
+
+    from lamina.cli.main import VERBS, build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert {a.dest: a.help for a in sub._choices_actions} == VERBS
+    import lamina.generate.engine  # the subpackage lamina.generate does not hide the function
+
+    assert lamina.load is lamina.checkpoint.load.load and lamina.generate.__module__ == "lamina.generate.text"
+
+
 def test_models_lists_packaged_smollm2(capsys: pytest.CaptureFixture[str], smollm2_path: Path) -> None:
     code, out, _ = run(capsys, "models")
     assert code == 0
