@@ -6,8 +6,6 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from lamina.checkpoint.load import load
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``inspect`` verb."""
@@ -30,6 +28,8 @@ def _size_on_disk(path: Path) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Print the description."""
+    from lamina.checkpoint.load import load  # imports torch: not for --help
+
     lm = load(args.model)
     cfg = lm.model.config
     e = lm.entry

@@ -34,7 +34,9 @@ def test_help_lists_every_verb(capsys: pytest.CaptureFixture[str]) -> None:
         assert f"    {verb}" in out
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["models", "--help"], ["nosuchverb"]])
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["--version"], ["models", "--help"], ["inspect", "--help"], ["nosuchverb"]]
+)
 def test_help_does_not_import_torch(argv: list[str]) -> None:
     """`lamina --help` starts fast: only the verb being run is imported, and `import lamina` is lazy."""
     code = f"import sys\nfrom lamina.cli.main import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
