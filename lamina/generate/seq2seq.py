@@ -3,9 +3,11 @@ once; the decoder starts every target from ``decoder_start_token_id`` and extend
 with its self-attention KV cache and the cross-attention keys cached from the encoder output at the first
 step. Tokens are chosen by ``lamina.generate.sampling`` (the same processors in the same order, one
 ``Sampler`` per sequence with its own seed), so greedy decoding, sampling, penalties, bans,
-``min_new_tokens`` and ``n`` behave as they do for decoder models.
+``min_new_tokens`` and ``n`` behave as they do for decoder models. Beam search (``num_beams`` > 1) runs
+``lamina.generate.beam.BeamGroup`` (``transformers``' semantics) per source, its rows reordered in the
+decoder's cache after each step.
 
-Not here yet (the engine's part): stop strings, beam search, logprobs and constrained decoding.
+Not here yet (the engine's part): stop strings, logprobs and constrained decoding.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
+from torch import Tensor
 
 from lamina.config import GenerationConfig
 from lamina.errors import ConfigError
+from lamina.generate.beam import BeamGroup, check_beam_config
 from lamina.generate.sampling import Sampler, sample_batch
 from lamina.model.transformer import Transformer
 
@@ -31,6 +35,7 @@ class Seq2SeqSequence:
 
     token_ids: list[int]
     finish_reason: Literal["stop", "length"]  # stop: eos or a stop token; length: max_new_tokens
+    score: float | None = None  # beam search: the length-penalised sum of log-probabilities (HF)
 
 
 def _check(model: Transformer, cfg: GenerationConfig) -> None:
@@ -39,8 +44,10 @@ def _check(model: Transformer, cfg: GenerationConfig) -> None:
             f"generate_seq2seq needs an encoder-decoder (arch='encoder-decoder'), got arch="
             f"{model.config.arch!r}: decoder models generate with lamina.generate"
         )
+    if cfg.num_beams > 1:
+        check_beam_config(cfg)
     unsupported = {
-        "stop": bool(cfg.stop), "num_beams": cfg.num_beams > 1, "logprobs": bool(cfg.logprobs),
+        "stop": bool(cfg.stop), "logprobs": bool(cfg.logprobs),
         "response_format": cfg.response_format != "text", "choices": bool(cfg.choices),
         "prompt_logprobs": cfg.prompt_logprobs is not None,
     }  # fmt: skip
@@ -62,9 +69,10 @@ def generate_seq2seq(
     The sources are right-padded into one batch (B, S) and encoded once; sequence j of a source samples
     with seed ``sequence_seed(config.seed, j)``. ``tokenizer`` is needed only for DRY's sequence
     breakers. Generation stops at ``eos_token_ids`` (unless ``ignore_eos``) and ``stop_token_ids``.
+    With ``num_beams`` > 1: the ``n`` best beams of each source, best first (``score`` set).
 
     Raises ConfigError for a model that is not an encoder-decoder, an empty source, or a control this
-    function does not support yet (stop strings, beams, logprobs, constraints).
+    function does not support yet (stop strings, logprobs, constraints).
     """
     cfg = config or GenerationConfig()
     _check(model, cfg)
@@ -78,6 +86,8 @@ def generate_seq2seq(
         src[i, : len(s)] = torch.tensor(list(s), device=device)
         mask[i, : len(s)] = 1
     memory = model.encode(src, mask)  # (B, S, d_model), once
+    if cfg.num_beams > 1:
+        return _beam_search(model, memory, mask, cfg)
     rows = [i for i in range(len(sources)) for _ in range(cfg.n)]  # each source's n sequences, in order
     memory, mask = memory[rows], mask[rows]  # (B * n, S, d_model)
     start = model.config.decoder_start_token_id
@@ -111,3 +121,42 @@ def generate_seq2seq(
             out[j] = Seq2SeqSequence(samplers[j].output_ids, "length")
     done = [s for s in out if s is not None]
     return [done[i * cfg.n : (i + 1) * cfg.n] for i in range(len(sources))]
+
+
+def _beam_search(
+    model: Transformer, memory: Tensor, mask: Tensor, cfg: GenerationConfig
+) -> list[list[Seq2SeqSequence]]:
+    """Beam search from encoder outputs ``memory`` (G, S, d_model): ``num_beams`` cache rows per source."""
+    G, nb, device = memory.shape[0], cfg.num_beams, memory.device
+    start = model.config.decoder_start_token_id
+    if cfg.max_new_tokens == 0:
+        return [[Seq2SeqSequence([], "length", 0.0) for _ in range(cfg.n)] for _ in range(G)]
+    groups = [BeamGroup(cfg, [start], (), cfg.max_new_tokens, device) for _ in range(G)]
+    rows = [g for g in range(G) for _ in range(nb)]
+    memory, mask = memory[rows], mask[rows]  # (G * nb, S, d_model)
+    cache = model.new_cache(G * nb, capacity=cfg.max_new_tokens + 1)
+    step = torch.full((G * nb, 1), start, dtype=torch.long, device=device)
+    results: list[list[Seq2SeqSequence]] = [[] for _ in range(G)]
+    active = list(range(G))  # groups still running, nb cache rows each, in cache order
+    while active:
+        first = cache.length == 0
+        logits = model.decode(step, memory if first else None, mask if first else None, cache=cache)[:, -1]
+        keep: list[int] = []
+        feeds: list[int] = []
+        running = []
+        for k, g in enumerate(active):
+            block = logits[k * nb : (k + 1) * nb]  # (nb, V): all beams are the same row at the first step
+            src_rows = groups[g].advance(block[:1] if first else block)
+            if src_rows is None:
+                best = groups[g].best()
+                results[g] = [Seq2SeqSequence(b.tokens, b.finish_reason, b.score) for b in best]  # type: ignore[arg-type]
+            else:
+                keep += (k * nb + src_rows).tolist()
+                feeds += groups[g].feeds
+                running.append(g)
+        if not running:
+            break
+        cache.keep(torch.tensor(keep))  # row j of each group now holds beam j's history
+        active = running
+        step = torch.tensor(feeds, dtype=torch.long, device=device)[:, None]
+    return results

@@ -58,6 +58,36 @@ def test_greedy_ids_equal_transformers_generate(pair: tuple, controls: dict) -> 
     assert {r[0].finish_reason for r in got[1:]} <= {"stop", "length"}
 
 
+def _hf_beams(
+    hf: tf.T5ForConditionalGeneration, eos: int, early_stopping: bool
+) -> tuple[list[list[int]], torch.Tensor]:
+    S = max(len(s) for s in SOURCES)
+    out = hf.generate(
+        input_ids=torch.tensor([s + [0] * (S - len(s)) for s in SOURCES]),
+        attention_mask=torch.tensor([[1] * len(s) + [0] * (S - len(s)) for s in SOURCES]),
+        max_new_tokens=10, do_sample=False, num_beams=4, num_return_sequences=2, length_penalty=0.7,
+        early_stopping=early_stopping, eos_token_id=eos, pad_token_id=0, decoder_start_token_id=0,
+        return_dict_in_generate=True, output_scores=True,
+    )  # fmt: skip
+    rows = [row[: row.index(eos)] if eos in row else row for row in out.sequences[:, 1:].tolist()]
+    return rows, out.sequences_scores
+
+
+@pytest.mark.parametrize("early_stopping", [False, True])
+def test_beam_search_equals_transformers(pair: tuple, early_stopping: bool) -> None:
+    hf, net = pair
+    eos = _hf_beams(hf, 95, early_stopping)[0][0][3]  # an eos the beams meet
+    expected, scores = _hf_beams(hf, eos, early_stopping)
+    cfg = GenerationConfig(
+        max_new_tokens=10, temperature=0, num_beams=4, n=2, length_penalty=0.7, early_stopping=early_stopping,
+        eos_token_ids=[eos],
+    )  # fmt: skip
+    got = [s for r in generate_seq2seq(net, SOURCES, cfg) for s in r]
+    assert [s.token_ids for s in got] == expected
+    assert torch.allclose(torch.tensor([s.score for s in got]), scores, atol=1e-4)
+    assert any(s.finish_reason == "stop" for s in got)
+
+
 def test_sampling_is_seeded_per_sequence(pair: tuple) -> None:
     _, net = pair
     cfg = GenerationConfig(max_new_tokens=8, do_sample=True, temperature=1.5, top_k=20, n=3, seed=7)
@@ -75,7 +105,7 @@ def test_what_it_cannot_do_is_one_clear_error() -> None:
     with pytest.raises(ConfigError, match="arch='encoder-decoder'"):
         generate_seq2seq(decoder, [[1, 2]])
     net = Transformer(ModelConfig.preset("t5-tiny"))
-    with pytest.raises(ConfigError, match="num_beams"):
-        generate_seq2seq(net, [[1, 2]], GenerationConfig(num_beams=2))
+    with pytest.raises(ConfigError, match="stop"):
+        generate_seq2seq(net, [[1, 2]], GenerationConfig(stop=["x"]))
     with pytest.raises(ConfigError, match="at least one token"):
         generate_seq2seq(net, [[]])
