@@ -6,9 +6,11 @@ fixed-length models" guide).
     result.token_perplexity, result.bits_per_byte, result.word_perplexity
 
 Each document is scored on its own: windows of ``max_length`` tokens (default the model's
-``max_seq_len``) start every ``stride`` tokens; a window's loss counts only the tokens no earlier window
-predicted. Token 0 of a document has no context and is not scored, unless ``prefix`` puts the model's
-end-of-text token before it (lm-eval's ``loglikelihood_rolling`` does that). Totals over all documents:
+``max_seq_len``) start every ``stride`` tokens (default ``max_length // 2``); a window's loss counts only
+the tokens no earlier window predicted. Token 0 of a document has no context and is not scored, unless
+``prefix`` puts the model's end-of-text token before it (lm-eval's ``loglikelihood_rolling`` does that).
+With ``stride == max_length`` (disjoint windows) the first token of each window is not scored either,
+exactly as in the transformers recipe. Totals over all documents:
 
 - ``token_perplexity = exp(nll / tokens)`` (nats over scored tokens);
 - ``bits_per_byte = nll / ln 2 / bytes`` (UTF-8 bytes of the documents; lm-eval's ``bits_per_byte``);
@@ -102,7 +104,8 @@ def read_documents(source: str | Path, field: str = "text") -> list[str]:
 
 def windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, first scored position) of each window over ``n_tokens`` tokens: transformers'
-    recipe; position 0 is never scored (it has no context)."""
+    recipe; position 0 is never scored (it has no context), nor a window's first token when the windows
+    are disjoint (``stride == max_length``)."""
     out, prev_end = [], 0
     for begin in range(0, n_tokens, stride):
         end = min(begin + max_length, n_tokens)
@@ -120,7 +123,7 @@ def token_nll(
     """(summed negative log-likelihood in nats, tokens scored) of ``ids`` by sliding windows: each token
     from position 1 on is scored once, in the first window that reaches it (float32 log-softmax)."""
     max_length = max_length or model.config.max_seq_len
-    stride = stride or max_length
+    stride = stride or max(max_length // 2, 1)
     if not 0 < stride <= max_length:
         raise ConfigError(f"stride {stride} must be in 1..max_length ({max_length})")
     device = next(model.parameters()).device
@@ -161,8 +164,8 @@ def perplexity(
     progress: Progress | None = None,
 ) -> PerplexityResult:
     """Perplexity of ``lm`` on ``documents`` (see the module doc). ``max_length``: window tokens (default
-    ``max_seq_len``); ``stride``: tokens between window starts (default ``max_length``: disjoint windows;
-    smaller gives each token more context, at more cost); ``prefix``: score token 0 too, after the
+    ``max_seq_len``); ``stride``: tokens between window starts (default ``max_length // 2``; smaller gives
+    each token more context, at more cost); ``prefix``: score token 0 too, after the
     end-of-text token. ``progress(done, total)`` counts documents. Raises ``ConfigError`` for a model
     where perplexity is not defined or for a missing tokenizer."""
     from lamina.eval.multiple_choice import prefix_token_id

@@ -38,7 +38,7 @@ class EvalConfig:
     max_new_tokens: int = 256  # generation tasks: longest answer
     perplexity: str | None = None  # text file, JSONL ("text" field) or folder to report perplexity on
     max_length: int | None = None  # perplexity window in tokens (None: the model's max_seq_len)
-    stride: int | None = None  # tokens between perplexity windows (None: max_length, disjoint windows)
+    stride: int | None = None  # tokens between perplexity windows (None: half of max_length)
     samples: bool = True  # keep one record per item in the JSON (needed by `lamina eval compare`)
 
     def __post_init__(self) -> None:

@@ -29,6 +29,7 @@ POSITIONALS = {
     "chat": ["m"],
     "serve": ["m"],
     "embed": ["m", "--input", "x.txt"],
+    "eval": ["m"],
     "fill-mask": ["m", "t"],
     "convert": ["m"],
     "data prepare": [],
