@@ -7,11 +7,14 @@ themselves (cached decoding, packing)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import lamina
+from lamina.checkpoint.lamina import save_checkpoint
 from lamina.config import ModelConfig, from_dict
 from lamina.errors import ConfigError
 from lamina.model.transformer import Transformer
@@ -248,3 +251,15 @@ def test_relative_positions_serve_one_stack_models_too(arch: str) -> None:
             )
             assert torch.allclose(steps[mask.bool()], full[mask.bool()], atol=1e-5)
     assert net.rel_bias is not None and net.config.n_params == net.num_params()
+
+
+def test_lamina_checkpoint_round_trip(tmp_path: Path) -> None:
+    net = _model(preset="t5-tiny", tie_embeddings=False, n_decoder_layers=3)
+    save_checkpoint(tmp_path / "ck", net)
+    again = lamina.load(tmp_path / "ck").model
+    src, src_mask, tgt, _ = _batch(net.config.vocab_size)
+    assert again.config == net.config
+    with torch.no_grad():
+        assert torch.equal(
+            again(src, src_mask, decoder_input_ids=tgt), net(src, src_mask, decoder_input_ids=tgt)
+        )
