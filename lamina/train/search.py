@@ -87,9 +87,8 @@ class TuneConfig:
     storage: str | None = None
     seed: int | None = None  # the sampler's seed (job i uses seed + i; None: random)
     heartbeat: int = 30  # seconds between a running trial's heartbeats; silent 2x this: failed, retried once
-    verb: Literal["auto", "pretrain", "finetune"] = (
-        "auto"  # what a trial runs (auto: finetune if task is set)
-    )
+    # what a trial runs (auto: finetune when the config has a task or sft section, else pretrain)
+    verb: Literal["auto", "pretrain", "finetune"] = "auto"
     out: str = "runs/tune"  # the study's folder: trials/NNNN/, study.db, trials.csv, best.yaml, plots/
     plots: bool = True  # draw plots/*.png at the end
 
@@ -506,10 +505,18 @@ def _storage(plan: _Plan) -> optuna.storages.RDBStorage:
     sqlite = plan.storage.startswith("sqlite")
     if sqlite:  # several processes write one file: wait for its lock
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}
-    storage = optuna.storages.RDBStorage(
-        plan.storage, heartbeat_interval=plan.cfg.heartbeat, grace_period=2 * plan.cfg.heartbeat,
-        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1), **kwargs,
-    )  # fmt: skip
+    for attempt in range(3):  # processes starting together race to create the tables: try again
+        try:
+            storage = optuna.storages.RDBStorage(
+                plan.storage, heartbeat_interval=plan.cfg.heartbeat, grace_period=2 * plan.cfg.heartbeat,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1), **kwargs,
+            )  # fmt: skip
+            break
+        except Exception as e:  # sqlalchemy's errors, or a server that is not there
+            if attempt == 2:
+                raise ConfigError(f"cannot open the study storage {_redact(plan.storage)}: "
+                                  f"{str(e).splitlines()[0]}") from None  # fmt: skip
+            time.sleep(1.0 + attempt)
     if sqlite:  # write-ahead log: a commit is an append, not a sync of the whole file (one machine only)
         import sqlalchemy
 
