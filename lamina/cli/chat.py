@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lamina.cli.flags import add_config_file
+from lamina.cli.flags import add_config_file, add_fields, values
 from lamina.cli.generate import add_control_flags, add_model_flags, controls_from_args, load_from_args
+from lamina.fields import build
 from lamina.generate.chat import COMMANDS, chat_loop
+from lamina.generate.speculative import DraftStats, SpeculativeOptions
+from lamina.generate.text import draft_summary
 
 HELP = COMMANDS
 
@@ -30,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_file(p)
     add_model_flags(p)
     add_control_flags(p)
+    add_fields(p, SpeculativeOptions, title="speculative decoding (greedy replies: --temperature 0)")
     p.set_defaults(func=run)
 
 
@@ -37,9 +41,12 @@ def run(args: argparse.Namespace) -> int:
     """Load the model and chat on the terminal (``lamina.generate.chat.chat_loop``).
 
     Ctrl-C while a reply streams stops that reply (the session goes on); Ctrl-C or Ctrl-D at the prompt
-    ends the session.
+    ends the session. With ``--draft`` / ``--speculative-layers`` the draft's acceptance over the session
+    goes to stderr at the end.
     """
+    spec = build(SpeculativeOptions, values(args, SpeculativeOptions))
     lm = load_from_args(args)
+    draft = load_from_args(args, spec.draft) if spec.draft is not None else None
     interactive = sys.stdin.isatty()
     banner = [f"lamina chat with {lm.entry.name}. {COMMANDS}"] if interactive else []
 
@@ -57,5 +64,11 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    chat_loop(lm, read, write, system=args.system, **controls_from_args(args))
+    stats: dict[str, DraftStats] = {}
+    chat_loop(
+        lm, read, write, system=args.system, draft=draft, speculative_layers=spec.speculative_layers,
+        num_draft_tokens=spec.num_draft_tokens, stats=stats, **controls_from_args(args),
+    )  # fmt: skip
+    if "draft" in stats:
+        print(draft_summary(stats["draft"]), file=sys.stderr)
     return 0

@@ -19,8 +19,8 @@ from lamina.errors import ConfigError
 from lamina.fields import build
 from lamina.generate.batch import MAX_BATCH_SIZE, generate_batch, read_requests, token_text
 from lamina.generate.engine import TokenLogprob
-from lamina.generate.speculative import SpeculativeOptions
-from lamina.generate.text import Completion, complete, generation_config, print_stream
+from lamina.generate.speculative import DraftStats, SpeculativeOptions
+from lamina.generate.text import Completion, complete, draft_summary, generation_config, print_stream
 from lamina.tokenizer import Tokenizer
 
 
@@ -79,7 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_file(p)
     add_model_flags(p)
     add_control_flags(p)
-    add_fields(p, SpeculativeOptions, title="speculative decoding (greedy only)")
+    add_fields(p, SpeculativeOptions, title="speculative decoding (greedy requests)")
     p.set_defaults(func=run)
 
 
@@ -135,15 +135,13 @@ def run(args: argparse.Namespace) -> int:
         )
     controls = controls_from_args(args)
     spec = build(SpeculativeOptions, values(args, SpeculativeOptions))
-    if spec.enabled and args.input is not None:
-        raise ConfigError("--draft/--speculative-layers decode one PROMPT; --input runs a batch without them")
     lm = load_from_args(args)
+    draft = load_from_args(args, spec.draft) if spec.draft is not None else None
     if args.input is not None:
-        return run_batch(lm, args, controls)
+        return run_batch(lm, args, controls, spec, draft)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     cfg = generation_config(lm, None, **controls)
     one = cfg.n == 1
-    draft = load_from_args(args, spec.draft) if spec.draft is not None else None
     result = complete(
         lm, prompt, cfg, chat=args.chat, system=args.system, stream=print_stream if one else None,
         draft=draft, speculative_layers=spec.speculative_layers, num_draft_tokens=spec.num_draft_tokens,
@@ -195,9 +193,19 @@ def _table(entries: Sequence[TokenLogprob | None], tokenizer: Tokenizer | None, 
         )
 
 
-def run_batch(lm: LoadedModel, args: argparse.Namespace, controls: dict[str, Any]) -> int:
+def run_batch(
+    lm: LoadedModel,
+    args: argparse.Namespace,
+    controls: dict[str, Any],
+    spec: SpeculativeOptions | None = None,
+    draft: LoadedModel | None = None,
+) -> int:
     """Run every request of ``args.input`` as one batch (``generate_batch``); write one JSON row per
-    choice, in order, to ``args.output`` or stdout."""
+    choice, in order, to ``args.output`` or stdout. With a draft (``spec``: ``draft`` loaded, or
+    ``speculative_layers``) the greedy requests decode speculatively; the acceptance goes to stderr
+    unless ``--quiet``."""
+    spec = spec or SpeculativeOptions()
+    stats: dict[str, DraftStats] = {}
     requests, lines = read_requests(args.input)
     with tqdm(total=None, desc="generating", unit="seq", file=sys.stderr, disable=None) as bar:
 
@@ -208,7 +216,9 @@ def run_batch(lm: LoadedModel, args: argparse.Namespace, controls: dict[str, Any
         rows = generate_batch(
             lm, requests, chat=args.chat, system=args.system,
             max_batch_size=getattr(args, "max_batch_size", MAX_BATCH_SIZE),
-            labels=[f"{args.input}:{n}" for n in lines], progress=progress, **controls,
+            labels=[f"{args.input}:{n}" for n in lines], progress=progress, draft=draft,
+            speculative_layers=spec.speculative_layers, num_draft_tokens=spec.num_draft_tokens, stats=stats,
+            **controls,
         )  # fmt: skip
     out = args.output.open("w", encoding="utf-8") if args.output else sys.stdout
     try:
@@ -217,4 +227,6 @@ def run_batch(lm: LoadedModel, args: argparse.Namespace, controls: dict[str, Any
     finally:
         if args.output:
             out.close()
+    if "draft" in stats and not args.quiet:
+        print(draft_summary(stats["draft"]), file=sys.stderr)
     return 0

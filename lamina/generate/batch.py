@@ -5,8 +5,9 @@
 
 Each request is ``{"prompt": "..."}`` or ``{"messages": [...]}`` with an optional ``"id"`` and any
 ``GenerationConfig`` field of its own (``"temperature": 0.7``, ``"n": 2``, ``"logprobs": true``); the
-keyword controls apply to every request, a request's own fields on top. All sampled and greedy requests
-decode together on one engine (continuous batching); beam-search requests run on their own.
+keyword controls apply to every request, a request's own fields on top. Every request (sampled, greedy,
+beam search) decodes together on one engine (continuous batching); with a draft the greedy ones decode
+speculatively.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from typing import Any
 from lamina.checkpoint.load import LoadedModel
 from lamina.errors import ConfigError
 from lamina.generate.engine import Engine, Sequence_, TokenLogprob
-from lamina.generate.text import beam_sequences, build_prompt_ids, generation_config
+from lamina.generate.speculative import DraftStats, SpeculativeOptions
+from lamina.generate.text import build_prompt_ids, generation_config, resolve_draft
+from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
 
 MAX_BATCH_SIZE = 16  # sequences decoded together by default
@@ -59,6 +62,10 @@ def generate_batch(
     max_batch_size: int = MAX_BATCH_SIZE,
     labels: Sequence[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    draft: str | LoadedModel | Transformer | None = None,
+    speculative_layers: int | None = None,
+    num_draft_tokens: int = SpeculativeOptions.num_draft_tokens,
+    stats: dict[str, DraftStats] | None = None,
     **controls: Any,
 ) -> list[dict[str, Any]]:
     """Run every request through one engine; one result row per choice, in request order.
@@ -71,8 +78,10 @@ def generate_batch(
     ``prompt_logprobs`` (per prompt token, None for the first). ``controls`` (``GenerationConfig``
     fields) apply to every request, each request's own fields on top; ``chat`` / ``system`` as for
     ``lamina.generate``. ``labels[i]`` names request i in errors (default "request i");
-    ``progress(finished, total)`` is called as sequences finish. Raises ``ConfigError`` before any decoding
-    when a request is invalid.
+    ``progress(finished, total)`` is called as sequences finish. ``draft`` / ``speculative_layers`` /
+    ``num_draft_tokens`` decode the greedy requests speculatively (``lamina.generate``); ``stats``, when
+    given, receives the draft's counts under "draft". Raises ``ConfigError`` before any decoding when a
+    request is invalid.
     """
     prepared = []
     for i, req in enumerate(requests):  # every request is checked before any decoding
@@ -86,27 +95,23 @@ def generate_batch(
         except ConfigError as e:
             raise ConfigError(f"{labels[i] if labels else f'request {i}'}: {e}") from None
     total, finished = sum(cfg.n for _, _, cfg in prepared), 0
-    engine = Engine(lm.model, lm.tokenizer, lm.generation.eos_token_ids, max_batch_size=max_batch_size)
+    engine = Engine(
+        lm.model, lm.tokenizer, lm.generation.eos_token_ids, max_batch_size=max_batch_size,
+        draft=resolve_draft(lm, draft, speculative_layers), num_draft_tokens=num_draft_tokens,
+    )  # fmt: skip
     results: dict[int, list[Sequence_]] = {}
-    for run_beams in (False, True):  # the engine's requests are all checked before a beam search runs
-        for i, (_, ids, cfg) in enumerate(prepared):
-            if (cfg.num_beams > 1) != run_beams:
-                continue
-            try:
-                if run_beams:  # beam search runs on its own, not in the sampling batch
-                    results[i] = beam_sequences(lm, ids, cfg, i)
-                    finished += cfg.n
-                    if progress is not None:
-                        progress(finished, total)
-                else:
-                    results[i] = engine.submit(ids, cfg)
-            except ConfigError as e:
-                raise ConfigError(f"{labels[i] if labels else f'request {i}'}: {e}") from None
+    for i, (_, ids, cfg) in enumerate(prepared):
+        try:
+            results[i] = engine.submit(ids, cfg)
+        except ConfigError as e:
+            raise ConfigError(f"{labels[i] if labels else f'request {i}'}: {e}") from None
     while engine.has_work():
         done = len({id(d.seq) for d in engine.step() if d.finished})  # a step may hold 2 deltas of one
         finished += done
         if progress is not None and done:
             progress(finished, total)
+    if stats is not None and engine.draft_stats is not None:
+        stats["draft"] = engine.draft_stats
     rows = []
     for i, (req, _, _) in enumerate(prepared):
         seqs = results[i]

@@ -1,24 +1,26 @@
 """Beam search with the semantics of ``transformers`` 5.x ``generate(num_beams=..., do_sample=False)``.
 
-Every prompt keeps ``num_beams`` running hypotheses; all of them, for all prompts, decode together in
-one KV-cache batch (the cache rows are reordered with ``cache.keep`` as beams are picked). Each step:
+A beam-search request is a mode of the engine (``lamina.generate.engine.Engine``): it occupies
+``num_beams`` rows of the running batch (a beam group, ``BeamGroup``) and advances one token per engine
+step together with the other running requests; after each step the engine reorders the group's KV-cache
+rows (``KVCache.keep``) so that row j holds the history of beam j. Each step of a group:
 
 1. log-softmax of the logits, then the logits processors that make sense for beams (``process_logits``:
    logit_bias, bad_words_ids, allowed_token_ids, no_repeat_ngram_size, min_new_tokens, the penalties)
    on those log-probabilities, as HF does;
 2. add each beam's running score and take the best ``K = max(2, 1 + number of eos ids) * num_beams``
-   continuations over all beams of the prompt (at the first step only beam 0 counts: the others start at
-   -1e9);
+   continuations over all beams (at the first step only beam 0 counts: the others start at -1e9);
 3. a continuation ending in eos, or reaching ``max_new_tokens``, is finished: among the first
-   ``num_beams`` of the K it joins the prompt's finished hypotheses with score
+   ``num_beams`` of the K it joins the finished hypotheses with score
    ``sum of log-probs / n_generated ** length_penalty`` (``n_generated`` counts the new tokens, eos
    included, not the prompt: HF 5.x), when it beats the worst of them; the best ``num_beams``
    unfinished continuations run on;
-4. a prompt is done when ``early_stopping`` is True and it has ``num_beams`` finished hypotheses, or
+4. the group is done when ``early_stopping`` is True and it has ``num_beams`` finished hypotheses, or
    (False) when the best running beam, scored at its current length, cannot beat the worst finished one.
-   A done prompt leaves the batch; its finished hypotheses are final.
+   A done group leaves the batch; its ``n`` best finished hypotheses are the request's sequences.
 
 HF's ``early_stopping="never"`` is not offered (``GenerationConfig.early_stopping`` is a bool).
+``beam_search`` runs prompts to the end on an engine of their own.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from torch import Tensor
 
 from lamina.config import GenerationConfig
 from lamina.errors import ConfigError
-from lamina.generate.engine import require_generative
 from lamina.generate.sampling import process_logits
 from lamina.model.transformer import Transformer
 
@@ -52,11 +53,9 @@ class Beam:
     finish_reason: str
 
 
-def _check(model: Transformer, prompts: Sequence[Sequence[int]], cfg: GenerationConfig) -> None:
-    require_generative(model.config)
-    cfg.check_token_ids(model.config.vocab_size)
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ConfigError("every prompt needs at least one token (empty prompt given)")
+def check_beam_config(cfg: GenerationConfig) -> None:
+    """Raise ``ConfigError`` (one line, naming the control) for what beam search cannot do: sampling,
+    ``n`` > ``num_beams``, stop strings, structured output, per-token logprobs."""
     if cfg.n > cfg.num_beams:
         raise ConfigError(
             f"n={cfg.n} must be <= num_beams={cfg.num_beams} (beam search returns the n best beams)"
@@ -71,20 +70,109 @@ def _check(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Generation
             raise ConfigError(f"{name}={getattr(cfg, name)!r} is not supported with beam search")
     if cfg.response_format != "text":
         raise ConfigError(f"response_format={cfg.response_format!r} is not supported with beam search")
-    if cfg.logprobs or cfg.prompt_logprobs is not None:
+    if cfg.logprobs or cfg.top_logprobs or cfg.prompt_logprobs is not None:
         raise ConfigError(
             "logprobs / prompt_logprobs are not reported by beam search (a beam's score is its summed "
             "logprob): use num_beams=1 for per-token logprobs"
         )
-    limit = model.config.max_seq_len
-    for p in prompts:
-        if len(p) >= limit:
-            raise ConfigError(
-                f"prompt of {len(p)} tokens does not fit the context window max_seq_len={limit}"
-            )
 
 
-@torch.inference_mode()
+class BeamGroup:
+    """The beam-search state of one request: ``num_beams`` rows of the engine's batch.
+
+    ``advance`` takes the logits of the group's rows and returns, per new beam, the row it continues
+    (the engine reorders the KV cache so), or None once the group is done; ``feeds`` are the tokens the
+    rows read at the next step; ``best`` the ``n`` best finished hypotheses when done.
+    """
+
+    def __init__(
+        self,
+        cfg: GenerationConfig,
+        prompt: Sequence[int],
+        eos_token_ids: Sequence[int],
+        budget: int,
+        device: torch.device,
+    ) -> None:
+        self.cfg, self.prompt, self.budget = cfg, list(prompt), budget
+        nb = self.rows = cfg.num_beams
+        eos = set() if cfg.ignore_eos else {*eos_token_ids, *cfg.eos_token_ids}
+        self.stops = sorted(eos | set(cfg.stop_token_ids))
+        self.proc_cfg = dataclasses.replace(cfg, eos_token_ids=sorted(eos))  # min_new_tokens bans them all
+        self.k_top = max(2, 1 + len(self.stops)) * nb  # HF: enough candidates that num_beams survive all-eos
+        self.stop_ids = torch.tensor(self.stops, dtype=torch.long, device=device)
+        self.top_mask = torch.arange(self.k_top, device=device) < nb  # only the first num_beams may finish
+        width = max(budget, 1)
+        self.run_seq = torch.full((nb, width), -1, dtype=torch.long, device=device)  # generated tokens
+        self.run_scores = torch.zeros(nb, device=device)
+        self.run_scores[1:] = _NEG  # identical beams at first: only beam 0's continuations count
+        self.fin_seq = self.run_seq.clone()
+        self.fin_len = torch.zeros(nb, dtype=torch.long, device=device)
+        self.fin_scores = torch.full((nb,), _NEG, device=device)
+        self.fin_done = torch.zeros(nb, dtype=torch.bool, device=device)
+        self.improvable = True  # HF: is_early_stop_heuristic_unsatisfied
+        self.step = 0  # tokens generated so far
+        self.feeds: list[int] = []
+
+    def advance(self, logits: Tensor) -> Tensor | None:
+        """One step from ``logits`` (rows, V) (one row at the first step, from the prompt's prefill):
+        the source row of each new beam (num_beams,), or None when the group is done."""
+        cfg, nb, step, lp = self.cfg, self.rows, self.step, self.cfg.length_penalty
+        V = logits.shape[-1]
+        # 1. processed log-probabilities (nb, V)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        if logp.shape[0] == 1:
+            logp = logp.expand(nb, V).contiguous()
+        history = self.run_seq[:, :step].tolist()
+        logp = process_logits(logp, self.proc_cfg, prompt_ids=[self.prompt] * nb, output_ids=history)
+        # 2. the best k_top continuations over all beams
+        scores = (logp + self.run_scores[:, None]).view(nb * V)
+        top_lp, top_idx = torch.topk(scores, k=self.k_top)
+        src, tok = top_idx // V, top_idx % V  # (k_top,): source beam, token
+        cand = self.run_seq.index_select(0, src)
+        cand[:, step] = tok
+        hits = torch.isin(tok, self.stop_ids) | (step + 1 >= self.budget)
+        # 3a. the best unfinished ones run on
+        run_lp = top_lp + hits.float() * _NEG
+        nxt = torch.topk(run_lp, k=nb).indices
+        self.run_seq, self.run_scores, run_src = cand[nxt], run_lp[nxt], src[nxt]
+        # 3b. finished ones among the first num_beams join the finished hypotheses if good enough
+        just = hits & self.top_mask
+        pen = top_lp / ((step + 1) ** lp)
+        if (cfg.early_stopping and bool(self.fin_done.all())) or not self.improvable:
+            pen = pen + _NEG
+        pen = pen + (~just).float() * _NEG
+        merged = torch.cat([self.fin_scores, pen])
+        best = torch.topk(merged, k=nb).indices
+        self.fin_scores = merged[best]
+        self.fin_seq = torch.cat([self.fin_seq, cand])[best]
+        new_len = torch.full((self.k_top,), step + 1, dtype=torch.long, device=cand.device)
+        self.fin_len = torch.cat([self.fin_len, new_len])[best]
+        self.fin_done = torch.cat([self.fin_done, just])[best]
+        # 4. is the group done?
+        self.step = step + 1
+        best_running = float(self.run_scores[0]) / ((step + 1) ** lp)
+        worst_finished = torch.where(self.fin_done, self.fin_scores.min(), _NEG)
+        self.improvable = self.improvable and bool((best_running > worst_finished).any())
+        full = bool(self.fin_done.all())
+        if not self.improvable or (cfg.early_stopping and full) or step + 1 >= self.budget:
+            return None
+        self.feeds = self.run_seq[:, step].tolist()
+        return run_src
+
+    def best(self) -> list[Beam]:
+        """The ``n`` best finished hypotheses, best first (empty ones, "length", when the budget is 0)."""
+        beams = []
+        for j in range(self.rows):
+            if not bool(self.fin_done[j]):
+                continue
+            tokens = self.fin_seq[j, : int(self.fin_len[j])].tolist()
+            stopped = bool(tokens) and tokens[-1] in self.stops
+            reason = "stop" if stopped else "length"
+            beams.append(Beam(tokens[:-1] if stopped else tokens, float(self.fin_scores[j]), reason))
+        beams = beams[: self.cfg.n]
+        return beams + [Beam([], 0.0, "length") for _ in range(self.cfg.n - len(beams))]
+
+
 def beam_search(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
@@ -99,120 +187,17 @@ def beam_search(
     unless ``config.ignore_eos``; ``config.stop_token_ids`` always do. ``num_beams=1`` is greedy decoding
     (with penalties applied to log-probabilities, as HF's beam search does, not to logits).
     Left-padding aside (lamina's processors never see pad tokens, HF's do), tokens and scores equal
-    ``transformers``'.
+    ``transformers``'. All prompts decode together on one ``Engine``. Raises ``ConfigError`` as
+    ``check_beam_config`` and ``Engine.submit`` do.
     """
-    cfg = config
-    _check(model, prompts, cfg)
-    nb, lp, V = cfg.num_beams, cfg.length_penalty, model.config.vocab_size
-    eos = set() if cfg.ignore_eos else {*eos_token_ids, *cfg.eos_token_ids}
-    stops = sorted(eos | set(cfg.stop_token_ids))
-    proc_cfg = dataclasses.replace(cfg, eos_token_ids=sorted(eos))  # min_new_tokens bans them all
-    k_top = max(2, 1 + len(stops)) * nb  # HF: enough candidates that num_beams survive all-eos picks
-    device = model.tok_emb.weight.device
-    stop_ids = torch.tensor(stops, dtype=torch.long, device=device)
-    top_mask = torch.arange(k_top, device=device) < nb  # only the first num_beams may finish
+    from lamina.generate.engine import Engine  # the engine runs beam groups: imported when used
 
-    P = len(prompts)
-    limit = model.config.max_seq_len
-    budget = torch.tensor([min(cfg.max_new_tokens, limit - len(p)) for p in prompts], device=device)
-    width = max(int(budget.max()), 1)
-    results: list[list[Beam]] = [[Beam([], 0.0, "length") for _ in range(cfg.n)] for _ in prompts]
-    live = [b for b in range(P) if budget[b] > 0]  # prompt index of each live prompt
-    if not live:
-        return results
-
-    # -- prefill one row per live prompt (left-padded); the first step expands each to num_beams rows
-    T = max(len(prompts[b]) for b in live)
-    ids = torch.zeros(len(live), T, dtype=torch.long)
-    mask = torch.zeros(len(live), T, dtype=torch.long)
-    for r, b in enumerate(live):
-        ids[r, T - len(prompts[b]) :], mask[r, T - len(prompts[b]) :] = torch.tensor(list(prompts[b])), 1
-    cache = model.new_cache(len(live) * nb, capacity=T + width)  # room for every beam's row;
-    cache.keep(torch.arange(len(live), device=cache.valid.device))  # the prefill: one row per prompt
-    logits = model(ids.to(device), attention_mask=mask.to(device), cache=cache, last_only=True)[:, -1]
-    rows_per_prompt = 1
-
-    L = len(live)
-    budget = budget[live]
-    run_seq = torch.full((L, nb, width), -1, dtype=torch.long, device=device)  # generated tokens
-    run_scores = torch.zeros(L, nb, device=device)
-    run_scores[:, 1:] = _NEG  # identical beams at first: only beam 0's continuations count
-    fin_seq = run_seq.clone()
-    fin_len = torch.zeros(L, nb, dtype=torch.long, device=device)
-    fin_scores = torch.full((L, nb), _NEG, device=device)
-    fin_done = torch.zeros(L, nb, dtype=torch.bool, device=device)
-    improvable = torch.ones(L, 1, dtype=torch.bool, device=device)  # HF: is_early_stop_heuristic_unsatisfied
-    ar = torch.arange(L, device=device)
-
-    for step in range(width):  # `step` tokens generated so far
-        # 1. processed log-probabilities (L * nb, V)
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        if rows_per_prompt == 1:
-            logp = logp.repeat_interleave(nb, dim=0)
-        history = run_seq[:, :, :step].reshape(L * nb, step).tolist()
-        logp = process_logits(
-            logp, proc_cfg, prompt_ids=[prompts[b] for b in live for _ in range(nb)], output_ids=history
-        )
-        # 2. the best k_top continuations over all beams of each prompt
-        scores = (logp.view(L, nb, V) + run_scores[:, :, None]).view(L, nb * V)
-        top_lp, top_idx = torch.topk(scores, k=k_top)
-        src, tok = top_idx // V, top_idx % V  # (L, k_top): source beam, token
-        cand = torch.take_along_dim(run_seq, src[:, :, None], dim=1)
-        cand[:, :, step] = tok
-        hits = torch.isin(tok, stop_ids) | (step + 1 >= budget)[:, None]
-        # 3a. the best unfinished ones run on
-        run_lp = top_lp + hits.float() * _NEG
-        nxt = torch.topk(run_lp, k=nb).indices
-        run_seq = torch.take_along_dim(cand, nxt[:, :, None], dim=1)
-        run_scores = torch.take_along_dim(run_lp, nxt, dim=1)
-        run_src = torch.take_along_dim(src, nxt, dim=1)
-        # 3b. finished ones among the first num_beams join the finished hypotheses if good enough
-        just = hits & top_mask[None]
-        pen = top_lp / ((step + 1) ** lp)
-        pen = pen + (fin_done.all(-1, keepdim=True) & cfg.early_stopping).float() * _NEG
-        pen = pen + (~improvable).float() * _NEG
-        pen = pen + (~just).float() * _NEG
-        merged_scores = torch.cat([fin_scores, pen], dim=1)
-        best = torch.topk(merged_scores, k=nb).indices
-        fin_scores = torch.take_along_dim(merged_scores, best, dim=1)
-        fin_seq = torch.take_along_dim(torch.cat([fin_seq, cand], dim=1), best[:, :, None], dim=1)
-        new_len = torch.full((L, k_top), step + 1, dtype=torch.long, device=device)
-        fin_len = torch.take_along_dim(torch.cat([fin_len, new_len], dim=1), best, dim=1)
-        fin_done = torch.take_along_dim(torch.cat([fin_done, just], dim=1), best, dim=1)
-        # 4. which prompts are done
-        best_running = run_scores[:, :1] / ((step + 1) ** lp)
-        worst_finished = torch.where(fin_done, fin_scores.min(dim=1, keepdim=True).values, _NEG)
-        improvable = improvable & (best_running > worst_finished).any(dim=-1, keepdim=True)
-        done = ~improvable[:, 0] | (fin_done.all(-1) & cfg.early_stopping) | (step + 1 >= budget)
-        for i in done.nonzero()[:, 0].tolist():
-            results[live[i]] = _finished(fin_seq[i], fin_len[i], fin_scores[i], fin_done[i], stops, cfg.n)
-        if bool(done.all()):
-            break
-        # the cache rows of the beams that run on, for the prompts still going
-        go = (~done).nonzero()[:, 0]
-        src_rows = ar[:, None] * rows_per_prompt + (run_src if rows_per_prompt > 1 else 0 * run_src)
-        cache.keep(src_rows[go].reshape(-1).to(cache.valid.device))
-        rows_per_prompt = nb
-        live = [live[i] for i in go.tolist()]
-        run_seq, run_scores, budget, improvable = run_seq[go], run_scores[go], budget[go], improvable[go]
-        fin_seq, fin_len, fin_scores, fin_done = fin_seq[go], fin_len[go], fin_scores[go], fin_done[go]
-        L = len(live)
-        ar = torch.arange(L, device=device)
-        logits = model(run_seq[:, :, step].reshape(L * nb, 1), cache=cache)[:, -1]
-    return results
-
-
-def _finished(
-    seq: Tensor, length: Tensor, scores: Tensor, done: Tensor, stops: Sequence[int], n: int
-) -> list[Beam]:
-    """The n best finished hypotheses of one prompt (already sorted best first) as ``Beam`` s."""
-    beams = []
-    for j in range(seq.shape[0]):
-        if not bool(done[j]):
-            continue
-        tokens = seq[j, : int(length[j])].tolist()
-        stopped = bool(tokens) and tokens[-1] in stops
-        beams.append(
-            Beam(tokens[:-1] if stopped else tokens, float(scores[j]), "stop" if stopped else "length")
-        )
-    return beams[:n]
+    if not prompts:
+        raise ConfigError("no prompts given")
+    check_beam_config(config)
+    cfg = config if config.num_beams > 1 else dataclasses.replace(config, num_beams=1)
+    engine = Engine(model, None, eos_token_ids, max_batch_size=len(prompts) * cfg.num_beams)
+    seqs = [engine._submit(p, cfg, i, beam=True)[1] for i, p in enumerate(prompts)]
+    while engine.has_work():
+        engine.step()
+    return [[Beam(s.tokens, s.score or 0.0, s.finish_reason or "length") for s in group] for group in seqs]

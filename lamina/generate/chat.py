@@ -18,7 +18,9 @@ from lamina.checkpoint.load import LoadedModel
 from lamina.config import GenerationConfig, from_dict, to_dict
 from lamina.errors import ConfigError
 from lamina.generate.engine import require_generative
-from lamina.generate.text import complete, generation_config, model_defaults
+from lamina.generate.speculative import DraftStats, SpeculativeOptions
+from lamina.generate.text import complete, generation_config, model_defaults, resolve_draft
+from lamina.model.transformer import Transformer
 
 COMMANDS = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit"
 
@@ -59,6 +61,10 @@ def chat_loop(
     write: Callable[[str], None],
     system: str | None = None,
     config: GenerationConfig | None = None,
+    draft: str | LoadedModel | Transformer | None = None,
+    speculative_layers: int | None = None,
+    num_draft_tokens: int = SpeculativeOptions.num_draft_tokens,
+    stats: dict[str, DraftStats] | None = None,
     **controls: Any,
 ) -> list[dict[str, str]]:
     """Read user turns with ``read`` (None ends), stream replies with ``write``; return the history.
@@ -69,8 +75,10 @@ def chat_loop(
     ``KeyboardInterrupt`` (Ctrl-C) while a reply is streamed stops that reply and the session goes on:
     the partial reply stays in the history, as the user saw it (a turn interrupted before any text is
     dropped). A turn the model cannot take (the conversation outgrew the context window) is refused with
-    a note and dropped; ``/reset`` starts over. Raises ``ConfigError`` at once for a model that cannot
-    chat (an encoder, or no chat template) or invalid controls.
+    a note and dropped; ``/reset`` starts over. ``draft`` / ``speculative_layers`` / ``num_draft_tokens``
+    decode greedy replies speculatively (as ``lamina.generate``; the draft is loaded once); ``stats``,
+    when given, receives the draft's counts over the session under "draft". Raises ``ConfigError`` at
+    once for a model that cannot chat (an encoder, or no chat template) or invalid controls.
     """
     require_generative(lm.model.config, lm.entry.name)
     if lm.tokenizer is None or lm.tokenizer.chat_template is None:
@@ -86,6 +94,10 @@ def chat_loop(
             f"chat streams one reply per turn: {', '.join(asked)} belong to `lamina generate` "
             "(which prints every choice and the logprob tables)"
         )
+    drafter = resolve_draft(lm, draft, speculative_layers)
+    total = DraftStats()
+    if stats is not None and drafter is not None:
+        stats["draft"] = total
     context = lm.model.config.max_seq_len
     history: list[dict[str, str]] = []
     parts: list[str] = []  # the reply streamed so far
@@ -115,7 +127,9 @@ def chat_loop(
         messages = ([{"role": "system", "content": system}] if system else []) + turn
         parts.clear()
         try:
-            result = complete(lm, messages, cfg, chat=True, stream=show)
+            result = complete(
+                lm, messages, cfg, chat=True, stream=show, draft=drafter, num_draft_tokens=num_draft_tokens
+            )
         except KeyboardInterrupt:
             write("\n[reply interrupted]\n")
             if parts:
@@ -125,6 +139,9 @@ def chat_loop(
             write(f"[{e}; /reset starts a new conversation]\n")
             continue
         reply = result.choices[0]
+        if result.draft is not None:
+            total.proposed += result.draft.proposed
+            total.accepted += result.draft.accepted
         write("\n")
         if reply.finish_reason == "length":
             if result.prompt_tokens + len(reply.tokens) >= context:

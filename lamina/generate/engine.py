@@ -9,6 +9,16 @@ leaves the batch the step it finishes, freeing its cache row for the next reques
 new tokens with their text deltas (never splitting a UTF-8 character, holding back text that may
 start a stop string) and, when asked for, their log-probabilities.
 
+Two decoding modes share the batch with plain requests (``_Running``, one row each):
+
+- beam search (``num_beams`` > 1): the request is a beam group of ``num_beams`` rows (``_Beams`` over
+  ``lamina.generate.beam.BeamGroup``), advanced every step with the others; its cache rows are reordered
+  within the group as beams are picked, and its ``n`` best beams come out, with their text, the step the
+  group is done;
+- speculative decoding (``Engine(model, draft=..., num_draft_tokens=K)``): every greedy row gets up to K
+  draft proposals per step (``lamina.generate.speculative.Drafter``) that the one target forward of the
+  step verifies; rejected slots become invalid in the cache. ``draft_stats`` counts the acceptance.
+
 ``generate_ids`` runs a list of prompts to completion on an engine; the HTTP server drives ``step``
 from its own loop and submits requests as they arrive.
 """
@@ -27,7 +37,9 @@ from torch import Tensor
 
 from lamina.config import GenerationConfig, ModelConfig
 from lamina.errors import ConfigError
+from lamina.generate.beam import BeamGroup, check_beam_config
 from lamina.generate.sampling import Sampler, greedy_is_argmax, prompt_logprobs, sample_batch, token_logprobs
+from lamina.generate.speculative import Drafter, DraftStats, SpeculativeOptions, keep_slots
 from lamina.model.layers import KVCache
 from lamina.model.transformer import Transformer
 from lamina.tokenizer import DecodeStream, Tokenizer
@@ -99,6 +111,7 @@ class Sequence_:
     error: str | None = None  # why it stopped, with finish_reason "error"
     stop_token: int | None = None  # the eos / stop token that ended it (not in ``tokens``)
     stop_logprob: TokenLogprob | None = None  # its logprob, with cfg.logprobs
+    score: float | None = None  # a beam's length-penalised summed logprob (HF's sequences_scores)
 
 
 @dataclass
@@ -139,6 +152,7 @@ class _Running:
         self.sent = 0  # characters of text already handed out in deltas
         self.hold = max((len(s) for s in self.cfg.stop), default=1) - 1
         self.plain = constraint is None and greedy_is_argmax(self.cfg)
+        self.spec = False  # decoded speculatively (a greedy row of an engine with a draft)
         self.feed = -1  # the token to feed the model at the next decode step
 
     def delta(self, token: int, logprob: TokenLogprob | None) -> Delta:
@@ -199,6 +213,37 @@ class _Running:
         return delta
 
 
+class _Beams:
+    """Engine-side state of a beam-search request: its group (``num_beams`` rows) and its n sequences."""
+
+    def __init__(self, group: BeamGroup, seqs: list[Sequence_], tokenizer: Tokenizer | None) -> None:
+        self.group, self.seqs, self.tokenizer = group, seqs, tokenizer
+        self.rows = group.rows
+
+    def finish(self) -> list[Delta]:
+        """The group is done: its n best beams become the sequences, each one finishing delta with its
+        whole text (decoded after the prompt, as the engine decodes a stream)."""
+        out = []
+        for seq, beam in zip(self.seqs, self.group.best(), strict=True):
+            seq.tokens, seq.finish_reason, seq.score = beam.tokens, beam.finish_reason, beam.score
+            if self.tokenizer is not None:
+                decoder = self.tokenizer.decode_stream(skip_special_tokens=True, prompt_ids=self.group.prompt)
+                seq.text = "".join(decoder.step(t) for t in seq.tokens) + decoder.finish()
+            out.append(Delta(seq, None, seq.text or ""))
+        return out
+
+    def fail(self, reason: str, error: str | None = None) -> list[Delta]:
+        """The group stops without a result (``reason`` "abort" or "error")."""
+        for seq in self.seqs:
+            seq.finish_reason, seq.error = reason, error
+            if self.tokenizer is not None:
+                seq.text = ""
+        return [Delta(seq, None, "") for seq in self.seqs]
+
+
+_Unit = _Running | _Beams  # what occupies rows of the batch: one row, or a beam group's num_beams rows
+
+
 @dataclass
 class _Request:
     request_id: int
@@ -206,16 +251,25 @@ class _Request:
     cfg: GenerationConfig
     seqs: list[Sequence_]
     running: list[_Running]
+    beams: _Beams | None = None
+
+    @property
+    def rows(self) -> int:
+        """Rows of the batch the request occupies."""
+        return self.beams.rows if self.beams is not None else len(self.running)
 
 
 class Engine:
     """A running batch of sequences that requests join and leave between decode steps.
 
-    ``max_batch_size`` bounds the running sequences, ``max_tokens_in_flight`` (optional) the sum of
-    prompt + budget tokens over them; requests beyond wait in the queue (first come, first served).
-    ``max_prefill_tokens`` bounds the prompt tokens prefilled in one step (at least one request is
-    admitted), so a burst of arrivals does not stall the running sequences for long.
-    ``submit`` and ``cancel`` may be called from other threads while one thread calls ``step``.
+    ``max_batch_size`` bounds the running rows (a sequence is one row, a beam-search request
+    ``num_beams``), ``max_tokens_in_flight`` (optional) the sum of prompt + budget tokens over them;
+    requests beyond wait in the queue (first come, first served). ``max_prefill_tokens`` bounds the
+    prompt tokens prefilled in one step (at least one request is admitted), so a burst of arrivals does
+    not stall the running sequences for long. ``draft`` (a ``Transformer`` with the model's vocabulary,
+    e.g. ``speculative.layer_skip_draft(model, K)``) makes greedy rows speculative, with
+    ``num_draft_tokens`` proposals per step. ``submit`` and ``cancel`` may be called from other threads
+    while one thread calls ``step``. Raises ``ConfigError`` for a model (or draft) that cannot generate.
     """
 
     def __init__(
@@ -226,6 +280,8 @@ class Engine:
         max_batch_size: int = 32,
         max_tokens_in_flight: int | None = None,
         max_prefill_tokens: int = 1024,
+        draft: Transformer | None = None,
+        num_draft_tokens: int = SpeculativeOptions.num_draft_tokens,
     ) -> None:
         require_generative(model.config)
         if max_batch_size < 1:
@@ -234,28 +290,50 @@ class Engine:
         self.eos_token_ids = list(eos_token_ids)
         self.max_batch_size, self.max_tokens_in_flight = max_batch_size, max_tokens_in_flight
         self.max_prefill_tokens = max_prefill_tokens
+        self._drafter: Drafter | None = None
+        if draft is not None:
+            require_generative(draft.config, "draft")
+            if draft.config.vocab_size != model.config.vocab_size:
+                raise ConfigError(
+                    f"draft vocab_size={draft.config.vocab_size} differs from the model's "
+                    f"{model.config.vocab_size}: the draft must use the model's tokenizer"
+                )
+            self._drafter = Drafter(draft, num_draft_tokens)
         self._queue: deque[_Request] = deque()
         self._cancelled: set[int] = set()
         self._lock = threading.Lock()
         self._ids = itertools.count()
-        self._running: list[_Running] = []  # in cache row order
+        self._running: list[_Unit] = []  # per cache row, in row order (a beam group on each of its rows)
         self._owner: dict[int, int] = {}  # id(Sequence_) -> request id, for cancellation
         self._cache: KVCache | None = None
         p = model.tok_emb.weight
         self._device, self._dtype = p.device, p.dtype
 
+    @property
+    def draft_stats(self) -> DraftStats | None:
+        """Draft tokens proposed and accepted so far (None without a draft)."""
+        d = self._drafter
+        return None if d is None else DraftStats(d.proposed, d.accepted)
+
     # -- requests ----------------------------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], config: GenerationConfig = GREEDY) -> list[Sequence_]:
         """Queue a request; returns its ``config.n`` sequences (filled in as ``step`` runs).
 
-        Raises ``ConfigError`` at once for an empty prompt, one that does not fit the context window,
-        token ids outside the vocabulary (in the prompt or in ``config``: ``check_token_ids``), or stop
-        strings / constraints without a tokenizer.
+        ``config.num_beams`` > 1 makes it a beam search (its sequences are the n best beams, known when
+        the search ends). Raises ``ConfigError`` at once for an empty prompt, one that does not fit the
+        context window, token ids outside the vocabulary (in the prompt or in ``config``:
+        ``check_token_ids``), stop strings / constraints without a tokenizer, and what beam search cannot
+        do (``check_beam_config``).
         """
         return self._submit(prompt_ids, config, next(self._ids))[1]
 
     def _submit(
-        self, prompt_ids: Sequence[int], cfg: GenerationConfig, rid: int, prompt_index: int | None = None
+        self,
+        prompt_ids: Sequence[int],
+        cfg: GenerationConfig,
+        rid: int,
+        prompt_index: int | None = None,
+        beam: bool | None = None,
     ) -> tuple[int, list[Sequence_]]:
         prompt = [int(t) for t in prompt_ids]
         limit, vocab = self.model.config.max_seq_len, self.model.config.vocab_size
@@ -268,24 +346,37 @@ class Engine:
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise ConfigError(f"prompt token ids must be in [0, {vocab}) (vocab_size of the model)")
         cfg.check_token_ids(vocab)
+        beam = cfg.num_beams > 1 if beam is None else beam
+        if beam:
+            check_beam_config(cfg)
         if (cfg.stop or cfg.choices or cfg.response_format != "text") and self.tokenizer is None:
             raise ConfigError(
                 "stop strings and constrained output work on text: give the engine the tokenizer"
             )
-        if cfg.num_beams > 1:
-            raise ConfigError("num_beams > 1: use lamina.generate.beam.beam_search (not the batched engine)")
         idx = rid if prompt_index is None else prompt_index
         seqs = [Sequence_(idx, index=k, prompt_tokens=len(prompt)) for k in range(cfg.n)]
-        # samplers and constraints are built now, so that their errors reach the caller, not step()
         budget = min(cfg.max_new_tokens, limit - len(prompt))
-        stops = set(cfg.stop_token_ids) | (set() if cfg.ignore_eos else set(self.eos_token_ids))
-        running = [
-            _Running(s, Sampler(cfg, prompt, index=s.index, tokenizer=self.tokenizer), budget, stops,
-                     self.tokenizer, prompt, self._constraint(cfg))
-            for s in seqs
-        ]  # fmt: skip
+        running: list[_Running] = []
+        beams = None
+        if beam:
+            group = BeamGroup(cfg, prompt, self.eos_token_ids, budget, self._device)
+            beams = _Beams(group, seqs, self.tokenizer)
+        else:
+            # samplers and constraints are built now, so that their errors reach the caller, not step()
+            stops = set(cfg.stop_token_ids) | (set() if cfg.ignore_eos else set(self.eos_token_ids))
+            running = [
+                _Running(s, Sampler(cfg, prompt, index=s.index, tokenizer=self.tokenizer), budget, stops,
+                         self.tokenizer, prompt, self._constraint(cfg))
+                for s in seqs
+            ]  # fmt: skip
+            d = self._drafter
+            for r in running:  # greedy rows without logprobs are speculative (within the draft's window)
+                r.spec = (
+                    d is not None and r.plain and not (cfg.logprobs or cfg.top_logprobs)
+                    and len(prompt) + budget <= d.model.config.max_seq_len
+                )  # fmt: skip
         with self._lock:
-            self._queue.append(_Request(rid, prompt, cfg, seqs, running))
+            self._queue.append(_Request(rid, prompt, cfg, seqs, running, beams))
             for s in seqs:
                 self._owner[id(s)] = rid
         return rid, seqs
@@ -297,7 +388,7 @@ class Engine:
 
     @property
     def num_running(self) -> int:
-        """Sequences in the running batch."""
+        """Rows in the running batch (sequences, and num_beams per beam search)."""
         return len(self._running)
 
     @property
@@ -312,7 +403,8 @@ class Engine:
     # -- the loop ------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self, decode: bool = True) -> list[Delta]:
-        """Admit what fits from the queue, then decode one token for every running sequence.
+        """Admit what fits from the queue, then decode one token for every running sequence (up to
+        ``num_draft_tokens`` + 1 for a speculative one; one step of every beam search).
 
         ``decode=False`` only admits (prefills the prompts and picks their first tokens): a caller timing
         the prefill apart from decoding, as ``lamina.generate.text.complete`` does, steps once so.
@@ -325,6 +417,15 @@ class Engine:
             out += self._decode()
         return out
 
+    def _units(self) -> list[tuple[int, _Unit]]:
+        """(first row, unit) of every unit of the batch, in row order."""
+        units, i = [], 0
+        while i < len(self._running):
+            u = self._running[i]
+            units.append((i, u))
+            i += u.rows if isinstance(u, _Beams) else 1
+        return units
+
     def _apply_cancellations(self, out: list[Delta]) -> None:
         with self._lock:
             cancelled, self._cancelled = self._cancelled, set()
@@ -336,40 +437,57 @@ class Engine:
                         out.append(Delta(s, None, ""))
         if not cancelled:
             return
-        keep = []
-        for row, r in enumerate(self._running):
-            if self._owner.get(id(r.seq)) in cancelled:
-                r.seq.finish_reason = "abort"
-                out.append(Delta(r.seq, None, r._flush()))
+        keep: list[int] = []
+        for row, u in self._units():
+            seq = u.seqs[0] if isinstance(u, _Beams) else u.seq
+            if self._owner.get(id(seq)) not in cancelled:
+                keep += range(row, row + u.rows) if isinstance(u, _Beams) else [row]
+            elif isinstance(u, _Beams):
+                out += u.fail("abort")
             else:
-                keep.append(row)
+                u.seq.finish_reason = "abort"
+                out.append(Delta(u.seq, None, u._flush()))
         self._retire(keep)
 
     def _admissible(self) -> list[_Request]:
         taken: list[_Request] = []
         rows, prefill = len(self._running), 0
-        tokens = sum(len(r.sampler.prompt_ids) + r.budget for r in self._running)
+        tokens = sum(
+            len(u.group.prompt if isinstance(u, _Beams) else u.sampler.prompt_ids)
+            + (u.group.budget if isinstance(u, _Beams) else u.budget)
+            for u in self._running
+        )
         with self._lock:
             while self._queue:
                 req = self._queue[0]
                 if taken and prefill + len(req.prompt) > self.max_prefill_tokens:
                     break
                 need = len(req.prompt) + min(req.cfg.max_new_tokens, self.model.config.max_seq_len)
-                if rows and rows + req.cfg.n > self.max_batch_size:
+                if rows and rows + req.rows > self.max_batch_size:
                     break
                 if (
                     rows
                     and self.max_tokens_in_flight
-                    and tokens + req.cfg.n * need > self.max_tokens_in_flight
+                    and tokens + req.rows * need > self.max_tokens_in_flight
                 ):
                     break
                 taken.append(self._queue.popleft())
-                rows, tokens = rows + req.cfg.n, tokens + req.cfg.n * need
+                rows, tokens = rows + req.rows, tokens + req.rows * need
                 prefill += len(req.prompt)
         return taken
 
+    def _join(self, prefilled: KVCache, rows: int, capacity: int) -> None:
+        """Add ``rows`` copies of a prefilled request's one cache row to the batch's cache."""
+        if self._cache is None or not self._running:
+            self._cache = KVCache(
+                self.model.config, 0, capacity, self._dtype, self._device, max_batch_size=rows
+            )
+        self._cache.add_rows(prefilled, [0] * rows)
+
     def _admit(self, req: _Request) -> list[Delta]:
         """Prefill one request alone, choose each sequence's first token, and add its rows to the batch."""
+        if req.beams is not None:
+            return self._admit_beams(req.beams)
         cfg, prompt, running = req.cfg, req.prompt, req.running
         budget = running[0].budget
         out: list[Delta] = []
@@ -403,46 +521,137 @@ class Engine:
                 r.feed = tok
                 joined.append(r)
         if joined:
-            if self._cache is None or not self._running:
-                cap = len(prompt) + budget
-                self._cache = KVCache(
-                    self.model.config, 0, cap, self._dtype, self._device, max_batch_size=len(joined)
-                )
-            self._cache.add_rows(cache, [0] * len(joined))
+            self._join(cache, len(joined), len(prompt) + budget)
             self._running += joined
+            spec = [r.feed for r in joined if r.spec]
+            if spec:
+                assert self._drafter is not None
+                self._drafter.admit(prompt, spec)
         return out
+
+    def _admit_beams(self, beams: _Beams) -> list[Delta]:
+        """Prefill a beam-search prompt alone, take the group's first step, and add its rows."""
+        group = beams.group
+        if group.budget <= 0:
+            return beams.finish()
+        cache = KVCache(self.model.config, 1, len(group.prompt), self._dtype, self._device)
+        ids = torch.tensor([group.prompt], device=self._device)
+        logits = self.model(ids, cache=cache, last_only=True)[:, -1]
+        try:
+            src = group.advance(logits)
+        except Exception as e:
+            return beams.fail("error", f"{type(e).__name__}: {e}")
+        if src is None:
+            return beams.finish()
+        self._join(cache, group.rows, len(group.prompt) + group.budget)
+        self._running += [beams] * group.rows
+        return []
 
     def _decode(self) -> list[Delta]:
         cache = self._cache
         assert cache is not None
-        cache.reserve(1)
-        feed = torch.tensor([[r.feed] for r in self._running], device=self._device)
-        logits = self.model(feed, cache=cache)[:, -1]
+        units = self._units()
+        # speculative rows: the draft's proposals, verified by the one target forward below
+        spec = [i for i, u in units if isinstance(u, _Running) and u.spec]
+        props: dict[int, list[int]] = {}
+        if spec:
+            assert self._drafter is not None
+            k = self._drafter.k
+            rows = [self._running[i] for i in spec]
+            limits = [min(k, r.budget - len(r.seq.tokens) - 1) for r in rows if isinstance(r, _Running)]
+            props = dict(zip(spec, self._drafter.propose(limits), strict=True))
+        T = 1 + max((len(p) for p in props.values()), default=0)
+        B = len(self._running)
+        ids = torch.zeros(B, T, dtype=torch.long)
+        mask = torch.zeros(B, T, dtype=torch.long)
+        for i, u in units:
+            if isinstance(u, _Beams):
+                ids[i : i + u.rows, 0] = torch.tensor(u.group.feeds)
+                mask[i : i + u.rows, 0] = 1
+            else:
+                fed = [u.feed, *props.get(i, [])]
+                ids[i, : len(fed)], mask[i, : len(fed)] = torch.tensor(fed), 1
+        cache.reserve(T)
+        start = cache.length
+        real = mask.to(self._device) if T > 1 else None  # right-padded: rows without proposals read one
+        logits = self.model(ids.to(self._device), attention_mask=real, cache=cache)
         out: list[Delta] = []
         keep: list[int] = []
-        tokens, lps = self._choose_safely(logits, self._running)
-        for row, (r, tok, lp) in enumerate(zip(self._running, tokens, lps, strict=True)):
-            if tok < 0:
-                out.append(Delta(r.seq, None, r._flush()))
+        plain = {i: u for i, u in units if isinstance(u, _Running) and not u.spec}  # sampled or greedy
+        picked: dict[int, tuple[int, TokenLogprob | None]] = {}
+        if plain:
+            at = list(plain)
+            first = logits[:, 0] if len(at) == B else logits[torch.tensor(at, device=self._device), 0]
+            toks, lps = self._choose_safely(first, list(plain.values()))
+            picked = {i: (t, lp) for i, t, lp in zip(at, toks, lps, strict=True)}
+        slots = [1] * B  # cache slots each row keeps of this step's T
+        accepted, nexts = [], []
+        for i, u in units:
+            if isinstance(u, _Beams):
+                try:
+                    src = u.group.advance(logits[i : i + u.rows, 0])
+                except Exception as e:
+                    out += u.fail("error", f"{type(e).__name__}: {e}")
+                    continue
+                if src is None:
+                    out += u.finish()
+                else:
+                    keep += (src + i).tolist()
                 continue
-            out.append(r.delta(tok, lp))
-            if r.seq.finish_reason is None:
-                r.feed = tok
-                keep.append(row)
+            if u.spec:  # the longest agreeing prefix of the proposals, then the target's own next token
+                p = props[i]
+                choices = logits[i, : 1 + len(p)].argmax(-1).tolist()
+                m = 0
+                while m < len(p) and p[m] == choices[m]:
+                    m += 1
+                slots[i] = 1 + m
+                accepted.append(m)
+                nexts.append(choices[m])
+                for tok in choices[: m + 1]:
+                    u.sampler.output_ids.append(tok)
+                    out.append(u.delta(tok, None))
+                    if u.seq.finish_reason is not None:
+                        break
+                else:
+                    u.feed = choices[m]
+                    keep.append(i)
+                continue
+            tok, lp = picked[i]
+            if tok < 0:
+                out.append(Delta(u.seq, None, u._flush()))
+                continue
+            out.append(u.delta(tok, lp))
+            if u.seq.finish_reason is None:
+                u.feed = tok
+                keep.append(i)
+        if T > 1:  # rejected proposals leave the cache (their slots become invalid, as padding)
+            keep_slots(cache, start, slots)
+        if spec:
+            assert self._drafter is not None
+            self._drafter.settle(accepted, nexts)
         self._retire(keep)
         return out
 
     def _retire(self, keep: list[int]) -> None:
-        """Finished sequences leave the batch and free their cache rows."""
-        if len(keep) == len(self._running):
+        """Rows ``keep`` (in their new order: beam groups reorder their rows) stay; the others leave the
+        batch and free their cache rows."""
+        old = self._running
+        if keep == list(range(len(old))):
             return
-        gone = [r for i, r in enumerate(self._running) if i not in set(keep)]
-        self._running = [self._running[i] for i in keep]
+        self._running = [old[i] for i in keep]
         if self._cache is not None:
             self._cache.keep(torch.tensor(keep, dtype=torch.long))
+        if self._drafter is not None:
+            rank = {
+                i: k for k, i in enumerate(i for i, u in enumerate(old) if isinstance(u, _Running) and u.spec)
+            }
+            self._drafter.keep([rank[i] for i in keep if i in rank])
+        still = {id(u) for u in self._running}
+        gone = {id(u): u for u in old if id(u) not in still}
         with self._lock:
-            for r in gone:
-                self._owner.pop(id(r.seq), None)
+            for u in gone.values():
+                for seq in u.seqs if isinstance(u, _Beams) else [u.seq]:
+                    self._owner.pop(id(seq), None)
 
     def _choose_safely(
         self, logits: Tensor, rows: Sequence[_Running]
@@ -527,16 +736,20 @@ def generate_ids(
     on_token: Callable[[int, int], None] | None = None,
     tokenizer: Tokenizer | None = None,
     max_batch_size: int | None = None,
+    draft: Transformer | None = None,
+    num_draft_tokens: int = SpeculativeOptions.num_draft_tokens,
 ) -> list[Sequence_]:
     """Generate from token-id ``prompts``; ``configs`` is one config for all or one per prompt.
 
-    A config with ``n > 1`` gives n sequences for its prompt (each with its own random stream). The
+    A config with ``n > 1`` gives n sequences for its prompt (each with its own random stream), one with
+    ``num_beams`` > 1 its n best beams (beam search, in the same batch). The
     result lists every sequence, prompt by prompt. ``eos_token_ids`` (the model's) stop a sequence
     unless its config has ``ignore_eos``; its ``stop_token_ids`` always do. The stop token is not part
     of the output. ``on_token(sequence_index, token)`` sees every token as it is produced (not the one
     completing a stop string). Stop strings and constrained output need the ``tokenizer``; with it each
     sequence's ``text`` is set (cut before a stop string, or after it with
     ``include_stop_str_in_output``). All prompts run in one batch unless ``max_batch_size`` is smaller.
+    ``draft`` decodes the greedy ones speculatively (``Engine``).
     """
     if not prompts:
         raise ConfigError("no prompts given")
@@ -547,8 +760,11 @@ def generate_ids(
         raise ConfigError(
             f"{len(cfgs)} generation configs for {len(prompts)} prompts: give one, or one per prompt"
         )
-    total = sum(c.n for c in cfgs)
-    engine = Engine(model, tokenizer, eos_token_ids, max_batch_size=max_batch_size or total)
+    total = sum(max(c.n, c.num_beams) for c in cfgs)
+    engine = Engine(
+        model, tokenizer, eos_token_ids, max_batch_size=max_batch_size or total, draft=draft,
+        num_draft_tokens=num_draft_tokens,
+    )  # fmt: skip
     seqs: list[Sequence_] = []
     for i, (p, c) in enumerate(zip(prompts, cfgs, strict=True)):
         seqs += engine._submit(p, c, i, prompt_index=i)[1]

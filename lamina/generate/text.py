@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -13,7 +12,7 @@ from lamina.checkpoint.load import LoadedModel, load
 from lamina.config import LOGITS_PROCESSORS, PICK_FIELDS, GenerationConfig, from_dict, to_dict
 from lamina.errors import ConfigError
 from lamina.generate.engine import Engine, Sequence_, TokenLogprob, generate_ids, require_generative
-from lamina.generate.speculative import SpeculativeOptions
+from lamina.generate.speculative import DraftStats, SpeculativeOptions, draft_model
 from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
 
@@ -54,7 +53,8 @@ class Completion:
     ``TokenLogprob`` per generated token when ``config.logprobs``. ``prompt_logprobs`` has one entry per
     prompt token (None for the first) when ``config.prompt_logprobs`` is set. ``prefill_seconds`` is the
     wall time of the prompt's forward pass and the first token; ``decode_seconds`` the rest, in which
-    ``decode_tokens`` tokens (over all choices) were produced.
+    ``decode_tokens`` tokens (over all choices) were produced. ``draft`` counts the draft tokens
+    proposed and accepted when the engine decoded speculatively.
     """
 
     choices: list[Sequence_]
@@ -64,6 +64,7 @@ class Completion:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     decode_tokens: int = 0
+    draft: DraftStats | None = None  # speculative decoding's proposed / accepted draft tokens
 
     @property
     def text(self) -> str:
@@ -80,7 +81,8 @@ class Completion:
         ``prompt 31 tokens, 0.21 s (148 tokens/s) | generated 20 tokens, 1.19 s (16.0 tokens/s)``.
 
         The prompt rate covers the prefill (which also picks the first token); the generation rate the
-        decode steps after it. A choice cut by the budget adds ``cut at max_new_tokens=N``.
+        decode steps after it. A choice cut by the budget adds ``cut at max_new_tokens=N``; speculative
+        decoding adds its acceptance rate (``draft accepted 41/60 (68%)``).
         """
         n = len(self.choices)
         head = f"prompt {self.prompt_tokens} tokens, {self.prefill_seconds:.2f} s"
@@ -98,7 +100,16 @@ class Completion:
                 if n > 1
                 else (f"; cut at max_new_tokens={budget}")
             )
+        if self.draft is not None:
+            gen += " | " + draft_summary(self.draft)
         return f"{head} | {gen}"
+
+
+def draft_summary(stats: DraftStats) -> str:
+    """``draft accepted 41/60 (68%)``: speculative decoding's acceptance, for the CLI's stderr line."""
+    if not stats.proposed:
+        return "draft proposed nothing (speculative decoding applies to greedy requests without logprobs)"
+    return f"draft accepted {stats.accepted}/{stats.proposed} ({stats.acceptance_rate:.0%})"
 
 
 def complete(
@@ -116,20 +127,20 @@ def complete(
     """Generate from ``prompt`` and return every choice with its tokens, logprobs, counts and timing.
 
     Same arguments as ``generate``; ``n`` > 1 (sampled, greedy or the n best of ``num_beams``) gives n
-    choices. ``stream`` receives the first choice's text deltas as they are decoded (beam search and
-    speculative decoding know the text only at the end: one delta then). Raises ``ConfigError`` for
-    controls the model cannot take (token ids outside its vocabulary, a prompt over its context window)
-    and when generation fails at a step (e.g. every token banned), for a model that cannot generate (an
-    encoder), and for controls speculative decoding cannot honour (``speculative_config``).
+    choices. ``stream`` receives the first choice's text deltas as they are decoded (beam search knows
+    its best beam only at the end: one delta then). Raises ``ConfigError`` for controls the model cannot
+    take (token ids outside its vocabulary, a prompt over its context window) and when generation fails
+    at a step (e.g. every token banned), for a model that cannot generate (an encoder), and for a draft
+    that does not fit it (``resolve_draft``).
     """
     lm = _loaded(model)
     ids = build_prompt_ids(lm, prompt, chat=chat, system=system)
     cfg = generation_config(lm, config, **controls)
-    if draft is not None or speculative_layers is not None:
-        return _speculative_completion(lm, ids, cfg, stream, draft, speculative_layers, num_draft_tokens)
-    if cfg.num_beams > 1:
-        return _beam_completion(lm, ids, cfg, stream)
-    engine = Engine(lm.model, lm.tokenizer, lm.generation.eos_token_ids, max_batch_size=cfg.n)
+    drafter = resolve_draft(lm, draft, speculative_layers)
+    engine = Engine(
+        lm.model, lm.tokenizer, lm.generation.eos_token_ids, max_batch_size=max(cfg.n, cfg.num_beams),
+        draft=drafter, num_draft_tokens=num_draft_tokens,
+    )  # fmt: skip
     start = time.perf_counter()
     seqs = engine.submit(ids, cfg)
     prefill, decode_tokens = None, 0
@@ -138,112 +149,43 @@ def complete(
         if prefill is None:
             prefill = time.perf_counter() - start
         else:
-            decode_tokens += len(deltas)
+            decode_tokens += sum(d.token is not None for d in deltas)
         if stream is not None:
             for d in deltas:
                 if d.seq.index == 0 and d.text:
                     stream(d.text)
     total, prefill = time.perf_counter() - start, prefill or 0.0
+    if cfg.num_beams > 1:  # every step decoded num_beams rows
+        decode_tokens = max(max(len(s.tokens) for s in seqs) - 1, 0) * cfg.num_beams
     failed = next((s for s in seqs if s.finish_reason == "error"), None)
     if failed is not None:
         raise ConfigError(f"generation stopped at token {len(failed.tokens)}: {failed.error}")
-    return Completion(seqs, len(ids), cfg, seqs[0].prompt_logprobs, prefill, total - prefill, decode_tokens)
+    return Completion(
+        seqs, len(ids), cfg, seqs[0].prompt_logprobs, prefill, total - prefill, decode_tokens,
+        engine.draft_stats,
+    )  # fmt: skip
 
 
-def beam_sequences(lm: LoadedModel, ids: list[int], cfg: GenerationConfig, index: int = 0) -> list[Sequence_]:
-    """The ``cfg.n`` best beams of a beam-search request (``cfg.num_beams`` > 1), as engine sequences
-    (``prompt_index`` = ``index``; text decoded, best first)."""
-    from lamina.generate.beam import beam_search
-
-    tok = lm.tokenizer
-    beams = beam_search(lm.model, [ids], cfg, lm.generation.eos_token_ids)[0]
-    return [
-        Sequence_(index, b.tokens, b.finish_reason,
-                  tok.decode(b.tokens, skip_special_tokens=True) if tok is not None else None,
-                  index=k, prompt_tokens=len(ids))
-        for k, b in enumerate(beams)
-    ]  # fmt: skip
-
-
-# controls that cannot change a greedy pick or what a request returns: speculative decoding takes any value
-_SPECULATIVE_IGNORES = {
-    "max_new_tokens", "eos_token_ids", "do_sample", "temperature", "include_stop_str_in_output",
-    "dynatemp_range", "dynatemp_exponent", "top_k", "top_p", "min_p", "typical_p", "top_n_sigma",
-    "repetition_penalty_last_n", "dry_base", "dry_allowed_length", "dry_penalty_last_n",
-    "dry_sequence_breakers", "mirostat_tau", "mirostat_eta", "length_penalty", "early_stopping", "seed",
-    "json_max_depth", "samplers",
-}  # fmt: skip
-
-
-def speculative_config(cfg: GenerationConfig) -> None:
-    """Raise ``ConfigError`` (one line, naming the control) unless ``cfg`` is plain greedy decoding of one
-    sequence, the only thing speculative decoding does (``lamina.generate.speculative``): no sampling,
-    ``n`` = 1, no beams, no logprobs, stop strings or tokens, penalties, biases, bans or structured output.
-    ``max_new_tokens`` and the eos ids are honoured; controls that cannot change a greedy pick (``top_k``,
-    ``seed``, ...) are ignored."""
-    if cfg.sampling:
-        raise ConfigError(
-            f"speculative decoding is greedy only: temperature={cfg.temperature} samples "
-            "(the model's defaults when not given); pass temperature=0 or drop --draft/--speculative-layers"
-        )
-    plain = GenerationConfig()
-    for f in dataclasses.fields(GenerationConfig):
-        value = getattr(cfg, f.name)
-        if f.name not in _SPECULATIVE_IGNORES and value != getattr(plain, f.name):
-            raise ConfigError(
-                f"speculative decoding is plain greedy decoding of one sequence: {f.name}={value!r} is not "
-                f"supported with it; drop {f.name} or drop --draft/--speculative-layers"
-            )
-
-
-def _speculative_completion(
+def resolve_draft(
     lm: LoadedModel,
-    ids: list[int],
-    cfg: GenerationConfig,
-    stream: Callable[[str], None] | None,
-    draft: str | LoadedModel | Transformer | None,
-    layers: int | None,
-    num_draft_tokens: int,
-) -> Completion:
-    from lamina.generate.speculative import speculative_decode
-
-    speculative_config(cfg)
-    if draft is not None and layers is not None:
+    draft: str | LoadedModel | Transformer | None = None,
+    speculative_layers: int | None = None,
+) -> Transformer | None:
+    """The draft model for speculative decoding of ``lm``: ``draft`` (a name or path, loaded with its
+    default options; a ``LoadedModel``; a ``Transformer``) or ``lm``'s own first ``speculative_layers``
+    layers (``layer_skip_draft``); None when neither is given. Raises ``ConfigError`` when both are given,
+    for a layer count outside 1..n_layers, and for a draft whose vocabulary differs from ``lm``'s."""
+    if draft is None and speculative_layers is None:
+        return None
+    if draft is not None and speculative_layers is not None:
         raise ConfigError(
             "give draft= or speculative_layers= (a draft model or the target's first K layers), not both"
         )
-    drafter = (load(draft) if isinstance(draft, str) else draft) if draft is not None else None
-    draft_model = drafter.model if isinstance(drafter, LoadedModel) else drafter
-    eos = lm.generation.eos_token_ids
-    start = time.perf_counter()
-    result = speculative_decode(
-        lm.model, ids, cfg.max_new_tokens, draft=draft_model, draft_layers=layers,
-        num_draft_tokens=num_draft_tokens, eos_token_ids=eos,
-    )  # fmt: skip
-    took = time.perf_counter() - start
-    budget = min(cfg.max_new_tokens, lm.model.config.max_seq_len - len(ids))
-    tok = lm.tokenizer
-    text = None
-    if tok is not None:  # as the engine decodes it: after the prompt (a leading space stays)
-        decoder = tok.decode_stream(skip_special_tokens=True, prompt_ids=ids)
-        text = "".join(decoder.step(t) for t in result.tokens) + decoder.finish()
-    finish = "length" if len(result.tokens) >= budget else "stop"
-    seq = Sequence_(0, result.tokens, finish, text, prompt_tokens=len(ids))
-    if stream is not None and text:
-        stream(text)
-    return Completion([seq], len(ids), cfg, None, 0.0, took, len(result.tokens))
-
-
-def _beam_completion(
-    lm: LoadedModel, ids: list[int], cfg: GenerationConfig, stream: Callable[[str], None] | None
-) -> Completion:
-    start = time.perf_counter()
-    seqs = beam_sequences(lm, ids, cfg)
-    took = time.perf_counter() - start
-    if stream is not None and seqs[0].text:
-        stream(seqs[0].text)
-    steps = max(len(s.tokens) for s in seqs)
-    return Completion(seqs, len(ids), cfg, None, 0.0, took, steps * cfg.num_beams)
+    loaded = load(draft) if isinstance(draft, str) else draft
+    model = loaded.model if isinstance(loaded, LoadedModel) else loaded
+    if model is not None:
+        require_generative(model.config, "draft")
+    return draft_model(lm.model, model, speculative_layers)
 
 
 def stream_text(
@@ -252,25 +194,31 @@ def stream_text(
     config: GenerationConfig | None = None,
     chat: bool | None = None,
     system: str | None = None,
+    draft: str | LoadedModel | Transformer | None = None,
+    speculative_layers: int | None = None,
+    num_draft_tokens: int = SpeculativeOptions.num_draft_tokens,
     **controls: Any,
 ) -> Iterator[str]:
     """Yield the continuation of ``prompt`` as text deltas, as it is decoded.
 
     Same arguments as ``generate``. A delta never splits a UTF-8 character, and with stop strings the
     text that may be the start of one is held back until it is known not to be; the deltas concatenate
-    to what ``generate`` returns. Raises ``ConfigError`` as ``complete`` does.
+    to what ``generate`` returns (beam search: the best beam's text, at the end). Raises ``ConfigError``
+    as ``complete`` does.
     """
     lm = _loaded(model)
     ids = build_prompt_ids(lm, prompt, chat=chat, system=system)
     cfg = generation_config(lm, config, **controls)
-    if cfg.num_beams > 1:  # beam search knows its best sequence only at the end
-        yield beam_sequences(lm, ids, replace(cfg, n=1))[0].text or ""
-        return
+    if cfg.num_beams > 1:  # the best beam
+        cfg = replace(cfg, n=1)
     if cfg.n != 1:
         raise ConfigError(
             f"n={cfg.n}: a text stream carries one sequence; lamina.complete(...) returns all {cfg.n} choices"
         )
-    engine = Engine(lm.model, lm.tokenizer, lm.generation.eos_token_ids, max_batch_size=1)
+    engine = Engine(
+        lm.model, lm.tokenizer, lm.generation.eos_token_ids, max_batch_size=cfg.num_beams,
+        draft=resolve_draft(lm, draft, speculative_layers), num_draft_tokens=num_draft_tokens,
+    )  # fmt: skip
     (seq,) = engine.submit(ids, cfg)
     while engine.has_work():
         for delta in engine.step():
@@ -299,15 +247,15 @@ def generate(
     (any ``GenerationConfig`` field, e.g. ``temperature=0.7, top_p=0.9, seed=1``) on top. ``stream``
     receives text deltas as they are decoded (never splitting a UTF-8 character); ``stream_text`` gives
     them as an iterator instead. One text: for ``n`` > 1 choices, logprobs or token counts use
-    ``complete``. Raises ``ConfigError`` for controls the model cannot take (e.g. ``logit_bias`` on an
-    id outside its vocabulary) and for a model that cannot generate (an encoder: use ``lamina.embed``).
+    ``complete``. ``num_beams`` > 1 runs beam search (the best beam's text). Raises ``ConfigError`` for
+    controls the model cannot take (e.g. ``logit_bias`` on an id outside its vocabulary) and for a model
+    that cannot generate (an encoder: use ``lamina.embed``).
 
     ``draft`` (a model name, path, ``LoadedModel`` or ``Transformer`` with this model's vocabulary) or
-    ``speculative_layers=K`` (this model's own first K layers as the draft) make the engine decode
-    speculatively (``lamina.generate.speculative``): the draft proposes ``num_draft_tokens`` tokens a
-    round and the model verifies them in one forward. The text is exactly the greedy text; only speed
-    changes. Greedy decoding of one sequence only: other controls raise ``ConfigError``
-    (``speculative_config``).
+    ``speculative_layers=K`` (this model's own first K layers as the draft) make the engine decode greedy
+    requests speculatively (``lamina.generate.speculative``): the draft proposes ``num_draft_tokens``
+    tokens a step and the model verifies them in one forward. The text is exactly the greedy text; only
+    speed changes. Requests that sample, or ask for logprobs, decode as without a draft.
     """
     lm = _loaded(model)
     cfg = generation_config(lm, config, **controls)

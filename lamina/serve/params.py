@@ -154,8 +154,9 @@ def prepare_chat(req: ChatCompletionRequest, served: ServedModel, limits: ServeC
 
 def _beams(req: SamplingExtras, controls: dict[str, Any], n: int, best_of: int | None) -> None:
     """Beam search: lamina's ``num_beams`` extra field, or vLLM's ``use_beam_search`` (``num_beams`` =
-    max(best_of or n, 2)). The scheduler runs a beam request on its own (``Scheduler``); what beam search
-    cannot give (a stream, logprobs, stop strings, structured output, n > num_beams) is a 400."""
+    max(best_of or n, 2)). A beam request runs in the engine's batch as a beam group of num_beams rows;
+    what beam search cannot give (a stream, logprobs, stop strings, structured output, n > num_beams) is
+    a 400."""
     if req.use_beam_search:
         controls["num_beams"] = max(controls.get("num_beams") or 1, best_of or n, 2)
     beams = controls.get("num_beams") or 1

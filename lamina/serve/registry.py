@@ -18,9 +18,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from lamina.checkpoint.load import LoadedModel
+from lamina.checkpoint.load import LoadedModel, load
 from lamina.errors import ConfigError
 from lamina.generate.engine import Engine
+from lamina.generate.text import resolve_draft
 from lamina.serve.errors import APIError, model_not_found
 from lamina.serve.metrics import Metrics
 from lamina.serve.scheduler import Scheduler
@@ -28,6 +29,7 @@ from lamina.serve.settings import ServeConfig
 
 if TYPE_CHECKING:
     from lamina.embeddings import Embeddings
+    from lamina.model.transformer import Transformer
 
 Kind = Literal["generation", "embedding"]
 _ROUTES = {"generation": "completions and chat completions", "embedding": "embeddings"}
@@ -76,6 +78,7 @@ class Registry:
         self.config = config or ServeConfig()
         self.metrics = metrics or Metrics()
         self._models: dict[str, ServedModel] = {}
+        self._drafts: dict[str, LoadedModel] = {}  # draft models by name, loaded once
 
     def add(self, name: str, lm: LoadedModel, kind: Kind | None = None) -> ServedModel:
         """Serve ``lm`` as ``name``; ``kind`` defaults from the architecture (decoder: generation)."""
@@ -94,6 +97,7 @@ class Registry:
         served = ServedModel(name, kind, lm)
         if kind == "generation":
             cfg = self.config
+            draft = self._draft(lm)
 
             def make_engine() -> Engine:
                 return Engine(
@@ -102,6 +106,8 @@ class Registry:
                     lm.generation.eos_token_ids,
                     max_batch_size=cfg.max_batch_size,
                     max_tokens_in_flight=cfg.max_tokens_in_flight,
+                    draft=draft,
+                    num_draft_tokens=cfg.num_draft_tokens,
                 )
 
             served.scheduler = Scheduler(
@@ -109,6 +115,15 @@ class Registry:
             )
         self._models[name] = served
         return served
+
+    def _draft(self, lm: LoadedModel) -> Transformer | None:
+        """The draft of a generation model (``ServeConfig.draft`` loaded once, or its first
+        ``speculative_layers`` layers); None without speculative decoding."""
+        cfg = self.config
+        if cfg.draft is not None and cfg.draft not in self._drafts:
+            self._drafts[cfg.draft] = load(cfg.draft)
+        draft = self._drafts[cfg.draft] if cfg.draft is not None else None
+        return resolve_draft(lm, draft, cfg.speculative_layers)
 
     @property
     def names(self) -> list[str]:

@@ -12,10 +12,11 @@ the event loop:
   request's timeout passes (the job is then cancelled); ``Job.cancel()`` (client disconnected) makes its
   sequences leave the batch at the next step;
 - if a step raises, every job in flight gets a 500 error and the engine is rebuilt: the server keeps
-  serving;
-- a beam-search prompt (``num_beams`` > 1) does not join the batch: beam search has its own loop
-  (``lamina.generate.beam``), which the engine thread runs on its own, blocking the batch's decode steps
-  for its duration (one beam request at a time, between two steps), then hands the job its n best beams.
+  serving.
+
+Beam search (``num_beams`` > 1) and speculative decoding (an engine built with a draft) are modes of the
+engine: a beam request occupies ``num_beams`` rows of the batch and its n best beams arrive as finishing
+deltas, each with its whole text, the step the search ends.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
@@ -152,12 +152,14 @@ class Scheduler:
         self._wake = threading.Condition()
         self._owners: dict[int, tuple[Job, int]] = {}  # id(Sequence_) -> (job, prompt index)
         self._jobs: set[Job] = set()
-        self._beams: deque[tuple[Job, list[Sequence_], Prompt]] = deque()  # beam prompts waiting to run
         self._stopping = False
         self._thread: threading.Thread | None = None
         metrics.set("running_sequences", lambda: self.engine.num_running, model=name)
         metrics.set("queued_requests", lambda: self.engine.num_queued, model=name)
         metrics.set("running_sequences_max", 0, model=name)
+        if self.engine.draft_stats is not None:  # speculative decoding: how often the draft is right
+            metrics.set("draft_tokens_proposed", lambda: self._draft("proposed"), model=name)
+            metrics.set("draft_tokens_accepted", lambda: self._draft("accepted"), model=name)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -213,17 +215,11 @@ class Scheduler:
                     code="too_many_tokens_in_flight",
                 )
         seqs: list[list[Sequence_]] = []
-        beams: list[tuple[list[Sequence_], Prompt]] = []
         with self._lock:
             engine = self.engine
             try:
                 for p in prompts:
-                    if p.config.num_beams > 1:  # run by the engine thread on its own (_run_beams)
-                        group = [Sequence_(0, index=k, prompt_tokens=len(p.ids)) for k in range(p.config.n)]
-                        beams.append((group, p))
-                        seqs.append(group)
-                    else:
-                        seqs.append(engine.submit(p.ids, p.config))
+                    seqs.append(engine.submit(p.ids, p.config))
             except ConfigError as e:
                 engine.cancel([s for group in seqs for s in group])
                 raise bad_request(str(e)) from None
@@ -232,7 +228,6 @@ class Scheduler:
                 for s in group:
                     self._owners[id(s)] = (job, pi)
             self._jobs.add(job)
-            self._beams.extend((job, group, p) for group, p in beams)
         self.metrics.inc("prompt_tokens_total", sum(len(p.ids) for p in prompts), model=self.name)
         with self._wake:
             self._wake.notify()
@@ -248,14 +243,10 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._stopping and not self.engine.has_work() and not self._beams:
+                while not self._stopping and not self.engine.has_work():
                     self._wake.wait()
                 if self._stopping:
                     return
-            if self._beams:
-                self._run_beams()
-                if not self.engine.has_work():
-                    continue
             try:
                 deltas = self.engine.step()
             except Exception as e:
@@ -267,46 +258,9 @@ class Scheduler:
                 continue
             self._dispatch(deltas)
 
-    def _run_beams(self) -> None:
-        """Run the first waiting beam-search prompt to its end (blocking the batch meanwhile) and hand its
-        job the ``n`` best beams, each as one finishing delta with its whole text."""
-        from lamina.generate.beam import beam_search
-
-        with self._lock:
-            job, group, prompt = self._beams.popleft()
-        if job.cancelled:
-            for seq in group:
-                seq.finish_reason = "abort"
-            self._dispatch([Delta(seq, None, "") for seq in group])
-            return
-        engine = self.engine
-        try:
-            best = beam_search(engine.model, [prompt.ids], prompt.config, engine.eos_token_ids)[0]
-        except ConfigError as e:
-            self._finish_with(job, bad_request(str(e)))
-            return
-        except Exception as e:
-            log.exception("beam search failed; failing its request")
-            self._finish_with(job, APIError(500, f"Beam search failed ({type(e).__name__}: {e})"))
-            return
-        tok = engine.tokenizer
-        for seq, beam in zip(group, best, strict=True):
-            seq.tokens = list(beam.tokens)
-            if tok is not None:  # as the engine decodes it: after the prompt (a leading space stays)
-                decoder = tok.decode_stream(skip_special_tokens=True, prompt_ids=prompt.ids)
-                seq.text = "".join(decoder.step(t) for t in seq.tokens) + decoder.finish()
-            seq.finish_reason = beam.finish_reason
-        self.metrics.generated(sum(len(s.tokens) for s in group), model=self.name)
-        self._dispatch([Delta(seq, None, seq.text or "") for seq in group])
-
-    def _finish_with(self, job: Job, error: APIError) -> None:
-        """Fail one job (its other sequences leave the batch)."""
-        self.engine.cancel(job.all_seqs)
-        with self._lock:
-            for seq in job.all_seqs:
-                self._owners.pop(id(seq), None)
-            self._jobs.discard(job)
-        job.post(error)
+    def _draft(self, which: str) -> float:
+        stats = self.engine.draft_stats
+        return float(getattr(stats, which)) if stats is not None else 0.0
 
     def _dispatch(self, deltas: list[Delta]) -> None:
         now = time.monotonic()
@@ -331,6 +285,8 @@ class Scheduler:
         for job, items in by_job.items():
             job.post(items)
             for _, d in items:
+                if d.finished and d.seq.score is not None:  # a beam: its tokens arrive with its last delta
+                    tokens += len(d.seq.tokens)
                 if d.token is not None:
                     tokens += 1
                     if job.first_token_at is None:
@@ -355,7 +311,6 @@ class Scheduler:
         """Every job in flight gets ``error``; the engine is rebuilt empty."""
         with self._lock:
             jobs, self._jobs, self._owners = self._jobs, set(), {}
-            self._beams.clear()
             try:
                 self.engine = self._make_engine()
             except Exception:  # pragma: no cover - building an engine over a loaded model does not fail

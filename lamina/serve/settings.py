@@ -8,6 +8,7 @@ from typing import Literal
 
 from lamina.errors import ConfigError
 from lamina.fields import SIZE
+from lamina.generate.speculative import SpeculativeOptions
 
 
 @dataclass
@@ -28,6 +29,8 @@ class ServeConfig:
       ``max_prompts`` [64 prompts per completions request], ``max_embedding_inputs`` [2048],
       ``max_request_bytes`` [4 MiB of JSON body]. ``max_tokens`` is limited by the model's context window
       (prompt + max_tokens > context: 400 ``context_length_exceeded``).
+    - speculative decoding of greedy requests (``SpeculativeOptions``): ``draft`` [None] a draft model,
+      or ``speculative_layers`` [None] the served model's own first K layers; ``num_draft_tokens`` [4].
     """
 
     host: str = "127.0.0.1"  # address to listen on: 127.0.0.1 loopback only, 0.0.0.0 every interface
@@ -50,6 +53,11 @@ class ServeConfig:
     # largest JSON request body in bytes (sizes such as 4MiB accepted), >= 1024; larger: 400
     max_request_bytes: int = field(default=4 * 1024 * 1024, metadata=SIZE)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"  # uvicorn's log level
+    # speculative decoding of greedy requests: a draft model (name or path) with the served models' vocabulary
+    draft: str | None = None
+    # self-speculative decoding of greedy requests: each served model's own first K layers are its draft
+    speculative_layers: int | None = None
+    num_draft_tokens: int = SpeculativeOptions.num_draft_tokens  # draft tokens proposed per step, >= 1
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "max_n", "max_prompts", "max_embedding_inputs"):
@@ -70,6 +78,7 @@ class ServeConfig:
             raise ConfigError(f"port={self.port} must be in [0, 65535]")
         if any(not k for k in self.api_keys):
             raise ConfigError("api_keys must not hold empty strings")
+        SpeculativeOptions(self.draft, self.speculative_layers, self.num_draft_tokens)  # validates them
 
     @staticmethod
     def env_api_keys() -> list[str]:

@@ -197,20 +197,29 @@ def test_chat_from_a_script_notes_cut_replies(
 
 
 def test_generate_draft_and_speculative_layers_print_the_greedy_text(
-    tiny_path: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # before: there were no --draft / --speculative-layers flags
-    base = ["generate", tiny_path, "hello", "--max-new-tokens", "10", "--quiet"]
-    assert main(base) == 0
+    # before: there were no --draft / --speculative-layers flags; then they were refused with --input and chat
+    base = ["generate", tiny_path, "hello", "--max-new-tokens", "10"]
+    assert main([*base, "--quiet"]) == 0
     greedy = capsys.readouterr().out
     draft = _save_tiny(tmp_path / "draft", n_layers=1)
     for extra in (["--speculative-layers", "1"], ["--draft", draft, "--num-draft-tokens", "2"]):
         assert main([*base, *extra]) == 0
-        assert capsys.readouterr().out == greedy, extra
-    assert main([*base, "--speculative-layers", "1", "--temperature", "0.7"]) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "greedy only: temperature=0.7" in err
+        out, err = capsys.readouterr()
+        assert out == greedy, extra
+        assert "draft accepted " in err, err  # the acceptance rate on the stderr line
+    # a sampled request decodes as without a draft (nothing is proposed for it)
+    assert main([*base, "--speculative-layers", "1", "--temperature", "0.7", "--seed", "1"]) == 0
+    assert "draft proposed nothing" in capsys.readouterr().err
     path = tmp_path / "p.jsonl"
-    path.write_text('{"prompt": "hello"}\n')
-    assert main(["generate", tiny_path, "--input", str(path), "--speculative-layers", "1"]) == 1
-    assert "--input runs a batch without them" in capsys.readouterr().err
+    path.write_text('{"prompt": "hello", "max_new_tokens": 10}\n{"prompt": "the cat", "temperature": 0.7, "seed": 1}\n')
+    assert main(["generate", tiny_path, "--input", str(path)]) == 0
+    plain = capsys.readouterr().out
+    assert main(["generate", tiny_path, "--input", str(path), "--speculative-layers", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert out == plain and "draft accepted " in err
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    assert main(["chat", tiny_path, "--max-new-tokens", "4", "--temperature", "0", "--repetition-penalty", "1",
+                 "--speculative-layers", "1"]) == 0  # fmt: skip
+    assert "draft accepted " in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Beam search: tokens and ``sequences_scores`` equal `transformers`' beam search on tiny random models
-(Llama, GPT-2), batched prompts of different lengths, eos hit or not; num_beams=1 is greedy on SmolLM2."""
+(Llama, GPT-2), batched prompts of different lengths, eos hit or not; num_beams=1 is greedy on SmolLM2; a
+beam request in the engine's batch with sampled and greedy ones gives what each gives alone."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from lamina.checkpoint.lamina import build_model
 from lamina.config import GenerationConfig
 from lamina.errors import ConfigError
 from lamina.generate.beam import Beam, beam_search
-from lamina.generate.engine import greedy_decode
+from lamina.generate.engine import Engine, generate_ids, greedy_decode
 from lamina.model.transformer import Transformer
 
 V = 101
@@ -182,3 +183,38 @@ def test_one_beam_is_greedy_on_smollm2(lamina_smollm2: Any) -> None:
     prompts = [tok.encode("The capital of France is"), tok.encode("def fibonacci(n):\n    ")]
     beams = beam_search(model, prompts, GenerationConfig(num_beams=1, max_new_tokens=16, temperature=0), eos)
     assert [b[0].tokens for b in beams] == greedy_decode(model, prompts, 16, eos)
+
+
+@torch.no_grad()
+def test_a_beam_request_shares_the_engine_batch_with_sampled_and_greedy_ones(
+    pair: tuple[Any, Transformer, int],
+) -> None:
+    # before: beam search ran its own loop, outside the engine (which refused num_beams > 1)
+    _, model, eos = pair
+    beams = GenerationConfig(num_beams=3, n=2, max_new_tokens=MAX_NEW, temperature=0)
+    sampled = GenerationConfig(temperature=0.8, seed=5, n=2, max_new_tokens=MAX_NEW, ignore_eos=True)
+    greedy = GenerationConfig(temperature=0, max_new_tokens=MAX_NEW, ignore_eos=True)  # both run to the end
+    ref_beams = beam_search(model, [PROMPTS[0]], beams, [eos])[0]
+    alone = {
+        "sampled": [s.tokens for s in generate_ids(model, [PROMPTS[1]], sampled, [eos])],
+        "greedy": [s.tokens for s in generate_ids(model, [PROMPTS[1]], greedy, [eos])],
+    }
+    for late in (0, 2):  # the beam request joins at once, or after two steps of the others
+        engine = Engine(model, None, [eos], max_batch_size=8)
+        seqs = {"sampled": engine.submit(PROMPTS[1], sampled), "greedy": engine.submit(PROMPTS[1], greedy)}
+        most, deltas = 0, []
+        for _ in range(late):
+            deltas += engine.step()
+        seqs["beams"] = engine.submit(PROMPTS[0], beams)
+        while engine.has_work():
+            deltas += engine.step()
+            most = max(most, engine.num_running)
+        assert most == 2 + 1 + 3  # one batch: two sampled rows, a greedy one, the beam group's three
+        for name, want in alone.items():
+            assert [s.tokens for s in seqs[name]] == want, (name, late)
+        got = seqs["beams"]
+        assert [s.tokens for s in got] == [b.tokens for b in ref_beams]
+        assert [s.score for s in got] == pytest.approx([b.score for b in ref_beams], abs=1e-5)
+        assert [s.finish_reason for s in got] == [b.finish_reason for b in ref_beams]
+        ends = [d for d in deltas if any(d.seq is s for s in got)]  # each beam: one finishing delta, at the end
+        assert len(ends) == 2 and all(d.finished and d.token is None for d in ends)

@@ -1,5 +1,6 @@
 """Speculative decoding gives exactly the target's greedy output, whatever the draft: a separate tiny
-model, a noisy copy of the target, the target's first layers (self-speculative), or the target itself."""
+model, a noisy copy of the target, the target's first layers (self-speculative), or the target itself;
+in the engine's batch, next to sampled, beam and logprob requests that decode as without a draft."""
 
 from __future__ import annotations
 
@@ -156,22 +157,80 @@ def test_lamina_generate_decodes_speculatively_to_the_greedy_text() -> None:
             assert generate(lm, prompt, max_new_tokens=budget, temperature=0, **spec) == a.text
 
 
-@pytest.mark.parametrize(
-    ("controls", "words"),
-    [
-        ({"temperature": 0.7}, "greedy only: temperature=0.7"),
-        ({"n": 2, "temperature": 0}, "n=2 is not supported"),
-        ({"num_beams": 2}, "num_beams=2 is not supported"),
-        ({"logprobs": True, "temperature": 0}, "logprobs=True is not supported"),
-        ({"stop": ["x"], "temperature": 0}, "stop=['x'] is not supported"),
-        ({"temperature": 0, "draft": "x"}, "not both"),
-    ],
-)
-def test_what_speculative_decoding_cannot_do_is_refused(controls: dict[str, Any], words: str) -> None:
+@torch.no_grad()
+def test_greedy_rows_speculate_in_a_batch_with_sampled_beam_and_logprob_requests(target: Transformer) -> None:
+    # before: speculative decoding was a batch-1 loop of its own; the engine had no draft
+    from lamina.config import GenerationConfig
+    from lamina.generate.engine import Engine
+
+    greedy = GenerationConfig(temperature=0, max_new_tokens=30)
+    configs = [
+        greedy,
+        GenerationConfig(temperature=0.9, seed=4, n=2, max_new_tokens=20),  # sampled: decodes normally
+        GenerationConfig(temperature=0, max_new_tokens=12, logprobs=True),  # logprobs: decodes normally
+        GenerationConfig(temperature=0, num_beams=2, max_new_tokens=8),  # a beam group
+        GenerationConfig(temperature=0, n=2, max_new_tokens=25),  # two greedy rows
+    ]
+    prompts = [PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[0], PROMPTS[2]]
+    plain = [_run(Engine(target), p, c) for p, c in zip(prompts, configs, strict=True)]
+    for draft in (layer_skip_draft(target, 2), _noisy_copy(target, 0.02, seed=2)):
+        engine = Engine(target, draft=draft, num_draft_tokens=3, max_batch_size=16)
+        seqs = [engine.submit(p, c) for p, c in zip(prompts, configs, strict=True)]
+        while engine.has_work():
+            engine.step()
+        for want, got in zip(plain, seqs, strict=True):
+            assert [(s.tokens, s.finish_reason) for s in got] == [w[:2] for w in want]
+            for s, w in zip(
+                got, want, strict=True
+            ):  # (a batch with proposals reads a mask: last bits differ)
+                assert [lp.logprob for lp in s.logprobs or []] == pytest.approx(
+                    [lp.logprob for lp in w[2] or []], abs=1e-4
+                )
+        stats = engine.draft_stats
+        assert stats is not None and 0 < stats.accepted <= stats.proposed
+        assert stats.proposed <= 3 * (30 + 25 + 25)  # only the three greedy rows proposed
+
+
+def _run(engine: Any, prompt: list[int], cfg: Any) -> list[tuple[list[int], str | None, Any]]:
+    seqs = engine.submit(prompt, cfg)
+    while engine.has_work():
+        engine.step()
+    return [(s.tokens, s.finish_reason, s.logprobs) for s in seqs]
+
+
+def test_stream_text_chat_and_batches_decode_speculatively() -> None:
+    from tiny_chat import tiny_lm
+
+    from lamina.generate.batch import generate_batch
+    from lamina.generate.chat import chat_loop
+    from lamina.generate.text import complete, stream_text
+
+    lm = tiny_lm()
+    plain = complete(lm, "hello there", max_new_tokens=20, temperature=0)
+    got = complete(lm, "hello there", max_new_tokens=20, temperature=0, speculative_layers=1)
+    assert got.text == plain.text and got.draft is not None and got.draft.proposed > 0
+    assert "draft accepted" in got.summary()
+    assert "".join(stream_text(lm, "hello there", max_new_tokens=20, temperature=0, draft=lm)) == plain.text
+    requests = [{"prompt": "hello there"}, {"prompt": "the cat", "temperature": 0.8, "seed": 2}]
+    stats: dict[str, Any] = {}
+    rows = generate_batch(lm, requests, max_new_tokens=20, temperature=0, speculative_layers=1, stats=stats)
+    assert rows == generate_batch(lm, requests, max_new_tokens=20, temperature=0)
+    assert stats["draft"].proposed > 0
+    lines = iter(["hello", "the cat"])
+    kw: dict[str, Any] = {"max_new_tokens": 8, "temperature": 0, "repetition_penalty": 1.0}
+    history = chat_loop(lm, lambda: next(lines, None), lambda _: None, **kw)
+    lines = iter(["hello", "the cat"])
+    assert (
+        chat_loop(lm, lambda: next(lines, None), lambda _: None, speculative_layers=1, stats=stats, **kw)
+        == history
+    )
+
+
+def test_a_draft_and_a_layer_count_together_are_refused() -> None:
     from tiny_chat import tiny_lm
 
     from lamina.generate.text import complete
 
-    with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("]", r"\]")) as err:
-        complete(tiny_lm(), "hello", speculative_layers=1, **controls)
+    with pytest.raises(ConfigError, match="not both") as err:
+        complete(tiny_lm(), "hello", speculative_layers=1, draft="x", temperature=0)
     assert "\n" not in str(err.value)
