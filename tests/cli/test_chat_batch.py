@@ -213,7 +213,9 @@ def test_generate_draft_and_speculative_layers_print_the_greedy_text(
     assert main([*base, "--speculative-layers", "1", "--temperature", "0.7", "--seed", "1"]) == 0
     assert "draft proposed nothing" in capsys.readouterr().err
     path = tmp_path / "p.jsonl"
-    path.write_text('{"prompt": "hello", "max_new_tokens": 10}\n{"prompt": "the cat", "temperature": 0.7, "seed": 1}\n')
+    path.write_text(
+        '{"prompt": "hello", "max_new_tokens": 10}\n{"prompt": "the cat", "temperature": 0.7, "seed": 1}\n'
+    )
     assert main(["generate", tiny_path, "--input", str(path)]) == 0
     plain = capsys.readouterr().out
     assert main(["generate", tiny_path, "--input", str(path), "--speculative-layers", "1"]) == 0

@@ -216,5 +216,7 @@ def test_a_beam_request_shares_the_engine_batch_with_sampled_and_greedy_ones(
         assert [s.tokens for s in got] == [b.tokens for b in ref_beams]
         assert [s.score for s in got] == pytest.approx([b.score for b in ref_beams], abs=1e-5)
         assert [s.finish_reason for s in got] == [b.finish_reason for b in ref_beams]
-        ends = [d for d in deltas if any(d.seq is s for s in got)]  # each beam: one finishing delta, at the end
+        ends = [
+            d for d in deltas if any(d.seq is s for s in got)
+        ]  # each beam: one finishing delta, at the end
         assert len(ends) == 2 and all(d.finished and d.token is None for d in ends)
