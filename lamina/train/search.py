@@ -515,7 +515,7 @@ def _storage(plan: _Plan) -> optuna.storages.RDBStorage:
         except Exception as e:  # sqlalchemy's errors, or a server that is not there
             if attempt == 2:
                 raise ConfigError(f"cannot open the study storage {_redact(plan.storage)}: "
-                                  f"{str(e).splitlines()[0]}") from None  # fmt: skip
+                                  f"{str(e).splitlines()[0]}; check the URL and that its server runs") from None  # fmt: skip
             time.sleep(1.0 + attempt)
     if sqlite:  # write-ahead log: a commit is an append, not a sync of the whole file (one machine only)
         import sqlalchemy
@@ -698,11 +698,11 @@ def tune(cfg: TuneConfig, run: Mapping[str, Any]) -> TuneResult:
     direction = default_direction(cfg.objective) if cfg.direction == "auto" else cfg.direction
     plan = _Plan(cfg, params, base, verb, storage, cfg.study or out.resolve().name, direction,
                  n_trials, threads)  # fmt: skip
+    open_study(plan)  # created here, before workers race to create it (and a bad URL fails early)
     if verb == "pretrain" and not any(p.section == "data" for p in params):
         from lamina.train.pretrain import prepare_data
 
         prepare_data(check, progress=False)  # once, before trials share it
-    open_study(plan)  # created here, before workers race to create it
     if cfg.jobs == 1:
         _work(plan)
     else:
