@@ -207,7 +207,8 @@ def h():
     assert kinds == {"a": "module", "b": "typing", "c": "module", "d": "module", "e": "module", "g": "lazy",
                      "i": "typing"}  # fmt: skip
     found = {(i.source, i.target, i.kind) for i in imports()}
-    assert ("lamina", "lamina.checkpoint.load", "module") in found  # from lamina.checkpoint.load import load
+    assert ("lamina.checkpoint.load", "lamina.checkpoint.registry", "module") in found
+    assert ("lamina", "lamina.checkpoint.load", "typing") in found  # lamina's public names are lazy
     assert ("lamina.checkpoint.hf", "lamina.tokenizer", "typing") in found
     assert len(modules()) > 30 and "lamina.model" in modules()
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set(), "e": {"e"}}) == [
