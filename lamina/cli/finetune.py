@@ -1,6 +1,7 @@
 """``lamina finetune --task classify --data train.csv --init MODEL``: train a task head on labeled text
 (``--task regress``; ``--task token_classify --data conll.jsonl`` for tagging); ``--task sft --data
-chat.jsonl --init MODEL``: supervised fine-tuning of a language model on conversations."""
+chat.jsonl --init MODEL``: supervised fine-tuning of a language model on conversations; ``--task reward``
+and ``--task dpo --data prefs.jsonl``: a reward model or preference tuning from prompt/chosen/rejected pairs."""
 
 from __future__ import annotations
 
@@ -19,10 +20,13 @@ from lamina.cli.pretrain import _overwrite
 from lamina.config import TRAIN_PRESETS, ModelConfig, TrainConfig
 from lamina.model.lora import LoraConfig
 from lamina.train.finetune import FinetuneRun, SftConfig, TaskConfig, finetune
+from lamina.train.preference import DpoConfig, RewardConfig
 
 SECTIONS = {
     "task": TaskConfig,
     "sft": SftConfig,
+    "dpo": DpoConfig,
+    "reward": RewardConfig,
     "lora": LoraConfig,
     "model": ModelConfig,
     "train": TrainConfig,
@@ -35,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "finetune",
         formatter_class=HelpFormatter,
         help="fine-tune a classification, regression or token classification head on labeled data, or a "
-        "language model on chat data (--task sft)",
+        "language model on chat data (--task sft), a reward model (--task reward) or DPO (--task dpo)",
         description="Put a fresh task head on MODEL (--init) or on a model built from --model.* flags, "
         "and train on --data (CSV with a header or JSONL; columns --task.text_field [text], "
         "--task.pair_field for sentence pairs, and --task.label_field [label]; for token_classify, JSONL "
@@ -44,13 +48,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "IOB tags, entity F1) on held-out rows after every epoch. --task sft trains a language model on "
         "JSONL conversations (OpenAI messages, prompt/completion or Alpaca instruction/input/output) "
         "rendered with its chat template, the loss on the answers only (--sft.loss_on all: every token); "
-        "every evaluation writes greedy answers to a few held-out prompts to OUT/samples.jsonl; any --lora.* flag (--lora.r 16 --lora.target_modules all-linear) trains LoRA adapters only, saved in PEFT's format in each checkpoint's adapter/ folder. Freeze layers with --train.freeze "
+        "every evaluation writes greedy answers to a few held-out prompts to OUT/samples.jsonl; any "
+        "--lora.* flag (--lora.r 16 --lora.target_modules all-linear) trains LoRA adapters only, saved in "
+        "PEFT's format in each checkpoint's adapter/ folder. --task reward and --task dpo read JSONL "
+        "prompt/chosen/rejected pairs (strings or message lists): reward trains a scalar head with the "
+        "Bradley-Terry loss and reports held-out pairwise accuracy; dpo trains the policy against the frozen "
+        "start (with LoRA: the base, adapters disabled) with --dpo.loss sigmoid|ipo|hinge|robust|simpo and "
+        "--dpo.beta, reporting rewards/chosen, rewards/rejected, rewards/accuracies and rewards/margins. Freeze layers with --train.freeze "
         "'[0-3]' (block indices) or name globs ('[tok_emb.*]'). The train section starts from the "
         "`finetune` preset (3 epochs, lr 5e-5, no warmup). Every field is a flag --SECTION.FIELD and a "
         "key of the --config YAML file; flags win over the file.",
         epilog="examples:\n  lamina finetune --task classify --data examples/reviews.csv --init minilm "
         "--train.epochs 3 --out runs/sentiment\n  lamina finetune --task sft --data chat.jsonl --init smollm2 "
-        "--task.max_seq_len 512 --out runs/chat",
+        "--task.max_seq_len 512 --out runs/chat\n  lamina finetune --task dpo --data prefs.jsonl --init smollm2 "
+        "--dpo.beta 0.1 --lora.r 16 --out runs/dpo",
     )
     add_config_file(p)
     p.add_argument(
