@@ -120,6 +120,8 @@ def finetune_sft(
         "val_conversations": len(val_e.examples), "val_skipped": val_e.skipped,
         "val_truncated": val_e.truncated, "max_seq_len": max_len,
     }  # fmt: skip
+    # tokens/s counts real tokens: a batch holds batch_size rows of the mean row length (padding aside)
+    per_batch = max(1, round(sum(len(e.ids) for e in train_e.examples) / len(train_b) * tcfg.batch_size))
     steps = tcfg.max_steps or max(1, round((tcfg.epochs or 1) * train_b.steps_per_epoch))
     out = Path(tcfg.out_dir)
     start = _resumed_step(out) if resume else 0
@@ -130,7 +132,7 @@ def finetune_sft(
     samples.keep_until(start)
     result = train(
         model, tcfg, train_b, sft(tcfg.label_smoothing), val_b.eval_batches,
-        tokens_per_batch=tcfg.batch_size * max_len, total_steps=steps, tokenizer=tokenizer,
+        tokens_per_batch=per_batch, total_steps=steps, tokenizer=tokenizer,
         run_config=run.to_dict(), eval_metrics=samples if s.samples else None, resume=resume,
         overwrite=overwrite, data_stats=stats, notes=notes,
     )  # fmt: skip
