@@ -61,8 +61,12 @@ class LaminaLM(TemplateLM):
         **_: Any,
     ) -> None:
         super().__init__()
+        import torch
+
         import lamina
 
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            device = "cpu"  # lm-eval's CLI passes --device cuda by default; its hf backend falls back too
         dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "auto": "fp32"}.get(dtype, dtype)
         self.lm = (
             pretrained

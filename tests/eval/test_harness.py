@@ -4,6 +4,7 @@ multiple-choice scores, its rolling log-likelihood equals one full forward, gene
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -61,3 +62,31 @@ def test_rolling_and_generate(model: Any) -> None:
         _instances("generate_until", [("the cat", {"until": ["mat"], "max_gen_toks": 5})])
     )
     assert len(outs) == 1 and "mat" not in outs[0]
+
+
+@pytest.mark.slow
+def test_lm_eval_cli_finds_the_model(tmp_path: Path) -> None:
+    """``python -m lamina.eval.harness`` is lm-eval's CLI with ``--model lamina``, on a local task YAML."""
+    import os
+    import subprocess
+    import sys
+
+    from lamina.checkpoint.lamina import save_checkpoint
+
+    lm = tiny_lm()
+    model = save_checkpoint(tmp_path / "tiny", lm.model, lm.tokenizer, lm.generation)
+    fixture = Path(__file__).parent / "fixtures" / "WiC" / "val.jsonl"
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "wic_local.yaml").write_text(
+        "task: wic_local\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    validation: {fixture}\noutput_type: multiple_choice\nvalidation_split: validation\n"
+        'doc_to_text: "Sentence 1: {{sentence1}}\\nSentence 2: {{sentence2}}\\nAnswer:"\n'
+        "doc_to_target: \"{{label | int}}\"\ndoc_to_choice: ['no', 'yes']\nmetric_list:\n  - metric: acc\n"
+    )
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    args = ["--model", "lamina", "--model_args", f"pretrained={model}", "--tasks", "wic_local",
+            "--include_path", str(tmp_path / "tasks"), "--limit", "3"]  # fmt: skip
+    run = subprocess.run([sys.executable, "-m", "lamina.eval.harness", *args], capture_output=True, text=True,
+                         env=env, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "|wic_local|" in run.stdout and "acc" in run.stdout
