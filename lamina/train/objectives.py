@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lamina.errors import ConfigError
+
 Batch = dict[str, Tensor]
 Objective = Callable[[nn.Module, Batch], tuple[Tensor, int]]
 
@@ -77,6 +79,39 @@ def sft(label_smoothing: float = 0.0, ignore_index: int = -100) -> Objective:
         n = int((targets != ignore_index).sum())
         total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index,
                                 label_smoothing=label_smoothing, reduction="sum")  # fmt: skip
+        return total / max(n, 1), n
+
+    return loss
+
+
+def seq2seq(label_smoothing: float = 0.0, ignore_index: int = -100) -> Objective:
+    """Teacher-forced cross-entropy of an encoder-decoder (``arch="encoder-decoder"``): the logits of
+    ``batch["decoder_input_ids"]`` (B, T) given the source ``batch["input_ids"]`` (B, S) and its
+    ``attention_mask``, against ``batch["labels"]`` (B, T; ignore_index skipped), with label smoothing
+    (Szegedy et al. 2016; 0.1 in "Attention Is All You Need"). Batches: ``lamina.data.pairs.PairBatches``
+    or ``lamina.data.span_corruption.SpanCorruptionBatches``. A model of another arch raises ConfigError."""
+
+    def loss(model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
+        arch = getattr(getattr(getattr(model, "module", model), "config", None), "arch", "encoder-decoder")
+        if arch != "encoder-decoder":
+            raise ConfigError(
+                f"the seq2seq objective needs an encoder-decoder model (arch='encoder-decoder', e.g. preset "
+                f"t5-small), got arch={arch!r}"
+            )
+        logits = model(
+            batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            decoder_input_ids=batch["decoder_input_ids"],
+        )
+        labels = batch["labels"]
+        n = int((labels != ignore_index).sum())
+        total = F.cross_entropy(
+            logits.flatten(0, 1).float(),
+            labels.flatten(),
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            reduction="sum",
+        )
         return total / max(n, 1), n
 
     return loss
