@@ -1,7 +1,8 @@
 """``lamina finetune --task classify --data train.csv --init MODEL``: train a task head on labeled text
 (``--task regress``; ``--task token_classify --data conll.jsonl`` for tagging); ``--task sft --data
 chat.jsonl --init MODEL``: supervised fine-tuning of a language model on conversations; ``--task reward``
-and ``--task dpo --data prefs.jsonl``: a reward model or preference tuning from prompt/chosen/rejected pairs."""
+and ``--task dpo --data prefs.jsonl``: a reward model or preference tuning from prompt/chosen/rejected pairs;
+``--task seq2seq --data pairs.jsonl``: an encoder-decoder on source/target pairs."""
 
 from __future__ import annotations
 
@@ -21,12 +22,14 @@ from lamina.config import TRAIN_PRESETS, ModelConfig, TrainConfig
 from lamina.model.lora import LoraConfig
 from lamina.train.finetune import FinetuneRun, SftConfig, TaskConfig, finetune
 from lamina.train.preference import DpoConfig, RewardConfig
+from lamina.train.seq2seq import Seq2SeqConfig
 
 SECTIONS = {
     "task": TaskConfig,
     "sft": SftConfig,
     "dpo": DpoConfig,
     "reward": RewardConfig,
+    "seq2seq": Seq2SeqConfig,
     "lora": LoraConfig,
     "model": ModelConfig,
     "train": TrainConfig,
@@ -39,7 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "finetune",
         formatter_class=HelpFormatter,
         help="fine-tune a classification, regression or token classification head on labeled data, or a "
-        "language model on chat data (--task sft), a reward model (--task reward) or DPO (--task dpo)",
+        "language model on chat data (--task sft), a reward model (--task reward), DPO (--task dpo) or an "
+        "encoder-decoder on source/target pairs (--task seq2seq)",
         description="Put a fresh task head on MODEL (--init) or on a model built from --model.* flags, "
         "and train on --data (CSV with a header or JSONL; columns --task.text_field [text], "
         "--task.pair_field for sentence pairs, and --task.label_field [label]; for token_classify, JSONL "
@@ -54,14 +58,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "prompt/chosen/rejected pairs (strings or message lists): reward trains a scalar head with the "
         "Bradley-Terry loss and reports held-out pairwise accuracy; dpo trains the policy against the frozen "
         "start (with LoRA: the base, adapters disabled) with --dpo.loss sigmoid|ipo|hinge|robust|simpo and "
-        "--dpo.beta, reporting rewards/chosen, rewards/rejected, rewards/accuracies and rewards/margins. Freeze layers with --train.freeze "
+        "--dpo.beta, reporting rewards/chosen, rewards/rejected, rewards/accuracies and rewards/margins. "
+        "--task seq2seq trains an encoder-decoder (--init a T5 model, or --model.preset t5-tiny with "
+        "--task.tokenizer) on source/target pairs (TSV/CSV with a header or JSONL; --seq2seq.source_field "
+        "[source], --seq2seq.target_field [target]) and reports validation BLEU, chrF and ROUGE of greedy "
+        "outputs at every evaluation. Freeze layers with --train.freeze "
         "'[0-3]' (block indices) or name globs ('[tok_emb.*]'). The train section starts from the "
         "`finetune` preset (3 epochs, lr 5e-5, no warmup). Every field is a flag --SECTION.FIELD and a "
         "key of the --config YAML file; flags win over the file.",
         epilog="examples:\n  lamina finetune --task classify --data examples/reviews.csv --init minilm "
         "--train.epochs 3 --out runs/sentiment\n  lamina finetune --task sft --data chat.jsonl --init smollm2 "
         "--task.max_seq_len 512 --out runs/chat\n  lamina finetune --task dpo --data prefs.jsonl --init smollm2 "
-        "--dpo.beta 0.1 --lora.r 16 --out runs/dpo",
+        "--dpo.beta 0.1 --lora.r 16 --out runs/dpo\n  lamina finetune --task seq2seq --data pairs.jsonl "
+        "--model.preset t5-tiny --task.tokenizer tokenizer.json --train.lr 3e-3 --out runs/t5",
     )
     add_config_file(p)
     p.add_argument(

@@ -21,10 +21,11 @@ model decodes with the KV-cache engine as it is (merged or not).
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -117,6 +118,7 @@ class LoraLinear(nn.Module):
         self.lora_B = nn.Linear(cfg.r, self.out_features, bias=False, device=device, dtype=torch.float32)
         self.lora_dropout: nn.Module = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout > 0 else nn.Identity()
         self.merged = False
+        self.disabled = False  # True inside ``disable_adapters``: the base layer alone
         self.reset_lora_parameters(cfg.init_lora_weights)
 
     def reset_lora_parameters(self, init: bool | str) -> None:
@@ -145,7 +147,7 @@ class LoraLinear(nn.Module):
             y = _FrozenQuantMatmul.apply(x, base)
         else:
             y = base(x)
-        if self.merged:
+        if self.merged or self.disabled:
             return y
         a = self.lora_A.weight
         h = F.linear(F.linear(self.lora_dropout(x).to(a.dtype), a), self.lora_B.weight)
@@ -233,6 +235,23 @@ def lora_config_of(model: nn.Module) -> LoraConfig | None:
     """The ``LoraConfig`` ``apply_lora`` used on ``model``, or None for a model without adapters."""
     cfg = getattr(model, "lora_config", None)
     return cfg if isinstance(cfg, LoraConfig) else None
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` as its base inside this block: every unmerged adapter is skipped (PEFT's
+    ``disable_adapter()``); DPO's reference model with LoRA, without a second copy in memory. Raises
+    ``ConfigError`` if an adapter is merged (its update is inside the base weight then)."""
+    layers = list(lora_layers(model).values())
+    if any(m.merged for m in layers):
+        raise ConfigError("cannot disable merged LoRA adapters; unmerge them first (unmerge_lora)")
+    for m in layers:
+        m.disabled = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.disabled = False
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:

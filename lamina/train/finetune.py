@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +46,12 @@ from lamina.model.lora import LoraConfig
 from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
 from lamina.train.objectives import Batch, Objective
+from lamina.train.preference import DpoConfig, RewardConfig
+from lamina.train.seq2seq import Seq2SeqConfig
 from lamina.train.trainer import TrainResult, check_out_dir, train
 
 HeadTask = Literal["classify", "regress", "token_classify"]  # the tasks that train a fresh head
-Task = Literal[HeadTask, "sft"]
+Task = Literal[HeadTask, "sft", "reward", "dpo", "seq2seq"]
 
 
 @dataclass
@@ -57,7 +59,9 @@ class TaskConfig:
     """What to learn and from which file; ``val_data`` or else ``val_fraction`` of ``data`` is held out."""
 
     # classify (a class per row), regress (a number per row), token_classify (a tag per word) or sft
-    # (supervised fine-tuning of a language model on chat or instruction data; options: the sft section)
+    # (supervised fine-tuning of a language model on chat or instruction data; options: the sft section),
+    # reward (a reward model from prompt/chosen/rejected pairs), dpo (preference tuning; the dpo section) or
+    # seq2seq (an encoder-decoder on source/target pairs; the seq2seq section)
     task: Task = "classify"
     # the training file: .csv with a header or .jsonl (token_classify, sft: .jsonl)
     data: str = ""
@@ -117,6 +121,9 @@ SECTIONS: dict[str, type | None] = {
     "model": ModelConfig,
     "task": TaskConfig,
     "sft": SftConfig,
+    "dpo": DpoConfig,
+    "reward": RewardConfig,
+    "seq2seq": Seq2SeqConfig,
     "lora": LoraConfig,  # given (even empty, ``lora: {}``): train LoRA adapters instead of the weights
     "train": TrainConfig,
     "init": None,
@@ -132,7 +139,12 @@ class FinetuneRun:
     model: ModelConfig | None = None
     init: str | None = None
     sft: SftConfig = field(default_factory=SftConfig)
-    lora: LoraConfig | None = None  # task=sft: LoRA adapters (lamina.model.lora) train, the model is frozen
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    seq2seq: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
+    lora: LoraConfig | None = (
+        None  # task=sft or dpo: LoRA adapters (lamina.model.lora) train, the model is frozen
+    )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FinetuneRun:
@@ -153,6 +165,9 @@ class FinetuneRun:
             model=model,
             init=init,
             sft=from_dict(SftConfig, data.get("sft") or {}, "sft"),
+            dpo=from_dict(DpoConfig, data.get("dpo") or {}, "dpo"),
+            reward=from_dict(RewardConfig, data.get("reward") or {}, "reward"),
+            seq2seq=from_dict(Seq2SeqConfig, data.get("seq2seq") or {}, "seq2seq"),
             lora=from_dict(LoraConfig, data["lora"], "lora") if data.get("lora") is not None else None,
         )
 
@@ -162,6 +177,10 @@ class FinetuneRun:
                "model": to_dict(self.model) if self.model else None, "init": self.init}  # fmt: skip
         if self.task.task == "sft":
             out["sft"] = to_dict(self.sft)
+        if self.task.task in ("dpo", "reward"):
+            out[self.task.task] = to_dict(self.dpo if self.task.task == "dpo" else self.reward)
+        if self.task.task == "seq2seq":
+            out["seq2seq"] = to_dict(self.seq2seq)
         if self.lora is not None:
             out["lora"] = to_dict(self.lora)
         return out
@@ -282,8 +301,23 @@ def finetune(
     started = time.perf_counter()
     check_out_dir(run.train.out_dir, resume=resume, overwrite=overwrite)
     t = run.task
-    if run.lora is not None and t.task != "sft":
-        raise ConfigError(f"the lora section trains adapters for task=sft; task={t.task} trains a new head")
+    if run.lora is not None and t.task not in ("sft", "dpo"):
+        raise ConfigError(
+            f"the lora section trains adapters for task=sft or dpo; task={t.task} trains a new head"
+        )
+    if t.task in ("dpo", "reward"):
+        from lamina.train.preference import finetune_dpo, finetune_reward
+
+        fn = finetune_dpo if t.task == "dpo" else finetune_reward
+        model, tokenizer, result = fn(run, resume=resume, overwrite=overwrite)
+        result.elapsed = time.perf_counter() - started
+        return model, tokenizer, result
+    if t.task == "seq2seq":
+        from lamina.train.seq2seq import finetune_seq2seq
+
+        model, tokenizer, result = finetune_seq2seq(run, resume=resume, overwrite=overwrite)
+        result.elapsed = time.perf_counter() - started
+        return model, tokenizer, result
     if t.task == "sft":
         from lamina.train.sft import finetune_sft
 
@@ -300,7 +334,8 @@ def finetune(
         train_data, val_data = train_data.split(t.val_fraction, run.train.seed)
     base, tokenizer = base_model(run)
     names = _label_names(t, train_data, val_data)
-    model = with_task_head(base, t.task, names)
+    head_task = cast(HeadTask, t.task)  # sft, reward, dpo and seq2seq returned above
+    model = with_task_head(base, head_task, names)
     max_len = min(t.max_seq_len, model.config.max_seq_len)
     tt = model.type_emb is not None
     tcfg = run.train
@@ -341,7 +376,7 @@ def finetune(
         return classification_metrics(torch.cat(preds).argmax(-1), torch.cat(labels), len(names))
 
     result = train(
-        model, tcfg, train_b, classification_loss(t.task), val_b.eval_batches,
+        model, tcfg, train_b, classification_loss(head_task), val_b.eval_batches,
         tokens_per_batch=tcfg.batch_size * max_len, total_steps=steps, tokenizer=tokenizer,
         run_config=dataclasses.replace(run, train=tcfg).to_dict(), eval_metrics=metrics, resume=resume,
         overwrite=overwrite, perplexity=False,  # a class or a number per row: no per-token perplexity

@@ -133,10 +133,12 @@ def _register_sections() -> None:
     from lamina.data.corpus import DataConfig
     from lamina.model.lora import LoraConfig
     from lamina.train.finetune import SftConfig, TaskConfig
+    from lamina.train.preference import DpoConfig, RewardConfig
 
     _SECTION_CLASSES.update(
         model=ModelConfig, train=TrainConfig, data=DataConfig, task=TaskConfig, sft=SftConfig, lora=LoraConfig
     )
+    _SECTION_CLASSES.update(dpo=DpoConfig, reward=RewardConfig)
 
 
 _register_sections()
