@@ -9,7 +9,7 @@ leaves the batch the step it finishes, freeing its cache row for the next reques
 new tokens with their text deltas (never splitting a UTF-8 character, holding back text that may
 start a stop string) and, when asked for, their log-probabilities.
 
-Two decoding modes share the batch with plain requests (``_Running``, one row each):
+Two decoding modes share the batch with plain requests (``Running``, one row each):
 
 - beam search (``num_beams`` > 1): the request is a beam group of ``num_beams`` rows (``_Beams`` over
   ``lamina.generate.beam.BeamGroup``), advanced every step with the others; its cache rows are reordered
@@ -29,7 +29,7 @@ import itertools
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -38,11 +38,12 @@ from torch import Tensor
 from lamina.config import GenerationConfig, ModelConfig
 from lamina.errors import ConfigError
 from lamina.generate.beam import BeamGroup, check_beam_config
-from lamina.generate.sampling import Sampler, greedy_is_argmax, prompt_logprobs, sample_batch, token_logprobs
+from lamina.generate.sampling import Sampler, prompt_logprobs, sample_batch, token_logprobs
+from lamina.generate.sequences import Delta, Running, Sequence_, TokenLogprob
 from lamina.generate.speculative import Drafter, DraftStats, SpeculativeOptions, keep_slots
 from lamina.model.layers import KVCache
 from lamina.model.transformer import Transformer
-from lamina.tokenizer import DecodeStream, Tokenizer
+from lamina.tokenizer import Tokenizer
 
 if TYPE_CHECKING:  # constrain.py defines the protocol; the engine imports it only when a request needs it
     from lamina.generate.constrain import Constraint
@@ -81,138 +82,6 @@ def require_generative(config: ModelConfig, name: str | None = None) -> None:
     )
 
 
-@dataclass
-class TokenLogprob:
-    """A token's log-probability under the raw model distribution, its rank and the top alternatives."""
-
-    token: int
-    logprob: float
-    rank: int  # 1 = the most likely token
-    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), most likely first
-
-
-@dataclass
-class Sequence_:
-    """One generated sequence: its prompt, its new tokens, and why it stopped.
-
-    When a stop string ends it, ``tokens`` keeps the token that completed the stop string and ``text`` is
-    the output cut at the stop string. ``text`` is set when the engine has a tokenizer.
-    """
-
-    prompt_index: int  # the request's index (its position in ``generate_ids``' prompts)
-    tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" (eos, stop token or string, JSON), "length", "abort", "error"
-    text: str | None = None
-    stop_str: str | None = None  # the stop string that ended it
-    index: int = 0  # which of the request's n sequences
-    logprobs: list[TokenLogprob] | None = None  # per generated token, with cfg.logprobs
-    prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token (None for the first)
-    prompt_tokens: int = 0
-    error: str | None = None  # why it stopped, with finish_reason "error"
-    stop_token: int | None = None  # the eos / stop token that ended it (not in ``tokens``)
-    stop_logprob: TokenLogprob | None = None  # its logprob, with cfg.logprobs
-    score: float | None = None  # a beam's length-penalised summed logprob (HF's sequences_scores)
-
-
-@dataclass
-class Delta:
-    """What one step produced for one sequence: a token (None when it only finished) and new text."""
-
-    seq: Sequence_
-    token: int | None
-    text: str
-    logprob: TokenLogprob | None = None
-
-    @property
-    def finished(self) -> bool:
-        """Whether this is the sequence's last delta."""
-        return self.seq.finish_reason is not None
-
-
-class _Running:
-    """Engine-side state of one live sequence."""
-
-    def __init__(
-        self,
-        seq: Sequence_,
-        sampler: Sampler,
-        budget: int,
-        stops: set[int],
-        tokenizer: Tokenizer | None,
-        prompt: Sequence[int],
-        constraint: Constraint | None,
-    ) -> None:
-        self.seq, self.sampler, self.budget, self.stops = seq, sampler, budget, stops
-        self.cfg = sampler.cfg
-        self.constraint = constraint
-        self.decoder: DecodeStream | None = (
-            tokenizer.decode_stream(skip_special_tokens=True, prompt_ids=prompt) if tokenizer else None
-        )
-        self.text = ""  # decoded so far (cut at a stop string once one is found)
-        self.sent = 0  # characters of text already handed out in deltas
-        self.hold = max((len(s) for s in self.cfg.stop), default=1) - 1
-        self.plain = constraint is None and greedy_is_argmax(self.cfg)
-        self.spec = False  # decoded speculatively (a greedy row of an engine with a draft)
-        self.feed = -1  # the token to feed the model at the next decode step
-
-    def delta(self, token: int, logprob: TokenLogprob | None) -> Delta:
-        """Record a chosen token and what it means for the sequence, as a ``Delta``."""
-        n = len(self.seq.tokens)
-        text = self.add(token)
-        if len(self.seq.tokens) == n:  # a stop token: not part of the output, kept with its logprob
-            self.seq.stop_token, self.seq.stop_logprob = token, logprob
-            return Delta(self.seq, None, text, logprob)
-        if logprob is not None:
-            self.seq.logprobs = (self.seq.logprobs or []) + [logprob]
-        return Delta(self.seq, token, text, logprob)
-
-    def add(self, token: int) -> str:
-        """Record a chosen token, decide whether the sequence ends; return the text delta."""
-        seq, cfg = self.seq, self.cfg
-        if token in self.stops:
-            seq.finish_reason = "stop"
-            return self._flush()
-        seq.tokens.append(token)
-        if self.constraint is not None:
-            self.constraint.advance(token)
-        if self.decoder is not None:
-            before = len(self.text)
-            self.text += self.decoder.step(token)
-            if cfg.stop and (hit := self._stop_string(before)) is not None:
-                seq.finish_reason, seq.stop_str = "stop", hit
-                return self._flush(decode_rest=False)
-        if self.constraint is not None and self.constraint.done:
-            seq.finish_reason = "stop"
-        elif len(seq.tokens) >= self.budget:
-            seq.finish_reason = "length"
-        if seq.finish_reason is not None:
-            return self._flush()
-        end = len(self.text) - self.hold
-        if end <= self.sent:
-            return ""
-        delta, self.sent = self.text[self.sent : end], end
-        return delta
-
-    def _stop_string(self, before: int) -> str | None:
-        start = max(0, before - max(len(s) for s in self.cfg.stop) + 1)  # where a new match can begin
-        hits = [(i, s) for s in self.cfg.stop if (i := self.text.find(s, start)) >= 0]
-        if not hits:
-            return None
-        i, s = min(hits)
-        self.text = self.text[: i + len(s)] if self.cfg.include_stop_str_in_output else self.text[:i]
-        return s
-
-    def _flush(self, decode_rest: bool = True) -> str:
-        """The sequence ended: the rest of its text."""
-        if self.decoder is None:
-            return ""
-        if decode_rest:
-            self.text += self.decoder.finish()
-        self.seq.text = self.text
-        delta, self.sent = self.text[self.sent :], len(self.text)
-        return delta
-
-
 class _Beams:
     """Engine-side state of a beam-search request: its group (``num_beams`` rows) and its n sequences."""
 
@@ -241,7 +110,7 @@ class _Beams:
         return [Delta(seq, None, "") for seq in self.seqs]
 
 
-_Unit = _Running | _Beams  # what occupies rows of the batch: one row, or a beam group's num_beams rows
+_Unit = Running | _Beams  # what occupies rows of the batch: one row, or a beam group's num_beams rows
 
 
 @dataclass
@@ -250,7 +119,7 @@ class _Request:
     prompt: list[int]
     cfg: GenerationConfig
     seqs: list[Sequence_]
-    running: list[_Running]
+    running: list[Running]
     beams: _Beams | None = None
 
     @property
@@ -356,7 +225,7 @@ class Engine:
         idx = rid if prompt_index is None else prompt_index
         seqs = [Sequence_(idx, index=k, prompt_tokens=len(prompt)) for k in range(cfg.n)]
         budget = min(cfg.max_new_tokens, limit - len(prompt))
-        running: list[_Running] = []
+        running: list[Running] = []
         beams = None
         if beam:
             group = BeamGroup(cfg, prompt, self.eos_token_ids, budget, self._device)
@@ -365,7 +234,7 @@ class Engine:
             # samplers and constraints are built now, so that their errors reach the caller, not step()
             stops = set(cfg.stop_token_ids) | (set() if cfg.ignore_eos else set(self.eos_token_ids))
             running = [
-                _Running(s, Sampler(cfg, prompt, index=s.index, tokenizer=self.tokenizer), budget, stops,
+                Running(s, Sampler(cfg, prompt, index=s.index, tokenizer=self.tokenizer), budget, stops,
                          self.tokenizer, prompt, self._constraint(cfg))
                 for s in seqs
             ]  # fmt: skip
@@ -552,13 +421,13 @@ class Engine:
         assert cache is not None
         units = self._units()
         # speculative rows: the draft's proposals, verified by the one target forward below
-        spec = [i for i, u in units if isinstance(u, _Running) and u.spec]
+        spec = [i for i, u in units if isinstance(u, Running) and u.spec]
         props: dict[int, list[int]] = {}
         if spec:
             assert self._drafter is not None
             k = self._drafter.k
             rows = [self._running[i] for i in spec]
-            limits = [min(k, r.budget - len(r.seq.tokens) - 1) for r in rows if isinstance(r, _Running)]
+            limits = [min(k, r.budget - len(r.seq.tokens) - 1) for r in rows if isinstance(r, Running)]
             props = dict(zip(spec, self._drafter.propose(limits), strict=True))
         T = 1 + max((len(p) for p in props.values()), default=0)
         B = len(self._running)
@@ -577,7 +446,7 @@ class Engine:
         logits = self.model(ids.to(self._device), attention_mask=real, cache=cache)
         out: list[Delta] = []
         keep: list[int] = []
-        plain = {i: u for i, u in units if isinstance(u, _Running) and not u.spec}  # sampled or greedy
+        plain = {i: u for i, u in units if isinstance(u, Running) and not u.spec}  # sampled or greedy
         picked: dict[int, tuple[int, TokenLogprob | None]] = {}
         if plain:
             at = list(plain)
@@ -643,7 +512,7 @@ class Engine:
             self._cache.keep(torch.tensor(keep, dtype=torch.long))
         if self._drafter is not None:
             rank = {
-                i: k for k, i in enumerate(i for i, u in enumerate(old) if isinstance(u, _Running) and u.spec)
+                i: k for k, i in enumerate(i for i, u in enumerate(old) if isinstance(u, Running) and u.spec)
             }
             self._drafter.keep([rank[i] for i in keep if i in rank])
         still = {id(u) for u in self._running}
@@ -654,7 +523,7 @@ class Engine:
                     self._owner.pop(id(seq), None)
 
     def _choose_safely(
-        self, logits: Tensor, rows: Sequence[_Running]
+        self, logits: Tensor, rows: Sequence[Running]
     ) -> tuple[list[int], list[TokenLogprob | None]]:
         """``_choose``, but a row whose controls fail (e.g. every token banned) finishes alone with
         ``finish_reason="error"`` (token -1) instead of failing the whole batch."""
@@ -676,9 +545,7 @@ class Engine:
             lps += lp
         return tokens, lps
 
-    def _choose(
-        self, logits: Tensor, rows: Sequence[_Running]
-    ) -> tuple[list[int], list[TokenLogprob | None]]:
+    def _choose(self, logits: Tensor, rows: Sequence[Running]) -> tuple[list[int], list[TokenLogprob | None]]:
         """The next token of each row (greedy, sampled or constrained) and its logprob when asked for."""
         logits = logits.float()
         masked = logits

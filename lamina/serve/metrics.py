@@ -67,6 +67,8 @@ class Metrics:
             ("running_sequences_max", g, "the largest running batch since the server started"),
             ("queued_requests", g, "requests waiting to join the batch (queue depth)"),
             ("tokens_per_second", g, "generated tokens per second over the last 10 s"),
+            ("draft_tokens_proposed", g, "speculative decoding: draft tokens proposed (and verified)"),
+            ("draft_tokens_accepted", g, "speculative decoding: draft tokens the model agreed with"),
             ("time_to_first_token_seconds", h, "from arrival to the first generated token"),
             ("inter_token_latency_seconds", h, "between successive tokens of a sequence"),
             ("request_duration_seconds", h, "from arrival to the last token"),

@@ -35,10 +35,21 @@ def test_the_benchmarks_are_found() -> None:
         names = [p.stem for p in _scripts()]
     finally:
         sys.path.remove(str(BENCH))
-    assert names == ["decode", "embed", "eval", "finetune", "forward", "serve", "train_throughput"]
+    assert names == [
+        "decode",
+        "embed",
+        "eval",
+        "finetune",
+        "forward",
+        "serve",
+        "speculative",
+        "train_throughput",
+    ]
 
 
-@pytest.mark.parametrize("name", ["decode", "embed", "eval", "finetune", "forward", "serve", "train_throughput"])
+@pytest.mark.parametrize(
+    "name", ["decode", "embed", "eval", "finetune", "forward", "serve", "speculative", "train_throughput"]
+)
 def test_each_benchmark_has_quick_and_headlines(name: str) -> None:
     """Read from the source: a ``--quick`` flag, and ``headline(...)`` calls naming a reference and, where
     the benchmark's docstring states a target, that target."""

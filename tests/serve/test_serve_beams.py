@@ -1,5 +1,6 @@
 """Beam search served: lamina's ``num_beams`` extra field and vLLM's ``use_beam_search`` (with ``best_of`` /
-``n``) on /v1/completions and /v1/chat/completions, run by the scheduler on its own; streaming refused."""
+``n``) on /v1/completions and /v1/chat/completions, in the engine's batch; streaming refused. Speculative
+decoding served (``ServeConfig.speculative_layers``): the same choices, acceptance in /metrics."""
 
 from __future__ import annotations
 
@@ -105,3 +106,23 @@ def test_a_beam_request_counts_its_beams_in_flight() -> None:
         assert r.status_code == 400 and "4 sequences" in r.json()["error"]["message"], r.text
         r = client.post("/v1/completions", json={**body, "num_beams": 2})
         assert r.status_code == 200, r.text
+
+
+def test_speculative_decoding_serves_the_greedy_text_and_counts_acceptance(served: Any) -> None:
+    # before: the server had no draft (--draft / --speculative-layers reached only lamina generate)
+    plain_client, _ = served
+    client, _ = _client(speculative_layers=1, num_draft_tokens=3)
+    bodies = [
+        {"model": "tiny", "prompt": "the cat", "max_tokens": 12, "temperature": 0},
+        {"model": "tiny", "prompt": "hello world", "max_tokens": 6, "temperature": 0, "num_beams": 2},
+        {"model": "tiny", "prompt": "the cat", "max_tokens": 8, "temperature": 0.8, "seed": 3},
+    ]
+    with client:
+        for body in bodies:
+            r = client.post("/v1/completions", json=body)
+            want = plain_client.post("/v1/completions", json=body)
+            assert r.status_code == want.status_code == 200, r.text
+            assert r.json()["choices"] == want.json()["choices"], body
+        metrics = client.get("/metrics").text
+    proposed = [line for line in metrics.splitlines() if line.startswith("lamina_draft_tokens_proposed")]
+    assert proposed and float(proposed[0].split()[-1]) > 0, metrics
