@@ -12,8 +12,9 @@ Not here yet (the engine's part): stop strings, logprobs and constrained decodin
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -22,10 +23,11 @@ from torch import Tensor
 from lamina.config import GenerationConfig
 from lamina.errors import ConfigError
 from lamina.generate.beam import BeamGroup, check_beam_config
-from lamina.generate.sampling import Sampler, sample_batch
+from lamina.generate.sampling import NEG_INF, Sampler, greedy_is_argmax, sample_batch
 from lamina.model.transformer import Transformer
 
 if TYPE_CHECKING:
+    from lamina.model.layers import KVCache
     from lamina.tokenizer import Tokenizer
 
 
@@ -36,6 +38,47 @@ class Seq2SeqSequence:
     token_ids: list[int]
     finish_reason: Literal["stop", "length"]  # stop: eos or a stop token; length: max_new_tokens
     score: float | None = None  # beam search: the length-penalised sum of log-probabilities (HF)
+
+
+# model -> (weight identity, its lm_head weight transposed): see _decoder_logits
+_HEAD_T: weakref.WeakKeyDictionary[Transformer, tuple[tuple[int, int, torch.dtype], Tensor]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _head_t(model: Transformer) -> Tensor | None:
+    """The LM head's weight transposed and contiguous (d_model, V), for a plain ``nn.Linear`` head on
+    CPU; None otherwise. On CPU, ``h @ W.T`` with W.T stored contiguous runs 1.3-1.8x faster than
+    ``F.linear(h, W)`` for a few rows against a large vocabulary (memory-bound: t5-small's head is 66 MB
+    of fp32 and most of a decoding step). Made once per weight version (an in-place update such as an
+    optimizer step makes a new one) and held while the model lives: one more copy of the head."""
+    head = model.lm_head
+    if type(head) is not torch.nn.Linear or head.weight.device.type != "cpu":
+        return None
+    w = head.weight
+    key = (w.data_ptr(), w._version, w.dtype)
+    held = _HEAD_T.get(model)
+    if held is None or held[0] != key:
+        held = (key, w.detach().t().contiguous())
+        _HEAD_T[model] = held
+    return held[1]
+
+
+def _decoder_logits(
+    model: Transformer, head_t: Tensor | None, step: Tensor, memory: Tensor | None, mask: Tensor | None,
+    cache: KVCache,
+) -> Tensor:  # fmt: skip
+    """Last-position logits (B, V) of one decoding step: ``model.decode(...)[:, -1]``, with the head as a
+    matmul against ``head_t`` (``_head_t``) when there is one."""
+    if head_t is None:
+        return model.decode(step, memory, mask, cache=cache, last_only=True)[:, -1]
+    h = model.hidden_states(step, cache=cache, memory=memory, memory_mask=mask)[:, -1]  # (B, d_model)
+    if model.lm_transform is not None:
+        h = model.lm_transform(h)
+    if model.config.scale_decoder_outputs:  # as Transformer._lm_logits
+        h = h * model.config.d_model**-0.5
+    logits = h @ head_t
+    return logits if model.lm_head.bias is None else logits + model.lm_head.bias  # type: ignore[union-attr]
 
 
 def _check(model: Transformer, cfg: GenerationConfig) -> None:
@@ -98,10 +141,26 @@ def generate_seq2seq(
     active = list(range(len(rows)))  # sequences still running, in cache row order
     cache = model.new_cache(len(rows), capacity=cfg.max_new_tokens + 1)
     step = torch.full((len(rows), 1), start, dtype=torch.long, device=device)
-    for _ in range(cfg.max_new_tokens):
+    head_t = _head_t(model)
+    # plain greedy (nothing but min_new_tokens touches the logits): the argmax of the whole batch at once,
+    # eos and stop tokens banned before min_new_tokens as the sampler's processor does; every running
+    # row has generated the same number of tokens
+    plain = greedy_is_argmax(replace(cfg, min_new_tokens=0))
+    V = model.config.vocab_size
+    banned = [t for t in [*([] if cfg.ignore_eos else cfg.eos_token_ids), *cfg.stop_token_ids] if t < V]
+    for n_generated in range(cfg.max_new_tokens):
         first = cache.length == 0
-        logits = model.decode(step, memory if first else None, mask if first else None, cache=cache)
-        tokens = sample_batch(logits[:, -1].float(), [samplers[j] for j in active]).tolist()
+        logits = _decoder_logits(
+            model, head_t, step, memory if first else None, mask if first else None, cache
+        ).float()  # (B, V)
+        if plain:
+            if n_generated < cfg.min_new_tokens and banned:
+                logits[:, banned] = NEG_INF
+            tokens = logits.argmax(-1).tolist()
+            for j, token in zip(active, tokens, strict=True):
+                samplers[j].accept(token)
+        else:
+            tokens = sample_batch(logits, [samplers[j] for j in active]).tolist()
         keep = []
         for r, (j, token) in enumerate(zip(active, tokens, strict=True)):
             if token in stops:
@@ -135,12 +194,15 @@ def _beam_search(
     rows = [g for g in range(G) for _ in range(nb)]
     memory, mask = memory[rows], mask[rows]  # (G * nb, S, d_model)
     cache = model.new_cache(G * nb, capacity=cfg.max_new_tokens + 1)
+    head_t = _head_t(model)
     step = torch.full((G * nb, 1), start, dtype=torch.long, device=device)
     results: list[list[Seq2SeqSequence]] = [[] for _ in range(G)]
     active = list(range(G))  # groups still running, nb cache rows each, in cache order
     while active:
         first = cache.length == 0
-        logits = model.decode(step, memory if first else None, mask if first else None, cache=cache)[:, -1]
+        logits = _decoder_logits(
+            model, head_t, step, memory if first else None, mask if first else None, cache
+        )
         keep: list[int] = []
         feeds: list[int] = []
         running = []
