@@ -41,6 +41,7 @@ def test_the_benchmarks_are_found() -> None:
         "eval",
         "finetune",
         "forward",
+        "seq2seq",
         "serve",
         "speculative",
         "train_throughput",
@@ -48,7 +49,8 @@ def test_the_benchmarks_are_found() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["decode", "embed", "eval", "finetune", "forward", "serve", "speculative", "train_throughput"]
+    "name",
+    ["decode", "embed", "eval", "finetune", "forward", "seq2seq", "serve", "speculative", "train_throughput"],
 )
 def test_each_benchmark_has_quick_and_headlines(name: str) -> None:
     """Read from the source: a ``--quick`` flag, and ``headline(...)`` calls naming a reference and, where

@@ -109,3 +109,33 @@ def test_what_it_cannot_do_is_one_clear_error() -> None:
         generate_seq2seq(net, [[1, 2]], GenerationConfig(stop=["x"]))
     with pytest.raises(ConfigError, match="at least one token"):
         generate_seq2seq(net, [[]])
+
+
+def test_min_new_tokens_bans_eos_as_transformers_does(pair: tuple) -> None:
+    """Plain greedy with min_new_tokens (the benchmark's setting) takes the batched argmax path."""
+    hf, net = pair
+    eos = _hf_greedy(hf, 12, eos=95)[0][2]  # an eos the first target meets early
+    expected = _hf_greedy(hf, 12, eos=eos, min_new_tokens=6)
+    got = generate_seq2seq(
+        net,
+        SOURCES,
+        GenerationConfig(max_new_tokens=12, min_new_tokens=6, temperature=0, eos_token_ids=[eos]),
+    )
+    assert [r[0].token_ids for r in got] == expected
+    assert all(len(r[0].token_ids) >= 6 for r in got)
+
+
+def test_the_transposed_head_follows_in_place_weight_updates() -> None:
+    """The head's cached transpose gives decode()'s logits, and is remade after an in-place update."""
+    from lamina.generate.seq2seq import _decoder_logits, _head_t
+
+    torch.manual_seed(0)
+    net = Transformer(ModelConfig.preset("t5-tiny")).eval()
+    src = torch.tensor([[5, 6, 7, 1]])
+    memory = net.encode(src)
+    for _ in range(2):
+        a = _decoder_logits(net, _head_t(net), torch.tensor([[0]]), memory, None, net.new_cache(1, 4))
+        b = net.decode(torch.tensor([[0]]), memory, cache=net.new_cache(1, 4))[:, -1]
+        assert torch.allclose(a, b, atol=1e-5)
+        with torch.no_grad():
+            net.lm_head.weight.mul_(2.0)  # an optimizer step is in place too
