@@ -973,7 +973,7 @@ Optimizer = Literal["adamw", "sgd", "rmsprop", "lion", "adafactor"]
 Schedule = Literal["constant", "linear", "cosine", "step", "wsd"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Parallel = Literal["auto", "none", "ddp", "fsdp"]
-TrainObjective = Literal["causal_lm", "masked_lm"]
+TrainObjective = Literal["causal_lm", "masked_lm", "span_corruption"]
 
 
 @dataclass
@@ -1020,7 +1020,8 @@ class TrainConfig:
     device: str = "auto"  # cpu, cuda, cuda:1, ... (auto: cuda if available, else cpu)
     parallel: Parallel = "auto"  # none, ddp or fsdp (auto: ddp under torchrun, else none)
     progress: bool = True  # show a progress bar (main process only)
-    objective: TrainObjective | None = None  # None: masked_lm for encoders, causal_lm for decoders
+    # None: masked_lm for encoders, span_corruption for encoder-decoders, causal_lm for decoders
+    objective: TrainObjective | None = None
     mlm_probability: float = 0.15  # masked_lm: share of tokens hidden (80% mask, 10% random, 10% kept)
     whole_word_masking: bool = False  # masked_lm: hide all tokens of a chosen word together
     # parameters not trained: block indices ("0", "0-3") or parameter name globs ("tok_emb.*")

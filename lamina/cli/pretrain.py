@@ -7,9 +7,15 @@ import argparse
 from lamina.cli.flags import add_alias, add_config_file, add_fields, add_top_level, merged, print_config
 from lamina.config import ModelConfig, TrainConfig
 from lamina.data.corpus import DataConfig
+from lamina.data.span_corruption import SpanCorruptionConfig
 from lamina.train.pretrain import RunConfig, pretrain
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "span_corruption": SpanCorruptionConfig,
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pretrain",
         help="pretrain a language model from a run config (every field is a flag)",
-        description="Train a causal LM (a masked LM for `--model.arch encoder`). The run config has "
+        description="Train a causal LM (a masked LM for `--model.arch encoder`; T5 span corruption for an "
+        "encoder-decoder, `--model.preset t5-small`, with the --span_corruption.* knobs). The run config has "
         "sections model (a ModelConfig, optionally from --model.preset), data (a DataConfig: the corpus "
         "and tokenizer), train (a TrainConfig) and init (a MODEL to continue from). Every field is a "
         "flag --SECTION.FIELD and a key of the --config YAML file; flags win over the file. The run "

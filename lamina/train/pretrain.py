@@ -1,5 +1,8 @@
 """Pretraining from a run config: data folder -> model -> trainer. A decoder learns the causal-LM
-objective, an encoder (``model.arch: encoder``) the masked-LM one (``train.objective`` picks explicitly).
+objective, an encoder (``model.arch: encoder``) the masked-LM one, an encoder-decoder
+(``model.arch: encoder-decoder``, e.g. ``preset: t5-small``) T5's span corruption
+(``lamina.data.span_corruption``; its knobs are the ``span_corruption`` section, whose ``input_length``
+defaults to ``train.seq_len``, else the model section's ``max_seq_len``). ``train.objective`` picks explicitly.
 
 A run config is a YAML file with three sections, each one dataclass (the same fields as the Python
 API and the ``--section.field`` flags)::
@@ -13,6 +16,7 @@ API and the ``--section.field`` flags)::
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import time
@@ -26,17 +30,26 @@ from lamina.config import GenerationConfig, ModelConfig, TrainConfig, from_dict,
 from lamina.data.batches import CausalBatches, TokenShards, val_batches
 from lamina.data.corpus import DataConfig, Manifest, prepare
 from lamina.data.masking import MaskedBatches, special_ids, with_mask_token, word_start_table
+from lamina.data.span_corruption import (
+    SpanCorruptionBatches,
+    SpanCorruptionConfig,
+    input_and_target_lengths,
+    num_noise_spans,
+    with_sentinel_tokens,
+)
 from lamina.errors import ConfigError, DataError
 from lamina.fields import coerce, read_yaml
 from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
-from lamina.train.objectives import Objective, causal_lm, masked_lm
+from lamina.train.objectives import Objective, causal_lm, masked_lm, seq2seq
 from lamina.train.trainer import TrainResult, check_out_dir, train
 
 SECTIONS: dict[str, type | None] = {
     "model": ModelConfig,
     "data": DataConfig,
     "train": TrainConfig,
+    # encoder-decoders: T5 span corruption (input_length unset: train.seq_len, else model.max_seq_len)
+    "span_corruption": SpanCorruptionConfig,
     "init": None,
 }
 
@@ -49,6 +62,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(out="runs/data", builtin="stdlib"))
     train: TrainConfig = field(default_factory=TrainConfig)
     init: str | None = None  # continue from this MODEL (its architecture and tokenizer win)
+    span_corruption: SpanCorruptionConfig = field(default_factory=SpanCorruptionConfig)
     model_explicit: frozenset[str] = (
         frozenset()
     )  # model fields the user set (vocab_size is derived otherwise)
@@ -62,11 +76,18 @@ class RunConfig:
                 f"unknown run config section(s) {sorted(unknown)}; sections: {', '.join(SECTIONS)}"
             )
         model = dict(data.get("model") or {})
+        model_cfg = from_dict(ModelConfig, model, "model")
+        train = from_dict(TrainConfig, data.get("train") or {}, "train")
+        spans = {
+            "input_length": train.seq_len or model_cfg.max_seq_len,
+            **(data.get("span_corruption") or {}),
+        }
         return cls(
-            model=from_dict(ModelConfig, model, "model"),
+            model=model_cfg,
             data=from_dict(DataConfig, data.get("data") or {"out": "runs/data", "builtin": "stdlib"}, "data"),
-            train=from_dict(TrainConfig, data.get("train") or {}, "train"),
+            train=train,
             init=coerce(data.get("init"), str | None, "init"),
+            span_corruption=from_dict(SpanCorruptionConfig, spans, "span_corruption"),
             model_explicit=frozenset(model) - {"preset"},
         )
 
@@ -81,7 +102,10 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """The exact config, as written to ``run.yaml`` next to the checkpoints."""
         data = {k: (str(v) if isinstance(v, Path) else v) for k, v in to_dict(self.data).items()}
-        return {"model": to_dict(self.model), "data": data, "train": to_dict(self.train), "init": self.init}
+        out = {"model": to_dict(self.model), "data": data, "train": to_dict(self.train), "init": self.init}
+        if self.model.arch == "encoder-decoder" or self.train.objective == "span_corruption":
+            out["span_corruption"] = to_dict(self.span_corruption)
+        return out
 
 
 def prepare_data(run: RunConfig, progress: bool = True) -> Manifest:
@@ -137,8 +161,15 @@ def pretrain(
     check_out_dir(run.train.out_dir, resume=resume, overwrite=overwrite)
     manifest = prepare_data(run, progress=run.train.progress)
     tokenizer = manifest.load_tokenizer()
+    sc = run.span_corruption
+    n_spans = num_noise_spans(
+        input_and_target_lengths(sc.input_length, sc.noise_density, sc.mean_noise_span_length)[0],
+        sc.noise_density, sc.mean_noise_span_length,
+    )  # fmt: skip
     if (run.train.objective or _default_objective(run.model.arch)) == "masked_lm":
         tokenizer = with_mask_token(tokenizer)
+    elif (run.train.objective or _default_objective(run.model.arch)) == "span_corruption":
+        tokenizer = with_sentinel_tokens(tokenizer, n_spans)  # <extra_id_0> ... as T5 lays them out
     model, generation = build_model(run, tokenizer)
     objective_name = run.train.objective or _default_objective(model.config.arch)
     if objective_name == "masked_lm" and tokenizer.mask_token_id is None:  # an --init encoder
@@ -148,13 +179,28 @@ def pretrain(
                 f"masked_lm needs a mask token, and the init model's tokenizer has none and no room for "
                 f"one (vocab_size={model.config.vocab_size}); use a tokenizer with a mask token"
             )
-    want = {"masked_lm": "encoder", "causal_lm": "decoder"}[objective_name]
+    if objective_name == "span_corruption" and tokenizer.token_to_id("<extra_id_0>") is None:  # --init
+        tokenizer = with_sentinel_tokens(tokenizer, n_spans)
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ConfigError(
+                f"span_corruption needs {n_spans} sentinel tokens, and the init model's tokenizer has none "
+                f"and no room for them (vocab_size={model.config.vocab_size}); use a T5 tokenizer"
+            )
+    want = {"masked_lm": "encoder", "causal_lm": "decoder", "span_corruption": "encoder-decoder"}[
+        objective_name
+    ]
     if model.config.arch != want:
+        why = {
+            "decoder": "an encoder sees the next token, so it cannot learn causal LM",
+            "encoder": "masked LM trains bidirectional encoders",
+            "encoder-decoder": "span corruption trains an encoder-decoder (e.g. --model.preset t5-small)",
+        }[want]
         raise ConfigError(
             f"train.objective={objective_name!r} needs model.arch={want!r}, got {model.config.arch!r}: "
-            f"{'an encoder sees the next token, so it cannot learn causal LM' if want == 'decoder' else 'masked LM trains bidirectional encoders'}"
-            "; leave train.objective unset to follow the model"
+            f"{why}; leave train.objective unset to follow the model"
         )
+    if objective_name == "span_corruption":
+        return _pretrain_spans(run, model, tokenizer, manifest, generation, resume, overwrite, started)
     run = dataclasses.replace(run, model=model.config)  # run.yaml records the model actually built
     tcfg = run.train
     seq_len = tcfg.seq_len or model.config.max_seq_len
@@ -239,8 +285,54 @@ class _MicroBatches:
         return {"input_ids": x, "targets": y}
 
 
+def _pretrain_spans(
+    run: RunConfig, model: Transformer, tokenizer: Tokenizer, manifest: Manifest,
+    generation: GenerationConfig | None, resume: bool, overwrite: bool, started: float,
+) -> tuple[Transformer, Tokenizer, TrainResult]:  # fmt: skip
+    """Span-corruption pretraining of an encoder-decoder (single process) on the token shards."""
+    run = dataclasses.replace(run, model=model.config)
+    tcfg, sc = run.train, run.span_corruption
+    _, target_length = input_and_target_lengths(sc.input_length, sc.noise_density, sc.mean_noise_span_length)
+    if max(sc.input_length, target_length) > model.config.max_seq_len:
+        raise ConfigError(
+            f"span_corruption.input_length={sc.input_length} is longer than the model's max_seq_len="
+            f"{model.config.max_seq_len}: lower span_corruption.input_length or raise model.max_seq_len"
+        )
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 or tcfg.grad_accum_steps > 1:
+        raise ConfigError(
+            "span-corruption pretraining runs in one process without accumulation for now; "
+            "launch without torchrun and leave train.grad_accum_steps at 1"
+        )
+    kw: dict[str, Any] = {"decoder_start_token_id": model.config.decoder_start_token_id, "seed": tcfg.seed}
+    train_b = SpanCorruptionBatches(
+        TokenShards.open(manifest.root, "train"), tokenizer, tcfg.batch_size, sc, **kw
+    )
+    val_b = None
+    if manifest.splits["val"].tokens >= train_b.tokens_length:
+        val_b = SpanCorruptionBatches(
+            TokenShards.open(manifest.root, "val"), tokenizer, tcfg.batch_size, sc, **kw
+        )
+
+    def val() -> Any:
+        assert val_b is not None
+        return itertools.islice(val_b.eval_batches(), tcfg.eval_batches)
+
+    steps = tcfg.max_steps
+    if tcfg.epochs is not None:
+        steps = max(1, math.ceil(tcfg.epochs * train_b.steps_per_epoch))
+    result = train(
+        model, tcfg, train_b, seq2seq(tcfg.label_smoothing), val if val_b is not None else None,
+        tokens_per_batch=tcfg.batch_size * (sc.input_length + target_length), total_steps=steps,
+        tokenizer=tokenizer, run_config=run.to_dict(), resume=resume, overwrite=overwrite, generation=generation,
+        data_stats={"train_windows": train_b.n_windows, "input_length": sc.input_length,
+                    "target_length": target_length, "sentinels": len(train_b.sentinels)},
+    )  # fmt: skip
+    result.elapsed = time.perf_counter() - started
+    return model, tokenizer, result
+
+
 def _default_objective(arch: str) -> str:
-    return "masked_lm" if arch == "encoder" else "causal_lm"
+    return {"encoder": "masked_lm", "encoder-decoder": "span_corruption"}.get(arch, "causal_lm")
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -139,6 +139,10 @@ def _register_sections() -> None:
         model=ModelConfig, train=TrainConfig, data=DataConfig, task=TaskConfig, sft=SftConfig, lora=LoraConfig
     )
     _SECTION_CLASSES.update(dpo=DpoConfig, reward=RewardConfig)
+    from lamina.data.span_corruption import SpanCorruptionConfig
+    from lamina.train.seq2seq import Seq2SeqConfig
+
+    _SECTION_CLASSES.update(seq2seq=Seq2SeqConfig, span_corruption=SpanCorruptionConfig)
 
 
 _register_sections()
