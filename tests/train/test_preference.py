@@ -255,6 +255,7 @@ def _evals(out: Path) -> list[dict[str, Any]]:
     return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True])
 def test_finetune_dpo_learns_and_resumes(tiny: Path, prefs: Path, tmp_path: Path, lora: bool) -> None:
     extra: dict[str, Any] = {"lora": {"r": 4, "lora_alpha": 8}} if lora else {}
