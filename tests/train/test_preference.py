@@ -313,3 +313,20 @@ def test_bad_pairs_named(tiny: Path, tmp_path: Path) -> None:
         DpoConfig(beta=0)
     with pytest.raises(ConfigError, match="lora"):
         finetune(_run(tiny, path, tmp_path / "o2", "reward", lora={"r": 2}))
+
+
+def test_cli_reward_and_dpo(
+    tiny: Path, prefs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lamina.cli.main import main
+
+    common = ["--data", str(prefs), "--init", str(tiny), "--task.max_seq_len", "48", "--train.max_steps", "2",
+              "--train.batch_size", "4", "--train.eval_every", "2", "--train.progress", "false"]  # fmt: skip
+    assert main(["finetune", "--task", "reward", *common, "--out", str(tmp_path / "rm")]) == 0
+    assert main(["finetune", "--task", "dpo", *common, "--dpo.loss", "ipo", "--dpo.beta", "0.5",
+                 "--lora.r", "2", "--out", str(tmp_path / "dpo")]) == 0  # fmt: skip
+    run = (tmp_path / "dpo" / "run.yaml").read_text()
+    assert "loss: ipo" in run and "beta: 0.5" in run and "lora:" in run
+    assert "rewards/margins" in _evals(tmp_path / "dpo")[-1] and "accuracy" in _evals(tmp_path / "rm")[-1]
+    assert main(["finetune", "--task", "dpo", *common, "--dpo.beta", "0", "--out", str(tmp_path / "x")]) != 0
+    assert "dpo.beta=0.0 must be positive" in capsys.readouterr().err
