@@ -9,7 +9,7 @@
 DPO (Rafailov et al. 2023, arXiv:2305.18290) trains the policy pi on ``log pi(y|x)`` summed over the
 completion's tokens against a frozen reference: ``d = (log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log
 ref(y_r))`` and, with TRL's names and formulas (``trl.DPOTrainer``, TRL 1.16, checked in
-tests/train/test_preference.py):
+tests/train/test_dpo.py):
 
 - ``sigmoid``: ``-(1 - e) log s(beta d) - e log s(-beta d)`` (``e`` = ``label_smoothing``, conservative DPO;
   e = 0 is DPO and TRL 1.16's ``sigmoid``);

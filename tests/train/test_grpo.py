@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_preference import _hf_tokenizer, _lamina, _llama  # tests/train/test_preference.py
+from test_dpo import _hf_tokenizer, _lamina, _llama  # tests/train/test_dpo.py
 
 from lamina.checkpoint.hf import hf_state_dict_from_lamina
 from lamina.train.grpo import group_advantages, grpo_loss
