@@ -56,11 +56,13 @@ class Delta:
     token: int | None
     text: str
     logprob: TokenLogprob | None = None
+    finished: bool = field(init=False)  # whether this is the sequence's last delta (fixed when made)
 
-    @property
-    def finished(self) -> bool:
-        """Whether this is the sequence's last delta."""
-        return self.seq.finish_reason is not None
+    def __post_init__(self) -> None:
+        # a snapshot, not a view of seq.finish_reason: the engine goes on stepping while a server reads the
+        # deltas it handed out, and a step may hold two deltas of one sequence (its first token at
+        # admission, then one decoded); read later, both would count as its last one
+        self.finished = self.seq.finish_reason is not None
 
 
 class Running:

@@ -92,7 +92,7 @@ class Job:
         """
         left = sum(len(s) for s in self.seqs)
         deadline = None if self.timeout is None else self.arrived + self.timeout
-        while left:
+        while left > 0:
             try:
                 if deadline is None:
                     item = await self.queue.get()
@@ -248,15 +248,13 @@ class Scheduler:
                 if self._stopping:
                     return
             try:
-                deltas = self.engine.step()
-            except Exception as e:
+                self._dispatch(self.engine.step())
+            except Exception as e:  # the step, or routing its deltas: never a dead thread and hung requests
                 log.exception("engine step failed; failing the requests in flight and restarting the engine")
                 self.metrics.inc("engine_failures_total", model=self.name)
                 self._fail_all(
                     APIError(500, f"The engine failed ({type(e).__name__}: {e}); the request was dropped")
                 )
-                continue
-            self._dispatch(deltas)
 
     def _draft(self, which: str) -> float:
         stats = self.engine.draft_stats

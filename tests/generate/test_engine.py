@@ -290,3 +290,20 @@ def test_prompt_logprobs_without_new_tokens_and_the_prefill_cap() -> None:
     assert (engine.num_running, engine.num_queued) == (1, 2)  # 10 + 10 prompt tokens > 15 per step
     engine.step()
     assert (engine.num_running, engine.num_queued) == (2, 1)
+
+
+@torch.no_grad()
+def test_a_delta_stays_unfinished_once_its_sequence_finishes() -> None:
+    # before: Delta.finished read seq.finish_reason when asked, so the admission delta of a step that also
+    # decoded the last token counted as finished too (the server's request waited for a delta that never came)
+    from lamina.generate.engine import Engine
+
+    engine = Engine(_tiny_model(), max_batch_size=2)
+    (seq,) = engine.submit([1, 2, 3], GenerationConfig(temperature=0.0, max_new_tokens=2, ignore_eos=True))
+    deltas = engine.step()  # its first token at admission, its second (the last) decoded
+    assert [d.seq for d in deltas] == [seq, seq] and seq.finish_reason == "length"
+    assert [d.finished for d in deltas] == [False, True]
+    (seq,) = engine.submit([1, 2, 3], GenerationConfig(temperature=0.0, max_new_tokens=3, ignore_eos=True))
+    first = engine.step()
+    assert [d.finished for d in first] == [False, False]
+    assert [d.finished for d in engine.step()] == [True] and [d.finished for d in first] == [False, False]

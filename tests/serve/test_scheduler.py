@@ -1,0 +1,50 @@
+"""The scheduler's engine thread and the event loop: every request ends however late its deltas are read."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import torch
+
+from lamina.config import GenerationConfig, ModelConfig
+from lamina.generate.engine import Engine
+from lamina.model.transformer import Transformer
+from lamina.serve.metrics import Metrics
+from lamina.serve.scheduler import Prompt, Scheduler
+
+
+def _scheduler() -> Scheduler:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("llama-tiny", vocab_size=48, max_seq_len=96)).eval()
+    # a short timeout: a request that hangs fails in seconds with a 504, not after 600 s
+    return Scheduler(lambda: Engine(model, max_batch_size=8), name="tiny", metrics=Metrics(), timeout=20.0)
+
+
+def test_requests_end_when_their_deltas_are_read_after_the_engine_finished_them() -> None:
+    # before: a step holds two deltas of a new sequence (its admission token and its first decoded one);
+    # read by the event loop after the engine had finished the sequence, both counted as its last delta,
+    # so Job.events waited for one more (a 504 after the server's timeout, seen after a beam request);
+    # with max_tokens=2 the engine thread itself died (a KeyError routing the step's deltas)
+    scheduler = _scheduler()
+    scheduler.start()
+    try:
+
+        async def run(max_tokens: int, num_beams: int = 1) -> list[int]:
+            cfg = GenerationConfig(
+                temperature=0.0, max_new_tokens=max_tokens, ignore_eos=True, num_beams=num_beams
+            )
+            job = scheduler.submit([Prompt([1, 2, 3], cfg)])
+            deadline = time.monotonic() + 20
+            while job.unfinished and time.monotonic() < deadline:  # the event loop is busy: no reading
+                time.sleep(0.01)
+            assert job.unfinished == 0
+            await asyncio.sleep(0)  # the deltas reach the job's queue
+            await job.wait()
+            return job.seqs[0][0].tokens
+
+        for max_tokens, num_beams in ((2, 1), (3, 1), (5, 2), (3, 1), (4, 1)):
+            tokens = asyncio.run(run(max_tokens, num_beams))
+            assert len(tokens) == max_tokens and scheduler.alive
+    finally:
+        scheduler.stop()
