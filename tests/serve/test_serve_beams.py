@@ -32,7 +32,7 @@ def _client(**limits: Any) -> Any:
         Transformer(cfg).eval(), tok, GenerationConfig(eos_token_ids=[tok.eos_token_id]),
         ModelEntry("tiny", Path("."), "path", "lamina"),
     )  # fmt: skip
-    registry = Registry(ServeConfig(**limits))
+    registry = Registry(ServeConfig(**{"timeout": 60.0, **limits}))  # a hang: a 504 in 60 s, not 600
     registry.add("tiny", lm)
     return TestClient(create_app(registry)), lm
 

@@ -45,7 +45,7 @@ def tiny() -> Iterator[tuple[Any, Any, list[int], int]]:
     tok = tiny_tokenizer()
     prompt = tok.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True)
     lm = _tiny_lm(tok, prompt)
-    registry = Registry(ServeConfig())
+    registry = Registry(ServeConfig(timeout=60.0))  # a hang: a 504 in 60 s, not 600
     registry.add("tiny", lm)
     with TestClient(create_app(registry)) as client:
         yield client, lm, prompt, lm.generation.eos_token_ids[0]
