@@ -78,10 +78,9 @@ class RunConfig:
         model = dict(data.get("model") or {})
         model_cfg = from_dict(ModelConfig, model, "model")
         train = from_dict(TrainConfig, data.get("train") or {}, "train")
-        spans = {
-            "input_length": train.seq_len or model_cfg.max_seq_len,
-            **(data.get("span_corruption") or {}),
-        }
+        spans = dict(data.get("span_corruption") or {})
+        if model_cfg.arch == "encoder-decoder" or train.objective == "span_corruption":
+            spans.setdefault("input_length", train.seq_len or model_cfg.max_seq_len)
         return cls(
             model=model_cfg,
             data=from_dict(DataConfig, data.get("data") or {"out": "runs/data", "builtin": "stdlib"}, "data"),
