@@ -254,3 +254,14 @@ def test_import_lamina_pulls_in_no_heavy_extra() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
     )
     assert out.stdout.strip() == "", f"`import lamina` imports {out.stdout.strip()}"
+
+
+def test_test_modules_have_unique_names() -> None:
+    """The tests folders are not packages (pytest's default import mode), so two test files with the same
+    name in different folders stop the whole run at collection ("import file mismatch")."""
+    tests = Path(__file__).resolve().parent
+    seen: dict[str, list[str]] = {}
+    for path in tests.rglob("test_*.py"):
+        seen.setdefault(path.name, []).append(str(path.relative_to(tests)))
+    clashes = {name: paths for name, paths in seen.items() if len(paths) > 1}
+    assert not clashes, f"test files with the same name (rename one): {clashes}"
