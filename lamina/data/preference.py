@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from lamina.data.chat import Problem, _answer_start, _common_prefix, _control_ids, _encode, _messages, _Skip
-from lamina.errors import DataError
+from lamina.errors import ConfigError, DataError
 from lamina.tokenizer import Tokenizer
 
 Text = str | list[dict[str, Any]]  # a string or a list of messages
@@ -236,13 +236,17 @@ def encode_pair(
             fulls.append(ids)
             spans.append((start, end))
     else:
-        assert isinstance(prompt, str) and isinstance(chosen, str) and isinstance(rejected, str)
-        eos = tokenizer.eos_token
-        p_ids = tokenizer.encode(prompt)
+        if not (isinstance(prompt, str) and isinstance(chosen, str) and isinstance(rejected, str)):
+            raise ConfigError(
+                "conversational pairs (message lists) need a chat template and this tokenizer has none: "
+                "pass --dpo.chat_template FILE (--reward.chat_template for a reward model) or give the pairs as strings"
+            )
+        # user text is encoded as text (a "</s>" in it stays characters); eos is appended as its id
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        p_ids = tokenizer.encode(prompt, split_special_tokens=True)
         fulls, spans = [], []
         for c in (chosen, rejected):
-            text = prompt + c + (eos if eos and not c.endswith(eos) else "")
-            ids = tokenizer.encode(text)
+            ids = tokenizer.encode(prompt + c, split_special_tokens=True) + eos
             fulls.append(ids)
             spans.append((_answer_start(tokenizer, ids, p_ids), len(ids)))
     # the shared prompt: what both renderings have in common before either completion starts

@@ -11,7 +11,7 @@ import torch
 from tiny_chat import tiny_tokenizer
 
 from lamina.data.preference import PreferenceBatches, encode_pair, encode_preferences, read_preferences
-from lamina.errors import DataError
+from lamina.errors import ConfigError, DataError
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,17 @@ def test_no_template_joins_text_and_ends_with_eos(tok) -> None:  # type: ignore[
     assert p.prompt == tok.encode("the cat") and p.chosen[-1] == tok.eos_token_id
     assert tok.decode(p.chosen, skip_special_tokens=True) == "sat"
     assert tok.decode(p.rejected, skip_special_tokens=True) == "ran"
+
+
+def test_no_template_keeps_user_text_as_text(tok) -> None:  # type: ignore[no-untyped-def]
+    # before: the text was encoded with special tokens parsed, so a completion that spelled the eos marker
+    # ended early on a forged control token, and message lists hit a bare assert
+    eos = tok.eos_token
+    assert eos is not None
+    p = encode_pair(tok, f"the cat {eos}", f" sat {eos}", " ran", templated=False)
+    assert (p.prompt + p.chosen).count(tok.eos_token_id) == 1 and p.chosen[-1] == tok.eos_token_id
+    with pytest.raises(ConfigError, match="chat_template"):
+        encode_pair(tok, [{"role": "user", "content": "x"}], "a", "b", templated=False)
 
 
 def test_bad_rows_named(tok, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
