@@ -291,7 +291,10 @@ def _encode(
     """Each text's ids (+ eos), cut to ``limit``; and (row, length with eos) of those that were longer."""
     extra = 1 if eos is not None else 0
     out, too_long = [], []
-    for k, ids in enumerate(tokenizer.encode_batch(texts, add_special_tokens=False)):
+    # user text stays text: a "</s>" written in a source is characters, never the control token
+    for k, ids in enumerate(
+        tokenizer.encode_batch(texts, add_special_tokens=False, split_special_tokens=True)
+    ):
         if len(ids) + extra > limit:
             too_long.append((k, len(ids) + extra))
             ids = ids[: limit - extra]

@@ -339,9 +339,12 @@ class Tokenizer:
         backend = text_backend(self.backend) if split_special_tokens else self.backend
         return list(backend.encode(text, add_special_tokens=add_special_tokens).ids)
 
-    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
-        """Token ids of each text, encoded in parallel."""
-        encodings = self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+    def encode_batch(
+        self, texts: Sequence[str], add_special_tokens: bool = True, split_special_tokens: bool = False
+    ) -> list[list[int]]:
+        """Token ids of each text, encoded in parallel (``split_special_tokens`` as in ``encode``)."""
+        backend = text_backend(self.backend) if split_special_tokens else self.backend
+        encodings = backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
         return [list(e.ids) for e in encodings]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:

@@ -131,6 +131,15 @@ def test_batch_layout_for_teacher_forcing(tok) -> None:  # type: ignore[no-untyp
     assert all(v.dtype == torch.long for v in b.values())
 
 
+def test_control_token_text_in_a_pair_stays_text(tok) -> None:  # type: ignore[no-untyped-def]
+    # before: sources were encoded with special tokens parsed, so "<|im_end|>" in a file became the eos id
+    eos = tok.eos_token
+    data = PairData([f"the cat {eos} sat"], [f"a dog {eos}"])
+    b = next(PairBatches(tok, data, batch_size=1, decoder_start_token_id=7).eval_batches())
+    assert b["input_ids"][0].tolist().count(tok.eos_token_id) == 1  # only the appended one
+    assert b["labels"][0].tolist().count(tok.eos_token_id) == 1
+
+
 def test_decoder_start_defaults_to_pad_then_bos_then_eos(tok) -> None:  # type: ignore[no-untyped-def]
     data = PairData(["the"], ["cat"])
     assert PairBatches(tok, data, 1).decoder_start_token_id == tok.eos_token_id
