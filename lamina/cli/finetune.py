@@ -18,22 +18,12 @@ from lamina.cli.flags import (
     print_config,
 )
 from lamina.cli.pretrain import _overwrite
-from lamina.config import TRAIN_PRESETS, ModelConfig, TrainConfig
-from lamina.model.lora import LoraConfig
-from lamina.train.finetune import FinetuneRun, SftConfig, TaskConfig, finetune
-from lamina.train.preference import DpoConfig, RewardConfig
-from lamina.train.seq2seq import Seq2SeqConfig
+from lamina.config import TRAIN_PRESETS, TrainConfig
+from lamina.train.finetune import SECTIONS as RUN_SECTIONS
+from lamina.train.finetune import FinetuneRun, TaskConfig, finetune
 
-SECTIONS = {
-    "task": TaskConfig,
-    "sft": SftConfig,
-    "dpo": DpoConfig,
-    "reward": RewardConfig,
-    "seq2seq": Seq2SeqConfig,
-    "lora": LoraConfig,
-    "model": ModelConfig,
-    "train": TrainConfig,
-}
+# the run config's sections, from the library's one table (init has its own flag)
+SECTIONS: dict[str, type] = {k: v for k, v in RUN_SECTIONS.items() if v is not None}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,9 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "finetune",
         formatter_class=HelpFormatter,
-        help="fine-tune a classification, regression or token classification head on labeled data, or a "
-        "language model on chat data (--task sft), a reward model (--task reward), DPO (--task dpo) or an "
-        "encoder-decoder on source/target pairs (--task seq2seq)",
+        help="fine-tune a task head on labeled data, or a language model on chat data (--task sft), a "
+        "reward model (--task reward), DPO (--task dpo) or an encoder-decoder on source/target pairs (--task seq2seq)",
         description="Put a fresh task head on MODEL (--init) or on a model built from --model.* flags, "
         "and train on --data (CSV with a header or JSONL; columns --task.text_field [text], "
         "--task.pair_field for sentence pairs, and --task.label_field [label]; for token_classify, JSONL "

@@ -5,17 +5,12 @@ from __future__ import annotations
 import argparse
 
 from lamina.cli.flags import add_alias, add_config_file, add_fields, add_top_level, merged, print_config
-from lamina.config import ModelConfig, TrainConfig
-from lamina.data.corpus import DataConfig
-from lamina.data.span_corruption import SpanCorruptionConfig
+from lamina.config import TrainConfig
+from lamina.train.pretrain import SECTIONS as RUN_SECTIONS
 from lamina.train.pretrain import RunConfig, pretrain
 
-SECTIONS = {
-    "model": ModelConfig,
-    "data": DataConfig,
-    "train": TrainConfig,
-    "span_corruption": SpanCorruptionConfig,
-}
+# the run config's sections, from the library's one table (init has its own flag)
+SECTIONS: dict[str, type] = {k: v for k, v in RUN_SECTIONS.items() if v is not None}
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -15,18 +15,13 @@ from lamina.cli.flags import (
     merged,
     print_config,
 )
-from lamina.config import ModelConfig, TrainConfig
-from lamina.data.corpus import DataConfig
 from lamina.fields import build, fields_of, read_yaml
-from lamina.train.finetune import SftConfig, TaskConfig
-from lamina.train.search import TuneConfig, print_results, search_specs, tune
+from lamina.train.search import TuneConfig, print_results, run_sections, search_specs, tune
 
-SECTIONS = {
-    "model": ModelConfig,
-    "data": DataConfig,
-    "task": TaskConfig,
-    "sft": SftConfig,
-    "train": TrainConfig,
+# every section a pretrain or finetune run config has: one table each, in lamina.train (None: a top-level
+# value such as init, which has its own flag)
+SECTIONS: dict[str, type] = {
+    k: v for k, v in {**run_sections("pretrain"), **run_sections("finetune")}.items() if v is not None
 }
 
 
