@@ -1003,7 +1003,9 @@ class TrainConfig:
     max_steps: int | None = 1000  # optimizer steps; setting it clears epochs
     # passes over the training data (fractions allowed) instead of max_steps; setting it clears max_steps
     epochs: float | None = None
-    label_smoothing: float = 0.0  # of the causal_lm loss, in [0, 1) (masked_lm and finetune do not use it)
+    label_smoothing: float = (
+        0.0  # of the cross-entropy of causal LM, SFT and seq2seq, in [0, 1) (not masked LM)
+    )
     dropout: float | None = None  # override every dropout of the model
     precision: Precision = "fp32"  # fp32, or bf16 / fp16 autocast (fp16 with loss scaling)
     activation_checkpointing: bool = False  # recompute blocks in the backward pass: less memory, more time

@@ -28,7 +28,6 @@ the share equal to the reference is reported as ``sample_exact``.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import sys
 from collections.abc import Iterator, Sequence
@@ -79,11 +78,6 @@ def finetune_sft(
         )
     if template is None and tokenizer.chat_template is None:
         raise ConfigError("the tokenizer has no chat template; pass one with --sft.chat_template FILE")
-    if s.packing and not accepts_segment_ids(model):
-        raise ConfigError(
-            "sft.packing needs a model that keeps attention within each packed conversation "
-            "(Transformer.forward(segment_ids=...)), which this lamina does not have yet; set sft.packing false"
-        )
     adapters = []
     if run.lora is not None and run.lora.base_weights is not None:
         raise ConfigError(
@@ -137,11 +131,6 @@ def finetune_sft(
         overwrite=overwrite, data_stats=stats, notes=notes,
     )  # fmt: skip
     return model, tokenizer, result
-
-
-def accepts_segment_ids(model: nn.Module) -> bool:
-    """Whether ``model.forward`` takes ``segment_ids`` (attention kept within each packed sequence)."""
-    return "segment_ids" in inspect.signature(model.forward).parameters
 
 
 def _notes(split: str, e: Encoded) -> list[str]:

@@ -20,11 +20,10 @@ from tiny_chat import WORDS, tiny_lm
 import lamina
 from lamina.checkpoint.peft import load_adapter
 from lamina.data.chat import ChatBatches, ChatData, encode_chats
-from lamina.errors import ConfigError, DataError
+from lamina.errors import DataError
 from lamina.model.lora import LoraConfig, count_trainable, expected_trainable
 from lamina.train.finetune import FinetuneRun, finetune
 from lamina.train.objectives import sft
-from lamina.train.sft import accepts_segment_ids
 
 
 @pytest.fixture(scope="module")
@@ -140,21 +139,9 @@ def test_packed_batch_scores_as_unpacked(tiny: Path, chat_file: Path) -> None:
         loss, n = objective(model, next(ChatBatches(examples, 6, 64, 0).eval_batches()))
         packed = next(ChatBatches(examples, 6, 64, 0, packing=True).eval_batches())
         assert packed["input_ids"].shape[0] < 6
-        if not accepts_segment_ids(model):
-            pytest.skip("Transformer.forward takes no segment_ids yet: packed attention would cross borders")
         packed_loss, packed_n = objective(model, packed)
     assert packed_n == n
     assert torch.allclose(packed_loss, loss, atol=1e-5)
-
-
-def test_packing_without_segment_support_is_refused(
-    tiny: Path, chat_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr("lamina.train.sft.accepts_segment_ids", lambda model: False)
-    run = _run(tiny, chat_file, tmp_path / "out")
-    run.sft.packing = True
-    with pytest.raises(ConfigError, match=r"sft\.packing needs"):
-        finetune(run)
 
 
 def _lora_run(tiny: Path, chat_file: Path, out: Path, **train: Any) -> FinetuneRun:
