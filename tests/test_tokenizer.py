@@ -9,13 +9,13 @@ from pathlib import Path
 
 import gguf
 import pytest
+import transformers  # the test extra installs it: a missing reference fails, never skips
 from tokenizers import Tokenizer as Backend
 from tokenizers import models, pre_tokenizers, trainers
 
 from lamina.errors import TokenizerError
 from lamina.tokenizer import DecodeStream, Tokenizer
 
-transformers = pytest.importorskip("transformers")
 AutoTokenizer = transformers.AutoTokenizer
 
 # ---------------------------------------------------------------------- test texts

@@ -8,6 +8,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import peft  # the test extra installs it: a missing reference fails, never skips
 import pytest
 import torch
 import transformers as tf
@@ -20,8 +21,6 @@ from lamina.cli.main import main
 from lamina.errors import CheckpointError, ConfigError
 from lamina.model.lora import LoraConfig, LoraLinear, apply_lora, lora_layers, lora_state_dict, merge_lora
 from lamina.model.transformer import Transformer
-
-peft = pytest.importorskip("peft")
 
 V = 101
 

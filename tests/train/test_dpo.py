@@ -28,7 +28,6 @@ from lamina.model.transformer import Transformer
 from lamina.train.finetune import FinetuneRun, finetune, with_task_head
 from lamina.train.preference import DpoConfig, bradley_terry, dpo, dpo_loss, reference, sequence_logps
 
-trl = pytest.importorskip("trl")
 V, PAD = 101, 2
 EXAMPLES = [  # token ids: a shared prompt, completions of different lengths (padding on both sides)
     {"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9, 1], "rejected_ids": [10, 1]},

@@ -14,7 +14,6 @@ from test_dpo import _hf_tokenizer, _lamina, _llama  # tests/train/test_dpo.py
 from lamina.checkpoint.hf import hf_state_dict_from_lamina
 from lamina.train.grpo import group_advantages, grpo_loss
 
-trl = pytest.importorskip("trl")
 G = 4
 R1 = [0.1, 0.5, 0.9, 0.3, 1.0, 1.0, 0.0, 0.2]
 R2 = [0.0, 1.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5]
