@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lamina.data.preference import EncodedPairs, PreferenceBatches, encode_preferences, read_preferences
+from lamina.data.preference import EncodedPairs, Pair, PreferenceBatches, encode_preferences, read_preferences
 from lamina.errors import ConfigError, DataError
 from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
@@ -295,6 +295,13 @@ def _stats(tr: EncodedPairs, va: EncodedPairs, max_len: int) -> dict[str, float]
             "max_seq_len": max_len}  # fmt: skip
 
 
+def _tokens_per_batch(pairs: list[Pair], batch_size: int) -> int:
+    """Real tokens in a batch of ``batch_size`` pairs (two rows each: prompt + chosen, prompt + rejected),
+    from the mean pair, padding aside: what tokens/s and MFU count."""
+    per_pair = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs) / max(1, len(pairs))
+    return max(1, round(per_pair * batch_size))
+
+
 def _pad(tokenizer: Tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
@@ -342,7 +349,7 @@ def finetune_dpo(
         return reward_metrics(torch.cat(chosen), torch.cat(rejected))
 
     result = train(
-        model, tcfg, train_b, dpo(d, ref), val_b.eval_batches, tokens_per_batch=2 * tcfg.batch_size * max_len,
+        model, tcfg, train_b, dpo(d, ref), val_b.eval_batches, tokens_per_batch=_tokens_per_batch(tr.pairs, tcfg.batch_size),
         total_steps=steps, tokenizer=tokenizer, run_config=run.to_dict(), eval_metrics=metrics,
         resume=resume, overwrite=overwrite, perplexity=False, data_stats=_stats(tr, va, max_len), notes=notes,
     )  # fmt: skip
@@ -391,7 +398,7 @@ def finetune_reward(
 
     result = train(
         model, tcfg, train_b, bradley_terry(rc.use_margin, rc.center_rewards_coefficient), val_b.eval_batches,
-        tokens_per_batch=2 * tcfg.batch_size * max_len, total_steps=steps, tokenizer=tokenizer,
+        tokens_per_batch=_tokens_per_batch(tr.pairs, tcfg.batch_size), total_steps=steps, tokenizer=tokenizer,
         run_config=run.to_dict(), eval_metrics=metrics, resume=resume, overwrite=overwrite, perplexity=False,
         data_stats=_stats(tr, va, max_len), notes=notes,
     )  # fmt: skip
