@@ -145,7 +145,8 @@ def test_full_queue_answers_429_with_retry_after(make_server: Any) -> None:
         client.completions.create(model="smollm2", prompt="Count to a thousand:", max_tokens=1000)
     assert e.value.code == "too_many_tokens_in_flight"
     with httpx.stream("POST", server.url + "/v1/completions", json={**long, "stream": True}, timeout=60) as a:
-        next(line for line in a.iter_lines() if line.startswith("data:"))  # A runs: the batch is full
+        lines = a.iter_lines()  # kept: a dropped iterator closes the connection, and A leaves the batch
+        next(line for line in lines if line.startswith("data:"))  # A runs: the batch is full
         waiting = threading.Thread(
             target=httpx.post,
             args=(server.url + "/v1/completions",),
