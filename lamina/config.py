@@ -1003,9 +1003,8 @@ class TrainConfig:
     max_steps: int | None = 1000  # optimizer steps; setting it clears epochs
     # passes over the training data (fractions allowed) instead of max_steps; setting it clears max_steps
     epochs: float | None = None
-    label_smoothing: float = (
-        0.0  # of the cross-entropy of causal LM, SFT and seq2seq, in [0, 1) (not masked LM)
-    )
+    # of the cross-entropy of causal LM, SFT and seq2seq, in [0, 1) (not masked LM)
+    label_smoothing: float = 0.0
     dropout: float | None = None  # override every dropout of the model
     precision: Precision = "fp32"  # fp32, or bf16 / fp16 autocast (fp16 with loss scaling)
     activation_checkpointing: bool = False  # recompute blocks in the backward pass: less memory, more time
