@@ -11,9 +11,12 @@ import fnmatch
 import re
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from lamina.errors import ConfigError
+from lamina.model.lora import LoraConfig
+from lamina.model.transformer import Transformer
 
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
 
@@ -44,3 +47,27 @@ def freeze(model: nn.Module, specs: Sequence[str]) -> list[str]:
         if name in chosen:
             p.requires_grad_(False)
     return sorted(chosen)
+
+
+def apply_run_lora(lora: LoraConfig | None, model: Transformer, seed: int) -> list[str]:
+    """Put ``lora``'s adapters on ``model`` (initialised from ``seed``: part of the run) so that only they
+    train; returns the run's note saying how many parameters train (empty without ``lora``).
+
+    Raises ``ConfigError`` for ``lora.base_weights`` (a quantized frozen base), which finetune does not run yet.
+    """
+    if lora is None:
+        return []
+    if lora.base_weights is not None:
+        raise ConfigError(
+            f"lora.base_weights={lora.base_weights} (a quantized frozen base) is not wired into finetune "
+            "yet; leave it unset"
+        )
+    from lamina.model.lora import apply_lora, count_trainable, lora_layers
+
+    torch.manual_seed(seed)
+    apply_lora(model, lora)
+    trained, total = count_trainable(model)
+    return [
+        f"LoRA r={lora.r} on {len(lora_layers(model))} layers: {trained:,} of {total:,} parameters "
+        f"train ({trained / total:.2%})"
+    ]

@@ -50,6 +50,7 @@ from lamina.data.preference import EncodedPairs, Pair, PreferenceBatches, encode
 from lamina.errors import ConfigError, DataError
 from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
+from lamina.train.freeze import apply_run_lora
 from lamina.train.objectives import Batch, Objective
 from lamina.train.trainer import TrainResult, train
 
@@ -324,7 +325,11 @@ def finetune_dpo(
     template = read_template(d.chat_template)
     max_len = min(t.max_seq_len, model.config.max_seq_len)
     tr, va = _encoded(run, template, tokenizer, max_len)
-    notes = _apply_lora(run, model) + _problem_notes("training", tr) + _problem_notes("validation", va)
+    notes = (
+        apply_run_lora(run.lora, model, run.train.seed)
+        + _problem_notes("training", tr)
+        + _problem_notes("validation", va)
+    )
     ref = None if d.loss == "simpo" else reference(model, run.lora is not None)
     train_b: Any = PreferenceBatches(tr.pairs, tcfg.batch_size, tcfg.seed, _pad(tokenizer))
     val_b: Any = PreferenceBatches(va.pairs, tcfg.batch_size, tcfg.seed, _pad(tokenizer))
@@ -403,19 +408,3 @@ def finetune_reward(
         data_stats=_stats(tr, va, max_len), notes=notes,
     )  # fmt: skip
     return model, tokenizer, result
-
-
-def _apply_lora(run: Any, model: Transformer) -> list[str]:
-    """Put ``run.lora``'s adapters on ``model`` (seeded); the note that says how many parameters train."""
-    if run.lora is None:
-        return []
-    if run.lora.base_weights is not None:
-        raise ConfigError(f"lora.base_weights={run.lora.base_weights} (a quantized frozen base) is not wired "
-                          "into finetune yet; leave it unset")  # fmt: skip
-    from lamina.model.lora import apply_lora, count_trainable, lora_layers
-
-    torch.manual_seed(run.train.seed)
-    apply_lora(model, run.lora)
-    trained, total = count_trainable(model)
-    return [f"LoRA r={run.lora.r} on {len(lora_layers(model))} layers: {trained:,} of {total:,} parameters "
-            f"train ({trained / total:.2%})"]  # fmt: skip

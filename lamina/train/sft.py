@@ -42,6 +42,7 @@ from lamina.errors import ConfigError, DataError
 from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
 from lamina.train.finetune import FinetuneRun, base_model
+from lamina.train.freeze import apply_run_lora
 from lamina.train.objectives import sft
 from lamina.train.trainer import TrainResult, latest_checkpoint, train
 
@@ -78,20 +79,7 @@ def finetune_sft(
         )
     if template is None and tokenizer.chat_template is None:
         raise ConfigError("the tokenizer has no chat template; pass one with --sft.chat_template FILE")
-    adapters = []
-    if run.lora is not None and run.lora.base_weights is not None:
-        raise ConfigError(
-            f"lora.base_weights={run.lora.base_weights} (a quantized frozen base) is not wired into finetune "
-            "yet; leave it unset"
-        )
-    if run.lora is not None:
-        from lamina.model.lora import apply_lora, count_trainable, lora_layers
-
-        torch.manual_seed(tcfg.seed)  # the adapters' initialisation is part of the run
-        apply_lora(model, run.lora)
-        trained, total = count_trainable(model)
-        adapters = [f"LoRA r={run.lora.r} on {len(lora_layers(model))} layers: {trained:,} of {total:,} "
-                    f"parameters train ({trained / total:.2%})"]  # fmt: skip
+    adapters = apply_run_lora(run.lora, model, tcfg.seed)
     max_len = min(t.max_seq_len, cfg.max_seq_len)
     train_e = encode_chats(tokenizer, train_data, max_len, template, s.loss_on, t.truncate)
     val_e = encode_chats(tokenizer, val_data, max_len, template, s.loss_on, t.truncate)
