@@ -171,13 +171,19 @@ def test_two_processes_share_a_study_through_postgresql(tmp_path: Path, postgres
     config = read_yaml(run)
     config.pop("search")
     prepare_data(RunConfig.from_dict(config), progress=False)  # the data first: both processes read it
-    procs = []
-    for machine in ("a", "b"):
-        cmd = _tune("--config", str(run), "--storage", postgres, "--study", "shared", "--trials", "4",
-                    "--sampler", "random", "--pruner", "none", "--plots", "false", "--out", str(tmp_path / machine))  # fmt: skip
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        time.sleep(0.2)
-    outputs = [p.communicate(timeout=400) for p in procs]
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        for machine in ("a", "b"):
+            cmd = _tune("--config", str(run), "--storage", postgres, "--study", "shared", "--trials", "4",
+                        "--sampler", "random", "--pruner", "none", "--plots", "false", "--out", str(tmp_path / machine))  # fmt: skip
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            time.sleep(0.2)
+        outputs = [p.communicate(timeout=400) for p in procs]
+    finally:  # a timeout or a failed start leaves no process running against the server
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     for p, (_, stderr) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, stderr[-3000:]
     trials = _study(postgres, "shared").trials
