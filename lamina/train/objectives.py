@@ -20,21 +20,23 @@ Batch = dict[str, Tensor]
 Objective = Callable[[nn.Module, Batch], tuple[Tensor, int]]
 
 
+def token_cross_entropy(
+    logits: Tensor, targets: Tensor, ignore_index: int = -100, label_smoothing: float = 0.0
+) -> tuple[Tensor, int]:
+    """Mean cross-entropy of ``logits`` (B, T, V) against ``targets`` (B, T) over the scored tokens (those
+    not ``ignore_index``), and their count: the trainer weights micro-batches by it."""
+    n = int((targets != ignore_index).sum())
+    total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index,
+                            label_smoothing=label_smoothing, reduction="sum")  # fmt: skip
+    return total / max(n, 1), n
+
+
 def causal_lm(label_smoothing: float = 0.0, ignore_index: int = -100) -> Objective:
     """Next-token cross-entropy on ``batch["input_ids"]`` -> ``batch["targets"]`` (ignore_index skipped)."""
 
     def loss(model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
         logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
-        targets = batch["targets"]
-        n = int((targets != ignore_index).sum())
-        total = F.cross_entropy(
-            logits.flatten(0, 1).float(),
-            targets.flatten(),
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-            reduction="sum",
-        )
-        return total / max(n, 1), n
+        return token_cross_entropy(logits, batch["targets"], ignore_index, label_smoothing)
 
     return loss
 
@@ -54,12 +56,7 @@ def masked_lm(ignore_index: int = -100) -> Objective:
 
     def loss(model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
         logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
-        labels = batch["labels"]
-        n = int((labels != ignore_index).sum())
-        total = F.cross_entropy(
-            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index, reduction="sum"
-        )
-        return total / max(n, 1), n
+        return token_cross_entropy(logits, batch["labels"], ignore_index)
 
     return loss
 
@@ -75,11 +72,7 @@ def sft(label_smoothing: float = 0.0, ignore_index: int = -100) -> Objective:
         extra = {"segment_ids": batch["segment_ids"]} if "segment_ids" in batch else {}
         logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
                        position_ids=batch.get("position_ids"), **extra)  # fmt: skip
-        targets = batch["targets"]
-        n = int((targets != ignore_index).sum())
-        total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index,
-                                label_smoothing=label_smoothing, reduction="sum")  # fmt: skip
-        return total / max(n, 1), n
+        return token_cross_entropy(logits, batch["targets"], ignore_index, label_smoothing)
 
     return loss
 
@@ -103,15 +96,6 @@ def seq2seq(label_smoothing: float = 0.0, ignore_index: int = -100) -> Objective
             attention_mask=batch.get("attention_mask"),
             decoder_input_ids=batch["decoder_input_ids"],
         )
-        labels = batch["labels"]
-        n = int((labels != ignore_index).sum())
-        total = F.cross_entropy(
-            logits.flatten(0, 1).float(),
-            labels.flatten(),
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-            reduction="sum",
-        )
-        return total / max(n, 1), n
+        return token_cross_entropy(logits, batch["labels"], ignore_index, label_smoothing)
 
     return loss
