@@ -35,7 +35,7 @@ def test_requests_end_when_their_deltas_are_read_after_the_engine_finished_them(
                 temperature=0.0, max_new_tokens=max_tokens, ignore_eos=True, num_beams=num_beams
             )
             job = scheduler.submit([Prompt([1, 2, 3], cfg)])
-            deadline = time.monotonic() + 20
+            deadline = time.monotonic() + 120  # a hang, not a speed, check: generous on a loaded machine
             while job.unfinished and time.monotonic() < deadline:  # the event loop is busy: no reading
                 time.sleep(0.01)
             assert job.unfinished == 0
