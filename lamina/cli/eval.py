@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "perplexity; compare two results",
         description="Score MODEL on --tasks read from their published files under --data, as "
         "lm-evaluation-harness scores them (log-likelihood of each choice; acc, acc_norm, mc2; exact "
-        "match / F1 / numeric answers for generation tasks), and/or its --perplexity on text. Prints a "
+        "match / F1 / numeric answers for generation tasks), and/or its --perplexity on text or token shards. Prints a "
         "table; --out writes JSON with the config, versions and per-item records. `lamina eval compare "
         "A.json B.json` prints each task's change with a paired bootstrap 95% interval. " + LAYOUT,
         epilog="example: lamina eval smollm2 --tasks arc_easy,hellaswag --data data/ --shots 5 --limit 200 "

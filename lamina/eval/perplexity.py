@@ -9,6 +9,9 @@ Each document is scored on its own: windows of ``max_length`` tokens (default th
 ``max_seq_len``) start every ``stride`` tokens (default ``max_length // 2``); a window's loss counts only
 the tokens no earlier window predicted. Token 0 of a document has no context and is not scored, unless
 ``prefix`` puts the model's end-of-text token before it (lm-eval's ``loglikelihood_rolling`` does that).
+A prepared data folder (``lamina data prepare``: token shards + ``manifest.json``) is scored without
+re-tokenizing: :func:`shard_documents` cuts a split's token stream at the eos id into its documents, and
+their bytes and words come from decoding the ids.
 With ``stride == max_length`` (disjoint windows) the first token of each window is not scored either,
 exactly as in the transformers recipe. Totals over all documents:
 
@@ -37,6 +40,7 @@ from lamina.errors import ConfigError
 if TYPE_CHECKING:
     from lamina.checkpoint.load import LoadedModel
     from lamina.model.transformer import Transformer
+    from lamina.tokenizer import Tokenizer
 
 Progress = Callable[[int, int], None]
 
@@ -102,6 +106,37 @@ def read_documents(source: str | Path, field: str = "text") -> list[str]:
     return [path.read_text(encoding="utf-8")]
 
 
+def is_token_shards(source: str | Path) -> bool:
+    """Whether ``source`` is a prepared data folder (token shards with a ``manifest.json``)."""
+    return (Path(source) / "manifest.json").is_file()
+
+
+def shard_documents(folder: str | Path, split: str = "val") -> tuple[list[list[int]], Tokenizer]:
+    """The documents of ``split`` in a prepared data folder, as token-id lists cut at the eos id that
+    ``lamina data prepare`` appends to each (the eos itself left out), and the folder's tokenizer.
+    Raises ``DataError`` for a missing split or a folder prepared without eos ids (documents then run
+    into each other and cannot be scored one by one)."""
+    import numpy as np
+
+    from lamina.data.corpus import Manifest
+    from lamina.errors import DataError
+
+    manifest = Manifest.load(folder)
+    if not manifest.append_eos or manifest.eos_token_id is None:
+        raise DataError(f"{folder}: prepared without an eos id after each document (append_eos); "
+                        "prepare it again with append_eos on to score perplexity per document")  # fmt: skip
+    paths = manifest.shard_paths(split)
+    parts = [np.memmap(p, dtype=manifest.dtype, mode="r") for p in paths]
+    stream = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+    docs: list[list[int]] = []
+    start = 0
+    for end in np.flatnonzero(stream == manifest.eos_token_id).tolist():
+        if end > start:
+            docs.append(stream[start:end].tolist())
+        start = end + 1
+    return docs, manifest.load_tokenizer()
+
+
 def windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, first scored position) of each window over ``n_tokens`` tokens: transformers'
     recipe; position 0 is never scored (it has no context), nor a window's first token when the windows
@@ -157,7 +192,7 @@ def pseudo_nll(model: Transformer, ids: Sequence[int], mask_id: int) -> tuple[fl
 
 def perplexity(
     lm: LoadedModel,
-    documents: Iterable[str],
+    documents: Iterable[str] | Iterable[list[int]],
     max_length: int | None = None,
     stride: int | None = None,
     prefix: bool = False,
@@ -166,15 +201,17 @@ def perplexity(
     """Perplexity of ``lm`` on ``documents`` (see the module doc). ``max_length``: window tokens (default
     ``max_seq_len``); ``stride``: tokens between window starts (default ``max_length // 2``; smaller gives
     each token more context, at more cost); ``prefix``: score token 0 too, after the
-    end-of-text token. ``progress(done, total)`` counts documents. Raises ``ConfigError`` for a model
-    where perplexity is not defined or for a missing tokenizer."""
+    end-of-text token. ``progress(done, total)`` counts documents. ``documents`` are texts, or token-id
+    lists already in the model's vocabulary (:func:`shard_documents`; bytes and words then count their
+    decoded text). Raises ``ConfigError`` for a model where perplexity is not defined or for a missing
+    tokenizer."""
     from lamina.eval.multiple_choice import prefix_token_id
 
     cfg = lm.model.config
     tok = lm.tokenizer
     if tok is None:
         raise ConfigError(f"model {lm.entry.name!r} has no tokenizer; perplexity needs one")
-    docs = list(documents)
+    docs: list[str | list[int]] = list(documents)
     encoder = cfg.arch == "encoder" and cfg.head == "lm"
     if not encoder and not (cfg.arch == "decoder" and cfg.head == "lm"):
         raise ConfigError(
@@ -185,16 +222,16 @@ def perplexity(
         raise ConfigError(f"model {lm.entry.name!r} is an encoder without a mask token: no pseudo-perplexity")
     nll, count, nbytes, words = 0.0, 0, 0, 0
     for n, doc in enumerate(docs):
-        nbytes += len(doc.encode("utf-8"))
-        words += len(doc.split())
+        ids: list[int] = tok.encode(doc) if isinstance(doc, str) else [int(i) for i in doc]
+        text = doc if isinstance(doc, str) else tok.decode(ids)
+        nbytes += len(text.encode("utf-8"))
+        words += len(text.split())
         if encoder:
-            ids = tok.encode(doc)
             limit = cfg.max_seq_len
             for s in range(0, len(ids), limit):  # disjoint chunks: bidirectional context within each
                 a, c = pseudo_nll(lm.model, ids[s : s + limit], int(tok.mask_token_id))  # type: ignore[arg-type]
                 nll, count = nll + a, count + c
         else:
-            ids = tok.encode(doc)
             if prefix:
                 ids = [prefix_token_id(lm), *ids]
             a, c = token_nll(lm.model, ids, max_length, stride)

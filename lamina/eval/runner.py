@@ -21,6 +21,7 @@ from lamina.errors import ConfigError
 
 if TYPE_CHECKING:
     from lamina.checkpoint.load import LoadedModel
+    from lamina.tokenizer import Tokenizer
 
 Progress = Callable[[str, int, int], None]
 
@@ -36,7 +37,10 @@ class EvalConfig:
     limit: int | None = None  # score only the first N items of each task
     batch_tokens: int = 2048  # context + choice tokens scored in one forward batch
     max_new_tokens: int = 256  # generation tasks: longest answer
-    perplexity: str | None = None  # text file, JSONL ("text" field) or folder to report perplexity on
+    perplexity: str | None = (
+        None  # text file, JSONL ("text" field), folder, or token-shard folder (lamina data)
+    )
+    split: str = "val"  # token-shard folder: the split scored (its tokenizer must be the model's)
     max_length: int | None = None  # perplexity window in tokens (None: the model's max_seq_len)
     stride: int | None = None  # tokens between perplexity windows (None: half of max_length)
     samples: bool = True  # keep one record per item in the JSON (needed by `lamina eval compare`)
@@ -93,15 +97,30 @@ def evaluate(
         out["skipped"][task.name] = result.skipped
         samples[task.name] = result.samples
     if config.perplexity is not None:
-        from lamina.eval.perplexity import perplexity, read_documents
+        from lamina.eval.perplexity import is_token_shards, perplexity, read_documents, shard_documents
 
-        docs = read_documents(config.perplexity)
+        docs: list[str] | list[list[int]]
+        if is_token_shards(config.perplexity):
+            docs, shard_tok = shard_documents(config.perplexity, config.split)
+            _same_vocabulary(lm, shard_tok, config.perplexity)
+        else:
+            docs = read_documents(config.perplexity)
         ppl = perplexity(lm, docs, config.max_length, config.stride,
                          progress=lambda d, t: progress("perplexity", d, t) if progress else None)  # fmt: skip
         out["perplexity"] = ppl.as_dict()
     if config.samples:
         out["samples"] = samples
     return out
+
+
+def _same_vocabulary(lm: LoadedModel, tokenizer: Tokenizer, folder: str) -> None:
+    """Refuse token shards whose ids mean other tokens than the model's (``ConfigError`` naming both)."""
+    if lm.tokenizer is None or lm.tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(
+            f"{folder}: its token ids come from another tokenizer ({len(tokenizer)} tokens) than model "
+            f"{lm.entry.name!r}'s; fix: prepare the data with `lamina data prepare --tokenizer "
+            f"{lm.entry.name}`, or pass the text files instead"
+        )
 
 
 def format_table(result: dict[str, Any]) -> str:

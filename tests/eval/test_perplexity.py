@@ -73,3 +73,32 @@ def test_encoders_get_pseudo_perplexity_others_a_message() -> None:
     assert r.pseudo and r.tokens == 3 and r.token_perplexity > 1
     with pytest.raises(ConfigError, match="perplexity is not defined for model 'tiny'"):
         perplexity(tiny_lm(head="classify", n_labels=2), ["the cat"])
+
+
+def test_token_shards_score_as_their_texts(lm: Any, tmp_path: Path) -> None:
+    from lamina.data.corpus import DataConfig, prepare
+    from lamina.eval.perplexity import is_token_shards, shard_documents
+    from lamina.eval.runner import EvalConfig, evaluate
+
+    texts = ["the cat sat on the mat", "a dog ran", "the dog sat", "a cat ran on the mat"]
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(f'{{"text": "{t}"}}\n' for t in texts), encoding="utf-8")
+    lm.tokenizer.save(tmp_path / "tok")
+    data = tmp_path / "data"
+    prepare(DataConfig(sources=[str(src)], out=str(data), tokenizer=str(tmp_path / "tok"), val_fraction=0.5,
+                       num_workers=0))  # fmt: skip
+    assert is_token_shards(data) and not is_token_shards(src)
+    docs, _ = shard_documents(data, "val")
+    val_texts = [lm.tokenizer.decode(d) for d in docs]
+    assert docs and set(val_texts) < set(texts)  # cut at the eos ids: whole documents, none run together
+    got = evaluate(lm, EvalConfig(perplexity=str(data), split="val"))["perplexity"]
+    want = perplexity(lm, val_texts).as_dict()
+    assert got == pytest.approx(want)
+
+    lm.tokenizer.save(tmp_path / "other")
+    vocab = (tmp_path / "other" / "tokenizer.json").read_text(encoding="utf-8").replace('"mat"', '"mats"')
+    (tmp_path / "other" / "tokenizer.json").write_text(vocab, encoding="utf-8")
+    prepare(DataConfig(sources=[str(src)], out=str(tmp_path / "d2"), tokenizer=str(tmp_path / "other"),
+                       val_fraction=0.5, num_workers=0))  # fmt: skip
+    with pytest.raises(ConfigError, match="another tokenizer"):
+        evaluate(lm, EvalConfig(perplexity=str(tmp_path / "d2")))
