@@ -1,0 +1,50 @@
+"""The built-in ``stdlib-docs`` corpus: one document per documented public object, stable ids and order."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from lamina.rag.stdlib_docs import module_names, stdlib_documents
+
+
+@pytest.fixture(scope="module")
+def docs():
+    return stdlib_documents(modules=["csv", "json", "os"])
+
+
+def test_ids_are_the_public_qualified_names(docs):
+    ids = {d.doc_id: d for d in docs}
+    for name in ("csv", "csv.DictReader", "csv.reader", "json.loads", "json.JSONDecoder", "os.path.join"):
+        assert name in ids, name
+    assert "posixpath.join" not in ids and "json.decoder.JSONDecoder" not in ids  # the shortest public name
+    assert not any(part.startswith("_") for d in docs for part in d.doc_id.split("."))
+    assert ids["json.loads"].text.startswith("json.loads(s, ")
+    assert "Deserialize" in ids["json.loads"].text
+    assert ids["csv.DictReader"].metadata == {
+        "path": "csv.DictReader",
+        "title": "csv.DictReader",
+        "kind": "class",
+        "module": "csv",
+    }
+    assert "fieldnames" in ids["csv.DictReader"].text  # no docstring: its signature and members stand in
+    assert ids["json.JSONDecoder.decode"].metadata["kind"] == "method"
+
+
+def test_sorted_unique_hashed_and_deterministic(docs):
+    ids = [d.doc_id for d in docs]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert all(d.content_hash == hashlib.sha256(d.text.encode()).hexdigest() for d in docs)
+    assert all(d.text.strip() for d in docs)
+    again = stdlib_documents(modules=["csv", "json", "os"])
+    assert [(d.doc_id, d.content_hash) for d in again] == [(d.doc_id, d.content_hash) for d in docs]
+
+
+def test_skips_side_effect_and_gui_modules():
+    names = module_names()
+    assert "csv" in names and "os.path" in names and "xml.etree.ElementTree" in names
+    for skipped in ("this", "antigravity", "tkinter", "turtle", "idlelib", "test", "posixpath"):
+        assert skipped not in names
+    assert not any(n.startswith(("test.", "encodings.", "idlelib.")) for n in names)
+    assert stdlib_documents(modules=["no_such_module_xyz"]) == []
