@@ -53,9 +53,33 @@ class Hit:
     rank: int
 
 
+FILTERS_HELP = (
+    "metadata filters: {key: value} keeps chunks whose metadata[key] equals value, {key: [v1, v2]} any of "
+    "them; the keys doc_id (exact id or list of ids), doc_id_prefix (ids starting with it) and kind "
+    "(chunk or summary) match the chunk's own fields; several keys must all match"
+)
+
+
+def matches(chunk: Chunk, filters: dict[str, Any] | None) -> bool:
+    """Whether ``chunk`` passes ``filters`` (the meaning every store implements, see :data:`FILTERS_HELP`):
+    ``{"path": "a.md"}`` equality on a metadata key, ``{"path": ["a.md", "b.md"]}`` any of the values,
+    ``doc_id`` (exact, or a list), ``doc_id_prefix`` (``"csv."``) and ``kind`` on the chunk's fields."""
+    for key, want in (filters or {}).items():
+        if key == "doc_id_prefix":
+            if not chunk.doc_id.startswith(str(want)):
+                return False
+            continue
+        have = chunk.doc_id if key == "doc_id" else chunk.kind if key == "kind" else chunk.metadata.get(key)
+        if have not in (want if isinstance(want, (list, tuple, set)) else [want]):
+            return False
+    return True
+
+
 class Store(Protocol):
     """What every index store does. Writes are transactional: a document's chunks and vectors are
-    replaced in one transaction, so a crash leaves the last committed state."""
+    replaced in one transaction, so a crash leaves the last committed state. ``filters`` in the searches
+    mean what :func:`matches` says (:data:`FILTERS_HELP`). Stores are opened with
+    ``lamina.rag.store.open_store(path_or_url, embedding_model)``."""
 
     embedding_model: str  # the name of the model that made the vectors; queries must use the same
     dim: int  # vector size
