@@ -1,4 +1,4 @@
-"""``lamina convert SRC --out DST --to lamina|hf``: move checkpoints between lamina, Hugging Face and GGUF."""
+"""``lamina convert SRC --out DST --to lamina|hf|gguf``: move checkpoints between lamina, Hugging Face and GGUF."""
 
 from __future__ import annotations
 
@@ -13,16 +13,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``convert`` verb."""
     p = sub.add_parser(
         "convert",
-        help="convert a model (lamina, HF folder, GGUF) to a lamina or HF checkpoint folder",
-        description="Read SRC (any format lamina loads) and write a lamina checkpoint folder (--to lamina) "
-        "or a Hugging Face folder that transformers loads (--to hf) to --out (or DST). GGUF weights are "
-        "dequantized; --merge-lora ADAPTER merges a PEFT LoRA adapter into the weights first. The folder is "
-        "written atomically: it appears complete or not at all.",
+        help="convert a model (lamina, HF folder, GGUF) to a lamina or HF checkpoint folder or a GGUF file",
+        description="Read SRC (any format lamina loads) and write a lamina checkpoint folder (--to lamina), "
+        "a Hugging Face folder that transformers loads (--to hf) or a GGUF file that llama.cpp, Ollama and "
+        "LM Studio run (--to gguf, tensors as --quant) to --out (or DST). GGUF weights are dequantized "
+        "(--quant keep re-writes a GGUF source's own blocks); --merge-lora ADAPTER merges a PEFT LoRA "
+        "adapter into the weights first. The output is written atomically: it appears complete or not at all.",
         epilog="examples: lamina convert smollm2 --out /tmp/smollm2-hf --to hf; "
+        "lamina convert smollm2 /tmp/smollm2-q8.gguf --to gguf --quant q8_0; "
         "lamina convert smollm2 --merge-lora runs/sft/adapter --out /tmp/smollm2-sft",
     )
     p.add_argument("src", metavar="SRC", help="model path or name")
-    p.add_argument("dst", metavar="DST", nargs="?", help="output folder (the same as --out)")
+    p.add_argument("dst", metavar="DST", nargs="?", help="output folder or .gguf file (the same as --out)")
     add_config_file(p)
     add_fields(p, convert, title="options (lamina.convert)", skip=("src",))
     p.set_defaults(func=run)
@@ -36,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"two output folders: DST {args.dst!r} and --out {options['out']!r}; give one")
         options["out"] = args.dst
     if "out" not in options:
-        raise ConfigError("name the output folder: lamina convert SRC --out DIR")
+        raise ConfigError("name the output: lamina convert SRC --out DIR (or OUT.gguf --to gguf)")
     out = convert(args.src, **options)
-    print(f"wrote {options.get('to', 'lamina')} checkpoint {out}")
+    to = options.get("to", "lamina")
+    print(f"wrote {to} {'file' if to == 'gguf' else 'checkpoint'} {out}")
     return 0
