@@ -19,7 +19,7 @@ from lamina.errors import LaminaError
 VERBS = {
     "models": "list models available on this machine (models directory and installed packages)",
     "inspect": "show a model's config, parameter count, dtype, size on disk and tokenizer",
-    "convert": "convert a model (lamina, HF folder, GGUF) to a lamina or HF checkpoint folder",
+    "convert": "convert a model (lamina, HF folder, GGUF) to a lamina or HF checkpoint folder or a GGUF file",
     "generate": "generate text from a prompt with any decoding control, streamed",
     "chat": "chat with a model interactively (streaming, with history)",
     "embed": "embed texts (one per line) as vectors with an encoder such as minilm",
@@ -28,11 +28,14 @@ VERBS = {
     "data": "prepare training data: tokenize text into memory-mapped token shards",
     "pretrain": "pretrain a language model from a run config (every field is a flag)",
     "finetune": "fine-tune a task head on labeled data, or a language model on chat data (--task sft), a "
-    "reward model (--task reward), DPO (--task dpo) or an encoder-decoder on source/target pairs (--task seq2seq)",
+    "reward model (--task reward), DPO (--task dpo), GRPO (--task grpo) or an encoder-decoder on source/target "
+    "pairs (--task seq2seq)",
     "tune": "search hyperparameters (any config field) with Optuna: grid, random or TPE, with pruning",
     "eval": "score a model on benchmarks (MMLU, ARC, HellaSwag, TruthfulQA, WiC, BIG-bench, GSM8K) or "
     "perplexity; compare two results",
     "serve": "serve models over an OpenAI-compatible HTTP API (completions, chat, embeddings)",
+    "plan": "plan a training run: compute-optimal parameters and tokens for a FLOP budget (Chinchilla), a "
+    "config that size, its memory",
     "demo": "train a small GPT on the embedded corpus (Python's stdlib) for a few minutes and sample it",
 }
 
