@@ -1,0 +1,219 @@
+"""Retrieval: a question -> the passages of a store that answer it, best first.
+
+Three modes over one :class:`~lamina.rag.types.Store`:
+
+- ``dense``: the question embedded with the store's own embedding model (``lamina.embeddings``), the
+  chunks nearest it by cosine similarity (``store.search_dense``);
+- ``bm25``: full-text search ranked by BM25 (``store.search_text``; Robertson & Zaragoza 2009);
+- ``hybrid`` (the default): both lists, ``candidates`` deep each, merged by reciprocal rank fusion
+  (Cormack, Clarke & Buettcher, "Reciprocal Rank Fusion outperforms Condorcet and individual rank learning
+  methods", SIGIR 2009): a chunk's score is ``sum over lists of 1 / (rrf_k + rank)`` with ``rrf_k = 60``
+  as in the paper. Ranks, not raw scores, are fused: cosine similarities and BM25 scores are on
+  different scales.
+
+Results hold each chunk once (by ``chunk_id``, and a chunk whose text repeats an earlier hit's is dropped),
+ranked 1..k. ``score_threshold`` turns "nothing close enough" into an empty list, which synthesis answers
+with "not found in the sources" without calling the model. Optional reranking (``rerank="llm"``) re-orders
+the fused candidates by the chat model's probability that a passage answers the question.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Literal
+
+from lamina.errors import ConfigError
+from lamina.rag.types import Hit, Store
+
+if TYPE_CHECKING:
+    from lamina.checkpoint.load import LoadedModel
+
+MODES = ("dense", "bm25", "hybrid")
+RERANKERS = ("none", "llm")
+
+
+@dataclass
+class RetrieveConfig:
+    """How a question becomes passages (see the module docstring for the methods and their sources)."""
+
+    # dense (embeddings), bm25 (full text) or hybrid (both, fused by reciprocal rank)
+    mode: Literal["dense", "bm25", "hybrid"] = "hybrid"
+    k: int = 5  # passages returned
+    rrf_k: int = 60  # reciprocal rank fusion constant: score = sum 1 / (rrf_k + rank) (Cormack et al. 2009)
+    candidates: int = 50  # depth of each list before fusion and reranking (>= k)
+    # dense/hybrid: minimum cosine similarity of a passage to the question (hybrid: when no passage
+    # reaches it, nothing is returned); bm25: minimum BM25 score; None: no minimum
+    score_threshold: float | None = None
+    filters: dict[str, Any] | None = None  # metadata key -> value every passage must match ({path: notes.md})
+    # llm: re-order the candidates by a chat model's P(Yes) that the passage answers the question
+    rerank: Literal["none", "llm"] = "none"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode={self.mode!r} must be one of {', '.join(MODES)}")
+        if self.rerank not in RERANKERS:
+            raise ConfigError(f"rerank={self.rerank!r} must be one of {', '.join(RERANKERS)}")
+        if self.k < 1:
+            raise ConfigError(f"k={self.k} must be >= 1 (passages returned)")
+        if self.rrf_k < 0:
+            raise ConfigError(f"rrf_k={self.rrf_k} must be >= 0 (60 in Cormack et al. 2009)")
+        if self.candidates < self.k:
+            raise ConfigError(f"candidates={self.candidates} must be >= k={self.k} (each list's depth)")
+
+
+def retrieve(
+    store: Store,
+    query: str,
+    cfg: RetrieveConfig | None = None,
+    embedder: LoadedModel | None = None,
+    reranker: LoadedModel | None = None,
+) -> list[Hit]:
+    """The ``cfg.k`` passages of ``store`` that best answer ``query``, best first, ranks 1..k.
+
+    ``embedder`` is the store's embedding model, loaded (``lamina.load(store.embedding_model)`` when None
+    and the mode needs it: dense, hybrid). Scores: cosine similarity (dense), BM25 (bm25), the reciprocal
+    rank fusion score (hybrid), or P(Yes) after ``rerank="llm"`` with ``reranker`` (a chat model). Raises
+    ``ConfigError`` for an empty query, for an embedder that is not the model the store was built with
+    (naming both), and for ``rerank="llm"`` without a reranker.
+    """
+    cfg = cfg or RetrieveConfig()
+    if not query.strip():
+        raise ConfigError("the question is empty: ask something")
+    depth = cfg.candidates if (cfg.mode == "hybrid" or cfg.rerank != "none") else cfg.k
+    dense: list[Hit] = []
+    text: list[Hit] = []
+    if cfg.mode in ("dense", "hybrid"):
+        vector = embed_query(store, query, embedder)
+        dense = store.search_dense(vector, depth, cfg.filters)
+        if cfg.score_threshold is not None:
+            dense = [h for h in dense if h.score >= cfg.score_threshold]
+            if not dense:  # nothing in the index is close enough: no BM25 vote rescues a miss
+                return []
+    if cfg.mode in ("bm25", "hybrid"):
+        text = store.search_text(query, depth, cfg.filters)
+        if cfg.mode == "bm25" and cfg.score_threshold is not None:
+            text = [h for h in text if h.score >= cfg.score_threshold]
+    if cfg.mode == "dense":
+        hits = dedupe(dense)
+    elif cfg.mode == "bm25":
+        hits = dedupe(text)
+    else:
+        hits = reciprocal_rank_fusion([dense, text], cfg.rrf_k)
+    if cfg.rerank == "llm":
+        if reranker is None:
+            raise ConfigError(
+                "rerank='llm' needs a chat model: pass reranker=lamina.load('smollm2') (or --model)"
+            )
+        hits = rerank_llm(reranker, query, hits)
+    return [replace(h, rank=i + 1) for i, h in enumerate(hits[: cfg.k])]
+
+
+def embed_query(store: Store, query: str, embedder: LoadedModel | None = None) -> Any:
+    """``query`` as a (dim,) unit vector from the store's embedding model (cut to the model's length).
+
+    Raises ``ConfigError`` naming both models when ``embedder`` is another model than the store's, or
+    when its vectors have another size than the store's.
+    """
+    from lamina.checkpoint.load import load
+    from lamina.embeddings import embed
+
+    if embedder is None:
+        embedder = load(store.embedding_model)
+    elif not same_model(embedder, store.embedding_model):
+        raise ConfigError(
+            f"the index was built with embedding model {store.embedding_model!r}, not "
+            f"{embedder.entry.name!r}: query it with {store.embedding_model!r} (or re-index with the other)"
+        )
+    vector = embed(embedder, [query], truncate=True)[0]
+    if vector.shape[0] != store.dim:
+        raise ConfigError(
+            f"embedding model {embedder.entry.name!r} makes {vector.shape[0]}-dim vectors, the index holds "
+            f"{store.dim}-dim ones from {store.embedding_model!r}: query it with {store.embedding_model!r}"
+        )
+    return vector
+
+
+def same_model(lm: LoadedModel, name: str) -> bool:
+    """Whether ``lm`` is the model a store names: the same short name, or the same folder/file once the
+    name is resolved as ``lamina.load`` resolves it (a path, a models-directory name, a packaged name)."""
+    from lamina.checkpoint.registry import resolve
+    from lamina.errors import LaminaError
+
+    if name == lm.entry.name:
+        return True
+    try:
+        return resolve(name).path.resolve() == lm.entry.path.resolve()
+    except (LaminaError, OSError):
+        return False
+
+
+def reciprocal_rank_fusion(lists: list[list[Hit]], rrf_k: int = 60) -> list[Hit]:
+    """Fuse ranked lists: each chunk scores ``sum 1 / (rrf_k + rank)`` over the lists it appears in (its
+    rank in each list, 1-based, after that list's duplicates are dropped), best first; ties keep the order
+    of first appearance (list by list). Cormack, Clarke & Buettcher, SIGIR 2009."""
+    scores: dict[str, float] = {}
+    chunks: dict[str, Hit] = {}
+    for hits in lists:
+        for rank, hit in enumerate(dedupe(hits), start=1):
+            cid = hit.chunk.chunk_id
+            scores[cid] = scores.get(cid, 0.0) + 1.0 / (rrf_k + rank)
+            chunks.setdefault(cid, hit)
+    order = sorted(scores, key=lambda cid: -scores[cid])  # stable: first appearance breaks ties
+    fused = [Hit(chunks[cid].chunk, scores[cid], i + 1) for i, cid in enumerate(order)]
+    return dedupe(fused)
+
+
+def dedupe(hits: list[Hit]) -> list[Hit]:
+    """``hits`` without repeats, in order: a chunk id seen before, or the same text of the same document
+    seen before (a document indexed twice), is dropped; ranks renumbered 1..n."""
+    seen_ids: set[str] = set()
+    seen_text: set[tuple[str, str]] = set()
+    out: list[Hit] = []
+    for h in hits:
+        key = (h.chunk.doc_id, h.chunk.text)
+        if h.chunk.chunk_id in seen_ids or key in seen_text:
+            continue
+        seen_ids.add(h.chunk.chunk_id)
+        seen_text.add(key)
+        out.append(Hit(h.chunk, h.score, len(out) + 1))
+    return out
+
+
+def rerank_llm(lm: LoadedModel, query: str, hits: list[Hit], max_passage_chars: int = 800) -> list[Hit]:
+    """Re-order ``hits`` by the chat model's probability that the passage answers the question: the prompt
+    asks "Does the passage answer the question? Answer Yes or No." and the score is P("Yes") /
+    (P("Yes") + P("No")) of the first answer token (the pointwise relevance-generation of Liang et al.,
+    HELM 2022, and of Nogueira et al.'s monoT5, 2020). One forward pass per passage, on the model's device."""
+    import torch
+
+    from lamina.generate.text import build_prompt_ids
+
+    tok = lm.tokenizer
+    if tok is None:
+        raise ConfigError(f"reranker {lm.entry.name!r} has no tokenizer")
+    yes = _first_token(lm, ["Yes", " Yes"])
+    no = _first_token(lm, ["No", " No"])
+    device = lm.model.tok_emb.weight.device
+    scored: list[tuple[float, int, Hit]] = []
+    for i, h in enumerate(hits):
+        prompt = (
+            f"Passage:\n{h.chunk.text[:max_passage_chars]}\n\nQuestion: {query}\n\n"
+            "Does the passage answer the question? Answer Yes or No."
+        )
+        ids = build_prompt_ids(lm, prompt)
+        with torch.inference_mode():
+            last = lm.model(torch.tensor([ids], device=device), last_only=True)[0, -1].float()  # (V,)
+        pair = torch.log_softmax(torch.stack([last[yes], last[no]]), dim=0)
+        scored.append((math.exp(float(pair[0])), i, h))
+    scored.sort(key=lambda t: (-t[0], t[1]))
+    return [Hit(h.chunk, p, r + 1) for r, (p, _, h) in enumerate(scored)]
+
+
+def _first_token(lm: LoadedModel, spellings: list[str]) -> int:
+    assert lm.tokenizer is not None
+    for s in spellings:
+        ids = lm.tokenizer.encode(s, add_special_tokens=False)
+        if len(ids) == 1:
+            return ids[0]
+    return lm.tokenizer.encode(spellings[0], add_special_tokens=False)[0]

@@ -1,0 +1,124 @@
+"""Retrieval: reciprocal rank fusion and dedup on hand-computed lists; dense / BM25 / hybrid over an
+in-memory store of real stdlib docs embedded with MiniLM; thresholds, filters, the embedding-model check."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from rag_fakes import MemoryStore, hit, memory_store, stdlib_subset
+from tiny_chat import tiny_lm
+
+from lamina.errors import ConfigError
+from lamina.rag.retrieve import RetrieveConfig, dedupe, reciprocal_rank_fusion, retrieve
+
+
+def test_rrf_matches_the_hand_computed_scores() -> None:
+    dense = [hit("a#0"), hit("b#0"), hit("c#0")]
+    text = [hit("c#0"), hit("a#0"), hit("d#0")]
+    fused = reciprocal_rank_fusion([dense, text], rrf_k=60)
+    assert [h.chunk.chunk_id for h in fused] == ["a#0", "c#0", "b#0", "d#0"]
+    expected = [1 / 61 + 1 / 62, 1 / 63 + 1 / 61, 1 / 62, 1 / 63]
+    assert [h.score for h in fused] == pytest.approx(expected)
+    assert [h.rank for h in fused] == [1, 2, 3, 4]
+
+
+def test_rrf_k_changes_the_order_when_ranks_disagree() -> None:
+    # x is first in one list only; y is second and third: a small rrf_k favours the single first place,
+    # rrf_k = 60 favours agreement between the lists
+    one = [hit("x#0"), hit("y#0")]
+    two = [hit("z#0"), hit("w#0"), hit("y#0")]
+    assert reciprocal_rank_fusion([one, two], rrf_k=0)[0].chunk.chunk_id == "x#0"  # 1 > 1/2 + 1/3
+    assert reciprocal_rank_fusion([one, two], rrf_k=60)[0].chunk.chunk_id == "y#0"  # 1/62 + 1/63 > 1/61
+
+
+def test_dedupe_drops_repeated_ids_and_repeated_text_of_a_document() -> None:
+    hits = [hit("a#0", text="same"), hit("a#0"), hit("a#1", text="same"), hit("b#0", text="same"), hit("c#0")]
+    out = dedupe(hits)
+    assert [h.chunk.chunk_id for h in out] == ["a#0", "b#0", "c#0"]
+    assert [h.rank for h in out] == [1, 2, 3]
+
+
+def test_rrf_counts_a_chunk_once_per_list() -> None:
+    fused = reciprocal_rank_fusion([[hit("a#0"), hit("a#0"), hit("b#0")]], rrf_k=60)
+    assert [h.score for h in fused] == pytest.approx([1 / 61, 1 / 62])
+
+
+@pytest.fixture(scope="module")
+def store(lamina_minilm: Any) -> MemoryStore:
+    return memory_store(lamina_minilm, stdlib_subset())
+
+
+@pytest.mark.parametrize("mode", ["dense", "bm25", "hybrid"])
+def test_each_mode_finds_the_documented_function(store: MemoryStore, lamina_minilm: Any, mode: str) -> None:
+    cfg = RetrieveConfig(mode=mode, k=5)  # type: ignore[arg-type]
+    hits = retrieve(store, "How do I read a CSV file with a header row?", cfg, lamina_minilm)
+    docs = [h.chunk.doc_id for h in hits]
+    assert len(hits) == 5 and [h.rank for h in hits] == [1, 2, 3, 4, 5]
+    assert len({h.chunk.chunk_id for h in hits}) == 5
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    assert any(d.startswith("csv.") for d in docs), docs
+    if mode == "dense":
+        assert "csv.DictReader" in docs, docs
+
+
+def test_hybrid_fuses_two_lists_of_candidate_depth(store: MemoryStore, lamina_minilm: Any) -> None:
+    store.dense_calls.clear()
+    store.text_calls.clear()
+    hits = retrieve(store, "largest items of a list", RetrieveConfig(k=3, candidates=20), lamina_minilm)
+    assert store.dense_calls == [20] and store.text_calls == [20]
+    assert len(hits) == 3 and all(h.score <= 2 / 61 for h in hits)  # fused scores, not cosines
+    assert "heapq.nlargest" in [h.chunk.doc_id for h in hits]
+
+
+def test_score_threshold_turns_a_miss_into_no_passages(store: MemoryStore, lamina_minilm: Any) -> None:
+    q = "What is the boiling point of water on Mars?"
+    assert retrieve(store, q, RetrieveConfig(mode="dense", score_threshold=0.9), lamina_minilm) == []
+    assert retrieve(store, q, RetrieveConfig(mode="hybrid", score_threshold=0.9), lamina_minilm) == []
+    kept = retrieve(
+        store, q, RetrieveConfig(mode="dense", k=50, candidates=50, score_threshold=0.05), lamina_minilm
+    )
+    assert kept and all(h.score >= 0.05 for h in kept)
+
+
+def test_filters_reach_the_store(store: MemoryStore, lamina_minilm: Any) -> None:
+    cfg = RetrieveConfig(k=3, filters={"title": "json.dumps"})
+    hits = retrieve(store, "read a CSV file", cfg, lamina_minilm)
+    assert [h.chunk.doc_id for h in hits] == ["json.dumps"]
+
+
+def test_a_query_with_another_embedding_model_is_refused_naming_both(store: MemoryStore) -> None:
+    with pytest.raises(ConfigError, match=r"'minilm'.*'tiny'"):
+        retrieve(store, "read a CSV file", RetrieveConfig(mode="dense"), tiny_lm())
+
+
+def test_bm25_needs_no_embedder(store: MemoryStore) -> None:
+    hits = retrieve(store, "heap", RetrieveConfig(mode="bm25", k=2), embedder=None)
+    assert all(h.chunk.doc_id.startswith("heapq") for h in hits)
+
+
+@pytest.mark.parametrize(
+    "bad", [{"mode": "sparse"}, {"k": 0}, {"candidates": 2, "k": 5}, {"rerank": "magic"}, {"rrf_k": -1}]
+)
+def test_config_is_checked(bad: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError):
+        RetrieveConfig(**bad)
+
+
+def test_empty_question_is_refused(store: MemoryStore) -> None:
+    with pytest.raises(ConfigError, match="empty"):
+        retrieve(store, "  ", RetrieveConfig(mode="bm25"))
+
+
+@pytest.mark.slow
+def test_llm_rerank_reorders_by_yes_probability(
+    store: MemoryStore, lamina_minilm: Any, lamina_smollm2: Any
+) -> None:
+    cfg = RetrieveConfig(k=2, candidates=3, rerank="llm")
+    hits = retrieve(
+        store, "How do I indent every line of a text?", cfg, lamina_minilm, reranker=lamina_smollm2
+    )
+    assert len(hits) == 2 and all(0.0 < h.score < 1.0 for h in hits)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    with pytest.raises(ConfigError, match="reranker"):
+        retrieve(store, "indent", cfg, lamina_minilm)
