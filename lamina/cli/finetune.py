@@ -2,6 +2,7 @@
 (``--task regress``; ``--task token_classify --data conll.jsonl`` for tagging); ``--task sft --data
 chat.jsonl --init MODEL``: supervised fine-tuning of a language model on conversations; ``--task reward``
 and ``--task dpo --data prefs.jsonl``: a reward model or preference tuning from prompt/chosen/rejected pairs;
+``--task grpo --data prompts.jsonl``: RL from rewards of sampled completions;
 ``--task seq2seq --data pairs.jsonl``: an encoder-decoder on source/target pairs."""
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "finetune",
         formatter_class=HelpFormatter,
         help="fine-tune a task head on labeled data, or a language model on chat data (--task sft), a "
-        "reward model (--task reward), DPO (--task dpo) or an encoder-decoder on source/target pairs (--task seq2seq)",
+        "reward model (--task reward), DPO (--task dpo), GRPO (--task grpo) or an encoder-decoder on source/target "
+        "pairs (--task seq2seq)",
         description="Put a fresh task head on MODEL (--init) or on a model built from --model.* flags, "
         "and train on --data (CSV with a header or JSONL; columns --task.text_field [text], "
         "--task.pair_field for sentence pairs, and --task.label_field [label]; for token_classify, JSONL "
@@ -48,6 +50,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Bradley-Terry loss and reports held-out pairwise accuracy; dpo trains the policy against the frozen "
         "start (with LoRA: the base, adapters disabled) with --dpo.loss sigmoid|ipo|hinge|robust|simpo and "
         "--dpo.beta, reporting rewards/chosen, rewards/rejected, rewards/accuracies and rewards/margins. "
+        "--task grpo reads JSONL prompts (--grpo.prompt_field [prompt], a string or a message list), samples "
+        "--grpo.num_generations completions per prompt with lamina's engine, scores them with "
+        "--grpo.reward_funcs (module:function or file.py:function with TRL's signature f(prompts, "
+        "completions, **kwargs) -> list[float], or a reward model folder; --grpo.reward_weights) and trains "
+        "on group-normalised advantages (--grpo.beta, --grpo.epsilon, --grpo.loss_type, "
+        "--grpo.num_iterations); reward mean/std, KL and clip ratio go to metrics.jsonl every step, "
+        "completions to OUT/samples.jsonl. "
         "--task seq2seq trains an encoder-decoder (--init a T5 model, or --model.preset t5-tiny with "
         "--task.tokenizer) on source/target pairs (TSV/CSV with a header or JSONL; --seq2seq.source_field "
         "[source], --seq2seq.target_field [target]) and reports validation BLEU, chrF and ROUGE of greedy "
@@ -58,7 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="examples:\n  lamina finetune --task classify --data examples/reviews.csv --init minilm "
         "--train.epochs 3 --out runs/sentiment\n  lamina finetune --task sft --data chat.jsonl --init smollm2 "
         "--task.max_seq_len 512 --out runs/chat\n  lamina finetune --task dpo --data prefs.jsonl --init smollm2 "
-        "--dpo.beta 0.1 --lora.r 16 --out runs/dpo\n  lamina finetune --task seq2seq --data pairs.jsonl "
+        "--dpo.beta 0.1 --lora.r 16 --out runs/dpo\n  lamina finetune --task grpo --data prompts.jsonl --init smollm2 "
+        "--grpo.reward_funcs '[rewards.py:brevity]' --grpo.num_generations 8 --out runs/grpo\n  lamina finetune --task seq2seq --data pairs.jsonl "
         "--model.preset t5-tiny --task.tokenizer tokenizer.json --train.lr 3e-3 --out runs/t5",
     )
     add_config_file(p)

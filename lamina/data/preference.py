@@ -223,32 +223,18 @@ def encode_pair(
 ) -> Pair:
     """One pair as tokens (see the module docstring); raises ``_Skip`` (a ``LaminaError``) for a pair the
     template rejects, an empty completion or two completions with the same tokens."""
-    if templated:
-        p_msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        p_ids = _encode(tokenizer, p_msgs, True, chat_template)
-        controls = _control_ids(tokenizer)
-        fulls, spans = [], []
-        for c in (chosen, rejected):
-            c_msgs = [{"role": "assistant", "content": c}] if isinstance(c, str) else c
-            ids = _encode(tokenizer, [*p_msgs, *c_msgs], False, chat_template)
-            start = _answer_start(tokenizer, ids, p_ids)
-            end = next((t + 1 for t in range(start, len(ids)) if ids[t] in controls), len(ids))
-            fulls.append(ids)
-            spans.append((start, end))
-    else:
-        if not (isinstance(prompt, str) and isinstance(chosen, str) and isinstance(rejected, str)):
-            raise ConfigError(
-                "conversational pairs (message lists) need a chat template and this tokenizer has none: "
-                "pass --dpo.chat_template FILE (--reward.chat_template for a reward model) or give the pairs as strings"
-            )
-        # user text is encoded as text (a "</s>" in it stays characters); eos is appended as its id
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        p_ids = tokenizer.encode(prompt, split_special_tokens=True)
-        fulls, spans = [], []
-        for c in (chosen, rejected):
-            ids = tokenizer.encode(prompt + c, split_special_tokens=True) + eos
-            fulls.append(ids)
-            spans.append((_answer_start(tokenizer, ids, p_ids), len(ids)))
+    if not templated and not (
+        isinstance(prompt, str) and isinstance(chosen, str) and isinstance(rejected, str)
+    ):
+        raise ConfigError(
+            "conversational pairs (message lists) need a chat template and this tokenizer has none: "
+            "pass --dpo.chat_template FILE (--reward.chat_template for a reward model) or give the pairs as strings"
+        )
+    fulls, spans = [], []
+    for c in (chosen, rejected):
+        ids, start, end = render_completion(tokenizer, prompt, c, chat_template, templated)
+        fulls.append(ids)
+        spans.append((start, end))
     # the shared prompt: what both renderings have in common before either completion starts
     shared = min(spans[0][0], spans[1][0], _common_prefix(fulls[0], fulls[1]))
     comps = [ids[shared:end] for ids, (_, end) in zip(fulls, spans, strict=True)]
@@ -259,6 +245,105 @@ def encode_pair(
     if comps[0] == comps[1]:
         raise _Skip("chosen and rejected encode to the same tokens: nothing to prefer")
     return Pair(fulls[0][:shared], comps[0], comps[1], masks[0], masks[1], where, margin)
+
+
+def render_completion(
+    tokenizer: Tokenizer,
+    prompt: Text,
+    completion: Text,
+    chat_template: str | None = None,
+    templated: bool = True,
+) -> tuple[list[int], int, int]:
+    """``(ids, start, end)``: the rendering of prompt + completion and where the completion's tokens start
+    and end (after the template's end-of-turn token; without a template, after the eos appended to the
+    joined texts). What a reward model is trained on and scores (``ids[:end]``). Raises ``_Skip`` for a
+    conversation the template rejects."""
+    if templated:
+        p_msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        p_ids = _encode(tokenizer, p_msgs, True, chat_template)
+        c_msgs = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
+        ids = _encode(tokenizer, [*p_msgs, *c_msgs], False, chat_template)
+        start = _answer_start(tokenizer, ids, p_ids)
+        controls = _control_ids(tokenizer)
+        end = next((t + 1 for t in range(start, len(ids)) if ids[t] in controls), len(ids))
+        return ids, start, end
+    assert isinstance(prompt, str) and isinstance(completion, str)
+    # user text is encoded as text (a "</s>" in it stays characters); eos is appended as its id
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    p_ids = tokenizer.encode(prompt, split_special_tokens=True)
+    ids = tokenizer.encode(prompt + completion, split_special_tokens=True) + eos
+    return ids, _answer_start(tokenizer, ids, p_ids), len(ids)
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: Text, chat_template: str | None = None) -> list[int]:
+    """A prompt's ids for generation: with a chat template (``chat_template`` or the tokenizer's) a string is
+    a user turn, rendered with the generation prompt; without one, the text as it is. Raises ``_Skip`` for a
+    prompt the template rejects, ``ConfigError`` for messages without a template."""
+    if chat_template is not None or tokenizer.chat_template is not None:
+        msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return _encode(tokenizer, msgs, True, chat_template)
+    if not isinstance(prompt, str):
+        raise ConfigError(
+            "conversational prompts (message lists) need a chat template and this tokenizer has none: "
+            "pass --grpo.chat_template FILE or give the prompts as strings"
+        )
+    return tokenizer.encode(prompt, split_special_tokens=True)
+
+
+@dataclass
+class PromptData:
+    """Prompts as read (strings or message lists), the other keys of each line (passed on to reward
+    functions, as TRL passes a dataset's other columns), where each came from, the lines skipped."""
+
+    prompts: list[Text] = field(default_factory=list)
+    extra: list[dict[str, Any]] = field(default_factory=list)
+    where: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def read_prompts(path: str | Path, prompt_field: str = "prompt") -> PromptData:
+    """Read a JSONL file of prompts: each line an object whose ``prompt_field`` is a non-empty string or a
+    list of ``{"role", "content"}`` messages (TRL's prompt-only shape). A bad line is skipped and recorded
+    with its line number. Raises ``DataError`` if the file is missing."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(
+            f"prompt file {str(p)!r} not found; pass a JSONL file with a {prompt_field!r} key per line"
+        )
+    data = PromptData()
+    with open(p, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{p.name} line {n}"
+            try:
+                row = json.loads(line)
+                if not isinstance(row, Mapping) or prompt_field not in row:
+                    raise _Skip(f"no {prompt_field!r} key")
+                v = row[prompt_field]
+                if isinstance(v, str):
+                    if not v.strip():
+                        raise _Skip(f"{prompt_field!r} is empty")
+                    prompt: Text = v
+                elif isinstance(v, list):
+                    prompt = _messages(v, prompt_field)
+                else:
+                    raise _Skip(
+                        f"{prompt_field!r} must be a string or a list of messages, got {type(v).__name__}"
+                    )
+            except json.JSONDecodeError as e:
+                data.problems.append(Problem(where, f"not JSON ({e.msg})", "skipped"))
+                continue
+            except _Skip as e:
+                data.problems.append(Problem(where, str(e), "skipped"))
+                continue
+            data.prompts.append(prompt)
+            data.extra.append({k: x for k, x in row.items() if k != prompt_field})
+            data.where.append(where)
+    return data
 
 
 class PreferenceBatches:

@@ -45,13 +45,14 @@ from lamina.fields import coerce
 from lamina.model.lora import LoraConfig
 from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
+from lamina.train.grpo import GrpoConfig
 from lamina.train.objectives import Batch, Objective
 from lamina.train.preference import DpoConfig, RewardConfig
 from lamina.train.seq2seq import Seq2SeqConfig
 from lamina.train.trainer import TrainResult, check_out_dir, train
 
 HeadTask = Literal["classify", "regress", "token_classify"]  # the tasks that train a fresh head
-Task = Literal[HeadTask, "sft", "reward", "dpo", "seq2seq"]
+Task = Literal[HeadTask, "sft", "reward", "dpo", "grpo", "seq2seq"]
 
 
 @dataclass
@@ -60,8 +61,9 @@ class TaskConfig:
 
     # classify (a class per row), regress (a number per row), token_classify (a tag per word) or sft
     # (supervised fine-tuning of a language model on chat or instruction data; options: the sft section),
-    # reward (a reward model from prompt/chosen/rejected pairs), dpo (preference tuning; the dpo section) or
-    # seq2seq (an encoder-decoder on source/target pairs; the seq2seq section)
+    # reward (a reward model from prompt/chosen/rejected pairs), dpo (preference tuning; the dpo section),
+    # grpo (RL from rewards of sampled completions to prompts; the grpo section) or seq2seq (an
+    # encoder-decoder on source/target pairs; the seq2seq section)
     task: Task = "classify"
     # the training file: .csv with a header or .jsonl (token_classify, sft: .jsonl)
     data: str = ""
@@ -123,6 +125,7 @@ SECTIONS: dict[str, type | None] = {
     "sft": SftConfig,
     "dpo": DpoConfig,
     "reward": RewardConfig,
+    "grpo": GrpoConfig,
     "seq2seq": Seq2SeqConfig,
     "lora": LoraConfig,  # given (even empty, ``lora: {}``): train LoRA adapters instead of the weights
     "train": TrainConfig,
@@ -141,9 +144,10 @@ class FinetuneRun:
     sft: SftConfig = field(default_factory=SftConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
     seq2seq: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
     lora: LoraConfig | None = (
-        None  # task=sft or dpo: LoRA adapters (lamina.model.lora) train, the model is frozen
+        None  # task=sft, dpo or grpo: LoRA adapters (lamina.model.lora) train, the model is frozen
     )
 
     @classmethod
@@ -167,6 +171,7 @@ class FinetuneRun:
             sft=from_dict(SftConfig, data.get("sft") or {}, "sft"),
             dpo=from_dict(DpoConfig, data.get("dpo") or {}, "dpo"),
             reward=from_dict(RewardConfig, data.get("reward") or {}, "reward"),
+            grpo=from_dict(GrpoConfig, data.get("grpo") or {}, "grpo"),
             seq2seq=from_dict(Seq2SeqConfig, data.get("seq2seq") or {}, "seq2seq"),
             lora=from_dict(LoraConfig, data["lora"], "lora") if data.get("lora") is not None else None,
         )
@@ -179,6 +184,8 @@ class FinetuneRun:
             out["sft"] = to_dict(self.sft)
         if self.task.task in ("dpo", "reward"):
             out[self.task.task] = to_dict(self.dpo if self.task.task == "dpo" else self.reward)
+        if self.task.task == "grpo":
+            out["grpo"] = to_dict(self.grpo)
         if self.task.task == "seq2seq":
             out["seq2seq"] = to_dict(self.seq2seq)
         if self.lora is not None:
@@ -301,15 +308,21 @@ def finetune(
     started = time.perf_counter()
     check_out_dir(run.train.out_dir, resume=resume, overwrite=overwrite)
     t = run.task
-    if run.lora is not None and t.task not in ("sft", "dpo"):
+    if run.lora is not None and t.task not in ("sft", "dpo", "grpo"):
         raise ConfigError(
-            f"the lora section trains adapters for task=sft or dpo; task={t.task} trains a new head"
+            f"the lora section trains adapters for task=sft, dpo or grpo; task={t.task} trains a new head"
         )
     if t.task in ("dpo", "reward"):
         from lamina.train.preference import finetune_dpo, finetune_reward
 
         fn = finetune_dpo if t.task == "dpo" else finetune_reward
         model, tokenizer, result = fn(run, resume=resume, overwrite=overwrite)
+        result.elapsed = time.perf_counter() - started
+        return model, tokenizer, result
+    if t.task == "grpo":
+        from lamina.train.grpo import finetune_grpo
+
+        model, tokenizer, result = finetune_grpo(run, resume=resume, overwrite=overwrite)
         result.elapsed = time.perf_counter() - started
         return model, tokenizer, result
     if t.task == "seq2seq":

@@ -1,20 +1,57 @@
-"""GRPO's maths (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300), as TRL 1.16's ``GRPOTrainer``
-computes it (checked in tests/train/test_grpo.py): group-normalised advantages and the clipped-ratio
-objective with a KL penalty to the reference. The ``--task grpo`` run (generation with lamina's engine,
-reward functions) is not wired yet; these are its library functions.
+"""GRPO (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300) on the one trainer, as TRL 1.16's
+``GRPOTrainer`` computes it (the maths checked in tests/train/test_grpo.py): group-normalised advantages
+and the clipped-ratio objective with a KL penalty to the reference; ``lamina finetune --task grpo``::
+
+    task:  {task: grpo, data: prompts.jsonl, max_seq_len: 512}    # {"prompt": "..."} or message lists
+    grpo:  {reward_funcs: ["my_rewards.py:brevity", "runs/rm/last"], reward_weights: [1.0, 0.5],
+            num_generations: 8, max_completion_length: 128, beta: 0.04, loss_type: dapo}
+    train: {batch_size: 16, lr: 1.0e-6}     # completions per micro-batch: 2 prompts x 8 generations
+    init:  smollm2
+    lora:  {r: 16}      # optional: the reference is the base with its adapters disabled
+
+Every ``num_iterations`` optimisation steps, each micro-batch's ``batch_size / num_generations`` prompts
+get ``num_generations`` completions each from the policy as it is, sampled by lamina's batched engine
+(``lamina.generate.engine.generate_ids``; ``temperature``, ``top_p``, ``top_k``, ``max_completion_length``;
+the end-of-turn token kept in the completion, as TRL). Each reward is a Python function with TRL's
+signature ``f(prompts, completions, completion_ids, **columns) -> list[float | None]`` (``module:function``
+or ``path/to/file.py:function``; completions are strings, or ``[{"role": "assistant", "content": ...}]``
+for conversational prompts; None: not applicable) or a reward model folder (``finetune --task reward``),
+which scores the rendering of prompt + completion it was trained on. The rewards, weighted by
+``reward_weights``, give group-normalised advantages (``scale_rewards``), and the loss is ``grpo_loss``
+with ``beta``, ``epsilon`` and ``loss_type`` (TRL's default ``dapo``: the mean over every completion
+token of the accumulated batch). With ``num_iterations`` > 1 the ratio is to the generating policy's
+log-probs, computed once per generation batch; with ``beta`` > 0 the reference is a frozen copy of the
+start (LoRA: the base, adapters disabled).
+
+Logged per step in ``metrics.jsonl`` (TRL's names): ``reward``, ``reward_std``, ``rewards/NAME/mean`` and
+``/std`` per reward, ``completions/mean_length``, ``completions/clipped_ratio`` (stopped by the length
+limit), ``kl`` (with beta > 0) and ``clip_ratio``; the completions of the first ``samples`` prompts of
+each generation go to ``samples.jsonl`` with their rewards and advantages. A resumed run regenerates the
+batch it stops in (exact when it stops on a generation boundary, as with ``num_iterations`` 1).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import contextlib
+import copy
+import importlib
+import importlib.util
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
 
+import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from lamina.errors import ConfigError
+from lamina.errors import ConfigError, DataError, LaminaError
 
 ScaleRewards = Literal["group", "batch", "none"]
-GrpoLoss = Literal["grpo", "bnpo", "dr_grpo"]
+GrpoLoss = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 
 
 def group_advantages(
@@ -77,7 +114,9 @@ def grpo_loss(
     after DeepSeek-V3.2; the value is unchanged on-policy, the gradient is not). Ratio
     clipped to [1 - epsilon, 1 + epsilon_high]. Reduction: ``grpo`` mean over each sequence's tokens then
     over sequences; ``bnpo`` mean over all tokens; ``dr_grpo`` sum over tokens / (B x
-    ``max_completion_length``). Returns (loss, {"kl", "clip_ratio"}).
+    ``max_completion_length``); ``dapo`` as ``bnpo`` within one batch (TRL's dapo divides by the tokens of the
+    whole accumulated batch: the ``--task grpo`` objective counts tokens so the trainer does that).
+    Returns (loss, {"kl", "clip_ratio"}).
     """
     high = epsilon if epsilon_high is None else epsilon_high
     old = logps.detach() if old_logps is None else old_logps
@@ -96,12 +135,486 @@ def grpo_loss(
     metrics["clip_ratio"] = float((clipped.float() * m).sum() / m.sum().clamp(min=1))
     if loss_type == "grpo":
         loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
-    elif loss_type == "bnpo":
+    elif loss_type in ("bnpo", "dapo"):
         loss = (per_token * m).sum() / m.sum().clamp(min=1)
     elif loss_type == "dr_grpo":
         if max_completion_length is None:
             raise ConfigError("loss_type dr_grpo needs max_completion_length")
         loss = (per_token * m).sum() / (per_token.shape[0] * max_completion_length)
     else:
-        raise ConfigError(f"loss_type={loss_type!r} is not one of grpo, bnpo, dr_grpo")
+        raise ConfigError(f"loss_type={loss_type!r} is not one of grpo, bnpo, dr_grpo, dapo")
     return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class GrpoConfig:
+    """The ``grpo`` section of ``lamina finetune --task grpo`` (names as TRL's ``GRPOConfig``)."""
+
+    # the rewards: module:function or path/to/file.py:function (TRL's reward-function signature), or a
+    # reward model folder (trained with --task reward)
+    reward_funcs: list[str] = field(default_factory=list)
+    reward_weights: list[float] | None = None  # one weight per reward (None: all 1)
+    num_generations: int = 8  # completions per prompt (the group), >= 2; divides train.batch_size
+    max_completion_length: int = 256  # the longest completion, in tokens, > 0
+    temperature: float = 1.0  # sampling temperature of the completions, > 0
+    top_p: float = 1.0  # nucleus sampling of the completions, in (0, 1]
+    top_k: int = 0  # keep the k most likely tokens when sampling (0: off)
+    beta: float = 0.0  # weight of the KL penalty to the reference (0: no reference model), >= 0
+    epsilon: float = 0.2  # the ratio is clipped to [1 - epsilon, 1 + epsilon_high]
+    epsilon_high: float | None = None  # the upper clip (None: epsilon)
+    num_iterations: int = 1  # optimisation steps per generation batch (PPO's mu), >= 1
+    # the loss's reduction: dapo (mean over the accumulated batch's tokens), bnpo (over a micro-batch's
+    # tokens), grpo (per sequence, then over sequences), dr_grpo (sum / (B x max_completion_length))
+    loss_type: GrpoLoss = "dapo"
+    scale_rewards: ScaleRewards = "group"  # advantages divided by the std of the group, the batch, or none
+    prompt_field: str = "prompt"  # the JSONL key holding each prompt (a string or a list of messages)
+    samples: int = 1  # prompts per generation batch whose completions go to samples.jsonl (0: none)
+    chat_template: str | None = None  # a Jinja chat template file (or text); None: the tokenizer's
+
+    def __post_init__(self) -> None:
+        if self.num_generations < 2:
+            raise ConfigError(
+                f"grpo.num_generations={self.num_generations} must be >= 2 (a group to compare)"
+            )
+        if self.max_completion_length < 1:
+            raise ConfigError(f"grpo.max_completion_length={self.max_completion_length} must be positive")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ConfigError("grpo.temperature must be > 0, grpo.top_p in (0, 1] and grpo.top_k >= 0")
+        if self.beta < 0 or self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
+            raise ConfigError("grpo.beta, grpo.epsilon and grpo.epsilon_high must be >= 0")
+        if self.num_iterations < 1:
+            raise ConfigError(f"grpo.num_iterations={self.num_iterations} must be >= 1")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ConfigError(
+                f"grpo.reward_weights has {len(self.reward_weights)} weights for {len(self.reward_funcs)} "
+                "reward_funcs: give one weight per reward"
+            )
+        if self.samples < 0:
+            raise ConfigError(f"grpo.samples={self.samples} must be >= 0")
+
+
+# --------------------------------------------------------------------------------------------------- rewards
+
+RewardFunc = Callable[..., Sequence[Any]]
+
+
+class RewardError(LaminaError):
+    """A reward function failed, or returned something that is not one number (or None) per completion."""
+
+
+def load_reward(spec: str, device: torch.device | str = "cpu") -> RewardFunc:
+    """The reward ``spec`` names: ``module:function``, ``path/to/file.py:function`` or a reward model folder
+    (a model with a one-output regress head: ``finetune --task reward``). Raises ``ConfigError`` naming the
+    spec and the fix when it does not import, has no such function, or is not a reward model."""
+    module, sep, name = spec.rpartition(":")
+    if sep and name.isidentifier() and not Path(spec).is_dir():
+        try:
+            if module.endswith(".py"):
+                if not Path(module).is_file():
+                    raise FileNotFoundError(f"no file {module}")
+                loaded = importlib.util.spec_from_file_location(Path(module).stem, module)
+                assert loaded is not None and loaded.loader is not None
+                mod = importlib.util.module_from_spec(loaded)
+                loaded.loader.exec_module(mod)
+            else:
+                mod = importlib.import_module(module)
+        except Exception as e:  # any error while importing the user's module
+            raise ConfigError(
+                f"reward function {spec!r}: {module!r} does not import ({type(e).__name__}: {e}); fix: give "
+                "module:function with the module on PYTHONPATH, or path/to/file.py:function"
+            ) from e
+        fn = getattr(mod, name, None)
+        if not callable(fn):
+            raise ConfigError(
+                f"reward function {spec!r}: {module!r} has no function {name!r}; fix: name a function "
+                "f(prompts, completions, **kwargs) -> list[float] defined there"
+            )
+        return fn
+    return reward_model_func(spec, device)
+
+
+def reward_model_func(folder: str, device: torch.device | str = "cpu", batch_size: int = 16) -> RewardFunc:
+    """A reward function scoring each prompt + completion with the reward model in ``folder`` (its scalar
+    output on the rendering it was trained on: ``lamina.data.preference.render_completion``)."""
+    from lamina.checkpoint.load import load
+    from lamina.data.preference import render_completion
+
+    try:
+        lm = load(folder, device=device)
+    except LaminaError as e:
+        raise ConfigError(
+            f"reward {folder!r} is neither module:function nor path.py:function, and not a model ({e}); "
+            "fix: give a reward function or a folder saved by `lamina finetune --task reward`"
+        ) from e
+    cfg = lm.model.config
+    if cfg.head != "regress" or cfg.n_labels != 1 or lm.tokenizer is None:
+        raise ConfigError(
+            f"reward model {folder!r} has head={cfg.head} with {cfg.n_labels} output(s)"
+            f"{'' if lm.tokenizer else ' and no tokenizer'}; fix: train one with `lamina finetune --task reward`"
+        )
+    model, tok = lm.model.eval(), lm.tokenizer
+    templated = tok.chat_template is not None
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    limit = cfg.max_seq_len
+
+    def score(prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
+        rows = []
+        for p, c in zip(prompts, completions, strict=True):
+            ids, _, end = render_completion(tok, p, c, None, templated or not isinstance(p, str))
+            rows.append(ids[:end][-limit:])
+        out: list[float] = []
+        for k in range(0, len(rows), batch_size):
+            chunk = rows[k : k + batch_size]
+            T = max(len(r) for r in chunk)
+            x = torch.full((len(chunk), T), pad, dtype=torch.long)
+            att = torch.zeros_like(x)
+            for b, r in enumerate(chunk):
+                x[b, : len(r)] = torch.tensor(r)
+                att[b, : len(r)] = 1
+            dev = model.tok_emb.weight.device
+            with torch.no_grad():
+                r = model(x.to(dev), attention_mask=att.to(dev)).float().squeeze(-1)
+            out += r.cpu().tolist()
+        return out
+
+    score.__name__ = Path(folder.rstrip("/")).name or folder
+    return score
+
+
+def reward_name(spec: str) -> str:
+    """A reward's name in the logs: the function's name, or the model folder's."""
+    _, sep, name = spec.rpartition(":")
+    if sep and name.isidentifier() and not Path(spec).is_dir():
+        return name
+    p = Path(spec.rstrip("/"))
+    return p.parent.name if p.name in ("last", "best") and p.parent.name else p.name
+
+
+def call_rewards(
+    funcs: Sequence[tuple[str, RewardFunc]], prompts: list[Any], completions: list[Any], **kwargs: Any
+) -> Tensor:
+    """Every reward of every completion, (N, F) float32 (None -> NaN: not applicable). Raises
+    ``RewardError`` naming the function when it raises, returns the wrong number of values, a value that
+    is not a number, or NaN."""
+    n = len(completions)
+    cols = []
+    for spec, fn in funcs:
+        try:
+            returned = fn(prompts=prompts, completions=completions, **kwargs)
+        except LaminaError:
+            raise
+        except Exception as e:  # the user's function failed
+            raise RewardError(
+                f"reward function {spec!r} raised {type(e).__name__}: {e}; fix the function (it gets "
+                "prompts, completions, completion_ids and the data's other keys as keyword arguments)"
+            ) from e
+        values: list[Any] | None = None
+        if not isinstance(returned, str | bytes | dict):
+            with contextlib.suppress(TypeError):
+                values = list(returned)
+        if values is None or len(values) != n:
+            got = "not a list" if values is None else f"{len(values)} values"
+            raise RewardError(
+                f"reward function {spec!r} returned {got} for {n} completions; fix: return one float (or None) "
+                "per completion, in order"
+            )
+        col = []
+        for i, v in enumerate(values):
+            if v is None:
+                col.append(math.nan)
+                continue
+            if isinstance(v, torch.Tensor | np.generic) and v.ndim == 0:
+                v = v.item()
+            if isinstance(v, bool) or not isinstance(v, int | float) or math.isnan(v):
+                raise RewardError(
+                    f"reward function {spec!r} returned {v!r} for completion {i} (of {n}); fix: return a "
+                    "number for each completion (None where it does not apply)"
+                )
+            col.append(float(v))
+        cols.append(col)
+    return torch.tensor(cols, dtype=torch.float32).T.reshape(n, len(funcs))
+
+
+# ------------------------------------------------------------------------------------------ generation batches
+
+
+def token_logps(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Per-token log-probs (B, T-1) in fp32 of ``input_ids[:, 1:]`` under ``model`` (logits (B, T, V))."""
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = logits[:, :-1].float()
+    tok = logits.gather(-1, batch["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1)
+    return tok - torch.logsumexp(logits, dim=-1)
+
+
+class GenerationBatches:
+    """The trainer's ``BatchSource`` for GRPO: micro-batch ``i`` of step ``s = i // grad_accum`` is the
+    generation of round ``s // num_iterations`` (made the first time it is asked for, with the policy as it
+    is then, and kept for the round's other iterations): ``batch_size / num_generations`` prompts (shuffled
+    per epoch with the seed), ``num_generations`` seeded samples each, scored and turned into
+    ``input_ids``, ``attention_mask``, ``completion_mask`` (B, T), ``advantages`` (B,), ``old_logps`` and
+    ``ref_logps`` (B, T-1) when needed, and ``step``/``micro`` (for the objective's log record)."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        prompts: list[Any],
+        prompt_ids: list[list[int]],
+        extra: list[dict[str, Any]],
+        cfg: GrpoConfig,
+        rewards: Sequence[tuple[str, RewardFunc]],
+        ref: Callable[[dict[str, Tensor]], Tensor] | None,
+        batch_size: int,
+        grad_accum: int,
+        seed: int,
+        out_dir: Path,
+        eos_ids: list[int],
+        is_main: bool = True,
+    ) -> None:
+        if batch_size % cfg.num_generations:
+            raise ConfigError(
+                f"train.batch_size={batch_size} completions do not split into groups of grpo.num_generations="
+                f"{cfg.num_generations}: make batch_size a multiple of num_generations"
+            )
+        self.model, self.tok, self.cfg, self.rewards, self.ref = model, tokenizer, cfg, list(rewards), ref
+        self.prompts, self.prompt_ids, self.extra = prompts, prompt_ids, extra
+        self.per_batch = batch_size // cfg.num_generations
+        if len(prompts) < self.per_batch:
+            raise DataError(f"{len(prompts)} prompts, fewer than the {self.per_batch} a batch takes: lower "
+                            "train.batch_size or add prompts")  # fmt: skip
+        self.grad_accum, self.seed, self.out, self.eos, self.is_main = (
+            grad_accum,
+            seed,
+            out_dir,
+            eos_ids,
+            is_main,
+        )
+        self.generations_per_epoch = max(1, len(prompts) // self.per_batch)
+        self.weights = torch.tensor(cfg.reward_weights or [1.0] * len(self.rewards), dtype=torch.float32)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or [0])[0]
+        self._cache: dict[tuple[int, int], dict[str, Tensor]] = {}
+        self._round_stats: dict[int, list[dict[str, float]]] = {}  # per round: each micro-batch's metrics
+
+    def batch(self, index: int) -> dict[str, Tensor]:
+        """Micro-batch ``index`` (generated when its round first asks for it)."""
+        step, micro = divmod(index, self.grad_accum)
+        key = (step // self.cfg.num_iterations, micro)
+        if key not in self._cache:
+            self._cache = {k: v for k, v in self._cache.items() if k[0] == key[0]}
+            self._cache[key] = self._generate(key[0] * self.grad_accum + micro, step)
+        return {**self._cache[key], "step": torch.tensor(step + 1), "micro": torch.tensor(micro)}
+
+    def _generate(self, g: int, step: int) -> dict[str, Tensor]:
+        from lamina.config import GenerationConfig
+        from lamina.generate.engine import generate_ids
+
+        cfg, G = self.cfg, self.cfg.num_generations
+        epoch, k = divmod(g, self.generations_per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.prompts))
+        rows = order[k * self.per_batch : (k + 1) * self.per_batch].tolist()
+        gens = [
+            GenerationConfig(n=G, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                             max_new_tokens=cfg.max_completion_length, seed=(self.seed * 1_000_003 + g * 1009 + j) % 2**31)
+            for j in range(len(rows))
+        ]  # fmt: skip
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                seqs = generate_ids(
+                    model, [self.prompt_ids[r] for r in rows], gens, self.eos, tokenizer=self.tok
+                )
+        finally:
+            model.train(was_training)
+        comp_ids = [s.tokens + ([s.stop_token] if s.stop_token is not None else []) for s in seqs]
+        texts = [s.text if s.text is not None else self.tok.decode(s.tokens) for s in seqs]
+        prompts = [self.prompts[r] for r in rows for _ in range(G)]
+        completions: list[Any] = [
+            [{"role": "assistant", "content": t}] if not isinstance(p, str) else t
+            for p, t in zip(prompts, texts, strict=True)
+        ]
+        columns: dict[str, list[Any]] = {}
+        for key in {k for r in rows for k in self.extra[r]}:
+            columns[key] = [self.extra[r].get(key) for r in rows for _ in range(G)]
+        rewards = call_rewards(self.rewards, prompts, completions, completion_ids=comp_ids, **columns)
+        adv = group_advantages(rewards, G, cfg.scale_rewards, self.weights)
+        total = (rewards * self.weights).nansum(1)
+        # the batch: prompt + completion per row, right-padded
+        plens = [len(self.prompt_ids[r]) for r in rows for _ in range(G)]
+        full = [
+            self.prompt_ids[r] + c for r, c in zip([r for r in rows for _ in range(G)], comp_ids, strict=True)
+        ]
+        T = max(len(f) for f in full)
+        x = torch.full((len(full), T), self.pad, dtype=torch.long)
+        att = torch.zeros_like(x)
+        comp = torch.zeros_like(x)
+        for b, (ids, pl) in enumerate(zip(full, plens, strict=True)):
+            x[b, : len(ids)] = torch.tensor(ids)
+            att[b, : len(ids)] = 1
+            comp[b, pl : len(ids)] = 1
+        batch = {"input_ids": x, "attention_mask": att, "completion_mask": comp, "advantages": adv}
+        dev = model.tok_emb.weight.device
+        on_dev = {k: v.to(dev) for k, v in batch.items()}
+        if cfg.num_iterations > 1:
+            with torch.no_grad():
+                batch["old_logps"] = token_logps(model, on_dev).cpu()
+        if cfg.beta != 0.0 and self.ref is not None:
+            batch["ref_logps"] = self.ref(on_dev).cpu()
+        lengths = [len(c) for c in comp_ids]
+        stats = {"reward": float(total.mean()), "reward_std": float(total.std()) if len(total) > 1 else 0.0,
+                 "completions/mean_length": float(np.mean(lengths)),
+                 "completions/clipped_ratio": float(np.mean([s.finish_reason == "length" for s in seqs]))}  # fmt: skip
+        for f, (spec, _) in enumerate(self.rewards):
+            col = rewards[:, f]
+            stats[f"rewards/{reward_name(spec)}/mean"] = float(torch.nanmean(col))
+            stats[f"rewards/{reward_name(spec)}/std"] = float(_std(col)) if len(col) > 1 else 0.0
+        rnd = step // cfg.num_iterations
+        self._round_stats = {r: v for r, v in self._round_stats.items() if r >= rnd - 1}
+        self._round_stats.setdefault(rnd, []).append(stats)
+        if self.is_main and cfg.samples:
+            with open(self.out / "samples.jsonl", "a", encoding="utf-8") as fh:
+                for j in range(min(cfg.samples, len(rows)) * G):
+                    fh.write(json.dumps({"step": step + 1, "prompt": prompts[j], "completion": texts[j],
+                                         "reward": float(total[j]), "advantage": float(adv[j])}) + "\n")  # fmt: skip
+        return batch
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        """Append step ``step``'s record (generation stats and ``values``) to metrics.jsonl (main process)."""
+        micro = self._round_stats.get((step - 1) // self.cfg.num_iterations, [])
+        record = {k: float(np.mean([m[k] for m in micro])) for k in (micro[0] if micro else {})}
+        record.update(values)
+        if self.is_main:
+            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"step": step, **record}) + "\n")
+
+
+def grpo_objective(cfg: GrpoConfig, source: GenerationBatches) -> Any:
+    """The trainer's objective: ``grpo_loss`` of the batch's completions, counted per completion token
+    (dapo: the trainer's token-weighted accumulation makes it TRL's mean over the accumulated batch's
+    tokens) or once per micro-batch (grpo, bnpo, dr_grpo: the mean of the micro-batches' losses, as TRL);
+    the last micro-batch of a step writes the step's record."""
+    acc: dict[str, list[float]] = {}
+
+    def loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+        logps = token_logps(model, batch)
+        mask = batch["completion_mask"][:, 1:]
+        value, m = grpo_loss(
+            logps, batch["advantages"], mask, batch.get("old_logps"), batch.get("ref_logps"), cfg.beta,
+            cfg.epsilon, cfg.epsilon_high, cfg.loss_type, cfg.max_completion_length,
+        )  # fmt: skip
+        for k, v in m.items():
+            acc.setdefault(k, []).append(v)
+        if int(batch["micro"]) == source.grad_accum - 1:
+            source.log(int(batch["step"]), {k: float(np.mean(v)) for k, v in acc.items()})
+            acc.clear()
+        return value, int(mask.sum()) if cfg.loss_type == "dapo" else 1
+
+    return loss
+
+
+def _reference(model: Any, lora: bool) -> Callable[[dict[str, Tensor]], Tensor]:
+    """The reference's per-token log-probs (B, T-1) without gradients: the model with its adapters
+    disabled (LoRA), else a frozen copy of the model as it is now."""
+    if lora:
+        from lamina.model.lora import disable_adapters
+
+        def ref_lora(batch: dict[str, Tensor]) -> Tensor:
+            with torch.no_grad(), disable_adapters(model):
+                return token_logps(model, batch)
+
+        return ref_lora
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def ref_copy(batch: dict[str, Tensor]) -> Tensor:
+        dev = batch["input_ids"].device
+        if next(frozen.parameters()).device != dev:
+            frozen.to(dev)
+        with torch.no_grad():
+            return token_logps(frozen, batch)
+
+    return ref_copy
+
+
+def finetune_grpo(run: Any, resume: bool = False, overwrite: bool = False) -> tuple[Any, Any, Any]:
+    """Train ``run``'s policy with GRPO on its prompts (``run.task.task == "grpo"``); see the module
+    docstring. Raises ``ConfigError`` (no data or reward, a reward that does not import, not a decoder LM,
+    a batch size that is not a multiple of num_generations) and ``DataError`` (no usable prompt) before
+    training starts, ``RewardError`` from a reward function during training (checkpoints saved before it
+    stay)."""
+    from lamina.checkpoint.eos import eos_token_ids
+    from lamina.data.chat import Problem, _Skip, read_template
+    from lamina.data.preference import encode_prompt, read_prompts
+    from lamina.train.finetune import base_model
+    from lamina.train.freeze import apply_run_lora
+    from lamina.train.trainer import train
+
+    cfg, t, tcfg = run.grpo, run.task, run.train
+    if not t.data:
+        raise ConfigError('task.data is not set: pass a JSONL file of prompts ({"prompt": ...} per line)')
+    if not cfg.reward_funcs:
+        raise ConfigError(
+            "grpo.reward_funcs is empty: give module:function, path.py:function or a reward model folder"
+        )
+    rewards = [(spec, load_reward(spec)) for spec in cfg.reward_funcs]
+    model, tokenizer = base_model(run)
+    if model.config.arch != "decoder" or model.config.head != "lm":
+        raise ConfigError(f"task=grpo trains a decoder's language-model head; this model is "
+                          f"arch={model.config.arch}, head={model.config.head}")  # fmt: skip
+    template = read_template(cfg.chat_template)
+    data = read_prompts(t.data, cfg.prompt_field)
+    max_prompt = min(t.max_seq_len, model.config.max_seq_len) - cfg.max_completion_length
+    prompts, ids, extra, problems = [], [], [], list(data.problems)
+    for p, e, where in zip(data.prompts, data.extra, data.where, strict=True):
+        try:
+            enc = encode_prompt(tokenizer, p, template)
+        except _Skip as err:
+            problems.append(Problem(where, str(err), "skipped"))
+            continue
+        if len(enc) > max_prompt:
+            problems.append(Problem(where, f"{len(enc)} prompt tokens + max_completion_length "
+                                    f"{cfg.max_completion_length} > max_seq_len", "skipped"))  # fmt: skip
+            continue
+        prompts.append(p)
+        ids.append(enc)
+        extra.append(e)
+    for pr in problems[:20]:
+        print(f"lamina: prompts: {pr}", file=sys.stderr)
+    if not prompts:
+        first = f"; first: {problems[0]}" if problems else ""
+        raise DataError(f"no usable prompt in {t.data}{first}: fix the data, or raise task.max_seq_len")
+    notes = apply_run_lora(run.lora, model, tcfg.seed)
+    if problems:
+        notes.append(f"prompts: {len(prompts)} used, {len(problems)} skipped")
+    ref = _reference(model, run.lora is not None) if cfg.beta != 0.0 else None
+    out = Path(tcfg.out_dir)
+    from lamina.train.trainer import check_out_dir, clear_run
+
+    check_out_dir(out, resume=resume, overwrite=overwrite)
+    if overwrite:
+        clear_run(out)
+        overwrite = False
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (out / "samples.jsonl").unlink(missing_ok=True)
+    import torch.distributed as dist
+
+    is_main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    source = GenerationBatches(
+        model, tokenizer, prompts, ids, extra, cfg, rewards, ref, tcfg.batch_size, tcfg.grad_accum_steps,
+        tcfg.seed, out, eos_token_ids(tokenizer=tokenizer), is_main,
+    )  # fmt: skip
+    rounds = max(1, source.generations_per_epoch // tcfg.grad_accum_steps)
+    steps = tcfg.max_steps or max(1, round((tcfg.epochs or 1) * rounds * cfg.num_iterations))
+    mean_prompt = sum(map(len, ids)) / len(ids)
+    tokens = max(1, round(tcfg.batch_size * (mean_prompt + cfg.max_completion_length)))
+    stats = {"prompts": float(len(prompts)), "prompts_skipped": float(len(problems))}
+    result = train(
+        model, tcfg, source, grpo_objective(cfg, source), None, tokens_per_batch=tokens, total_steps=steps,
+        tokenizer=tokenizer, run_config=run.to_dict(), resume=resume, overwrite=overwrite, perplexity=False,
+        data_stats=stats, notes=notes,
+    )  # fmt: skip
+    return model, tokenizer, result

@@ -31,6 +31,7 @@ POSITIONALS = {
     "embed": ["m", "--input", "x.txt"],
     "eval": ["m"],
     "fill-mask": ["m", "t"],
+    "ask": ["q"],
     "convert": ["m"],
     "data prepare": [],
     "tokenizer train": ["f.txt"],
@@ -139,6 +140,9 @@ def _register_sections() -> None:
         model=ModelConfig, train=TrainConfig, data=DataConfig, task=TaskConfig, sft=SftConfig, lora=LoraConfig
     )
     _SECTION_CLASSES.update(dpo=DpoConfig, reward=RewardConfig)
+    from lamina.train.grpo import GrpoConfig
+
+    _SECTION_CLASSES.update(grpo=GrpoConfig)
     from lamina.data.span_corruption import SpanCorruptionConfig
     from lamina.train.seq2seq import Seq2SeqConfig
 

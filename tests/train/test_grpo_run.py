@@ -1,0 +1,143 @@
+"""``lamina finetune --task grpo`` end to end on a tiny chat model: the intended effect (a reward that is
+easy to satisfy, the share of the word "red" in a completion, goes up clearly in 20 steps; the same run
+with the reward's weight negated drives it down, so a flipped loss sign fails), the logs and samples, a
+reward model and LoRA + KL + several iterations per generation through the CLI, and the one-line errors
+for reward functions that do not import or return the wrong thing."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tiny_chat import WORDS, tiny_lm
+
+import lamina
+from lamina.errors import ConfigError
+from lamina.train.finetune import FinetuneRun, finetune
+from lamina.train.grpo import GrpoConfig, RewardError, call_rewards, load_reward
+
+REWARDS = """
+def red(prompts, completions, **kwargs):
+    texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
+    return [t.split().count("red") / max(len(t.split()), 1) for t in texts]
+
+
+def wrong_length(prompts, completions, **kwargs):
+    return [1.0]
+
+
+def breaks(prompts, completions, **kwargs):
+    raise ValueError("no score today")
+"""
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("grpo")
+    lm = tiny_lm(d_model=32, n_heads=2, n_kv_heads=2, d_ff=64)
+    rng = random.Random(0)
+    rows: list[dict[str, Any]] = []
+    for i in range(16):
+        text = " ".join(rng.sample(WORDS[:8], 3))
+        rows.append({"prompt": text if i % 2 else [{"role": "user", "content": text}], "topic": i})
+    (tmp / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp / "rewards.py").write_text(REWARDS)
+    return {
+        "tiny": lamina.save_checkpoint(tmp / "model", lm.model, tokenizer=lm.tokenizer),
+        "prompts": tmp / "prompts.jsonl",
+        "rewards": tmp / "rewards.py",
+    }
+
+
+def _run(files: dict[str, Path], out: Path, weight: float = 1.0, steps: int = 20) -> FinetuneRun:
+    grpo = {"reward_funcs": [f"{files['rewards']}:red"], "reward_weights": [weight], "num_generations": 4,
+            "max_completion_length": 8}  # fmt: skip
+    train = {"max_steps": steps, "batch_size": 16, "lr": 1e-2, "warmup_steps": 0, "log_every": 1,
+             "out_dir": str(out), "progress": False, "seed": 0}  # fmt: skip
+    return FinetuneRun.from_dict({"task": {"task": "grpo", "data": str(files["prompts"]), "max_seq_len": 64},
+                                  "init": str(files["tiny"]), "grpo": grpo, "train": train})  # fmt: skip
+
+
+def _records(out: Path) -> list[dict[str, Any]]:
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "reward" in r]
+
+
+def _red(out: Path) -> list[float]:
+    return [r["rewards/red/mean"] for r in _records(out)]
+
+
+@pytest.mark.slow
+def test_grpo_raises_the_reward(files: dict[str, Path], tmp_path: Path) -> None:
+    finetune(_run(files, tmp_path / "up"))
+    up = _red(tmp_path / "up")
+    assert len(up) == 20
+    first, last = sum(up[:5]) / 5, sum(up[-5:]) / 5
+    assert last - first > 0.2, up  # measured: 0.10 -> 0.66
+    rec = _records(tmp_path / "up")[-1]
+    assert {"reward", "reward_std", "completions/mean_length", "clip_ratio", "loss"} - set(rec) == {"loss"}
+    samples = [json.loads(line) for line in (tmp_path / "up" / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == set(range(1, 21)) and {"completion", "reward"} <= set(samples[0])
+    # the reward negated: the policy moves away from "red" (a flipped loss sign would raise it)
+    finetune(_run(files, tmp_path / "down", weight=-1.0, steps=10))
+    down = _red(tmp_path / "down")
+    assert sum(down[-3:]) / 3 < min(first, 0.1) and down[-1] < up[9] - 0.1, down
+
+
+def test_grpo_cli_reward_model_lora_kl(files: dict[str, Path], tmp_path: Path) -> None:
+    """A reward model (trained for 2 steps) next to a function, weights, LoRA (the reference: the base with
+    adapters off), beta > 0 and 2 iterations per generation, through the CLI."""
+    from lamina.cli.main import main
+
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": w, "chosen": "red red", "rejected": "blue"}) + "\n"
+                             for w in WORDS[:8]))  # fmt: skip
+    common = ["--init", str(files["tiny"]), "--task.max_seq_len", "48", "--train.max_steps", "2",
+              "--train.batch_size", "4", "--train.progress", "false"]  # fmt: skip
+    assert (
+        main(["finetune", "--task", "reward", "--data", str(prefs), *common, "--out", str(tmp_path / "rm")])
+        == 0
+    )
+    rm = str(tmp_path / "rm" / "last")
+    assert main(["finetune", "--task", "grpo", "--data", str(files["prompts"]), *common,
+                 "--grpo.reward_funcs", f"[{files['rewards']}:red, {rm}]", "--grpo.reward_weights", "[1.0, 0.5]",
+                 "--grpo.num_generations", "2", "--grpo.max_completion_length", "6", "--grpo.beta", "0.1",
+                 "--grpo.num_iterations", "2", "--lora.r", "2", "--train.log_every", "1",
+                 "--out", str(tmp_path / "g")]) == 0  # fmt: skip
+    recs = _records(tmp_path / "g")
+    assert [r["step"] for r in recs] == [1, 2] and {"rewards/red/mean", "rewards/rm/mean", "kl"} <= set(
+        recs[0]
+    )
+    assert recs[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # LoRA B starts at 0: the policy is the reference
+    assert (tmp_path / "g" / "last" / "adapter" / "adapter_config.json").is_file()
+    assert "reward_funcs:" in (tmp_path / "g" / "run.yaml").read_text()
+
+
+def test_reward_errors_name_the_function(files: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"'nosuchmodule' does not import .*fix: give module:function"):
+        load_reward("nosuchmodule:score")
+    with pytest.raises(ConfigError, match=r"has no function 'nope'"):
+        load_reward(f"{files['rewards']}:nope")
+    with pytest.raises(ConfigError, match=r"neither module:function .* not a model"):
+        load_reward(str(tmp_path / "no_model_here"))
+    fns = {n: load_reward(f"{files['rewards']}:{n}") for n in ("wrong_length", "breaks")}
+    with pytest.raises(RewardError, match=r"'w' returned 1 values for 2 completions; fix: return one float"):
+        call_rewards([("w", fns["wrong_length"])], ["p", "p"], ["a", "b"])
+    with pytest.raises(RewardError, match=r"'b' raised ValueError: no score today; fix the function"):
+        call_rewards([("b", fns["breaks"])], ["p"], ["a"])
+    with pytest.raises(RewardError, match=r"returned nan for completion 0"):
+        call_rewards([("n", lambda prompts, completions, **kw: [float("nan")])], ["p"], ["a"])
+    scores = call_rewards([("ok", lambda prompts, completions, **kw: [None, 2])], ["p", "p"], ["a", "b"])
+    assert scores.isnan()[0, 0] and scores[1, 0] == 2.0  # None: not applicable (TRL)
+    with pytest.raises(ConfigError, match=r"2 weights for 1 reward_funcs"):
+        GrpoConfig(reward_funcs=["m:f"], reward_weights=[1.0, 2.0])
+    with pytest.raises(ConfigError, match=r"batch_size=6 completions do not split into groups of"):
+        run = _run(files, tmp_path / "x", steps=1)
+        run.train.batch_size = 6
+        finetune(run)
+    run = _run(files, tmp_path / "y", steps=1)
+    run.grpo.reward_funcs = [f"{files['rewards']}:breaks"]
+    with pytest.raises(RewardError, match="breaks"):
+        finetune(run)
