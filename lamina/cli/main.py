@@ -33,6 +33,8 @@ VERBS = {
     "eval": "score a model on benchmarks (MMLU, ARC, HellaSwag, TruthfulQA, WiC, BIG-bench, GSM8K) or "
     "perplexity; compare two results",
     "serve": "serve models over an OpenAI-compatible HTTP API (completions, chat, embeddings)",
+    "plan": "plan a training run: compute-optimal parameters and tokens for a FLOP budget (Chinchilla), a "
+    "config that size, its memory",
     "demo": "train a small GPT on the embedded corpus (Python's stdlib) for a few minutes and sample it",
 }
 

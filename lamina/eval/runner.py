@@ -37,9 +37,7 @@ class EvalConfig:
     limit: int | None = None  # score only the first N items of each task
     batch_tokens: int = 2048  # context + choice tokens scored in one forward batch
     max_new_tokens: int = 256  # generation tasks: longest answer
-    perplexity: str | None = (
-        None  # text file, JSONL ("text" field), folder, or token-shard folder (lamina data)
-    )
+    perplexity: str | None = None  # text file, JSONL ("text" field), folder, or token-shard folder
     split: str = "val"  # token-shard folder: the split scored (its tokenizer must be the model's)
     max_length: int | None = None  # perplexity window in tokens (None: the model's max_seq_len)
     stride: int | None = None  # tokens between perplexity windows (None: half of max_length)

@@ -1,0 +1,53 @@
+"""``lamina plan``: a suggested config of about the optimal size, the parameter formula equal to the
+config's own count, counts with suffixes, one budget at a time, and the CLI report."""
+
+from __future__ import annotations
+
+import pytest
+
+from lamina.analysis.plan import PlanConfig, _llama_params, _llama_shape, parse_count, plan, suggest_config
+from lamina.config import ModelConfig
+from lamina.errors import ConfigError
+
+
+@pytest.mark.parametrize(("n_layers", "d_model"), [(2, 128), (30, 576), (12, 832), (80, 8192), (5, 1280)])
+def test_parameter_formula_equals_the_config(n_layers: int, d_model: int) -> None:
+    cfg = ModelConfig.preset("llama-tiny", **_llama_shape(n_layers, d_model, 49152))
+    assert _llama_params(n_layers, d_model, 49152) == cfg.n_params
+
+
+@pytest.mark.parametrize("params", [20e6, 135e6, 1.3e9, 70e9])
+def test_suggested_config_has_the_size(params: float) -> None:
+    cfg = suggest_config(params)
+    assert cfg.n_params == pytest.approx(params, rel=0.10)
+    assert cfg.d_model % cfg.n_heads == 0 and cfg.n_heads % cfg.n_kv_heads == 0  # type: ignore[operator]
+    with pytest.raises(ConfigError, match="embeddings alone"):
+        suggest_config(1e5)
+
+
+def test_counts_and_budget_choice() -> None:
+    assert parse_count("70B") == 70e9 and parse_count("135M") == 135e6 and parse_count("2.5e9") == 2.5e9
+    with pytest.raises(ValueError, match="not a count"):
+        parse_count("70X")
+    with pytest.raises(ConfigError, match="exactly one of"):
+        plan(PlanConfig(flops=1e20, params=1e6))
+    with pytest.raises(ConfigError, match="exactly one of"):
+        plan(PlanConfig())
+
+
+def test_hours_use_the_throughput() -> None:
+    p = plan(PlanConfig(hours=10, devices=2, flops_per_second=1e12, vocab_size=256))
+    assert p.flops == pytest.approx(10 * 3600 * 2e12)
+    assert "h x 2 device(s)" in p.text()
+
+
+def test_cli_report(capsys: pytest.CaptureFixture[str]) -> None:
+    from lamina.cli.main import main
+
+    assert main(["plan", "--flops", "5.76e23"]) == 0
+    out = capsys.readouterr().out
+    for name in ("chinchilla-1", "chinchilla-2", "chinchilla-3", "besiroglu", "kaplan"):
+        assert name in out
+    assert "--model.n_layers" in out and "KV cache" in out
+    assert main(["plan", "--params", "135M"]) == 0
+    assert "135M parameters" in capsys.readouterr().out
