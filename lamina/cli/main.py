@@ -28,7 +28,8 @@ VERBS = {
     "data": "prepare training data: tokenize text into memory-mapped token shards",
     "pretrain": "pretrain a language model from a run config (every field is a flag)",
     "finetune": "fine-tune a task head on labeled data, or a language model on chat data (--task sft), a "
-    "reward model (--task reward), DPO (--task dpo) or an encoder-decoder on source/target pairs (--task seq2seq)",
+    "reward model (--task reward), DPO (--task dpo), GRPO (--task grpo) or an encoder-decoder on source/target "
+    "pairs (--task seq2seq)",
     "tune": "search hyperparameters (any config field) with Optuna: grid, random or TPE, with pruning",
     "eval": "score a model on benchmarks (MMLU, ARC, HellaSwag, TruthfulQA, WiC, BIG-bench, GSM8K) or "
     "perplexity; compare two results",
