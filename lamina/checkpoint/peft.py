@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,6 +40,8 @@ from lamina.errors import CheckpointError, ConfigError
 from lamina.model.lora import (
     LoraConfig,
     LoraLinear,
+    adapter_names,
+    add_multi_adapter,
     check_adaptable,
     lora_config_of,
     lora_layers,
@@ -50,6 +52,7 @@ from lamina.model.quant import convert_weights
 from lamina.model.transformer import Transformer
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+LAMINA_ADAPTER_DIR = "adapter"  # where a lamina LoRA checkpoint keeps its adapter (train.trainer.ADAPTER_DIR)
 PREFIX = "base_model.model."  # PEFT's wrapper (PeftModelForCausalLM -> LoraModel) before the HF names
 _GPT2_LAYER = {"attn.o_proj": "attn.c_proj", "mlp.up_proj": "mlp.c_fc", "mlp.down_proj": "mlp.c_proj"}
 _QKV = ("attn.q_proj", "attn.k_proj", "attn.v_proj")
@@ -217,11 +220,21 @@ def save_adapter(
     return written
 
 
+def resolve_adapter(path: str | os.PathLike[str]) -> Path:
+    """The adapter folder ``path`` names: ``path`` itself (a PEFT folder, or a lamina run's ``adapter/``),
+    or the ``adapter/`` of a lamina LoRA checkpoint (``lamina finetune --lora.r ...`` writes one per
+    checkpoint). Raises nothing: ``read_adapter`` reports a folder without adapter files."""
+    folder = Path(path)
+    if not (folder / ADAPTER_CONFIG).is_file() and (folder / LAMINA_ADAPTER_DIR / ADAPTER_CONFIG).is_file():
+        return folder / LAMINA_ADAPTER_DIR
+    return folder
+
+
 def read_adapter(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``adapter_config.json`` and the tensors of a PEFT adapter folder.
 
     Raises ``CheckpointError`` for a missing or unreadable file or an adapter that is not LoRA."""
-    folder = Path(path)
+    folder = resolve_adapter(path)
     cfg_file, weights = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
     if not cfg_file.is_file() or not weights.is_file():
         raise CheckpointError(
@@ -256,20 +269,15 @@ def _pattern_value(patterns: Mapping[str, Any], hf_name: str, default: Any) -> A
     return default
 
 
-def load_adapter(model: Transformer, path: str | os.PathLike[str]) -> Transformer:
-    """Put the PEFT adapter at ``path`` on ``model`` (frozen; adapters trainable), in place; returned.
+def adapter_layers(
+    model: Transformer, path: str | os.PathLike[str]
+) -> tuple[LoraConfig, dict[str, tuple[LoraConfig, torch.Tensor, torch.Tensor]]]:
+    """The PEFT adapter at ``path`` mapped onto ``model``'s modules, without changing the model: its
+    base ``LoraConfig`` and, per lamina module name (``blocks.0.attn.q_proj``), the module's config (rank,
+    alpha from ``rank_pattern`` / ``alpha_pattern``), A (r, in) and B (out, r). ``path`` is a PEFT
+    folder or a lamina LoRA checkpoint holding one in ``adapter/`` (``resolve_adapter``).
 
-    The model must be the adapter's base (an unadapted lamina model of the Llama or GPT-2 family, fp32
-    or bf16, or converted with ``fuse=False``); ranks and scalings come from ``adapter_config.json``
-    (``r``, ``lora_alpha``, ``use_rslora``, ``rank_pattern``, ``alpha_pattern``).
-
-    Raises:
-        CheckpointError: not a PEFT LoRA folder, a module or shape that does not fit the model.
-        ConfigError: the model already has adapters.
-    """
-    if lora_config_of(model) is not None:
-        raise ConfigError("this model already has LoRA adapters: merge_lora(model, unload=True) first")
-    check_adaptable(model)
+    Raises ``CheckpointError``: not a PEFT LoRA folder, a module or shape that does not fit the model."""
     config, tensors = read_adapter(path)
     cfg = model.config
     modules: dict[str, dict[str, torch.Tensor]] = {}
@@ -306,28 +314,58 @@ def load_adapter(model: Transformer, path: str | os.PathLike[str]) -> Transforme
             continue
         for name, bj in zip(names, bs, strict=True):
             new[name] = (replace(base, r=r, lora_alpha=alpha), a, bj)
-    model.requires_grad_(False)
-    for name, (lcfg, a, b) in new.items():
+    for name, (_, a, b) in new.items():
         try:
             target = model.get_submodule(name)
         except AttributeError as e:
             raise CheckpointError(
                 f"{path}: the model has no module {name} (adapter for another base?)"
             ) from e
-        layer = wrap_linear(model, name, lcfg)
-        if tuple(a.shape) != tuple(layer.lora_A.weight.shape) or tuple(b.shape) != tuple(
-            layer.lora_B.weight.shape
-        ):
+        n_in, n_out = getattr(target, "in_features", None), getattr(target, "out_features", None)
+        if a.shape[1] != n_in or b.shape[0] != n_out:
             raise CheckpointError(
                 f"{path}: adapter of {name} has A {tuple(a.shape)}, B {tuple(b.shape)}; the layer is "
-                f"{target.in_features} -> {target.out_features} (adapter made for another base?)"
+                f"{n_in} -> {n_out} (adapter made for another base?)"
             )
+    return base, new
+
+
+def load_adapter(model: Transformer, path: str | os.PathLike[str]) -> Transformer:
+    """Put the PEFT adapter at ``path`` on ``model`` (frozen; adapters trainable), in place; returned.
+
+    The model must be the adapter's base (an unadapted lamina model of the Llama or GPT-2 family, fp32
+    or bf16, or converted with ``fuse=False``); ranks and scalings come from ``adapter_config.json``
+    (``r``, ``lora_alpha``, ``use_rslora``, ``rank_pattern``, ``alpha_pattern``). ``path`` is a PEFT
+    folder or a lamina LoRA checkpoint (its ``adapter/``).
+
+    Raises:
+        CheckpointError: not a PEFT LoRA folder, a module or shape that does not fit the model.
+        ConfigError: the model already has adapters.
+    """
+    if lora_config_of(model) is not None or adapter_names(model):
+        raise ConfigError("this model already has LoRA adapters: merge_lora(model, unload=True) first")
+    check_adaptable(model)
+    base, new = adapter_layers(model, path)
+    model.requires_grad_(False)
+    for name, (lcfg, a, b) in new.items():
+        layer = wrap_linear(model, name, lcfg)
         with torch.no_grad():
             layer.lora_A.weight.copy_(a)
             layer.lora_B.weight.copy_(b)
     targets = sorted(new, key=list(dict(model.named_modules())).index)
     model.lora_config = replace(base, target_modules=targets)  # type: ignore[assignment]
     return model
+
+
+def add_serving_adapter(model: Transformer, name: str, path: str | os.PathLike[str]) -> int:
+    """Add the PEFT adapter at ``path`` to ``model`` as adapter ``name`` for per-row selection
+    (``lamina.model.lora.MultiLoraLinear``: several adapters over one base in one batch, as the server
+    runs them). Returns its index (1, 2, ...), the ``adapter`` that ``Engine.submit`` takes.
+
+    Raises ``CheckpointError`` / ``ConfigError`` as ``adapter_layers`` and ``add_multi_adapter`` do."""
+    check_adaptable(model)
+    _, new = adapter_layers(model, path)
+    return add_multi_adapter(model, name, {n: (a, b, c.scaling) for n, (c, a, b) in new.items()})
 
 
 def _block_diagonal(b: torch.Tensor, n: int) -> bool:
@@ -337,20 +375,60 @@ def _block_diagonal(b: torch.Tensor, n: int) -> bool:
     return bool((b[~mask] == 0).all())
 
 
+@dataclass
+class AdapterOptions:
+    """A LoRA adapter over the model that ``generate``, ``chat`` and ``serve`` load (``--lora``)."""
+
+    # a LoRA adapter folder over MODEL: PEFT's files (adapter_config.json + adapter_model.safetensors), or a
+    # lamina LoRA checkpoint (its adapter/); applied unmerged, as PEFT's PeftModel and vLLM do
+    lora: str | None = None
+    # add the adapter into the weights at load (PEFT's merge_and_unload): decoding costs what the base costs
+    merge_lora: bool = False
+
+
+def load_adaptable(
+    model: str | os.PathLike[str],
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
+    weights: str | None = None,
+) -> LoadedModel:
+    """``lamina.load(model)`` ready for unmerged adapters: in ``dtype``, or converted to weight format
+    ``weights`` with q/k/v and gate/up kept apart (adapters target them by name). Not compiled: put the
+    adapters on first, then ``lm.model.compile(dynamic=True)``.
+
+    Raises ``ConfigError`` for a weight format adapters cannot go over (w8a8), and as ``load`` does."""
+    if weights not in (None, "fp32", "bf16", "int8", "int4"):
+        raise ConfigError(f"LoRA adapters run over fp32, bf16, int8 or int4 weights, not weights={weights!r}")
+    lm = load(model, dtype=dtype if weights is None else "fp32")
+    if weights is not None:
+        convert_weights(lm.model, weights, fuse=False)
+    return lm
+
+
 def load_with_adapter(
     model: str | os.PathLike[str],
     adapter: str | os.PathLike[str],
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
     weights: str | None = None,
     compile: bool = False,
+    merge: bool = True,
 ) -> LoadedModel:
-    """``lamina.load(model)`` with the PEFT adapter at ``adapter`` merged into its weights, for
-    inference (``generate``, ``chat``, ``serve``): the base loads in fp32, the adapter merges (PEFT's
-    ``merge_and_unload``), then the model becomes ``dtype`` / weight format ``weights`` and compiles as
-    ``load`` does. Decoding then costs what the base costs.
+    """``lamina.load(model)`` with the PEFT adapter at ``adapter`` on it, for inference (``generate``,
+    ``chat``, ``serve``, ``convert --merge-lora``).
+
+    ``merge=True``: the base loads in fp32, the adapter merges (PEFT's ``merge_and_unload``), then the
+    model becomes ``dtype`` / weight format ``weights``; decoding then costs what the base costs.
+    ``merge=False``: the base loads in ``dtype`` / ``weights`` (``load_adaptable``) and the adapter runs
+    beside it in fp32 (``LoraLinear``, as ``PeftModel.from_pretrained`` and vLLM do), so a quantized base
+    keeps the adapter's exact update. Either way the model compiles last when ``compile``.
 
     Raises ``CheckpointError`` / ``ConfigError`` as ``load`` and ``load_adapter`` do.
     """
+    if not merge:
+        lm = load_adaptable(model, dtype, weights)
+        load_adapter(lm.model, adapter)
+        if compile:
+            lm.model.compile(dynamic=True)
+        return lm
     lm = load(model, dtype="fp32")
     merge_lora(load_adapter(lm.model, adapter), unload=True)
     net = lm.model
@@ -366,11 +444,16 @@ def load_with_adapter(
 __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
+    "AdapterOptions",
     "LoraLinear",
+    "adapter_layers",
+    "add_serving_adapter",
     "hf_module_name",
     "lamina_module_names",
+    "load_adaptable",
     "load_adapter",
     "load_with_adapter",
     "read_adapter",
+    "resolve_adapter",
     "save_adapter",
 ]

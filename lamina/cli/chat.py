@@ -6,7 +6,13 @@ import argparse
 import sys
 
 from lamina.cli.flags import add_config_file, add_fields, values
-from lamina.cli.generate import add_control_flags, add_model_flags, controls_from_args, load_from_args
+from lamina.cli.generate import (
+    add_adapter_flags,
+    add_control_flags,
+    add_model_flags,
+    controls_from_args,
+    load_from_args,
+)
 from lamina.fields import build
 from lamina.generate.chat import COMMANDS, chat_loop
 from lamina.generate.speculative import DraftStats, SpeculativeOptions
@@ -32,6 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--system", default=None, help="system prompt")
     add_config_file(p)
     add_model_flags(p)
+    add_adapter_flags(p)
     add_control_flags(p)
     add_fields(p, SpeculativeOptions, title="speculative decoding (greedy replies: --temperature 0)")
     p.set_defaults(func=run)

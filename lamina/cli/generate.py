@@ -13,6 +13,7 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 from lamina.checkpoint.load import LoadedModel, LoadOptions, load
+from lamina.checkpoint.peft import AdapterOptions, load_adaptable, load_with_adapter
 from lamina.cli.flags import HelpFormatter, add_config_file, add_fields, values
 from lamina.config import GenerationConfig
 from lamina.errors import ConfigError
@@ -78,6 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--system", default=None, metavar="TEXT", help="system message (chat mode)")
     add_config_file(p)
     add_model_flags(p)
+    add_adapter_flags(p)
     add_control_flags(p)
     add_fields(p, SpeculativeOptions, title="speculative decoding (greedy requests)")
     p.set_defaults(func=run)
@@ -88,9 +90,23 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     add_fields(p, LoadOptions, title="loading the model")
 
 
-def load_from_args(args: argparse.Namespace, model: str | None = None) -> LoadedModel:
-    """Load ``model`` (default ``args.model``) with the ``LoadOptions`` given by flags or ``--config``."""
+def add_adapter_flags(p: argparse.ArgumentParser) -> None:
+    """``--lora PATH`` and ``--merge-lora`` (``AdapterOptions``): a LoRA adapter over MODEL."""
+    add_fields(p, AdapterOptions, title="LoRA adapter")
+
+
+def load_from_args(
+    args: argparse.Namespace, model: str | None = None, lora: bool | None = None, adaptable: bool = False
+) -> LoadedModel:
+    """Load ``model`` (default ``args.model``) with the ``LoadOptions`` given by flags or ``--config``.
+
+    ``lora`` (default: when ``model`` is not given, i.e. for MODEL, not a draft) puts ``--lora``'s
+    adapter on it (unmerged unless ``--merge-lora``); ``adaptable`` loads it so that adapters can be
+    added later (projections kept apart: ``lamina.checkpoint.peft.load_adaptable``)."""
     opts = build(LoadOptions, values(args, LoadOptions))
+    adapter = build(AdapterOptions, values(args, AdapterOptions))
+    if adapter.merge_lora and adapter.lora is None:
+        raise ConfigError("--merge-lora merges the adapter --lora PATH names: give --lora too")
     if opts.threads is not None:
         import torch
 
@@ -99,7 +115,14 @@ def load_from_args(args: argparse.Namespace, model: str | None = None) -> Loaded
         print(
             "--compile: the first prompt of each new shape compiles first (minutes on CPU)", file=sys.stderr
         )
-    return load(model or args.model, dtype=opts.dtype, weights=opts.weights, compile=opts.compile)
+    target = model or args.model
+    if adapter.lora is not None and (model is None if lora is None else lora):
+        return load_with_adapter(
+            target, adapter.lora, opts.dtype, opts.weights, opts.compile, merge=adapter.merge_lora
+        )
+    if adaptable:
+        return load_adaptable(target, opts.dtype, opts.weights)
+    return load(target, dtype=opts.dtype, weights=opts.weights, compile=opts.compile)
 
 
 def add_control_flags(p: argparse.ArgumentParser) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from lamina.checkpoint.load import LoadOptions
+from lamina.checkpoint.peft import AdapterOptions
 from lamina.cli.flags import add_alias, add_config_file, add_fields, values
-from lamina.cli.generate import add_model_flags, load_from_args
+from lamina.cli.generate import add_adapter_flags, add_model_flags, load_from_args
 from lamina.errors import ConfigError
 from lamina.fields import build
 from lamina.serve.settings import ServeConfig
@@ -44,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_fields(p, ServeConfig, title="server (ServeConfig)")
     add_alias(p, "--api-key", ServeConfig, "api_keys", metavar="KEY", append=True)
     add_model_flags(p)
+    add_adapter_flags(p)
     p.set_defaults(func=run)
 
 
@@ -63,9 +66,16 @@ def run(args: argparse.Namespace) -> int:
     if "api_keys" not in given:  # the environment's keys, when no flag or file names any
         given["api_keys"] = ServeConfig.env_api_keys()
     config = build(ServeConfig, given)
+    adapter = build(AdapterOptions, values(args, AdapterOptions))
+    if adapter.lora is not None and (len(args.models) > 1 or config.lora_modules):
+        raise ConfigError(
+            "--lora puts one adapter on the one MODEL; serve several adapters by name with --lora-modules NAME=PATH"
+        )
+    if config.lora_modules and build(LoadOptions, values(args, LoadOptions)).compile:
+        raise ConfigError("--compile does not run with --lora-modules yet; leave one of them out")
     models = {}
     for i, model in enumerate(args.models):
         name = names[i] if i < len(names) else model
-        models[name] = load_from_args(args, model)
+        models[name] = load_from_args(args, model, lora=True, adaptable=bool(config.lora_modules))
     serve(models, config, log_level=config.log_level)
     return 0

@@ -25,6 +25,7 @@ from its own loop and submits requests as they arrive.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 from collections import deque
@@ -42,6 +43,7 @@ from lamina.generate.sampling import Sampler, prompt_logprobs, sample_batch, tok
 from lamina.generate.sequences import Delta, Running, Sequence_, TokenLogprob
 from lamina.generate.speculative import Drafter, DraftStats, SpeculativeOptions, keep_slots
 from lamina.model.layers import KVCache
+from lamina.model.lora import MultiLoraLinear, adapter_names, multi_lora_layers, select_adapters
 from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
 
@@ -175,6 +177,8 @@ class Engine:
         self._running: list[_Unit] = []  # per cache row, in row order (a beam group on each of its rows)
         self._owner: dict[int, int] = {}  # id(Sequence_) -> request id, for cancellation
         self._cache: KVCache | None = None
+        self._rid_adapter: dict[int, int] = {}  # request id -> its LoRA adapter, when not 0 (the base)
+        self._lora_layers: list[MultiLoraLinear] | None = None  # found at the first adapter request
         p = model.tok_emb.weight
         self._device, self._dtype = p.device, p.dtype
 
@@ -185,7 +189,9 @@ class Engine:
         return None if d is None else DraftStats(d.proposed, d.accepted)
 
     # -- requests ----------------------------------------------------------------------------------------
-    def submit(self, prompt_ids: Sequence[int], config: GenerationConfig = GREEDY) -> list[Sequence_]:
+    def submit(
+        self, prompt_ids: Sequence[int], config: GenerationConfig = GREEDY, adapter: int = 0
+    ) -> list[Sequence_]:
         """Queue a request; returns its ``config.n`` sequences (filled in as ``step`` runs).
 
         ``config.num_beams`` > 1 makes it a beam search (its sequences are the n best beams, known when
@@ -193,8 +199,20 @@ class Engine:
         context window, token ids outside the vocabulary (in the prompt or in ``config``:
         ``check_token_ids``), stop strings / constraints without a tokenizer, and what beam search cannot
         do (``check_beam_config``).
+
+        ``adapter`` k > 0 runs the request through the model's k-th LoRA adapter
+        (``lamina.model.lora.add_multi_adapter``; 0: the base), in the same batch as the others: its rows
+        select their adapter in every forward (``select_adapters``). An unknown k raises ``ConfigError``.
         """
-        return self._submit(prompt_ids, config, next(self._ids))[1]
+        rid = next(self._ids)
+        if adapter:
+            if not 0 < adapter <= len(adapter_names(self.model)):
+                n = len(adapter_names(self.model))
+                raise ConfigError(f"adapter={adapter}: the model has {n} LoRA adapter(s) (0 is the base)")
+            if self._drafter is not None and multi_lora_layers(self._drafter.model):
+                raise ConfigError("a draft that shares the model's LoRA layers cannot run adapter requests")
+            self._rid_adapter[rid] = adapter
+        return self._submit(prompt_ids, config, rid)[1]
 
     def _submit(
         self,
@@ -281,10 +299,28 @@ class Engine:
         out: list[Delta] = []
         self._apply_cancellations(out)
         for req in self._admissible():
-            out += self._admit(req)
+            with self._adapters([self._rid_adapter.get(req.request_id, 0)]):
+                out += self._admit(req)
         if decode and self._running:
-            out += self._decode()
+            with self._adapters(self._row_adapters()):
+                out += self._decode()
         return out
+
+    def _row_adapters(self) -> list[int]:
+        """The LoRA adapter of each running row (0: the base), in row order."""
+        if not self._rid_adapter:
+            return []
+        owner, of = self._owner, self._rid_adapter
+        seqs = [u.seqs[0] if isinstance(u, _Beams) else u.seq for u in self._running]
+        return [of.get(owner.get(id(s), -1), 0) for s in seqs]
+
+    def _adapters(self, rows: list[int]) -> contextlib.AbstractContextManager[None]:
+        """Rows select their adapters in the forwards inside (nothing to do when all use the base)."""
+        if not any(rows):
+            return contextlib.nullcontext()
+        if self._lora_layers is None:
+            self._lora_layers = multi_lora_layers(self.model)
+        return select_adapters(self._lora_layers, rows)
 
     def _units(self) -> list[tuple[int, _Unit]]:
         """(first row, unit) of every unit of the batch, in row order."""
@@ -521,6 +557,9 @@ class Engine:
             for u in gone.values():
                 for seq in u.seqs if isinstance(u, _Beams) else [u.seq]:
                     self._owner.pop(id(seq), None)
+            if self._rid_adapter:  # forget the adapters of requests with no sequence left
+                live = set(self._owner.values())
+                self._rid_adapter = {r: a for r, a in self._rid_adapter.items() if r in live}
 
     def _choose_safely(
         self, logits: Tensor, rows: Sequence[Running]

@@ -25,7 +25,7 @@ import contextlib
 import fnmatch
 import itertools
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -344,3 +344,128 @@ def count_trainable(model: nn.Module) -> tuple[int, int]:
 def expected_trainable(model: nn.Module) -> int:
     """What ``count_trainable`` must find for a LoRA model: ``r * (in + out)`` per wrapped layer."""
     return sum(m.r * (m.in_features + m.out_features) for m in lora_layers(model).values())
+
+
+class MultiLoraLinear(nn.Module):
+    """Several adapters over one frozen base layer, chosen per batch row: serving many LoRA adapters over
+    one base in one running batch (vLLM's multi-LoRA batching; PEFT's mixed adapter batches,
+    ``peft.tuners.lora.layer.LoraLayer._mixed_batch_forward``, computes the same sums).
+
+    Adapter ``k`` (1, 2, ...; ``add_adapter``) holds ``A_k`` (r_k, in), ``B_k`` (out, r_k) in fp32 and
+    ``scaling_k``. Inside ``select_adapters`` row ``b`` of x (B, ..., in) gets
+    ``base_layer(x_b) + scaling_k * B_k(A_k(x_b))`` for its adapter ``k`` (in the same operations and
+    order as ``LoraLinear``, so a row's output does not depend on what the other rows use); rows of
+    adapter 0, and every row outside ``select_adapters``, get ``base_layer(x_b)`` alone."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features: int = base_layer.in_features  # type: ignore[assignment]
+        self.out_features: int = base_layer.out_features  # type: ignore[assignment]
+        self.lora_A: dict[int, Tensor] = {}  # adapter -> (r, in) fp32
+        self.lora_B: dict[int, Tensor] = {}  # adapter -> (out, r) fp32
+        self.scalings: dict[int, float] = {}
+        # set by select_adapters: (adapter, the rows using it as a (n,) index, or None: every row)
+        self.groups: list[tuple[int, Tensor | None]] = []
+
+    def add_adapter(self, k: int, a: Tensor, b: Tensor, scaling: float) -> None:
+        """Hold adapter ``k``: ``a`` (r, in), ``b`` (out, r), copied to fp32 on the base's device."""
+        if k < 1:
+            raise ConfigError(f"adapter index {k} must be >= 1 (0 is the base alone)")
+        if a.shape[1] != self.in_features or b.shape[0] != self.out_features or a.shape[0] != b.shape[1]:
+            raise ConfigError(
+                f"adapter {k}: A {tuple(a.shape)} and B {tuple(b.shape)} do not fit a layer "
+                f"{self.in_features} -> {self.out_features} (adapter made for another base?)"
+            )
+        device = next(itertools.chain(self.base_layer.parameters(), self.base_layer.buffers())).device
+        self.lora_A[k] = a.detach().to(device, torch.float32).contiguous()
+        self.lora_B[k] = b.detach().to(device, torch.float32).contiguous()
+        self.scalings[k] = float(scaling)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, ..., in) -> (B, ..., out) in x's dtype."""
+        y = self.base_layer(x)
+        for k, rows in self.groups:
+            a = self.lora_A.get(k)
+            if a is None:  # adapter k does not adapt this layer
+                continue
+            xs = x if rows is None else x.index_select(0, rows)
+            h = F.linear(F.linear(xs.to(a.dtype), a), self.lora_B[k])
+            h = (h * self.scalings[k]).to(y.dtype)
+            y = y + h if rows is None else y.index_add(0, rows, h)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"adapters={sorted(self.lora_A)}"
+
+
+def add_multi_adapter(
+    model: Transformer, name: str, layers: Mapping[str, tuple[Tensor, Tensor, float]]
+) -> int:
+    """Add one more adapter called ``name`` to ``model`` for per-row use (``MultiLoraLinear``): ``layers``
+    maps module names (``blocks.0.attn.q_proj``) to (A (r, in), B (out, r), scaling). The linears it
+    names are wrapped in ``MultiLoraLinear`` the first time. Returns the adapter's index (1, 2, ...),
+    which ``select_adapters`` takes; ``adapter_names(model)[k - 1]`` is ``name``.
+
+    Raises ``ConfigError`` for a model with ``LoraLinear`` adapters (``apply_lora`` / ``load_adapter``),
+    fused projections, a repeated name, a module that is not a linear layer, or shapes that do not fit.
+    """
+    if lora_config_of(model) is not None:
+        raise ConfigError(
+            "this model already has a LoRA adapter applied (load the base alone to serve several adapters)"
+        )
+    check_adaptable(model)
+    names: list[str] = getattr(model, "lora_adapters", [])
+    if name in names:
+        raise ConfigError(f"two adapters are named {name!r}")
+    k = len(names) + 1
+    for module, (a, b, scaling) in layers.items():
+        parent_name, _, child = module.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+            layer = getattr(parent, child)
+        except AttributeError:
+            raise ConfigError(f"adapter {name!r}: the model has no module {module}") from None
+        if isinstance(layer, _BASE_TYPES):
+            layer = MultiLoraLinear(layer)
+            setattr(parent, child, layer)
+        if not isinstance(layer, MultiLoraLinear):
+            raise ConfigError(f"adapter {name!r}: {module} is a {type(layer).__name__}, not a linear layer")
+        layer.add_adapter(k, a, b, scaling)
+    model.requires_grad_(False)
+    model.lora_adapters = [*names, name]  # type: ignore[assignment]
+    return k
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The names of the adapters ``add_multi_adapter`` put on ``model``, adapter 1 first."""
+    return list(getattr(model, "lora_adapters", []))
+
+
+def multi_lora_layers(model: nn.Module) -> list[MultiLoraLinear]:
+    """Every ``MultiLoraLinear`` of ``model``, in model order."""
+    return [m for m in model.modules() if isinstance(m, MultiLoraLinear)]
+
+
+@contextlib.contextmanager
+def select_adapters(layers: Sequence[MultiLoraLinear], rows: Sequence[int]) -> Iterator[None]:
+    """Inside this block, batch row ``b`` of every forward through ``layers`` uses adapter ``rows[b]``
+    (0: the base alone). When every row uses one adapter, it applies to batches of any size (a
+    prefill, a beam group). Not re-entrant: one block at a time per model (the engine's thread)."""
+    distinct = sorted(set(rows))
+    groups: list[tuple[int, Tensor | None]] = []
+    if len(distinct) == 1:
+        groups = [(distinct[0], None)] if distinct[0] else []
+    elif layers:
+        device = next(iter(layers[0].lora_A.values()), torch.empty(0)).device
+        for k in distinct:
+            if k:
+                at = torch.tensor([i for i, r in enumerate(rows) if r == k], dtype=torch.long, device=device)
+                groups.append((k, at))
+    for m in layers:
+        m.groups = groups
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.groups = []

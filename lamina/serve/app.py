@@ -117,7 +117,7 @@ def create_app(registry: Registry, config: ServeConfig | None = None) -> FastAPI
         served = registry.get(req.model, "generation")
         prepared = await run_in_threadpool(prepare_completion, req, served, config)
         assert served.scheduler is not None
-        job = served.scheduler.submit(prepared.prompts)
+        job = served.scheduler.submit(prepared.prompts, adapter=served.adapter)
         echo = bool(req.echo)
         if req.stream:
             include = bool(req.stream_options and req.stream_options.include_usage)
@@ -132,7 +132,7 @@ def create_app(registry: Registry, config: ServeConfig | None = None) -> FastAPI
         served = registry.get(req.model, "generation")
         prepared = await run_in_threadpool(prepare_chat, req, served, config)
         assert served.scheduler is not None
-        job = served.scheduler.submit(prepared.prompts)
+        job = served.scheduler.submit(prepared.prompts, adapter=served.adapter)
         logprobs, top = bool(req.logprobs), req.top_logprobs or 0
         if req.stream:
             include = bool(req.stream_options and req.stream_options.include_usage)
@@ -220,8 +220,9 @@ def create_app(registry: Registry, config: ServeConfig | None = None) -> FastAPI
 
 def _card(m: Any) -> ModelCard:
     return ModelCard(
-        id=m.name, created=m.created, kind=m.kind, max_model_len=m.context_length, root=str(m.lm.entry.path)
-    )
+        id=m.name, created=m.created, kind=m.kind, max_model_len=m.context_length,
+        root=m.root or str(m.lm.entry.path), parent=m.parent,
+    )  # fmt: skip
 
 
 def _sse(gen: AsyncIterator[str]) -> StreamingResponse:

@@ -44,6 +44,9 @@ class ServedModel:
     lm: LoadedModel
     created: int = field(default_factory=lambda: int(time.time()))
     scheduler: Scheduler | None = None
+    adapter: int = 0  # a LoRA adapter's index in its parent's model (0: the model itself)
+    parent: str | None = None  # a LoRA adapter's base model name
+    root: str | None = None  # where a LoRA adapter was loaded from
     _embed_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -116,6 +119,41 @@ class Registry:
         self._models[name] = served
         return served
 
+    def add_adapter(self, name: str, path: str, base: str | None = None) -> ServedModel:
+        """Serve the PEFT LoRA adapter at ``path`` as ``name`` over the generation model ``base`` (default:
+        the first one added), as vLLM's ``--lora-modules`` does; add adapters before the server starts.
+
+        The adapter shares its base's weights, scheduler and running batch: each request's rows select
+        its adapter in the LoRA layers (``lamina.model.lora.MultiLoraLinear``), so base and adapter
+        requests decode together and each gets what it would get alone. ``/v1/models`` lists it with
+        ``parent`` (the base's name) and ``root`` (``path``).
+
+        Raises ``ConfigError`` for a taken name, an unknown or non-generation base, a base whose
+        projections were fused (``lamina.checkpoint.peft.load_adaptable`` loads one that adapters fit), and
+        ``CheckpointError`` for an adapter that does not fit the base."""
+        from lamina.checkpoint.peft import add_serving_adapter
+
+        if name in self._models:
+            raise ConfigError(f"two served models are named {name!r}; rename the adapter")
+        bases = [m for m in self._models.values() if m.kind == "generation" and m.parent is None]
+        if base is None:
+            if not bases:
+                raise ConfigError(f"adapter {name!r} needs a generation model to serve it over")
+            parent = bases[0]
+        else:
+            found = self._models.get(base)
+            if found is None or found not in bases:
+                raise ConfigError(
+                    f"adapter {name!r}: base_model_name={base!r} is not a served generation model "
+                    f"({', '.join(m.name for m in bases) or 'none'})"
+                )
+            parent = found
+        k = add_serving_adapter(parent.lm.model, name, path)
+        served = ServedModel(name, "generation", parent.lm, scheduler=parent.scheduler)
+        served.adapter, served.parent, served.root = k, parent.name, path
+        self._models[name] = served
+        return served
+
     def _draft(self, lm: LoadedModel) -> Transformer | None:
         """The draft of a generation model (``ServeConfig.draft`` loaded once, or its first
         ``speculative_layers`` layers); None without speculative decoding."""
@@ -154,11 +192,11 @@ class Registry:
     def start(self) -> None:
         """Start every generation model's engine thread."""
         for m in self._models.values():
-            if m.scheduler is not None:
+            if m.scheduler is not None and m.parent is None:
                 m.scheduler.start()
 
     def stop(self) -> None:
         """Stop every engine thread."""
         for m in self._models.values():
-            if m.scheduler is not None:
+            if m.scheduler is not None and m.parent is None:
                 m.scheduler.stop()

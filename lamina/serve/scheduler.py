@@ -184,8 +184,9 @@ class Scheduler:
         return self._thread is not None and self._thread.is_alive()
 
     # -- requests -------------------------------------------------------------------------------------------
-    def submit(self, prompts: Sequence[Prompt], arrived: float | None = None) -> Job:
-        """Queue the prompts of one HTTP request; call from the event loop.
+    def submit(self, prompts: Sequence[Prompt], arrived: float | None = None, adapter: int = 0) -> Job:
+        """Queue the prompts of one HTTP request; call from the event loop. ``adapter`` k > 0 runs them
+        through the model's k-th LoRA adapter (``Engine.submit``), in the batch with every other request.
 
         Raises a 429 ``APIError`` when the queue is full, 400 when a prompt needs more tokens in flight
         than the server allows or the engine refuses it, 503 when the engine thread is not running.
@@ -219,7 +220,7 @@ class Scheduler:
             engine = self.engine
             try:
                 for p in prompts:
-                    seqs.append(engine.submit(p.ids, p.config))
+                    seqs.append(engine.submit(p.ids, p.config, adapter=adapter))
             except ConfigError as e:
                 engine.cancel([s for group in seqs for s in group])
                 raise bad_request(str(e)) from None

@@ -317,6 +317,7 @@ class ModelCard(BaseModel):
     kind: Literal["generation", "embedding"]
     max_model_len: int
     root: str | None = Field(default=None, description="where the model was loaded from")
+    parent: str | None = Field(default=None, description="a LoRA adapter's base model (vLLM's field)")
 
 
 class ModelList(BaseModel):

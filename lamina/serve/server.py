@@ -28,10 +28,13 @@ log = logging.getLogger("lamina.serve")
 
 
 def build_registry(models: Mapping[str, LoadedModel], config: ServeConfig | None = None) -> Registry:
-    """A registry serving each loaded model under its name (kind from its architecture)."""
+    """A registry serving each loaded model under its name (kind from its architecture), and the LoRA
+    adapters of ``config.lora_modules`` over them (``Registry.add_adapter``)."""
     registry = Registry(config)
     for name, lm in models.items():
         registry.add(name, lm)
+    for name, path, base in registry.config.adapters():
+        registry.add_adapter(name, path, base)
     return registry
 
 

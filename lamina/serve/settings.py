@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -58,6 +59,10 @@ class ServeConfig:
     # self-speculative decoding of greedy requests: each served model's own first K layers are its draft
     speculative_layers: int | None = None
     num_draft_tokens: int = SpeculativeOptions.num_draft_tokens  # draft tokens proposed per step, >= 1
+    # LoRA adapters served over a MODEL, each chosen per request by its name (vLLM's --lora-modules):
+    # NAME=PATH over the first MODEL ('[a=PATH, b=PATH]' for several), or a JSON object string
+    # '{"name": ..., "path": ..., "base_model_name": MODEL}' as an item
+    lora_modules: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "max_n", "max_prompts", "max_embedding_inputs"):
@@ -79,6 +84,44 @@ class ServeConfig:
         if any(not k for k in self.api_keys):
             raise ConfigError("api_keys must not hold empty strings")
         SpeculativeOptions(self.draft, self.speculative_layers, self.num_draft_tokens)  # validates them
+        adapters = self.adapters()
+        if adapters and self.speculative_layers is not None:
+            raise ConfigError(
+                "speculative_layers shares the served model's layers, which lora_modules adapt: use a "
+                "separate --draft model, or no speculative decoding, with LoRA adapters"
+            )
+        names = [a[0] for a in adapters]
+        if len(set(names)) < len(names):
+            raise ConfigError(f"lora_modules names an adapter twice: {names}")
+
+    def adapters(self) -> list[tuple[str, str, str | None]]:
+        """``lora_modules`` as (name, path, base model name or None: the first MODEL).
+
+        Raises ``ConfigError`` for an entry that is neither ``NAME=PATH`` nor a JSON object with
+        ``name`` and ``path`` (vLLM's two forms)."""
+        out: list[tuple[str, str, str | None]] = []
+        for item in self.lora_modules:
+            text = item.strip()
+            if text.startswith("{"):
+                try:
+                    spec = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"lora_modules entry {item!r} is not valid JSON: {e}") from None
+                if not isinstance(spec, dict) or not spec.get("name") or not spec.get("path"):
+                    raise ConfigError(
+                        f'lora_modules entry {item!r} needs "name" and "path" (and optionally '
+                        '"base_model_name")'
+                    )
+                out.append((str(spec["name"]), str(spec["path"]), spec.get("base_model_name")))
+                continue
+            name, eq, path = text.partition("=")
+            if not eq or not name.strip() or not path.strip():
+                raise ConfigError(
+                    f"lora_modules entry {item!r}: write NAME=PATH (e.g. sql=runs/sql/adapter) or "
+                    '{"name": "sql", "path": "runs/sql/adapter", "base_model_name": "smollm2"}'
+                )
+            out.append((name.strip(), path.strip(), None))
+        return out
 
     @staticmethod
     def env_api_keys() -> list[str]:
