@@ -31,6 +31,7 @@ POSITIONALS = {
     "embed": ["m", "--input", "x.txt"],
     "eval": ["m"],
     "fill-mask": ["m", "t"],
+    "explain": ["m", "t"],
     "ask": ["q"],
     "convert": ["m"],
     "data prepare": [],
