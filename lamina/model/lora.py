@@ -17,6 +17,11 @@ reach the inputs of a quantized layer through a backward that dequantizes its we
 ``merge_lora`` adds ``scaling * B @ A`` into the base weights (``unload=True`` then replaces each wrapper
 by its merged ``nn.Linear``, PEFT's ``merge_and_unload``); ``unmerge_lora`` subtracts it again. A wrapped
 model decodes with the KV-cache engine as it is (merged or not).
+
+Serving several adapters over one base (vLLM's multi-LoRA, PEFT's mixed adapter batches):
+``add_multi_adapter`` puts adapter 1, 2, ... on the base as ``MultiLoraLinear`` layers, and inside
+``select_adapters(layers, rows)`` each batch row gets its own adapter's update (row adapter 0: the base
+alone). The engine sets the rows' adapters around every forward (``Engine.submit(..., adapter=k)``).
 """
 
 from __future__ import annotations
