@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import re
@@ -608,6 +609,31 @@ DEFAULT_DRY_SEQUENCE_BREAKERS = ["\n", ":", '"', "*"]  # llama.cpp's defaults
 TOKEN_IDS = {"token_ids": True}  # metadata of GenerationConfig fields that hold token ids
 
 
+def parse_json_schema(text: str) -> dict[str, Any]:
+    """``json_schema`` from text: JSON (an object), or the path of a file holding it."""
+    source = text.strip()
+    if not source.startswith("{"):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise ValueError("must be a JSON object or the path of a .json file holding one (no such file)")
+        source = path.read_text(encoding="utf-8")
+    try:
+        value = json.loads(source)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError("must be a JSON object")
+    return value
+
+
+def parse_text_or_file(text: str) -> str:
+    """Text as given, or the contents of the file it names (a grammar file)."""
+    path = Path(text.strip()).expanduser()
+    if "\n" not in text and len(text) < 4096 and path.is_file():
+        return path.read_text(encoding="utf-8")
+    return text
+
+
 def parse_logprobs(text: str | int) -> bool:
     """``logprobs`` from text: true or false. A number raises ``ValueError``, as ambiguous: OpenAI's two
     APIs read it two ways (chat: a bool; legacy completions: a count of alternatives per token)."""
@@ -710,6 +736,9 @@ class GenerationConfig:
       (nesting at most ``json_max_depth`` [16] deep), whatever the prompt says, by masking every token
       that cannot continue valid JSON (OpenAI ``response_format={"type": "json_object"}``).
       ``choices`` [[]]: the output is exactly one of these strings (vLLM ``guided_choice``).
+      ``json_schema`` [None], ``regex`` [""], ``grammar`` [""] (Lark or GBNF): the output validates under
+      the schema, matches the regex in full, parses under the grammar (``lamina.generate.grammar``,
+      llguidance); the output is complete within ``max_new_tokens``. At most one constraint per request.
     - ``samplers`` [``SAMPLER_NAMES``]: the chain order, see above.
     """
 
@@ -796,6 +825,11 @@ class GenerationConfig:
     json_max_depth: int = 16  # response_format="json_object": deepest nesting allowed, >= 1
     # the output is exactly one of these strings (vLLM guided_choice); not with json_object
     choices: list[str] = field(default_factory=list)
+    # the output is JSON valid under this JSON Schema (a dict, JSON text or a .json file; OpenAI json_schema)
+    json_schema: dict[str, object] | None = field(default=None, metadata={"parse": parse_json_schema})
+    regex: str = ""  # the output matches this regular expression in full (vLLM guided_regex)
+    # the output parses under this Lark or GBNF grammar (text or a file; vLLM guided_grammar)
+    grammar: str = field(default="", metadata={"parse": parse_text_or_file})
     # the sampler chain in order (llama.cpp style); a sampler left out is not applied
     samplers: list[str] = field(default_factory=lambda: list(SAMPLER_NAMES))
 
@@ -807,6 +841,21 @@ class GenerationConfig:
                 raise ConfigError(f"logprobs={self.logprobs!r}: {e}") from None
         _check_types(self)
         self.validate()
+
+    def constraint_fields(self) -> dict[str, bool]:
+        """Each way to constrain the output and whether this config asks for it (at most one may)."""
+        return {
+            "response_format": self.response_format != "text",
+            "choices": bool(self.choices),
+            "json_schema": self.json_schema is not None,
+            "regex": bool(self.regex),
+            "grammar": bool(self.grammar),
+        }
+
+    @property
+    def constrained(self) -> bool:
+        """Whether the output is constrained (json_object, choices, json_schema, regex or grammar)."""
+        return any(self.constraint_fields().values())
 
     @property
     def sampling(self) -> bool:
@@ -888,10 +937,16 @@ class GenerationConfig:
         )
         need(self.json_max_depth >= 1, "json_max_depth", "must be >= 1")
         need(all(c for c in self.choices), "choices", "must not hold empty strings")
+        given = [n for n, on in self.constraint_fields().items() if on]
         need(
-            not (self.choices and self.response_format != "text"),
-            "choices",
-            'cannot be combined with response_format="json_object": give one constraint',
+            len(given) <= 1,
+            given[-1] if given else "choices",
+            f"cannot be combined with {given[0] if given else ''}: give one constraint",
+        )
+        need(
+            self.json_schema is None or isinstance(self.json_schema, dict),
+            "json_schema",
+            "must be a JSON object (a dict)",
         )
         need(math.isfinite(self.length_penalty), "length_penalty", "must be a finite number")
         need(self.seed is None or self.seed >= 0, "seed", "must be >= 0 (or None)")

@@ -33,6 +33,7 @@ VERBS = {
     "tune": "search hyperparameters (any config field) with Optuna: grid, random or TPE, with pruning",
     "eval": "score a model on benchmarks (MMLU, ARC, HellaSwag, TruthfulQA, WiC, BIG-bench, GSM8K) or "
     "perplexity; compare two results",
+    "index": "index documents (folders, files, globs, or the built-in stdlib docs) for lamina ask",
     "serve": "serve models over an OpenAI-compatible HTTP API (completions, chat, embeddings)",
     "plan": "plan a training run: compute-optimal parameters and tokens for a FLOP budget (Chinchilla), a "
     "config that size, its memory",

@@ -84,6 +84,11 @@ class Constraint(Protocol):
         """
         ...
 
+    def check(self, token: int, remaining: int) -> int:
+        """The token to emit for the picked ``token``: itself, or one that keeps the output completable
+        within ``remaining - 1`` more tokens (the budget rule, where ``allowed`` alone cannot keep it)."""
+        ...
+
     def advance(self, token: int) -> None:
         """Record the token that was generated."""
         ...
@@ -359,6 +364,10 @@ class AutomatonConstraint:
         """Bool ``(vocab_size,)``: the tokens that keep the output completable within ``remaining`` tokens
         (this one included). Once done, only the end tokens (if any)."""
         return self.masker.allowed(self.state, remaining)
+
+    def check(self, token: int, remaining: int) -> int:
+        """``token``: ``allowed`` already keeps the budget exactly."""
+        return token
 
     def advance(self, token: int) -> None:
         """Move past ``token``; raise ``LaminaError`` if the constraint never allowed it."""
@@ -717,8 +726,10 @@ _JSON_ONE_BYTE_TOKENS = bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0xC0))
 
 def make_constraint(
     cfg: GenerationConfig, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: Sequence[int] = ()
-) -> AutomatonConstraint | None:
-    """The constraint ``cfg`` asks for (``response_format="json_object"`` or ``choices``), or None.
+) -> Constraint | None:
+    """The constraint ``cfg`` asks for, or None: ``response_format="json_object"`` and ``choices`` here (the
+    byte automata measured faster than llguidance on what they cover), ``json_schema``, ``regex`` and
+    ``grammar`` through :mod:`lamina.generate.grammar` (llguidance).
 
     ``vocab_size``: the model's (its logits' last dimension; ids the tokenizer lacks are never allowed).
     The sequence may end where the output is complete with any end-of-generation id: the model's
@@ -728,11 +739,15 @@ def make_constraint(
     cannot spell, a vocabulary without the one-byte tokens JSON mode needs, ``max_new_tokens`` below the
     shortest output (2 for JSON; the fewest tokens of any choice).
     """
-    if cfg.response_format == "text" and not cfg.choices:
+    if not cfg.constrained:
         return None
-    trie = vocab_trie(tokenizer, vocab_size)
     eos = [] if cfg.ignore_eos else [*eos_token_ids, *cfg.eos_token_ids, *tokenizer.eos_token_ids]
     end_ids = tuple(sorted({*cfg.stop_token_ids, *(i for i in eos if 0 <= i < vocab_size)}))
+    if cfg.json_schema is not None or cfg.regex or cfg.grammar:
+        from lamina.generate.grammar import make_grammar_constraint
+
+        return make_grammar_constraint(cfg, tokenizer, vocab_size, end_ids)
+    trie = vocab_trie(tokenizer, vocab_size)
     if cfg.choices:
         key: Hashable = ("choices", tuple(cfg.choices), end_ids)
     else:

@@ -236,7 +236,7 @@ class Engine:
         beam = cfg.num_beams > 1 if beam is None else beam
         if beam:
             check_beam_config(cfg)
-        if (cfg.stop or cfg.choices or cfg.response_format != "text") and self.tokenizer is None:
+        if (cfg.stop or cfg.constrained) and self.tokenizer is None:
             raise ConfigError(
                 "stop strings and constrained output work on text: give the engine the tokenizer"
             )
@@ -600,7 +600,11 @@ class Engine:
             for r, t in zip(rows, chosen.tolist(), strict=True):
                 r.sampler.output_ids.append(t)
         else:
-            chosen = sample_batch(masked, [r.sampler for r in rows])
+            chosen = sample_batch(masked, [r.sampler for r in rows], accept=False)
+            for i, r in enumerate(rows):
+                if r.constraint is not None:  # the budget rule may swap in a token that closes the output
+                    chosen[i] = r.constraint.check(int(chosen[i]), r.budget - len(r.seq.tokens))
+                r.sampler.accept(int(chosen[i]))
         tokens = chosen.tolist()
         lps: list[TokenLogprob | None] = [None] * len(rows)
         want = [i for i, r in enumerate(rows) if r.cfg.logprobs or r.cfg.top_logprobs]
@@ -614,7 +618,7 @@ class Engine:
         return tokens, lps
 
     def _constraint(self, cfg: GenerationConfig) -> Constraint | None:
-        if cfg.response_format == "text" and not cfg.choices:
+        if not cfg.constrained:
             return None
         from lamina.generate.constrain import make_constraint
 

@@ -436,47 +436,6 @@ def _decode(loaded: Any, runs: Sequence[Run]) -> tuple[list[str], list[bool]]:
     return [s.text or "" for s in seqs], [s.finish_reason == "stop" for s in seqs]
 
 
-JSON_PROMPTS = [
-    "What is the capital of France?",
-    "Write a short poem about the sea.",
-    "hi",
-    "Describe a cat as a JSON object with the keys name, age and colors.",
-]
-
-
-@pytest.mark.slow
-def test_smollm2_json_output_parses_whatever_the_prompt(lamina_smollm2: Any) -> None:
-    """Prompts that do not ask for JSON (and one that does), budgets 12 and 80, greedy and sampled: the
-    output is always one JSON object; a budget of 12 cuts it short and it still parses."""
-    runs: list[Run] = []
-    for prompt, seed in zip(JSON_PROMPTS, [None, 0, 1, None], strict=True):
-        for budget in (12, 80):
-            runs.append((prompt, GenerationConfig(response_format="json_object", max_new_tokens=budget, json_max_depth=3), seed))  # fmt: skip
-    texts, done = _decode(lamina_smollm2, runs)
-    for (_, cfg, seed), text, finished in zip(runs, texts, done, strict=True):
-        print(f"{cfg.max_new_tokens:3d} seed={seed}: {text!r}")
-        assert finished, text
-        value = json.loads(text)
-        assert isinstance(value, dict) and _depth(value) <= 3 and reference_ok(text.encode(), 3), text
-
-
-@pytest.mark.slow
-def test_smollm2_output_is_one_of_the_choices(lamina_smollm2: Any) -> None:
-    cases = [
-        (["yes", "yes please", "no"], "Would you like some tea?"),
-        (["yes", "yes please", "no"], "Is the sky green?"),
-        (["café ☕", "thé 🍵", "eau"], "What should I drink in the morning?"),
-        (["positive", "negative", "neutral"], "Sentiment of: 'I loved this film!'"),
-    ]
-    runs = [(prompt, GenerationConfig(choices=choices, max_new_tokens=16), seed)
-            for choices, prompt in cases for seed in (None, 0, 1, 2)]  # fmt: skip
-    texts, done = _decode(lamina_smollm2, runs)
-    for (prompt, cfg, seed), text, finished in zip(runs, texts, done, strict=True):
-        print(f"seed={seed}: {prompt!r} -> {text!r}")
-        assert finished and text in cfg.choices, text
-    assert {"yes", "yes please", "no"} & set(texts) and {"café ☕", "thé 🍵"} & set(texts)
-
-
 def test_json_masks_are_memoised_per_tokenizer(lamina_smollm2: Any) -> None:
     """Two constraints with the same settings share one masker; its memo turns repeat states into lookups."""
     tok = lamina_smollm2.tokenizer
