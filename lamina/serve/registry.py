@@ -173,8 +173,13 @@ class Registry:
         return list(self._models.values())
 
     def get(self, name: str, kind: Kind | None = None) -> ServedModel:
-        """The model called ``name`` (404 if none), which must be of ``kind`` when given (400 if not)."""
+        """The model called ``name`` (404 if none), which must be of ``kind`` when given (400 if not). A
+        LoRA adapter also answers to ``BASE:ADAPTER`` (its parent's name, a colon, its own)."""
         served = self._models.get(name)
+        if served is None and ":" in name:
+            base, _, adapter = name.rpartition(":")
+            found = self._models.get(adapter)
+            served = found if found is not None and found.parent == base else None
         if served is None:
             raise model_not_found(name, self.names)
         if kind is not None and served.kind != kind:

@@ -160,7 +160,8 @@ def test_a_mixed_batch_gives_each_request_its_alone_result(multi: dict[int, Any]
     adapters = [0, 1, 2, 1, 0, 2]
     greedy = GenerationConfig(temperature=0.0, max_new_tokens=10, ignore_eos=True)
     sampled = GenerationConfig(temperature=0.8, seed=3, max_new_tokens=10, ignore_eos=True)
-    configs = [greedy, greedy, sampled, greedy, sampled, greedy]
+    beams = GenerationConfig(num_beams=3, max_new_tokens=6)
+    configs = [greedy, greedy, sampled, beams, sampled, greedy]
 
     def alone(p: list[int], k: int, cfg: GenerationConfig) -> list[int]:
         e = Engine(multi[k], max_batch_size=2)

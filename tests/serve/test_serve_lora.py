@@ -80,6 +80,8 @@ def test_adapters_are_models_over_their_base_and_mix_in_one_batch(folders: dict[
         assert set(cards) == set(names)
         assert cards["sql"]["parent"] == "tiny" and cards["sql"]["root"] == str(folders["sql"])
         assert cards["tiny"]["parent"] is None
+        assert httpx.get(server.url + "/v1/models/tiny:sql").json()["id"] == "sql"  # BASE:ADAPTER works too
+        assert httpx.get(server.url + "/v1/models/poet:sql").status_code == 404
 
         def ask(job: tuple[str, list[int]]) -> str:
             body = {"model": job[0], "prompt": job[1], "max_tokens": 8, "temperature": 0, "ignore_eos": True}
