@@ -13,7 +13,13 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 from lamina.checkpoint.load import LoadedModel, LoadOptions, load
-from lamina.checkpoint.peft import AdapterOptions, load_adaptable, load_with_adapter
+from lamina.checkpoint.peft import (
+    ADAPTER_CONFIG,
+    LAMINA_ADAPTER_DIR,
+    AdapterOptions,
+    load_adaptable,
+    load_with_adapter,
+)
 from lamina.cli.flags import HelpFormatter, add_config_file, add_fields, values
 from lamina.config import GenerationConfig
 from lamina.errors import ConfigError
@@ -101,12 +107,12 @@ def load_from_args(
     """Load ``model`` (default ``args.model``) with the ``LoadOptions`` given by flags or ``--config``.
 
     ``lora`` (default: when ``model`` is not given, i.e. for MODEL, not a draft) puts ``--lora``'s
-    adapter on it (unmerged unless ``--merge-lora``); ``adaptable`` loads it so that adapters can be
-    added later (projections kept apart: ``lamina.checkpoint.peft.load_adaptable``)."""
+    adapter on it (unmerged unless ``--merge-lora``); a lamina LoRA checkpoint (a folder with
+    ``adapter/``, as ``lamina finetune --lora.r ...`` writes) gets its own adapter so unless ``--lora``
+    names another. ``adaptable`` loads it so that adapters can be added later (projections kept apart:
+    ``lamina.checkpoint.peft.load_adaptable``)."""
     opts = build(LoadOptions, values(args, LoadOptions))
     adapter = build(AdapterOptions, values(args, AdapterOptions))
-    if adapter.merge_lora and adapter.lora is None:
-        raise ConfigError("--merge-lora merges the adapter --lora PATH names: give --lora too")
     if opts.threads is not None:
         import torch
 
@@ -116,7 +122,14 @@ def load_from_args(
             "--compile: the first prompt of each new shape compiles first (minutes on CPU)", file=sys.stderr
         )
     target = model or args.model
-    if adapter.lora is not None and (model is None if lora is None else lora):
+    wanted = model is None if lora is None else lora
+    own = Path(target) / LAMINA_ADAPTER_DIR
+    if wanted and adapter.lora is None and not adaptable and (own / ADAPTER_CONFIG).is_file():
+        print(f"lamina: {target} is a LoRA checkpoint: its {own} is applied (--lora)", file=sys.stderr)
+        adapter.lora = str(own)
+    if adapter.merge_lora and adapter.lora is None:
+        raise ConfigError("--merge-lora merges the adapter --lora PATH names: give --lora too")
+    if adapter.lora is not None and wanted:
         return load_with_adapter(
             target, adapter.lora, opts.dtype, opts.weights, opts.compile, merge=adapter.merge_lora
         )

@@ -17,6 +17,7 @@ import transformers as tf
 from tiny_chat import tiny_tokenizer
 
 import lamina
+from lamina.checkpoint.convert import convert
 from lamina.checkpoint.peft import add_serving_adapter, load_adapter, load_with_adapter
 from lamina.cli.main import main
 from lamina.config import GenerationConfig
@@ -103,7 +104,9 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str], stdin: str | None 
     return capsys.readouterr().out
 
 
-def test_generate_and_chat_take_lora(folders: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_generate_and_chat_take_lora(
+    folders: dict[str, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     hf, a = str(folders["hf"]), str(folders["a"])
     tok = tiny_tokenizer()
     prompt = "the cat sat on"
@@ -118,6 +121,10 @@ def test_generate_and_chat_take_lora(folders: dict[str, Path], capsys: pytest.Ca
     assert text.strip() == want.strip()
     assert _run(["generate", hf, prompt, *flags, "--lora", a, "--merge-lora"], capsys) == text
     assert _run(["generate", hf, prompt, *flags], capsys) != text  # the base says something else
+    ckpt = tmp_path / "ckpt"  # a lamina LoRA checkpoint (base weights + adapter/) decodes with its adapter
+    convert(folders["hf"], ckpt)
+    shutil.copytree(folders["a"], ckpt / "adapter")
+    assert _run(["generate", str(ckpt), prompt, *flags], capsys) == text
     chat = ["chat", hf, "--temperature", "0", "--max-new-tokens", "5", "--lora", a]
     reply = _run(chat, capsys, stdin="hello world\n")
     assert reply and _run([*chat, "--merge-lora"], capsys, stdin="hello world\n") == reply
