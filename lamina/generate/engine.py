@@ -19,6 +19,12 @@ Two decoding modes share the batch with plain requests (``Running``, one row eac
   draft proposals per step (``lamina.generate.speculative.Drafter``) that the one target forward of the
   step verifies; rejected slots become invalid in the cache. ``draft_stats`` counts the acceptance.
 
+An encoder-decoder (T5) takes the same requests: the prompt given is its source. At admission the source
+runs once through the encoder (``_prefill``, the one place the two families differ); the decoder's prompt
+is ``[decoder_start_token_id]`` (what penalties see as the prompt, as in ``transformers``), and the row's
+cache keeps the cross-attention keys of the encoder output next to its self-attention keys (``KVCache``
+pads them to the longest source of the batch and moves them with the rows).
+
 ``generate_ids`` runs a list of prompts to completion on an engine; the HTTP server drives ``step``
 from its own loop and submits requests as they arrive.
 """
@@ -54,12 +60,13 @@ GREEDY = GenerationConfig(temperature=0.0)
 
 
 def require_generative(config: ModelConfig, name: str | None = None) -> None:
-    """Raise ``ConfigError`` unless a model of this ``config`` can generate text: a decoder with an lm head.
+    """Raise ``ConfigError`` unless a model of this ``config`` can generate text: a decoder or an
+    encoder-decoder with an lm head.
 
     The message says which verb runs the model instead: ``lamina embed`` / ``lamina fill-mask`` for an
     encoder, its task head for a classifier or regressor. ``name`` (the model's) goes in the message.
     """
-    if config.arch == "decoder" and config.head == "lm":
+    if config.arch in ("decoder", "encoder-decoder") and config.head == "lm":
         return
     what = f"model {name!r}" if name else "this model"
     if config.arch == "encoder":
@@ -118,11 +125,17 @@ _Unit = Running | _Beams  # what occupies rows of the batch: one row, or a beam 
 @dataclass
 class _Request:
     request_id: int
-    prompt: list[int]
+    prompt: list[int]  # the decoder's prompt (an encoder-decoder's: [decoder_start_token_id])
     cfg: GenerationConfig
     seqs: list[Sequence_]
     running: list[Running]
     beams: _Beams | None = None
+    source: list[int] | None = None  # an encoder-decoder's source (what was submitted as the prompt)
+
+    @property
+    def prefill_tokens(self) -> int:
+        """Tokens the admission runs through the model."""
+        return len(self.prompt) + len(self.source or ())
 
     @property
     def rows(self) -> int:
@@ -140,7 +153,9 @@ class Engine:
     not stall the running sequences for long. ``draft`` (a ``Transformer`` with the model's vocabulary,
     e.g. ``speculative.layer_skip_draft(model, K)``) makes greedy rows speculative, with
     ``num_draft_tokens`` proposals per step. ``submit`` and ``cancel`` may be called from other threads
-    while one thread calls ``step``. Raises ``ConfigError`` for a model (or draft) that cannot generate.
+    while one thread calls ``step``. An encoder-decoder's requests give their source as the prompt (see
+    the module docstring). Raises ``ConfigError`` for a model (or draft) that cannot generate, and for a
+    draft with an encoder-decoder.
     """
 
     def __init__(
@@ -162,6 +177,9 @@ class Engine:
         self.max_batch_size, self.max_tokens_in_flight = max_batch_size, max_tokens_in_flight
         self.max_prefill_tokens = max_prefill_tokens
         self._drafter: Drafter | None = None
+        self._enc_dec = model.config.arch == "encoder-decoder"
+        if draft is not None and self._enc_dec:
+            raise ConfigError("speculative decoding (a draft) is for decoder models, not an encoder-decoder")
         if draft is not None:
             require_generative(draft.config, "draft")
             if draft.config.vocab_size != model.config.vocab_size:
@@ -195,10 +213,11 @@ class Engine:
         """Queue a request; returns its ``config.n`` sequences (filled in as ``step`` runs).
 
         ``config.num_beams`` > 1 makes it a beam search (its sequences are the n best beams, known when
-        the search ends). Raises ``ConfigError`` at once for an empty prompt, one that does not fit the
-        context window, token ids outside the vocabulary (in the prompt or in ``config``:
-        ``check_token_ids``), stop strings / constraints without a tokenizer, and what beam search cannot
-        do (``check_beam_config``).
+        the search ends). An encoder-decoder's ``prompt_ids`` are its source. Raises ``ConfigError`` at
+        once for an empty prompt, one that does not fit the context window (a source: longer than it),
+        token ids outside the vocabulary (in the prompt or in ``config``: ``check_token_ids``), stop
+        strings / constraints without a tokenizer, what beam search cannot do (``check_beam_config``), and
+        ``prompt_logprobs`` on an encoder-decoder.
 
         ``adapter`` k > 0 runs the request through the model's k-th LoRA adapter
         (``lamina.model.lora.add_multi_adapter``; 0: the base), in the same batch as the others: its rows
@@ -226,13 +245,21 @@ class Engine:
         limit, vocab = self.model.config.max_seq_len, self.model.config.vocab_size
         if not prompt:
             raise ConfigError("every prompt needs at least one token (empty prompt given)")
-        if len(prompt) >= limit:
+        if len(prompt) >= limit + self._enc_dec:
             raise ConfigError(
                 f"prompt of {len(prompt)} tokens does not fit the context window max_seq_len={limit}"
             )
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise ConfigError(f"prompt token ids must be in [0, {vocab}) (vocab_size of the model)")
         cfg.check_token_ids(vocab)
+        source = None
+        if self._enc_dec:  # the source goes to the encoder; the decoder starts from its start token
+            if cfg.prompt_logprobs is not None:
+                raise ConfigError(
+                    "prompt_logprobs score a prompt the model continues; an encoder-decoder reads its "
+                    "source and does not predict it: leave prompt_logprobs unset"
+                )
+            source, prompt = prompt, [self.model.config.decoder_start_token_id]
         beam = cfg.num_beams > 1 if beam is None else beam
         if beam:
             check_beam_config(cfg)
@@ -241,7 +268,7 @@ class Engine:
                 "stop strings and constrained output work on text: give the engine the tokenizer"
             )
         idx = rid if prompt_index is None else prompt_index
-        seqs = [Sequence_(idx, index=k, prompt_tokens=len(prompt)) for k in range(cfg.n)]
+        seqs = [Sequence_(idx, index=k, prompt_tokens=len(source or prompt)) for k in range(cfg.n)]
         budget = min(cfg.max_new_tokens, limit - len(prompt))
         running: list[Running] = []
         beams = None
@@ -263,7 +290,7 @@ class Engine:
                     and len(prompt) + budget <= d.model.config.max_seq_len
                 )  # fmt: skip
         with self._lock:
-            self._queue.append(_Request(rid, prompt, cfg, seqs, running, beams))
+            self._queue.append(_Request(rid, prompt, cfg, seqs, running, beams, source))
             for s in seqs:
                 self._owner[id(s)] = rid
         return rid, seqs
@@ -365,7 +392,7 @@ class Engine:
         with self._lock:
             while self._queue:
                 req = self._queue[0]
-                if taken and prefill + len(req.prompt) > self.max_prefill_tokens:
+                if taken and prefill + req.prefill_tokens > self.max_prefill_tokens:
                     break
                 need = len(req.prompt) + min(req.cfg.max_new_tokens, self.model.config.max_seq_len)
                 if rows and rows + req.rows > self.max_batch_size:
@@ -378,7 +405,7 @@ class Engine:
                     break
                 taken.append(self._queue.popleft())
                 rows, tokens = rows + req.rows, tokens + req.rows * need
-                prefill += len(req.prompt)
+                prefill += req.prefill_tokens
         return taken
 
     def _join(self, prefilled: KVCache, rows: int, capacity: int) -> None:
@@ -392,7 +419,7 @@ class Engine:
     def _admit(self, req: _Request) -> list[Delta]:
         """Prefill one request alone, choose each sequence's first token, and add its rows to the batch."""
         if req.beams is not None:
-            return self._admit_beams(req.beams)
+            return self._admit_beams(req)
         cfg, prompt, running = req.cfg, req.prompt, req.running
         budget = running[0].budget
         out: list[Delta] = []
@@ -402,11 +429,9 @@ class Engine:
                 r.seq.finish_reason = "length"
                 out.append(Delta(r.seq, None, r._flush()))
             return out
-        cache = KVCache(self.model.config, 1, len(prompt), self._dtype, self._device)
-        ids = torch.tensor([prompt], device=self._device)
-        logits = self.model(ids, cache=cache, last_only=not want_prompt)
+        cache, logits = self._prefill(prompt, req.source, last_only=not want_prompt)
         if cfg.prompt_logprobs is not None:
-            pl = prompt_logprobs(logits[0], ids[0], cfg.prompt_logprobs)
+            pl = prompt_logprobs(logits[0], torch.tensor(prompt, device=self._device), cfg.prompt_logprobs)
             listed: list[TokenLogprob | None] = [None, *_to_list(pl, prompt[1:])]
             for r in running:
                 r.seq.prompt_logprobs = listed
@@ -434,16 +459,30 @@ class Engine:
                 self._drafter.admit(prompt, spec)
         return out
 
-    def _admit_beams(self, beams: _Beams) -> list[Delta]:
+    def _prefill(
+        self, prompt: list[int], source: list[int] | None, last_only: bool
+    ) -> tuple[KVCache, Tensor]:
+        """Run one request's prompt into a fresh one-row cache: (cache, logits (1, T or 1, V)).
+
+        An encoder-decoder first encodes its ``source`` (once); the decoder reads that memory through
+        cross-attention, whose keys and values the cache keeps for every later step of the row."""
+        cache = KVCache(self.model.config, 1, len(prompt), self._dtype, self._device)
+        ids = torch.tensor([prompt], device=self._device)
+        if source is None:
+            return cache, self.model(ids, cache=cache, last_only=last_only)
+        src = torch.tensor([source], device=self._device)
+        memory = self.model.encode(src)  # (1, S, d_model)
+        return cache, self.model.decode(ids, memory, torch.ones_like(src), cache=cache, last_only=last_only)
+
+    def _admit_beams(self, req: _Request) -> list[Delta]:
         """Prefill a beam-search prompt alone, take the group's first step, and add its rows."""
-        group = beams.group
+        assert req.beams is not None
+        beams, group = req.beams, req.beams.group
         if group.budget <= 0:
             return beams.finish()
-        cache = KVCache(self.model.config, 1, len(group.prompt), self._dtype, self._device)
-        ids = torch.tensor([group.prompt], device=self._device)
-        logits = self.model(ids, cache=cache, last_only=True)[:, -1]
+        cache, logits = self._prefill(group.prompt, req.source, last_only=True)
         try:
-            src = group.advance(logits)
+            src = group.advance(logits[:, -1])
         except Exception as e:
             return beams.fail("error", f"{type(e).__name__}: {e}")
         if src is None:
@@ -479,7 +518,10 @@ class Engine:
         cache.reserve(T)
         start = cache.length
         real = mask.to(self._device) if T > 1 else None  # right-padded: rows without proposals read one
-        logits = self.model(ids.to(self._device), attention_mask=real, cache=cache)
+        if self._enc_dec:  # the cross-attention keys are in the cache
+            logits = self.model.decode(ids.to(self._device), None, attention_mask=real, cache=cache)
+        else:
+            logits = self.model(ids.to(self._device), attention_mask=real, cache=cache)
         out: list[Delta] = []
         keep: list[int] = []
         plain = {i: u for i, u in units if isinstance(u, Running) and not u.spec}  # sampled or greedy

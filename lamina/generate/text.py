@@ -30,14 +30,19 @@ def build_prompt_ids(
     one user message (after ``system``, if given). In a chat only the template makes control tokens:
     text in the messages that spells one (``"<|im_end|>"``) stays text (``Tokenizer.apply_chat_template``).
     A raw prompt (``chat=False``) is encoded as written, special tokens included, unless
-    ``split_special_tokens`` (then they are plain text too).
+    ``split_special_tokens`` (then they are plain text too). An encoder-decoder's raw prompt is its
+    source, encoded as seq2seq training encodes one (``lamina.data.pairs``): its tokens, then eos.
     """
     tok = lm.tokenizer
     if tok is None:
         raise ConfigError(f"model {lm.entry.name!r} has no tokenizer; give token ids to the engine instead")
     use_chat = (tok.chat_template is not None) if chat is None else chat
     if isinstance(prompt, str) and not use_chat:
-        return tok.encode(prompt, split_special_tokens=split_special_tokens)
+        if lm.model.config.arch != "encoder-decoder":
+            return tok.encode(prompt, split_special_tokens=split_special_tokens)
+        ids = tok.encode(prompt, add_special_tokens=False, split_special_tokens=split_special_tokens)
+        eos = tok.eos_token_id
+        return [*ids, eos] if eos is not None and ids[-1:] != [eos] else ids
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if system is not None:
         messages = [{"role": "system", "content": system}, *messages]

@@ -226,23 +226,28 @@ class KVCache:
         for t in self._storage():
             t[:n] = t.index_select(0, rows)
         self._set_rows(n)
-        self.cross_k = [t.index_select(0, rows) for t in self.cross_k]
-        self.cross_v = [t.index_select(0, rows) for t in self.cross_v]
+        S = self.cross_k[0].shape[2] if self.cross_k else 0
         if self.memory_valid is not None:
             self.memory_valid = self.memory_valid.index_select(0, rows)
+            used = self.memory_valid.any(0).nonzero()  # source slots some kept row still reads
+            S = int(used[-1]) + 1 if used.numel() else S
+            self.memory_valid = self.memory_valid[:, :S]
+        self.cross_k = [t[:, :, :S].index_select(0, rows) for t in self.cross_k]
+        self.cross_v = [t[:, :, :S].index_select(0, rows) for t in self.cross_v]
 
     def add_rows(self, src: KVCache, src_rows: Sequence[int] | None = None) -> None:
         """Append rows of ``src`` (a cache of the same model; all its rows, or ``src_rows``, repeats
         allowed) to this batch, aligned so that both end at the same slot.
 
         When ``src`` holds more slots than this cache, this cache's rows get leading empty slots first
-        (cheap: only ``length`` moves, nothing is copied).
+        (cheap: only ``length`` moves, nothing is copied). An encoder-decoder's rows bring their
+        cross-attention keys: the shorter source side is right-padded, masked by ``memory_valid``.
         """
-        if self.cross_k or src.cross_k:
-            raise NotImplementedError(
-                "add_rows of an encoder-decoder cache (cross keys) is not supported yet"
-            )
         idx = torch.tensor(list(range(src.rows)) if src_rows is None else list(src_rows), device=self.device)
+        if src.cross_k:
+            self._add_cross(src, idx)
+        elif self.cross_k and self.rows:
+            raise ValueError("add_rows: rows without cross-attention keys cannot join encoder-decoder rows")
         m, P = idx.numel(), src.length
         if P > self.length:  # the existing rows see masked, empty slots [length, P)
             self.reserve(P - self.length)
@@ -259,6 +264,32 @@ class KVCache:
         self._positions[new, L - P : L] = src.positions.index_select(0, idx)[:, :P]
         self._next_pos[new] = src.next_pos.index_select(0, idx)
         self._set_rows(n + m)
+
+    def _add_cross(self, src: KVCache, idx: Tensor) -> None:
+        """Append the cross-attention keys / values and source mask of ``src``'s rows ``idx``."""
+
+        def mask(c: KVCache, rows: Tensor | None) -> Tensor:  # (rows, S) real source tokens
+            valid = c.memory_valid
+            if valid is None:
+                valid = torch.ones(c.rows, c.cross_k[0].shape[2], dtype=torch.bool, device=c.device)
+            return valid if rows is None else valid.index_select(0, rows)
+
+        new_k = [t.index_select(0, idx) for t in src.cross_k]
+        new_v = [t.index_select(0, idx) for t in src.cross_v]
+        if not self.rows or not self.cross_k:
+            self.cross_k, self.cross_v, self.memory_valid = new_k, new_v, mask(src, idx)
+            return
+        S = max(self.cross_k[0].shape[2], new_k[0].shape[2])
+
+        def cat(a: Tensor, b: Tensor, dim: int) -> Tensor:  # right-pad the source axis ``dim`` to S
+            pad = [(0, 0)] * (a.dim() - dim - 1)
+            a = F.pad(a, [x for p in pad for x in p] + [0, S - a.shape[dim]])
+            b = F.pad(b, [x for p in pad for x in p] + [0, S - b.shape[dim]])
+            return torch.cat([a, b])
+
+        self.memory_valid = cat(mask(self, None), mask(src, idx), 1)
+        self.cross_k = [cat(a, b, 2) for a, b in zip(self.cross_k, new_k, strict=True)]
+        self.cross_v = [cat(a, b, 2) for a, b in zip(self.cross_v, new_v, strict=True)]
 
     def reserve(self, slots: int) -> None:
         """Make room for ``slots`` more slots after ``length``: drop leading slots that no row uses,

@@ -1,12 +1,13 @@
 """The models a server serves, by name, each of one kind.
 
-- ``generation`` (decoder models): a ``Scheduler`` over an ``Engine`` does continuous batching; they answer
-  ``/v1/completions`` and ``/v1/chat/completions``.
+- ``generation`` (decoder and encoder-decoder models): a ``Scheduler`` over an ``Engine`` does continuous
+  batching; they answer ``/v1/completions`` (an encoder-decoder's prompt is its source) and
+  ``/v1/chat/completions`` (with a chat template).
 - ``embedding`` (encoder models such as ``minilm``): ``lamina.embeddings.embed_texts`` pools their hidden
   states; they answer ``/v1/embeddings``.
 
-The kind follows the model's ``ModelConfig.arch`` (decoder / encoder). Asking a model for what its kind
-does not do answers 400 ("model X does not support embeddings"); an unknown name answers 404.
+The kind follows the model's ``ModelConfig.arch`` (decoder, encoder-decoder / encoder). Asking a model for
+what its kind does not do answers 400 ("model X does not support embeddings"); an unknown name answers 404.
 """
 
 from __future__ import annotations
@@ -84,14 +85,15 @@ class Registry:
         self._drafts: dict[str, LoadedModel] = {}  # draft models by name, loaded once
 
     def add(self, name: str, lm: LoadedModel, kind: Kind | None = None) -> ServedModel:
-        """Serve ``lm`` as ``name``; ``kind`` defaults from the architecture (decoder: generation)."""
+        """Serve ``lm`` as ``name``; ``kind`` defaults from the architecture (decoder, encoder-decoder:
+        generation; encoder: embedding)."""
         if not name:
             raise ConfigError("a served model needs a non-empty name")
         if name in self._models:
             raise ConfigError(f"two served models are named {name!r}; give --served-model-name for one")
         arch = lm.model.config.arch
         kind = kind or ("embedding" if arch == "encoder" else "generation")
-        if kind == "generation" and arch != "decoder":
+        if kind == "generation" and arch not in ("decoder", "encoder-decoder"):
             raise ConfigError(
                 f"model {name!r} (arch={arch!r}) cannot generate text (serve it for embeddings)"
             )

@@ -1,5 +1,5 @@
-"""lamina/generate/seq2seq.py: greedy ids equal transformers' generate on a tiny random T5; sampling is
-seeded per sequence; the controls it does not support yet are refused."""
+"""lamina/generate/seq2seq.py (over the engine): greedy ids and beams equal transformers' generate on a tiny
+random T5; sampling is seeded per sequence; what it cannot do is refused."""
 
 from __future__ import annotations
 
@@ -126,16 +126,16 @@ def test_min_new_tokens_bans_eos_as_transformers_does(pair: tuple) -> None:
 
 
 def test_the_transposed_head_follows_in_place_weight_updates() -> None:
-    """The head's cached transpose gives decode()'s logits, and is remade after an in-place update."""
-    from lamina.generate.seq2seq import _decoder_logits, _head_t
-
+    """A decoding step's head (the Transformer's cached transpose, under no_grad on CPU) gives the logits
+    of the plain head, and is remade after an in-place update."""
     torch.manual_seed(0)
     net = Transformer(ModelConfig.preset("t5-tiny")).eval()
-    src = torch.tensor([[5, 6, 7, 1]])
-    memory = net.encode(src)
+    memory = net.encode(torch.tensor([[5, 6, 7, 1]]))
     for _ in range(2):
-        a = _decoder_logits(net, _head_t(net), torch.tensor([[0]]), memory, None, net.new_cache(1, 4))
-        b = net.decode(torch.tensor([[0]]), memory, cache=net.new_cache(1, 4))[:, -1]
+        with torch.no_grad():
+            a = net.decode(torch.tensor([[0]]), memory, cache=net.new_cache(1, 4))[:, -1]
+        assert "_head_t_cache" in net.__dict__
+        b = net.decode(torch.tensor([[0]]), memory, cache=net.new_cache(1, 4))[:, -1]  # autograd: plain
         assert torch.allclose(a, b, atol=1e-5)
         with torch.no_grad():
             net.lm_head.weight.mul_(2.0)  # an optimizer step is in place too
