@@ -610,7 +610,8 @@ TOKEN_IDS = {"token_ids": True}  # metadata of GenerationConfig fields that hold
 
 
 def parse_json_schema(text: str) -> dict[str, Any]:
-    """``json_schema`` from text: JSON (an object), or the path of a file holding it."""
+    """``json_schema`` from text: JSON (an object; YAML flow style also reads), or the path of a file
+    holding it. Raises ``ValueError`` for anything else."""
     source = text.strip()
     if not source.startswith("{"):
         path = Path(source).expanduser()
@@ -620,10 +621,13 @@ def parse_json_schema(text: str) -> dict[str, Any]:
     try:
         value = json.loads(source)
     except json.JSONDecodeError as e:
-        raise ValueError(f"is not valid JSON: {e}") from None
+        try:  # YAML's flow style (a run file's ``json_schema: {type: object}``) is a superset of JSON
+            value = yaml.safe_load(source)
+        except yaml.YAMLError:
+            raise ValueError(f"is not valid JSON: {e}") from None
     if not isinstance(value, dict):
         raise ValueError("must be a JSON object")
-    return value
+    return {str(k): v for k, v in value.items()}
 
 
 def parse_text_or_file(text: str) -> str:

@@ -4,7 +4,9 @@ Everything a request asks for is checked here, before any work starts, against t
 context window, chat template) and the server's limits (``ServeConfig``); each problem is a 400 naming the
 request field. OpenAI's names map onto lamina's: ``max_tokens`` / ``max_completion_tokens`` ->
 ``max_new_tokens``, ``logprobs`` / ``top_logprobs`` -> ``logprobs`` / ``top_logprobs``, ``echo`` with
-``logprobs`` -> ``prompt_logprobs``, ``response_format`` -> ``response_format``, ``min_tokens`` (vLLM) ->
+``logprobs`` -> ``prompt_logprobs``, ``response_format`` -> ``response_format`` (``json_schema``'s
+``schema`` -> ``json_schema``), vLLM's ``guided_json`` / ``guided_regex`` / ``guided_choice`` /
+``guided_grammar`` -> ``json_schema`` / ``regex`` / ``choices`` / ``grammar``, ``min_tokens`` (vLLM) ->
 ``min_new_tokens``; temperature defaults to 1 as OpenAI's does (0 is greedy). Beam search: lamina's
 ``num_beams`` extra field, or vLLM's ``use_beam_search`` with ``best_of`` / ``n`` (``_beams``).
 """
@@ -12,6 +14,7 @@ request field. OpenAI's names map onto lamina's: ``max_tokens`` / ``max_completi
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,7 +42,14 @@ _RESERVED = {
     "do_sample": "use temperature (0 = greedy)",
 }
 _OPENAI_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
-_ALIASES = {"guided_choice": "choices"}  # vLLM's names
+# vLLM's names of the constraint fields
+_ALIASES = {
+    "guided_choice": "choices",
+    "guided_json": "json_schema",
+    "guided_regex": "regex",
+    "guided_grammar": "grammar",
+}
+_CONSTRAINTS = ("response_format", "choices", "json_schema", "regex", "grammar")  # GenerationConfig fields
 _MIN_TEMPERATURE = 1e-5  # below it sampling is greedy (as vLLM): logits / 1e-300 overflow
 
 
@@ -171,7 +181,8 @@ def _beams(req: SamplingExtras, controls: dict[str, Any], n: int, best_of: int |
         ("stop", bool(controls.get("stop"))),
         (
             "response_format",
-            controls.get("response_format", "text") != "text" or bool(controls.get("choices")),
+            controls.get("response_format", "text") != "text"
+            or any(controls.get(f) for f in ("choices", "json_schema", "regex", "grammar")),
         ),
     ):
         if asked:
@@ -309,11 +320,18 @@ def _common(req: SamplingExtras, served: ServedModel, limits: ServeConfig) -> di
     fmt = get("response_format")
     if fmt is not None:
         if fmt.type == "json_schema":
-            raise bad_request(
-                'response_format {"type": "json_schema"} is not supported yet; use {"type": "json_object"}',
-                param="response_format",
-            )
-        controls["response_format"] = fmt.type
+            spec = fmt.json_schema
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                raise bad_request(
+                    'response_format {"type": "json_schema"} needs "json_schema": {"name": ..., "schema": '
+                    '{...}, "strict": true}',
+                    param="response_format",
+                )
+            # OpenAI: a missing schema allows any JSON; "strict" false is constrained all the same
+            controls["json_schema"] = spec.get("schema", {})
+            controls["_origins"] = {"json_schema": "response_format"}
+        elif fmt.type != "text":
+            controls["response_format"] = fmt.type
     for name, field in (
         ("top_k", "top_k"),
         ("min_p", "min_p"),
@@ -338,6 +356,15 @@ def _common(req: SamplingExtras, served: ServedModel, limits: ServeConfig) -> di
             raise bad_request(f"{key} cannot be set in a request: {_RESERVED[name]}", param=key)
         if name not in _FIELDS:
             raise bad_request(f"Unrecognized request argument supplied: {key}", param=key)
+        if name == "json_schema" and isinstance(value, str):  # vLLM takes guided_json as JSON text too
+            try:
+                value = json.loads(value)
+            except ValueError as e:
+                raise bad_request(f"{key} is not valid JSON: {e}", param=key) from None
+        if name in ("json_schema", "grammar") and not isinstance(value, dict | str):
+            raise bad_request(f"{key} must be a JSON object (json_schema) or a string (grammar)", param=key)
+        if name != key:
+            controls["_origins"] = {**controls.get("_origins", {}), name: key}
         controls[name] = value
     return controls
 
@@ -365,18 +392,24 @@ def _logit_bias(bias: Mapping[str, float], served: ServedModel, limits: ServeCon
 
 def _config(controls: dict[str, Any], served: ServedModel) -> GenerationConfig:
     """``GenerationConfig`` from ``controls``; its validation errors become 400s naming the field."""
+    controls = dict(controls)
+    origins: dict[str, str] = controls.pop("_origins", {})  # field -> the request key that set it
+    grammar = controls.pop("grammar", "")  # set after parsing: a request's text is never read as a file name
     try:
         cfg = from_dict(GenerationConfig, controls)
+        if grammar:
+            cfg = dataclasses.replace(cfg, grammar=grammar)
         cfg.check_token_ids(served.vocab_size)  # the library's one check of token-id fields
     except ConfigError as e:
         m = re.match(r"(?:unknown GenerationConfig field '|)(\w+)", str(e))
         name = m.group(1) if m and m.group(1) in _FIELDS else None
         msg = str(e)
-        if name in _OPENAI_NAMES:
-            msg = msg.replace(name, _OPENAI_NAMES[name], 1)
-        raise bad_request(msg, param=_OPENAI_NAMES.get(name or "", name)) from None
-    if cfg.response_format != "text" or cfg.choices:
-        _check_constraint(cfg, served)
+        key = origins.get(name or "") or _OPENAI_NAMES.get(name or "")
+        if key:
+            msg = msg.replace(name or "", key, 1)
+        raise bad_request(msg, param=key or name) from None
+    if cfg.constrained:
+        _check_constraint(cfg, served, origins)
     return cfg
 
 
@@ -392,15 +425,19 @@ def _dry_run(cfg: GenerationConfig, ids: list[int], served: ServedModel) -> None
         raise bad_request(str(e)) from None
 
 
-def _check_constraint(cfg: GenerationConfig, served: ServedModel) -> None:
-    """Refuse, before work starts, a constrained output the model cannot produce (e.g. too few tokens)."""
+def _check_constraint(cfg: GenerationConfig, served: ServedModel, origins: Mapping[str, str] = {}) -> None:
+    """Refuse, before work starts, a constrained output the model cannot produce (too few tokens, a schema
+    keyword that is not supported, a broken regex or grammar); ``origins``: field -> the request key that
+    set it (``guided_json``, ``response_format``) where not the field's own name."""
+    field = next(name for name, on in cfg.constraint_fields().items() if on)
+    param = origins.get(field, field)
     if served.lm.tokenizer is None:
-        raise bad_request("constrained output needs the model's tokenizer", param="response_format")
+        raise bad_request("constrained output needs the model's tokenizer", param=param)
     try:
         from lamina.generate.constrain import make_constraint
 
         make_constraint(cfg, served.lm.tokenizer, served.vocab_size, served.lm.generation.eos_token_ids)
     except LaminaError as e:
-        raise bad_request(str(e), param="response_format" if not cfg.choices else "choices") from None
+        raise bad_request(f"{param}: {e}" if param != field else str(e), param=param) from None
     except ImportError as e:  # pragma: no cover - constrain.py is part of lamina
         raise APIError(500, f"constrained output is unavailable: {e}") from None

@@ -37,7 +37,9 @@ class StreamOptions(BaseModel):
 
 
 class ResponseFormat(BaseModel):
-    """``response_format``: ``{"type": "text"}`` or ``{"type": "json_object"}`` (the output is one JSON value)."""
+    """``response_format``: ``{"type": "text"}``, ``{"type": "json_object"}`` (the output is one JSON object)
+    or ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": true}}`` (the
+    output validates under ``schema``)."""
 
     model_config = ConfigDict(strict=True, extra="allow")
     type: Literal["text", "json_object", "json_schema"]
