@@ -236,11 +236,11 @@ def load_reward(spec: str, device: torch.device | str = "cpu") -> RewardFunc:
     return reward_model_func(spec, device)
 
 
-def reward_model_func(folder: str, device: torch.device | str = "cpu", batch_size: int = 16) -> RewardFunc:
+def reward_model_func(folder: str, device: torch.device | str = "cpu") -> RewardFunc:
     """A reward function scoring each prompt + completion with the reward model in ``folder`` (its scalar
-    output on the rendering it was trained on: ``lamina.data.preference.render_completion``)."""
+    output on the rendering it was trained on: ``lamina.train.preference.reward_scores``)."""
     from lamina.checkpoint.load import load
-    from lamina.data.preference import render_completion
+    from lamina.train.preference import reward_scores
 
     try:
         lm = load(folder, device=device)
@@ -249,38 +249,14 @@ def reward_model_func(folder: str, device: torch.device | str = "cpu", batch_siz
             f"reward {folder!r} is neither module:function nor path.py:function, and not a model ({e}); "
             "fix: give a reward function or a folder saved by `lamina finetune --task reward`"
         ) from e
-    cfg = lm.model.config
-    if cfg.head != "regress" or cfg.n_labels != 1 or lm.tokenizer is None:
-        raise ConfigError(
-            f"reward model {folder!r} has head={cfg.head} with {cfg.n_labels} output(s)"
-            f"{'' if lm.tokenizer else ' and no tokenizer'}; fix: train one with `lamina finetune --task reward`"
-        )
-    model, tok = lm.model.eval(), lm.tokenizer
-    templated = tok.chat_template is not None
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    limit = cfg.max_seq_len
+    try:
+        reward_scores(lm, [], [])  # checks that it is a reward model
+    except ConfigError as e:
+        raise ConfigError(f"reward model {folder!r}: {e}") from None
 
     def score(prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
-        rows = []
-        for p, c in zip(prompts, completions, strict=True):
-            ids, _, end = render_completion(tok, p, c, None, templated or not isinstance(p, str))
-            rows.append(ids[:end][-limit:])
-        out: list[float] = []
-        for k in range(0, len(rows), batch_size):
-            chunk = rows[k : k + batch_size]
-            T = max(len(r) for r in chunk)
-            x = torch.full((len(chunk), T), pad, dtype=torch.long)
-            att = torch.zeros_like(x)
-            for b, r in enumerate(chunk):
-                x[b, : len(r)] = torch.tensor(r)
-                att[b, : len(r)] = 1
-            dev = model.tok_emb.weight.device
-            with torch.no_grad():
-                r = model(x.to(dev), attention_mask=att.to(dev)).float().squeeze(-1)
-            out += r.cpu().tolist()
-        return out
+        return reward_scores(lm, prompts, completions)
 
-    score.__name__ = Path(folder.rstrip("/")).name or folder
     return score
 
 

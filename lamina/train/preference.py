@@ -30,16 +30,20 @@ without gradients once per batch, or once for the whole data before training wit
 A reward model is the model with a scalar head (``head=regress``, one output pooled on the last real
 token, as transformers' ``*ForSequenceClassification``) trained with the Bradley-Terry loss
 ``-log s(r_c - r_r - margin)`` (``margin`` from the data's ``"margin"`` key; TRL's ``RewardTrainer``);
-each evaluation reports the held-out pairwise ``accuracy`` (r_c > r_r) and mean ``margin``.
+each evaluation reports the held-out pairwise ``accuracy`` (r_c > r_r) and mean ``margin``. The saved
+model scores completions (``reward_scores``; ``score_completions`` for a JSONL file: ``lamina score``) on
+the rendering it was trained on.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -53,6 +57,9 @@ from lamina.tokenizer import Tokenizer
 from lamina.train.freeze import apply_run_lora
 from lamina.train.objectives import Batch, Objective
 from lamina.train.trainer import TrainResult, train
+
+if TYPE_CHECKING:
+    from lamina.checkpoint.load import LoadedModel
 
 DpoLoss = Literal["sigmoid", "ipo", "hinge", "robust", "simpo"]
 
@@ -408,3 +415,81 @@ def finetune_reward(
         data_stats=_stats(tr, va, max_len), notes=notes,
     )  # fmt: skip
     return model, tokenizer, result
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+
+def reward_scores(
+    lm: LoadedModel, prompts: list[Any], completions: list[Any], batch_size: int = 16
+) -> list[float]:
+    """The reward model ``lm``'s score of each prompt + completion (strings, or message lists with a chat
+    template), rendered as in training (``lamina.data.preference.render_completion``; the tail kept when
+    longer than the model's context), in batches of ``batch_size`` rows. Raises ``ConfigError`` when ``lm``
+    is not a reward model (a one-output regress head with a tokenizer)."""
+    from lamina.data.preference import render_completion
+
+    cfg, tok = lm.model.config, lm.tokenizer
+    if cfg.head != "regress" or cfg.n_labels != 1 or tok is None:
+        raise ConfigError(
+            f"this model has head={cfg.head} with {cfg.n_labels} output(s){'' if tok else ' and no tokenizer'}, "
+            "not a reward model; fix: train one with `lamina finetune --task reward`"
+        )
+    templated = tok.chat_template is not None
+    rows = []
+    for p, c in zip(prompts, completions, strict=True):
+        ids, _, end = render_completion(tok, p, c, None, templated or not isinstance(p, str))
+        rows.append(ids[:end][-cfg.max_seq_len :])
+    model, out = lm.model.eval(), []
+    dev = next(model.parameters()).device
+    for k in range(0, len(rows), batch_size):
+        chunk = rows[k : k + batch_size]
+        x = torch.full((len(chunk), max(map(len, chunk))), _pad(tok), dtype=torch.long)
+        att = torch.zeros_like(x)
+        for b, r in enumerate(chunk):
+            x[b, : len(r)] = torch.tensor(r)
+            att[b, : len(r)] = 1
+        with torch.no_grad():
+            out += model(x.to(dev), attention_mask=att.to(dev)).float().squeeze(-1).cpu().tolist()
+    return out
+
+
+def score_completions(
+    model: str,
+    source: str,
+    prompt_field: str = "prompt",
+    completion_field: str = "completion",
+    batch_size: int = 16,
+) -> list[float]:
+    """The reward model ``model``'s (a MODEL path or name) score of every line of the JSONL file ``source``.
+
+    Raises ``DataError`` naming the line when it is not JSON or lacks a string or message-list field,
+    ``ConfigError`` when the model is not a reward model.
+
+    Args:
+        prompt_field: the JSONL key of each prompt (a string or a list of messages)
+        completion_field: the JSONL key of each completion (a string or a list of messages)
+        batch_size: rows scored per forward pass
+    """
+    from lamina.checkpoint.load import load
+
+    path = Path(source)
+    if not path.is_file():
+        raise DataError(
+            f"--input {source!r} does not exist; fix: pass a JSONL file of prompt/completion lines"
+        )
+    prompts, completions = [], []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path.name} line {n}: not JSON ({e.msg})") from None
+        for key in (prompt_field, completion_field):
+            if not isinstance(row, dict) or not isinstance(row.get(key), str | list):
+                raise DataError(f"{path.name} line {n}: no {key!r} string or message list; fix the line or "
+                                f"name the key (--{'prompt' if key == prompt_field else 'completion'}-field)")  # fmt: skip
+        prompts.append(row[prompt_field])
+        completions.append(row[completion_field])
+    return reward_scores(load(model), prompts, completions, batch_size)

@@ -113,6 +113,15 @@ def test_grpo_cli_reward_model_lora_kl(files: dict[str, Path], tmp_path: Path) -
     assert recs[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # LoRA B starts at 0: the policy is the reference
     assert (tmp_path / "g" / "last" / "adapter" / "adapter_config.json").is_file()
     assert "reward_funcs:" in (tmp_path / "g" / "run.yaml").read_text()
+    # the same reward model scores a JSONL file from the CLI (lamina score), as the GRPO reward does
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "the cat", "completion": "red red"}) + "\n"
+                     + json.dumps({"prompt": [{"role": "user", "content": "the cat"}], "completion": "blue"}) + "\n")  # fmt: skip
+    assert main(["score", rm, "--input", str(pairs), "--out", str(tmp_path / "s.jsonl")]) == 0
+    scores = [json.loads(line)["score"] for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    expected = load_reward(rm)(prompts=["the cat", "the cat"], completions=["red red", "blue"])
+    assert scores == pytest.approx(expected, abs=1e-6) and scores[0] != scores[1]
+    assert main(["score", str(files["tiny"]), "--input", str(pairs)]) == 1  # not a reward model: one line
 
 
 def test_reward_errors_name_the_function(files: dict[str, Path], tmp_path: Path) -> None:
