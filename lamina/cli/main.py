@@ -30,6 +30,7 @@ VERBS = {
     "finetune": "fine-tune a task head on labeled data, or a language model on chat data (--task sft), a "
     "reward model (--task reward), DPO (--task dpo), GRPO (--task grpo) or an encoder-decoder on source/target "
     "pairs (--task seq2seq)",
+    "score": "score prompt/completion pairs (JSONL) with a reward model (finetune --task reward)",
     "tune": "search hyperparameters (any config field) with Optuna: grid, random or TPE, with pruning",
     "eval": "score a model on benchmarks (MMLU, ARC, HellaSwag, TruthfulQA, WiC, BIG-bench, GSM8K) or "
     "perplexity; compare two results",
