@@ -29,6 +29,7 @@ POSITIONALS = {
     "chat": ["m"],
     "serve": ["m"],
     "embed": ["m", "--input", "x.txt"],
+    "score": ["m"],
     "eval": ["m"],
     "fill-mask": ["m", "t"],
     "explain": ["m", "t"],
