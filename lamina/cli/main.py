@@ -24,6 +24,7 @@ VERBS = {
     "chat": "chat with a model interactively (streaming, with history)",
     "embed": "embed texts (one per line) as vectors with an encoder such as minilm",
     "fill-mask": "predict the tokens behind [MASK] with a masked-LM encoder",
+    "ask": "answer a question from an index (lamina index) with numbered citations, streamed",
     "tokenizer": "train a BPE/Unigram tokenizer; encode, decode and count tokens",
     "data": "prepare training data: tokenize text into memory-mapped token shards",
     "pretrain": "pretrain a language model from a run config (every field is a flag)",

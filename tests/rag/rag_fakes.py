@@ -114,8 +114,38 @@ SUBSET = ("csv", "json", "heapq", "textwrap")  # the stdlib-docs modules the sma
 
 
 @functools.cache
-def stdlib_subset() -> dict[str, str]:
-    """doc_id -> text of the stdlib-docs documents of :data:`SUBSET` (built once per test process)."""
+def stdlib_corpus() -> dict[str, Document]:
+    """doc_id -> document of the whole stdlib-docs corpus (built once per test process, a few seconds)."""
     from lamina.rag.stdlib_docs import stdlib_documents
 
-    return {d.doc_id: d.text for d in stdlib_documents(SUBSET)}
+    return {d.doc_id: d for d in stdlib_documents()}
+
+
+def stdlib_subset() -> dict[str, str]:
+    """doc_id -> text of the stdlib-docs documents of the modules in :data:`SUBSET`."""
+    return {
+        i: d.text for i, d in stdlib_corpus().items() if str(d.metadata.get("module")).split(".")[0] in SUBSET
+    }
+
+
+def build_sqlite_index(lm: Any, path: Any, texts: dict[str, str] | None = None) -> None:
+    """A SQLite index at ``path`` of ``texts`` (default: :func:`stdlib_subset`) chunked and embedded as
+    ``lamina index`` does it (Chunker, MiniLM, SqliteStore), recorded under the model name ``minilm``."""
+    from lamina.embeddings import embed
+    from lamina.rag.chunk import Chunker
+    from lamina.rag.store_sqlite import SqliteStore
+
+    texts = stdlib_subset() if texts is None else texts
+    chunker = Chunker(lm.tokenizer, max_seq_len=lm.model.config.max_seq_len)
+    docs = [Document(i, t, str(hash(t)), {"path": i, "title": i}) for i, t in texts.items()]
+    chunks = [chunker.chunk(d) for d in docs]
+    vectors = embed(lm, [chunker.embedded_text(c) for cs in chunks for c in cs], batch_size=64)
+    store = SqliteStore(path, "minilm", lm.model.config.d_model)
+    try:
+        at = 0
+        for doc, cs in zip(docs, chunks, strict=True):
+            if cs:
+                store.put(doc, cs, vectors[at : at + len(cs)])
+                at += len(cs)
+    finally:
+        store.close()
