@@ -26,7 +26,8 @@ start (LoRA: the base, adapters disabled).
 Logged per step in ``metrics.jsonl`` (TRL's names): ``reward``, ``reward_std``, ``rewards/NAME/mean`` and
 ``/std`` per reward, ``completions/mean_length``, ``completions/clipped_ratio`` (stopped by the length
 limit), ``kl`` (with beta > 0) and ``clip_ratio``; the completions of the first ``samples`` prompts of
-each generation go to ``samples.jsonl`` with their rewards and advantages. A resumed run regenerates the
+each generation go to ``samples.jsonl`` with their rewards and advantages; ``rewards.png`` plots the
+rewards against step at the end. A resumed run regenerates the
 batch it stops in (exact when it stops on a generation boundary, as with ``num_iterations`` 1).
 """
 
@@ -593,4 +594,39 @@ def finetune_grpo(run: Any, resume: bool = False, overwrite: bool = False) -> tu
         tokenizer=tokenizer, run_config=run.to_dict(), resume=resume, overwrite=overwrite, perplexity=False,
         data_stats=stats, notes=notes,
     )  # fmt: skip
+    if is_main:
+        plot_rewards(out / "metrics.jsonl", out / "rewards.png")
     return model, tokenizer, result
+
+
+def plot_rewards(metrics_path: Path, out_png: Path) -> Path | None:
+    """A PNG of the mean reward (with +- its std) and of each reward function's mean against step, from a
+    GRPO run's metrics.jsonl; None without matplotlib or without reward records."""
+    from lamina.train.metrics import MetricsLog
+
+    rows = [r for r in MetricsLog.read(metrics_path) if "reward" in r] if metrics_path.exists() else []
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if not rows:
+        return None
+    steps = [r["step"] for r in rows]
+    mean = np.array([r["reward"] for r in rows])
+    std = np.array([r.get("reward_std", 0.0) for r in rows])
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(steps, mean, label="reward (weighted sum)", lw=1.5)
+    ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+    for key in sorted({k for r in rows for k in r if k.startswith("rewards/") and k.endswith("/mean")}):
+        ax.plot(steps, [r.get(key, np.nan) for r in rows], label=key, lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png

@@ -80,6 +80,7 @@ def test_grpo_raises_the_reward(files: dict[str, Path], tmp_path: Path) -> None:
     assert {"reward", "reward_std", "completions/mean_length", "clip_ratio", "loss"} - set(rec) == {"loss"}
     samples = [json.loads(line) for line in (tmp_path / "up" / "samples.jsonl").read_text().splitlines()]
     assert {s["step"] for s in samples} == set(range(1, 21)) and {"completion", "reward"} <= set(samples[0])
+    assert (tmp_path / "up" / "rewards.png").stat().st_size > 1000  # the curve, in the run folder
     # the reward negated: the policy moves away from "red" (a flipped loss sign would raise it)
     finetune(_run(files, tmp_path / "down", weight=-1.0, steps=10))
     down = _red(tmp_path / "down")
