@@ -65,7 +65,7 @@ def check_beam_config(cfg: GenerationConfig) -> None:
             f"beam search picks the best continuations; it does not sample (do_sample={cfg.do_sample}): "
             "set do_sample=False"
         )
-    for name in ("stop", "choices"):
+    for name in ("stop", "choices", "json_schema", "regex", "grammar"):
         if getattr(cfg, name):
             raise ConfigError(f"{name}={getattr(cfg, name)!r} is not supported with beam search")
     if cfg.response_format != "text":

@@ -222,3 +222,12 @@ def test_schema_and_grammar_fields_read_files(tmp_path: Any) -> None:
     assert cfg.json_schema == {"type": "integer"}
     assert build(GenerationConfig, {"json_schema": '{"type": "string"}'}).json_schema == {"type": "string"}
     assert build(GenerationConfig, {"grammar": str(tmp_path / "g.lark")}).grammar == LARK
+
+
+def test_beam_search_refuses_grammar_constraints() -> None:
+    """Beam search does not apply constraints: refused, never silently dropped."""
+    from lamina.generate.beam import check_beam_config
+
+    for field, value in (("json_schema", {"type": "object"}), ("regex", "a+"), ("grammar", 'start: "a"')):
+        with pytest.raises(ConfigError, match=field):
+            check_beam_config(GenerationConfig(num_beams=2, temperature=0.0, **{field: value}))
