@@ -304,12 +304,12 @@ def _tokenizer_metadata(tok: Tokenizer, vocab_rows: int) -> dict[str, Any]:
 
 
 def _pre_tokenizer_name(pre: Mapping[str, Any], splits: Mapping[str, str]) -> str:
-    """llama.cpp's ``tokenizer.ggml.pre`` for a HF pre-tokenizer spec: ``gpt2`` for GPT-2's ByteLevel regex,
+    """llama.cpp's ``tokenizer.ggml.pre`` for a HF pre-tokenizer spec: ``gpt-2`` for GPT-2's ByteLevel regex,
     ``smollm`` for single digits then ByteLevel, the name of a known split regex (Llama 3, Qwen2, ...)."""
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     if (
         kinds == ["Digits", "ByteLevel"]
         and steps[0].get("individual_digits")

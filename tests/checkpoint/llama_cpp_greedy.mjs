@@ -8,7 +8,9 @@
 //   forced: each sequence is evaluated teacher-forced; for every position i the argmax next token
 //           after ids[0..i] is reported (llama.cpp's top-1, for agreement checks).
 // Prints {"greedy": [[new ids...], ...], "forced": [[top-1 ids...], ...]} on stdout.
-// NODE_PATH or the LAMINA_NODE_MODULES folder must hold node-llama-cpp 3.21.1.
+// The LAMINA_NODE_MODULES folder (else the working directory's node_modules) holds node-llama-cpp 3.21.1.
+// Threads: LAMINA_LLAMA_THREADS, else one per core (node-llama-cpp's default is far slower on 2 cores).
+// LAMINA_LLAMA_LOG=warn shows llama.cpp's loading errors.
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
@@ -20,8 +22,8 @@ const modules = process.env.LAMINA_NODE_MODULES;
 const require = createRequire(path.join(modules ?? process.cwd(), "x.js"));
 const { getLlama, LlamaLogLevel } = await import(require.resolve("node-llama-cpp"));
 
-const threads = os.availableParallelism ? os.availableParallelism() : os.cpus().length;
-const llama = await getLlama({ gpu: false, build: "never", logLevel: LlamaLogLevel.error });
+const threads = Number(process.env.LAMINA_LLAMA_THREADS) || (os.availableParallelism ? os.availableParallelism() : os.cpus().length);
+const llama = await getLlama({ gpu: false, build: "never", logLevel: process.env.LAMINA_LLAMA_LOG ?? LlamaLogLevel.error });
 const model = await llama.loadModel({ modelPath });
 const longest = Math.max(
   16,
