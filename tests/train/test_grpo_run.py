@@ -151,3 +151,27 @@ def test_reward_errors_name_the_function(files: dict[str, Path], tmp_path: Path)
     run.grpo.reward_funcs = [f"{files['rewards']}:breaks"]
     with pytest.raises(RewardError, match="breaks"):
         finetune(run)
+
+
+def test_grpo_resume_is_exact(files: dict[str, Path], tmp_path: Path) -> None:
+    """Interrupted after step 2 of 4 (2 micro-batches a step, beta > 0), resumed: the same weights (the
+    generation of step 3 is made again from the same policy and the same seeds)."""
+    import shutil
+
+    import torch
+
+    def run(out: Path) -> FinetuneRun:
+        r = _run(files, out, steps=4)
+        r.train.batch_size, r.train.grad_accum_steps, r.train.save_every = 8, 2, 2
+        r.grpo.beta = 0.1
+        return r
+
+    a, _, _ = finetune(run(tmp_path / "a"))
+    b = tmp_path / "b"
+    shutil.copytree(tmp_path / "a", b)
+    shutil.rmtree(b / "checkpoints" / "step-00000004")
+    shutil.rmtree(b / "last")
+    resumed, _, _ = finetune(run(b), resume=True)
+    for (name, x), y in zip(a.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+    assert [r["step"] for r in _records(b)] == [1, 2, 3, 4]
