@@ -36,11 +36,13 @@ def test_the_benchmarks_are_found() -> None:
     finally:
         sys.path.remove(str(BENCH))
     assert names == [
+        "align",
         "decode",
         "embed",
         "eval",
         "finetune",
         "forward",
+        "rag",
         "seq2seq",
         "serve",
         "speculative",
@@ -50,7 +52,19 @@ def test_the_benchmarks_are_found() -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["decode", "embed", "eval", "finetune", "forward", "seq2seq", "serve", "speculative", "train_throughput"],
+    [
+        "align",
+        "decode",
+        "embed",
+        "eval",
+        "finetune",
+        "forward",
+        "rag",
+        "seq2seq",
+        "serve",
+        "speculative",
+        "train_throughput",
+    ],
 )
 def test_each_benchmark_has_quick_and_headlines(name: str) -> None:
     """Read from the source: a ``--quick`` flag, and ``headline(...)`` calls naming a reference and, where
