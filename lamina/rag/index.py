@@ -145,11 +145,13 @@ def update(
     *,
     builtin: str | None = None,
     modules: Sequence[str] | None = None,
+    documents: Sequence[Document] = (),
     config: IndexConfig | None = None,
     embedder: LoadedModel | None = None,
     store: Store | None = None,
 ) -> IndexSummary:
-    """Bring the index up to date with ``paths`` and the ``builtin`` corpus; returns what it did.
+    """Bring the index up to date with ``paths``, the ``builtin`` corpus and ``documents`` (made in
+    Python); returns what it did.
 
     ``embedder``: the loaded embedding model (None: ``lamina.load(config.embedding_model)``); ``store``: an
     open store (None: ``config.location()``, created when new). Raises ``ConfigError`` when the store was
@@ -157,7 +159,14 @@ def update(
     """
     config = config or IndexConfig()
     started = time.perf_counter()
-    docs, skipped = sources(paths, builtin, modules, config.text_field)
+    docs, skipped = (
+        sources(paths, builtin, modules, config.text_field) if paths or builtin else ([], Counter())
+    )
+    docs = [*docs, *documents]
+    if not docs and not documents and not paths and builtin is None:
+        raise ConfigError("name what to index: folders, files or globs, or --builtin stdlib-docs")
+    if len({d.doc_id for d in docs}) < len(docs):
+        raise ConfigError("two documents have the same doc_id; give each its own")
     if embedder is None:
         from lamina.checkpoint.load import load
 
