@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,26 @@ def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+HIDDEN_WARNINGS = (
+    DeprecationWarning,
+    PendingDeprecationWarning,
+    ImportWarning,
+    ResourceWarning,
+)  # by default
+
+
+def _cli_in_process(capsys: pytest.CaptureFixture[str], *argv: str) -> subprocess.CompletedProcess[str]:
+    """``_cli`` in this process (no torch import per call): main's code and output; a warning that Python
+    shows by default counts as a stderr line, as in a process; an uncaught exception fails the test."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = main(list(argv))
+    out, err = capsys.readouterr()
+    shown = [w for w in caught if not issubclass(w.category, HIDDEN_WARNINGS)]
+    err += "".join(f"{w.category.__name__}: {w.message}\n" for w in shown)
+    return subprocess.CompletedProcess(list(argv), code, out, err)
+
+
 def _assert_clean_error(p: subprocess.CompletedProcess[str], *needles: str) -> None:
     assert p.returncode == 1, p.stderr
     assert "Traceback" not in p.stderr
@@ -164,11 +185,19 @@ def _bad_inputs(tmp: Path, smollm2: Path) -> dict[str, tuple[Path, list[str]]]:
 
 
 @pytest.mark.slow
-def test_bad_inputs_give_one_clear_line_and_write_nothing(tmp_path: Path, smollm2_path: Path) -> None:
+def test_bad_inputs_give_one_clear_line_and_write_nothing(
+    tmp_path: Path, smollm2_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The truncated GGUF through a real ``python -m lamina`` process (the entry point's exit code and
+    stderr), the other inputs in this process (the same ``main``, a torch import less each)."""
     for name, (src, needles) in _bad_inputs(tmp_path, smollm2_path).items():
-        _assert_clean_error(_cli("inspect", str(src)), *needles)
+
+        def cli(*argv: str, name: str = name) -> subprocess.CompletedProcess[str]:
+            return _cli(*argv) if name == "truncated-gguf" else _cli_in_process(capsys, *argv)
+
+        _assert_clean_error(cli("inspect", str(src)), *needles)
         dst = tmp_path / f"out-{name}"
-        _assert_clean_error(_cli("convert", str(src), str(dst)), *needles)
+        _assert_clean_error(cli("convert", str(src), str(dst)), *needles)
         assert not dst.exists(), name
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
 
