@@ -26,7 +26,8 @@ start (LoRA: the base, adapters disabled).
 Logged per step in ``metrics.jsonl`` (TRL's names): ``reward``, ``reward_std``, ``rewards/NAME/mean`` and
 ``/std`` per reward, ``completions/mean_length``, ``completions/clipped_ratio`` (stopped by the length
 limit), ``kl`` (with beta > 0) and ``clip_ratio``; the completions of the first ``samples`` prompts of
-each generation go to ``samples.jsonl`` with their rewards and advantages; ``rewards.png`` plots the
+each generation go to ``samples.jsonl`` with their rewards and advantages (under torchrun each process
+generates for its own prompts; the first process logs its own); ``rewards.png`` plots the
 rewards against step at the end. A resumed run regenerates the
 batch it stops in (exact when it stops on a generation boundary, as with ``num_iterations`` 1).
 """
@@ -39,6 +40,7 @@ import importlib
 import importlib.util
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -159,7 +161,8 @@ class GrpoConfig:
     reward_funcs: list[str] = field(default_factory=list)
     reward_weights: list[float] | None = None  # one weight per reward (None: all 1)
     num_generations: int = 8  # completions per prompt (the group), >= 2; divides train.batch_size
-    max_completion_length: int = 256  # the longest completion, in tokens, > 0
+    # the longest completion, in tokens, > 0; prompt + completion must fit task.max_seq_len
+    max_completion_length: int = 64
     temperature: float = 1.0  # sampling temperature of the completions, > 0
     top_p: float = 1.0  # nucleus sampling of the completions, in (0, 1]
     top_k: int = 0  # keep the k most likely tokens when sampling (0: off)
@@ -349,7 +352,8 @@ class GenerationBatches:
         seed: int,
         out_dir: Path,
         eos_ids: list[int],
-        is_main: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if batch_size % cfg.num_generations:
             raise ConfigError(
@@ -362,13 +366,8 @@ class GenerationBatches:
         if len(prompts) < self.per_batch:
             raise DataError(f"{len(prompts)} prompts, fewer than the {self.per_batch} a batch takes: lower "
                             "train.batch_size or add prompts")  # fmt: skip
-        self.grad_accum, self.seed, self.out, self.eos, self.is_main = (
-            grad_accum,
-            seed,
-            out_dir,
-            eos_ids,
-            is_main,
-        )
+        self.grad_accum, self.seed, self.out, self.eos = grad_accum, seed, out_dir, eos_ids
+        self.rank, self.world_size, self.is_main = rank, world_size, rank == 0
         self.generations_per_epoch = max(1, len(prompts) // self.per_batch)
         self.weights = torch.tensor(cfg.reward_weights or [1.0] * len(self.rewards), dtype=torch.float32)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or [0])[0]
@@ -389,6 +388,7 @@ class GenerationBatches:
         from lamina.generate.engine import generate_ids
 
         cfg, G = self.cfg, self.cfg.num_generations
+        g = g * self.world_size + self.rank  # each process its own prompts (and seeds)
         epoch, k = divmod(g, self.generations_per_epoch)
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.prompts))
         rows = order[k * self.per_batch : (k + 1) * self.per_batch].tolist()
@@ -552,8 +552,8 @@ def finetune_grpo(run: Any, resume: bool = False, overwrite: bool = False) -> tu
             problems.append(Problem(where, str(err), "skipped"))
             continue
         if len(enc) > max_prompt:
-            problems.append(Problem(where, f"{len(enc)} prompt tokens + max_completion_length "
-                                    f"{cfg.max_completion_length} > max_seq_len", "skipped"))  # fmt: skip
+            problems.append(Problem(where, f"{len(enc)} prompt tokens + grpo.max_completion_length "
+                                    f"{cfg.max_completion_length} > task.max_seq_len", "skipped"))  # fmt: skip
             continue
         prompts.append(p)
         ids.append(enc)
@@ -577,14 +577,12 @@ def finetune_grpo(run: Any, resume: bool = False, overwrite: bool = False) -> tu
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         (out / "samples.jsonl").unlink(missing_ok=True)
-    import torch.distributed as dist
-
-    is_main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun's
     source = GenerationBatches(
         model, tokenizer, prompts, ids, extra, cfg, rewards, ref, tcfg.batch_size, tcfg.grad_accum_steps,
-        tcfg.seed, out, eos_token_ids(tokenizer=tokenizer), is_main,
+        tcfg.seed, out, eos_token_ids(tokenizer=tokenizer), rank, world,
     )  # fmt: skip
-    rounds = max(1, source.generations_per_epoch // tcfg.grad_accum_steps)
+    rounds = max(1, source.generations_per_epoch // (tcfg.grad_accum_steps * world))
     steps = tcfg.max_steps or max(1, round((tcfg.epochs or 1) * rounds * cfg.num_iterations))
     mean_prompt = sum(map(len, ids)) / len(ids)
     tokens = max(1, round(tcfg.batch_size * (mean_prompt + cfg.max_completion_length)))
@@ -594,7 +592,7 @@ def finetune_grpo(run: Any, resume: bool = False, overwrite: bool = False) -> tu
         tokenizer=tokenizer, run_config=run.to_dict(), resume=resume, overwrite=overwrite, perplexity=False,
         data_stats=stats, notes=notes,
     )  # fmt: skip
-    if is_main:
+    if rank == 0:
         plot_rewards(out / "metrics.jsonl", out / "rewards.png")
     return model, tokenizer, result
 
