@@ -12,6 +12,13 @@ is written in its own transaction as soon as the group is embedded: a process ki
 (SIGKILL included) leaves an index that opens and answers queries with every document written so far, and
 running the same command again finishes the job without duplicates (a document is replaced whole).
 :func:`build` is :func:`update` (a first run adds everything).
+
+With ``summaries=MODEL`` a chat model writes a short summary of each new or changed document (greedy, the
+documents of a group decoded together by one batched engine, :func:`lamina.generate.batch.generate_batch`),
+indexed as its own entry: ``chunk_id`` ``"<doc_id>#summary"``, ``kind`` ``"summary"``, the span of the whole
+document (``start`` 0, ``end`` its length) and the summary as its text, so a hit on it cites the document.
+Unchanged documents keep what they have: adding ``--summaries`` to an existing index summarises only the
+documents that change afterwards (index into a new store to summarise everything).
 """
 
 from __future__ import annotations
@@ -67,6 +74,11 @@ class IndexConfig:
     commit_chunks: int = 512  # chunks embedded between writes (a crash loses at most this much work)
     text_field: str = "text"  # the JSONL field holding a record's text
     ann_threshold: int = 50_000  # SQLite store: chunks from which dense search uses the HNSW index
+    summaries: str = (
+        ""  # chat model that writes a summary of each new or changed document, indexed too ("": none)
+    )
+    summary_max_new_tokens: int = 96  # most tokens of one summary
+    summary_input_tokens: int = 1024  # tokens of a document's start shown to the summary model
     progress: bool = True  # show a progress bar on a terminal
 
     def __post_init__(self) -> None:
@@ -94,6 +106,7 @@ class IndexSummary:
     chunks_embedded: int = 0
     chunks_total: int = 0
     truncated: int = 0
+    summaries: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
 
@@ -104,7 +117,9 @@ class IndexSummary:
         return (
             f"indexed {docs:,} documents into {self.store}: {self.added:,} added, {self.updated:,} updated, "
             f"{self.removed:,} removed, {self.unchanged:,} unchanged; {self.chunks_embedded:,} chunks embedded "
-            f"({self.chunks_total:,} in the index); skipped: {skipped}; {self.seconds:.1f} s"
+            f"({self.chunks_total:,} in the index"
+            + (f", {self.summaries:,} summaries written" if self.summaries else "")
+            + f"); skipped: {skipped}; {self.seconds:.1f} s"
         )
 
 
@@ -149,12 +164,14 @@ def update(
     config: IndexConfig | None = None,
     embedder: LoadedModel | None = None,
     store: Store | None = None,
+    summarizer: LoadedModel | None = None,
 ) -> IndexSummary:
     """Bring the index up to date with ``paths``, the ``builtin`` corpus and ``documents`` (made in
     Python); returns what it did.
 
     ``embedder``: the loaded embedding model (None: ``lamina.load(config.embedding_model)``); ``store``: an
-    open store (None: ``config.location()``, created when new). Raises ``ConfigError`` when the store was
+    open store (None: ``config.location()``, created when new); ``summarizer``: the loaded chat model that
+    writes document summaries (None: ``config.summaries`` loaded when set, else no summaries). Raises ``ConfigError`` when the store was
     built with another embedding model (naming both), ``DataError`` for a path that matches nothing.
     """
     config = config or IndexConfig()
@@ -180,6 +197,10 @@ def update(
     if embedder.tokenizer is None:
         raise ConfigError(f"embedding model {config.embedding_model!r} has no tokenizer")
     chunker = Chunker(embedder.tokenizer, config.chunk_size, config.chunk_overlap, max_seq_len=max_len)
+    if summarizer is None and config.summaries:
+        from lamina.checkpoint.load import load as load_model
+
+        summarizer = load_model(config.summaries)
     owned = store is None
     if store is None:
         from lamina.rag.store import is_postgres, open_store
@@ -196,7 +217,7 @@ def update(
         )
     summary = IndexSummary(config.location() if owned else getattr(store, "path", "store"), skipped=skipped)
     try:
-        _apply(store, docs, chunker, embedder, emb_config, config, summary)
+        _apply(store, docs, chunker, embedder, emb_config, config, summary, summarizer)
         optimize = getattr(store, "optimize", None)
         if optimize is not None:
             optimize()
@@ -219,6 +240,7 @@ def _apply(
     emb_config: Any,
     config: IndexConfig,
     summary: IndexSummary,
+    summarizer: LoadedModel | None = None,
 ) -> None:
     from lamina.embeddings import embed_texts
 
@@ -246,6 +268,9 @@ def _apply(
                     continue
             if not group:
                 break
+            if summarizer is not None:
+                group = _summarized(summarizer, group, config)
+                summary.summaries += sum(1 for _, chunks in group if chunks and chunks[-1].kind == "summary")
             texts = [chunker.embedded_text(c) for _, chunks in group for c in chunks]
             result = embed_texts(
                 embedder, texts, batch_size=config.batch_size, config=emb_config, truncate=True
@@ -268,6 +293,50 @@ def _apply(
             bar.close()
     if summary.truncated:
         log.warning("%d chunks were cut to the embedding model's max_seq_len", summary.truncated)
+
+
+SUMMARY_PROMPT = (
+    "Summarize the following document in two or three sentences: what it is about and what a reader can "
+    "find in it.\n\nTitle: {title}\n\n{text}"
+)
+
+
+def _summarized(
+    lm: LoadedModel, group: list[tuple[Document, list[Chunk]]], config: IndexConfig
+) -> list[tuple[Document, list[Chunk]]]:
+    """The group with a summary entry added to each document (one batched, greedy generation run)."""
+    from lamina.generate.batch import generate_batch
+
+    if lm.tokenizer is None:
+        raise ConfigError(f"summary model {config.summaries!r} has no tokenizer")
+    requests = []
+    for doc, _ in group:
+        enc = lm.tokenizer.backend.encode(doc.text, add_special_tokens=False)
+        cut = (
+            len(doc.text)
+            if len(enc.ids) <= config.summary_input_tokens
+            else enc.offsets[config.summary_input_tokens - 1][1]
+        )
+        prompt = SUMMARY_PROMPT.format(title=doc.metadata.get("title", doc.doc_id), text=doc.text[:cut])
+        requests.append({"messages": [{"role": "user", "content": prompt}]})
+    rows = generate_batch(
+        lm, requests, chat=True, max_new_tokens=config.summary_max_new_tokens, temperature=0.0,
+        labels=[d.doc_id for d, _ in group],
+    )  # fmt: skip
+    out = []
+    for (doc, chunks), row in zip(group, rows, strict=True):
+        text = str(row["text"]).strip()
+        if text:
+            meta = {
+                "path": doc.metadata.get("path", doc.doc_id),
+                "title": doc.metadata.get("title", doc.doc_id),
+            }
+            chunks = [
+                *chunks,
+                Chunk(f"{doc.doc_id}#summary", doc.doc_id, text, 0, len(doc.text), meta, "summary"),
+            ]
+        out.append((doc, chunks))
+    return out
 
 
 def _progress(total: int, enabled: bool) -> Any:

@@ -132,3 +132,25 @@ def test_sigkill_mid_index_leaves_a_usable_index_and_rerun_completes(tmp_path, m
 
 def minilm_vector(lm, text):
     return lamina.embed(lm, [text])[0]
+
+
+def test_summaries_are_indexed_as_their_own_entries(tmp_path, minilm):
+    from tiny_chat import tiny_lm
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("The cat sat on the mat. " * 20)
+    (docs / "b.txt").write_text("A dog ran.")
+    config = IndexConfig(
+        store=str(tmp_path / "s.sqlite"), progress=False, summaries="tiny", summary_max_new_tokens=6,
+        summary_input_tokens=8,
+    )  # fmt: skip
+    done = update([docs], config=config, embedder=minilm, summarizer=tiny_lm())
+    assert done.summaries == 2 and "2 summaries written" in done.line()
+    with open_store(config.store) as s:
+        [summary] = s.get(["a.txt#summary"])
+        assert summary.kind == "summary" and summary.doc_id == "a.txt" and summary.text
+        assert (summary.start, summary.end) == (0, len((docs / "a.txt").read_text()))
+        assert s.count() == done.chunks_embedded == 4  # one chunk + one summary per document
+        hits = s.search_dense(minilm_vector(minilm, summary.text), 5, {"kind": "summary"})
+        assert {h.chunk.chunk_id for h in hits} == {"a.txt#summary", "b.txt#summary"}
