@@ -1,5 +1,6 @@
-"""Seq2seq greedy generation on CPU: lamina ``generate_seq2seq`` vs `transformers`
-``T5ForConditionalGeneration.generate`` on the same t5-small-shaped random weights.
+"""Seq2seq greedy generation on CPU: lamina ``generate_seq2seq`` (the engine that serves decoders too,
+``lamina.generate.engine.Engine``) vs `transformers` ``T5ForConditionalGeneration.generate`` on the same
+t5-small-shaped random weights.
 
 The `transformers` model is built from a ``T5Config`` of t5-small's shape (6+6 layers, d_model 512, 8 heads,
 d_ff 2048, vocab 32128, ReLU, tied embeddings), randomly initialised, saved to a temporary folder and read

@@ -637,7 +637,11 @@ class Engine:
                     allowed = r.constraint.allowed(r.budget - len(r.seq.tokens))
                     if allowed is not None:
                         masked[i].masked_fill_(~allowed.to(masked.device), float("-inf"))
-        if all(r.plain for r in rows):
+        if all(r.argmax for r in rows):  # greedy: one argmax for the batch, min_new_tokens' bans first
+            for i, r in enumerate(rows):
+                if len(r.sampler.output_ids) < r.cfg.min_new_tokens and r.min_new_bans:
+                    masked = logits.clone() if masked is logits else masked
+                    masked[i, r.min_new_bans] = float("-inf")
             chosen = masked.argmax(-1)
             for r, t in zip(rows, chosen.tolist(), strict=True):
                 r.sampler.output_ids.append(t)

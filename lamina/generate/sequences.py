@@ -5,7 +5,7 @@ live sequence (``Running``: sampler, stopping, text deltas that never split a ch
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from lamina.generate.sampling import Sampler, greedy_is_argmax
@@ -88,6 +88,10 @@ class Running:
         self.sent = 0  # characters of text already handed out in deltas
         self.hold = max((len(s) for s in self.cfg.stop), default=1) - 1
         self.plain = constraint is None and greedy_is_argmax(self.cfg)
+        # greedy with only min_new_tokens on: the argmax once the stop ids are banned (as its processor does)
+        self.argmax = constraint is None and greedy_is_argmax(replace(self.cfg, min_new_tokens=0))
+        cfg = self.cfg
+        self.min_new_bans = [*([] if cfg.ignore_eos else cfg.eos_token_ids), *cfg.stop_token_ids]
         self.spec = False  # decoded speculatively (a greedy row of an engine with a draft)
         self.feed = -1  # the token to feed the model at the next decode step
 
