@@ -328,6 +328,8 @@ class Engine:
         for req in self._admissible():
             with self._adapters([self._rid_adapter.get(req.request_id, 0)]):
                 out += self._admit(req)
+            if all(s.finish_reason is not None for s in req.seqs):  # done at admission
+                self._rid_adapter.pop(req.request_id, None)
         if decode and self._running:
             with self._adapters(self._row_adapters()):
                 out += self._decode()
@@ -596,12 +598,15 @@ class Engine:
         still = {id(u) for u in self._running}
         gone = {id(u): u for u in old if id(u) not in still}
         with self._lock:
+            ended = {
+                self._owner.get(id(u.seqs[0] if isinstance(u, _Beams) else u.seq), -1) for u in gone.values()
+            }
             for u in gone.values():
                 for seq in u.seqs if isinstance(u, _Beams) else [u.seq]:
                     self._owner.pop(id(seq), None)
             if self._rid_adapter:  # forget the adapters of requests with no sequence left
-                live = set(self._owner.values())
-                self._rid_adapter = {r: a for r, a in self._rid_adapter.items() if r in live}
+                for r in ended - set(self._owner.values()):
+                    self._rid_adapter.pop(r, None)
 
     def _choose_safely(
         self, logits: Tensor, rows: Sequence[Running]
