@@ -17,10 +17,11 @@ goes in is decided here:
   tokenizer keys verbatim.
 
 Quant types (``GGUFQuant``): ``f32``, ``f16``, ``bf16``, ``q8_0``, ``q4_0``, ``q4_1`` (``quantize``, bit
-for bit what ``gguf.quants`` writes), and ``keep``: an imported GGUF file's tensors re-written with their
-own types and raw blocks, unchanged (read again from the source file). 1-D tensors (norms, biases) stay
-F32, as llama.cpp's converter keeps them; a matrix whose rows are not a whole number of blocks is written
-as F16. ``q4_k`` and ``q6_k`` are refused: lamina has no quantizer that reproduces llama.cpp's.
+for bit what ``gguf.quants`` writes), ``q6_k`` (bit for bit llama.cpp's ``quantize_row_q6_K_ref``, which
+gguf.quants lacks; the tests call the one in llama.cpp's libggml-base), and ``keep``: an imported GGUF
+file's tensors re-written with their own types and raw blocks, unchanged (read again from the source
+file). 1-D tensors (norms, biases) stay F32, as llama.cpp's converter keeps them; a matrix whose rows are
+not a whole number of blocks is written as F16. ``q4_k`` is refused: lamina has no Q4_K quantizer yet.
 """
 
 from __future__ import annotations
@@ -58,10 +59,10 @@ GGUF_QUANTS: tuple[str, ...] = get_args(GGUFQuant)
 DEFAULT_GGUF_QUANT: GGUFQuant = "f16"  # what convert_hf_to_gguf.py writes by default
 
 # GGML type ids (ggml.h) and llama.cpp's general.file_type (llama.h, enum llama_ftype) per quant type
-_QTYPE = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3}
-_FILE_TYPE = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q4_0": 2, "q4_1": 3}
-_BLOCK = {"q8_0": 32, "q4_0": 32, "q4_1": 32}
-_NOT_YET = {"q4_k", "q6_k"}
+_QTYPE = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q6_k": 14}
+_FILE_TYPE = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q4_0": 2, "q4_1": 3, "q6_k": 18}
+_BLOCK = {"q8_0": 32, "q4_0": 32, "q4_1": 32, "q6_k": 256}
+_NOT_YET = {"q4_k"}
 
 # GGUF token types (llama.cpp's llama_token_type)
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED = 1, 2, 3, 4, 5
@@ -119,11 +120,88 @@ def _q_bf16(x: np.ndarray) -> np.ndarray:
     return ((n.astype(np.uint64) + (0x7FFF + ((n >> 16) & 1))) >> 16).astype(np.uint16).view(np.uint8)
 
 
-_QUANTIZERS = {"q8_0": _q_q8_0, "q4_0": _q_q4_0, "q4_1": _q_q4_1}
+def _rint(x: np.ndarray) -> np.ndarray:
+    """ggml's ``nearest_int``: float32 rounded half to even (it adds 1.5 * 2**23), as int32."""
+    return np.rint(x).astype(np.int32)
+
+
+def _q6_sub_scales(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's ``make_qx_quants(16, 32, x, L, rmse_type=1)`` on (n, 16) sub-blocks: the scale that
+    minimises the x**2-weighted squared error over 19 candidate inverse scales, and its codes L (0..63).
+
+    Sums run element by element in float32 (the C loop's order, without fused multiply-adds), so ties
+    and roundings match.
+    """
+    nmax = np.float32(32)
+    n = x.shape[0]
+    at = np.abs(x).argmax(axis=1)
+    peak = x[np.arange(n), at]  # signed, largest |x| (first on ties)
+    zero = np.abs(peak) < np.float32(1e-15)
+    peak = np.where(zero, np.float32(1), peak)
+    w = x * x
+    wx = w * x
+
+    def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        q = np.clip(_rint(iscale[:, None] * x), -32, 31)
+        ql = q.astype(np.float32)
+        sumlx = np.cumsum(wx * ql, axis=1, dtype=np.float32)[:, -1]  # cumsum adds in order, as the C loop
+        suml2 = np.cumsum(w * ql * ql, axis=1, dtype=np.float32)[:, -1]
+        return q, sumlx, suml2
+
+    q, sumlx, suml2 = trial(-nmax / peak)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(suml2 != 0, sumlx / suml2, np.float32(0)).astype(np.float32)
+    best = scale * sumlx
+    for step in (-9, -8, -7, -6, -5, -4, -3, -2, -1, 1, 2, 3, 4, 5, 6, 7, 8, 9):
+        q2, lx, l2 = trial(-(nmax + np.float32(0.1) * np.float32(step)) / peak)
+        better = (l2 > 0) & (lx * lx > best * l2)
+        q = np.where(better[:, None], q2, q)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = np.where(better, lx / l2, scale).astype(np.float32)
+        best = np.where(better, scale * lx, best).astype(np.float32)
+    return np.where(zero, np.float32(0), scale), np.where(zero[:, None], 0, q + 32)
+
+
+def _q_q6_k(x: np.ndarray) -> np.ndarray:
+    """ggml's ``quantize_row_q6_K_ref`` on (n, 256) super-blocks: 16 sub-blocks of 16 with int8 scales
+    under one fp16 ``d``, 6-bit codes (low 4 bits in ``ql``, high 2 in ``qh``)."""
+    n = x.shape[0]
+    sub = x.reshape(-1, 16)
+    scales, codes = _q6_sub_scales(sub)
+    scales, codes = scales.reshape(n, 16), codes.reshape(n, 16, 16)
+    at = np.abs(scales).argmax(axis=1)
+    top = scales[np.arange(n), at]
+    empty = np.abs(top) < np.float32(1e-15)
+    iscale = np.float32(-128) / np.where(empty, np.float32(1), top)
+    d16 = (np.float32(1) / iscale).astype(np.float16)
+    sc = np.minimum(127, _rint(iscale[:, None] * scales)).astype(np.int8)
+    d = d16.astype(np.float32)[:, None] * sc.astype(np.float32)  # (n, 16)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fresh = np.clip(_rint(x.reshape(n, 16, 16) / d[..., None]), -32, 31) + 32
+    codes = (
+        np.where((d != 0)[..., None], fresh, codes).reshape(n, 2, 4, 32).astype(np.uint8)
+    )  # (n, half, t, l)
+    ql = np.concatenate([codes[:, :, 0] & 15 | (codes[:, :, 2] & 15) << 4,
+                         codes[:, :, 1] & 15 | (codes[:, :, 3] & 15) << 4], axis=2)  # fmt: skip
+    qh = (
+        (codes[:, :, 0] >> 4)
+        | (codes[:, :, 1] >> 4) << 2
+        | (codes[:, :, 2] >> 4) << 4
+        | (codes[:, :, 3] >> 4) << 6
+    )
+    out = np.concatenate(
+        [ql.reshape(n, 128), qh.reshape(n, 64), sc.view(np.uint8), d16.reshape(n, 1).view(np.uint8)], axis=1
+    )
+    out[empty] = 0
+    return out
+
+
+_QUANTIZERS = {"q8_0": _q_q8_0, "q4_0": _q_q4_0, "q4_1": _q_q4_1, "q6_k": _q_q6_k}
 
 
 def quantize(x: np.ndarray | torch.Tensor, quant: str) -> np.ndarray:
-    """A tensor in GGUF type ``quant`` (f32, f16, bf16, q8_0, q4_0, q4_1), as ``gguf.quants.quantize``.
+    """A tensor in GGUF type ``quant`` (f32, f16, bf16, q8_0, q4_0, q4_1 as ``gguf.quants.quantize``
+    writes them; q6_k as llama.cpp's ``quantize_row_q6_K_ref``, which gguf.quants does not implement).
 
     Returns f32/f16 arrays of the input's shape, or for bf16 and the block types uint8 of shape
     ``(*shape[:-1], bytes_per_row)``: the rows' blocks, which ``GGUFWriter.add_tensor(raw_dtype=...)``
@@ -142,7 +220,9 @@ def quantize(x: np.ndarray | torch.Tensor, quant: str) -> np.ndarray:
     block = _BLOCK[quant]
     if a.shape[-1] % block:
         raise ConfigError(f"quant={quant!r} needs rows of a multiple of {block} values, got shape {a.shape}")
-    out = _QUANTIZERS[quant](a.reshape(-1, block))
+    blocks = a.reshape(-1, block)
+    chunk = 1 << 14  # blocks at a time: the k-quant search holds a few float32 copies of its input
+    out = np.concatenate([_QUANTIZERS[quant](blocks[i : i + chunk]) for i in range(0, len(blocks), chunk)])
     return out.reshape(*a.shape[:-1], -1)
 
 
@@ -387,7 +467,7 @@ def export_gguf(
         model: a ``Transformer`` or what ``lamina.load`` returned (its tokenizer, end-of-generation ids and,
             for a GGUF source, the source file come with it)
         path: the ``.gguf`` file to write
-        quant: tensor type of the matrices (f32, f16, bf16, q8_0, q4_0, q4_1; see ``quantize``) or ``keep``:
+        quant: tensor type of the matrices (f32, f16, bf16, q8_0, q4_0, q4_1, q6_k; see ``quantize``) or ``keep``:
             every tensor of the ``source`` GGUF file re-written with its own type and raw blocks
         tokenizer: the tokenizer to embed (default: the loaded model's); required, llama.cpp needs it
         generation: its ``eos_token_ids`` become eos (and eot) ids (default: the loaded model's)
@@ -399,7 +479,7 @@ def export_gguf(
         CheckpointError: an architecture or setting llama.cpp cannot express, a missing or unsupported
             tokenizer, ``keep`` without a GGUF source or with weights changed since loading, an existing
             ``path`` without ``overwrite``. Nothing is left at ``path`` on error.
-        ConfigError: an unknown ``quant``, or ``q4_k``/``q6_k`` (not written by lamina yet).
+        ConfigError: an unknown ``quant``, or ``q4_k`` (not written by lamina yet).
     """
     if not isinstance(model, Transformer):  # a LoadedModel
         loaded = model
@@ -412,8 +492,8 @@ def export_gguf(
         raise ConfigError(f"quant={quant!r} is not one of {', '.join(GGUF_QUANTS)}")
     if quant in _NOT_YET:
         raise ConfigError(
-            f"quant={quant!r} is not written by lamina yet (its quantizer does not reproduce llama.cpp's "
-            f"{quant.upper()}); use q8_0, q4_1 or q4_0, or --quant keep to re-export a {quant.upper()} file"
+            f"quant={quant!r} is not written by lamina yet (no quantizer that reproduces llama.cpp's "
+            f"{quant.upper()}); use q6_k, q8_0, q4_1 or q4_0, or --quant keep to re-export a {quant.upper()} file"
         )
     target = Path(path)
     if target.is_dir():

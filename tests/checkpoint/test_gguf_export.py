@@ -356,3 +356,42 @@ def test_demo_sized_model_generates_the_same_greedy_tokens_in_llama_cpp(
     prompts = [bpe_tokenizer.encode(p) for p in ("def ", "import os\n", "class ", "    return ")]
     ours = [lamina_greedy(model, p, 12) for p in prompts]
     assert llama_cpp(path, greedy=prompts, max_new_tokens=12)["greedy"] == ours
+
+
+def test_q6_k_writes_the_bytes_of_llama_cpps_own_quantizer(llama_cpp: Runner) -> None:
+    """gguf.quants has no Q6_K quantizer: the reference is quantize_row_q6_K_ref in llama.cpp's libggml-base."""
+    import ctypes
+
+    lib_path = _node_dir() / "node_modules/@node-llama-cpp/linux-x64/bins/linux-x64/libggml-base.so"
+    if not lib_path.is_file():
+        pytest.skip(
+            f"no prebuilt llama.cpp library for {platform.system()} {platform.machine()} ({lib_path})"
+        )
+    lib = ctypes.CDLL(str(lib_path))
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((64, 512)) * rng.uniform(1e-4, 4, (64, 1))).astype(np.float32)
+    x[0, :256] = 0  # an all-zero super-block
+    x[1, :16] = 0  # an all-zero sub-block
+    x[2] = np.linspace(-3, 3, 512, dtype=np.float32)  # ties
+    x[3, :256] = 1.0  # constant
+    x[4] = rng.standard_t(2, 512)  # heavy tails
+    ref = np.zeros((64, 2 * 210), np.uint8)
+    lib.quantize_row_q6_K_ref(
+        x.ctypes.data_as(ctypes.c_void_p), ref.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(x.size)
+    )
+    assert quantize(x, "q6_k").tobytes() == ref.tobytes()
+
+
+def test_demo_sized_llama_as_q6_k_agrees_with_llama_cpp(
+    llama_cpp: Runner, bpe_tokenizer: Any, tmp_path: Path
+) -> None:
+    model = tiny_model(bpe_tokenizer, "llama", n_layers=4, d_model=256, n_heads=4, init_std=0.05)
+    with pytest.warns(UserWarning, match="not whole q6_k blocks"):  # d_ff 704: ffn_down stays F16
+        path = export_gguf(model, tmp_path / "q6.gguf", quant="q6_k", tokenizer=bpe_tokenizer)
+    assert read_gguf(path).tensors["blk.0.attn_q.weight"].qtype_name == "Q6_K"
+    ids = bpe_tokenizer.encode(TEXT)[:96]
+    with torch.no_grad():
+        ours = lamina.load(path).model(torch.tensor([ids]))[0].argmax(-1).tolist()
+    theirs = llama_cpp(path, forced=[ids])["forced"][0]
+    agreement = sum(a == b for a, b in zip(ours, theirs, strict=True)) / len(ids)
+    assert agreement >= 0.9
