@@ -202,10 +202,11 @@ def main(args: argparse.Namespace) -> int:
     store, _ = _open(config.store or None)
     try:
         report = evaluate(store, qrels)
+        chunks = store.count()
     finally:
         store.close()
     print(
-        f"{len(qrels)} questions, {store.count():,} chunks in {config.location()}; documents ranked to depth {report.depth}"
+        f"{len(qrels)} questions, {chunks:,} chunks in {config.location()}; documents ranked to depth {report.depth}"
     )
     print(report.table())
     k = 5 if 5 in report.ks else report.depth

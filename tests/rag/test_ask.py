@@ -84,3 +84,19 @@ def test_the_index_embedding_model_is_enforced(index: Path) -> None:
 def test_a_missing_index_says_how_to_build_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["ask", QUESTION, "--index", str(tmp_path / "none.sqlite")]) == 1
     assert "lamina index" in capsys.readouterr().err
+
+
+def test_lamina_index_eval_reports_the_three_modes(
+    index: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    qrels = tmp_path / "q.jsonl"
+    qrels.write_text(
+        '{"question": "How do I save rows that are dictionaries into a spreadsheet-style file?", '
+        '"relevant": ["csv.DictWriter"]}\n{"question": "the biggest three items", "relevant": ["heapq.nlargest"]}\n'
+    )
+    assert main(["index", "eval", "--store", str(index), "--qrels", str(qrels)]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:5]}
+    assert set(rows) == {"dense", "bm25", "hybrid"} and all(len(r) == 7 for r in rows.values())
+    assert all(0.0 <= float(v) <= 1.0 for r in rows.values() for v in r)
+    assert "2 questions" in out and "missed in the top 5" in out
