@@ -39,6 +39,7 @@ VERBS = {
     "serve": "serve models over an OpenAI-compatible HTTP API (completions, chat, embeddings)",
     "plan": "plan a training run: compute-optimal parameters and tokens for a FLOP budget (Chinchilla), a "
     "config that size, its memory",
+    "scaling": "fit scaling laws to your own runs: train a grid of sizes x tokens, fit L(N, D), predict",
     "explain": "look inside a model on a text: attention maps, logit lens and per-token surprisal (PNGs)",
     "demo": "train a small GPT on the embedded corpus (Python's stdlib) for a few minutes and sample it",
 }

@@ -434,7 +434,7 @@ def train(
                     net.train()
                     result.val_metrics.append((step, extra))
                 ppl = {"val_ppl": math.exp(min(val, 50.0))} if perplexity else {}
-                log.log(step, val_loss=val, **ppl, **extra)
+                log.log(step, val_loss=val, tokens=step * tokens_per_step, **ppl, **extra)
                 if (hook := _EVALUATION_HOOK.get()) is not None:
                     hook(step, {"val_loss": val, **ppl, **extra})
                 shown = "".join(f", {k} {v:.4f}" for k, v in extra.items())

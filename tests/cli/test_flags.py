@@ -33,6 +33,7 @@ POSITIONALS = {
     "eval": ["m"],
     "fill-mask": ["m", "t"],
     "explain": ["m", "t"],
+    "scaling fit": ["r"],
     "ask": ["q"],
     "convert": ["m"],
     "data prepare": [],
@@ -149,6 +150,9 @@ def _register_sections() -> None:
     from lamina.train.seq2seq import Seq2SeqConfig
 
     _SECTION_CLASSES.update(seq2seq=Seq2SeqConfig, span_corruption=SpanCorruptionConfig)
+    from lamina.analysis.sweep import SweepConfig
+
+    _SECTION_CLASSES.update(sweep=SweepConfig)
 
 
 _register_sections()
