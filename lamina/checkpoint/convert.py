@@ -38,7 +38,7 @@ def convert(
         dtype: weights dtype of the output (lamina, hf; --to gguf: see quant)
         overwrite: replace an existing model folder at out (else an existing, non-empty out is refused)
         merge_lora: a PEFT LoRA adapter folder (lamina's or PEFT's) to merge into the weights first
-        quant: --to gguf: tensor type, f32 f16 bf16 q8_0 q4_0 q4_1 q6_k, or keep (a GGUF source's own blocks); unset: f16
+        quant: --to gguf: tensor type, f32 f16 bf16 q8_0 q4_0 q4_1 q4_k q6_k, or keep (a GGUF source's own blocks); unset: f16
 
     Raises ``CheckpointError`` when ``out`` exists and is not empty, unless ``overwrite`` (which still
     never replaces a folder that is not a model folder), and ``ConfigError`` for ``quant`` without

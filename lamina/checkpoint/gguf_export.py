@@ -17,11 +17,13 @@ goes in is decided here:
   tokenizer keys verbatim.
 
 Quant types (``GGUFQuant``): ``f32``, ``f16``, ``bf16``, ``q8_0``, ``q4_0``, ``q4_1`` (``quantize``, bit
-for bit what ``gguf.quants`` writes), ``q6_k`` (bit for bit llama.cpp's ``quantize_row_q6_K_ref``, which
-gguf.quants lacks; the tests call the one in llama.cpp's libggml-base), and ``keep``: an imported GGUF
-file's tensors re-written with their own types and raw blocks, unchanged (read again from the source
-file). 1-D tensors (norms, biases) stay F32, as llama.cpp's converter keeps them; a matrix whose rows are
-not a whole number of blocks is written as F16. ``q4_k`` is refused: lamina has no Q4_K quantizer yet.
+for bit what ``gguf.quants`` writes), ``q4_k`` and ``q6_k`` (bit for bit llama.cpp's
+``quantize_row_q4_K_ref`` / ``quantize_row_q6_K_ref``, which gguf.quants lacks; the tests call the ones in
+llama.cpp's libggml-base), and ``keep``: an imported GGUF file's tensors re-written with their own types
+and raw blocks, unchanged (read again from the source file). 1-D tensors (norms, biases) stay F32, as
+llama.cpp's converter keeps them; a matrix whose rows are not a whole number of blocks is written as F16.
+(llama-quantize's Q4_K_M/Q6_K use an importance matrix when given one, and Q4_K_M mixes types per tensor;
+lamina writes the plain reference quantization of one type.)
 """
 
 from __future__ import annotations
@@ -59,10 +61,9 @@ GGUF_QUANTS: tuple[str, ...] = get_args(GGUFQuant)
 DEFAULT_GGUF_QUANT: GGUFQuant = "f16"  # what convert_hf_to_gguf.py writes by default
 
 # GGML type ids (ggml.h) and llama.cpp's general.file_type (llama.h, enum llama_ftype) per quant type
-_QTYPE = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q6_k": 14}
-_FILE_TYPE = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q4_0": 2, "q4_1": 3, "q6_k": 18}
-_BLOCK = {"q8_0": 32, "q4_0": 32, "q4_1": 32, "q6_k": 256}
-_NOT_YET = {"q4_k"}
+_QTYPE = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q4_k": 12, "q6_k": 14}
+_FILE_TYPE = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q4_0": 2, "q4_1": 3, "q4_k": 15, "q6_k": 18}
+_BLOCK = {"q8_0": 32, "q4_0": 32, "q4_1": 32, "q4_k": 256, "q6_k": 256}
 
 # GGUF token types (llama.cpp's llama_token_type)
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED = 1, 2, 3, 4, 5
@@ -196,12 +197,96 @@ def _q_q6_k(x: np.ndarray) -> np.ndarray:
     return out
 
 
-_QUANTIZERS = {"q8_0": _q_q8_0, "q4_0": _q_q4_0, "q4_1": _q_q4_1, "q6_k": _q_q6_k}
+def _seq_sum(a: np.ndarray) -> np.ndarray:
+    """Row sums added left to right in float32, as a C loop adds (numpy's sum is pairwise)."""
+    return np.cumsum(a, axis=1, dtype=np.float32)[:, -1]
+
+
+def _q4k_sub_scales(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ggml's ``make_qkx2_quants(32, 15, x, w, L, &min, Laux, -1, 0.1, 20, false)`` on (n, 32) sub-blocks
+    with Q4_K's weights ``w = rms(x) + |x|``: an affine 4-bit grid (scale, min <= 0) chosen among 21
+    candidate scales by weighted squared error. Returns (scale, -min, codes 0..15)."""
+    nmax = np.float32(15)
+    w = np.sqrt(_seq_sum(x * x) / np.float32(32))[:, None] + np.abs(x)
+    lo = np.minimum(x.min(axis=1), np.float32(0))
+    hi = x.max(axis=1)
+    flat = hi == lo
+    span = np.where(flat, np.float32(1), hi - lo)
+    sum_w, sum_x = _seq_sum(w), _seq_sum(w * x)
+
+    def codes(iscale: np.ndarray, mn: np.ndarray) -> np.ndarray:
+        return np.clip(_rint(iscale[:, None] * (x - mn[:, None])), 0, 15)
+
+    def error(scale: np.ndarray, mn: np.ndarray, q: np.ndarray) -> np.ndarray:
+        diff = scale[:, None] * q.astype(np.float32) + mn[:, None] - x
+        return _seq_sum(w * (diff * diff))
+
+    iscale = nmax / span
+    scale, mn = np.float32(1) / iscale, lo
+    q = codes(iscale, mn)
+    best = error(scale, mn, q)
+    for step in range(21):  # the grid follows the best min so far, as in the C loop
+        span = np.where(flat, np.float32(1), hi - mn)
+        q2 = codes((np.float32(-1) + np.float32(0.1) * np.float32(step) + nmax) / span, mn)
+        ql = q2.astype(np.float32)
+        wl = w * ql
+        sum_l, sum_l2, sum_xl = _seq_sum(wl), _seq_sum(wl * ql), _seq_sum(wl * x)
+        det = sum_w * sum_l2 - sum_l * sum_l
+        with np.errstate(divide="ignore", invalid="ignore"):
+            s2 = (sum_w * sum_xl - sum_x * sum_l) / det
+            m2 = (sum_l2 * sum_x - sum_l * sum_xl) / det
+            clipped = m2 > 0
+            s2 = np.where(clipped, sum_xl / sum_l2, s2)
+        m2 = np.where(clipped, np.float32(0), m2)
+        better = (det > 0) & (error(s2, m2, q2) < best)
+        q = np.where(better[:, None], q2, q)
+        best = np.where(better, error(s2, m2, q2), best)
+        scale, mn = np.where(better, s2, scale), np.where(better, m2, mn)
+    scale = np.where(flat, np.float32(0), scale).astype(np.float32)
+    return scale, (-mn).astype(np.float32), np.where(flat[:, None], 0, q)
+
+
+def _q_q4_k(x: np.ndarray) -> np.ndarray:
+    """ggml's ``quantize_row_q4_K_ref`` on (n, 256) super-blocks: 8 sub-blocks of 32, each with a 6-bit
+    scale and min under fp16 ``d`` and ``dmin``, 4-bit codes."""
+    n = x.shape[0]
+    scales, mins, q = _q4k_sub_scales(x.reshape(-1, 32))
+    scales, mins, q = scales.reshape(n, 8), mins.reshape(n, 8), q.reshape(n, 8, 32)
+    top_s = np.maximum(scales.max(axis=1), np.float32(0))
+    top_m = np.maximum(mins.max(axis=1), np.float32(0))
+    with np.errstate(divide="ignore"):
+        inv_s = np.where(top_s > 0, np.float32(63) / top_s, np.float32(0))
+        inv_m = np.where(top_m > 0, np.float32(63) / top_m, np.float32(0))
+    ls = np.minimum(_rint(inv_s[:, None] * scales) & 0xFF, 63).astype(np.uint8)  # C: uint8_t, then MIN
+    lm = np.minimum(_rint(inv_m[:, None] * mins) & 0xFF, 63).astype(np.uint8)
+    packed = np.concatenate(
+        [
+            ls[:, :4] | (ls[:, 4:] >> 4) << 6,
+            lm[:, :4] | (lm[:, 4:] >> 4) << 6,
+            (ls[:, 4:] & 15) | (lm[:, 4:] & 15) << 4,
+        ],
+        axis=1,
+    )
+    d16 = (top_s / np.float32(63)).astype(np.float16)
+    m16 = (top_m / np.float32(63)).astype(np.float16)
+    d = d16.astype(np.float32)[:, None] * ls.astype(np.float32)  # (n, 8)
+    dm = m16.astype(np.float32)[:, None] * lm.astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fresh = np.clip(_rint((x.reshape(n, 8, 32) + dm[..., None]) / d[..., None]), 0, 15)
+    q = np.where((d != 0)[..., None], fresh, q).astype(np.uint8).reshape(n, 4, 2, 32)
+    qs = (q[:, :, 0] | q[:, :, 1] << 4).reshape(n, 128)
+    return np.concatenate(
+        [d16.reshape(n, 1).view(np.uint8), m16.reshape(n, 1).view(np.uint8), packed, qs], axis=1
+    )
+
+
+_QUANTIZERS = {"q8_0": _q_q8_0, "q4_0": _q_q4_0, "q4_1": _q_q4_1, "q4_k": _q_q4_k, "q6_k": _q_q6_k}
 
 
 def quantize(x: np.ndarray | torch.Tensor, quant: str) -> np.ndarray:
     """A tensor in GGUF type ``quant`` (f32, f16, bf16, q8_0, q4_0, q4_1 as ``gguf.quants.quantize``
-    writes them; q6_k as llama.cpp's ``quantize_row_q6_K_ref``, which gguf.quants does not implement).
+    writes them; q4_k and q6_k as llama.cpp's ``quantize_row_q4_K_ref`` / ``quantize_row_q6_K_ref``, which
+    gguf.quants does not implement).
 
     Returns f32/f16 arrays of the input's shape, or for bf16 and the block types uint8 of shape
     ``(*shape[:-1], bytes_per_row)``: the rows' blocks, which ``GGUFWriter.add_tensor(raw_dtype=...)``
@@ -467,7 +552,7 @@ def export_gguf(
         model: a ``Transformer`` or what ``lamina.load`` returned (its tokenizer, end-of-generation ids and,
             for a GGUF source, the source file come with it)
         path: the ``.gguf`` file to write
-        quant: tensor type of the matrices (f32, f16, bf16, q8_0, q4_0, q4_1, q6_k; see ``quantize``) or ``keep``:
+        quant: tensor type of the matrices (f32, f16, bf16, q8_0, q4_0, q4_1, q4_k, q6_k; see ``quantize``) or ``keep``:
             every tensor of the ``source`` GGUF file re-written with its own type and raw blocks
         tokenizer: the tokenizer to embed (default: the loaded model's); required, llama.cpp needs it
         generation: its ``eos_token_ids`` become eos (and eot) ids (default: the loaded model's)
@@ -479,7 +564,7 @@ def export_gguf(
         CheckpointError: an architecture or setting llama.cpp cannot express, a missing or unsupported
             tokenizer, ``keep`` without a GGUF source or with weights changed since loading, an existing
             ``path`` without ``overwrite``. Nothing is left at ``path`` on error.
-        ConfigError: an unknown ``quant``, or ``q4_k`` (not written by lamina yet).
+        ConfigError: an unknown ``quant``.
     """
     if not isinstance(model, Transformer):  # a LoadedModel
         loaded = model
@@ -490,11 +575,6 @@ def export_gguf(
             source = loaded.entry.path
     if quant not in GGUF_QUANTS:
         raise ConfigError(f"quant={quant!r} is not one of {', '.join(GGUF_QUANTS)}")
-    if quant in _NOT_YET:
-        raise ConfigError(
-            f"quant={quant!r} is not written by lamina yet (no quantizer that reproduces llama.cpp's "
-            f"{quant.upper()}); use q6_k, q8_0, q4_1 or q4_0, or --quant keep to re-export a {quant.upper()} file"
-        )
     target = Path(path)
     if target.is_dir():
         raise CheckpointError(f"{target} is a directory; export_gguf writes a .gguf file")
