@@ -45,7 +45,9 @@ class RetrieveConfig:
     # dense/hybrid: minimum cosine similarity of a passage to the question (hybrid: when no passage
     # reaches it, nothing is returned); bm25: minimum BM25 score; None: no minimum
     score_threshold: float | None = None
-    filters: dict[str, Any] | None = None  # metadata key -> value every passage must match ({path: notes.md})
+    # metadata filters: {key: value} or {key: [any of these]}; doc_id, doc_id_prefix and kind match the
+    # chunk's own fields (lamina.rag.types.FILTERS_HELP)
+    filters: dict[str, Any] | None = None
     # llm: re-order the candidates by a chat model's P(Yes) that the passage answers the question
     rerank: Literal["none", "llm"] = "none"
 
@@ -80,7 +82,7 @@ def retrieve(
     cfg = cfg or RetrieveConfig()
     if not query.strip():
         raise ConfigError("the question is empty: ask something")
-    depth = cfg.candidates if (cfg.mode == "hybrid" or cfg.rerank != "none") else cfg.k
+    depth = cfg.candidates  # deeper than k: dedup, fusion and reranking choose the k from these
     dense: list[Hit] = []
     text: list[Hit] = []
     if cfg.mode in ("dense", "hybrid"):

@@ -13,16 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lamina.rag.types import Chunk, Document, Hit
+from lamina.rag.types import Chunk, Document, Hit, matches
 
 _WORD = re.compile(r"\w+")
-
-
-def _match(chunk: Chunk, filters: dict[str, Any] | None) -> bool:
-    return all(
-        chunk.metadata.get(k) == v or (k == "doc_id" and chunk.doc_id == v)
-        for k, v in (filters or {}).items()
-    )
 
 
 class MemoryStore:
@@ -50,7 +43,7 @@ class MemoryStore:
 
     def search_dense(self, query: Tensor, k: int, filters: dict[str, Any] | None = None) -> list[Hit]:
         self.dense_calls.append(k)
-        ids = [c for c in self.chunks if _match(self.chunks[c], filters)]
+        ids = [c for c in self.chunks if matches(self.chunks[c], filters)]
         scores = [float(self.vectors[c] @ query) for c in ids]
         order = sorted(range(len(ids)), key=lambda i: -scores[i])[:k]
         return [Hit(self.chunks[ids[i]], scores[i], r + 1) for r, i in enumerate(order)]
@@ -59,7 +52,9 @@ class MemoryStore:
         self.text_calls.append(k)
         terms = set(_WORD.findall(query.lower()))
         docs = {
-            c: Counter(_WORD.findall(ch.text.lower())) for c, ch in self.chunks.items() if _match(ch, filters)
+            c: Counter(_WORD.findall(ch.text.lower()))
+            for c, ch in self.chunks.items()
+            if matches(ch, filters)
         }
         n = len(docs) or 1
         scored = []
