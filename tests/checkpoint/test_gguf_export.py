@@ -224,6 +224,43 @@ def test_refuses_a_model_without_a_tokenizer_and_an_existing_file(bpe_tokenizer:
     assert (tmp_path / "m.gguf").read_text() == "mine"
 
 
+def test_a_lora_merged_model_exports_with_the_merged_weights(bpe_tokenizer: Any, tmp_path: Path) -> None:
+    """convert --merge-lora --to gguf: the adapter is inside the exported weights; keep is refused then."""
+    from lamina.checkpoint.convert import convert
+    from lamina.checkpoint.lamina import save_checkpoint
+    from lamina.checkpoint.peft import save_adapter
+    from lamina.model.lora import LoraConfig, apply_lora, merge_lora
+
+    base = tiny_model(bpe_tokenizer, "llama")
+    src = save_checkpoint(tmp_path / "base", base, bpe_tokenizer)
+    lora = apply_lora(
+        tiny_model(bpe_tokenizer, "llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["all-linear"])
+    )
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)  # a trained adapter: the merged weights differ from the base
+    adapter = save_adapter(lora, tmp_path / "adapter")
+    out = convert(src, tmp_path / "merged.gguf", to="gguf", quant="f32", merge_lora=str(adapter))
+    ids = bpe_tokenizer.encode("quick brown fox")
+    merged = logits(merge_lora(lora, unload=True).eval(), ids)
+    assert not torch.allclose(merged, logits(base, ids), atol=1e-3)
+    assert torch.allclose(logits(lamina.load(out).model, ids), merged, atol=1e-5)
+    gguf_src = convert(src, tmp_path / "base.gguf", to="gguf", quant="q8_0")
+    with pytest.raises(CheckpointError, match="changed since it was read"):
+        convert(gguf_src, tmp_path / "x.gguf", to="gguf", quant="keep", merge_lora=str(adapter))
+
+
+def test_refuses_a_tokenizer_llama_cpp_cannot_hold(tmp_path: Path) -> None:
+    from tiny_chat import tiny_tokenizer
+
+    tok = tiny_tokenizer()  # word-level
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layers=1, d_model=32, n_heads=2))
+    with pytest.raises(CheckpointError, match="byte-level BPE"):
+        export_gguf(model, tmp_path / "m.gguf", tokenizer=tok)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_error_while_writing_leaves_nothing(bpe_tokenizer: Any, tmp_path: Path, monkeypatch: Any) -> None:
     import gguf
 
