@@ -774,6 +774,9 @@ def report(plan: _Plan) -> TuneResult:
     if plan.cfg.plots and complete:
         result.plots, skipped = write_plots(study, plan.params, out / "plots")
         result.notes += skipped
+    from lamina.analysis.report import write_report
+
+    write_report(out, title=f"study {plan.study}")
     return result
 
 

@@ -12,7 +12,7 @@ Output folder::
     OUT/checkpoints/step-00000500/   lamina checkpoint + train_state/ (optimizer, scheduler, RNG, step)
     OUT/best/                        the checkpoint with the lowest validation loss
     OUT/last/                        the final checkpoint (with train_state/)
-    OUT/metrics.jsonl, OUT/tensorboard/, OUT/curves.png, OUT/run.yaml
+    OUT/metrics.jsonl, OUT/tensorboard/, OUT/curves.png, OUT/run.yaml, OUT/report.html
 
 Interrupting. The first SIGINT (Ctrl-C) or SIGTERM lets the current step finish (its micro-batches,
 update, logging, due evaluation), saves ``checkpoints/step-N/`` with ``train_state/`` through the same
@@ -66,7 +66,8 @@ from lamina.train.optim import lr_lambda, make_optimizer
 STATE_DIR, STATE_FILE = "train_state", "state.pt"
 ADAPTER_DIR = "adapter"  # a LoRA run's adapters in a checkpoint, PEFT's files
 RUN_MARKERS = ("metrics.jsonl", "checkpoints", "best", "last")  # a folder with any of these holds a run
-RUN_OUTPUTS = (*RUN_MARKERS, "tensorboard", "curves.png", "run.yaml")  # what overwrite=True clears
+# what overwrite=True clears
+RUN_OUTPUTS = (*RUN_MARKERS, "tensorboard", "curves.png", "run.yaml", "report.html")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -475,6 +476,9 @@ def train(
     result.best_val_loss = best_val if math.isfinite(best_val) else None
     if info.is_main and (out / "metrics.jsonl").exists():
         plot_curves(out / "metrics.jsonl", out / "curves.png")
+        from lamina.analysis.report import write_report
+
+        write_report(out)
     result.elapsed = time.perf_counter() - started
     return result
 

@@ -46,7 +46,9 @@ def test_sweep_trains_and_resumes(tmp_path: Path) -> None:
     run = _base(tmp_path)
     cfg = SweepConfig(shapes=["1x32"], tokens=[128, 256], head_dim=16, out=str(tmp_path / "s"))
     folders = sweep(run, cfg)
-    assert all((f / DONE).is_file() and (f / "last").is_dir() for f in folders)
+    assert all(
+        (f / DONE).is_file() and (f / "last").is_dir() and (f / "report.html").is_file() for f in folders
+    )
     from lamina.analysis.fit import read_run
 
     assert [read_run(f).tokens for f in folders] == [128, 256]
