@@ -82,9 +82,13 @@ def chat_loop(
     """
     require_generative(lm.model.config, lm.entry.name)
     if lm.tokenizer is None or lm.tokenizer.chat_template is None:
+        does = (
+            "maps one source text to its output"
+            if lm.model.config.arch == "encoder-decoder"
+            else "continues plain text"
+        )
         raise ConfigError(
-            f"model {lm.entry.name!r} has no chat template; `lamina generate {lm.entry.name} PROMPT` "
-            "continues plain text"
+            f"model {lm.entry.name!r} has no chat template; `lamina generate {lm.entry.name} PROMPT` {does}"
         )
     cfg = chat_config(lm, config, **controls)
     one_reply = {"n": cfg.n > 1, "num_beams": cfg.num_beams > 1, "logprobs": cfg.logprobs,

@@ -152,7 +152,9 @@ def test_what_an_encoder_decoder_cannot_do_is_one_clear_error(t5: tuple[Transfor
 
     model, tok = t5
     lm = LoadedModel(model, tok, GenerationConfig(), ModelEntry("t5", Path("."), "path", "lamina"))
-    with pytest.raises(ConfigError, match="has no chat template"):
+    with pytest.raises(
+        ConfigError, match="has no chat template; `lamina generate t5 PROMPT` maps one source"
+    ):
         chat_loop(lm, lambda: None, print)
     with pytest.raises(ConfigError, match="prompt_logprobs"):
         Engine(model, tok).submit([5, 2], GenerationConfig(prompt_logprobs=1))
