@@ -55,7 +55,12 @@ def _png(fig: Any) -> str:
     return f'<img alt="" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
-def _figures(rows: list[dict[str, Any]]) -> list[str]:
+def _inline(path: Path) -> str:
+    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}">'
+
+
+def _figures(rows: list[dict[str, Any]], curves: Path | None) -> list[str]:
+    """The loss/learning-rate figure (the run's ``curves.png`` when it drew one) and throughput/MFU."""
     try:
         import matplotlib
 
@@ -69,20 +74,23 @@ def _figures(rows: list[dict[str, Any]]) -> list[str]:
         return [p[0] for p in pts], [p[1] for p in pts]
 
     out = []
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True, height_ratios=[3, 1])
-    for key, style in (("loss", "-"), ("val_loss", "o-")):
-        x, y = series(key)
+    if curves is not None:
+        out.append(_inline(curves))
+    else:
+        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True, height_ratios=[3, 1])
+        for key, style in (("loss", "-"), ("val_loss", "o-")):
+            x, y = series(key)
+            if x:
+                ax1.plot(x, y, style, lw=1.2, label=key)
+        ax1.set_ylabel("loss")
+        ax1.legend()
+        ax1.grid(alpha=0.3)
+        x, y = series("lr")
         if x:
-            ax1.plot(x, y, style, lw=1.2, label=key)
-    ax1.set_ylabel("loss")
-    ax1.legend()
-    ax1.grid(alpha=0.3)
-    x, y = series("lr")
-    if x:
-        ax2.plot(x, y, color="tab:green", lw=1)
-    ax2.set(ylabel="learning rate", xlabel="step")
-    ax2.grid(alpha=0.3)
-    out.append(_png(fig))
+            ax2.plot(x, y, color="tab:green", lw=1)
+        ax2.set(ylabel="learning rate", xlabel="step")
+        ax2.grid(alpha=0.3)
+        out.append(_png(fig))
     tx, ty = series("tokens_per_s")
     mx, my = series("mfu")
     if tx or mx:
@@ -150,7 +158,8 @@ def write_report(folder: str | Path, title: str | None = None) -> Path:
     if summary:
         parts += ["<h2>Summary</h2>", _table(["", ""], summary)]
     if rows:
-        parts += ["<h2>Curves</h2>", *_figures(rows)]
+        curves = folder / "curves.png"
+        parts += ["<h2>Curves</h2>", *_figures(rows, curves if curves.is_file() else None)]
     if val:
         keys = sorted({k for r in val for k in r if k not in ("step",) and isinstance(r[k], int | float)})
         parts += ["<h2>Validation</h2>", _table(["step", *keys], [[r["step"], *(r.get(k, "") for k in keys)] for r in val])]  # fmt: skip
@@ -163,8 +172,7 @@ def write_report(folder: str | Path, title: str | None = None) -> Path:
     plots = sorted((folder / "plots").glob("*.png"))
     if plots:
         parts += ["<h2>Plots</h2>"]
-        parts += [f'<img alt="{html.escape(p.stem)}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
-                  for p in plots]  # fmt: skip
+        parts += [_inline(p) for p in plots]
     samples = _rows(folder / "samples.jsonl")
     if samples:
         shown = samples[-10:]
