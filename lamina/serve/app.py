@@ -8,6 +8,9 @@
     GET  /health                 200 while every engine thread runs (503 otherwise)
     GET  /metrics                Prometheus text: requests, tokens in/out, queue depth, batch size, TTFT
     GET  /docs, /openapi.json    the OpenAPI schema
+    GET  /                       the chat page (static/: index.html, app.js, style.css; strict CSP)
+    GET  /lamina/config          what the page needs first: whether an API key is required, and each
+                                 model's kind and decoding defaults (its generation.yaml)
 
 Requests are checked (``params``) before any work starts; generation runs on each model's engine thread
 (``scheduler``); results are shaped by ``outputs``; every error is OpenAI's error object (``errors``).
@@ -19,11 +22,13 @@ import asyncio
 import base64
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from lamina import __version__
@@ -69,6 +74,16 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (504, "timed out"),
     ]
 }
+STATIC = Path(__file__).parent / "static"
+# the page loads only its own files and talks only to this server: no inline script, no other host
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens", "seed", "stop")
 _SSE: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks with stream=true"}
 }
@@ -210,11 +225,40 @@ def create_app(registry: Registry, config: ServeConfig | None = None) -> FastAPI
             queued=sum(s.engine.num_queued for s in scheds),
         )
 
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        """The chat page; its URLs are relative, so it also works behind a proxy's path prefix."""
+        return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
+
+    @app.get("/lamina/config", tags=["server"])
+    async def page_config() -> dict[str, Any]:
+        """What the page needs before its first request (open, like /health): whether ``/v1/*`` needs an
+        API key, and per model its kind, context window, base model, and decoding defaults from its
+        ``generation.yaml`` (OpenAI's names: ``max_tokens`` for ``max_new_tokens``)."""
+        return {
+            "version": __version__,
+            "auth": bool(config.api_keys),
+            "models": [
+                {
+                    "id": m.name,
+                    "kind": m.kind,
+                    "max_model_len": m.context_length,
+                    "parent": m.parent,
+                    "defaults": {
+                        ("max_tokens" if k == "max_new_tokens" else k): getattr(m.lm.generation, k)
+                        for k in _DEFAULTS
+                    },
+                }
+                for m in registry.models()
+            ],
+        }
+
     @app.get("/metrics", response_class=PlainTextResponse, tags=["server"])
     async def prometheus() -> PlainTextResponse:
         """Prometheus metrics (text exposition format 0.0.4)."""
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 
 
