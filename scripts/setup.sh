@@ -38,3 +38,13 @@ if [[ "${1:-}" == "--test" ]] && command -v npm >/dev/null 2>&1; then
   fi
   npm i -E --silent --no-fund --no-audit --prefix "$node_dir" "${node_pkgs[@]}"
 fi
+# --test: Chromium and its driver for the chat page's browser tests (tests/serve/test_web_page.py), from
+# Debian's packages, only when chromium is missing and apt-get can run as root; else those tests skip.
+if [[ "${1:-}" == "--test" ]] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
+  && [[ "$(id -u)" == 0 ]]; then
+  apt_chromium() {
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null
+  }
+  apt_chromium || { apt-get update -q >/dev/null && apt_chromium; } \
+    || echo "setup.sh: chromium could not be installed; the browser tests will skip" >&2
+fi
