@@ -22,7 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Retrieve the passages of the index that answer QUESTION (hybrid dense + BM25 by "
         "default), have a chat model answer from them citing [1], [2], ..., stream the answer, then list "
         "the cited sources (document, character span, page). Nothing retrieved (or nothing above "
-        "--score-threshold): 'Not found in the sources.' without running the model. " + FILTERS_HELP + ".",
+        "--score-threshold): 'Not found in the sources.' without running the model. --filters: "
+        + FILTERS_HELP
+        + ".",
         epilog="examples: lamina index --builtin stdlib-docs\n"
         '  lamina ask "How do I read a CSV file with a header row?" --show-sources\n'
         '  lamina ask "What does shutil.rmtree do?" --mode bm25 --k 3 --max-new-tokens 80',
