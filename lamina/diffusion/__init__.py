@@ -1,0 +1,1 @@
+"""Diffusion models for images: UNet, noise schedulers, pipelines."""
