@@ -147,7 +147,7 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(cfg.groups, ch)
         self.conv_out = nn.Conv2d(ch, cfg.in_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)  # start by predicting zero
-        nn.init.zeros_(self.conv_out.bias)
+        nn.init.zeros_(self.conv_out.bias)  # type: ignore[arg-type]  # (a Conv2d made with bias=True)
 
     def forward(
         self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, low_res: Tensor | None = None
