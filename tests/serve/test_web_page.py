@@ -88,13 +88,15 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         driver.quit()
 
 
-def _wait(cond: Callable[[], Any], timeout: float = 20.0, what: str = "the condition") -> Any:
+def _wait(
+    cond: Callable[[], Any], timeout: float = 20.0, what: str | Callable[[], str] = "the condition"
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = cond()
         if value:
             return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what() if callable(what) else what}"
         time.sleep(0.02)
 
 
@@ -327,6 +329,41 @@ def test_side_by_side_streams_two_models(page: Any) -> None:
     page.save_screenshot(str(page.shots / "side-by-side-1440.png"))
 
 
+def test_the_page_works_under_a_proxys_path_prefix(page: Any, server: Any) -> None:
+    """Behind a proxy that serves the server under /chat/ (and strips it): every request keeps the prefix."""
+    import socket
+
+    import uvicorn
+    from starlette.responses import PlainTextResponse
+
+    async def proxy(scope: Any, receive: Any, send: Any) -> None:
+        if not scope["path"].startswith("/chat/"):
+            return await PlainTextResponse("outside the prefix", 404)(scope, receive, send)
+        path = scope["path"][len("/chat") :]
+        await server.app({**scope, "path": path, "raw_path": path.encode()}, receive, send)
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    proxied = uvicorn.Server(uvicorn.Config(proxy, lifespan="off", log_level="warning"))
+    thread = threading.Thread(target=proxied.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}/chat/"
+    try:
+        _wait(lambda: proxied.started, what="the proxy")
+        _requests(page)
+        _open(page, base)
+        _send(page, "hello")
+        _idle(page)
+        assert _replies(page)[-1] and _el(page, "#error").is_displayed() is False
+        urls = [r["url"] for r in _requests(page) if not r["url"].startswith("data:")]
+        assert len(urls) >= 5 and all(u.startswith(base) for u in urls), urls
+    finally:
+        proxied.should_exit = True
+        thread.join(10)
+        sock.close()
+    _open(page, server.url + "/")
+
+
 def test_no_console_errors_no_other_host_and_a_narrow_screen(page: Any, server: Any) -> None:
     hosts = {urlsplit(r["url"]).netloc for r in _requests(page) if not r["url"].startswith("data:")}
     assert hosts <= {urlsplit(server.url).netloc}, hosts
@@ -368,14 +405,20 @@ def test_api_key_and_readable_errors_keep_the_conversation(browser: Any, models:
         long = {"model": "tiny-a", "prompt": "a", "max_tokens": 4000, "ignore_eos": True, "stream": True}
         auth = {"Authorization": "Bearer sesame"}
         release = threading.Event()
+        held: list[str] = []  # what each long request got
         holders = [
-            threading.Thread(target=_hold, args=(server.url, long, auth, release), daemon=True)
+            threading.Thread(target=_hold, args=(server.url, long, auth, release, held), daemon=True)
             for _ in range(2)
         ]
-        for t in holders:
-            t.start()
         engine = server.registry.get("tiny-a").scheduler.engine
-        _wait(lambda: engine.num_running == 1 and engine.num_queued == 1, what="a full queue")
+        for k, t in enumerate(holders):  # one after the other: the first runs, the second waits
+            t.start()
+            _wait(
+                lambda k=k: engine.num_running == 1 and engine.num_queued == k,
+                what=lambda: (
+                    f"a full queue ({engine.num_running} running, {engine.num_queued} queued, {held})"
+                ),
+            )
         _send(browser, "are you busy")
         _wait(lambda: "429" in _el(browser, "#error").text, what="the 429 message")
         assert "busy" in _el(browser, "#error").text
@@ -408,9 +451,13 @@ def test_api_key_and_readable_errors_keep_the_conversation(browser: Any, models:
     assert [e for e in _console_errors(browser) if not any(x in e for x in expected)] == []
 
 
-def _hold(url: str, body: dict[str, Any], headers: dict[str, str], release: threading.Event) -> None:
+def _hold(
+    url: str, body: dict[str, Any], headers: dict[str, str], release: threading.Event, held: list[str]
+) -> None:
     """Stream a request until ``release`` is set, then hang up (the server cancels it)."""
     with httpx.stream("POST", url + "/v1/completions", json=body, headers=headers, timeout=60) as r:
-        for _ in r.iter_lines():
+        line = ""
+        for line in r.iter_lines():  # noqa: B007 - the last line read is reported
             if release.is_set():
                 break
+        held.append(f"{r.status_code}: {line[:200]}")
