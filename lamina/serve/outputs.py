@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 from lamina.generate.engine import Delta, Sequence_, TokenLogprob
@@ -41,6 +41,7 @@ from lamina.serve.schemas import (
     TopLogprob,
     Usage,
 )
+from lamina.serve.tools import parse_tool_calls
 
 DONE = "data: [DONE]\n\n"
 
@@ -283,12 +284,16 @@ def chat_response(
         tokens, lps = ([], []) if prepared.zero_tokens else _generated(seq)
         token_str = _token_str(served, prepared.tokens_as_ids)
         lp = _chat_logprobs(token_str, tokens, lps, top_logprobs) if logprobs else None
+        text = "" if prepared.zero_tokens else seq.text or ""
+        calls = parse_tool_calls(text) if prepared.tool_calls else None
         choices.append(
             ChatChoice(
                 index=seq.index,
-                message=ChatMessageOut(content="" if prepared.zero_tokens else seq.text or ""),
+                message=ChatMessageOut(content=None, tool_calls=calls)
+                if calls
+                else ChatMessageOut(content=text),
                 logprobs=lp,
-                finish_reason=_finish(seq, prepared),
+                finish_reason="tool_calls" if calls else _finish(seq, prepared),
             )
         )
     return ChatCompletionResponse(
@@ -318,12 +323,40 @@ def chat_stream(
         data = body.model_dump(exclude={"usage"})
         return f"data: {json.dumps({**data, **usage_field}, ensure_ascii=False)}\n\n"
 
+    held: dict[int, str] = {}  # tool mode: each choice's text, held until it is known to be calls or text
+
+    def finish(k: int, d: Delta) -> Iterator[str]:
+        if not prepared.tool_calls:
+            yield chunk(ChatChunkChoice(index=k, delta=ChatDelta(), finish_reason=_finish(d.seq, prepared)))
+            return
+        text = held.pop(k, "")
+        calls = parse_tool_calls(text)
+        if not calls:
+            if text:
+                yield chunk(ChatChunkChoice(index=k, delta=ChatDelta(content=text)))
+            yield chunk(ChatChunkChoice(index=k, delta=ChatDelta(), finish_reason=_finish(d.seq, prepared)))
+            return
+        for j, c in enumerate(calls):  # OpenAI's deltas: id and name first, then the arguments
+            head = {
+                "index": j,
+                "id": c["id"],
+                "type": "function",
+                "function": {"name": c["function"]["name"], "arguments": ""},
+            }
+            yield chunk(ChatChunkChoice(index=k, delta=ChatDelta(tool_calls=[head])))
+            args = {"index": j, "function": {"arguments": c["function"]["arguments"]}}
+            yield chunk(ChatChunkChoice(index=k, delta=ChatDelta(tool_calls=[args])))
+        yield chunk(ChatChunkChoice(index=k, delta=ChatDelta(), finish_reason="tool_calls"))
+
     async def chunks() -> AsyncIterator[str]:
         for k in range(n):
             yield chunk(ChatChunkChoice(index=k, delta=ChatDelta(role="assistant", content="")))
         async for _, d in job.events():
             k = d.seq.index
             text = "" if prepared.zero_tokens else d.text
+            if prepared.tool_calls:
+                held[k] = held.get(k, "") + text
+                text = ""
             lp = None
             token = _delta_token(d)
             if token is not None and not prepared.zero_tokens:
@@ -335,9 +368,8 @@ def chat_stream(
             if text or lp is not None:
                 yield chunk(ChatChunkChoice(index=k, delta=ChatDelta(content=text), logprobs=lp))
             if d.finished:
-                yield chunk(
-                    ChatChunkChoice(index=k, delta=ChatDelta(), finish_reason=_finish(d.seq, prepared))
-                )
+                for line in finish(k, d):
+                    yield line
 
     def usage_chunk() -> str:
         body = ChatCompletionChunk(

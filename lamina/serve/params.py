@@ -30,6 +30,7 @@ from lamina.serve.registry import ServedModel
 from lamina.serve.scheduler import Prompt
 from lamina.serve.schemas import ChatCompletionRequest, CompletionRequest, SamplingExtras
 from lamina.serve.settings import ServeConfig
+from lamina.serve.tools import plan_tools, render_tool_messages
 
 _FIELDS = {f.name for f in dataclasses.fields(GenerationConfig)}
 # GenerationConfig fields a request may not set as extra fields: the server owns them, or an OpenAI field
@@ -62,6 +63,7 @@ class Prepared:
     n: int
     zero_tokens: bool  # max_tokens=0: the engine generates one token, the response drops it
     tokens_as_ids: bool = False  # logprobs name tokens "token_id:ID"
+    tool_calls: bool = False  # chat: the output may be tool calls (lamina.serve.tools)
 
 
 def prepare_completion(req: CompletionRequest, served: ServedModel, limits: ServeConfig) -> Prepared:
@@ -106,10 +108,7 @@ def prepare_completion(req: CompletionRequest, served: ServedModel, limits: Serv
 
 def prepare_chat(req: ChatCompletionRequest, served: ServedModel, limits: ServeConfig) -> Prepared:
     """Check a ``/v1/chat/completions`` request and render its messages with the model's chat template."""
-    if req.tools:
-        raise bad_request("tools are not supported yet by lamina serve", param="tools")
-    if req.tool_choice not in (None, "none", "auto"):
-        raise bad_request("tool_choice needs tools, which are not supported yet", param="tool_choice")
+    plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
     n = _n(req.n, limits)
     if req.top_logprobs is not None:
         if not req.logprobs:
@@ -137,9 +136,24 @@ def prepare_chat(req: ChatCompletionRequest, served: ServedModel, limits: ServeC
                 )
             content = "".join(p.text or "" for p in content)
         _check_unicode(content or "", f"messages[{i}].content")
-        messages.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+        message: dict[str, Any] = {
+            "role": "system" if m.role == "developer" else m.role,
+            "content": content or "",
+        }
+        if m.tool_calls:
+            message["tool_calls"] = m.tool_calls
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        messages.append(message)
+    native = "tools" in (tok.chat_template or "")  # the template renders tools itself
+    messages, template_tools = render_tool_messages(messages, plan, native)
     try:
-        ids = build_prompt_ids(served.lm, messages, chat=True)
+        if template_tools:
+            ids = tok.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, tools=template_tools
+            )
+        else:
+            ids = build_prompt_ids(served.lm, messages, chat=True)
     except (LaminaError, ValueError, TypeError) as e:
         raise bad_request(
             f"The chat template of {served.name!r} cannot render these messages: {e}", param="messages"
@@ -151,6 +165,12 @@ def prepare_chat(req: ChatCompletionRequest, served: ServedModel, limits: ServeC
     if not ids:
         raise bad_request("the messages render to an empty prompt", param="messages")
     controls = _common(req, served, limits)
+    if plan is not None and plan.controls:
+        given = [k for k in _CONSTRAINTS if k in controls and k != "response_format"]
+        if given or controls.get("response_format", "text") != "text":
+            raise bad_request("tools cannot be combined with another output constraint", param="tool_choice")
+        controls.update(plan.controls)
+        controls["_origins"] = {**controls.get("_origins", {}), **dict.fromkeys(plan.controls, "tools")}
     controls["logprobs"] = bool(req.logprobs)
     controls["top_logprobs"] = req.top_logprobs or 0
     _beams(req, controls, n, None)
@@ -159,7 +179,8 @@ def prepare_chat(req: ChatCompletionRequest, served: ServedModel, limits: ServeC
     max_tokens = _max_tokens(asked, len(ids), served, limits, n, "messages", param=param)
     cfg = _config({**controls, "max_new_tokens": max(max_tokens, 1)}, served)
     _dry_run(cfg, ids, served)
-    return Prepared([Prompt(ids, cfg)], [], n, asked == 0, bool(req.return_tokens_as_token_ids))
+    calls = plan is not None and plan.calls
+    return Prepared([Prompt(ids, cfg)], [], n, asked == 0, bool(req.return_tokens_as_token_ids), calls)
 
 
 def _beams(req: SamplingExtras, controls: dict[str, Any], n: int, best_of: int | None) -> None:

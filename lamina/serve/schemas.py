@@ -132,6 +132,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
 
 class ChatCompletionRequest(SamplingExtras):
@@ -161,11 +163,11 @@ class ChatCompletionRequest(SamplingExtras):
         default=None, ge=-(2**63), le=2**64 - 1, description="64-bit; same seed, same text"
     )
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = Field(
-        default=None, description="not supported yet (400 when non-empty)"
+    tools: list[dict[str, Any]] | None = Field(default=None, description="functions the model may call")
+    tool_choice: Any = Field(default=None, description='"none", "auto" (default), "required" or a function')
+    parallel_tool_calls: bool | None = Field(
+        default=None, description="several calls in one answer (default)"
     )
-    tool_choice: Any = Field(default=None, description="only none / auto without tools")
-    parallel_tool_calls: bool | None = Field(default=None, description="accepted and ignored")
     store: bool | None = Field(default=None, description="accepted and ignored")
     metadata: dict[str, Any] | None = Field(default=None, description="accepted and ignored")
     service_tier: str | None = Field(default=None, description="accepted and ignored")
@@ -258,6 +260,7 @@ class ChatMessageOut(BaseModel):
 
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # lamina.serve.tools: id, type, function name/arguments
 
 
 class ChatChoice(BaseModel):
@@ -266,7 +269,7 @@ class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -286,6 +289,7 @@ class ChatDelta(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # streamed calls: index, id, type, function
 
 
 class ChatChunkChoice(BaseModel):
@@ -294,7 +298,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
 
 
 class ChatCompletionChunk(BaseModel):
