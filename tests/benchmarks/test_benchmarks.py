@@ -46,6 +46,7 @@ def test_the_benchmarks_are_found() -> None:
         "seq2seq",
         "serve",
         "speculative",
+        "structured",
         "train_throughput",
     ]
 
@@ -63,6 +64,7 @@ def test_the_benchmarks_are_found() -> None:
         "seq2seq",
         "serve",
         "speculative",
+        "structured",
         "train_throughput",
     ],
 )
