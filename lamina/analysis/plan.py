@@ -38,8 +38,26 @@ def parse_count(text: str) -> float:
 
 COUNT = {"parse": parse_count}
 
-# bytes per parameter of each lamina weight format (int8/int4: one fp32 scale per group of 32 or 64)
-WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0 + 4 / 64, "int4": 0.5 + 4 / 32}
+FORMATS = ("fp32", "bf16", "int8", "int4")
+
+
+def weight_bytes(cfg: ModelConfig, fmt: str) -> float:
+    """Bytes of a model's weights in lamina weight format ``fmt`` (lamina.model.quant's rules): fp32 4
+    and bf16 2 per parameter; int8 1 per weight of the linear layers, int4 half a byte plus a bf16 scale
+    and offset per 32; in both the output head int8 (a copy when it is tied to the embeddings) and
+    embeddings and norms bf16. Per-channel scales left out (under 1%)."""
+    if fmt == "fp32":
+        return 4.0 * cfg.n_params
+    if fmt == "bf16":
+        return 2.0 * cfg.n_params
+    c = cfg.param_counts()
+    linear = c["attention"] + c["mlp"]
+    head = cfg.vocab_size * cfg.d_model if cfg.head == "lm" else c["head"]
+    other = cfg.n_params - linear - (0 if cfg.head == "lm" and cfg.tie_embeddings else head)
+    per_weight = {"int8": 1.0, "int4": 0.5 + 4 / 32}[fmt]
+    return linear * per_weight + head * 1.0 + other * 2.0
+
+
 # optimizer state bytes per parameter (fp32 states): AdamW keeps two moments, SGD one momentum buffer
 OPTIMIZER_BYTES = {"adamw": 8.0, "sgd": 4.0, "lion": 4.0, "none": 0.0}
 
@@ -186,7 +204,7 @@ def memory_lines(model_config: ModelConfig, batch_size: int, optimizer: str) -> 
     assert m.n_kv_heads is not None and m.head_dim is not None
     kv_per_token = 2 * (m.n_layers + (m.n_decoder_layers or 0)) * m.n_kv_heads * m.head_dim
     t = m.max_seq_len
-    weights = ", ".join(f"{fmt} {_bytes(n * b)}" for fmt, b in WEIGHT_BYTES.items())
+    weights = ", ".join(f"{fmt} {_bytes(weight_bytes(m, fmt))}" for fmt in FORMATS)
     train = n * (4 + 4 + OPTIMIZER_BYTES[optimizer])
     return [
         f"  inference weights: {weights}",

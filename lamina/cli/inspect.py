@@ -42,6 +42,11 @@ def run(args: argparse.Namespace) -> int:
         if n:
             print(f"  {part:<11}{n:,}")
     print(f"FLOPs/token  {cfg.flops_per_token(training=False):,} forward at context {cfg.max_seq_len}")
+    from lamina.analysis.plan import memory_lines
+
+    print("memory (estimates)")
+    for line in memory_lines(cfg, batch_size=1, optimizer="adamw"):
+        print(line)
     print("config")
     for f in dataclasses.fields(cfg):
         print(f"  {f.name:<26}{getattr(cfg, f.name)}")

@@ -51,3 +51,25 @@ def test_cli_report(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--model.n_layers" in out and "KV cache" in out
     assert main(["plan", "--params", "135M"]) == 0
     assert "135M parameters" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_weight_bytes_match_converted_models(tie: bool) -> None:
+    import copy
+
+    from lamina.analysis.plan import FORMATS, weight_bytes
+    from lamina.model.quant import convert_weights
+    from lamina.model.transformer import Transformer
+
+    cfg = ModelConfig.preset("llama-tiny", vocab_size=2048, n_layers=2, d_model=128, n_heads=4, n_kv_heads=2,
+                             tie_embeddings=tie)  # fmt: skip
+    base = Transformer(cfg)
+    for fmt in FORMATS:
+        model = convert_weights(copy.deepcopy(base), fmt)
+        seen: set[int] = set()
+        total = 0
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        assert weight_bytes(cfg, fmt) == pytest.approx(total, rel=0.02), fmt
