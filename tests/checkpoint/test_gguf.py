@@ -413,17 +413,19 @@ def test_smollm2_truncated_copy(smol: GGUFFile, tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def smol_transformers(smol: GGUFFile) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
-    """(lamina's config, transformers' parsed parameters, lamina's state dict) for SmolLM2."""
-    import transformers as tf
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
+def smol_transformers(
+    smol: GGUFFile, hf_smollm2: Any
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+    """(lamina's config, transformers' parameters and config, lamina's state dict) for SmolLM2. The
+    reference is the session's ``hf_smollm2``: transformers' own GGUF import (its config, dequantization
+    and q/k un-permutation), not a second parse of the file. Its tied ``lm_head`` is the embedding."""
     config, sd = gguf_to_hf(smol)
-    # transformers only takes the model for its parameter *names*: a meta-device model built from our config
-    with torch.device("meta"):
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(**config))
-    ref = load_gguf_checkpoint(str(SMOLLM2), return_tensors=True, model_to_load=model)
-    return config, ref, sd
+    tensors = hf_smollm2.state_dict()
+    assert torch.equal(tensors.pop("lm_head.weight"), tensors["model.embed_tokens.weight"])
+    ref_config = hf_smollm2.config.to_dict()
+    rope = ref_config.get("rope_parameters") or {}  # transformers 5 keeps rope_theta there
+    ref_config.setdefault("rope_theta", rope.get("rope_theta"))
+    return config, {"tensors": tensors, "config": ref_config}, sd
 
 
 @needs_smollm2
