@@ -145,3 +145,31 @@ def test_bad_tool_requests_name_the_field(client: Any, kwargs: dict[str, Any], p
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="smollm2", messages=ASK, max_tokens=30, **kwargs)
     assert e.value.body["param"] == param, e.value.body
+
+
+def test_tool_rendering_and_parsing_without_a_model() -> None:
+    """A template that renders tools gets them (and the calls as they are); one that does not gets lamina's
+    system prompt and the calls as JSON content. parse_tool_calls reads the call form back with new ids."""
+    from lamina.serve.tools import parse_tool_calls, plan_tools, render_tool_messages
+
+    plan = plan_tools(TOOLS, "required", None)
+    assert (
+        plan is not None and plan.controls["json_schema"]["properties"]["tool_calls"].get("maxItems") is None
+    )
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}
+    turns = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    native, tools = render_tool_messages(turns, plan, template_has_tools=True)
+    assert tools is not None and [t["function"]["name"] for t in tools] == ["get_weather", "add"]
+    assert native[1]["tool_calls"] == [call]
+    plain, tools = render_tool_messages(turns, plan, template_has_tools=False)
+    assert tools is None and plain[0]["role"] == "system" and '"get_weather"' in plain[0]["content"]
+    assert json.loads(plain[2]["content"]) == {"tool_calls": [{"name": "add", "arguments": {"a": 1, "b": 2}}]}
+    calls = parse_tool_calls('{"tool_calls": [{"name": "add", "arguments": {"a": 1, "b": 2}}]}')
+    assert calls is not None and calls[0]["function"] == {"name": "add", "arguments": '{"a": 1, "b": 2}'}
+    assert parse_tool_calls("Hello there") is None
+    none = plan_tools(TOOLS, "none", None)
+    assert (
+        none is not None and not none.calls and render_tool_messages(turns[:1], none, False)[0] == turns[:1]
+    )
+    named = plan_tools(TOOLS, {"type": "function", "function": {"name": "add"}}, True)
+    assert named is not None and named.controls["json_schema"]["properties"]["tool_calls"]["maxItems"] == 1
