@@ -204,9 +204,12 @@ FIELD_TESTS = {
     "logprobs": "test_logprobs_helpers",
     "top_logprobs": "test_logprobs_helpers",
     "prompt_logprobs": "test_logprobs_helpers",
-    "response_format": "tests/generate/test_constrain.py::test_smollm2_json_output_parses_whatever_the_prompt",
+    "response_format": "tests/generate/test_constrain_schemas.py::test_every_constrained_output_validates",
     "json_max_depth": "tests/generate/test_constrain.py::test_depth_limit_forbids_opening_past_it",
-    "choices": "tests/generate/test_constrain.py::test_smollm2_output_is_one_of_the_choices",
+    "choices": "tests/generate/test_constrain_schemas.py::test_every_constrained_output_validates",
+    "json_schema": "tests/generate/test_constrain_schemas.py::test_every_constrained_output_validates",
+    "regex": "tests/generate/test_constrain_schemas.py::test_every_constrained_output_validates",
+    "grammar": "tests/generate/test_constrain_schemas.py::test_every_constrained_output_validates",
     "samplers": "test_chain_order_follows_samplers",
 }
 
@@ -750,7 +753,8 @@ SWITCH_ON: dict[str, dict[str, Any]] = {
 NOT_READ: dict[str, Any] = dict(
     max_new_tokens=5, stop=["x"], include_stop_str_in_output=True, n=2, num_beams=2, length_penalty=0.5,
     early_stopping=True, seed=3, logprobs=True, top_logprobs=2, prompt_logprobs=1,
-    response_format="json_object", json_max_depth=3, choices=["a"],
+    response_format="json_object", json_max_depth=3, choices=["a"], json_schema={"type": "object"}, regex="a",
+    grammar='start: "a"',
 )  # fmt: skip
 
 
