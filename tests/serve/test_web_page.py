@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from tiny_chat import tiny_tokenizer
+from tiny_chat import tiny_lm, tiny_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,8 @@ def _lm(seed: int, temperature: float, top_k: int) -> Any:
 
 @pytest.fixture(scope="module")
 def models() -> dict[str, Any]:
-    return {"tiny-a": _lm(0, 0.7, 20), "tiny-b": _lm(1, 0.3, 5)}
+    encoder = tiny_lm(arch="encoder", pos_encoding="learned", head="none")
+    return {"tiny-a": _lm(0, 0.7, 20), "tiny-b": _lm(1, 0.3, 5), "tiny-embed": encoder}
 
 
 @pytest.fixture(scope="module")
@@ -329,6 +330,26 @@ def test_side_by_side_streams_two_models(page: Any) -> None:
     page.save_screenshot(str(page.shots / "side-by-side-1440.png"))
 
 
+def test_the_embeddings_view_shows_a_similarity_matrix(page: Any) -> None:
+    _el(page, "#toggle-embed").click()
+    assert not _el(page, "#prompt").is_displayed()
+    assert _el(page, "#embed-model").get_attribute("value") == "tiny-embed"
+    _set(page, "embed-texts", "the cat sat\nthe cat sat on a mat\nred green blue")
+    _requests(page)
+    _el(page, "#embed-run").click()
+    cells = _wait(lambda: page.execute_script(
+        "return [...document.querySelectorAll('#embed-result tr')].slice(1).map(r => [...r.cells].slice(1).map(c => Number(c.textContent)))"
+    ), what="the matrix")  # fmt: skip
+    assert len(cells) == 3 and all(len(row) == 3 for row in cells)
+    assert all(abs(cells[i][i] - 1) < 1e-3 for i in range(3))
+    assert all(abs(cells[i][j] - cells[j][i]) < 1e-3 for i in range(3) for j in range(3))
+    (body,) = [json.loads(r["postData"]) for r in _requests(page) if r["url"].endswith("/v1/embeddings")]
+    assert body["model"] == "tiny-embed" and len(body["input"]) == 3
+    page.save_screenshot(str(page.shots / "embeddings-1440.png"))
+    _el(page, "#toggle-embed").click()
+    assert _el(page, "#prompt").is_displayed()
+
+
 def test_the_page_works_under_a_proxys_path_prefix(page: Any, server: Any) -> None:
     """Behind a proxy that serves the server under /chat/ (and strips it): every request keeps the prefix."""
     import socket
@@ -379,7 +400,7 @@ def test_no_console_errors_no_other_host_and_a_narrow_screen(page: Any, server: 
     finally:
         page.set_window_size(1440, 900)
     shots = sorted(p.name for p in page.shots.iterdir())
-    assert shots == ["chat-1440.png", "chat-375.png", "side-by-side-1440.png"]
+    assert shots == ["chat-1440.png", "chat-375.png", "embeddings-1440.png", "side-by-side-1440.png"]
     print(f"screenshots in {page.shots}")
 
 

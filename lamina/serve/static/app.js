@@ -483,6 +483,64 @@ function editLast() {
   $("prompt").focus();
 }
 
+// ---- Embeddings: a similarity matrix of a few texts ---------------------------------------------
+
+function cosine(a, b) {
+  let dot = 0, na = 0, nb = 0;
+  for (let i = 0; i < a.length; i += 1) {
+    dot += a[i] * b[i];
+    na += a[i] * a[i];
+    nb += b[i] * b[i];
+  }
+  return na && nb ? dot / Math.sqrt(na * nb) : 0;
+}
+
+async function compareTexts() {
+  const texts = $("embed-texts").value.split("\n").map((t) => t.trim()).filter((t) => t);
+  const out = $("embed-result");
+  out.textContent = "";
+  if (!texts.length) return;
+  clearError();
+  let resp;
+  try {
+    try {
+      resp = await fetch(new URL("v1/embeddings", BASE), { method: "POST", headers: headers(),
+        body: JSON.stringify({ model: $("embed-model").value, input: texts, truncate: true }) });
+    } catch (e) {
+      throw new HttpError(0, e.message);
+    }
+    if (!resp.ok) throw await failure(resp);
+  } catch (e) {
+    showError(describe(e));
+    return;
+  }
+  const vectors = (await resp.json()).data.sort((a, b) => a.index - b.index).map((d) => d.embedding);
+  const table = document.createElement("table");
+  const head = table.insertRow();
+  head.appendChild(document.createElement("th"));
+  for (const t of texts) {
+    const th = document.createElement("th");
+    th.textContent = t;
+    th.title = t;
+    head.appendChild(th);
+  }
+  texts.forEach((t, i) => {
+    const row = table.insertRow();
+    const th = document.createElement("th");
+    th.textContent = t;
+    th.title = t;
+    row.appendChild(th);
+    vectors.forEach((v, j) => {
+      const sim = cosine(vectors[i], v);
+      const cell = row.insertCell();
+      cell.textContent = sim.toFixed(3);
+      // CSSOM, which the CSP allows (a style attribute in markup it would not)
+      cell.style.backgroundColor = "rgba(43, 95, 217, " + (Math.max(0, sim) * 0.6).toFixed(3) + ")";
+    });
+  });
+  out.appendChild(table);
+}
+
 // ---- Start -------------------------------------------------------------------------------------
 
 function askKey() {
@@ -499,6 +557,14 @@ async function loadModels() {
     }
     const list = await getJSON("v1/models");
     state.models = list.data.filter((m) => m.kind !== "embedding");
+    const encoders = list.data.filter((m) => m.kind === "embedding");
+    document.body.classList.toggle("has-embeddings", encoders.length > 0);
+    $("embed-model").textContent = "";
+    for (const m of encoders) {
+      const o = document.createElement("option");
+      o.value = o.textContent = m.id;
+      $("embed-model").appendChild(o);
+    }
     for (const id of ["model", "model-b"]) {
       const select = $(id);
       const before = select.value;
@@ -576,6 +642,13 @@ function init() {
     setTimeout(() => URL.revokeObjectURL(url), 1000);
   });
   $("error-close").addEventListener("click", clearError);
+  $("toggle-embed").addEventListener("click", () => {
+    const on = $("embed-view").hidden;
+    $("embed-view").hidden = !on;
+    document.body.classList.toggle("embedding", on);
+    $("toggle-embed").setAttribute("aria-pressed", String(on));
+  });
+  $("embed-run").addEventListener("click", compareTexts);
   $("key-dialog").addEventListener("submit", (e) => {
     e.preventDefault();
     const key = $("api-key").value.trim();
@@ -596,5 +669,5 @@ function init() {
 }
 
 // for tests and the console: the renderer, the state, what was sent
-window.lamina = { renderMarkdown, escapeHtml, state, exportJSON, send, stop };
+window.lamina = { renderMarkdown, escapeHtml, state, exportJSON, send, stop, cosine };
 document.addEventListener("DOMContentLoaded", init);
