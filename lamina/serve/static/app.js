@@ -25,7 +25,8 @@ function inline(escaped) {
   s = s.replace(/\*\*([^*\n]+)\*\*/g, "<strong>$1</strong>");
   s = s.replace(/(^|[^\w*])\*([^*\n]+)\*(?!\w)/g, "$1<em>$2</em>");
   s = s.replace(/(^|[^\w])_([^_\n]+)_(?!\w)/g, "$1<em>$2</em>");
-  return s.replace(/\u0000(\d+)\u0000/g, (_, i) => held[Number(i)]);
+  for (let k = 0; k < 3 && s.includes("\u0000"); k += 1) s = s.replace(/\u0000(\d+)\u0000/g, (_, i) => held[Number(i)]);
+  return s; // (a held link may hold held code: restored in a second pass)
 }
 
 function blocks(text) {
