@@ -4,6 +4,7 @@ config's own count, counts with suffixes, one budget at a time, and the CLI repo
 from __future__ import annotations
 
 import pytest
+import torch
 
 from lamina.analysis.plan import PlanConfig, _llama_params, _llama_shape, parse_count, plan, suggest_config
 from lamina.config import ModelConfig
@@ -73,3 +74,49 @@ def test_weight_bytes_match_converted_models(tie: bool) -> None:
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
         assert weight_bytes(cfg, fmt) == pytest.approx(total, rel=0.02), fmt
+
+
+def _measured_peak(cfg: ModelConfig, batch: int, opt: str, checkpointing: bool) -> int:
+    """Peak bytes of the second fp32 training step (optimizer states exist), by torch's MemTracker."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from lamina.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(cfg).train()
+    model.activation_checkpointing = checkpointing
+    params = model.parameters()
+    optim = (
+        torch.optim.AdamW(params, lr=1e-3)
+        if opt == "adamw"
+        else torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    )
+    x = torch.randint(0, cfg.vocab_size, (batch, cfg.max_seq_len))
+
+    def step() -> None:
+        torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
+        optim.step()
+        optim.zero_grad()
+
+    step()
+    tracker = MemTracker()
+    tracker.track_external(model, optim)
+    with tracker:
+        step()
+    return int(tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"])
+
+
+@pytest.mark.parametrize(
+    ("shape", "opt", "checkpointing"),
+    [((2, 128, 2048, True), "adamw", False), ((2, 128, 2048, True), "sgd", True),
+     ((4, 256, 2048, True), "adamw", True), ((3, 384, 8192, False), "adamw", False)],
+)  # fmt: skip
+def test_training_memory_within_15_percent_of_measured(shape: tuple, opt: str, checkpointing: bool) -> None:
+    from lamina.analysis.plan import training_memory
+
+    n_layers, d_model, vocab, tie = shape
+    cfg = ModelConfig.preset("llama-tiny", n_layers=n_layers, d_model=d_model, n_heads=d_model // 32,
+                             n_kv_heads=d_model // 64, vocab_size=vocab, max_seq_len=64, tie_embeddings=tie)  # fmt: skip
+    want = _measured_peak(cfg, 4, opt, checkpointing)
+    got = training_memory(cfg, 4, 64, opt, checkpointing).peak
+    assert got == pytest.approx(want, rel=0.15)
