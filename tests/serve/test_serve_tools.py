@@ -48,6 +48,7 @@ def _valid(calls: Any) -> list[str]:
     return names
 
 
+@pytest.mark.slow
 def test_required_named_and_parallel_calls_validate(client: Any) -> None:
     kw = {"model": "smollm2", "messages": ASK, "tools": TOOLS, "max_tokens": 60, "temperature": 0}
     r = client.chat.completions.create(tool_choice="required", **kw)
@@ -66,6 +67,7 @@ def test_required_named_and_parallel_calls_validate(client: Any) -> None:
     assert len(_valid(r.choices[0].message.tool_calls)) >= 2
 
 
+@pytest.mark.slow
 def test_streamed_deltas_concatenate_to_the_call(client: Any) -> None:
     kw = {
         "model": "smollm2",
@@ -91,6 +93,7 @@ def test_streamed_deltas_concatenate_to_the_call(client: Any) -> None:
     ]
 
 
+@pytest.mark.slow
 def test_auto_and_none_can_answer_in_text_and_tool_results_go_back(client: Any) -> None:
     kw = {"model": "smollm2", "tools": TOOLS, "max_tokens": 12, "temperature": 0}
     r = client.chat.completions.create(
