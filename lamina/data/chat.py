@@ -43,6 +43,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from lamina.data.rows import split_indices
 from lamina.errors import DataError, LaminaError
 from lamina.tokenizer import Tokenizer
 
@@ -80,11 +81,8 @@ class ChatData:
     def split(self, fraction: float, seed: int) -> tuple[ChatData, ChatData]:
         """A random (train, held-out) split with ``fraction`` of the conversations held out (at least one
         each when there are two or more); the problems stay with the training part."""
-        n = len(self)
-        order = np.random.default_rng(seed).permutation(n)
-        k = min(max(1, round(n * fraction)), n - 1) if n > 1 else 0
-        held, keep = sorted(order[:k].tolist()), sorted(order[k:].tolist())
-        return self.subset(keep, self.problems), self.subset(held, [])
+        keep, held = split_indices(len(self), fraction, seed)
+        return self.subset(sorted(keep), self.problems), self.subset(sorted(held), [])
 
     def subset(self, rows: Sequence[int], problems: list[Problem]) -> ChatData:
         """The conversations ``rows``, in that order."""

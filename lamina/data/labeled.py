@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lamina.data.rows import split_indices
 from lamina.errors import DataError
 from lamina.tokenizer import Tokenizer
 
@@ -36,8 +37,8 @@ class LabeledData:
         return len(self.texts)
 
     def split(self, fraction: float, seed: int) -> tuple[LabeledData, LabeledData]:
-        """A random (train, held-out) split with ``fraction`` of the rows held out (at least one)."""
-        keep, held_out = _split_rows(len(self), fraction, seed)
+        """A random (train, held-out) split with ``fraction`` of the rows held out (at least one each from two rows on)."""
+        keep, held_out = split_indices(len(self), fraction, seed)
         return self.subset(keep), self.subset(held_out)
 
     def subset(self, rows: Sequence[int] | np.ndarray) -> LabeledData:
@@ -61,8 +62,8 @@ class TaggedData:
         return len(self.words)
 
     def split(self, fraction: float, seed: int) -> tuple[TaggedData, TaggedData]:
-        """A random (train, held-out) split with ``fraction`` of the sentences held out (at least one)."""
-        keep, held_out = _split_rows(len(self), fraction, seed)
+        """A random (train, held-out) split with ``fraction`` of the sentences held out (at least one each from two sentences on)."""
+        keep, held_out = split_indices(len(self), fraction, seed)
         return self.subset(keep), self.subset(held_out)
 
     def subset(self, rows: Sequence[int] | np.ndarray) -> TaggedData:
@@ -70,12 +71,6 @@ class TaggedData:
         pick = [int(i) for i in rows]
         where = [self.where[i] for i in pick] if self.where else []
         return TaggedData([self.words[i] for i in pick], [self.tags[i] for i in pick], where)
-
-
-def _split_rows(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    order = np.random.default_rng(seed).permutation(n)
-    n_val = max(1, round(fraction * n))
-    return order[n_val:], order[:n_val]
 
 
 def read_labeled(

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lamina.data.rows import split_indices
 from lamina.errors import ConfigError, DataError
 from lamina.tokenizer import Tokenizer
 
@@ -83,9 +84,8 @@ class PairData:
         least one left for training)."""
         if len(self) < 2:
             raise DataError(f"{len(self)} pair(s) cannot be split into train and validation; add pairs")
-        order = np.random.default_rng(seed).permutation(len(self))
-        n_val = min(len(self) - 1, max(1, round(fraction * len(self))))
-        return self.subset(order[n_val:]), self.subset(order[:n_val])
+        keep, held = split_indices(len(self), fraction, seed)
+        return self.subset(keep), self.subset(held)
 
     def subset(self, rows: Sequence[int] | np.ndarray) -> PairData:
         """The pairs ``rows``, in that order."""

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from lamina.data.chat import Problem, _answer_start, _common_prefix, _control_ids, _encode, _messages, _Skip
+from lamina.data.rows import split_indices
 from lamina.errors import ConfigError, DataError
 from lamina.tokenizer import Tokenizer
 
@@ -60,11 +61,8 @@ class PreferenceData:
     def split(self, fraction: float, seed: int) -> tuple[PreferenceData, PreferenceData]:
         """A random (train, held-out) split with ``fraction`` of the pairs held out (at least one each
         when there are two or more); the problems stay with the training part."""
-        n = len(self)
-        order = np.random.default_rng(seed).permutation(n)
-        k = min(max(1, round(n * fraction)), n - 1) if n > 1 else 0
-        held, keep = sorted(order[:k].tolist()), sorted(order[k:].tolist())
-        return self.subset(keep, self.problems), self.subset(held, [])
+        keep, held = split_indices(len(self), fraction, seed)
+        return self.subset(sorted(keep), self.problems), self.subset(sorted(held), [])
 
     def subset(self, rows: Sequence[int], problems: list[Problem]) -> PreferenceData:
         """The pairs ``rows``, in that order."""
