@@ -11,7 +11,7 @@ from lamina.checkpoint.gguf_export import DEFAULT_GGUF_QUANT, GGUFQuant, export_
 from lamina.checkpoint.hf import export_hf
 from lamina.checkpoint.lamina import save_checkpoint
 from lamina.checkpoint.load import load
-from lamina.checkpoint.peft import load_with_adapter
+from lamina.checkpoint.peft import load_with_adapter, own_adapter
 from lamina.checkpoint.sentence_transformers import EmbeddingConfig
 from lamina.errors import CheckpointError, ConfigError
 
@@ -42,9 +42,16 @@ def convert(
 
     Raises ``CheckpointError`` when ``out`` exists and is not empty, unless ``overwrite`` (which still
     never replaces a folder that is not a model folder), and ``ConfigError`` for ``quant`` without
-    ``to="gguf"`` or an ``out`` ending in ``.gguf`` with another ``to``.
+    ``to="gguf"``, an ``out`` ending in ``.gguf`` with another ``to``, or a lamina LoRA checkpoint ``src``
+    without ``merge_lora`` (its weights alone are the base: the adapter would be dropped).
     """
     target = Path(out)
+    own = own_adapter(src)
+    if own is not None and merge_lora is None:
+        raise ConfigError(
+            f"{src} is a LoRA checkpoint (its weights are the base without {own}): add --merge-lora {own} to "
+            "write the adapted model"
+        )
     if to != "gguf" and quant is not None:
         raise ConfigError(f"quant={quant!r} applies to GGUF output only; add --to gguf")
     if to != "gguf" and target.suffix == ".gguf":

@@ -230,6 +230,13 @@ def resolve_adapter(path: str | os.PathLike[str]) -> Path:
     return folder
 
 
+def own_adapter(model: str | os.PathLike[str]) -> Path | None:
+    """The ``adapter/`` of a lamina LoRA checkpoint folder ``model`` (its top-level weights are the base
+    without the adapter), or None for any other model."""
+    folder = Path(model) / LAMINA_ADAPTER_DIR
+    return folder if (folder / ADAPTER_CONFIG).is_file() else None
+
+
 def read_adapter(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``adapter_config.json`` and the tensors of a PEFT adapter folder.
 

@@ -14,11 +14,10 @@ from tqdm import tqdm
 
 from lamina.checkpoint.load import LoadedModel, LoadOptions, load
 from lamina.checkpoint.peft import (
-    ADAPTER_CONFIG,
-    LAMINA_ADAPTER_DIR,
     AdapterOptions,
     load_adaptable,
     load_with_adapter,
+    own_adapter,
 )
 from lamina.cli.flags import HelpFormatter, add_config_file, add_fields, values
 from lamina.config import GenerationConfig
@@ -123,8 +122,13 @@ def load_from_args(
         )
     target = model or args.model
     wanted = model is None if lora is None else lora
-    own = Path(target) / LAMINA_ADAPTER_DIR
-    if wanted and adapter.lora is None and not adaptable and (own / ADAPTER_CONFIG).is_file():
+    own = own_adapter(target) if wanted else None
+    if own is not None and adapter.lora is None and adaptable:
+        raise ConfigError(
+            f"{target} is a LoRA checkpoint (its weights are the base without {own}): serve the base model "
+            f"and add the adapter with --lora-modules NAME={own}"
+        )
+    if own is not None and adapter.lora is None:
         print(f"lamina: {target} is a LoRA checkpoint: its {own} is applied (--lora)", file=sys.stderr)
         adapter.lora = str(own)
     if adapter.merge_lora and adapter.lora is None:

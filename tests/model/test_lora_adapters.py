@@ -125,6 +125,17 @@ def test_generate_and_chat_take_lora(
     convert(folders["hf"], ckpt)
     shutil.copytree(folders["a"], ckpt / "adapter")
     assert _run(["generate", str(ckpt), prompt, *flags], capsys) == text
+    # serving or converting it must not silently drop the adapter (its top-level weights are the base)
+    from lamina.cli.generate import load_from_args
+    from lamina.cli.main import build_parser
+
+    args = build_parser("serve").parse_args(["serve", str(ckpt)])
+    with pytest.raises(ConfigError, match="--lora-modules NAME="):
+        load_from_args(args, str(ckpt), lora=True, adaptable=True)
+    with pytest.raises(ConfigError, match="--merge-lora"):
+        convert(ckpt, tmp_path / "out")
+    merged = convert(ckpt, tmp_path / "merged", merge_lora=str(ckpt / "adapter"))
+    assert _run(["generate", str(merged), prompt, *flags], capsys) == text
     chat = ["chat", hf, "--temperature", "0", "--max-new-tokens", "5", "--lora", a]
     reply = _run(chat, capsys, stdin="hello world\n")
     assert reply and _run([*chat, "--merge-lora"], capsys, stdin="hello world\n") == reply
