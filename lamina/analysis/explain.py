@@ -49,6 +49,12 @@ class ExplainConfig:
     head: int = 0  # the head of the full-size attention map
     max_tokens: int = 64  # explain the first N tokens of the text
 
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ConfigError(f"max_tokens={self.max_tokens} must be >= 1")
+        if self.head < 0:
+            raise ConfigError(f"head={self.head} must be >= 0")
+
 
 class _AttentionRecorder:
     """Stands in for ``torch.nn.functional`` inside lamina.model.layers: everything passes through
@@ -163,10 +169,12 @@ def explain(lm: LoadedModel, text: str, max_tokens: int = 64) -> Explanation:
                           "are not drawn yet")  # fmt: skip
     if tok is None:
         raise ConfigError(f"model {lm.entry.name!r} has no tokenizer; explain needs one")
+    if max_tokens < 1:
+        raise ConfigError(f"max_tokens={max_tokens} must be >= 1")
     ids = tok.encode(text, split_special_tokens=True)[:max_tokens]
     if not ids:
         raise ConfigError("the text has no tokens: give some text to explain")
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=next(model.parameters()).device)
     model.eval()
     with record_attention() as probs:
         logits = model(x)
@@ -176,19 +184,19 @@ def explain(lm: LoadedModel, text: str, max_tokens: int = 64) -> Explanation:
         )
     lens = logit_lens(model, x)[:, 0]  # (L, T, V)
     top_probs, top_ids = lens.exp().max(-1)
-    target = torch.full(top_ids.shape, math.nan)
+    target = torch.full(top_ids.shape, math.nan, device=x.device)
     target[:, :-1] = lens[:, :-1].gather(-1, x[0, 1:].expand(lens.shape[0], -1)[..., None])[..., 0]
     own = logits[0].float().log_softmax(-1)
-    surprisal = torch.full((len(ids),), math.nan)
+    surprisal = torch.full((len(ids),), math.nan, device=x.device)
     surprisal[1:] = -own[:-1].gather(-1, x[0, 1:, None])[:, 0] / math.log(2)
     return Explanation(
         tokens=[tok.decode([i]) for i in ids],
         ids=ids,
-        attentions=torch.stack([p[0] for p in probs]),
-        lens_top_ids=top_ids,
-        lens_top_probs=top_probs,
-        lens_target_logprobs=target,
-        surprisal=surprisal,
+        attentions=torch.stack([p[0] for p in probs]).cpu(),
+        lens_top_ids=top_ids.cpu(),
+        lens_top_probs=top_probs.cpu(),
+        lens_target_logprobs=target.cpu(),
+        surprisal=surprisal.cpu(),
     )
 
 
@@ -202,11 +210,14 @@ def figures(ex: Explanation, out: str | Path, tokenizer: Any, layer: int = -1, h
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    A = ex.attentions.cpu().numpy()
+    L, H, T, _ = A.shape
+    if not -L <= layer < L or not 0 <= head < H:
+        raise ConfigError(f"layer={layer}, head={head}: this model has layers 0..{L - 1} (or -1..-{L}) and heads "
+                          f"0..{H - 1}")  # fmt: skip
+    layer = layer % L
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    A = ex.attentions.numpy()
-    L, H, T, _ = A.shape
-    layer = layer % L
     labels = [t.replace("\n", "\\n") for t in ex.tokens]
     paths = []
 

@@ -35,6 +35,9 @@ from lamina.analysis.scaling import ParametricLaw
 from lamina.errors import ConfigError
 
 HUBER_DELTA = 1e-3  # Hoffmann et al. 2022, appendix D.2
+# fewest runs for bootstrap intervals: with 5 (the fewest a fit takes) every resample that can be fitted
+# holds all 5 runs, so the intervals would have zero width
+MIN_BOOTSTRAP = 8
 # (a, b, e, alpha, beta): exponents kept >= 0 (loss falls with size and data) and every constant finite
 BOUNDS = [(-20.0, 60.0), (-20.0, 60.0), (-5.0, 5.0), (0.0, 3.0), (0.0, 3.0)]
 
@@ -171,7 +174,10 @@ class Bootstrap:
 
 def bootstrap(points: Sequence[RunPoint], n: int = 200, seed: int = 0, starts: int = 4) -> Bootstrap:
     """``n`` refits on runs resampled with replacement (resamples with fewer than 5 distinct runs or
-    without variation in N or D are drawn again)."""
+    without variation in N or D are drawn again). Raises ``ConfigError`` below ``MIN_BOOTSTRAP`` runs."""
+    if len(points) < MIN_BOOTSTRAP:
+        raise ConfigError(f"bootstrap intervals need at least {MIN_BOOTSTRAP} runs (got {len(points)}): with fewer, "
+                          "every resample that can be fitted is the same runs")  # fmt: skip
     rng = np.random.default_rng(seed)
     laws: list[ParametricLaw] = []
     while len(laws) < n:
@@ -232,7 +238,9 @@ def fit_report(runs: Sequence[str | Path], cfg: FitConfig) -> str:
     ``cfg.out``, write ``scaling_fit.png`` and ``fit.json`` there too."""
     points = [read_run(r) for r in runs]
     law = fit_law(points)
-    band = bootstrap(points, cfg.bootstrap, cfg.seed) if cfg.bootstrap else None
+    band = (
+        bootstrap(points, cfg.bootstrap, cfg.seed) if cfg.bootstrap and len(points) >= MIN_BOOTSTRAP else None
+    )
 
     def ci(f: Callable[[ParametricLaw], float], fmt: str = "{:.4g}") -> str:
         if band is None:
@@ -244,8 +252,9 @@ def fit_report(runs: Sequence[str | Path], cfg: FitConfig) -> str:
     for p in points:
         lines.append(f"{p.name:<28}{_count(p.params):>9}{_count(p.tokens):>9}{p.loss:>10.4f}"
                      f"{law.loss(p.params, p.tokens):>9.4f}")  # fmt: skip
-    lines.append(f"L(N, D) = E + A / N^alpha + B / D^beta, fitted to {len(points)} runs"
-                 + (f" (95% bootstrap intervals over {cfg.bootstrap} refits)" if band else ""))  # fmt: skip
+    note = (f" (95% bootstrap intervals over {cfg.bootstrap} refits)" if band else
+            f" (no intervals: the bootstrap needs {MIN_BOOTSTRAP}+ runs)" if cfg.bootstrap else "")  # fmt: skip
+    lines.append(f"L(N, D) = E + A / N^alpha + B / D^beta, fitted to {len(points)} runs{note}")
     for name in ("E", "A", "B", "alpha", "beta"):
         lines.append(f"  {name:<6}{ci(functools.partial(_constant, name))}")
     mid = 6 * float(np.exp(np.mean([math.log(p.params * p.tokens) for p in points])))

@@ -108,9 +108,7 @@ def measure_matmul_flops(dtype: str = "float32", seconds: float = 0.5, size: int
     return 2 * size**3 * n / elapsed
 
 
-def suggest_config(
-    params: float, vocab_size: int = 49152, max_seq_len: int = 2048, aspect_ratio: float = 64.0
-) -> ModelConfig:
+def suggest_config(params: float, vocab_size: int, max_seq_len: int, aspect_ratio: float) -> ModelConfig:
     """A Llama-style ``ModelConfig`` (RMSNorm, SwiGLU, RoPE, tied embeddings, head size 64, a quarter as
     many KV heads as query heads where that divides) with about ``params`` parameters: among the
     (n_layers, d_model: a multiple of 64, of 256 from 1024 up) pairs within 10% of it, the one nearest (on log scales) to

@@ -62,7 +62,7 @@ class SweepConfig:
 
 
 def plan_runs(run: Any, cfg: SweepConfig) -> list[tuple[Path, Any]]:
-    """(folder, RunConfig) of every run of the grid, smallest first."""
+    """(folder, RunConfig) of every run of the grid: shapes in the order given, token budgets ascending."""
     out = []
     t = run.train
     per_step = t.batch_size * (t.seq_len or run.model.max_seq_len) * t.grad_accum_steps

@@ -111,7 +111,7 @@ def is_token_shards(source: str | Path) -> bool:
     return (Path(source) / "manifest.json").is_file()
 
 
-def shard_documents(folder: str | Path, split: str = "val") -> tuple[list[list[int]], Tokenizer]:
+def shard_documents(folder: str | Path, split: str) -> tuple[list[list[int]], Tokenizer]:
     """The documents of ``split`` in a prepared data folder, as token-id lists cut at the eos id that
     ``lamina data prepare`` appends to each (the eos itself left out), and the folder's tokenizer.
     Raises ``DataError`` for a missing split or a folder prepared without eos ids (documents then run

@@ -67,3 +67,7 @@ def test_figures_and_cli(lm: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert "bits" in ex.table(lm.tokenizer)
     with pytest.raises(ConfigError, match="no tokens"):
         explain(lm, "")
+    with pytest.raises(ConfigError, match=r"heads 0\.\.3"):
+        figures(ex, tmp_path / "bad", lm.tokenizer, layer=0, head=99)
+    with pytest.raises(ConfigError, match="max_tokens"):
+        explain(lm, TEXT, max_tokens=0)

@@ -77,8 +77,12 @@ def test_read_run_and_report(tmp_path: Path) -> None:
         folders.append(tmp_path / f"r{i}")
         n = ModelConfig.preset("tiny", n_layers=layers, max_seq_len=64).n_params
         _fake_run(folders[-1], layers, steps, TRUE.loss(n, steps * 256))
-    text = fit_report(folders, FitConfig(out=str(tmp_path / "fit"), bootstrap=0, predict_params=1e6,
+    text = fit_report(folders, FitConfig(out=str(tmp_path / "fit"), bootstrap=10, predict_params=1e6,
                                          predict_tokens=1e5, budget=1e12))  # fmt: skip
+    assert (
+        "no intervals: the bootstrap needs 8+ runs" in text
+        and "[" not in text.split("alpha")[1].splitlines()[0]
+    )
     assert "predicted loss" in text and "alpha" in text
     assert (tmp_path / "fit" / "scaling_fit.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "fit" / "fit.json").read_text())["prediction"]["params"] == 1e6

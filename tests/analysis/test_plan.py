@@ -19,11 +19,11 @@ def test_parameter_formula_equals_the_config(n_layers: int, d_model: int) -> Non
 
 @pytest.mark.parametrize("params", [20e6, 135e6, 1.3e9, 70e9])
 def test_suggested_config_has_the_size(params: float) -> None:
-    cfg = suggest_config(params)
+    cfg = suggest_config(params, 49152, 2048, 64.0)
     assert cfg.n_params == pytest.approx(params, rel=0.10)
     assert cfg.d_model % cfg.n_heads == 0 and cfg.n_heads % cfg.n_kv_heads == 0  # type: ignore[operator]
     with pytest.raises(ConfigError, match="embeddings alone"):
-        suggest_config(1e5)
+        suggest_config(1e5, 49152, 2048, 64.0)
 
 
 def test_counts_and_budget_choice() -> None:
