@@ -64,6 +64,9 @@ DEFAULT_GGUF_QUANT: GGUFQuant = "f16"  # what convert_hf_to_gguf.py writes by de
 _QTYPE = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q4_k": 12, "q6_k": 14}
 _FILE_TYPE = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q4_0": 2, "q4_1": 3, "q4_k": 15, "q6_k": 18}
 _BLOCK = {"q8_0": 32, "q4_0": 32, "q4_1": 32, "q4_k": 256, "q6_k": 256}
+# a K-quant's type for rows that are not whole 256-blocks (llama.cpp falls back Q4_K -> Q5_0 and Q6_K ->
+# Q8_0; lamina writes no Q5_0, so Q4_K -> Q4_1, its nearest 32-block type of the same bits)
+_FALLBACK = {"q4_k": "q4_1", "q6_k": "q8_0"}
 
 # GGUF token types (llama.cpp's llama_token_type)
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED = 1, 2, 3, 4, 5
@@ -582,13 +585,20 @@ def export_gguf(
         raise CheckpointError(
             f"{target} already exists; choose a new path, or pass --overwrite to replace it"
         )
+    from lamina.model.lora import adapter_names, lora_layers
+
+    if lora_layers(model) or adapter_names(model):
+        raise CheckpointError(
+            "this model holds unmerged LoRA adapters, which GGUF cannot store: merge them first "
+            "(lamina.model.lora.merge_lora(model, unload=True), or `lamina convert MODEL --merge-lora ADAPTER`)"
+        )
     cfg = model.config
     arch = gguf_architecture(cfg)
     src = read_gguf(source) if source is not None else None
     if quant == "keep" and src is None:
         raise CheckpointError(
             "quant='keep' re-exports the tensors of the GGUF file the model was loaded from; this model "
-            "was not loaded from a GGUF file: choose f32, f16, bf16, q8_0, q4_0 or q4_1"
+            "was not loaded from a GGUF file: choose f32, f16, bf16, q8_0, q4_0, q4_1, q4_k or q6_k"
         )
     if tokenizer is None and src is None:
         raise CheckpointError(
@@ -643,15 +653,15 @@ def _encoded(
     fallback = []
     for name, t in tensors.items():
         q = quant if t.ndim == 2 else "f32"  # norms and biases stay F32 (as llama.cpp's converter)
-        if q in _BLOCK and t.shape[-1] % _BLOCK[q]:
-            q = "f16"
+        if q in _BLOCK and t.shape[-1] % _BLOCK[q]:  # as llama.cpp: a K-quant falls back to a 32-block type
+            q = _FALLBACK.get(q, "f16") if t.shape[-1] % 32 == 0 else "f16"
             fallback.append(name)
         data = quantize(t, q)
         out.append((name, data, None if q in ("f32", "f16") else _QTYPE[q]))
     if fallback:
         warnings.warn(
             f"{len(fallback)} tensors ({', '.join(fallback[:3])}...) have rows that are not whole {quant} "
-            "blocks; written as F16",
+            f"blocks; written as {_FALLBACK.get(quant, 'f16').upper()} (F16 where rows are not whole 32-blocks)",
             stacklevel=3,
         )
     return out

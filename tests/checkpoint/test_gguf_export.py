@@ -98,12 +98,22 @@ def test_quantize_refuses_rows_that_are_not_whole_blocks() -> None:
 # -- round trips -------------------------------------------------------------------------------------------
 
 
+class _Exports(dict):  # type: ignore[type-arg]
+    """SmolLM2 exported on first use per quant type, once per session (shared with the llama.cpp tests)."""
+
+    def __init__(self, model: Any, folder: Path) -> None:
+        super().__init__()
+        self.model, self.folder = model, folder
+
+    def __missing__(self, quant: str) -> Path:
+        self[quant] = export_gguf(self.model, self.folder / f"smollm2-{quant}.gguf", quant=quant)  # type: ignore[arg-type]
+        return self[quant]
+
+
 @pytest.fixture(scope="session")
 def smollm2_exports(lamina_smollm2: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """SmolLM2 exported once per session as f32, f16, q8_0, q4_1 and keep (shared with the llama.cpp tests)."""
-    folder = tmp_path_factory.mktemp("gguf_export")
-    return {q: export_gguf(lamina_smollm2, folder / f"smollm2-{q}.gguf", quant=q)  # type: ignore[arg-type]
-            for q in ("f32", "f16", "q8_0", "q4_1", "keep")}  # fmt: skip
+    """``smollm2_exports[quant]``: SmolLM2 as a GGUF file of that type, written when a test first asks."""
+    return _Exports(lamina_smollm2, tmp_path_factory.mktemp("gguf_export"))
 
 
 PROMPT = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 30, 2, 198, 1, 520, 9531, 198]
@@ -246,6 +256,10 @@ def test_a_lora_merged_model_exports_with_the_merged_weights(bpe_tokenizer: Any,
     merged = logits(merge_lora(lora, unload=True).eval(), ids)
     assert not torch.allclose(merged, logits(base, ids), atol=1e-3)
     assert torch.allclose(logits(lamina.load(out).model, ids), merged, atol=1e-5)
+    unmerged = apply_lora(tiny_model(bpe_tokenizer, "llama"), LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(CheckpointError, match="unmerged LoRA adapters"):
+        export_gguf(unmerged, tmp_path / "u.gguf", tokenizer=bpe_tokenizer)
+    assert not (tmp_path / "u.gguf").exists()
     gguf_src = convert(src, tmp_path / "base.gguf", to="gguf", quant="q8_0")
     with pytest.raises(CheckpointError, match="changed since it was read"):
         convert(gguf_src, tmp_path / "x.gguf", to="gguf", quant="keep", merge_lora=str(adapter))
@@ -429,9 +443,13 @@ def test_demo_sized_llama_as_k_quant_agrees_with_llama_cpp(
     llama_cpp: Runner, bpe_tokenizer: Any, tmp_path: Path, quant: str
 ) -> None:
     model = tiny_model(bpe_tokenizer, "llama", n_layers=4, d_model=256, n_heads=4, init_std=0.05)
-    with pytest.warns(UserWarning, match=f"not whole {quant} blocks"):  # d_ff 704: ffn_down stays F16
+    with pytest.warns(UserWarning, match=f"not whole {quant} blocks"):  # d_ff 704: ffn_down falls back
         path = export_gguf(model, tmp_path / "k.gguf", quant=quant, tokenizer=bpe_tokenizer)  # type: ignore[arg-type]
-    assert read_gguf(path).tensors["blk.0.attn_q.weight"].qtype_name == quant.upper()
+    tensors = read_gguf(path).tensors
+    assert tensors["blk.0.attn_q.weight"].qtype_name == quant.upper()
+    assert (
+        tensors["blk.0.ffn_down.weight"].qtype_name == {"q4_k": "Q4_1", "q6_k": "Q8_0"}[quant]
+    )  # as llama.cpp
     ids = bpe_tokenizer.encode(TEXT)[:96]
     with torch.no_grad():
         ours = lamina.load(path).model(torch.tensor([ids]))[0].argmax(-1).tolist()
