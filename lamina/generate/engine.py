@@ -366,8 +366,10 @@ class Engine:
             if cancelled:
                 for req in [r for r in self._queue if r.request_id in cancelled]:
                     self._queue.remove(req)
+                    self._rid_adapter.pop(req.request_id, None)
                     for s in req.seqs:
                         s.finish_reason = "abort"
+                        self._owner.pop(id(s), None)
                         out.append(Delta(s, None, ""))
         if not cancelled:
             return
@@ -391,12 +393,18 @@ class Engine:
             + (u.group.budget if isinstance(u, _Beams) else u.budget)
             for u in self._running
         )
+        if self._cache is not None and self._cache.cross_k:  # each row also holds its (padded) source's K/V
+            tokens += len(self._running) * int(self._cache.cross_k[0].shape[2])
         with self._lock:
             while self._queue:
                 req = self._queue[0]
                 if taken and prefill + req.prefill_tokens > self.max_prefill_tokens:
                     break
-                need = len(req.prompt) + min(req.cfg.max_new_tokens, self.model.config.max_seq_len)
+                need = (
+                    len(req.prompt)
+                    + len(req.source or ())
+                    + min(req.cfg.max_new_tokens, self.model.config.max_seq_len)
+                )
                 if rows and rows + req.rows > self.max_batch_size:
                     break
                 if (
