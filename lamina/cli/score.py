@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from lamina.cli.flags import add_config_file, add_fields, values
 from lamina.errors import ConfigError
@@ -38,9 +39,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("name the pairs to score: --input FILE (JSONL with prompt and completion keys)")
     scores = score_completions(args.model, args.input, **values(args, score_completions))
     lines = "".join(json.dumps({"index": i, "score": s}) + "\n" for i, s in enumerate(scores))
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(lines)
+    if args.output:  # atomically: a failed run leaves no half-written file
+        tmp = Path(args.output + ".tmp")
+        tmp.write_text(lines, encoding="utf-8")
+        tmp.replace(args.output)
     else:
         sys.stdout.write(lines)
     mean = sum(scores) / len(scores) if scores else float("nan")

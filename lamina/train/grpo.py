@@ -577,6 +577,8 @@ def finetune_grpo(run: Any, resume: bool = False, overwrite: bool = False) -> tu
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         (out / "samples.jsonl").unlink(missing_ok=True)
+    else:
+        _trim_samples(out)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun's
     source = GenerationBatches(
         model, tokenizer, prompts, ids, extra, cfg, rewards, ref, tcfg.batch_size, tcfg.grad_accum_steps,
@@ -595,6 +597,22 @@ def finetune_grpo(run: Any, resume: bool = False, overwrite: bool = False) -> tu
     if rank == 0:
         plot_rewards(out / "metrics.jsonl", out / "rewards.png")
     return model, tokenizer, result
+
+
+def _trim_samples(out: Path) -> None:
+    """On resume, drop the samples of steps after the newest checkpoint (they are generated again), as
+    the trainer's MetricsLog trims metrics.jsonl."""
+    from lamina.train.trainer import latest_checkpoint
+
+    path, last = out / "samples.jsonl", latest_checkpoint(out)
+    if not path.is_file() or last is None:
+        return
+    step = int(last.name.split("-")[-1])  # checkpoints/step-NNNNNNNN
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]  # fmt: skip
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    tmp.replace(path)
 
 
 def plot_rewards(metrics_path: Path, out_png: Path) -> Path | None:

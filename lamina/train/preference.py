@@ -473,6 +473,8 @@ def score_completions(
     """
     from lamina.checkpoint.load import load
 
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size} must be >= 1")
     path = Path(source)
     if not path.is_file():
         raise DataError(

@@ -175,3 +175,8 @@ def test_grpo_resume_is_exact(files: dict[str, Path], tmp_path: Path) -> None:
     for (name, x), y in zip(a.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(x, y), name
     assert [r["step"] for r in _records(b)] == [1, 2, 3, 4]
+
+    def samples(folder: Path) -> list[str]:
+        return (folder / "samples.jsonl").read_text().splitlines()
+
+    assert samples(b) == samples(tmp_path / "a")  # steps 3-4 once, not again after those of the first run
