@@ -17,13 +17,14 @@ import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lamina.config import GenerationConfig, ModelConfig, load_yaml, save_yaml
+from lamina.config import GenerationConfig, ModelConfig, load_yaml, parse_yaml, save_yaml, to_dict
 from lamina.errors import CheckpointError
 from lamina.model.transformer import Transformer
 
@@ -94,12 +95,20 @@ def _storable(cfg: ModelConfig, weights: Mapping[str, torch.Tensor]) -> dict[str
 
 def write_checkpoint_files(
     folder: Path,
-    cfg: ModelConfig,
+    cfg: ModelConfig | Any,
     weights: Mapping[str, torch.Tensor],
     tokenizer: Tokenizer | None = None,
     generation: GenerationConfig | None = None,
 ) -> None:
-    """Write the files of a lamina checkpoint into ``folder`` (not atomic: see ``save_checkpoint``)."""
+    """Write the files of a lamina checkpoint into ``folder`` (not atomic: see ``save_checkpoint``).
+    A config other than a ``ModelConfig`` (``lamina.diffusion.unet.UNetConfig``) is written with its
+    class's ``kind`` first (``kind: unet``), with the weights as given and no tokenizer or generation file."""
+    if not isinstance(cfg, ModelConfig):
+        text = yaml.safe_dump({"kind": type(cfg).kind, **to_dict(cfg)}, sort_keys=False)
+        (folder / CONFIG_FILE).write_text(text)
+        weights = {k: v.detach().contiguous() for k, v in weights.items()}
+        save_file(dict(weights), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+        return
     save_yaml(cfg, folder / CONFIG_FILE)
     save_file(_storable(cfg, weights), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     if tokenizer is not None:
@@ -176,6 +185,10 @@ def load_checkpoint(
     folder = Path(folder)
     if not is_lamina_checkpoint(folder):
         raise CheckpointError(f"{folder} is not a lamina checkpoint (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+    kind = (parse_yaml((folder / CONFIG_FILE).read_text()) or {}).get("kind")
+    if kind is not None:
+        raise CheckpointError(f"{folder} holds a {kind} model, not a language model; load it with "
+                              f"lamina.diffusion.load_model (lamina diffusion sample {folder})")  # fmt: skip
     cfg = load_yaml(ModelConfig, folder / CONFIG_FILE)
     try:
         sd = load_file(str(folder / WEIGHTS_FILE))

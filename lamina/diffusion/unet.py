@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,8 @@ class UNetConfig:
     low_res_channels: int = 0  # super-resolution: channels of the low-resolution image given as condition
     dropout: float = 0.0  # in the residual blocks
     groups: int = 8  # GroupNorm groups (divides every level's channels)
+
+    kind: ClassVar[str] = "unet"  # the ``kind`` a checkpoint's config.yaml names
 
     def __post_init__(self) -> None:
         levels = len(self.channel_mults)
@@ -95,7 +98,7 @@ class SelfAttention(nn.Module):
 
     def __init__(self, channels: int, head_channels: int, groups: int) -> None:
         super().__init__()
-        self.n_heads = channels // head_channels
+        self.n_heads = max(1, channels // head_channels)  # one head when channels < head_channels
         self.norm = nn.GroupNorm(groups, channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.out = nn.Conv2d(channels, channels, 1)
@@ -206,9 +209,18 @@ class UNet(nn.Module):
         from torch.utils.flop_counter import FlopCounterMode
 
         cfg = self.config
-        x = torch.zeros(batch_size, cfg.in_channels, cfg.image_size, cfg.image_size)
-        low = torch.zeros(batch_size, cfg.low_res_channels, cfg.image_size // 2, cfg.image_size // 2)
+        device = self.conv_in.weight.device
+        x = torch.zeros(batch_size, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
+        low = torch.zeros(batch_size, cfg.low_res_channels, cfg.image_size // 2, cfg.image_size // 2,
+                          device=device)  # fmt: skip
         counter = FlopCounterMode(display=False)
+        was_training = self.training
+        self.eval()  # no dropout: counting must not draw from the random generator (exact resume)
         with counter, torch.no_grad():
-            self(x, torch.zeros(batch_size, dtype=torch.long), low_res=low if cfg.low_res_channels else None)
+            self(
+                x,
+                torch.zeros(batch_size, dtype=torch.long, device=device),
+                low_res=low if cfg.low_res_channels else None,
+            )
+        self.train(was_training)
         return int(counter.get_total_flops())

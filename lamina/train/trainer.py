@@ -39,22 +39,24 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from lamina.checkpoint.eos import eos_token_ids
 from lamina.checkpoint.lamina import (
+    WEIGHTS_FILE,
     atomic_folder,
     load_checkpoint,
     write_checkpoint_files,
 )
-from lamina.config import GenerationConfig, ModelConfig, TrainConfig
+from lamina.config import GenerationConfig, TrainConfig
 from lamina.errors import ConfigError, LaminaError
 from lamina.model.transformer import Transformer, set_dropout
 from lamina.train import distributed as D
@@ -63,7 +65,11 @@ from lamina.train.metrics import MetricsLog, peak_flops, plot_curves
 from lamina.train.objectives import Batch, Objective
 from lamina.train.optim import lr_lambda, make_optimizer
 
+if TYPE_CHECKING:
+    from lamina.diffusion.unet import UNet
+
 STATE_DIR, STATE_FILE = "train_state", "state.pt"
+EMA_FILE = "ema.safetensors"  # a run with ema_decay: the moving average of the weights, in every checkpoint
 ADAPTER_DIR = "adapter"  # a LoRA run's adapters in a checkpoint, PEFT's files
 RUN_MARKERS = ("metrics.jsonl", "checkpoints", "best", "last")  # a folder with any of these holds a run
 # what overwrite=True clears
@@ -140,6 +146,36 @@ class BatchSource(Protocol):
         ...
 
 
+class EMA:
+    """An exponential moving average of a model's floating-point tensors (Polyak averaging; the weights
+    DDPM samples with). ``update(step)`` after each optimizer step: ``ema = d ema + (1 - d) w`` with
+    ``d = min(decay, (1 + step) / (10 + step))`` (diffusers' EMAModel warm-up)."""
+
+    def __init__(self, model: Any, decay: float, mode: str = "single") -> None:
+        if not 0 < decay < 1:
+            raise ConfigError(f"ema_decay={decay} must be in (0, 1) (e.g. 0.999)")
+        if mode == "fsdp":
+            raise ConfigError(
+                "ema_decay is not supported with FSDP (sharded weights); use DDP or one process"
+            )
+        self.model, self.decay = model, decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in self.model.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].lerp_(v.detach(), 1 - d)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in self.shadow.items()}
+
+    def load(self, weights: Mapping[str, torch.Tensor]) -> None:
+        for k, v in weights.items():
+            self.shadow[k].copy_(v)
+
+
 @dataclass
 class TrainResult:
     """What a run did."""
@@ -184,7 +220,7 @@ def format_duration(seconds: float) -> str:
 
 
 def train(
-    model: Transformer,
+    model: Transformer | UNet,
     cfg: TrainConfig,
     batches: BatchSource,
     objective: Objective,
@@ -201,6 +237,7 @@ def train(
     data_stats: dict[str, float] | None = None,
     notes: list[str] | None = None,
     generation: GenerationConfig | None = None,
+    ema_decay: float | None = None,
 ) -> TrainResult:
     """Train ``model`` in place; returns a summary. See the module docstring for what is written.
 
@@ -222,6 +259,11 @@ def train(
     written as every checkpoint's generation.yaml, with every end-of-generation id of the starting model
     and of ``tokenizer`` (its eos and its chat template's end of turn; ``lamina.checkpoint.eos``), so a
     trained chat model still stops at the end of its turn.
+    ``model`` is a ``Transformer`` or a diffusion ``UNet`` (``lamina.diffusion``): a UNet counts its own
+    FLOPs (``flops()``: one image's forward; "tokens" are then images) and its checkpoints hold its
+    config with its ``kind`` (``lamina.checkpoint.lamina.write_checkpoint_files``).
+    ``ema_decay`` keeps an exponential moving average of the weights (decay ``min(ema_decay, (1 + step)
+    / (10 + step))``, diffusers' EMAModel), written as every checkpoint's ``EMA_FILE`` and resumed.
     """
     started = time.perf_counter()
     if cfg.threads is not None:
@@ -237,12 +279,14 @@ def train(
     steps = total_steps if total_steps is not None else cfg.max_steps
     assert steps is not None
     torch.manual_seed(cfg.seed)
-    if cfg.dropout is not None:
+    if cfg.dropout is not None and isinstance(model, Transformer):
         set_dropout(model, cfg.dropout)
     if cfg.freeze:
         freeze(model, cfg.freeze)
-    model.activation_checkpointing = cfg.activation_checkpointing
+    if isinstance(model, Transformer):
+        model.activation_checkpointing = cfg.activation_checkpointing
     start_state: dict[str, Any] | None = None
+    ckpt = None
     if resume:
         ckpt = latest_checkpoint(out)
         assert ckpt is not None  # check_out_dir made sure
@@ -251,10 +295,15 @@ def train(
             from lamina.model.lora import load_lora_state_dict
 
             load_lora_state_dict(model, start_state["adapters"])
-        else:
+        elif isinstance(model, Transformer):
             resumed, _ = load_checkpoint(ckpt)
             model.load_state_dict(resumed.state_dict())
+        else:
+            model.load_state_dict(load_file(str(ckpt / WEIGHTS_FILE)))
     model.to(info.device)
+    ema = None if ema_decay is None else EMA(model, ema_decay, info.mode)
+    if ema is not None and ckpt is not None and (ckpt / EMA_FILE).is_file():
+        ema.load(load_file(str(ckpt / EMA_FILE), device=str(info.device)))
     net: nn.Module = D.wrap(model, info)
     opt = make_optimizer(
         net,
@@ -301,8 +350,10 @@ def train(
     if notes and info.is_main:
         for note in notes:
             print(f"lamina: {note}", file=sys.stderr)
-    seq_len = cfg.seq_len or model.config.max_seq_len
-    flops_per_token = model.config.flops_per_token(seq_len, training=True)
+    if isinstance(model, Transformer):
+        flops_per_token = model.config.flops_per_token(cfg.seq_len or model.config.max_seq_len, training=True)
+    else:
+        flops_per_token = 3 * model.flops()  # an image's forward, and its backward as twice that
     peak = peak_flops(info.device, cfg.precision) * info.world_size  # of the precision in use
     autocast = _autocast(cfg.precision, info.device)
     tokens_per_step = tokens_per_batch * cfg.grad_accum_steps * info.world_size
@@ -326,7 +377,8 @@ def train(
                 state["adapters"] = _adapter_weights(weights)
         if info.is_main:
             _write_checkpoint(folder, model.config, weights, tokenizer, generation, state, run_config,
-                              adapter_of=model if adapted else None)  # fmt: skip
+                              adapter_of=model if adapted and isinstance(model, Transformer) else None,
+                              ema=ema.weights() if ema is not None else None)  # fmt: skip
         D.barrier(info)
 
     def evaluate() -> float:
@@ -403,6 +455,8 @@ def train(
                     grad_norm = float(nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip))
                 scaler.step(opt)
                 scaler.update()
+                if ema is not None:
+                    ema.update(step)
             opt.zero_grad(set_to_none=True)
             lr = float(sched.get_last_lr()[0])
             sched.step()
@@ -578,13 +632,14 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 def _write_checkpoint(
     folder: Path,
-    model_cfg: ModelConfig,
+    model_cfg: Any,
     weights: dict[str, torch.Tensor],
     tokenizer: Any,
     generation: GenerationConfig,
     state: dict[str, Any] | None,
     run_config: dict[str, Any] | None,
     adapter_of: Transformer | None = None,
+    ema: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """A lamina checkpoint plus the run config and (for resuming) the training state, atomically. For a
     model with LoRA adapters (``adapter_of``) the checkpoint holds the base weights under their plain
@@ -594,6 +649,8 @@ def _write_checkpoint(
 
     def write(tmp: Path) -> None:
         write_checkpoint_files(tmp, model_cfg, weights, tokenizer, generation)
+        if ema is not None:
+            save_file(ema, str(tmp / EMA_FILE))
         if adapter_of is not None:
             from lamina.checkpoint.peft import save_adapter
 

@@ -38,6 +38,7 @@ POSITIONALS = {
     "convert": ["m"],
     "data prepare": [],
     "tokenizer train": ["f.txt"],
+    **{f"diffusion {a}": ["m"] for a in ("sample", "inpaint", "upscale", "edit", "export")},
 }
 
 
@@ -153,6 +154,9 @@ def _register_sections() -> None:
     from lamina.analysis.sweep import SweepConfig
 
     _SECTION_CLASSES.update(sweep=SweepConfig)
+    from lamina.cli.diffusion import _sections
+
+    _SECTION_CLASSES.update({k: v for k, v in _sections().items() if k != "train"})
 
 
 _register_sections()

@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("sklearn")
+
+from lamina.diffusion import pipelines as P
+from lamina.diffusion.data import digits, resize, split
+from lamina.diffusion.files import psnr
+from lamina.diffusion.training import load_model
+from lamina.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def model(digits_run: Path) -> tuple:
+    unet, noise, _, _ = load_model(digits_run)
+    return unet, noise
+
+
+@pytest.fixture(scope="module")
+def held() -> tuple[torch.Tensor, torch.Tensor]:
+    _, h = split(digits(8), 0.1, 0)
+    return h.images[:8], h.labels[:8]
+
+
+def test_same_seed_same_images(model: tuple) -> None:
+    unet, noise = model
+    y = torch.arange(4)
+    for sampler in ("ddim", "ddpm"):
+        a = P.sample(
+            unet, noise, labels=y, guidance_scale=2.0, sampler=sampler, steps=10, seed=3, progress=False
+        )
+        b = P.sample(
+            unet, noise, labels=y, guidance_scale=2.0, sampler=sampler, steps=10, seed=3, progress=False
+        )
+        c = P.sample(
+            unet, noise, labels=y, guidance_scale=2.0, sampler=sampler, steps=10, seed=4, progress=False
+        )
+        assert torch.equal(a, b) and not torch.allclose(a, c)
+    split_batches = P.sample(unet, noise, labels=y, guidance_scale=2.0, steps=10, seed=3, batch_size=3,
+                             progress=False)  # fmt: skip
+    assert torch.allclose(split_batches, P.sample(unet, noise, labels=y, guidance_scale=2.0, steps=10, seed=3,
+                                                  progress=False), atol=1e-4)  # fmt: skip
+
+
+def test_guidance_combines_conditional_and_null_outputs(model: tuple) -> None:
+    unet, _ = model
+    x, y = torch.randn(3, 1, 8, 8), torch.tensor([1, 5, 7])
+    cond, null = unet(x, 500, class_labels=y), unet(x, 500, class_labels=torch.full_like(y, 10))
+    out = P.predict(unet, x, 500, y, 3.0)
+    assert torch.allclose(out, null + 3.0 * (cond - null), atol=1e-5)
+    assert torch.allclose(P.predict(unet, x, 500, y, 0.0), null, atol=1e-5)
+
+
+def test_inpainting_keeps_unmasked_pixels_bit_identical(model: tuple, held: tuple) -> None:
+    unet, noise = model
+    images, labels = held
+    mask = torch.zeros(8, 8)
+    mask[:, 4:] = 1
+    out = P.inpaint(unet, noise, images, mask, labels, guidance_scale=2.0, steps=10, jump_length=3,
+                    jump_n_sample=2, progress=False)  # fmt: skip
+    assert torch.equal(out[..., :4], images[..., :4])
+    assert not torch.equal(out[..., 4:], images[..., 4:])
+    assert out.min() >= -1 and out.max() <= 1
+
+
+def test_repaint_schedule_goes_back_and_ends_clean() -> None:
+    moves = P.repaint_moves(6, jump_length=2, jump_n_sample=3)
+    assert moves[-1] == (5, 6) and sum(b < a for a, b in moves) == 2 * 2  # jumps at positions 2 and 4
+    assert sum(b > a for a, b in moves) == 6 + 2 * 2 * 2
+    assert P.repaint_moves(5, 10, 1) == [(i, i + 1) for i in range(5)]
+
+
+def test_edit_strength_zero_and_one(model: tuple, held: tuple) -> None:
+    unet, noise = model
+    images, labels = held
+    assert torch.equal(P.edit(unet, noise, images, 0.0, labels), images)
+    a = P.edit(unet, noise, images[:4], 1.0, labels[:4], steps=10, seed=1, progress=False)
+    b = P.edit(unet, noise, images[4:], 1.0, labels[:4], steps=10, seed=1, progress=False)
+    assert torch.equal(a, b)
+    half = P.edit(unet, noise, images, 0.3, labels, steps=10, seed=1, progress=False)
+    assert (half - images).abs().mean() < (a - images[:4]).abs().mean()
+    with pytest.raises(ConfigError):
+        P.edit(unet, noise, images, 1.5)
+
+
+def test_upscaling_beats_bicubic_on_held_out_digits(upscale_run: Path) -> None:
+    unet, noise, _, factor = load_model(upscale_run)
+    assert factor == 2 and unet.config.low_res_channels == 1
+    _, h = split(digits(8), 0.1, 0)
+    low = resize(h.images, 4)
+    up = P.upscale(unet, noise, low, steps=20, progress=False)
+    bicubic = F.interpolate(low, size=8, mode="bicubic", align_corners=False).clamp(-1, 1)
+    assert psnr(up, h.images) > psnr(bicubic, h.images) + 0.3
