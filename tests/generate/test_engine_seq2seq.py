@@ -28,8 +28,9 @@ def t5() -> tuple[Transformer, Any]:
     return Transformer(ModelConfig.preset("t5-tiny", vocab_size=len(tok), init_std=0.5)).eval(), tok
 
 
-def _requests(tok: Any) -> list[tuple[list[int], GenerationConfig]]:
-    """(source ids, config): every kind of request the engine runs, sources of 2 to 12 tokens."""
+def _requests(tok: Any, stop: str = "s5") -> list[tuple[list[int], GenerationConfig]]:
+    """(source ids, config): every kind of request the engine runs, sources of 2 to 12 tokens; the fourth
+    stops at the string ``stop``."""
     g = torch.Generator().manual_seed(1)
     eos = tok.eos_token_id
 
@@ -40,7 +41,7 @@ def _requests(tok: Any) -> list[tuple[list[int], GenerationConfig]]:
         GenerationConfig(temperature=0, max_new_tokens=8, logprobs=True, top_logprobs=2),
         GenerationConfig(temperature=1.2, top_k=10, seed=3, n=2, repetition_penalty=1.3, max_new_tokens=8),
         GenerationConfig(temperature=0, num_beams=3, n=2, length_penalty=0.8, max_new_tokens=8),
-        GenerationConfig(temperature=0, stop=["s5"], min_new_tokens=2, max_new_tokens=8),
+        GenerationConfig(temperature=0, stop=[stop], min_new_tokens=2, max_new_tokens=8),
         GenerationConfig(temperature=0, choices=["s1", "s3", "s6"], max_new_tokens=8),
         GenerationConfig(temperature=0.9, seed=5, no_repeat_ngram_size=2, presence_penalty=0.5, max_new_tokens=8),
     ]  # fmt: skip
@@ -65,7 +66,15 @@ def _run(engine: Engine, seqs: list[list[Sequence_]]) -> None:
 def test_requests_batched_and_joining_late_equal_alone(t5: tuple[Transformer, Any]) -> None:
     model, tok = t5
     eos = [tok.eos_token_id]
-    requests = _requests(tok)
+    probe = _requests(tok)[
+        3
+    ]  # the stop string: the fourth request's own third greedy token (after min_new_tokens)
+    engine = Engine(model, tok, eos)
+    seq = engine.submit(probe[0], GenerationConfig(temperature=0, max_new_tokens=8))[0]
+    _run(engine, [[seq]])
+    stop = tok.decode([seq.tokens[2]]).strip()
+    assert stop
+    requests = _requests(tok, stop)
     alone = []
     for source, cfg in requests:
         engine = Engine(model, tok, eos)
@@ -82,7 +91,7 @@ def test_requests_batched_and_joining_late_equal_alone(t5: tuple[Transformer, An
     _run(engine, batched)
     assert [_view(s) for s in batched] == alone
     # the controls acted: the stop string cut, the choice is one of the choices, beams are distinct
-    assert batched[3][0].stop_str == "s5" or batched[3][0].finish_reason == "length"
+    assert (batched[3][0].stop_str, batched[3][0].finish_reason) == (stop, "stop")
     assert batched[4][0].text in ("s1", "s3", "s6")
     assert batched[2][0].tokens != batched[2][1].tokens and batched[2][0].score is not None
     assert len({tuple(s.tokens) for s in batched[1]}) == 2
