@@ -15,6 +15,13 @@ from lamina.serve.errors import APIError, bad_request
 from lamina.serve.metrics import Metrics
 
 
+def route_path(scope: Scope) -> str:
+    """The request's path inside the app: with a ``root_path`` (uvicorn's, behind a proxy that strips a
+    prefix) ASGI servers put the prefix in ``path`` too, so it is taken off here as Starlette's router does."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
 class ApiKeyAuth:
     """Every ``/v1/*`` request needs ``Authorization: Bearer KEY`` (or ``x-api-key: KEY``) with a known key.
 
@@ -26,7 +33,7 @@ class ApiKeyAuth:
         self.keys = [k.encode() for k in api_keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http" or not self.keys or not route_path(scope).startswith("/v1/"):
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         auth = headers.get(b"authorization", b"")
@@ -102,7 +109,8 @@ class CountRequests:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        route = scope["path"] if scope["path"] in self.routes else "other"
+        path = route_path(scope)
+        route = path if path in self.routes else "other"
         counted = False
 
         async def counting_send(message: Message) -> None:

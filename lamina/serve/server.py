@@ -44,7 +44,8 @@ def serve(
     """Serve ``models`` (name -> loaded model) over HTTP until interrupted (Ctrl-C)."""
     config = config or ServeConfig()
     app = create_app(build_registry(models, config), config)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, timeout_graceful_shutdown=5,
+                root_path=config.root_path)  # fmt: skip
 
 
 class BackgroundServer:
@@ -69,7 +70,9 @@ class BackgroundServer:
         self.port = self._sock.getsockname()[1]
         self.url = f"http://{self.config.host}:{self.port}"
         self._server = uvicorn.Server(
-            uvicorn.Config(self.app, log_level=log_level, timeout_graceful_shutdown=2)
+            uvicorn.Config(
+                self.app, log_level=log_level, timeout_graceful_shutdown=2, root_path=self.config.root_path
+            )
         )
         self._thread: threading.Thread | None = None
 

@@ -36,6 +36,9 @@ class ServeConfig:
 
     host: str = "127.0.0.1"  # address to listen on: 127.0.0.1 loopback only, 0.0.0.0 every interface
     port: int = 8000  # TCP port to listen on, in [0, 65535]
+    # the path prefix a reverse proxy serves lamina under when it strips it before forwarding (e.g. /lamina):
+    # links and OpenAPI pages then carry it (uvicorn's root_path); "" when served at the root
+    root_path: str = ""
     # when non-empty, every /v1/* request needs "Authorization: Bearer KEY" with one of them (else 401);
     # with none given, lamina serve reads LAMINA_API_KEY (keys separated by commas)
     api_keys: list[str] = field(default_factory=list, metadata={"secret": True})
@@ -81,6 +84,10 @@ class ServeConfig:
             raise ConfigError(f"max_tokens_in_flight={self.max_tokens_in_flight} must be >= 2 (or None)")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port={self.port} must be in [0, 65535]")
+        if self.root_path and (not self.root_path.startswith("/") or self.root_path.endswith("/")):
+            raise ConfigError(
+                f"root_path={self.root_path!r} must start with / and not end with one (e.g. /lamina)"
+            )
         if any(not k for k in self.api_keys):
             raise ConfigError("api_keys must not hold empty strings")
         SpeculativeOptions(self.draft, self.speculative_layers, self.num_draft_tokens)  # validates them
