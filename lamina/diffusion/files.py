@@ -1,7 +1,7 @@
 """The pipelines from a checkpoint folder to PNG files: what ``lamina diffusion sample|inpaint|upscale|
 edit|export`` run, one function each (notebooks call the same).
 
-Inputs (``input``): ``digits`` (the held-out split of the run's own data: digits, sample-image patches
+Inputs (``input``): ``held_out`` (the held-out split of the run's own data: digits, sample-image patches
 or the run's folder, at the model's size), an image file, or a folder of images (class sub-folders).
 """
 
@@ -51,7 +51,7 @@ class SamplingConfig:
 class OutputConfig:
     """What an image verb reads and writes."""
 
-    input: str = "digits"  # digits (the run's held-out images), an image file or a folder of images
+    input: str = "held_out"  # held_out (the run's held-out images), an image file or a folder of images
     num_images: int = 100  # images to make (sample) or read from input (the first ones)
     labels: list[int] = field(
         default_factory=list
@@ -97,7 +97,7 @@ def _labels(m: Loaded, out: OutputConfig, n: int) -> Tensor | None:
 def read_input(m: Loaded, out: OutputConfig) -> ImageSet:
     """The first ``num_images`` images of ``out.input`` at the model's size and channels."""
     size, c = m.unet.config.image_size, m.unet.config.in_channels
-    if out.input == "digits":
+    if out.input == "held_out":
         if m.data is None:
             raise ConfigError("this checkpoint has no run.yaml naming its data; give --input FILE or FOLDER")
         _, held = split(load_images(m.data), m.data.held_out_fraction, m.data.seed)

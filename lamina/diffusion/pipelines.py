@@ -35,10 +35,15 @@ Scheduler = DDPMScheduler | DDIMScheduler
 
 
 def make_scheduler(noise: NoiseConfig, sampler: str = "ddim", steps: int = 50, eta: float = 0.0) -> Scheduler:
-    """A ``ddpm`` or ``ddim`` scheduler over ``noise`` with ``steps`` sampling timesteps."""
+    """A ``ddpm`` or ``ddim`` scheduler over ``noise`` with ``steps`` sampling timesteps (DDIM steps
+    along the noise of the clipped x0: unclipped, guidance 3 spoils DDIM samples of digits)."""
     if sampler not in ("ddpm", "ddim"):
         raise ConfigError(f"sampler={sampler!r} must be 'ddpm' or 'ddim'")
-    sched: Scheduler = DDIMScheduler(noise, eta=eta) if sampler == "ddim" else DDPMScheduler(noise)
+    sched: Scheduler = (
+        DDIMScheduler(noise, eta=eta, use_clipped_model_output=True)
+        if sampler == "ddim"
+        else DDPMScheduler(noise)
+    )
     sched.set_timesteps(steps)
     return sched
 

@@ -191,12 +191,20 @@ class DDIMScheduler(_Scheduler):
     """Song et al. 2021: deterministic for ``eta = 0``, DDPM-like noise for ``eta = 1``."""
 
     def __init__(
-        self, cfg: NoiseConfig | None = None, eta: float = 0.0, set_alpha_to_one: bool = True
+        self,
+        cfg: NoiseConfig | None = None,
+        eta: float = 0.0,
+        set_alpha_to_one: bool = True,
+        use_clipped_model_output: bool = False,
     ) -> None:
+        """``use_clipped_model_output``: with ``clip_sample``, step along the noise re-derived from the
+        clipped x0 (diffusers' ``step(..., use_clipped_model_output=True)``); keeps strongly guided
+        samples consistent with their clipped x0."""
         super().__init__(cfg)
         if not 0 <= eta <= 1:
             raise ConfigError(f"eta={eta} must be in [0, 1]")
         self.eta = eta
+        self.use_clipped_model_output = use_clipped_model_output
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
 
     def step(
@@ -209,6 +217,8 @@ class DDIMScheduler(_Scheduler):
         a_t = self.alphas_cumprod[t]
         a_prev = self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha_cumprod
         x0, eps = self._x0_and_eps(model_output, a_t, sample)
+        if self.use_clipped_model_output:
+            eps = (sample - a_t**0.5 * x0) / (1 - a_t) ** 0.5
         var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
         std = self.eta * var**0.5
         out = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
