@@ -74,9 +74,8 @@ class IndexConfig:
     commit_chunks: int = 512  # chunks embedded between writes (a crash loses at most this much work)
     text_field: str = "text"  # the JSONL field holding a record's text
     ann_threshold: int = 50_000  # SQLite store: chunks from which dense search uses the HNSW index
-    summaries: str = (
-        ""  # chat model that writes a summary of each new or changed document, indexed too ("": none)
-    )
+    # chat model that writes a summary of each new or changed document, indexed too ("": none)
+    summaries: str = ""
     summary_max_new_tokens: int = 96  # most tokens of one summary
     summary_input_tokens: int = 1024  # tokens of a document's start shown to the summary model
     progress: bool = True  # show a progress bar on a terminal
