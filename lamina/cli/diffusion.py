@@ -24,7 +24,7 @@ def _sections() -> dict[str, type]:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``diffusion`` verb and its actions."""
-    from lamina.diffusion.files import InpaintConfig, OutputConfig, SamplingConfig
+    from lamina.diffusion.files import EditConfig, ExportConfig, InpaintConfig, OutputConfig, SamplingConfig
 
     p = sub.add_parser("diffusion", help=HELP, description=HELP + ". MODEL is a run folder of "
                        "`lamina diffusion train` (or its last/, best/, checkpoints/step-N/).")  # fmt: skip
@@ -62,10 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         add_config_file(a)
         add_fields(a, SamplingConfig, title="sampling")
         if name == "export":
-            a.add_argument(
-                "--out", required=False, default="synthetic", help="output folder (default: synthetic)"
-            )
-            a.add_argument("--num-images", type=int, default=1000, help="images to write (default: 1000)")
+            add_fields(a, ExportConfig, title="export")
+            add_alias(a, "--out", ExportConfig, "out_dir")
         else:
             add_fields(a, OutputConfig, title="images")
         if name == "sample":
@@ -74,9 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         if name == "inpaint":
             add_fields(a, InpaintConfig, title="inpainting")
         if name == "edit":
-            a.add_argument(
-                "--strength", type=float, default=0.5, help="SDEdit strength in [0, 1] (default: 0.5)"
-            )
+            add_fields(a, EditConfig, title="editing")
         a.set_defaults(func=_run)
 
 
@@ -106,8 +102,9 @@ def _run(args: argparse.Namespace) -> int:
 
     sampling = build(files.SamplingConfig, values(args, files.SamplingConfig))
     if args.action == "export":
-        paths = files.export_images(args.model, sampling, args.num_images, args.out)
-        print(f"wrote {len(paths)} images to {args.out}")
+        export = build(files.ExportConfig, values(args, files.ExportConfig))
+        paths = files.export_images(args.model, sampling, export.num_images, export.out_dir)
+        print(f"wrote {len(paths)} images to {export.out_dir}")
         return 0
     out = build(files.OutputConfig, values(args, files.OutputConfig))
     if args.action == "sample":
@@ -122,6 +119,7 @@ def _run(args: argparse.Namespace) -> int:
         path, images, line = files.upscale_grid(args.model, sampling, out)
         print(f"upscaled {len(images)} images -> {path}; {line}")
     else:
-        path, images = files.edit_grid(args.model, sampling, out, args.strength)
-        print(f"edited {len(images)} images (strength {args.strength}) -> {path}")
+        strength = build(files.EditConfig, values(args, files.EditConfig)).strength
+        path, images = files.edit_grid(args.model, sampling, out, strength)
+        print(f"edited {len(images)} images (strength {strength}) -> {path}")
     return 0

@@ -62,6 +62,21 @@ class OutputConfig:
 
 
 @dataclass
+class EditConfig:
+    """SDEdit's one knob."""
+
+    strength: float = 0.5  # noise level to start from, in [0, 1] (0: the input unchanged, 1: pure noise)
+
+
+@dataclass
+class ExportConfig:
+    """Synthetic labeled images for data augmentation."""
+
+    out_dir: str = "synthetic"  # folder of class sub-folders the PNGs go to
+    num_images: int = 1000  # images to write, classes cycled
+
+
+@dataclass
 class Loaded:
     """A checkpoint made ready: UNet, noise schedule, class names, super-resolution factor, run data."""
 
