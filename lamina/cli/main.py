@@ -42,7 +42,8 @@ VERBS = {
     "scaling": "fit scaling laws to your own runs: train a grid of sizes x tokens, fit L(N, D), predict",
     "explain": "look inside a model on a text: attention maps, logit lens and per-token surprisal (PNGs)",
     "demo": "train a small GPT on the embedded corpus (Python's stdlib) for a few minutes and sample it",
-    "diffusion": "train a small image diffusion model (DDPM/DDIM); sample, inpaint, upscale, edit, export images",
+    "diffusion": "train a small image diffusion model (DDPM/DDIM) and sample, inpaint, upscale, edit or export "
+    "synthetic labeled images",
 }
 
 
