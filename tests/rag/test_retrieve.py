@@ -65,7 +65,9 @@ def test_each_mode_finds_the_documented_function(store: MemoryStore, lamina_mini
 def test_hybrid_fuses_two_lists_of_candidate_depth(store: MemoryStore, lamina_minilm: Any) -> None:
     store.dense_calls.clear()
     store.text_calls.clear()
-    hits = retrieve(store, "largest items of a list", RetrieveConfig(mode="hybrid", k=3, candidates=20), lamina_minilm)
+    hits = retrieve(
+        store, "largest items of a list", RetrieveConfig(mode="hybrid", k=3, candidates=20), lamina_minilm
+    )
     assert store.dense_calls == [20] and store.text_calls == [20]
     assert len(hits) == 3 and all(h.score <= 2 / 61 for h in hits)  # fused scores, not cosines
     assert "heapq.nlargest" in [h.chunk.doc_id for h in hits]
