@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_unet  # tests/diffusion/conftest.py's helper (not a fixture)
 from safetensors.torch import load_file
+from tiny_unet import tiny_unet
 
 pytest.importorskip("sklearn")
 
