@@ -33,7 +33,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("question", metavar="QUESTION", help="the question")
     p.add_argument(
         "--index",
-        default=None,
         metavar="FILE",
         help="the index: a SQLite file or a postgresql:// URL (default: where `lamina index` writes)",
     )

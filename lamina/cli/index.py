@@ -33,18 +33,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--builtin",
         choices=BUILTINS,
-        default=None,
         help="also index a built-in corpus (the stdlib docstrings)",
     )
     p.add_argument(
         "--modules",
-        default=None,
         metavar="A,B",
         help="with --builtin stdlib-docs: only these modules and their submodules (comma-separated)",
     )
     p.add_argument(
         "--qrels",
-        default=None,
         metavar="FILE",
         help="with `lamina index eval`: the labeled questions (JSONL) to score retrieval on",
     )
