@@ -139,6 +139,19 @@ def synthesize(
     return cite(text, shown, calls=runner.calls)
 
 
+def compact_prompt(
+    lm: LoadedModel, question: str, hits: list[Hit], cfg: SynthesizeConfig | None = None
+) -> tuple[str, list[Citation]]:
+    """The one prompt ``compact`` mode sends for ``question`` and ``hits`` (best first, not empty), and the
+    passages it shows ([1]..[n], as many as fit ``cfg``'s window; a first one too long alone is cut): for
+    callers that run the model themselves (``lamina serve``'s batched engine) and then read the answer's
+    markers with :func:`cite`. Raises ``ConfigError`` as :func:`synthesize` does."""
+    runner = _Runner(lm, cfg or SynthesizeConfig(), {})
+    window = runner.pack(question, [_citation(i + 1, h) for i, h in enumerate(hits)])[0]
+    head, tail = _answer_prompt(question, window)
+    return head + tail, window
+
+
 def cite(text: str, shown: list[Citation], calls: int = 0) -> Answer:
     """Read the [n] markers of ``text``: each number of a passage in ``shown`` becomes a citation (in order
     of first mention); a marker naming a number not shown is removed from the text and counted."""
