@@ -38,6 +38,7 @@ def test_the_benchmarks_are_found() -> None:
     assert names == [
         "align",
         "decode",
+        "diffusion",
         "embed",
         "eval",
         "finetune",
@@ -56,6 +57,7 @@ def test_the_benchmarks_are_found() -> None:
     [
         "align",
         "decode",
+        "diffusion",
         "embed",
         "eval",
         "finetune",
