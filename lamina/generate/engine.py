@@ -45,6 +45,7 @@ from torch import Tensor
 from lamina.config import GenerationConfig, ModelConfig
 from lamina.errors import ConfigError
 from lamina.generate.beam import BeamGroup, check_beam_config
+from lamina.generate.prefix_cache import PrefixCache
 from lamina.generate.sampling import Sampler, prompt_logprobs, sample_batch, token_logprobs
 from lamina.generate.sequences import Delta, Running, Sequence_, TokenLogprob
 from lamina.generate.speculative import Drafter, DraftStats, SpeculativeOptions, keep_slots
@@ -154,8 +155,11 @@ class Engine:
     e.g. ``speculative.layer_skip_draft(model, K)``) makes greedy rows speculative, with
     ``num_draft_tokens`` proposals per step. ``submit`` and ``cancel`` may be called from other threads
     while one thread calls ``step``. An encoder-decoder's requests give their source as the prompt (see
-    the module docstring). Raises ``ConfigError`` for a model (or draft) that cannot generate, and for a
-    draft with an encoder-decoder.
+    the module docstring). ``prefix_cache_mib`` > 0 keeps the keys and values of prompt prefixes across
+    requests, up to that many MiB (``lamina.generate.prefix_cache``; a decoder's requests then prefill
+    only what follows their longest cached prefix; the output does not change); 0: off. Raises
+    ``ConfigError`` for a model (or draft) that cannot generate, a negative ``prefix_cache_mib``, and for
+    a draft with an encoder-decoder.
     """
 
     def __init__(
@@ -168,6 +172,7 @@ class Engine:
         max_prefill_tokens: int = 1024,
         draft: Transformer | None = None,
         num_draft_tokens: int = SpeculativeOptions.num_draft_tokens,
+        prefix_cache_mib: float = 0.0,
     ) -> None:
         require_generative(model.config)
         if max_batch_size < 1:
@@ -199,6 +204,12 @@ class Engine:
         self._lora_layers: list[MultiLoraLinear] | None = None  # found at the first adapter request
         p = model.tok_emb.weight
         self._device, self._dtype = p.device, p.dtype
+        if prefix_cache_mib < 0:
+            raise ConfigError(f"prefix_cache_mib={prefix_cache_mib} must be >= 0 (0: no prefix caching)")
+        self.prefix_cache: PrefixCache | None = None
+        if prefix_cache_mib > 0 and not self._enc_dec:
+            budget = int(prefix_cache_mib * 2**20)
+            self.prefix_cache = PrefixCache(model.config, budget, dtype=self._dtype, device=self._device)
 
     @property
     def draft_stats(self) -> DraftStats | None:
@@ -439,7 +450,9 @@ class Engine:
                 r.seq.finish_reason = "length"
                 out.append(Delta(r.seq, None, r._flush()))
             return out
-        cache, logits = self._prefill(prompt, req.source, last_only=not want_prompt)
+        cache, logits = self._prefill(
+            prompt, req.source, not want_prompt, self._rid_adapter.get(req.request_id, 0)
+        )
         if cfg.prompt_logprobs is not None:
             pl = prompt_logprobs(logits[0], torch.tensor(prompt, device=self._device), cfg.prompt_logprobs)
             listed: list[TokenLogprob | None] = [None, *_to_list(pl, prompt[1:])]
@@ -470,16 +483,25 @@ class Engine:
         return out
 
     def _prefill(
-        self, prompt: list[int], source: list[int] | None, last_only: bool
+        self, prompt: list[int], source: list[int] | None, last_only: bool, salt: int = 0
     ) -> tuple[KVCache, Tensor]:
         """Run one request's prompt into a fresh one-row cache: (cache, logits (1, T or 1, V)).
 
-        An encoder-decoder first encodes its ``source`` (once); the decoder reads that memory through
-        cross-attention, whose keys and values the cache keeps for every later step of the row."""
+        With a prefix cache (a decoder, ``last_only``), the prompt's longest cached prefix is loaded
+        instead of computed and the row's whole blocks are stored after; ``salt`` (the LoRA adapter)
+        keeps the keys of different adapters apart. An encoder-decoder first encodes its ``source``
+        (once); the decoder reads that memory through cross-attention, whose keys and values the cache
+        keeps for every later step of the row."""
         cache = KVCache(self.model.config, 1, len(prompt), self._dtype, self._device)
-        ids = torch.tensor([prompt], device=self._device)
         if source is None:
-            return cache, self.model(ids, cache=cache, last_only=last_only)
+            pc = self.prefix_cache
+            hit = pc.load(prompt, cache, salt) if pc is not None and last_only else 0
+            ids = torch.tensor([prompt[hit:]], device=self._device)
+            logits = self.model(ids, cache=cache, last_only=last_only)
+            if pc is not None:
+                pc.store(prompt, cache, salt)
+            return cache, logits
+        ids = torch.tensor([prompt], device=self._device)
         src = torch.tensor([source], device=self._device)
         memory = self.model.encode(src)  # (1, S, d_model)
         return cache, self.model.decode(ids, memory, torch.ones_like(src), cache=cache, last_only=last_only)
@@ -490,7 +512,9 @@ class Engine:
         beams, group = req.beams, req.beams.group
         if group.budget <= 0:
             return beams.finish()
-        cache, logits = self._prefill(group.prompt, req.source, last_only=True)
+        cache, logits = self._prefill(
+            group.prompt, req.source, True, self._rid_adapter.get(req.request_id, 0)
+        )
         try:
             src = group.advance(logits[:, -1])
         except Exception as e:

@@ -113,6 +113,7 @@ class Registry:
                     max_tokens_in_flight=cfg.max_tokens_in_flight,
                     draft=draft,
                     num_draft_tokens=cfg.num_draft_tokens,
+                    prefix_cache_mib=cfg.prefix_cache_mib if cfg.enable_prefix_caching else 0.0,
                 )
 
             served.scheduler = Scheduler(

@@ -30,6 +30,8 @@ class ServeConfig:
       ``max_prompts`` [64 prompts per completions request], ``max_embedding_inputs`` [2048],
       ``max_request_bytes`` [4 MiB of JSON body]. ``max_tokens`` is limited by the model's context window
       (prompt + max_tokens > context: 400 ``context_length_exceeded``).
+    - ``enable_prefix_caching`` [True]: requests that share a prompt prefix reuse its keys and values,
+      at most ``prefix_cache_mib`` [256] MiB per model (``lamina.generate.prefix_cache``).
     - speculative decoding of greedy requests (``SpeculativeOptions``): ``draft`` [None] a draft model,
       or ``speculative_layers`` [None] the served model's own first K layers; ``num_draft_tokens`` [4].
     """
@@ -62,6 +64,10 @@ class ServeConfig:
     # self-speculative decoding of greedy requests: each served model's own first K layers are its draft
     speculative_layers: int | None = None
     num_draft_tokens: int = SpeculativeOptions.num_draft_tokens  # draft tokens proposed per step, >= 1
+    # reuse the keys and values of prompt prefixes shared across requests (a system prompt, earlier turns):
+    # only the rest of a prompt is prefilled (vLLM's --enable-prefix-caching); the output does not change
+    enable_prefix_caching: bool = True
+    prefix_cache_mib: float = 256.0  # most MiB of cached prefix keys and values per model, > 0; LRU eviction
     # LoRA adapters served over a MODEL, each chosen per request by its name (vLLM's --lora-modules):
     # NAME=PATH over the first MODEL ('[a=PATH, b=PATH]' for several), or a JSON object string
     # '{"name": ..., "path": ..., "base_model_name": MODEL}' as an item
@@ -74,6 +80,11 @@ class ServeConfig:
         for name in ("max_logit_bias", "max_top_logprobs", "max_stop"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.prefix_cache_mib <= 0:
+            raise ConfigError(
+                f"prefix_cache_mib={self.prefix_cache_mib} must be > 0 (turn caching off with "
+                "enable_prefix_caching=false)"
+            )
         if self.max_request_bytes < 1024:
             raise ConfigError(f"max_request_bytes={self.max_request_bytes} must be >= 1024")
         if self.timeout == 0:  # 0 means no timeout, as for uvicorn and most servers
