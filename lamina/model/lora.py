@@ -12,7 +12,10 @@ QLoRA-style (Dettmers et al. 2023, arXiv:2305.14314, with lamina's own formats i
 ``LoraConfig(base_weights="int8" | "int4")`` (or "bf16") first converts the frozen base to lamina's weight-only
 int8 / int4 linears (``lamina.model.quant``; bf16 activations) and puts fp32 adapters on top. Gradients
 reach the inputs of a quantized layer through a backward that dequantizes its weight on the fly
-(``_FrozenQuantMatmul``), so no dequantized weight is kept between forward and backward.
+(``_FrozenQuantMatmul``), so no dequantized weight is kept between forward and backward. The fp32 base
+weights are kept out of memory (a temporary file, memory-mapped: pages are read only when a checkpoint is
+written), so a trained QLoRA model saves its checkpoint with the fp32 base and a PEFT adapter for it
+(``base_state_dict``), exactly as a LoRA run over the fp32 base does.
 
 ``merge_lora`` adds ``scaling * B @ A`` into the base weights (``unload=True`` then replaces each wrapper
 by its merged ``nn.Linear``, PEFT's ``merge_and_unload``); ``unmerge_lora`` subtracts it again. A wrapped
@@ -30,6 +33,8 @@ import contextlib
 import fnmatch
 import itertools
 import math
+import os
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -60,7 +65,7 @@ class LoraConfig:
     # true: A Kaiming-uniform, B zero (PEFT's default: starts as the base); gaussian: A ~ N(0, 1/r), B zero; false: both random
     init_lora_weights: bool | Literal["gaussian"] = True
     bias: Literal["none"] = "none"  # biases stay frozen (PEFT's "none"; the only choice lamina offers)
-    # QLoRA-style: convert the frozen base to this format (bf16 activations; int8/int4 weight-only) under fp32 adapters
+    # QLoRA: the frozen base in this format (int8/int4 weight-only, bf16 activations; TRL's load_in_8bit/_4bit) under fp32 adapters
     base_weights: Literal["bf16", "int8", "int4"] | None = None
 
     def __post_init__(self) -> None:
@@ -186,7 +191,7 @@ def apply_lora(model: Transformer, cfg: LoraConfig) -> Transformer:
     """Freeze ``model`` and put adapters on the layers ``cfg.target_modules`` names; in place, returned.
 
     With ``cfg.base_weights`` the base is first converted to that weight-only format (projections kept
-    apart). Afterwards only the ``lora_A`` / ``lora_B`` weights require grad (``count_trainable``).
+    apart); its weights as they were (fp32) stay reachable, memory-mapped, for ``base_state_dict``. Afterwards only the ``lora_A`` / ``lora_B`` weights require grad (``count_trainable``).
 
     Raises:
         ConfigError: a target matches no linear layer; the model already has adapters; the model was
@@ -196,7 +201,10 @@ def apply_lora(model: Transformer, cfg: LoraConfig) -> Transformer:
     if lora_config_of(model) is not None:
         raise ConfigError("this model already has LoRA adapters: merge_lora(model, unload=True) first")
     if cfg.base_weights is not None:
+        check_adaptable(model)  # before anything is written or converted
+        kept = _spill(model.state_dict())
         convert_weights(model, cfg.base_weights, fuse=False)
+        model.lora_base_state = kept  # type: ignore[assignment]  # read back by base_state_dict
     check_adaptable(model)
     names = _targets(model, list(cfg.target_modules))
     model.requires_grad_(False)
@@ -204,6 +212,42 @@ def apply_lora(model: Transformer, cfg: LoraConfig) -> Transformer:
         wrap_linear(model, name, cfg)
     model.lora_config = cfg  # type: ignore[assignment]  # read back by lora_config_of / save_adapter
     return model
+
+
+def _spill(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` written to a temporary file and read back memory-mapped (tied tensors stay tied): the
+    same values, paged in from disk only when read. The file is unlinked at once where the OS allows
+    (the mapping keeps it alive), else when the process exits."""
+    fd, path = tempfile.mkstemp(prefix="lamina-lora-base-", suffix=".pt")
+    os.close(fd)
+    try:
+        torch.save({k: v.detach() for k, v in state.items()}, path)
+        kept: dict[str, Tensor] = torch.load(path, mmap=True, weights_only=True)
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:  # Windows: a mapped file cannot be deleted
+            import atexit
+
+            atexit.register(_remove, path)
+    return kept
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def base_state_dict(model: nn.Module, state: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """The base weights of a LoRA model under their plain names (``blocks.0.attn.q_proj.weight``): what a
+    checkpoint of it holds next to its adapter. For a base that ``apply_lora`` quantized
+    (``LoraConfig.base_weights``) these are the fp32 weights it had before (memory-mapped); otherwise
+    ``state`` (default: ``model.state_dict()``) without the adapters and with the wrappers' ``base_layer.``."""
+    kept = getattr(model, "lora_base_state", None)
+    if kept is not None:
+        return dict(kept)
+    state = model.state_dict() if state is None else state
+    return {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
 
 
 def check_adaptable(model: Transformer) -> None:
@@ -335,8 +379,9 @@ def unload_lora(model: Transformer) -> Transformer:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, getattr(parent, child).base_layer)
-    if hasattr(model, "lora_config"):
-        del model.lora_config
+    for attr in ("lora_config", "lora_base_state"):
+        if hasattr(model, attr):
+            delattr(model, attr)
     return model
 
 

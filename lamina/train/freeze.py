@@ -51,23 +51,44 @@ def freeze(model: nn.Module, specs: Sequence[str]) -> list[str]:
 
 def apply_run_lora(lora: LoraConfig | None, model: Transformer, seed: int) -> list[str]:
     """Put ``lora``'s adapters on ``model`` (initialised from ``seed``: part of the run) so that only they
-    train; returns the run's note saying how many parameters train (empty without ``lora``).
+    train; returns the run's notes: how many parameters train and, over a quantized base
+    (``lora.base_weights``, QLoRA), the base's bytes before and after (empty without ``lora``).
 
-    Raises ``ConfigError`` for ``lora.base_weights`` (a quantized frozen base), which finetune does not run yet.
+    Raises ``ConfigError`` as ``lamina.model.lora.apply_lora`` does.
     """
     if lora is None:
         return []
-    if lora.base_weights is not None:
-        raise ConfigError(
-            f"lora.base_weights={lora.base_weights} (a quantized frozen base) is not wired into finetune "
-            "yet; leave it unset"
-        )
     from lamina.model.lora import apply_lora, count_trainable, lora_layers
 
+    before, (_, base_params) = _frozen_bytes(model), count_trainable(model)
     torch.manual_seed(seed)
     apply_lora(model, lora)
-    trained, total = count_trainable(model)
-    return [
+    trained, _ = count_trainable(model)
+    total = base_params + trained  # a quantized base's weights are buffers: counted from before
+    notes = [
         f"LoRA r={lora.r} on {len(lora_layers(model))} layers: {trained:,} of {total:,} parameters "
         f"train ({trained / total:.2%})"
     ]
+    if lora.base_weights is not None:
+        after = _frozen_bytes(model)
+        notes.append(
+            f"QLoRA: the frozen base in {lora.base_weights} holds {_size(after)} of weights instead of "
+            f"{_size(before)} ({after / before:.0%}); checkpoints keep the fp32 base"
+        )
+    return notes
+
+
+def _frozen_bytes(model: nn.Module) -> int:
+    """Bytes of ``model``'s parameters and buffers, adapters aside (a tied tensor counts once)."""
+    seen: set[int] = set()
+    total = 0
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if ".lora_" in name or id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n / 2**10:,.1f} KiB"

@@ -11,7 +11,10 @@ With a ``lora`` section (``lamina.model.lora.LoraConfig``) the model is frozen a
 on the layers ``target_modules`` names before the optimizer is built, so only they get gradients and
 optimizer state; the trainable count is printed. Every checkpoint then holds the base weights and the
 adapters in PEFT's format in ``adapter/`` (``adapter_config.json`` + ``adapter_model.safetensors``), and
-the training state keeps the adapters exactly, so a resumed LoRA run is exact too.
+the training state keeps the adapters exactly, so a resumed LoRA run is exact too. QLoRA:
+``lora: {base_weights: int4}`` (or int8) trains the same adapters over lamina's 4-bit (8-bit) weight-only
+base in bf16 (CPU); the run's notes print the base's bytes before and after, and the checkpoints still
+hold the fp32 base and a PEFT adapter for it.
 
 The conversations are read, rendered with the model's chat template (or ``sft.chat_template``) and
 masked by ``lamina.data.chat``: the loss counts each answer and its end-of-turn token (or every token,

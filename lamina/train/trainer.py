@@ -644,8 +644,10 @@ def _write_checkpoint(
     """A lamina checkpoint plus the run config and (for resuming) the training state, atomically. For a
     model with LoRA adapters (``adapter_of``) the checkpoint holds the base weights under their plain
     names and the adapters in PEFT's format in ``ADAPTER_DIR`` (``lamina.checkpoint.peft.save_adapter``)."""
-    if adapter_of is not None:
-        weights = {k.replace(".base_layer.", "."): v for k, v in weights.items() if ".lora_" not in k}
+    if adapter_of is not None:  # the fp32 base (also under a quantized QLoRA base), plain names
+        from lamina.model.lora import base_state_dict
+
+        weights = base_state_dict(adapter_of, weights)
 
     def write(tmp: Path) -> None:
         write_checkpoint_files(tmp, model_cfg, weights, tokenizer, generation)

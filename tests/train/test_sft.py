@@ -21,7 +21,7 @@ import lamina
 from lamina.checkpoint.peft import load_adapter
 from lamina.data.chat import ChatBatches, ChatData, encode_chats
 from lamina.errors import DataError
-from lamina.model.lora import LoraConfig, count_trainable, expected_trainable
+from lamina.model.lora import LoraConfig, count_trainable, expected_trainable, lora_state_dict
 from lamina.train.finetune import FinetuneRun, finetune
 from lamina.train.objectives import sft
 
@@ -179,3 +179,46 @@ def test_lora_trains_only_adapters_saves_peft_and_resumes_exactly(
     a = load_file(str(out / "last" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(ref / "last" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _base_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's tensors other than the adapters, each storage once (tied weights)."""
+    seen, total = set(), 0
+    for k, t in model.state_dict().items():
+        if ".lora_" not in k and t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def test_qlora_trains_adapters_over_an_int4_base(tiny: Path, chat_file: Path, tmp_path: Path) -> None:
+    """QLoRA (Dettmers et al. 2023): the frozen base in lamina's int4 format, fp32 adapters on top. The
+    held-out loss falls; the base takes under a third of the fp32 base's bytes; the checkpoint holds the
+    fp32 base bit for bit and an adapter with the keys, shapes and config of a LoRA run over fp32."""
+    fp_run = _lora_run(tiny, chat_file, tmp_path / "fp", max_steps=2)
+    fp_model, _, _ = finetune(fp_run)
+    q_run = _lora_run(tiny, chat_file, tmp_path / "q", lr=1e-2, eval_every=1)
+    assert q_run.lora is not None
+    q_run.lora.base_weights = "int4"
+    q_run.sft.samples = 0
+    q_model, _, result = finetune(q_run)
+    assert result.val_losses[-1][1] < result.val_losses[0][1] - 0.05  # steps 1 -> 8
+    assert any("QLoRA: the frozen base in int4" in n for n in result.notes)
+    assert _base_bytes(q_model) < _base_bytes(fp_model) / 3
+    # the checkpoint: the fp32 base as it was, and a PEFT adapter like the fp32 LoRA's
+    base, _ = lamina.load_checkpoint(tiny)
+    last, _ = lamina.load_checkpoint(tmp_path / "q" / "last")
+    assert all(torch.equal(v, last.state_dict()[k]) for k, v in base.state_dict().items())
+    qa = load_file(str(tmp_path / "q" / "last" / "adapter" / "adapter_model.safetensors"))
+    fa = load_file(str(tmp_path / "fp" / "last" / "adapter" / "adapter_model.safetensors"))
+    assert {k: v.shape for k, v in qa.items()} == {k: v.shape for k, v in fa.items()}
+    assert not any(torch.equal(qa[k], fa[k]) for k in qa if "lora_B" in k)  # trained, not copied
+    configs = [
+        json.loads((tmp_path / d / "last" / "adapter" / "adapter_config.json").read_text())
+        for d in ("q", "fp")
+    ]
+    assert configs[0] == configs[1]
+    # loaded on the fp32 base, the adapter is the QLoRA model's (exactly)
+    adapted = load_adapter(last, tmp_path / "q" / "last" / "adapter")
+    for name, t in lora_state_dict(q_model).items():
+        assert torch.equal(lora_state_dict(adapted)[name], t), name
