@@ -5,12 +5,14 @@
     POST /v1/chat/completions    chat completions with the model's chat template
     POST /v1/embeddings          embedding models (encoders such as minilm); over-long input: 400, or cut
                                  with the extra field truncate=true (truncated_inputs says which)
+    POST /v1/retrieve            lamina, with --index: the index's passages for a query; chat completions
+                                 with the extra field "rag" are grounded on it (``grounding``)
     GET  /health                 200 while every engine thread runs (503 otherwise)
     GET  /metrics                Prometheus text: requests, tokens in/out, queue depth, batch size, TTFT
     GET  /docs, /openapi.json    the OpenAPI schema
     GET  /                       the chat page (static/: index.html, app.js, style.css; strict CSP)
-    GET  /lamina/config          what the page needs first: whether an API key is required, and each
-                                 model's kind and decoding defaults (its generation.yaml)
+    GET  /lamina/config          what the page needs first: whether an API key is required, each model's
+                                 kind and decoding defaults (its generation.yaml), and the index if any
 
 Requests are checked (``params``) before any work starts; generation runs on each model's engine thread
 (``scheduler``); results are shaped by ``outputs``; every error is OpenAI's error object (``errors``).
@@ -27,14 +29,25 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from lamina import __version__
 from lamina.errors import InputTooLongError
+from lamina.rag.retrieve import RetrieveConfig
+from lamina.rag.synthesize import Citation, cite
 from lamina.serve import outputs
 from lamina.serve.errors import APIError, bad_request, context_length_exceeded, install_handlers
+from lamina.serve.grounding import (
+    ServedIndex,
+    ground,
+    grounded_response,
+    not_found,
+    not_found_stream,
+    passages,
+    raise_for_rag,
+)
 from lamina.serve.guards import ApiKeyAuth, BodyLimit, CountRequests
 from lamina.serve.params import prepare_chat, prepare_completion
 from lamina.serve.registry import Registry
@@ -51,6 +64,8 @@ from lamina.serve.schemas import (
     Health,
     ModelCard,
     ModelList,
+    RetrieveRequest,
+    RetrieveResponse,
     Usage,
 )
 from lamina.serve.settings import ServeConfig
@@ -60,6 +75,7 @@ ROUTES = [
     "/v1/completions",
     "/v1/chat/completions",
     "/v1/embeddings",
+    "/v1/retrieve",
     "/health",
     "/metrics",
 ]
@@ -90,9 +106,13 @@ _SSE: dict[int | str, dict[str, Any]] = {
 
 
 def create_app(registry: Registry, config: ServeConfig | None = None) -> FastAPI:
-    """The server app for ``registry``'s models; engine threads start and stop with the app's lifespan."""
+    """The server app for ``registry``'s models; engine threads start and stop with the app's lifespan.
+
+    With ``config.index`` the index is opened here (its embedding model loaded unless served), so a bad
+    path fails before the server starts (``ConfigError``)."""
     config = config or registry.config
     metrics = registry.metrics
+    index = ServedIndex.open(config.index, registry) if config.index else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -101,6 +121,8 @@ def create_app(registry: Registry, config: ServeConfig | None = None) -> FastAPI
             yield
         finally:
             await run_in_threadpool(registry.stop)
+            if index is not None:
+                index.close()
 
     app = FastAPI(
         title="lamina",
@@ -110,6 +132,7 @@ def create_app(registry: Registry, config: ServeConfig | None = None) -> FastAPI
         responses=_ERRORS,
     )
     app.state.registry, app.state.config, app.state.metrics = registry, config, metrics
+    app.state.index = index
     install_handlers(app)
     # the last added runs first: count -> auth -> size limit -> routes
     app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
@@ -143,17 +166,49 @@ def create_app(registry: Registry, config: ServeConfig | None = None) -> FastAPI
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_SSE, tags=["openai"])
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
-        """OpenAI chat completions, rendered with the model's chat template."""
+        """OpenAI chat completions, rendered with the model's chat template. With lamina's extra field
+        ``rag`` (a server started with ``--index``) the last message is answered from the index's passages,
+        cited as [1], [2]: the response adds ``sources`` and each choice's ``citations``."""
         served = registry.get(req.model, "generation")
+        include = bool(req.stream_options and req.stream_options.include_usage)
+        grounding = None
+        if req.rag is not None and req.rag is not False:
+            grounding = await run_in_threadpool(ground, req, served, index, config)
+            if not grounding.shown:  # nothing retrieved: "not found", no model call
+                n = req.n or 1
+                if req.stream:
+                    return _sse(not_found_stream(served.name, n, include))
+                return JSONResponse(not_found(served.name, n).model_dump(mode="json"))
+            req = grounding.request
         prepared = await run_in_threadpool(prepare_chat, req, served, config)
         assert served.scheduler is not None
         job = served.scheduler.submit(prepared.prompts, adapter=served.adapter)
         logprobs, top = bool(req.logprobs), req.top_logprobs or 0
         if req.stream:
-            include = bool(req.stream_options and req.stream_options.include_usage)
+            if grounding is not None:
+                shown = grounding.shown
+                srcs = [p.model_dump(mode="json") for p in grounding.sources]
+                gen = outputs.chat_stream(job, prepared, served, logprobs, top, include, srcs,
+                                          lambda text: _citations(text, shown))  # fmt: skip
+                return _sse(gen)
             return _sse(outputs.chat_stream(job, prepared, served, logprobs, top, include))
         await _wait(job, request)
-        return outputs.chat_response(job, prepared, served, logprobs, top)
+        resp = outputs.chat_response(job, prepared, served, logprobs, top)
+        if grounding is not None:
+            return JSONResponse(grounded_response(resp, grounding).model_dump(mode="json"))
+        return resp
+
+    @app.post("/v1/retrieve", response_model=RetrieveResponse, tags=["lamina"])
+    async def retrieve(req: RetrieveRequest) -> RetrieveResponse:
+        """The passages of the server's index (``--index``) that best answer ``query``, best first: each
+        with its document, span (character offsets in the document), page, score and rank (``number``).
+        400 without an index, for a ``top_k`` over ``max_retrieve_top_k``, an unknown mode or bad filters."""
+        served_index = raise_for_rag(index)
+        hits = await run_in_threadpool(served_index.search, req.query, req, config)
+        cfg_mode = req.mode or RetrieveConfig.mode
+        return RetrieveResponse(
+            data=passages(hits), mode=cfg_mode, embedding_model=served_index.store.embedding_model
+        )
 
     @app.post(
         "/v1/embeddings", response_model=EmbeddingResponse, response_model_exclude_none=True, tags=["openai"]
@@ -238,6 +293,7 @@ def create_app(registry: Registry, config: ServeConfig | None = None) -> FastAPI
         return {
             "version": __version__,
             "auth": bool(config.api_keys),
+            "index": None if index is None else await run_in_threadpool(index.describe),
             "models": [
                 {
                     "id": m.name,
@@ -267,6 +323,12 @@ def _card(m: Any) -> ModelCard:
         id=m.name, created=m.created, kind=m.kind, max_model_len=m.context_length,
         root=m.root or str(m.lm.entry.path), parent=m.parent,
     )  # fmt: skip
+
+
+def _citations(text: str, shown: list[Citation]) -> dict[str, Any]:
+    """What a streamed grounded choice's finishing chunk adds: the numbers its whole text cites."""
+    answer = cite(text, shown)
+    return {"citations": [c.number for c in answer.citations], "dropped_citations": answer.dropped_citations}
 
 
 def _sse(gen: AsyncIterator[str]) -> StreamingResponse:

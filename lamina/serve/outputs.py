@@ -312,16 +312,24 @@ def chat_stream(
     logprobs: bool,
     top_logprobs: int,
     include_usage: bool,
+    sources: list[dict[str, Any]] | None = None,
+    cite: Callable[[str], dict[str, Any]] | None = None,
 ) -> AsyncIterator[str]:
-    """``chat.completion.chunk`` events: the role first, then content deltas, then each finish_reason."""
+    """``chat.completion.chunk`` events: the role first, then content deltas, then each finish_reason.
+
+    Grounded requests (``lamina.serve.grounding``): ``sources`` goes on the first chunk, and each choice's
+    finishing chunk carries what ``cite`` reads from its whole text (``citations``, ``dropped_citations``)."""
     rid, created, n = new_id("chatcmpl"), int(time.time()), prepared.n
     counted = [0]  # completion tokens so far
     usage_field: dict[str, Any] = {"usage": None} if include_usage else {}
+    texts: dict[int, str] = {}  # grounded: each choice's text so far
 
-    def chunk(choice: ChatChunkChoice) -> str:
+    def chunk(choice: ChatChunkChoice, **more: Any) -> str:
         body = ChatCompletionChunk(id=rid, created=created, model=served.name, choices=[choice])
         data = body.model_dump(exclude={"usage"})
-        return f"data: {json.dumps({**data, **usage_field}, ensure_ascii=False)}\n\n"
+        if cite is not None and choice.finish_reason is not None:
+            data["choices"][0].update(cite(texts.get(choice.index, "")))
+        return f"data: {json.dumps({**data, **more, **usage_field}, ensure_ascii=False)}\n\n"
 
     held: dict[int, str] = {}  # tool mode: each choice's text, held until it is known to be calls or text
 
@@ -350,10 +358,13 @@ def chat_stream(
 
     async def chunks() -> AsyncIterator[str]:
         for k in range(n):
-            yield chunk(ChatChunkChoice(index=k, delta=ChatDelta(role="assistant", content="")))
+            first = {"sources": sources} if sources is not None and k == 0 else {}
+            yield chunk(ChatChunkChoice(index=k, delta=ChatDelta(role="assistant", content="")), **first)
         async for _, d in job.events():
             k = d.seq.index
             text = "" if prepared.zero_tokens else d.text
+            if cite is not None:
+                texts[k] = texts.get(k, "") + text
             if prepared.tool_calls:
                 held[k] = held.get(k, "") + text
                 text = ""

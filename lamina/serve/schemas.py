@@ -136,6 +136,37 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None  # a tool message: the call it answers
 
 
+Scalar = str | int | float | bool
+FilterValue = Scalar | list[Scalar]
+
+
+class RagOptions(BaseModel):
+    """lamina: how a request retrieves from the server's index (``--index``); each field left out takes
+    ``lamina.rag.retrieve.RetrieveConfig``'s default (dense, 5 passages, no filters, no threshold)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    top_k: int | None = Field(
+        default=None, ge=1, description="passages retrieved (the server's limit: max_retrieve_top_k)"
+    )
+    mode: Literal["dense", "bm25", "hybrid"] | None = Field(
+        default=None, description="dense (embeddings), bm25 (full text) or hybrid (reciprocal rank fusion)"
+    )
+    filters: dict[str, FilterValue] | None = Field(
+        default=None,
+        description="metadata filters: {key: value} or {key: [any of these]}; doc_id, doc_id_prefix and kind "
+        "match the chunk's own fields (lamina.rag.types.FILTERS_HELP)",
+    )
+    score_threshold: float | None = Field(
+        default=None, description="minimum score (cosine for dense/hybrid, BM25 for bm25): below it, nothing"
+    )
+
+
+class RetrieveRequest(RagOptions):
+    """``POST /v1/retrieve`` (lamina): the passages of the server's index that best answer ``query``."""
+
+    query: str = Field(min_length=1)
+
+
 class ChatCompletionRequest(SamplingExtras):
     """``POST /v1/chat/completions``."""
 
@@ -171,6 +202,13 @@ class ChatCompletionRequest(SamplingExtras):
     store: bool | None = Field(default=None, description="accepted and ignored")
     metadata: dict[str, Any] | None = Field(default=None, description="accepted and ignored")
     service_tier: str | None = Field(default=None, description="accepted and ignored")
+    rag: bool | dict[str, Any] | None = Field(
+        default=None,
+        description="lamina: ground the answer on the server's index (--index): true, or retrieval options "
+        "(RagOptions: top_k, mode, filters, score_threshold); "
+        "the last message (the user's question) is answered from the passages retrieved for it, citing "
+        "them as [1], [2]; the response's sources list them and each choice's citations name those cited",
+    )
 
 
 class EmbeddingRequest(_Request):
@@ -353,6 +391,48 @@ class EmbeddingResponse(BaseModel):
         description="lamina, only with truncate=true: the indices of the inputs cut to the model's limit "
         "(their number is also the X-Truncated-Inputs header)",
     )
+
+
+class Passage(BaseModel):
+    """A retrieved passage: ``number`` is its rank, which is also the [n] a grounded answer cites it by;
+    ``document`` its document's id, ``span`` its [start, end) character offsets in that document's text,
+    ``page`` its PDF page (else null), ``score`` as the retrieval mode scores (higher is better)."""
+
+    number: int
+    document: str
+    chunk_id: str
+    title: str
+    text: str
+    span: tuple[int, int]
+    page: int | None = None
+    score: float
+
+
+class RetrieveResponse(BaseModel):
+    """``POST /v1/retrieve``: the passages, best first, and how they were found."""
+
+    object: Literal["list"] = "list"
+    data: list[Passage]
+    mode: Literal["dense", "bm25", "hybrid"]
+    embedding_model: str
+
+
+class GroundedChatChoice(ChatChoice):
+    """A grounded chat completion: ``citations`` are the numbers of the ``sources`` its text cites, in order
+    of first mention (a marker naming no source shown is removed from the text and counted in
+    ``dropped_citations``)."""
+
+    citations: list[int] = Field(default_factory=list)
+    dropped_citations: int = 0
+
+
+class GroundedChatCompletionResponse(ChatCompletionResponse):
+    """A ``chat.completion`` of a request with ``rag``: ``sources`` are the passages the prompt showed,
+    numbered as the answer cites them (empty, and the answer "Not found in the sources.", when retrieval
+    found nothing)."""
+
+    choices: list[GroundedChatChoice]  # type: ignore[assignment]
+    sources: list[Passage]
 
 
 class ErrorDetail(BaseModel):

@@ -34,6 +34,8 @@ class ServeConfig:
       at most ``prefix_cache_mib`` [256] MiB per model (``lamina.generate.prefix_cache``).
     - speculative decoding of greedy requests (``SpeculativeOptions``): ``draft`` [None] a draft model,
       or ``speculative_layers`` [None] the served model's own first K layers; ``num_draft_tokens`` [4].
+    - retrieval: ``index`` [None] an index of ``lamina index`` (SQLite file or ``postgresql://`` URL) for
+      ``POST /v1/retrieve`` and grounded chat (``lamina.serve.grounding``); ``max_retrieve_top_k`` [100].
     """
 
     host: str = "127.0.0.1"  # address to listen on: 127.0.0.1 loopback only, 0.0.0.0 every interface
@@ -72,9 +74,14 @@ class ServeConfig:
     # NAME=PATH over the first MODEL ('[a=PATH, b=PATH]' for several), or a JSON object string
     # '{"name": ..., "path": ..., "base_model_name": MODEL}' as an item
     lora_modules: list[str] = field(default_factory=list)
+    # the index to retrieve from (a SQLite file or a postgresql:// URL written by lamina index): POST
+    # /v1/retrieve and chat completions with "rag" grounded on it (None: no retrieval)
+    index: str | None = None
+    max_retrieve_top_k: int = 100  # most passages a retrieve or grounded chat request may ask for, >= 1
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_queue", "max_n", "max_prompts", "max_embedding_inputs"):
+        for name in ("max_batch_size", "max_queue", "max_n", "max_prompts", "max_embedding_inputs",
+                     "max_retrieve_top_k"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
         for name in ("max_logit_bias", "max_top_logprobs", "max_stop"):
