@@ -178,6 +178,7 @@ def test_the_page_is_small_strict_and_shows_the_models_defaults(page: Any, serve
     assert "<script>" not in r.text  # no inline script: the CSP forbids it
     options = page.execute_script("return [...document.querySelectorAll('#model option')].map(o => o.value)")
     assert options == ["tiny-a", "tiny-b"]
+    assert not _el(page, "#rag").is_displayed()  # no --index: no grounding offered
     assert _el(page, "#temperature").get_attribute("value") == "0.7"
     assert _el(page, "#top_k").get_attribute("value") == "20"
     assert _el(page, "#max_tokens").get_attribute("value") == "40"
@@ -485,3 +486,69 @@ def _hold(
             if release.is_set():
                 break
         held.append(f"{r.status_code}: {line[:200]}")
+
+
+def test_grounded_replies_show_clickable_sources(
+    browser: Any, models: dict[str, Any], tmp_path: Path
+) -> None:
+    """A server with ``--index``: the page offers "sources", sends ``rag``, links the reply's [1] to its
+    source (document, span), which a click opens; a passage holding markup shows it as text."""
+    from tiny_index import DOCS, build_index, chat_lm
+
+    from lamina.serve import BackgroundServer, ServeConfig
+
+    index = build_index(tmp_path / "tiny.sqlite", models["tiny-embed"])
+    chat = chat_lm()
+    cfg = ServeConfig(index=str(index), timeout=60.0)
+    with BackgroundServer({"chat": chat, "tiny-embed": models["tiny-embed"]}, cfg) as server:
+        browser.get(server.url + "/")
+        browser.execute_script("localStorage.clear(); sessionStorage.clear()")
+        _open(browser, server.url + "/")
+        assert _el(browser, "#rag").is_displayed() and "index of" in _el(browser, "#about").get_attribute(
+            "textContent"
+        )
+        _el(browser, "#rag").click()
+        _el(browser, "#toggle-settings").click()
+        _set(browser, "rag_top_k", "4")
+        _set(browser, "max_tokens", "3")
+        cite = chat.tokenizer.backend.token_to_id("[1]")
+        _set(browser, "extra", json.dumps({"logit_bias": {str(cite): 100}, "temperature": 0}))
+        _requests(browser)
+        _send(browser, "hello world")
+        _idle(browser)
+        (body,) = _sent_bodies(browser)
+        assert body["rag"] == {"top_k": 4} and body["model"] == "chat"
+        links = browser.execute_script(
+            "return [...document.querySelectorAll('#pane-a .msg.assistant .body a.cite')]"
+            ".map(a => [a.textContent, a.getAttribute('href')])"
+        )
+        assert links and all(link == ["1", "#source-0-1-1"] for link in links), links
+        summaries = browser.execute_script(
+            "return [...document.querySelectorAll('#pane-a .sources summary')].map(s => s.textContent)"
+        )
+        assert len(summaries) == 4 and summaries[0].startswith("[1] ") and ", chars " in summaries[0]
+        assert any("greet.md" in s for s in summaries), summaries
+        assert (
+            browser.execute_script("return document.querySelectorAll('.sources b, .sources script').length")
+            == 0
+        )
+        passages = browser.execute_script(
+            "return [...document.querySelectorAll('#pane-a .sources .passage')].map(p => p.textContent)"
+        )
+        assert DOCS["greet.md"] in passages  # its <b> is text
+        assert not browser.execute_script(
+            "return document.getElementById('source-0-1-1').querySelector('details').open"
+        )
+        _el(browser, "#pane-a .body a.cite").click()
+        _wait(lambda: browser.execute_script(
+            "return document.getElementById('source-0-1-1').querySelector('details').open"
+        ), what="the cited source to open")  # fmt: skip
+        assert "cited" in _el(browser, "#source-0-1-1").get_attribute("class")
+        browser.save_screenshot(str(browser.shots / "sources-1440.png"))
+        _open(browser, server.url + "/")  # a reload keeps the sources and the links
+        assert len(browser.execute_script("return document.querySelectorAll('#pane-a .sources li')")) == 4
+        assert browser.execute_script("return document.querySelectorAll('#pane-a a.cite').length") == len(
+            links
+        )
+    errors = [e for e in _console_errors(browser) if "ERR_CONNECTION_REFUSED" not in e]
+    assert errors == []

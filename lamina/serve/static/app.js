@@ -15,13 +15,23 @@ function escapeHtml(text) {
   return String(text).replace(/[&<>"']/g, (c) => ESCAPES[c]);
 }
 
-// inline: `code`, **bold**, *italic* / _italic_, [text](http(s) url); input is already escaped
-function inline(escaped) {
+// inline: `code`, **bold**, *italic* / _italic_, [text](http(s) url), and with `cite` ({numbers, prefix}:
+// the numbers of a grounded reply's sources) citation markers [1] / [1, 2] as links to #prefix-N; input is
+// already escaped
+function inline(escaped, cite) {
   const held = [];
   const hold = (html) => "\u0000" + (held.push(html) - 1) + "\u0000";
   let s = escaped.replace(/`([^`\n]+)`/g, (_, code) => hold("<code>" + code + "</code>"));
   s = s.replace(/\[([^\]\n]+)\]\((https?:\/\/[^\s)]+)\)/g, (_, label, url) =>
     hold('<a href="' + url + '" target="_blank" rel="noopener noreferrer nofollow">' + label + "</a>"));
+  if (cite) {
+    s = s.replace(/\[(\d+(?:\s*,\s*\d+)*)\]/g, (whole, list) => {
+      const nums = list.split(",").map((x) => Number(x.trim()));
+      if (!nums.some((n) => cite.numbers.includes(n))) return whole; // a number no source has stays text
+      return hold("[" + nums.map((n) => (cite.numbers.includes(n)
+        ? '<a class="cite" href="#' + cite.prefix + "-" + n + '">' + n + "</a>" : String(n))).join(", ") + "]");
+    });
+  }
   s = s.replace(/\*\*([^*\n]+)\*\*/g, "<strong>$1</strong>");
   s = s.replace(/(^|[^\w*])\*([^*\n]+)\*(?!\w)/g, "$1<em>$2</em>");
   s = s.replace(/(^|[^\w])_([^_\n]+)_(?!\w)/g, "$1<em>$2</em>");
@@ -29,12 +39,13 @@ function inline(escaped) {
   return s; // (a held link may hold held code: restored in a second pass)
 }
 
-function blocks(text) {
+function blocks(text, cite) {
+  const inline_ = (line) => inline(line, cite);
   const out = [];
   let list = null; // "ul" or "ol" while inside a list
   let para = [];
   const flushPara = () => {
-    if (para.length) out.push("<p>" + para.map(inline).join("<br>") + "</p>");
+    if (para.length) out.push("<p>" + para.map(inline_).join("<br>") + "</p>");
     para = [];
   };
   const closeList = () => {
@@ -53,12 +64,12 @@ function blocks(text) {
         out.push("<" + kind + ">");
         list = kind;
       }
-      out.push("<li>" + inline((bullet || number)[1]) + "</li>");
+      out.push("<li>" + inline_((bullet || number)[1]) + "</li>");
     } else if (heading) {
       flushPara();
       closeList();
       const level = Math.min(heading[1].length + 2, 6); // small headings inside a message
-      out.push("<h" + level + ">" + inline(heading[2]) + "</h" + level + ">");
+      out.push("<h" + level + ">" + inline_(heading[2]) + "</h" + level + ">");
     } else if (!line.trim()) {
       flushPara();
       closeList();
@@ -74,13 +85,13 @@ function blocks(text) {
 
 // Markdown -> HTML that holds only tags made here: all of `text` is escaped first. Fenced code blocks
 // (an unterminated fence, while streaming, runs to the end), inline code, bold, italic, lists, headings,
-// and links whose address starts with http:// or https://.
-function renderMarkdown(text) {
+// and links whose address starts with http:// or https://; with `cite`, citation markers (see inline).
+function renderMarkdown(text, cite) {
   const parts = String(text).replace(/\u0000/g, "").split(/^```/m);
   let html = "";
   parts.forEach((part, i) => {
     if (i % 2 === 0) {
-      html += blocks(part);
+      html += blocks(part, cite);
       return;
     }
     const nl = part.indexOf("\n");
@@ -218,6 +229,12 @@ function requestBody(model, messages, pane) {
   }
   const stop = $("stop").value.split("\n").filter((s) => s.length > 0);
   if (stop.length) body.stop = stop;
+  if ($("rag").checked && state.config && state.config.index) { // grounded on the server's index
+    const rag = {};
+    if ($("rag_top_k").value.trim() !== "") rag.top_k = Number($("rag_top_k").value);
+    if ($("rag_mode").value) rag.mode = $("rag_mode").value;
+    body.rag = Object.keys(rag).length ? rag : true;
+  }
   Object.assign(body, parseExtra("extra"));
   if (pane === 1) Object.assign(body, parseExtra("extra-b"));
   return body;
@@ -245,6 +262,55 @@ function formatStats(s) {
   return parts.join(" · ");
 }
 
+// A grounded reply's citation links: its sources' numbers and the id prefix of its source list.
+function citeOf(reply, prefix) {
+  return reply.sources && reply.sources.length ? { numbers: reply.sources.map((s) => Number(s.number)), prefix: prefix } : null;
+}
+
+// The sources of a grounded reply: one line each (number, document, span, page, score) that opens on
+// its passage; all text through textContent.
+function sourcesNode(reply, prefix) {
+  const list = document.createElement("ol");
+  list.className = "sources";
+  const cited = new Set(reply.citations || []);
+  for (const s of reply.sources) {
+    const n = Number(s.number);
+    const li = document.createElement("li");
+    li.id = prefix + "-" + n;
+    if (cited.has(n)) li.classList.add("cited");
+    const details = document.createElement("details");
+    const summary = document.createElement("summary");
+    const span = Array.isArray(s.span) ? ", chars " + s.span[0] + "-" + s.span[1] : "";
+    const page = s.page === null || s.page === undefined ? "" : ", page " + s.page;
+    summary.textContent = "[" + n + "] " + s.document + span + page + " (score " + Number(s.score).toFixed(3) + ")";
+    const passage = document.createElement("div");
+    passage.className = "passage";
+    passage.textContent = s.text;
+    details.appendChild(summary);
+    details.appendChild(passage);
+    li.appendChild(details);
+    list.appendChild(li);
+  }
+  return list;
+}
+
+function sourcePrefix(pane, index) {
+  return "source-" + pane + "-" + index;
+}
+
+// A click on a citation opens its source's passage (and scrolls to it) instead of following the link.
+function openCitation(e) {
+  const a = e.target && e.target.closest ? e.target.closest("a.cite") : null;
+  if (!a) return;
+  e.preventDefault();
+  const item = document.getElementById(a.getAttribute("href").slice(1));
+  if (!item) return;
+  item.querySelector("details").open = true;
+  item.scrollIntoView({ block: "nearest" });
+  item.classList.add("flash");
+  setTimeout(() => item.classList.remove("flash"), 1500);
+}
+
 function messageNode(msg, pane, index, last) {
   const node = document.createElement("div");
   node.className = "msg " + msg.role;
@@ -254,7 +320,7 @@ function messageNode(msg, pane, index, last) {
     body.textContent = msg.content; // the user's text as typed
   } else {
     const reply = replyOf(msg, pane);
-    body.innerHTML = renderMarkdown(reply.content || "");
+    body.innerHTML = renderMarkdown(reply.content || "", citeOf(reply, sourcePrefix(pane, index)));
     if (reply.error) {
       const e = document.createElement("p");
       e.className = "msg-error";
@@ -265,6 +331,7 @@ function messageNode(msg, pane, index, last) {
     meta.className = "meta";
     meta.textContent = formatStats(reply.stats);
     node.appendChild(body);
+    if (reply.sources && reply.sources.length) node.appendChild(sourcesNode(reply, sourcePrefix(pane, index)));
     node.appendChild(meta);
   }
   if (msg.role === "user") node.appendChild(body);
@@ -318,7 +385,11 @@ function renderReply(pane, msg) {
   const node = box.lastElementChild;
   if (!node) return;
   const reply = replyOf(msg, pane);
-  node.querySelector(".body").innerHTML = renderMarkdown(reply.content);
+  const prefix = sourcePrefix(pane, node.dataset.index);
+  node.querySelector(".body").innerHTML = renderMarkdown(reply.content, citeOf(reply, prefix));
+  if (reply.sources && reply.sources.length && !node.querySelector(".sources")) {
+    node.insertBefore(sourcesNode(reply, prefix), node.querySelector(".meta"));
+  }
   node.querySelector(".meta").textContent = formatStats(reply.stats);
   $(pane === 0 ? "pane-a" : "pane-b").querySelector(".stats").textContent = formatStats(reply.stats);
   box.scrollTop = box.scrollHeight;
@@ -385,7 +456,10 @@ async function stream(pane, model, body, msg) {
           }
           const obj = JSON.parse(data);
           if (obj.error) throw new HttpError(obj.error.code === "timeout" ? 504 : 500, obj.error.message);
-          const delta = obj.choices && obj.choices[0] && obj.choices[0].delta;
+          if (obj.sources) reply.sources = obj.sources; // grounded: the passages the prompt showed
+          const choice = obj.choices && obj.choices[0];
+          if (choice && choice.citations) reply.citations = choice.citations; // the numbers the reply cites
+          const delta = choice && choice.delta;
           if (delta && delta.content) {
             if (tFirst === null) {
               tFirst = performance.now();
@@ -560,6 +634,7 @@ async function loadModels() {
     state.models = list.data.filter((m) => m.kind !== "embedding");
     const encoders = list.data.filter((m) => m.kind === "embedding");
     document.body.classList.toggle("has-embeddings", encoders.length > 0);
+    document.body.classList.toggle("has-index", !!state.config.index);
     $("embed-model").textContent = "";
     for (const m of encoders) {
       const o = document.createElement("option");
@@ -580,7 +655,9 @@ async function loadModels() {
     }
     if (state.models.length > 1 && !$("model-b").dataset.touched) $("model-b").selectedIndex = 1;
     applyDefaults();
-    $("about").textContent = "lamina " + state.config.version + " · " + state.models.length + " model(s)";
+    const index = state.config.index;
+    $("about").textContent = "lamina " + state.config.version + " · " + state.models.length + " model(s)"
+      + (index ? " · index of " + index.chunks + " passages (" + index.embedding_model + ")" : "");
     clearError();
   } catch (e) {
     showError(describe(e));
@@ -603,6 +680,7 @@ function init() {
     if (e.key === "Escape") stop();
   });
   $("stop-btn").addEventListener("click", stop);
+  $("panes").addEventListener("click", openCitation);
   $("model").addEventListener("change", applyDefaults);
   $("model-b").addEventListener("change", () => { $("model-b").dataset.touched = "1"; });
   $("compare").addEventListener("change", render);
