@@ -14,6 +14,12 @@ module names go through the name maps of ``lamina.checkpoint.hf``:
   keeping the scaling; a PEFT ``c_attn`` adapter of rank R loads as q/k/v adapters of rank R sharing A.
   ``attn.c_proj`` <-> ``attn.o_proj``, ``mlp.c_fc`` <-> ``mlp.up_proj``, ``mlp.c_proj`` <-> ``mlp.down_proj``.
 
+A sequence head (a reward model's ``head=regress``, or ``classify``) on a Llama or GPT-2 decoder is
+transformers' ``*ForSequenceClassification.score``; trained in full beside the adapter
+(``LoraConfig.modules_to_save``), its tensors are saved as PEFT saves ``modules_to_save``
+(``base_model.model.score.weight``; ``"modules_to_save": ["score"]``, ``"task_type": "SEQ_CLS"``).
+lamina's head has a bias (``score.bias``), which transformers' ``score`` lacks.
+
 Other families (BLOOM, BERT) raise ``CheckpointError``; their adapters stay in lamina's checkpoints.
 """
 
@@ -46,6 +52,7 @@ from lamina.model.lora import (
     lora_config_of,
     lora_layers,
     merge_lora,
+    saved_modules,
     wrap_linear,
 )
 from lamina.model.quant import convert_weights
@@ -58,7 +65,13 @@ _GPT2_LAYER = {"attn.o_proj": "attn.c_proj", "mlp.up_proj": "mlp.c_fc", "mlp.dow
 _QKV = ("attn.q_proj", "attn.k_proj", "attn.v_proj")
 
 
+_SEQ_HEADS = ("classify", "regress")  # decoder heads that are transformers' *ForSequenceClassification.score
+_SCORE = "task_head.classifier"  # lamina's name of that layer
+
+
 def _family(cfg: ModelConfig) -> Literal["llama", "gpt2"]:
+    if cfg.arch == "decoder" and cfg.head in _SEQ_HEADS:  # the body's family; the head is `score`
+        cfg = replace(cfg, head="lm", n_labels=None, labels=None, pooler=False)
     family = hf_family(cfg)
     if family not in ("llama", "gpt2"):
         raise CheckpointError(
@@ -72,6 +85,8 @@ def hf_module_name(name: str, cfg: ModelConfig) -> str:
     """The HF module name of lamina module ``name`` (``blocks.0.attn.q_proj`` ->
     ``model.layers.0.self_attn.q_proj``; GPT-2's q/k/v all -> ``transformer.h.0.attn.c_attn``)."""
     family = _family(cfg)
+    if name == _SCORE and cfg.head in _SEQ_HEADS:
+        return "score"
     m = re.match(r"^blocks\.(\d+)\.(.+)$", name)
     if family == "llama":
         if m is None:
@@ -96,6 +111,8 @@ def hf_module_name(name: str, cfg: ModelConfig) -> str:
 def lamina_module_names(hf_name: str, cfg: ModelConfig) -> list[str]:
     """The lamina module(s) HF module ``hf_name`` stands for (GPT-2's ``c_attn``: q, k and v)."""
     family = _family(cfg)
+    if hf_name == "score" and cfg.head in _SEQ_HEADS:
+        return [_SCORE]
     if m := _LAYER.match(hf_name):
         i, rest = m.groups()
         if family == "llama":
@@ -181,10 +198,17 @@ def save_adapter(
     family = _family(model.config)
     tensors, ranks, alphas = adapter_tensors(model)
     hf_names = list(dict.fromkeys(k[len(PREFIX) :].rsplit(".", 2)[0] for k in tensors))
+    to_save: list[str] = []
+    for name, module in saved_modules(model).items():
+        hf = hf_module_name(name, model.config)
+        to_save.append(hf)
+        for p, t in module.named_parameters():
+            tensors[f"{PREFIX}{hf}.{p}"] = t.detach().float().contiguous()
     init = lcfg.init_lora_weights
+    seq_cls = model.config.arch == "decoder" and model.config.head in _SEQ_HEADS
     config: dict[str, Any] = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": "SEQ_CLS" if seq_cls else "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
         "inference_mode": True,
         "r": lcfg.r,
@@ -197,7 +221,7 @@ def save_adapter(
         "fan_in_fan_out": family == "gpt2",
         "rank_pattern": ranks,
         "alpha_pattern": alphas,
-        "modules_to_save": None,
+        "modules_to_save": to_save or None,
     }
     dest = Path(path)
     old = None
@@ -257,7 +281,7 @@ def read_adapter(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str
         raise CheckpointError(
             f"{cfg_file} holds a {config.get('peft_type')} adapter; lamina reads LoRA adapters"
         )
-    for key in ("use_dora", "modules_to_save", "layers_to_transform", "layer_replication"):
+    for key in ("use_dora", "layers_to_transform", "layer_replication"):
         if config.get(key):
             raise CheckpointError(
                 f"{cfg_file} sets {key}={config[key]!r}, which lamina's LoRA does not support"
@@ -288,7 +312,10 @@ def adapter_layers(
     config, tensors = read_adapter(path)
     cfg = model.config
     modules: dict[str, dict[str, torch.Tensor]] = {}
+    saved = _saved_keys(tensors, config)
     for key, t in tensors.items():
+        if key in saved:
+            continue
         m = re.match(r"^(?:base_model\.model\.)?(.+)\.(lora_[AB])(?:\.[^.]+)?\.weight$", key)
         if m is None:
             raise CheckpointError(f"{path}: tensor {key!r} is not a LoRA A/B weight")
@@ -337,6 +364,38 @@ def adapter_layers(
     return base, new
 
 
+def _saved_keys(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
+    """The tensors of ``modules_to_save`` in an adapter file: key -> (HF module name, parameter name)."""
+    names = config.get("modules_to_save") or []
+    out: dict[str, tuple[str, str]] = {}
+    for key in tensors:
+        module, _, param = key.removeprefix(PREFIX).rpartition(".")
+        if any(module == n or module.endswith("." + n) for n in names) and ".lora_" not in key:
+            out[key] = (module, param)
+    return out
+
+
+def saved_module_tensors(model: Transformer, path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The ``modules_to_save`` tensors of the adapter at ``path`` under ``model``'s parameter names
+    (``base_model.model.score.weight`` -> ``task_head.classifier.weight``).
+
+    Raises ``CheckpointError`` for a module the model lacks or a shape that does not fit."""
+    config, tensors = read_adapter(path)
+    own = dict(model.named_parameters())
+    out: dict[str, torch.Tensor] = {}
+    for key, (hf, param) in _saved_keys(tensors, config).items():
+        (name,) = lamina_module_names(hf, model.config)
+        target = own.get(f"{name}.{param}")
+        if target is None or target.shape != tensors[key].shape:
+            got = "no such parameter" if target is None else f"shape {tuple(target.shape)}"
+            raise CheckpointError(
+                f"{path}: {key} {tuple(tensors[key].shape)} does not fit {name}.{param} ({got}); "
+                "was the adapter made for this base and head?"
+            )
+        out[f"{name}.{param}"] = tensors[key]
+    return out
+
+
 def load_adapter(model: Transformer, path: str | os.PathLike[str]) -> Transformer:
     """Put the PEFT adapter at ``path`` on ``model`` (frozen; adapters trainable), in place; returned.
 
@@ -353,14 +412,22 @@ def load_adapter(model: Transformer, path: str | os.PathLike[str]) -> Transforme
         raise ConfigError("this model already has LoRA adapters: merge_lora(model, unload=True) first")
     check_adaptable(model)
     base, new = adapter_layers(model, path)
+    saved = saved_module_tensors(model, path)
     model.requires_grad_(False)
     for name, (lcfg, a, b) in new.items():
         layer = wrap_linear(model, name, lcfg)
         with torch.no_grad():
             layer.lora_A.weight.copy_(a)
             layer.lora_B.weight.copy_(b)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, t in saved.items():
+            params[name].copy_(t)
+    to_save = sorted({n.rpartition(".")[0] for n in saved}) or None
     targets = sorted(new, key=list(dict(model.named_modules())).index)
-    model.lora_config = replace(base, target_modules=targets)  # type: ignore[assignment]
+    model.lora_config = replace(base, target_modules=targets, modules_to_save=to_save)  # type: ignore[assignment]
+    for module in to_save or []:
+        model.get_submodule(module).requires_grad_(True)
     return model
 
 
@@ -371,6 +438,12 @@ def add_serving_adapter(model: Transformer, name: str, path: str | os.PathLike[s
 
     Raises ``CheckpointError`` / ``ConfigError`` as ``adapter_layers`` and ``add_multi_adapter`` do."""
     check_adaptable(model)
+    config, tensors = read_adapter(path)
+    if _saved_keys(tensors, config):
+        raise ConfigError(
+            f"{path} also holds whole modules (modules_to_save {config.get('modules_to_save')}), which cannot "
+            "change per request: load it alone with --lora"
+        )
     _, new = adapter_layers(model, path)
     return add_multi_adapter(model, name, {n: (a, b, c.scaling) for n, (c, a, b) in new.items()})
 

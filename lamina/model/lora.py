@@ -67,10 +67,15 @@ class LoraConfig:
     bias: Literal["none"] = "none"  # biases stay frozen (PEFT's "none"; the only choice lamina offers)
     # QLoRA: the frozen base in this format (int8/int4 weight-only, bf16 activations; TRL's load_in_8bit/_4bit) under fp32 adapters
     base_weights: Literal["bf16", "int8", "int4"] | None = None
+    # modules trained in full and saved with the adapter (PEFT's modules_to_save), by name glob ('task_head');
+    # a reward model's head is added by finetune --task reward, as PEFT adds its SEQ_CLS head
+    modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
         if self.r < 1:
             raise ConfigError(f"r={self.r}: the adapters' rank must be >= 1")
         if self.lora_alpha <= 0:
@@ -207,11 +212,38 @@ def apply_lora(model: Transformer, cfg: LoraConfig) -> Transformer:
         model.lora_base_state = kept  # type: ignore[assignment]  # read back by base_state_dict
     check_adaptable(model)
     names = _targets(model, list(cfg.target_modules))
+    saved = _saved_names(model, cfg.modules_to_save or [])
     model.requires_grad_(False)
     for name in names:
         wrap_linear(model, name, cfg)
+    for name in saved:
+        model.get_submodule(name).requires_grad_(True)
     model.lora_config = cfg  # type: ignore[assignment]  # read back by lora_config_of / save_adapter
     return model
+
+
+def _saved_names(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """The module names ``modules_to_save`` globs select (full name or its tail), outermost only."""
+    names = [n for n, _ in model.named_modules() if n and ".lora_" not in n and ".base_layer" not in n]
+    chosen: list[str] = []
+    for pat in patterns:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pat) or fnmatch.fnmatchcase(n, "*." + pat)]
+        if not hits:
+            raise ConfigError(
+                f"modules_to_save={pat!r} matches no module; name one such as "
+                f"{', '.join(n for n in names if '.' not in n)}"
+            )
+        chosen += [n for n in hits if n not in chosen]
+    return [n for n in chosen if not any(n.startswith(o + ".") for o in chosen)]
+
+
+def saved_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules a LoRA model trains in full and saves with its adapter (``LoraConfig.modules_to_save``),
+    by name; empty for a model without them."""
+    cfg = lora_config_of(model)
+    if cfg is None or not cfg.modules_to_save:
+        return {}
+    return {n: model.get_submodule(n) for n in _saved_names(model, cfg.modules_to_save)}
 
 
 def _spill(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -309,12 +341,23 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The adapter weights only: ``{"blocks.0.attn.q_proj.lora_A.weight": (r, in), ...lora_B...: (out, r)}``."""
+    """What a LoRA model trains: ``{"blocks.0.attn.q_proj.lora_A.weight": (r, in), ...lora_B...: (out, r)}``
+    and the parameters of its ``modules_to_save`` (``"task_head.classifier.weight"``), under the names of
+    ``model.state_dict()``."""
     out: dict[str, Tensor] = {}
     for name, layer in lora_layers(model).items():
         out[f"{name}.lora_A.weight"] = layer.lora_A.weight.detach()
         out[f"{name}.lora_B.weight"] = layer.lora_B.weight.detach()
+    for name, module in saved_modules(model).items():
+        for p, t in module.named_parameters():
+            out[f"{name}.{p}"] = t.detach()
     return out
+
+
+def adapter_state(model: nn.Module, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The tensors of ``state`` (a full state dict of ``model``, e.g. gathered across processes) that
+    ``lora_state_dict`` names, cloned: the part of a LoRA run's training state that changes."""
+    return {k: state[k].detach().clone() for k in lora_state_dict(model)}
 
 
 def load_lora_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> None:
@@ -392,8 +435,10 @@ def count_trainable(model: nn.Module) -> tuple[int, int]:
 
 
 def expected_trainable(model: nn.Module) -> int:
-    """What ``count_trainable`` must find for a LoRA model: ``r * (in + out)`` per wrapped layer."""
-    return sum(m.r * (m.in_features + m.out_features) for m in lora_layers(model).values())
+    """What ``count_trainable`` must find for a LoRA model: ``r * (in + out)`` per wrapped layer, plus
+    the parameters of its ``modules_to_save``."""
+    saved = sum(p.numel() for m in saved_modules(model).values() for p in m.parameters())
+    return saved + sum(m.r * (m.in_features + m.out_features) for m in lora_layers(model).values())
 
 
 class MultiLoraLinear(nn.Module):

@@ -146,9 +146,8 @@ class FinetuneRun:
     reward: RewardConfig = field(default_factory=RewardConfig)
     grpo: GrpoConfig = field(default_factory=GrpoConfig)
     seq2seq: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
-    lora: LoraConfig | None = (
-        None  # task=sft, dpo or grpo: LoRA adapters (lamina.model.lora) train, the model is frozen
-    )
+    # task=sft, dpo, grpo or reward: LoRA adapters (lamina.model.lora) train, the model is frozen (reward: but its head)
+    lora: LoraConfig | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FinetuneRun:
@@ -308,9 +307,10 @@ def finetune(
     started = time.perf_counter()
     check_out_dir(run.train.out_dir, resume=resume, overwrite=overwrite)
     t = run.task
-    if run.lora is not None and t.task not in ("sft", "dpo", "grpo"):
+    if run.lora is not None and t.task not in ("sft", "dpo", "grpo", "reward"):
         raise ConfigError(
-            f"the lora section trains adapters for task=sft, dpo or grpo; task={t.task} trains a new head"
+            f"the lora section trains adapters for task=sft, dpo, grpo or reward; task={t.task} trains a "
+            "new head"
         )
     if t.task in ("dpo", "reward"):
         from lamina.train.preference import finetune_dpo, finetune_reward

@@ -243,11 +243,10 @@ def load_reward(spec: str, device: torch.device | str = "cpu") -> RewardFunc:
 def reward_model_func(folder: str, device: torch.device | str = "cpu") -> RewardFunc:
     """A reward function scoring each prompt + completion with the reward model in ``folder`` (its scalar
     output on the rendering it was trained on: ``lamina.train.preference.reward_scores``)."""
-    from lamina.checkpoint.load import load
-    from lamina.train.preference import reward_scores
+    from lamina.train.preference import load_reward_model, reward_scores
 
     try:
-        lm = load(folder, device=device)
+        lm = load_reward_model(folder, device)
     except LaminaError as e:
         raise ConfigError(
             f"reward {folder!r} is neither module:function nor path.py:function, and not a model ({e}); "

@@ -28,7 +28,8 @@ without gradients once per batch, or once for the whole data before training wit
 ``rewards/accuracies`` (share of pairs with chosen > rejected) and ``rewards/margins``.
 
 A reward model is the model with a scalar head (``head=regress``, one output pooled on the last real
-token, as transformers' ``*ForSequenceClassification``) trained with the Bradley-Terry loss
+token, as transformers' ``*ForSequenceClassification``; with a ``lora`` section, LoRA adapters train and
+the head trains in full, saved beside them as PEFT's ``modules_to_save``) trained with the Bradley-Terry loss
 ``-log s(r_c - r_r - margin)`` (``margin`` from the data's ``"margin"`` key; TRL's ``RewardTrainer``);
 each evaluation reports the held-out pairwise ``accuracy`` (r_c > r_r) and mean ``margin``. The saved
 model scores completions (``reward_scores``; ``score_completions`` for a JSONL file: ``lamina score``) on
@@ -38,6 +39,7 @@ the rendering it was trained on.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -62,6 +64,7 @@ if TYPE_CHECKING:
     from lamina.checkpoint.load import LoadedModel
 
 DpoLoss = Literal["sigmoid", "ipo", "hinge", "robust", "simpo"]
+REWARD_HEAD = "task_head.classifier"  # the reward model's scalar head (transformers' `score`)
 
 
 @dataclass
@@ -387,7 +390,14 @@ def finetune_reward(
     template = read_template(rc.chat_template)
     max_len = min(t.max_seq_len, model.config.max_seq_len)
     tr, va = _encoded(run, template, tokenizer, max_len)
-    notes = _problem_notes("training", tr) + _problem_notes("validation", va)
+    lora = run.lora
+    if lora is not None and not lora.modules_to_save:  # the head trains in full (PEFT's SEQ_CLS default)
+        lora = dataclasses.replace(lora, modules_to_save=[REWARD_HEAD])
+    notes = (
+        apply_run_lora(lora, model, tcfg.seed)
+        + _problem_notes("training", tr)
+        + _problem_notes("validation", va)
+    )
     train_b = PreferenceBatches(tr.pairs, tcfg.batch_size, tcfg.seed, _pad(tokenizer))
     val_b = PreferenceBatches(va.pairs, tcfg.batch_size, tcfg.seed, _pad(tokenizer))
     steps = tcfg.max_steps or max(1, round((tcfg.epochs or 1) * train_b.steps_per_epoch))
@@ -471,8 +481,6 @@ def score_completions(
         completion_field: the JSONL key of each completion (a string or a list of messages)
         batch_size: rows scored per forward pass
     """
-    from lamina.checkpoint.load import load
-
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size} must be >= 1")
     path = Path(source)
@@ -494,4 +502,20 @@ def score_completions(
                                 f"name the key (--{'prompt' if key == prompt_field else 'completion'}-field)")  # fmt: skip
         prompts.append(row[prompt_field])
         completions.append(row[completion_field])
-    return reward_scores(load(model), prompts, completions, batch_size)
+    return reward_scores(load_reward_model(model), prompts, completions, batch_size)
+
+
+def load_reward_model(model: str, device: torch.device | str = "cpu") -> LoadedModel:
+    """``lamina.load(model)``, or for a LoRA reward-model checkpoint (``finetune --task reward --lora.r
+    ...``: the base weights plus ``adapter/`` with the trained head) the base with its adapter merged.
+
+    Raises as ``lamina.load`` and ``lamina.checkpoint.peft.load_adapter`` do."""
+    from lamina.checkpoint.load import load
+    from lamina.checkpoint.peft import load_with_adapter, own_adapter
+
+    own = own_adapter(model)
+    if own is None:
+        return load(model, device=device)
+    lm = load_with_adapter(model, own)
+    lm.model.to(device)
+    return lm

@@ -374,7 +374,9 @@ def train(
                 "bad_evals": bad_evals,
             }
             if adapted:
-                state["adapters"] = _adapter_weights(weights)
+                from lamina.model.lora import adapter_state
+
+                state["adapters"] = adapter_state(model, weights)
         if info.is_main:
             _write_checkpoint(folder, model.config, weights, tokenizer, generation, state, run_config,
                               adapter_of=model if adapted and isinstance(model, Transformer) else None,
@@ -678,11 +680,6 @@ def _has_lora(model: nn.Module) -> bool:
     from lamina.model.lora import lora_config_of
 
     return lora_config_of(model) is not None
-
-
-def _adapter_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The LoRA A/B tensors of a full state dict, names as ``lamina.model.lora.lora_state_dict``'s."""
-    return {k: v.detach().clone() for k, v in weights.items() if ".lora_A." in k or ".lora_B." in k}
 
 
 def _copy_into(src: Path, dst: Path) -> None:

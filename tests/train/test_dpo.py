@@ -299,6 +299,55 @@ def test_finetune_reward_model(tiny: Path, prefs: Path, tmp_path: Path) -> None:
     assert loaded.model.config.head == "regress"
 
 
+def test_finetune_reward_model_with_lora(tiny: Path, prefs: Path, tmp_path: Path) -> None:
+    """LoRA on a reward model: adapters train and the scalar head trains in full (PEFT's modules_to_save,
+    as PEFT's SEQ_CLS does); the adapter folder holds the head as PEFT saves it (``score``), the checkpoint
+    loads as the trained model, and a resumed run ends with exactly the same adapter and head."""
+    from safetensors.torch import load_file
+
+    from lamina.checkpoint.peft import load_adapter
+    from lamina.model.lora import count_trainable, expected_trainable
+    from lamina.train.preference import load_reward_model, reward_scores
+
+    lora = {"r": 4, "lora_alpha": 8}
+    out = tmp_path / "rm"
+    model, _, _ = finetune(
+        _run(tiny, prefs, out, "reward", train={"max_steps": 12, "eval_every": 6}, lora=lora)
+    )
+    assert _evals(out)[-1]["accuracy"] >= 0.75
+    trained, _ = count_trainable(model)
+    assert trained == expected_trainable(model) == 2 * (4 * 4 * (32 + 32) + 3 * 4 * (32 + 64)) + 32 + 1
+    adapter = out / "last" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["score"] and config["task_type"] == "SEQ_CLS"
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    head = model.task_head.classifier
+    assert torch.equal(tensors["base_model.model.score.weight"], head.weight.detach())
+    assert torch.equal(tensors["base_model.model.score.bias"], head.bias.detach())
+    # the adapter on a fresh reward model (another head) gives the trained model's scores exactly
+    torch.manual_seed(1)
+    fresh = with_task_head(lamina.load_checkpoint(tiny)[0], "regress", None)
+    assert not torch.equal(fresh.task_head.classifier.weight, head.weight)
+    ids = torch.tensor([[1, 5, 6, 7, 2], [3, 4, 5, 6, 2]])
+    with torch.no_grad():
+        assert torch.equal(load_adapter(fresh, adapter).eval()(ids), model.eval()(ids))
+    # the checkpoint scores as the trained model (adapter merged: float rounding)
+    prompts, completions = ["the cat sat", "a dog ran"], ["sat cat the red", "ran dog a blue"]
+    lm = lamina.load(str(out / "last"))
+    lm.model = model
+    want = reward_scores(lm, prompts, completions)
+    got = reward_scores(load_reward_model(str(out / "last")), prompts, completions)
+    assert got == pytest.approx(want, abs=1e-5) and want[0] > want[1]
+    # resumed from step 6: the same adapter and head
+    b = tmp_path / "b"
+    shutil.copytree(out, b)
+    shutil.rmtree(b / "checkpoints" / "step-00000012")
+    shutil.rmtree(b / "last")
+    finetune(_run(tiny, prefs, b, "reward", train={"max_steps": 12, "eval_every": 6}, lora=lora), resume=True)
+    resumed = load_file(str(b / "last" / "adapter" / "adapter_model.safetensors"))
+    assert resumed.keys() == tensors.keys() and all(torch.equal(resumed[k], tensors[k]) for k in tensors)
+
+
 def test_bad_pairs_named(tiny: Path, tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     rows = [
@@ -310,8 +359,6 @@ def test_bad_pairs_named(tiny: Path, tmp_path: Path) -> None:
         finetune(_run(tiny, path, tmp_path / "out", "dpo"))
     with pytest.raises(ConfigError, match=r"dpo\.beta"):
         DpoConfig(beta=0)
-    with pytest.raises(ConfigError, match="lora"):
-        finetune(_run(tiny, path, tmp_path / "o2", "reward", lora={"r": 2}))
 
 
 def test_cli_reward_and_dpo(
