@@ -282,7 +282,11 @@ def _max_tokens(
     prompt_param: str,
     param: str = "max_tokens",
 ) -> int:
-    """The completion budget: ``asked`` (checked against the context window) or the rest of the context."""
+    """The completion budget: ``asked`` (checked against the context window) or the rest of the context.
+    An encoder-decoder's prompt is its source, checked against the encoder's window, and ``asked``
+    against the decoder's (``_seq2seq_max_tokens``)."""
+    if served.lm.model.config.arch == "encoder-decoder":
+        return _seq2seq_max_tokens(asked, prompt_len, served, limits, n, prompt_param, param)
     ctx = served.context_length
     if prompt_len >= ctx:
         raise context_length_exceeded(
@@ -305,6 +309,43 @@ def _max_tokens(
             f"This model's maximum context length is {ctx} tokens. However, you requested "
             f"{prompt_len + asked} tokens ({prompt_len} in the {prompt_param}, {asked} in the completion). "
             f"Please reduce the length of the {prompt_param} or completion.",
+            param=param,
+        )
+    return asked
+
+
+def _seq2seq_max_tokens(
+    asked: int | None,
+    source_len: int,
+    served: ServedModel,
+    limits: ServeConfig,
+    n: int,
+    prompt_param: str,
+    param: str,
+) -> int:
+    """The completion budget of an encoder-decoder: the source (the prompt) and the output live in two
+    windows. The encoder reads at most ``max_seq_len`` source tokens (the engine's limit; a learned
+    position table's size. T5's relative position bias has no limit of its own: transformers' T5 encodes
+    any length, its tokenizer's ``model_max_length`` of 512 only warns; lamina keeps ``max_seq_len``, the
+    length the model was configured and trained for). The decoder holds its start token and at most
+    ``max_seq_len - 1`` new tokens, whatever the source's length."""
+    ctx = served.context_length
+    if source_len > ctx:
+        raise context_length_exceeded(
+            f"This model's encoder reads at most {ctx} tokens. However, your {prompt_param} has "
+            f"{source_len} tokens. Please shorten the {prompt_param}.",
+            param=prompt_param,
+        )
+    room = ctx - 1  # decoder positions after decoder_start_token_id
+    if asked is None:  # the decoder's whole window, within the tokens-in-flight limit
+        budget = room
+        if limits.max_tokens_in_flight is not None:
+            budget = min(budget, limits.max_tokens_in_flight // n - source_len - 1)
+        return max(budget, 1)
+    if asked > room:
+        raise context_length_exceeded(
+            f"This model's decoder holds at most {ctx} tokens: its start token and {room} new tokens. "
+            f"However, you requested {asked} tokens in the completion. Please reduce {param}.",
             param=param,
         )
     return asked

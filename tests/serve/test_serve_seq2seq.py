@@ -1,0 +1,62 @@
+"""An encoder-decoder's request on the server (lamina/serve/params.py): the prompt is the source, checked
+against the encoder's window, and max_tokens against the decoder's (start token + new tokens), each its own
+``max_seq_len``; a decoder still counts prompt + completion against one window."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lamina.checkpoint.load import LoadedModel
+from lamina.checkpoint.registry import ModelEntry
+from lamina.config import GenerationConfig, ModelConfig
+from lamina.model.transformer import Transformer
+from lamina.serve.errors import APIError
+from lamina.serve.params import prepare_completion
+from lamina.serve.registry import ServedModel
+from lamina.serve.schemas import CompletionRequest
+from lamina.serve.settings import ServeConfig
+
+
+def _served(preset: str) -> ServedModel:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset(preset, vocab_size=32, max_seq_len=16)).eval()
+    lm = LoadedModel(model, None, GenerationConfig(), ModelEntry(preset, Path("."), "path", "lamina"))
+    return ServedModel(preset, "generation", lm)
+
+
+@pytest.fixture(scope="module")
+def t5() -> ServedModel:
+    return _served("t5-tiny")
+
+
+def _budget(served: ServedModel, source: int, max_tokens: int | None, **limits: int) -> int:
+    req = CompletionRequest(model=served.name, prompt=[5] * source, max_tokens=max_tokens)
+    return prepare_completion(req, served, ServeConfig(**limits)).prompts[0].config.max_new_tokens
+
+
+def _refused(served: ServedModel, source: int, max_tokens: int | None) -> APIError:
+    with pytest.raises(APIError) as e:
+        _budget(served, source, max_tokens)
+    assert e.value.status == 400 and e.value.code == "context_length_exceeded"
+    return e.value
+
+
+def test_a_source_and_its_output_each_get_their_own_window(t5: ServedModel) -> None:
+    # a 12-token source with 15 new tokens: 27 > max_seq_len 16, yet each side fits its own stack
+    assert _budget(t5, 12, 15) == 15
+    assert _budget(t5, 16, None) == 15  # the default: the decoder's whole window after its start token
+    assert _budget(t5, 16, None, max_tokens_in_flight=24) == 7  # 24 - 16 source - 1 start token
+    e = _refused(t5, 17, 4)
+    assert e.param == "prompt" and "encoder reads at most 16 tokens" in e.message and "17" in e.message
+    e = _refused(t5, 3, 16)
+    assert e.param == "max_tokens" and "start token and 15 new tokens" in e.message
+
+
+def test_a_decoder_counts_prompt_and_completion_together() -> None:
+    gpt = _served("tiny")
+    assert _budget(gpt, 12, 4) == 4 and _budget(gpt, 12, None) == 4
+    e = _refused(gpt, 12, 5)
+    assert e.param == "max_tokens" and "16 tokens" in e.message
