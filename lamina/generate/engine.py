@@ -45,7 +45,7 @@ from torch import Tensor
 from lamina.config import GenerationConfig, ModelConfig
 from lamina.errors import ConfigError
 from lamina.generate.beam import BeamGroup, check_beam_config
-from lamina.generate.prefix_cache import PrefixCache
+from lamina.generate.prefix_cache import PrefixCache, place
 from lamina.generate.sampling import Sampler, prompt_logprobs, sample_batch, token_logprobs
 from lamina.generate.sequences import Delta, Running, Sequence_, TokenLogprob
 from lamina.generate.speculative import Drafter, DraftStats, SpeculativeOptions, keep_slots
@@ -124,6 +124,17 @@ _Unit = Running | _Beams  # what occupies rows of the batch: one row, or a beam 
 
 
 @dataclass
+class _Partial:
+    """A prompt longer than a step's prefill budget, prefilled chunk by chunk over several steps."""
+
+    req: _Request
+    cache: KVCache  # one row; slots [0, done) hold the prompt's first ``done`` tokens
+    done: int
+    salt: int  # its LoRA adapter
+    cached: int  # tokens loaded from the prefix cache (the blocks before are stored already)
+
+
+@dataclass
 class _Request:
     request_id: int
     prompt: list[int]  # the decoder's prompt (an encoder-decoder's: [decoder_start_token_id])
@@ -194,6 +205,7 @@ class Engine:
                 )
             self._drafter = Drafter(draft, num_draft_tokens)
         self._queue: deque[_Request] = deque()
+        self._partial: _Partial | None = None  # a long prompt being prefilled in chunks (it left the queue)
         self._cancelled: set[int] = set()
         self._lock = threading.Lock()
         self._ids = itertools.count()
@@ -319,11 +331,11 @@ class Engine:
     @property
     def num_queued(self) -> int:
         """Requests waiting to be admitted."""
-        return len(self._queue)
+        return len(self._queue) + (self._partial is not None)
 
     def has_work(self) -> bool:
         """Whether a ``step`` would do anything."""
-        return bool(self._running or self._queue)
+        return bool(self._running or self._queue or self._partial)
 
     # -- the loop ------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -336,9 +348,18 @@ class Engine:
         """
         out: list[Delta] = []
         self._apply_cancellations(out)
-        for req in self._admissible():
-            with self._adapters([self._rid_adapter.get(req.request_id, 0)]):
-                out += self._admit(req)
+        budget = self.max_prefill_tokens
+        if self._partial is not None:  # the next chunk of a long prompt first; the queue waits behind it
+            budget -= self._continue_partial(budget, out)
+        taken = self._admissible(budget) if self._partial is None and budget > 0 else []
+        together = [r for r in taken if self._batched_prefill(r)]
+        if together:
+            out += self._admit_together(together, budget)
+        batched = {id(r) for r in together}
+        for req in taken:
+            if id(req) not in batched:
+                with self._adapters([self._rid_adapter.get(req.request_id, 0)]):
+                    out += self._admit(req)
             if all(s.finish_reason is not None for s in req.seqs):  # done at admission
                 self._rid_adapter.pop(req.request_id, None)
         if decode and self._running:
@@ -374,6 +395,10 @@ class Engine:
     def _apply_cancellations(self, out: list[Delta]) -> None:
         with self._lock:
             cancelled, self._cancelled = self._cancelled, set()
+            part = self._partial
+            if part is not None and part.req.request_id in cancelled:
+                self._partial = None
+                self._queue.appendleft(part.req)  # leaves with the queued ones below
             if cancelled:
                 for req in [r for r in self._queue if r.request_id in cancelled]:
                     self._queue.remove(req)
@@ -396,7 +421,7 @@ class Engine:
                 out.append(Delta(u.seq, None, u._flush()))
         self._retire(keep)
 
-    def _admissible(self) -> list[_Request]:
+    def _admissible(self, budget: int) -> list[_Request]:
         taken: list[_Request] = []
         rows, prefill = len(self._running), 0
         tokens = sum(
@@ -409,7 +434,7 @@ class Engine:
         with self._lock:
             while self._queue:
                 req = self._queue[0]
-                if taken and prefill + req.prefill_tokens > self.max_prefill_tokens:
+                if taken and prefill + req.prefill_tokens > budget:
                     break
                 need = (
                     len(req.prompt)
@@ -429,13 +454,13 @@ class Engine:
                 prefill += req.prefill_tokens
         return taken
 
-    def _join(self, prefilled: KVCache, rows: int, capacity: int) -> None:
-        """Add ``rows`` copies of a prefilled request's one cache row to the batch's cache."""
+    def _join(self, prefilled: KVCache, rows: int, capacity: int, row: int = 0) -> None:
+        """Add ``rows`` copies of a prefilled request's cache row ``row`` to the batch's cache."""
         if self._cache is None or not self._running:
             self._cache = KVCache(
                 self.model.config, 0, capacity, self._dtype, self._device, max_batch_size=rows
             )
-        self._cache.add_rows(prefilled, [0] * rows)
+        self._cache.add_rows(prefilled, [row] * rows)
 
     def _admit(self, req: _Request) -> list[Delta]:
         """Prefill one request alone, choose each sequence's first token, and add its rows to the batch."""
@@ -482,26 +507,141 @@ class Engine:
                 self._drafter.admit(prompt, spec)
         return out
 
+    def _batched_prefill(self, req: _Request) -> bool:
+        """Whether the request's prompt is prefilled with the other plain ones of its step
+        (``_admit_together``): a decoder's sampled or greedy request that decodes at least one token
+        and wants no prompt logprobs."""
+        return (
+            req.beams is None
+            and req.source is None
+            and req.cfg.prompt_logprobs is None
+            and bool(req.running)
+            and req.running[0].budget > 0
+        )
+
+    def _admit_together(self, reqs: list[_Request], budget: int) -> list[Delta]:
+        """Prefill the prompts of ``reqs`` together (groups of similar lengths, one forward each: fewer,
+        larger matmuls than one forward per prompt), choose each sequence's first token, and add their
+        rows to the batch. Each row's output is the one its prompt gets alone (up to float rounding).
+
+        A lone request whose prompt (after its cached prefix) is longer than ``budget`` tokens is
+        prefilled in chunks of at most ``max_prefill_tokens``, one per step (``_Partial``), so that the
+        running sequences keep getting a token every step."""
+        salts = [self._rid_adapter.get(r.request_id, 0) for r in reqs]
+        pc = self.prefix_cache
+        found = [
+            pc.lookup(r.prompt, s) if pc is not None else (0, None) for r, s in zip(reqs, salts, strict=True)
+        ]
+        out: list[Delta] = []
+        if len(reqs) == 1 and len(reqs[0].prompt) - found[0][0] > budget:
+            (req,), ((hit, kv),) = reqs, found
+            cache = KVCache(self.model.config, 1, len(req.prompt), self._dtype, self._device)
+            if kv is not None:
+                place(kv, cache, 0, 0)
+                cache.next_pos = torch.full_like(cache.next_pos, hit)
+                cache.length = hit
+            self._partial = _Partial(req, cache, hit, salts[0], hit)
+            self._continue_partial(budget, out)
+            return out
+        for group in _length_groups([len(r.prompt) - h for r, (h, _) in zip(reqs, found, strict=True)]):
+            with self._adapters([salts[i] for i in group]):
+                cache, logits = self._prefill_rows(
+                    [reqs[i].prompt for i in group], [salts[i] for i in group], [found[i] for i in group]
+                )
+            for row, i in enumerate(group):
+                out += self._start(reqs[i], logits[row : row + 1, -1], cache, row)
+        return out
+
+    def _continue_partial(self, budget: int, out: list[Delta]) -> int:
+        """Prefill the next chunk (at most ``budget`` tokens, at least one) of the partial prompt; when it
+        is whole, its sequences start (their deltas go to ``out``). Returns the tokens prefilled."""
+        part = self._partial
+        assert part is not None
+        prompt = part.req.prompt
+        n = min(max(budget, 1), len(prompt) - part.done)
+        ids = torch.tensor([prompt[part.done : part.done + n]], device=self._device)
+        with self._adapters([part.salt]):
+            logits = self.model(ids, cache=part.cache, last_only=True)
+        part.done += n
+        if part.done == len(prompt):
+            self._partial = None
+            if self.prefix_cache is not None:
+                self.prefix_cache.store(prompt, part.cache, part.salt, start=part.cached)
+            out += self._start(part.req, logits[:, -1], part.cache, 0)
+        return n
+
+    def _start(self, req: _Request, last: Tensor, cache: KVCache, row: int) -> list[Delta]:
+        """A prefilled plain request: choose its sequences' first tokens from ``last`` (1, V), the logits
+        after its prompt, and add the rows still going to the batch (copies of ``cache``'s row ``row``)."""
+        running, budget = req.running, req.running[0].budget
+        out, joined = [], []
+        logits = last.float().expand(len(running), -1)
+        for r, tok, lp in zip(running, *self._choose_safely(logits, running), strict=True):
+            if tok < 0:
+                out.append(Delta(r.seq, None, r._flush()))
+                continue
+            out.append(r.delta(tok, lp))
+            if r.seq.finish_reason is None:
+                r.feed = tok
+                joined.append(r)
+        if joined:
+            self._join(cache, len(joined), len(req.prompt) + budget, row)
+            self._running += joined
+            spec = [r.feed for r in joined if r.spec]
+            if spec:
+                assert self._drafter is not None
+                self._drafter.admit(req.prompt, spec)
+        return out
+
+    def _prefill_rows(
+        self, prompts: list[list[int]], salts: list[int], found: list[tuple[int, Tensor | None]]
+    ) -> tuple[KVCache, Tensor]:
+        """Prefill decoder ``prompts`` in one forward: (cache, one row each, logits (B, 1, V) of each
+        prompt's last token).
+
+        ``found[i]`` is prompt i's cached prefix (``PrefixCache.lookup``: its length and keys, loaded
+        instead of computed); the rest of each prompt is left-padded to the longest rest. Row i's slots:
+        its cached prefix just before slot P0 (the longest prefix), padding, then its rest ending at the
+        last slot; positions count real tokens only, so every row computes what it would alone. The
+        rows' new whole blocks go to the prefix cache (``salts[i]``: the row's LoRA adapter)."""
+        B, P0 = len(prompts), max(h for h, _ in found)
+        T = max(len(p) - h for p, (h, _) in zip(prompts, found, strict=True))
+        cache = KVCache(self.model.config, B, P0 + T, self._dtype, self._device)
+        ids = torch.zeros(B, T, dtype=torch.long)
+        real = torch.zeros(B, T, dtype=torch.bool)
+        for i, (p, (h, kv)) in enumerate(zip(prompts, found, strict=True)):
+            if kv is not None:
+                place(kv, cache, i, P0 - h)
+            ids[i, T - (len(p) - h) :] = torch.tensor(p[h:])
+            real[i, T - (len(p) - h) :] = True
+        cache.next_pos = torch.tensor([h for h, _ in found], device=self._device)
+        cache.length = P0
+        mask = None if bool(real.all()) else real.to(self._device)
+        logits = self.model(ids.to(self._device), attention_mask=mask, cache=cache, last_only=True)
+        pc = self.prefix_cache
+        if pc is not None:
+            for i, (p, s, (h, _)) in enumerate(zip(prompts, salts, found, strict=True)):
+                pc.store(p, cache, s, row=i, offset=P0 + T - len(p), start=h)
+        return cache, logits
+
     def _prefill(
         self, prompt: list[int], source: list[int] | None, last_only: bool, salt: int = 0
     ) -> tuple[KVCache, Tensor]:
         """Run one request's prompt into a fresh one-row cache: (cache, logits (1, T or 1, V)).
 
-        With a prefix cache (a decoder, ``last_only``), the prompt's longest cached prefix is loaded
-        instead of computed and the row's whole blocks are stored after; ``salt`` (the LoRA adapter)
-        keeps the keys of different adapters apart. An encoder-decoder first encodes its ``source``
+        A decoder's prompt with ``last_only`` goes through ``_prefill_rows`` (its cached prefix loaded,
+        its blocks stored; ``salt``: its LoRA adapter). An encoder-decoder first encodes its ``source``
         (once); the decoder reads that memory through cross-attention, whose keys and values the cache
         keeps for every later step of the row."""
-        cache = KVCache(self.model.config, 1, len(prompt), self._dtype, self._device)
-        if source is None:
+        if source is None and last_only:
             pc = self.prefix_cache
-            hit = pc.load(prompt, cache, salt) if pc is not None and last_only else 0
-            ids = torch.tensor([prompt[hit:]], device=self._device)
-            logits = self.model(ids, cache=cache, last_only=last_only)
-            if pc is not None:
-                pc.store(prompt, cache, salt)
-            return cache, logits
+            return self._prefill_rows(
+                [prompt], [salt], [pc.lookup(prompt, salt) if pc is not None else (0, None)]
+            )
+        cache = KVCache(self.model.config, 1, len(prompt), self._dtype, self._device)
         ids = torch.tensor([prompt], device=self._device)
+        if source is None:
+            return cache, self.model(ids, cache=cache, last_only=last_only)
         src = torch.tensor([source], device=self._device)
         memory = self.model.encode(src)  # (1, S, d_model)
         return cache, self.model.decode(ids, memory, torch.ones_like(src), cache=cache, last_only=last_only)
@@ -707,6 +847,22 @@ class Engine:
 
         assert self.tokenizer is not None
         return make_constraint(cfg, self.tokenizer, self.model.config.vocab_size, self.eos_token_ids)
+
+
+def _length_groups(lengths: Sequence[int]) -> list[list[int]]:
+    """Indices of ``lengths`` (tokens to prefill) in groups prefilled together, shortest first: a group
+    grows while padding to its longest keeps it within twice its real tokens (plus a 64-token slack)."""
+    groups: list[list[int]] = []
+    group: list[int] = []
+    real = 0
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        n = lengths[i]
+        if group and (len(group) + 1) * n > 2 * (real + n) + 64:
+            groups.append(group)
+            group, real = [], 0
+        group.append(i)
+        real += n
+    return [*groups, group] if group else groups
 
 
 def _to_list(lp: object, tokens: Sequence[int]) -> list[TokenLogprob]:

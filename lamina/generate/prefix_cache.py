@@ -80,7 +80,6 @@ class PrefixCache:
             raise ConfigError(f"prefix cache budget of {self.max_bytes} bytes must be >= 0")
         cfg = self.config
         assert cfg.n_layers is not None and cfg.n_kv_heads is not None and cfg.head_dim is not None
-        self._n_layers = cfg.n_layers
         elem = torch.empty((), dtype=self.dtype).element_size()
         self.block_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * self.block_size * cfg.head_dim * elem
         self._index: dict[tuple[int, int, tuple[int, ...]], _Block] = {}
@@ -113,48 +112,63 @@ class PrefixCache:
         for b in reversed(chain):
             self._lru.move_to_end(b.id)
 
-    def load(self, prompt: Sequence[int], cache: KVCache, salt: int = 0) -> int:
-        """Copy the longest cached prefix of ``prompt`` (whole blocks, leaving at least its last token)
-        into row 0 of the empty ``cache``: slots [0, P) with positions 0..P-1; returns P (0: no hit)."""
+    def lookup(self, prompt: Sequence[int], salt: int = 0) -> tuple[int, Tensor | None]:
+        """The longest cached prefix of ``prompt`` in whole blocks, leaving at least its last token to run:
+        (P, its keys and values (2, n_layers, n_kv_heads, P, head_dim)), or (0, None) without a hit."""
         self.stats.queried += len(prompt)
         chain = self._chain(prompt, salt, len(prompt) - 1)
         if not chain:
-            return 0
+            return 0, None
         self._touch(chain)
         P = len(chain) * self.block_size
-        kv = torch.cat([b.kv for b in chain], dim=3)  # (2, L, Hkv, P, hd)
-        for layer in range(self._n_layers):
-            cache.k[layer][0, :, :P] = kv[0, layer]
-            cache.v[layer][0, :, :P] = kv[1, layer]
-        cache.valid[0, :P] = True
-        cache.positions[0, :P] = torch.arange(P, device=cache.positions.device)
-        cache.next_pos = torch.full_like(cache.next_pos, P)
-        cache.length = P
         self.stats.hit += P
+        return P, torch.cat([b.kv for b in chain], dim=3)
+
+    def load(self, prompt: Sequence[int], cache: KVCache, salt: int = 0) -> int:
+        """Copy the longest cached prefix of ``prompt`` (``lookup``) into row 0 of the empty ``cache``:
+        slots [0, P) with positions 0..P-1; returns P (0: no hit)."""
+        P, kv = self.lookup(prompt, salt)
+        if kv is not None:
+            place(kv, cache, 0, 0)
+            cache.next_pos = torch.full_like(cache.next_pos, P)
+            cache.length = P
         return P
 
-    def store(self, prompt: Sequence[int], cache: KVCache, salt: int = 0) -> None:
-        """Keep the whole blocks of ``prompt`` that row 0 of ``cache`` holds at slots [0, len(prompt))
-        (a row prefilled from slot 0), evicting the least recently used blocks past the budget."""
+    def store(
+        self,
+        prompt: Sequence[int],
+        cache: KVCache,
+        salt: int = 0,
+        row: int = 0,
+        offset: int = 0,
+        start: int = 0,
+    ) -> None:
+        """Keep the whole blocks of ``prompt`` whose keys row ``row`` of ``cache`` holds: token j (j >=
+        ``start``) at slot ``offset + j``; blocks before ``start`` must be cached already (else nothing is
+        stored). Evicts the least recently used blocks past the budget."""
         bs = self.block_size
-        n = min(len(prompt), cache.length) // bs
+        n = min(len(prompt), cache.length - offset) // bs
         if n == 0 or self.block_bytes > self.max_bytes:
             return
         chain = self._chain(prompt, salt, n * bs)
+        if len(chain) * bs < start:  # a block before start was evicted meanwhile: its keys are not at hand
+            self._touch(chain)
+            return
         parent = chain[-1].id if chain else 0
         for i in range(len(chain), n):
             while self.nbytes + self.block_bytes > self.max_bytes:
                 if not self._evict(keep=chain):
                     self._touch(chain)
                     return
-            sl = slice(i * bs, (i + 1) * bs)
+            sl = slice(offset + i * bs, offset + (i + 1) * bs)
             kv = torch.stack(
                 [
-                    torch.stack([cache.k[layer][0, :, sl] for layer in range(self._n_layers)]),
-                    torch.stack([cache.v[layer][0, :, sl] for layer in range(self._n_layers)]),
+                    torch.stack([k[row, :, sl] for k in cache.k]),
+                    torch.stack([v[row, :, sl] for v in cache.v]),
                 ]
             ).clone()  # (2, L, Hkv, bs, hd)
-            block = _Block(next(self._ids), parent, (salt, parent, tuple(prompt[sl])), kv)
+            tokens = tuple(prompt[i * bs : (i + 1) * bs])
+            block = _Block(next(self._ids), parent, (salt, parent, tokens), kv)
             self._index[block.key] = block
             self._lru[block.id] = block
             if parent:
@@ -182,3 +196,14 @@ class PrefixCache:
         """Drop every block."""
         self._index.clear()
         self._lru.clear()
+
+
+def place(kv: Tensor, cache: KVCache, row: int, at: int) -> None:
+    """Write a cached prefix ``kv`` (2, n_layers, n_kv_heads, P, head_dim) into row ``row`` of ``cache`` at
+    slots [at, at + P), marked valid, with positions 0..P-1 (``next_pos`` and ``length`` are the caller's)."""
+    P = kv.shape[3]
+    for layer, (k, v) in enumerate(zip(cache.k, cache.v, strict=True)):
+        k[row, :, at : at + P] = kv[0, layer]
+        v[row, :, at : at + P] = kv[1, layer]
+    cache.valid[row, at : at + P] = True
+    cache.positions[row, at : at + P] = torch.arange(P, device=cache.positions.device)

@@ -307,3 +307,67 @@ def test_a_delta_stays_unfinished_once_its_sequence_finishes() -> None:
     first = engine.step()
     assert [d.finished for d in first] == [False, False]
     assert [d.finished for d in engine.step()] == [True] and [d.finished for d in first] == [False, False]
+
+
+@torch.no_grad()
+def test_prompts_prefilled_together_equal_alone() -> None:
+    # prompts of different lengths admitted in one step are prefilled together (left-padded, in groups of
+    # similar lengths), some after a cached prefix of their own length: each gets its alone output
+    from lamina.generate.engine import Engine, _length_groups
+
+    model = _tiny_model()
+    cfg = GenerationConfig(temperature=0.0, max_new_tokens=5, ignore_eos=True, logprobs=True)
+    shared = [(5 * i) % 40 + 3 for i in range(32)]
+    prompts = [
+        [4],
+        [7, 8, 9],
+        [1, 2, 3, 4, 5, 6, 7],
+        [*shared, 6],
+        [*shared[:16], 9, 9],
+        [k % 47 for k in range(1, 60)],
+    ]
+    alone = [generate_ids(model, [p], cfg)[0] for p in prompts]
+    engine = Engine(model, prefix_cache_mib=1.0)
+    engine.submit([*shared, 1], cfg)  # stores shared's two blocks
+    while engine.has_work():
+        engine.step()
+    together = [engine.submit(p, cfg)[0] for p in prompts]
+    engine.step()
+    assert engine.num_running == len(prompts) and engine.prefix_cache is not None
+    while engine.has_work():
+        engine.step()
+    for a, b in zip(alone, together, strict=True):
+        assert a.tokens == b.tokens
+        assert a.logprobs is not None and b.logprobs is not None
+        assert [x.logprob for x in a.logprobs] == pytest.approx([y.logprob for y in b.logprobs], abs=1e-5)
+    assert _length_groups([1, 3, 7, 2, 59]) == [[0, 3, 1, 2], [4]]
+
+
+@torch.no_grad()
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_batch_decodes() -> None:
+    from lamina.generate.engine import Engine
+
+    model = _tiny_model()
+    cfg = GenerationConfig(temperature=0.0, max_new_tokens=8, ignore_eos=True, logprobs=True)
+    long = [(3 * k) % 47 for k in range(50)]
+    alone = [generate_ids(model, [p], cfg)[0] for p in ([5, 6], long)]
+    engine = Engine(model, max_prefill_tokens=16, prefix_cache_mib=1.0)
+    (short,) = engine.submit([5, 6], cfg)
+    engine.step()
+    (seq,) = engine.submit(long, cfg)
+    for k in range(1, 4):  # 16 + 16 + 16 of its 50 tokens, one chunk per step; the short row goes on
+        engine.step()
+        assert len(short.tokens) == 2 + k and not seq.tokens and engine.num_queued == 1
+    engine.step()  # the last 2 tokens: its first token, then it decodes with the batch
+    assert len(seq.tokens) == 2 and engine.num_running == 2
+    while engine.has_work():
+        engine.step()
+    for a, b in zip(alone, [short, seq], strict=True):
+        assert a.tokens == b.tokens and a.logprobs is not None and b.logprobs is not None
+        assert [x.logprob for x in a.logprobs] == pytest.approx([y.logprob for y in b.logprobs], abs=1e-5)
+    assert engine.prefix_cache is not None and engine.prefix_cache.num_blocks == 3  # its whole blocks
+    again = engine.submit([1, *long], cfg)  # no cached prefix: chunked again, then cancelled midway
+    engine.step()
+    engine.cancel(again)
+    engine.step()
+    assert again[0].finish_reason == "abort" and not engine.has_work()
