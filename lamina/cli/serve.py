@@ -24,7 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "json_object), POST /v1/embeddings (encoder models such as minilm), GET /health, GET /metrics "
         "(Prometheus), /docs (OpenAPI). Concurrent requests are decoded together in one running batch "
         "(continuous batching). Requests may also carry lamina's decoding controls as extra fields "
-        "(top_k, min_p, repetition_penalty, stop_token_ids, ...).",
+        "(top_k, min_p, repetition_penalty, stop_token_ids, ...). With --index PATH (an index of lamina "
+        "index): POST /v1/retrieve, and chat completions with the extra field rag answered from the index "
+        "with numbered citations (sources, citations).",
         epilog="example: lamina serve smollm2 --port 8000, then "
         "openai.OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='none')",
     )

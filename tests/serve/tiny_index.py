@@ -1,4 +1,4 @@
-"""A tiny index and a chat model that can cite, for the server's retrieval tests (``test_serve_rag``,
+"""A tiny index and a chat model that can cite, for the server's retrieval tests (``test_serve_grounding``,
 ``test_web_page``); import as ``from tiny_index import ...``."""
 
 from __future__ import annotations
