@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lamina.apps.models import ChatModel, Reply
+from lamina.apps.models import ChatModel, LaminaChat, Reply
 from lamina.apps.tools import Tool, ToolCall
 from lamina.errors import ConfigError
 
@@ -202,11 +202,15 @@ class Agent:
         self, task: str, history: Sequence[Mapping[str, Any]], stream: Callable[[str], None] | None
     ) -> AgentResult:
         model: Any = self.model
-        complete: Callable[[str], str] = (
-            model
-            if not hasattr(model, "chat")
-            else (lambda p: model.chat([{"role": "user", "content": p}]).content or "")
-        )
+        stop = (
+            {"stop": ["\nObservation:"]} if isinstance(model, LaminaChat) else {}
+        )  # what is not its to write
+
+        def complete(prompt: str) -> str:
+            if not hasattr(model, "chat"):
+                return str(model(prompt))
+            return model.chat([{"role": "user", "content": prompt}], **stop).content or ""
+
         transcript = self.react_prompt(task, history)
         steps: list[AgentStep] = []
         for _ in range(self.max_steps):

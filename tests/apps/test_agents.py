@@ -216,6 +216,9 @@ def test_forced_calls_from_a_random_model_run_the_loop(tiny_chat: LaminaChat) ->
         s.reply.tool_calls and all(o.ok for o in s.observations) for s in call_steps
     )  # valid every time
     assert result.steps[2].reply.tool_calls == [] and result.answer == result.steps[2].reply.content
+    react = Agent(tiny_chat, [echo], max_steps=1, react=True).run("Echo something.")  # random text: no action
+    assert react.finish_reason in ("answer", "max_steps") and len(react.steps) <= 2
+    assert all(not o.ok for o in react.observations)  # each reported back, never raised
 
 
 @pytest.mark.slow
