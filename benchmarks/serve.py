@@ -5,13 +5,19 @@ process beside it (httpx, streaming ``/v1/completions``, greedy, ``ignore_eos`` 
 exactly ``--tokens`` tokens). For N = 1, 4, 16 clients, each sending ``--requests`` requests one after
 another, it reports total generated tokens/s, time to first token (TTFT) and inter-token latency (ITL)
 percentiles, and the ratio of N clients' tokens/s to 1 client's (the reference, measured in the same run).
-Target: 16 clients >= 4x the tokens/s of 1 client. Ends with its ``headline:`` line (see common.py).
+Target: 16 clients >= 4x the tokens/s of 1 client. Ends with its ``headline:`` lines (see common.py).
+
+The shared-system-prompt case (prefix caching, on by default in ``lamina serve``): one client sends
+requests whose prompt is the same ~500-token system prompt followed by a short question, one at a time.
+Uncached, each prompt starts with a different request number (so no cached block matches: the whole
+prompt is prefilled); cached, the same system prompt comes first (its blocks were stored by the first
+request). Target: TTFT on a cache hit under a fifth of the uncached TTFT (uncached / cached >= 5x).
 
 Both processes share the machine's cores, so the CPU seconds of each are reported (the client's share is
 the part of the machine this process took from the server), with the load average.
 
     python benchmarks/serve.py [--clients 1,4,16] [--tokens 64] [--requests 2] [--threads 2]
-    python benchmarks/serve.py --quick      # 16 tokens, 1 request per client
+    python benchmarks/serve.py --quick      # 16 tokens, 1 request per client, 3 system-prompt requests
 """
 
 from __future__ import annotations
@@ -48,6 +54,16 @@ PROMPTS = [
     "1, 2, 3, 4,",
     "A haiku about autumn:",
 ]
+
+
+SYSTEM = (
+    "You are Lamina, a careful and friendly assistant for a small software company. Answer questions about "
+    "the company's products, its open-source libraries and its support policies. Be concise: one or two "
+    "short paragraphs unless the user asks for more. When you are not sure, say so and suggest where the "
+    "user may find the answer. Never invent version numbers, prices or dates. Write code in Python unless "
+    "the user asks for another language, and explain what the code does in a sentence before it. "
+) * 5  # about 500 tokens with SmolLM2's tokenizer (the run prints the count)
+QUESTIONS = ["How do I install the library?", "What is your refund policy?", "Can you write a sort?"]
 
 
 @dataclass
@@ -117,6 +133,41 @@ async def stream_one(client: httpx.AsyncClient, prompt: str, tokens: int, run: R
                 last = now
 
 
+async def first_token(client: httpx.AsyncClient, prompt: str) -> tuple[float, int]:
+    """TTFT in seconds of one streaming request (2 tokens) and its prompt tokens."""
+    body = {"model": "smollm2", "prompt": prompt, "max_tokens": 2, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    start, ttft, used = time.perf_counter(), float("nan"), 0
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                used = chunk["usage"]["prompt_tokens"]
+            if chunk["choices"] and chunk["choices"][0]["text"] and ttft != ttft:
+                ttft = time.perf_counter() - start
+    return ttft, used
+
+
+async def shared_prompt(url: str, repeats: int) -> tuple[list[float], list[float], int]:
+    """TTFTs (s) of ``repeats`` uncached and cached requests with the shared system prompt, in turn
+    (round-robin: uncached, cached, uncached, ...), and the prompt's token count."""
+    uncached, cached, used = [], [], 0
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        await first_token(client, SYSTEM + "\n\nQuestion: hello\nAnswer:")  # stores the system prompt
+        for k in range(repeats):
+            q = QUESTIONS[k % len(QUESTIONS)]
+            t, used = await first_token(
+                client, f"Request {k + 1000}. " + SYSTEM + f"\n\nQuestion: {q}\nAnswer:"
+            )
+            uncached.append(t)
+            t, _ = await first_token(client, SYSTEM + f"\n\nQuestion: {q}\nAnswer:")
+            cached.append(t)
+    return uncached, cached, used
+
+
 async def drive(url: str, clients: int, requests: int, tokens: int, server_pid: int) -> Run:
     """``clients`` concurrent clients, each sending ``requests`` streaming requests in turn."""
     run = Run(clients)
@@ -159,10 +210,13 @@ def main() -> None:
         help="the server's OMP_WAIT_POLICY (PASSIVE: idle OpenMP threads sleep instead of spinning, which "
         "matters on a machine shared with other jobs; default: leave it unset)",
     )
+    ap.add_argument(
+        "--system-repeats", type=int, default=8, help="shared-system-prompt requests of each kind"
+    )
     ap.add_argument("--quick", action="store_true", help="16 tokens, 1 request per client")
     args = ap.parse_args()
     if args.quick:
-        args.tokens, args.requests = 16, 1
+        args.tokens, args.requests, args.system_repeats = 16, 1, 3
     counts = [int(c) for c in args.clients.split(",")]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -192,6 +246,8 @@ def main() -> None:
         for n in counts:
             runs.append(asyncio.run(drive(url, n, args.requests, args.tokens, server.pid)))
             print(f"  {n} clients done (load {load_avg()})", flush=True)
+        uncached, cached, system_tokens = asyncio.run(shared_prompt(url, args.system_repeats))
+        print(f"  shared system prompt done (load {load_avg()})", flush=True)
     finally:
         server.terminate()
         server.wait(30)
@@ -211,7 +267,14 @@ def main() -> None:
     verdict = "met" if last.rate >= 4 * ref.rate else "NOT met"
     print(f"\ntarget {last.clients} clients >= 4x 1 client: {last.rate / ref.rate:.2f}x, {verdict}; "
           f"wall {statistics.fsum(r.wall for r in runs):.0f} s, load average at end {load_avg()}")  # fmt: skip
+    u50, c50 = pct(uncached, 50), pct(cached, 50)
+    print(f"\nshared system prompt ({system_tokens} prompt tokens, {args.system_repeats} requests each, "
+          f"round-robin, 1 client): TTFT p50 uncached {u50:.0f} ms, cached {c50:.0f} ms "
+          f"(min {1000 * min(uncached):.0f} / {1000 * min(cached):.0f}); target cached < uncached / 5: "
+          f"{'met' if 5 * c50 < u50 else 'NOT met'}")  # fmt: skip
+    print(f"TTFT p50 at {last.clients} clients: {pct(last.ttft, 50):.0f} ms")
     headline(f"serve {last.clients} clients tokens/s", last.rate / ref.rate, f"{ref.clients} client", 4)
+    headline("serve TTFT of a 500-token system prompt, cached", u50 / c50, "uncached", 5)
 
 
 if __name__ == "__main__":
