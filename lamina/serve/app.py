@@ -49,7 +49,7 @@ from lamina.serve.grounding import (
     raise_for_rag,
 )
 from lamina.serve.guards import ApiKeyAuth, BodyLimit, CountRequests
-from lamina.serve.params import prepare_chat, prepare_completion
+from lamina.serve.params import _n, prepare_chat, prepare_completion
 from lamina.serve.registry import Registry
 from lamina.serve.scheduler import Job
 from lamina.serve.schemas import (
@@ -175,7 +175,7 @@ def create_app(registry: Registry, config: ServeConfig | None = None) -> FastAPI
         if req.rag is not None and req.rag is not False:
             grounding = await run_in_threadpool(ground, req, served, index, config)
             if not grounding.shown:  # nothing retrieved: "not found", no model call
-                n = req.n or 1
+                n = _n(req.n, config)
                 if req.stream:
                     return _sse(not_found_stream(served.name, n, include))
                 return JSONResponse(not_found(served.name, n).model_dump(mode="json"))

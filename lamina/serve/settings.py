@@ -75,7 +75,7 @@ class ServeConfig:
     # '{"name": ..., "path": ..., "base_model_name": MODEL}' as an item
     lora_modules: list[str] = field(default_factory=list)
     # the index to retrieve from (a SQLite file or a postgresql:// URL written by lamina index): POST
-    # /v1/retrieve and chat completions with "rag" grounded on it (None: no retrieval)
+    # /v1/retrieve and chat completions with "rag" grounded on it
     index: str | None = None
     max_retrieve_top_k: int = 100  # most passages a retrieve or grounded chat request may ask for, >= 1
 

@@ -191,6 +191,7 @@ def test_nothing_retrieved_answers_not_found_without_the_model(server: Any) -> N
         ({"rag": True, "tools": [{"type": "function", "function": {"name": "f"}}]}, "rag", "tools"),
         ({"rag": True, "messages": [{"role": "system", "content": "hi"}]}, "messages[0]", "user's question"),
         ({"rag": True, "max_tokens": 1020}, "messages", "does not fit"),
+        ({"rag": {"score_threshold": 1.5}, "n": 10**6}, "n", "more than the server allows"),
     ],
 )
 def test_hostile_grounded_requests_get_400s(
