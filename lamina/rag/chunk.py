@@ -99,7 +99,12 @@ class Chunker:
 
     def chunk(self, doc: Document) -> list[Chunk]:
         """``doc`` as chunks in order, ``chunk_id`` ``f"{doc_id}#{i}"``; each chunk's ``text`` is
-        ``doc.text[start:end]`` (whitespace at its edges left out)."""
+        ``doc.text[start:end]`` (whitespace at its edges left out).
+
+        A document whose metadata names a ``lead`` span ``[start, end]`` (the built-in stdlib-docs corpus
+        sets it to the docstring's summary paragraph) gets one more entry after its chunks, ``kind``
+        ``"lead"``, ``chunk_id`` ``f"{doc_id}#lead"``: that span alone (when it fits ``chunk_size`` and is
+        not the whole text), so its embedding is not diluted by the rest of the chunk that holds it."""
         text = doc.text
         title = str(doc.metadata.get("title", ""))
         sections = markdown_sections(text) if doc.metadata.get("kind") == "markdown" else [(0, len(text), [])]
@@ -124,7 +129,20 @@ class Chunker:
                 at = bisect.bisect_right([p[0] for p in pages], a) - 1
                 meta["page"] = pages[max(at, 0)][1]
             chunks.append(Chunk(f"{doc.doc_id}#{i}", doc.doc_id, text[a:b], a, b, meta))
+        lead = doc.metadata.get("lead")
+        if lead and len(chunks) and self._fits(title, text, lead):
+            a, b = int(lead[0]), int(lead[1])
+            meta = {"path": doc.metadata.get("path", doc.doc_id), "title": title}
+            chunks.append(Chunk(f"{doc.doc_id}#lead", doc.doc_id, text[a:b], a, b, meta, "lead"))
         return chunks
+
+    def _fits(self, title: str, text: str, lead: Sequence[int]) -> bool:
+        """Whether the ``lead`` span is a proper part of ``text`` that fits the budget with its prefix."""
+        a, b = int(lead[0]), int(lead[1])
+        if not 0 <= a < b <= len(text) or (a, b) == (0, len(text)):
+            return False
+        piece = text[a:b]
+        return self.special + self.count(self.prefix(title, (), piece) + piece) <= self.chunk_size
 
 
 def markdown_sections(text: str) -> list[tuple[int, int, list[str]]]:

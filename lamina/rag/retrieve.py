@@ -169,15 +169,21 @@ def reciprocal_rank_fusion(lists: list[list[Hit]], rrf_k: int = 60) -> list[Hit]
 
 
 def dedupe(hits: list[Hit]) -> list[Hit]:
-    """``hits`` without repeats, in order: a chunk id seen before, or the same text of the same document
-    seen before (a document indexed twice), is dropped; ranks renumbered 1..n."""
+    """``hits`` without repeats, in order: a chunk id seen before, the same text of the same document
+    seen before (a document indexed twice), or a passage whose span lies inside an earlier passage of
+    the same document (a ``lead`` entry after the chunk that holds it) is dropped; ranks renumbered 1..n."""
     seen_ids: set[str] = set()
     seen_text: set[tuple[str, str]] = set()
+    spans: dict[str, list[tuple[int, int]]] = {}
     out: list[Hit] = []
     for h in hits:
-        key = (h.chunk.doc_id, h.chunk.text)
-        if h.chunk.chunk_id in seen_ids or key in seen_text:
+        c = h.chunk
+        key = (c.doc_id, c.text)
+        inside = c.kind != "summary" and any(a <= c.start and c.end <= b for a, b in spans.get(c.doc_id, ()))
+        if c.chunk_id in seen_ids or key in seen_text or inside:
             continue
+        if c.kind != "summary":  # a summary's span is the whole document: it holds every passage
+            spans.setdefault(c.doc_id, []).append((c.start, c.end))
         seen_ids.add(h.chunk.chunk_id)
         seen_text.add(key)
         out.append(Hit(h.chunk, h.score, len(out) + 1))

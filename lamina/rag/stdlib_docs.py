@@ -10,7 +10,12 @@ one) and its docstring, never the ``.py`` source.
   ``json.loads``, ``os.path.join`` (not ``posixpath.join``), ``asyncio.sleep`` (not ``asyncio.tasks.sleep``);
   an object exported by several modules is one document (ties: the module it comes from, then the name).
 - ``metadata``: ``path`` (the doc_id), ``title`` (the doc_id), ``kind`` (``module``, ``class``,
-  ``function``, ``method``), ``module``.
+  ``function``, ``method``), ``module``, and ``lead``: the ``[start, end)`` span of the docstring's first
+  paragraph (the one after the signature line), when the text has more than that paragraph. The chunker
+  indexes it as one more entry of the document (:meth:`lamina.rag.chunk.Chunker.chunk`): MiniLM mean-pools
+  over every token, so a chunk opening with a long signature and going on with details embeds farther from
+  a question than its one-line summary does (measured on the shipped questions: dense recall@5
+  0.533 -> 0.569 with the lead entries, see the README's RAG section).
 - Left out: private names (a leading ``_``), test suites, GUI and side-effect modules (:data:`SKIP`),
   codecs (``encodings.*``), the other OS's path module, objects without a docstring, and modules that fail
   to import or write to stdout/stderr when imported.
@@ -34,7 +39,7 @@ from typing import Any
 
 from lamina.rag.types import Document
 
-__all__ = ["SKIP", "module_names", "stdlib_documents"]
+__all__ = ["SKIP", "lead_span", "module_names", "stdlib_documents"]
 
 # Top-level modules never imported: test suites, GUIs, modules that act when imported (``this`` prints,
 # ``antigravity`` opens a browser), Windows/macOS-only modules, deprecated tool packages and codecs.
@@ -48,6 +53,7 @@ SKIP = frozenset(
 )  # fmt: skip
 _SKIP_PARTS = frozenset({"test", "tests", "idle_test", "__main__"})
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # object reprs in signatures: not the same on every run
+_PARAGRAPH = re.compile(r"\n[ \t]*\n")  # a blank line between paragraphs
 
 
 def module_names(tops: Iterable[str] | None = None) -> list[str]:
@@ -115,7 +121,26 @@ def stdlib_documents(modules: Iterable[str] | None = None) -> list[Document]:
 
 def _document(doc_id: str, kind: str, module: str, text: str) -> Document:
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    return Document(doc_id, text, digest, {"path": doc_id, "title": doc_id, "kind": kind, "module": module})
+    meta: dict[str, Any] = {"path": doc_id, "title": doc_id, "kind": kind, "module": module}
+    span = lead_span(text, skip_first=kind != "module")
+    if span is not None:
+        meta["lead"] = list(span)
+    return Document(doc_id, text, digest, meta)
+
+
+def lead_span(text: str, skip_first: bool = True) -> tuple[int, int] | None:
+    """The ``(start, end)`` of the first paragraph of ``text`` after its signature paragraph (the first
+    one itself with ``skip_first=False``: a module's docstring has no signature); None when that
+    paragraph is the whole text, missing, or the ``Members:`` line."""
+    bounds = [0] + [m.end() for m in _PARAGRAPH.finditer(text)]
+    ends = [m.start() for m in _PARAGRAPH.finditer(text)] + [len(text)]
+    at = 1 if skip_first else 0
+    if at >= len(bounds):
+        return None
+    a, b = bounds[at], ends[at]
+    if a >= b or text[a:b].startswith("Members:") or (a, b) == (0, len(text)):
+        return None
+    return a, b
 
 
 def _real(module: ModuleType) -> str:

@@ -32,7 +32,8 @@ class Chunk:
     """A passage of a document: ``text`` is ``document.text[start:end]`` (character offsets, so a
     citation maps back to its span), ``chunk_id`` is ``f"{doc_id}#{index}"``; ``metadata`` holds the
     document's ``path``/``title`` and the chunk's ``headings`` (Markdown) and ``page`` (PDF), where known.
-    ``kind`` is ``"chunk"`` or ``"summary"`` (an LLM-written document summary indexed as its own entry)."""
+    ``kind`` is ``"chunk"``, ``"summary"`` (an LLM-written document summary indexed as its own entry) or
+    ``"lead"`` (a document's summary paragraph indexed again on its own, :meth:`lamina.rag.chunk.Chunker.chunk`)."""
 
     chunk_id: str
     doc_id: str
@@ -56,7 +57,7 @@ class Hit:
 FILTERS_HELP = (
     "metadata filters: {key: value} keeps chunks whose metadata[key] equals value, {key: [v1, v2]} any of "
     "them; the keys doc_id (exact id or list of ids), doc_id_prefix (ids starting with it) and kind "
-    "(chunk or summary) match the chunk's own fields; several keys must all match"
+    "(chunk, summary or lead) match the chunk's own fields; several keys must all match"
 )
 
 

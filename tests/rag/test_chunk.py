@@ -106,3 +106,16 @@ def test_bad_sizes(tokenizer):
         Chunker(tokenizer, chunk_size=512, max_seq_len=256)
     with pytest.raises(ConfigError, match="raise chunk_size"):
         Chunker(tokenizer, chunk_size=16, chunk_overlap=0).chunk(doc("text", title="a very long title " * 5))
+
+
+def test_a_lead_span_becomes_one_more_entry(tokenizer):
+    text = "f(a, b)\n\nAdd two numbers.\n\n" + " ".join(f"detail{i}" for i in range(200))
+    chunker = Chunker(tokenizer, chunk_size=64, chunk_overlap=8)
+    chunks = chunker.chunk(doc(text, lead=[9, 25]))
+    *body, lead = chunks
+    assert lead.kind == "lead" and lead.chunk_id == "d#lead" and lead.text == "Add two numbers."
+    assert (lead.start, lead.end) == (9, 25) and all(c.kind == "chunk" for c in body) and len(body) > 1
+    assert [c.chunk_id for c in body] == [c.chunk_id for c in chunker.chunk(doc(text))]
+    # the whole text, an empty or out-of-range span, or one over the budget: no lead entry
+    for bad in ([0, len(text)], [5, 5], [9, len(text) + 1], [25, len(text)]):
+        assert all(c.kind == "chunk" for c in chunker.chunk(doc(text, lead=bad))), bad

@@ -39,6 +39,16 @@ def test_dedupe_drops_repeated_ids_and_repeated_text_of_a_document() -> None:
     assert [h.rank for h in out] == [1, 2, 3]
 
 
+def test_dedupe_drops_a_passage_inside_an_earlier_one_of_its_document() -> None:
+    whole = hit("a#0", text="sig\n\nlead text\n\nmore")
+    lead = hit("a#lead", text="lead text")
+    lead.chunk.start, lead.chunk.end, lead.chunk.kind = 5, 14, "lead"
+    whole.chunk.start, whole.chunk.end = 0, 20
+    assert [h.chunk.chunk_id for h in dedupe([whole, lead, hit("b#0")])] == ["a#0", "b#0"]
+    # the lead first: the longer chunk after it still adds text, so both stay
+    assert [h.chunk.chunk_id for h in dedupe([lead, whole])] == ["a#lead", "a#0"]
+
+
 def test_rrf_counts_a_chunk_once_per_list() -> None:
     fused = reciprocal_rank_fusion([[hit("a#0"), hit("a#0"), hit("b#0")]], rrf_k=60)
     assert [h.score for h in fused] == pytest.approx([1 / 61, 1 / 62])

@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from lamina.rag.stdlib_docs import module_names, stdlib_documents
+from lamina.rag.stdlib_docs import lead_span, module_names, stdlib_documents
 
 
 @pytest.fixture(scope="module")
@@ -22,12 +22,14 @@ def test_ids_are_the_public_qualified_names(docs):
     assert not any(part.startswith("_") for d in docs for part in d.doc_id.split("."))
     assert ids["json.loads"].text.startswith("json.loads(s, ")
     assert "Deserialize" in ids["json.loads"].text
+    lead = ids["csv.DictReader"].metadata.pop("lead")
     assert ids["csv.DictReader"].metadata == {
         "path": "csv.DictReader",
         "title": "csv.DictReader",
         "kind": "class",
         "module": "csv",
     }
+    assert ids["csv.DictReader"].text[slice(*lead)] == "Class DictReader of the csv module."
     assert "fieldnames" in ids["csv.DictReader"].text  # no docstring: its signature and members stand in
     assert ids["json.JSONDecoder.decode"].metadata["kind"] == "method"
 
@@ -48,3 +50,14 @@ def test_skips_side_effect_and_gui_modules():
         assert skipped not in names
     assert not any(n.startswith(("test.", "encodings.", "idlelib.")) for n in names)
     assert stdlib_documents(modules=["no_such_module_xyz"]) == []
+
+
+def test_the_lead_is_the_paragraph_after_the_signature(docs):
+    ids = {d.doc_id: d for d in docs}
+    loads = ids["json.loads"]
+    a, b = loads.metadata["lead"]
+    assert loads.text[a:b].startswith("Deserialize ``s``") and "\n\n" not in loads.text[a:b]
+    module = ids["csv"]
+    assert module.text[slice(*module.metadata["lead"])] == "CSV parsing and writing."  # no signature line
+    assert lead_span("f(x)\n\nMembers: a, b.") is None and lead_span("f(x) -> y") is None
+    assert lead_span("one paragraph", skip_first=False) is None  # the whole text: nothing to add
