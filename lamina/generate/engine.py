@@ -1,8 +1,10 @@
 """The engine: continuous batching of KV-cache decoding, one ``GenerationConfig`` per sequence.
 
 ``Engine`` keeps one running batch. ``submit`` queues a request (a prompt and its config); every
-``step`` first admits queued requests (each prompt is prefilled on its own, exactly as if it ran
-alone, and its rows join the batch's KV cache), then decodes one token for every running sequence.
+``step`` first admits queued requests (their prompts prefilled together, left-padded, each computing what
+it would alone; a prompt longer than ``max_prefill_tokens`` in chunks over several steps; with a
+``PrefixCache`` only what follows a prompt's longest cached prefix; their rows join the batch's KV cache),
+then decodes one token for every running sequence.
 Each sequence has its own sampler (controls and seeded random stream), its own stopping (eos,
 ``stop_token_ids``, stop strings on the decoded text, a finished JSON value, ``max_new_tokens``), and
 leaves the batch the step it finishes, freeing its cache row for the next request. ``step`` returns the
