@@ -6,6 +6,8 @@ Three sources, none downloaded:
   upsampled (bilinear) to ``image_size`` (8, 16 or 32);
 * ``sample_images``: square patches of scikit-learn's two sample photographs (china.jpg, flower.jpg;
   label 0 / 1), for colour and 2x super-resolution, cropped at seeded random places and resized (area);
+  the held-out patches come from a strip at the right of each photograph that no training patch
+  touches;
 * a folder of images (anything Pillow reads): sub-folders are classes (sorted names -> labels 0..K-1);
   images directly in the folder make an unlabelled set.
 
@@ -54,6 +56,7 @@ class ImageSet:
     images: Tensor
     labels: Tensor
     class_names: list[str] = field(default_factory=list)
+    held_out: Tensor | None = None  # (N,) bool: a split fixed by the source (``split`` then keeps it)
 
     @property
     def num_classes(self) -> int | None:
@@ -88,24 +91,34 @@ def digits(image_size: int = 16) -> ImageSet:
 
 
 def sample_image_patches(image_size: int = 32, num_patches: int = 2048, patch_size: int | None = None,
-                         seed: int = 0) -> ImageSet:  # fmt: skip
+                         seed: int = 0, held_out_fraction: float = 0.0) -> ImageSet:  # fmt: skip
     """``num_patches`` RGB patches (N, 3, image_size, image_size) in [-1, 1] of scikit-learn's sample
     photographs (427x640: china.jpg -> label 0, flower.jpg -> 1), ``patch_size`` pixels square (default
-    2 x image_size) at seeded places, resized to ``image_size``."""
+    2 x image_size) at seeded places, resized (area) to ``image_size``. The last
+    ``round(held_out_fraction x N)`` patches are the held-out ones (``ImageSet.held_out``): they lie in
+    the right ``max(held_out_fraction, patch_size / width)`` of each photograph, the others left of it,
+    so no held-out pixel was trained on. Raises ``ConfigError`` for a patch that does not fit."""
     from sklearn.datasets import load_sample_images
 
     photos = load_sample_images().images
     size = patch_size or 2 * image_size
+    n_held = round(num_patches * held_out_fraction)
     g = np.random.default_rng(seed)
     out, labels = [], []
     for i in range(num_patches):
         k = i % len(photos)
         h, w, _ = photos[k].shape
-        top, left = g.integers(0, h - size + 1), g.integers(0, w - size + 1)
+        strip = max(round(w * held_out_fraction), size) if n_held else 0
+        if size > h or size > w - strip:
+            raise ConfigError(f"patches of {size} pixels do not fit the {h}x{w} photographs with a held-out "
+                              f"strip of {strip}: lower image_size or held_out_fraction")  # fmt: skip
+        lo, hi = (w - strip, w - size + 1) if i >= num_patches - n_held else (0, w - strip - size + 1)
+        top, left = g.integers(0, h - size + 1), g.integers(lo, hi)
         out.append(photos[k][top : top + size, left : left + size])
         labels.append(k)
     x = torch.from_numpy(np.stack(out).astype(np.float32) / 255.0 * 2 - 1).permute(0, 3, 1, 2)
-    return ImageSet(resize(x, image_size).clamp(-1, 1), torch.tensor(labels), ["china", "flower"])
+    held = torch.arange(num_patches) >= num_patches - n_held
+    return ImageSet(resize(x, image_size).clamp(-1, 1), torch.tensor(labels), ["china", "flower"], held)
 
 
 def image_folder(path: str | Path, image_size: int = 32, channels: int | None = None) -> ImageSet:
@@ -113,7 +126,6 @@ def image_folder(path: str | Path, image_size: int = 32, channels: int | None = 
     sub-folders give labels (sorted names); images straight in ``path`` make an unlabelled set.
     ``channels``: 1 (grey) or 3 (RGB); None: 1 when every image is greyscale, else 3.
     Raises ``ConfigError`` for a missing folder or one without images."""
-    from PIL import Image
 
     root = Path(path)
     if not root.is_dir():
@@ -126,31 +138,44 @@ def image_folder(path: str | Path, image_size: int = 32, channels: int | None = 
         files = [(f, 0) for f in sorted(root.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise ConfigError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {root}")
-    opened = [Image.open(f) for f, _ in files]
-    if channels is None:
-        channels = 1 if all(im.mode in ("L", "1", "I", "I;16") for im in opened) else 3
-    x = torch.cat([_to_tensor(im, image_size, channels) for im in opened])
+    if channels is None:  # headers only; each file is opened and closed in turn (no open-file limit)
+        channels = 1 if all(_mode(f) in ("L", "1", "I", "I;16") for f, _ in files) else 3
+    x = torch.cat([read_image(f, image_size, channels) for f, _ in files])
     return ImageSet(x, torch.tensor([lab for _, lab in files]), classes)
 
 
-def read_image(path: str | Path, image_size: int, channels: int = 1) -> Tensor:
-    """One image file as (1, channels, image_size, image_size) in [-1, 1] (center-cropped square)."""
+def _mode(path: Path) -> str:
     from PIL import Image
+
+    with Image.open(path) as im:
+        return str(im.mode)
+
+
+def read_image(path: str | Path, image_size: int | None, channels: int = 1) -> Tensor:
+    """One image file as (1, channels, image_size, image_size) in [-1, 1] (center-cropped square), or
+    at its own height and width (1, channels, H, W) when ``image_size`` is None. Raises ``ConfigError``
+    for a missing or unreadable file."""
+    from PIL import Image, UnidentifiedImageError
 
     if not Path(path).is_file():
         raise ConfigError(f"image {path} does not exist")
-    return _to_tensor(Image.open(path), image_size, channels)
+    try:
+        with Image.open(path) as im:
+            return _to_tensor(im, image_size, channels)
+    except (UnidentifiedImageError, OSError) as e:
+        raise ConfigError(f"cannot read image {path}: {e}") from None
 
 
-def _to_tensor(im: Any, image_size: int, channels: int) -> Tensor:
+def _to_tensor(im: Any, image_size: int | None, channels: int) -> Tensor:
     from PIL import Image
 
     im = im.convert("L" if channels == 1 else "RGB")
-    side = min(im.size)
-    left, top = (im.width - side) // 2, (im.height - side) // 2
-    im = im.crop((left, top, left + side, top + side)).resize(
-        (image_size, image_size), Image.Resampling.BICUBIC
-    )
+    if image_size is not None:
+        side = min(im.size)
+        left, top = (im.width - side) // 2, (im.height - side) // 2
+        im = im.crop((left, top, left + side, top + side)).resize(
+            (image_size, image_size), Image.Resampling.BICUBIC
+        )
     a = np.asarray(im, dtype=np.float32) / 255.0 * 2 - 1
     return torch.from_numpy(a[None] if channels == 1 else a.transpose(2, 0, 1)).unsqueeze(0).clamp(-1, 1)
 
@@ -160,12 +185,18 @@ def load_images(cfg: ImageDataConfig) -> ImageSet:
     if cfg.dataset == "digits":
         return digits(cfg.image_size)
     if cfg.dataset == "sample_images":
-        return sample_image_patches(cfg.image_size, cfg.num_patches, seed=cfg.seed)
+        return sample_image_patches(cfg.image_size, cfg.num_patches, seed=cfg.seed,
+                                    held_out_fraction=cfg.held_out_fraction)  # fmt: skip
     return image_folder(cfg.dataset, cfg.image_size)
 
 
 def split(data: ImageSet, held_out_fraction: float = 0.1, seed: int = 0) -> tuple[ImageSet, ImageSet]:
-    """(train, held-out): a seeded permutation, the last ``held_out_fraction`` held out (same every run)."""
+    """(train, held-out): a seeded permutation, the last ``held_out_fraction`` held out (same every run);
+    a split fixed by the source (``data.held_out``) is kept as it is."""
+    if data.held_out is not None:
+        return data.subset(torch.nonzero(~data.held_out)[:, 0]), data.subset(
+            torch.nonzero(data.held_out)[:, 0]
+        )
     perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
     n_held = round(len(data) * held_out_fraction)
     return data.subset(perm[: len(data) - n_held]), data.subset(perm[len(data) - n_held :])

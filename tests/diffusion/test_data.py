@@ -74,3 +74,20 @@ def test_missing_folder_is_a_config_error(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no images"):
         image_folder(tmp_path / "empty")
+
+
+def test_held_out_sample_image_patches_come_from_an_untrained_strip() -> None:
+    """Each patch is found in its photograph: training patches left of the held-out strip, held-out
+    patches inside it (so no held-out pixel is trained on)."""
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    p = sample_image_patches(8, num_patches=20, patch_size=8, seed=0, held_out_fraction=0.1)
+    train, held = split(p, 0.5, seed=1)  # the source's split wins over fraction and seed
+    assert (len(train), len(held)) == (18, 2) and torch.equal(held.images, p.images[18:])
+    for i, (x, k) in enumerate(zip(p.images, p.labels, strict=True)):
+        photo = torch.from_numpy(photos[int(k)].astype("float32") / 255 * 2 - 1).permute(2, 0, 1)
+        rows = (photo[0].unfold(1, 8, 1) - x[0, 0]).abs().amax(-1) < 1e-6  # where the first row matches
+        hits = [(t, left) for t, left in rows.nonzero().tolist()
+                if t <= photo.shape[1] - 8 and torch.equal(photo[:, t : t + 8, left : left + 8], x)]  # fmt: skip
+        assert hits and all((left >= 640 - 64) == (i >= 18) for _, left in hits), i
