@@ -37,7 +37,7 @@ class DiffusionConfig:
     """How the denoiser is trained (the ``--diffusion.*`` flags); the UNet's image_size, in_channels and
     num_classes come from the data."""
 
-    class_conditional: bool = True  # condition on the data's labels (classifier-free guidance needs it)
+    class_conditional: bool | None = None  # use the labels (guidance); None: labelled, not upscaling
     p_uncond: float = 0.1  # probability a label is dropped to the null class while training (guidance)
     ema_decay: float | None = 0.999  # moving average of the weights, used for sampling (None: off)
     low_res_factor: int = 1  # > 1: a super-resolution model conditioned on images downsampled this much
@@ -84,8 +84,8 @@ def train_diffusion(
     """Train a UNet on ``images`` with lamina's trainer (checkpoints, exact resume, EMA, plots,
     report.html in ``train_cfg.out_dir``); validation loss on the held-out split. Returns the trained
     model (its EMA weights when ``ema_decay`` is set) and the run's summary.
-    Raises ``ConfigError`` for unlabelled data with ``class_conditional`` and for a UNet shape that does
-    not fit the images."""
+    Raises ``ConfigError`` for unlabelled data with ``class_conditional`` true and for a UNet shape that
+    does not fit the images."""
     noise, data, diffusion = (
         noise or NoiseConfig(),
         images or ImageDataConfig(),
@@ -93,11 +93,14 @@ def train_diffusion(
     )
     train_cfg = train_cfg or TrainConfig()
     dataset = load_images(data)
-    if diffusion.class_conditional and dataset.num_classes is None:
+    conditional = diffusion.class_conditional
+    if conditional is None:
+        conditional = dataset.num_classes is not None and diffusion.low_res_factor == 1
+    if conditional and dataset.num_classes is None:
         raise ConfigError(f"{data.dataset} has no class folders: use --diffusion.class_conditional false")
     c = dataset.images.shape[1]
     unet = replace(unet or UNetConfig(), image_size=data.image_size, in_channels=c,
-                   num_classes=dataset.num_classes if diffusion.class_conditional else None,
+                   num_classes=dataset.num_classes if conditional else None,
                    low_res_channels=c if diffusion.low_res_factor > 1 else 0)  # fmt: skip
     train_set, held_out = split(dataset, data.held_out_fraction, data.seed)
     batches = ImageBatches(train_set, train_cfg.batch_size, data.seed, diffusion.low_res_factor)
