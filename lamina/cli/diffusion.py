@@ -24,7 +24,14 @@ def _sections() -> dict[str, type]:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``diffusion`` verb and its actions."""
-    from lamina.diffusion.files import EditConfig, ExportConfig, InpaintConfig, OutputConfig, SamplingConfig
+    from lamina.diffusion.files import (
+        EditConfig,
+        ExportConfig,
+        InpaintConfig,
+        OutputConfig,
+        SamplingConfig,
+        UpscaleConfig,
+    )
 
     p = sub.add_parser("diffusion", help=HELP, description=HELP + ". MODEL is a run folder of "
                        "`lamina diffusion train` (or its last/, best/, checkpoints/step-N/).")  # fmt: skip
@@ -52,7 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     verbs = {
         "sample": "sample a PNG grid (class-conditional: classes cycled, with guidance); --evaluate scores digits",
         "inpaint": "fill a masked region of images (RePaint); unmasked pixels are kept exactly",
-        "upscale": "super-resolve images downsampled by the model's factor; prints PSNR vs bicubic",
+        "upscale": "enlarge an image file or a folder of images by the model's factor (--evaluate, or "
+        "--input held_out: downsample first and print PSNR vs bicubic)",
         "edit": "SDEdit images: noise them to strength x T and denoise (0: unchanged, 1: a new sample)",
         "export": "write synthetic labeled images in class folders (data augmentation)",
     }
@@ -73,6 +81,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             add_fields(a, InpaintConfig, title="inpainting")
         if name == "edit":
             add_fields(a, EditConfig, title="editing")
+        if name == "upscale":
+            add_fields(a, UpscaleConfig, title="upscaling")
         a.set_defaults(func=_run)
 
 
@@ -116,8 +126,15 @@ def _run(args: argparse.Namespace) -> int:
         )
         print(f"inpainted {len(images)} images -> {path}")
     elif args.action == "upscale":
-        path, images, line = files.upscale_grid(args.model, sampling, out)
-        print(f"upscaled {len(images)} images -> {path}; {line}")
+        up = build(files.UpscaleConfig, values(args, files.UpscaleConfig))
+        if up.evaluate or out.input == "held_out":
+            path, images, line = files.upscale_grid(args.model, sampling, out)
+            print(f"upscaled {len(images)} images -> {path}; {line}")
+        else:
+            paths = files.upscale_images(args.model, sampling, out.input, out.out, up.overlap)
+            print(
+                f"upscaled {len(paths)} image{'s' * (len(paths) != 1)} -> {paths[0] if len(paths) == 1 else out.out}"
+            )
     else:
         strength = build(files.EditConfig, values(args, files.EditConfig)).strength
         path, images = files.edit_grid(args.model, sampling, out, strength)

@@ -18,6 +18,7 @@ from torch import Tensor
 from lamina.config import from_dict
 from lamina.diffusion import pipelines as P
 from lamina.diffusion.data import (
+    IMAGE_SUFFIXES,
     ImageDataConfig,
     ImageSet,
     image_folder,
@@ -204,14 +205,23 @@ def psnr(a: Tensor, b: Tensor) -> float:
     return 10 * torch.log10(torch.tensor(4.0 / max(mse, 1e-12))).item()
 
 
+@dataclass
+class UpscaleConfig:
+    """What ``lamina diffusion upscale`` does with its input."""
+
+    evaluate: bool = False  # downsample the inputs first and compare with bicubic in PSNR (held_out: always)
+    overlap: float = 0.25  # images larger than the model's: share of each tile its neighbours also denoise
+
+
 def upscale_grid(model: str | Path, sampling: SamplingConfig, out: OutputConfig) -> tuple[Path, Tensor, str]:
-    """Super-resolve the input images downsampled by the model's factor; the grid shows rows of
-    (bicubic, model, original). Returns (grid path, results, PSNR line: model vs bicubic vs original)."""
+    """Super-resolve the input images downsampled by the model's factor (an evaluation); the grid shows
+    rows of (bicubic, model, original). Returns (grid path, results, PSNR line: model vs bicubic vs
+    original)."""
     m = load(model, sampling)
     src = read_input(m, out)
     low = resize(src.images, m.unet.config.image_size // m.low_res_factor)
     result = P.upscale(m.unet, m.noise, low, sampler=sampling.sampler, steps=sampling.steps, eta=sampling.eta,
-                       **_kw(sampling))  # fmt: skip
+                       **_kw(sampling))  # type: ignore[arg-type]  # fmt: skip
     bicubic = F.interpolate(low, size=src.images.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
     line = f"PSNR on {len(src)} images: model {psnr(result, src.images):.2f} dB, bicubic {psnr(bicubic, src.images):.2f} dB"
     return (
@@ -219,6 +229,35 @@ def upscale_grid(model: str | Path, sampling: SamplingConfig, out: OutputConfig)
         result,
         line,
     )
+
+
+def upscale_images(model: str | Path, sampling: SamplingConfig, input: str | Path, out: str | Path,
+                   overlap: float = 0.25) -> list[Path]:  # fmt: skip
+    """Enlarge a user's own images by the model's factor at their full size (``pipelines.upscale`` in
+    overlapping tiles): ``input`` an image file -> the PNG ``out``; a folder -> one PNG per image under
+    the folder ``out`` (same relative names). Returns the paths written. Raises ``ConfigError`` for a
+    model that is not a super-resolution one or a missing input."""
+    m = load(model, sampling)
+    if not m.unet.config.low_res_channels or m.low_res_factor < 2:
+        raise ConfigError(
+            f"{model} is not a super-resolution model; train one with --diffusion.low_res_factor 2"
+        )
+    src = Path(input)
+    if src.is_file():
+        pairs = [(src, Path(out))]
+    elif src.is_dir():
+        found = sorted(f for f in src.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            raise ConfigError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {src}")
+        pairs = [(f, Path(out) / f.relative_to(src).with_suffix(".png")) for f in found]
+    else:
+        raise ConfigError(f"{src} is neither an image file nor a folder of images")
+    for f, target in pairs:
+        low = read_image(f, None, m.unet.config.in_channels)
+        big = P.upscale(m.unet, m.noise, low, m.low_res_factor, overlap, sampling.sampler, sampling.steps,
+                        sampling.eta, **_kw(sampling))  # type: ignore[arg-type]  # fmt: skip
+        P.save_grid(big, target, nrow=1, padding=0)
+    return [t for _, t in pairs]
 
 
 def edit_grid(

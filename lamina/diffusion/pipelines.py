@@ -14,7 +14,9 @@ denoising steps, and returns (N, C, H, W) float images in [-1, 1].
   noised to that step's level, with resampling jumps (every ``jump_length`` steps, go back
   ``jump_length`` steps by forward noising, ``jump_n_sample - 1`` times) to harmonise the two regions;
   at the end the known pixels are set to the input, bit for bit (the complaint of diffusers #3880).
-* ``upscale``: SR3 (Saharia et al. 2021): sampling conditioned on the low-resolution image.
+* ``upscale``: SR3 (Saharia et al. 2021): sampling conditioned on the low-resolution image. An image
+  larger than the model's is denoised as one image whose every step averages the model's outputs on
+  overlapping tiles of the model's size (MultiDiffusion, Bar-Tal et al. 2023), so tiles leave no seams.
 * ``edit``: SDEdit (Meng et al. 2022): the input noised to timestep ~ strength x T, then denoised;
   strength 0 returns the input, 1 starts from pure noise (the input is then ignored).
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -119,15 +122,75 @@ def sample(
 
 
 @torch.no_grad()
-def upscale(unet: UNet, noise: NoiseConfig, low_res: Tensor, **kwargs: object) -> Tensor:
-    """Super-resolution: ``low_res`` (N, C, h, w) in [-1, 1] -> (N, C, image_size, image_size), sampled
-    from a UNet made with ``low_res_channels`` (keywords as ``sample``). Raises ``ConfigError`` for a
-    UNet without a low-resolution input."""
-    if not unet.config.low_res_channels:
+def upscale(
+    unet: UNet,
+    noise: NoiseConfig,
+    low_res: Tensor,
+    factor: int | None = None,
+    overlap: float = 0.25,
+    sampler: str = "ddim",
+    steps: int = 50,
+    eta: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> Tensor:
+    """Super-resolution with a UNet made with ``low_res_channels``. ``factor`` None: ``low_res`` (N, C,
+    h, w) is at the model's own low resolution and the result is (N, C, image_size, image_size).
+    ``factor`` f (the model's, ``load_model``'s low_res_factor): ``low_res`` of any size (N, C, h, w) ->
+    (N, C, f h, f w), denoised in tiles of image_size (low-resolution tiles of image_size / f) that
+    overlap by ``overlap`` of a tile, their outputs averaged at every step (MultiDiffusion); an image
+    smaller than a tile is padded (edge pixels repeated) and cropped back. ``batch_size`` tiles per
+    forward pass. Raises ``ConfigError`` for a UNet without a low-resolution input or a factor that does
+    not divide image_size."""
+    cfg = unet.config
+    if not cfg.low_res_channels:
         raise ConfigError(
             "this model has no low-resolution input; train it with --diffusion.low_res_factor 2"
         )
-    return sample(unet, noise, low_res=low_res, **kwargs)  # type: ignore[arg-type]
+    if factor is None:
+        return sample(unet, noise, low_res=low_res, sampler=sampler, steps=steps, eta=eta, seed=seed,
+                      batch_size=batch_size, progress=progress)  # fmt: skip
+    if factor < 1 or cfg.image_size % factor:
+        raise ConfigError(f"factor={factor} must divide the model's image_size {cfg.image_size}")
+    if not 0 <= overlap < 1:
+        raise ConfigError(f"overlap={overlap} must be in [0, 1)")
+    n, c, h, w = low_res.shape
+    big, small = cfg.image_size, cfg.image_size // factor
+    device = unet.conv_in.weight.device
+    low = F.pad(low_res, (0, max(small - w, 0), 0, max(small - h, 0)), mode="replicate").to(device)
+    stride = max(1, round(small * (1 - overlap)))
+    tiles = [(i, top * factor, left * factor) for i in range(n)
+             for top in _starts(low.shape[-2], small, stride) for left in _starts(low.shape[-1], small, stride)]  # fmt: skip
+    low_tiles = torch.stack([low[i, :, y // factor : y // factor + small, x // factor : x // factor + small]
+                             for i, y, x in tiles])  # fmt: skip  # (tiles, C, small, small)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, low.shape[-2] * factor, low.shape[-1] * factor, generator=g).to(device)
+    count = torch.zeros_like(x[:, :1])
+    for i, y, x_ in tiles:
+        count[i, :, y : y + big, x_ : x_ + big] += 1
+    sched = make_scheduler(noise, sampler, steps, eta)
+    parts = _chunks(len(tiles), batch_size)
+    bar = tqdm(total=len(sched.timesteps) * len(parts), desc="upscale", unit="step", disable=not progress,
+               leave=False)  # fmt: skip
+    for t in sched.timesteps:
+        x_tiles = torch.stack([x[i, :, y : y + big, x_ : x_ + big] for i, y, x_ in tiles])
+        outs = []
+        for part in parts:
+            outs.append(predict(unet, x_tiles[part], int(t), None, 1.0, low_tiles[part]))
+            bar.update(1)
+        summed = torch.zeros_like(x)
+        for (i, y, x_), o in zip(tiles, torch.cat(outs), strict=True):
+            summed[i, :, y : y + big, x_ : x_ + big] += o
+        x, _ = sched.step(summed / count, int(t), x, generator=g)
+    bar.close()
+    return x[..., : h * factor, : w * factor].clamp(-1, 1)
+
+
+def _starts(length: int, size: int, stride: int) -> list[int]:
+    """Tile starts covering ``length`` with tiles of ``size`` every ``stride``, the last one flush."""
+    starts = list(range(0, length - size + 1, stride))
+    return starts if starts[-1] == length - size else [*starts, length - size]
 
 
 def repaint_moves(steps: int, jump_length: int = 10, jump_n_sample: int = 1) -> list[tuple[int, int]]:

@@ -96,3 +96,24 @@ def test_upscaling_beats_bicubic_on_held_out_digits(upscale_run: Path) -> None:
     up = P.upscale(unet, noise, low, steps=20, progress=False)
     bicubic = F.interpolate(low, size=8, mode="bicubic", align_corners=False).clamp(-1, 1)
     assert psnr(up, h.images) > psnr(bicubic, h.images) + 0.3
+
+
+def test_tiled_upscaling_of_larger_images_beats_bicubic(upscale_run: Path) -> None:
+    """Images larger than the model's (2x2 mosaics of held-out digits) are upscaled in tiles: tiles on
+    the digits (no overlap) beat bicubic as one digit does; one tile is the model-size path; overlapping
+    tiles and an image smaller than a tile keep the shape."""
+    unet, noise, _, factor = load_model(upscale_run)
+    _, h = split(digits(8), 0.1, 0)
+    low = resize(h.images[:3], 4)
+    one_tile = P.upscale(unet, noise, low, factor, steps=5, progress=False)
+    assert torch.allclose(one_tile, P.upscale(unet, noise, low, steps=5, progress=False), atol=1e-5)
+    a, b, c, d = h.images[:64].chunk(4)  # (16, 1, 8, 8) each
+    mosaic = torch.cat([torch.cat([a, b], dim=-1), torch.cat([c, d], dim=-1)], dim=-2)  # (16, 1, 16, 16)
+    low = resize(mosaic, 8)
+    up = P.upscale(unet, noise, low, factor, overlap=0.0, steps=20, progress=False, batch_size=7)
+    bicubic = F.interpolate(low, size=16, mode="bicubic", align_corners=False).clamp(-1, 1)
+    assert psnr(up, mosaic) > psnr(bicubic, mosaic) + 0.3, (psnr(up, mosaic), psnr(bicubic, mosaic))
+    assert P.upscale(unet, noise, low[:2, :, :7, :6], factor, steps=2, progress=False).shape == (2, 1, 14, 12)
+    assert P.upscale(unet, noise, low[:1, :, :3, :2], factor, steps=2, progress=False).shape == (1, 1, 6, 4)
+    with pytest.raises(ConfigError, match="factor"):
+        P.upscale(unet, noise, low, 3)
