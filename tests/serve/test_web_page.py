@@ -544,6 +544,24 @@ def test_grounded_replies_show_clickable_sources(
             "return document.getElementById('source-0-1-1').querySelector('details').open"
         ), what="the cited source to open")  # fmt: skip
         assert "cited" in _el(browser, "#source-0-1-1").get_attribute("class")
+        nasty = [
+            "[1](javascript:alert(1))",
+            "[1]<script>x()</script>[2]",
+            '[1, 9]" onclick="x',
+            "`[1]` [2](http://a)",
+        ]
+        html = browser.execute_script(
+            "return arguments[0].map(t => window.lamina.renderMarkdown(t, {numbers: [1, 2], prefix: 'p'}))",
+            nasty,
+        )
+        assert (
+            html[0].startswith('<p>[<a class="cite" href="#p-1">1</a>](javascript:')
+            and "<script" not in html[1]
+        )
+        assert '[<a class="cite" href="#p-1">1</a>, 9]&quot; onclick=&quot;x' in html[2]
+        assert (
+            "<code>[1]</code>" in html[3] and 'href="http://a"' in html[3]
+        )  # code and links stay themselves
         browser.save_screenshot(str(browser.shots / "sources-1440.png"))
         _open(browser, server.url + "/")  # a reload keeps the sources and the links
         assert len(browser.execute_script("return document.querySelectorAll('#pane-a .sources li')")) == 4
