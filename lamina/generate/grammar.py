@@ -171,24 +171,29 @@ class _Closer:
                     return None
                 out += forced
                 continue
-            allowed = _unpack(m.compute_bitmask(), self.vocab.vocab_size)[self.one_ids]
-            ok = set(self.one_bytes[allowed].tolist())
-            if not ok:
-                return None
-            byte = next((b for b in _FIRST + _SHORT if b in ok), None)
+            # a closer or a zero when the grammar takes one (tried one token each: no full mask)
+            byte = next(
+                (b for b in _FIRST + _SHORT if b in one and m.try_consume_tokens([one[b]]) == 1), None
+            )
             if byte is None:
+                bits = np.frombuffer(m.compute_bitmask(), dtype=np.uint8)  # only the one-byte tokens' bits
+                allowed = ((bits[self.one_ids >> 3] >> (self.one_ids & 7)) & 1).astype(bool)
+                ok = set(self.one_bytes[allowed].tolist())
+                if not ok:
+                    return None
                 candidates = [b for b in _PRINTABLE if b in ok] or sorted(ok)
                 byte = min(candidates, key=lambda b: used[b])  # the least used: walks out of loops
+                if not m.consume_token(one[byte]):
+                    return None
             used[byte] += 1
-            if not m.consume_token(one[byte]):
-                return None
             out.append(byte)
         return None
 
 
 def _unpack(bitmask: bytes, vocab_size: int) -> np.ndarray:
     """llguidance's bit-per-token mask as bool ``(vocab_size,)``."""
-    return np.unpackbits(np.frombuffer(bitmask, dtype=np.uint8), bitorder="little")[:vocab_size].astype(bool)
+    bits = np.unpackbits(np.frombuffer(bitmask, dtype=np.uint8), bitorder="little")[:vocab_size]
+    return bits.view(bool)  # 0/1 bytes are valid bools: no copy
 
 
 class GrammarConstraint:
