@@ -52,11 +52,15 @@ class WindowMemory:
     def add(self, role: str, content: str) -> None:
         """Remember one message."""
         self.history.append({"role": role, "content": content})
+        self._added()
 
     def add_turn(self, user: str, assistant: str) -> None:
         """Remember a user message and the reply."""
-        self.add("user", user)
-        self.add("assistant", assistant)
+        self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        self._added()
+
+    def _added(self) -> None:
+        """What happens after messages are added (nothing: the window is taken when asked)."""
 
     def clear(self) -> None:
         """Forget the conversation."""
@@ -131,9 +135,8 @@ class SummaryMemory(WindowMemory):
         )
         return [{"role": "system", "content": text}] if text else []
 
-    def add(self, role: str, content: str) -> None:
-        """Remember one message; fold the oldest into the summary when over budget."""
-        super().add(role, content)
+    def _added(self) -> None:
+        """Fold the oldest messages into the summary when over budget (one model call)."""
         if self.tokens(self._head() + self.history) <= self.max_tokens:
             return
         # the newest turn stays word for word when it fits the budget, even if over half of it

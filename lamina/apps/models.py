@@ -111,6 +111,14 @@ def render_messages(
     return out, None
 
 
+_CONSTRAINTS = ("json_schema", "regex", "grammar", "choices", "response_format")  # GenerationConfig's
+
+
+def _constrains(field: str, value: Any) -> bool:
+    """Whether a constraint field's value constrains the output."""
+    return value not in (None, "", [], "text")
+
+
 class _TextGate:
     """Stream an ``auto`` reply's deltas only once it is known to be text (its first non-space character
     is not ``{``, which starts a call)."""
@@ -187,6 +195,10 @@ class LaminaChat:
         tok = self.tokenizer
         ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, tools=template_tools)
         extra = tool_choice_controls(tools, tool_choice, parallel_tool_calls) if calls else {}
+        if extra and (
+            given := [k for k in _CONSTRAINTS if _constrains(k, controls.get(k, getattr(self.config, k)))]
+        ):
+            raise ConfigError(f"tool calls are decoded under their own constraint; drop {', '.join(given)}")
         cfg = generation_config(self.lm, self.config, **{**controls, **extra, "n": 1})
         engine = Engine(self.lm.model, tok, self.lm.generation.eos_token_ids, max_batch_size=1)
         (seq,) = engine.submit(ids, cfg)

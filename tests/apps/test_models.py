@@ -52,6 +52,8 @@ def test_required_and_named_calls_parse_and_validate(llm: LaminaChat) -> None:
     assert message["content"] is None and json.loads(message["tool_calls"][0]["function"]["arguments"])
     with pytest.raises(ConfigError, match="sub"):
         llm.chat(ASK, tools, tool_choice="sub")
+    with pytest.raises(ConfigError, match="drop regex"):  # never silently replaced
+        llm.chat(ASK, tools, tool_choice="required", regex="[a-z]+")
 
 
 def test_none_and_auto_answer_in_text_and_stream_only_text(llm: LaminaChat) -> None:
