@@ -312,6 +312,13 @@ def finetune(
             f"the lora section trains adapters for task=sft, dpo, grpo or reward; task={t.task} trains a "
             "new head"
         )
+    qlora = run.lora.base_weights if run.lora is not None else None
+    device = run.train.device
+    if qlora in ("int8", "int4") and device != "cpu" and (device != "auto" or torch.cuda.is_available()):
+        raise ConfigError(
+            f"lora.base_weights={qlora} runs on lamina's CPU kernels but train.device={device}; set "
+            "--train.device cpu (on a GPU, base_weights bf16)"
+        )
     if t.task in ("dpo", "reward"):
         from lamina.train.preference import finetune_dpo, finetune_reward
 

@@ -20,7 +20,7 @@ from tiny_chat import WORDS, tiny_lm
 import lamina
 from lamina.checkpoint.peft import load_adapter
 from lamina.data.chat import ChatBatches, ChatData, encode_chats
-from lamina.errors import DataError
+from lamina.errors import ConfigError, DataError
 from lamina.model.lora import LoraConfig, count_trainable, expected_trainable, lora_state_dict
 from lamina.train.finetune import FinetuneRun, finetune
 from lamina.train.objectives import sft
@@ -195,6 +195,11 @@ def test_qlora_trains_adapters_over_an_int4_base(tiny: Path, chat_file: Path, tm
     """QLoRA (Dettmers et al. 2023): the frozen base in lamina's int4 format, fp32 adapters on top. The
     held-out loss falls; the base takes under a third of the fp32 base's bytes; the checkpoint holds the
     fp32 base bit for bit and an adapter with the keys, shapes and config of a LoRA run over fp32."""
+    gpu = _lora_run(tiny, chat_file, tmp_path / "gpu", device="cuda")
+    assert gpu.lora is not None
+    gpu.lora.base_weights = "int4"
+    with pytest.raises(ConfigError, match=r"train\.device cpu"):  # the int4 kernels are CPU kernels
+        finetune(gpu)
     fp_run = _lora_run(tiny, chat_file, tmp_path / "fp", max_steps=2)
     fp_model, _, _ = finetune(fp_run)
     q_run = _lora_run(tiny, chat_file, tmp_path / "q", lr=1e-2, eval_every=1)
