@@ -196,3 +196,33 @@ def test_qlora_adapter_saves_and_loads_on_the_full_precision_base(
     full = load_adapter(copy.deepcopy(model), tmp_path / "q")
     ours, theirs = lora_state_dict(q), lora_state_dict(full)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_peft_reward_adapter_with_score_head_loads(tmp_path: Path) -> None:
+    """A PEFT SEQ_CLS adapter (LoRA on every linear layer + the ``score`` head in modules_to_save) made on
+    transformers' LlamaForSequenceClassification loads on the same lamina reward model (head=regress;
+    lamina's head bias, which transformers' score lacks, at zero) and scores within 1e-6 of PEFT."""
+    from lamina.checkpoint.hf import hf_config_from_lamina
+    from lamina.config import ModelConfig
+    from lamina.train.finetune import with_task_head
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("llama-tiny", vocab_size=64, d_model=32, n_heads=2, n_kv_heads=2, d_ff=64)
+    body = Transformer(cfg)
+    hf_cfg = {k: v for k, v in hf_config_from_lamina(cfg).items() if k != "architectures"}
+    hf = tf.LlamaForSequenceClassification(tf.LlamaConfig(**hf_cfg, num_labels=1, pad_token_id=0))
+    weights = hf_state_dict_from_lamina(body.state_dict(), cfg)
+    assert hf.load_state_dict(weights, strict=False).missing_keys == ["score.weight"]
+    theirs = peft.get_peft_model(
+        hf, peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules="all-linear", init_lora_weights=False)
+    )
+    theirs.save_pretrained(tmp_path / "rm")
+    ours = with_task_head(body, "regress", None)
+    with torch.no_grad():
+        ours.task_head.classifier.bias.zero_()
+    load_adapter(ours, tmp_path / "rm")
+    ids = torch.tensor([[5, 6, 7, 8, 9], [1, 2, 3, 4, 10]])
+    with torch.no_grad():
+        want = theirs.eval()(input_ids=ids).logits.squeeze(-1)
+        got = ours.eval()(ids).squeeze(-1)
+    assert (got - want).abs().max() < 1e-6 and want.abs().min() > 0
