@@ -29,7 +29,7 @@ NormType = Literal["layernorm", "rmsnorm"]
 NormPlacement = Literal["pre", "post"]
 PosEncoding = Literal["learned", "sinusoidal", "rope", "alibi", "relative", "none"]
 RopeScaling = Literal["linear", "dynamic", "llama3"]
-Initializer = Literal["normal", "xavier", "kaiming"]
+Initializer = Literal["normal", "xavier", "kaiming", "t5"]
 Arch = Literal["decoder", "encoder", "encoder-decoder"]
 Head = Literal["lm", "none", "classify", "regress", "token_classify"]
 
@@ -89,7 +89,7 @@ class ModelConfig:
     scale_attention: bool = True  # scores q.k / sqrt(head_dim); False: unscaled q.k (T5)
     scale_decoder_outputs: bool = False  # final hidden states x d_model ** -0.5 before the lm head (T5 v1.0)
     decoder_start_token_id: int = 0  # encoder-decoder: the first decoder input of every target (T5: 0, pad)
-    initializer: Initializer = "normal"  # weights: normal(0, init_std), xavier (uniform) or kaiming (normal)
+    initializer: Initializer = "normal"  # normal(0, init_std), xavier (uniform), kaiming or t5 (HF T5's)
     init_std: float = 0.02  # std of the normal initializer, > 0 (GPT-2: 0.02)
     scaled_residual_init: bool = True  # std / sqrt(2 * n_layers) on residual output projections
     type_vocab_size: int = 0  # > 0: token-type (segment) embeddings added to the input (BERT: 2)

@@ -157,7 +157,9 @@ class Transformer(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear | nn.Embedding):
                 is_residual_out = name.endswith(("attn.o_proj", "mlp.down_proj"))
-                if cfg.initializer == "normal":
+                if cfg.initializer == "t5":
+                    nn.init.normal_(module.weight, 0.0, _t5_std(name, cfg))
+                elif cfg.initializer == "normal":
                     nn.init.normal_(module.weight, 0.0, residual_std if is_residual_out else cfg.init_std)
                 elif cfg.initializer == "xavier":
                     nn.init.xavier_uniform_(module.weight)
@@ -548,3 +550,22 @@ def set_dropout(model: Transformer, p: float) -> None:
             m.p = p
         elif isinstance(m, Attention):
             m.attn_dropout = p
+
+
+def _t5_std(name: str, cfg: ModelConfig) -> float:
+    """The std of ``initializer="t5"`` for the weight of module ``name``: transformers'
+    ``T5PreTrainedModel._init_weights`` (initializer_factor 1): embeddings and the LM head 1, queries
+    (d_model * head_dim)^-0.5, keys, values, up/gate projections and relative biases d_model^-0.5, attention
+    outputs (n_heads * head_dim)^-0.5, down projections d_ff^-0.5. With T5's unscaled attention and
+    ``scale_decoder_outputs`` the logits start with std ~1 (0.02 everywhere starts them at ~0.02, and a
+    model trained from scratch spends hundreds of steps growing them)."""
+    head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
+    if name.endswith("q_proj"):
+        return float((cfg.d_model * head_dim) ** -0.5)
+    if name.endswith("o_proj"):
+        return float((cfg.n_heads * head_dim) ** -0.5)
+    if name.endswith("down_proj"):
+        return float((cfg.d_ff or 4 * cfg.d_model) ** -0.5)
+    if name in ("tok_emb", "lm_head"):
+        return 1.0
+    return float(cfg.d_model**-0.5)

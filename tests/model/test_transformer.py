@@ -585,3 +585,27 @@ def test_fused_projections_give_the_same_logits(name: str) -> None:
     torch.testing.assert_close(steps, want, atol=1e-5, rtol=1e-5)
     assert model.blocks[0].attn.qkv_proj is not None
     assert (model.blocks[0].mlp.gate_up_proj is not None) == (kw.get("activation") == "swiglu")
+
+
+def test_t5_init_is_transformers_t5_init() -> None:
+    """initializer="t5": the std of each kind of weight equals that of a freshly built transformers T5."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("t5-tiny", d_model=64, n_heads=4, d_ff=256, vocab_size=2048, initializer="t5")
+    ours = dict(Transformer(cfg).named_parameters())
+    hf = T5ForConditionalGeneration(
+        T5Config(vocab_size=2048, d_model=64, d_kv=16, num_heads=4, d_ff=256, num_layers=2,
+                 relative_attention_num_buckets=8)
+    )  # fmt: skip
+    theirs = dict(hf.named_parameters())
+    pairs = {
+        "tok_emb": "shared", "q_proj": "SelfAttention.q", "k_proj": "SelfAttention.k",
+        "v_proj": "SelfAttention.v", "o_proj": "SelfAttention.o", "up_proj": "DenseReluDense.wi",
+        "down_proj": "DenseReluDense.wo", "rel_bias": "relative_attention_bias",
+    }  # fmt: skip
+    for mine, hfs in pairs.items():
+        a = torch.cat([p.flatten() for n, p in ours.items() if mine in n and "norm" not in n])
+        b = torch.cat([p.flatten() for n, p in theirs.items() if hfs in n and "layer_norm" not in n])
+        assert a.std().item() == pytest.approx(b.std().item(), rel=0.15), mine
+    assert all(p.min() == p.max() == 1 for n, p in ours.items() if "norm" in n)
