@@ -9,7 +9,17 @@ Every function and method with a docstring in the built-in corpus (``lamina.data
 library without its test suites) gives one pair. The source is the function's code from its ``def`` line
 (decorators left out), dedented, with the docstring's lines removed, so the answer is not in the input;
 the target is the docstring's first non-blank line (``inspect.cleandoc``), stripped. A row of the JSONL
-files is ``{"source", "target", "module", "name", "line"}``.
+files is ``{"source", "source_words", "target", "module", "name", "line"}``.
+
+``source_words`` is the same code as a stream of words (``code_words``): every identifier split at
+underscores and camelCase humps into lowercase words, every other symbol on its own, one space between
+tokens (``def getLogger(self, name):`` -> ``def get logger ( self , name ) :``), the preprocessing of
+code-summarization models (Ahmad et al. 2020, "A Transformer-based Approach for Source Code
+Summarization", splits CamelCase and snake_case identifiers). A subword tokenizer then gives a word the
+same tokens in the code and in the docstring (`` logger``), so a model can copy it from the source: in raw
+code ``get_logger`` is ``get`` ``_`` ``logger`` and ``logger`` is never the docstring's `` logger``, and a
+model trained on raw code scored below both baselines. ``train.txt`` holds the training split's
+``source_words`` and targets, one per line, for ``lamina tokenizer train``.
 
 The split is by module: a module goes wholly to train, val or test, chosen by a hash of its path and the
 seed, so the test functions (and their neighbours) were never seen in training. A val or test pair whose
@@ -51,7 +61,9 @@ __all__ = [
     "baseline_scores",
     "best_constant",
     "build_stdlib_pairs",
+    "code_words",
     "function_pairs",
+    "identifier_words",
     "name_words",
     "split_of",
 ]
@@ -79,7 +91,32 @@ def function_pairs(module: str, text: str) -> Iterator[dict[str, Any]]:
             continue  # a one-line function: the docstring shares the def line
         keep = lines[node.lineno - 1 : body0.lineno - 1] + lines[body0.end_lineno : node.end_lineno]
         source = textwrap.dedent("\n".join(keep)).strip("\n")
-        yield {"source": source, "target": first, "module": module, "name": node.name, "line": node.lineno}
+        yield {"source": source, "source_words": code_words(source), "target": first, "module": module,
+               "name": node.name, "line": node.lineno}  # fmt: skip
+
+
+_TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|\d+|\S")
+
+
+def code_words(source: str) -> str:
+    """``source`` as words: identifiers split into lowercase words (``identifier_words``), numbers and every
+    other non-space character kept as tokens, joined by one space (line breaks and indentation dropped).
+    ``def _getLogger(self):`` -> ``def get logger ( self ) :``."""
+    out: list[str] = []
+    for token in _TOKEN.findall(source):
+        if token[0].isalpha() or token[0] == "_":
+            out += identifier_words(token) or [token]  # "__" stays itself
+        else:
+            out.append(token)
+    return " ".join(out)
+
+
+def identifier_words(name: str) -> list[str]:
+    """An identifier's words, lowercase, split at underscores and camelCase humps
+    (``_getHTTPResponse`` -> ``["get", "http", "response"]``)."""
+    name = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", name)
+    name = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1 \2", name)
+    return [w.lower() for w in re.split(r"[_\s]+", name) if w]
 
 
 def split_of(module: str, seed: int = 0, val_fraction: float = 0.05, test_fraction: float = 0.05) -> str:
@@ -117,8 +154,10 @@ def build_stdlib_pairs(
     test_fraction: float = 0.05,
     max_bytes: int | None = None,
 ) -> StdlibPairsReport:
-    """Write ``train.jsonl``, ``val.jsonl`` and ``test.jsonl`` of the standard-library summarization task
-    into ``out_dir`` (created; existing files of those names are replaced) and return the counts.
+    """Write ``train.jsonl``, ``val.jsonl`` and ``test.jsonl`` of the standard-library summarization task,
+    and ``train.txt`` (the training split's ``source_words`` and targets, one per line, to train a
+    tokenizer on), into ``out_dir`` (created; existing files of those names are replaced) and return the
+    counts.
 
     ``val_fraction`` / ``test_fraction``: the expected share of modules in each held-out split; ``seed``
     chooses which; ``max_bytes`` reads only the first bytes of the corpus (quick runs and tests).
@@ -155,6 +194,11 @@ def build_stdlib_pairs(
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
         tmp.replace(path)
         files[split] = path
+    lines = out / "train.txt"  # what the tokenizer learns from: the model's inputs and outputs
+    lines.write_text(
+        "".join(f"{r['source_words']}\n{r['target']}\n" for r in rows["train"]), encoding="utf-8"
+    )
+    files["tokenizer_text"] = lines
     return StdlibPairsReport(
         out, {s: len(rows[s]) for s in SPLITS}, {s: len(modules[s]) for s in SPLITS}, dropped, files
     )
@@ -169,9 +213,7 @@ def name_words(source: str) -> str:
     m = _DEF.search(source)
     if m is None:
         return ""
-    name = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", m.group(1))
-    name = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1 \2", name)
-    return " ".join(w.lower() for w in re.split(r"[_\s]+", name) if w)
+    return " ".join(identifier_words(m.group(1)))
 
 
 def best_constant(

@@ -15,6 +15,7 @@ from lamina.data.stdlib_pairs import (
     baseline_scores,
     best_constant,
     build_stdlib_pairs,
+    code_words,
     function_pairs,
     name_words,
     split_of,
@@ -53,6 +54,7 @@ def test_function_pairs_strip_the_docstring_from_the_source() -> None:
     ]
     assert rows[0]["source"] == "def add(a, b):\n    return a + b"
     assert rows[1]["source"] == "def getSize(self):\n    return 3"  # dedented; decorator left out
+    assert rows[1]["source_words"] == "def get size ( self ) : return 3"
     assert list(function_pairs("bad.py", "def (:")) == []
 
 
@@ -61,6 +63,13 @@ def test_name_words() -> None:
     assert name_words("async def read_HTTPResponse():") == "read http response"
     assert name_words("def __init__(self):") == "init"
     assert name_words("x = 1") == ""
+
+
+def test_code_words_split_identifiers_into_the_words_of_prose() -> None:
+    code = 'def _getHTTPLogger(self, name=None):\n    return self.__loggers[name]  # cached, "as is"'
+    want = 'def get http logger ( self , name = none ) : return self . loggers [ name ] # cached , " as is "'
+    assert code_words(code) == want
+    assert code_words("x = __\n\n  y2 += 10") == "x = __ y2 + = 10"
 
 
 def test_split_is_by_module_and_stable() -> None:
@@ -91,6 +100,10 @@ def test_build_writes_three_splits_with_no_module_shared(folder: Path) -> None:
         assert r["source"] not in train_sources and r["target"] and "\n" not in r["target"]
         assert r["target"] not in r["source"] or len(r["target"]) < 10  # the docstring was removed
         assert r["source"].lstrip().startswith(("def ", "async def "))
+        assert r["source_words"] == code_words(r["source"])
+    lines = (folder / "train.txt").read_text().splitlines()
+    assert lines[:2] == [rows["train"][0]["source_words"], rows["train"][0]["target"]]
+    assert len(lines) == 2 * len(rows["train"])
 
 
 def test_mean_rouge1_is_rouge_scores_rouge1_and_bounds_rougel() -> None:
