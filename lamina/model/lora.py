@@ -10,7 +10,8 @@ holds ``base_layer``, ``lora_A`` and ``lora_B``, so ``blocks.0.attn.q_proj.lora_
 
 QLoRA-style (Dettmers et al. 2023, arXiv:2305.14314, with lamina's own formats instead of NF4):
 ``LoraConfig(base_weights="int8" | "int4")`` (or "bf16") first converts the frozen base to lamina's weight-only
-int8 / int4 linears (``lamina.model.quant``; bf16 activations) and puts fp32 adapters on top. Gradients
+int8 / int4 linears (``lamina.model.quant``; bf16 activations) and puts fp32 adapters on top
+(``modules_to_save``, trained in full, stay fp32 and take fp32 inputs). Gradients
 reach the inputs of a quantized layer through a backward that dequantizes its weight on the fly
 (``_FrozenQuantMatmul``), so no dequantized weight is kept between forward and backward. The fp32 base
 weights are kept out of memory (a temporary file, memory-mapped: pages are read only when a checkpoint is
@@ -205,14 +206,20 @@ def apply_lora(model: Transformer, cfg: LoraConfig) -> Transformer:
     """
     if lora_config_of(model) is not None:
         raise ConfigError("this model already has LoRA adapters: merge_lora(model, unload=True) first")
+    saved = _saved_names(model, cfg.modules_to_save or [])
     if cfg.base_weights is not None:
         check_adaptable(model)  # before anything is written or converted
         kept = _spill(model.state_dict())
+        full = {name: model.get_submodule(name) for name in saved}
+        for name in full:  # trained in full: kept out of the conversion, in fp32
+            _set_module(model, name, nn.Identity())
         convert_weights(model, cfg.base_weights, fuse=False)
+        for name, module in full.items():
+            module.float().register_forward_pre_hook(_inputs_to_fp32)
+            _set_module(model, name, module)
         model.lora_base_state = kept  # type: ignore[assignment]  # read back by base_state_dict
     check_adaptable(model)
     names = _targets(model, list(cfg.target_modules))
-    saved = _saved_names(model, cfg.modules_to_save or [])
     model.requires_grad_(False)
     for name in names:
         wrap_linear(model, name, cfg)
@@ -220,6 +227,16 @@ def apply_lora(model: Transformer, cfg: LoraConfig) -> Transformer:
         model.get_submodule(name).requires_grad_(True)
     model.lora_config = cfg  # type: ignore[assignment]  # read back by lora_config_of / save_adapter
     return model
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _inputs_to_fp32(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A fp32 module to save over a bf16 (quantized) base: its floating inputs in fp32 (output fp32)."""
+    return tuple(a.float() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args)
 
 
 def _saved_names(model: nn.Module, patterns: Sequence[str]) -> list[str]:
@@ -273,11 +290,13 @@ def _remove(path: str) -> None:
 def base_state_dict(model: nn.Module, state: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
     """The base weights of a LoRA model under their plain names (``blocks.0.attn.q_proj.weight``): what a
     checkpoint of it holds next to its adapter. For a base that ``apply_lora`` quantized
-    (``LoraConfig.base_weights``) these are the fp32 weights it had before (memory-mapped); otherwise
+    (``LoraConfig.base_weights``) these are the fp32 weights it had before (memory-mapped; its
+    ``modules_to_save`` as they are now); otherwise
     ``state`` (default: ``model.state_dict()``) without the adapters and with the wrappers' ``base_layer.``."""
     kept = getattr(model, "lora_base_state", None)
-    if kept is not None:
-        return dict(kept)
+    if kept is not None:  # with the modules to save as they are now (trained)
+        now = {k: v for k, v in lora_state_dict(model).items() if ".lora_" not in k}
+        return {**kept, **now}
     state = model.state_dict() if state is None else state
     return {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
 

@@ -346,6 +346,16 @@ def test_finetune_reward_model_with_lora(tiny: Path, prefs: Path, tmp_path: Path
     finetune(_run(tiny, prefs, b, "reward", train={"max_steps": 12, "eval_every": 6}, lora=lora), resume=True)
     resumed = load_file(str(b / "last" / "adapter" / "adapter_model.safetensors"))
     assert resumed.keys() == tensors.keys() and all(torch.equal(resumed[k], tensors[k]) for k in tensors)
+    # QLoRA: over an int8 base the head stays fp32 and trains; the checkpoint holds it as trained
+    q = tmp_path / "q"
+    q_lora = {**lora, "base_weights": "int8"}
+    qm, _, _ = finetune(_run(tiny, prefs, q, "reward", train={"max_steps": 2, "eval_every": 2}, lora=q_lora))
+    qhead = qm.task_head.classifier
+    assert qhead.weight.dtype == torch.float32 and qhead.weight.requires_grad
+    saved = load_file(str(q / "last" / "model.safetensors"))
+    assert torch.equal(saved["task_head.classifier.weight"], qhead.weight.detach())
+    q_tensors = load_file(str(q / "last" / "adapter" / "adapter_model.safetensors"))
+    assert torch.equal(q_tensors["base_model.model.score.weight"], qhead.weight.detach())
 
 
 def test_bad_pairs_named(tiny: Path, tmp_path: Path) -> None:
