@@ -39,6 +39,7 @@ WeightFormat = Literal["fp32", "bf16", "int8", "int4", "w8a8"]
 FORMATS: tuple[str, ...] = get_args(WeightFormat)
 INT4_GROUP = 32  # input features per int4 scale/offset (GGUF Q4_0/Q4_1 use 32)
 DEQUANT_ROWS = 16  # int8: above this many tokens per call, dequantize to bf16 and use the bf16 matmul
+INT4_DEQUANT_ROWS = 64  # int4: from this many tokens per call (prefill), the same (cheaper than the kernel)
 
 
 def quantize_per_channel(weight: Tensor, qmax: int = 127) -> tuple[Tensor, Tensor]:
@@ -120,6 +121,17 @@ def quantize_groupwise_int4(weight: Tensor, group: int = INT4_GROUP) -> tuple[Te
     return q.to(torch.int32).reshape(out_f, in_f), scale, offset
 
 
+def _unpack_int4(packed: Tensor, n: int, k: int, dtype: torch.dtype = torch.uint8) -> Tensor:
+    """The 4-bit codes (n, k) of ``_convert_weight_to_int4pack_for_cpu``'s output (n, k / 2) uint8, in
+    ``dtype``. That layout (torch's CPU kernel, read from its packing): blocks of 64 outputs; within a
+    block, for each input, 32 bytes whose low nibbles are outputs 0-31 and high nibbles outputs 32-63."""
+    p = packed.view(n // 64, k, 32)
+    w = torch.empty(n // 64, 2, 32, k, dtype=dtype, device=packed.device)
+    w[:, 0].copy_((p & 15).transpose(1, 2))
+    w[:, 1].copy_((p >> 4).transpose(1, 2))
+    return w.view(n, k)
+
+
 class Int4Linear(nn.Module):
     """Weight-only int4 linear (groups of ``INT4_GROUP`` inputs, bf16 scale and offset per group).
 
@@ -138,6 +150,11 @@ class Int4Linear(nn.Module):
         w = F.pad(linear.weight.detach().float(), (0, self.pad_in, 0, pad_out))
         q, scale, offset = quantize_groupwise_int4(w, group)
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
+        # whether ``packed`` has the layout ``_unpack_int4`` reads (torch's CPU layout today; checked, not
+        # assumed, so that another torch falls back to the kernel-based dequantization)
+        self.unpackable = q.shape[0] % 64 == 0 and torch.equal(
+            _unpack_int4(self.packed, *q.shape), q.to(torch.uint8)
+        )
         # (in // group, out, 2): the kernel's layout of the scales and offsets
         self.register_buffer("scale_offset", torch.stack([scale, offset], dim=2).transpose(0, 1).contiguous())
         bias = linear.bias
@@ -148,16 +165,33 @@ class Int4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.pad_in:
             x2 = F.pad(x2, (0, self.pad_in))
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scale_offset)
+        if x2.shape[0] >= INT4_DEQUANT_ROWS and self.unpackable:
+            # prefill: matmul-bound; dequantizing the layer (the same bf16 weight the kernel uses) and
+            # the bf16 matmul beat the int4 kernel from about 64 rows on
+            y = F.linear(x2, self._dequantize_padded())
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scale_offset)
         if y.shape[1] != self.out_features:
             y = y[:, : self.out_features]
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    def _dequantize_padded(self) -> Tensor:
+        """The padded weight (out_pad, in_pad) in bf16 from the packed codes: ``q * scale + (offset - 8
+        scale)`` in fp32 per group, rounded once (bit for bit the weight the int4 kernel multiplies by)."""
+        n, k = self.packed.shape[0], self.packed.shape[1] * 2
+        so = self.scale_offset.float()  # (k // group, n, 2)
+        scale = so[:, :, 0].t()[:, :, None]  # (n, k // group, 1)
+        shift = so[:, :, 1].t()[:, :, None] - 8 * scale
+        w = _unpack_int4(self.packed, n, k, torch.float32).view(n, k // self.group, self.group)
+        return w.mul_(scale).add_(shift).view(n, k).to(torch.bfloat16)
+
     def dequantize(self) -> Tensor:
-        """The weight (out, in) the kernel uses, in bf16 (for LoRA's backward): the kernel applied to the
-        identity matrix, which is exact for the packed layout whatever it is."""
+        """The weight (out, in) the kernel uses, in bf16 (for LoRA's backward): unpacked from the codes, or
+        (a packed layout this code does not know) the kernel applied to the identity matrix."""
+        if self.unpackable:
+            return self._dequantize_padded()[: self.out_features, : self.in_features]
         eye = torch.eye(self.in_features + self.pad_in, dtype=torch.bfloat16, device=self.packed.device)
         wt = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scale_offset)
         return wt[: self.in_features, : self.out_features].t()  # (in_pad, out_pad) -> (out, in)

@@ -27,6 +27,7 @@ from lamina.config import ModelConfig
 from lamina.errors import CheckpointError, ConfigError
 from lamina.model.quant import (
     FORMATS,
+    INT4_DEQUANT_ROWS,
     DynamicInt8Linear,
     Int4Linear,
     Int8Linear,
@@ -105,6 +106,24 @@ def test_int4_linear_pads_odd_shapes(in_f: int, out_f: int, bias: bool) -> None:
     got = layer(x.to(torch.bfloat16))
     assert got.shape == (2, 5, out_f) and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, atol=0.03, rtol=0.02)
+
+
+@pytest.mark.parametrize(("in_f", "out_f", "bias"), [(96, 128, True), (64, 200, False)])
+def test_int4_prefill_rows_take_the_dequantized_matmul_with_the_kernels_weight(
+    in_f: int, out_f: int, bias: bool
+) -> None:
+    """From INT4_DEQUANT_ROWS rows on, Int4Linear unpacks its codes to bf16 (bit for bit the weight the
+    int4 kernel multiplies by: the kernel on the identity) and runs one bf16 matmul."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(in_f, out_f, bias=bias)
+    layer = Int4Linear(lin)
+    assert layer.unpackable == (layer.packed.shape[0] % 64 == 0)  # 200 -> 208 outputs: the kernel's path
+    eye = torch.eye(layer.packed.shape[1] * 2, dtype=torch.bfloat16)
+    by_kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, layer.packed, 32, layer.scale_offset)
+    assert torch.equal(layer.dequantize(), by_kernel[:in_f, :out_f].t())
+    x = torch.randn(INT4_DEQUANT_ROWS + 3, in_f, dtype=torch.bfloat16)
+    rows = torch.cat([layer(x[i : i + 1]) for i in range(len(x))])  # one row at a time: the kernel
+    torch.testing.assert_close(layer(x).float(), rows.float(), atol=0.02, rtol=0.02)
 
 
 @pytest.mark.parametrize("in_f", [8, 40, 60, 64])
