@@ -120,12 +120,13 @@ def stdlib_documents(modules: Iterable[str] | None = None) -> list[Document]:
 
 
 def _document(doc_id: str, kind: str, module: str, text: str) -> Document:
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
     meta: dict[str, Any] = {"path": doc_id, "title": doc_id, "kind": kind, "module": module}
     span = lead_span(text, skip_first=kind != "module")
+    hashed = text
     if span is not None:
         meta["lead"] = list(span)
-    return Document(doc_id, text, digest, meta)
+        hashed += f"\0lead {span[0]} {span[1]}"  # an index built before leads existed re-embeds once
+    return Document(doc_id, text, hashlib.sha256(hashed.encode("utf-8")).hexdigest(), meta)
 
 
 def lead_span(text: str, skip_first: bool = True) -> tuple[int, int] | None:

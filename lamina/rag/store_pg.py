@@ -199,14 +199,15 @@ class PgStore:
 
     def search_text(self, query: str, k: int, filters: dict[str, Any] | None = None) -> list[Hit]:
         """The ``k`` best chunks for ``query`` by PostgreSQL full-text search (any of its words, English
-        stemming and stop words), ranked by ``ts_rank`` (higher is better)."""
+        stemming and stop words), ranked by ``ts_rank`` (higher is better); ``lead`` entries are left out
+        (their words are in the chunk that holds them)."""
         words = list(dict.fromkeys(_WORD.findall(query.lower())))
         if not words or k < 1:
             return []
         where, params = _where(filters)
         rows = self.db.execute(
             f"WITH q AS (SELECT to_tsquery('english', %s) AS q) SELECT {_COLS}, ts_rank(tsv, q.q, 1) AS score "
-            f"FROM {self.t}_chunks c, q WHERE tsv @@ q.q {'AND ' + where if where else ''} "
+            f"FROM {self.t}_chunks c, q WHERE tsv @@ q.q AND kind <> 'lead' {'AND ' + where if where else ''} "
             "ORDER BY score DESC, c.id LIMIT %s",
             [" | ".join(words), *params, k],
         ).fetchall()

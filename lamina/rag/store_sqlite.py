@@ -175,7 +175,8 @@ class SqliteStore:
                     ),
                 )
                 rowid = int(cur.lastrowid or 0)
-                self.db.execute("INSERT INTO chunks_fts (rowid, text) VALUES (?, ?)", (rowid, c.text))
+                if c.kind != "lead":  # its words are in the chunk that holds it: BM25 counts them once
+                    self.db.execute("INSERT INTO chunks_fts (rowid, text) VALUES (?, ?)", (rowid, c.text))
                 added.append(rowid)
             self._bump()
         self._update_ann(removed, added, blobs)
@@ -230,7 +231,8 @@ class SqliteStore:
         return out
 
     def search_text(self, query: str, k: int, filters: dict[str, Any] | None = None) -> list[Hit]:
-        """The ``k`` best chunks for ``query`` by FTS5's BM25 (score: -bm25, higher is better)."""
+        """The ``k`` best chunks for ``query`` by FTS5's BM25 (score: -bm25, higher is better); ``lead``
+        entries are not in the full-text index (their words are in the chunk that holds them)."""
         match = fts_query(query)
         if not match or k < 1:
             return []

@@ -54,7 +54,7 @@ class MemoryStore:
         docs = {
             c: Counter(_WORD.findall(ch.text.lower()))
             for c, ch in self.chunks.items()
-            if matches(ch, filters)
+            if matches(ch, filters) and ch.kind != "lead"  # as the stores: leads are for dense search
         }
         n = len(docs) or 1
         scored = []

@@ -22,8 +22,9 @@ def test_ids_are_the_public_qualified_names(docs):
     assert not any(part.startswith("_") for d in docs for part in d.doc_id.split("."))
     assert ids["json.loads"].text.startswith("json.loads(s, ")
     assert "Deserialize" in ids["json.loads"].text
-    lead = ids["csv.DictReader"].metadata.pop("lead")
-    assert ids["csv.DictReader"].metadata == {
+    meta = dict(ids["csv.DictReader"].metadata)
+    lead = meta.pop("lead")
+    assert meta == {
         "path": "csv.DictReader",
         "title": "csv.DictReader",
         "kind": "class",
@@ -37,7 +38,10 @@ def test_ids_are_the_public_qualified_names(docs):
 def test_sorted_unique_hashed_and_deterministic(docs):
     ids = [d.doc_id for d in docs]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
-    assert all(d.content_hash == hashlib.sha256(d.text.encode()).hexdigest() for d in docs)
+    for d in docs:  # the text, and the lead span the chunker indexes from it
+        lead = d.metadata.get("lead")
+        hashed = d.text + (f"\0lead {lead[0]} {lead[1]}" if lead else "")
+        assert d.content_hash == hashlib.sha256(hashed.encode()).hexdigest()
     assert all(d.text.strip() for d in docs)
     again = stdlib_documents(modules=["csv", "json", "os"])
     assert [(d.doc_id, d.content_hash) for d in again] == [(d.doc_id, d.content_hash) for d in docs]
