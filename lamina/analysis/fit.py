@@ -51,6 +51,7 @@ class FitConfig:
     predict_params: float | None = field(default=None, metadata=COUNT)  # predict the loss of N parameters ...
     predict_tokens: float | None = field(default=None, metadata=COUNT)  # ... trained on this many tokens
     budget: float | None = None  # also give the fitted law's compute-optimal N and D for this FLOP budget
+    held_out: str | None = None  # a run left out of the fit: its loss predicted and compared
     seed: int = 0  # draws the bootstrap resamples
 
 
@@ -272,6 +273,13 @@ def fit_report(runs: Sequence[str | Path], cfg: FitConfig) -> str:
             f"predicted loss of {_count(n)} params on {_count(d)} tokens: {ci(lambda law: law.loss(n, d))}"
         )
         report["prediction"] = {"params": n, "tokens": d, "loss": law.loss(n, d)}
+    if cfg.held_out is not None:
+        h = read_run(cfg.held_out)
+        pred = law.loss(h.params, h.tokens)
+        err = pred / h.loss - 1
+        lines.append(f"held-out run {h.name} ({_count(h.params)} params, {_count(h.tokens)} tokens): predicted "
+                     f"{ci(lambda law: law.loss(h.params, h.tokens))}, measured {h.loss:.4f} ({err:+.1%})")  # fmt: skip
+        report["held_out"] = {**dataclasses.asdict(h), "predicted": pred, "error": err}
     if cfg.budget is not None:
         budget = cfg.budget
         o = law.optimum(budget)

@@ -77,12 +77,17 @@ def test_read_run_and_report(tmp_path: Path) -> None:
         folders.append(tmp_path / f"r{i}")
         n = ModelConfig.preset("tiny", n_layers=layers, max_seq_len=64).n_params
         _fake_run(folders[-1], layers, steps, TRUE.loss(n, steps * 256))
+    n = ModelConfig.preset("tiny", n_layers=4, max_seq_len=64).n_params
+    _fake_run(tmp_path / "held", 4, 160, TRUE.loss(n, 160 * 256) * 1.02)  # a larger run, 2% above the law
     text = fit_report(folders, FitConfig(out=str(tmp_path / "fit"), bootstrap=10, predict_params=1e6,
-                                         predict_tokens=1e5, budget=1e12))  # fmt: skip
+                                         predict_tokens=1e5, budget=1e12, held_out=str(tmp_path / "held")))  # fmt: skip
+    assert "held-out run held" in text and "(-2.0%)" in text
     assert (
         "no intervals: the bootstrap needs 8+ runs" in text
         and "[" not in text.split("alpha")[1].splitlines()[0]
     )
     assert "predicted loss" in text and "alpha" in text
     assert (tmp_path / "fit" / "scaling_fit.png").read_bytes()[:4] == b"\x89PNG"
-    assert json.loads((tmp_path / "fit" / "fit.json").read_text())["prediction"]["params"] == 1e6
+    report = json.loads((tmp_path / "fit" / "fit.json").read_text())
+    assert report["prediction"]["params"] == 1e6
+    assert report["held_out"]["error"] == pytest.approx(1 / 1.02 - 1, abs=1e-3)
