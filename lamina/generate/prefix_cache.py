@@ -60,9 +60,10 @@ class PrefixStats:
 class PrefixCache:
     """Keys and values of prompt prefixes in blocks of ``block_size`` tokens, at most ``max_bytes``.
 
-    ``load`` fills a fresh one-row ``KVCache`` with the longest cached prefix of a prompt (whole blocks,
-    always leaving the prompt's last token to run, since its logits are needed) and returns its length;
-    ``store`` keeps the whole blocks of a prefilled row. Raises ``ConfigError`` for ``block_size`` < 1 or a
+    ``lookup`` gives the longest cached prefix of a prompt (whole blocks, always leaving the prompt's last
+    token to run, since its logits are needed) as one (2, n_layers, n_kv_heads, P, head_dim) tensor;
+    ``load`` copies it into row 0 of a fresh ``KVCache``; ``store`` keeps the whole blocks of a prefilled
+    row (``stats`` counts tokens looked up and found, blocks stored and evicted). Raises ``ConfigError`` for ``block_size`` < 1 or a
     negative budget. For decoders (an encoder-decoder's decoder prompt is one start token).
     """
 
