@@ -11,7 +11,9 @@ swap each ``nn.Linear`` for a module holding integer weights and their scales:
   move by the bf16 rounding of the scales, at most 0.07 of a step), bf16 activations,
   ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (torch >= 2.6). The output head stays int8 per
   channel (as llama.cpp keeps it at higher precision in its 4-bit mixes): it is the layer whose error
-  every logit sees. An eighth of fp32's bytes in the blocks: the fastest at batch 1.
+  every logit sees. An eighth of fp32's bytes in the blocks: the fastest at batch 1. From
+  ``INT4_DEQUANT_ROWS`` tokens per call (prefill) a layer unpacks its codes to the same bf16 weight and
+  runs one bf16 matmul instead, as ``int8`` does past ``DEQUANT_ROWS``.
 - ``w8a8``: int8 weights and int8 activations, quantized per token on the fly (dynamic), an int8 x int8
   -> int32 matmul (``torch._int_mm``), then both scales. Activations stay fp32 between layers. On CPUs
   whose int8 matmul saturates (AVX2 without VNNI: oneDNN sums u8 x s8 pairs in int16), the weights get
