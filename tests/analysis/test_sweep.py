@@ -3,11 +3,14 @@ running it again skips finished runs; the fit reads them."""
 
 from __future__ import annotations
 
+import glob
+import re
+import shlex
 from pathlib import Path
 
 import pytest
 
-from lamina.analysis.sweep import DONE, SweepConfig, plan_runs, sweep
+from lamina.analysis.sweep import DONE, SweepConfig, plan_runs
 from lamina.errors import ConfigError
 
 
@@ -41,17 +44,58 @@ def test_grid(tmp_path: Path) -> None:
         SweepConfig(shapes=["2x60"], head_dim=16)
 
 
-@pytest.mark.slow
-def test_sweep_trains_and_resumes(tmp_path: Path) -> None:
-    run = _base(tmp_path)
-    cfg = SweepConfig(shapes=["1x32"], tokens=[128, 256], head_dim=16, out=str(tmp_path / "s"))
-    folders = sweep(run, cfg)
-    assert all(
-        (f / DONE).is_file() and (f / "last").is_dir() and (f / "report.html").is_file() for f in folders
-    )
-    from lamina.analysis.fit import read_run
+# the README's experiment in its short setting (documented under the commands): flags appended win
+SHORT = {
+    "sweep": ["--sweep.shapes", "1x32,2x64", "--sweep.tokens", "2K,4K,6K", "--sweep.jobs", "1"],
+    "pretrain": ["--train.max_steps", "2"],
+}
+SHORT_DATA = ["--data.max_bytes", "200K", "--train.eval_batches", "2"]
 
-    assert [read_run(f).tokens for f in folders] == [128, 256]
-    said: list[str] = []
-    sweep(run, cfg, progress=said.append)
-    assert said == ["2 runs, 2 already finished"]
+
+def _readme_commands() -> list[str]:
+    """The ``lamina`` lines of the README's scaling experiment (its ```sh block)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = re.search(r"```sh\n(lamina scaling sweep .*?)```", readme, flags=re.S)
+    assert block is not None, "the README's scaling experiment block is gone"
+    return block.group(1).strip().splitlines()
+
+
+@pytest.mark.slow
+def test_readme_experiment_short_setting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's sweep, held-out run and fit, in their short setting: every run a finished run folder
+    of its shape, the held-out run the 4x128 shape the sweep would build, a second sweep skips them all,
+    and the fit predicts the held-out run."""
+    from lamina.analysis.fit import read_run
+    from lamina.cli.main import main
+    from lamina.train.pretrain import RunConfig
+
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(root)  # examples/scaling.yaml
+    # each run's figures (curves.png, report.html's plots: about 1 s a run) are tested in test_report.py
+    monkeypatch.setattr("lamina.train.trainer.plot_curves", lambda *a: None)
+    monkeypatch.setattr("lamina.analysis.report._figures", lambda *a: [])
+    sweep_cmd, pretrain_cmd, fit_cmd = _readme_commands()
+    data = ["--data.out", f"{tmp_path}/runs/scaling-data", *SHORT_DATA]
+
+    def run(command: str, extra: list[str]) -> str:
+        argv = shlex.split(command.replace("runs/", f"{tmp_path}/runs/"))[1:]
+        if argv[0] == "scaling" and argv[1] == "fit":
+            argv = [a for arg in argv for a in (sorted(glob.glob(arg)) if "*" in arg else [arg])]
+        assert main(argv + extra) == 0, capsys.readouterr().err
+        return capsys.readouterr().out
+
+    run(sweep_cmd, data + SHORT["sweep"])
+    folders = sorted((tmp_path / "runs" / "sweep").iterdir())
+    assert [f.name for f in folders] == [f"L{s}-t{t}" for s in ("1-d32", "2-d64") for t in (2000, 4000, 6000)]
+    assert all((f / DONE).is_file() and (f / "report.html").is_file() for f in folders)
+    assert [read_run(f).tokens for f in folders[:3]] == [2048, 4096, 6144]  # 1, 2 and 3 steps of 16 x 128
+    assert run(sweep_cmd, data + SHORT["sweep"]).startswith("6 runs, 6 already finished")
+    run(pretrain_cmd, data + SHORT["pretrain"])
+    held = RunConfig.from_yaml(tmp_path / "runs" / "heldout" / "run.yaml")
+    base = RunConfig.from_yaml(folders[0] / "run.yaml")
+    (_, shape), *_ = plan_runs(base, SweepConfig(shapes=["4x128"], tokens=[1]))
+    assert held.model == shape.model  # the held-out run is the sweep's 4x128 shape
+    out = run(fit_cmd, [])
+    assert "held-out run heldout (" in out and (tmp_path / "runs" / "fit" / "scaling_fit.png").is_file()
