@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -43,7 +43,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from lamina.data.rows import split_indices
+from lamina.data.rows import iter_jsonl, split_indices
 from lamina.errors import DataError, LaminaError
 from lamina.tokenizer import Tokenizer
 
@@ -100,22 +100,20 @@ def read_chat(path: str | Path, format: ChatFormat = "auto", messages_field: str
     if not p.is_file():
         raise DataError(f"chat data file {str(p)!r} not found; pass a JSONL file of conversations")
     data = ChatData()
-    with open(p, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{p.name} line {n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                data.problems.append(Problem(where, f"not JSON ({e.msg})", "skipped"))
-                continue
-            try:
-                data.conversations.append(to_messages(row, format, messages_field))
-                data.where.append(where)
-            except _Skip as e:
-                data.problems.append(Problem(where, str(e), "skipped"))
+    for n, row in iter_jsonl(p, _skip_bad_json(data.problems, p.name), errors="replace"):
+        where = f"{p.name} line {n}"
+        try:
+            data.conversations.append(to_messages(row, format, messages_field))
+            data.where.append(where)
+        except _Skip as e:
+            data.problems.append(Problem(where, str(e), "skipped"))
     return data
+
+
+def _skip_bad_json(problems: list[Problem], name: str) -> Callable[[int, json.JSONDecodeError], None]:
+    """``iter_jsonl``'s ``bad_json`` for the readers that skip bad rows: a line of file ``name`` that is
+    not JSON is recorded in ``problems`` (``FILE line N: not JSON (...)``) and skipped."""
+    return lambda n, e: problems.append(Problem(f"{name} line {n}", f"not JSON ({e.msg})", "skipped"))
 
 
 class _Skip(LaminaError):

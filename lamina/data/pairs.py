@@ -20,7 +20,6 @@ tokenizer has one (what T5's tokenizer does). ``max_source_len`` / ``max_target_
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lamina.data.rows import split_indices
+from lamina.data.rows import iter_jsonl, split_indices
 from lamina.errors import ConfigError, DataError
 from lamina.tokenizer import Tokenizer
 
@@ -112,17 +111,12 @@ def read_pairs(path: str | Path, source_field: str = "source", target_field: str
     data = PairData([], [], [])
     fields = (source_field, target_field)
     if suffix in (".jsonl", ".ndjson"):
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n} is not valid JSON ({e.msg}); fix the line") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{n} is not a JSON object; each line must be {{...}}")
-                _add(data, row, fields, f"{path}:{n}")
+        for n, row in iter_jsonl(
+            path, lambda n, e: DataError(f"{path}:{n} is not valid JSON ({e.msg}); fix the line")
+        ):
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n} is not a JSON object; each line must be {{...}}")
+            _add(data, row, fields, f"{path}:{n}")
     else:
         with open(path, newline="", encoding="utf-8") as f:
             if suffix == ".csv":

@@ -25,7 +25,6 @@ token left after truncation.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,8 +34,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from lamina.data.chat import Problem, _answer_start, _common_prefix, _control_ids, _encode, _messages, _Skip
-from lamina.data.rows import split_indices
+from lamina.data.chat import (
+    Problem,
+    _answer_start,
+    _common_prefix,
+    _control_ids,
+    _encode,
+    _messages,
+    _Skip,
+    _skip_bad_json,
+)
+from lamina.data.rows import iter_jsonl, split_indices
 from lamina.errors import ConfigError, DataError
 from lamina.tokenizer import Tokenizer
 
@@ -84,24 +92,18 @@ def read_preferences(path: str | Path) -> PreferenceData:
             f"preference data file {str(p)!r} not found; pass a JSONL file of prompt/chosen/rejected"
         )
     data = PreferenceData()
-    with open(p, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{p.name} line {n}"
-            try:
-                prompt, chosen, rejected, margin = to_pair(json.loads(line))
-            except json.JSONDecodeError as e:
-                data.problems.append(Problem(where, f"not JSON ({e.msg})", "skipped"))
-                continue
-            except _Skip as e:
-                data.problems.append(Problem(where, str(e), "skipped"))
-                continue
-            data.prompts.append(prompt)
-            data.chosen.append(chosen)
-            data.rejected.append(rejected)
-            data.margins.append(margin)
-            data.where.append(where)
+    for n, row in iter_jsonl(p, _skip_bad_json(data.problems, p.name), errors="replace"):
+        where = f"{p.name} line {n}"
+        try:
+            prompt, chosen, rejected, margin = to_pair(row)
+        except _Skip as e:
+            data.problems.append(Problem(where, str(e), "skipped"))
+            continue
+        data.prompts.append(prompt)
+        data.chosen.append(chosen)
+        data.rejected.append(rejected)
+        data.margins.append(margin)
+        data.where.append(where)
     return data
 
 
@@ -312,35 +314,28 @@ def read_prompts(path: str | Path, prompt_field: str = "prompt") -> PromptData:
             f"prompt file {str(p)!r} not found; pass a JSONL file with a {prompt_field!r} key per line"
         )
     data = PromptData()
-    with open(p, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{p.name} line {n}"
-            try:
-                row = json.loads(line)
-                if not isinstance(row, Mapping) or prompt_field not in row:
-                    raise _Skip(f"no {prompt_field!r} key")
-                v = row[prompt_field]
-                if isinstance(v, str):
-                    if not v.strip():
-                        raise _Skip(f"{prompt_field!r} is empty")
-                    prompt: Text = v
-                elif isinstance(v, list):
-                    prompt = _messages(v, prompt_field)
-                else:
-                    raise _Skip(
-                        f"{prompt_field!r} must be a string or a list of messages, got {type(v).__name__}"
-                    )
-            except json.JSONDecodeError as e:
-                data.problems.append(Problem(where, f"not JSON ({e.msg})", "skipped"))
-                continue
-            except _Skip as e:
-                data.problems.append(Problem(where, str(e), "skipped"))
-                continue
-            data.prompts.append(prompt)
-            data.extra.append({k: x for k, x in row.items() if k != prompt_field})
-            data.where.append(where)
+    for n, row in iter_jsonl(p, _skip_bad_json(data.problems, p.name), errors="replace"):
+        where = f"{p.name} line {n}"
+        try:
+            if not isinstance(row, Mapping) or prompt_field not in row:
+                raise _Skip(f"no {prompt_field!r} key")
+            v = row[prompt_field]
+            if isinstance(v, str):
+                if not v.strip():
+                    raise _Skip(f"{prompt_field!r} is empty")
+                prompt: Text = v
+            elif isinstance(v, list):
+                prompt = _messages(v, prompt_field)
+            else:
+                raise _Skip(
+                    f"{prompt_field!r} must be a string or a list of messages, got {type(v).__name__}"
+                )
+        except _Skip as e:
+            data.problems.append(Problem(where, str(e), "skipped"))
+            continue
+        data.prompts.append(prompt)
+        data.extra.append({k: x for k, x in row.items() if k != prompt_field})
+        data.where.append(where)
     return data
 
 

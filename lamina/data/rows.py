@@ -2,7 +2,39 @@
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
 import numpy as np
+
+
+def iter_jsonl(
+    path: str | os.PathLike[str],
+    bad_json: Callable[[int, json.JSONDecodeError], Exception | None],
+    *,
+    errors: str = "strict",
+) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` for each non-blank line of the JSONL file ``path``, numbered from 1.
+
+    For a line that is not JSON, ``bad_json(n, error)`` decides: an exception it returns is raised
+    (without the decoder's traceback: the caller's one-line message names the file and line); ``None``
+    skips the line (a reader that records problems and goes on). ``errors`` is ``open``'s
+    (``"replace"`` reads a file with stray bytes). Raises ``OSError`` if the file cannot be opened.
+    """
+    with open(path, encoding="utf-8", errors=errors) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                problem = bad_json(n, e)
+                if problem is None:
+                    continue
+                raise problem from None
+            yield n, value
 
 
 def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -26,7 +26,6 @@ predicted from both sides, ``exp(-mean log p)``; other models without a causal l
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lamina.data.rows import iter_jsonl
 from lamina.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -92,13 +92,7 @@ def read_documents(source: str | Path, field: str = "text") -> list[str]:
         raise ConfigError(f"{path}: no such file or folder")
     if path.suffix == ".jsonl":
         docs = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        for n, row in iter_jsonl(path, lambda n, e: ConfigError(f"{path}:{n}: not valid JSON ({e.msg})")):
             if not isinstance(row, dict) or not isinstance(row.get(field), str):
                 raise ConfigError(f"{path}:{n}: expected an object with a string field {field!r}")
             docs.append(row[field])

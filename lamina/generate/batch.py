@@ -12,12 +12,12 @@ speculatively.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from lamina.checkpoint.load import LoadedModel
+from lamina.data.rows import iter_jsonl
 from lamina.errors import ConfigError
 from lamina.generate.engine import Engine, Sequence_, TokenLogprob
 from lamina.generate.speculative import DraftStats, SpeculativeOptions
@@ -35,13 +35,7 @@ def read_requests(path: str | Path) -> tuple[list[dict[str, Any]], list[int]]:
     if not path.is_file():
         raise ConfigError(f"--input {path}: no such file")
     requests, lines = [], []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            req = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    for i, req in iter_jsonl(path, lambda n, e: ConfigError(f"{path}:{n}: not valid JSON ({e.msg})")):
         if not isinstance(req, dict) or not (isinstance(req.get("prompt"), str) or "messages" in req):
             raise ConfigError(
                 f'{path}:{i}: each line must be an object with "prompt" (a string) or "messages"'

@@ -21,7 +21,6 @@ Each metric is the mean over questions.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lamina.data.rows import iter_jsonl
 from lamina.errors import ConfigError, DataError
 from lamina.rag.retrieve import MODES, RetrieveConfig, retrieve
 from lamina.rag.types import Store
@@ -53,17 +53,11 @@ def read_qrels(path: str | os.PathLike[str]) -> list[Qrel]:
     naming the line for a line that is not JSON or lacks ``question`` / a non-empty ``relevant`` list."""
     path = QRELS_ALIASES.get(str(path), Path(path))
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        rows = list(iter_jsonl(path, lambda n, e: DataError(f"{path}:{n}: not JSON ({e.msg})")))
     except OSError as e:
         raise DataError(f"cannot read the labeled set {path}: {e.strerror or e}") from None
     out = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not JSON ({e.msg})") from None
+    for n, row in rows:
         q, rel = (row.get("question"), row.get("relevant")) if isinstance(row, dict) else (None, None)
         if not isinstance(q, str) or not q.strip():
             raise DataError(f'{path}:{n}: needs "question": a non-empty string')

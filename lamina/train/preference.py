@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -53,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lamina.data.preference import EncodedPairs, Pair, PreferenceBatches, encode_preferences, read_preferences
+from lamina.data.rows import iter_jsonl
 from lamina.errors import ConfigError, DataError
 from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
@@ -489,13 +489,7 @@ def score_completions(
             f"--input {source!r} does not exist; fix: pass a JSONL file of prompt/completion lines"
         )
     prompts, completions = [], []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path.name} line {n}: not JSON ({e.msg})") from None
+    for n, row in iter_jsonl(path, lambda n, e: DataError(f"{path.name} line {n}: not JSON ({e.msg})")):
         for key in (prompt_field, completion_field):
             if not isinstance(row, dict) or not isinstance(row.get(key), str | list):
                 raise DataError(f"{path.name} line {n}: no {key!r} string or message list; fix the line or "
