@@ -20,7 +20,8 @@ parquet files, or one saved with ``Dataset.save_to_disk``, works in place of the
 - ``bigbench_NAME``: ``DIR/bigbench/NAME/task.json`` (BIG-bench JSON: ``examples`` with ``target_scores``
   for multiple choice, or ``target`` for generation; ``example_input_prefix`` / ``example_output_prefix``).
 - ``gsm8k``: ``DIR/gsm8k/{test,train}.jsonl`` (``question``, ``answer`` ending "#### N"); generation.
-- ``squad``: ``DIR/squad/dev-v1.1.json`` (+ ``train-v1.1.json``), SQuAD's nested JSON; generation.
+- ``squad``: ``DIR/squad/dev-v1.1.json`` (+ ``train-v1.1.json``), SQuAD's nested JSON; generation, with
+  lm-eval's ``squadv2`` prompt ("Title: ...\\n\\nBackground: ...\\n\\nQuestion: ...\\n\\nAnswer:").
 
 Bad input raises ``TaskFormatError`` naming the file, the row and the field expected; an answer index out of
 range skips that item and counts it in ``Task.skipped``.
@@ -319,12 +320,13 @@ def _squad_rows(rows: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
     """SQuAD's nested JSON (data -> paragraphs -> qas) or flat rows (HF parquet) as flat rows."""
     for where, row in rows:
         if isinstance(row, Mapping) and "paragraphs" in row:
+            title = row.get("title", "")
             for p, para in enumerate(_get(row, where, "paragraphs", list)):
                 for q, qa in enumerate(_get(para, f"{where} paragraph {p}", "qas", list)):
                     at = f"{where} paragraph {p} question {q}"
                     answers = [_get(a, at, "text") for a in _get(qa, at, "answers", list)]
-                    yield at, {"context": _get(para, at, "context"), "question": _get(qa, at, "question"),
-                               "answers": {"text": answers}}  # fmt: skip
+                    yield at, {"title": title, "context": _get(para, at, "context"),
+                               "question": _get(qa, at, "question"), "answers": {"text": answers}}  # fmt: skip
         else:
             yield where, row
 
@@ -334,8 +336,9 @@ def _squad(where: str, row: Any) -> Item:
     answers = list(_get(row, where, "answers.text", list))
     if not answers:
         raise _Skip(f"{where}: no reference answers")
-    return Item(f"Title: \n\nBackground: {context}\n\nQuestion: {question}\n\n Answer:", answers=answers,
-                source=where)  # fmt: skip
+    title = row.get("title", "") if isinstance(row, Mapping) else ""
+    return Item(f"Title: {title}\n\nBackground: {context}\n\nQuestion: {question}\n\nAnswer:",
+                answers=answers, source=where)  # lm-eval's squadv2 prompt  # fmt: skip
 
 
 # -- the registry ----------------------------------------------------------------------------------------
