@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lamina.data.rows import split_indices
+from lamina.data.rows import iter_jsonl, split_indices
 from lamina.errors import DataError
 from lamina.tokenizer import Tokenizer
 
@@ -86,13 +85,9 @@ def read_labeled(
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
     elif path.suffix == ".jsonl":
-        rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n} is not valid JSON ({e})") from e
+        rows = [
+            row for _, row in iter_jsonl(path, lambda n, e: DataError(f"{path}:{n} is not valid JSON ({e})"))
+        ]
     else:
         raise DataError(f"{str(path)!r}: labeled data must be a .csv or .jsonl file")
     if not rows:
@@ -132,14 +127,8 @@ def read_tagged(path: str | Path, tokens_field: str = "tokens", tags_field: str 
             f'{{"{tokens_field}": [words], "{tags_field}": [tags]}} per line'
         )
     data = TaggedData([], [], [])
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, row in iter_jsonl(path, lambda n, e: DataError(f"{path}:{n} is not valid JSON ({e})")):
         where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where} is not valid JSON ({e})") from e
         if not isinstance(row, dict) or tokens_field not in row or tags_field not in row:
             has = ", ".join(map(str, row)) if isinstance(row, dict) else type(row).__name__
             raise DataError(
