@@ -265,16 +265,15 @@ def main() -> None:
         if not args.no_postgres and pg_url is None:
             print("  (PostgreSQL skipped: the pgserver wheel is missing or its server did not start)")
         pg_sizes = sizes if args.pg_sizes is None else [int(x) for x in args.pg_sizes.split(",")]
-        for size in sizes:
+        for size in sizes:  # each size's rows printed as soon as they are measured
             results[size] = latency(size, n_queries, pg_url if size in pg_sizes else None)
-    print(f"{'chunks':>8} {'store':18} {'dense':>15} {'bm25':>15} {'hybrid':>15}")
-    for size, stores in results.items():
-        for name, modes in stores.items():
-            cells = [
-                f"{modes[m][0]:.1f} / {modes[m][1]:.1f}" if m in modes else "-"
-                for m in ("dense", "bm25", "hybrid")
-            ]
-            print(f"{size:8,} {name:18} " + " ".join(f"{c:>15}" for c in cells))
+            print(f"{'chunks':>8} {'store':18} {'dense':>15} {'bm25':>15} {'hybrid':>15}")
+            for name, modes in results[size].items():
+                cells = [
+                    f"{modes[m][0]:.1f} / {modes[m][1]:.1f}" if m in modes else "-"
+                    for m in ("dense", "bm25", "hybrid")
+                ]
+                print(f"{size:8,} {name:18} " + " ".join(f"{c:>15}" for c in cells), flush=True)
     print(f"load average: {os.getloadavg()[0]:.1f}")
     for size, stores in results.items():
         ref = stores["LlamaIndex"]["dense"][0]
