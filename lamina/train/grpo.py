@@ -25,7 +25,8 @@ start (LoRA: the base, adapters disabled).
 
 Logged per step in ``metrics.jsonl`` (TRL's names): ``reward``, ``reward_std``, ``rewards/NAME/mean`` and
 ``/std`` per reward, ``completions/mean_length``, ``completions/clipped_ratio`` (stopped by the length
-limit), ``kl`` (with beta > 0) and ``clip_ratio``; the completions of the first ``samples`` prompts of
+limit), ``kl`` (with beta > 0) and ``clip_ratio``, in the trainer's record of the step (with ``loss``; a
+completion no reward applies to is left out of ``reward`` and ``reward_std``, as TRL); the completions of the first ``samples`` prompts of
 each generation go to ``samples.jsonl`` with their rewards and advantages (under torchrun each process
 generates for its own prompts; the first process logs its own); ``rewards.png`` plots the
 rewards against step at the end. A resumed run regenerates the
@@ -418,7 +419,7 @@ class GenerationBatches:
             columns[key] = [self.extra[r].get(key) for r in rows for _ in range(G)]
         rewards = call_rewards(self.rewards, prompts, completions, completion_ids=comp_ids, **columns)
         adv = group_advantages(rewards, G, cfg.scale_rewards, self.weights)
-        total = (rewards * self.weights).nansum(1)
+        total = reward_totals(rewards, self.weights)
         # the batch: prompt + completion per row, right-padded
         plens = [len(self.prompt_ids[r]) for r in rows for _ in range(G)]
         full = [
@@ -441,7 +442,7 @@ class GenerationBatches:
         if cfg.beta != 0.0 and self.ref is not None:
             batch["ref_logps"] = self.ref(on_dev).cpu()
         lengths = [len(c) for c in comp_ids]
-        stats = {"reward": float(total.mean()), "reward_std": float(total.std()) if len(total) > 1 else 0.0,
+        stats = {"reward": float(torch.nanmean(total)), "reward_std": float(_std(total)) if len(total) > 1 else 0.0,
                  "completions/mean_length": float(np.mean(lengths)),
                  "completions/clipped_ratio": float(np.mean([s.finish_reason == "length" for s in seqs]))}  # fmt: skip
         for f, (spec, _) in enumerate(self.rewards):
@@ -455,27 +456,46 @@ class GenerationBatches:
             with open(self.out / "samples.jsonl", "a", encoding="utf-8") as fh:
                 for j in range(min(cfg.samples, len(rows)) * G):
                     fh.write(json.dumps({"step": step + 1, "prompt": prompts[j], "completion": texts[j],
-                                         "reward": float(total[j]), "advantage": float(adv[j])}) + "\n")  # fmt: skip
+                                         "reward": _number(total[j]), "advantage": float(adv[j])}) + "\n")  # fmt: skip
         return batch
 
-    def log(self, step: int, values: dict[str, float]) -> None:
-        """Append step ``step``'s record (generation stats and ``values``) to metrics.jsonl (main process)."""
+    def record(self, step: int, values: dict[str, float]) -> dict[str, float]:
+        """Step ``step``'s values: its generation's stats (the mean over its micro-batches) and ``values``."""
         micro = self._round_stats.get((step - 1) // self.cfg.num_iterations, [])
         record = {k: float(np.mean([m[k] for m in micro])) for k in (micro[0] if micro else {})}
         record.update(values)
-        if self.is_main:
-            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as fh:
-                fh.write(json.dumps({"step": step, **record}) + "\n")
+        return record
 
 
-def grpo_objective(cfg: GrpoConfig, source: GenerationBatches) -> Any:
+def reward_totals(rewards: Tensor, weights: Tensor) -> Tensor:
+    """Each completion's weighted reward (N,) from ``rewards`` (N, F): a NaN (None: not applicable) counts
+    as 0 (``nansum``), and a completion no reward applies to is NaN, left out of the logged mean and std
+    as TRL 1.16's ``_generate_and_score_completions`` does."""
+    total = (rewards * weights.to(rewards)).nansum(1)
+    total[torch.isnan(rewards).all(1)] = torch.nan
+    return total
+
+
+def _number(x: Tensor) -> float | None:
+    """A JSON-safe float (None for NaN)."""
+    v = float(x)
+    return None if math.isnan(v) else v
+
+
+class GrpoObjective:
     """The trainer's objective: ``grpo_loss`` of the batch's completions, counted per completion token
     (dapo: the trainer's token-weighted accumulation makes it TRL's mean over the accumulated batch's
-    tokens) or once per micro-batch (grpo, bnpo, dr_grpo: the mean of the micro-batches' losses, as TRL);
-    the last micro-batch of a step writes the step's record."""
-    acc: dict[str, list[float]] = {}
+    tokens) or once per micro-batch (grpo, bnpo, dr_grpo: the mean of the micro-batches' losses, as TRL).
+    ``step_metrics()`` (called by the trainer when it logs a step) gives the last full step's generation
+    stats, KL and clip ratio, so they go to metrics.jsonl through the trainer's ``MetricsLog``."""
 
-    def loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+    def __init__(self, cfg: GrpoConfig, source: GenerationBatches) -> None:
+        self.cfg, self.source = cfg, source
+        self._acc: dict[str, list[float]] = {}
+        self._last: dict[str, float] = {}
+
+    def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+        cfg = self.cfg
         logps = token_logps(model, batch)
         mask = batch["completion_mask"][:, 1:]
         value, m = grpo_loss(
@@ -483,13 +503,21 @@ def grpo_objective(cfg: GrpoConfig, source: GenerationBatches) -> Any:
             cfg.epsilon, cfg.epsilon_high, cfg.loss_type, cfg.max_completion_length,
         )  # fmt: skip
         for k, v in m.items():
-            acc.setdefault(k, []).append(v)
-        if int(batch["micro"]) == source.grad_accum - 1:
-            source.log(int(batch["step"]), {k: float(np.mean(v)) for k, v in acc.items()})
-            acc.clear()
+            self._acc.setdefault(k, []).append(v)
+        if int(batch["micro"]) == self.source.grad_accum - 1:
+            values = {k: float(np.mean(v)) for k, v in self._acc.items()}
+            self._last = self.source.record(int(batch["step"]), values)
+            self._acc.clear()
         return value, int(mask.sum()) if cfg.loss_type == "dapo" else 1
 
-    return loss
+    def step_metrics(self) -> dict[str, float]:
+        """The record of the last step whose every micro-batch was computed."""
+        return dict(self._last)
+
+
+def grpo_objective(cfg: GrpoConfig, source: GenerationBatches) -> GrpoObjective:
+    """The trainer's objective for ``source``'s batches (``GrpoObjective``)."""
+    return GrpoObjective(cfg, source)
 
 
 def _reference(model: Any, lora: bool) -> Callable[[dict[str, Tensor]], Tensor]:

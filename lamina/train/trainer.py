@@ -345,6 +345,8 @@ def train(
         if run_config is not None:
             (out / "run.yaml").write_text(_yaml(run_config))
     log = MetricsLog(out, enabled=info.is_main, resume_step=step if resume else None)
+    # an objective's own values for the step just taken (GRPO's rewards, KL, ...), logged with its loss
+    step_metrics: Callable[[], dict[str, float]] | None = getattr(objective, "step_metrics", None)
     if data_stats and not resume:
         log.log(0, **data_stats)
     if notes and info.is_main:
@@ -472,7 +474,8 @@ def train(
                 tps = tokens_window / dt if dt > 0 else 0.0
                 mfu = flops_per_token * tps / peak
                 result.tokens_per_s, result.mfu = tps, mfu
-                log.log(step, loss=loss_value, lr=lr, grad_norm=grad_norm, tokens_per_s=tps, mfu=mfu)
+                own = step_metrics() if step_metrics is not None else {}
+                log.log(step, loss=loss_value, lr=lr, grad_norm=grad_norm, tokens_per_s=tps, mfu=mfu, **own)
                 bar.set_postfix(
                     loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", mfu=f"{mfu:.0%}"
                 )

@@ -77,7 +77,8 @@ def test_grpo_raises_the_reward(files: dict[str, Path], tmp_path: Path) -> None:
     first, last = sum(up[:5]) / 5, sum(up[-5:]) / 5
     assert last - first > 0.2, up  # measured: 0.10 -> 0.66
     rec = _records(tmp_path / "up")[-1]
-    assert {"reward", "reward_std", "completions/mean_length", "clip_ratio", "loss"} - set(rec) == {"loss"}
+    # one record per step, written by the trainer's MetricsLog: the loss and the GRPO values together
+    assert {"reward", "reward_std", "completions/mean_length", "clip_ratio", "loss", "grad_norm"} <= set(rec)
     samples = [json.loads(line) for line in (tmp_path / "up" / "samples.jsonl").read_text().splitlines()]
     assert {s["step"] for s in samples} == set(range(1, 21)) and {"completion", "reward"} <= set(samples[0])
     assert (tmp_path / "up" / "rewards.png").stat().st_size > 1000  # the curve, in the run folder
@@ -108,9 +109,12 @@ def test_grpo_cli_reward_model_lora_kl(files: dict[str, Path], tmp_path: Path) -
                  "--grpo.num_iterations", "2", "--lora.r", "2", "--train.log_every", "1",
                  "--out", str(tmp_path / "g")]) == 0  # fmt: skip
     recs = _records(tmp_path / "g")
-    assert [r["step"] for r in recs] == [1, 2] and {"rewards/red/mean", "rewards/rm/mean", "kl"} <= set(
-        recs[0]
-    )
+    assert [r["step"] for r in recs] == [1, 2] and {
+        "rewards/red/mean",
+        "rewards/rm/mean",
+        "kl",
+        "loss",
+    } <= set(recs[0])
     assert recs[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # LoRA B starts at 0: the policy is the reference
     assert (tmp_path / "g" / "last" / "adapter" / "adapter_config.json").is_file()
     assert "reward_funcs:" in (tmp_path / "g" / "run.yaml").read_text()
@@ -180,3 +184,22 @@ def test_grpo_resume_is_exact(files: dict[str, Path], tmp_path: Path) -> None:
         return (folder / "samples.jsonl").read_text().splitlines()
 
     assert samples(b) == samples(tmp_path / "a")  # steps 3-4 once, not again after those of the first run
+
+
+def test_unscorable_completions_follow_trl() -> None:
+    """A completion no reward applies to (every reward None) is left out of the logged reward, its std and
+    the group baseline, and gets advantage 0; a partly None row counts None as 0 (nansum), as TRL 1.16."""
+    import torch
+
+    from lamina.train.grpo import group_advantages, reward_totals
+
+    nan = float("nan")
+    rewards = torch.tensor([[1.0, nan], [nan, nan], [0.0, 2.0], [3.0, 1.0]])
+    weights = torch.tensor([1.0, 0.5])
+    total = reward_totals(rewards, weights)
+    assert total[0] == 1.0 and total.isnan()[1] and total[2] == 1.0 and total[3] == 3.5
+    assert float(torch.nanmean(total)) == pytest.approx((1.0 + 1.0 + 3.5) / 3)  # not / 4 with a 0
+    adv = group_advantages(rewards, 4, "group", weights)
+    kept = torch.tensor([1.0, 1.0, 3.5])
+    expected = (kept - kept.mean()) / (kept.std() + 1e-4)
+    assert adv[1] == 0.0 and torch.allclose(adv[[0, 2, 3]], expected)
