@@ -81,8 +81,10 @@ def score_continuations(
     log-probabilities given the context and the tokens before it, whether each token was the greedy one).
 
     The contexts of a batch run once, left-padded, into a KV cache; its rows are copied once per
-    continuation and the continuations run after them, right-padded. ``batch_tokens`` bounds the context
-    tokens plus continuation tokens of one batch. A request longer than ``max_seq_len`` loses context tokens
+    continuation and the continuations run after them, right-padded. ``batch_tokens`` bounds the padded
+    context tokens plus padded continuation tokens of one batch (requests sorted longest first; counting
+    the padding keeps questions of very different shapes, such as MMLU's long context with one-token
+    choices and HellaSwag's long endings, out of one batch). A request longer than ``max_seq_len`` loses context tokens
     from the left (lm-eval truncates the same way). Log-softmax in float32. ``progress(done, total)`` counts
     requests.
     """
@@ -144,18 +146,18 @@ def score_continuations(
             r += k
 
     batch: list[int] = []
-    used = 0
+    lc = lk = n = 0  # the batch's longest context, longest continuation, continuations
     for i in order:
         ctx, conts, longest = prepared[i]
-        cost = len(ctx) + len(conts) * longest
-        if batch and used + cost > batch_tokens:
+        padded = (len(batch) + 1) * max(lc, len(ctx)) + (n + len(conts)) * max(lk, longest)
+        if batch and padded > batch_tokens:
             run(batch)
             done += len(batch)
             if progress is not None:
                 progress(done, len(prepared))
-            batch, used = [], 0
+            batch, lc, lk, n = [], 0, 0, 0
         batch.append(i)
-        used += cost
+        lc, lk, n = max(lc, len(ctx)), max(lk, longest), n + len(conts)
     if batch:
         run(batch)
         done += len(batch)

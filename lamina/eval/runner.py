@@ -35,7 +35,7 @@ class EvalConfig:
     shots: int = 0  # few-shot examples before each question (TruthfulQA stays zero-shot)
     seed: int = 1234  # draws the few-shot examples (MMLU takes the first k of its dev file)
     limit: int | None = None  # score only the first N items of each task
-    batch_tokens: int = 2048  # context + choice tokens scored in one forward batch
+    batch_tokens: int = 2048  # padded context + choice tokens scored in one forward batch
     max_new_tokens: int = 256  # generation tasks: longest answer
     perplexity: str | None = None  # text file, JSONL ("text" field), folder, or token-shard folder
     split: str = "val"  # token-shard folder: the split scored (its tokenizer must be the model's)
