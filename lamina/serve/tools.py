@@ -27,6 +27,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from lamina.apps.tools import tool_choice_controls
+from lamina.apps.tools import tools_system_prompt as _tools_system_prompt
 from lamina.serve.errors import bad_request
 
 __all__ = ["ToolPlan", "parse_tool_calls", "plan_tools", "render_tool_messages", "tools_system_prompt"]
@@ -65,27 +67,9 @@ def _functions(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _calls_schema(functions: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
-    """The JSON Schema of lamina's call object over ``functions``."""
-    one = [
-        {
-            "type": "object",
-            "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
-            "required": ["name", "arguments"],
-            "additionalProperties": False,
-        }
-        for f in functions
-    ]
-    items = one[0] if len(one) == 1 else {"anyOf": one}
-    calls: dict[str, Any] = {"type": "array", "items": items, "minItems": 1}
-    if not parallel:
-        calls["maxItems"] = 1
-    return {
-        "type": "object",
-        "properties": {"tool_calls": calls},
-        "required": ["tool_calls"],
-        "additionalProperties": False,
-    }
+def _specs(functions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``functions`` (``{"name", "description", "parameters"}``) in OpenAI's tool form."""
+    return [{"type": "function", "function": f} for f in functions]
 
 
 def plan_tools(
@@ -93,7 +77,8 @@ def plan_tools(
 ) -> ToolPlan | None:
     """The plan for a request's ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` (None: no tools).
     Raises a 400 naming the field for a malformed tool, an unknown named function, or tool_choice without
-    tools."""
+    tools. The constraint fields are lamina.apps.tools.tool_choice_controls' (one call schema and grammar
+    for the server and the apps)."""
     if not tools:
         if tool_choice not in (None, "none", "auto"):
             raise bad_request("tool_choice needs tools", param="tool_choice")
@@ -105,29 +90,19 @@ def plan_tools(
         return ToolPlan(tools, {}, calls=False)
     if isinstance(choice, dict):
         name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
-        chosen = [f for f in functions if f["name"] == name]
-        if not chosen:
+        if not any(f["name"] == name for f in functions):
             raise bad_request(f"tool_choice names no tool of the request: {name!r}", param="tool_choice")
-        return ToolPlan(tools, {"json_schema": _calls_schema(chosen, parallel=False)}, calls=True)
-    if choice == "required":
-        return ToolPlan(tools, {"json_schema": _calls_schema(functions, parallel)}, calls=True)
-    if choice == "auto":
-        schema = json.dumps(_calls_schema(functions, parallel))
-        grammar = f"start: TEXT | %json{schema}\nTEXT: /[^{{\\s](.|\\n)*/\n"
-        return ToolPlan(tools, {"grammar": grammar}, calls=True)
-    raise bad_request(
-        'tool_choice must be "none", "auto", "required" or a named function', param="tool_choice"
-    )
+    elif choice not in ("required", "auto"):
+        raise bad_request(
+            'tool_choice must be "none", "auto", "required" or a named function', param="tool_choice"
+        )
+    return ToolPlan(tools, tool_choice_controls(_specs(functions), choice, parallel), calls=True)
 
 
 def tools_system_prompt(tools: list[dict[str, Any]]) -> str:
-    """lamina's system-prompt format for models whose template does not render tools."""
-    lines = [json.dumps(f, ensure_ascii=False) for f in _functions(tools)]
-    return (
-        "You can call these tools (one JSON object per line: name, description, JSON Schema of the "
-        "arguments):\n" + "\n".join(lines) + "\nTo call tools, answer with only a JSON object: "
-        '{"tool_calls": [{"name": <tool name>, "arguments": {<arguments>}}]}. Otherwise answer in text.'
-    )
+    """lamina's system-prompt format for models whose template does not render tools (the request's tools
+    checked, then lamina.apps.tools.tools_system_prompt)."""
+    return _tools_system_prompt(_specs(_functions(tools)))
 
 
 def _calls_text(tool_calls: list[dict[str, Any]]) -> str:
@@ -158,7 +133,7 @@ def render_tool_messages(
     if plan is None or not plan.calls:
         return out, None
     if template_has_tools:
-        return out, [{"type": "function", "function": f} for f in _functions(plan.tools)]
+        return out, _specs(_functions(plan.tools))
     prompt = tools_system_prompt(plan.tools)
     if out and out[0]["role"] == "system":
         out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{prompt}"}
