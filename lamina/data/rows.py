@@ -1,13 +1,17 @@
-"""Row-level helpers shared by the data readers (chat, preference, pairs, labeled)."""
+"""Row-level helpers shared by the data readers (chat, preference, pairs, labeled) and the trainers that
+batch their rows."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from lamina.tokenizer import Tokenizer
 
 
 def iter_jsonl(
@@ -44,3 +48,13 @@ def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
     order = np.random.default_rng(seed).permutation(n).tolist()
     k = min(max(1, round(n * fraction)), n - 1) if n > 1 else 0
     return order[k:], order[:k]
+
+
+def pad_id(tokenizer: Tokenizer, eos_ids: Sequence[int] | None = None) -> int:
+    """The id that pads batch rows: the tokenizer's pad token, else the first of ``eos_ids`` (by default
+    the tokenizer's eos), else 0. Padded positions are masked out, so any id in the vocabulary does (TRL
+    and transformers fall back to eos the same way)."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    eos = tokenizer.eos_token_ids if eos_ids is None else eos_ids
+    return eos[0] if eos else 0

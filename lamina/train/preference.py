@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lamina.data.preference import EncodedPairs, Pair, PreferenceBatches, encode_preferences, read_preferences
-from lamina.data.rows import iter_jsonl
+from lamina.data.rows import iter_jsonl, pad_id
 from lamina.errors import ConfigError, DataError
 from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
@@ -313,10 +313,6 @@ def _tokens_per_batch(pairs: list[Pair], batch_size: int) -> int:
     return max(1, round(per_pair * batch_size))
 
 
-def _pad(tokenizer: Tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-
-
 def finetune_dpo(
     run: Any, resume: bool = False, overwrite: bool = False
 ) -> tuple[Transformer, Tokenizer, TrainResult]:
@@ -341,8 +337,8 @@ def finetune_dpo(
         + _problem_notes("validation", va)
     )
     ref = None if d.loss == "simpo" else reference(model, run.lora is not None)
-    train_b: Any = PreferenceBatches(tr.pairs, tcfg.batch_size, tcfg.seed, _pad(tokenizer))
-    val_b: Any = PreferenceBatches(va.pairs, tcfg.batch_size, tcfg.seed, _pad(tokenizer))
+    train_b: Any = PreferenceBatches(tr.pairs, tcfg.batch_size, tcfg.seed, pad_id(tokenizer))
+    val_b: Any = PreferenceBatches(va.pairs, tcfg.batch_size, tcfg.seed, pad_id(tokenizer))
     if d.precompute_ref and ref is not None:
         dev = torch.device("cpu")
         train_b, val_b = WithRef(train_b, ref, dev), WithRef(val_b, ref, dev)
@@ -391,15 +387,15 @@ def finetune_reward(
     max_len = min(t.max_seq_len, model.config.max_seq_len)
     tr, va = _encoded(run, template, tokenizer, max_len)
     lora = run.lora
-    if lora is not None and not lora.modules_to_save:  # the head trains in full (PEFT's SEQ_CLS default)
-        lora = dataclasses.replace(lora, modules_to_save=[REWARD_HEAD])
+    if lora is not None and REWARD_HEAD not in (lora.modules_to_save or []):  # the head trains in full
+        lora = dataclasses.replace(lora, modules_to_save=[*(lora.modules_to_save or []), REWARD_HEAD])
     notes = (
         apply_run_lora(lora, model, tcfg.seed)
         + _problem_notes("training", tr)
         + _problem_notes("validation", va)
     )
-    train_b = PreferenceBatches(tr.pairs, tcfg.batch_size, tcfg.seed, _pad(tokenizer))
-    val_b = PreferenceBatches(va.pairs, tcfg.batch_size, tcfg.seed, _pad(tokenizer))
+    train_b = PreferenceBatches(tr.pairs, tcfg.batch_size, tcfg.seed, pad_id(tokenizer))
+    val_b = PreferenceBatches(va.pairs, tcfg.batch_size, tcfg.seed, pad_id(tokenizer))
     steps = tcfg.max_steps or max(1, round((tcfg.epochs or 1) * train_b.steps_per_epoch))
 
     def metrics(net: nn.Module) -> dict[str, float]:
@@ -454,7 +450,7 @@ def reward_scores(
     dev = next(model.parameters()).device
     for k in range(0, len(rows), batch_size):
         chunk = rows[k : k + batch_size]
-        x = torch.full((len(chunk), max(map(len, chunk))), _pad(tok), dtype=torch.long)
+        x = torch.full((len(chunk), max(map(len, chunk))), pad_id(tok), dtype=torch.long)
         att = torch.zeros_like(x)
         for b, r in enumerate(chunk):
             x[b, : len(r)] = torch.tensor(r)

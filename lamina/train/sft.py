@@ -41,6 +41,7 @@ from torch import nn
 
 from lamina.config import TrainConfig
 from lamina.data.chat import ChatBatches, Encoded, Example, encode_chats, read_chat, read_template
+from lamina.data.rows import pad_id
 from lamina.errors import ConfigError, DataError
 from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
@@ -95,7 +96,7 @@ def finetune_sft(
                 f"{'train on' if split == 'training' else 'validate on'}: fix the data"
                 + ("" if split == "training" or t.val_data else " or raise task.val_fraction")
             )
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_id(tokenizer)
     train_b = ChatBatches(train_e.examples, tcfg.batch_size, max_len, tcfg.seed, s.packing, pad)
     val_b = ChatBatches(val_e.examples, tcfg.batch_size, max_len, tcfg.seed, s.packing, pad)
     stats: dict[str, float] = {
