@@ -171,6 +171,13 @@ def apply_min_new_tokens(
     return logits.masked_fill(stop & (n < min_new_tokens), NEG_INF)
 
 
+def min_new_tokens_stops(cfg: GenerationConfig) -> list[int]:
+    """The ids ``min_new_tokens`` bans until that many tokens are out: the eos ids (none with
+    ``ignore_eos``), then ``stop_token_ids``. The sampler's processor and the engine's batched greedy
+    path both ban these."""
+    return [*([] if cfg.ignore_eos else cfg.eos_token_ids), *cfg.stop_token_ids]
+
+
 # ===================================================================================== penalties
 
 
@@ -583,9 +590,8 @@ def _step_no_repeat_ngram(logits: Tensor, cfg: GenerationConfig, ctx: StepContex
 
 
 def _step_min_new_tokens(logits: Tensor, cfg: GenerationConfig, ctx: StepContext) -> Tensor:
-    stops = [*([] if cfg.ignore_eos else cfg.eos_token_ids), *cfg.stop_token_ids]
     n_generated = torch.tensor([len(o) for o in ctx.outputs], device=logits.device)
-    return apply_min_new_tokens(logits, n_generated, cfg.min_new_tokens, stops)
+    return apply_min_new_tokens(logits, n_generated, cfg.min_new_tokens, min_new_tokens_stops(cfg))
 
 
 def _step_penalties(logits: Tensor, cfg: GenerationConfig, ctx: StepContext) -> Tensor:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from lamina.generate.sampling import Sampler, greedy_is_argmax
+from lamina.generate.sampling import Sampler, greedy_is_argmax, min_new_tokens_stops
 from lamina.tokenizer import DecodeStream, Tokenizer
 
 if TYPE_CHECKING:  # constrain.py defines the protocol; imported only when a request needs it
@@ -90,8 +90,7 @@ class Running:
         self.plain = constraint is None and greedy_is_argmax(self.cfg)
         # greedy with only min_new_tokens on: the argmax once the stop ids are banned (as its processor does)
         self.argmax = constraint is None and greedy_is_argmax(replace(self.cfg, min_new_tokens=0))
-        cfg = self.cfg
-        self.min_new_bans = [*([] if cfg.ignore_eos else cfg.eos_token_ids), *cfg.stop_token_ids]
+        self.min_new_bans = min_new_tokens_stops(self.cfg)
         self.spec = False  # decoded speculatively (a greedy row of an engine with a draft)
         self.feed = -1  # the token to feed the model at the next decode step
 
