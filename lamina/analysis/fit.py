@@ -53,6 +53,11 @@ class FitConfig:
     budget: float | None = None  # also give the fitted law's compute-optimal N and D for this FLOP budget
     held_out: str | None = None  # a run left out of the fit: its loss predicted and compared
     seed: int = 0  # draws the bootstrap resamples
+    starts: int = 8  # L-BFGS starts, from the best points of the paper's initialisation grid
+
+    def __post_init__(self) -> None:
+        if self.starts < 1:
+            raise ConfigError(f"starts={self.starts} must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -122,7 +127,7 @@ def _grid() -> np.ndarray:
 _GRID = _grid()
 
 
-def fit_law(points: Sequence[RunPoint], starts: int = 8, name: str = "fit") -> ParametricLaw:
+def fit_law(points: Sequence[RunPoint], starts: int = FitConfig.starts, name: str = "fit") -> ParametricLaw:
     """The approach-3 law fitted to ``points`` (see the module doc); ``starts``: the best grid points
     L-BFGS starts from. Raises ``ConfigError`` with fewer than 5 runs (5 constants) or when N or D do
     not vary."""
@@ -238,7 +243,7 @@ def fit_report(runs: Sequence[str | Path], cfg: FitConfig) -> str:
     intervals, the compute-optimal tokens per parameter, and the predictions ``cfg`` asks for; with
     ``cfg.out``, write ``scaling_fit.png`` and ``fit.json`` there too."""
     points = [read_run(r) for r in runs]
-    law = fit_law(points)
+    law = fit_law(points, starts=cfg.starts)
     band = (
         bootstrap(points, cfg.bootstrap, cfg.seed) if cfg.bootstrap and len(points) >= MIN_BOOTSTRAP else None
     )

@@ -46,10 +46,11 @@ def test_grid(tmp_path: Path) -> None:
 
 # the README's experiment in its short setting (documented under the commands): flags appended win
 SHORT = {
-    "sweep": ["--sweep.shapes", "1x32,2x64", "--sweep.tokens", "2K,4K,6K", "--sweep.jobs", "1"],
-    "pretrain": ["--train.max_steps", "2"],
+    "sweep": ["--sweep.shapes", "1x32,2x64", "--sweep.tokens", "512,1024,1536", "--sweep.jobs", "1"],
+    "pretrain": ["--train.max_steps", "1"],
+    "fit": ["--starts", "1"],
 }
-SHORT_DATA = ["--data.max_bytes", "200K", "--train.eval_batches", "2"]
+SHORT_DATA = ["--data.max_bytes", "200K", "--train.batch_size", "4", "--train.eval_batches", "2"]
 
 
 def _readme_commands() -> list[str]:
@@ -88,14 +89,16 @@ def test_readme_experiment_short_setting(
 
     run(sweep_cmd, data + SHORT["sweep"])
     folders = sorted((tmp_path / "runs" / "sweep").iterdir())
-    assert [f.name for f in folders] == [f"L{s}-t{t}" for s in ("1-d32", "2-d64") for t in (2000, 4000, 6000)]
+    assert [f.name for f in folders] == sorted(
+        f"L{s}-t{t}" for s in ("1-d32", "2-d64") for t in (512, 1024, 1536)
+    )
     assert all((f / DONE).is_file() and (f / "report.html").is_file() for f in folders)
-    assert [read_run(f).tokens for f in folders[:3]] == [2048, 4096, 6144]  # 1, 2 and 3 steps of 16 x 128
+    assert sorted(read_run(f).tokens for f in folders[:3]) == [512, 1024, 1536]  # 1, 2, 3 steps of 4 x 128
     assert run(sweep_cmd, data + SHORT["sweep"]).startswith("6 runs, 6 already finished")
     run(pretrain_cmd, data + SHORT["pretrain"])
     held = RunConfig.from_yaml(tmp_path / "runs" / "heldout" / "run.yaml")
     base = RunConfig.from_yaml(folders[0] / "run.yaml")
     (_, shape), *_ = plan_runs(base, SweepConfig(shapes=["4x128"], tokens=[1]))
     assert held.model == shape.model  # the held-out run is the sweep's 4x128 shape
-    out = run(fit_cmd, [])
+    out = run(fit_cmd, SHORT["fit"])
     assert "held-out run heldout (" in out and (tmp_path / "runs" / "fit" / "scaling_fit.png").is_file()
