@@ -127,6 +127,10 @@ def lamina_module_names(hf_name: str, cfg: ModelConfig) -> list[str]:
                 return [f"blocks.{i}.{inv[rest]}"]
     elif hf_name == "lm_head":
         return ["lm_head"]
+    elif family == "llama":  # a whole top-level module saved with the adapter (final norm, embeddings)
+        top = {k.removesuffix(".weight"): v.removesuffix(".weight") for k, v in _LLAMA_TOP.items()}
+        if hf_name in top:
+            return [top[hf_name]]
     raise CheckpointError(f"adapter module {hf_name!r} is not a {family} linear layer lamina can map")
 
 
@@ -375,6 +379,21 @@ def _saved_keys(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) 
     return out
 
 
+def check_savable(model: Transformer) -> None:
+    """Check, before training, that ``save_adapter`` can write ``model``'s adapter: its family has PEFT
+    names and every ``modules_to_save`` module is one PEFT module of its own.
+
+    Raises ``CheckpointError`` naming the module (for example GPT-2's q_proj, one third of ``c_attn``)."""
+    _family(model.config)
+    for name in saved_modules(model):
+        hf = hf_module_name(name, model.config)
+        if lamina_module_names(hf, model.config) != [name]:
+            raise CheckpointError(
+                f"modules_to_save: {name} is part of PEFT's {hf}, which an adapter saves as one tensor; "
+                "train it through lora.target_modules instead"
+            )
+
+
 def saved_module_tensors(model: Transformer, path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """The ``modules_to_save`` tensors of the adapter at ``path`` under ``model``'s parameter names
     (``base_model.model.score.weight`` -> ``task_head.classifier.weight``).
@@ -384,7 +403,13 @@ def saved_module_tensors(model: Transformer, path: str | os.PathLike[str]) -> di
     own = dict(model.named_parameters())
     out: dict[str, torch.Tensor] = {}
     for key, (hf, param) in _saved_keys(tensors, config).items():
-        (name,) = lamina_module_names(hf, model.config)
+        names = lamina_module_names(hf, model.config)
+        if len(names) != 1:
+            raise CheckpointError(
+                f"{path}: {key} is saved for {hf}, which lamina splits into {', '.join(names)}; a whole "
+                "module saved with the adapter must map to one lamina module"
+            )
+        (name,) = names
         target = own.get(f"{name}.{param}")
         if target is None or target.shape != tensors[key].shape:
             got = "no such parameter" if target is None else f"shape {tuple(target.shape)}"

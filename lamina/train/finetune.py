@@ -312,6 +312,12 @@ def finetune(
             f"the lora section trains adapters for task=sft, dpo, grpo or reward; task={t.task} trains a "
             "new head"
         )
+    if run.lora is not None and run.lora.modules_to_save and t.task in ("dpo", "grpo"):
+        raise ConfigError(
+            f"lora.modules_to_save trains whole modules, but task={t.task} scores its reference model by "
+            "switching the adapters off, which would keep those modules trained; leave modules_to_save empty "
+            "(or train them in an sft run first)"
+        )
     qlora = run.lora.base_weights if run.lora is not None else None
     device = run.train.device
     if qlora in ("int8", "int4") and device != "cpu" and (device != "auto" or torch.cuda.is_available()):

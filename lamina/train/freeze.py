@@ -58,13 +58,16 @@ def apply_run_lora(lora: LoraConfig | None, model: Transformer, seed: int) -> li
     """
     if lora is None:
         return []
+    from lamina.checkpoint.peft import check_savable
     from lamina.model.lora import apply_lora, count_trainable, lora_layers
 
     before, (_, base_params) = _frozen_bytes(model), count_trainable(model)
     torch.manual_seed(seed)
     apply_lora(model, lora)
+    check_savable(model)  # a module the adapter could not hold fails now, not at the first checkpoint
     trained, _ = count_trainable(model)
-    total = base_params + trained  # a quantized base's weights are buffers: counted from before
+    adapters = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    total = base_params + adapters  # a quantized base's weights are buffers: counted from before
     notes = [
         f"LoRA r={lora.r} on {len(lora_layers(model))} layers: {trained:,} of {total:,} parameters "
         f"train ({trained / total:.2%})"

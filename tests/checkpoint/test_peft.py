@@ -226,3 +226,20 @@ def test_peft_reward_adapter_with_score_head_loads(tmp_path: Path) -> None:
         want = theirs.eval()(input_ids=ids).logits.squeeze(-1)
         got = ours.eval()(ids).squeeze(-1)
     assert (got - want).abs().max() < 1e-6 and want.abs().min() > 0
+
+
+def test_a_module_peft_cannot_save_whole_is_refused_before_training(
+    base: tuple[str, Path, Transformer],
+) -> None:
+    """GPT-2's q_proj is one third of PEFT's c_attn: saved whole it would overwrite k and v. The refusal
+    comes from check_savable (run before training), not from the first checkpoint."""
+    from lamina.checkpoint.peft import check_savable
+
+    family, _, model = base
+    whole = "blocks.0.attn.q_proj"
+    lora = _lamina_lora(model, modules_to_save=[whole], target_modules=["blocks.0.mlp.*"])
+    if family == "gpt2":
+        with pytest.raises(CheckpointError, match=r"part of PEFT's transformer\.h\.0\.attn\.c_attn"):
+            check_savable(lora)
+    else:
+        check_savable(lora)  # Llama's q_proj is a module of its own

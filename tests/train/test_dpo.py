@@ -358,6 +358,22 @@ def test_finetune_reward_model_with_lora(tiny: Path, prefs: Path, tmp_path: Path
     assert torch.equal(q_tensors["base_model.model.score.weight"], qhead.weight.detach())
 
 
+def test_modules_to_save_refused_for_dpo_and_kept_with_the_reward_head(
+    tiny: Path, prefs: Path, tmp_path: Path
+) -> None:
+    """DPO's reference is the policy with its adapters off, which cannot switch whole modules back: a
+    modules_to_save run is refused. A reward run's own modules_to_save keeps the score head trainable."""
+    from lamina.train.preference import REWARD_HEAD
+
+    lora = {"r": 4, "lora_alpha": 8, "modules_to_save": ["final_norm"]}
+    with pytest.raises(ConfigError, match="modules_to_save trains whole modules, but task=dpo"):
+        finetune(_run(tiny, prefs, tmp_path / "d", "dpo", lora=lora))
+    model, _, _ = finetune(_run(tiny, prefs, tmp_path / "r", "reward", lora=lora, train={"max_steps": 1}))
+    head = model.get_submodule(REWARD_HEAD)
+    assert all(p.requires_grad for p in head.parameters())
+    assert all(p.requires_grad for p in model.final_norm.parameters())
+
+
 def test_bad_pairs_named(tiny: Path, tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     rows = [
