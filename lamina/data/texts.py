@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
+from lamina.data.rows import iter_jsonl
 from lamina.errors import DataError
 
 
@@ -20,24 +20,17 @@ def read_texts(source: str, field: str = "text") -> list[str]:
         field: the JSONL field holding the text
     """
     if source == "-":
-        lines = sys.stdin.read().splitlines()
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise DataError(f"--input {source!r} does not exist; fix: pass a text or .jsonl file")
-        lines = path.read_text(encoding="utf-8").splitlines()
+        return sys.stdin.read().splitlines()
+    path = Path(source)
+    if not path.is_file():
+        raise DataError(f"--input {source!r} does not exist; fix: pass a text or .jsonl file")
     if not source.endswith(".jsonl"):
-        return lines
+        return path.read_text(encoding="utf-8").splitlines()
     texts = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{source}:{n} is not valid JSON ({e.msg}); fix the line or use a text file"
-            ) from None
+    for n, row in iter_jsonl(
+        path,
+        lambda n, e: DataError(f"{source}:{n} is not valid JSON ({e.msg}); fix the line or use a text file"),
+    ):
         if not isinstance(row, dict) or not isinstance(row.get(field), str):
             raise DataError(f"{source}:{n} has no string field {field!r}; fix: pass --field NAME")
         texts.append(row[field])
