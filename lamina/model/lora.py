@@ -35,6 +35,7 @@ import fnmatch
 import itertools
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -266,7 +267,18 @@ def saved_modules(model: nn.Module) -> dict[str, nn.Module]:
 def _spill(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """``state`` written to a temporary file and read back memory-mapped (tied tensors stay tied): the
     same values, paged in from disk only when read. The file is unlinked at once where the OS allows
-    (the mapping keeps it alive), else when the process exits."""
+    (the mapping keeps it alive), else when the process exits. The file goes to ``tempfile.gettempdir()``
+    (``$TMPDIR``; where that is a tmpfs, the file is memory again: point ``TMPDIR`` at a disk).
+
+    Raises ``ConfigError`` when that folder has too little free space for the fp32 base."""
+    need = sum(v.numel() * v.element_size() for v in {v.data_ptr(): v for v in state.values()}.values())
+    folder = tempfile.gettempdir()
+    free = shutil.disk_usage(folder).free
+    if free < need * 1.05 + 2**20:
+        raise ConfigError(
+            f"QLoRA keeps the fp32 base on disk ({need / 2**20:,.0f} MiB) but {folder} has "
+            f"{free / 2**20:,.0f} MiB free; point TMPDIR at a folder with room"
+        )
     fd, path = tempfile.mkstemp(prefix="lamina-lora-base-", suffix=".pt")
     os.close(fd)
     try:

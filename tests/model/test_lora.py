@@ -197,3 +197,16 @@ def test_config_from_text_as_flags_and_yaml_give_it() -> None:
     ).target_modules == ["all-linear"]
     with pytest.raises(ConfigError):
         build(LoraConfig, {"base_weights": "int3"})
+
+
+def test_qlora_refuses_a_temp_folder_without_room_for_the_fp32_base(
+    base: Transformer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fp32 base is spilled to $TMPDIR before quantizing: a folder without room is named up front."""
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10, 10, 0))
+    with pytest.raises(ConfigError, match="QLoRA keeps the fp32 base on disk .* point TMPDIR"):
+        _lora(base, r=4, base_weights="int8")
