@@ -208,5 +208,5 @@ def test_qlora_refuses_a_temp_folder_without_room_for_the_fp32_base(
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10, 10, 0))
-    with pytest.raises(ConfigError, match="QLoRA keeps the fp32 base on disk .* point TMPDIR"):
+    with pytest.raises(ConfigError, match=r"QLoRA keeps the fp32 base on disk .* point TMPDIR"):
         _lora(base, r=4, base_weights="int8")
