@@ -72,6 +72,12 @@ class AgentResult:
         return [o for s in self.steps for o in s.observations]
 
 
+_CUT_CALL = (
+    "error: your tool call was cut at the token limit before it ended; call the tool again with shorter "
+    "arguments"
+)
+
+
 class Agent:
     """A tool-calling loop over ``model`` (a ``ChatModel``; a ``Callable[[str], str]`` runs ReAct).
 
@@ -105,6 +111,19 @@ class Agent:
         self.parallel_tool_calls = parallel_tool_calls
         self.max_observation_chars = max_observation_chars
         self.react = not hasattr(model, "chat") if react is None else react
+        try:  # checked now: an observation saying so would reach only the model, never the user
+            import jsonschema
+        except ImportError:
+            raise ConfigError(
+                "an Agent validates tool arguments with jsonschema; pip install 'lamina[apps]'"
+            ) from None
+        for tool in self.tools.values():
+            try:
+                jsonschema.Draft202012Validator.check_schema(tool.parameters)
+            except jsonschema.SchemaError as e:
+                raise ConfigError(
+                    f"tool {tool.name!r} has an invalid parameters schema: {e.message}"
+                ) from None
 
     def run(
         self,
@@ -125,6 +144,10 @@ class Agent:
         for _ in range(self.max_steps):
             reply = chat.chat(messages, tools, self.tool_choice, self.parallel_tool_calls, stream)
             messages.append(reply.message())
+            if not reply.tool_calls and self.tool_choice == "required" and reply.finish_reason == "length":
+                steps.append(AgentStep(reply))  # a call cut by the token limit is no answer: say so, go on
+                messages.append({"role": "user", "content": _CUT_CALL})
+                continue
             if not reply.tool_calls:
                 steps.append(AgentStep(reply))
                 return AgentResult(reply.content or "", steps, "answer", messages)

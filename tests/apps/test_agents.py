@@ -158,6 +158,19 @@ def test_step_limit_asks_for_the_answer_without_tools() -> None:
         Agent(model, [add, add])
 
 
+def test_a_call_cut_by_the_token_limit_is_no_answer_and_a_bad_schema_is_refused() -> None:
+    """Under tool_choice="required" a reply cut at the limit (no parsable call) is a failed step that the
+    model hears about, not the final answer; a tool whose schema is invalid is refused when built."""
+    model = Scripted([Reply('{"name": "add", "argum', [], "length"), calls(("add", {"a": 1, "b": 2}))])
+    model.replies.append(Reply("3"))
+    result = Agent(model, [add], max_steps=2, tool_choice="required").run("1 + 2?")
+    assert result.answer == "3" and result.finish_reason == "max_steps" and len(result.steps) == 3
+    assert "cut at the token limit" in model.seen[1][0][-1]["content"]
+    broken = Tool("broken", "d", {"type": "object", "properties": {"x": {"type": 7}}}, add)
+    with pytest.raises(ConfigError, match="tool 'broken' has an invalid parameters schema"):
+        Agent(model, [broken])
+
+
 def lambda_free_long() -> str:
     """A long result."""
     return "x" * 50
