@@ -231,12 +231,16 @@ def upscale_grid(model: str | Path, sampling: SamplingConfig, out: OutputConfig)
     )
 
 
+MAX_UPSCALE_PIXELS = 4096 * 4096  # the largest output upscale_images writes (its fp32 canvas, ~200 MB)
+
+
 def upscale_images(model: str | Path, sampling: SamplingConfig, input: str | Path, out: str | Path,
                    overlap: float = 0.25) -> list[Path]:  # fmt: skip
     """Enlarge a user's own images by the model's factor at their full size (``pipelines.upscale`` in
     overlapping tiles): ``input`` an image file -> the PNG ``out``; a folder -> one PNG per image under
     the folder ``out`` (same relative names). Returns the paths written. Raises ``ConfigError`` for a
-    model that is not a super-resolution one or a missing input."""
+    model that is not a super-resolution one, a missing input or an output over ``MAX_UPSCALE_PIXELS``.
+    In a folder, images under ``out`` are skipped (a rerun does not enlarge its own results)."""
     m = load(model, sampling)
     if not m.unet.config.low_res_channels or m.low_res_factor < 2:
         raise ConfigError(
@@ -246,7 +250,12 @@ def upscale_images(model: str | Path, sampling: SamplingConfig, input: str | Pat
     if src.is_file():
         pairs = [(src, Path(out))]
     elif src.is_dir():
-        found = sorted(f for f in src.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        dest = Path(out).resolve()  # a rerun with out inside input must not enlarge its own results
+        found = sorted(
+            f
+            for f in src.rglob("*")
+            if f.suffix.lower() in IMAGE_SUFFIXES and not f.resolve().is_relative_to(dest)
+        )
         if not found:
             raise ConfigError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {src}")
         pairs = [(f, Path(out) / f.relative_to(src).with_suffix(".png")) for f in found]
@@ -254,6 +263,12 @@ def upscale_images(model: str | Path, sampling: SamplingConfig, input: str | Pat
         raise ConfigError(f"{src} is neither an image file nor a folder of images")
     for f, target in pairs:
         low = read_image(f, None, m.unet.config.in_channels)
+        pixels = low.shape[-1] * low.shape[-2] * m.low_res_factor**2
+        if pixels > MAX_UPSCALE_PIXELS:
+            raise ConfigError(
+                f"{f}: {low.shape[-1]}x{low.shape[-2]} enlarged {m.low_res_factor}x is {pixels:,} pixels, "
+                f"over the limit of {MAX_UPSCALE_PIXELS:,}; crop or shrink it first"
+            )
         big = P.upscale(m.unet, m.noise, low, m.low_res_factor, overlap, sampling.sampler, sampling.steps,
                         sampling.eta, **_kw(sampling))  # type: ignore[arg-type]  # fmt: skip
         P.save_grid(big, target, nrow=1, padding=0)

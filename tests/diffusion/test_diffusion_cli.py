@@ -102,7 +102,9 @@ def test_a_colour_image_folder_trains_samples_and_exports_by_class(
     assert made.labels.tolist() == [0, 0, 0, 1, 1, 1]
 
 
-def test_upscale_enlarges_a_users_own_files(upscale_run: Path, tmp_path: Path) -> None:
+def test_upscale_enlarges_a_users_own_files(
+    upscale_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A low-resolution file is enlarged as it is (not downsampled first): 7x5 -> 14x10; a folder gives
     one PNG per image."""
     from PIL import Image
@@ -118,3 +120,13 @@ def test_upscale_enlarges_a_users_own_files(upscale_run: Path, tmp_path: Path) -
                  "--out", str(tmp_path / "big")]) == 0  # fmt: skip
     assert [Image.open(tmp_path / "big" / n).size for n in ("a.png", "b.png")] == [(14, 10), (18, 24)]
     assert main(["diffusion", "upscale", str(tmp_path), *FAST, "--input", str(out)]) == 1
+    # out inside input: a rerun skips its own results
+    assert main(["diffusion", "upscale", str(upscale_run), *FAST, "--input", str(tmp_path / "in"),
+                 "--out", str(tmp_path / "in" / "big")]) == 0  # fmt: skip
+    assert main(["diffusion", "upscale", str(upscale_run), *FAST, "--input", str(tmp_path / "in"),
+                 "--out", str(tmp_path / "in" / "big")]) == 0  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "in" / "big").rglob("*")) == ["a.png", "b.png"]
+    Image.new("L", (3000, 3000)).save(tmp_path / "huge.png")
+    assert main(["diffusion", "upscale", str(upscale_run), *FAST, "--input", str(tmp_path / "huge.png"),
+                 "--out", str(tmp_path / "huge-big.png")]) == 1  # fmt: skip
+    assert "over the limit of 16,777,216" in capsys.readouterr().err
