@@ -363,10 +363,10 @@ def tools_system_prompt(tools: Sequence[Tool | Mapping[str, Any] | Callable[...,
     )
 
 
-def parse_calls(text: str) -> list[ToolCall] | None:
-    """The calls in a model's output in lamina's call form; None when the output is a text answer (it does
-    not start with ``{``, or is not a ``{"tool_calls": [...]}`` object). Never evaluates the text: JSON
-    only. A call whose ``arguments`` are not an object keeps them as written (the agent reports it)."""
+def call_list(text: str) -> list[Any] | None:
+    """The ``tool_calls`` list of a model's output in lamina's call form, entries as written; None when the
+    output is a text answer (it does not start with ``{``, or is not a ``{"tool_calls": [...]}`` object).
+    Never evaluates the text: JSON only. (``parse_calls`` here and ``lamina serve`` read calls with it.)"""
     if not text.lstrip().startswith("{"):
         return None
     try:
@@ -374,7 +374,15 @@ def parse_calls(text: str) -> list[ToolCall] | None:
     except ValueError:
         return None
     calls = value.get("tool_calls") if isinstance(value, dict) else None
-    if not isinstance(calls, list):
+    return calls if isinstance(calls, list) else None
+
+
+def parse_calls(text: str) -> list[ToolCall] | None:
+    """The calls in a model's output in lamina's call form; None when the output is a text answer (see
+    :func:`call_list`). A call whose ``arguments`` are not an object keeps them as written (the agent
+    reports it)."""
+    calls = call_list(text)
+    if calls is None:
         return None
     out = []
     for c in calls:

@@ -27,7 +27,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from lamina.apps.tools import tool_choice_controls
+from lamina.apps.tools import call_list, tool_choice_controls
 from lamina.apps.tools import tools_system_prompt as _tools_system_prompt
 from lamina.serve.errors import bad_request
 
@@ -144,14 +144,8 @@ def render_tool_messages(
 
 def parse_tool_calls(text: str) -> list[dict[str, Any]] | None:
     """OpenAI ``tool_calls`` (with new ids) from an output in lamina's call form; None for a text answer."""
-    if not text.lstrip().startswith("{"):
-        return None
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return None
-    calls = value.get("tool_calls") if isinstance(value, dict) else None
-    if not isinstance(calls, list):
+    calls = call_list(text)
+    if calls is None:
         return None
     return [
         {
