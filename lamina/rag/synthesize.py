@@ -37,7 +37,13 @@ if TYPE_CHECKING:
 
 NOT_FOUND = "Not found in the sources."
 RESPONSE_MODES = ("compact", "refine", "tree_summarize")
-CITATION = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")  # [3] and [1, 2]
+# a run of markers ([3], [1, 2], [1][2]) with the blanks before it; not right after an identifier character,
+# ] or ) (sys.argv[0], args[1], f(x)[2], m[0][1]: indexing, not a citation)
+CITATION = re.compile(r"([ \t]*)(?<![\w\])])((?:\[\d+(?:\s*,\s*\d+)*\])+)")
+# where [n] is code, not a citation: ``` / ~~~ fences (an unclosed one runs to the end) and `inline` spans
+CITATION_CODE = re.compile(
+    r"^[ \t]*(`{3,}|~{3,}).*?(?:^[ \t]*\1[`~]*[ \t]*$|\Z)|(`+)(?!`).+?(?<!`)\2(?!`)", re.M | re.S
+)
 
 INSTRUCTIONS = (
     "Answer the question using only the numbered sources below. Cite the sources you use with their "
@@ -154,23 +160,32 @@ def compact_prompt(
 
 def cite(text: str, shown: list[Citation], calls: int = 0) -> Answer:
     """Read the [n] markers of ``text``: each number of a passage in ``shown`` becomes a citation (in order
-    of first mention); a marker naming a number not shown is removed from the text and counted."""
+    of first mention); a marker naming a number not shown is removed from the text (with the blanks before
+    it) and counted. ``[n]`` right after an identifier character, ``]`` or ``)`` (``sys.argv[0]``) and
+    ``[n]`` inside code (``inline`` spans, ``` fences) are not markers: left as they are, not counted."""
     by_number = {s.number: s for s in shown}
     cited: dict[int, Citation] = {}
     dropped = 0
+    code = [m.span() for m in CITATION_CODE.finditer(text)]
 
     def keep(m: re.Match[str]) -> str:
         nonlocal dropped
-        numbers = [int(n) for n in m.group(1).split(",")]
-        good = [n for n in numbers if n in by_number]
-        dropped += len(numbers) - len(good)
-        for n in good:
-            cited.setdefault(n, by_number[n])
-        return "[" + ", ".join(str(n) for n in good) + "]" if good else ""
+        if any(a <= m.start(2) < b for a, b in code):
+            return m.group(0)
+        kept = []
+        for marker in m.group(2)[1:-1].split("]["):
+            numbers = [int(n) for n in marker.split(",")]
+            good = [n for n in numbers if n in by_number]
+            dropped += len(numbers) - len(good)
+            for n in good:
+                cited.setdefault(n, by_number[n])
+            kept += ["[" + ", ".join(str(n) for n in good) + "]"] if good else []
+        if kept:
+            return m.group(1) + "".join(kept)
+        after = text[m.end() : m.end() + 1]
+        return "" if not after or after.isspace() or after in ".,;:!?" else m.group(1)
 
     clean = CITATION.sub(keep, text)
-    if dropped:
-        clean = re.sub(r"[ \t]+([.,;:!?])", r"\1", re.sub(r"[ \t]{2,}", " ", clean))
     return Answer(clean.strip(), list(cited.values()), list(shown), dropped, True, calls)
 
 
