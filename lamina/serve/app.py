@@ -175,6 +175,7 @@ def create_app(registry: Registry, config: ServeConfig | None = None) -> FastAPI
         if req.rag is not None and req.rag is not False:
             grounding = await run_in_threadpool(ground, req, served, index, config)
             if not grounding.shown:  # nothing retrieved: "not found", no model call
+                await run_in_threadpool(prepare_chat, req, served, config)  # a bad request is still a 400
                 n = _n(req.n, config)
                 if req.stream:
                     return _sse(not_found_stream(served.name, n, include))
@@ -202,7 +203,8 @@ def create_app(registry: Registry, config: ServeConfig | None = None) -> FastAPI
     async def retrieve(req: RetrieveRequest) -> RetrieveResponse:
         """The passages of the server's index (``--index``) that best answer ``query``, best first: each
         with its document, span (character offsets in the document), page, score and rank (``number``).
-        400 without an index, for a ``top_k`` over ``max_retrieve_top_k``, an unknown mode or bad filters."""
+        400 without an index, for a ``top_k`` over ``max_retrieve_top_k``, an unknown mode, bad or too many
+        filters (``schemas.RagOptions``) or a query over ``schemas.MAX_QUERY_CHARS``."""
         served_index = raise_for_rag(index)
         hits = await run_in_threadpool(served_index.search, req.query, req, config)
         cfg_mode = req.mode or RetrieveConfig.mode

@@ -16,12 +16,22 @@ model embeds the query: a served embedding model when it is that model, else loa
 context window, the question), and the answer's markers are read by ``lamina.rag.synthesize.cite`` (a
 number no prompt showed is removed and counted). The generation itself runs on the model's engine like
 any chat request (batched, streamed, cancellable). When retrieval finds nothing (or nothing reaches
-``score_threshold``) the answer is "Not found in the sources." and the model is not called.
+``score_threshold``) the answer is "Not found in the sources." and the model is not called (the request
+is still checked as a model call would be: a bad one is a 400 either way).
+
+``rag`` is refused (400) with tools and with an output constraint (``response_format`` json_object /
+json_schema, ``choices``, ``json_schema``, ``regex``, ``grammar`` and vLLM's ``guided_*``): the answer cites
+as ``[n]`` in free text, which a constrained output would not allow (and reading its markers would rewrite
+e.g. JSON's ``[7]``). ``[n]`` after an identifier character, ``]`` or ``)`` (``sys.argv[0]``) or inside code
+is not a citation (``cite``). A query (or grounded question) has at most ``MAX_QUERY_CHARS`` characters,
+filters at most ``MAX_FILTER_KEYS`` keys of ``MAX_FILTER_VALUES`` values (``schemas.RagOptions``); a store
+error the request caused (SQLite's "too many SQL variables", an integer it cannot bind) is a 400.
 """
 
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -37,8 +47,10 @@ from lamina.rag.synthesize import NOT_FOUND, Citation, SynthesizeConfig, cite, c
 from lamina.rag.types import Hit, Store
 from lamina.serve.errors import APIError, bad_request, context_length_exceeded
 from lamina.serve.outputs import DONE, new_id
+from lamina.serve.params import _ALIASES, _CONSTRAINTS
 from lamina.serve.registry import Registry, ServedModel
 from lamina.serve.schemas import (
+    MAX_QUERY_CHARS,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatMessageOut,
@@ -94,6 +106,14 @@ class ServedIndex:
                 return retrieve(self.store, query, cfg, self.embedder)
             except ConfigError as e:
                 raise bad_request(str(e), param="query") from None
+            except (OverflowError, sqlite3.OperationalError) as e:  # the request's size, not the server
+                if isinstance(e, sqlite3.OperationalError) and not any(w in str(e) for w in _TOO_BIG):
+                    raise
+                raise bad_request(
+                    f"the index cannot run this query ({e}): use fewer or smaller filter values, or a "
+                    "shorter query",
+                    param="filters" if options.filters else "query",
+                ) from None
 
     def describe(self) -> dict[str, Any]:
         """What the page shows: the embedding model and the number of chunks (no path: /lamina/config is
@@ -104,6 +124,9 @@ class ServedIndex:
     def close(self) -> None:
         with self.lock:
             self.store.close()
+
+
+_TOO_BIG = ("too many", "too big", "too complex", "too large")  # SQLite's limits, reached by a request
 
 
 def retrieve_config(options: RagOptions, limits: ServeConfig) -> RetrieveConfig:
@@ -176,6 +199,13 @@ def ground(
         )
     if req.tools:
         raise bad_request("rag cannot be combined with tools; send one or the other", param="rag")
+    constraint = output_constraint(req)
+    if constraint is not None:
+        raise bad_request(
+            f"rag cannot be combined with {constraint}: a grounded answer cites its sources as [n] in "
+            f"free text, which {constraint} would not allow; send one or the other",
+            param="rag",
+        )
     options = rag_options(req.rag)
     last = req.messages[-1]
     if last.role != "user":
@@ -187,6 +217,12 @@ def ground(
     question = content if isinstance(content, str) else "".join(p.text or "" for p in content or [])
     if not question.strip():
         raise bad_request("rag needs a question: the last message is empty", param="messages")
+    if len(question) > MAX_QUERY_CHARS:
+        raise bad_request(
+            f"rag's question (the last message) has {len(question)} characters, more than a retrieval "
+            f"query may have ({MAX_QUERY_CHARS}); shorten it",
+            param=f"messages[{len(req.messages) - 1}].content",
+        )
     hits = index.search(question, options, limits)
     if not hits:
         return Grounding(req, [], [])
@@ -214,6 +250,15 @@ def ground(
         ) from None
     messages = [*req.messages[:-1], last.model_copy(update={"content": prompt})]
     return Grounding(req.model_copy(update={"messages": messages}), shown, hits)
+
+
+def output_constraint(req: ChatCompletionRequest) -> str | None:
+    """The name of the output constraint ``req`` sets (``response_format`` json_object / json_schema, or
+    the extra fields choices, json_schema, regex, grammar and vLLM's guided_* names), else None."""
+    if req.response_format is not None and req.response_format.type != "text":
+        return f"response_format {req.response_format.type!r}"
+    extra = req.model_extra or {}
+    return next((k for k in (*_CONSTRAINTS, *_ALIASES) if extra.get(k) is not None), None)
 
 
 def rag_options(rag: bool | dict[str, Any] | None) -> RagOptions:

@@ -18,9 +18,10 @@ forms, ``usage``, legacy completions ``logprobs`` (``tokens``, ``token_logprobs`
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # -- requests -----------------------------------------------------------------------------------------------
 
@@ -136,6 +137,11 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None  # a tool message: the call it answers
 
 
+MAX_FILTER_KEYS = 16  # keys of one filters object
+MAX_FILTER_VALUES = 1000  # values of one filter key's list (SQLite binds at most 32,766 per query)
+MAX_QUERY_CHARS = (
+    8000  # a retrieval query (embedded, and one full-text OR term per word, under the index lock)
+)
 Scalar = str | int | float | bool
 FilterValue = Scalar | list[Scalar]
 
@@ -154,17 +160,39 @@ class RagOptions(BaseModel):
     filters: dict[str, FilterValue] | None = Field(
         default=None,
         description="metadata filters: {key: value} or {key: [any of these]}; doc_id, doc_id_prefix and kind "
-        "match the chunk's own fields (lamina.rag.types.FILTERS_HELP)",
+        f"match the chunk's own fields (lamina.rag.types.FILTERS_HELP); at most {MAX_FILTER_KEYS} keys, "
+        f"{MAX_FILTER_VALUES} values a key, integers within int64",
     )
     score_threshold: float | None = Field(
         default=None, description="minimum score (cosine for dense/hybrid, BM25 for bm25): below it, nothing"
     )
 
+    @field_validator("filters")
+    @classmethod
+    def _bounded(cls, filters: dict[str, FilterValue] | None) -> dict[str, FilterValue] | None:
+        """What the stores can bind: a bounded number of keys and values, int64 integers, finite floats."""
+        if filters is None:
+            return None
+        if len(filters) > MAX_FILTER_KEYS:
+            raise ValueError(f"{len(filters)} filter keys, at most {MAX_FILTER_KEYS} are allowed")
+        for key, want in filters.items():
+            values = want if isinstance(want, list) else [want]
+            if len(values) > MAX_FILTER_VALUES:
+                raise ValueError(
+                    f"filter {key!r} has {len(values)} values, at most {MAX_FILTER_VALUES} are allowed"
+                )
+            for v in values:
+                if isinstance(v, int) and not isinstance(v, bool) and not -(2**63) <= v < 2**63:
+                    raise ValueError(f"filter {key!r}: the integer {v} is outside int64")
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ValueError(f"filter {key!r}: {v} is not a finite number")
+        return filters
+
 
 class RetrieveRequest(RagOptions):
     """``POST /v1/retrieve`` (lamina): the passages of the server's index that best answer ``query``."""
 
-    query: str = Field(min_length=1)
+    query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
 
 
 class ChatCompletionRequest(SamplingExtras):

@@ -7,6 +7,7 @@ answer that cites."""
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ import httpx
 import pytest
 from tiny_chat import tiny_lm
 from tiny_index import DOCS, build_index, chat_lm
+
+from lamina.rag.synthesize import Citation, cite
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +84,10 @@ def test_retrieve_returns_passages_with_document_span_page_and_score(server: Any
         ({"query": ""}, "query", "at least 1 character"),
         ({"query": "   "}, "query", "empty"),
         ({"query": "cat", "k": 3}, "k", "Unrecognized"),
+        ({"query": "cat", "filters": {"doc_id": ["d"] * 40_000}}, "filters", "at most 1000"),
+        ({"query": "cat", "filters": {"page": 2**64}}, "filters", "outside int64"),
+        ({"query": "cat", "filters": {f"k{i}": 1 for i in range(17)}}, "filters", "at most 16"),
+        ({"query": "cat " * 2001}, "query", "at most 8000 characters"),
     ],
 )
 def test_hostile_retrieve_requests_get_400s(
@@ -192,6 +199,14 @@ def test_nothing_retrieved_answers_not_found_without_the_model(server: Any) -> N
         ({"rag": True, "messages": [{"role": "system", "content": "hi"}]}, "messages[0]", "user's question"),
         ({"rag": True, "max_tokens": 1020}, "messages", "does not fit"),
         ({"rag": {"score_threshold": 1.5}, "n": 10**6}, "n", "more than the server allows"),
+        # nothing retrieved ("not found") still checks the request as a model call would
+        ({"rag": {"score_threshold": 1.5}, "top_logprobs": 2}, "top_logprobs", "needs logprobs"),
+        ({"rag": {"score_threshold": 1.5}, "no_such_field": 1}, "no_such_field", "Unrecognized"),
+        ({"rag": {"filters": {"doc_id": list(range(1001))}}}, "rag.filters", "at most 1000"),
+        ({"rag": True, "response_format": {"type": "json_object"}}, "rag", "response_format 'json_object'"),
+        ({"rag": True, "guided_regex": "[0-9]+"}, "rag", "guided_regex"),
+        ({"rag": True, "choices": ["a", "b"]}, "rag", "choices"),
+        ({"rag": True, "messages": [{"role": "user", "content": "x" * 8001}]}, "messages[0]", "(8000)"),
     ],
 )
 def test_hostile_grounded_requests_get_400s(
@@ -230,3 +245,58 @@ def test_lamina_serve_takes_index_as_a_flag() -> None:
     )
     cfg = build(ServeConfig, values(args, ServeConfig))
     assert cfg.index == "docs.sqlite" and cfg.max_retrieve_top_k == 7
+
+
+SHOWN = [Citation(i, f"d{i}", f"d{i}#0", 0, 1, None, f"d{i}", "x") for i in (1, 2, 3)]
+
+
+@pytest.mark.parametrize(
+    ("text", "out", "cited", "dropped"),
+    [
+        ("A [1] and B [2, 9], not [7].", "A [1] and B [2], not.", [1, 2], 2),
+        ("sys.argv[0] and args[1] are lists [2]", "sys.argv[0] and args[1] are lists [2]", [2], 0),
+        ("f(x)[3] and m[0][1] index", "f(x)[3] and m[0][1] index", [], 0),
+        ("both [3][1][9] agree", "both [3][1] agree", [3, 1], 1),
+        ("use `a [1]` and ``b [7]`` [2]", "use `a [1]` and ``b [7]`` [2]", [2], 0),
+        ("so:\n```py\nx = [1]\n    y = [9]\n```\nthen [9]  [3]", "so:\n```py\nx = [1]\n    y = [9]\n```\nthen  [3]",
+         [3], 1),
+        ("cut off\n~~~\nz = [2]", "cut off\n~~~\nz = [2]", [], 0),  # a fence not closed yet (a stream)
+        ("a stray ` [2]", "a stray ` [2]", [2], 0),
+    ],
+)  # fmt: skip
+def test_cite_reads_markers_not_indexing_or_code(text: str, out: str, cited: list[int], dropped: int) -> None:
+    """Served answers go through cite: indexing (``sys.argv[0]``) and code keep their brackets and are no
+    citations; only an invented marker is removed, with the blanks before it (code indentation kept)."""
+    a = cite(text, SHOWN)
+    assert (a.text, [c.number for c in a.citations], a.dropped_citations) == (out, cited, dropped)
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (sqlite3.OperationalError("too many SQL variables"), 400),
+        (OverflowError("Python int too large to convert to SQLite INTEGER"), 400),
+        (sqlite3.OperationalError("disk I/O error"), None),  # the server's fault: raised (a 500)
+    ],
+)
+def test_store_errors_the_request_caused_are_400s(
+    monkeypatch: pytest.MonkeyPatch, error: Exception, status: int | None
+) -> None:
+    from lamina.serve import grounding
+    from lamina.serve.errors import APIError
+    from lamina.serve.schemas import RagOptions
+    from lamina.serve.settings import ServeConfig
+
+    def fail(*args: Any) -> None:
+        raise error
+
+    monkeypatch.setattr(grounding, "retrieve", fail)
+    index = grounding.ServedIndex(store=None, embedder=None)  # type: ignore[arg-type]
+    options = RagOptions(filters={"doc_id": ["a", "b"]})
+    if status is None:
+        with pytest.raises(type(error)):
+            index.search("cat", options, ServeConfig())
+        return
+    with pytest.raises(APIError) as e:
+        index.search("cat", options, ServeConfig())
+    assert e.value.status == status and e.value.param == "filters" and "fewer" in e.value.message
