@@ -170,7 +170,14 @@ class Engine:
     while one thread calls ``step``. An encoder-decoder's requests give their source as the prompt (see
     the module docstring). ``prefix_cache_mib`` > 0 keeps the keys and values of prompt prefixes across
     requests, up to that many MiB (``lamina.generate.prefix_cache``; a decoder's requests then prefill
-    only what follows their longest cached prefix; the output does not change); 0: off. Raises
+    only what follows their longest cached prefix; the output does not change); 0: off. A model with
+    dynamic RoPE (``rope_scaling="dynamic"``, which scales a forward's frequencies by its longest
+    position, so a key depends on the whole prompt that computed it) gets neither prefix caching nor
+    chunked prefill: its prompts are prefilled whole. Equality with one request at a time holds up to
+    float rounding for fp32/bf16 weights; with int8/int4 weights (``lamina.model.quant``, whose matmul
+    kernel depends on the rows of a forward, batch-mates included) within that kernel's rounding (~3e-4
+    in logprobs for int8). ``max_prefill_tokens`` counts the tokens a prompt runs through the model (not
+    its cached prefix). Raises
     ``ConfigError`` for a model (or draft) that cannot generate, a negative ``prefix_cache_mib``, and for
     a draft with an encoder-decoder.
     """
@@ -220,8 +227,11 @@ class Engine:
         self._device, self._dtype = p.device, p.dtype
         if prefix_cache_mib < 0:
             raise ConfigError(f"prefix_cache_mib={prefix_cache_mib} must be >= 0 (0: no prefix caching)")
+        # dynamic RoPE scales a forward by its longest position: the keys of a cached block or of a chunk
+        # would depend on the prompt or chunk that computed them (logprobs off by ~1e-3): whole prompts only
+        self._whole_prompts = model.config.rope_scaling == "dynamic"
         self.prefix_cache: PrefixCache | None = None
-        if prefix_cache_mib > 0 and not self._enc_dec:
+        if prefix_cache_mib > 0 and not self._enc_dec and not self._whole_prompts:
             budget = int(prefix_cache_mib * 2**20)
             self.prefix_cache = PrefixCache(model.config, budget, dtype=self._dtype, device=self._device)
 
@@ -436,7 +446,8 @@ class Engine:
         with self._lock:
             while self._queue:
                 req = self._queue[0]
-                if taken and prefill + req.prefill_tokens > budget:
+                cost = req.prefill_tokens - self._cached_length(req)  # its cached prefix is not run
+                if taken and prefill + cost > budget:
                     break
                 need = (
                     len(req.prompt)
@@ -453,8 +464,15 @@ class Engine:
                     break
                 taken.append(self._queue.popleft())
                 rows, tokens = rows + req.rows, tokens + req.rows * need
-                prefill += req.prefill_tokens
+                prefill += cost
         return taken
+
+    def _cached_length(self, req: _Request) -> int:
+        """Prompt tokens of ``req`` its admission would load from the prefix cache now (read-only)."""
+        pc = self.prefix_cache
+        if pc is None or req.source is not None or req.cfg.prompt_logprobs is not None:
+            return 0  # an encoder-decoder's, or a prompt whose logprobs are wanted, runs whole
+        return pc.cached_length(req.prompt, self._rid_adapter.get(req.request_id, 0))
 
     def _join(self, prefilled: KVCache, rows: int, capacity: int, row: int = 0) -> None:
         """Add ``rows`` copies of a prefilled request's cache row ``row`` to the batch's cache."""
@@ -528,14 +546,14 @@ class Engine:
 
         A lone request whose prompt (after its cached prefix) is longer than ``budget`` tokens is
         prefilled in chunks of at most ``max_prefill_tokens``, one per step (``_Partial``), so that the
-        running sequences keep getting a token every step."""
+        running sequences keep getting a token every step (not under dynamic RoPE: see ``Engine``)."""
         salts = [self._rid_adapter.get(r.request_id, 0) for r in reqs]
         pc = self.prefix_cache
         found = [
             pc.lookup(r.prompt, s) if pc is not None else (0, None) for r, s in zip(reqs, salts, strict=True)
         ]
         out: list[Delta] = []
-        if len(reqs) == 1 and len(reqs[0].prompt) - found[0][0] > budget:
+        if len(reqs) == 1 and not self._whole_prompts and len(reqs[0].prompt) - found[0][0] > budget:
             (req,), ((hit, kv),) = reqs, found
             cache = KVCache(self.model.config, 1, len(req.prompt), self._dtype, self._device)
             if kv is not None:
@@ -570,6 +588,8 @@ class Engine:
             if self.prefix_cache is not None:
                 self.prefix_cache.store(prompt, part.cache, part.salt, start=part.cached)
             out += self._start(part.req, logits[:, -1], part.cache, 0)
+            if all(s.finish_reason is not None for s in part.req.seqs):  # done at its first token
+                self._rid_adapter.pop(part.req.request_id, None)
         return n
 
     def _start(self, req: _Request, last: Tensor, cache: KVCache, row: int) -> list[Delta]:

@@ -13,7 +13,10 @@ Matching is exact on token ids (and on a ``salt``: the LoRA adapter, whose keys 
 at most ``max_bytes`` of keys and values; past it the least recently used block that no other cached
 block continues is evicted (leaves first, so every cached block's prefix stays cached). The output does
 not change: the loaded keys are those the prompt's own prefill would compute (up to float rounding of the
-different matmul shapes, ~1e-7 in fp32).
+different matmul shapes, ~1e-7 in fp32; with int8/int4 weights, whose matmul kernel depends on the rows of
+a forward (``lamina.model.quant``), within that kernel's rounding, ~3e-4 in logprobs for int8). This holds
+only when a key depends on its position and the tokens before it: not under dynamic RoPE
+(``rope_scaling="dynamic"`` scales a forward by its longest position), where the engine keeps no cache.
 """
 
 from __future__ import annotations
@@ -63,7 +66,8 @@ class PrefixCache:
     ``lookup`` gives the longest cached prefix of a prompt (whole blocks, always leaving the prompt's last
     token to run, since its logits are needed) as one (2, n_layers, n_kv_heads, P, head_dim) tensor;
     ``load`` copies it into row 0 of a fresh ``KVCache``; ``store`` keeps the whole blocks of a prefilled
-    row (``stats`` counts tokens looked up and found, blocks stored and evicted). Raises ``ConfigError`` for ``block_size`` < 1 or a
+    row (``stats`` counts tokens looked up and found, blocks stored and evicted); ``cached_length`` is
+    ``lookup``'s length without using the blocks. Raises ``ConfigError`` for ``block_size`` < 1 or a
     negative budget. For decoders (an encoder-decoder's decoder prompt is one start token).
     """
 
@@ -124,6 +128,11 @@ class PrefixCache:
         P = len(chain) * self.block_size
         self.stats.hit += P
         return P, torch.cat([b.kv for b in chain], dim=3)
+
+    def cached_length(self, prompt: Sequence[int], salt: int = 0) -> int:
+        """How many tokens of ``prompt`` ``lookup`` would give now (whole blocks, never its last token),
+        without counting as a use: no stats, no recency (the engine's admission budget asks it)."""
+        return len(self._chain(prompt, salt, len(prompt) - 1)) * self.block_size
 
     def load(self, prompt: Sequence[int], cache: KVCache, salt: int = 0) -> int:
         """Copy the longest cached prefix of ``prompt`` (``lookup``) into row 0 of the empty ``cache``:

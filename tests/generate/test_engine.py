@@ -371,3 +371,26 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_batch_decodes() -> None:
     engine.cancel(again)
     engine.step()
     assert again[0].finish_reason == "abort" and not engine.has_work()
+
+
+@torch.no_grad()
+def test_a_chunked_request_done_at_its_first_token_forgets_its_adapter() -> None:
+    # before: only the requests admitted in a step were cleaned up, so a chunked prompt's adapter entry
+    # stayed when it finished at its first token (and every later decode took the per-row adapter path)
+    from lamina.generate.engine import Engine
+    from lamina.model.lora import add_multi_adapter
+
+    model = _tiny_model()
+    lin = model.blocks[0].attn.q_proj
+    add_multi_adapter(
+        model,
+        "a",
+        {"blocks.0.attn.q_proj": (torch.randn(2, lin.in_features), torch.randn(lin.out_features, 2), 1.0)},
+    )
+    engine = Engine(model, max_prefill_tokens=16)
+    (seq,) = engine.submit(list(range(1, 41)), GenerationConfig(temperature=0.0, max_new_tokens=1), adapter=1)
+    engine.step()
+    assert not seq.tokens and engine._rid_adapter  # chunked: 16 of its 40 tokens
+    while engine.has_work():
+        engine.step()
+    assert len(seq.tokens) == 1 and engine._rid_adapter == {} and engine._row_adapters() == []
