@@ -14,9 +14,10 @@ at most ``max_bytes`` of keys and values; past it the least recently used block 
 block continues is evicted (leaves first, so every cached block's prefix stays cached). The output does
 not change: the loaded keys are those the prompt's own prefill would compute (up to float rounding of the
 different matmul shapes, ~1e-7 in fp32; with int8/int4 weights, whose matmul kernel depends on the rows of
-a forward (``lamina.model.quant``), within that kernel's rounding: logprobs 3e-4 to 7e-3 apart on tiny models). This holds
-only when a key depends on its position and the tokens before it: not under dynamic RoPE
-(``rope_scaling="dynamic"`` scales a forward by its longest position), where the engine keeps no cache.
+a forward (``lamina.model.quant``), within that kernel's rounding: logprobs 3e-4 to 7e-3 apart on tiny
+models). This holds only when a key depends on its position and the tokens before it: not under dynamic
+RoPE (``rope_scaling="dynamic"`` scales a forward by its longest position), where the engine keeps no
+cache.
 """
 
 from __future__ import annotations
