@@ -177,8 +177,8 @@ class Engine:
     float rounding for fp32/bf16 weights; with int8/int4 weights (``lamina.model.quant``, whose matmul
     kernel depends on the rows of a forward, batch-mates included) within that kernel's rounding (logprobs
     3e-4 to 7e-3 apart on tiny models). ``max_prefill_tokens`` counts the tokens a prompt runs through
-    the model (not its cached prefix). Raises ``ConfigError`` for a model (or draft) that cannot generate, a negative ``prefix_cache_mib``, and for
-    a draft with an encoder-decoder.
+    the model (not its cached prefix). Raises ``ConfigError`` for a model (or draft) that cannot
+    generate, a negative ``prefix_cache_mib``, and for a draft with an encoder-decoder.
     """
 
     def __init__(
