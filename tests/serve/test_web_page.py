@@ -549,6 +549,7 @@ def test_grounded_replies_show_clickable_sources(
             "[1]<script>x()</script>[2]",
             '[1, 9]" onclick="x',
             "`[1]` [2](http://a)",
+            "sys.argv[1] and f(x)[2] are code; [1][2] cite",
         ]
         html = browser.execute_script(
             "return arguments[0].map(t => window.lamina.renderMarkdown(t, {numbers: [1, 2], prefix: 'p'}))",
@@ -562,6 +563,7 @@ def test_grounded_replies_show_clickable_sources(
         assert (
             "<code>[1]</code>" in html[3] and 'href="http://a"' in html[3]
         )  # code and links stay themselves
+        assert "argv[1]" in html[4] and "f(x)[2]" in html[4] and html[4].count('class="cite"') == 2
         browser.save_screenshot(str(browser.shots / "sources-1440.png"))
         _open(browser, server.url + "/")  # a reload keeps the sources and the links
         assert len(browser.execute_script("return document.querySelectorAll('#pane-a .sources li')")) == 4

@@ -25,12 +25,13 @@ function inline(escaped, cite) {
   s = s.replace(/\[([^\]\n]+)\]\((https?:\/\/[^\s)]+)\)/g, (_, label, url) =>
     hold('<a href="' + url + '" target="_blank" rel="noopener noreferrer nofollow">' + label + "</a>"));
   if (cite) {
-    s = s.replace(/\[(\d+(?:\s*,\s*\d+)*)\]/g, (whole, list) => {
+    // a marker run not right after a word character, ] or ) (sys.argv[0], f(x)[1] are code), as cite() reads it
+    s = s.replace(/(?<![\w\])])(?:\[\d+(?:\s*,\s*\d+)*\])+/g, (run) => run.replace(/\[(\d+(?:\s*,\s*\d+)*)\]/g, (whole, list) => {
       const nums = list.split(",").map((x) => Number(x.trim()));
       if (!nums.some((n) => cite.numbers.includes(n))) return whole; // a number no source has stays text
       return hold("[" + nums.map((n) => (cite.numbers.includes(n)
         ? '<a class="cite" href="#' + cite.prefix + "-" + n + '">' + n + "</a>" : String(n))).join(", ") + "]");
-    });
+    }));
   }
   s = s.replace(/\*\*([^*\n]+)\*\*/g, "<strong>$1</strong>");
   s = s.replace(/(^|[^\w*])\*([^*\n]+)\*(?!\w)/g, "$1<em>$2</em>");
