@@ -507,24 +507,7 @@ class Engine:
                 r.seq.finish_reason = "length"
                 out.append(Delta(r.seq, None, r._flush()))
             return out
-        last = logits[:, -1].float().expand(len(running), -1)
-        joined = []
-        for r, tok, lp in zip(running, *self._choose_safely(last, running), strict=True):
-            if tok < 0:
-                out.append(Delta(r.seq, None, r._flush()))
-                continue
-            out.append(r.delta(tok, lp))
-            if r.seq.finish_reason is None:
-                r.feed = tok
-                joined.append(r)
-        if joined:
-            self._join(cache, len(joined), len(prompt) + budget)
-            self._running += joined
-            spec = [r.feed for r in joined if r.spec]
-            if spec:
-                assert self._drafter is not None
-                self._drafter.admit(prompt, spec)
-        return out
+        return self._start(req, logits[:, -1], cache, 0)
 
     def _batched_prefill(self, req: _Request) -> bool:
         """Whether the request's prompt is prefilled with the other plain ones of its step
