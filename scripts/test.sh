@@ -9,4 +9,5 @@ bash scripts/setup.sh --test
 "$PY" -m ruff check .
 "$PY" -m ruff format --check .
 "$PY" -m mypy lamina
-"$PY" -m pytest -q "$@"
+# two pytest-xdist workers (one torch thread each; tests/conftest.py), a test file per worker at a time
+"$PY" -m pytest -q -n 2 --dist loadfile "$@"

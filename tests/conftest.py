@@ -10,6 +10,11 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # scripts/test.sh: two workers share the cores, one thread each
+    os.environ["OMP_NUM_THREADS"] = "1"  # (subprocesses too): oversubscribed OpenMP threads spin and stall
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
