@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="example: lamina chat smollm2 --system 'You answer in one sentence.' --temperature 0.7",
     )
     p.add_argument("model", metavar="MODEL", help="path, models-directory name or packaged name")
-    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--system", help="system prompt")
     add_config_file(p)
     add_model_flags(p)
     add_adapter_flags(p)

@@ -81,7 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     mode.add_argument(
         "--raw", dest="chat", action="store_false", help="use the prompt as-is, no chat template"
     )
-    p.add_argument("--system", default=None, metavar="TEXT", help="system message (chat mode)")
+    p.add_argument("--system", metavar="TEXT", help="system message (chat mode)")
     add_config_file(p)
     add_model_flags(p)
     add_adapter_flags(p)
