@@ -31,7 +31,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 from common import headline, machine
@@ -116,21 +118,25 @@ async def stream_one(client: httpx.AsyncClient, prompt: str, tokens: int, run: R
     }
     start = time.perf_counter()
     last = None
+    async for chunk in sse_chunks(client, body):
+        now = time.perf_counter()
+        if chunk.get("usage"):
+            run.tokens += chunk["usage"]["completion_tokens"]
+        if chunk["choices"] and chunk["choices"][0]["text"]:
+            if last is None:
+                run.ttft.append(now - start)
+            else:
+                run.itl.append(now - last)
+            last = now
+
+
+async def sse_chunks(client: httpx.AsyncClient, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    """The parsed chunks of one streamed /v1/completions request, as they arrive."""
     async with client.stream("POST", "/v1/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            now = time.perf_counter()
-            if chunk.get("usage"):
-                run.tokens += chunk["usage"]["completion_tokens"]
-            if chunk["choices"] and chunk["choices"][0]["text"]:
-                if last is None:
-                    run.ttft.append(now - start)
-                else:
-                    run.itl.append(now - last)
-                last = now
+            if line.startswith("data: ") and line != "data: [DONE]":
+                yield json.loads(line[6:])
 
 
 async def first_token(client: httpx.AsyncClient, prompt: str) -> tuple[float, int]:
@@ -138,16 +144,11 @@ async def first_token(client: httpx.AsyncClient, prompt: str) -> tuple[float, in
     body = {"model": "smollm2", "prompt": prompt, "max_tokens": 2, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     start, ttft, used = time.perf_counter(), float("nan"), 0
-    async with client.stream("POST", "/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                used = chunk["usage"]["prompt_tokens"]
-            if chunk["choices"] and chunk["choices"][0]["text"] and ttft != ttft:
-                ttft = time.perf_counter() - start
+    async for chunk in sse_chunks(client, body):
+        if chunk.get("usage"):
+            used = chunk["usage"]["prompt_tokens"]
+        if chunk["choices"] and chunk["choices"][0]["text"] and ttft != ttft:
+            ttft = time.perf_counter() - start
     return ttft, used
 
 
