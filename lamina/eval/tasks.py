@@ -20,6 +20,9 @@ parquet files, or one saved with ``Dataset.save_to_disk``, works in place of the
 - ``bigbench_NAME``: ``DIR/bigbench/NAME/task.json`` (BIG-bench JSON: ``examples`` with ``target_scores``
   for multiple choice, or ``target`` for generation; ``example_input_prefix`` / ``example_output_prefix``).
 - ``gsm8k``: ``DIR/gsm8k/{test,train}.jsonl`` (``question``, ``answer`` ending "#### N"); generation.
+  Few-shot examples are drawn from the train file as lm-eval's default sampler draws them (one
+  ``random.Random(seed)`` for the task, ``rng.sample(train, k)`` per item in order): the same seed gives
+  lm-eval's ``gsm8k`` prompts.
 - ``squad``: ``DIR/squad/dev-v1.1.json`` (+ ``train-v1.1.json``), SQuAD's nested JSON; generation, with
   lm-eval's ``squadv2`` prompt ("Title: ...\\n\\nBackground: ...\\n\\nQuestion: ...\\n\\nAnswer:").
 
@@ -405,7 +408,7 @@ TASKS: dict[str, TaskSpec] = {
         ("gsm8k/test.jsonl", "gsm8k/test-*.parquet", "gsm8k/test"),
         ("gsm8k/train.jsonl", "gsm8k/train-*.parquet", "gsm8k/train"),
         _gsm8k,
-        {"sampler": "first_n", "until": ["Question:", "</s>", "<|im_end|>"]},
+        {"until": ["Question:", "</s>", "<|im_end|>"]},
     ),
     "squad": TaskSpec(
         "generate",

@@ -102,3 +102,25 @@ def test_metrics_agree_on_answers_with_known_scores(setup: Any, monkeypatch: pyt
     _check(got, want)
     for name, metric in (("gsm8k", "strict_match"), ("gsm8k", "flexible_extract"), ("squad", "f1")):
         assert 0 < want["results"][name][metric] < 1, (name, metric)
+
+
+def test_gsm8k_few_shot_draws_equal_lm_eval(setup: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """k-shot GSM8K prompts: lamina draws the same train examples as lm-eval's default sampler for the
+    same seed (one ``Random(seed)`` per task, ``sample(train, k)`` per item in order)."""
+    import random
+
+    from lm_eval.tasks import get_task_dict
+
+    from lamina.eval.tasks import load_task
+
+    root, _, tm = setup
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    task = get_task_dict(["gsm8k_local"], tm)["gsm8k_local"]
+    task.set_fewshot_seed(seed=1234)  # (lm_eval.simple_evaluate's default fewshot_random_seed)
+    theirs = [task.fewshot_context(doc, 2) for doc in task.eval_docs]
+    ours = load_task("gsm8k", root / "data")
+    rng = random.Random(1234)
+    mine = [ours.context(item, 2, rng) for item in ours.items]
+    assert mine == theirs
+    assert len(set(mine)) > 1 and len({m.split("Question:")[1] for m in mine}) > 1  # the draws vary
