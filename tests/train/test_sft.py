@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from interrupting import assert_same_weights  # tests/train/interrupting.py
+from interrupting import assert_same_weights, losses  # tests/train/interrupting.py
 from safetensors.torch import load_file
 from tiny_chat import WORDS, tiny_lm
 
@@ -172,13 +173,42 @@ def test_lora_trains_only_adapters_saves_peft_and_resumes_exactly(
         assert not torch.equal(base.eval()(ids), model(ids))
     # exact resume, as for full fine-tuning
     out = tmp_path / "out"
-    finetune(_lora_run(tiny, chat_file, out))
+    _stopped_at_step_4(ref, out)
+    finetune(_lora_run(tiny, chat_file, out), resume=True)
+    _assert_same_run(out, ref)
+
+
+def _stopped_at_step_4(ref: Path, out: Path) -> None:
+    """OUT: the run in REF as if stopped after step 4 (only the step-4 checkpoint is left)."""
+    shutil.copytree(ref, out)
     shutil.rmtree(out / "checkpoints" / "step-00000008")
     shutil.rmtree(out / "last")
-    finetune(_lora_run(tiny, chat_file, out), resume=True)
+
+
+def _leaves(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _leaves(v, f"{prefix}.{k}")
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from _leaves(v, f"{prefix}[{i}]")
+    else:
+        yield prefix, tree
+
+
+def _assert_same_run(out: Path, ref: Path) -> None:
+    """The adapter, the step-8 training state (optimizer, scheduler, RNG, adapters) and every logged loss
+    of OUT are bit-identical to REF's."""
     a = load_file(str(out / "last" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(ref / "last" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    state = "checkpoints/step-00000008/train_state/state.pt"
+    sa = dict(_leaves(torch.load(out / state, weights_only=True)))
+    sb = dict(_leaves(torch.load(ref / state, weights_only=True)))
+    assert sa.keys() == sb.keys() and any(".optimizer.state." in k for k in sa)
+    for k, v in sa.items():
+        assert torch.equal(v, sb[k]) if isinstance(v, torch.Tensor) else v == sb[k], k
+    assert losses(out) == losses(ref) and [s for s, _ in losses(out)] == list(range(1, 9))
 
 
 def _base_bytes(model: torch.nn.Module) -> int:
@@ -227,3 +257,23 @@ def test_qlora_trains_adapters_over_an_int4_base(tiny: Path, chat_file: Path, tm
     adapted = load_adapter(last, tmp_path / "q" / "last" / "adapter")
     for name, t in lora_state_dict(q_model).items():
         assert torch.equal(lora_state_dict(adapted)[name], t), name
+
+
+@pytest.mark.parametrize("base_weights", ["int8", "int4"])
+def test_qlora_resumes_exactly(tiny: Path, chat_file: Path, tmp_path: Path, base_weights: str) -> None:
+    """A QLoRA run stopped after step 4 and resumed ends with the uninterrupted run's adapter, optimizer
+    state and losses, bit for bit (the quantized base is rebuilt from the fp32 one the same way)."""
+
+    def run(out: Path) -> FinetuneRun:
+        r = _lora_run(tiny, chat_file, out)
+        assert r.lora is not None
+        r.lora.base_weights = base_weights  # type: ignore[assignment]
+        r.sft.samples = 0
+        return r
+
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    finetune(run(ref))
+    _stopped_at_step_4(ref, out)
+    _, _, result = finetune(run(out), resume=True)
+    assert any(f"QLoRA: the frozen base in {base_weights}" in n for n in result.notes)
+    _assert_same_run(out, ref)
