@@ -1042,7 +1042,7 @@ class TrainConfig:
 
     out_dir: str = "runs/lamina"  # the run's folder: run.yaml, metrics.jsonl, checkpoints/, best/, last/
     optimizer: Optimizer = "adamw"  # adamw, sgd (Nesterov when momentum > 0), rmsprop, lion or adafactor
-    lr: float = 3e-4  # peak learning rate, > 0 (reached after warmup_steps)
+    lr: float = 3e-4  # peak learning rate, >= 0 (reached after warmup_steps; 0 trains nothing: a control run)
     min_lr_ratio: float = 0.1  # linear/cosine/wsd decay to lr x min_lr_ratio
     schedule: Schedule = "cosine"  # the lr after warmup: constant, linear, cosine, step or wsd (stable-decay)
     warmup_steps: int = 100  # optimizer steps of linear warmup to lr, >= 0
@@ -1113,8 +1113,9 @@ class TrainConfig:
         _check_types(self)
         if not 0.0 < self.mlm_probability < 1.0:
             raise ConfigError(f"mlm_probability={self.mlm_probability} must be in (0, 1) (BERT uses 0.15)")
+        if not self.lr >= 0:  # also catches nan; 0 is a control run that changes no weight
+            raise ConfigError(f"lr={self.lr} must be >= 0")
         positive = (
-            "lr",
             "batch_size",
             "grad_accum_steps",
             "eval_every",

@@ -363,6 +363,21 @@ def test_train_config_validation() -> None:
         TrainConfig(optimizer="adam")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="label_smoothing"):
         TrainConfig(label_smoothing=1.5)
+    with pytest.raises(ConfigError, match=r"lr=-0.001 must be >= 0"):
+        TrainConfig(lr=-1e-3)
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd", "rmsprop", "lion", "adafactor"])
+def test_lr_zero_trains_nothing(name: str, tmp_path: Path) -> None:
+    """lr = 0 is a legal control run (GRPO's intended-effect criterion): warmup, decay and weight decay
+    included, every weight stays bit-identical and the logged lr is 0."""
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = _cfg(tmp_path, optimizer=name, lr=0.0, max_steps=3, warmup_steps=1, log_every=1, weight_decay=0.1)
+    train(model, cfg, Windows(), causal_lm(), tokens_per_batch=256)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows if "lr" in r] == [0.0, 0.0, 0.0]
 
 
 class SignalAt(Windows):
