@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lamina.data.rows import pad_id
 from lamina.errors import ConfigError, DataError, LaminaError
 
 ScaleRewards = Literal["group", "batch", "none"]
@@ -370,7 +371,7 @@ class GenerationBatches:
         self.rank, self.world_size, self.is_main = rank, world_size, rank == 0
         self.generations_per_epoch = max(1, len(prompts) // self.per_batch)
         self.weights = torch.tensor(cfg.reward_weights or [1.0] * len(self.rewards), dtype=torch.float32)
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or [0])[0]
+        self.pad = pad_id(tokenizer, eos_ids)
         self._cache: dict[tuple[int, int], dict[str, Tensor]] = {}
         self._round_stats: dict[int, list[dict[str, float]]] = {}  # per round: each micro-batch's metrics
 
