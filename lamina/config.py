@@ -1030,7 +1030,7 @@ class GenerationConfig:
 
 Optimizer = Literal["adamw", "sgd", "rmsprop", "lion", "adafactor"]
 Schedule = Literal["constant", "linear", "cosine", "step", "wsd"]
-Precision = Literal["fp32", "bf16", "fp16"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Parallel = Literal["auto", "none", "ddp", "fsdp"]
 TrainObjective = Literal["causal_lm", "masked_lm", "span_corruption"]
 
@@ -1065,7 +1065,7 @@ class TrainConfig:
     # of the cross-entropy of causal LM, SFT and seq2seq, in [0, 1) (not masked LM)
     label_smoothing: float = 0.0
     dropout: float | None = None  # override every dropout of the model
-    precision: Precision = "fp32"  # fp32, or bf16 / fp16 autocast (fp16 with loss scaling)
+    precision: Precision = "auto"  # auto (bf16 where native, else fp32), fp32, or bf16 / fp16 autocast
     activation_checkpointing: bool = False  # recompute blocks in the backward pass: less memory, more time
     compile: bool = False  # torch.compile the model: slow first steps, then faster ones
     threads: int | None = None  # CPU threads torch uses (None: its default, one per core)

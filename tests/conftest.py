@@ -10,6 +10,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# precision=auto trains in fp32 on every CPU here (lamina.train.precision): the same numbers everywhere
+os.environ.setdefault("LAMINA_NATIVE_BF16", "0")
 if os.environ.get("PYTEST_XDIST_WORKER"):  # scripts/test.sh: two workers share the cores, one thread each
     os.environ["OMP_NUM_THREADS"] = "1"  # (subprocesses too): oversubscribed OpenMP threads spin and stall
     import torch

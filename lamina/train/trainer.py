@@ -2,7 +2,8 @@
 
 The loop knows a model, a ``BatchSource`` (batch ``i`` is a pure function of ``i``, so resuming at step
 k needs only k), an objective (model, batch) -> (mean loss, count), and a ``TrainConfig``. It owns:
-mixed precision; gradient accumulation, token-weighted (a step's loss and gradient are the mean over
+mixed precision (``auto``: bf16 where the hardware has it natively, resolved once per run, printed and
+recorded; ``lamina.train.precision``); gradient accumulation, token-weighted (a step's loss and gradient are the mean over
 every target scored in its micro-batches on every process, as one big batch would give); clipping; the
 optimizer and schedule; evaluation and early stopping; checkpoints (periodic, best, last; atomic; exact
 resume); metrics and the progress bar.
@@ -64,6 +65,7 @@ from lamina.train.freeze import freeze
 from lamina.train.metrics import MetricsLog, peak_flops, plot_curves
 from lamina.train.objectives import Batch, Objective
 from lamina.train.optim import lr_lambda, make_optimizer
+from lamina.train.precision import resolve_precision
 
 if TYPE_CHECKING:
     from lamina.diffusion.unet import UNet
@@ -327,7 +329,10 @@ def train(
             cfg.wsd_decay_fraction,
         ),
     )
-    scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16")
+    precision, why = _precision(cfg.precision, info, start_state)
+    if run_config is not None and isinstance(run_config.get("train"), dict):  # run.yaml: the resolved value
+        run_config = {**run_config, "train": {**run_config["train"], "precision": precision}}
+    scaler = torch.amp.GradScaler(info.device.type, enabled=precision == "fp16")
     step, best_val, bad_evals = 0, math.inf, 0
     if start_state is not None:
         D.load_optimizer_state(net, opt, start_state["optimizer"], info)
@@ -349,6 +354,8 @@ def train(
     step_metrics: Callable[[], dict[str, float]] | None = getattr(objective, "step_metrics", None)
     if data_stats and not resume:
         log.log(0, **data_stats)
+    if cfg.precision == "auto" and info.is_main:
+        print(f"lamina: training in {precision} ({why})", file=sys.stderr)
     if notes and info.is_main:
         for note in notes:
             print(f"lamina: {note}", file=sys.stderr)
@@ -356,8 +363,8 @@ def train(
         flops_per_token = model.config.flops_per_token(cfg.seq_len or model.config.max_seq_len, training=True)
     else:
         flops_per_token = 3 * model.flops()  # an image's forward, and its backward as twice that
-    peak = peak_flops(info.device, cfg.precision) * info.world_size  # of the precision in use
-    autocast = _autocast(cfg.precision, info.device)
+    peak = peak_flops(info.device, precision) * info.world_size  # of the precision in use
+    autocast = _autocast(precision, info.device)
     tokens_per_step = tokens_per_batch * cfg.grad_accum_steps * info.world_size
     norm = float(max(1, tokens_per_batch))
 
@@ -370,6 +377,7 @@ def train(
                 "optimizer": D.full_optimizer_state(net, opt, info),
                 "scheduler": sched.state_dict(),
                 "scaler": scaler.state_dict(),
+                "precision": precision,  # what a resumed precision=auto run computes in
                 "rng": _rng_state(info.device),
                 "step": step,
                 "best_val": best_val,
@@ -709,6 +717,20 @@ def _rng_state(device: torch.device) -> dict[str, Any]:
 
 def _to(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _precision(precision: str, info: D.DistInfo, start_state: dict[str, Any] | None) -> tuple[str, str]:
+    """The precision the run computes in and why (``lamina.train.precision.resolve_precision``): ``auto``
+    is resolved once, when a run starts, and a resumed run keeps the value its checkpoint recorded (the
+    same numerics on other hardware); under torchrun ``auto`` picks bf16 only if every process has it."""
+    if precision == "auto" and start_state is not None and "precision" in start_state:
+        return str(start_state["precision"]), "auto: as the run recorded when it started"
+    resolved, why = resolve_precision(precision, info.device)
+    if precision == "auto" and info.world_size > 1:
+        votes = D.sum_across(torch.tensor(float(resolved == "bf16"), device=info.device), info)
+        if int(votes.item()) < info.world_size:
+            resolved, why = "fp32", "auto: not every process has native bf16"
+    return resolved, why
 
 
 def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:

@@ -1,0 +1,70 @@
+"""The training precision ``auto`` resolves to: bf16 autocast where the hardware computes bf16 natively,
+fp32 elsewhere.
+
+bf16 halves the bytes every matmul reads and, on hardware with bf16 dot products, doubles (AVX-512 BF16)
+or multiplies by ~16 (AMX, tensor cores) the matmul peak; without them torch converts bf16 to fp32 and
+computes there, so bf16 autocast is slower than plain fp32 and ``auto`` keeps fp32. Detected at run time:
+
+- CPU: torch's own CPU-feature probe (``torch.cpu._is_avx512_bf16_supported``, AVX512_BF16's
+  VDPBF16PS; ``torch.cpu._is_amx_tile_supported``, AMX, whose CPUs all have AMX-BF16), the same on
+  every OS.
+- CUDA: ``torch.cuda.is_bf16_supported(including_emulation=False)`` (compute capability 8.0, Ampere, or
+  newer).
+- Anything else (MPS, ...): fp32.
+- ``LAMINA_NATIVE_BF16=0`` (or ``1``) in the environment overrides the probe: the test suite sets 0, so
+  its training numbers are the same on every CPU.
+
+The trainer resolves ``auto`` once, at the start of a run, prints the choice with its reason and records
+the resolved value in run.yaml and in every checkpoint's train state; ``--resume`` uses that recorded
+value, so a run resumed on other hardware keeps its numerics.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def native_bf16(device: torch.device | str = "cpu") -> tuple[bool, str]:
+    """Whether ``device`` computes bf16 matmuls natively, and the evidence in a few words
+    (e.g. ``"the CPU has AVX512_BF16"``)."""
+    forced = os.environ.get("LAMINA_NATIVE_BF16")
+    if forced in ("0", "1"):
+        return forced == "1", f"LAMINA_NATIVE_BF16={forced}"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return True, f"{name} has bf16 tensor cores"
+        return False, f"{name} has no native bf16 (compute capability below 8.0)"
+    if dev.type != "cpu":
+        return False, f"bf16 autocast is not chosen automatically on {dev.type}"
+    cpu = getattr(torch, "cpu", None)
+    found = [
+        name
+        for name, probe in (("AMX", "_is_amx_tile_supported"), ("AVX512_BF16", "_is_avx512_bf16_supported"))
+        if _probe(cpu, probe)
+    ]
+    if found:
+        return True, f"the CPU has {' and '.join(found)}"
+    return False, "the CPU has neither AVX512_BF16 nor AMX (bf16 would be converted to fp32 and run slower)"
+
+
+def resolve_precision(precision: str, device: torch.device | str = "cpu") -> tuple[str, str]:
+    """``precision`` (a ``TrainConfig.precision``) as the one the run computes in, with the reason:
+    ``auto`` becomes ``bf16`` where ``native_bf16(device)``, else ``fp32``; fp32 / bf16 / fp16 stay.
+
+    Returns ``(precision, reason)``, e.g. ``("bf16", "auto: the CPU has AVX512_BF16")``."""
+    if precision != "auto":
+        return precision, "set in the config"
+    native, why = native_bf16(device)
+    return ("bf16" if native else "fp32"), f"auto: {why}"
+
+
+def _probe(module: object, name: str) -> bool:
+    fn = getattr(module, name, None)
+    try:
+        return bool(fn()) if fn is not None else False
+    except RuntimeError:
+        return False
