@@ -10,8 +10,10 @@ precision the row computes in (fp32, or bf16 for the bf16 autocast row).
 Targets (one ``headline:`` line each at the end, see common.py): lamina fp32 >= 0.95x the bare loop's
 tokens/s, and fp32 MFU >= 60% (0.6x the fp32 matmul rate); with the bf16 variant on a CPU with native
 bf16 (AVX-512 BF16 or AMX, detected by torch at run time), bf16 autocast MFU >= 60% of the bf16 matmul
-rate measured in the same run (on other CPUs the run says that fp32 is the precision to train in). Runs with or without the ``train`` extra
-(TensorBoard, matplotlib): the timed runs write no events and no plot.
+rate measured in the same run (on other CPUs the run says that fp32 is the precision to train in). The
+run prints what the trainer's default ``precision: auto`` picks on this machine
+(``lamina.train.precision``); every row sets its precision explicitly. Runs with or without the ``train``
+extra (TensorBoard, matplotlib): the timed runs write no events and no plot.
 
     python benchmarks/train_throughput.py [--steps 8] [--warmup 3] [--variants fp32,bf16,compile]
     python benchmarks/train_throughput.py --quick      # 3 steps after 1 warm-up, fp32 only
@@ -25,12 +27,13 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import cpu_features, headline, machine
+from common import headline, machine
 
 from lamina.config import ModelConfig, TrainConfig
 from lamina.model.transformer import Transformer
 from lamina.train.metrics import matmul_peak_flops
 from lamina.train.objectives import causal_lm
+from lamina.train.precision import native_bf16, resolve_precision
 from lamina.train.trainer import train
 
 B, T = 8, 256
@@ -114,9 +117,11 @@ def main() -> None:
     print(f"model: {cfg.n_params / 1e6:.1f}M parameters, {fpt / 1e6:.0f} MFLOP per token, batch {B} x {T}")
     for precision, rate in peak.items():
         print(f"measured {precision} matmul peak (2048^2): {rate / 1e9:.1f} GFLOP/s")
-    native_bf16 = "avx512_bf16" in cpu_features() or "amx" in cpu_features()
-    if not native_bf16:
-        print("this CPU has no native bf16 (no AVX-512 BF16 or AMX): fp32 is the precision to train in here")
+    native, evidence = native_bf16("cpu")
+    default, why = resolve_precision("auto", "cpu")
+    print(f"the trainer's default (precision: auto) trains in {default} here ({why})")
+    if not native:
+        print(f"no native bf16 ({evidence}): fp32 is the precision to train in here")
         if "bf16" in variants:
             print("(the bf16 row below is emulated bf16, slow; it has no target on this CPU)")
     ref = bare_loop(args.steps, args.warmup)
@@ -139,7 +144,7 @@ def main() -> None:
         headline("train fp32 tokens/s", fp32 / ref, "bare PyTorch loop", 0.95)
         headline("train fp32 MFU", fpt * fp32 / peak["fp32"], "fp32 matmul peak", 0.6)
     bf16 = next((tps for name, _, tps in rows if name == "lamina train() bf16 autocast"), None)
-    if bf16 is not None and native_bf16:  # issue 23: bf16 training at >= 60% of the bf16 matmul peak
+    if bf16 is not None and native:  # issue 23: bf16 training at >= 60% of the bf16 matmul peak
         headline("train bf16 MFU", fpt * bf16 / peak["bf16"], "bf16 matmul peak", 0.6)
 
 
