@@ -12,7 +12,8 @@
   ``$`` and a trailing period are dropped before comparing.
 
 Decoding is greedy with the task's stop strings (lm-eval's ``until``) and ``max_new_tokens``; every prompt
-goes through one engine (``lamina.generate.batch.generate_batch``).
+goes through one engine (``generate_greedy``). A prompt longer than the window keeps its last
+``max_length - max_new_tokens`` tokens, as lm-eval's ``hf`` backend cuts it (``HFLM.generate_until``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import random
 import re
 import string
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from lamina.errors import ConfigError
@@ -79,6 +80,57 @@ def extract_number(text: str, strict: bool = True) -> str | None:
     return _clean_number(found[-1]) if found else None
 
 
+def generate_greedy(
+    lm: LoadedModel,
+    contexts: Sequence[str],
+    stops: Sequence[Sequence[str]],
+    max_new_tokens: Sequence[int],
+    max_length: int | None = None,
+    max_batch_size: int = 16,
+    progress: Progress | None = None,
+) -> list[str]:
+    """Greedy continuations of raw-text ``contexts`` as lm-eval's ``hf`` backend makes them
+    (``HFLM.generate_until``): context i is encoded (``add_special_tokens`` as the tokenizer is set up)
+    and, when longer, cut from the left to its last ``max_length - max_new_tokens[i]`` tokens (an
+    encoder-decoder's source: to ``max_length``); decoding stops at eos, a string of ``stops[i]`` or
+    ``max_new_tokens[i]`` tokens; the new tokens are decoded on their own (a SentencePiece word's leading
+    space dropped, as ``tokenizer.decode`` does) and the text is cut at each stop string in turn.
+    ``max_length`` defaults to the model's ``max_seq_len``. All contexts decode together on one engine
+    (rows of at most ``max_batch_size``). Raises ``ConfigError`` when a ``max_new_tokens`` leaves no room
+    for context (lm-eval asserts the same)."""
+    from lamina.generate.engine import Engine
+    from lamina.generate.text import build_prompt_ids, generation_config
+
+    limit = max_length or lm.model.config.max_seq_len
+    enc_dec = lm.model.config.arch == "encoder-decoder"
+    engine = Engine(lm.model, lm.tokenizer, lm.generation.eos_token_ids, max_batch_size=max_batch_size)
+    seqs = []
+    for context, stop, n in zip(contexts, stops, max_new_tokens, strict=True):
+        room = limit if enc_dec else limit - n
+        if room <= 0:
+            raise ConfigError(
+                f"max_gen_toks={n} leaves no room for the context in max_length={limit} tokens; "
+                "ask for fewer new tokens"
+            )
+        ids = build_prompt_ids(lm, context, chat=False)[-room:]
+        cfg = generation_config(lm, None, temperature=0.0, stop=list(stop), max_new_tokens=n)
+        seqs.append(engine.submit(ids, cfg)[0])
+    finished = 0
+    while engine.has_work():
+        done = len({id(d.seq) for d in engine.step() if d.finished})
+        finished += done
+        if progress is not None and done:
+            progress(finished, len(seqs))
+    out = []
+    for seq, stop in zip(seqs, stops, strict=True):  # the new tokens decoded alone, as the hf backend does
+        text = lm.tokenizer.decode(seq.tokens, skip_special_tokens=True) if lm.tokenizer else ""
+        for s in stop:
+            if s:
+                text = text.split(s)[0]
+        out.append(text)
+    return out
+
+
 def evaluate_generation(
     lm: LoadedModel,
     task: Task,
@@ -92,20 +144,15 @@ def evaluate_generation(
     """Greedy answers to ``task``'s items (kind "generate") with ``shots`` examples drawn with ``seed``,
     scored as the module doc says (``exact_match``, ``f1``; for GSM8K also ``strict_match`` and
     ``flexible_extract``)."""
-    from lamina.generate.batch import generate_batch
-
     if task.kind != "generate":
         raise ConfigError(f"task {task.name} is a multiple-choice task; use evaluate_multiple_choice")
     rng = random.Random(seed)
     items = task.items[:limit] if limit is not None else task.items
     contexts = [task.context(item, shots, rng) for item in items]
-    rows = generate_batch(
-        lm, [{"prompt": c} for c in contexts], chat=False, max_batch_size=max_batch_size,
-        progress=progress, temperature=0.0, stop=task.until, max_new_tokens=max_new_tokens,
-    )  # fmt: skip
+    outputs = generate_greedy(lm, contexts, [task.until] * len(contexts), [max_new_tokens] * len(contexts),
+                              max_batch_size=max_batch_size, progress=progress)  # fmt: skip
     samples = []
-    for n, (item, context, row) in enumerate(zip(items, contexts, rows, strict=True)):
-        output = row["text"]
+    for n, (item, context, output) in enumerate(zip(items, contexts, outputs, strict=True)):
         if task.name == "gsm8k":
             gold = extract_number(item.answers[0])
             metrics = {

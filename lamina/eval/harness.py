@@ -14,7 +14,9 @@ In Python, ``import lamina.eval.harness`` registers the model for ``lm_eval.simp
 ``TemplateLM`` encodes them), with every request of one context scored after one pass over it
 (``lamina.eval.multiple_choice.score_continuations``). ``loglikelihood_rolling`` uses lm-eval's rolling
 windows (prefix token, ``max_length`` tokens each). ``generate_until`` decodes greedily on lamina's batched
-engine and cuts the text at the first stop string, as the ``hf`` backend does.
+engine and cuts the text at the first stop string, and cuts a context longer than ``max_length -
+max_gen_toks`` tokens from the left, as the ``hf`` backend does
+(``lamina.eval.generation_tasks.generate_greedy``).
 
 A running ``lamina serve`` is evaluated with lm-eval's own ``local-completions`` model instead (no lamina
 install needed on the client)::
@@ -157,28 +159,20 @@ class LaminaLM(TemplateLM):
         return totals
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        from lamina.generate.batch import generate_batch
+        from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
+
+        from lamina.eval.generation_tasks import generate_greedy
 
         eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
-        prepared, stops = [], []
-        for req in requests:
-            context, kwargs = req.args
-            kwargs = dict(kwargs or {})
-            until = kwargs.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
-            if eos not in until:
-                until.append(eos)
-            max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
-            prepared.append({"prompt": context, "max_new_tokens": max_new, "stop": until})
-            stops.append(until)
-        rows = generate_batch(self.lm, prepared, chat=False, max_batch_size=self.batch_size, temperature=0.0)
-        out = []
-        for req, row, until in zip(requests, rows, stops, strict=True):
-            text = row["text"]
-            for stop in until:
-                if stop:
-                    text = text.split(stop)[0]
-            out.append(text)
+        contexts, stops, budgets = [], [], []
+        for req in requests:  # the hf backend's reading of until / max_gen_toks (and its aliases)
+            context, gen_kwargs = req.args
+            kwargs = normalize_gen_kwargs(dict(gen_kwargs or {}), self.max_gen_toks)
+            contexts.append(context)
+            stops.append(handle_stop_sequences(kwargs.pop("until", None), eos=eos))
+            budgets.append(int(kwargs.pop("max_gen_toks")))
+        out = generate_greedy(self.lm, contexts, stops, budgets, self.max_length, self.batch_size)
+        for req, text in zip(requests, out, strict=True):
             self.cache_hook.add_partial("generate_until", req.args, text)
         return out
 

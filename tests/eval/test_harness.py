@@ -10,7 +10,7 @@ from typing import Any
 import lm_eval  # noqa: F401  (the test extra installs it: a missing reference fails, never skips)
 import pytest
 import torch
-from tiny_chat import tiny_lm
+from tiny_chat import WORDS, tiny_lm
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,29 @@ def test_rolling_and_generate(model: Any) -> None:
         _instances("generate_until", [("the cat", {"until": ["mat"], "max_gen_toks": 5})])
     )
     assert len(outs) == 1 and "mat" not in outs[0]
+
+
+def test_generate_until_cuts_long_contexts_from_the_left(model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A context over ``max_length - max_gen_toks`` tokens is decoded from its last that many tokens (lm-eval's
+    ``HFLM.generate_until``: ``left_truncate_len``), not refused; a short one goes in whole; a
+    ``max_gen_toks`` that leaves no room is a ConfigError."""
+    from lamina.errors import ConfigError
+    from lamina.generate.engine import Engine
+
+    sent: list[list[int]] = []
+    submit = Engine.submit
+    monkeypatch.setattr(
+        Engine, "submit", lambda self, ids, *a, **k: sent.append(list(ids)) or submit(self, ids, *a, **k)
+    )
+    long = " ".join(WORDS[(i * 5) % len(WORDS)] for i in range(150))
+    ids = model.lm.tokenizer.encode(long)
+    assert len(ids) > model.max_length  # (over the whole window: the engine alone refuses it)
+    args = [(long, {"until": ["zzz"], "max_gen_toks": 8}), ("the cat", {"until": ["zzz"], "max_gen_toks": 4})]
+    outs = model.generate_until(_instances("generate_until", args))
+    assert len(outs) == 2
+    assert sent == [ids[-(model.max_length - 8) :], model.lm.tokenizer.encode("the cat")]
+    with pytest.raises(ConfigError, match="max_gen_toks=64"):
+        model.generate_until(_instances("generate_until", [("the cat", {"max_gen_toks": 64})]))
 
 
 @pytest.mark.slow

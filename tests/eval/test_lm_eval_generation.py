@@ -94,10 +94,10 @@ def test_metrics_agree_on_answers_with_known_scores(setup: Any, monkeypatch: pyt
             refs[n % len(refs)].upper() if n % 3 == 2 else refs[n % len(refs)]
         )
 
-    def fake(lm: Any, requests: list[dict], **_: Any) -> list[dict]:
-        return [{"text": answer(r["prompt"])} for r in requests]
+    def fake(lm: Any, contexts: list[str], *_: Any, **__: Any) -> list[str]:
+        return [answer(c) for c in contexts]
 
-    monkeypatch.setattr(importlib.import_module("lamina.generate.batch"), "generate_batch", fake)
+    monkeypatch.setattr(importlib.import_module("lamina.eval.generation_tasks"), "generate_greedy", fake)
     got, want = _both(setup, monkeypatch, max_new=6)
     _check(got, want)
     for name, metric in (("gsm8k", "strict_match"), ("gsm8k", "flexible_extract"), ("squad", "f1")):

@@ -46,20 +46,53 @@ def test_perplexity_equals_the_transformers_recipe(lamina_smollm2: Any) -> None:
     assert math.exp(nll / count) == pytest.approx(ref["token_perplexity"], rel=1e-4)
 
 
-def test_live_against_lm_eval(lamina_smollm2: Any, tmp_path: Path) -> None:
-    from lm_eval.api.instance import Instance
+@pytest.fixture(scope="module")
+def hf_backend(lamina_smollm2: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """lm-eval's ``hf`` model on the HF export of the same SmolLM2 weights (fp32)."""
     from lm_eval.models.huggingface import HFLM
 
     from lamina.checkpoint.hf import export_hf
-    from lamina.eval.harness import LaminaLM
 
     lm = lamina_smollm2
-    hf_dir = export_hf(tmp_path / "hf", lm.model, lm.tokenizer, lm.generation)
+    hf_dir = export_hf(tmp_path_factory.mktemp("hf"), lm.model, lm.tokenizer, lm.generation)
+    return HFLM(pretrained=str(hf_dir), device="cpu", dtype="float32", batch_size=16)
+
+
+def test_live_against_lm_eval(lamina_smollm2: Any, hf_backend: Any) -> None:
+    from lm_eval.api.instance import Instance
+
+    from lamina.eval.harness import LaminaLM
+
     task = load_task("arc_easy", FIXTURES)
     requests = [Instance(request_type="loglikelihood", doc={}, arguments=(task.context(item), " " + c), idx=k)
                 for item in task.items[:3] for k, c in enumerate(item.choices)]  # fmt: skip
-    want = HFLM(pretrained=str(hf_dir), device="cpu", dtype="float32", batch_size=16).loglikelihood(requests)
-    got = LaminaLM(pretrained=lm).loglikelihood(requests)
+    want = hf_backend.loglikelihood(requests)
+    got = LaminaLM(pretrained=lamina_smollm2).loglikelihood(requests)
     for r, (ll, greedy), (ref, ref_greedy) in zip(requests, got, want, strict=True):
         assert ll == pytest.approx(ref, abs=1e-4), r.arguments
         assert greedy == ref_greedy
+
+
+def test_generate_until_equals_lm_eval(lamina_smollm2: Any, hf_backend: Any) -> None:
+    """Greedy generations of SmolLM2 equal the ``hf`` backend's string for string: 2-shot GSM8K prompts
+    (about 140 tokens) cut from the left to max_length 128 - 24 new tokens, and whole zero-shot SQuAD ones,
+    each task with its stop strings, decoded in one batch by each side."""
+    import random
+
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from lamina.eval.harness import LaminaLM
+
+    requests = []
+    for name, shots in (("gsm8k", 2), ("squad", 0)):
+        task, rng = load_task(name, FIXTURES), random.Random(1234)
+        for item in task.items[:3]:
+            kwargs = {"until": list(task.until), "max_gen_toks": 24, "do_sample": False}
+            requests.append(Instance(request_type="generate_until", doc={}, idx=0,
+                                     arguments=(task.context(item, shots, rng), kwargs)))  # fmt: skip
+    ref = HFLM(pretrained=hf_backend.model, tokenizer=hf_backend.tokenizer, batch_size=16, max_length=128)
+    want = ref.generate_until(requests)
+    got = LaminaLM(pretrained=lamina_smollm2, max_length=128).generate_until(requests)
+    assert got == want
+    assert all(want) and len(set(want)) == len(want)
