@@ -13,7 +13,13 @@ The budget rule, which llguidance lacks: an output must be complete before ``max
 For that each state gets a **closing path**, a byte string that completes the output, found greedily
 (closers first, then a zero, then the byte used least so far, forced bytes in one go), written in the
 tokenizer's tokens (one token per byte where the grammar does not take those). Its length bounds the
-tokens still needed. The engine asks ``check(token, remaining)`` after it
+tokens still needed. While the budget is far (more than ``KEEP_SLACK`` tokens beyond the path), a step
+keeps the previous state's path (less the token just taken, when it was the path's first) if it still
+closes the output from the new state, checked without consuming (``validate_tokens`` with an end token:
+about 2 us, where a new search is 50-150 us, most of a row's constraint work per step). A kept path
+still closes the output, so the rule stays sound, and where it does not fit the search runs as before,
+so no token is refused that a new search would allow; within ``KEEP_SLACK`` of the budget, and without
+an end token, every step searches afresh. The engine asks ``check(token, remaining)`` after it
 picks a token: a token after which the output can no longer be closed within the budget is replaced by the
 first token of the current closing path (whose rest then still fits). A request whose start state's closing
 path does not fit ``max_new_tokens`` is refused up front, as is every JSON Schema keyword llguidance does
@@ -43,6 +49,7 @@ MAX_CLOSING_BYTES = 2048  # longest closing path searched; a state needing more 
 _FIRST = b'"}])'  # closers first ('"' ends the string the path is in, or opens the shortest value: "")
 _SHORT = b"0"  # then the shortest number
 _PRINTABLE = bytes(range(0x21, 0x7F)) + b" \n"
+KEEP_SLACK = 4  # tokens: farther than this from the budget, check() keeps a closing path that still closes
 
 
 def _llguidance() -> Any:
@@ -225,7 +232,9 @@ class GrammarConstraint:
             return token
         m = self.matcher.deep_copy()
         if m.consume_token(token):
-            path = self.closer.path(m)
+            path = self._kept(m, token, remaining)
+            if path is None:
+                path = self.closer.path(m)
             if path is not None and len(path) <= remaining - 1:
                 self._pending = (token, m, path)
                 return token
@@ -239,6 +248,20 @@ class GrammarConstraint:
         m.consume_token(first)
         self._pending = (first, m, self.closing[1:])
         return first
+
+    def _kept(self, m: Any, token: int, remaining: int) -> list[int] | None:
+        """The current closing path (less its first token when that is ``token``) if it still closes the
+        output from ``m``, the state after ``token``, with more than ``KEEP_SLACK`` tokens of the budget
+        to spare; else None (search afresh). Checked with ``validate_tokens`` (no state change): the path
+        then an end token, which llguidance allows only where the output may end."""
+        if not self.vocab.end_ids:
+            return None
+        path = self.closing[1:] if self.closing[:1] == [token] else self.closing
+        if len(path) + KEEP_SLACK >= remaining - 1:
+            return None
+        if m.validate_tokens([*path, self.vocab.end_ids[0]]) != len(path) + 1:
+            return None
+        return path
 
     def advance(self, token: int) -> None:
         """Move past ``token``; raise ``LaminaError`` if the grammar never allowed it."""

@@ -231,3 +231,39 @@ def test_beam_search_refuses_grammar_constraints() -> None:
     for field, value in (("json_schema", {"type": "object"}), ("regex", "a+"), ("grammar", 'start: "a"')):
         with pytest.raises(ConfigError, match=field):
             check_beam_config(GenerationConfig(num_beams=2, temperature=0.0, **{field: value}))
+
+
+def test_kept_closing_paths_still_close(lamina_smollm2: Any) -> None:
+    """Far from the budget, check() keeps the previous closing path while it still closes the output (no
+    new search): at every step of random walks the path held closes the output (consumed on a copy, the
+    matcher accepts) and fits the budget left; the searches run are fewer than the steps; and the outputs
+    validate."""
+    tok = lamina_smollm2.tokenizer
+    rng = random.Random(1)
+    steps = searches = 0
+    for i in (0, 6, 12, 18):
+        schema = SCHEMAS[i]
+        budget = _budget(tok, GenerationConfig(json_schema=schema), 60)
+        c: Any = make_constraint(GenerationConfig(json_schema=schema, max_new_tokens=budget), tok, V, [2])
+        search = c.closer.path
+
+        def counted(m: Any, search: Any = search) -> Any:
+            nonlocal searches
+            searches += 1
+            return search(m)
+
+        c.closer.path = counted
+        out: list[int] = []
+        while not c.done and len(out) < budget:
+            allowed = c.allowed(budget - len(out)).nonzero().flatten().tolist()
+            token = c.check(rng.choice(allowed), budget - len(out))
+            if token == 2:
+                break
+            c.advance(token)
+            out.append(token)
+            steps += 1
+            m = c.matcher.deep_copy()
+            assert m.consume_tokens(c.closing) and m.is_accepting(), (tok.decode(out), c.closing)
+            assert len(c.closing) <= budget - len(out)
+        jsonschema.validate(json.loads(tok.decode(out)), schema)
+    assert searches < steps / 2, (searches, steps)
