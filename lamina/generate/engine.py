@@ -53,6 +53,7 @@ from lamina.generate.sequences import Delta, Running, Sequence_, TokenLogprob
 from lamina.generate.speculative import Drafter, DraftStats, SpeculativeOptions, keep_slots
 from lamina.model.layers import KVCache
 from lamina.model.lora import MultiLoraLinear, adapter_names, multi_lora_layers, select_adapters
+from lamina.model.quant import path_lengths
 from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
 
@@ -174,9 +175,11 @@ class Engine:
     dynamic RoPE (``rope_scaling="dynamic"``, which scales a forward's frequencies by its longest
     position, so a key depends on the whole prompt that computed it) gets neither prefix caching nor
     chunked prefill: its prompts are prefilled whole. Equality with one request at a time holds up to
-    float rounding for fp32/bf16 weights; with int8/int4 weights (``lamina.model.quant``, whose matmul
-    kernel depends on the rows of a forward, batch-mates included) within that kernel's rounding (logprobs
-    3e-4 to 7e-3 apart on tiny models). ``max_prefill_tokens`` counts the tokens a prompt runs through
+    float rounding: ~1e-7 in fp32; with bf16 activations (bf16, int8, int4 weights) a prompt left-padded
+    to the longest of its group can move by bf16's rounding (logprobs up to ~7e-3 apart on tiny models).
+    The int8/int4 layers choose their kernel by the tokens per sequence of a forward, never by the batch
+    size (``lamina.model.quant``; groups never pad across a switch), so batch-mates do not change which
+    kernel a row gets. ``max_prefill_tokens`` counts the tokens a prompt runs through
     the model (not its cached prefix). Raises ``ConfigError`` for a model (or draft) that cannot
     generate, a negative ``prefix_cache_mib``, and for a draft with an encoder-decoder.
     """
@@ -229,6 +232,7 @@ class Engine:
         # dynamic RoPE scales a forward by its longest position: the keys of a cached block or of a chunk
         # would depend on the prompt or chunk that computed them (logprobs off by ~1e-3): whole prompts only
         self._whole_prompts = model.config.rope_scaling == "dynamic"
+        self._path_lengths = path_lengths(model)  # prompts padded across these get other int8/int4 numerics
         self.prefix_cache: PrefixCache | None = None
         if prefix_cache_mib > 0 and not self._enc_dec and not self._whole_prompts:
             budget = int(prefix_cache_mib * 2**20)
@@ -545,7 +549,8 @@ class Engine:
             self._partial = _Partial(req, cache, hit, salts[0], hit)
             self._continue_partial(budget, out)
             return out
-        for group in _length_groups([len(r.prompt) - h for r, (h, _) in zip(reqs, found, strict=True)]):
+        rests = [len(r.prompt) - h for r, (h, _) in zip(reqs, found, strict=True)]
+        for group in _length_groups(rests, self._path_lengths):
             with self._adapters([salts[i] for i in group]):
                 cache, logits = self._prefill_rows(
                     [reqs[i].prompt for i in group], [salts[i] for i in group], [found[i] for i in group]
@@ -853,9 +858,11 @@ class Engine:
         return make_constraint(cfg, self.tokenizer, self.model.config.vocab_size, self.eos_token_ids)
 
 
-def _length_groups(lengths: Sequence[int]) -> list[list[int]]:
+def _length_groups(lengths: Sequence[int], bounds: Sequence[int] = ()) -> list[list[int]]:
     """Indices of ``lengths`` (tokens to prefill) in groups prefilled together, shortest first: a group
-    grows while padding to its longest keeps it within twice its real tokens (plus a 64-token slack)."""
+    grows while padding to its longest keeps it within twice its real tokens (plus a 64-token slack), and
+    never across one of ``bounds`` (``lamina.model.quant.path_lengths``: int8/int4 layers compute a
+    forward of that many tokens per row another way, so padding across it would change a row's numerics)."""
     groups: list[list[int]] = []
     group: list[int] = []
     real = 0

@@ -13,11 +13,11 @@ Matching is exact on token ids (and on a ``salt``: the LoRA adapter, whose keys 
 at most ``max_bytes`` of keys and values; past it the least recently used block that no other cached
 block continues is evicted (leaves first, so every cached block's prefix stays cached). The output does
 not change: the loaded keys are those the prompt's own prefill would compute (up to float rounding of the
-different matmul shapes, ~1e-7 in fp32; with int8/int4 weights, whose matmul kernel depends on the rows of
-a forward (``lamina.model.quant``), within that kernel's rounding: logprobs 3e-4 to 7e-3 apart on tiny
-models). This holds only when a key depends on its position and the tokens before it: not under dynamic
-RoPE (``rope_scaling="dynamic"`` scales a forward by its longest position), where the engine keeps no
-cache.
+different matmul shapes, ~1e-7 in fp32; with int8/int4 weights, whose matmul kernel depends on the tokens
+per sequence of a forward (``lamina.model.quant``), which a cached prefix shortens, within that kernel's
+rounding: logprobs 3e-4 to 7e-3 apart on tiny models). This holds only when a key depends on its
+position and the tokens before it: not under dynamic RoPE (``rope_scaling="dynamic"`` scales a forward
+by its longest position), where the engine keeps no cache.
 """
 
 from __future__ import annotations

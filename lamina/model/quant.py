@@ -12,8 +12,8 @@ swap each ``nn.Linear`` for a module holding integer weights and their scales:
   ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (torch >= 2.6). The output head stays int8 per
   channel (as llama.cpp keeps it at higher precision in its 4-bit mixes): it is the layer whose error
   every logit sees. An eighth of fp32's bytes in the blocks: the fastest at batch 1. From
-  ``INT4_DEQUANT_ROWS`` tokens per call (prefill) a layer unpacks its codes to the same bf16 weight and
-  runs one bf16 matmul instead, as ``int8`` does past ``DEQUANT_ROWS``.
+  ``INT4_DEQUANT_ROWS`` tokens per sequence (prefill) a layer unpacks its codes to the same bf16 weight
+  and runs one bf16 matmul instead, as ``int8`` does past ``DEQUANT_ROWS``.
 - ``w8a8``: int8 weights and int8 activations, quantized per token on the fly (dynamic), an int8 x int8
   -> int32 matmul (``torch._int_mm``), then both scales. Activations stay fp32 between layers. On CPUs
   whose int8 matmul saturates (AVX2 without VNNI: oneDNN sums u8 x s8 pairs in int16), the weights get
@@ -22,6 +22,14 @@ swap each ``nn.Linear`` for a module holding integer weights and their scales:
 Norms, embeddings and the KV cache stay in the activation dtype. Every format but fp32 also fuses the
 q/k/v projections into one matmul and the gate/up projections into another (fewer, larger calls). A
 converted model is for inference: it cannot be trained, and ``save_checkpoint`` / ``export_hf`` refuse it.
+
+The int8/int4 path (the integer kernel, or the dequantized weight in a bf16 matmul; their rounding
+differs, logprobs up to ~7e-3 apart) is chosen by the tokens per sequence of a forward (T of the input
+(B, T, in)), never by the batch size: a decode step (T = 1) takes the kernel at any batch size, so a
+row's numerics do not depend on its batch-mates. A batch of left-padded prompts is padded to its longest,
+so the engine never prefills together prompts on both sides of a switch (``path_lengths``). The price:
+many short int8 rows (a decode step at batch ~64, a batch of short prompts) stay on the kernel, whose
+matmuls there are ~1.3-1.4x slower than the dequantized weight's (int4's kernel is not slower there).
 """
 
 from __future__ import annotations
@@ -40,8 +48,27 @@ from lamina.model.transformer import Transformer
 WeightFormat = Literal["fp32", "bf16", "int8", "int4", "w8a8"]
 FORMATS: tuple[str, ...] = get_args(WeightFormat)
 INT4_GROUP = 32  # input features per int4 scale/offset (GGUF Q4_0/Q4_1 use 32)
-DEQUANT_ROWS = 16  # int8: above this many tokens per call, dequantize to bf16 and use the bf16 matmul
-INT4_DEQUANT_ROWS = 64  # int4: from this many tokens per call (prefill), the same (cheaper than the kernel)
+DEQUANT_ROWS = 16  # int8: above this many tokens per sequence, dequantize to bf16 and use the bf16 matmul
+INT4_DEQUANT_ROWS = 64  # int4: from this many tokens per sequence (prefill), the same (cheaper there)
+
+
+def _tokens_per_row(x: Tensor) -> int:
+    """What chooses an int8/int4 layer's path: T of (..., T, in), the tokens per sequence of this forward
+    (a 2-D (M, in) input counts M), not the batch size."""
+    return x.shape[-2] if x.dim() >= 2 else 1
+
+
+def path_lengths(model: nn.Module) -> tuple[int, ...]:
+    """The tokens per sequence at which a layer of ``model`` switches from its integer kernel to the
+    dequantized bf16 matmul (sorted; empty for fp32 / bf16 / w8a8): prompts padded to a common length
+    across one of these get other numerics than alone, so ``lamina.generate.engine`` groups them apart."""
+    found = set()
+    for module in model.modules():
+        if isinstance(module, Int8Linear):
+            found.add(DEQUANT_ROWS + 1)
+        elif isinstance(module, Int4Linear) and module.unpackable:
+            found.add(INT4_DEQUANT_ROWS)
+    return tuple(sorted(found))
 
 
 def quantize_per_channel(weight: Tensor, qmax: int = 127) -> tuple[Tensor, Tensor]:
@@ -91,7 +118,7 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.pad_in:
             x2 = F.pad(x2, (0, self.pad_in))
-        if x2.shape[0] > DEQUANT_ROWS:  # prefill: matmul-bound, dequantizing the weight once is cheaper
+        if _tokens_per_row(x) > DEQUANT_ROWS:  # prefill: matmul-bound, dequantizing once is cheaper
             y = F.linear(x2, self.weight.to(x.dtype) * self.scale[:, None], self.bias)
         else:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale)
@@ -167,9 +194,9 @@ class Int4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.pad_in:
             x2 = F.pad(x2, (0, self.pad_in))
-        if x2.shape[0] >= INT4_DEQUANT_ROWS and self.unpackable:
+        if _tokens_per_row(x) >= INT4_DEQUANT_ROWS and self.unpackable:
             # prefill: matmul-bound; dequantizing the layer (the same bf16 weight the kernel uses) and
-            # the bf16 matmul beat the int4 kernel from about 64 rows on
+            # the bf16 matmul beat the int4 kernel from about 64 rows on (B = 1)
             y = F.linear(x2, self._dequantize_padded())
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scale_offset)

@@ -26,6 +26,7 @@ from lamina.checkpoint.lamina import save_checkpoint
 from lamina.config import ModelConfig
 from lamina.errors import CheckpointError, ConfigError
 from lamina.model.quant import (
+    DEQUANT_ROWS,
     FORMATS,
     INT4_DEQUANT_ROWS,
     DynamicInt8Linear,
@@ -33,6 +34,7 @@ from lamina.model.quant import (
     Int8Linear,
     convert_weights,
     logit_agreement,
+    path_lengths,
     quantize_groupwise_int4,
     quantize_per_channel,
 )
@@ -137,6 +139,34 @@ def test_int8_linear_pads_odd_input_counts(in_f: int, rows: int) -> None:
     want = F.linear(x, q.float() * scale[:, None], lin.bias)
     got = Int8Linear(lin, torch.bfloat16)(x.to(torch.bfloat16))
     torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@torch.no_grad()
+def test_a_rows_numerics_do_not_depend_on_its_batch_mates(fmt: str) -> None:
+    """The kernel/dequantized choice follows the tokens per sequence, not the batch: a prompt alone and
+    among 19 others of its length (400 prefill rows, past INT4_DEQUANT_ROWS; 20 decode rows, past
+    DEQUANT_ROWS) gives the same tokens and logprobs. Prompts padded across a switch (``path_lengths``)
+    are prefilled in separate groups."""
+    from lamina.config import GenerationConfig
+    from lamina.generate.engine import _length_groups, generate_ids
+
+    model = convert_weights(_tiny(), fmt)
+    cfg = GenerationConfig(temperature=0.0, max_new_tokens=4, ignore_eos=True, logprobs=True)
+    prompts = _ids(20, 20).tolist()
+    (alone,) = generate_ids(model, prompts[:1], cfg)
+    batched = generate_ids(model, prompts, cfg)[0]
+    assert alone.tokens == batched.tokens and alone.logprobs is not None and batched.logprobs is not None
+    assert [x.logprob for x in alone.logprobs] == pytest.approx(
+        [x.logprob for x in batched.logprobs], abs=1e-5
+    )
+    assert path_lengths(model) == (
+        (DEQUANT_ROWS + 1,) if fmt == "int8" else (DEQUANT_ROWS + 1, INT4_DEQUANT_ROWS)
+    )
+    assert _length_groups([3, 20, 5, 70], path_lengths(model)) == (
+        [[0, 2], [1, 3]] if fmt == "int8" else [[0, 2], [1], [3]]
+    )
+    assert path_lengths(_tiny()) == ()
 
 
 # An int8 matmul whose pairs of products overflow int16 on AVX2 without VNNI (oneDNN's u8 x s8 kernel):
