@@ -868,7 +868,8 @@ def _length_groups(lengths: Sequence[int], bounds: Sequence[int] = ()) -> list[l
     real = 0
     for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
         n = lengths[i]
-        if group and (len(group) + 1) * n > 2 * (real + n) + 64:
+        crosses = group and any(lengths[group[0]] < b <= n for b in bounds)
+        if group and ((len(group) + 1) * n > 2 * (real + n) + 64 or crosses):
             groups.append(group)
             group, real = [], 0
         group.append(i)
