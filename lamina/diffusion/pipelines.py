@@ -14,7 +14,8 @@ denoising steps, and returns (N, C, H, W) float images in [-1, 1].
   noised to that step's level, with resampling jumps (every ``jump_length`` steps, go back
   ``jump_length`` steps by forward noising, ``jump_n_sample - 1`` times) to harmonise the two regions;
   at the end the known pixels are set to the input, bit for bit (the complaint of diffusers #3880).
-* ``upscale``: SR3 (Saharia et al. 2021): sampling conditioned on the low-resolution image. An image
+* ``upscale``: SR3 (Saharia et al. 2021): sampling conditioned on the low-resolution image; a
+  ``predict_residual`` model samples the residual and adds the bicubic upsample (SRDiff). An image
   larger than the model's is denoised as one image whose every step averages the model's outputs on
   overlapping tiles of the model's size (MultiDiffusion, Bar-Tal et al. 2023), so tiles leave no seams.
 * ``edit``: SDEdit (Meng et al. 2022): the input noised to timestep ~ strength x T, then denoised;
@@ -31,7 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lamina.diffusion.schedulers import DDIMScheduler, DDPMScheduler, NoiseConfig
-from lamina.diffusion.unet import UNet
+from lamina.diffusion.unet import UNet, residual_base
 from lamina.errors import ConfigError
 
 Scheduler = DDPMScheduler | DDIMScheduler
@@ -116,7 +117,8 @@ def sample(
         for t in sched.timesteps:
             xs, _ = sched.step(predict(unet, xs, int(t), ys, guidance_scale, lows), int(t), xs, generator=g)
             bar.update(1)
-        out.append(xs)
+        base = residual_base(cfg, lows, xs.shape[-2:])
+        out.append(xs if base is None else xs + base)
     bar.close()
     return torch.cat(out).clamp(-1, 1)
 
@@ -184,6 +186,8 @@ def upscale(
             summed[i, :, y : y + big, x_ : x_ + big] += o
         x, _ = sched.step(summed / count, int(t), x, generator=g)
     bar.close()
+    base = residual_base(cfg, low, x.shape[-2:])
+    x = x if base is None else x + base
     return x[..., : h * factor, : w * factor].clamp(-1, 1)
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -46,7 +46,9 @@ class NoiseConfig:
     beta_schedule: Literal["linear", "scaled_linear", "cosine", "sigmoid"] = "cosine"  # betas over t
     beta_start: float = 1e-4  # linear / scaled_linear: beta at t = 0
     beta_end: float = 0.02  # linear / scaled_linear: beta at t = T - 1
-    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"  # what the model predicts
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] | None = (
+        None  # what the model predicts; None: v_prediction for super-resolution, else epsilon
+    )
     clip_sample: bool = True  # clamp the predicted x0 to +-clip_sample_range when sampling
     clip_sample_range: float = 1.0  # images live in [-1, 1]
     timestep_spacing: Literal["leading", "trailing", "linspace"] = "leading"  # sampling steps over [0, T)
@@ -90,7 +92,8 @@ class _Scheduler:
     """What DDPM and DDIM share: the schedule, the forward process and the sampling timesteps."""
 
     def __init__(self, cfg: NoiseConfig | None = None) -> None:
-        self.cfg = cfg or NoiseConfig()
+        cfg = cfg or NoiseConfig()
+        self.cfg = cfg if cfg.prediction_type else replace(cfg, prediction_type="epsilon")
         self.betas = make_betas(self.cfg)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # (T,) abar_t
         self.num_inference_steps: int | None = None

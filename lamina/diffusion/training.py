@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from lamina.config import TrainConfig, from_dict
 from lamina.diffusion.data import ImageBatches, ImageDataConfig, load_images, split
 from lamina.diffusion.schedulers import DDPMScheduler, NoiseConfig
-from lamina.diffusion.unet import UNet, UNetConfig
+from lamina.diffusion.unet import UNet, UNetConfig, residual_base
 from lamina.errors import CheckpointError, ConfigError
 from lamina.fields import parse_yaml
 from lamina.train.trainer import EMA_FILE, TrainResult, train
@@ -53,12 +53,16 @@ class DiffusionObjective:
     """(model, batch) -> (mean squared error on the scheduler's target, images). ``batch``: ``images``
     (B, C, H, W) in [-1, 1], ``labels`` (B,), optionally ``low_res`` (B, C, h, w)."""
 
-    def __init__(self, noise: NoiseConfig, num_classes: int | None, p_uncond: float = 0.1) -> None:
+    def __init__(self, noise: NoiseConfig, num_classes: int | None, p_uncond: float = 0.1,
+                 unet: UNetConfig | None = None) -> None:  # fmt: skip
         self.scheduler = DDPMScheduler(noise)
-        self.num_classes, self.p_uncond = num_classes, p_uncond
+        self.num_classes, self.p_uncond, self.unet = num_classes, p_uncond, unet
 
     def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
         x0 = batch["images"]
+        base = None if self.unet is None else residual_base(self.unet, batch.get("low_res"), x0.shape[-2:])
+        if base is not None:  # SRDiff: the diffusion runs on what bicubic misses
+            x0 = x0 - base
         b = x0.shape[0]
         t = torch.randint(0, self.scheduler.cfg.num_train_timesteps, (b,), device=x0.device)
         noise = torch.randn_like(x0)
@@ -98,10 +102,13 @@ def train_diffusion(
         conditional = dataset.num_classes is not None and diffusion.low_res_factor == 1
     if conditional and dataset.num_classes is None:
         raise ConfigError(f"{data.dataset} has no class folders: use --diffusion.class_conditional false")
-    c = dataset.images.shape[1]
-    unet = replace(unet or UNetConfig(), image_size=data.image_size, in_channels=c,
-                   num_classes=dataset.num_classes if conditional else None,
-                   low_res_channels=c if diffusion.low_res_factor > 1 else 0)  # fmt: skip
+    c, sr = dataset.images.shape[1], diffusion.low_res_factor > 1
+    if noise.prediction_type is None:  # epsilon's first x0 estimates wreck colour super-resolution
+        noise = replace(noise, prediction_type="v_prediction" if sr else "epsilon")
+    unet = unet or UNetConfig()
+    unet = replace(unet, image_size=data.image_size, in_channels=c,
+                   num_classes=dataset.num_classes if conditional else None, low_res_channels=c if sr else 0,
+                   predict_residual=sr and unet.predict_residual is not False)  # fmt: skip
     train_set, held_out = split(dataset, data.held_out_fraction, data.seed)
     batches = ImageBatches(train_set, train_cfg.batch_size, data.seed, diffusion.low_res_factor)
     val = batches.held_out(held_out) if len(held_out) else None
@@ -115,7 +122,7 @@ def train_diffusion(
         "diffusion": asdict(diffusion),
         "class_names": dataset.class_names,
     }
-    objective = DiffusionObjective(noise, unet.num_classes, diffusion.p_uncond)
+    objective = DiffusionObjective(noise, unet.num_classes, diffusion.p_uncond, unet)
     result = train(model, train_cfg, batches, objective, (lambda: val) if val else None,
                    tokens_per_batch=train_cfg.batch_size, run_config=run_config, resume=resume,
                    overwrite=overwrite, perplexity=False, ema_decay=diffusion.ema_decay)  # fmt: skip
@@ -139,6 +146,7 @@ def load_model(folder: str | Path, ema: bool = True) -> tuple[UNet, NoiseConfig,
     cfg_data = parse_yaml((folder / "config.yaml").read_text()) or {}
     if cfg_data.pop("kind", None) != UNetConfig.kind:
         raise CheckpointError(f"{folder} is not a diffusion UNet checkpoint (config.yaml has no kind: unet)")
+    cfg_data.setdefault("predict_residual", False)  # saved before the field existed
     unet = UNet(from_dict(UNetConfig, cfg_data))
     weights = folder / (EMA_FILE if ema and (folder / EMA_FILE).is_file() else "model.safetensors")
     unet.load_state_dict(load_file(str(weights)))

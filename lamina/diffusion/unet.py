@@ -13,7 +13,9 @@ Conditioning: the timestep through a sinusoidal embedding and an MLP; with ``num
 embedding added to it, whose extra last row (index ``num_classes``) is the null class that classifier-free
 guidance (Ho & Salimans 2022) trains on by dropping labels; with ``low_res_channels`` a low-resolution
 image (B, C, h, w) is upsampled (bicubic) to ``image_size`` and concatenated to the input, the
-conditioning of SR3 (Saharia et al. 2021) for super-resolution.
+conditioning of SR3 (Saharia et al. 2021) for super-resolution. With ``predict_residual`` (the default for
+super-resolution) the diffusion runs on the residual image - bicubic(low_res) and the pipelines add the
+bicubic upsample back (SRDiff, Li et al. 2022): the model only draws the detail bicubic misses.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ class UNetConfig:
     head_channels: int = 32  # channels per attention head
     num_classes: int | None = None  # class-conditional with this many classes (+1 null class for guidance)
     low_res_channels: int = 0  # super-resolution: channels of the low-resolution image given as condition
+    predict_residual: bool | None = (
+        None  # super-resolution: denoise image - bicubic(low_res) (SRDiff); None: when low_res_channels
+    )
     dropout: float = 0.0  # in the residual blocks
     groups: int = 8  # GroupNorm groups (divides every level's channels)
 
@@ -63,6 +68,22 @@ class UNetConfig:
             raise ConfigError(
                 f"attention_levels={self.attention_levels} must be level indices in 0..{levels - 1}"
             )
+
+
+def upsample(low_res: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+    """(B, C, h, w) -> (B, C, *size), bicubic (align_corners False): the super-resolution condition and the
+    base a residual model's output is added to."""
+    return F.interpolate(low_res, size=tuple(size), mode="bicubic", align_corners=False)
+
+
+def residual_base(
+    cfg: UNetConfig, low_res: Tensor | None, size: tuple[int, int] | torch.Size
+) -> Tensor | None:
+    """The image a ``predict_residual`` super-resolution model's sample is added to (bicubic of
+    ``low_res``, (B, C, *size)); None for any other model."""
+    if not cfg.low_res_channels or cfg.predict_residual is False or low_res is None:
+        return None
+    return upsample(low_res, size)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -171,8 +192,7 @@ class UNet(nn.Module):
         if cfg.low_res_channels:
             if low_res is None:
                 raise ValueError("this UNet is a super-resolution model: pass low_res (B, C, h, w)")
-            up = F.interpolate(low_res, size=x.shape[-2:], mode="bicubic", align_corners=False)
-            x = torch.cat([x, up], dim=1)
+            x = torch.cat([x, upsample(low_res, x.shape[-2:])], dim=1)
         h = self.conv_in(x)
         hs = [h]
         blocks = iter(self.down)

@@ -11,7 +11,9 @@ pytest.importorskip("sklearn")
 from lamina.diffusion import pipelines as P
 from lamina.diffusion.data import digits, resize, split
 from lamina.diffusion.files import psnr
-from lamina.diffusion.training import load_model
+from lamina.diffusion.schedulers import NoiseConfig
+from lamina.diffusion.training import DiffusionObjective, load_model
+from lamina.diffusion.unet import UNet, UNetConfig
 from lamina.errors import ConfigError
 
 
@@ -89,13 +91,39 @@ def test_edit_strength_zero_and_one(model: tuple, held: tuple) -> None:
 
 
 def test_upscaling_beats_bicubic_on_held_out_digits(upscale_run: Path) -> None:
+    """The issue's criterion on the 180 held-out digits, 4x4 -> 8x8 (bicubic: 13.3 dB; the residual
+    v-prediction model of conftest: ~17 dB; an epsilon model that denoises whole images: ~13.8 dB)."""
     unet, noise, _, factor = load_model(upscale_run)
     assert factor == 2 and unet.config.low_res_channels == 1
     _, h = split(digits(8), 0.1, 0)
     low = resize(h.images, 4)
     up = P.upscale(unet, noise, low, steps=20, progress=False)
     bicubic = F.interpolate(low, size=8, mode="bicubic", align_corners=False).clamp(-1, 1)
-    assert psnr(up, h.images) > psnr(bicubic, h.images) + 0.3
+    assert psnr(up, h.images) > psnr(bicubic, h.images) + 1.5, (psnr(up, h.images), psnr(bicubic, h.images))
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_a_residual_model_adds_the_bicubic_upsample(residual: bool) -> None:
+    """An untrained x0-predicting UNet outputs zeros (its output convolution starts at zero): a residual
+    model's upscale is then bicubic exactly, one image or tiled; a whole-image one's is zero. Its training
+    target is the image minus bicubic."""
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(image_size=8, base_channels=16, channel_mults=[1, 2], num_res_blocks=1,
+                           attention_levels=[], low_res_channels=1, predict_residual=residual)).eval()  # fmt: skip
+    noise = NoiseConfig(prediction_type="sample")
+    low = torch.rand(3, 1, 4, 4) - 0.5
+    bicubic = F.interpolate(low, size=8, mode="bicubic", align_corners=False).clamp(-1, 1)
+    expected = bicubic if residual else torch.zeros(3, 1, 8, 8)
+    torch.testing.assert_close(P.upscale(unet, noise, low, steps=3, progress=False), expected)
+    big = torch.rand(1, 1, 6, 10) - 0.5  # tiles of 4x4 low-resolution pixels, overlapping
+    tiled = P.upscale(unet, noise, big, 2, steps=3, progress=False)
+    base = F.interpolate(big, size=(12, 20), mode="bicubic", align_corners=False) if residual else 0 * tiled
+    torch.testing.assert_close(tiled, base.clamp(-1, 1))
+    images = torch.rand(4, 1, 8, 8) * 2 - 1
+    batch = {"images": images, "labels": torch.zeros(4, dtype=torch.long), "low_res": resize(images, 4)}
+    loss, _ = DiffusionObjective(noise, None, unet=unet.config)(unet.train(), batch)
+    target = images - F.interpolate(batch["low_res"], size=8, mode="bicubic", align_corners=False)
+    torch.testing.assert_close(loss, (target if residual else images).pow(2).mean())
 
 
 def test_tiled_upscaling_of_larger_images_beats_bicubic(upscale_run: Path) -> None:
@@ -112,7 +140,7 @@ def test_tiled_upscaling_of_larger_images_beats_bicubic(upscale_run: Path) -> No
     low = resize(mosaic, 8)
     up = P.upscale(unet, noise, low, factor, overlap=0.0, steps=20, progress=False, batch_size=7)
     bicubic = F.interpolate(low, size=16, mode="bicubic", align_corners=False).clamp(-1, 1)
-    assert psnr(up, mosaic) > psnr(bicubic, mosaic) + 0.3, (psnr(up, mosaic), psnr(bicubic, mosaic))
+    assert psnr(up, mosaic) > psnr(bicubic, mosaic) + 1.5, (psnr(up, mosaic), psnr(bicubic, mosaic))
     assert P.upscale(unet, noise, low[:2, :, :7, :6], factor, steps=2, progress=False).shape == (2, 1, 14, 12)
     assert P.upscale(unet, noise, low[:1, :, :3, :2], factor, steps=2, progress=False).shape == (1, 1, 6, 4)
     with pytest.raises(ConfigError, match="factor"):

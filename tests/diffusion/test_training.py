@@ -30,7 +30,8 @@ def test_checkpoint_holds_the_unet_config_ema_and_schedule(digits_run: Path) -> 
     assert (
         unet.config.num_classes == 10 and unet.config.image_size == 8 and names == [str(i) for i in range(10)]
     )
-    assert noise == NoiseConfig() and factor == 1
+    assert noise == NoiseConfig(prediction_type="epsilon") and factor == 1  # the default, written out
+    assert unet.config.predict_residual is False
     ema, raw = load_file(str(last / "ema.safetensors")), load_file(str(last / "model.safetensors"))
     assert ema.keys() == raw.keys() and any(not torch.equal(ema[k], raw[k]) for k in ema)
     assert torch.equal(unet.state_dict()["conv_in.weight"], ema["conv_in.weight"])
@@ -78,3 +79,18 @@ def test_resume_continues_exactly_ema_included(tmp_path: Path) -> None:
     for name in ("model.safetensors", "ema.safetensors"):
         a, b = load_file(str(tmp_path / "a/last" / name)), load_file(str(tmp_path / "b/last" / name))
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_super_resolution_defaults_to_v_prediction_on_the_residual(upscale_run: Path, tmp_path: Path) -> None:
+    """A model trained with low_res_factor 2 and the default NoiseConfig predicts v (epsilon's first x0
+    estimates fail colour super-resolution) on image - bicubic (SRDiff); a checkpoint saved before the
+    predict_residual field loads as a whole-image model."""
+    unet, noise, _, factor = load_model(upscale_run)
+    assert factor == 2 and noise.prediction_type == "v_prediction" and unet.config.predict_residual is True
+    old = tmp_path / "old"
+    shutil.copytree(upscale_run / "last", old)
+    text = (old / "config.yaml").read_text()
+    (old / "config.yaml").write_text(
+        "".join(ln for ln in text.splitlines(True) if "predict_residual" not in ln)
+    )
+    assert "predict_residual" in text and load_model(old)[0].config.predict_residual is False
