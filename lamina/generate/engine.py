@@ -817,12 +817,18 @@ class Engine:
         logits = logits.float()
         masked = logits
         if any(r.constraint is not None for r in rows):
-            masked = logits.clone()
+            at, masks = [], []
             for i, r in enumerate(rows):
                 if r.constraint is not None:
                     allowed = r.constraint.allowed(r.budget - len(r.seq.tokens))
                     if allowed is not None:
-                        masked[i].masked_fill_(~allowed.to(masked.device), float("-inf"))
+                        at.append(i)
+                        masks.append(allowed)
+            if masks:  # one copy to the device and one pass (where: faster than masked_fill on CPU)
+                ok = torch.ones(logits.shape, dtype=torch.bool)
+                for i, allowed in zip(at, masks, strict=True):
+                    ok[i] = allowed
+                masked = logits.where(ok.to(logits.device), float("-inf"))
         if all(r.argmax for r in rows):  # greedy: one argmax for the batch, min_new_tokens' bans first
             for i, r in enumerate(rows):
                 if len(r.sampler.output_ids) < r.cfg.min_new_tokens and r.min_new_bans:
