@@ -249,7 +249,8 @@ def train(
     scheduler, RNG and step), so the losses that follow equal those of an uninterrupted run.
     A folder that already holds a run (``RUN_MARKERS``) is refused with ``ConfigError`` unless
     ``resume`` continues it or ``overwrite`` first deletes its outputs (``RUN_OUTPUTS``; other files in
-    the folder stay); see ``check_out_dir``.
+    the folder stay); see ``check_out_dir``. A model with LoRA adapters trains with ``parallel`` none or
+    ddp (``ConfigError`` for fsdp).
     ``eval_metrics(model)`` (optional) adds task metrics (accuracy, F1, ...) to every evaluation.
     ``perplexity``: the loss is a cross-entropy per token, so evaluations also report its exponential
     (``val_ppl``); False for objectives where that means nothing (classification, regression).
@@ -268,6 +269,11 @@ def train(
     / (10 + step))``, diffusers' EMAModel), written as every checkpoint's ``EMA_FILE`` and resumed.
     """
     started = time.perf_counter()
+    if cfg.parallel == "fsdp" and _has_lora(model):
+        raise ConfigError(
+            "LoRA adapters train with --train.parallel ddp (each process keeps the small adapters whole); "
+            "FSDP shards them and their checkpoint cannot be written"
+        )
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     generation = _with_eos_ids(generation or GenerationConfig(), tokenizer)

@@ -4,7 +4,8 @@ global batch, each process taking its slice of the rows. Not a test module itsel
 ``python ddp_worker.py OUT PARALLEL [uneven]``: with ``uneven``, row j of a global batch is scored at
 ``COUNTS[j]`` positions only (the other targets -100), each process accumulates two micro-batches, and
 the optimizer is plain SGD at lr 1 (the update is minus the gradient). With ``interrupt``, the last
-process sends itself SIGINT while it reads the batch of step 3 (the others get no signal)."""
+process sends itself SIGINT while it reads the batch of step 3 (the others get no signal). With ``qlora``,
+the model trains LoRA adapters over a frozen int8 base (``LoraConfig.base_weights``)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import sys
 import torch
 
 from lamina.config import ModelConfig, TrainConfig
+from lamina.model.lora import LoraConfig, apply_lora
 from lamina.model.transformer import Transformer
 from lamina.train.objectives import causal_lm
 from lamina.train.trainer import train
@@ -56,6 +58,8 @@ if __name__ == "__main__":
     accum = 2 if uneven and world > 1 else 1
     torch.manual_seed(0)
     model = Transformer(ModelConfig.preset("tiny", vocab_size=64, max_seq_len=SEQ))
+    if sys.argv[3:] == ["qlora"]:
+        apply_lora(model, LoraConfig(r=4, lora_alpha=8, base_weights="int8"))
     extra: dict = dict(optimizer="sgd", momentum=0.0, lr=1.0, weight_decay=0.0, grad_clip=0.0,
                        schedule="constant", max_steps=2, save_every=2) if uneven else {}  # fmt: skip
     cfg = TrainConfig(**{**dict(

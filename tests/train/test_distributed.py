@@ -1,4 +1,5 @@
-"""Data parallel (DDP) and sharded (FSDP2) training on 2 CPU processes (gloo) equal one process."""
+"""Data parallel (DDP) and sharded (FSDP2) training on 2 CPU processes (gloo) equal one process; so does
+QLoRA under DDP (LoRA under FSDP is refused)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import lamina
+from lamina.config import ModelConfig, TrainConfig
+from lamina.errors import ConfigError
+from lamina.model.lora import LoraConfig, apply_lora
+from lamina.model.transformer import Transformer
+from lamina.train.objectives import causal_lm
+from lamina.train.trainer import train
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
@@ -86,3 +94,35 @@ def test_a_signal_to_one_process_stops_all_after_the_same_step(tmp_path: Path) -
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
     assert sorted(e.name for e in (tmp_path / "checkpoints").iterdir()) == ["step-00000003"]
     assert (tmp_path / "checkpoints" / "step-00000003" / "train_state" / "state.pt").is_file()
+
+
+@pytest.mark.slow
+def test_qlora_two_processes_match_one(tmp_path: Path) -> None:
+    """LoRA over a frozen int8 base under DDP: the losses and adapters of 2 processes equal one process's
+    (to bf16 rounding: the base computes in bf16), and the checkpoint holds the same fp32 base."""
+    one = _run(tmp_path / "one", "none", 1, "qlora")
+    two = _run(tmp_path / "two", "ddp", 2, "qlora")
+    assert len(one) == len(two) == 5
+    for a, b in zip(one, two, strict=True):
+        assert abs(a - b) < 2e-3, (one, two)
+    ours = load_file(str(tmp_path / "two" / "last" / "adapter" / "adapter_model.safetensors"))
+    ref = load_file(str(tmp_path / "one" / "last" / "adapter" / "adapter_model.safetensors"))
+    assert ours.keys() == ref.keys() and any(
+        float(v.abs().max()) > 0 for k, v in ref.items() if "lora_B" in k
+    )
+    for k, v in ref.items():
+        torch.testing.assert_close(ours[k], v, atol=2e-3, rtol=0, msg=k)
+    base_two = load_file(str(tmp_path / "two" / "last" / "model.safetensors"))
+    base_one = load_file(str(tmp_path / "one" / "last" / "model.safetensors"))
+    assert base_two.keys() == base_one.keys() and all(
+        torch.equal(base_two[k], v) for k, v in base_one.items()
+    )
+
+
+def test_lora_under_fsdp_is_refused(tmp_path: Path) -> None:
+    model = Transformer(ModelConfig.preset("tiny", vocab_size=64, max_seq_len=8))
+    apply_lora(model, LoraConfig(r=2))
+    cfg = TrainConfig(out_dir=str(tmp_path), max_steps=1, parallel="fsdp", progress=False)
+    with pytest.raises(ConfigError, match=r"--train\.parallel ddp"):
+        train(model, cfg, None, causal_lm(), tokens_per_batch=8)  # type: ignore[arg-type]
+    assert not any(tmp_path.iterdir())
