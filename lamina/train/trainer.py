@@ -729,7 +729,9 @@ def _precision(precision: str, info: D.DistInfo, start_state: dict[str, Any] | N
     """The precision the run computes in and why (``lamina.train.precision.resolve_precision``): ``auto``
     is resolved once, when a run starts, and a resumed run keeps the value its checkpoint recorded (the
     same numerics on other hardware); under torchrun ``auto`` picks bf16 only if every process has it."""
-    if precision == "auto" and start_state is not None and "precision" in start_state:
+    if precision == "auto" and start_state is not None:
+        if "precision" not in start_state:  # saved before auto existed, when the default was fp32
+            return "fp32", "auto: the checkpoint predates precision=auto (fp32 was the default then)"
         return str(start_state["precision"]), "auto: as the run recorded when it started"
     resolved, why = resolve_precision(precision, info.device)
     if precision == "auto" and info.world_size > 1:

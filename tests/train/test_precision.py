@@ -14,7 +14,7 @@ from lamina.config import ModelConfig, TrainConfig
 from lamina.model.transformer import Transformer
 from lamina.train import precision as P
 from lamina.train.objectives import causal_lm
-from lamina.train.trainer import STATE_DIR, STATE_FILE, train
+from lamina.train.trainer import STATE_DIR, STATE_FILE, latest_checkpoint, train
 
 
 def _cpu(monkeypatch: pytest.MonkeyPatch, avx512_bf16: bool, amx: bool = False) -> None:
@@ -93,3 +93,11 @@ def test_the_trainer_says_records_and_resumes_its_choice(
     assert "training in bf16 (auto: as the run recorded when it started)" in capsys.readouterr().err
     state = torch.load(tmp_path / "last" / STATE_DIR / STATE_FILE, weights_only=True)
     assert state["precision"] == "bf16"
+    _cpu(monkeypatch, avx512_bf16=True)  # a checkpoint from before auto (no recorded value) trained in fp32
+    newest = latest_checkpoint(tmp_path)
+    assert newest is not None
+    state = torch.load(newest / STATE_DIR / STATE_FILE, weights_only=True)
+    del state["precision"]
+    torch.save(state, newest / STATE_DIR / STATE_FILE)
+    _train(tmp_path, steps=3, resume=True)
+    assert "training in fp32 (auto: the checkpoint predates" in capsys.readouterr().err
