@@ -35,7 +35,7 @@ matmuls there are ~1.3-1.4x slower than the dequantized weight's (int4's kernel 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +69,23 @@ def path_lengths(model: nn.Module) -> tuple[int, ...]:
         elif isinstance(module, Int4Linear) and module.unpackable:
             found.add(INT4_DEQUANT_ROWS)
     return tuple(sorted(found))
+
+
+class _FrozenMatmul(torch.autograd.Function):
+    """A frozen int8/int4 layer's forward (its usual path), differentiable in ``x``: the backward
+    multiplies by the weight dequantized then (``grad_x = grad_y @ W``), so the forward saves no tensor
+    (QLoRA: gradients reach the adapters below a layer they do not wrap, whatever its tokens per row)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, layer: nn.Module) -> Tensor:
+        ctx.layer = layer
+        with torch.no_grad():
+            return layer(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, None]:
+        w = ctx.layer.dequantize()  # (out, in)
+        return (grad_y.to(w.dtype) @ w).to(grad_y.dtype), None
 
 
 def quantize_per_channel(weight: Tensor, qmax: int = 127) -> tuple[Tensor, Tensor]:
@@ -115,6 +132,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(..., in) -> (..., out), in x's dtype (which must be the scales' dtype)."""
+        if x.requires_grad and torch.is_grad_enabled():
+            return _FrozenMatmul.apply(x, self)
         x2 = x.reshape(-1, self.in_features)
         if self.pad_in:
             x2 = F.pad(x2, (0, self.pad_in))
@@ -191,6 +210,8 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(..., in) -> (..., out) in bf16 (x must be bf16: the kernel is slow in fp32)."""
+        if x.requires_grad and torch.is_grad_enabled():
+            return _FrozenMatmul.apply(x, self)
         x2 = x.reshape(-1, self.in_features)
         if self.pad_in:
             x2 = F.pad(x2, (0, self.pad_in))

@@ -169,6 +169,23 @@ def test_a_rows_numerics_do_not_depend_on_its_batch_mates(fmt: str) -> None:
     assert path_lengths(_tiny()) == ()
 
 
+@pytest.mark.parametrize("layer_type", [Int8Linear, Int4Linear])
+@pytest.mark.parametrize("T", [4, 80])  # the kernel's path and the dequantized one
+def test_a_frozen_quantized_layer_passes_gradients_to_its_input(layer_type: type, T: int) -> None:
+    """QLoRA trains adapters below layers it does not wrap: their input's gradient is grad_y @ W (the
+    dequantized weight) on either path (the int kernels have no derivative of their own)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 128, bias=False)
+    layer = Int8Linear(lin, torch.bfloat16) if layer_type is Int8Linear else Int4Linear(lin)
+    x = torch.randn(2, T, 64, dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    with torch.no_grad():
+        assert torch.equal(y, layer(x))  # the same forward as without autograd
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert x.grad is not None and torch.equal(x.grad, (g @ layer.dequantize()).to(x.dtype))
+
+
 # An int8 matmul whose pairs of products overflow int16 on AVX2 without VNNI (oneDNN's u8 x s8 kernel):
 # the layer's output must equal the exact sum of its own int8 codes on every CPU.
 _W8A8_EXACT = """
