@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -175,6 +176,27 @@ def test_quantized_base_backward_matches_dequantized_weights(
     assert trainable == expected_trainable(q)
     with pytest.raises(ConfigError, match="int8/int4 base"):
         merge_lora(q)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantized_head_passes_gradients_to_the_adapters(ids: torch.Tensor, fmt: str) -> None:
+    """An untied head is quantized too and stays outside the adapters; on short rows its integer kernel
+    has no derivative, yet the adapters below get the gradient of a head holding its dequantized weight."""
+    torch.manual_seed(0)
+    untied = Transformer(dataclasses.replace(_cfg(), tie_embeddings=False)).eval()
+    q = _lora(untied, r=4, init_lora_weights=False, base_weights=fmt)
+    assert isinstance(q.lm_head, Int8Linear | Int4Linear)
+    ref = copy.deepcopy(q)
+    head = nn.Linear(D, 101, bias=False, dtype=torch.bfloat16).requires_grad_(False)
+    head.weight.data.copy_(q.lm_head.dequantize())
+    ref.lm_head = head
+    grads = []
+    for model in (q, ref):
+        model.train()
+        model.loss(ids[:, :5], ids[:, 1:6]).backward()  # 5 tokens a row: the head's integer kernel
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))  # type: ignore[union-attr]
+    assert grads[0].abs().max() > 0
+    assert (grads[0] - grads[1]).norm() / grads[1].norm() < 0.05  # bf16 activations round differently
 
 
 def test_fused_model_refused(base: Transformer) -> None:
