@@ -21,7 +21,9 @@ value, so a run resumed on other hardware keeps its numerics.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Any
 
 import torch
 
@@ -68,3 +70,13 @@ def _probe(module: object, name: str) -> bool:
         return bool(fn()) if fn is not None else False
     except RuntimeError:
         return False
+
+
+def autocast_for(
+    precision: str, device: torch.device | str = "cpu"
+) -> contextlib.AbstractContextManager[Any]:
+    """The autocast context of a resolved ``precision`` (fp32: none; bf16 / fp16: ``torch.autocast``)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)

@@ -58,6 +58,7 @@ from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
 from lamina.train.freeze import apply_run_lora
 from lamina.train.objectives import Batch, Objective
+from lamina.train.precision import autocast_for, resolve_precision
 from lamina.train.trainer import TrainResult, train
 
 if TYPE_CHECKING:
@@ -341,7 +342,8 @@ def finetune_dpo(
     val_b: Any = PreferenceBatches(va.pairs, tcfg.batch_size, tcfg.seed, pad_id(tokenizer))
     if d.precompute_ref and ref is not None:
         dev = torch.device("cpu")
-        train_b, val_b = WithRef(train_b, ref, dev), WithRef(val_b, ref, dev)
+        with autocast_for(resolve_precision(tcfg.precision, dev)[0], dev):  # as the loop would compute them
+            train_b, val_b = WithRef(train_b, ref, dev), WithRef(val_b, ref, dev)
         ref = None  # the frozen copy (if any) is no longer needed
     steps = tcfg.max_steps or max(1, round((tcfg.epochs or 1) * train_b.steps_per_epoch))
 

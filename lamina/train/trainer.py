@@ -65,7 +65,7 @@ from lamina.train.freeze import freeze
 from lamina.train.metrics import MetricsLog, peak_flops, plot_curves
 from lamina.train.objectives import Batch, Objective
 from lamina.train.optim import lr_lambda, make_optimizer
-from lamina.train.precision import resolve_precision
+from lamina.train.precision import autocast_for, resolve_precision
 
 if TYPE_CHECKING:
     from lamina.diffusion.unet import UNet
@@ -370,7 +370,7 @@ def train(
     else:
         flops_per_token = 3 * model.flops()  # an image's forward, and its backward as twice that
     peak = peak_flops(info.device, precision) * info.world_size  # of the precision in use
-    autocast = _autocast(precision, info.device)
+    autocast = autocast_for(precision, info.device)
     tokens_per_step = tokens_per_batch * cfg.grad_accum_steps * info.world_size
     norm = float(max(1, tokens_per_batch))
 
@@ -739,13 +739,6 @@ def _precision(precision: str, info: D.DistInfo, start_state: dict[str, Any] | N
         if int(votes.item()) < info.world_size:
             resolved, why = "fp32", "auto: not every process has native bf16"
     return resolved, why
-
-
-def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _no_sync(net: nn.Module, info: D.DistInfo, sync: bool) -> contextlib.AbstractContextManager[Any]:
