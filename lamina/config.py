@@ -469,7 +469,7 @@ def _check_types(cfg: Any) -> None:
     Floats given as ints are converted (``norm_eps: 1`` -> 1.0); anything else of the wrong type is a
     ``ConfigError`` naming the field, the value and the expected type.
     """
-    hints = _type_hints(type(cfg))
+    hints = _type_hints(cfg.__class__)
     for f in dataclasses.fields(cfg):
         tp, value = hints[f.name], getattr(cfg, f.name)
         allowed = _literal_values(tp)
