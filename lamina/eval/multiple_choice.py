@@ -14,8 +14,8 @@ UTF-8 bytes; ``mc2`` (TruthfulQA MC2, Lin et al. 2022): the probability mass of 
 (ddof 1) over sqrt(n).
 
 Speed: the context of a question goes through the model once into a KV cache; the cache is copied to one
-row per choice and only the choices' tokens run after it (``score_continuations``). Questions are batched
-by length, longest first, so padding stays small.
+row per choice and only the choices' tokens run after it, grouped by length (``score_continuations``).
+Questions are batched by context length, longest first, so padding stays small.
 """
 
 from __future__ import annotations
@@ -80,13 +80,16 @@ def score_continuations(
     """For each (context ids, [continuation ids, ...]): per continuation (sum of its tokens'
     log-probabilities given the context and the tokens before it, whether each token was the greedy one).
 
-    The contexts of a batch run once, left-padded, into a KV cache; its rows are copied once per
-    continuation and the continuations run after them, right-padded. ``batch_tokens`` bounds the padded
-    context tokens plus padded continuation tokens of one batch (requests sorted longest first; counting
-    the padding keeps questions of very different shapes, such as MMLU's long context with one-token
-    choices and HellaSwag's long endings, out of one batch). A request longer than ``max_seq_len`` loses context tokens
-    from the left (lm-eval truncates the same way). Log-softmax in float32. ``progress(done, total)`` counts
-    requests.
+    The contexts of a batch run once, left-padded, into a KV cache, and score every continuation's first
+    token from their last position. The continuations longer than one token then run after copies of
+    their context's cache rows, grouped by length (longest first, right-padded within a group: HellaSwag's
+    endings of one question differ a lot in length); one-token continuations need no further pass.
+    Requests are sorted by context length, longest first; ``batch_tokens`` bounds the padded context tokens
+    plus the continuation tokens of one batch (so MMLU's long contexts with one-token choices and
+    HellaSwag's long endings do not share a batch). A batch and a group close before padding passes
+    ``PADDING`` (1/16) of their positions. A request longer than
+    ``max_seq_len`` loses context tokens from the left (lm-eval truncates the same way). Log-softmax in
+    float32. ``progress(done, total)`` counts requests.
     """
     from lamina.model.layers import KVCache
 
@@ -102,7 +105,7 @@ def score_continuations(
             if not ctx:
                 raise ConfigError(f"a continuation of {longest} tokens does not fit max_seq_len {limit}")
         prepared.append((ctx, conts, longest))
-    order = sorted(range(len(prepared)), key=lambda i: -(len(prepared[i][0]) + prepared[i][2]))
+    order = sorted(range(len(prepared)), key=lambda i: (-len(prepared[i][0]), -prepared[i][2]))
     out: list[list[tuple[float, bool]]] = [[] for _ in prepared]
     p = next(model.parameters())
     device, dtype = p.device, p.dtype
@@ -112,58 +115,87 @@ def score_continuations(
         ctxs = [prepared[i][0] for i in batch]
         conts = [c for i in batch for c in prepared[i][1]]
         owners = [b for b, i in enumerate(batch) for _ in prepared[i][1]]
-        B, N, Lc, Lk = len(batch), len(conts), max(map(len, ctxs)), max(len(c) for c in conts)
+        B, Lc = len(batch), max(map(len, ctxs))
         ids = torch.zeros(B, Lc, dtype=torch.long)
         mask = torch.zeros(B, Lc, dtype=torch.bool)
         for b, c in enumerate(ctxs):  # left padding: every context ends at the same slot
             ids[b, Lc - len(c) :] = torch.tensor(c)
             mask[b, Lc - len(c) :] = True
-        cache = KVCache(cfg, B, Lc + Lk, dtype, device, max_batch_size=max(B, N))
+        cache = KVCache(cfg, B, Lc, dtype, device)
         last = model(ids.to(device), attention_mask=mask.to(device), cache=cache, last_only=True)
         first = last[:, -1].float().log_softmax(-1)[torch.tensor(owners, device=device)]  # (N, V)
-        tgt = torch.zeros(N, Lk, dtype=torch.long)
-        real = torch.zeros(N, Lk, dtype=torch.bool)
-        for r, c in enumerate(conts):
-            tgt[r, : len(c)] = torch.tensor(c)
-            real[r, : len(c)] = True
-        tgt, real = tgt.to(device), real.to(device)
-        logp = first.gather(1, tgt[:, :1])  # (N, 1)
-        greedy = first.argmax(-1, keepdim=True) == tgt[:, :1]
-        if Lk > 1:  # the choices' own tokens after a copy of their context's cache
-            cache.keep(torch.tensor(owners, device=device))
-            lg = model(tgt[:, :-1], attention_mask=real[:, :-1], cache=cache).float().log_softmax(-1)
-            logp = torch.cat([logp, lg.gather(2, tgt[:, 1:, None])[..., 0]], 1)  # (N, Lk)
-            greedy = torch.cat([greedy, lg.argmax(-1) == tgt[:, 1:]], 1)
-            del lg
-        scores = (logp * real).sum(1).tolist()
-        all_greedy = (greedy | ~real).all(1).tolist()
+        heads = torch.tensor([c[0] for c in conts], device=device)
+        scores = first.gather(1, heads[:, None])[:, 0].tolist()
+        greedy = (first.argmax(-1) == heads).tolist()
+        for group in _length_groups(conts):  # the choices' own tokens after copies of their context's cache
+            Lk = len(conts[group[0]])
+            sub = KVCache(cfg, 0, Lc + Lk - 1, dtype, device, max_batch_size=len(group))
+            sub.add_rows(cache, [owners[r] for r in group])
+            tgt = torch.zeros(len(group), Lk, dtype=torch.long)
+            real = torch.zeros(len(group), Lk, dtype=torch.bool)
+            for g, r in enumerate(group):
+                tgt[g, : len(conts[r])] = torch.tensor(conts[r])
+                real[g, : len(conts[r])] = True
+            tgt, real = tgt.to(device), real.to(device)
+            lg = model(tgt[:, :-1], attention_mask=real[:, :-1], cache=sub).float().log_softmax(-1)
+            logp = (lg.gather(2, tgt[:, 1:, None])[..., 0] * real[:, 1:]).sum(1).tolist()
+            hit = ((lg.argmax(-1) == tgt[:, 1:]) | ~real[:, 1:]).all(1).tolist()
+            for g, r in enumerate(group):
+                scores[r] += logp[g]
+                greedy[r] = greedy[r] and hit[g]
+            del lg, sub
         r = 0
         for i in batch:
             k = len(prepared[i][1])
-            out[i] = [
-                (float(s), bool(g)) for s, g in zip(scores[r : r + k], all_greedy[r : r + k], strict=True)
-            ]
+            out[i] = [(float(s), bool(g)) for s, g in zip(scores[r : r + k], greedy[r : r + k], strict=True)]
             r += k
 
     batch: list[int] = []
-    lc = lk = n = 0  # the batch's longest context, longest continuation, continuations
+    lc = nk = real = 0  # the batch's longest context, its continuation tokens, its context tokens
     for i in order:
-        ctx, conts, longest = prepared[i]
-        padded = (len(batch) + 1) * max(lc, len(ctx)) + (n + len(conts)) * max(lk, longest)
-        if batch and padded > batch_tokens:
+        ctx, conts, _ = prepared[i]
+        rows = (len(batch) + 1) * max(lc, len(ctx))  # context positions with this request in
+        if batch and (rows + nk + sum(map(len, conts)) > batch_tokens or _wasteful(rows, real + len(ctx))):
             run(batch)
             done += len(batch)
             if progress is not None:
                 progress(done, len(prepared))
-            batch, lc, lk, n = [], 0, 0, 0
+            batch, lc, nk, real = [], 0, 0, 0
         batch.append(i)
-        lc, lk, n = max(lc, len(ctx)), max(lk, longest), n + len(conts)
+        lc, nk, real = max(lc, len(ctx)), nk + sum(map(len, conts)), real + len(ctx)
     if batch:
         run(batch)
         done += len(batch)
         if progress is not None:
             progress(done, len(prepared))
     return out
+
+
+PADDING = 1 / 16  # a batch / group closes before its padding passes this share of its positions
+SMALL = 64  # ... unless it has at most this many positions
+
+
+def _wasteful(positions: int, real: int) -> bool:
+    """Whether a forward of ``positions`` padded positions holding ``real`` tokens pads too much."""
+    return positions > SMALL and positions - real > PADDING * positions
+
+
+def _length_groups(conts: Sequence[list[int]]) -> list[list[int]]:
+    """Indices of the continuations longer than one token, longest first, cut into groups whose rows are
+    padded to the group's first (longest) without ``_wasteful`` padding. One-token continuations need no
+    pass (their token is scored from the context's last position)."""
+    rest = sorted((r for r, c in enumerate(conts) if len(c) > 1), key=lambda r: -len(conts[r]))
+    groups: list[list[int]] = []
+    real = 0
+    for r in rest:
+        n = len(conts[r]) - 1
+        if groups and not _wasteful((len(groups[-1]) + 1) * (len(conts[groups[-1][0]]) - 1), real + n):
+            groups[-1].append(r)
+            real += n
+        else:
+            groups.append([r])
+            real = n
+    return groups
 
 
 # -- metrics ---------------------------------------------------------------------------------------------

@@ -36,8 +36,15 @@ def _naive(model: Any, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
     return float(rows.gather(1, target[:, None]).sum()), bool((rows.argmax(-1) == target).all())
 
 
-@pytest.mark.parametrize("batch_tokens", [1, 40, 10_000])
-def test_shared_prefix_equals_full_forward(lm: Any, batch_tokens: int) -> None:
+@pytest.mark.parametrize("batch_tokens,by_length", [(1, False), (40, False), (10_000, False), (10_000, True)])
+def test_shared_prefix_equals_full_forward(
+    lm: Any, batch_tokens: int, by_length: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if by_length:  # no padding allowed: every context / continuation length its own batch / group
+        from lamina.eval import multiple_choice
+
+        monkeypatch.setattr(multiple_choice, "SMALL", 0)
+        monkeypatch.setattr(multiple_choice, "PADDING", 0.0)
     g = torch.Generator().manual_seed(0)
     V = lm.model.config.vocab_size
 
@@ -93,3 +100,14 @@ def test_evaluate_on_fixture(lm: Any) -> None:
     r = evaluate_multiple_choice(lm, load_task("arc_easy", FIXTURES), shots=2, limit=4)
     assert set(r.metrics) >= {"acc", "acc_norm", "acc_bytes", "acc_stderr", "n", "skipped"}
     assert r.samples[0]["context"].count("Answer:") == 3
+
+
+def test_length_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lamina.eval import multiple_choice
+
+    conts = [[0] * n for n in (30, 1, 29, 2, 10, 9, 1, 28)]
+    assert multiple_choice._length_groups(conts) == [[0, 2, 7], [4, 5, 3]]  # 1-token ones: no pass
+    monkeypatch.setattr(multiple_choice, "SMALL", 0)  # (at most 64 positions: one group)
+    assert multiple_choice._length_groups(conts) == [[0, 2, 7], [4, 5], [3]]
+    monkeypatch.setattr(multiple_choice, "PADDING", 0.0)
+    assert multiple_choice._length_groups(conts) == [[0], [2], [7], [4], [5], [3]]
