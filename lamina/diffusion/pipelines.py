@@ -118,7 +118,7 @@ def sample(
             xs, _ = sched.step(predict(unet, xs, int(t), ys, guidance_scale, lows), int(t), xs, generator=g)
             bar.update(1)
         base = residual_base(cfg, lows, xs.shape[-2:])
-        out.append(xs if base is None else xs + base)
+        out.append(xs if base is None else xs / cfg.residual_scale + base)
     bar.close()
     return torch.cat(out).clamp(-1, 1)
 
@@ -187,7 +187,7 @@ def upscale(
         x, _ = sched.step(summed / count, int(t), x, generator=g)
     bar.close()
     base = residual_base(cfg, low, x.shape[-2:])
-    x = x if base is None else x + base
+    x = x if base is None else x / cfg.residual_scale + base
     return x[..., : h * factor, : w * factor].clamp(-1, 1)
 
 

@@ -46,9 +46,7 @@ class NoiseConfig:
     beta_schedule: Literal["linear", "scaled_linear", "cosine", "sigmoid"] = "cosine"  # betas over t
     beta_start: float = 1e-4  # linear / scaled_linear: beta at t = 0
     beta_end: float = 0.02  # linear / scaled_linear: beta at t = T - 1
-    prediction_type: Literal["epsilon", "v_prediction", "sample"] | None = (
-        None  # what the model predicts; None: v_prediction for super-resolution, else epsilon
-    )
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] | None = None  # None: v for SR, else eps
     clip_sample: bool = True  # clamp the predicted x0 to +-clip_sample_range when sampling
     clip_sample_range: float = 1.0  # images live in [-1, 1]
     timestep_spacing: Literal["leading", "trailing", "linspace"] = "leading"  # sampling steps over [0, T)

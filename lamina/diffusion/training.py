@@ -60,9 +60,10 @@ class DiffusionObjective:
 
     def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
         x0 = batch["images"]
-        base = None if self.unet is None else residual_base(self.unet, batch.get("low_res"), x0.shape[-2:])
-        if base is not None:  # SRDiff: the diffusion runs on what bicubic misses
-            x0 = x0 - base
+        if self.unet is not None:
+            base = residual_base(self.unet, batch.get("low_res"), x0.shape[-2:])
+            if base is not None:  # SRDiff: the diffusion runs on what bicubic misses
+                x0 = (x0 - base) * self.unet.residual_scale
         b = x0.shape[0]
         t = torch.randint(0, self.scheduler.cfg.num_train_timesteps, (b,), device=x0.device)
         noise = torch.randn_like(x0)

@@ -46,15 +46,16 @@ class UNetConfig:
     head_channels: int = 32  # channels per attention head
     num_classes: int | None = None  # class-conditional with this many classes (+1 null class for guidance)
     low_res_channels: int = 0  # super-resolution: channels of the low-resolution image given as condition
-    predict_residual: bool | None = (
-        None  # super-resolution: denoise image - bicubic(low_res) (SRDiff); None: when low_res_channels
-    )
+    predict_residual: bool | None = None  # SR: denoise image - bicubic(low_res) (SRDiff); None: yes
+    residual_scale: float = 1.0  # predict_residual: diffuse residual x this (> 1 for faint detail)
     dropout: float = 0.0  # in the residual blocks
     groups: int = 8  # GroupNorm groups (divides every level's channels)
 
     kind: ClassVar[str] = "unet"  # the ``kind`` a checkpoint's config.yaml names
 
     def __post_init__(self) -> None:
+        if self.residual_scale <= 0:
+            raise ConfigError(f"residual_scale={self.residual_scale} must be > 0")
         levels = len(self.channel_mults)
         if levels < 1 or self.image_size % 2 ** (levels - 1):
             raise ConfigError(

@@ -102,14 +102,15 @@ def test_upscaling_beats_bicubic_on_held_out_digits(upscale_run: Path) -> None:
     assert psnr(up, h.images) > psnr(bicubic, h.images) + 1.5, (psnr(up, h.images), psnr(bicubic, h.images))
 
 
-@pytest.mark.parametrize("residual", [True, False])
-def test_a_residual_model_adds_the_bicubic_upsample(residual: bool) -> None:
+@pytest.mark.parametrize(("residual", "scale"), [(True, 1.0), (True, 4.0), (False, 1.0)])
+def test_a_residual_model_adds_the_bicubic_upsample(residual: bool, scale: float) -> None:
     """An untrained x0-predicting UNet outputs zeros (its output convolution starts at zero): a residual
     model's upscale is then bicubic exactly, one image or tiled; a whole-image one's is zero. Its training
-    target is the image minus bicubic."""
+    target is the image minus bicubic, times residual_scale."""
     torch.manual_seed(0)
     unet = UNet(UNetConfig(image_size=8, base_channels=16, channel_mults=[1, 2], num_res_blocks=1,
-                           attention_levels=[], low_res_channels=1, predict_residual=residual)).eval()  # fmt: skip
+                           attention_levels=[], low_res_channels=1, predict_residual=residual,
+                           residual_scale=scale)).eval()  # fmt: skip
     noise = NoiseConfig(prediction_type="sample")
     low = torch.rand(3, 1, 4, 4) - 0.5
     bicubic = F.interpolate(low, size=8, mode="bicubic", align_corners=False).clamp(-1, 1)
@@ -123,7 +124,7 @@ def test_a_residual_model_adds_the_bicubic_upsample(residual: bool) -> None:
     batch = {"images": images, "labels": torch.zeros(4, dtype=torch.long), "low_res": resize(images, 4)}
     loss, _ = DiffusionObjective(noise, None, unet=unet.config)(unet.train(), batch)
     target = images - F.interpolate(batch["low_res"], size=8, mode="bicubic", align_corners=False)
-    torch.testing.assert_close(loss, (target if residual else images).pow(2).mean())
+    torch.testing.assert_close(loss, (target * scale if residual else images).pow(2).mean())
 
 
 def test_tiled_upscaling_of_larger_images_beats_bicubic(upscale_run: Path) -> None:
