@@ -94,7 +94,7 @@ def lamina_training(steps: int, warmup: int, batch_size: int, threads: int) -> f
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(out_dir=out, max_steps=warmup + steps + 1, warmup_steps=0, lr=1e-3, weight_decay=0.0,
                           batch_size=batch_size, log_every=10**6, eval_every=10**6, save_every=10**6,
-                          progress=False, threads=threads)  # fmt: skip
+                          progress=False, threads=threads, precision="fp32")  # fmt: skip
         train(net, cfg, Timed(), DiffusionObjective(NoiseConfig(), None), tokens_per_batch=batch_size,
               perplexity=False, ema_decay=0.999)  # fmt: skip
     return steps * batch_size / (timings[warmup + steps] - timings[warmup])
