@@ -26,9 +26,10 @@ start (LoRA: the base, adapters disabled).
 Logged per step in ``metrics.jsonl`` (TRL's names): ``reward``, ``reward_std``, ``rewards/NAME/mean`` and
 ``/std`` per reward, ``completions/mean_length``, ``completions/clipped_ratio`` (stopped by the length
 limit), ``kl`` (with beta > 0) and ``clip_ratio``, in the trainer's record of the step (with ``loss``; a
-completion no reward applies to is left out of ``reward`` and ``reward_std``, as TRL); the completions of the first ``samples`` prompts of
-each generation go to ``samples.jsonl`` with their rewards and advantages (under torchrun each process
-generates for its own prompts; the first process logs its own); ``rewards.png`` plots the
+completion no reward applies to is left out of ``reward`` and ``reward_std``, as TRL), over every completion
+of the step (under torchrun each process generates for its own prompts, and the stats gather them all);
+the completions of the first ``samples`` prompts of each generation go to ``samples.jsonl`` with their
+rewards and advantages (under torchrun, the first process's); ``rewards.png`` plots the
 rewards against step at the end. A resumed run regenerates the
 batch it stops in (exact when it stops on a generation boundary, as with ``num_iterations`` 1).
 """
@@ -373,7 +374,7 @@ class GenerationBatches:
         self.weights = torch.tensor(cfg.reward_weights or [1.0] * len(self.rewards), dtype=torch.float32)
         self.pad = pad_id(tokenizer, eos_ids)
         self._cache: dict[tuple[int, int], dict[str, Tensor]] = {}
-        self._round_stats: dict[int, list[dict[str, float]]] = {}  # per round: each micro-batch's metrics
+        self._round_raw: dict[int, list[dict[str, Tensor]]] = {}  # per round: each micro-batch's raw values
 
     def batch(self, index: int) -> dict[str, Tensor]:
         """Micro-batch ``index`` (generated when its round first asks for it)."""
@@ -442,17 +443,12 @@ class GenerationBatches:
                 batch["old_logps"] = token_logps(model, on_dev).cpu()
         if cfg.beta != 0.0 and self.ref is not None:
             batch["ref_logps"] = self.ref(on_dev).cpu()
-        lengths = [len(c) for c in comp_ids]
-        stats = {"reward": float(torch.nanmean(total)), "reward_std": float(_std(total)) if len(total) > 1 else 0.0,
-                 "completions/mean_length": float(np.mean(lengths)),
-                 "completions/clipped_ratio": float(np.mean([s.finish_reason == "length" for s in seqs]))}  # fmt: skip
-        for f, (spec, _) in enumerate(self.rewards):
-            col = rewards[:, f]
-            stats[f"rewards/{reward_name(spec)}/mean"] = float(torch.nanmean(col))
-            stats[f"rewards/{reward_name(spec)}/std"] = float(_std(col)) if len(col) > 1 else 0.0
+        raw = {"total": total, "rewards": rewards,
+               "lengths": torch.tensor([len(c) for c in comp_ids], dtype=torch.float32),
+               "clipped": torch.tensor([s.finish_reason == "length" for s in seqs], dtype=torch.float32)}  # fmt: skip
         rnd = step // cfg.num_iterations
-        self._round_stats = {r: v for r, v in self._round_stats.items() if r >= rnd - 1}
-        self._round_stats.setdefault(rnd, []).append(stats)
+        self._round_raw = {r: v for r, v in self._round_raw.items() if r >= rnd - 1}
+        self._round_raw.setdefault(rnd, []).append(raw)
         if self.is_main and cfg.samples:
             with open(self.out / "samples.jsonl", "a", encoding="utf-8") as fh:
                 for j in range(min(cfg.samples, len(rows)) * G):
@@ -460,12 +456,27 @@ class GenerationBatches:
                                          "reward": _number(total[j]), "advantage": float(adv[j])}) + "\n")  # fmt: skip
         return batch
 
-    def record(self, step: int, values: dict[str, float]) -> dict[str, float]:
-        """Step ``step``'s values: its generation's stats (the mean over its micro-batches) and ``values``."""
-        micro = self._round_stats.get((step - 1) // self.cfg.num_iterations, [])
-        record = {k: float(np.mean([m[k] for m in micro])) for k in (micro[0] if micro else {})}
-        record.update(values)
-        return record
+    def round_values(self, step: int) -> dict[str, Tensor]:
+        """Step ``step``'s generation, its micro-batches together: ``total`` (N,), ``rewards`` (N, F),
+        ``lengths`` and ``clipped`` (N,) (empty before any generation)."""
+        micro = self._round_raw.get((step - 1) // self.cfg.num_iterations, [])
+        return {k: torch.cat([m[k] for m in micro]) for k in (micro[0] if micro else {})}
+
+    def stats(self, raw: dict[str, Tensor]) -> dict[str, float]:
+        """The logged values of ``raw`` (``round_values``, or every process's gathered): TRL's ``reward``,
+        ``reward_std``, ``rewards/NAME/mean`` and ``/std``, ``completions/mean_length`` and
+        ``completions/clipped_ratio``, over all its completions."""
+        if not raw:
+            return {}
+        total, rewards = raw["total"], raw["rewards"]
+        stats = {"reward": float(torch.nanmean(total)), "reward_std": float(_std(total)) if len(total) > 1 else 0.0,
+                 "completions/mean_length": float(raw["lengths"].mean()),
+                 "completions/clipped_ratio": float(raw["clipped"].mean())}  # fmt: skip
+        for f, (spec, _) in enumerate(self.rewards):
+            col = rewards[:, f]
+            stats[f"rewards/{reward_name(spec)}/mean"] = float(torch.nanmean(col))
+            stats[f"rewards/{reward_name(spec)}/std"] = float(_std(col)) if len(col) > 1 else 0.0
+        return stats
 
 
 def reward_totals(rewards: Tensor, weights: Tensor) -> Tensor:
@@ -493,7 +504,7 @@ class GrpoObjective:
     def __init__(self, cfg: GrpoConfig, source: GenerationBatches) -> None:
         self.cfg, self.source = cfg, source
         self._acc: dict[str, list[float]] = {}
-        self._last: dict[str, float] = {}
+        self._last: tuple[dict[str, Tensor], dict[str, float]] = ({}, {})
 
     def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
         cfg = self.cfg
@@ -507,13 +518,31 @@ class GrpoObjective:
             self._acc.setdefault(k, []).append(v)
         if int(batch["micro"]) == self.source.grad_accum - 1:
             values = {k: float(np.mean(v)) for k, v in self._acc.items()}
-            self._last = self.source.record(int(batch["step"]), values)
+            self._last = (self.source.round_values(int(batch["step"])), values)
             self._acc.clear()
         return value, int(mask.sum()) if cfg.loss_type == "dapo" else 1
 
     def step_metrics(self) -> dict[str, float]:
-        """The record of the last step whose every micro-batch was computed."""
-        return dict(self._last)
+        """The record of the last step whose every micro-batch was computed: its generation's stats over
+        every completion of the step (under torchrun, every process's: gathered, as TRL's), and the mean
+        KL and clip ratio (over micro-batches and processes). Called on every process at the same steps."""
+        raw, values = self._last
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            if world > 1:
+                nccl = torch.distributed.get_backend() == "nccl"
+                dev = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+                gathered = {}
+                for k in sorted(raw):
+                    parts = [torch.empty_like(raw[k], device=dev) for _ in range(world)]
+                    torch.distributed.all_gather(parts, raw[k].to(dev).contiguous())
+                    gathered[k] = torch.cat(parts).cpu()
+                raw = gathered
+                keys = sorted(values)
+                v = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=dev)
+                torch.distributed.all_reduce(v)
+                values = {k: float(x) / world for k, x in zip(keys, v.tolist(), strict=True)}
+        return {**self.source.stats(raw), **values}
 
 
 def grpo_objective(cfg: GrpoConfig, source: GenerationBatches) -> GrpoObjective:

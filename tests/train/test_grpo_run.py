@@ -236,3 +236,39 @@ def test_grpo_shortens_smollm2_answers(smollm2_path: Path, tmp_path: Path) -> No
     ids = [s.tokens + ([s.stop_token] if s.stop_token is not None else []) for s in seqs]
     mean = sum(length_target([], [None] * len(ids), ids)) / len(ids)
     assert mean >= 0.3, [tok.decode(s.tokens) for s in seqs]  # the base: 0.055
+
+
+@pytest.mark.slow
+def test_two_processes_log_and_train_as_one(files: dict[str, Path], tmp_path: Path) -> None:
+    """torchrun, 2 processes x 4 prompts' completions = one process with 2 micro-batches (the same prompts
+    and seeds): the same weights, and the same logged rewards, std and lengths (each process's completions
+    gathered, as TRL), KL and clip ratio."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    import yaml
+    from safetensors.torch import load_file
+
+    def run(out: Path) -> FinetuneRun:
+        r = _run(files, out, steps=2)
+        r.train.batch_size, r.grpo.beta, r.train.precision = 8, 0.1, "fp32"
+        return r
+
+    one = run(tmp_path / "one")
+    one.train.grad_accum_steps = 2
+    finetune(one)
+    two = run(tmp_path / "two")
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(two.to_dict()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(lamina.__file__).parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "lamina",
+           "finetune", "--config", str(tmp_path / "two.yaml")]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    keys = ("reward", "reward_std", "rewards/red/std", "completions/mean_length", "kl", "clip_ratio", "loss")
+    got = [r[k] for r in _records(tmp_path / "two") for k in keys]
+    assert len(got) == 2 * len(keys)
+    assert got == pytest.approx([r[k] for r in _records(tmp_path / "one") for k in keys], abs=1e-5)
+    a, b = (load_file(str(tmp_path / d / "last" / "model.safetensors")) for d in ("one", "two"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
