@@ -270,7 +270,8 @@ def seq2seq_predictor(
     def predict(texts: list[str]) -> list[str]:
         if not texts:
             return []
-        ids = tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        # as in training (PairBatches): a "</s>" written in a source is text, never the control token
+        ids = tokenizer.encode_batch(list(texts), add_special_tokens=False, split_special_tokens=True)
         if eos_id is not None:
             ids = [[*row[: max_source_len - 1], eos_id] for row in ids]
         else:

@@ -180,6 +180,20 @@ def test_seq2seq_predictor_is_greedy_decoding_of_eos_ended_sources(t5: tuple[Any
     assert seq2seq_predictor(model, tok, max_source_len=2, max_new_tokens=6)(["s1 s2 s3"]) == [
         tok.decode(_plain_greedy(model, [[ids[0][0], eos]], eos, 6)[0]).strip()
     ]  # a long source is cut to its first tokens and eos, as in training batches
+    calls: list[dict[str, Any]] = []
+    encode_batch = tok.encode_batch
+
+    def spy(texts: Any, **kw: Any) -> Any:
+        calls.append(kw)
+        return encode_batch(texts, **kw)
+
+    # the source is user text: a "</s>" in it must stay text, as PairBatches encodes it
+    tok.encode_batch = spy
+    try:
+        seq2seq_predictor(model, tok, max_new_tokens=2)(["s1 </s> s2"])
+    finally:
+        del tok.encode_batch
+    assert calls and all(kw.get("split_special_tokens") is True for kw in calls)
 
 
 def test_generation_predictor_routes_an_encoder_decoder_to_seq2seq(t5: tuple[Any, Any]) -> None:
