@@ -378,13 +378,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         arch="encoder-decoder", vocab_size=32128, max_seq_len=512, n_layers=6, d_model=512, n_heads=8,
         d_ff=2048, activation="relu", norm="rmsnorm", norm_eps=1e-6, pos_encoding="relative", bias=False,
         scale_attention=False, tie_embeddings=True, scale_decoder_outputs=True, emb_dropout=0.1,
-        resid_dropout=0.1, attn_dropout=0.1, scaled_residual_init=False,
+        resid_dropout=0.1, attn_dropout=0.1, scaled_residual_init=False, initializer="t5",
     ),
     "t5-v1_1-small": dict(
         arch="encoder-decoder", vocab_size=32128, max_seq_len=512, n_layers=8, d_model=512, n_heads=6,
         head_dim=64, d_ff=1024, activation="geglu_tanh", norm="rmsnorm", norm_eps=1e-6,
         pos_encoding="relative", bias=False, scale_attention=False, tie_embeddings=False,
-        emb_dropout=0.1, resid_dropout=0.1, attn_dropout=0.1, scaled_residual_init=False,
+        emb_dropout=0.1, resid_dropout=0.1, attn_dropout=0.1, scaled_residual_init=False, initializer="t5",
     ),
     "transformer-base": dict(
         arch="encoder-decoder", vocab_size=37000, max_seq_len=512, n_layers=6, d_model=512, n_heads=8,
@@ -396,7 +396,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         arch="encoder-decoder", vocab_size=512, max_seq_len=128, n_layers=2, d_model=64, n_heads=4,
         d_ff=128, activation="relu", norm="rmsnorm", norm_eps=1e-6, pos_encoding="relative",
         relative_attention_num_buckets=8, relative_attention_max_distance=16, bias=False,
-        scale_attention=False, tie_embeddings=True, scale_decoder_outputs=True, scaled_residual_init=False,
+        scale_attention=False, tie_embeddings=True, scale_decoder_outputs=True, scaled_residual_init=False, initializer="t5",
     ),
 }  # fmt: skip
 

@@ -60,6 +60,7 @@ def t5_config(hf: Mapping[str, Any]) -> ModelConfig:
         scale_decoder_outputs=bool(hf.get("scale_decoder_outputs", tied)),
         decoder_start_token_id=hf.get("decoder_start_token_id", hf.get("pad_token_id", 0)) or 0,
         scaled_residual_init=False,
+        initializer="t5",  # transformers' T5 init, should the model be re-initialised
         emb_dropout=dropout,
         attn_dropout=dropout,
         resid_dropout=dropout,

@@ -66,7 +66,9 @@ def test_augment_with_an_encoder_decoder_translates(
 
     torch.manual_seed(0)
     tok = symbol_tokenizer()
-    model = Transformer(ModelConfig.preset("t5-tiny", vocab_size=len(tok), init_std=0.5)).eval()
+    model = Transformer(
+        ModelConfig.preset("t5-tiny", vocab_size=len(tok), initializer="normal", init_std=0.5)
+    ).eval()
     folder = lamina.save_checkpoint(
         tmp_path / "t5", model, tok, GenerationConfig(eos_token_ids=[tok.eos_token_id])
     )

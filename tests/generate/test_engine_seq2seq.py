@@ -25,7 +25,9 @@ def t5() -> tuple[Transformer, Any]:
 
     torch.manual_seed(0)
     tok = symbol_tokenizer()
-    return Transformer(ModelConfig.preset("t5-tiny", vocab_size=len(tok), init_std=0.5)).eval(), tok
+    return Transformer(
+        ModelConfig.preset("t5-tiny", vocab_size=len(tok), initializer="normal", init_std=0.5)
+    ).eval(), tok
 
 
 def _requests(tok: Any, stop: str = "s5") -> list[tuple[list[int], GenerationConfig]]:
