@@ -91,7 +91,7 @@ class ModelConfig:
     scale_decoder_outputs: bool = False  # final hidden states x d_model ** -0.5 before the lm head (T5 v1.0)
     decoder_start_token_id: int = 0  # encoder-decoder: the first decoder input of every target (T5: 0, pad)
     initializer: Initializer = "normal"  # normal(0, init_std), xavier (uniform), kaiming or t5 (HF T5's)
-    init_std: float = 0.02  # std of the normal initializer, > 0 (GPT-2: 0.02)
+    init_std: float = 0.02  # std of initializer normal (the others set their own), > 0 (GPT-2: 0.02)
     scaled_residual_init: bool = True  # std / sqrt(2 * n_layers) on residual output projections
     type_vocab_size: int = 0  # > 0: token-type (segment) embeddings added to the input (BERT: 2)
     head: Head = "lm"  # the output: lm logits, none (hidden states), or a task head (see lamina.model.heads)
@@ -153,6 +153,14 @@ class ModelConfig:
             raise ConfigError(f"norm_eps={self.norm_eps} must be positive")
         if self.init_std <= 0:
             raise ConfigError(f"init_std={self.init_std} must be positive")
+        if (
+            self.initializer != "normal"
+            and self.init_std != ModelConfig.__dataclass_fields__["init_std"].default
+        ):
+            raise ConfigError(
+                f"init_std={self.init_std} is used by initializer normal only (this config: initializer "
+                f"{self.initializer}, which sets its own scales): set initializer normal to use it, or drop init_std"
+            )
         if self.rope_scaling is not None:
             if self.pos_encoding != "rope":
                 raise ConfigError(

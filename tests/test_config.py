@@ -54,6 +54,7 @@ INVALID: list[tuple[dict[str, Any], list[str]]] = [
     (dict(n_layers=True), ["n_layers", "True"]),
     (dict(norm_eps=0.0), ["norm_eps", "0.0"]),
     (dict(init_std=-0.02), ["init_std", "-0.02"]),
+    (dict(initializer="t5", init_std=0.5), ["init_std", "initializer normal", "t5"]),
 ]
 # values the checks do not reach yet: each builds a broken model (or fails later, unnamed) if accepted
 INVALID_UNCHECKED: list[tuple[dict[str, Any], list[str]]] = [
