@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 from lamina.data.rows import pad_id
 from lamina.errors import ConfigError, DataError, LaminaError
+from lamina.train.precision import run_autocast
 
 ScaleRewards = Literal["group", "batch", "none"]
 GrpoLoss = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
@@ -438,11 +439,14 @@ class GenerationBatches:
         batch = {"input_ids": x, "attention_mask": att, "completion_mask": comp, "advantages": adv}
         dev = model.tok_emb.weight.device
         on_dev = {k: v.to(dev) for k, v in batch.items()}
-        if cfg.num_iterations > 1:
-            with torch.no_grad():
-                batch["old_logps"] = token_logps(model, on_dev).cpu()
-        if cfg.beta != 0.0 and self.ref is not None:
-            batch["ref_logps"] = self.ref(on_dev).cpu()
+        # in the run's precision (bf16 autocast where auto picks it), as the objective computes the
+        # policy's: at step 1 the ratio is then exactly 1 and the KL to an identical reference 0
+        with run_autocast():
+            if cfg.num_iterations > 1:
+                with torch.no_grad():
+                    batch["old_logps"] = token_logps(model, on_dev).cpu()
+            if cfg.beta != 0.0 and self.ref is not None:
+                batch["ref_logps"] = self.ref(on_dev).cpu()
         raw = {"total": total, "rewards": rewards,
                "lengths": torch.tensor([len(c) for c in comp_ids], dtype=torch.float32),
                "clipped": torch.tensor([s.finish_reason == "length" for s in seqs], dtype=torch.float32)}  # fmt: skip

@@ -14,18 +14,25 @@ computes there, so bf16 autocast is slower than plain fp32 and ``auto`` keeps fp
 - ``LAMINA_NATIVE_BF16=0`` (or ``1``) in the environment overrides the probe: the test suite sets 0, so
   its training numbers are the same on every CPU.
 
-The trainer resolves ``auto`` once, at the start of a run, prints the choice with its reason and records
-the resolved value in run.yaml and in every checkpoint's train state; ``--resume`` uses that recorded
-value, so a run resumed on other hardware keeps its numerics.
+The trainer resolves ``auto`` once, at the start of a run (``run_precision``: under torchrun bf16 only
+if every process has it), prints the choice with its reason and records the resolved value in run.yaml
+and in every checkpoint's train state; ``--resume`` uses that recorded value, so a run resumed on other
+hardware keeps its numerics. While it trains, ``run_autocast()`` is that precision's autocast, for what
+an objective's data computes outside the trainer's own autocast (GRPO's old and reference log-probs,
+DPO's precomputed reference log-probs), so they match the policy's log-probs at step 1.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+
+from lamina.train import distributed as D
 
 
 def native_bf16(device: torch.device | str = "cpu") -> tuple[bool, str]:
@@ -64,6 +71,27 @@ def resolve_precision(precision: str, device: torch.device | str = "cpu") -> tup
     return ("bf16" if native else "fp32"), f"auto: {why}"
 
 
+def run_precision(
+    precision: str, info: D.DistInfo, start_state: dict[str, Any] | None = None
+) -> tuple[str, str]:
+    """The precision a run computes in and why, decided once when it starts (the trainer's, and so GRPO's
+    and DPO's reference log-probs'): ``resolve_precision`` on ``info.device``, except that a resumed run
+    (``start_state``: its checkpoint's train state) keeps the value the checkpoint recorded (the same
+    numerics on other hardware; a checkpoint from before ``auto`` existed trained in fp32, the default
+    then), and under torchrun ``auto`` picks bf16 only if every process has it (a collective: every
+    process calls it). Returns ``(precision, reason)``."""
+    if precision == "auto" and start_state is not None:
+        if "precision" not in start_state:  # saved before auto existed, when the default was fp32
+            return "fp32", "auto: the checkpoint predates precision=auto (fp32 was the default then)"
+        return str(start_state["precision"]), "auto: as the run recorded when it started"
+    resolved, why = resolve_precision(precision, info.device)
+    if precision == "auto" and info.world_size > 1:
+        votes = D.sum_across(torch.tensor(float(resolved == "bf16"), device=info.device), info)
+        if int(votes.item()) < info.world_size:
+            resolved, why = "fp32", "auto: not every process has native bf16"
+    return resolved, why
+
+
 def _probe(module: object, name: str) -> bool:
     fn = getattr(module, name, None)
     try:
@@ -80,3 +108,33 @@ def autocast_for(
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+# the (precision, device) of the run the trainer is training; None outside ``lamina.train.trainer.train``
+_RUN: contextvars.ContextVar[tuple[str, torch.device] | None] = contextvars.ContextVar(
+    "lamina_run_precision", default=None
+)
+
+
+@contextlib.contextmanager
+def running_in(precision: str, device: torch.device) -> Iterator[None]:
+    """Within it, ``run_autocast()`` is ``precision``'s autocast on ``device`` (the trainer's, over a run)."""
+    token = _RUN.set((precision, torch.device(device)))
+    try:
+        yield
+    finally:
+        _RUN.reset(token)
+
+
+def run_device() -> torch.device | None:
+    """The device of the run being trained (``running_in``), None outside a run."""
+    run = _RUN.get()
+    return None if run is None else run[1]
+
+
+def run_autocast() -> contextlib.AbstractContextManager[Any]:
+    """The autocast of the run being trained (its ``run_precision``, as the trainer computes the
+    objective in), for log-probs an objective's data computes outside the trainer's autocast (GRPO's old
+    and reference log-probs, DPO's precomputed ones); no autocast outside a run."""
+    run = _RUN.get()
+    return contextlib.nullcontext() if run is None else autocast_for(*run)

@@ -22,10 +22,11 @@ tests/train/test_dpo.py):
 
 The reference is a frozen copy of the starting model, or with LoRA the model itself with its adapters
 disabled (``lamina.model.lora.disable_adapters``; no second copy). Its log-probabilities are computed
-without gradients once per batch, or once for the whole data before training with ``dpo.precompute_ref``
-(then the copy is dropped). Evaluations report TRL's metrics on the held-out pairs: ``rewards/chosen``,
-``rewards/rejected`` (``beta`` x the policy/reference log-ratio; SimPO: ``beta`` x the mean log-prob),
-``rewards/accuracies`` (share of pairs with chosen > rejected) and ``rewards/margins``.
+without gradients once per batch, or once for the whole data as training starts with ``dpo.precompute_ref``
+(then the copy is dropped); either way in the trainer's precision (``lamina.train.precision.run_precision``).
+Evaluations report TRL's metrics on the held-out pairs: ``rewards/chosen``, ``rewards/rejected`` (``beta``
+x the policy/reference log-ratio; SimPO: ``beta`` x the mean log-prob), ``rewards/accuracies`` (share of
+pairs with chosen > rejected) and ``rewards/margins``.
 
 A reward model is the model with a scalar head (``head=regress``, one output pooled on the last real
 token, as transformers' ``*ForSequenceClassification``; with a ``lora`` section, LoRA adapters train and
@@ -58,7 +59,7 @@ from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
 from lamina.train.freeze import apply_run_lora
 from lamina.train.objectives import Batch, Objective
-from lamina.train.precision import autocast_for, resolve_precision
+from lamina.train.precision import run_autocast, run_device
 from lamina.train.trainer import TrainResult, train
 
 if TYPE_CHECKING:
@@ -208,22 +209,33 @@ def dpo(cfg: DpoConfig, ref: Callable[[Batch], Tensor] | None) -> Objective:
 
 class WithRef:
     """A ``PreferenceBatches`` whose batches carry the reference's log-probs, computed once per pair
-    (``dpo.precompute_ref``): ``ref_logps`` (2B,) in the batch's row order."""
+    (``dpo.precompute_ref``): ``ref_logps`` (2B,) in the batch's row order. They are computed when the
+    first batch is asked for, in the trainer's run: on its device and in its precision
+    (``lamina.train.precision.run_autocast``, bf16 autocast where it trains in bf16), as the loop would
+    compute them per batch; then ``ref`` is let go (a frozen copy is freed)."""
 
-    def __init__(
-        self, batches: PreferenceBatches, ref: Callable[[Batch], Tensor], device: torch.device
-    ) -> None:
+    def __init__(self, batches: PreferenceBatches, ref: Callable[[Batch], Tensor]) -> None:
         self.inner = batches
         self.steps_per_epoch = batches.steps_per_epoch
+        self.ref: Callable[[Batch], Tensor] | None = ref
+        self.chosen = self.rejected = torch.empty(0)
+
+    def _tables(self) -> None:
+        if self.ref is None:
+            return
+        device = run_device() or torch.device("cpu")
         chosen, rejected = [], []
-        for b in batches.eval_batches():
-            lp = ref({k: v.to(device) for k, v in b.items()}).cpu()
-            c, r = lp.chunk(2)
-            chosen.append(c)
-            rejected.append(r)
+        with run_autocast():
+            for b in self.inner.eval_batches():
+                lp = self.ref({k: v.to(device) for k, v in b.items()}).cpu()
+                c, r = lp.chunk(2)
+                chosen.append(c)
+                rejected.append(r)
         self.chosen, self.rejected = torch.cat(chosen), torch.cat(rejected)
+        self.ref = None
 
     def _add(self, b: dict[str, Tensor], rows: list[int]) -> dict[str, Tensor]:
+        self._tables()
         idx = torch.tensor(rows, dtype=torch.long)
         return {**b, "ref_logps": torch.cat([self.chosen[idx], self.rejected[idx]])}
 
@@ -340,11 +352,9 @@ def finetune_dpo(
     ref = None if d.loss == "simpo" else reference(model, run.lora is not None)
     train_b: Any = PreferenceBatches(tr.pairs, tcfg.batch_size, tcfg.seed, pad_id(tokenizer))
     val_b: Any = PreferenceBatches(va.pairs, tcfg.batch_size, tcfg.seed, pad_id(tokenizer))
-    if d.precompute_ref and ref is not None:
-        dev = torch.device("cpu")
-        with autocast_for(resolve_precision(tcfg.precision, dev)[0], dev):  # as the loop would compute them
-            train_b, val_b = WithRef(train_b, ref, dev), WithRef(val_b, ref, dev)
-        ref = None  # the frozen copy (if any) is no longer needed
+    if d.precompute_ref and ref is not None:  # computed as training starts, in the run's precision
+        train_b, val_b = WithRef(train_b, ref), WithRef(val_b, ref)
+        ref = None  # the frozen copy (if any) goes once both have their log-probs
     steps = tcfg.max_steps or max(1, round((tcfg.epochs or 1) * train_b.steps_per_epoch))
 
     def metrics(net: nn.Module) -> dict[str, float]:

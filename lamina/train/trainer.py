@@ -65,7 +65,7 @@ from lamina.train.freeze import freeze
 from lamina.train.metrics import MetricsLog, peak_flops, plot_curves
 from lamina.train.objectives import Batch, Objective
 from lamina.train.optim import lr_lambda, make_optimizer
-from lamina.train.precision import autocast_for, resolve_precision
+from lamina.train.precision import autocast_for, run_precision, running_in
 
 if TYPE_CHECKING:
     from lamina.diffusion.unet import UNet
@@ -335,7 +335,7 @@ def train(
             cfg.wsd_decay_fraction,
         ),
     )
-    precision, why = _precision(cfg.precision, info, start_state)
+    precision, why = run_precision(cfg.precision, info, start_state)  # the one decision, used throughout
     if run_config is not None and isinstance(run_config.get("train"), dict):  # run.yaml: the resolved value
         run_config = {**run_config, "train": {**run_config["train"], "precision": precision}}
     scaler = torch.amp.GradScaler(info.device.type, enabled=precision == "fp16")
@@ -433,7 +433,11 @@ def train(
     net.train()
     t_window, tokens_window = time.perf_counter(), 0
     stops = _StopSignals(verbose=info.is_main)
+    scope = contextlib.ExitStack()
     try:
+        # what the objective's data computes outside the autocast below (GRPO's old/reference log-probs,
+        # DPO's precomputed ones) uses the same precision: precision.run_autocast()
+        scope.enter_context(running_in(precision, info.device))
         stops.install()
         while step < steps:
             # Token-weighted accumulation: each micro-batch adds (its mean loss x its count) / norm to the
@@ -541,6 +545,7 @@ def train(
         if info.is_main and last is not None:
             atomic_folder(out / "last", lambda tmp: _copy_into(last, tmp))
     finally:
+        scope.close()
         stops.restore()
         bar.close()
         log.close()
@@ -723,22 +728,6 @@ def _rng_state(device: torch.device) -> dict[str, Any]:
 
 def _to(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def _precision(precision: str, info: D.DistInfo, start_state: dict[str, Any] | None) -> tuple[str, str]:
-    """The precision the run computes in and why (``lamina.train.precision.resolve_precision``): ``auto``
-    is resolved once, when a run starts, and a resumed run keeps the value its checkpoint recorded (the
-    same numerics on other hardware); under torchrun ``auto`` picks bf16 only if every process has it."""
-    if precision == "auto" and start_state is not None:
-        if "precision" not in start_state:  # saved before auto existed, when the default was fp32
-            return "fp32", "auto: the checkpoint predates precision=auto (fp32 was the default then)"
-        return str(start_state["precision"]), "auto: as the run recorded when it started"
-    resolved, why = resolve_precision(precision, info.device)
-    if precision == "auto" and info.world_size > 1:
-        votes = D.sum_across(torch.tensor(float(resolved == "bf16"), device=info.device), info)
-        if int(votes.item()) < info.world_size:
-            resolved, why = "fp32", "auto: not every process has native bf16"
-    return resolved, why
 
 
 def _no_sync(net: nn.Module, info: D.DistInfo, sync: bool) -> contextlib.AbstractContextManager[Any]:

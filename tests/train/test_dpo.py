@@ -402,3 +402,31 @@ def test_cli_reward_and_dpo(
     assert "rewards/margins" in _evals(tmp_path / "dpo")[-1] and "accuracy" in _evals(tmp_path / "rm")[-1]
     assert main(["finetune", "--task", "dpo", *common, "--dpo.beta", "0", "--out", str(tmp_path / "x")]) != 0
     assert "dpo.beta=0.0 must be positive" in capsys.readouterr().err
+
+
+def test_precomputed_reference_follows_the_runs_precision(
+    tiny: Path, prefs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dpo.precompute_ref computes in the precision the trainer decided (lamina.train.precision.run_precision),
+    not one of its own: a run that started in fp32 (auto without native bf16) and resumes where bf16 is
+    native keeps fp32, its precomputed reference too."""
+    import lamina.train.preference as preference
+
+    finetune(_run(tiny, prefs, tmp_path, "dpo", train={"max_steps": 1}))  # auto: fp32 (conftest), recorded
+    autocast: list[bool] = []
+    real = preference.reference
+
+    def spied(model: Any, lora: bool) -> Any:
+        ref = real(model, lora)
+
+        def call(batch: Any) -> Any:
+            autocast.append(torch.is_autocast_enabled("cpu"))
+            return ref(batch)
+
+        return call
+
+    monkeypatch.setattr(preference, "reference", spied)
+    monkeypatch.setenv("LAMINA_NATIVE_BF16", "1")
+    run = _run(tiny, prefs, tmp_path, "dpo", train={"max_steps": 2}, dpo={"precompute_ref": True})
+    finetune(run, resume=True)
+    assert autocast and not any(autocast)

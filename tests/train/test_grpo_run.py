@@ -272,3 +272,31 @@ def test_two_processes_log_and_train_as_one(files: dict[str, Path], tmp_path: Pa
     assert got == pytest.approx([r[k] for r in _records(tmp_path / "one") for k in keys], abs=1e-5)
     a, b = (load_file(str(tmp_path / d / "last" / "model.safetensors")) for d in ("one", "two"))
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_step_one_in_bf16_has_ratio_one_and_no_kl(
+    files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lora: bool
+) -> None:
+    """The old and reference log-probs are computed in the run's precision, as the policy's in the loss: at
+    step 1 (policy = old = reference: a frozen copy, or the adapters off) the ratio is exactly 1 and the KL
+    exactly 0 in bf16 too (they were fp32 next to the loss's bf16: KL ~1e-3)."""
+    import lamina.train.grpo as grpo_module
+
+    seen: list[tuple[float, float]] = []
+    real = grpo_module.grpo_loss
+
+    def spy(logps: Any, adv: Any, mask: Any, old: Any, ref: Any, *args: Any, **kwargs: Any) -> Any:
+        m = mask.bool()
+        d = logps.detach()
+        seen.append((float((d - old)[m].abs().max()), float((d - ref)[m].abs().max())))
+        return real(logps, adv, mask, old, ref, *args, **kwargs)
+
+    monkeypatch.setattr(grpo_module, "grpo_loss", spy)
+    run = _run(files, tmp_path / "run", steps=1)
+    run.train.batch_size, run.grpo.beta, run.grpo.num_iterations, run.train.precision = 8, 0.1, 2, "bf16"
+    if lora:
+        run.lora = FinetuneRun.from_dict({**run.to_dict(), "lora": {"r": 2}}).lora
+    finetune(run)
+    assert seen == [(0.0, 0.0)]
+    assert _records(tmp_path / "run")[0]["kl"] == 0.0

@@ -101,3 +101,31 @@ def test_the_trainer_says_records_and_resumes_its_choice(
     torch.save(state, newest / STATE_DIR / STATE_FILE)
     _train(tmp_path, steps=3, resume=True)
     assert "training in fp32 (auto: the checkpoint predates" in capsys.readouterr().err
+
+
+def test_auto_trains_under_bf16_autocast_where_native(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """auto's bf16 is bf16 autocast in the loop (the objective sees bf16 logits) and in ``run_autocast``
+    (what a batch source computes, e.g. GRPO's reference log-probs); neither outside the run."""
+    _cpu(monkeypatch, avx512_bf16=True)
+    seen: dict[str, list[Any]] = {"loss": [], "batch": []}
+    inner = causal_lm()
+
+    class Source(_Tokens):
+        def batch(self, index: int) -> dict[str, torch.Tensor]:
+            with P.run_autocast():
+                seen["batch"].append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+            return super().batch(index)
+
+    def objective(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        seen["loss"].append(model(batch["input_ids"]).dtype)
+        return inner(model, batch)
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("tiny", n_layers=1, d_model=32, vocab_size=32, max_seq_len=8))
+    cfg = TrainConfig(out_dir=str(tmp_path), max_steps=1, warmup_steps=0, progress=False)
+    train(model, cfg, Source(), objective, tokens_per_batch=16)
+    assert seen == {"loss": [torch.bfloat16], "batch": [torch.bfloat16]}
+    with P.run_autocast():
+        assert not torch.is_autocast_enabled("cpu")  # outside a run: none
