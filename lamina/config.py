@@ -1094,7 +1094,7 @@ class TrainConfig:
     early_stopping_min_delta: float = 0.0  # a validation loss counts as better when lower by more than this
     log_every: int = 10  # optimizer steps between metrics lines (metrics.jsonl, progress bar)
     device: str = "auto"  # cpu, cuda, cuda:1, ... (auto: cuda if available, else cpu)
-    parallel: Parallel = "auto"  # none, ddp or fsdp (auto: ddp under torchrun, else none)
+    parallel: Parallel = "auto"  # none, ddp or fsdp (auto: ddp under torchrun, else none); LoRA: not fsdp
     progress: bool = True  # show a progress bar (main process only)
     # None: masked_lm for encoders, span_corruption for encoder-decoders, causal_lm for decoders
     objective: TrainObjective | None = None

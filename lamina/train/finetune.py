@@ -49,7 +49,7 @@ from lamina.train.grpo import GrpoConfig
 from lamina.train.objectives import Batch, Objective
 from lamina.train.preference import DpoConfig, RewardConfig
 from lamina.train.seq2seq import Seq2SeqConfig
-from lamina.train.trainer import TrainResult, check_out_dir, train
+from lamina.train.trainer import LORA_UNDER_FSDP, TrainResult, check_out_dir, train
 
 HeadTask = Literal["classify", "regress", "token_classify"]  # the tasks that train a fresh head
 Task = Literal[HeadTask, "sft", "reward", "dpo", "grpo", "seq2seq"]
@@ -318,6 +318,8 @@ def finetune(
             "switching the adapters off, which would keep those modules trained; leave modules_to_save empty "
             "(or train them in an sft run first)"
         )
+    if run.lora is not None and run.train.parallel == "fsdp":
+        raise ConfigError(LORA_UNDER_FSDP)
     qlora = run.lora.base_weights if run.lora is not None else None
     device = run.train.device
     if qlora in ("int8", "int4") and device != "cpu" and (device != "auto" or torch.cuda.is_available()):

@@ -221,6 +221,13 @@ def format_duration(seconds: float) -> str:
     return f"{minutes // 60} h {minutes % 60:02d} min"
 
 
+# why a model with LoRA adapters is refused parallel=fsdp, and the fix
+LORA_UNDER_FSDP = (
+    "LoRA adapters train with --train.parallel ddp (each process keeps the small adapters whole); "
+    "FSDP shards them and their checkpoint cannot be written"
+)
+
+
 def train(
     model: Transformer | UNet,
     cfg: TrainConfig,
@@ -269,11 +276,8 @@ def train(
     / (10 + step))``, diffusers' EMAModel), written as every checkpoint's ``EMA_FILE`` and resumed.
     """
     started = time.perf_counter()
-    if cfg.parallel == "fsdp" and _has_lora(model):
-        raise ConfigError(
-            "LoRA adapters train with --train.parallel ddp (each process keeps the small adapters whole); "
-            "FSDP shards them and their checkpoint cannot be written"
-        )
+    if cfg.parallel == "fsdp" and _has_lora(model):  # finetune refuses it before loading; a backstop
+        raise ConfigError(LORA_UNDER_FSDP)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     generation = _with_eos_ids(generation or GenerationConfig(), tokenizer)

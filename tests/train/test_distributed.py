@@ -126,3 +126,13 @@ def test_lora_under_fsdp_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"--train\.parallel ddp"):
         train(model, cfg, None, causal_lm(), tokens_per_batch=8)  # type: ignore[arg-type]
     assert not any(tmp_path.iterdir())
+
+
+def test_finetune_refuses_lora_under_fsdp_before_loading(tmp_path: Path) -> None:
+    from lamina.train.finetune import FinetuneRun, finetune
+
+    run = FinetuneRun.from_dict({"task": {"task": "sft", "data": str(tmp_path / "absent.jsonl")},
+                                 "init": str(tmp_path / "absent-model"), "lora": {"r": 2},
+                                 "train": {"parallel": "fsdp", "out_dir": str(tmp_path / "out")}})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"--train\.parallel ddp"):  # not the missing model or data
+        finetune(run)
