@@ -1129,8 +1129,8 @@ class TrainConfig:
         _check_types(self)
         if not 0.0 < self.mlm_probability < 1.0:
             raise ConfigError(f"mlm_probability={self.mlm_probability} must be in (0, 1) (BERT uses 0.15)")
-        if not self.lr >= 0:  # also catches nan; 0 is a control run that changes no weight
-            raise ConfigError(f"lr={self.lr} must be >= 0")
+        if not (math.isfinite(self.lr) and self.lr >= 0):  # not nan / inf; 0 is a control run (no change)
+            raise ConfigError(f"lr={self.lr} must be finite and >= 0")
         positive = (
             "batch_size",
             "grad_accum_steps",

@@ -363,8 +363,11 @@ def test_train_config_validation() -> None:
         TrainConfig(optimizer="adam")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="label_smoothing"):
         TrainConfig(label_smoothing=1.5)
-    with pytest.raises(ConfigError, match=r"lr=-0.001 must be >= 0"):
+    with pytest.raises(ConfigError, match=r"lr=-0.001 must be finite and >= 0"):
         TrainConfig(lr=-1e-3)
+    for lr in (math.inf, -math.inf):
+        with pytest.raises(ConfigError, match=rf"lr={lr} must be finite"):
+            TrainConfig(lr=lr)
 
 
 @pytest.mark.parametrize("name", ["adamw", "sgd", "rmsprop", "lion", "adafactor"])
