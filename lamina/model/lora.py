@@ -11,11 +11,11 @@ holds ``base_layer``, ``lora_A`` and ``lora_B``, so ``blocks.0.attn.q_proj.lora_
 QLoRA-style (Dettmers et al. 2023, arXiv:2305.14314, with lamina's own formats instead of NF4):
 ``LoraConfig(base_weights="int8" | "int4")`` (or "bf16") first converts the frozen base to lamina's weight-only
 int8 / int4 linears (``lamina.model.quant``; bf16 activations) and puts fp32 adapters on top
-(``modules_to_save``, trained in full, stay fp32 and take fp32 inputs). Gradients
-reach the inputs of a quantized layer through a backward that dequantizes its weight on the fly
-(``_FrozenQuantMatmul``), so no dequantized weight is kept between forward and backward. The fp32 base
-weights are kept out of memory (a temporary file, memory-mapped: pages are read only when a checkpoint is
-written), so a trained QLoRA model saves its checkpoint with the fp32 base and a PEFT adapter for it
+(``modules_to_save``, trained in full, stay fp32 and take fp32 inputs). Gradients reach the inputs of a
+quantized layer through the layer's own backward, which dequantizes its weight on the fly
+(``lamina.model.quant._FrozenMatmul``), so no dequantized weight is kept between forward and backward. The
+fp32 base weights are kept out of memory (a temporary file, memory-mapped: pages are read only when a
+checkpoint is written), so a trained QLoRA model saves its checkpoint with the fp32 base and a PEFT adapter for it
 (``base_state_dict``), exactly as a LoRA run over the fp32 base does.
 
 ``merge_lora`` adds ``scaling * B @ A`` into the base weights (``unload=True`` then replaces each wrapper
@@ -101,22 +101,6 @@ class LoraConfig:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
-class _FrozenQuantMatmul(torch.autograd.Function):
-    """``base(x)`` for a frozen int8/int4 linear, differentiable in ``x``: the backward multiplies by the
-    weight dequantized then (``grad_x = grad_y @ W``), so the forward saves no tensor."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, base: nn.Module) -> Tensor:
-        ctx.base = base
-        with torch.no_grad():
-            return base(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, None]:
-        w = ctx.base.dequantize()  # (out, in)
-        return (grad_y.to(w.dtype) @ w).to(grad_y.dtype), None
-
-
 class LoraLinear(nn.Module):
     """``base_layer(x) + scaling * lora_B(lora_A(dropout(x)))``: (..., in) -> (..., out) in x's dtype.
 
@@ -157,13 +141,7 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(..., in) -> (..., out) in x's dtype."""
-        base = self.base_layer
-        if isinstance(base, nn.Linear):
-            y = base(x)
-        elif torch.is_grad_enabled() and x.requires_grad:
-            y = _FrozenQuantMatmul.apply(x, base)
-        else:
-            y = base(x)
+        y = self.base_layer(x)  # a frozen Int8Linear / Int4Linear passes gradients to x by itself
         if self.merged or self.disabled:
             return y
         a = self.lora_A.weight
