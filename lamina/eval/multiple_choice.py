@@ -87,13 +87,16 @@ def score_continuations(
     Requests are sorted by context length, longest first; ``batch_tokens`` bounds the padded context tokens
     plus the continuation tokens of one batch (so MMLU's long contexts with one-token choices and
     HellaSwag's long endings do not share a batch). A batch and a group close before padding passes
-    ``PADDING`` (1/16) of their positions. A request longer than
-    ``max_seq_len`` loses context tokens from the left (lm-eval truncates the same way). Log-softmax in
-    float32. ``progress(done, total)`` counts requests.
+    ``PADDING`` (1/16) of their positions, and never pads across a length at which an int8 / int4 layer
+    switches path (``lamina.model.quant.path_lengths``: its numerics would then depend on the batch-mates).
+    A request longer than ``max_seq_len`` loses context tokens from the left (lm-eval truncates the same
+    way). Log-softmax in float32. ``progress(done, total)`` counts requests.
     """
     from lamina.model.layers import KVCache
+    from lamina.model.quant import path_lengths
 
     cfg = model.config
+    bounds = path_lengths(model)  # tokens per row where int8/int4 layers change numerics: never pad across
     limit = cfg.max_seq_len
     prepared = []
     for ctx, conts in requests:
@@ -127,7 +130,8 @@ def score_continuations(
         heads = torch.tensor([c[0] for c in conts], device=device)
         scores = first.gather(1, heads[:, None])[:, 0].tolist()
         greedy = (first.argmax(-1) == heads).tolist()
-        for group in _length_groups(conts):  # the choices' own tokens after copies of their context's cache
+        # the choices' own tokens after copies of their context's cache
+        for group in _length_groups(conts, bounds):
             Lk = len(conts[group[0]])
             sub = KVCache(cfg, 0, Lc + Lk - 1, dtype, device, max_batch_size=len(group))
             sub.add_rows(cache, [owners[r] for r in group])
@@ -155,7 +159,10 @@ def score_continuations(
     for i in order:
         ctx, conts, _ = prepared[i]
         rows = (len(batch) + 1) * max(lc, len(ctx))  # context positions with this request in
-        if batch and (rows + nk + sum(map(len, conts)) > batch_tokens or _wasteful(rows, real + len(ctx))):
+        crosses = any(len(ctx) < b <= lc for b in bounds)  # (lc: the batch's first, longest context)
+        if batch and (
+            rows + nk + sum(map(len, conts)) > batch_tokens or _wasteful(rows, real + len(ctx)) or crosses
+        ):
             run(batch)
             done += len(batch)
             if progress is not None:
@@ -180,16 +187,22 @@ def _wasteful(positions: int, real: int) -> bool:
     return positions > SMALL and positions - real > PADDING * positions
 
 
-def _length_groups(conts: Sequence[list[int]]) -> list[list[int]]:
+def _length_groups(conts: Sequence[list[int]], bounds: Sequence[int] = ()) -> list[list[int]]:
     """Indices of the continuations longer than one token, longest first, cut into groups whose rows are
-    padded to the group's first (longest) without ``_wasteful`` padding. One-token continuations need no
-    pass (their token is scored from the context's last position)."""
+    padded to the group's first (longest) without ``_wasteful`` padding and never across one of ``bounds``
+    (tokens per row: ``lamina.model.quant.path_lengths``; a group runs each continuation but its last
+    token). One-token continuations need no pass (their token is scored from the context's last position)."""
     rest = sorted((r for r, c in enumerate(conts) if len(c) > 1), key=lambda r: -len(conts[r]))
     groups: list[list[int]] = []
     real = 0
     for r in rest:
         n = len(conts[r]) - 1
-        if groups and not _wasteful((len(groups[-1]) + 1) * (len(conts[groups[-1][0]]) - 1), real + n):
+        top = len(conts[groups[-1][0]]) - 1 if groups else 0  # the group's tokens per row
+        if (
+            groups
+            and not _wasteful((len(groups[-1]) + 1) * top, real + n)
+            and not any(n < b <= top for b in bounds)
+        ):
             groups[-1].append(r)
             real += n
         else:

@@ -111,3 +111,26 @@ def test_length_groups(monkeypatch: pytest.MonkeyPatch) -> None:
     assert multiple_choice._length_groups(conts) == [[0, 2, 7], [4, 5], [3]]
     monkeypatch.setattr(multiple_choice, "PADDING", 0.0)
     assert multiple_choice._length_groups(conts) == [[0], [2], [7], [4], [5], [3]]
+
+
+def test_int8_scores_do_not_depend_on_batch_mates(lm: Any) -> None:
+    """int8 layers run a forward of > 16 tokens per row another way (``path_lengths``): a short context or
+    continuation padded to a longer batch- or group-mate's length would change its log-likelihood."""
+    import copy
+
+    from lamina.eval import multiple_choice
+    from lamina.model.quant import convert_weights
+
+    model = convert_weights(copy.deepcopy(lm.model), "int8")
+    g = torch.Generator().manual_seed(0)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist()
+
+    ctx, short = ids(10), ids(3)  # 10 context tokens; the continuation runs 2 tokens per row
+    ((alone, _),) = score_continuations(model, [(ctx, [short])])[0]
+    with_long_context = score_continuations(model, [(ctx, [short]), (ids(30), [ids(2)])])[0]
+    assert with_long_context[0][0] == pytest.approx(alone, abs=1e-5)  # contexts 10 and 30: not one batch
+    with_long_choice = score_continuations(model, [(ctx, [short, ids(25)])])[0]
+    assert with_long_choice[0][0] == pytest.approx(alone, abs=1e-5)  # continuations 3 and 25: not one group
+    assert multiple_choice._length_groups([[0] * 3, [0] * 25], (17,)) == [[1], [0]]
