@@ -25,8 +25,9 @@ converted model is for inference: it cannot be trained, and ``save_checkpoint`` 
 
 The int8/int4 path (the integer kernel, or the dequantized weight in a bf16 matmul; their rounding
 differs, logprobs up to ~7e-3 apart) is chosen by the tokens per sequence of a forward (T of the input
-(B, T, in)), never by the batch size: a decode step (T = 1) takes the kernel at any batch size, so a
-row's numerics do not depend on its batch-mates. A batch of left-padded prompts is padded to its longest,
+(B, T, in); a 2-D (B, in) input, as a pooled head's, is one token per row), never by the batch size: a
+decode step (T = 1) takes the kernel at any batch size, so a row's numerics do not depend on its
+batch-mates. A batch of left-padded prompts is padded to its longest,
 so the engine never prefills together prompts on both sides of a switch (``path_lengths``). The price:
 many short int8 rows (a decode step at batch ~64, a batch of short prompts) stay on the kernel, whose
 matmuls there are ~1.3-1.4x slower than the dequantized weight's (int4's kernel is not slower there).
@@ -53,9 +54,9 @@ INT4_DEQUANT_ROWS = 64  # int4: from this many tokens per sequence (prefill), th
 
 
 def _tokens_per_row(x: Tensor) -> int:
-    """What chooses an int8/int4 layer's path: T of (..., T, in), the tokens per sequence of this forward
-    (a 2-D (M, in) input counts M), not the batch size."""
-    return x.shape[-2] if x.dim() >= 2 else 1
+    """What chooses an int8/int4 layer's path: T of (..., T, in), the tokens per sequence of this forward,
+    not the batch size; a 2-D (B, in) input (a pooled head's vector per sequence) is one token per row."""
+    return x.shape[-2] if x.dim() >= 3 else 1
 
 
 def path_lengths(model: nn.Module) -> tuple[int, ...]:
