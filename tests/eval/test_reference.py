@@ -91,6 +91,9 @@ def test_generate_until_equals_lm_eval(lamina_smollm2: Any, hf_backend: Any) -> 
             kwargs = {"until": list(task.until), "max_gen_toks": 24, "do_sample": False}
             requests.append(Instance(request_type="generate_until", doc={}, idx=0,
                                      arguments=(task.context(item, shots, rng), kwargs)))  # fmt: skip
+    tok = lamina_smollm2.tokenizer
+    gsm8k = [len(tok.encode(r.arguments[0], add_special_tokens=False)) for r in requests[:3]]
+    assert min(gsm8k) > 128 - 24, gsm8k  # every GSM8K prompt loses tokens from the left
     ref = HFLM(pretrained=hf_backend.model, tokenizer=hf_backend.tokenizer, batch_size=16, max_length=128)
     want = ref.generate_until(requests)
     got = LaminaLM(pretrained=lamina_smollm2, max_length=128).generate_until(requests)
