@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from lamina.eval.tasks import Task
 
 Progress = Callable[[int, int], None]
+MAX_BATCH_SIZE = 16  # contexts decoded together by default (generate_greedy, evaluate_generation, LaminaLM)
 
 
 def normalize_answer(s: str) -> str:
@@ -86,7 +87,7 @@ def generate_greedy(
     stops: Sequence[Sequence[str]],
     max_new_tokens: Sequence[int],
     max_length: int | None = None,
-    max_batch_size: int = 16,
+    max_batch_size: int = MAX_BATCH_SIZE,
     progress: Progress | None = None,
 ) -> list[str]:
     """Greedy continuations of raw-text ``contexts`` as lm-eval's ``hf`` backend makes them
@@ -138,7 +139,7 @@ def evaluate_generation(
     seed: int = 1234,
     limit: int | None = None,
     max_new_tokens: int = 256,
-    max_batch_size: int = 16,
+    max_batch_size: int = MAX_BATCH_SIZE,
     progress: Progress | None = None,
 ) -> TaskResult:
     """Greedy answers to ``task``'s items (kind "generate") with ``shots`` examples drawn with ``seed``,

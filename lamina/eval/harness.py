@@ -32,6 +32,7 @@ import sys
 from collections import defaultdict
 from typing import Any
 
+from lamina.eval.generation_tasks import MAX_BATCH_SIZE
 from lamina.eval.seq2seq import MissingExtraError
 
 try:
@@ -56,7 +57,7 @@ class LaminaLM(TemplateLM):
         pretrained: Any = "smollm2",
         dtype: str = "fp32",
         device: str = "cpu",
-        batch_size: int | str = 16,
+        batch_size: int | str = MAX_BATCH_SIZE,
         batch_tokens: int = 2048,
         max_gen_toks: int = 256,
         max_length: int | None = None,
@@ -78,7 +79,7 @@ class LaminaLM(TemplateLM):
         if self.lm.tokenizer is None:
             raise lamina.ConfigError(f"model {pretrained!r} has no tokenizer; lm-eval needs one")
         self.tokenizer = self.lm.tokenizer
-        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else MAX_BATCH_SIZE  # ("auto")
         self.batch_tokens = int(batch_tokens)
         self.max_gen_toks = int(max_gen_toks)
         self._max_length = int(max_length) if max_length else self.lm.model.config.max_seq_len
