@@ -32,7 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lamina.diffusion.schedulers import DDIMScheduler, DDPMScheduler, NoiseConfig
-from lamina.diffusion.unet import UNet, residual_base
+from lamina.diffusion.unet import UNet, residual_base, resolve_noise
 from lamina.errors import ConfigError
 
 Scheduler = DDPMScheduler | DDIMScheduler
@@ -106,7 +106,7 @@ def sample(
     device = unet.conv_in.weight.device
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(num_images, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g).to(device)
-    sched = make_scheduler(noise, sampler, steps, eta)
+    sched = make_scheduler(resolve_noise(noise, unet.config), sampler, steps, eta)
     out = []
     bar = tqdm(total=len(sched.timesteps) * len(_chunks(num_images, batch_size)), desc="sample",
                unit="step", disable=not progress, leave=False)  # fmt: skip
@@ -171,7 +171,7 @@ def upscale(
     count = torch.zeros_like(x[:, :1])
     for i, y, x_ in tiles:
         count[i, :, y : y + big, x_ : x_ + big] += 1
-    sched = make_scheduler(noise, sampler, steps, eta)
+    sched = make_scheduler(resolve_noise(noise, unet.config), sampler, steps, eta)
     parts = _chunks(len(tiles), batch_size)
     bar = tqdm(total=len(sched.timesteps) * len(parts), desc="upscale", unit="step", disable=not progress,
                leave=False)  # fmt: skip
@@ -242,7 +242,7 @@ def inpaint(
     device = unet.conv_in.weight.device
     fill = (mask != 0).expand_as(images)
     g = torch.Generator().manual_seed(seed)
-    sched = DDPMScheduler(noise)
+    sched = DDPMScheduler(resolve_noise(noise, unet.config))
     sched.set_timesteps(steps)
     ts = [int(t) for t in sched.timesteps] + [-1]
     abar = torch.cat([sched.alphas_cumprod, torch.ones(1)])  # abar[-1] = 1: the clean image
@@ -298,7 +298,7 @@ def edit(
     if not 0 <= strength <= 1:
         raise ConfigError(f"strength={strength} must be in [0, 1]")
     _check_labels(unet, labels)
-    sched = make_scheduler(noise, sampler, steps, eta)
+    sched = make_scheduler(resolve_noise(noise, unet.config), sampler, steps, eta)
     run = round(steps * strength)
     if run == 0:
         return images.clone()

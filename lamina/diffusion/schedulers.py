@@ -37,6 +37,8 @@ from torch import Tensor
 
 from lamina.errors import ConfigError
 
+Prediction = Literal["epsilon", "v_prediction", "sample"]  # what a model's output is read as
+
 
 @dataclass
 class NoiseConfig:
@@ -46,9 +48,9 @@ class NoiseConfig:
     beta_schedule: Literal["linear", "scaled_linear", "cosine", "sigmoid"] = "cosine"  # betas over t
     beta_start: float = 1e-4  # linear / scaled_linear: beta at t = 0
     beta_end: float = 0.02  # linear / scaled_linear: beta at t = T - 1
-    prediction_type: Literal["epsilon", "v_prediction", "sample"] | None = None  # None: v for SR, else eps
+    prediction_type: Prediction | None = None  # none: v_prediction when low_res_factor > 1, else epsilon
     clip_sample: bool = True  # clamp the predicted x0 to +-clip_sample_range when sampling
-    clip_sample_range: float = 1.0  # images live in [-1, 1]
+    clip_sample_range: float | None = None  # none: 1 (images), 2 x residual_scale for residual SR models
     timestep_spacing: Literal["leading", "trailing", "linspace"] = "leading"  # sampling steps over [0, T)
 
     def __post_init__(self) -> None:
@@ -90,8 +92,9 @@ class _Scheduler:
     """What DDPM and DDIM share: the schedule, the forward process and the sampling timesteps."""
 
     def __init__(self, cfg: NoiseConfig | None = None) -> None:
-        cfg = cfg or NoiseConfig()
-        self.cfg = cfg if cfg.prediction_type else replace(cfg, prediction_type="epsilon")
+        cfg = cfg or NoiseConfig()  # auto fields as for an image model (unet.resolve_noise for others)
+        self.cfg = replace(cfg, prediction_type=cfg.prediction_type or "epsilon",
+                           clip_sample_range=1.0 if cfg.clip_sample_range is None else cfg.clip_sample_range)  # fmt: skip
         self.betas = make_betas(self.cfg)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # (T,) abar_t
         self.num_inference_steps: int | None = None
@@ -158,7 +161,7 @@ class _Scheduler:
             x0, eps = a**0.5 * sample - b**0.5 * model_output, a**0.5 * model_output + b**0.5 * sample
         else:
             x0, eps = model_output, (sample - a**0.5 * model_output) / b**0.5
-        if self.cfg.clip_sample:
+        if self.cfg.clip_sample and self.cfg.clip_sample_range is not None:  # set by __init__
             x0 = x0.clamp(-self.cfg.clip_sample_range, self.cfg.clip_sample_range)
         return x0, eps
 

@@ -26,10 +26,10 @@ from torch import Tensor, nn
 from lamina.config import TrainConfig, from_dict
 from lamina.diffusion.data import ImageBatches, ImageDataConfig, load_images, split
 from lamina.diffusion.schedulers import DDPMScheduler, NoiseConfig
-from lamina.diffusion.unet import UNet, UNetConfig, residual_base
+from lamina.diffusion.unet import UNet, UNetConfig, residual_base, resolve_noise
 from lamina.errors import CheckpointError, ConfigError
 from lamina.fields import parse_yaml
-from lamina.train.trainer import EMA_FILE, TrainResult, train
+from lamina.train.trainer import EMA_FILE, TrainResult, latest_checkpoint, train
 
 
 @dataclass
@@ -55,7 +55,7 @@ class DiffusionObjective:
 
     def __init__(self, noise: NoiseConfig, num_classes: int | None, p_uncond: float = 0.1,
                  unet: UNetConfig | None = None) -> None:  # fmt: skip
-        self.scheduler = DDPMScheduler(noise)
+        self.scheduler = DDPMScheduler(noise if unet is None else resolve_noise(noise, unet))
         self.num_classes, self.p_uncond, self.unet = num_classes, p_uncond, unet
 
     def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
@@ -89,8 +89,11 @@ def train_diffusion(
     """Train a UNet on ``images`` with lamina's trainer (checkpoints, exact resume, EMA, plots,
     report.html in ``train_cfg.out_dir``); validation loss on the held-out split. Returns the trained
     model (its EMA weights when ``ema_decay`` is set) and the run's summary.
-    Raises ``ConfigError`` for unlabelled data with ``class_conditional`` true and for a UNet shape that
-    does not fit the images."""
+    Auto (None) fields resolve for the model (``resolve_noise``; ``predict_residual`` on for
+    super-resolution), or, with ``resume``, to what the run's checkpoint was trained with.
+    Raises ``ConfigError`` for unlabelled data with ``class_conditional`` true, for a UNet shape that
+    does not fit the images, for ``predict_residual`` without ``low_res_factor`` > 1, and on resume for a
+    ``predict_residual``, ``residual_scale`` or ``prediction_type`` that contradicts the checkpoint."""
     noise, data, diffusion = (
         noise or NoiseConfig(),
         images or ImageDataConfig(),
@@ -104,12 +107,17 @@ def train_diffusion(
     if conditional and dataset.num_classes is None:
         raise ConfigError(f"{data.dataset} has no class folders: use --diffusion.class_conditional false")
     c, sr = dataset.images.shape[1], diffusion.low_res_factor > 1
-    if noise.prediction_type is None:  # epsilon's first x0 estimates wreck colour super-resolution
-        noise = replace(noise, prediction_type="v_prediction" if sr else "epsilon")
     unet = unet or UNetConfig()
+    if resume and (ckpt := latest_checkpoint(train_cfg.out_dir)) is not None:  # none: train() says so
+        unet, noise = _as_trained(ckpt, unet, noise)
+    if unet.predict_residual and not sr:
+        raise ConfigError("predict_residual true needs a super-resolution model: set --diffusion.low_res_factor "
+                          "> 1 or leave --unet.predict_residual out")  # fmt: skip
     unet = replace(unet, image_size=data.image_size, in_channels=c,
                    num_classes=dataset.num_classes if conditional else None, low_res_channels=c if sr else 0,
                    predict_residual=sr and unet.predict_residual is not False)  # fmt: skip
+    # epsilon's first x0 estimates wreck colour super-resolution: v_prediction there (resolve_noise)
+    noise = resolve_noise(noise, unet)
     train_set, held_out = split(dataset, data.held_out_fraction, data.seed)
     batches = ImageBatches(train_set, train_cfg.batch_size, data.seed, diffusion.low_res_factor)
     val = batches.held_out(held_out) if len(held_out) else None
@@ -132,6 +140,33 @@ def train_diffusion(
     return model.eval(), result
 
 
+def _as_trained(ckpt: Path, unet: UNetConfig, noise: NoiseConfig) -> tuple[UNetConfig, NoiseConfig]:
+    """A resumed run keeps the objective its checkpoint ``ckpt`` was trained with: the auto (None)
+    ``predict_residual``, ``prediction_type`` and ``clip_sample_range`` take the checkpoint's values (False,
+    epsilon and 1 for checkpoints saved before those fields). Raises ``ConfigError`` where a value given
+    contradicts the checkpoint (or ``residual_scale`` differs from it)."""
+    saved_unet = parse_yaml((ckpt / "config.yaml").read_text()) or {}
+    run = (parse_yaml((ckpt / "run.yaml").read_text()) or {}) if (ckpt / "run.yaml").is_file() else {}
+    saved_noise = run.get("noise") or {}
+    residual = bool(saved_unet.get("predict_residual", False))
+    prediction = saved_noise.get("prediction_type", "epsilon")
+    given_and_saved = {
+        "unet.predict_residual": (unet.predict_residual, residual),
+        "unet.residual_scale": (unet.residual_scale, float(saved_unet.get("residual_scale", 1.0))),
+        "noise.prediction_type": (noise.prediction_type, prediction),
+    }
+    for name, (given, value) in given_and_saved.items():
+        if given is not None and given != value:
+            shown = [str(v).lower() if isinstance(v, bool) else v for v in (given, value)]
+            raise ConfigError(f"{name} {shown[0]} contradicts the checkpoint {ckpt} (trained with {shown[1]}): "
+                              f"resume with --{name} {shown[1]}")  # fmt: skip
+    clip = noise.clip_sample_range
+    if clip is None:
+        clip = float(saved_noise.get("clip_sample_range", 1.0))
+    return replace(unet, predict_residual=residual), replace(noise, prediction_type=prediction,
+                                                             clip_sample_range=clip)  # fmt: skip
+
+
 def load_model(folder: str | Path, ema: bool = True) -> tuple[UNet, NoiseConfig, list[str], int]:
     """(UNet in eval mode, its NoiseConfig, class names, low_res_factor) from a diffusion checkpoint
     folder (a run's ``last/``, ``best/`` or ``checkpoints/step-N/``; a run folder means its ``last/``).
@@ -152,6 +187,7 @@ def load_model(folder: str | Path, ema: bool = True) -> tuple[UNet, NoiseConfig,
     weights = folder / (EMA_FILE if ema and (folder / EMA_FILE).is_file() else "model.safetensors")
     unet.load_state_dict(load_file(str(weights)))
     run = (parse_yaml((folder / "run.yaml").read_text()) or {}) if (folder / "run.yaml").is_file() else {}
-    noise = from_dict(NoiseConfig, run.get("noise") or {})
+    saved = {"prediction_type": "epsilon", "clip_sample_range": 1.0, **(run.get("noise") or {})}  # older runs
+    noise = from_dict(NoiseConfig, saved)
     low_res_factor = int((run.get("diffusion") or {}).get("low_res_factor", 1))
     return unet.eval(), noise, list(run.get("class_names") or []), low_res_factor

@@ -21,13 +21,14 @@ bicubic upsample back (SRDiff, Li et al. 2022): the model only draws the detail 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lamina.diffusion.schedulers import NoiseConfig
 from lamina.errors import ConfigError
 
 
@@ -46,7 +47,7 @@ class UNetConfig:
     head_channels: int = 32  # channels per attention head
     num_classes: int | None = None  # class-conditional with this many classes (+1 null class for guidance)
     low_res_channels: int = 0  # super-resolution: channels of the low-resolution image given as condition
-    predict_residual: bool | None = None  # SR: denoise image - bicubic(low_res) (SRDiff); None: yes
+    predict_residual: bool | None = None  # denoise image - bicubic(low_res) (SRDiff); none: on for SR models
     residual_scale: float = 1.0  # predict_residual: diffuse residual x this (> 1 for faint detail)
     dropout: float = 0.0  # in the residual blocks
     groups: int = 8  # GroupNorm groups (divides every level's channels)
@@ -85,6 +86,22 @@ def residual_base(
     if not cfg.low_res_channels or cfg.predict_residual is False or low_res is None:
         return None
     return upsample(low_res, size)
+
+
+RESIDUAL_RANGE = 2.0  # |image - bicubic(low_res)| <= 2: both lie in [-1, 1] (bicubic's overshoot aside)
+
+
+def resolve_noise(noise: NoiseConfig, cfg: UNetConfig) -> NoiseConfig:
+    """``noise`` with its auto (None) fields set for the model ``cfg``: ``prediction_type`` v_prediction for
+    a super-resolution model (``low_res_channels``), else epsilon; ``clip_sample_range`` (the bound on the
+    predicted x0 while sampling) ``RESIDUAL_RANGE x residual_scale`` for a ``predict_residual`` model, whose
+    x0 is (image - bicubic) x residual_scale, else 1 (images in [-1, 1])."""
+    residual = bool(cfg.low_res_channels) and cfg.predict_residual is not False
+    if noise.prediction_type is None:
+        noise = replace(noise, prediction_type="v_prediction" if cfg.low_res_channels else "epsilon")
+    if noise.clip_sample_range is None:
+        noise = replace(noise, clip_sample_range=RESIDUAL_RANGE * cfg.residual_scale if residual else 1.0)
+    return noise
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:

@@ -13,7 +13,7 @@ from lamina.diffusion.data import digits, resize, split
 from lamina.diffusion.files import psnr
 from lamina.diffusion.schedulers import NoiseConfig
 from lamina.diffusion.training import DiffusionObjective, load_model
-from lamina.diffusion.unet import UNet, UNetConfig
+from lamina.diffusion.unet import UNet, UNetConfig, resolve_noise
 from lamina.errors import ConfigError
 
 
@@ -125,6 +125,30 @@ def test_a_residual_model_adds_the_bicubic_upsample(residual: bool, scale: float
     loss, _ = DiffusionObjective(noise, None, unet=unet.config)(unet.train(), batch)
     target = images - F.interpolate(batch["low_res"], size=8, mode="bicubic", align_corners=False)
     torch.testing.assert_close(loss, (target * scale if residual else images).pow(2).mean())
+
+
+def test_the_clip_range_follows_the_residual_scale() -> None:
+    """The predicted x0 of a residual model is (image - bicubic) x residual_scale, in [-2 s, 2 s]: the auto
+    clip_sample_range is 2 s (1 for images and whole-image SR models; a given range is kept). An x0-predicting
+    model whose output is 3 (residual 0.75 at s = 4) upscales to bicubic + 0.75 (0.25 if clipped at 1)."""
+    sr = UNetConfig(image_size=8, base_channels=16, channel_mults=[1, 2], num_res_blocks=1, attention_levels=[],
+                    low_res_channels=1, predict_residual=True, residual_scale=4.0)  # fmt: skip
+    assert resolve_noise(NoiseConfig(), sr) == NoiseConfig(
+        prediction_type="v_prediction", clip_sample_range=8.0
+    )
+    assert resolve_noise(NoiseConfig(clip_sample_range=4.0), sr).clip_sample_range == 4.0
+    assert (
+        resolve_noise(NoiseConfig(), UNetConfig(low_res_channels=1, predict_residual=False)).clip_sample_range
+        == 1
+    )
+    assert resolve_noise(NoiseConfig(), UNetConfig()) == NoiseConfig(
+        prediction_type="epsilon", clip_sample_range=1
+    )
+    unet = UNet(sr).eval()
+    torch.nn.init.constant_(unet.conv_out.bias, 3.0)
+    low = torch.rand(2, 1, 4, 4) * 0.2 - 0.1
+    up = P.upscale(unet, NoiseConfig(prediction_type="sample"), low, steps=2, progress=False)
+    torch.testing.assert_close(up, F.interpolate(low, size=8, mode="bicubic", align_corners=False) + 0.75)
 
 
 def test_tiled_upscaling_of_larger_images_beats_bicubic(upscale_run: Path) -> None:
