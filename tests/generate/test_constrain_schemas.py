@@ -172,15 +172,24 @@ def test_random_walks_close_within_the_budget(lamina_smollm2: Any) -> None:
         shortest = _budget(tok, GenerationConfig(json_schema=schema), 0)
         for budget in (shortest, shortest + 3, shortest + 15):
             c: Any = make_constraint(GenerationConfig(json_schema=schema, max_new_tokens=budget), tok, V, [2])
-            out: list[int] = []
-            while not c.done and len(out) < budget:
-                allowed = c.allowed(budget - len(out)).nonzero().flatten().tolist()
-                token = c.check(rng.choice(allowed), budget - len(out))
-                if token == 2:
-                    break
-                c.advance(token)
-                out.append(token)
+            out = _random_walk(c, budget, rng)
             jsonschema.validate(json.loads(tok.decode(out)), schema)
+
+
+def _random_walk(c: Any, budget: int, rng: random.Random, each: Any = None) -> list[int]:
+    """Tokens of constraint ``c`` picked at random among those its mask allows, through ``check`` (the
+    budget rule), until it is done, eos (2) or ``budget``; ``each(out)`` after every token."""
+    out: list[int] = []
+    while not c.done and len(out) < budget:
+        allowed = c.allowed(budget - len(out)).nonzero().flatten().tolist()
+        token = c.check(rng.choice(allowed), budget - len(out))
+        if token == 2:
+            break
+        c.advance(token)
+        out.append(token)
+        if each is not None:
+            each(out)
+    return out
 
 
 @pytest.mark.parametrize(
@@ -253,17 +262,14 @@ def test_kept_closing_paths_still_close(lamina_smollm2: Any) -> None:
             return search(m)
 
         c.closer.path = counted
-        out: list[int] = []
-        while not c.done and len(out) < budget:
-            allowed = c.allowed(budget - len(out)).nonzero().flatten().tolist()
-            token = c.check(rng.choice(allowed), budget - len(out))
-            if token == 2:
-                break
-            c.advance(token)
-            out.append(token)
+
+        def held_path_closes(out: list[int], c: Any = c, budget: int = budget) -> None:
+            nonlocal steps
             steps += 1
             m = c.matcher.deep_copy()
             assert m.consume_tokens(c.closing) and m.is_accepting(), (tok.decode(out), c.closing)
             assert len(c.closing) <= budget - len(out)
+
+        out = _random_walk(c, budget, rng, held_path_closes)
         jsonschema.validate(json.loads(tok.decode(out)), schema)
     assert searches < steps / 2, (searches, steps)
