@@ -93,7 +93,7 @@ def score_continuations(
     way). Log-softmax in float32. ``progress(done, total)`` counts requests.
     """
     from lamina.model.layers import KVCache
-    from lamina.model.quant import path_lengths
+    from lamina.model.quant import pads_across, path_lengths
 
     cfg = model.config
     bounds = path_lengths(model)  # tokens per row where int8/int4 layers change numerics: never pad across
@@ -159,7 +159,7 @@ def score_continuations(
     for i in order:
         ctx, conts, _ = prepared[i]
         rows = (len(batch) + 1) * max(lc, len(ctx))  # context positions with this request in
-        crosses = any(len(ctx) < b <= lc for b in bounds)  # (lc: the batch's first, longest context)
+        crosses = pads_across(len(ctx), lc, bounds)  # (lc: the batch's first, longest context)
         if batch and (
             rows + nk + sum(map(len, conts)) > batch_tokens or _wasteful(rows, real + len(ctx)) or crosses
         ):
@@ -192,6 +192,8 @@ def _length_groups(conts: Sequence[list[int]], bounds: Sequence[int] = ()) -> li
     padded to the group's first (longest) without ``_wasteful`` padding and never across one of ``bounds``
     (tokens per row: ``lamina.model.quant.path_lengths``; a group runs each continuation but its last
     token). One-token continuations need no pass (their token is scored from the context's last position)."""
+    from lamina.model.quant import pads_across
+
     rest = sorted((r for r, c in enumerate(conts) if len(c) > 1), key=lambda r: -len(conts[r]))
     groups: list[list[int]] = []
     real = 0
@@ -201,7 +203,7 @@ def _length_groups(conts: Sequence[list[int]], bounds: Sequence[int] = ()) -> li
         if (
             groups
             and not _wasteful((len(groups[-1]) + 1) * top, real + n)
-            and not any(n < b <= top for b in bounds)
+            and not pads_across(n, top, bounds)
         ):
             groups[-1].append(r)
             real += n

@@ -53,7 +53,7 @@ from lamina.generate.sequences import Delta, Running, Sequence_, TokenLogprob
 from lamina.generate.speculative import Drafter, DraftStats, SpeculativeOptions, keep_slots
 from lamina.model.layers import KVCache
 from lamina.model.lora import MultiLoraLinear, adapter_names, multi_lora_layers, select_adapters
-from lamina.model.quant import path_lengths
+from lamina.model.quant import pads_across, path_lengths
 from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
 
@@ -874,7 +874,7 @@ def _length_groups(lengths: Sequence[int], bounds: Sequence[int] = ()) -> list[l
     real = 0
     for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
         n = lengths[i]
-        crosses = group and any(lengths[group[0]] < b <= n for b in bounds)
+        crosses = group and pads_across(lengths[group[0]], n, bounds)
         if group and ((len(group) + 1) * n > 2 * (real + n) + 64 or crosses):
             groups.append(group)
             group, real = [], 0

@@ -35,7 +35,7 @@ matmuls there are ~1.3-1.4x slower than the dequantized weight's (int4's kernel 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, get_args
 
 import torch
@@ -70,6 +70,12 @@ def path_lengths(model: nn.Module) -> tuple[int, ...]:
         elif isinstance(module, Int4Linear) and module.unpackable:
             found.add(INT4_DEQUANT_ROWS)
     return tuple(sorted(found))
+
+
+def pads_across(short: int, long: int, bounds: Sequence[int]) -> bool:
+    """Whether padding a row of ``short`` tokens to ``long`` crosses one of ``bounds`` (``path_lengths``):
+    the padded row would take the other int8/int4 path and get other numerics than alone."""
+    return any(short < b <= long for b in bounds)
 
 
 class _FrozenMatmul(torch.autograd.Function):
