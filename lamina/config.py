@@ -90,6 +90,8 @@ class ModelConfig:
     scale_attention: bool = True  # scores q.k / sqrt(head_dim); False: unscaled q.k (T5)
     scale_decoder_outputs: bool = False  # final hidden states x d_model ** -0.5 before the lm head (T5 v1.0)
     decoder_start_token_id: int = 0  # encoder-decoder: the first decoder input of every target (T5: 0, pad)
+    # encoder-decoder: a pointer-generator copy head (See et al. 2017) mixes copying source tokens into the output
+    copy_attention: bool = False
     initializer: Initializer = "normal"  # normal(0, init_std), xavier (uniform), kaiming or t5 (HF T5's)
     init_std: float = 0.02  # std of initializer normal (the others set their own), > 0 (GPT-2: 0.02)
     scaled_residual_init: bool = True  # std / sqrt(2 * n_layers) on residual output projections
@@ -190,6 +192,10 @@ class ModelConfig:
                     "(T5: 128 with 32 buckets)"
                 )
         if self.arch != "encoder-decoder":
+            if self.copy_attention:
+                raise ConfigError(
+                    f"copy_attention copies source tokens: it needs arch='encoder-decoder', got arch={self.arch!r}"
+                )
             if self.n_decoder_layers is not None:
                 raise ConfigError(
                     f"n_decoder_layers={self.n_decoder_layers} is for arch='encoder-decoder', got "
@@ -283,6 +289,7 @@ class ModelConfig:
             head = (0 if self.tie_embeddings else self.vocab_size * d) + int(self.lm_head_transform) * (
                 d * d + d + norm + self.vocab_size
             )
+            head += int(self.copy_attention) * (2 * d * d + 2 * d + 1)  # copy query/key, p_gen
         elif self.head == "none":
             head = int(self.pooler) * (d * d + d)
         else:

@@ -75,6 +75,8 @@ def _exportable(cfg: ModelConfig) -> str | None:
         return "T5 needs pre-LN, unscaled embeddings and relu, gelu, geglu_tanh or swiglu"
     if cfg.n_kv_heads != cfg.n_heads:
         return "T5 needs n_kv_heads = n_heads"
+    if cfg.copy_attention:
+        return "T5 has no copy head (copy_attention)"
     return None
 
 

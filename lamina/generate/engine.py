@@ -653,7 +653,8 @@ class Engine:
             return cache, self.model(ids, cache=cache, last_only=last_only)
         src = torch.tensor([source], device=self._device)
         memory = self.model.encode(src)  # (1, S, d_model)
-        return cache, self.model.decode(ids, memory, torch.ones_like(src), cache=cache, last_only=last_only)
+        mask = torch.ones_like(src)
+        return cache, self.model.decode(ids, memory, mask, cache=cache, last_only=last_only, source_ids=src)
 
     def _admit_beams(self, req: _Request) -> list[Delta]:
         """Prefill a beam-search prompt alone, take the group's first step, and add its rows."""

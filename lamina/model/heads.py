@@ -6,11 +6,17 @@
 - ``classify`` / ``regress``: one vector per sequence (``pool_sequence``, then BERT's ``Pooler`` when
   ``pooler`` is set) -> dropout -> ``n_labels`` outputs;
 - ``token_classify``: dropout -> ``n_labels`` outputs at every position (tagging, NER).
+
+An encoder-decoder with ``copy_attention`` adds ``CopyHead`` to its ``lm`` head: a pointer-generator
+(See et al. 2017) that mixes copying the source's tokens into the vocabulary distribution.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lamina.config import ModelConfig
@@ -71,3 +77,47 @@ class TaskHead(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         """(..., d_model) -> (..., n_labels)."""
         return self.classifier(self.dropout(h))
+
+
+class CopyHead(nn.Module):
+    """The pointer-generator of See, Liu & Manning 2017 ("Get To The Point", eq. 8-9), for an
+    encoder-decoder whose source and target share the vocabulary (``ModelConfig.copy_attention``).
+
+    A dedicated single-head attention from the decoder's final hidden state ``h_t`` to the encoder output
+    (queries ``q_proj``, keys ``k_proj``, the encoder output itself as values) gives the copy distribution
+    ``a_t`` over source positions and the context ``c_t = sum_s a_ts memory_s``;
+    ``p_gen = sigmoid(w . [h_t, c_t] + b)``; the output distribution is
+    ``p_gen * softmax(logits) + (1 - p_gen) * sum_{s: source_s = w} a_ts``. A head of its own rather than
+    the last block's cross-attention: the blocks attend through fused ``scaled_dot_product_attention``,
+    which returns no weights, and their heads carry content for the next layer, while this one is
+    trained only to point; its keys are cached once per source like the blocks' (``KVCache.cross_k``).
+    """
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(d_model, d_model, bias=False)
+        self.k_proj = nn.Linear(d_model, d_model, bias=False)
+        self.p_gen = nn.Linear(2 * d_model, 1)
+
+    def forward(
+        self, h: Tensor, logits: Tensor, keys: Tensor, memory: Tensor, source_ids: Tensor, valid: Tensor
+    ) -> Tensor:
+        """The mixture's log-probabilities (B, T, V), float32, from decoder states ``h`` (B, T, d_model),
+        the vocabulary ``logits`` (B, T, V), the copy ``keys`` (B, S, d_model) (``k_proj(memory)``), the
+        encoder output ``memory`` (B, S, d_model), the ``source_ids`` (B, S) and the real source tokens
+        ``valid`` (B, S) (padding gets no copy mass; a row without real tokens copies from all)."""
+        q = self.q_proj(h)
+        scores = (q @ keys.transpose(1, 2)).float() / math.sqrt(q.shape[-1])  # (B, T, S)
+        valid = valid | ~valid.any(1, keepdim=True)
+        attn = scores.masked_fill(~valid[:, None, :], float("-inf")).softmax(-1)
+        context = attn.to(memory.dtype) @ memory  # (B, T, d_model)
+        gate = self.p_gen(torch.cat([h, context], -1)).float()  # (B, T, 1)
+        B, T, S = attn.shape
+        copy = attn.new_zeros(B, T, logits.shape[-1])
+        copy.scatter_add_(2, source_ids[:, None, :].expand(B, T, S), attn)
+        # log(copy) with log 0 = -inf, and no NaN gradient through the zeros (the double where)
+        present = copy > 0
+        log_copy = torch.where(present, torch.log(torch.where(present, copy, 1.0)), float("-inf"))
+        return torch.logaddexp(
+            F.logsigmoid(gate) + F.log_softmax(logits.float(), -1), F.logsigmoid(-gate) + log_copy
+        )

@@ -156,7 +156,9 @@ class KVCache:
 
     An encoder-decoder's decoder also keeps the cross-attention keys and values of the encoder output:
     ``cross_k`` / ``cross_v`` per layer (B, n_kv_heads, S, head_dim) and ``memory_valid`` (B, S), computed
-    once by the first call that gets ``memory`` and reused after (``keep`` reorders them too).
+    once by the first call that gets ``memory`` and reused after (``keep`` reorders them too). With
+    ``copy_attention`` the copy head's keys and the encoder output follow the layers' in ``cross_k`` /
+    ``cross_v`` (B, 1, S, d_model), and ``memory_ids`` (B, S) holds the source token ids it copies.
     """
 
     def __init__(
@@ -178,6 +180,7 @@ class KVCache:
         self.cross_k: list[Tensor] = []  # encoder-decoder: per layer (B, Hkv, S, hd), filled once
         self.cross_v: list[Tensor] = []
         self.memory_valid: Tensor | None = None  # (B, S) real source tokens of the cross keys
+        self.memory_ids: Tensor | None = None  # (B, S) source token ids (the copy head's; else None)
         self._alloc(max(batch_size, max_batch_size or 0), capacity)
         self._set_rows(batch_size)
 
@@ -232,6 +235,8 @@ class KVCache:
             used = self.memory_valid.any(0).nonzero()  # source slots some kept row still reads
             S = int(used[-1]) + 1 if used.numel() else S
             self.memory_valid = self.memory_valid[:, :S]
+        if self.memory_ids is not None:
+            self.memory_ids = self.memory_ids[:, :S].index_select(0, rows)
         self.cross_k = [t[:, :, :S].index_select(0, rows) for t in self.cross_k]
         self.cross_v = [t[:, :, :S].index_select(0, rows) for t in self.cross_v]
 
@@ -276,8 +281,10 @@ class KVCache:
 
         new_k = [t.index_select(0, idx) for t in src.cross_k]
         new_v = [t.index_select(0, idx) for t in src.cross_v]
+        new_ids = src.memory_ids.index_select(0, idx) if src.memory_ids is not None else None
         if not self.rows or not self.cross_k:
             self.cross_k, self.cross_v, self.memory_valid = new_k, new_v, mask(src, idx)
+            self.memory_ids = new_ids
             return
         S = max(self.cross_k[0].shape[2], new_k[0].shape[2])
 
@@ -288,6 +295,8 @@ class KVCache:
             return torch.cat([a, b])
 
         self.memory_valid = cat(mask(self, None), mask(src, idx), 1)
+        if self.memory_ids is not None and new_ids is not None:
+            self.memory_ids = cat(self.memory_ids, new_ids, 1)
         self.cross_k = [cat(a, b, 2) for a, b in zip(self.cross_k, new_k, strict=True)]
         self.cross_v = [cat(a, b, 2) for a, b in zip(self.cross_v, new_v, strict=True)]
 

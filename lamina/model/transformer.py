@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lamina.config import ModelConfig
-from lamina.model.heads import LMHeadTransform, Pooler, TaskHead, pool_sequence
+from lamina.model.heads import CopyHead, LMHeadTransform, Pooler, TaskHead, pool_sequence
 from lamina.model.layers import (
     MLP,
     Attention,
@@ -94,6 +94,9 @@ class Transformer(nn.Module):
     An encoder-decoder (``arch="encoder-decoder"``) takes the source as ``input_ids`` / ``attention_mask``
     (B, S) and the target's inputs as ``decoder_input_ids`` (B, T) and returns the decoder's logits
     (B, T, vocab_size); ``encode`` and ``decode`` run the two halves apart (generation encodes once).
+    With ``copy_attention`` (``heads.CopyHead``) those "logits" are the log-probabilities of the
+    pointer-generator's mixture: their softmax is the mixture itself, so losses and decoding take them as
+    they take logits.
     """
 
     # RoPE frequencies and ALiBi slopes are plain float32 attributes, not buffers, so that
@@ -128,6 +131,7 @@ class Transformer(nn.Module):
         )
         self.pooler = Pooler(cfg) if cfg.pooler else None
         self.task_head = TaskHead(cfg) if cfg.head not in ("lm", "none") else None
+        self.copy_head = CopyHead(cfg.d_model) if cfg.copy_attention else None  # pointer-generator
         self.tie_weights()
         self.activation_checkpointing = False  # recompute blocks in backward to save memory (training)
         self.weight_format: str | None = None  # set by lamina.model.quant.convert_weights (inference only)
@@ -223,6 +227,7 @@ class Transformer(nn.Module):
                 position_ids,
                 cache,
                 last_only,
+                source_ids=input_ids,
             )
         h = self.hidden_states(input_ids, attention_mask, position_ids, cache, token_type_ids, segment_ids)
         if last_only:
@@ -303,16 +308,58 @@ class Transformer(nn.Module):
         position_ids: Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        source_ids: Tensor | None = None,
     ) -> Tensor:
         """The decoder of an encoder-decoder: logits (B, T, vocab_size) (B, 1, ... with ``last_only``) of
         target ids (B, T) attending to ``memory`` (B, S, d_model) whose real tokens are ``memory_mask``
         (B, S). With a ``cache``, the first call stores the cross-attention keys of ``memory`` (and its
         mask); later calls read them (``memory`` may be None then) and append to the self-attention cache.
+
+        With ``copy_attention``: the pointer-generator's log-probabilities (float32, same shape) instead
+        of logits, copying from ``source_ids`` (B, S), the source's token ids (kept in the cache with the
+        keys). Raises ValueError when they are needed and missing.
         """
         h = self.hidden_states(
             input_ids, attention_mask, position_ids, cache, memory=memory, memory_mask=memory_mask
         )
-        return self._lm_logits(h[:, -1:] if last_only else h)
+        h = h[:, -1:] if last_only else h
+        logits = self._lm_logits(h)
+        if self.copy_head is None:
+            return logits
+        return self._copy(h, logits, memory, memory_mask, source_ids, cache)
+
+    def _copy(
+        self,
+        h: Tensor,
+        logits: Tensor,
+        memory: Tensor | None,
+        memory_mask: Tensor | None,
+        source_ids: Tensor | None,
+        cache: KVCache | None,
+    ) -> Tensor:
+        """The copy head's mixture (B, T, V) for decoder states ``h`` (B, T, d_model); its keys and the
+        encoder output are computed once per source and kept after the blocks' in the cache."""
+        assert self.copy_head is not None
+        n = len(self.blocks)
+        if cache is not None and len(cache.cross_k) > n:
+            keys, values = cache.cross_k[n][:, 0], cache.cross_v[n][:, 0]
+            source_ids, valid = cache.memory_ids, cache.memory_valid
+        else:
+            if memory is None:
+                raise ValueError("the copy head needs memory, the output of encode(source)")
+            keys, values = self.copy_head.k_proj(memory), memory
+            valid = memory_mask.bool() if memory_mask is not None else None
+            if cache is not None:
+                cache.cross_k.append(keys[:, None])
+                cache.cross_v.append(values[:, None])
+                cache.memory_ids = source_ids
+        if source_ids is None:
+            raise ValueError(
+                "copy_attention copies source tokens: decode() needs source_ids (B, S), the source's token ids"
+            )
+        if valid is None:
+            valid = torch.ones(source_ids.shape, dtype=torch.bool, device=source_ids.device)
+        return self.copy_head(h, logits, keys, values, source_ids, valid)
 
     def pooled(self, h: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """One vector per sequence (B, d_model) from hidden states: first token (encoder) or last real

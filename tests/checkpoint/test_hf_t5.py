@@ -179,3 +179,6 @@ def test_what_t5_cannot_hold_is_one_clear_error(tmp_path: Path) -> None:
         export_hf(tmp_path / "x", net)
     with pytest.raises(CheckpointError, match="feed_forward_proj='gated-relu'"):
         config_from_hf({"model_type": "t5", "feed_forward_proj": "gated-relu"})
+    copying = Transformer(ModelConfig.preset("t5-tiny", vocab_size=64, copy_attention=True))
+    with pytest.raises(CheckpointError, match=r"T5 has no copy head \(copy_attention\)"):
+        export_hf(tmp_path / "y", copying)

@@ -139,3 +139,26 @@ def test_the_transposed_head_follows_in_place_weight_updates() -> None:
         assert torch.allclose(a, b, atol=1e-5)
         with torch.no_grad():
             net.lm_head.weight.mul_(2.0)  # an optimizer step is in place too
+
+
+def test_a_copy_head_decodes_as_its_full_forward_in_a_batch() -> None:
+    """copy_attention: the engine keeps each row's source ids with its cross keys (rows of different
+    source lengths, beams reordering rows), so greedy ids equal argmaxes of full forwards, and beams
+    batched equal beams alone."""
+    torch.manual_seed(0)
+    net = Transformer(ModelConfig.preset("t5-tiny", vocab_size=96, copy_attention=True)).eval()
+    greedy = generate_seq2seq(net, SOURCES, GenerationConfig(max_new_tokens=6, temperature=0))
+    for source, got in zip(SOURCES, greedy, strict=True):
+        ids = [0]
+        with torch.no_grad():
+            for _ in range(6):
+                ids.append(
+                    int(net(torch.tensor([source]), decoder_input_ids=torch.tensor([ids]))[0, -1].argmax())
+                )
+        assert got[0].token_ids == ids[1:]
+    copied = {t for r in greedy for t in r[0].token_ids} & {t for s in SOURCES for t in s}
+    assert copied  # the copy head acted: source tokens in the outputs
+    beams = GenerationConfig(max_new_tokens=5, temperature=0, num_beams=3, n=2)
+    batched = generate_seq2seq(net, SOURCES, beams)
+    alone = [generate_seq2seq(net, [s], beams)[0] for s in SOURCES]
+    assert [[s.token_ids for s in r] for r in batched] == [[s.token_ids for s in r] for r in alone]
