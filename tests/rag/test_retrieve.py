@@ -3,6 +3,7 @@ in-memory store of real stdlib docs embedded with MiniLM; thresholds, filters, t
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -10,7 +11,7 @@ from rag_fakes import MemoryStore, hit, memory_store, stdlib_subset
 from tiny_chat import tiny_lm
 
 from lamina.errors import ConfigError
-from lamina.rag.retrieve import RetrieveConfig, dedupe, reciprocal_rank_fusion, retrieve
+from lamina.rag.retrieve import RetrieveConfig, convex_fusion, dedupe, reciprocal_rank_fusion, retrieve
 
 
 def test_rrf_matches_the_hand_computed_scores() -> None:
@@ -54,6 +55,26 @@ def test_rrf_counts_a_chunk_once_per_list() -> None:
     assert [h.score for h in fused] == pytest.approx([1 / 61, 1 / 62])
 
 
+def test_convex_fusion_matches_the_hand_computed_scores() -> None:
+    dense = [hit("a#0", 0.9), hit("b#0", 0.5), hit("c#0", 0.45)]
+    text = [hit("c#0", 10.0), hit("d#0", 2.0)]  # d: found by BM25 alone, takes dense's lowest cosine
+    fused = convex_fusion(dense, text, text_weight=0.1)
+    assert [h.chunk.chunk_id for h in fused] == ["a#0", "c#0", "b#0", "d#0"]
+    assert [h.score for h in fused] == pytest.approx([0.9, 0.45 + 0.1, 0.5, 0.45 + 0.1 * 2 / 10])
+    assert [h.rank for h in fused] == [1, 2, 3, 4]
+    assert [h.chunk.chunk_id for h in convex_fusion(dense, text, 0.0)][:3] == ["a#0", "b#0", "c#0"]
+
+
+def test_convex_fusion_scores_a_chunk_by_its_documents_best_bm25() -> None:
+    # BM25 matched a's long chunk; its lead entry (not in full-text search) was dense's second
+    lead, body = hit("a#lead", 0.58), hit("a#0", 0.30, text="signature, lead and details")
+    lead.chunk.start, lead.chunk.end = 40, 46
+    body.chunk.start, body.chunk.end = 100, 127
+    fused = convex_fusion([hit("x#0", 0.6), lead, body], [body], text_weight=0.1)
+    assert [h.chunk.chunk_id for h in fused] == ["a#lead", "x#0", "a#0"]
+    assert fused[0].score == pytest.approx(0.68)
+
+
 @pytest.fixture(scope="module")
 def store(lamina_minilm: Any) -> MemoryStore:
     return memory_store(lamina_minilm, stdlib_subset())
@@ -75,12 +96,22 @@ def test_each_mode_finds_the_documented_function(store: MemoryStore, lamina_mini
 def test_hybrid_fuses_two_lists_of_candidate_depth(store: MemoryStore, lamina_minilm: Any) -> None:
     store.dense_calls.clear()
     store.text_calls.clear()
-    hits = retrieve(
-        store, "largest items of a list", RetrieveConfig(mode="hybrid", k=3, candidates=20), lamina_minilm
-    )
+    cfg = RetrieveConfig(mode="hybrid", k=3, candidates=20, fusion="rrf")
+    hits = retrieve(store, "largest items of a list", cfg, lamina_minilm)
     assert store.dense_calls == [20] and store.text_calls == [20]
     assert len(hits) == 3 and all(h.score <= 2 / 61 for h in hits)  # fused scores, not cosines
     assert "heapq.nlargest" in [h.chunk.doc_id for h in hits]
+    q = "largest items of a list"
+    convex = retrieve(store, q, replace(cfg, fusion="convex"), lamina_minilm)
+    cosine = {
+        h.chunk.chunk_id: h.score for h in retrieve(store, q, replace(cfg, mode="dense", k=20), lamina_minilm)
+    }
+    # a chunk dense found scores its cosine plus at most text_weight (0.1)
+    assert any(h.chunk.chunk_id in cosine for h in convex)
+    for h in convex:
+        if h.chunk.chunk_id in cosine:
+            assert cosine[h.chunk.chunk_id] - 1e-6 <= h.score <= cosine[h.chunk.chunk_id] + 0.1 + 1e-6
+    assert "heapq.nlargest" in [h.chunk.doc_id for h in convex]
 
 
 def test_score_threshold_turns_a_miss_into_no_passages(store: MemoryStore, lamina_minilm: Any) -> None:
@@ -110,7 +141,17 @@ def test_bm25_needs_no_embedder(store: MemoryStore) -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", [{"mode": "sparse"}, {"k": 0}, {"candidates": 2, "k": 5}, {"rerank": "magic"}, {"rrf_k": -1}]
+    "bad",
+    [
+        {"mode": "sparse"},
+        {"k": 0},
+        {"candidates": 2, "k": 5},
+        {"rerank": "magic"},
+        {"rrf_k": -1},
+        {"fusion": "max"},
+        {"text_weight": -0.1},
+        {"text_weight": float("nan")},
+    ],
 )
 def test_config_is_checked(bad: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
