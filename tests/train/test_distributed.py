@@ -48,6 +48,13 @@ def single(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[float]]
     return out, _run(out, "none", 1)
 
 
+@pytest.fixture(scope="module")
+def single_uneven(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[float]]:
+    """The one-process reference of the uneven runs (the same for DDP and FSDP)."""
+    out = tmp_path_factory.mktemp("single_uneven")
+    return out, _run(out, "none", 1, "uneven")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one(parallel: str, single: tuple[Path, list[float]], tmp_path: Path) -> None:
@@ -65,16 +72,18 @@ def test_two_processes_match_one(parallel: str, single: tuple[Path, list[float]]
 
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_uneven_token_counts_across_processes_match_one_big_batch(parallel: str, tmp_path: Path) -> None:
+def test_uneven_token_counts_across_processes_match_one_big_batch(
+    parallel: str, single_uneven: tuple[Path, list[float]], tmp_path: Path
+) -> None:
     """2 processes x 2 micro-batches scoring 18, 6, 30 and 12 tokens: the update equals that of one
     process on the whole global batch (the step's total count is summed over processes)."""
-    one = _run(tmp_path / "one", "none", 1, "uneven")
+    one_dir, one = single_uneven
     two = _run(tmp_path / "two", parallel, 2, "uneven")
     assert len(one) == len(two) == 2
     for a, b in zip(one, two, strict=True):
         assert abs(a - b) < 1e-6, (one, two)
     ours = lamina.load(tmp_path / "two" / "last").model.state_dict()
-    ref = lamina.load(tmp_path / "one" / "last").model.state_dict()
+    ref = lamina.load(one_dir / "last").model.state_dict()
     for k, v in ref.items():
         assert float((ours[k] - v).abs().max()) < 1e-6, k
 
