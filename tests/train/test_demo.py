@@ -1,13 +1,31 @@
-"""The demo's report reads as a person would write it: no "-2% below", no curves.png that is not there,
-and the wall time at the end."""
+"""A shortened demo learns (beats the unigram baseline); its report reads as a person would write it: no
+"-2% below", no curves.png that is not there, and the wall time at the end."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 
-from lamina.train.demo import DemoResult, report
+from lamina.train.demo import DemoResult, demo, demo_run, report
+
+
+@pytest.mark.slow
+def test_shortened_demo_learns(tmp_path: Path) -> None:
+    # A few dozen steps of a shortened demo: it must clearly beat the unigram baseline (the full 300-step
+    # demo reaches the 20% margin, measured and recorded in the issue). 80 steps on 64-token sequences
+    # with 2 of the demo's 4 blocks: 14% (1 thread, ~15 s CPU; the 4 blocks on 128 tokens: 12% in ~57 s);
+    # with lr 0 the final loss stays above the baseline (an untrained model: ln 1024 > unigram), so it fails.
+    run = demo_run(
+        tmp_path, steps=80, max_bytes=400_000, vocab_size=1024, seq_len=64, eval_every=40, progress=False
+    )
+    run.model.n_layers = 2
+    res = demo(run, samples=2, max_new_tokens=16)
+    assert res.final_val_loss < 0.9 * res.unigram_loss, (res.final_val_loss, res.unigram_loss)
+    assert res.val_losses[-1][1] < res.val_losses[0][1]
+    assert all(s.startswith(("def ", "import os")) and len(s) > 6 for s in res.samples)
+    assert math.isfinite(res.unigram_loss)
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,9 @@
-"""`lamina pretrain` and `lamina demo` end to end: flags over YAML, clear errors before training,
-exact resume after SIGKILL (mid-step and mid-checkpoint-write), and the demo learning."""
+"""`lamina pretrain` end to end: flags over YAML, clear errors before training, exact resume after SIGKILL
+(mid-step and mid-checkpoint-write) and Ctrl-C. The demo learning: tests/train/test_demo.py."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import signal
@@ -187,17 +186,3 @@ def test_resume_command_is_this_command_line_with_resume() -> None:
         "lamina --debug finetune --resume"
     )
     assert "resume=True" in resume_command(["/usr/bin/pytest", "tests"])
-
-
-@pytest.mark.slow
-def test_shortened_demo_learns(tmp_path: Path) -> None:
-    from lamina.train.demo import demo, demo_run
-
-    # A few dozen steps of the demo: it must clearly beat the unigram baseline (the full 300-step demo
-    # reaches the 20% margin, measured and recorded in the issue; this short run reaches about 13%).
-    run = demo_run(tmp_path, steps=80, max_bytes=400_000, vocab_size=1024, eval_every=40, progress=False)
-    res = demo(run, samples=2, max_new_tokens=16)
-    assert res.final_val_loss < 0.9 * res.unigram_loss, (res.final_val_loss, res.unigram_loss)
-    assert res.val_losses[-1][1] < res.val_losses[0][1]
-    assert all(s.startswith(("def ", "import os")) and len(s) > 6 for s in res.samples)
-    assert math.isfinite(res.unigram_loss)
