@@ -102,7 +102,8 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     _, result = train_diffusion(cfgs["unet"], cfgs["noise"], cfgs["images"], cfgs["train"], cfgs["diffusion"],
                                 resume=args.resume, overwrite=args.overwrite)  # fmt: skip
-    print(result.summary())
+    if result.is_main:  # under torchrun, rank 0 alone
+        print(result.summary())
     return 0
 
 

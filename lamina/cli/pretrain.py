@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
         print_config(run_config.to_dict())
         return 0
     _, _, result = pretrain(run_config, resume=args.resume, **_overwrite(args))
-    print(result.summary())
+    if result.is_main:  # under torchrun, rank 0 alone
+        print(result.summary())
     return 0
 
 

@@ -196,6 +196,7 @@ class TrainResult:
     notes: list[str] = field(default_factory=list)
     # wall-clock seconds: of train(); pretrain() and finetune() count from their call (data included)
     elapsed: float = 0.0
+    is_main: bool = True  # rank 0 (or the only process): under torchrun only it prints the summary
 
     def summary(self) -> str:
         """The run in one line, as the CLI prints it at the end: steps and elapsed time, the final and
@@ -425,7 +426,7 @@ def train(
         return float(sums[0] / sums[1])
 
     result = TrainResult(steps=step, final_loss=math.nan, best_val_loss=None, out_dir=out,
-                         data=dict(data_stats or {}), notes=list(notes or []))  # fmt: skip
+                         data=dict(data_stats or {}), notes=list(notes or []), is_main=info.is_main)  # fmt: skip
     bar = tqdm(
         total=steps,
         initial=step,
