@@ -166,8 +166,10 @@ class LaminaChat:
 
     @property
     def native_tools(self) -> bool:
-        """Whether the model's chat template renders ``tools`` itself."""
-        return "tools" in (self.tokenizer.chat_template or "")
+        """Whether the model's chat template renders ``tools`` itself (reads the ``tools`` variable)."""
+        from lamina.tokenizer.chat_template import template_reads
+
+        return template_reads(self.tokenizer.chat_template or "", "tools")
 
     def __call__(self, prompt: str) -> str:
         """The reply to one user message ``prompt`` (text in, text out)."""

@@ -31,6 +31,7 @@ from lamina.serve.scheduler import Prompt
 from lamina.serve.schemas import ChatCompletionRequest, CompletionRequest, SamplingExtras
 from lamina.serve.settings import ServeConfig
 from lamina.serve.tools import plan_tools, render_tool_messages
+from lamina.tokenizer.chat_template import template_reads
 
 _FIELDS = {f.name for f in dataclasses.fields(GenerationConfig)}
 # GenerationConfig fields a request may not set as extra fields: the server owns them, or an OpenAI field
@@ -145,7 +146,7 @@ def prepare_chat(req: ChatCompletionRequest, served: ServedModel, limits: ServeC
         if m.tool_call_id is not None:
             message["tool_call_id"] = m.tool_call_id
         messages.append(message)
-    native = "tools" in (tok.chat_template or "")  # the template renders tools itself
+    native = template_reads(tok.chat_template or "", "tools")  # the template renders tools itself
     messages, template_tools = render_tool_messages(messages, plan, native)
     try:
         if template_tools:

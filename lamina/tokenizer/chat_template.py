@@ -180,12 +180,11 @@ class _GenerationTag(jinja2.ext.Extension):
         return str(caller())
 
 
-@functools.lru_cache(maxsize=32)
-def _compile_chat_template(template: str) -> jinja2.Template:
-    """Compile a chat template in the environment transformers renders them in: sandboxed, immutable
-    arguments, ``trim_blocks`` and ``lstrip_blocks``, loop controls, and its ``tojson``, ``raise_exception``,
-    ``strftime_now``, ``dict`` and ``namespace``.
-    """
+@functools.cache
+def _environment() -> ImmutableSandboxedEnvironment:
+    """The environment transformers renders chat templates in: sandboxed, immutable arguments,
+    ``trim_blocks`` and ``lstrip_blocks``, loop controls, and its ``tojson``, ``raise_exception``,
+    ``strftime_now``, ``dict`` and ``namespace``."""
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
     )
@@ -194,12 +193,32 @@ def _compile_chat_template(template: str) -> jinja2.Template:
     env.globals["strftime_now"] = _strftime_now
     env.globals["dict"] = _TemplateDict()
     env.globals["namespace"] = _TemplateNamespace
+    return env
+
+
+@functools.lru_cache(maxsize=32)
+def _compile_chat_template(template: str) -> jinja2.Template:
+    """Compile a chat template in ``_environment()``."""
     try:
-        return env.from_string(template)
+        return _environment().from_string(template)
     except jinja2.TemplateSyntaxError as e:
         raise TokenizerError(
             f"the chat template is not valid Jinja (line {e.lineno}: {e.message}); fix the template"
         ) from e
+
+
+@functools.lru_cache(maxsize=32)
+def template_reads(template: str, name: str) -> bool:
+    """Whether the chat ``template`` reads the variable ``name`` given by the caller (e.g. ``tools``):
+    a use of it before any ``set`` of its own, found in the parsed template (``jinja2.meta``), not the
+    word in its text. False for a template that is not valid Jinja (rendering it says why)."""
+    import jinja2.meta
+
+    try:
+        parsed = _environment().parse(template)
+    except jinja2.TemplateSyntaxError:
+        return False
+    return name in jinja2.meta.find_undeclared_variables(parsed)
 
 
 # ---------------------------------------------------------------------- user text never becomes control tokens

@@ -324,3 +324,17 @@ def test_reference_helper_finds_template_tokens(tmp_path: Path) -> None:
     ids = _reference_ids(hf, "<|im_start|>a<|im_end|>b<|im_end|>", ["a<|im_end|>b"])
     assert ids[0] == tok.token_to_id("<|im_start|>") and ids[-1] == tok.token_to_id("<|im_end|>")
     assert tok.token_to_id("<|im_end|>") not in ids[1:-1]
+
+
+def test_template_reads_finds_a_variable_the_template_uses_not_the_word() -> None:
+    from lamina.tokenizer.chat_template import template_reads
+
+    uses = "{% if tools %}{{ tools | tojson }}{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert template_reads(uses, "tools")
+    assert template_reads("{% for t in tools %}{{ t.function.name }}{% endfor %}", "tools")
+    # the word in the template's text, or a variable of its own by that name, is not the caller's tools
+    says = "You have no tools.{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert not template_reads(says, "tools")
+    assert not template_reads("{% set tools = [] %}{{ tools }}{{ messages[0].content }}", "tools")
+    assert not template_reads("{{ messages[0].tools_used }}", "tools")
+    assert not template_reads("{% if %}", "tools")  # not valid Jinja: rendering reports it
