@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING
 
 from lamina.errors import ConfigError
 from lamina.eval.multiple_choice import TaskResult, summarize
+from lamina.generate.batch import MAX_BATCH_SIZE  # contexts decoded together by default
 
 if TYPE_CHECKING:
     from lamina.checkpoint.load import LoadedModel
     from lamina.eval.tasks import Task
 
 Progress = Callable[[int, int], None]
-MAX_BATCH_SIZE = 16  # contexts decoded together by default (generate_greedy, evaluate_generation, LaminaLM)
 
 
 def normalize_answer(s: str) -> str:

@@ -52,6 +52,7 @@ __all__ = [
     "rouge_scores",
     "score_pairs",
     "seq2seq_predictor",
+    "trained_source_len",
 ]
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
@@ -196,7 +197,7 @@ def evaluate_pairs(
 
 
 def generation_predictor(
-    lm: LoadedModel, *, chat: bool | None = False, max_batch_size: int = 16, **controls: Any
+    lm: LoadedModel, *, chat: bool | None = False, max_batch_size: int | None = None, **controls: Any
 ) -> Predict:
     """A ``predict`` callable over a loaded model, with the decoding ``controls`` (``GenerationConfig``
     fields; default: the model's own, else greedy); each output is stripped of surrounding whitespace.
@@ -223,13 +224,15 @@ def generation_predictor(
         )
         config = dataclasses.replace(base, **{k: v for k, v in controls.items() if v is not None})
         config.check_token_ids(lm.model.config.vocab_size)
-        return seq2seq_predictor(lm.model, lm.tokenizer, config=config)
+        return seq2seq_predictor(lm.model, lm.tokenizer, config=config, max_source_len=trained_source_len(lm))
 
-    from lamina.generate.batch import generate_batch
+    from lamina.generate.batch import MAX_BATCH_SIZE, generate_batch
+
+    rows_at_once = max_batch_size or MAX_BATCH_SIZE
 
     def predict(texts: list[str]) -> list[str]:
         rows = generate_batch(
-            lm, [{"prompt": t} for t in texts], chat=chat, max_batch_size=max_batch_size, **controls
+            lm, [{"prompt": t} for t in texts], chat=chat, max_batch_size=rows_at_once, **controls
         )
         out = [""] * len(texts)
         for row in rows:
@@ -238,6 +241,27 @@ def generation_predictor(
         return out
 
     return predict
+
+
+def trained_source_len(lm: LoadedModel) -> int:
+    """The source length (tokens, eos included) ``lm``'s encoder-decoder was fine-tuned on: the
+    ``seq2seq.max_source_len`` of the run.yaml a lamina checkpoint folder holds (``lamina finetune --task
+    seq2seq`` writes it, capped at ``max_seq_len`` as training cut the pairs), else the model's
+    ``max_seq_len`` (a pretrained or imported model: the length it was configured for)."""
+    import yaml
+
+    from lamina.fields import parse_yaml
+
+    limit = lm.model.config.max_seq_len
+    run_file = lm.entry.path / "run.yaml"
+    if lm.entry.format != "lamina" or not run_file.is_file():
+        return limit
+    try:
+        run = parse_yaml(run_file.read_text())
+    except (OSError, yaml.YAMLError):
+        return limit
+    trained = (run.get("seq2seq") or {}).get("max_source_len") if isinstance(run, dict) else None
+    return min(int(trained), limit) if isinstance(trained, int) and trained > 0 else limit
 
 
 def seq2seq_predictor(

@@ -227,3 +227,23 @@ def test_pair_metrics_scores_the_models_outputs(t5: tuple[Any, Any]) -> None:
     outputs = seq2seq_predictor(model, tok, max_new_tokens=8)(data.sources[:6])
     want = score_pairs(outputs, data.targets[:6])
     assert got == {f"val_{k}": v for k, v in want.items() if k != "n"}
+
+
+def test_generation_predictor_cuts_sources_at_the_trained_length(t5: tuple[Any, Any], tmp_path: Path) -> None:
+    from lamina.checkpoint.load import LoadedModel
+    from lamina.checkpoint.registry import ModelEntry
+    from lamina.config import GenerationConfig
+    from lamina.eval.seq2seq import seq2seq_predictor, trained_source_len
+
+    model, tok = t5
+    lm = LoadedModel(model, tok, GenerationConfig(eos_token_ids=[tok.eos_token_id]),
+                     ModelEntry("t5", tmp_path, "path", "lamina"))  # fmt: skip
+    assert trained_source_len(lm) == model.config.max_seq_len  # no run.yaml: the configured length
+    (tmp_path / "run.yaml").write_text("seq2seq:\n  max_source_len: 100000\n")
+    assert trained_source_len(lm) == model.config.max_seq_len  # training capped it there
+    (tmp_path / "run.yaml").write_text("seq2seq:\n  max_source_len: 3\n")
+    assert trained_source_len(lm) == 3
+    texts = ["s1 s2 s3 s4 s5", "s9 s9 s8 s7"]
+    got = generation_predictor(lm, max_new_tokens=5)(texts)
+    assert got == seq2seq_predictor(model, tok, max_source_len=3, max_new_tokens=5)(texts)
+    assert got != seq2seq_predictor(model, tok, max_new_tokens=5)(texts)
