@@ -63,6 +63,16 @@ if TYPE_CHECKING:  # constrain.py defines the protocol; the engine imports it on
 GREEDY = GenerationConfig(temperature=0.0)
 
 
+def max_source_tokens(config: ModelConfig) -> int | None:
+    """The longest source an encoder-decoder's encoder reads: ``max_seq_len`` with learned or sinusoidal
+    positions (a learned table ends there), None (no limit) with T5's relative position bias, whose
+    buckets cover any distance (``transformers``' T5 encodes any length too; attention's memory grows with
+    the square of the length). None for a decoder (its prompt shares the window with the output)."""
+    if config.arch != "encoder-decoder" or config.pos_encoding == "relative":
+        return None
+    return config.max_seq_len
+
+
 def require_generative(config: ModelConfig, name: str | None = None) -> None:
     """Raise ``ConfigError`` unless a model of this ``config`` can generate text: a decoder or an
     encoder-decoder with an lm head.
@@ -283,9 +293,15 @@ class Engine:
         limit, vocab = self.model.config.max_seq_len, self.model.config.vocab_size
         if not prompt:
             raise ConfigError("every prompt needs at least one token (empty prompt given)")
-        if len(prompt) >= limit + self._enc_dec:
+        source_limit = max_source_tokens(self.model.config)
+        if not self._enc_dec and len(prompt) >= limit:
             raise ConfigError(
                 f"prompt of {len(prompt)} tokens does not fit the context window max_seq_len={limit}"
+            )
+        if source_limit is not None and len(prompt) > source_limit:
+            raise ConfigError(
+                f"source of {len(prompt)} tokens does not fit the encoder's context window "
+                f"max_seq_len={limit} ({self.model.config.pos_encoding} positions); shorten the source"
             )
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise ConfigError(f"prompt token ids must be in [0, {vocab}) (vocab_size of the model)")
@@ -838,10 +854,12 @@ class Engine:
                     ok[i] = allowed
                 masked = logits.where(ok.to(logits.device), float("-inf"))
         if all(r.argmax for r in rows):  # greedy: one argmax for the batch, min_new_tokens' bans first
+            V = logits.shape[-1]
             for i, r in enumerate(rows):
                 if len(r.sampler.output_ids) < r.cfg.min_new_tokens and r.min_new_bans:
                     masked = logits.clone() if masked is logits else masked
-                    masked[i, r.min_new_bans] = float("-inf")
+                    # ids past the vocabulary cannot be chosen: nothing to ban (as apply_min_new_tokens)
+                    masked[i, [t for t in r.min_new_bans if t < V]] = float("-inf")
             chosen = masked.argmax(-1)
             for r, t in zip(rows, chosen.tolist(), strict=True):
                 r.sampler.output_ids.append(t)

@@ -394,3 +394,23 @@ def test_a_chunked_request_done_at_its_first_token_forgets_its_adapter() -> None
     while engine.has_work():
         engine.step()
     assert len(seq.tokens) == 1 and engine._rid_adapter == {} and engine._row_adapters() == []
+
+
+def test_min_new_tokens_bans_only_ids_in_the_vocabulary() -> None:
+    from lamina.config import ModelConfig
+    from lamina.errors import ConfigError
+    from lamina.generate.engine import Engine
+    from lamina.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=32)).eval()
+    cfg = GenerationConfig(temperature=0, min_new_tokens=3, max_new_tokens=4, eos_token_ids=[64])
+    with pytest.raises(ConfigError, match="eos_token_ids names token id 64 outside the model's vocabulary"):
+        Engine(model).submit([1, 2, 3], cfg)
+    # a row whose bans name an id past the vocabulary (not through submit's check) still decodes
+    engine = Engine(model)
+    (seq,) = engine.submit([1, 2, 3], GenerationConfig(temperature=0, min_new_tokens=3, max_new_tokens=4))
+    engine._queue[0].running[0].min_new_bans[:] = [70]
+    while engine.has_work():
+        engine.step()
+    assert seq.finish_reason == "length" and len(seq.tokens) == 4

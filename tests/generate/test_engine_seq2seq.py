@@ -171,5 +171,10 @@ def test_what_an_encoder_decoder_cannot_do_is_one_clear_error(t5: tuple[Transfor
         Engine(model, tok).submit([5, 2], GenerationConfig(prompt_logprobs=1))
     with pytest.raises(ConfigError, match="draft"):
         Engine(model, tok, draft=model)
-    with pytest.raises(ConfigError, match="does not fit the context window"):
-        Engine(model, tok).submit([5] * (model.config.max_seq_len + 1))
+    Engine(model, tok).submit([5] * (model.config.max_seq_len + 1))  # relative positions: no source limit
+    torch.manual_seed(0)  # sinusoidal (or learned) positions end at max_seq_len
+    base = Transformer(ModelConfig.preset("transformer-base", vocab_size=len(tok), n_layers=1, d_model=16,
+                                          n_heads=2, d_ff=32, max_seq_len=8)).eval()  # fmt: skip
+    Engine(base, tok).submit([5] * 8)
+    with pytest.raises(ConfigError, match="source of 9 tokens does not fit the encoder's context window"):
+        Engine(base, tok).submit([5] * 9)

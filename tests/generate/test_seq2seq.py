@@ -162,3 +162,15 @@ def test_a_copy_head_decodes_as_its_full_forward_in_a_batch() -> None:
     batched = generate_seq2seq(net, SOURCES, beams)
     alone = [generate_seq2seq(net, [s], beams)[0] for s in SOURCES]
     assert [[s.token_ids for s in r] for r in batched] == [[s.token_ids for s in r] for r in alone]
+
+
+def test_relative_positions_take_sources_past_max_seq_len(
+    pair: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # T5's relative bias has no length limit (transformers encodes any length): nor has the engine
+    hf, net = pair
+    monkeypatch.setattr(net.config, "max_seq_len", 6)
+    long = [[*range(10, 21), 1], [*range(30, 38), 1]]  # 12 and 9 tokens: past max_seq_len
+    monkeypatch.setattr(f"{__name__}.SOURCES", long)
+    cfg = GenerationConfig(max_new_tokens=5, temperature=0, eos_token_ids=[95])
+    assert [r[0].token_ids for r in generate_seq2seq(net, long, cfg)] == _hf_greedy(hf, 5, eos=95)
