@@ -126,10 +126,12 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        """x (B, c_in, H, W), ``temb`` (B, t_dim) already through SiLU (the UNet applies it once for
+        every block) -> (B, c_out, H, W)."""
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.t_proj(F.silu(temb))[:, :, None, None]
+        h += self.t_proj(temb)[:, :, None, None]  # in place: a convolution does not keep its output
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.skip(x) + h
+        return h.add_(self.skip(x))
 
 
 class SelfAttention(nn.Module):
@@ -143,10 +145,17 @@ class SelfAttention(nn.Module):
         self.out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
+        """x (B, C, H, W) -> (B, C, H, W). The 1x1 convolutions run as matrix products over the H*W
+        positions (B, HW, C) (the same weights; a 1x1 convolution is slower on a CPU), which also gives
+        scaled_dot_product_attention q, k, v with contiguous rows (its fused kernel)."""
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.n_heads, C // self.n_heads, H * W).unbind(1)
-        y = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-        return x + self.out(y.transpose(-1, -2).reshape(B, C, H, W))  # y: (B, heads, HW, head_channels)
+        d = C // self.n_heads
+        h = self.norm(x).reshape(B, C, H * W).transpose(1, 2)  # (B, HW, C)
+        qkv = F.linear(h, self.qkv.weight.reshape(3 * C, C), self.qkv.bias)  # (B, HW, 3C): q | k | v
+        q, k, v = qkv.reshape(B, H * W, 3, self.n_heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, H * W, C)  # heads joined
+        y = F.linear(y, self.out.weight.reshape(C, C), self.out.bias)  # (B, HW, C)
+        return x + y.transpose(1, 2).reshape(B, C, H, W)
 
 
 class UNet(nn.Module):
@@ -207,6 +216,7 @@ class UNet(nn.Module):
             temb = temb + self.class_emb(class_labels)
         elif class_labels is not None:
             raise ValueError("class_labels given to an unconditional UNet (num_classes is None)")
+        temb = F.silu(temb)  # every residual block's projection takes SiLU(temb): computed once here
         if cfg.low_res_channels:
             if low_res is None:
                 raise ValueError("this UNet is a super-resolution model: pass low_res (B, C, h, w)")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lamina.diffusion.schedulers import DDPMScheduler, NoiseConfig
-from lamina.diffusion.unet import UNet, UNetConfig
+from lamina.diffusion.unet import ResBlock, SelfAttention, UNet, UNetConfig
 from lamina.errors import ConfigError
 
 
@@ -77,3 +77,32 @@ def test_a_few_steps_lower_the_loss() -> None:
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+def test_attention_and_residual_block_compute_the_convolution_formulas() -> None:
+    """SelfAttention runs its 1x1 convolutions as matrix products and ResBlock adds in place (speed): the
+    outputs and every gradient equal the plain formulas over the same (checkpointed) Conv2d weights."""
+    F = torch.nn.functional
+    torch.manual_seed(0)
+    attn, block = SelfAttention(32, 16, 8), ResBlock(16, 32, 24, 8, 0.0)
+    x, temb = torch.randn(3, 32, 4, 4, requires_grad=True), torch.randn(3, 24)
+    assert attn.qkv.weight.shape == (96, 32, 1, 1) and attn.out.weight.shape == (32, 32, 1, 1)
+
+    def attention_by_convolutions(x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        q, k, v = attn.qkv(attn.norm(x)).reshape(B, 3, 2, C // 2, H * W).unbind(1)  # heads of 16
+        y = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        return x + attn.out(y.transpose(-1, -2).reshape(B, C, H, W))
+
+    def block_formula(x: torch.Tensor) -> torch.Tensor:
+        h = block.conv1(F.silu(block.norm1(x))) + block.t_proj(F.silu(temb))[:, :, None, None]
+        return block.skip(x) + block.conv2(F.silu(block.norm2(h)))
+
+    for module, formula, inp in ((attn, attention_by_convolutions, x), (block, block_formula, x[:, :16])):
+        got_args = (inp,) if module is attn else (inp, F.silu(temb))
+        got, want = module(*got_args), formula(inp)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        g = torch.randn_like(want)
+        grads = torch.autograd.grad(got, [x, *module.parameters()], g)
+        for a, b in zip(grads, torch.autograd.grad(want, [x, *module.parameters()], g), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
