@@ -45,18 +45,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="with `lamina index eval`: the labeled questions (JSONL) to score retrieval on",
     )
-    p.add_argument(
-        "--hyde",
-        type=float,
-        metavar="W",
-        help="with `lamina index eval`: mix a hypothetical answer written by --model into the query vector "
-        "with weight W (HyDE; 0.3 measured best, see `lamina ask --hyde`)",
-    )
-    p.add_argument(
-        "--model",
-        default="smollm2",
-        help="with `lamina index eval --hyde`: the chat model that writes the hypothetical answers",
-    )
     add_config_file(p)
     add_fields(p, IndexConfig, title="index (IndexConfig)")
     p.set_defaults(func=run)
@@ -66,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
     """Update the index and print its summary line (the progress bar goes to stderr)."""
     if args.paths[:1] == ["eval"]:  # `lamina index eval ...`: the query side's evaluation
         return int(importlib.import_module("lamina.rag.evaluate").main(args) or 0)
-    if args.qrels is not None or args.hyde is not None:
-        raise ConfigError("--qrels and --hyde go with `lamina index eval`")
+    if args.qrels is not None:
+        raise ConfigError("--qrels goes with `lamina index eval --qrels FILE`")
     config = build(IndexConfig, values(args, IndexConfig))
     modules = [m.strip() for m in args.modules.split(",") if m.strip()] if args.modules else None
     summary = update(args.paths, builtin=args.builtin, modules=modules, config=config)

@@ -141,14 +141,12 @@ def evaluate(
     ks: Sequence[int] = (1, 5, 10),
     config: RetrieveConfig | None = None,
     embedder: LoadedModel | None = None,
-    chat_model: LoadedModel | None = None,
 ) -> EvalReport:
     """Retrieve every question of ``qrels`` from ``store`` in each of ``modes`` and score the rankings.
 
     ``config`` gives the other retrieval settings (``rrf_k``, ``candidates``, ``filters``); each question
     retrieves ``candidates`` chunks, ranked as documents, evaluated to depth ``max(ks)`` (MRR too).
     ``embedder``: the store's embedding model, loaded (None: loaded once from the name the store holds).
-    ``chat_model``: the chat model ``config.hyde`` > 0 or ``rerank="llm"`` needs.
     Raises ``ConfigError`` for an unknown mode and as :func:`~lamina.rag.retrieve.retrieve` does.
     """
     from lamina.checkpoint.load import load
@@ -163,9 +161,7 @@ def evaluate(
     for mode in modes:
         cfg = replace(base, mode=mode, k=chunks, candidates=chunks)  # type: ignore[arg-type]
         ranked = [
-            ranked_documents(
-                [h.chunk.doc_id for h in retrieve(store, q.question, cfg, embedder, chat_model)]
-            )[:depth]
+            ranked_documents([h.chunk.doc_id for h in retrieve(store, q.question, cfg, embedder)])[:depth]
             for q in qrels
         ]
         n = len(qrels)
@@ -183,12 +179,9 @@ def evaluate(
 
 
 def main(args: argparse.Namespace) -> int:
-    """``lamina index eval [--qrels FILE] [--store FILE] [--hyde W [--model smollm2]]``: the metrics table
-    of dense, BM25 and hybrid on the labeled questions (``--qrels``: default the stdlib-docs set lamina
-    ships), then how many questions each mode misses in its top 5; ``--hyde W`` mixes a hypothetical
-    answer by ``--model`` into the query vector (``RetrieveConfig.hyde``). ``args`` are the ``index``
-    verb's (``lamina.cli.index``)."""
-    from lamina.checkpoint.load import load
+    """``lamina index eval [--qrels FILE] [--store FILE]``: the metrics table of dense, BM25 and hybrid on
+    the labeled questions (``--qrels``: default the stdlib-docs set lamina ships), then how many questions
+    each mode misses in its top 5. ``args`` are the ``index`` verb's (``lamina.cli.index``)."""
     from lamina.cli.flags import values
     from lamina.fields import build
     from lamina.rag.ask import _open
@@ -200,17 +193,14 @@ def main(args: argparse.Namespace) -> int:
         )
     config = build(IndexConfig, values(args, IndexConfig))
     qrels = read_qrels(args.qrels or "stdlib-docs")
-    retrieve_config = RetrieveConfig(hyde=args.hyde or 0.0)
     store, _ = _open(config.store or None)
-    chat_model = load(args.model) if retrieve_config.hyde > 0 else None
     try:
-        report = evaluate(store, qrels, config=retrieve_config, chat_model=chat_model)
+        report = evaluate(store, qrels)
         chunks = store.count()
     finally:
         store.close()
     print(
         f"{len(qrels)} questions, {chunks:,} chunks in {config.location()}; documents ranked to depth {report.depth}"
-        + (f"; HyDE weight {retrieve_config.hyde} ({args.model})" if chat_model is not None else "")
     )
     print(report.table())
     k = 5 if 5 in report.ks else report.depth

@@ -21,15 +21,6 @@ Three modes over one :class:`~lamina.rag.types.Store`:
     Condorcet and individual rank learning methods", SIGIR 2009): a chunk's score is ``sum over lists of
     1 / (rrf_k + rank)`` with ``rrf_k = 60`` as in the paper; ranks, not scores, so no scale to match.
 
-With ``hyde`` > 0 (dense and hybrid) the question's vector is mixed with a hypothetical answer's: the
-chat model writes a short answer to the question (greedy, ``hyde_max_new_tokens``), and the query vector is
-``unit((1 - hyde) * embed(question) + hyde * embed(answer))`` (HyDE: Gao, Ma, Lin & Callan, "Precise
-Zero-Shot Dense Retrieval without Relevance Labels", 2022, which averages the question with the
-hypothetical documents). The answer need not be right: its words and the names it guesses move the
-vector toward documents phrased like answers. On the shipped stdlib questions with SmolLM2-135M it
-measured recall@5 0.590 against dense's 0.554 on the odd-numbered half (``hyde`` 0.3 chosen on the
-even half: 0.595 against 0.571), at one generation per question; off by default.
-
 Results hold each chunk once (by ``chunk_id``, and a chunk whose text repeats an earlier hit's is dropped),
 ranked 1..k. ``score_threshold`` turns "nothing close enough" into an empty list, which synthesis answers
 with "not found in the sources" without calling the model. Optional reranking (``rerank="llm"``) re-orders
@@ -76,10 +67,6 @@ class RetrieveConfig:
     filters: dict[str, Any] | None = None
     # llm: re-order the candidates by a chat model's P(Yes) that the passage answers the question
     rerank: Literal["none", "llm"] = "none"
-    # dense/hybrid: weight in [0, 1) of a hypothetical answer written by the chat model in the query
-    # vector (HyDE, Gao et al. 2022; 0.3 measured best with SmolLM2): one generation per question; 0: off
-    hyde: float = 0.0
-    hyde_max_new_tokens: int = 64  # most tokens of the hypothetical answer (hyde > 0)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -92,12 +79,6 @@ class RetrieveConfig:
             )
         if self.rerank not in RERANKERS:
             raise ConfigError(f"rerank={self.rerank!r} must be one of {', '.join(RERANKERS)}")
-        if not (math.isfinite(self.hyde) and 0.0 <= self.hyde < 1.0):
-            raise ConfigError(
-                f"hyde={self.hyde} must be in [0, 1) (the hypothetical answer's weight; 0: off)"
-            )
-        if self.hyde_max_new_tokens < 1:
-            raise ConfigError(f"hyde_max_new_tokens={self.hyde_max_new_tokens} must be >= 1")
         if self.k < 1:
             raise ConfigError(f"k={self.k} must be >= 1 (passages returned)")
         if self.rrf_k < 0:
@@ -116,11 +97,10 @@ def retrieve(
     """The ``cfg.k`` passages of ``store`` that best answer ``query``, best first, ranks 1..k.
 
     ``embedder`` is the store's embedding model, loaded (``lamina.load(store.embedding_model)`` when None
-    and the mode needs it: dense, hybrid). ``reranker``: the chat model that reranks (``rerank="llm"``)
-    and writes the hypothetical answer (``hyde`` > 0). Scores: cosine similarity (dense), BM25 (bm25),
-    the convex or reciprocal rank fusion score (hybrid), or P(Yes) after ``rerank="llm"``. Raises
-    ``ConfigError`` for an empty query, for an embedder that is not the model the store was built with
-    (naming both), and for ``rerank="llm"`` or ``hyde`` > 0 without a chat model.
+    and the mode needs it: dense, hybrid). Scores: cosine similarity (dense), BM25 (bm25), the convex or
+    reciprocal rank fusion score (hybrid), or P(Yes) after ``rerank="llm"`` with ``reranker`` (a chat
+    model). Raises ``ConfigError`` for an empty query, for an embedder that is not the model the store
+    was built with (naming both), and for ``rerank="llm"`` without a reranker.
     """
     cfg = cfg or RetrieveConfig()
     if not query.strip():
@@ -129,15 +109,7 @@ def retrieve(
     dense: list[Hit] = []
     text: list[Hit] = []
     if cfg.mode in ("dense", "hybrid"):
-        if cfg.hyde > 0:
-            if reranker is None:
-                raise ConfigError(
-                    "hyde > 0 needs a chat model to write the hypothetical answer: pass "
-                    "reranker=lamina.load('smollm2') (or --model)"
-                )
-            vector = hyde_query(store, query, reranker, cfg.hyde, cfg.hyde_max_new_tokens, embedder)
-        else:
-            vector = embed_query(store, query, embedder)
+        vector = embed_query(store, query, embedder)
         dense = store.search_dense(vector, depth, cfg.filters)
         if cfg.score_threshold is not None:
             dense = [h for h in dense if h.score >= cfg.score_threshold]
@@ -187,41 +159,6 @@ def embed_query(store: Store, query: str, embedder: LoadedModel | None = None) -
             f"{store.dim}-dim ones from {store.embedding_model!r}: query it with {store.embedding_model!r}"
         )
     return vector
-
-
-HYDE_PROMPT = "{question} Answer in one or two sentences, naming the function or class to use."
-
-
-def hypothetical_answer(lm: LoadedModel, question: str, max_new_tokens: int = 64) -> str:
-    """The chat model's short answer to ``question`` (:data:`HYDE_PROMPT`, greedy): the hypothetical
-    document of HyDE (Gao et al. 2022), which may be wrong."""
-    from lamina.generate.text import generate
-
-    prompt = [{"role": "user", "content": HYDE_PROMPT.format(question=question.strip())}]
-    return generate(lm, prompt, chat=True, max_new_tokens=max_new_tokens, temperature=0.0)
-
-
-def hyde_query(
-    store: Store,
-    query: str,
-    lm: LoadedModel,
-    weight: float = 0.3,
-    max_new_tokens: int = 64,
-    embedder: LoadedModel | None = None,
-) -> Any:
-    """The (dim,) unit vector ``unit((1 - weight) * e(query) + weight * e(answer))``: ``e`` the store's
-    embedding model (:func:`embed_query`, whose errors it raises), ``answer`` :func:`hypothetical_answer`
-    by the chat model ``lm`` (HyDE, Gao et al. 2022)."""
-    from lamina.checkpoint.load import load
-
-    if embedder is None:
-        embedder = load(store.embedding_model)
-    answer = hypothetical_answer(lm, query, max_new_tokens)
-    q = embed_query(store, query, embedder)
-    if not answer.strip():
-        return q
-    mixed = (1.0 - weight) * q + weight * embed_query(store, answer, embedder)
-    return mixed / mixed.norm()
 
 
 def same_model(lm: LoadedModel, name: str) -> bool:

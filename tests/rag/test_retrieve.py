@@ -7,21 +7,11 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-import torch
 from rag_fakes import MemoryStore, hit, memory_store, stdlib_subset
 from tiny_chat import tiny_lm
 
 from lamina.errors import ConfigError
-from lamina.rag.retrieve import (
-    RetrieveConfig,
-    convex_fusion,
-    dedupe,
-    embed_query,
-    hyde_query,
-    hypothetical_answer,
-    reciprocal_rank_fusion,
-    retrieve,
-)
+from lamina.rag.retrieve import RetrieveConfig, convex_fusion, dedupe, reciprocal_rank_fusion, retrieve
 
 
 def test_rrf_matches_the_hand_computed_scores() -> None:
@@ -161,9 +151,6 @@ def test_bm25_needs_no_embedder(store: MemoryStore) -> None:
         {"fusion": "max"},
         {"text_weight": -0.1},
         {"text_weight": float("nan")},
-        {"hyde": 1.0},
-        {"hyde": -0.1},
-        {"hyde_max_new_tokens": 0},
     ],
 )
 def test_config_is_checked(bad: dict[str, Any]) -> None:
@@ -188,20 +175,3 @@ def test_llm_rerank_reorders_by_yes_probability(
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     with pytest.raises(ConfigError, match="reranker"):
         retrieve(store, "indent", cfg, lamina_minilm)
-
-
-def test_hyde_mixes_the_hypothetical_answer_into_the_query_vector(
-    store: MemoryStore, lamina_minilm: Any
-) -> None:
-    writer = tiny_lm()  # a random chat model: any answer text will do
-    q = "How do I indent every line of a text?"
-    answer = hypothetical_answer(writer, q, max_new_tokens=8)
-    assert answer.strip()
-    v = hyde_query(store, q, writer, 0.3, 8, lamina_minilm)
-    mixed = 0.7 * embed_query(store, q, lamina_minilm) + 0.3 * embed_query(store, answer, lamina_minilm)
-    assert torch.allclose(v, mixed / mixed.norm(), atol=1e-5)
-    assert not torch.allclose(v, embed_query(store, q, lamina_minilm), atol=1e-3)
-    cfg = RetrieveConfig(k=3, hyde=0.3, hyde_max_new_tokens=8)
-    assert len(retrieve(store, q, cfg, lamina_minilm, reranker=writer)) == 3
-    with pytest.raises(ConfigError, match="hyde"):
-        retrieve(store, q, cfg, lamina_minilm)
