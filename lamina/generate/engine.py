@@ -531,11 +531,10 @@ class Engine:
 
     def _batched_prefill(self, req: _Request) -> bool:
         """Whether the request's prompt is prefilled with the other plain ones of its step
-        (``_admit_together``): a decoder's sampled or greedy request that decodes at least one token
-        and wants no prompt logprobs."""
+        (``_admit_together``): a sampled or greedy request that decodes at least one token and wants no
+        prompt logprobs (an encoder-decoder's: its source encoded with the others', ``_admit_sources``)."""
         return (
             req.beams is None
-            and req.source is None
             and req.cfg.prompt_logprobs is None
             and bool(req.running)
             and req.running[0].budget > 0
@@ -550,6 +549,8 @@ class Engine:
         prefilled in chunks of at most ``max_prefill_tokens``, one per step (``_Partial``), so that the
         running sequences keep getting a token every step (not under dynamic RoPE: see ``Engine``)."""
         salts = [self._rid_adapter.get(r.request_id, 0) for r in reqs]
+        if self._enc_dec:
+            return self._admit_sources(reqs, salts)
         pc = self.prefix_cache
         found = [
             pc.lookup(r.prompt, s) if pc is not None else (0, None) for r, s in zip(reqs, salts, strict=True)
@@ -571,6 +572,31 @@ class Engine:
                 cache, logits = self._prefill_rows(
                     [reqs[i].prompt for i in group], [salts[i] for i in group], [found[i] for i in group]
                 )
+            for row, i in enumerate(group):
+                out += self._start(reqs[i], logits[row : row + 1, -1], cache, row)
+        return out
+
+    def _admit_sources(self, reqs: list[_Request], salts: list[int]) -> list[Delta]:
+        """Plain encoder-decoder requests: their sources encoded together (right-padded, in groups of
+        similar lengths as ``_length_groups`` makes them: one encoder and one decoder forward per group,
+        not one per request), each sequence's first token chosen, their rows added to the batch. Each
+        row computes what it would alone (padding is masked; up to float rounding)."""
+        out: list[Delta] = []
+        dev = self._device
+        for group in _length_groups([len(r.source or ()) for r in reqs], self._path_lengths):
+            srcs = [reqs[i].source or [] for i in group]
+            G, S = len(group), max(len(s) for s in srcs)
+            ids = torch.zeros(G, S, dtype=torch.long)
+            real = torch.zeros(G, S, dtype=torch.bool)
+            for row, src in enumerate(srcs):
+                ids[row, : len(src)] = torch.tensor(src)
+                real[row, : len(src)] = True
+            ids, real = ids.to(dev), real.to(dev)
+            starts = torch.tensor([reqs[i].prompt for i in group], device=dev)  # (G, 1): the start token
+            cache = KVCache(self.model.config, G, starts.shape[1], self._dtype, dev)
+            with self._adapters([salts[i] for i in group]):
+                memory = self.model.encode(ids, real)  # (G, S, d_model)
+                logits = self.model.decode(starts, memory, real, cache=cache, last_only=True, source_ids=ids)
             for row, i in enumerate(group):
                 out += self._start(reqs[i], logits[row : row + 1, -1], cache, row)
         return out
