@@ -5,7 +5,10 @@ global batch, each process taking its slice of the rows. Not a test module itsel
 ``COUNTS[j]`` positions only (the other targets -100), each process accumulates two micro-batches, and
 the optimizer is plain SGD at lr 1 (the update is minus the gradient). With ``interrupt``, the last
 process sends itself SIGINT while it reads the batch of step 3 (the others get no signal). With ``qlora``,
-the model trains LoRA adapters over a frozen int8 base (``LoraConfig.base_weights``)."""
+the model trains LoRA adapters over a frozen int8 base (``LoraConfig.base_weights``).
+
+``python ddp_worker.py ROOT references``: the one-process runs of every mode, one after the other in this
+one process (one interpreter start instead of three), into ROOT/plain, ROOT/uneven and ROOT/qlora."""
 
 from __future__ import annotations
 
@@ -50,15 +53,15 @@ class Slice:
         return {"input_ids": x[rows, :-1], "targets": y[rows]}
 
 
-if __name__ == "__main__":
-    out, parallel = sys.argv[1], sys.argv[2]
-    uneven = sys.argv[3:] == ["uneven"]
-    interrupt = sys.argv[3:] == ["interrupt"]
+def run(out: str, parallel: str, mode: list[str]) -> None:
+    """Train the fixed model for ``mode`` ([], ["uneven"], ["interrupt"] or ["qlora"]) into ``out``."""
+    uneven = mode == ["uneven"]
+    interrupt = mode == ["interrupt"]
     world = int(os.environ.get("WORLD_SIZE", 1))
     accum = 2 if uneven and world > 1 else 1
     torch.manual_seed(0)
     model = Transformer(ModelConfig.preset("tiny", vocab_size=64, max_seq_len=SEQ))
-    if sys.argv[3:] == ["qlora"]:
+    if mode == ["qlora"]:
         apply_lora(model, LoraConfig(r=4, lora_alpha=8, base_weights="int8"))
     extra: dict = dict(optimizer="sgd", momentum=0.0, lr=1.0, weight_decay=0.0, grad_clip=0.0,
                        schedule="constant", max_steps=2, save_every=2) if uneven else {}  # fmt: skip
@@ -71,3 +74,11 @@ if __name__ == "__main__":
         source.interrupt_at = 2
         cfg = dataclasses.replace(cfg, max_steps=50, save_every=1000)
     train(model, cfg, source, causal_lm(), tokens_per_batch=cfg.batch_size * SEQ)
+
+
+if __name__ == "__main__":
+    if sys.argv[2:] == ["references"]:
+        for name, mode in (("plain", []), ("uneven", ["uneven"]), ("qlora", ["qlora"])):
+            run(os.path.join(sys.argv[1], name), "none", mode)
+    else:
+        run(sys.argv[1], sys.argv[2], sys.argv[3:])

@@ -38,21 +38,35 @@ def _run(out: Path, parallel: str, nproc: int, *mode: str) -> list[float]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
+    return _losses(out)
+
+
+def _losses(out: Path) -> list[float]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r]
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[float]]:
-    out = tmp_path_factory.mktemp("single")
-    return out, _run(out, "none", 1)
+def references(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The one-process runs (plain, uneven, qlora), all in one process: ROOT/<mode>."""
+    root = tmp_path_factory.mktemp("one")
+    cmd = [sys.executable, str(WORKER), str(root), "references"]
+    p = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    return root
 
 
 @pytest.fixture(scope="module")
-def single_uneven(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[float]]:
+def single(references: Path) -> tuple[Path, list[float]]:
+    return references / "plain", _losses(references / "plain")
+
+
+@pytest.fixture(scope="module")
+def single_uneven(references: Path) -> tuple[Path, list[float]]:
     """The one-process reference of the uneven runs (the same for DDP and FSDP)."""
-    out = tmp_path_factory.mktemp("single_uneven")
-    return out, _run(out, "none", 1, "uneven")
+    return references / "uneven", _losses(references / "uneven")
 
 
 @pytest.mark.slow
@@ -106,23 +120,23 @@ def test_a_signal_to_one_process_stops_all_after_the_same_step(tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_qlora_two_processes_match_one(tmp_path: Path) -> None:
+def test_qlora_two_processes_match_one(references: Path, tmp_path: Path) -> None:
     """LoRA over a frozen int8 base under DDP: the losses and adapters of 2 processes equal one process's
     (to bf16 rounding: the base computes in bf16), and the checkpoint holds the same fp32 base."""
-    one = _run(tmp_path / "one", "none", 1, "qlora")
+    one = _losses(references / "qlora")
     two = _run(tmp_path / "two", "ddp", 2, "qlora")
     assert len(one) == len(two) == 5
     for a, b in zip(one, two, strict=True):
         assert abs(a - b) < 2e-3, (one, two)
     ours = load_file(str(tmp_path / "two" / "last" / "adapter" / "adapter_model.safetensors"))
-    ref = load_file(str(tmp_path / "one" / "last" / "adapter" / "adapter_model.safetensors"))
+    ref = load_file(str(references / "qlora" / "last" / "adapter" / "adapter_model.safetensors"))
     assert ours.keys() == ref.keys() and any(
         float(v.abs().max()) > 0 for k, v in ref.items() if "lora_B" in k
     )
     for k, v in ref.items():
         torch.testing.assert_close(ours[k], v, atol=2e-3, rtol=0, msg=k)
     base_two = load_file(str(tmp_path / "two" / "last" / "model.safetensors"))
-    base_one = load_file(str(tmp_path / "one" / "last" / "model.safetensors"))
+    base_one = load_file(str(references / "qlora" / "last" / "model.safetensors"))
     assert base_two.keys() == base_one.keys() and all(
         torch.equal(base_two[k], v) for k, v in base_one.items()
     )
