@@ -749,7 +749,9 @@ class Engine:
                     fed = [u.feed, *props.get(i, [])]
                     ids[i, : len(fed)], mask[i, : len(fed)] = torch.tensor(fed), 1
             real = mask.to(self._device)
-        cache.reserve(T)
+        # room for this step; when the cache must grow, to no more than the running rows can still use
+        left = [u.group.budget if isinstance(u, _Beams) else u.budget - len(u.seq.tokens) for _, u in units]
+        cache.reserve(T, limit=max(left, default=T))
         start = cache.length
         if self._enc_dec:  # the cross-attention keys are in the cache
             logits = self.model.decode(ids.to(self._device), None, attention_mask=real, cache=cache)

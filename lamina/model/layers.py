@@ -309,14 +309,16 @@ class KVCache:
         self.cross_k = [cat(a, b, 2) for a, b in zip(self.cross_k, new_k, strict=True)]
         self.cross_v = [cat(a, b, 2) for a, b in zip(self.cross_v, new_v, strict=True)]
 
-    def reserve(self, slots: int) -> None:
+    def reserve(self, slots: int, limit: int | None = None) -> None:
         """Make room for ``slots`` more slots after ``length``: drop leading slots that no row uses,
-        then grow the storage if that is not enough."""
+        then grow the storage if that is not enough, by half its capacity (fewer copies as it grows) but
+        to no more than ``limit`` slots after ``length`` when given (the most any row can still use)."""
         if self.length + slots <= self.capacity:
             return
         self.compact()
         if self.length + slots > self.capacity:
-            self._grow(self.max_batch_size, max(self.length + slots, self.capacity + self.capacity // 2))
+            more = self.capacity // 2 if limit is None else min(self.capacity // 2, limit)
+            self._grow(self.max_batch_size, self.length + max(slots, more))
 
     def compact(self) -> None:
         """Drop the leading slots that are empty in every row (left by rows that have left the batch)."""
@@ -332,13 +334,23 @@ class KVCache:
         self.length = L - first
 
     def _grow(self, rows: int, capacity: int) -> None:
-        old = self._storage()
+        """Reallocate the storage for ``rows`` rows of ``capacity`` slots, one tensor at a time (each old
+        one freed before the next is made: the memory peak is the cache plus one layer's keys, not two
+        whole caches)."""
         n, L = self.rows, self.length
-        self._alloc(rows, capacity)
-        for dst, src in zip((*self._k, *self._v), old[: 2 * self._n_layers], strict=True):
-            dst[:n, :, :L] = src[:n, :, :L]
-        self._valid[:n, :L], self._positions[:n, :L] = old[-3][:n, :L], old[-2][:n, :L]
-        self._next_pos[:n] = old[-1][:n]
+        shape = (rows, self._kv_shape[0], capacity, self._kv_shape[1])
+        for store, views in ((self._k, self.k), (self._v, self.v)):
+            for i, old in enumerate(store):
+                new = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                new[:n, :, :L] = old[:n, :, :L]
+                store[i], views[i] = new, new[:n]  # the old tensor's last references go
+                del old
+        valid, positions, next_pos = self._valid, self._positions, self._next_pos
+        self._valid = torch.zeros(rows, capacity, dtype=torch.bool, device=self.device)
+        self._positions = torch.zeros(rows, capacity, dtype=torch.long, device=self.device)
+        self._next_pos = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self._valid[:n, :L], self._positions[:n, :L] = valid[:n, :L], positions[:n, :L]
+        self._next_pos[:n] = next_pos[:n]
         self.capacity = capacity
         self._set_rows(n)
 
