@@ -13,6 +13,12 @@ Uncached, each prompt starts with a different request number (so no cached block
 prompt is prefilled); cached, the same system prompt comes first (its blocks were stored by the first
 request). Target: TTFT on a cache hit under a fifth of the uncached TTFT (uncached / cached >= 5x).
 
+Memory: the server's resident set (RSS, /proc) when idle with the model loaded (after one warm-up
+request) and its peak while the client counts run (the kernel's high-water mark, reset at idle), against
+the KV cache the largest count's clients need (layers x 2 x kv_heads x head_dim x (prompt + generated)
+tokens x 4 bytes, summed over one request per client). Target: the growth from idle to that peak at most
+1.5x that KV (headline: 1.5 KV / growth >= 1x). RSS does not depend on timing, so it holds under load.
+
 Both processes share the machine's cores, so the CPU seconds of each are reported (the client's share is
 the part of the machine this process took from the server), with the load average.
 
@@ -80,6 +86,7 @@ class Run:
     client_cpu: float = 0.0
     server_cpu: float = 0.0
     peak_batch: float = 0.0
+    request_tokens: list[int] = field(default_factory=list)  # prompt + generated tokens of each request
 
     @property
     def rate(self) -> float:
@@ -99,6 +106,34 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid: int, key: str = "VmRSS") -> float:
+    """A process's resident set now (``VmRSS``) or its peak since the last ``reset_peak`` (``VmHWM``),
+    in MiB (Linux /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise SystemExit(f"/proc/{pid}/status has no {key}")
+
+
+def reset_peak(pid: int) -> None:
+    """Reset the kernel's RSS high-water mark (``VmHWM``) of a process to its RSS now (Linux >= 4.0)."""
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+
+
+def kv_bytes_per_token(model: str = "smollm2", dtype_bytes: int = 4) -> int:
+    """Bytes of K and V one token takes in every layer of ``model`` (its config, weights not read)."""
+    from lamina.checkpoint.gguf import gguf_to_hf, read_gguf
+    from lamina.checkpoint.hf import config_from_hf
+    from lamina.checkpoint.registry import resolve
+
+    hf, _ = gguf_to_hf(read_gguf(resolve(model).path))
+    cfg = config_from_hf(hf)
+    assert cfg.n_kv_heads is not None and cfg.head_dim is not None
+    return cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * dtype_bytes
 
 
 def load_avg() -> str:
@@ -122,6 +157,7 @@ async def stream_one(client: httpx.AsyncClient, prompt: str, tokens: int, run: R
         now = time.perf_counter()
         if chunk.get("usage"):
             run.tokens += chunk["usage"]["completion_tokens"]
+            run.request_tokens.append(chunk["usage"]["total_tokens"])
         if chunk["choices"] and chunk["choices"][0]["text"]:
             if last is None:
                 run.ttft.append(now - start)
@@ -242,11 +278,15 @@ def main() -> None:
               f"OMP_WAIT_POLICY={env.get('OMP_WAIT_POLICY', 'unset')}")  # fmt: skip
         print(f"SmolLM2-135M fp32, greedy, {args.tokens} tokens per request, {args.requests} requests per "
               "client, streaming /v1/completions\n")  # fmt: skip
+        loaded_rss = rss_mib(server.pid)
         asyncio.run(drive(url, 1, 1, 8, server.pid))  # warm-up
+        idle_rss = rss_mib(server.pid)
+        reset_peak(server.pid)
         runs = []
         for n in counts:
             runs.append(asyncio.run(drive(url, n, args.requests, args.tokens, server.pid)))
-            print(f"  {n} clients done (load {load_avg()})", flush=True)
+            print(f"  {n} clients done (load {load_avg()}, RSS {rss_mib(server.pid):.0f} MiB)", flush=True)
+        peak_rss = rss_mib(server.pid, "VmHWM")
         uncached, cached, system_tokens = asyncio.run(shared_prompt(url, args.system_repeats))
         print(f"  shared system prompt done (load {load_avg()})", flush=True)
     finally:
@@ -274,8 +314,18 @@ def main() -> None:
           f"(min {1000 * min(uncached):.0f} / {1000 * min(cached):.0f}); target cached < uncached / 5: "
           f"{'met' if 5 * c50 < u50 else 'NOT met'}")  # fmt: skip
     print(f"TTFT p50 at {last.clients} clients: {pct(last.ttft, 50):.0f} ms")
+    kv_token = kv_bytes_per_token()
+    kv = kv_token * sum(sorted(last.request_tokens)[-last.clients :]) / 2**20
+    growth = peak_rss - idle_rss
+    print(f"\nserver RSS: {loaded_rss:.0f} MiB loaded, {idle_rss:.0f} MiB idle after a warm-up request, peak "
+          f"{peak_rss:.0f} MiB over the runs; growth {growth:.1f} MiB; KV cache {last.clients} clients need "
+          f"{kv:.1f} MiB ({kv_token} bytes a token x {sum(sorted(last.request_tokens)[-last.clients :])} "
+          f"tokens); growth / KV = {growth / kv:.2f} (target <= 1.5: "
+          f"{'met' if growth <= 1.5 * kv else 'NOT met'})")  # fmt: skip
     headline(f"serve {last.clients} clients tokens/s", last.rate / ref.rate, f"{ref.clients} client", 4)
     headline("serve TTFT of a 500-token system prompt, cached", u50 / c50, "uncached", 5)
+    headline(f"serve RSS budget (1.5x the KV cache of {last.clients} clients)", 1.5 * kv / max(growth, 1e-9),
+             "the RSS growth from idle", 1)  # fmt: skip
 
 
 if __name__ == "__main__":

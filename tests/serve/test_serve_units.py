@@ -90,3 +90,36 @@ def test_cli_serve_help(capsys: pytest.CaptureFixture[str]) -> None:
     for flag in ("--host", "--port", "--api-key", "--max-batch-size", "--max-queue", "--timeout",
                  "--served-model-name", "--max-tokens-in-flight"):  # fmt: skip
         assert flag in out
+
+
+def test_release_memory_tunes_glibc_and_keeps_the_environment_s_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On glibc the server sets mallopt's mmap/trim thresholds and arena count (variables set in the
+    environment are left to glibc) and returns free memory; elsewhere it does nothing."""
+    import ctypes
+    import platform
+
+    from lamina.serve import server
+
+    calls: list[tuple[int, int]] = []
+    glibc = platform.libc_ver()[0] == "glibc"
+    real = ctypes.CDLL
+
+    class Spy:
+        def __init__(self, name: str | None) -> None:
+            self._lib = real(name)
+            self.malloc_trim = self._lib.malloc_trim
+
+        def mallopt(self, param: int, value: int) -> int:
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(server.ctypes, "CDLL", Spy)
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    if not glibc:
+        pytest.skip("glibc only")
+    assert server.release_memory()
+    assert sorted(calls) == sorted(v for k, v in server.MALLOC_SETTINGS.items() if k != "MALLOC_ARENA_MAX")
