@@ -15,7 +15,7 @@ from lamina.checkpoint.eos import eos_token_ids
 from lamina.checkpoint.gguf import gguf_to_hf, read_gguf
 from lamina.checkpoint.hf import config_from_hf, read_hf_folder, state_dict_from_hf
 from lamina.checkpoint.lamina import build_model, load_checkpoint
-from lamina.checkpoint.registry import ModelEntry, resolve
+from lamina.checkpoint.registry import ModelEntry, lamina_home, resolve
 from lamina.config import GenerationConfig, from_dict
 from lamina.errors import CheckpointError, ConfigError, TokenizerError
 from lamina.model.quant import FORMATS, WeightFormat, convert_weights
@@ -137,10 +137,36 @@ def _tokenizer_of(entry: ModelEntry, gguf_metadata: Mapping[str, Any] | None = N
     return Tokenizer.from_file(entry.path) if (entry.path / "tokenizer.json").is_file() else None
 
 
+def compile_cache_dir() -> Path:
+    """Where ``--compile`` keeps its compiled artefacts between runs: ``$LAMINA_COMPILE_CACHE``, else
+    ``compile/`` in lamina's data directory (``lamina_home()``: ``~/.cache/lamina/compile`` by default)."""
+    if env := os.environ.get("LAMINA_COMPILE_CACHE"):
+        return Path(env).expanduser()
+    return lamina_home() / "compile"
+
+
+def use_compile_cache() -> Path:
+    """Point torch.compile's on-disk caches at ``compile_cache_dir()`` and turn them on: inductor's FX
+    graph cache (generated kernels) and the AOTAutograd cache (traced graphs), so that a later process
+    compiling the same graphs reads them instead of generating them again. Returns the directory.
+
+    Sets ``TORCHINDUCTOR_CACHE_DIR``, which inductor reads when it first needs its cache."""
+    path = compile_cache_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    functorch_config.enable_autograd_cache = True
+    return path
+
+
 def _convert(net: Transformer, weights: str | None, compile: bool) -> Transformer:
     if weights is not None:
         convert_weights(net, weights)
     if compile:  # dynamic: the KV cache and the batch change shape from step to step
+        use_compile_cache()
         net.compile(dynamic=True)
     return net
 

@@ -67,3 +67,20 @@ def test_mapping_rules() -> None:
     assert hf_decoding_defaults({"do_sample": False, "top_k": 5}) == {"temperature": 0.0}
     meta = {"general.sampling.temp": 0.8, "general.sampling.penalty_last_n": 64, "general.sampling.top_k": 40}
     assert gguf_decoding_defaults(meta) == {"temperature": 0.8, "repetition_penalty_last_n": 64, "top_k": 40}
+
+
+def test_compile_cache_is_lamina_s_own_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--compile`` keeps inductor's on-disk caches (FX graphs, AOTAutograd) in lamina's data directory
+    or ``$LAMINA_COMPILE_CACHE``, where torch's inductor then looks (no compilation needed to check)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    from lamina.checkpoint.load import compile_cache_dir, use_compile_cache
+
+    monkeypatch.delenv("LAMINA_COMPILE_CACHE", raising=False)
+    monkeypatch.setenv("LAMINA_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")  # restored after the test
+    assert compile_cache_dir() == tmp_path / "home" / "compile"
+    monkeypatch.setenv("LAMINA_COMPILE_CACHE", str(tmp_path / "cc"))
+    assert use_compile_cache() == tmp_path / "cc"
+    assert cache_dir() == str(tmp_path / "cc") and (tmp_path / "cc").is_dir()
+    assert torch._inductor.config.fx_graph_cache and torch._functorch.config.enable_autograd_cache
