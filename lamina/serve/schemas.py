@@ -155,7 +155,7 @@ class RagOptions(BaseModel):
         default=None, ge=1, description="passages retrieved (the server's limit: max_retrieve_top_k)"
     )
     mode: Literal["dense", "bm25", "hybrid"] | None = Field(
-        default=None, description="dense (embeddings), bm25 (full text) or hybrid (reciprocal rank fusion)"
+        default=None, description="dense (embeddings), bm25 (full text) or hybrid (both, scores fused)"
     )
     filters: dict[str, FilterValue] | None = Field(
         default=None,
