@@ -19,8 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "ask",
         help="answer a question from an index (lamina index) with numbered citations, streamed",
-        description="Retrieve the passages of the index that answer QUESTION (hybrid dense + BM25 by "
-        "default), have a chat model answer from them citing [1], [2], ..., stream the answer, then list "
+        description="Retrieve the passages of the index that answer QUESTION (--mode: dense by default; "
+        "bm25; hybrid, both fused), have a chat model answer from them citing [1], [2], ..., stream the answer, then list "
         "the cited sources (document, character span, page). Nothing retrieved (or nothing above "
         "--score-threshold): 'Not found in the sources.' without running the model. --filters: "
         + FILTERS_HELP

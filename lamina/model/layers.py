@@ -390,14 +390,17 @@ class Attention(nn.Module):
         """q (B, H, T, hd), k and v (B, Hkv, T, hd) from x (B, T, d_model), RoPE applied."""
         B, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        if self.qkv_proj is None:
+        fused = self.qkv_proj(x) if self.qkv_proj is not None else None
+        if fused is None:
+            fused = inference_linear(self, "_qkv", x, self.q_proj, self.k_proj, self.v_proj)
+        if fused is None:
             q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)
             k = self.k_proj(x).view(B, T, Hkv, hd).transpose(1, 2)
             v = self.v_proj(x).view(B, T, Hkv, hd).transpose(1, 2)
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             return q, k, v
-        qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, hd).transpose(1, 2)  # (B, H + 2 Hkv, T, hd)
+        qkv = fused.view(B, T, H + 2 * Hkv, hd).transpose(1, 2)  # (B, H + 2 Hkv, T, hd)
         qk, v = qkv[:, : H + Hkv], qkv[:, H + Hkv :]
         if rope is not None:  # q and k heads rotate together: one set of ops for both
             qk = apply_rope(qk, *rope)
@@ -451,7 +454,7 @@ class Attention(nn.Module):
         # y is (B, H, T, hd), or (B, Hkv, rep, hd) with T = 1: the same memory order, which is (B, T, H * hd)'s
         # when T = 1
         if T == 1:
-            return self.o_proj(y.reshape(B, 1, -1))
+            return _linear(self, "_o", y.reshape(B, 1, -1), self.o_proj)
         return self.o_proj(y.reshape(B, self.n_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1))
 
     def cross_forward(
@@ -519,14 +522,92 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, T, d_model) -> (B, T, d_model)."""
-        if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        fused = self.gate_up_proj(x) if self.gate_up_proj is not None else None
+        if fused is None and self.gated:
+            fused = inference_linear(self, "_gate_up", x, self.gate_proj, self.up_proj)
+        if fused is not None:
+            gate, up = fused.chunk(2, dim=-1)
             h = self.act(gate) * up
         elif self.gated:
             h = self.act(self.gate_proj(x)) * self.up_proj(x)
         else:
             h = self.act(self.up_proj(x))
-        return self.down_proj(h)
+        return _linear(self, "_down", h, self.down_proj)
+
+
+STACK_MAX_ELEMENTS = 2**19  # inference copies (see inference_linear): only for layers this small
+_MKLDNN = torch.backends.mkldnn.is_available()
+
+
+class _InferenceCopies(dict):
+    """A module's inference copies by name (see ``inference_linear``): left behind when the module is
+    copied or pickled (a prepacked oneDNN weight cannot be; the copy makes its own when it runs)."""
+
+    def __deepcopy__(self, memo: dict) -> _InferenceCopies:
+        return _InferenceCopies()
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        return (_InferenceCopies, ())
+
+
+def inference_linear(owner: nn.Module, name: str, x: Tensor, *parts: nn.Module) -> Tensor | None:
+    """A decoding step's x (B, 1, in) through ``parts`` (plain ``nn.Linear`` s over the same input), their
+    outputs concatenated (B, 1, sum of out), without autograd; None where this does not apply (the caller
+    runs the parts): other inputs (a prompt's forward keeps its exact old numerics), autograd,
+    ``torch.compile``, another module type (LoRA), or more than ``STACK_MAX_ELEMENTS`` weights in all.
+
+    Small layers (d_model ~256, the GRPO benchmark's model) are where a decoding step's cost is calls,
+    not arithmetic; inference copies help there, made once per weight version and held on ``owner``
+    under ``name`` (not copied by ``copy.deepcopy`` or pickling; an optimizer step, ``load_state_dict``
+    or ``.to()`` makes them again; the module, its parameters, state dict and training are unchanged):
+
+    - the weights stacked (several parts): one matmul instead of one per part, as ``fuse_projections``
+      does for converted models;
+    - on CPU in float32, that weight prepacked for oneDNN (``torch.ops.mkldnn``): MKL's float32 matmul
+      for a few rows is slow on this project's CPUs (AMD EPYC: a tiny model's decoding step ran its
+      matmuls 1.8x faster prepacked). oneDNN sums in another order: outputs within ~1e-6 of
+      ``F.linear`` 's; the path depends on one token per sequence only, never on the batch size, so a
+      row's numerics do not depend on its batch-mates.
+
+    At most ``STACK_MAX_ELEMENTS`` weights per copy (2 MiB in float32): larger layers gain nothing
+    measurable and would hold a second copy of their weights."""
+    if x.dim() != 3 or x.shape[1] != 1 or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    linears = [p for p in parts if type(p) is nn.Linear]
+    if len(linears) < len(parts) or sum(p.weight.numel() for p in linears) > STACK_MAX_ELEMENTS:
+        return None
+    tensors = [t for p in linears for t in (p.weight, p.bias) if t is not None]
+    key = tuple((t.data_ptr(), 0 if t.is_inference() else t._version, t.dtype) for t in tensors)
+    copies = owner.__dict__.get("_inference_copies")
+    if copies is None:
+        copies = owner.__dict__["_inference_copies"] = _InferenceCopies()
+    held = copies.get(name)
+    if held is None or held[0] != key:
+        biases = [p.bias.detach() for p in linears if p.bias is not None]
+        if biases and len(biases) < len(linears):  # some parts with a bias, some without
+            return None
+        w = (
+            torch.cat([p.weight.detach() for p in linears])
+            if len(linears) > 1
+            else linears[0].weight.detach()
+        )
+        b = (torch.cat(biases) if len(biases) > 1 else biases[0]) if biases else None
+        packed = None
+        if _MKLDNN and w.device.type == "cpu" and w.dtype == torch.float32:
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, 8)
+        held = copies[name] = (key, w, b, packed)
+    _, w, b, packed = held
+    if packed is not None and x.dtype == torch.float32:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+    if len(parts) == 1:
+        return None  # the module's own call is as fast
+    return F.linear(x, w, b)
+
+
+def _linear(owner: nn.Module, name: str, x: Tensor, layer: nn.Module) -> Tensor:
+    """``layer(x)``, through ``inference_linear`` where it applies."""
+    y = inference_linear(owner, name, x, layer)
+    return layer(x) if y is None else y
 
 
 def _stacked_linear(parts: list[nn.Linear]) -> nn.Linear:

@@ -26,6 +26,7 @@ from lamina.model.layers import (
     Attention,
     KVCache,
     alibi_slopes,
+    inference_linear,
     make_norm,
     relative_position_bucket,
     rope_cos_sin,
@@ -247,6 +248,9 @@ class Transformer(nn.Module):
             h = self.lm_transform(h)
         if self.config.scale_decoder_outputs:  # T5 v1.0 with its tied embeddings
             h = h * self.config.d_model**-0.5
+        small = inference_linear(self, "_head_packed", h, self.lm_head)  # a small head: prepacked
+        if small is not None:
+            return small
         head_t = self._head_t(h)
         if head_t is None:
             return self.lm_head(h)

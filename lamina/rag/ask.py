@@ -7,7 +7,7 @@
         print(c.number, c.doc_id, c.start, c.end, c.page)
 
 The question is embedded with the model the index was built with (``store.embedding_model``; another model
-is refused naming both), the passages are retrieved as ``RetrieveConfig`` says (hybrid by default) and a
+is refused naming both), the passages are retrieved as ``RetrieveConfig`` says (dense by default) and a
 chat model (SmolLM2 by default) writes the answer as ``SynthesizeConfig`` says
 (:mod:`lamina.rag.retrieve`, :mod:`lamina.rag.synthesize`). When nothing is retrieved (or nothing reaches
 ``score_threshold``) the answer is "Not found in the sources." and the chat model is not loaded.
