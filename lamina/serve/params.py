@@ -325,13 +325,14 @@ def _seq2seq_max_tokens(
     param: str,
 ) -> int:
     """The completion budget of an encoder-decoder: the source (the prompt) and the output live in two
-    windows. The encoder reads at most ``max_seq_len`` source tokens (the engine's limit; a learned
-    position table's size. T5's relative position bias has no limit of its own: transformers' T5 encodes
-    any length, its tokenizer's ``model_max_length`` of 512 only warns; lamina keeps ``max_seq_len``, the
-    length the model was configured and trained for). The decoder holds its start token and at most
+    windows. The encoder reads at most ``max_seq_len`` source tokens with learned or sinusoidal positions
+    (a position table's size) and any number with T5's relative position bias, as transformers' T5 and the
+    engine do (``lamina.generate.engine.max_source_tokens``). The decoder holds its start token and at most
     ``max_seq_len - 1`` new tokens, whatever the source's length."""
+    from lamina.generate.engine import max_source_tokens
+
     ctx = served.context_length
-    if source_len > ctx:
+    if (limit := max_source_tokens(served.lm.model.config)) is not None and source_len > limit:
         raise context_length_exceeded(
             f"This model's encoder reads at most {ctx} tokens. However, your {prompt_param} has "
             f"{source_len} tokens. Please shorten the {prompt_param}.",

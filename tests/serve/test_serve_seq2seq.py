@@ -1,5 +1,5 @@
 """An encoder-decoder's request on the server (lamina/serve/params.py): the prompt is the source, checked
-against the encoder's window, and max_tokens against the decoder's (start token + new tokens), each its own
+against the encoder's window (none with T5's relative positions), and max_tokens against the decoder's (start token + new tokens), each its own
 ``max_seq_len``; a decoder still counts prompt + completion against one window."""
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from lamina.serve.schemas import CompletionRequest
 from lamina.serve.settings import ServeConfig
 
 
-def _served(preset: str) -> ServedModel:
+def _served(preset: str, **size: int) -> ServedModel:
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.preset(preset, vocab_size=32, max_seq_len=16)).eval()
+    model = Transformer(ModelConfig.preset(preset, vocab_size=32, max_seq_len=16, **size)).eval()
     lm = LoadedModel(model, None, GenerationConfig(), ModelEntry(preset, Path("."), "path", "lamina"))
     return ServedModel(preset, "generation", lm)
 
@@ -49,7 +49,9 @@ def test_a_source_and_its_output_each_get_their_own_window(t5: ServedModel) -> N
     assert _budget(t5, 12, 15) == 15
     assert _budget(t5, 16, None) == 15  # the default: the decoder's whole window after its start token
     assert _budget(t5, 16, None, max_tokens_in_flight=24) == 7  # 24 - 16 source - 1 start token
-    e = _refused(t5, 17, 4)
+    assert _budget(t5, 40, 4) == 4  # T5's relative positions: a source past max_seq_len (as the engine)
+    base = _served("transformer-base", n_layers=1, d_model=16, n_heads=2, d_ff=32)
+    e = _refused(base, 17, 4)  # sinusoidal positions end at max_seq_len
     assert e.param == "prompt" and "encoder reads at most 16 tokens" in e.message and "17" in e.message
     e = _refused(t5, 3, 16)
     assert e.param == "max_tokens" and "start token and 15 new tokens" in e.message
