@@ -31,7 +31,8 @@ class LoadOptions:
     # convert the weights for inference: int4 (4-bit groups of 32, GGUF Q4_1's layout) decodes fastest
     # on CPU, then int8, then bf16; overrides dtype (none: the checkpoint's weights in dtype)
     weights: WeightFormat | None = None
-    # torch.compile the model: minutes of compiling for each new shape first, then faster decoding
+    # torch.compile the model: minutes of compiling for each new shape first (every start: its kernels are
+    # cached in $LAMINA_COMPILE_CACHE, default ~/.cache/lamina/compile, but tracing is not), then faster decoding
     compile: bool = False
     threads: int | None = None  # torch CPU threads of this process (None: torch's choice, one per core)
 
