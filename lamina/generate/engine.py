@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -71,6 +72,22 @@ def max_source_tokens(config: ModelConfig) -> int | None:
     if config.arch != "encoder-decoder" or config.pos_encoding == "relative":
         return None
     return config.max_seq_len
+
+
+def source_token_cost(config: ModelConfig, dtype: torch.dtype) -> float:
+    """What one source token of a row keeps in an encoder-decoder's decoding cache, in decoder tokens
+    (one token: its keys and values in every decoder layer, the unit of ``Engine.max_tokens_in_flight``):
+    1 for its cross-attention keys and values, plus with ``copy_attention`` the copy head's key and the
+    encoder output (2 x ``d_model`` of ``dtype``) and its token id (int64) (``KVCache.memory_ids``).
+    0 for a decoder."""
+    if config.arch != "encoder-decoder":
+        return 0.0
+    layers, heads, head_dim = config.n_decoder_layers, config.n_kv_heads, config.head_dim
+    assert layers is not None and heads is not None and head_dim is not None
+    size = torch.empty((), dtype=dtype).element_size()
+    token = 2 * layers * heads * head_dim * size  # bytes
+    copy = (2 * config.d_model * size + 8) if config.copy_attention else 0
+    return (token + copy) / token
 
 
 def require_generative(config: ModelConfig, name: str | None = None) -> None:
@@ -172,7 +189,8 @@ class Engine:
     """A running batch of sequences that requests join and leave between decode steps.
 
     ``max_batch_size`` bounds the running rows (a sequence is one row, a beam-search request
-    ``num_beams``), ``max_tokens_in_flight`` (optional) the sum of prompt + budget tokens over them;
+    ``num_beams``), ``max_tokens_in_flight`` (optional) the sum of prompt + budget tokens over them
+    (an encoder-decoder's rows also count their source's cached tokens, ``source_token_cost``);
     requests beyond wait in the queue (first come, first served). ``max_prefill_tokens`` bounds the
     prompt tokens prefilled in one step (at least one request is admitted), so a burst of arrivals does
     not stall the running sequences for long. ``draft`` (a ``Transformer`` with the model's vocabulary,
@@ -237,6 +255,7 @@ class Engine:
         self._lora_layers: list[MultiLoraLinear] | None = None  # found at the first adapter request
         p = model.tok_emb.weight
         self._device, self._dtype = p.device, p.dtype
+        self._source_cost = source_token_cost(model.config, self._dtype)  # decoder tokens per source token
         if prefix_cache_mib < 0:
             raise ConfigError(f"prefix_cache_mib={prefix_cache_mib} must be >= 0 (0: no prefix caching)")
         # dynamic RoPE scales a forward by its longest position: the keys of a cached block or of a chunk
@@ -461,7 +480,8 @@ class Engine:
             for u in self._running
         )
         if self._cache is not None and self._cache.cross_k:  # each row also holds its (padded) source's K/V
-            tokens += len(self._running) * int(self._cache.cross_k[0].shape[2])
+            S = int(self._cache.cross_k[0].shape[2])  # (and, with copy_attention, copy keys and ids)
+            tokens += math.ceil(len(self._running) * S * self._source_cost)
         with self._lock:
             while self._queue:
                 req = self._queue[0]
@@ -470,7 +490,7 @@ class Engine:
                     break
                 need = (
                     len(req.prompt)
-                    + len(req.source or ())
+                    + math.ceil(len(req.source or ()) * self._source_cost)
                     + min(req.cfg.max_new_tokens, self.model.config.max_seq_len)
                 )
                 if rows and rows + req.rows > self.max_batch_size:

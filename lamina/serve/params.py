@@ -326,15 +326,23 @@ def _seq2seq_max_tokens(
 ) -> int:
     """The completion budget of an encoder-decoder: the source (the prompt) and the output live in two
     windows. The encoder reads at most ``max_seq_len`` source tokens with learned or sinusoidal positions
-    (a position table's size) and any number with T5's relative position bias, as transformers' T5 and the
-    engine do (``lamina.generate.engine.max_source_tokens``). The decoder holds its start token and at most
-    ``max_seq_len - 1`` new tokens, whatever the source's length."""
+    (a position table's size); with T5's relative position bias the model takes any number (as
+    transformers' T5 and the library engine do, ``lamina.generate.engine.max_source_tokens``), but the
+    server reads at most ``limits.max_source_tokens`` (default ``max_seq_len``): a source is encoded in
+    one go and attention's memory grows with the square of its length. The decoder holds its start token
+    and at most ``max_seq_len - 1`` new tokens, whatever the source's length. Raises 400
+    ``context_length_exceeded`` for a longer source, or one that leaves no room for one new token per
+    sequence within ``max_tokens_in_flight``."""
     from lamina.generate.engine import max_source_tokens
 
     ctx = served.context_length
-    if (limit := max_source_tokens(served.lm.model.config)) is not None and source_len > limit:
+    limit = limits.max_source_tokens if limits.max_source_tokens is not None else ctx
+    if (positions := max_source_tokens(served.lm.model.config)) is not None:
+        limit = min(limit, positions)  # learned / sinusoidal positions end there whatever the server allows
+    if source_len > limit:
+        hint = " (lamina serve --max-source-tokens)" if positions is None or limit < positions else ""
         raise context_length_exceeded(
-            f"This model's encoder reads at most {ctx} tokens. However, your {prompt_param} has "
+            f"This model's encoder reads at most {limit} tokens{hint}. However, your {prompt_param} has "
             f"{source_len} tokens. Please shorten the {prompt_param}.",
             param=prompt_param,
         )
@@ -343,7 +351,16 @@ def _seq2seq_max_tokens(
         budget = room
         if limits.max_tokens_in_flight is not None:
             budget = min(budget, limits.max_tokens_in_flight // n - source_len - 1)
-        return max(budget, 1)
+            if budget < 1:  # the source + start token + one new token do not fit each sequence's share
+                raise context_length_exceeded(
+                    f"This server holds at most {limits.max_tokens_in_flight} tokens in flight "
+                    f"(lamina serve --max-tokens-in-flight): {limits.max_tokens_in_flight // n} for each of "
+                    f"{n} sequences. However, your {prompt_param} has {source_len} tokens, and each "
+                    f"sequence needs them, its start token and one new token. Please shorten the "
+                    f"{prompt_param} or ask for fewer sequences.",
+                    param=prompt_param,
+                )
+        return budget
     if asked > room:
         raise context_length_exceeded(
             f"This model's decoder holds at most {ctx} tokens: its start token and {room} new tokens. "

@@ -29,7 +29,8 @@ class ServeConfig:
       entries, values in [-100, 100]], ``max_top_logprobs`` [20], ``max_stop`` [16 stop strings],
       ``max_prompts`` [64 prompts per completions request], ``max_embedding_inputs`` [2048],
       ``max_request_bytes`` [4 MiB of JSON body]. ``max_tokens`` is limited by the model's context window
-      (prompt + max_tokens > context: 400 ``context_length_exceeded``).
+      (prompt + max_tokens > context: 400 ``context_length_exceeded``); an encoder-decoder's source by
+      ``max_source_tokens`` [None = the model's ``max_seq_len``] (longer: 400 ``context_length_exceeded``).
     - ``enable_prefix_caching`` [True]: requests that share a prompt prefix reuse its keys and values,
       at most ``prefix_cache_mib`` [256] MiB per model (``lamina.generate.prefix_cache``).
     - speculative decoding of greedy requests (``SpeculativeOptions``): ``draft`` [None] a draft model,
@@ -50,6 +51,9 @@ class ServeConfig:
     # most prompt + completion tokens of the running sequences together, >= 2 (None: no limit); a request
     # that needs more alone is refused with 400, others wait in the queue
     max_tokens_in_flight: int | None = None
+    # most source (prompt) tokens of an encoder-decoder's request, >= 1; more: 400 (None: the model's
+    # max_seq_len); T5's relative positions take longer sources, encoded in one go (memory ~ length squared)
+    max_source_tokens: int | None = None
     max_queue: int = 256  # requests waiting to join the batch, >= 1; beyond it 429 with Retry-After
     timeout: float | None = 600.0  # seconds from a request's arrival to its last token, then 504 (None: none)
     max_n: int = 16  # most sequences one request may ask for (n), >= 1; more: 400
@@ -98,6 +102,8 @@ class ServeConfig:
             self.timeout = None
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError(f"timeout={self.timeout} must be > 0 seconds (or None: no timeout)")
+        if self.max_source_tokens is not None and self.max_source_tokens < 1:
+            raise ConfigError(f"max_source_tokens={self.max_source_tokens} must be >= 1 (or None)")
         if self.max_tokens_in_flight is not None and self.max_tokens_in_flight < 2:
             raise ConfigError(f"max_tokens_in_flight={self.max_tokens_in_flight} must be >= 2 (or None)")
         if not 0 <= self.port <= 65535:

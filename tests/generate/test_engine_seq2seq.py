@@ -178,3 +178,21 @@ def test_what_an_encoder_decoder_cannot_do_is_one_clear_error(t5: tuple[Transfor
     Engine(base, tok).submit([5] * 8)
     with pytest.raises(ConfigError, match="source of 9 tokens does not fit the encoder's context window"):
         Engine(base, tok).submit([5] * 9)
+
+
+def test_admission_counts_the_copy_heads_cache() -> None:
+    # a copy_attention row also keeps its source's copy keys, encoder output and ids: t5-tiny (2 decoder
+    # layers, d_model 64) 1 + 520/1024 decoder tokens per source token, so a 10-token source costs 16
+    from lamina.generate.engine import source_token_cost
+
+    def admitted(copy: bool) -> int:
+        torch.manual_seed(0)
+        cfg = ModelConfig.preset("t5-tiny", vocab_size=32, copy_attention=copy)
+        engine = Engine(Transformer(cfg).eval(), max_tokens_in_flight=30)
+        for _ in range(2):  # each needs 1 start + 10 source + 4 new tokens = 15 without the copy head
+            engine.submit([5] * 10, GenerationConfig(temperature=0, max_new_tokens=4))
+        return len(engine._admissible(10**6))
+
+    copying = ModelConfig.preset("t5-tiny", copy_attention=True)
+    assert source_token_cost(copying, torch.float32) == 1 + 520 / 1024
+    assert admitted(copy=False) == 2 and admitted(copy=True) == 1  # 15 + 15 <= 30 < 21 + 21

@@ -1,6 +1,7 @@
 """An encoder-decoder's request on the server (lamina/serve/params.py): the prompt is the source, checked
-against the encoder's window (none with T5's relative positions), and max_tokens against the decoder's (start token + new tokens), each its own
-``max_seq_len``; a decoder still counts prompt + completion against one window."""
+against the encoder's window (with T5's relative positions, the server's max_source_tokens, default
+max_seq_len), and max_tokens against the decoder's (start token + new tokens), each its own ``max_seq_len``;
+a decoder still counts prompt + completion against one window."""
 
 from __future__ import annotations
 
@@ -32,14 +33,14 @@ def t5() -> ServedModel:
     return _served("t5-tiny")
 
 
-def _budget(served: ServedModel, source: int, max_tokens: int | None, **limits: int) -> int:
-    req = CompletionRequest(model=served.name, prompt=[5] * source, max_tokens=max_tokens)
+def _budget(served: ServedModel, source: int, max_tokens: int | None, n: int = 1, **limits: int) -> int:
+    req = CompletionRequest(model=served.name, prompt=[5] * source, max_tokens=max_tokens, n=n)
     return prepare_completion(req, served, ServeConfig(**limits)).prompts[0].config.max_new_tokens
 
 
-def _refused(served: ServedModel, source: int, max_tokens: int | None) -> APIError:
+def _refused(served: ServedModel, source: int, max_tokens: int | None, n: int = 1, **limits: int) -> APIError:
     with pytest.raises(APIError) as e:
-        _budget(served, source, max_tokens)
+        _budget(served, source, max_tokens, n, **limits)
     assert e.value.status == 400 and e.value.code == "context_length_exceeded"
     return e.value
 
@@ -49,10 +50,17 @@ def test_a_source_and_its_output_each_get_their_own_window(t5: ServedModel) -> N
     assert _budget(t5, 12, 15) == 15
     assert _budget(t5, 16, None) == 15  # the default: the decoder's whole window after its start token
     assert _budget(t5, 16, None, max_tokens_in_flight=24) == 7  # 24 - 16 source - 1 start token
-    assert _budget(t5, 40, 4) == 4  # T5's relative positions: a source past max_seq_len (as the engine)
+    assert _budget(t5, 40, 4, max_source_tokens=40) == 4  # relative positions: past max_seq_len if allowed
+    e = _refused(t5, 17, 4)  # by default the server reads at most max_seq_len source tokens
+    assert e.param == "prompt" and "at most 16 tokens (lamina serve --max-source-tokens)" in e.message
+    e = _refused(t5, 9, None, max_source_tokens=8)
+    assert "at most 8 tokens" in e.message and "has 9 tokens" in e.message
+    e = _refused(t5, 7, None, max_tokens_in_flight=16, n=2)  # 8 per sequence: 7 source + start + 1 new > 8
+    assert e.param == "prompt" and "max-tokens-in-flight" in e.message
+    assert _budget(t5, 6, None, max_tokens_in_flight=16, n=2) == 1
     base = _served("transformer-base", n_layers=1, d_model=16, n_heads=2, d_ff=32)
-    e = _refused(base, 17, 4)  # sinusoidal positions end at max_seq_len
-    assert e.param == "prompt" and "encoder reads at most 16 tokens" in e.message and "17" in e.message
+    e = _refused(base, 17, 4, max_source_tokens=64)  # sinusoidal positions end at max_seq_len
+    assert e.param == "prompt" and "encoder reads at most 16 tokens." in e.message and "17" in e.message
     e = _refused(t5, 3, 16)
     assert e.param == "max_tokens" and "start token and 15 new tokens" in e.message
 
