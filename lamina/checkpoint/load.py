@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,8 +32,9 @@ class LoadOptions:
     # convert the weights for inference: int4 (4-bit groups of 32, GGUF Q4_1's layout) decodes fastest
     # on CPU, then int8, then bf16; overrides dtype (none: the checkpoint's weights in dtype)
     weights: WeightFormat | None = None
-    # torch.compile the model: minutes of compiling for each new shape first (every start: its kernels are
-    # cached in $LAMINA_COMPILE_CACHE, default ~/.cache/lamina/compile, but tracing is not), then faster decoding
+    # torch.compile the model: minutes of compiling for each new shape first (every start: its kernels and
+    # graphs are cached, see compile_cache_dir(): $TORCHINDUCTOR_CACHE_DIR if set, else
+    # $LAMINA_COMPILE_CACHE, else compile/ in lamina's data directory; tracing is not), then faster decoding
     compile: bool = False
     threads: int | None = None  # torch CPU threads of this process (None: torch's choice, one per core)
 
@@ -140,35 +142,59 @@ def _tokenizer_of(entry: ModelEntry, gguf_metadata: Mapping[str, Any] | None = N
 
 def compile_cache_dir() -> Path:
     """Where ``--compile`` keeps its compiled artefacts between runs: ``$LAMINA_COMPILE_CACHE``, else
-    ``compile/`` in lamina's data directory (``lamina_home()``: ``~/.cache/lamina/compile`` by default)."""
+    ``compile/`` in lamina's data directory (``lamina_home()``: ``~/.cache/lamina/compile`` by default).
+    A ``TORCHINDUCTOR_CACHE_DIR`` set by the user takes precedence (``use_compile_cache``)."""
     if env := os.environ.get("LAMINA_COMPILE_CACHE"):
         return Path(env).expanduser()
     return lamina_home() / "compile"
 
 
-def use_compile_cache() -> Path:
-    """Point torch.compile's on-disk caches at ``compile_cache_dir()`` and turn them on: inductor's FX
-    graph cache (generated kernels) and the AOTAutograd cache (traced graphs), so that a later process
-    compiling the same graphs reads them instead of generating them again. Returns the directory.
+def use_compile_cache() -> Path | None:
+    """Point inductor's on-disk cache at ``compile_cache_dir()`` unless the user chose one
+    (``TORCHINDUCTOR_CACHE_DIR`` set: kept). Returns the directory the cache uses, or None when lamina's
+    cannot be made (an unwritable home): then one line on stderr, and torch compiles without lamina's
+    persistent caches (in its own default directory).
 
-    Sets ``TORCHINDUCTOR_CACHE_DIR``, which inductor reads when it first needs its cache."""
+    Sets ``TORCHINDUCTOR_CACHE_DIR`` for this process (inductor reads it when it first needs its cache,
+    and any later compile in the process caches there too). Inductor's FX graph cache and the AOTAutograd
+    cache are turned on only for lamina's own compile (``_compile_with_caches``)."""
+    if user := os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return Path(user)
     path = compile_cache_dir()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"lamina: --compile without its cache: cannot make {path} ({e.strerror or e}); set "
+              "LAMINA_COMPILE_CACHE to a writable directory", file=sys.stderr)  # fmt: skip
+        return None
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
-    import torch._functorch.config as functorch_config
-    import torch._inductor.config as inductor_config
-
-    inductor_config.fx_graph_cache = True
-    functorch_config.enable_autograd_cache = True
     return path
+
+
+def _compile_with_caches(
+    gm: torch.fx.GraphModule,
+    example_inputs: list[torch.Tensor],
+    *,
+    config_patches: dict[str, Any] | None = None,
+) -> Any:
+    """torch.compile's inductor backend with its FX graph cache (generated kernels) and the AOTAutograd
+    cache (traced graphs) on, for this compile only, so that a later process compiling the same graphs
+    reads them instead of generating them again (an environment variable forcing either off still wins)."""
+    import torch._functorch.config as functorch_config
+    from torch._inductor.compile_fx import compile_fx
+
+    with functorch_config.patch(enable_autograd_cache=True):
+        return compile_fx(
+            gm, example_inputs, config_patches={**(config_patches or {}), "fx_graph_cache": True}
+        )
 
 
 def _convert(net: Transformer, weights: str | None, compile: bool) -> Transformer:
     if weights is not None:
         convert_weights(net, weights)
     if compile:  # dynamic: the KV cache and the batch change shape from step to step
-        use_compile_cache()
-        net.compile(dynamic=True)
+        cached = use_compile_cache() is not None
+        net.compile(backend=_compile_with_caches if cached else "inductor", dynamic=True)
     return net
 
 

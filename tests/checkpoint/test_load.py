@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -69,18 +70,46 @@ def test_mapping_rules() -> None:
     assert gguf_decoding_defaults(meta) == {"temperature": 0.8, "repetition_penalty_last_n": 64, "top_k": 40}
 
 
-def test_compile_cache_is_lamina_s_own_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``--compile`` keeps inductor's on-disk caches (FX graphs, AOTAutograd) in lamina's data directory
-    or ``$LAMINA_COMPILE_CACHE``, where torch's inductor then looks (no compilation needed to check)."""
+def test_compile_cache_is_lamina_s_own_directory_unless_the_user_chose_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--compile`` points inductor's on-disk cache at lamina's data directory or
+    ``$LAMINA_COMPILE_CACHE``, where inductor then looks (no compilation needed to check); a user's own
+    ``TORCHINDUCTOR_CACHE_DIR`` is kept; an unwritable directory means compiling without the cache (one
+    line), not an error. The FX graph / AOTAutograd cache flags are not changed for the process."""
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     from lamina.checkpoint.load import compile_cache_dir, use_compile_cache
 
+    flags = (torch._inductor.config.fx_graph_cache, torch._functorch.config.enable_autograd_cache)
     monkeypatch.delenv("LAMINA_COMPILE_CACHE", raising=False)
     monkeypatch.setenv("LAMINA_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")  # restored after the test
     assert compile_cache_dir() == tmp_path / "home" / "compile"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # the user's choice wins
+    assert use_compile_cache() == tmp_path / "mine" and not (tmp_path / "home").exists()
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")  # restored after the test
     monkeypatch.setenv("LAMINA_COMPILE_CACHE", str(tmp_path / "cc"))
     assert use_compile_cache() == tmp_path / "cc"
     assert cache_dir() == str(tmp_path / "cc") and (tmp_path / "cc").is_dir()
-    assert torch._inductor.config.fx_graph_cache and torch._functorch.config.enable_autograd_cache
+    (tmp_path / "file").write_text("")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.setenv("LAMINA_COMPILE_CACHE", str(tmp_path / "file" / "cc"))  # cannot be made
+    assert use_compile_cache() is None and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    assert "--compile without its cache" in capsys.readouterr().err
+    assert (torch._inductor.config.fx_graph_cache, torch._functorch.config.enable_autograd_cache) == flags
+
+
+def test_compile_turns_the_caches_on_for_lamina_s_compile_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch._functorch.config as functorch_config
+    import torch._inductor.compile_fx
+
+    from lamina.checkpoint.load import _compile_with_caches
+
+    seen = []
+    monkeypatch.setattr(functorch_config, "enable_autograd_cache", False)
+    monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx",
+                        lambda gm, inputs, config_patches: seen.append((functorch_config.enable_autograd_cache,
+                                                                        config_patches)))  # fmt: skip
+    _compile_with_caches(None, [], config_patches={"max_autotune": False})  # type: ignore[arg-type]
+    assert seen == [(True, {"max_autotune": False, "fx_graph_cache": True})]
+    assert functorch_config.enable_autograd_cache is False
