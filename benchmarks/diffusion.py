@@ -10,9 +10,10 @@ schedule (diffusers' ``squaredcos_cap_v2``), epsilon prediction.
   at 1.0, EMA weights 0.999) against the loop of diffusers' ``train_unconditional.py`` example
   (``DDPMScheduler.add_noise``, MSE, AdamW, ``clip_grad_norm_`` 1.0, ``EMAModel`` 0.999), the same
   batch size; images/s over the timed steps.
-  Both loops run under the same glibc malloc settings: lamina's objective keeps the memory a step
-  frees for the next step (``keep_freed_memory``, process-wide); the benchmark sets it before either
-  loop runs, so the diffusers loop has it too and the ratio compares the steps' work, not the allocator.
+  Both loops run under the same glibc malloc settings: ``lamina diffusion train`` keeps the memory a
+  step frees for the next step (``lamina.malloc.set_malloc_policy("keep_freed")``, process-wide); the
+  benchmark sets it before either loop runs, so the diffusers loop has it too and the ratio compares
+  the steps' work, not the allocator.
 * sampling: ``lamina.diffusion.pipelines.sample`` (DDIM, 50 steps, eta 0) against diffusers'
   ``DDIMPipeline`` (50 steps, eta 0, ``use_clipped_model_output`` as lamina), the same batch; images/s.
 
@@ -39,8 +40,9 @@ from common import headline, machine
 from lamina.config import TrainConfig
 from lamina.diffusion.pipelines import sample
 from lamina.diffusion.schedulers import NoiseConfig
-from lamina.diffusion.training import DiffusionObjective, keep_freed_memory
+from lamina.diffusion.training import DiffusionObjective
 from lamina.diffusion.unet import UNet, UNetConfig
+from lamina.malloc import set_malloc_policy
 from lamina.train.trainer import train
 
 SIZE, CHANNELS, BASE, MULTS, HEAD = 16, 1, 16, (1, 2, 2), 16
@@ -153,7 +155,7 @@ def main() -> None:
     if args.quick:
         args.train_steps, args.images, args.repeats, warmup = 5, 16, 1, 1
     torch.set_num_threads(args.threads)
-    kept = keep_freed_memory()  # for both loops (see the module doc)
+    kept = set_malloc_policy("keep_freed")  # for both loops (see the module doc)
     from diffusers import DDIMPipeline
 
     ours, ref = lamina_unet().eval(), diffusers_unet().eval()
@@ -161,7 +163,7 @@ def main() -> None:
     print(f"machine: {machine(args.threads)}")
     print(f"UNet {SIZE}x{SIZE}x{CHANNELS}, channels {[BASE * m for m in MULTS]}: lamina {n_ours:,} parameters, "
           f"diffusers {n_ref:,}; {ours.flops() / 1e6:.1f} MFLOP per image forward")  # fmt: skip
-    print(f"malloc: freed memory kept between steps for both loops: {'yes' if kept else 'no (not glibc, or set by the environment)'}")  # fmt: skip
+    print(f"malloc: freed memory kept between steps for both loops: {'yes' if kept else 'no (not glibc, the environment sets malloc, or LAMINA_MALLOC=off)'}")  # fmt: skip
 
     # interleaved, so a change of machine load hits both sides
     train_ref, train_ours = [], []

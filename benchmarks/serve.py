@@ -18,6 +18,8 @@ request) and its peak while the client counts run (the kernel's high-water mark,
 the KV cache the largest count's clients need (layers x 2 x kv_heads x head_dim x (prompt + generated)
 tokens x 4 bytes, summed over one request per client). Target: the growth from idle to that peak at most
 1.5x that KV (headline: 1.5 KV / growth >= 1x). RSS does not depend on timing, so it holds under load.
+The server runs under ``lamina serve``'s glibc malloc policy (``lamina.malloc``, ``release``) unless this
+process's environment sets malloc itself (``MALLOC_*``, ``GLIBC_TUNABLES``, ``LD_PRELOAD``, ``LAMINA_MALLOC=off``).
 
 Both processes share the machine's cores, so the CPU seconds of each are reported (the client's share is
 the part of the machine this process took from the server), with the load average.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,22 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     fill in while the other worker finishes, not on one long file that the other worker waits for."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow_files)  # a stable sort
+
+
+@pytest.fixture(scope="session", autouse=True)
+def lamina_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """For the whole session, subprocesses included: lamina's data directory (``$LAMINA_HOME``: models
+    directory, default index, ``--compile`` cache) in a temporary folder, so no test writes to the real
+    one (packaged models such as smollm2 and minilm come from installed packages, not from it; a
+    ``LAMINA_COMPILE_CACHE`` set by the caller is kept: a warm compile cache between runs); and
+    ``LAMINA_MALLOC=off``, so CLI verbs run in this process (``lamina serve``, ``lamina diffusion
+    train``) leave the worker's allocator alone (tests/test_malloc.py tests the policies)."""
+    home = tmp_path_factory.mktemp("lamina_home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LAMINA_HOME", str(home))
+        mp.setenv("LAMINA_COMPILE_CACHE", os.environ.get("LAMINA_COMPILE_CACHE") or str(home / "compile"))
+        mp.setenv("LAMINA_MALLOC", "off")
+        yield home
 
 
 @pytest.fixture(scope="session")

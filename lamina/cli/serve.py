@@ -10,6 +10,7 @@ from lamina.cli.flags import add_alias, add_config_file, add_fields, values
 from lamina.cli.generate import add_adapter_flags, add_model_flags, load_from_args
 from lamina.errors import ConfigError
 from lamina.fields import build
+from lamina.malloc import set_malloc_policy
 from lamina.serve.settings import ServeConfig
 
 
@@ -79,5 +80,6 @@ def run(args: argparse.Namespace) -> int:
     for i, model in enumerate(args.models):
         name = names[i] if i < len(names) else model
         models[name] = load_from_args(args, model, lora=True, adaptable=bool(config.lora_modules))
+    set_malloc_policy("release")  # this process is the server: free memory goes back (after loading)
     serve(models, config, log_level=config.log_level)
     return 0

@@ -15,10 +15,6 @@ the noise schedule and the class names included).
 
 from __future__ import annotations
 
-import ctypes
-import os
-import platform
-import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -53,37 +49,6 @@ class DiffusionConfig:
             raise ConfigError(f"low_res_factor={self.low_res_factor} must be >= 1")
 
 
-# glibc malloc settings for CPU training (mallopt parameters of malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-KEEP_FREED_BYTES = 1 << 30  # free memory at the heap's top kept for the next step, up to 1 GiB
-OWN_MAPPING_BYTES = 32 << 20  # allocations from 32 MiB get their own mapping (glibc's dynamic maximum)
-_kept_freed_memory: bool | None = None  # None: not asked yet in this process
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to keep the memory a training step frees for the next step (once per process).
-
-    A UNet step allocates its activations (~100 MB at batch 64 on 16x16 digits) and frees them all at
-    the end of the backward pass; glibc then returns the top of its heap to the system and the next step
-    page-faults it back in (~5,500 faults, 5% of a step's CPU time measured on the benchmark's model).
-    This sets ``M_TRIM_THRESHOLD`` to ``KEEP_FREED_BYTES`` and ``M_MMAP_THRESHOLD`` to
-    ``OWN_MAPPING_BYTES`` (mallopt(3)) for the whole process, for the rest of its life: memory freed
-    stays with the process (its resident size stays at its peak). Does nothing off Linux/glibc or when
-    the environment sets malloc itself (``MALLOC_*``, ``GLIBC_TUNABLES``, ``LD_PRELOAD``: the user's
-    choice wins). Returns True when the settings are in force."""
-    global _kept_freed_memory
-    if _kept_freed_memory is None:
-        _kept_freed_memory = False
-        chosen = any(k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD") for k in os.environ)
-        if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc" and not chosen:
-            mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-            if mallopt is not None:
-                _kept_freed_memory = bool(mallopt(_M_MMAP_THRESHOLD, OWN_MAPPING_BYTES)) and bool(
-                    mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES)
-                )
-    return _kept_freed_memory
-
-
 class DiffusionObjective:
     """(model, batch) -> (mean squared error on the scheduler's target, images). ``batch``: ``images``
     (B, C, H, W) in [-1, 1], ``labels`` (B,), optionally ``low_res`` (B, C, h, w)."""
@@ -95,8 +60,6 @@ class DiffusionObjective:
 
     def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
         x0 = batch["images"]
-        if x0.device.type == "cpu" and _kept_freed_memory is None:
-            keep_freed_memory()  # no page faults for every step's activations
         if self.unet is not None:
             base = residual_base(self.unet, batch.get("low_res"), x0.shape[-2:])
             if base is not None:  # SRDiff: the diffusion runs on what bicubic misses
@@ -130,7 +93,9 @@ def train_diffusion(
     super-resolution), or, with ``resume``, to what the run's checkpoint was trained with.
     Raises ``ConfigError`` for unlabelled data with ``class_conditional`` true, for a UNet shape that
     does not fit the images, for ``predict_residual`` without ``low_res_factor`` > 1, and on resume for a
-    ``predict_residual``, ``residual_scale`` or ``prediction_type`` that contradicts the checkpoint."""
+    ``predict_residual``, ``residual_scale`` or ``prediction_type`` that contradicts the checkpoint.
+    On CPU, ``lamina diffusion train`` first sets ``lamina.malloc.set_malloc_policy("keep_freed")`` (no
+    page faults for every step's activations); this function leaves the process's allocator alone."""
     noise, data, diffusion = (
         noise or NoiseConfig(),
         images or ImageDataConfig(),

@@ -9,10 +9,7 @@ server in a thread of this process, for tests, benchmarks and notebooks)::
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
-import os
 import socket
 import threading
 import time
@@ -41,44 +38,13 @@ def build_registry(models: Mapping[str, LoadedModel], config: ServeConfig | None
     return registry
 
 
-# glibc mallopt parameters (malloc.h) and the values the server sets unless the environment sets them
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
-MALLOC_SETTINGS = {
-    "MALLOC_MMAP_THRESHOLD_": (_M_MMAP_THRESHOLD, 256 * 1024),
-    "MALLOC_TRIM_THRESHOLD_": (_M_TRIM_THRESHOLD, 1024 * 1024),
-    "MALLOC_ARENA_MAX": (_M_ARENA_MAX, 2),
-}
-
-
-def release_memory() -> bool:
-    """Keep the server's resident memory close to what it uses (glibc only; False elsewhere).
-
-    By default glibc serves blocks up to 32 MiB from its heaps once a block that large has been freed (its
-    mmap threshold adapts), keeps freed heap memory, and gives each thread its own heap: a server whose
-    KV caches, logits and activations change size with every batch keeps tens of MiB it no longer uses.
-    Here blocks of 256 KiB and more are mapped apart (returned to the system when freed), free heap memory
-    above 1 MiB is returned, at most 2 heaps are made, and what is free now is returned (``malloc_trim``).
-    A ``MALLOC_*`` variable set in the environment keeps its value (glibc read it at start)."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt, trim = libc.mallopt, libc.malloc_trim
-    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS, Windows)
-        return False
-    for var, (param, value) in MALLOC_SETTINGS.items():
-        if var not in os.environ:
-            mallopt(param, value)
-    trim(0)
-    return True
-
-
 def serve(
     models: Mapping[str, LoadedModel], config: ServeConfig | None = None, log_level: str = "info"
 ) -> None:
-    """Serve ``models`` (name -> loaded model) over HTTP until interrupted (Ctrl-C); on glibc the
-    allocator is set to return memory it no longer uses (``release_memory``)."""
+    """Serve ``models`` (name -> loaded model) over HTTP until interrupted (Ctrl-C). The process's
+    allocator is left alone: ``lamina serve`` sets ``lamina.malloc.set_malloc_policy("release")`` (free
+    memory returned to the system) after loading, before calling this."""
     config = config or ServeConfig()
-    release_memory()
     app = create_app(build_registry(models, config), config)
     uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, timeout_graceful_shutdown=5,
                 root_path=config.root_path)  # fmt: skip

@@ -134,34 +134,3 @@ def test_resume_keeps_the_objective_of_a_checkpoint_that_predates_the_auto_field
     unet, noise, _, _ = load_model(run)
     assert noise.prediction_type == "epsilon" and noise.clip_sample_range == 1.0
     assert unet.config.predict_residual is False
-
-
-def test_keep_freed_memory_sets_glibc_malloc_once_unless_the_environment_does(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    import ctypes
-    import platform
-
-    from lamina.diffusion import training
-
-    calls: list[tuple[int, int]] = []
-
-    class Libc:
-        def mallopt(self, param: int, value: int) -> int:
-            calls.append((param, value))
-            return 1
-
-    monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
-    monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.36"))
-    monkeypatch.setattr(training.sys, "platform", "linux")
-    for key in [
-        k for k in training.os.environ if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD")
-    ]:
-        monkeypatch.delenv(key)
-    monkeypatch.setattr(training, "_kept_freed_memory", None)
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")  # the user chose malloc's settings: left alone
-    assert training.keep_freed_memory() is False and calls == []
-    monkeypatch.delenv("MALLOC_ARENA_MAX")
-    monkeypatch.setattr(training, "_kept_freed_memory", None)
-    assert training.keep_freed_memory() is True and training.keep_freed_memory() is True
-    assert calls == [(-3, 32 << 20), (-1, 1 << 30)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD; once

@@ -54,6 +54,7 @@ def test_serve_config_checks_its_values() -> None:
 
 def test_cli_serve_builds_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
     import lamina.cli.generate
+    import lamina.cli.serve
     import lamina.serve
     from lamina.cli.main import main
 
@@ -61,12 +62,16 @@ def test_cli_serve_builds_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         lamina.serve, "serve", lambda models, config, log_level: seen.update(models=models, config=config)
     )
-    monkeypatch.setattr(lamina.cli.generate, "load", lambda model, dtype, weights, compile: f"loaded {model}")
+    events: list[str] = []  # the server process returns free memory (lamina.malloc), set after loading
+    monkeypatch.setattr(lamina.cli.generate, "load",
+                        lambda model, dtype, weights, compile: events.append("load") or f"loaded {model}")  # fmt: skip
+    monkeypatch.setattr(lamina.cli.serve, "set_malloc_policy", lambda policy: events.append(policy))
     monkeypatch.setenv("LAMINA_API_KEY", "k1,k2")
     argv = ["serve", "smollm2", "minilm", "--served-model-name", "chat", "--port", "9001", "--max-n", "4",
             "--timeout", "0", "--max-tokens-in-flight", "4096"]  # fmt: skip
     assert main(argv) == 0
     assert seen["models"] == {"chat": "loaded smollm2", "minilm": "loaded minilm"}
+    assert events == ["load", "load", "release"]
     cfg = seen["config"]
     assert (cfg.host, cfg.port, cfg.api_keys, cfg.max_n, cfg.timeout) == (
         "127.0.0.1",
@@ -90,36 +95,3 @@ def test_cli_serve_help(capsys: pytest.CaptureFixture[str]) -> None:
     for flag in ("--host", "--port", "--api-key", "--max-batch-size", "--max-queue", "--timeout",
                  "--served-model-name", "--max-tokens-in-flight"):  # fmt: skip
         assert flag in out
-
-
-def test_release_memory_tunes_glibc_and_keeps_the_environment_s_settings(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """On glibc the server sets mallopt's mmap/trim thresholds and arena count (variables set in the
-    environment are left to glibc) and returns free memory; elsewhere it does nothing."""
-    import ctypes
-    import platform
-
-    from lamina.serve import server
-
-    calls: list[tuple[int, int]] = []
-    glibc = platform.libc_ver()[0] == "glibc"
-    real = ctypes.CDLL
-
-    class Spy:
-        def __init__(self, name: str | None) -> None:
-            self._lib = real(name)
-            self.malloc_trim = self._lib.malloc_trim
-
-        def mallopt(self, param: int, value: int) -> int:
-            calls.append((param, value))
-            return 1
-
-    monkeypatch.setattr(server.ctypes, "CDLL", Spy)
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
-    if not glibc:
-        pytest.skip("glibc only")
-    assert server.release_memory()
-    assert sorted(calls) == sorted(v for k, v in server.MALLOC_SETTINGS.items() if k != "MALLOC_ARENA_MAX")
