@@ -7,13 +7,17 @@ from ``ModelConfig``; ``transformer.py`` only stacks the parts.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lamina.config import ModelConfig
+
+_T = TypeVar("_T")
 
 # -- norms ---------------------------------------------------------------------------------------------
 
@@ -81,10 +85,10 @@ def rope_inv_freq(cfg: ModelConfig, seq_len: Tensor | None = None) -> Tensor:
     return inv_freq
 
 
-def rope_cos_sin(inv_freq: Tensor, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos and signed sin tables (B, 1, T, head_dim) for positions (B, T); ``inv_freq`` is (hd/2,) or
-    (B, hd/2). The sin table's first half is negated (``[-sin, sin]``): what ``apply_rope`` multiplies
-    the half-swapped input by."""
+def rope_tables(inv_freq: Tensor, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """RoPE's cos and signed sin tables (B, 1, T, head_dim) for positions (B, T); ``inv_freq`` is
+    (hd/2,) or (B, hd/2). The sin table's first half is negated (``[-sin, sin]``): what ``apply_rope``
+    multiplies the half-swapped input by."""
     inv = inv_freq.to(position_ids.device)
     if inv.dim() == 2:
         inv = inv[:, None, :]  # (B, 1, hd/2): a base per row
@@ -98,7 +102,7 @@ def rope_cos_sin(inv_freq: Tensor, position_ids: Tensor, dtype: torch.dtype) -> 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate (B, H, T, head_dim) by position, in the "rotate half" layout used by HF Llama checkpoints:
     ``x * cos + [-x2, x1] * sin``, computed as ``x * cos + [x2, x1] * [-sin, sin]`` (``sin`` from
-    ``rope_cos_sin``; the same values, with one ``roll`` instead of chunk, neg and cat)."""
+    ``rope_tables``; the same values, with one ``roll`` instead of chunk, neg and cat)."""
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
@@ -193,14 +197,19 @@ class KVCache:
         self._alloc(max(batch_size, max_batch_size or 0), capacity)
         self._set_rows(batch_size)
 
+    def _zeros(self, rows: int, capacity: int) -> Iterator[Tensor]:
+        """Empty storage for ``rows`` rows of ``capacity`` slots, in ``_storage``'s order (the keys, the
+        values, valid, positions, next_pos), made one tensor at a time as the caller takes them."""
+        kv = (rows, self._kv_shape[0], capacity, self._kv_shape[1])
+        for _ in range(2 * self._n_layers):
+            yield torch.zeros(kv, dtype=self.dtype, device=self.device)
+        yield torch.zeros(rows, capacity, dtype=torch.bool, device=self.device)
+        yield torch.zeros(rows, capacity, dtype=torch.long, device=self.device)
+        yield torch.zeros(rows, dtype=torch.long, device=self.device)
+
     def _alloc(self, rows: int, capacity: int) -> None:
-        shape = (rows, *self._kv_shape[:1], capacity, self._kv_shape[1])
-        dev = self.device
-        self._k = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(self._n_layers)]
-        self._v = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(self._n_layers)]
-        self._valid = torch.zeros(rows, capacity, dtype=torch.bool, device=dev)
-        self._positions = torch.zeros(rows, capacity, dtype=torch.long, device=dev)
-        self._next_pos = torch.zeros(rows, dtype=torch.long, device=dev)
+        *kv, self._valid, self._positions, self._next_pos = self._zeros(rows, capacity)
+        self._k, self._v = kv[: self._n_layers], kv[self._n_layers :]
 
     def _set_rows(self, n: int) -> None:
         self.rows = n
@@ -338,27 +347,196 @@ class KVCache:
         one freed before the next is made: the memory peak is the cache plus one layer's keys, not two
         whole caches)."""
         n, L = self.rows, self.length
-        shape = (rows, self._kv_shape[0], capacity, self._kv_shape[1])
+        fresh = self._zeros(rows, capacity)
         for store, views in ((self._k, self.k), (self._v, self.v)):
             for i, old in enumerate(store):
-                new = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                new = next(fresh)
                 new[:n, :, :L] = old[:n, :, :L]
                 store[i], views[i] = new, new[:n]  # the old tensor's last references go
                 del old
         valid, positions, next_pos = self._valid, self._positions, self._next_pos
-        self._valid = torch.zeros(rows, capacity, dtype=torch.bool, device=self.device)
-        self._positions = torch.zeros(rows, capacity, dtype=torch.long, device=self.device)
-        self._next_pos = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self._valid, self._positions, self._next_pos = fresh
         self._valid[:n, :L], self._positions[:n, :L] = valid[:n, :L], positions[:n, :L]
         self._next_pos[:n] = next_pos[:n]
         self.capacity = capacity
         self._set_rows(n)
 
 
+# -- inference copies -----------------------------------------------------------------------------------
+
+STACK_MAX_ELEMENTS = 2**19  # inference copies (see inference_linear): only for layers this small
+_MKLDNN = torch.backends.mkldnn.is_available()  # oneDNN prepacking; off for good after its first failure
+_ONEDNN_ERRORS = (RuntimeError, AttributeError, NotImplementedError)  # a private op missing or refusing
+
+
+class _InferenceCopies(dict):
+    """A module's inference copies by name (see ``inference_copy``): left behind when the module is
+    copied or pickled (a prepacked oneDNN weight cannot be; the copy makes its own when it runs)."""
+
+    def __deepcopy__(self, memo: dict) -> _InferenceCopies:
+        return _InferenceCopies()
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        return (_InferenceCopies, ())
+
+
+class HoldsInferenceCopies(nn.Module):
+    """A module that may hold inference copies of its weights (``inference_copy``): ``.to()``,
+    ``.half()`` and the other conversions (``nn.Module._apply``) drop them; the next use makes them again."""
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> HoldsInferenceCopies:
+        copies = self.__dict__.get("_inference_copies")
+        if copies is not None:
+            copies.clear()  # in place: a shallow copy of the module (layer_skip_draft) shares it
+        return super()._apply(fn, recurse)
+
+
+def clear_inference_copies(module: nn.Module) -> None:
+    """Drop the inference copies held by ``module`` and its submodules (``inference_linear`` 's and the
+    LM head's); their next use makes them again. Needed only after writing weights through ``.data``
+    (``p.data.add_(...)``), which copies cannot see; optimizer steps, ``load_state_dict``, in-place ops
+    on the parameters and ``.to()`` need nothing."""
+    for m in module.modules():
+        copies = m.__dict__.get("_inference_copies")
+        if copies is not None:
+            copies.clear()
+
+
+def _weights_key(sources: Sequence[Tensor]) -> tuple:
+    """What identifies the values of ``sources`` while they live: each tensor (a weak reference, so a held
+    copy keeps no old weight alive), its version counter, data pointer and dtype."""
+    return tuple((weakref.ref(t), t._version, t.data_ptr(), t.dtype) for t in sources)
+
+
+def _same_weights(key: tuple, sources: Sequence[Tensor]) -> bool:
+    return len(key) == len(sources) and all(
+        ref() is t and version == t._version and ptr == t.data_ptr() and dtype == t.dtype
+        for (ref, version, ptr, dtype), t in zip(key, sources, strict=True)
+    )
+
+
+def inference_copy(
+    owner: nn.Module, name: str, sources: Sequence[Tensor], make: Callable[[], _T]
+) -> _T | None:
+    """``owner``'s copy ``name`` of the weights ``sources``: ``make()``, held in ``owner.__dict__`` (apart
+    from its parameters and state dict; ``copy.deepcopy`` and pickling leave it behind) and made again
+    once a source changed; None (the caller runs its plain path) when a source is an inference tensor
+    (made under ``torch.inference_mode``: it has no version counter to follow).
+
+    A source is unchanged while it is the same tensor object with the same version counter, data pointer
+    and dtype: optimizer steps, ``load_state_dict`` (``assign=True`` too), ``torch.func.functional_call``
+    and in-place ops (also under ``inference_mode``) make a new copy; ``.to()`` / ``.half()`` drop it
+    when ``owner`` is a ``HoldsInferenceCopies``. Writes through ``.data`` (``p.data.add_(x)``) keep
+    the version and are NOT seen: call ``clear_inference_copies(model)`` after them."""
+    if any(t.is_inference() for t in sources):
+        return None
+    copies = owner.__dict__.get("_inference_copies")
+    if copies is None:
+        copies = owner.__dict__["_inference_copies"] = _InferenceCopies()
+    held = copies.get(name)
+    if held is None or not _same_weights(held[0], sources):
+        copies.pop(name, None)  # the stale copy goes before the new one is made
+        held = copies[name] = (_weights_key(sources), make())
+    return held[1]
+
+
+def _prepack(w: Tensor) -> Tensor:
+    """``w`` (out, in) float32 reordered for oneDNN's linear (``torch.ops.mkldnn``, private)."""
+    return torch.ops.mkldnn._reorder_linear_weight(w, 8)
+
+
+def _packed_linear(x: Tensor, packed: Tensor, b: Tensor | None) -> Tensor:
+    """``F.linear(x, w, b)`` with ``packed = _prepack(w)`` (``torch.ops.mkldnn``, private)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+
+
+def _onednn_failed() -> None:
+    global _MKLDNN
+    _MKLDNN = False  # this torch build lacks or refuses the private ops: the plain path from now on
+
+
+def _stacked_copies(
+    linears: list[nn.Linear], prepack: bool
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(weight, bias, prepacked weight) of ``linears`` stacked: one copy of the weights held, either
+    stacked (several parts) or prepacked (then the stacked one is dropped)."""
+    w = torch.cat([p.weight.detach() for p in linears]) if len(linears) > 1 else linears[0].weight.detach()
+    biases = [p.bias.detach() for p in linears if p.bias is not None]
+    b = (torch.cat(biases) if len(biases) > 1 else biases[0]) if biases else None
+    packed = None
+    if prepack:
+        try:
+            packed = _prepack(w)
+        except _ONEDNN_ERRORS:
+            _onednn_failed()
+    return (w if packed is None else None), b, packed
+
+
+def inference_linear(owner: nn.Module, name: str, x: Tensor, *parts: nn.Module) -> Tensor | None:
+    """A decoding step's x (B, 1, in) through ``parts`` (plain ``nn.Linear`` s over the same input), their
+    outputs concatenated (B, 1, sum of out), without autograd; None where this does not apply (the caller
+    runs the parts): other inputs (a prompt's forward keeps its exact old numerics), autograd, autocast,
+    ``torch.compile``, another module type (LoRA), inference-tensor weights, or more than
+    ``STACK_MAX_ELEMENTS`` weights in all.
+
+    Small layers (d_model ~256, the GRPO benchmark's model) are where a decoding step's cost is calls,
+    not arithmetic; inference copies help there, held on ``owner`` under ``name`` (``inference_copy``:
+    made again when a weight changes; ``clear_inference_copies`` after writes through ``.data``; the
+    module, its parameters, state dict and training are unchanged). One copy of the weights per layer:
+
+    - the weights stacked (several parts): one matmul instead of one per part, as ``fuse_projections``
+      does for converted models;
+    - on CPU in float32, that weight prepacked for oneDNN (``torch.ops.mkldnn``) instead: MKL's float32
+      matmul for a few rows is slow on this project's CPUs (AMD EPYC: a tiny model's decoding step ran its
+      matmuls 1.8x faster prepacked). These ops are private: the first one that fails turns prepacking
+      off for the process (stacked ``F.linear`` from then on).
+
+    Numerics: oneDNN sums in another order, outputs within ~1e-6 of ``F.linear`` 's. Which path runs
+    depends on T, so in a speculative engine step (T = K + 1 for every row once one row is speculative)
+    a plain row's logits can differ by that much from those it gets in a step of its own: a row's
+    numerics depend on its batch-mates there (as they already did through MKL, whose kernels change with
+    the row count). Kept rather than turned off with a draft: the draft's own steps are the T = 1 steps
+    this speeds up, and speculative greedy output is still exactly the verifying forward's choices.
+
+    At most ``STACK_MAX_ELEMENTS`` weights per copy (2 MiB in float32): larger layers gain nothing
+    measurable and would hold a second copy of their weights."""
+    if (
+        x.dim() != 3
+        or x.shape[1] != 1
+        or torch.is_grad_enabled()
+        or torch.compiler.is_compiling()
+        or torch.is_autocast_enabled(x.device.type)  # F.linear's autocast dtype, not the copies' float32
+    ):
+        return None
+    linears = [p for p in parts if type(p) is nn.Linear]
+    if len(linears) < len(parts) or sum(p.weight.numel() for p in linears) > STACK_MAX_ELEMENTS:
+        return None
+    n_biases = sum(p.bias is not None for p in linears)
+    if 0 < n_biases < len(linears):  # some parts with a bias, some without
+        return None
+    w0 = linears[0].weight
+    prepack = _MKLDNN and w0.device.type == "cpu" and w0.dtype == torch.float32 and x.dtype == torch.float32
+    if len(linears) == 1 and not prepack:
+        return None  # the module's own call is as fast
+    sources = [t for p in linears for t in (p.weight, p.bias) if t is not None]
+    held = inference_copy(owner, name, sources, lambda: _stacked_copies(linears, prepack))
+    if held is None:
+        return None
+    w, b, packed = held
+    if packed is not None and x.dtype == torch.float32:
+        try:
+            return _packed_linear(x, packed, b)
+        except _ONEDNN_ERRORS:
+            _onednn_failed()
+            owner.__dict__["_inference_copies"].pop(name, None)  # made again unpacked at the next step
+            return None
+    return None if w is None else F.linear(x, w, b)
+
+
 # -- attention ---------------------------------------------------------------------------------------------
 
 
-class Attention(nn.Module):
+class Attention(HoldsInferenceCopies):
     """Multi-head attention with grouped KV heads (MHA / GQA / MQA) on ``scaled_dot_product_attention``."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, cross: bool = False) -> None:
@@ -499,7 +677,7 @@ _ACTIVATIONS = {
 }
 
 
-class MLP(nn.Module):
+class MLP(HoldsInferenceCopies):
     """Position-wise feed-forward: ``down(act(up(x)))``, or gated ``down(act(gate(x)) * up(x))``."""
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -533,75 +711,6 @@ class MLP(nn.Module):
         else:
             h = self.act(self.up_proj(x))
         return _linear(self, "_down", h, self.down_proj)
-
-
-STACK_MAX_ELEMENTS = 2**19  # inference copies (see inference_linear): only for layers this small
-_MKLDNN = torch.backends.mkldnn.is_available()
-
-
-class _InferenceCopies(dict):
-    """A module's inference copies by name (see ``inference_linear``): left behind when the module is
-    copied or pickled (a prepacked oneDNN weight cannot be; the copy makes its own when it runs)."""
-
-    def __deepcopy__(self, memo: dict) -> _InferenceCopies:
-        return _InferenceCopies()
-
-    def __reduce__(self) -> tuple[type, tuple[()]]:
-        return (_InferenceCopies, ())
-
-
-def inference_linear(owner: nn.Module, name: str, x: Tensor, *parts: nn.Module) -> Tensor | None:
-    """A decoding step's x (B, 1, in) through ``parts`` (plain ``nn.Linear`` s over the same input), their
-    outputs concatenated (B, 1, sum of out), without autograd; None where this does not apply (the caller
-    runs the parts): other inputs (a prompt's forward keeps its exact old numerics), autograd,
-    ``torch.compile``, another module type (LoRA), or more than ``STACK_MAX_ELEMENTS`` weights in all.
-
-    Small layers (d_model ~256, the GRPO benchmark's model) are where a decoding step's cost is calls,
-    not arithmetic; inference copies help there, made once per weight version and held on ``owner``
-    under ``name`` (not copied by ``copy.deepcopy`` or pickling; an optimizer step, ``load_state_dict``
-    or ``.to()`` makes them again; the module, its parameters, state dict and training are unchanged):
-
-    - the weights stacked (several parts): one matmul instead of one per part, as ``fuse_projections``
-      does for converted models;
-    - on CPU in float32, that weight prepacked for oneDNN (``torch.ops.mkldnn``): MKL's float32 matmul
-      for a few rows is slow on this project's CPUs (AMD EPYC: a tiny model's decoding step ran its
-      matmuls 1.8x faster prepacked). oneDNN sums in another order: outputs within ~1e-6 of
-      ``F.linear`` 's; the path depends on one token per sequence only, never on the batch size, so a
-      row's numerics do not depend on its batch-mates.
-
-    At most ``STACK_MAX_ELEMENTS`` weights per copy (2 MiB in float32): larger layers gain nothing
-    measurable and would hold a second copy of their weights."""
-    if x.dim() != 3 or x.shape[1] != 1 or torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return None
-    linears = [p for p in parts if type(p) is nn.Linear]
-    if len(linears) < len(parts) or sum(p.weight.numel() for p in linears) > STACK_MAX_ELEMENTS:
-        return None
-    tensors = [t for p in linears for t in (p.weight, p.bias) if t is not None]
-    key = tuple((t.data_ptr(), 0 if t.is_inference() else t._version, t.dtype) for t in tensors)
-    copies = owner.__dict__.get("_inference_copies")
-    if copies is None:
-        copies = owner.__dict__["_inference_copies"] = _InferenceCopies()
-    held = copies.get(name)
-    if held is None or held[0] != key:
-        biases = [p.bias.detach() for p in linears if p.bias is not None]
-        if biases and len(biases) < len(linears):  # some parts with a bias, some without
-            return None
-        w = (
-            torch.cat([p.weight.detach() for p in linears])
-            if len(linears) > 1
-            else linears[0].weight.detach()
-        )
-        b = (torch.cat(biases) if len(biases) > 1 else biases[0]) if biases else None
-        packed = None
-        if _MKLDNN and w.device.type == "cpu" and w.dtype == torch.float32:
-            packed = torch.ops.mkldnn._reorder_linear_weight(w, 8)
-        held = copies[name] = (key, w, b, packed)
-    _, w, b, packed = held
-    if packed is not None and x.dtype == torch.float32:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
-    if len(parts) == 1:
-        return None  # the module's own call is as fast
-    return F.linear(x, w, b)
 
 
 def _linear(owner: nn.Module, name: str, x: Tensor, layer: nn.Module) -> Tensor:

@@ -24,13 +24,15 @@ from lamina.model.heads import CopyHead, LMHeadTransform, Pooler, TaskHead, pool
 from lamina.model.layers import (
     MLP,
     Attention,
+    HoldsInferenceCopies,
     KVCache,
     alibi_slopes,
+    inference_copy,
     inference_linear,
     make_norm,
     relative_position_bucket,
-    rope_cos_sin,
     rope_inv_freq,
+    rope_tables,
     sinusoidal_encoding,
 )
 
@@ -83,7 +85,7 @@ class Block(nn.Module):
         return self.mlp_norm(x + drop(self.mlp(x)))
 
 
-class Transformer(nn.Module):
+class Transformer(HoldsInferenceCopies):
     """A causal decoder or a bidirectional encoder built from a ``ModelConfig``.
 
     ``forward(input_ids, attention_mask=None, position_ids=None, cache=None)`` returns logits
@@ -266,8 +268,8 @@ class Transformer(nn.Module):
         On CPU, ``h @ W.T`` with W.T stored contiguous runs about 2x faster than ``F.linear(h, W)`` for
         one row against a large vocabulary (t5-small's head: 13 -> 5 ms on one thread; a decoding step is
         memory-bound and the head is much of it), 1.3x for 8 rows, nothing by 64. Made once per weight version
-        (an optimizer step or ``load_state_dict`` makes a new one) and held by the model: one more copy
-        of the head, only on models that decode on CPU."""
+        and held by the model (``layers.inference_copy``: not deep-copied or pickled; an optimizer step or
+        ``load_state_dict`` makes a new one): one more copy of the head, only on models that decode on CPU."""
         head = self.lm_head
         if (
             type(head) is not nn.Linear
@@ -275,15 +277,11 @@ class Transformer(nn.Module):
             or torch.is_grad_enabled()
             or h.shape[:-1].numel() > self._DECODE_ROWS
             or torch.compiler.is_compiling()
+            or torch.is_autocast_enabled("cpu")
         ):
             return None
         w = head.weight
-        key = (w.data_ptr(), 0 if w.is_inference() else w._version, w.dtype)
-        held = self.__dict__.get("_head_t_cache")
-        if held is None or held[0] != key:
-            held = (key, w.detach().t().contiguous())
-            self.__dict__["_head_t_cache"] = held
-        return held[1]
+        return inference_copy(self, "_head_t", [w], lambda: w.detach().t().contiguous())
 
     def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """The encoder of an encoder-decoder: source ids (B, S) -> memory (B, S, d_model), after the
@@ -462,7 +460,7 @@ class Transformer(nn.Module):
         inv_freq = self._fp32_table("inv_freq", position_ids.device)
         if cfg.rope_scaling == "dynamic":
             inv_freq = rope_inv_freq(cfg, seq_len=position_ids.max(dim=1).values + 1)
-        return rope_cos_sin(inv_freq, position_ids, dtype)
+        return rope_tables(inv_freq, position_ids, dtype)
 
     def _run(
         self,

@@ -8,6 +8,7 @@ import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import lamina.model.layers as layers
 from lamina.config import ModelConfig
@@ -72,6 +73,83 @@ def test_a_model_with_copies_deep_copies_and_pickles() -> None:
     model = _model(True)
     ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(2))
     want = _steps(model, ids)
+    assert model._inference_copies  # the head's copy
     for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-        assert not other.blocks[0].attn.__dict__["_inference_copies"]
+        assert not other.blocks[0].attn.__dict__["_inference_copies"] and not other._inference_copies
         torch.testing.assert_close(_steps(other, ids), want, atol=0, rtol=0)
+
+
+def test_copies_follow_swapped_converted_and_data_written_weights() -> None:
+    """A copy is made again for a weight swapped in (``load_state_dict(assign=True)``: same address and
+    version possible), dropped by ``.to()``, and by ``clear_inference_copies`` after a write through
+    ``.data`` (unseen otherwise); inference tensors take the plain path. Stacked + prepacked: one copy."""
+    model = _model(False)
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(3))
+    _steps(model, ids)
+    attn, held = model.blocks[0].attn, model.blocks[0].attn._inference_copies
+    if layers._MKLDNN:  # the prepacked weight only, not the stacked one too
+        assert held["_qkv"][1][0] is None and held["_qkv"][1][2] is not None
+    before = held["_qkv"]
+    attn.q_proj.weight = torch.nn.Parameter(attn.q_proj.weight.detach())  # same address and version
+    _steps(model, ids)
+    assert held["_qkv"] is not before  # another tensor: made again
+    new = {k: v * 0.5 if k.endswith("weight") else v for k, v in model.state_dict().items()}
+    model.load_state_dict(new, assign=True)
+    plain = _model(False)
+    plain.load_state_dict(new)
+    want = _plain_steps(plain, ids)
+    torch.testing.assert_close(_steps(model, ids), want, atol=1e-5, rtol=1e-5)
+    model.double().float()
+    assert not held and not model._inference_copies
+    _steps(model, ids)
+    attn.q_proj.weight.data.mul_(2.0)  # unseen by the copies (same tensor, same version) ...
+    plain.blocks[0].attn.q_proj.weight.data.mul_(2.0)
+    layers.clear_inference_copies(model)  # ... until they are dropped
+    torch.testing.assert_close(_steps(model, ids), _plain_steps(plain, ids), atol=1e-5, rtol=1e-5)
+    with torch.inference_mode():
+        w = torch.randn(3, 4)
+    assert layers.inference_copy(attn, "t", [w], lambda: w.t()) is None
+
+
+def _plain_steps(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(layers, "STACK_MAX_ELEMENTS", -1)  # no copies, the small head's included
+        mp.setattr(Transformer, "_DECODE_ROWS", 0)
+        return _steps(model, ids)
+
+
+def test_autocast_takes_the_plain_layers() -> None:
+    """Under CPU autocast a layer returns F.linear's bfloat16, which a float32 copy would not."""
+    model = _model(False)
+    attn = model.blocks[0].attn
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        assert layers.inference_linear(attn, "t", torch.randn(2, 1, 64), attn.q_proj, attn.k_proj) is None
+        assert model._head_t(torch.randn(1, 1, 64)) is None
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch build")
+def test_the_onednn_path_is_taken_and_falls_back_for_good_when_its_ops_fail(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On the pinned torch the prepacked path runs and equals F.linear (1e-5); a failing private op
+    turns it off for the process, with the stacked F.linear (or the module) giving the same values."""
+    lin = torch.nn.Linear(64, 48)
+    owner, x = torch.nn.Module(), torch.randn(3, 1, 64)
+    monkeypatch.setattr(layers, "_MKLDNN", True)
+    with torch.no_grad():
+        y = layers.inference_linear(owner, "one", x, lin)
+        assert y is not None and owner._inference_copies["one"][1][2] is not None
+        torch.testing.assert_close(y, F.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
+
+        def fail(*args: object) -> None:
+            raise RuntimeError("no such op")
+
+        monkeypatch.setattr(layers, "_packed_linear", fail)
+        assert layers.inference_linear(owner, "one", x, lin) is None and not layers._MKLDNN
+        monkeypatch.setattr(layers, "_MKLDNN", True)
+        monkeypatch.setattr(layers, "_prepack", fail)
+        two = torch.nn.Linear(64, 16)
+        y = layers.inference_linear(owner, "two", x, lin, two)
+        assert y is not None and not layers._MKLDNN
+        want = torch.cat([F.linear(x, lin.weight, lin.bias), F.linear(x, two.weight, two.bias)], -1)
+        torch.testing.assert_close(y, want, atol=1e-6, rtol=1e-6)
