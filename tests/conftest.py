@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import getpass
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,14 +35,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def lamina_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """For the whole session, subprocesses included: lamina's data directory (``$LAMINA_HOME``: models
     directory, default index, ``--compile`` cache) in a temporary folder, so no test writes to the real
-    one (packaged models such as smollm2 and minilm come from installed packages, not from it; a
-    ``LAMINA_COMPILE_CACHE`` set by the caller is kept: a warm compile cache between runs); and
-    ``LAMINA_MALLOC=off``, so CLI verbs run in this process (``lamina serve``, ``lamina diffusion
-    train``) leave the worker's allocator alone (tests/test_malloc.py tests the policies)."""
+    one (packaged models such as smollm2 and minilm come from installed packages, not from it); the
+    ``--compile`` cache in the system's temporary directory, shared by sessions as torch's own default
+    cache was (a cold cache costs the compile tests ~25 s of CPU), unless the caller set
+    ``LAMINA_COMPILE_CACHE``; and ``LAMINA_MALLOC=off``, so CLI verbs run in this process (``lamina
+    serve``, ``lamina diffusion train``) leave the worker's allocator alone (see tests/test_malloc.py)."""
     home = tmp_path_factory.mktemp("lamina_home")
+    compile_cache = Path(tempfile.gettempdir()) / f"lamina-tests-compile-{getpass.getuser()}"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LAMINA_HOME", str(home))
-        mp.setenv("LAMINA_COMPILE_CACHE", os.environ.get("LAMINA_COMPILE_CACHE") or str(home / "compile"))
+        mp.setenv("LAMINA_COMPILE_CACHE", os.environ.get("LAMINA_COMPILE_CACHE") or str(compile_cache))
         mp.setenv("LAMINA_MALLOC", "off")
         yield home
 

@@ -158,7 +158,7 @@ def use_compile_cache() -> Path | None:
     Sets ``TORCHINDUCTOR_CACHE_DIR`` for this process (inductor reads it when it first needs its cache,
     and any later compile in the process caches there too). Inductor's FX graph cache and the AOTAutograd
     cache are turned on only for lamina's own compile (``_compile_with_caches``)."""
-    if user := os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+    if user := _user_inductor_cache():
         return Path(user)
     path = compile_cache_dir()
     try:
@@ -169,6 +169,19 @@ def use_compile_cache() -> Path | None:
         return None
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
     return path
+
+
+def _user_inductor_cache() -> str | None:
+    """``TORCHINDUCTOR_CACHE_DIR`` when the user chose it: inductor writes its own default there when it
+    first needs a directory (importing parts of torch._dynamo does), and that is no one's choice."""
+    value = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not value:
+        return None
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # an older torch: a value set is the user's
+        return value
+    return None if os.path.abspath(value) == os.path.abspath(default_cache_dir()) else value
 
 
 def _compile_with_caches(
