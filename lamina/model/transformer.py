@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lamina.config import ModelConfig
+from lamina.errors import ConfigError
 from lamina.model.heads import CopyHead, LMHeadTransform, Pooler, TaskHead, pool_sequence
 from lamina.model.layers import (
     MLP,
@@ -319,8 +320,14 @@ class Transformer(HoldsInferenceCopies):
 
         With ``copy_attention``: the pointer-generator's log-probabilities (float32, same shape) instead
         of logits, copying from ``source_ids`` (B, S), the source's token ids (kept in the cache with the
-        keys). Raises ValueError when they are needed and missing.
+        keys). Raises ``ConfigError`` (a ValueError) when they are needed and missing, before the cache
+        is touched.
         """
+        fresh = cache is None or len(cache.cross_k) <= len(self.blocks)  # no copy keys cached yet
+        if self.copy_head is not None and fresh and source_ids is None:
+            raise ConfigError(
+                "copy_attention copies source tokens: decode() needs source_ids (B, S), the source's token ids"
+            )
         h = self.hidden_states(
             input_ids, attention_mask, position_ids, cache, memory=memory, memory_mask=memory_mask
         )
@@ -348,7 +355,7 @@ class Transformer(HoldsInferenceCopies):
             source_ids, valid = cache.memory_ids, cache.memory_valid
         else:
             if memory is None:
-                raise ValueError("the copy head needs memory, the output of encode(source)")
+                raise ConfigError("the copy head needs memory, the output of encode(source)")
             keys, values = self.copy_head.k_proj(memory), memory
             valid = memory_mask.bool() if memory_mask is not None else None
             if cache is not None:
@@ -356,9 +363,7 @@ class Transformer(HoldsInferenceCopies):
                 cache.cross_v.append(values[:, None])
                 cache.memory_ids = source_ids
         if source_ids is None:
-            raise ValueError(
-                "copy_attention copies source tokens: decode() needs source_ids (B, S), the source's token ids"
-            )
+            raise ConfigError("the cache holds no source ids for the copy head: prefill it with source_ids")
         if valid is None:
             valid = torch.ones(source_ids.shape, dtype=torch.bool, device=source_ids.device)
         return self.copy_head(h, logits, keys, values, source_ids, valid)

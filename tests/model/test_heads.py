@@ -57,11 +57,12 @@ def test_copy_mass_lands_on_the_real_source_tokens_only(net: Transformer) -> Non
     logits = torch.randn(2, 7, V)
     keys, valid = head.k_proj(memory), mask.bool()
     with torch.no_grad():
+        bias = head.p_gen.bias.clone()  # restored below: the module-scoped model is shared
         head.p_gen.bias.fill_(-100.0)  # p_gen ~ 0: the copy distribution alone
         copy = head(h, logits, keys, memory, src, valid).exp()
         head.p_gen.bias.fill_(100.0)  # p_gen ~ 1: the vocabulary distribution alone
         gen = head(h, logits, keys, memory, src, valid)
-        head.p_gen.bias.zero_()
+        head.p_gen.bias.copy_(bias)
     for b in range(2):
         present = torch.zeros(V, dtype=torch.bool)
         present[src[b][mask[b].bool()]] = True
@@ -84,8 +85,12 @@ def test_cached_decoding_equals_a_full_forward(net: Transformer) -> None:
         assert cache.memory_ids is not None and torch.equal(cache.memory_ids, src[1:, :6])
         row = net.decode(tgt[1:, 6:], None, cache=cache)
     assert torch.allclose(row, full[1:, 6:], atol=1e-5)
-    with pytest.raises(ValueError, match="needs source_ids"):
+    with pytest.raises(ConfigError, match="needs source_ids"):
         net.decode(tgt, net.encode(src, mask), mask)
+    fresh = net.new_cache(2, 16)
+    with pytest.raises(ConfigError, match="needs source_ids"):
+        net.decode(tgt[:, :3], net.encode(src, mask), mask, cache=fresh)
+    assert len(fresh.cross_k) == 0 and fresh.memory_ids is None  # a failed call leaves the cache as it was
 
 
 def test_the_label_smoothed_loss_reads_log_probabilities(net: Transformer) -> None:
@@ -97,6 +102,7 @@ def test_the_label_smoothed_loss_reads_log_probabilities(net: Transformer) -> No
     loss.backward()
     grads = [p.grad for p in net.parameters() if p.grad is not None]
     assert all(torch.isfinite(g).all() for g in grads) and net.copy_head.p_gen.weight.grad.abs().sum() > 0
+    net.zero_grad(set_to_none=True)  # the module-scoped model is shared
 
 
 def test_checkpoint_round_trip_and_misuse(net: Transformer, tmp_path: Path) -> None:
