@@ -257,7 +257,10 @@ class Transformer(HoldsInferenceCopies):
         head_t = self._head_t(h)
         if head_t is None:
             return self.lm_head(h)
-        logits = h @ head_t
+        # (B*T, d) @ (d, V) as one 2-D matmul: a non-contiguous (B, T, d) (the last position of a prefill,
+        # h[:, -1:]) sent torch.matmul to bmm, which expanded head_t to (B, d, V) and copied it (906 MB
+        # for 16 SmolLM2 prompts in bf16)
+        logits = (h.reshape(-1, h.shape[-1]) @ head_t).view(*h.shape[:-1], head_t.shape[-1])
         return logits if self.lm_head.bias is None else logits + self.lm_head.bias
 
     _DECODE_ROWS = 16  # at most this many positions: a decoding step (see _head_t)

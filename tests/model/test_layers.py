@@ -153,3 +153,18 @@ def test_the_onednn_path_is_taken_and_falls_back_for_good_when_its_ops_fail(
         assert y is not None and not layers._MKLDNN
         want = torch.cat([F.linear(x, lin.weight, lin.bias), F.linear(x, two.weight, two.bias)], -1)
         torch.testing.assert_close(y, want, atol=1e-6, rtol=1e-6)
+
+
+def test_the_transposed_head_takes_a_non_contiguous_last_position_as_one_matmul() -> None:
+    """A prefill's last positions h[:, -1:] (B, 1, d), not contiguous, through the transposed head: one
+    2-D matmul, equal to the plain head. torch.matmul sent it to bmm, which expanded the (d, V) head to
+    (B, d, V) and copied it (906 MB for 16 SmolLM2 prompts in bf16)."""
+    model = _model(False).to(torch.bfloat16)
+    h = torch.randn(4, 3, 64, dtype=torch.bfloat16)[:, -1:]
+    assert not h.is_contiguous()
+    with torch.no_grad():
+        assert model._head_t(h) is not None  # the transposed-head path is the one under test
+        with torch.profiler.profile() as prof:
+            logits = model._lm_logits(h)
+    assert "aten::bmm" not in {e.name for e in prof.events()}
+    assert torch.allclose(logits.float(), model.lm_head(h).float(), atol=1e-2)
