@@ -460,9 +460,7 @@ def _stacked_copies(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(weight, bias, prepacked weight) of ``linears`` stacked: one copy of the weights held, either
     stacked (several parts) or prepacked (then the stacked one is dropped)."""
-    w = torch.cat([p.weight.detach() for p in linears]) if len(linears) > 1 else linears[0].weight.detach()
-    biases = [p.bias.detach() for p in linears if p.bias is not None]
-    b = (torch.cat(biases) if len(biases) > 1 else biases[0]) if biases else None
+    w, b = _stacked_weights(linears)
     packed = None
     if prepack:
         try:
@@ -719,6 +717,14 @@ def _linear(owner: nn.Module, name: str, x: Tensor, layer: nn.Module) -> Tensor:
     return layer(x) if y is None else y
 
 
+def _stacked_weights(parts: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
+    """The weight (sum of out, in) and bias of ``parts`` stacked in order, detached (one part: its own
+    tensors, not copied)."""
+    w = torch.cat([p.weight.detach() for p in parts]) if len(parts) > 1 else parts[0].weight.detach()
+    biases = [p.bias.detach() for p in parts if p.bias is not None]
+    return w, (torch.cat(biases) if len(biases) > 1 else biases[0]) if biases else None
+
+
 def _stacked_linear(parts: list[nn.Linear]) -> nn.Linear:
     """One linear whose outputs are those of ``parts``, in order (same input size, same dtype)."""
     first = parts[0]
@@ -727,8 +733,9 @@ def _stacked_linear(parts: list[nn.Linear]) -> nn.Linear:
     fused = torch.nn.utils.skip_init(  # no random init: the weights are copied in below
         nn.Linear, first.in_features, out, bias=first.bias is not None, device=w.device, dtype=w.dtype
     )
+    weight, bias = _stacked_weights(parts)
     with torch.no_grad():
-        fused.weight.copy_(torch.cat([p.weight for p in parts]))
-        if fused.bias is not None:
-            fused.bias.copy_(torch.cat([p.bias for p in parts if p.bias is not None]))
+        fused.weight.copy_(weight)
+        if fused.bias is not None and bias is not None:
+            fused.bias.copy_(bias)
     return fused.requires_grad_(w.requires_grad)
