@@ -326,8 +326,7 @@ class Transformer(HoldsInferenceCopies):
         keys). Raises ``ConfigError`` (a ValueError) when they are needed and missing, before the cache
         is touched.
         """
-        fresh = cache is None or len(cache.cross_k) <= len(self.blocks)  # no copy keys cached yet
-        if self.copy_head is not None and fresh and source_ids is None:
+        if self.copy_head is not None and not self._copy_keys_cached(cache) and source_ids is None:
             raise ConfigError(
                 "copy_attention copies source tokens: decode() needs source_ids (B, S), the source's token ids"
             )
@@ -339,6 +338,10 @@ class Transformer(HoldsInferenceCopies):
         if self.copy_head is None:
             return logits
         return self._copy(h, logits, memory, memory_mask, source_ids, cache)
+
+    def _copy_keys_cached(self, cache: KVCache | None) -> bool:
+        """Whether ``cache`` holds the copy head's keys (after the blocks' cross keys)."""
+        return cache is not None and len(cache.cross_k) > len(self.blocks)
 
     def _copy(
         self,
@@ -352,8 +355,9 @@ class Transformer(HoldsInferenceCopies):
         """The copy head's mixture (B, T, V) for decoder states ``h`` (B, T, d_model); its keys and the
         encoder output are computed once per source and kept after the blocks' in the cache."""
         assert self.copy_head is not None
-        n = len(self.blocks)
-        if cache is not None and len(cache.cross_k) > n:
+        if self._copy_keys_cached(cache):
+            assert cache is not None
+            n = len(self.blocks)
             keys, values = cache.cross_k[n][:, 0], cache.cross_v[n][:, 0]
             source_ids, valid = cache.memory_ids, cache.memory_valid
         else:
