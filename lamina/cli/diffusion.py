@@ -87,11 +87,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import torch
-
     from lamina.config import from_dict
     from lamina.diffusion.training import train_diffusion
     from lamina.malloc import set_malloc_policy
+    from lamina.train.distributed import resolve_device
 
     sections = _sections()
     data = merged(args, sections)
@@ -103,8 +102,7 @@ def _train(args: argparse.Namespace) -> int:
 
         print_config({k: asdict(v) for k, v in cfgs.items()})
         return 0
-    device = cfgs["train"].device  # a CPU training run owns this process: keep the memory steps free
-    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+    if resolve_device(cfgs["train"].device) == "cpu":  # a CPU run owns this process: keep what steps free
         set_malloc_policy("keep_freed")
     _, result = train_diffusion(cfgs["unet"], cfgs["noise"], cfgs["images"], cfgs["train"], cfgs["diffusion"],
                                 resume=args.resume, overwrite=args.overwrite)  # fmt: skip

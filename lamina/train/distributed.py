@@ -34,11 +34,17 @@ class DistInfo:
         return self.rank == 0
 
 
-def setup(device: str = "auto", parallel: str = "auto") -> DistInfo:
-    """Initialise the process group when launched by torchrun; pick the device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+def resolve_device(device: str = "auto") -> str:
+    """``TrainConfig.device`` as torch names it: ``auto`` is cuda when available, else cpu."""
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def setup(device: str = "auto", parallel: str = "auto") -> DistInfo:
+    """Initialise the process group when launched by torchrun; pick the device (``resolve_device``)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device)
     mode = parallel if parallel != "auto" else ("ddp" if world > 1 else "none")
     if world == 1:
         return DistInfo(device=torch.device(device), mode="none")
