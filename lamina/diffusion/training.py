@@ -29,7 +29,7 @@ from lamina.diffusion.schedulers import DDPMScheduler, NoiseConfig
 from lamina.diffusion.unet import UNet, UNetConfig, residual_base, resolve_noise
 from lamina.errors import CheckpointError, ConfigError
 from lamina.fields import parse_yaml
-from lamina.train.trainer import EMA_FILE, TrainResult, latest_checkpoint, train
+from lamina.train.trainer import EMA_FILE, TrainResult, latest_checkpoint, read_run_config, train
 
 
 @dataclass
@@ -148,7 +148,7 @@ def _as_trained(ckpt: Path, unet: UNetConfig, noise: NoiseConfig) -> tuple[UNetC
     epsilon and 1 for checkpoints saved before those fields). Raises ``ConfigError`` where a value given
     contradicts the checkpoint (or ``residual_scale`` differs from it)."""
     saved_unet = parse_yaml((ckpt / "config.yaml").read_text()) or {}
-    run = (parse_yaml((ckpt / "run.yaml").read_text()) or {}) if (ckpt / "run.yaml").is_file() else {}
+    run = read_run_config(ckpt)
     saved_noise = run.get("noise") or {}
     residual = bool(saved_unet.get("predict_residual", False))
     prediction = saved_noise.get("prediction_type", "epsilon")
@@ -188,7 +188,7 @@ def load_model(folder: str | Path, ema: bool = True) -> tuple[UNet, NoiseConfig,
     unet = UNet(from_dict(UNetConfig, cfg_data))
     weights = folder / (EMA_FILE if ema and (folder / EMA_FILE).is_file() else "model.safetensors")
     unet.load_state_dict(load_file(str(weights)))
-    run = (parse_yaml((folder / "run.yaml").read_text()) or {}) if (folder / "run.yaml").is_file() else {}
+    run = read_run_config(folder)
     saved = {"prediction_type": "epsilon", "clip_sample_range": 1.0, **(run.get("noise") or {})}  # older runs
     noise = from_dict(NoiseConfig, saved)
     low_res_factor = int((run.get("diffusion") or {}).get("low_res_factor", 1))

@@ -250,17 +250,16 @@ def trained_source_len(lm: LoadedModel) -> int:
     ``max_seq_len`` (a pretrained or imported model: the length it was configured for)."""
     import yaml
 
-    from lamina.fields import parse_yaml
+    from lamina.train.trainer import read_run_config
 
     limit = lm.model.config.max_seq_len
-    run_file = lm.entry.path / "run.yaml"
-    if lm.entry.format != "lamina" or not run_file.is_file():
+    if lm.entry.format != "lamina":
         return limit
     try:
-        run = parse_yaml(run_file.read_text())
+        run = read_run_config(lm.entry.path)
     except (OSError, yaml.YAMLError):
         return limit
-    trained = (run.get("seq2seq") or {}).get("max_source_len") if isinstance(run, dict) else None
+    trained = (run.get("seq2seq") or {}).get("max_source_len")
     return min(int(trained), limit) if isinstance(trained, int) and trained > 0 else limit
 
 

@@ -755,3 +755,14 @@ def _yaml(data: dict[str, Any]) -> str:
     import yaml
 
     return yaml.safe_dump(data, sort_keys=False)
+
+
+def read_run_config(folder: str | Path) -> dict[str, Any]:
+    """The run config the trainer wrote into a run or checkpoint ``folder`` (its ``run.yaml``), as a
+    mapping; {} when there is none (a checkpoint saved outside a run). Raises what reading and parsing
+    YAML raise (OSError, yaml.YAMLError)."""
+    from lamina.fields import parse_yaml
+
+    path = Path(folder) / "run.yaml"
+    run = parse_yaml(path.read_text()) if path.is_file() else None
+    return run if isinstance(run, dict) else {}
