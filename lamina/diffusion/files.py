@@ -31,7 +31,7 @@ from lamina.diffusion.schedulers import NoiseConfig
 from lamina.diffusion.training import load_model
 from lamina.diffusion.unet import UNet
 from lamina.errors import ConfigError
-from lamina.fields import parse_yaml
+from lamina.train.trainer import read_run_config
 
 
 @dataclass
@@ -92,8 +92,7 @@ def load(model: str | Path, sampling: SamplingConfig) -> Loaded:
     """A diffusion checkpoint (a run folder or its ``last/`` / ``best/``) with its run's data config."""
     unet, noise, names, factor = load_model(model, ema=sampling.ema)
     folder = Path(model)
-    run_file = next((p for p in (folder / "run.yaml", folder / "last" / "run.yaml") if p.is_file()), None)
-    run = (parse_yaml(run_file.read_text()) or {}) if run_file else {}
+    run = read_run_config(folder) or read_run_config(folder / "last")
     data = from_dict(ImageDataConfig, run["images"]) if run.get("images") else None
     return Loaded(unet, noise, names, factor, data)
 
