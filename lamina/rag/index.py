@@ -8,7 +8,8 @@ The store mirrors the sources named in the run: a new document is added, one who
 re-chunked and re-embedded, one no longer among the sources is deleted, and an unchanged one costs no
 embedding (llama_index's "re-index everything when one file changes" pain). Chunks are embedded in groups
 of about ``commit_chunks``, sorted by length inside a group (little padding), and each document of a group
-is written in its own transaction as soon as the group is embedded: a process killed at any moment
+is written in its own transaction as soon as the group is embedded (a store with ``put_many``, PostgreSQL:
+the group's documents in one transaction, one ``COPY``): a process killed at any moment
 (SIGKILL included) leaves an index that opens and answers queries with every document written so far, and
 running the same command again finishes the job without duplicates (a document is replaced whole).
 :func:`build` is :func:`update` (a first run adds everything).
@@ -276,10 +277,17 @@ def _apply(
             )
             summary.truncated += len(result.truncated)
             summary.chunks_embedded += len(texts)
-            at = 0
+            at, items = 0, []
             for doc, chunks in group:
-                store.put(doc, chunks, result.vectors[at : at + len(chunks)])
+                items.append((doc, chunks, result.vectors[at : at + len(chunks)]))
                 at += len(chunks)
+            put_many = getattr(store, "put_many", None)  # PostgreSQL: the group in one transaction and COPY
+            if put_many is not None:
+                put_many(items)
+            else:
+                for doc, chunks, vectors in items:
+                    store.put(doc, chunks, vectors)
+            for doc, _ in group:
                 if doc.doc_id in have:
                     summary.updated += 1
                 else:

@@ -6,8 +6,10 @@ so several indexes can share a database). Chunks hold their ``vector(dim)`` with
 (``vector_cosine_ops``) and a generated ``tsvector`` (English configuration, GIN index) for full-text
 search ranked by ``ts_rank`` (term frequency with length normalisation; PostgreSQL has no BM25, so text
 scores are on another scale than SQLite's and only their order means the same). Every :meth:`put` and
-:meth:`delete` is one transaction. Unfiltered dense queries use the HNSW index (approximate, ``ef_search``);
-filtered ones scan exactly, as in the SQLite store. Filters: :func:`lamina.rag.types.matches`, on
+:meth:`delete` is one transaction (:meth:`put_many`: one for several documents). The GIN and HNSW indexes are
+built by :meth:`optimize` when missing (``lamina index`` calls it at the end of every run), so a new index
+is loaded first and indexed once; later updates maintain them row by row. Unfiltered dense queries use the
+HNSW index (approximate, ``ef_search``) once it exists; filtered ones scan exactly, as in the SQLite store. Filters: :func:`lamina.rag.types.matches`, on
 ``jsonb`` metadata. Needs ``psycopg`` 3 (the ``rag`` extra) and a server where ``CREATE EXTENSION vector``
 works (pgvector installed).
 """
@@ -100,13 +102,6 @@ class PgStore:
             )
             self.db.execute(f"CREATE INDEX IF NOT EXISTS {table}_chunks_doc ON {table}_chunks (doc_id)")
             self.db.execute(
-                f"CREATE INDEX IF NOT EXISTS {table}_chunks_tsv ON {table}_chunks USING gin (tsv)"
-            )
-            self.db.execute(
-                f"CREATE INDEX IF NOT EXISTS {table}_chunks_hnsw ON {table}_chunks "
-                "USING hnsw (embedding vector_cosine_ops)"
-            )
-            self.db.execute(
                 f"INSERT INTO {table}_meta VALUES ('embedding_model', %s), ('dim', %s), ('schema_version', '1')",
                 (embedding_model, str(dim)),
             )
@@ -127,29 +122,51 @@ class PgStore:
 
     def put(self, doc: Document, chunks: list[Chunk], vectors: Tensor) -> None:
         """Replace ``doc``'s entries by ``chunks`` and their ``vectors`` (N, dim) in one transaction."""
-        if (
-            vectors.ndim != 2
-            or vectors.shape[0] != len(chunks)
-            or (len(chunks) and vectors.shape[1] != self.dim)
-        ):
-            raise ConfigError(
-                f"{len(chunks)} chunks need vectors of shape ({len(chunks)}, {self.dim}), got {tuple(vectors.shape)}"
-            )
-        rows = vectors.detach().to(torch.float32).cpu().tolist()
+        self.put_many([(doc, chunks, vectors)])
+
+    def put_many(self, items: list[tuple[Document, list[Chunk], Tensor]]) -> None:
+        """:meth:`put` for several documents in one transaction (all of them or none): their old entries
+        deleted by one statement, the chunks written by one ``COPY``. Raises ``ConfigError`` for vectors
+        of the wrong shape, before anything is written."""
+        for doc, chunks, vectors in items:
+            if (
+                vectors.ndim != 2
+                or vectors.shape[0] != len(chunks)
+                or (len(chunks) and vectors.shape[1] != self.dim)
+            ):
+                raise ConfigError(
+                    f"{doc.doc_id}: {len(chunks)} chunks need vectors of shape ({len(chunks)}, {self.dim}), "
+                    f"got {tuple(vectors.shape)}"
+                )
+        if not items:
+            return
+        ids = [doc.doc_id for doc, _, _ in items]
         with self.db.transaction(), self.db.cursor() as cur:
-            self._delete(cur, doc.doc_id)
-            cur.execute(
-                f"INSERT INTO {self.t}_documents VALUES (%s, %s, %s)",
-                (doc.doc_id, doc.content_hash, json.dumps(doc.metadata, sort_keys=True)),
-            )
+            cur.execute(f"DELETE FROM {self.t}_chunks WHERE doc_id = ANY(%s)", (ids,))
+            cur.execute(f"DELETE FROM {self.t}_documents WHERE doc_id = ANY(%s)", (ids,))
             cur.executemany(
-                f'INSERT INTO {self.t}_chunks (chunk_id, doc_id, text, start, "end", metadata, kind, embedding) '
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s::vector)",
-                [
-                    (c.chunk_id, c.doc_id, c.text, c.start, c.end, json.dumps(c.metadata), c.kind, _vector(v))
-                    for c, v in zip(chunks, rows, strict=True)
-                ],
+                f"INSERT INTO {self.t}_documents VALUES (%s, %s, %s)",
+                [(d.doc_id, d.content_hash, json.dumps(d.metadata, sort_keys=True)) for d, _, _ in items],
             )
+            with cur.copy(
+                f'COPY {self.t}_chunks (chunk_id, doc_id, text, start, "end", metadata, kind, embedding) '
+                "FROM STDIN"
+            ) as copy:
+                for _, chunks, vectors in items:
+                    rows = vectors.detach().to(torch.float32).cpu().tolist()
+                    for c, v in zip(chunks, rows, strict=True):
+                        copy.write_row(
+                            (
+                                c.chunk_id,
+                                c.doc_id,
+                                c.text,
+                                c.start,
+                                c.end,
+                                json.dumps(c.metadata),
+                                c.kind,
+                                str(v),
+                            )
+                        )
 
     def delete(self, doc_id: str) -> None:
         """Remove a document and its chunks (no error when absent), in one transaction."""
@@ -214,9 +231,26 @@ class PgStore:
         return [Hit(_chunk(r), float(r[-1]), i + 1) for i, r in enumerate(rows)]
 
     def optimize(self) -> None:
-        """Refresh the planner's statistics after a large indexing run (``ANALYZE``)."""
+        """Build the full-text (GIN) and vector (HNSW, ``vector_cosine_ops``) indexes when missing, then
+        refresh the planner's statistics (``ANALYZE``). A new index gets them here, after its first load
+        (``lamina index`` calls this at the end of every run): pgvector builds an HNSW graph over loaded
+        rows far faster than it inserts rows one at a time into an existing graph (pgvector's README:
+        "faster to create an index after loading your initial data"), in ``maintenance_work_mem``, raised
+        to 512 MB for the build when the server's is lower (about 2 KB per 384-dim vector: 250k vectors).
+        Until then, and after a crash mid-load, searches scan exactly (the same results, slower)."""
+        t = self.t
+        with self.db.transaction():
+            memory = self.db.execute(
+                "SELECT setting::bigint FROM pg_settings WHERE name = 'maintenance_work_mem'"
+            )
+            if int(memory.fetchone()[0]) < 512 * 1024:  # in kB
+                self.db.execute("SET LOCAL maintenance_work_mem = '512MB'")
+            self.db.execute(f"CREATE INDEX IF NOT EXISTS {t}_chunks_tsv ON {t}_chunks USING gin (tsv)")
+            self.db.execute(
+                f"CREATE INDEX IF NOT EXISTS {t}_chunks_hnsw ON {t}_chunks USING hnsw (embedding vector_cosine_ops)"
+            )
         for suffix in ("chunks", "documents"):
-            self.db.execute(f"ANALYZE {self.t}_{suffix}")
+            self.db.execute(f"ANALYZE {t}_{suffix}")
 
     def close(self) -> None:
         self.db.close()

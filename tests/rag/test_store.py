@@ -74,6 +74,7 @@ def store(make_store):
     s = make_store()
     for doc, chunks, vectors in corpus():
         s.put(doc, chunks, vectors)
+    s.optimize()  # PostgreSQL: builds its GIN and HNSW indexes, so the suite searches through them
     return s
 
 
@@ -165,6 +166,40 @@ def test_failed_put_keeps_the_last_committed_state(store):
         store.put(Document(doc.doc_id, "x", "changed", {}), twice, vectors[:2])
     assert store.documents()[doc.doc_id] == doc.content_hash
     assert [c.chunk_id for c in store.get([c.chunk_id for c in chunks])] == [c.chunk_id for c in chunks]
+
+
+def test_postgres_put_many_is_one_transaction_and_optimize_builds_the_indexes(make_store):
+    """put_many writes several documents in one transaction (a failure in the last leaves none of
+    them); a new index searches exactly until optimize builds its GIN and HNSW indexes, then through them
+    with the same results."""
+    s = make_store()
+    if not hasattr(s, "put_many"):
+        pytest.skip("PostgreSQL only")
+    items = corpus()
+    doc, chunks, vectors = items[-1]
+    bad = (Document(doc.doc_id, "x", "h", {}), [chunks[0], chunks[0]], vectors[:2])  # duplicate chunk id
+    with pytest.raises(Exception, match=r"(?i)unique|duplicate"):
+        s.put_many([*items[:-1], bad])
+    assert s.count() == 0 and s.documents() == {}
+    with pytest.raises(ConfigError, match="vectors of shape"):
+        s.put_many([(doc, chunks, vectors[:1])])
+    s.put_many(items)
+    assert s.count() == 12 * 3 + 1
+    q = F.normalize(torch.randn(DIM, generator=torch.Generator().manual_seed(5)), dim=0)
+    exact = [h.chunk.chunk_id for h in s.search_dense(q, 5)]
+    text = [h.chunk.chunk_id for h in s.search_text("cherry pie", 5)]
+
+    def indexes() -> set[str]:
+        rows = s.db.execute("SELECT indexname FROM pg_indexes WHERE tablename = %s", (f"{s.t}_chunks",))
+        return {r[0].removeprefix(f"{s.t}_chunks_") for r in rows}
+
+    assert not {"hnsw", "tsv"} & indexes()
+    s.optimize()
+    assert {"hnsw", "tsv"} <= indexes()
+    assert [h.chunk.chunk_id for h in s.search_dense(q, 5)] == exact
+    assert [h.chunk.chunk_id for h in s.search_text("cherry pie", 5)] == text
+    s.put_many(items[:1])  # replaces the document, through the existing indexes
+    assert s.count() == 12 * 3 + 1
 
 
 def test_sqlite_cache_sees_other_writers(tmp_path):
