@@ -9,7 +9,7 @@ Every function and method with a docstring in the built-in corpus (``lamina.data
 library without its test suites) gives one pair. The source is the function's code from its ``def`` line
 (decorators left out), dedented, with the docstring's lines removed, so the answer is not in the input;
 the target is the docstring's first non-blank line (``inspect.cleandoc``), stripped. A row of the JSONL
-files is ``{"source", "source_words", "target", "module", "name", "line"}``.
+files is ``{"source", "source_words", "target", "target_words", "module", "name", "line"}``.
 
 ``source_words`` is the same code as a stream of words (``code_words``): every identifier split at
 underscores and camelCase humps into lowercase words, every other symbol on its own, one space between
@@ -18,8 +18,12 @@ code-summarization models (Ahmad et al. 2020, "A Transformer-based Approach for 
 Summarization", splits CamelCase and snake_case identifiers). A subword tokenizer then gives a word the
 same tokens in the code and in the docstring (`` logger``), so a model can copy it from the source: in raw
 code ``get_logger`` is ``get`` ``_`` ``logger`` and ``logger`` is never the docstring's `` logger``, and a
-model trained on raw code scored below both baselines. ``train.txt`` holds the training split's
-``source_words`` and targets, one per line, for ``lamina tokenizer train``.
+model trained on raw code scored below both baselines. ``target_words`` is the target as a model that
+copies from ``source_words`` writes it (``target_words``): lowercased, after one space, so that its words,
+the first included, are the same tokens as in ``source_words`` (byte-level BPE marks a word's start by
+its space: the first word of ``Add an element.`` is ``Add``, the source's is `` add``); the task's ROUGE
+lowercases both sides, so scores against ``target`` are the same. ``train.txt`` holds the training
+split's ``source_words`` and ``target_words``, one per line, for ``lamina tokenizer train``.
 
 The split is by module: a module goes wholly to train, val or test, chosen by a hash of its path and the
 seed, so the test functions (and their neighbours) were never seen in training. A val or test pair whose
@@ -66,6 +70,7 @@ __all__ = [
     "identifier_words",
     "name_words",
     "split_of",
+    "target_words",
 ]
 
 SPLITS = ("train", "val", "test")
@@ -91,8 +96,9 @@ def function_pairs(module: str, text: str) -> Iterator[dict[str, Any]]:
             continue  # a one-line function: the docstring shares the def line
         keep = lines[node.lineno - 1 : body0.lineno - 1] + lines[body0.end_lineno : node.end_lineno]
         source = textwrap.dedent("\n".join(keep)).strip("\n")
-        yield {"source": source, "source_words": code_words(source), "target": first, "module": module,
-               "name": node.name, "line": node.lineno}  # fmt: skip
+        yield {"source": source, "source_words": code_words(source), "target": first,
+               "target_words": target_words(first), "module": module, "name": node.name,
+               "line": node.lineno}  # fmt: skip
 
 
 _TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|\d+|\S")
@@ -109,6 +115,12 @@ def code_words(source: str) -> str:
         else:
             out.append(token)
     return " ".join(out)
+
+
+def target_words(line: str) -> str:
+    """A docstring line as a model reading ``code_words`` writes it: lowercased, after one space
+    (``Add an element.`` -> `` add an element.``; see the module docstring)."""
+    return " " + line.strip().lower()
 
 
 def identifier_words(name: str) -> list[str]:
@@ -196,7 +208,7 @@ def build_stdlib_pairs(
         files[split] = path
     lines = out / "train.txt"  # what the tokenizer learns from: the model's inputs and outputs
     lines.write_text(
-        "".join(f"{r['source_words']}\n{r['target']}\n" for r in rows["train"]), encoding="utf-8"
+        "".join(f"{r['source_words']}\n{r['target_words']}\n" for r in rows["train"]), encoding="utf-8"
     )
     files["tokenizer_text"] = lines
     return StdlibPairsReport(

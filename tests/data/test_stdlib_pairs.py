@@ -19,7 +19,9 @@ from lamina.data.stdlib_pairs import (
     function_pairs,
     name_words,
     split_of,
+    target_words,
 )
+from lamina.eval.seq2seq import rouge_scores
 
 MODULE = '''
 import os
@@ -55,6 +57,7 @@ def test_function_pairs_strip_the_docstring_from_the_source() -> None:
     assert rows[0]["source"] == "def add(a, b):\n    return a + b"
     assert rows[1]["source"] == "def getSize(self):\n    return 3"  # dedented; decorator left out
     assert rows[1]["source_words"] == "def get size ( self ) : return 3"
+    assert rows[1]["target_words"] == " the size of the box."  # its words are the source's tokens
     assert list(function_pairs("bad.py", "def (:")) == []
 
 
@@ -101,8 +104,11 @@ def test_build_writes_three_splits_with_no_module_shared(folder: Path) -> None:
         assert r["target"] not in r["source"] or len(r["target"]) < 10  # the docstring was removed
         assert r["source"].lstrip().startswith(("def ", "async def "))
         assert r["source_words"] == code_words(r["source"])
+        assert r["target_words"] == target_words(r["target"])
+    refs = [r["target"] for r in rows["test"]]  # ROUGE is case-blind: target_words scores as the target does
+    assert rouge_scores([r["target_words"] for r in rows["test"]], refs) == rouge_scores(refs, refs)
     lines = (folder / "train.txt").read_text().splitlines()
-    assert lines[:2] == [rows["train"][0]["source_words"], rows["train"][0]["target"]]
+    assert lines[:2] == [rows["train"][0]["source_words"], rows["train"][0]["target_words"]]
     assert len(lines) == 2 * len(rows["train"])
 
 
