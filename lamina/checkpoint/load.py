@@ -19,6 +19,7 @@ from lamina.checkpoint.lamina import build_model, load_checkpoint
 from lamina.checkpoint.registry import ModelEntry, lamina_home, resolve
 from lamina.config import GenerationConfig, from_dict
 from lamina.errors import CheckpointError, ConfigError, TokenizerError
+from lamina.model import aot
 from lamina.model.quant import FORMATS, WeightFormat, convert_weights
 from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
@@ -32,9 +33,10 @@ class LoadOptions:
     # convert the weights for inference: int4 (4-bit groups of 32, GGUF Q4_1's layout) decodes fastest
     # on CPU, then int8, then bf16; overrides dtype (none: the checkpoint's weights in dtype)
     weights: WeightFormat | None = None
-    # torch.compile the model: minutes of compiling for each new shape first (every start: its kernels and
-    # graphs are cached, see compile_cache_dir(): $TORCHINDUCTOR_CACHE_DIR if set, else
-    # $LAMINA_COMPILE_CACHE, else compile/ in lamina's data directory; tracing is not), then faster decoding
+    # decode through an ahead-of-time compiled step (lamina.model.aot): minutes of compiling the first time
+    # for a model architecture and weight format, kept in compile_cache_dir() ($LAMINA_COMPILE_CACHE, else
+    # compile/ in lamina's data directory), about a second to load after; prompts stay eager. Models the
+    # step does not cover (encoder-decoders, ALiBi, LoRA) use torch.compile instead (every start traces)
     compile: bool = False
     threads: int | None = None  # torch CPU threads of this process (None: torch's choice, one per core)
 
@@ -64,9 +66,12 @@ def load(
 
     ``weights`` converts the model for inference to a weight format of ``lamina.model.quant.FORMATS``
     ("fp32", "bf16", "int8" and "int4" weight-only, "w8a8"); it then decides the dtype (the integer
-    formats quantize the fp32 weights). ``compile`` makes ``model(...)`` run through ``torch.compile``
-    (dynamic shapes; other methods such as ``hidden_states`` stay eager): the first calls of each new
-    shape compile (minutes for SmolLM2 on 2 cores), later ones run faster.
+    formats quantize the fp32 weights). ``compile`` makes the decoding steps (one token per row with a
+    KV cache) run an ahead-of-time compiled step (``lamina.model.aot.attach_decode_step``): compiled the
+    first time (minutes for SmolLM2 on 2 cores) into ``compile_cache_dir()``, loaded in about a second
+    by later processes. A model the step does not cover runs ``model(...)`` through ``torch.compile``
+    instead (dynamic shapes; each process traces again). When the step cannot be built, one line on
+    stderr says why and the model decodes eagerly.
 
     ``generation.eos_token_ids`` holds every end-of-generation id the checkpoint names (generation
     files, config.json, GGUF eos/eot/eom, the tokenizer's eos, the chat template's end of turn; see
@@ -205,10 +210,31 @@ def _compile_with_caches(
 def _convert(net: Transformer, weights: str | None, compile: bool) -> Transformer:
     if weights is not None:
         convert_weights(net, weights)
-    if compile:  # dynamic: the KV cache and the batch change shape from step to step
+    if compile and aot.supported(net) is None:
+        _attach_decode_step(net)
+    elif compile:  # dynamic: the KV cache and the batch change shape from step to step
         cached = use_compile_cache() is not None
         net.compile(backend=_compile_with_caches if cached else "inductor", dynamic=True)
     return net
+
+
+def _attach_decode_step(net: Transformer) -> None:
+    """``--compile`` for the models ``lamina.model.aot`` covers: its compiled decode step, from
+    ``compile_cache_dir()/aot`` or compiled into it; on failure one line on stderr, and eager decoding."""
+    use_compile_cache()  # inductor's own working files in lamina's directory too
+    path = compile_cache_dir() / "aot"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"lamina: --compile: cannot make {path} ({e.strerror or e}); decoding without it (set "
+              "LAMINA_COMPILE_CACHE to a writable directory)", file=sys.stderr)  # fmt: skip
+        return
+    try:
+        aot.attach_decode_step(net, path, log=lambda line: print(f"lamina: {line}", file=sys.stderr))
+    except Exception as e:  # torch.export / AOTInductor on an op or build it does not handle
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        print(f"lamina: --compile: the compiled decode step failed ({type(e).__name__}: {first}); "
+              "decoding eagerly", file=sys.stderr)  # fmt: skip
 
 
 def _read_generation_config(path: Path) -> dict[str, Any]:

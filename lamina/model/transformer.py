@@ -233,6 +233,12 @@ class Transformer(HoldsInferenceCopies):
                 last_only,
                 source_ids=input_ids,
             )
+        step = self.__dict__.get("_inference_copies", {}).get("decode_step")  # lamina.model.aot
+        plain = (
+            attention_mask is None and position_ids is None and token_type_ids is None and segment_ids is None
+        )
+        if step is not None and plain and not self.training and step.applies(input_ids, cache):
+            return step(input_ids, cache)  # one token per row with a KV cache: the compiled decode step
         h = self.hidden_states(input_ids, attention_mask, position_ids, cache, token_type_ids, segment_ids)
         if last_only:
             h = h[:, -1:]

@@ -1,0 +1,309 @@
+"""An ahead-of-time compiled decode step: one token per row through a decoder, without Python per layer.
+
+``attach_decode_step(model)`` exports a tensor-only step of ``model`` (``DecodeStep``: token ids (B, 1),
+their positions, the KV cache's tensors -> logits (B, 1, V), the new keys and values written into the
+cache in place) with ``torch.export``, compiles it with AOTInductor (``torch._inductor``: fused C++ kernels
+for the small ops between the matmuls, no Python per layer) into a ``.pt2`` package under
+``compile_cache_dir()/aot``, and attaches it to the model: from then on ``model(ids, cache=cache)`` with
+one token per row, no attention mask and no position ids (every decoding step of ``lamina.generate``)
+runs the compiled step; prompts and everything else stay eager. The package holds no weights: the
+model's own tensors are handed to it at load (``load_constants``), so its key is the architecture (every
+tensor's name, shape and dtype, the config), torch's version, the CPU capability and lamina's model code
+(``step_key``); a later process with the same key loads it in about a second instead of compiling it
+again (minutes).
+
+Numerics: the step computes what the eager decode step computes, with inductor's fused kernels (fp32 logits
+within ~1e-5 of eager's; bf16 activations within bf16 rounding), and attends over the cache's slots with
+the explicit mask of its valid slots (eager skips the mask when no row has padding: the same values).
+
+Supported: decoders with an LM head, pre- or post-norm, RoPE (not dynamic scaling), learned, sinusoidal
+or no positions, any weight format of ``lamina.model.quant``, no LoRA; ``supported(model)`` says why not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lamina.model.layers import Attention, KVCache, _InferenceCopies, rope_tables
+from lamina.model.transformer import Block, Transformer
+
+STEP_VERSION = "1"  # bump when DecodeStep's computation changes: packages of other versions are not read
+_HOLDER = "decode_step"  # the model's inference copy under which the attached step lives
+
+
+def supported(model: Transformer) -> str | None:
+    """None when ``model`` can decode through a compiled step; else why not (one phrase)."""
+    cfg = model.config
+    if cfg.arch != "decoder" or model.lm_head is None:
+        return f"arch={cfg.arch!r} head={cfg.head!r} (a decoder with an LM head only)"
+    if cfg.pos_encoding in ("alibi", "relative") or cfg.rope_scaling == "dynamic":
+        return f"pos_encoding={cfg.pos_encoding!r} rope_scaling={cfg.rope_scaling!r}"
+    if model.copy_head is not None or model.type_emb is not None or model.lm_transform is not None:
+        return "a copy head, token types or an LM head transform"
+    if cfg.scale_decoder_outputs:
+        return "scale_decoder_outputs"
+    if any(type(m).__module__ == "lamina.model.lora" for m in model.modules()):
+        return "LoRA adapters (merge them first)"
+    if model.tok_emb.weight.device.type != "cpu":
+        return f"device {model.tok_emb.weight.device} (CPU only)"
+    return None
+
+
+class DecodeStep(nn.Module):
+    """The tensor-only decode step of a ``Transformer`` (what ``model(ids, cache=cache)`` computes for one
+    token per row, after ``CompiledStep`` did the cache's bookkeeping).
+
+    ``forward(ids, positions, span, valid, kv)``: ``ids`` and ``positions`` (B, 1) long; ``span`` (S, 0)
+    carries S, the slots attended (the cache's length after this token) as a shape, so that the graph
+    slices the cache symbolically; ``valid`` (B, C) bool, the cache's valid slots (slot S - 1 set);
+    ``kv``: the n_layers key tensors then the n_layers value tensors (B, Hkv, C, hd). Writes each layer's
+    new key and value at slot S - 1 and returns the logits (B, 1, vocab_size)."""
+
+    inv_freq: Tensor | None
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+        cfg = model.config
+        rope = cfg.pos_encoding == "rope"
+        self.register_buffer("inv_freq", model._fp32_table("inv_freq", torch.device("cpu")) if rope else None)
+
+    def forward(
+        self, ids: Tensor, positions: Tensor, span: Tensor, valid: Tensor, kv: list[Tensor]
+    ) -> Tensor:
+        m = self.model
+        S = span.shape[0]
+        n = len(m.blocks)
+        x = m._embed(ids, positions, None)
+        rope = None if self.inv_freq is None else rope_tables(self.inv_freq, positions, x.dtype)
+        mask = valid[:, None, None, :S]  # (B, 1, 1, S)
+        for i, block in enumerate(m.blocks):
+            assert isinstance(block, Block)
+            a = block.attn
+            if block.pre_norm:
+                x = x + _attend(a, block.attn_norm(x), rope, mask, kv[i], kv[n + i], S)
+                x = x + block.mlp(block.mlp_norm(x))
+            else:
+                x = block.attn_norm(x + _attend(a, x, rope, mask, kv[i], kv[n + i], S))
+                x = block.mlp_norm(x + block.mlp(x))
+        if m.final_norm is not None:
+            x = m.final_norm(x)
+        assert m.lm_head is not None
+        return m.lm_head(x)  # (B, 1, V); supported() refused the heads _lm_logits transforms first
+
+
+def _attend(
+    a: Attention, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor, k_cache: Tensor,
+    v_cache: Tensor, S: int,
+) -> Tensor:  # fmt: skip
+    """``Attention.forward`` for one token per row with the cache as tensors: x (B, 1, d) -> (B, 1, d)."""
+    B = x.shape[0]
+    q, k, v = a._project(x, rope)  # q (B, H, 1, hd), k and v (B, Hkv, 1, hd)
+    k_cache.select(2, S - 1).copy_(k[:, :, 0])
+    v_cache.select(2, S - 1).copy_(v[:, :, 0])
+    keys, values = k_cache[:, :, :S], v_cache[:, :, :S]
+    rep = a.n_heads // a.n_kv_heads  # GQA: a KV head's query heads as query rows (as Attention.forward)
+    q = q.reshape(B, a.n_kv_heads, rep, a.head_dim)
+    y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=a.scale)
+    return a.o_proj(y.reshape(B, 1, -1))
+
+
+class CompiledStep:
+    """A loaded AOTInductor package of ``DecodeStep`` bound to a model's tensors; called as
+    ``step(ids, cache)`` -> logits (B, 1, V) with the cache's bookkeeping (valid slot, position, length)
+    done as ``Transformer.hidden_states`` does it."""
+
+    def __init__(self, runner: Any, path: Path, constants: dict[str, Tensor], dtype: torch.dtype) -> None:
+        self.runner, self.path, self.dtype = runner, path, dtype
+        self._constants = constants  # the runner reads these tensors (user-managed): kept alive here
+
+    def applies(self, ids: Tensor, cache: KVCache | None) -> bool:
+        """Whether this step computes ``model(ids, cache=cache)`` (no mask, no positions given): one token
+        per row, a cache of the model's dtype holding at least one slot, no autograd."""
+        return (
+            cache is not None
+            and ids.dim() == 2
+            and ids.shape[1] == 1
+            and cache.length > 0
+            and cache.dtype == self.dtype
+            and not cache.cross_k
+            and not torch.is_grad_enabled()
+        )
+
+    def __call__(self, ids: Tensor, cache: KVCache) -> Tensor:
+        offset = cache.length
+        if offset + 1 > cache.capacity:
+            raise ValueError(f"KV cache full: {offset} + 1 tokens > capacity {cache.capacity}")
+        positions = cache.next_pos[:, None].clone()  # (B, 1)
+        cache.valid[:, offset] = True
+        cache.positions[:, offset] = positions[:, 0]
+        span = torch.empty(offset + 1, 0)
+        logits = self.runner(ids.contiguous(), positions, span, cache.valid, [*cache.k, *cache.v])
+        cache.next_pos = positions[:, 0] + 1
+        cache.length = offset + 1
+        return logits
+
+
+def attached_step(model: nn.Module) -> CompiledStep | None:
+    """The compiled step attached to ``model`` (None: none, or dropped by ``.to()`` or
+    ``clear_inference_copies``, which change or may change the weights it reads)."""
+    copies = model.__dict__.get("_inference_copies")
+    return None if copies is None else copies.get(_HOLDER)
+
+
+def step_key(model: Transformer) -> str:
+    """What decides the compiled code: every tensor's name, shape and dtype, the config, torch's version,
+    the CPU capability, ``STEP_VERSION`` and the source of the code it is traced from (not the thread count:
+    the kernels take OpenMP's at run time)."""
+    step = DecodeStep(model)
+    tensors = [(k, list(t.shape), str(t.dtype)) for k, t in _named_tensors(step).items()]
+    what = {
+        "config": asdict(model.config),
+        "tensors": tensors,
+        "torch": torch.__version__,
+        "cpu": torch.backends.cpu.get_cpu_capability(),
+        "step": STEP_VERSION,
+        "code": _code_digest(),
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _code_digest() -> str:
+    """A digest of the source the step is traced from (this module and the model's: layers, transformer,
+    quant), so that a package traced from other code is never loaded."""
+    from lamina.model import layers, quant, transformer
+
+    h = hashlib.sha256()
+    for module in (sys.modules[__name__], layers, quant, transformer):
+        h.update(Path(module.__file__ or "").read_bytes())
+    return h.hexdigest()
+
+
+def _named_tensors(module: nn.Module) -> dict[str, Tensor]:
+    """Parameters and buffers by every name (tied weights under each of their names)."""
+    out = {k: p.detach() for k, p in module.named_parameters(remove_duplicate=False)}
+    out.update(module.named_buffers(remove_duplicate=False))
+    return out
+
+
+def export_step(model: Transformer, path: Path) -> Path:
+    """Export ``model``'s ``DecodeStep`` and compile it with AOTInductor into the package ``path``
+    (written atomically, its weights left out: see ``load_step``), with the small constants inductor's
+    lowerings make (the int4 kernel's group size as a tensor) beside it in ``path.with_suffix(".pt")``.
+    Batch size and cache length are dynamic (up to 4096 rows and 2**20 slots). Minutes on a small CPU."""
+    from torch._inductor import aoti_compile_and_package
+    from torch.export import Dim, export
+
+    cfg = model.config
+    assert cfg.n_kv_heads is not None and cfg.head_dim is not None
+    step = DecodeStep(model).eval()
+    B, C, S = 2, 8, 5  # example sizes (not 0 or 1: those would be specialized)
+    dtype = model.tok_emb.weight.dtype
+    kv = [torch.zeros(B, cfg.n_kv_heads, C, cfg.head_dim, dtype=dtype) for _ in range(2 * len(model.blocks))]
+    valid = torch.ones(B, C, dtype=torch.bool)
+    ids = torch.zeros(B, 1, dtype=torch.long)
+    pos = torch.full((B, 1), S - 1, dtype=torch.long)
+    batch, slots = Dim("batch", min=1, max=4096), Dim("slots", min=2, max=2**20)
+    span = Dim("span", min=2, max=2**20)
+    shapes = ({0: batch}, {0: batch}, {0: span}, {0: batch, 1: slots}, [{0: batch, 2: slots}] * len(kv))
+    with torch.no_grad():
+        ep = export(step, (ids, pos, torch.empty(S, 0), valid, kv), dynamic_shapes=shapes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent))
+    try:
+        with _recording_constants() as made:
+            aoti_compile_and_package(
+                ep,
+                package_path=str(tmp / "step.pt2"),
+                inductor_configs={"aot_inductor.package_constants_in_so": False},
+            )
+        torch.save(made, tmp / "constants.pt")
+        os.replace(tmp / "constants.pt", path.with_suffix(".pt"))
+        os.replace(tmp / "step.pt2", path)  # last: a package without its constants is never seen
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+@contextlib.contextmanager
+def _recording_constants() -> Iterator[dict[str, Tensor]]:
+    """The constants inductor's lowerings add to the graph while this is open (no name given: e.g. the
+    int4 kernel's group size, ``torch.tensor(32)``), by the name the package gives them. A package
+    without its weights needs them at load; only small ones are taken (a large one could be made from the
+    example model's weights, which a later model must not get: refused)."""
+    from torch._inductor.graph import GraphLowering
+
+    made: dict[str, Tensor] = {}
+    add = GraphLowering.add_tensor_constant
+
+    def record(self: GraphLowering, data: Tensor, name: str | None = None) -> Any:
+        box = add(self, data, name)
+        if name is None:
+            if data.numel() > 16:
+                raise RuntimeError(f"inductor made a constant of shape {tuple(data.shape)} (only small ones)")
+            made[box.get_name()] = data.detach().clone()
+        return box
+
+    GraphLowering.add_tensor_constant = record  # type: ignore[method-assign]
+    try:
+        yield made
+    finally:
+        GraphLowering.add_tensor_constant = add  # type: ignore[method-assign]
+
+
+def load_step(model: Transformer, path: Path) -> CompiledStep:
+    """The package ``path`` (from ``export_step`` for a model of this key) loaded and bound to
+    ``model``'s own tensors (not copied: the package holds none) and its recorded small constants.
+
+    Raises ``RuntimeError`` when the package wants a tensor neither gives."""
+    from torch._inductor import aoti_load_package
+
+    runner = aoti_load_package(str(path))
+    tensors = _named_tensors(DecodeStep(model))
+    tensors.update(torch.load(path.with_suffix(".pt"), weights_only=True))
+    missing = [k for k in runner.get_constant_fqns() if k not in tensors]
+    if missing:
+        raise RuntimeError(
+            f"the compiled step {path} wants tensors the model lacks: {', '.join(missing[:3])}"
+        )
+    constants = {k: tensors[k] for k in runner.get_constant_fqns()}
+    runner.load_constants(constants, check_full_update=True, user_managed=True)
+    return CompiledStep(runner, path, constants, model.tok_emb.weight.dtype)
+
+
+def attach_decode_step(
+    model: Transformer, cache_dir: Path, log: Callable[[str], None] | None = None
+) -> CompiledStep:
+    """Compile (or load from ``cache_dir``) ``model``'s decode step and attach it (see the module
+    docstring). ``model`` must be in eval mode and not change its weights afterwards (the step reads them
+    in place; ``.to()`` drops the step). ``log`` gets one line when a package is compiled.
+
+    Raises ``ValueError`` for a model ``supported`` refuses; export or compile errors pass through."""
+    why = supported(model)
+    if why is not None:
+        raise ValueError(f"no compiled decode step for this model: {why}")
+    model.eval()
+    path = Path(cache_dir) / f"decode-{step_key(model)}.pt2"
+    if not path.is_file():
+        t = time.perf_counter()
+        export_step(model, path)
+        if log is not None:
+            log(f"compiled the decode step in {time.perf_counter() - t:.0f} s: {path}")
+    step = load_step(model, path)
+    model.__dict__.setdefault("_inference_copies", _InferenceCopies())[_HOLDER] = step
+    return step

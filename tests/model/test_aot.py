@@ -1,0 +1,109 @@
+"""The ahead-of-time compiled decode step (lamina.model.aot): its math against the eager model, and the
+compiled package through ``lamina.load(compile=True)`` (one tiny model; the package is cached on disk in
+the tests' shared compile directory, so later sessions load it instead of compiling)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import lamina
+from lamina.checkpoint.lamina import save_checkpoint
+from lamina.config import ModelConfig
+from lamina.generate.engine import greedy_decode
+from lamina.model.aot import DecodeStep, attached_step, step_key, supported
+from lamina.model.quant import convert_weights
+from lamina.model.transformer import Transformer
+
+TINY = ModelConfig(
+    vocab_size=97, max_seq_len=64, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=96,
+    pos_encoding="rope", norm="rmsnorm", activation="swiglu", bias=False, tie_embeddings=True,
+)  # fmt: skip
+
+
+def _ids(B: int, T: int) -> torch.Tensor:
+    return torch.randint(0, TINY.vocab_size, (B, T), generator=torch.Generator().manual_seed(1))
+
+
+def _steps(model: Transformer, decode: object = None) -> torch.Tensor:
+    """Logits (3, 7, V) of a left-padded prefill then 6 one-token steps; ``decode(ids, cache)`` runs the
+    steps instead of ``model`` when given (same bookkeeping as the compiled step)."""
+    ids = _ids(3, 12)
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[0, :2] = 0
+    cache = model.new_cache(3, 16)
+    with torch.inference_mode():
+        out = [model(ids[:, :6], attention_mask=mask, cache=cache, last_only=True)]
+        for t in range(6, 12):
+            out.append(decode(ids[:, t : t + 1], cache) if decode else model(ids[:, t : t + 1], cache=cache))  # type: ignore[operator]
+    return torch.cat(out, 1).float()
+
+
+def _eager_step(model: Transformer) -> object:
+    """``DecodeStep`` run eagerly with ``CompiledStep``'s bookkeeping: the compiled step's computation
+    without compiling it."""
+    step = DecodeStep(model)
+
+    def run(ids: torch.Tensor, cache: object) -> torch.Tensor:
+        offset = cache.length  # type: ignore[attr-defined]
+        pos = cache.next_pos[:, None].clone()  # type: ignore[attr-defined]
+        cache.valid[:, offset] = True  # type: ignore[attr-defined]
+        cache.positions[:, offset] = pos[:, 0]  # type: ignore[attr-defined]
+        logits = step(ids, pos, torch.empty(offset + 1, 0), cache.valid, [*cache.k, *cache.v])  # type: ignore[attr-defined]
+        cache.next_pos, cache.length = pos[:, 0] + 1, offset + 1  # type: ignore[attr-defined]
+        return logits
+
+    return run
+
+
+@pytest.mark.parametrize("pos", ["rope", "learned"])
+def test_decode_step_computes_the_eager_step(pos: str) -> None:
+    """DecodeStep (what is exported) gives the eager model's logits on a batch with a left-padded row,
+    fp32 within 1e-5 (it attends with the explicit mask where eager skips it)."""
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(TINY, pos_encoding=pos)).eval()
+    torch.testing.assert_close(_steps(model, _eager_step(model)), _steps(model), atol=1e-5, rtol=0)
+
+
+def test_supported_and_key() -> None:
+    torch.manual_seed(0)
+    model = Transformer(copy.deepcopy(TINY)).eval()
+    assert supported(model) is None
+    assert "alibi" in (supported(Transformer(dataclasses.replace(TINY, pos_encoding="alibi"))) or "")
+    other = Transformer(copy.deepcopy(TINY)).eval()  # other weights, same architecture: the same package
+    assert step_key(other) == step_key(model)
+    assert step_key(convert_weights(other, "int4")) != step_key(model)
+
+
+@pytest.fixture(scope="session")
+def tiny_int4(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("aot") / "tiny"
+    save_checkpoint(path, Transformer(dataclasses.replace(TINY, n_layers=1)))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (shutil.which("c++") or shutil.which("g++")), reason="AOTInductor needs a C++ compiler"
+)
+def test_load_with_compile_decodes_through_the_package(tiny_int4: Path) -> None:
+    """``lamina.load(compile=True)`` attaches the compiled step (int4); decoding through it gives the eager
+    model's logits within bf16 rounding and the same greedy tokens; a second load reads the package."""
+    eager = lamina.load(tiny_int4, weights="int4").model
+    compiled = lamina.load(tiny_int4, weights="int4", compile=True).model
+    step = attached_step(compiled)
+    assert step is not None and attached_step(eager) is None
+    assert step.path.is_file() and step.path.with_suffix(".pt").is_file()
+    torch.testing.assert_close(_steps(compiled), _steps(eager), atol=0.02, rtol=0)
+    prompts = [[5, 7, 9], [11, 3, 8, 2, 4]]
+    assert greedy_decode(compiled, prompts, 8) == greedy_decode(eager, prompts, 8)
+    again = lamina.load(tiny_int4, weights="int4", compile=True).model
+    assert attached_step(again).path == step.path  # type: ignore[union-attr]
+    assert attached_step(copy.deepcopy(compiled)) is None  # a copy's weights are its own: no step
+    assert attached_step(compiled.to(torch.float32)) is None  # .to() drops it
