@@ -314,14 +314,16 @@ def pair_metrics(
     max_new_tokens: int = 64,
     max_source_len: int = 512,
     rouge_tokenizer: RougeTokenizer = "default",
+    **controls: Any,
 ) -> Callable[[nn.Module], dict[str, float]]:
     """The trainer's ``eval_metrics`` for a seq2seq run: at each evaluation, greedy outputs
-    (``seq2seq_predictor``) for the first ``limit`` validation ``pairs`` (None: all), scored by
-    ``score_pairs``; the keys get a ``val_`` prefix (``val_bleu``, ``val_rougeL``, ...; ``n`` left out)."""
+    (``seq2seq_predictor``, with the decoding ``controls`` on top, e.g. ``no_repeat_ngram_size=2``) for
+    the first ``limit`` validation ``pairs`` (None: all), scored by ``score_pairs``; the keys get a
+    ``val_`` prefix (``val_bleu``, ``val_rougeL``, ...; ``n`` left out)."""
 
     def metrics(model: nn.Module) -> dict[str, float]:
         predict = seq2seq_predictor(
-            model, tokenizer, max_source_len=max_source_len, max_new_tokens=max_new_tokens
+            model, tokenizer, max_source_len=max_source_len, max_new_tokens=max_new_tokens, **controls
         )
         result = evaluate_pairs(
             predict, pairs, batch_size=batch_size, limit=limit, rouge_tokenizer=rouge_tokenizer

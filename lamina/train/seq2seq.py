@@ -14,7 +14,9 @@ The pairs are read by ``lamina.data.pairs`` (TSV/CSV with a header, or JSONL) an
 ``data_stats``. Every evaluation adds, next to the validation loss, the greedy outputs' scores on the first
 ``seq2seq.eval_pairs`` validation pairs (``lamina.eval.seq2seq.pair_metrics``): ``val_bleu``, ``val_chrf``,
 ``val_rouge1``, ``val_rouge2``, ``val_rougeL``, ``val_rougeLsum``, ``val_exact_match``, printed and written
-to ``metrics.jsonl``.
+to ``metrics.jsonl``. The checkpoints' generation.yaml holds that decoding (greedy, ``max_target_len`` new
+tokens, ``seq2seq.no_repeat_ngram_size``), so ``lamina generate`` and ``generation_predictor`` decode as
+the evaluations did.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from lamina.config import GenerationConfig
 from lamina.data.pairs import PairBatches, PairData, PairDataConfig, load_pairs
 from lamina.errors import ConfigError
 from lamina.model.transformer import Transformer
@@ -47,10 +50,17 @@ class Seq2SeqConfig:
     # target tokens per pair, eos included (at most the model's max_seq_len); also the longest output decoded
     max_target_len: int = 128
     eval_pairs: int = 200  # validation pairs decoded (greedy) at each evaluation for BLEU/ROUGE; 0: none
+    # greedy decoding's ban on repeating n-grams of this size (0: off), in the evaluations and as the
+    # checkpoint's default decoding (generation.yaml); 2 stops a copying model from looping on a word
+    no_repeat_ngram_size: int = 0
 
     def __post_init__(self) -> None:
         if self.eval_pairs < 0:
             raise ConfigError(f"seq2seq.eval_pairs={self.eval_pairs} must be >= 0")
+        if self.no_repeat_ngram_size < 0:
+            raise ConfigError(
+                f"seq2seq.no_repeat_ngram_size={self.no_repeat_ngram_size} must be >= 0 (0: off)"
+            )
 
 
 def pair_config(run: FinetuneRun, model: Transformer | None = None) -> PairDataConfig:
@@ -106,14 +116,19 @@ def finetune_seq2seq(
     metrics = None
     if s.eval_pairs:
         metrics = pair_metrics(tokenizer, val_data, limit=s.eval_pairs, batch_size=max(tcfg.batch_size, 32),
-                               max_new_tokens=pc.max_target_len, max_source_len=pc.max_source_len)  # fmt: skip
+                               max_new_tokens=pc.max_target_len, max_source_len=pc.max_source_len,
+                               no_repeat_ngram_size=s.no_repeat_ngram_size)  # fmt: skip
+    # the checkpoints decode as the evaluations did (generation.yaml; the trainer adds the eos ids)
+    decoding = GenerationConfig(
+        temperature=0.0, max_new_tokens=pc.max_target_len, no_repeat_ngram_size=s.no_repeat_ngram_size
+    )
     # tokens/s counts real tokens: a batch holds batch_size pairs of the mean source + target length
     per_pair = stats["train_mean_source_tokens"] + stats["train_mean_target_tokens"]
     result = train(
         model, tcfg, train_b, seq2seq(tcfg.label_smoothing), val_b.eval_batches,
         tokens_per_batch=max(1, round(per_pair * tcfg.batch_size)), total_steps=steps, tokenizer=tokenizer,
         run_config=dataclasses.replace(run, train=tcfg).to_dict(), eval_metrics=metrics, resume=resume,
-        overwrite=overwrite, data_stats=stats, notes=notes,
+        overwrite=overwrite, data_stats=stats, notes=notes, generation=decoding,
     )  # fmt: skip
     return model, tokenizer, result
 

@@ -82,13 +82,17 @@ def test_cli_trains_a_checkpoint_that_loads_and_generates(
     rows = [json.loads(x) for x in reverse["val"].read_text().splitlines()[:20]]
     data = _write_jsonl(tmp_path / "pairs.jsonl", rows)
     out = tmp_path / "run"
-    assert main(_cli(data, reverse["tokenizer"], out, "--task.val_fraction", "0.2")) == 0
+    args = ("--task.val_fraction", "0.2", "--seq2seq.no_repeat_ngram_size", "2")
+    assert main(_cli(data, reverse["tokenizer"], out, *args)) == 0
     evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val_bleu" in r]
     assert len(evals) == 2 and {"val_rougeL", "val_exact_match", "val_loss"} <= set(evals[-1])
     lm = lamina.load(str(out / "last"))
     assert lm.model.config.arch == "encoder-decoder" and lm.tokenizer is not None
     eos = lm.tokenizer.eos_token_id
     assert eos is not None and eos in lm.generation.eos_token_ids
+    # the checkpoint decodes as the evaluations did: greedy, max_target_len tokens, the n-gram ban
+    g = lm.generation
+    assert (g.temperature, g.max_new_tokens, g.no_repeat_ngram_size) == (0.0, 10, 2)
     cfg = GenerationConfig(temperature=0.0, max_new_tokens=5, eos_token_ids=[eos])
     outs = generate_seq2seq(lm.model, [[5, 6, eos]], cfg, lm.tokenizer)
     assert len(outs[0][0].token_ids) <= 5 and outs[0][0].finish_reason in ("stop", "length")
