@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from typing import Any
 
 import torch
@@ -148,12 +149,17 @@ class PgStore:
                 f"INSERT INTO {self.t}_documents VALUES (%s, %s, %s)",
                 [(d.doc_id, d.content_hash, json.dumps(d.metadata, sort_keys=True)) for d, _, _ in items],
             )
+            # binary COPY: a vector goes as pgvector's own binary form (vector_recv: uint16 dim, uint16 0,
+            # dim big-endian float32), sent through psycopg's pass-through bytea dumper; formatting 384
+            # floats as text cost ~0.2 ms a row in Python
             with cur.copy(
                 f'COPY {self.t}_chunks (chunk_id, doc_id, text, start, "end", metadata, kind, embedding) '
-                "FROM STDIN"
+                "FROM STDIN (FORMAT BINARY)"
             ) as copy:
+                copy.set_types(["text", "text", "text", "int4", "int4", "jsonb", "text", "bytea"])
+                head = struct.pack(">HH", self.dim, 0)
                 for _, chunks, vectors in items:
-                    rows = vectors.detach().to(torch.float32).cpu().tolist()
+                    rows = vectors.detach().to(torch.float32).cpu().numpy().astype(">f4")
                     for c, v in zip(chunks, rows, strict=True):
                         copy.write_row(
                             (
@@ -162,9 +168,9 @@ class PgStore:
                                 c.text,
                                 c.start,
                                 c.end,
-                                json.dumps(c.metadata),
+                                c.metadata,
                                 c.kind,
-                                str(v),
+                                head + v.tobytes(),
                             )
                         )
 
