@@ -4,8 +4,9 @@ t5-small-shaped random weights.
 
 The `transformers` model is built from a ``T5Config`` of t5-small's shape (6+6 layers, d_model 512, 8 heads,
 d_ff 2048, vocab 32128, ReLU, tied embeddings), randomly initialised, saved to a temporary folder and read
-back with ``lamina.load``, so both hold identical weights. Before timing, the greedy ids of both are
-checked equal on the benchmark's sources. Every generation produces exactly ``--tokens`` new tokens in
+back with ``lamina.load(..., weights="fp32")`` (the inference format: each linear but the head prepacked
+for oneDNN in place, ``lamina.model.quant.PackedLinear``; bf16: ``weights="bf16"``), so both hold the
+same weights. Before timing, the greedy ids of both are checked equal on the benchmark's sources. Every generation produces exactly ``--tokens`` new tokens in
 both systems (``min_new_tokens`` bans eos until then), from sources of 24 to 40 tokens (batch 8: eight
 different lengths, right-padded). Each repeat times every task once, round-robin, so that load from
 other jobs falls on both systems alike; figures are medians over ``--repeats``. Both run with the same
@@ -72,7 +73,8 @@ def main() -> None:
     ref_fp32 = tf.T5ForConditionalGeneration(hc).eval()
     with tempfile.TemporaryDirectory() as tmp:
         ref_fp32.save_pretrained(tmp)
-        mine = {d: lamina.load(tmp, dtype=d).model.eval() for d in dtypes}
+        # lamina's inference formats (lamina.load(..., weights=)): fp32 weights prepacked for oneDNN
+        mine = {d: lamina.load(tmp, weights=d).model.eval() for d in dtypes}
     refs = {d: copy.deepcopy(ref_fp32).to(DTYPES[d]) for d in dtypes}  # .to() is in place
     g = torch.Generator().manual_seed(1)
     sources = [torch.randint(2, 32128, (24 + 2 * i,), generator=g).tolist() for i in range(B)]

@@ -208,8 +208,8 @@ def _compile_with_caches(
 
 
 def _convert(net: Transformer, weights: str | None, compile: bool) -> Transformer:
-    if weights is not None:
-        convert_weights(net, weights)
+    if weights is not None:  # fp32: prepacked for oneDNN unless compiled (inductor cannot lower that)
+        convert_weights(net, weights, pack=not compile)
     if compile and aot.supported(net) is None:
         _attach_decode_step(net)
     elif compile:  # dynamic: the KV cache and the batch change shape from step to step

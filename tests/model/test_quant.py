@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from lamina.model.quant import (
     DynamicInt8Linear,
     Int4Linear,
     Int8Linear,
+    PackedLinear,
     convert_weights,
     logit_agreement,
     path_lengths,
@@ -238,8 +240,11 @@ def test_odd_widths_decode(fmt: str) -> None:
 
 
 # tiny random model: max |dlogit| bound per format (its logits are of order 1)
-TINY_BOUNDS = {"fp32": 0.0, "bf16": 0.05, "int8": 0.05, "int4": 0.1, "w8a8": 0.1}
+TINY_BOUNDS = {"fp32": 1e-5, "bf16": 0.05, "int8": 0.05, "int4": 0.1, "w8a8": 0.1}
+ONEDNN = torch.backends.mkldnn.is_available()
 LINEAR_KIND = {"int8": Int8Linear, "int4": Int4Linear, "w8a8": DynamicInt8Linear}
+if ONEDNN:
+    LINEAR_KIND["fp32"] = PackedLinear  # without oneDNN: fp32 leaves the nn.Linear layers
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -250,12 +255,12 @@ def test_tiny_model_formats(fmt: str) -> None:
         want = ref(ids)
     model = convert_weights(copy.deepcopy(ref), fmt)
     kind = LINEAR_KIND.get(fmt, torch.nn.Linear)
-    head_kind = Int8Linear if fmt == "int4" else kind  # int4 keeps the output head in int8
-    assert isinstance(model.blocks[0].mlp.down_proj, kind) and isinstance(model.lm_head, head_kind)
-    fused = model.blocks[0].attn.qkv_proj  # every format but fp32 fuses q/k/v and gate/up
-    assert (fused is None) == (fmt == "fp32") and (model.blocks[0].mlp.gate_up_proj is None) == (
-        fmt == "fp32"
-    )
+    # int4 keeps the output head in int8, fp32 as it was (a decode step multiplies it transposed)
+    head_kind = {"int4": Int8Linear, "fp32": torch.nn.Linear}.get(fmt, kind)
+    assert isinstance(model.blocks[0].mlp.down_proj, kind) and type(model.lm_head) is head_kind
+    fused = model.blocks[0].attn.qkv_proj  # every format fuses q/k/v and gate/up (fp32: with oneDNN)
+    unfused = fmt == "fp32" and not ONEDNN
+    assert (fused is None) == unfused and (model.blocks[0].mlp.gate_up_proj is None) == unfused
     assert fused is None or isinstance(fused, kind)
     with torch.no_grad():
         got = model(ids)
@@ -265,6 +270,59 @@ def test_tiny_model_formats(fmt: str) -> None:
     assert cache.k[0].dtype == (torch.bfloat16 if fmt in ("bf16", "int8", "int4") else torch.float32)
     assert (got.float() - want).abs().max() <= TINY_BOUNDS[fmt]
     torch.testing.assert_close(steps.float(), got.float(), atol=0.03 if fmt != "fp32" else 1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not ONEDNN, reason="no oneDNN in this torch build")
+def test_packed_fp32_linear_is_the_linear_it_replaced() -> None:
+    """PackedLinear: outputs within 1e-5 of F.linear for 1, 8 and 80 rows; gradients reach x as F.linear's;
+    the state dict holds nn.Linear's keys and exact values, and loading one repacks (wrong shape: refused);
+    copy.deepcopy and pickling keep the weight."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    layer = PackedLinear(lin)
+    for rows in (1, 8, 80):
+        x = torch.randn(2, rows, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), lin(x), atol=1e-5, rtol=1e-5)
+    x = torch.randn(2, 3, 64, requires_grad=True)
+    g = torch.randn(2, 3, 48)
+    layer(x).backward(g)
+    torch.testing.assert_close(x.grad, g @ lin.weight.detach(), atol=1e-5, rtol=1e-5)
+    state = layer.state_dict()
+    assert state.keys() == lin.state_dict().keys() and torch.equal(state["weight"], lin.weight)
+    other = torch.nn.Linear(64, 48)
+    layer.load_state_dict(other.state_dict())
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), other(x), atol=1e-5, rtol=1e-5)
+        for copied in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+            assert torch.equal(copied(x), layer(x))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        layer.load_state_dict(torch.nn.Linear(64, 40).state_dict())
+    with pytest.raises(RuntimeError, match="Missing"):
+        layer.load_state_dict({"bias": lin.bias})
+
+
+@pytest.mark.skipif(not ONEDNN, reason="no oneDNN in this torch build")
+def test_fp32_format_packs_only_a_model_converted_for_inference(tmp_path: Path) -> None:
+    """lamina.load(weights="fp32") prepacks (weight_format set: not trained, not saved, state dict still
+    the fused model's weights); a plain load, fuse=False (LoRA's base) and pack=False (compile) keep
+    nn.Linear layers, trainable and savable."""
+    save_checkpoint(tmp_path / "tiny", _tiny())
+    packed = lamina.load(tmp_path / "tiny", weights="fp32").model
+    assert packed.weight_format == "fp32" and isinstance(packed.blocks[0].attn.o_proj, PackedLinear)
+    assert "blocks.0.attn.qkv_proj.weight" in packed.state_dict()
+    with pytest.raises(CheckpointError, match="converted for inference"):
+        save_checkpoint(tmp_path / "again", packed)
+    plain = lamina.load(tmp_path / "tiny").model
+    for model in (
+        plain,
+        convert_weights(_tiny(), "fp32", fuse=False),
+        convert_weights(_tiny(), "fp32", pack=False),
+    ):
+        assert model.weight_format is None
+        assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    save_checkpoint(tmp_path / "plain", plain)
 
 
 def test_unknown_format_and_double_conversion_raise() -> None:
@@ -326,7 +384,13 @@ def test_load_with_compile(tmp_path: Path) -> None:
 
 
 # SmolLM2 over 256 tokens of real text: bounds are the measured values with a margin
-SMOLLM2_BOUNDS = {"bf16": (1.5, 0.94), "int8": (3.5, 0.90), "int4": (2.5, 0.93), "w8a8": (8.0, 0.80)}
+SMOLLM2_BOUNDS = {
+    "fp32": (1e-3, 1.0),
+    "bf16": (1.5, 0.94),
+    "int8": (3.5, 0.90),
+    "int4": (2.5, 0.93),
+    "w8a8": (8.0, 0.80),
+}
 TEXT = (
     "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
     "foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, "
