@@ -12,13 +12,18 @@ same data and batch, in the same process, alternating rounds, each side keeping 
   engine, scoring, reference) + ``grpo_objective``; TRL: ``GRPOTrainer.training_step`` (its default
   generation path: transformers ``generate``, then scoring, reference and loss).
 - GRPO generation tokens/s: completion tokens per second of the generation alone: lamina's
-  ``generate_ids`` (one request with n = num_generations per prompt) against ``GRPOTrainer._generate``.
+  ``generate_ids`` (one request with n = num_generations per prompt) on the generating model of
+  ``GenerationBatches`` against ``GRPOTrainer._generate``. With ``--compile`` the GRPO config sets
+  ``grpo.compile_generation`` (``lamina.model.aot``'s compiled decode step, for the GRPO steps too): it is
+  compiled once per architecture into lamina's compile cache (or loaded from it), at the first generation,
+  a warm-up before any timing, its seconds printed apart; the eager engine's tokens/s are printed too.
 
 Targets (``headline:`` lines): DPO step >= 1.0x TRL (TRL's time over lamina's), GRPO step >= 1.0x TRL,
 GRPO generation tokens/s >= 2x TRL.
 
     python benchmarks/align.py [--batch 4] [--prompt-len 64] [--completion-len 64] [--rounds 3]
     python benchmarks/align.py --quick      # a smaller model, 2 rounds of 2 steps
+    python benchmarks/align.py --compile    # lamina's GRPO generation with grpo.compile_generation
 """
 
 from __future__ import annotations
@@ -126,7 +131,9 @@ def length_reward(prompts: list[Any], completions: list[Any], **kwargs: Any) -> 
 class Grpo:
     """One GRPO step of each library (generation included) on the same prompts."""
 
-    def __init__(self, folder: Path, out: Path, prompts: int, num_generations: int, max_new: int) -> None:
+    def __init__(
+        self, folder: Path, out: Path, prompts: int, num_generations: int, max_new: int, compile: bool
+    ) -> None:
         import torch
         import transformers as tf
         from datasets import Dataset
@@ -144,7 +151,7 @@ class Grpo:
         self.model, self.tok = lm.model.float().train(), lm.tokenizer
         assert self.tok is not None
         cfg = GrpoConfig(reward_funcs=["length"], num_generations=num_generations, max_completion_length=max_new,
-                         beta=0.04, loss_type="dapo", samples=0)  # fmt: skip
+                         beta=0.04, loss_type="dapo", samples=0, compile_generation=compile)  # fmt: skip
         ids = [self.tok.encode(t) for t in texts]
         (out / "lamina").mkdir(parents=True, exist_ok=True)
         self.source = GenerationBatches(self.model, self.tok, texts, ids, [{} for _ in texts], cfg,
@@ -188,19 +195,28 @@ class Grpo:
         self.trainer._step += 1
         return time.perf_counter() - t
 
-    def lamina_generation(self) -> float:
-        """Completion tokens/s of lamina's engine on the step's prompts."""
+    def lamina_generation(self, eager: bool = False) -> float:
+        """Completion tokens/s of lamina's engine on the step's prompts, as the GRPO run generates (with
+        ``grpo.compile_generation``: its compiled decode step) or, ``eager``, without a compiled step."""
         import torch
 
         from lamina.config import GenerationConfig
         from lamina.generate.engine import generate_ids
+        from lamina.model import aot
+
+        self.model.eval()
+        self.source.attach_decode_step()
+        copies = self.model.__dict__.get("_inference_copies", {})
+        step = copies.pop(aot._HOLDER, None) if eager else None  # off for this generation only
 
         prompts = [self.tok.encode(t) for t in self.texts[: self.source.per_batch]]
         cfg = GenerationConfig(n=self.G, temperature=1.0, max_new_tokens=self.max_new, seed=0)
         t = time.perf_counter()
         with torch.no_grad():
-            seqs = generate_ids(self.model.eval(), prompts, cfg, [2], tokenizer=self.tok)
+            seqs = generate_ids(self.model, prompts, cfg, [2], tokenizer=self.tok)
         dt = time.perf_counter() - t
+        if step is not None:
+            copies[aot._HOLDER] = step
         self.model.train()
         return sum(len(s.tokens) for s in seqs) / dt
 
@@ -227,6 +243,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds alternating lamina and TRL")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--quick", action="store_true", help="hidden 128, 2 layers, 2 rounds of 2 steps")
+    ap.add_argument("--compile", action="store_true", help="GRPO generation with grpo.compile_generation")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args()
     if args.quick:
@@ -245,9 +262,14 @@ def main() -> None:
         folder = Path(tmp) / "model"
         _build(folder, args.hidden, args.layers)
         dpo = Dpo(folder, Path(tmp), args.batch, args.prompt_len, args.completion_len)
-        grpo = Grpo(folder, Path(tmp), args.prompts, args.num_generations, args.max_new)
+        grpo = Grpo(folder, Path(tmp), args.prompts, args.num_generations, args.max_new, args.compile)
         times: dict[str, list[float]] = {k: [] for k in ("dpo_lamina", "dpo_trl", "grpo_lamina", "grpo_trl")}
-        gen: dict[str, list[float]] = {"lamina": [], "trl": []}
+        gen: dict[str, list[float]] = {"lamina": [], "trl": [], "lamina_eager": []}
+        t = time.perf_counter()
+        grpo.lamina_generation()  # the run's first generation: compiles with grpo.compile_generation
+        first = time.perf_counter() - t
+        if args.compile:
+            print(f"lamina's first GRPO generation (compiling or loading the decode step): {first:.1f} s")
         dpo.lamina_step(), dpo.trl_step(), grpo.lamina_step(), grpo.trl_step()  # warm-up
         for _ in range(args.rounds):
             times["dpo_lamina"] += [dpo.lamina_step() for _ in range(args.steps)]
@@ -256,19 +278,26 @@ def main() -> None:
             times["grpo_trl"] += [grpo.trl_step() for _ in range(args.steps)]
             gen["lamina"].append(grpo.lamina_generation())
             gen["trl"].append(grpo.trl_generation())
+            if args.compile:
+                gen["lamina_eager"].append(grpo.lamina_generation(eager=True))
     best = {k: _best(v) for k, v in times.items()}
-    tps = {k: max(v) for k, v in gen.items()}
+    tps = {k: max(v) for k, v in gen.items() if v}
     results = {"step_s": best, "generation_tokens_per_s": tps, "args": vars(args)}
     print(f"DPO step ({args.batch} pairs, {args.prompt_len} + 2 x {args.completion_len} tokens): "
           f"lamina {best['dpo_lamina'] * 1e3:.1f} ms, TRL {best['dpo_trl'] * 1e3:.1f} ms")  # fmt: skip
     print(f"GRPO step ({args.prompts} prompts x {args.num_generations} completions <= {args.max_new} tokens): "
           f"lamina {best['grpo_lamina'] * 1e3:.1f} ms, TRL {best['grpo_trl'] * 1e3:.1f} ms")  # fmt: skip
-    print(f"GRPO generation: lamina {tps['lamina']:.0f} tokens/s, TRL {tps['trl']:.0f} tokens/s")
+    mode = "grpo.compile_generation" if args.compile else "eager"
+    print(f"GRPO generation: lamina ({mode}) {tps['lamina']:.0f} tokens/s, TRL {tps['trl']:.0f} tokens/s")
+    if "lamina_eager" in tps:
+        print(f"  lamina eager (compile_generation off): {tps['lamina_eager']:.0f} tokens/s, "
+              f"{tps['lamina_eager'] / tps['trl']:.2f}x TRL")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     headline("DPO step", best["dpo_trl"] / best["dpo_lamina"], "TRL DPOTrainer", 1.0)
     headline("GRPO step", best["grpo_trl"] / best["grpo_lamina"], "TRL GRPOTrainer", 1.0)
-    headline("GRPO generation tokens/s", tps["lamina"] / tps["trl"], "TRL default generation", 2.0)
+    what = "GRPO generation tokens/s" + (" (grpo.compile_generation)" if args.compile else "")
+    headline(what, tps["lamina"] / tps["trl"], "TRL default generation", 2.0)
     sys.stdout.flush()
 
 

@@ -913,10 +913,11 @@ class Engine:
                 r.sampler.output_ids.append(t)
         else:
             chosen = sample_batch(masked, [r.sampler for r in rows], accept=False)
+            picks = chosen.tolist()  # one read of the batch's tokens, not one per row
             for i, r in enumerate(rows):
                 if r.constraint is not None:  # the budget rule may swap in a token that closes the output
-                    chosen[i] = r.constraint.check(int(chosen[i]), r.budget - len(r.seq.tokens))
-                r.sampler.accept(int(chosen[i]))
+                    picks[i] = chosen[i] = r.constraint.check(picks[i], r.budget - len(r.seq.tokens))
+                r.sampler.accept(picks[i])
         tokens = chosen.tolist()
         lps: list[TokenLogprob | None] = [None] * len(rows)
         want = [i for i, r in enumerate(rows) if r.cfg.logprobs or r.cfg.top_logprobs]

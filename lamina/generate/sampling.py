@@ -728,8 +728,12 @@ def sample(
     processed = process_logits(
         logits, cfg, prompt_ids=prompt_ids, output_ids=output_ids, dry_breakers=dry_breakers, xtc_coins=coins
     )
-    empty = ~torch.isfinite(processed).any(-1)
-    if empty.any():
+    # a row's finite maximum is one of its tokens left: one reduction decides the usual case, where every
+    # row has one; only otherwise the exact per-row test (no finite logit at all)
+    if (
+        not bool(torch.isfinite(processed.amax(-1)).all())
+        and (empty := ~torch.isfinite(processed).any(-1)).any()
+    ):
         raise ConfigError(
             f"no token is left to generate in row {int(empty.nonzero()[0, 0])}: logit_bias, bad_words_ids, "
             "allowed_token_ids, no_repeat_ngram_size and min_new_tokens together ban every token"
@@ -836,17 +840,18 @@ def sample_batch(logits: Tensor, samplers: Sequence[Sampler], accept: bool = Tru
     B = logits.shape[0]
     if len(samplers) != B:
         raise ValueError(f"{len(samplers)} samplers for {B} rows of logits")
-    out = torch.empty(B, dtype=torch.long, device=logits.device)
     groups: dict[str, list[int]] = {}
     for i, s in enumerate(samplers):
         groups.setdefault(s.batch_key, []).append(i)
+    whole = len(groups) == 1  # one config for the batch (e.g. a GRPO generation): no gather, no scatter
+    out = torch.empty(0 if whole else B, dtype=torch.long, device=logits.device)
     for rows in groups.values():
         group = [samplers[i] for i in rows]
         cfg = group[0].cfg
         states = [s.mirostat for s in group if s.mirostat is not None]
-        idx = torch.tensor(rows, device=logits.device)
-        out[idx] = sample(
-            logits.index_select(0, idx),
+        idx = None if whole else torch.tensor(rows, device=logits.device)
+        chosen = sample(
+            logits if idx is None else logits.index_select(0, idx),
             cfg,
             [s.generator for s in group],
             prompt_ids=[s.prompt_ids for s in group],
@@ -854,6 +859,10 @@ def sample_batch(logits: Tensor, samplers: Sequence[Sampler], accept: bool = Tru
             mirostat=states if cfg.mirostat else None,
             dry_breakers=group[0].dry_breakers,
         )
+        if idx is None:
+            out = chosen
+        else:
+            out[idx] = chosen
     if accept:
         for s, token in zip(samplers, out.tolist(), strict=True):
             s.accept(token)

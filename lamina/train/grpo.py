@@ -181,6 +181,10 @@ class GrpoConfig:
     prompt_field: str = "prompt"  # the JSONL key holding each prompt (a string or a list of messages)
     samples: int = 1  # prompts per generation batch whose completions go to samples.jsonl (0: none)
     chat_template: str | None = None  # a Jinja chat template file (or text); None: the tokenizer's
+    # generate through lamina.model.aot's compiled decode step (as --compile; it reads the policy's weights
+    # in place, so training's updates need no recompile): compiled once per architecture into
+    # compile_cache_dir() (about a minute), then loaded in a second; models it does not cover (LoRA) decode eagerly
+    compile_generation: bool = False
 
     def __post_init__(self) -> None:
         if self.num_generations < 2:
@@ -376,6 +380,7 @@ class GenerationBatches:
         self.pad = pad_id(tokenizer, eos_ids)
         self._cache: dict[tuple[int, int], dict[str, Tensor]] = {}
         self._round_raw: dict[int, list[dict[str, Tensor]]] = {}  # per round: each micro-batch's raw values
+        self._eager_generation = not cfg.compile_generation  # True also once the compiled step is refused
 
     def batch(self, index: int) -> dict[str, Tensor]:
         """Micro-batch ``index`` (generated when its round first asks for it)."""
@@ -404,6 +409,7 @@ class GenerationBatches:
         was_training = model.training
         model.eval()
         try:
+            self.attach_decode_step()
             with torch.no_grad():
                 seqs = generate_ids(
                     model, [self.prompt_ids[r] for r in rows], gens, self.eos, tokenizer=self.tok
@@ -459,6 +465,26 @@ class GenerationBatches:
                     fh.write(json.dumps({"step": step + 1, "prompt": prompts[j], "completion": texts[j],
                                          "reward": _number(total[j]), "advantage": float(adv[j])}) + "\n")  # fmt: skip
         return batch
+
+    def attach_decode_step(self) -> None:
+        """With ``grpo.compile_generation``: the policy's compiled decode step (``lamina.model.aot``, which
+        ``model(ids, cache=cache)`` runs for one token per row in eval mode without autograd: every decoding
+        step of the generation, never training's forwards), attached at the first generation and again
+        if ``.to()`` dropped it; a model it does not cover, or a failed compile, decodes eagerly (one line
+        on stderr)."""
+        from lamina.model import aot
+
+        if self._eager_generation or aot.attached_step(self.model) is not None:
+            return
+        why = aot.supported(self.model)
+        if why is None:
+            from lamina.checkpoint.load import _attach_decode_step
+
+            _attach_decode_step(self.model)
+            why = None if aot.attached_step(self.model) is not None else "its compile failed"
+        if why is not None:
+            self._eager_generation = True
+            print(f"lamina: grpo.compile_generation: generating eagerly ({why})", file=sys.stderr)
 
     def round_values(self, step: int) -> dict[str, Tensor]:
         """Step ``step``'s generation, its micro-batches together: ``total`` (N,), ``rewards`` (N, F),

@@ -300,3 +300,67 @@ def test_step_one_in_bf16_has_ratio_one_and_no_kl(
     finetune(run)
     assert seen == [(0.0, 0.0)]
     assert _records(tmp_path / "run")[0]["kl"] == 0.0
+
+
+def test_compile_generation_decodes_through_the_attached_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``grpo.compile_generation``: the decode step (``lamina.model.aot``; a counting stand-in here, which
+    runs the eager step: compiling takes minutes) is attached once, at the first generation, and runs
+    every one-token step of the generations (never the prompt, never training); the completions equal
+    the eager engine's for the same seed; a model the step does not cover generates eagerly, with one
+    line on stderr."""
+    import torch
+
+    import lamina.checkpoint.load as load_module
+    from lamina.model import aot
+    from lamina.train.grpo import GenerationBatches
+
+    lm = tiny_lm(d_model=32, n_heads=2, n_kv_heads=2, d_ff=64)
+    model, tok = lm.model.train(), lm.tokenizer
+    prompts = [f"{WORDS[i]} {WORDS[i + 1]}" for i in range(4)]
+    ids = [tok.encode(p) for p in prompts]
+    seen: list[tuple[int, bool]] = []  # (tokens per row, training) of each call of the step
+
+    class Step:
+        def applies(self, x: torch.Tensor, cache: Any) -> bool:
+            return cache is not None and x.shape[1] == 1 and not torch.is_grad_enabled()
+
+        def __call__(self, x: torch.Tensor, cache: Any) -> Any:
+            seen.append((x.shape[1], model.training))
+            copies = model.__dict__["_inference_copies"]
+            copies.pop(aot._HOLDER)
+            try:
+                return model(x, cache=cache)
+            finally:
+                copies[aot._HOLDER] = self
+
+    attached: list[Any] = []
+
+    def attach(net: Any) -> None:
+        attached.append(net)
+        net.__dict__.setdefault("_inference_copies", {})[aot._HOLDER] = Step()
+
+    monkeypatch.setattr(load_module, "_attach_decode_step", attach)
+
+    def source(compile_generation: bool) -> GenerationBatches:
+        cfg = GrpoConfig(reward_funcs=["zero"], num_generations=4, max_completion_length=6, samples=0,
+                         compile_generation=compile_generation)  # fmt: skip
+        zero = ("zero", lambda completions, **kw: [0.0] * len(completions))
+        return GenerationBatches(model, tok, prompts, ids, [{}] * 4, cfg, [zero], None, 8, 1, 0, tmp_path,
+                                 [tok.eos_token_id])  # fmt: skip
+
+    eager = [source(False).batch(i)["input_ids"] for i in range(2)]
+    assert not attached and not seen
+    compiled = source(True)
+    got = [compiled.batch(i)["input_ids"] for i in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(eager, got, strict=True))
+    assert attached == [model] and seen and all(s == (1, False) for s in seen)
+    assert model.training  # restored after generating
+    model(torch.tensor([ids[0]])).sum().backward()  # training's forward: not the step
+    assert all(s == (1, False) for s in seen)
+
+    monkeypatch.setattr(aot, "supported", lambda net: "LoRA")
+    model.__dict__["_inference_copies"].pop(aot._HOLDER)
+    source(True).batch(0)
+    assert attached == [model] and "generating eagerly (LoRA)" in capsys.readouterr().err
