@@ -118,7 +118,9 @@ def load_from_args(
         torch.set_num_threads(opts.threads)
     if opts.compile:
         print(
-            "--compile: the first prompt of each new shape compiles first (minutes on CPU)", file=sys.stderr
+            "--compile: the first use of a model and weight format compiles (minutes on CPU); later starts "
+            "load the compiled decode step from the cache",
+            file=sys.stderr,
         )
     target = model or args.model
     wanted = model is None if lora is None else lora

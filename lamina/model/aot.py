@@ -291,7 +291,7 @@ def attach_decode_step(
 ) -> CompiledStep:
     """Compile (or load from ``cache_dir``) ``model``'s decode step and attach it (see the module
     docstring). ``model`` must be in eval mode and not change its weights afterwards (the step reads them
-    in place; ``.to()`` drops the step). ``log`` gets one line when a package is compiled.
+    in place; ``.to()`` drops the step). ``log`` gets a line before and after compiling a package.
 
     Raises ``ValueError`` for a model ``supported`` refuses; export or compile errors pass through."""
     why = supported(model)
@@ -300,10 +300,14 @@ def attach_decode_step(
     model.eval()
     path = Path(cache_dir) / f"decode-{step_key(model)}.pt2"
     if not path.is_file():
+        if log is not None:
+            log(
+                f"compiling the decode step of this model and weight format (once; minutes on a small CPU) into {path}"
+            )
         t = time.perf_counter()
         export_step(model, path)
         if log is not None:
-            log(f"compiled the decode step in {time.perf_counter() - t:.0f} s: {path}")
+            log(f"compiled the decode step in {time.perf_counter() - t:.0f} s")
     step = load_step(model, path)
     model.__dict__.setdefault("_inference_copies", _InferenceCopies())[_HOLDER] = step
     return step
