@@ -113,3 +113,27 @@ def test_compile_turns_the_caches_on_for_lamina_s_compile_only(monkeypatch: pyte
     _compile_with_caches(None, [], config_patches={"max_autotune": False})  # type: ignore[arg-type]
     assert seen == [(True, {"max_autotune": False, "fx_graph_cache": True})]
     assert functorch_config.enable_autograd_cache is False
+
+
+def test_compile_failures_are_one_line_and_decode_eagerly(
+    hf_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``compile=True`` when the compiled decode step cannot be built (an export error; an unwritable cache
+    directory): one line on stderr naming it, no step attached, and the model decodes eagerly."""
+    from lamina.model import aot
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("aten.some_op has no lowering\nmore detail")
+
+    monkeypatch.setattr(aot, "attach_decode_step", fail)
+    model = lamina.load(hf_folder, compile=True).model
+    err = capsys.readouterr().err
+    assert (
+        "the compiled decode step failed (RuntimeError: aten.some_op has no lowering); decoding eagerly"
+        in err
+    )
+    assert aot.attached_step(model) is None and model._compiled_call_impl is None
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("LAMINA_COMPILE_CACHE", str(tmp_path / "file" / "cc"))  # cannot be made
+    model = lamina.load(hf_folder, compile=True).model
+    assert "--compile: cannot make" in capsys.readouterr().err and aot.attached_step(model) is None
