@@ -116,11 +116,14 @@ def test_compile_turns_the_caches_on_for_lamina_s_compile_only(monkeypatch: pyte
 
 
 def test_compile_failures_are_one_line_and_decode_eagerly(
-    hf_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``compile=True`` when the compiled decode step cannot be built (an export error; an unwritable cache
     directory): one line on stderr naming it, no step attached, and the model decodes eagerly."""
     from lamina.model import aot
+
+    hf_folder = tmp_path / "tiny"  # its own: other tests write generation files into the shared one
+    export_hf(hf_folder, Transformer(ModelConfig.preset("llama-tiny", vocab_size=101, max_seq_len=32)).eval())
 
     def fail(*args: object, **kwargs: object) -> None:
         raise RuntimeError("aten.some_op has no lowering\nmore detail")
