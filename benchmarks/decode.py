@@ -245,7 +245,7 @@ def main() -> None:
         names = [fmt] + ([f"{fmt}+compile"] if fmt in args.compile.split(",") else [])
         for name in names:
             if name.endswith("+compile"):  # the decode step lamina.load(compile=True) attaches
-                model = copy.deepcopy(model)  # (a copy drops an attached step: the eager model stays)
+                model = convert_weights(copy.deepcopy(fp32), fmt, pack=False)  # as load(compile=True)
                 t = time.perf_counter()
                 attach_decode_step(model, compile_cache_dir() / "aot", log=lambda line: print(f"  {line}"))
                 print(f"  {name}: decode step ready in {time.perf_counter() - t:.1f} s", flush=True)

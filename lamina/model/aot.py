@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lamina.model.layers import Attention, KVCache, _InferenceCopies, rope_tables
+from lamina.model.quant import PackedLinear
 from lamina.model.transformer import Block, Transformer
 
 STEP_VERSION = "1"  # bump when DecodeStep's computation changes: packages of other versions are not read
@@ -59,6 +60,10 @@ def supported(model: Transformer) -> str | None:
         return "scale_decoder_outputs"
     if any(type(m).__module__ == "lamina.model.lora" for m in model.modules()):
         return "LoRA adapters (merge them first)"
+    if any(isinstance(m, PackedLinear) for m in model.modules()):  # an opaque weight export cannot take
+        return (
+            "fp32 weights prepacked for oneDNN (convert_weights(..., pack=False), as load(compile=True) does)"
+        )
     if model.tok_emb.weight.device.type != "cpu":
         return f"device {model.tok_emb.weight.device} (CPU only)"
     return None

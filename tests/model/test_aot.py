@@ -17,7 +17,7 @@ from lamina.checkpoint.lamina import save_checkpoint
 from lamina.config import ModelConfig
 from lamina.generate.engine import greedy_decode
 from lamina.model.aot import DecodeStep, attached_step, step_key, supported
-from lamina.model.quant import convert_weights
+from lamina.model.quant import PackedLinear, convert_weights
 from lamina.model.transformer import Transformer
 
 TINY = ModelConfig(
@@ -78,6 +78,10 @@ def test_supported_and_key() -> None:
     other = Transformer(copy.deepcopy(TINY)).eval()  # other weights, same architecture: the same package
     assert step_key(other) == step_key(model)
     assert step_key(convert_weights(other, "int4")) != step_key(model)
+    packed = convert_weights(Transformer(copy.deepcopy(TINY)).eval(), "fp32")  # oneDNN-prepacked where it can
+    if any(isinstance(m, PackedLinear) for m in packed.modules()):
+        assert "prepacked" in (supported(packed) or "")
+    assert supported(convert_weights(Transformer(copy.deepcopy(TINY)).eval(), "fp32", pack=False)) is None
 
 
 @pytest.fixture(scope="session")
