@@ -516,6 +516,7 @@ class Engine:
     def _join(self, prefilled: KVCache, rows: int, capacity: int, row: int = 0) -> None:
         """Add ``rows`` copies of a prefilled request's cache row ``row`` to the batch's cache."""
         if self._cache is None or not self._running:
+            self._cache = None  # an emptied batch's storage goes before the new one is made
             self._cache = KVCache(
                 self.model.config, 0, capacity, self._dtype, self._device, max_batch_size=rows
             )
@@ -841,7 +842,9 @@ class Engine:
         if keep == list(range(len(old))):
             return
         self._running = [old[i] for i in keep]
-        if self._cache is not None:
+        if self._cache is not None and not keep:
+            self._cache = None  # the batch is empty: its storage goes now, not beside the next batch's
+        elif self._cache is not None:
             self._cache.keep(torch.tensor(keep, dtype=torch.long))
         if self._drafter is not None:
             rank = {

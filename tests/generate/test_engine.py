@@ -123,7 +123,8 @@ def test_stopping_rules_and_finished_rows_leave_the_batch(monkeypatch: pytest.Mo
     assert out[0].tokens == free[0][: free[0].index(stop_tok)] and out[0].finish_reason == "stop"
     assert out[1].tokens == free[1][:2] and out[1].finish_reason == "length"
     assert out[2].tokens == free[2] and out[2].finish_reason == "length"  # eos ignored
-    assert sizes and sizes[-1] == 0 and sizes == sorted(sizes, reverse=True)  # rows left as they finished
+    # rows left as they finished; the last one with the whole cache (the emptied batch drops it)
+    assert sizes and sizes[-1] == 1 and sizes == sorted(sizes, reverse=True)
 
 
 @pytest.mark.slow
@@ -437,3 +438,28 @@ def test_kv_cache_grows_no_further_than_its_rows_can_use() -> None:
     cache.length = 11
     cache.reserve(1)
     assert cache.capacity == 11 + 11 // 2
+
+
+@torch.no_grad()
+def test_an_emptied_batch_frees_its_kv_cache_before_the_next_batch() -> None:
+    """The batch's KV storage goes with its last row: it is not kept until the next request's batch
+    storage is made beside it (two caches at once: the server's RSS peak at a wave of new requests)."""
+    import gc
+    import weakref
+
+    from lamina.generate.engine import Engine
+
+    engine = Engine(_tiny_model(), max_batch_size=4)
+    cfg = GenerationConfig(temperature=0.0, max_new_tokens=3, ignore_eos=True)
+    for p in ([1, 2, 3], [4, 5]):
+        engine.submit(p, cfg)
+    engine.step()
+    assert engine._cache is not None and engine.num_running == 2
+    first = weakref.ref(engine._cache)
+    while engine.has_work():
+        engine.step()
+    gc.collect()
+    assert first() is None  # freed when the batch emptied, not when the next batch arrives
+    engine.submit([6, 7, 8], cfg)
+    engine.step()
+    assert engine._cache is not None and engine.num_running == 1
