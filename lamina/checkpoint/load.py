@@ -210,12 +210,21 @@ def _compile_with_caches(
 def _convert(net: Transformer, weights: str | None, compile: bool) -> Transformer:
     if weights is not None:  # fp32: prepacked for oneDNN unless compiled (inductor cannot lower that)
         convert_weights(net, weights, pack=not compile)
-    if compile and aot.supported(net) is None:
-        _attach_decode_step(net)
-    elif compile:  # dynamic: the KV cache and the batch change shape from step to step
-        cached = use_compile_cache() is not None
-        net.compile(backend=_compile_with_caches if cached else "inductor", dynamic=True)
+    if compile:
+        compile_model(net)
     return net
+
+
+def compile_model(net: Transformer) -> None:
+    """What ``compile=True`` does to a loaded (converted) model: the compiled decode step of
+    ``lamina.model.aot`` where it covers the model (``_attach_decode_step``), else ``torch.compile``
+    (dynamic: the KV cache and the batch change shape from step to step; inductor's caches in
+    ``compile_cache_dir()``)."""
+    if aot.supported(net) is None:
+        _attach_decode_step(net)
+        return
+    cached = use_compile_cache() is not None
+    net.compile(backend=_compile_with_caches if cached else "inductor", dynamic=True)
 
 
 def _attach_decode_step(net: Transformer) -> None:

@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from lamina.checkpoint.hf import _LAYER, _LLAMA_LAYER, _LLAMA_TOP, hf_family
 from lamina.checkpoint.lamina import atomic_folder
-from lamina.checkpoint.load import LoadedModel, load
+from lamina.checkpoint.load import LoadedModel, compile_model, load
 from lamina.config import ModelConfig
 from lamina.errors import CheckpointError, ConfigError
 from lamina.model.lora import (
@@ -532,17 +532,17 @@ def load_with_adapter(
         lm = load_adaptable(model, dtype, weights)
         load_adapter(lm.model, adapter)
         if compile:
-            lm.model.compile(dynamic=True)
+            compile_model(lm.model)
         return lm
     lm = load(model, dtype="fp32")
     merge_lora(load_adapter(lm.model, adapter), unload=True)
     net = lm.model
-    if weights is not None:
-        convert_weights(net, weights)
+    if weights is not None:  # fp32 prepacked for oneDNN unless compiled (as lamina.load)
+        convert_weights(net, weights, pack=not compile)
     elif dtype != "fp32":
         net.to(torch.bfloat16 if dtype == "bf16" else torch.float16)
-    if compile:
-        net.compile(dynamic=True)
+    if compile:  # the merged model: lamina.load's compiled decode step
+        compile_model(net)
     return lm
 
 

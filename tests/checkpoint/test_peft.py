@@ -243,3 +243,21 @@ def test_a_module_peft_cannot_save_whole_is_refused_before_training(
             check_savable(lora)
     else:
         check_savable(lora)  # Llama's q_proj is a module of its own
+
+
+def test_load_with_adapter_compiles_the_merged_model_as_load_does(
+    base: tuple[str, Path, Transformer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``compile=True`` on the merged model takes ``lamina.load``'s path: the compiled decode step
+    (``lamina.model.aot``; recorded here, not compiled) where it covers the model, else torch.compile."""
+    from lamina.model import aot
+
+    _, folder, model = base
+    save_adapter(_lamina_lora(model), tmp_path / "adapter")
+    seen: list[Transformer] = []
+    monkeypatch.setattr(aot, "attach_decode_step", lambda net, *args, **kwargs: seen.append(net))
+    net = load_with_adapter(folder, tmp_path / "adapter", weights="fp32", compile=True).model
+    if aot.supported(net) is None:
+        assert seen == [net] and net._compiled_call_impl is None
+    else:
+        assert not seen and net._compiled_call_impl is not None
