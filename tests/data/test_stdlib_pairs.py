@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -162,3 +164,41 @@ def test_main_builds_and_prints_the_baselines(
     out = capsys.readouterr().out
     assert "test:" in out and "baseline name_words: test ROUGE-L 0." in out
     assert "baseline best_constant: test ROUGE-L 0." in out
+
+
+def _readme_summarization_block() -> str:
+    """The README's ```sh block that builds the task, trains the summarizer and scores it."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```sh\n(.*?)```", readme, flags=re.S) if "stdlib_pairs" in b]
+    assert len(blocks) == 1
+    return re.sub(r"\\\n\s*", "", blocks[0])  # continuation lines joined
+
+
+@pytest.mark.slow
+def test_readme_summarization_commands_run_short(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's summarization commands, short: on the small task of ``folder`` (its pairs in place of
+    the first command's), three optimizer steps and four validation pairs decoded; the scoring line runs
+    on the checkpoint and prints the test split's scores."""
+    from lamina.cli.main import main
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    lines = _readme_summarization_block().splitlines()
+    assert lines[0].startswith("python3 -m lamina.data.stdlib_pairs runs/stdlib-pairs")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "stdlib-pairs").symlink_to(folder)
+    short = {"--train.max_steps": "3", "--train.eval_every": "3", "--seq2seq.eval_pairs": "4"}
+    for line in lines[1:]:
+        line = re.sub(r"\s+#.*$", "", line).replace("runs/", f"{runs}/")
+        if line.startswith("lamina "):
+            argv = shlex.split(line)[1:]
+            for flag, value in short.items():
+                if flag in argv:
+                    argv[argv.index(flag) + 1] = value
+            assert main(argv) == 0, line
+        elif line.startswith("python3 -c "):
+            exec(shlex.split(line)[2], {})
+    out = capsys.readouterr().out
+    assert re.search(r"n=\d+ bleu=[\d.]+ chrf=[\d.]+ rouge1=0\.\d+ rouge2=0\.\d+ rougeL=0\.\d+", out), out
