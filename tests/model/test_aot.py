@@ -14,8 +14,8 @@ import torch
 
 import lamina
 from lamina.checkpoint.lamina import save_checkpoint
-from lamina.config import ModelConfig
-from lamina.generate.engine import greedy_decode
+from lamina.config import GenerationConfig, ModelConfig
+from lamina.generate.engine import generate_ids, greedy_decode
 from lamina.model.aot import DecodeStep, attached_step, step_key, supported
 from lamina.model.quant import PackedLinear, convert_weights
 from lamina.model.transformer import Transformer
@@ -104,9 +104,17 @@ def test_load_with_compile_decodes_through_the_package(tiny_int4: Path) -> None:
     step = attached_step(compiled)
     assert step is not None and attached_step(eager) is None
     assert step.path.is_file() and step.path.with_suffix(".pt").is_file()
+    runner, calls = step.runner, []
+    step.runner = lambda *args: calls.append(args[0].shape[0]) or runner(*args)  # counts the compiled steps
     torch.testing.assert_close(_steps(compiled), _steps(eager), atol=0.02, rtol=0)
+    assert calls == [3] * 6
     prompts = [[5, 7, 9], [11, 3, 8, 2, 4]]
     assert greedy_decode(compiled, prompts, 8) == greedy_decode(eager, prompts, 8)
+    # continuous batching: rows leave at different steps and a queued one joins, the cache grows
+    cfgs = [GenerationConfig(temperature=0.0, max_new_tokens=n) for n in (3, 12, 6)]
+    runs = [generate_ids(m, [*prompts, [9, 9]], cfgs, max_batch_size=2) for m in (compiled, eager)]
+    assert [s.tokens for s in runs[0]] == [s.tokens for s in runs[1]]
+    assert 1 in calls and 2 in calls  # steps at batch 2 and, once rows left, at batch 1
     again = lamina.load(tiny_int4, weights="int4", compile=True).model
     assert attached_step(again).path == step.path  # type: ignore[union-attr]
     assert attached_step(copy.deepcopy(compiled)) is None  # a copy's weights are its own: no step
