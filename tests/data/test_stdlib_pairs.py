@@ -1,4 +1,5 @@
-"""The standard-library summarization task: pairs, the split by module, and the two baselines."""
+"""The standard-library summarization task: pairs, the split by module, the two baselines, and the README's
+commands for it, run short."""
 
 from __future__ import annotations
 
