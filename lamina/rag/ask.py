@@ -54,14 +54,14 @@ def ask(
     ``lamina index`` writes, :func:`default_index`). ``model``: the chat model (name, path or loaded).
     ``embedder``: the index's embedding model, loaded (None: loaded from the name the index stores).
     ``stream`` receives the answer's text as it is written; ``controls`` are further decoding controls
-    (``GenerationConfig`` fields). ``rerank="llm"`` reranks with ``model``. Raises ``ConfigError`` for a query embedder that is not the index's
+    (``GenerationConfig`` fields). ``rerank="llm"`` or ``"likelihood"`` reranks with ``model``. Raises ``ConfigError`` for a query embedder that is not the index's
     model and for a missing index file.
     """
     from lamina.checkpoint.load import load
 
     cfg = retrieve_config or RetrieveConfig()
     lm: LoadedModel | None = None
-    if cfg.rerank == "llm":  # the chat model scores the passages too
+    if cfg.rerank != "none":  # the chat model scores the passages too
         lm = load(model) if isinstance(model, str) else model
     store, owned = _open(index)
     try:

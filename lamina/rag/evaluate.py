@@ -141,12 +141,14 @@ def evaluate(
     ks: Sequence[int] = (1, 5, 10),
     config: RetrieveConfig | None = None,
     embedder: LoadedModel | None = None,
+    reranker: LoadedModel | None = None,
 ) -> EvalReport:
     """Retrieve every question of ``qrels`` from ``store`` in each of ``modes`` and score the rankings.
 
     ``config`` gives the other retrieval settings (``rrf_k``, ``candidates``, ``filters``); each question
     retrieves ``candidates`` chunks, ranked as documents, evaluated to depth ``max(ks)`` (MRR too).
     ``embedder``: the store's embedding model, loaded (None: loaded once from the name the store holds).
+    ``reranker``: the chat model that reranks every mode when ``config.rerank`` is set.
     Raises ``ConfigError`` for an unknown mode and as :func:`~lamina.rag.retrieve.retrieve` does.
     """
     from lamina.checkpoint.load import load
@@ -161,7 +163,9 @@ def evaluate(
     for mode in modes:
         cfg = replace(base, mode=mode, k=chunks, candidates=chunks)  # type: ignore[arg-type]
         ranked = [
-            ranked_documents([h.chunk.doc_id for h in retrieve(store, q.question, cfg, embedder)])[:depth]
+            ranked_documents([h.chunk.doc_id for h in retrieve(store, q.question, cfg, embedder, reranker)])[
+                :depth
+            ]
             for q in qrels
         ]
         n = len(qrels)

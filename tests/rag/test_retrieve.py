@@ -151,6 +151,8 @@ def test_bm25_needs_no_embedder(store: MemoryStore) -> None:
         {"fusion": "max"},
         {"text_weight": -0.1},
         {"text_weight": float("nan")},
+        {"rerank_depth": 0},
+        {"rerank_weight": -1.0},
     ],
 )
 def test_config_is_checked(bad: dict[str, Any]) -> None:
@@ -175,3 +177,37 @@ def test_llm_rerank_reorders_by_yes_probability(
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     with pytest.raises(ConfigError, match="reranker"):
         retrieve(store, "indent", cfg, lamina_minilm)
+
+
+def test_likelihood_rerank_adds_the_mean_log_probability_of_the_question() -> None:
+    """rerank=likelihood: score + weight * mean log p(question | UPR prompt with the passage), one
+    passage per document (its first 'chunk' entry), the later documents after in their order; checked
+    against a plain forward pass of the tiny model over prompt + question."""
+    import torch
+
+    from lamina.rag.retrieve import UPR_PROMPT, rerank_likelihood
+
+    lm = tiny_lm()
+    tok = lm.tokenizer
+    lead = hit("a#lead", 0.9, text="the cat sat")
+    lead.chunk.kind = "lead"
+    hits = [lead, hit("b#0", 0.8, text="a dog ran"), hit("a#0", 0.7, text="the cat sat on the mat"),
+            hit("c#0", 0.6, text="blue green red"), hit("d#0", 0.5, text="hello world")]  # fmt: skip
+    question = "the cat sat on a mat"
+
+    def mean_logp(text: str) -> float:
+        ctx = tok.encode(UPR_PROMPT.format(passage=text), add_special_tokens=False)
+        q = tok.encode(" " + question, add_special_tokens=False)
+        with torch.inference_mode():
+            lg = lm.model(torch.tensor([ctx + q])).float().log_softmax(-1)[0]
+        return float(sum(lg[len(ctx) + i - 1, t] for i, t in enumerate(q)) / len(q))
+
+    out = rerank_likelihood(lm, question, hits, weight=1.0, depth=3)
+    expected = {d: s + mean_logp(t) for d, s, t in [("a", 0.9, "the cat sat on the mat"),
+                ("b", 0.8, "a dog ran"), ("c", 0.6, "blue green red")]}  # fmt: skip
+    top = sorted(expected, key=lambda d: -expected[d])
+    assert [h.chunk.doc_id for h in out] == [*top, "d"]  # a: once, through its chunk, not its lead
+    assert out[top.index("a")].chunk.chunk_id == "a#0"
+    assert [h.score for h in out[:3]] == pytest.approx([expected[d] for d in top], abs=1e-4)
+    assert [h.rank for h in out] == [1, 2, 3, 4]
+    assert [h.chunk.doc_id for h in rerank_likelihood(lm, question, hits, 0.0, 3)] == ["a", "b", "c", "d"]
