@@ -27,6 +27,7 @@ llama.cpp runs with ``--threads`` threads too (node-llama-cpp: installed on firs
 ``--no-llama-cpp`` skips it).
 
     python benchmarks/decode.py [--tokens 64] [--threads 2] [--formats fp32,bf16,int8,int4,w8a8] [--compile int4]
+    python benchmarks/decode.py --formats int4 --compile int4 --head-topk 16   # the rescored head too
     python benchmarks/decode.py --quick      # 16 tokens, 1 repeat, fp32 and int4
 """
 
@@ -166,6 +167,13 @@ def main() -> None:
         metavar="FORMATS",
         help="also time these formats with the compiled decode step of --compile (e.g. int4)",
     )
+    ap.add_argument(
+        "--head-topk",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also time int4 with convert_weights(head_topk=K) (an int4 head, top K rescored in int8): int4+headK",
+    )
     ap.add_argument("--quick", action="store_true", help="16 tokens, 1 repeat, fp32 and int4 only")
     ap.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp column")
     args = ap.parse_args()
@@ -239,13 +247,17 @@ def main() -> None:
     agreement = {}
     with torch.inference_mode():
         ref_logits = fp32(long).float()
-    for fmt in args.formats.split(","):
-        model = convert_weights(copy.deepcopy(fp32), fmt)
-        agreement[fmt] = logit_agreement(model, ref_logits, long)
-        names = [fmt] + ([f"{fmt}+compile"] if fmt in args.compile.split(",") else [])
+    variants = [(fmt, fmt, 0) for fmt in args.formats.split(",")]  # (name, format, head_topk)
+    if args.head_topk and "int4" in args.formats.split(","):
+        variants.append((f"int4+head{args.head_topk}", "int4", args.head_topk))
+    for variant, fmt, k in variants:
+        model = convert_weights(copy.deepcopy(fp32), fmt, head_topk=k)
+        agreement[variant] = logit_agreement(model, ref_logits, long)
+        names = [variant] + ([f"{variant}+compile"] if fmt in args.compile.split(",") else [])
         for name in names:
             if name.endswith("+compile"):  # the decode step lamina.load(compile=True) attaches
-                model = convert_weights(copy.deepcopy(fp32), fmt, pack=False)  # as load(compile=True)
+                # unpacked, as load(compile=True) converts
+                model = convert_weights(copy.deepcopy(fp32), fmt, pack=False, head_topk=k)
                 t = time.perf_counter()
                 attach_decode_step(model, compile_cache_dir() / "aot", log=lambda line: print(f"  {line}"))
                 print(f"  {name}: decode step ready in {time.perf_counter() - t:.1f} s", flush=True)

@@ -16,7 +16,7 @@ import lamina
 from lamina.checkpoint.lamina import save_checkpoint
 from lamina.config import GenerationConfig, ModelConfig
 from lamina.generate.engine import generate_ids, greedy_decode
-from lamina.model.aot import DecodeStep, attached_step, step_key, supported
+from lamina.model.aot import DecodeStep, attached_step, export_step, step_key, supported
 from lamina.model.quant import PackedLinear, convert_weights
 from lamina.model.transformer import Transformer
 
@@ -119,3 +119,44 @@ def test_load_with_compile_decodes_through_the_package(tiny_int4: Path) -> None:
     assert attached_step(again).path == step.path  # type: ignore[union-attr]
     assert attached_step(copy.deepcopy(compiled)) is None  # a copy's weights are its own: no step
     assert attached_step(compiled.to(torch.float32)) is None  # .to() drops it
+
+
+def test_the_rescored_int4_head_exports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """int4 with ``head_topk`` (``quant.RescoredHead``: top-k, gather, scatter) goes through
+    ``export_step``'s ``torch.export`` with dynamic batch and cache length; the exported step gives the
+    eager steps' logits (AOTInductor's compile itself is stubbed out here: minutes)."""
+    import torch._inductor
+
+    exported = []
+
+    def stub(ep: object, package_path: str, **_: object) -> str:
+        exported.append(ep)
+        Path(package_path).write_bytes(b"")
+        return package_path
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", stub)
+    torch.manual_seed(0)
+    model = convert_weights(
+        Transformer(dataclasses.replace(TINY, n_layers=1)).eval(), "int4", pack=False, head_topk=4
+    )
+    assert supported(model) is None
+    export_step(model, tmp_path / "step.pt2")
+    run = exported[0].module()  # type: ignore[attr-defined]
+    step = _eager_step(model)
+    torch.testing.assert_close(
+        _steps(model, lambda ids, cache: _run_exported(run, ids, cache)),
+        _steps(model, step),
+        atol=1e-2,
+        rtol=0,
+    )
+
+
+def _run_exported(run: object, ids: torch.Tensor, cache: object) -> torch.Tensor:
+    """One step through an exported ``DecodeStep`` with ``CompiledStep``'s bookkeeping (as _eager_step)."""
+    offset = cache.length  # type: ignore[attr-defined]
+    pos = cache.next_pos[:, None].clone()  # type: ignore[attr-defined]
+    cache.valid[:, offset] = True  # type: ignore[attr-defined]
+    cache.positions[:, offset] = pos[:, 0]  # type: ignore[attr-defined]
+    logits = run(ids, pos, torch.empty(offset + 1, 0), cache.valid, [*cache.k, *cache.v])  # type: ignore[operator,attr-defined]
+    cache.next_pos, cache.length = pos[:, 0] + 1, offset + 1  # type: ignore[attr-defined]
+    return logits

@@ -34,6 +34,7 @@ from lamina.model.quant import (
     Int4Linear,
     Int8Linear,
     PackedLinear,
+    RescoredHead,
     convert_weights,
     logit_agreement,
     path_lengths,
@@ -323,6 +324,35 @@ def test_fp32_format_packs_only_a_model_converted_for_inference(tmp_path: Path) 
         assert model.weight_format is None
         assert not any(isinstance(m, PackedLinear) for m in model.modules())
     save_checkpoint(tmp_path / "plain", plain)
+
+
+def test_rescored_head_keeps_int8s_top_k_and_int4s_tail() -> None:
+    """head_topk=k: each row's k best tokens (by the int4 copy) get the int8 head's logits, the others the
+    int4 copy's; so the argmax is int8's whenever int8's best is in int4's top k (always, for k = V)."""
+    ref = Transformer(dataclasses.replace(TINY, vocab_size=160)).eval()  # a vocabulary int4 packs (x16)
+    plain = convert_weights(copy.deepcopy(ref), "int4")
+    model = convert_weights(copy.deepcopy(ref), "int4", head_topk=5)
+    head = model.lm_head
+    assert isinstance(head, RescoredHead) and type(plain.lm_head) is Int8Linear
+    h = (4 * torch.randn(3, 2, TINY.d_model)).to(torch.bfloat16)
+    with torch.no_grad():
+        got, exact8, approx = head(h).float(), plain.lm_head(h).float(), head.approx(h).float()
+    top = approx.topk(5, dim=-1).indices
+    rest = torch.ones_like(got, dtype=torch.bool).scatter(-1, top, False)
+    torch.testing.assert_close(got.gather(-1, top), exact8.gather(-1, top), atol=0.01, rtol=0.01)
+    assert (approx.gather(-1, top) - exact8.gather(-1, top)).abs().max() > 0.05  # int4's error, undone
+    assert torch.equal(got[rest], approx[rest])
+    full = convert_weights(copy.deepcopy(ref), "int4", head_topk=160)
+    ids = _ids(2, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(full(ids).float(), plain(ids).float(), atol=0.05, rtol=0)
+        cache = full.new_cache(2, 16)  # decoding through the cache: the same logits as one forward
+        steps = torch.cat([full(ids[:, :8], cache=cache)] + [full(ids[:, t : t + 1], cache=cache) for t in range(8, 12)], 1)  # fmt: skip
+    torch.testing.assert_close(steps.float(), full(ids).float(), atol=0.03, rtol=0)
+    with pytest.raises(ConfigError, match="int4 only"):
+        convert_weights(copy.deepcopy(ref), "int8", head_topk=5)
+    with pytest.raises(ConfigError, match=r"must be in 1\.\.160"):
+        convert_weights(copy.deepcopy(ref), "int4", head_topk=161)
 
 
 def test_unknown_format_and_double_conversion_raise() -> None:
