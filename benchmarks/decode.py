@@ -282,20 +282,20 @@ def main() -> None:
     hf, hf_pf = rate[("transformers", "decode")], rate[("transformers", "prefill")]
     b = f"batch {args.batch}"
     print()
-    print(f"{'tokens/s':18}{'decode':>9}{'vs hf':>7}{'vs llama':>9}{'max|dlogit|':>13}{'top-1':>7}"
+    print(f"{'tokens/s':28}{'decode':>9}{'vs hf':>7}{'vs llama':>9}{'max|dlogit|':>13}{'top-1':>7}"
           f"{f'prefill {long.shape[1]}':>13}{'vs hf':>7}{'vs llama':>9}{b:>10}{'vs b1':>7}")  # fmt: skip
     lc = rate.get(("llama.cpp", "decode"), float("nan"))
     lc_pf = rate.get(("llama.cpp", "prefill"), float("nan"))
-    print(f"{'transformers':18}{hf:>9.1f}{1:>7.2f}{hf / lc:>9.2f}{'':>13}{'':>7}{hf_pf:>13.0f}{1:>7.2f}"
+    print(f"{'transformers':28}{hf:>9.1f}{1:>7.2f}{hf / lc:>9.2f}{'':>13}{'':>7}{hf_pf:>13.0f}{1:>7.2f}"
           f"{hf_pf / lc_pf:>9.2f}")  # fmt: skip
     if llama is not None:
-        print(f"{'llama.cpp':18}{lc:>9.1f}{lc / hf:>7.2f}{1:>9.2f}{'':>13}{'':>7}{lc_pf:>13.0f}"
+        print(f"{'llama.cpp':28}{lc:>9.1f}{lc / hf:>7.2f}{1:>9.2f}{'':>13}{'':>7}{lc_pf:>13.0f}"
               f"{lc_pf / hf_pf:>7.2f}{1:>9.2f}")  # fmt: skip
     systems = [k[0] for k in tasks if k[1] == "decode" and k[0] not in ("transformers", "llama.cpp")]
     for name in systems:
         err, top1 = agreement[name.removesuffix("+compile")]
         d, pf, rb = rate[(name, "decode")], rate[(name, "prefill")], rate[(name, b)]
-        print(f"{'lamina ' + name:18}{d:>9.1f}{d / hf:>7.2f}{d / lc:>9.2f}{err:>13.3f}{top1:>7.3f}"
+        print(f"{'lamina ' + name:28}{d:>9.1f}{d / hf:>7.2f}{d / lc:>9.2f}{err:>13.3f}{top1:>7.3f}"
               f"{pf:>13.0f}{pf / hf_pf:>7.2f}{pf / lc_pf:>9.2f}{rb:>10.1f}{rb / d:>7.2f}")  # fmt: skip
     best = max(systems, key=lambda n: rate[(n, "decode")])
     print(f"\nbest at batch 1: lamina {best}, {rate[(best, 'decode')] / hf:.2f}x transformers, "
