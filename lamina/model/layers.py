@@ -155,6 +155,22 @@ def relative_position_bucket(rel: Tensor, bidirectional: bool, num_buckets: int,
 # -- KV cache ----------------------------------------------------------------------------------------------
 
 
+def cross_attention_mask(valid: Tensor | None, dtype: torch.dtype, check_all: bool = True) -> Tensor | None:
+    """The cross-attention mask for source slots ``valid`` (B, S) bool (True = a real token): additive
+    (B, 1, 1, S) in ``dtype``, 0 where a key is read and -inf where not (what SDPA makes of a bool mask,
+    made once instead of in every layer). A row with no real slot reads all of them (no NaN). None when
+    ``valid`` is None or, with ``check_all``, every slot is real (SDPA's unmasked path; the check reads
+    the tensor, so ``check_all=False`` under torch.compile)."""
+    if valid is None:
+        return None
+    keys = valid.bool()
+    if check_all and bool(keys.all()):
+        return None
+    keys = keys | ~keys.any(1, keepdim=True)
+    mask = torch.zeros(keys.shape, dtype=dtype, device=keys.device).masked_fill_(~keys, float("-inf"))
+    return mask[:, None, None, :]
+
+
 class KVCache:
     """Preallocated keys and values for incremental decoding.
 
@@ -192,10 +208,27 @@ class KVCache:
         self.capacity = capacity
         self.cross_k: list[Tensor] = []  # encoder-decoder: per layer (B, Hkv, S, hd), filled once
         self.cross_v: list[Tensor] = []
-        self.memory_valid: Tensor | None = None  # (B, S) real source tokens of the cross keys
+        self._memory_valid: Tensor | None = None  # (B, S) real source tokens of the cross keys
+        self._cross_mask: tuple[torch.dtype, Tensor | None] | None = None  # memory_valid as SDPA's mask
         self.memory_ids: Tensor | None = None  # (B, S) source token ids (the copy head's; else None)
         self._alloc(max(batch_size, max_batch_size or 0), capacity)
         self._set_rows(batch_size)
+
+    @property
+    def memory_valid(self) -> Tensor | None:
+        """(B, S) bool: the source slots of the cross keys that hold real tokens (None: all of them)."""
+        return self._memory_valid
+
+    @memory_valid.setter
+    def memory_valid(self, valid: Tensor | None) -> None:
+        self._memory_valid, self._cross_mask = valid, None
+
+    def cross_mask(self, dtype: torch.dtype) -> Tensor | None:
+        """``cross_attention_mask(memory_valid, dtype)``, computed once per set of rows (each decoding
+        step's cross-attention reads the same source slots)."""
+        if self._cross_mask is None or self._cross_mask[0] != dtype:
+            self._cross_mask = (dtype, cross_attention_mask(self._memory_valid, dtype))
+        return self._cross_mask[1]
 
     def _zeros(self, rows: int, capacity: int) -> Iterator[Tensor]:
         """Empty storage for ``rows`` rows of ``capacity`` slots, in ``_storage``'s order (the keys, the
@@ -660,7 +693,8 @@ class Attention(HoldsInferenceCopies):
     ) -> Tensor:
         """Cross-attention: x (B, T, d_model) attends to the encoder output ``memory`` (B, S, d_model).
 
-        ``memory_mask`` (B, 1, 1, S) bool marks real source tokens. With a ``cache``, the keys and values
+        ``memory_mask`` (B, 1, 1, S), bool or additive (``cross_attention_mask``), masks padded source
+        slots (None: none). With a ``cache``, the keys and values
         of ``memory`` are computed on the first call and read from ``cache.cross_k/v`` after (``memory``
         may then be None).
         """

@@ -28,6 +28,7 @@ from lamina.model.layers import (
     HoldsInferenceCopies,
     KVCache,
     alibi_slopes,
+    cross_attention_mask,
     inference_copy,
     inference_linear,
     make_norm,
@@ -442,15 +443,17 @@ class Transformer(HoldsInferenceCopies):
         attn_mask, is_causal = self._attention_mask(
             B, T, real, position_ids, cache, x.dtype, cfg.arch != "encoder", segment_ids, self.rel_bias
         )
-        cross_mask = None
-        if enc_dec:
-            if cache is not None:  # the first call's source mask stays with the cross keys
-                if not cache.cross_k:
-                    cache.memory_valid = memory_mask.bool() if memory_mask is not None else None
-                memory_mask = cache.memory_valid
-            if memory_mask is not None:
-                keys = memory_mask.bool()
-                cross_mask = (keys | ~keys.any(1, keepdim=True))[:, None, None, :]  # (B, 1, 1, S)
+        cross_mask = None  # (B, 1, 1, S) additive, or None when no source slot is padding
+        if enc_dec and cache is not None:  # the first call's source mask stays with the cross keys
+            if not cache.cross_k:
+                cache.memory_valid = memory_mask.bool() if memory_mask is not None else None
+            cross_mask = (
+                cross_attention_mask(cache.memory_valid, x.dtype, check_all=False)
+                if compiling
+                else cache.cross_mask(x.dtype)
+            )
+        elif enc_dec:
+            cross_mask = cross_attention_mask(memory_mask, x.dtype, check_all=not compiling)
         x = self._run(self.blocks, x, rope, attn_mask, is_causal, cache, memory, cross_mask)
         if cache is not None:
             cache.length = offset + T

@@ -189,3 +189,26 @@ def test_transposed_matmul_equals_the_product_and_falls_back_for_good(
 
     monkeypatch.setattr(layers, "packed_linear", fail)
     assert torch.equal(layers.transposed_matmul(x, wt), x @ wt) and (rows == 1) == layers._MKLDNN
+
+
+def test_cross_attention_mask_is_sdpas_bool_mask_made_once() -> None:
+    valid = torch.tensor([[True, True, False], [False, False, False]])
+    mask = layers.cross_attention_mask(valid, torch.float32)
+    assert mask is not None and mask.shape == (2, 1, 1, 3)
+    q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, 4, 3, 8), torch.randn(2, 4, 3, 8)
+    keys = (valid | ~valid.any(1, keepdim=True))[:, None, None, :]  # a row with no real slot reads all
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=keys)
+    assert torch.equal(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), want)
+    assert layers.cross_attention_mask(torch.ones(2, 3, dtype=torch.bool), torch.float32) is None
+    assert (
+        layers.cross_attention_mask(torch.ones(2, 3, dtype=torch.bool), torch.float32, check_all=False)
+        is not None
+    )
+    # the cache computes it once per set of rows; rows leaving (keep) make it again
+    cfg = ModelConfig.preset("t5-tiny")
+    cache = layers.KVCache(cfg, batch_size=2, capacity=4)
+    cache.memory_valid = valid
+    first = cache.cross_mask(torch.float32)
+    assert cache.cross_mask(torch.float32) is first
+    cache.memory_valid = valid[:1]
+    assert cache.cross_mask(torch.float32).shape == (1, 1, 1, 3)
