@@ -23,8 +23,10 @@ Three modes over one :class:`~lamina.rag.types.Store`:
 
 Results hold each chunk once (by ``chunk_id``, and a chunk whose text repeats an earlier hit's is dropped),
 ranked 1..k. ``score_threshold`` turns "nothing close enough" into an empty list, which synthesis answers
-with "not found in the sources" without calling the model. Optional reranking (``rerank="llm"``) re-orders
-the fused candidates by the chat model's probability that a passage answers the question.
+with "not found in the sources" without calling the model. Optional reranking re-orders the fused
+candidates with a chat model: ``rerank="llm"`` by its probability that a passage answers the question,
+``rerank="likelihood"`` by the retrieval score plus its mean log-probability of the question given the
+passage (:func:`rerank_likelihood`).
 """
 
 from __future__ import annotations
@@ -70,10 +72,14 @@ class RetrieveConfig:
     filters: dict[str, Any] | None = None
     # llm: re-order the candidates by a chat model's P(Yes) that the passage answers the question;
     # likelihood: by retrieval score + rerank_weight * the chat model's mean log p(question | passage)
-    # (query likelihood, Sachan et al. 2022), over the first rerank_depth documents
+    # (query likelihood, Sachan et al. 2022), over the first rerank_depth documents; bm25 and rrf
+    # scores are first min-max scaled to [0, 1] over those documents (cosine-like; dense and convex
+    # hybrid scores are used as they are)
     rerank: Literal["none", "llm", "likelihood"] = "none"
     rerank_depth: int = 30  # rerank=likelihood: documents re-scored (one passage each)
-    rerank_weight: float = RERANK_WEIGHT  # rerank=likelihood: weight of the mean log-probability
+    # rerank=likelihood: weight of the mean log-probability against the retrieval score (chosen with
+    # dense cosines; not measured for bm25 or rrf, whose scaled scores spread wider than cosines)
+    rerank_weight: float = RERANK_WEIGHT
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -109,9 +115,10 @@ def retrieve(
 
     ``embedder`` is the store's embedding model, loaded (``lamina.load(store.embedding_model)`` when None
     and the mode needs it: dense, hybrid). Scores: cosine similarity (dense), BM25 (bm25), the convex or
-    reciprocal rank fusion score (hybrid), or P(Yes) after ``rerank="llm"`` with ``reranker`` (a chat
-    model). Raises ``ConfigError`` for an empty query, for an embedder that is not the model the store
-    was built with (naming both), and for ``rerank="llm"`` without a reranker.
+    reciprocal rank fusion score (hybrid), P(Yes) after ``rerank="llm"`` with ``reranker`` (a chat
+    model), or the fused score of :func:`rerank_likelihood` after ``rerank="likelihood"``. Raises
+    ``ConfigError`` for an empty query, for an embedder that is not the model the store was built with
+    (naming both), and for a rerank without a reranker.
     """
     cfg = cfg or RetrieveConfig()
     if not query.strip():
@@ -146,7 +153,11 @@ def retrieve(
         if cfg.rerank == "llm":
             hits = rerank_llm(reranker, query, hits)
         else:
-            hits = rerank_likelihood(reranker, query, hits, cfg.rerank_weight, cfg.rerank_depth)
+            # BM25 (5-30) and RRF (~0.016-0.033) are not on the cosine scale the weight was chosen on
+            scaled = cfg.mode == "bm25" or (cfg.mode == "hybrid" and cfg.fusion == "rrf")
+            hits = rerank_likelihood(
+                reranker, query, hits, cfg.rerank_weight, cfg.rerank_depth, normalize=scaled
+            )
     return [replace(h, rank=i + 1) for i, h in enumerate(hits[: cfg.k])]
 
 
@@ -289,9 +300,10 @@ def rerank_likelihood(
     lm: LoadedModel,
     query: str,
     hits: list[Hit],
-    weight: float = RERANK_WEIGHT,
-    depth: int = 30,
+    weight: float = RetrieveConfig.rerank_weight,
+    depth: int = RetrieveConfig.rerank_depth,
     max_passage_chars: int = 600,
+    normalize: bool = False,
 ) -> list[Hit]:
     """Re-order the first ``depth`` documents of ``hits`` by ``score + weight * mean log p(query |
     passage)`` under the chat model ``lm`` (query likelihood: Sachan et al., "Improving Passage Retrieval
@@ -302,8 +314,11 @@ def rerank_likelihood(
     passage with its title line), else its first hit; ``score`` is the document's first (best) retrieval
     score and the passage's first ``max_passage_chars`` characters are shown. The log-probability is the
     mean over the question's tokens (natural log, so the weight means the same for short and long
-    questions). One batched scoring pass (``lamina.eval.multiple_choice.score_continuations``: the
-    passages run once into a KV cache, the question after each). The returned hits carry the fused score.
+    questions). ``normalize``: min-max scale the re-scored documents' scores to [0, 1] first (all equal:
+    0), for first stages whose scores are not cosine-like (BM25, reciprocal rank fusion); ``weight``'s
+    default was chosen with dense cosines. One batched scoring pass
+    (``lamina.eval.multiple_choice.score_continuations``: the passages run once into a KV cache, the
+    question after each). The returned hits carry the fused score.
     Raises ``ConfigError`` for a model without a tokenizer.
     """
     from lamina.eval.multiple_choice import score_continuations
@@ -335,8 +350,12 @@ def rerank_likelihood(
         for d in docs
     ]
     logp = score_continuations(lm.model, requests)
+    base = {d: first[d].score for d in docs}
+    if normalize:
+        low, high = min(base.values()), max(base.values())
+        base = {d: (s - low) / (high - low) if high > low else 0.0 for d, s in base.items()}
     fused = [
-        (first[d].score + weight * lp[0][0] / len(q_ids), i, passage[d])
+        (base[d] + weight * lp[0][0] / len(q_ids), i, passage[d])
         for i, (d, lp) in enumerate(zip(docs, logp, strict=True))
     ]
     fused.sort(key=lambda t: (-t[0], t[1]))

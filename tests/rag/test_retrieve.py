@@ -211,3 +211,35 @@ def test_likelihood_rerank_adds_the_mean_log_probability_of_the_question() -> No
     assert [h.score for h in out[:3]] == pytest.approx([expected[d] for d in top], abs=1e-4)
     assert [h.rank for h in out] == [1, 2, 3, 4]
     assert [h.chunk.doc_id for h in rerank_likelihood(lm, question, hits, 0.0, 3)] == ["a", "b", "c", "d"]
+
+
+def test_likelihood_rerank_scales_bm25_scores_to_count_against_the_likelihood() -> None:
+    """mode=bm25: the re-scored documents' BM25 scores are min-max scaled to [0, 1] before the weighted
+    mean log-probability is added, so the likelihood can re-order them (raw BM25, 10-30, would swamp a
+    weight chosen on cosines); dense scores are added as they are."""
+    from lamina.rag.retrieve import rerank_likelihood
+
+    lm = tiny_lm()
+    question = "the cat sat on a mat"
+    texts = {"a": "the cat sat on the mat", "b": "a dog ran", "c": "blue green red"}
+    flat = rerank_likelihood(lm, question, [hit(f"{d}#0", 0.0, text=t) for d, t in texts.items()], 1.0, 3)
+    lp = {h.chunk.doc_id: h.score for h in flat}  # mean log p(question | passage) of each document
+    low, high = sorted(lp, key=lambda d: lp[d]), max(lp.values()) - min(lp.values())
+    weight = 2.0 / high  # the likeliest document gains 2 over the least likely: more than scaled BM25's 1
+    bm25 = dict(zip(low, (30.0, 20.0, 10.0), strict=True))  # BM25 prefers the least likely documents
+
+    class TextStore:
+        embedding_model, dim = "minilm", 384
+
+        def search_text(self, query: str, k: int, filters: Any = None) -> list[Any]:
+            return [hit(f"{d}#0", bm25[d], text=texts[d]) for d in low]
+
+    cfg = RetrieveConfig(mode="bm25", k=3, candidates=3, rerank="likelihood", rerank_weight=weight)
+    out = retrieve(TextStore(), question, cfg, reranker=lm)  # type: ignore[arg-type]
+    scaled = {d: (bm25[d] - 10.0) / 20.0 + weight * lp[d] for d in texts}
+    assert [h.chunk.doc_id for h in out] == sorted(scaled, key=lambda d: -scaled[d])
+    assert [h.chunk.doc_id for h in out] != low  # not BM25's order
+    assert [h.score for h in out] == pytest.approx(sorted(scaled.values(), reverse=True), abs=1e-4)
+    # unscaled (as for dense's cosines), the same weight leaves BM25's order as it was
+    hits = TextStore().search_text(question, 3)
+    assert [h.chunk.doc_id for h in rerank_likelihood(lm, question, hits, weight, 3)] == low
