@@ -43,7 +43,8 @@ if TYPE_CHECKING:
 
 MODES = ("dense", "bm25", "hybrid")
 # rerank=likelihood's weight, chosen on the even-numbered stdlib questions with SmolLM2-135M over dense's
-# top 30 documents (recall@5 0.667 vs dense 0.571); held out, the odd ones: 0.614 vs dense 0.554
+# top 30 documents (recall@5 0.667 vs dense 0.571); held out, the odd ones: 0.614 vs dense 0.554 (from
+# the scoring harness scripts/rerank_likelihood_eval.py; this code's own full evaluation is owed)
 RERANK_WEIGHT = 1.0
 FUSIONS = ("convex", "rrf")
 RERANKERS = ("none", "llm", "likelihood")
