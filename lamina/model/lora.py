@@ -292,11 +292,13 @@ def base_state_dict(model: nn.Module, state: Mapping[str, Tensor] | None = None)
 
 
 def check_adaptable(model: Transformer) -> None:
-    """Raise ``ConfigError`` unless adapters can go on ``model``: fp32/bf16/int8/int4 weights with q/k/v
-    and gate/up apart (``convert_weights(..., fuse=False)``)."""
+    """Raise ``ConfigError`` unless adapters can go on ``model``: unconverted (fp32 ``nn.Linear``), bf16,
+    int8 or int4 weights with q/k/v and gate/up apart (``convert_weights(..., fuse=False)``); not the
+    inference-only fp32 (``PackedLinear``) and w8a8 layouts."""
     if model.weight_format not in (None, "bf16", "int8", "int4"):
         raise ConfigError(
-            f"LoRA trains over fp32, bf16, int8 or int4 bases; this model has weights={model.weight_format!r}"
+            f"weights={model.weight_format!r} is an inference-only layout LoRA cannot wrap: load the model "
+            "without weights= (or convert_weights(..., pack=False)); LoraConfig.base_weights quantizes the base"
         )
     for m in model.modules():
         if (isinstance(m, Attention) and m.qkv_proj is not None) or (

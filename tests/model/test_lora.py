@@ -199,12 +199,15 @@ def test_quantized_head_passes_gradients_to_the_adapters(ids: torch.Tensor, fmt:
     assert (grads[0] - grads[1]).norm() / grads[1].norm() < 0.05  # bf16 activations round differently
 
 
-def test_fused_model_refused(base: Transformer) -> None:
+def test_fused_or_inference_only_model_refused(base: Transformer) -> None:
     from lamina.model.quant import convert_weights
 
     fused = convert_weights(copy.deepcopy(base), "bf16")
     with pytest.raises(ConfigError, match="fused"):
         apply_lora(fused, LoraConfig())
+    w8a8 = convert_weights(copy.deepcopy(base), "w8a8", fuse=False)
+    with pytest.raises(ConfigError, match=r"weights='w8a8' is an inference-only layout .* without weights="):
+        apply_lora(w8a8, LoraConfig())
 
 
 def test_config_from_text_as_flags_and_yaml_give_it() -> None:
