@@ -258,7 +258,8 @@ def train(
     A folder that already holds a run (``RUN_MARKERS``) is refused with ``ConfigError`` unless
     ``resume`` continues it or ``overwrite`` first deletes its outputs (``RUN_OUTPUTS``; other files in
     the folder stay); see ``check_out_dir``. A model with LoRA adapters trains with ``parallel`` none or
-    ddp (``ConfigError`` for fsdp).
+    ddp (``ConfigError`` for fsdp). A model converted for inference (``weight_format`` set:
+    ``lamina.model.quant.convert_weights``) is refused with ``ConfigError`` unless it carries LoRA adapters.
     ``eval_metrics(model)`` (optional) adds task metrics (accuracy, F1, ...) to every evaluation.
     ``perplexity``: the loss is a cross-entropy per token, so evaluations also report its exponential
     (``val_ppl``); False for objectives where that means nothing (classification, regression).
@@ -279,6 +280,13 @@ def train(
     started = time.perf_counter()
     if cfg.parallel == "fsdp" and _has_lora(model):  # finetune refuses it before loading; a backstop
         raise ConfigError(LORA_UNDER_FSDP)
+    converted = getattr(model, "weight_format", None)
+    if converted is not None and not _has_lora(model):  # QLoRA trains adapters over converted weights
+        raise ConfigError(
+            f"this model was converted for inference (weights={converted!r}): its linear layers would not "
+            "train and no checkpoint could be written; train the model as loaded (without weights=), or "
+            "LoRA adapters over it (lora.base_weights)"
+        )
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     generation = _with_eos_ids(generation or GenerationConfig(), tokenizer)

@@ -206,6 +206,22 @@ def test_an_existing_run_is_refused_resumed_or_overwritten(tmp_path: Path) -> No
         train(_model(), _cfg(tmp_path / "new"), Windows(), causal_lm(), tokens_per_batch=256, resume=True)
 
 
+def test_a_model_converted_for_inference_trains_only_under_lora(tmp_path: Path) -> None:
+    """weights= (convert_weights) leaves buffers, not parameters: refused up front; QLoRA (adapters over
+    the int8 base) still trains and saves."""
+    from lamina.model.lora import LoraConfig, apply_lora
+    from lamina.model.quant import convert_weights
+
+    converted = convert_weights(_model(), "int8", fuse=False)
+    with pytest.raises(ConfigError, match=r"converted for inference \(weights='int8'\).*without weights="):
+        train(converted, _cfg(tmp_path / "full"), Windows(), causal_lm(), tokens_per_batch=256)
+    assert not (tmp_path / "full").exists()
+    qlora = apply_lora(_model(), LoraConfig(base_weights="int8"))
+    res = train(qlora, _cfg(tmp_path / "qlora", max_steps=1, save_every=1), Windows(), causal_lm(),
+                tokens_per_batch=256)  # fmt: skip
+    assert res.steps == 1 and latest_checkpoint(tmp_path / "qlora") is not None
+
+
 def test_summary_and_durations() -> None:
     res = TrainResult(steps=12, final_loss=1.23456, best_val_loss=1.5, out_dir=Path("runs/x"), elapsed=75.4,
                       val_metrics=[(6, {"accuracy": 0.5}), (12, {"accuracy": 0.75})],
