@@ -267,6 +267,12 @@ class Int4Linear(nn.Module):
         return wt[: self.in_features, : self.out_features].t()  # (in_pad, out_pad) -> (out, in)
 
 
+def _check_head_topk(k: int, vocab: int) -> None:
+    """Raise ``ConfigError`` unless ``k`` (``head_topk``) is in 1..``vocab``, the head's outputs."""
+    if not 1 <= k <= vocab:
+        raise ConfigError(f"head_topk={k} must be in 1..{vocab} (the head's outputs), or 0 (off)")
+
+
 class RescoredHead(nn.Module):
     """An int8 output head scored in two passes (``convert_weights(..., head_topk=k)``, int4 only): an int4
     copy of the head (groups of ``INT4_GROUP``, ``Int4Linear``) scores the whole vocabulary, then the ``k``
@@ -287,8 +293,7 @@ class RescoredHead(nn.Module):
 
     def __init__(self, linear: nn.Linear, k: int) -> None:
         super().__init__()
-        if not 1 <= k <= linear.out_features:
-            raise ConfigError(f"head_topk={k} must be in 1..{linear.out_features} (the head's outputs)")
+        _check_head_topk(k, linear.out_features)
         self.in_features, self.out_features, self.k = linear.in_features, linear.out_features, k
         self.approx = Int4Linear(linear)
         q, scale = quantize_per_channel(linear.weight.detach())
@@ -457,8 +462,8 @@ def convert_weights(
     if head_topk and fmt != "int4":
         raise ConfigError(f"head_topk={head_topk} applies to weights int4 only (got {fmt!r}): set it to 0")
     vocab = model.lm_head.out_features if isinstance(model.lm_head, nn.Linear) else None
-    if head_topk and vocab is not None and not 0 < head_topk <= vocab:
-        raise ConfigError(f"head_topk={head_topk} must be in 1..{vocab} (the head's outputs), or 0 (off)")
+    if head_topk and vocab is not None:
+        _check_head_topk(head_topk, vocab)
     if model.weight_format is not None:
         raise ConfigError(
             f"this model is already converted (weights={model.weight_format!r}): convert a fresh copy of the "

@@ -353,6 +353,8 @@ def test_rescored_head_keeps_int8s_top_k_and_int4s_tail() -> None:
         convert_weights(copy.deepcopy(ref), "int8", head_topk=5)
     with pytest.raises(ConfigError, match=r"must be in 1\.\.160"):
         convert_weights(copy.deepcopy(ref), "int4", head_topk=161)
+    with pytest.raises(ConfigError, match=r"head_topk=0 must be in 1\.\.10"):  # the same check
+        RescoredHead(torch.nn.Linear(32, 10), 0)
 
 
 def test_unknown_format_and_double_conversion_raise() -> None:
