@@ -912,16 +912,16 @@ class Engine:
                     # ids past the vocabulary cannot be chosen: nothing to ban (as apply_min_new_tokens)
                     masked[i, [t for t in r.min_new_bans if t < V]] = float("-inf")
             chosen = masked.argmax(-1)
-            for r, t in zip(rows, chosen.tolist(), strict=True):
+            tokens = chosen.tolist()  # one read of the batch's tokens, not one per row
+            for r, t in zip(rows, tokens, strict=True):
                 r.sampler.output_ids.append(t)
         else:
             chosen = sample_batch(masked, [r.sampler for r in rows], accept=False)
-            picks = chosen.tolist()  # one read of the batch's tokens, not one per row
+            tokens = chosen.tolist()
             for i, r in enumerate(rows):
                 if r.constraint is not None:  # the budget rule may swap in a token that closes the output
-                    picks[i] = chosen[i] = r.constraint.check(picks[i], r.budget - len(r.seq.tokens))
-                r.sampler.accept(picks[i])
-        tokens = chosen.tolist()
+                    tokens[i] = chosen[i] = r.constraint.check(tokens[i], r.budget - len(r.seq.tokens))
+                r.sampler.accept(tokens[i])
         lps: list[TokenLogprob | None] = [None] * len(rows)
         want = [i for i, r in enumerate(rows) if r.cfg.logprobs or r.cfg.top_logprobs]
         if want:
