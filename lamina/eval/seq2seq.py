@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -309,22 +309,25 @@ def pair_metrics(
     tokenizer: Tokenizer,
     pairs: PairData,
     *,
+    config: GenerationConfig | None = None,
     limit: int | None = 200,
     batch_size: int = 32,
-    max_new_tokens: int = 64,
     max_source_len: int = 512,
     rouge_tokenizer: RougeTokenizer = "default",
-    **controls: Any,
 ) -> Callable[[nn.Module], dict[str, float]]:
-    """The trainer's ``eval_metrics`` for a seq2seq run: at each evaluation, greedy outputs
-    (``seq2seq_predictor``, with the decoding ``controls`` on top, e.g. ``no_repeat_ngram_size=2``) for
-    the first ``limit`` validation ``pairs`` (None: all), scored by ``score_pairs``; the keys get a
-    ``val_`` prefix (``val_bleu``, ``val_rougeL``, ...; ``n`` left out)."""
+    """The trainer's ``eval_metrics`` for a seq2seq run: at each evaluation, the outputs decoded with
+    ``config`` (default: greedy, 64 new tokens; the tokenizer's end-of-generation ids added, as the
+    trainer adds them to a checkpoint's generation.yaml) by ``seq2seq_predictor`` for the first ``limit``
+    validation ``pairs`` (None: all), scored by ``score_pairs``; the keys get a ``val_`` prefix
+    (``val_bleu``, ``val_rougeL``, ...; ``n`` left out)."""
+    from lamina.checkpoint.eos import eos_token_ids
+    from lamina.config import GenerationConfig
+
+    config = config or GenerationConfig(temperature=0.0, max_new_tokens=64)
+    config = replace(config, eos_token_ids=eos_token_ids(config.eos_token_ids, tokenizer=tokenizer))
 
     def metrics(model: nn.Module) -> dict[str, float]:
-        predict = seq2seq_predictor(
-            model, tokenizer, max_source_len=max_source_len, max_new_tokens=max_new_tokens, **controls
-        )
+        predict = seq2seq_predictor(model, tokenizer, config=config, max_source_len=max_source_len)
         result = evaluate_pairs(
             predict, pairs, batch_size=batch_size, limit=limit, rouge_tokenizer=rouge_tokenizer
         )

@@ -15,8 +15,8 @@ The pairs are read by ``lamina.data.pairs`` (TSV/CSV with a header, or JSONL) an
 ``seq2seq.eval_pairs`` validation pairs (``lamina.eval.seq2seq.pair_metrics``): ``val_bleu``, ``val_chrf``,
 ``val_rouge1``, ``val_rouge2``, ``val_rougeL``, ``val_rougeLsum``, ``val_exact_match``, printed and written
 to ``metrics.jsonl``. The checkpoints' generation.yaml holds that decoding (greedy, ``max_target_len`` new
-tokens, ``seq2seq.no_repeat_ngram_size``), so ``lamina generate`` and ``generation_predictor`` decode as
-the evaluations did.
+tokens, ``seq2seq.no_repeat_ngram_size``, ``seq2seq.repetition_penalty``), so ``lamina generate`` and
+``generation_predictor`` decode as the evaluations did.
 """
 
 from __future__ import annotations
@@ -53,14 +53,26 @@ class Seq2SeqConfig:
     # greedy decoding's ban on repeating n-grams of this size (0: off), in the evaluations and as the
     # checkpoint's default decoding (generation.yaml); 2 stops a copying model from looping on a word
     no_repeat_ngram_size: int = 0
+    # greedy decoding's HF/CTRL repetition penalty (> 0; 1: off), in the evaluations and generation.yaml
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if self.eval_pairs < 0:
             raise ConfigError(f"seq2seq.eval_pairs={self.eval_pairs} must be >= 0")
-        if self.no_repeat_ngram_size < 0:
-            raise ConfigError(
-                f"seq2seq.no_repeat_ngram_size={self.no_repeat_ngram_size} must be >= 0 (0: off)"
+        self.generation(max_new_tokens=1)  # the decoding fields, checked once (GenerationConfig.validate)
+
+    def generation(self, max_new_tokens: int) -> GenerationConfig:
+        """The decoding of the evaluations and of the checkpoints' generation.yaml: greedy, at most
+        ``max_new_tokens`` tokens, this section's controls. Raises ``ConfigError`` naming the field."""
+        try:
+            return GenerationConfig(
+                temperature=0.0,
+                max_new_tokens=max_new_tokens,
+                no_repeat_ngram_size=self.no_repeat_ngram_size,
+                repetition_penalty=self.repetition_penalty,
             )
+        except ConfigError as e:
+            raise ConfigError(f"seq2seq.{e}") from None
 
 
 def pair_config(run: FinetuneRun, model: Transformer | None = None) -> PairDataConfig:
@@ -113,15 +125,12 @@ def finetune_seq2seq(
     stats |= {"max_source_len": pc.max_source_len, "max_target_len": pc.max_target_len}
     steps = tcfg.max_steps or max(1, round((tcfg.epochs or 1) * train_b.steps_per_epoch))
     tcfg = dataclasses.replace(tcfg, eval_batches=val_b.n_eval_batches())
+    # the checkpoints decode as the evaluations do (generation.yaml; the trainer adds the eos ids)
+    decoding = s.generation(pc.max_target_len)
     metrics = None
     if s.eval_pairs:
-        metrics = pair_metrics(tokenizer, val_data, limit=s.eval_pairs, batch_size=max(tcfg.batch_size, 32),
-                               max_new_tokens=pc.max_target_len, max_source_len=pc.max_source_len,
-                               no_repeat_ngram_size=s.no_repeat_ngram_size)  # fmt: skip
-    # the checkpoints decode as the evaluations did (generation.yaml; the trainer adds the eos ids)
-    decoding = GenerationConfig(
-        temperature=0.0, max_new_tokens=pc.max_target_len, no_repeat_ngram_size=s.no_repeat_ngram_size
-    )
+        metrics = pair_metrics(tokenizer, val_data, config=decoding, limit=s.eval_pairs,
+                               batch_size=max(tcfg.batch_size, 32), max_source_len=pc.max_source_len)  # fmt: skip
     # tokens/s counts real tokens: a batch holds batch_size pairs of the mean source + target length
     per_pair = stats["train_mean_source_tokens"] + stats["train_mean_target_tokens"]
     result = train(

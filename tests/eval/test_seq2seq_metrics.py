@@ -218,12 +218,14 @@ def test_generation_predictor_routes_an_encoder_decoder_to_seq2seq(t5: tuple[Any
 
 
 def test_pair_metrics_scores_the_models_outputs(t5: tuple[Any, Any]) -> None:
+    from lamina.config import GenerationConfig
     from lamina.data.synthetic import reverse_pairs
     from lamina.eval.seq2seq import pair_metrics, seq2seq_predictor
 
     model, tok = t5
     data = reverse_pairs(10, seed=3)
-    got = pair_metrics(tok, data, batch_size=4, limit=6, max_new_tokens=8)(model)
+    greedy = GenerationConfig(temperature=0.0, max_new_tokens=8)
+    got = pair_metrics(tok, data, config=greedy, batch_size=4, limit=6)(model)
     outputs = seq2seq_predictor(model, tok, max_new_tokens=8)(data.sources[:6])
     want = score_pairs(outputs, data.targets[:6])
     assert got == {f"val_{k}": v for k, v in want.items() if k != "n"}

@@ -16,6 +16,7 @@ from lamina.cli.main import main
 from lamina.config import GenerationConfig, ModelConfig
 from lamina.data.pairs import read_pairs
 from lamina.data.synthetic import symbol_tokenizer, write_reverse_task
+from lamina.errors import ConfigError
 from lamina.generate.seq2seq import generate_seq2seq
 from lamina.model.transformer import Transformer
 from lamina.train.finetune import FinetuneRun, finetune
@@ -82,7 +83,8 @@ def test_cli_trains_a_checkpoint_that_loads_and_generates(
     rows = [json.loads(x) for x in reverse["val"].read_text().splitlines()[:20]]
     data = _write_jsonl(tmp_path / "pairs.jsonl", rows)
     out = tmp_path / "run"
-    args = ("--task.val_fraction", "0.2", "--seq2seq.no_repeat_ngram_size", "2")
+    args = ("--task.val_fraction", "0.2", "--seq2seq.no_repeat_ngram_size", "2",
+            "--seq2seq.repetition_penalty", "1.3")  # fmt: skip
     assert main(_cli(data, reverse["tokenizer"], out, *args)) == 0
     evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val_bleu" in r]
     assert len(evals) == 2 and {"val_rougeL", "val_exact_match", "val_loss"} <= set(evals[-1])
@@ -90,13 +92,24 @@ def test_cli_trains_a_checkpoint_that_loads_and_generates(
     assert lm.model.config.arch == "encoder-decoder" and lm.tokenizer is not None
     eos = lm.tokenizer.eos_token_id
     assert eos is not None and eos in lm.generation.eos_token_ids
-    # the checkpoint decodes as the evaluations did: greedy, max_target_len tokens, the n-gram ban
+    # the checkpoint decodes as the evaluations did: greedy, max_target_len tokens, n-gram ban, penalty
     g = lm.generation
     assert (g.temperature, g.max_new_tokens, g.no_repeat_ngram_size) == (0.0, 10, 2)
+    assert g.repetition_penalty == 1.3
     cfg = GenerationConfig(temperature=0.0, max_new_tokens=5, eos_token_ids=[eos])
     outs = generate_seq2seq(lm.model, [[5, 6, eos]], cfg, lm.tokenizer)
     assert len(outs[0][0].token_ids) <= 5 and outs[0][0].finish_reason in ("stop", "length")
     assert "seq2seq" in (out / "run.yaml").read_text()
+
+
+def test_the_decoding_fields_are_checked_once_by_generation_config() -> None:
+    from lamina.train.seq2seq import Seq2SeqConfig
+
+    with pytest.raises(ConfigError, match=r"^seq2seq\.no_repeat_ngram_size=-1 must be >= 0"):
+        Seq2SeqConfig(no_repeat_ngram_size=-1)
+    with pytest.raises(ConfigError, match=r"^seq2seq\.repetition_penalty=0\.0 must be > 0"):
+        Seq2SeqConfig(repetition_penalty=0.0)
+    assert Seq2SeqConfig(repetition_penalty=1.3).generation(7).repetition_penalty == 1.3
 
 
 def test_a_decoder_only_model_is_one_line(
