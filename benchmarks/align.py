@@ -29,6 +29,7 @@ GRPO generation tokens/s >= 2x TRL.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import sys
@@ -206,17 +207,13 @@ class Grpo:
 
         self.model.eval()
         self.source.attach_decode_step()
-        copies = self.model.__dict__.get("_inference_copies", {})
-        step = copies.pop(aot._HOLDER, None) if eager else None  # off for this generation only
-
         prompts = [self.tok.encode(t) for t in self.texts[: self.source.per_batch]]
         cfg = GenerationConfig(n=self.G, temperature=1.0, max_new_tokens=self.max_new, seed=0)
+        off = aot.decode_step_off(self.model) if eager else contextlib.nullcontext()  # this generation only
         t = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), off:
             seqs = generate_ids(self.model, prompts, cfg, [2], tokenizer=self.tok)
         dt = time.perf_counter() - t
-        if step is not None:
-            copies[aot._HOLDER] = step
         self.model.train()
         return sum(len(s.tokens) for s in seqs) / dt
 

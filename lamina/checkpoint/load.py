@@ -217,20 +217,20 @@ def _convert(net: Transformer, weights: str | None, compile: bool) -> Transforme
 
 def compile_model(net: Transformer) -> None:
     """What ``compile=True`` does to a loaded (converted) model: the compiled decode step of
-    ``lamina.model.aot`` where it covers the model (``_attach_decode_step``), else ``torch.compile``
+    ``lamina.model.aot`` where it covers the model (``attach_decode_step_or_warn``), else ``torch.compile``
     (dynamic: the KV cache and the batch change shape from step to step; inductor's caches in
     ``compile_cache_dir()``)."""
     if aot.supported(net) is None:
-        _attach_decode_step(net)
+        attach_decode_step_or_warn(net)
         return
     cached = use_compile_cache() is not None
     net.compile(backend=_compile_with_caches if cached else "inductor", dynamic=True)
 
 
-def _attach_decode_step(net: Transformer) -> None:
-    """``--compile`` for the models ``lamina.model.aot`` covers: its compiled decode step, from
-    ``compile_cache_dir()/aot`` or compiled into it; on failure one line on stderr, and eager decoding."""
-    use_compile_cache()  # inductor's own working files in lamina's directory too
+def attach_decode_step_or_warn(net: Transformer) -> None:
+    """``--compile`` for the models ``lamina.model.aot`` covers (``aot.supported(net)`` is None): its
+    compiled decode step, from ``compile_cache_dir()/aot`` or compiled into it; on failure (an unwritable
+    cache directory, a failed compile) one line on stderr, and eager decoding."""
     path = compile_cache_dir() / "aot"
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -238,6 +238,7 @@ def _attach_decode_step(net: Transformer) -> None:
         print(f"lamina: --compile: cannot make {path} ({e.strerror or e}); decoding without it (set "
               "LAMINA_COMPILE_CACHE to a writable directory)", file=sys.stderr)  # fmt: skip
         return
+    use_compile_cache()  # inductor's own working files in lamina's directory too (made just above)
     try:
         aot.attach_decode_step(net, path, log=lambda line: print(f"lamina: {line}", file=sys.stderr))
     except Exception as e:  # torch.export / AOTInductor on an op or build it does not handle

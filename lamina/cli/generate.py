@@ -119,7 +119,8 @@ def load_from_args(
     if opts.compile:
         print(
             "--compile: the first use of a model and weight format compiles (minutes on CPU); later starts "
-            "load the compiled decode step from the cache",
+            "load the compiled decode step from the cache (models it does not cover, e.g. ALiBi or "
+            "encoder-decoders, are traced again by torch.compile at each start)",
             file=sys.stderr,
         )
     target = model or args.model

@@ -3,14 +3,19 @@
 ``attach_decode_step(model)`` exports a tensor-only step of ``model`` (``DecodeStep``: token ids (B, 1),
 their positions, the KV cache's tensors -> logits (B, 1, V), the new keys and values written into the
 cache in place) with ``torch.export``, compiles it with AOTInductor (``torch._inductor``: fused C++ kernels
-for the small ops between the matmuls, no Python per layer) into a ``.pt2`` package under
-``compile_cache_dir()/aot``, and attaches it to the model: from then on ``model(ids, cache=cache)`` with
+for the small ops between the matmuls, no Python per layer) into a ``.pt2`` package in a folder
+``decode-KEY`` under ``compile_cache_dir()/aot``, and attaches it to the model: from then on ``model(ids, cache=cache)`` with
 one token per row, no attention mask and no position ids (every decoding step of ``lamina.generate``)
 runs the compiled step; prompts and everything else stay eager. The package holds no weights: the
 model's own tensors are handed to it at load (``load_constants``), so its key is the architecture (every
-tensor's name, shape and dtype, the config), torch's version, the CPU capability and lamina's model code
-(``step_key``); a later process with the same key loads it in about a second instead of compiling it
-again (minutes).
+tensor's name, shape and dtype, the config, every module's ``repr``), torch's version, the CPU (inductor
+builds for the host's instruction set) and lamina's model code (``step_key``); a later process with the
+same key loads it in about a second instead of compiling it again (minutes).
+
+The step reads the model's tensors in place: in-place writes (optimizer steps, ``load_state_dict``) are
+seen; a tensor or module replaced after attaching (``load_state_dict(assign=True)``, ``p.data = t``,
+``convert_weights``) makes the step stand aside (``CompiledStep.applies``: eager decoding until
+``attach_decode_step`` binds it again), and LoRA wrapping and ``.to()`` drop it.
 
 Numerics: the step computes what the eager decode step computes, with inductor's fused kernels (fp32 logits
 within ~1e-5 of eager's; bf16 activations within bf16 rounding), and attends over the cache's slots with
@@ -25,7 +30,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import operator
 import os
+import platform
 import shutil
 import sys
 import tempfile
@@ -41,10 +48,10 @@ from torch import Tensor, nn
 
 from lamina.model.layers import Attention, KVCache, _InferenceCopies, rope_tables
 from lamina.model.quant import PackedLinear
-from lamina.model.transformer import Block, Transformer
+from lamina.model.transformer import DECODE_STEP, Block, Transformer
 
-STEP_VERSION = "1"  # bump when DecodeStep's computation changes: packages of other versions are not read
-_HOLDER = "decode_step"  # the model's inference copy under which the attached step lives
+STEP_VERSION = "2"  # bump when DecodeStep's computation changes: packages of other versions are not read
+_PARTIAL_MAX_AGE_S = 24 * 3600  # a half-written package folder older than this was left by a killed compile
 
 
 def supported(model: Transformer) -> str | None:
@@ -129,25 +136,33 @@ def _attend(
 
 
 class CompiledStep:
-    """A loaded AOTInductor package of ``DecodeStep`` bound to a model's tensors; called as
+    """A loaded AOTInductor package of ``DecodeStep`` bound to ``model``'s tensors; called as
     ``step(ids, cache)`` -> logits (B, 1, V) with the cache's bookkeeping (valid slot, position, length)
-    done as ``Transformer.hidden_states`` does it."""
+    done as ``Transformer.hidden_states`` does it. ``runner(ids, positions, span, valid, kv)`` is the
+    loaded package (or anything computing ``DecodeStep``'s forward)."""
 
-    def __init__(self, runner: Any, path: Path, constants: dict[str, Tensor], dtype: torch.dtype) -> None:
-        self.runner, self.path, self.dtype = runner, path, dtype
+    def __init__(self, runner: Any, path: Path, constants: dict[str, Tensor], model: Transformer) -> None:
+        self.runner, self.path = runner, path
+        self.dtype, self.n_layers = model.tok_emb.weight.dtype, len(model.blocks)
         self._constants = constants  # the runner reads these tensors (user-managed): kept alive here
+        self._bound = _Binding(DecodeStep(model))
 
     def applies(self, ids: Tensor, cache: KVCache | None) -> bool:
         """Whether this step computes ``model(ids, cache=cache)`` (no mask, no positions given): one token
-        per row, a cache of the model's dtype holding at least one slot, no autograd."""
+        per row, a cache of the model's dtype and layer count (not a layer-skip draft's) holding at least
+        one slot, no autograd, no autocast, and the model still holding the modules and tensors the step
+        was bound to (``_Binding``: ~40 µs a step for a 30-layer model, 2 busy cores)."""
         return (
             cache is not None
             and ids.dim() == 2
             and ids.shape[1] == 1
             and cache.length > 0
             and cache.dtype == self.dtype
+            and len(cache.k) == self.n_layers
             and not cache.cross_k
             and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")
+            and self._bound.holds()
         )
 
     def __call__(self, ids: Tensor, cache: KVCache) -> Tensor:
@@ -164,28 +179,85 @@ class CompiledStep:
         return logits
 
 
+class _Binding:
+    """The modules and tensors a step was bound to, each with the table (``_modules``, ``_parameters``,
+    ``_buffers`` of its parent) and name it was found under, and each tensor's data pointer: ``holds()``
+    is False once one of them was replaced (``load_state_dict(assign=True)``, ``p.data = t``, a module
+    swapped), when the step would read tensors the model no longer uses."""
+
+    def __init__(self, root: nn.Module) -> None:
+        self.tables: list[dict[str, Any]] = []
+        self.names: list[str] = []
+        self.items: list[Any] = []
+        for m in root.modules():
+            for table in (m._modules, m._parameters, m._buffers):
+                for name, item in table.items():
+                    if item is not None:
+                        self.tables.append(table)
+                        self.names.append(name)
+                        self.items.append(item)
+        self.tensors = [t for t in self.items if isinstance(t, Tensor)]
+        self.pointers = [t.data_ptr() for t in self.tensors]
+
+    def holds(self) -> bool:
+        same = all(map(operator.is_, map(dict.get, self.tables, self.names), self.items))
+        return same and list(map(Tensor.data_ptr, self.tensors)) == self.pointers
+
+
 def attached_step(model: nn.Module) -> CompiledStep | None:
-    """The compiled step attached to ``model`` (None: none, or dropped by ``.to()`` or
-    ``clear_inference_copies``, which change or may change the weights it reads)."""
+    """The compiled step attached to ``model`` (None: none, or dropped by ``.to()``,
+    ``clear_inference_copies``, LoRA wrapping or ``detach_decode_step``)."""
     copies = model.__dict__.get("_inference_copies")
-    return None if copies is None else copies.get(_HOLDER)
+    return None if copies is None else copies.get(DECODE_STEP)
+
+
+def detach_decode_step(model: nn.Module) -> CompiledStep | None:
+    """Take the compiled step off ``model`` (decoding is eager again) and return it (None: none)."""
+    copies = model.__dict__.get("_inference_copies")
+    return None if copies is None else copies.pop(DECODE_STEP, None)
+
+
+@contextlib.contextmanager
+def decode_step_off(model: nn.Module) -> Iterator[None]:
+    """``model`` decodes eagerly inside (its compiled step, if any, is put back after)."""
+    step = detach_decode_step(model)
+    try:
+        yield
+    finally:
+        if step is not None:
+            model.__dict__.setdefault("_inference_copies", _InferenceCopies())[DECODE_STEP] = step
 
 
 def step_key(model: Transformer) -> str:
-    """What decides the compiled code: every tensor's name, shape and dtype, the config, torch's version,
-    the CPU capability, ``STEP_VERSION`` and the source of the code it is traced from (not the thread count:
-    the kernels take OpenMP's at run time)."""
+    """What decides the compiled code: every tensor's name, shape and dtype, the config, every module's
+    ``repr`` (the Python attributes traced into the code, e.g. ``RescoredHead.k``), torch's version, the
+    CPU (capability, machine, model name and flags: inductor builds with ``-march=native``),
+    ``STEP_VERSION`` and the source of the code it is traced from (not the thread count: the kernels
+    take OpenMP's at run time)."""
     step = DecodeStep(model)
     tensors = [(k, list(t.shape), str(t.dtype)) for k, t in _named_tensors(step).items()]
     what = {
         "config": asdict(model.config),
         "tensors": tensors,
+        "modules": repr(step),
         "torch": torch.__version__,
-        "cpu": torch.backends.cpu.get_cpu_capability(),
+        "cpu": [torch.backends.cpu.get_cpu_capability(), platform.machine(), _cpu_digest()],
         "step": STEP_VERSION,
         "code": _code_digest(),
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _cpu_digest() -> str:
+    """A digest of the first processor's model name and flags in ``/proc/cpuinfo`` ("" where there is none):
+    two CPUs with the same capability level can still differ in what ``-march=native`` emits."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return ""
+    first = text.split("\n\n", 1)[0].splitlines()
+    wanted = [line for line in first if line.split(":", 1)[0].strip() in ("model name", "flags", "Features")]
+    return hashlib.sha256("\n".join(wanted).encode()).hexdigest()[:16]
 
 
 def _code_digest() -> str:
@@ -207,10 +279,13 @@ def _named_tensors(module: nn.Module) -> dict[str, Tensor]:
 
 
 def export_step(model: Transformer, path: Path) -> Path:
-    """Export ``model``'s ``DecodeStep`` and compile it with AOTInductor into the package ``path``
-    (written atomically, its weights left out: see ``load_step``), with the small constants inductor's
-    lowerings make (the int4 kernel's group size as a tensor) beside it in ``path.with_suffix(".pt")``.
-    Batch size and cache length are dynamic (up to 4096 rows and 2**20 slots). Minutes on a small CPU."""
+    """Export ``model``'s ``DecodeStep`` and compile it with AOTInductor into the folder ``path``: the
+    package ``step.pt2`` (its weights left out: see ``load_step``) and the small constants inductor's
+    lowerings make (the int4 kernel's group size as a tensor) in ``constants.pt``. Both are written into
+    a temporary folder renamed to ``path`` at once; when another process got there first, its folder is
+    kept (the same key: the same package). Half-written folders a killed compile left (over a day old) are
+    removed. Batch size and cache length are dynamic (up to 4096 rows and 2**20 slots). Minutes on a
+    small CPU."""
     from torch._inductor import aoti_compile_and_package
     from torch.export import Dim, export
 
@@ -229,7 +304,8 @@ def export_step(model: Transformer, path: Path) -> Path:
     with torch.no_grad():
         ep = export(step, (ids, pos, torch.empty(S, 0), valid, kv), dynamic_shapes=shapes)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent))
+    _remove_partial(path.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=path.parent))
     try:
         with _recording_constants() as made:
             aoti_compile_and_package(
@@ -238,11 +314,23 @@ def export_step(model: Transformer, path: Path) -> Path:
                 inductor_configs={"aot_inductor.package_constants_in_so": False},
             )
         torch.save(made, tmp / "constants.pt")
-        os.replace(tmp / "constants.pt", path.with_suffix(".pt"))
-        os.replace(tmp / "step.pt2", path)  # last: a package without its constants is never seen
+        try:
+            os.replace(tmp, path)  # both files appear together
+        except OSError:
+            if not (path / "step.pt2").is_file():  # not another process's package: a real failure
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _remove_partial(folder: Path) -> None:
+    """Remove the temporary folders of compiles killed before their rename (older than a day: a running
+    compile's is minutes old)."""
+    for tmp in folder.glob(".partial-*"):
+        with contextlib.suppress(OSError):
+            if time.time() - tmp.stat().st_mtime > _PARTIAL_MAX_AGE_S:
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -272,15 +360,15 @@ def _recording_constants() -> Iterator[dict[str, Tensor]]:
 
 
 def load_step(model: Transformer, path: Path) -> CompiledStep:
-    """The package ``path`` (from ``export_step`` for a model of this key) loaded and bound to
+    """The package folder ``path`` (from ``export_step`` for a model of this key) loaded and bound to
     ``model``'s own tensors (not copied: the package holds none) and its recorded small constants.
 
-    Raises ``RuntimeError`` when the package wants a tensor neither gives."""
+    Raises ``RuntimeError`` when the package wants a tensor neither gives; load errors pass through."""
     from torch._inductor import aoti_load_package
 
-    runner = aoti_load_package(str(path))
+    runner = aoti_load_package(str(path / "step.pt2"))
     tensors = _named_tensors(DecodeStep(model))
-    tensors.update(torch.load(path.with_suffix(".pt"), weights_only=True))
+    tensors.update(torch.load(path / "constants.pt", weights_only=True))
     missing = [k for k in runner.get_constant_fqns() if k not in tensors]
     if missing:
         raise RuntimeError(
@@ -288,23 +376,35 @@ def load_step(model: Transformer, path: Path) -> CompiledStep:
         )
     constants = {k: tensors[k] for k in runner.get_constant_fqns()}
     runner.load_constants(constants, check_full_update=True, user_managed=True)
-    return CompiledStep(runner, path, constants, model.tok_emb.weight.dtype)
+    return CompiledStep(runner, path, constants, model)
 
 
 def attach_decode_step(
     model: Transformer, cache_dir: Path, log: Callable[[str], None] | None = None
 ) -> CompiledStep:
     """Compile (or load from ``cache_dir``) ``model``'s decode step and attach it (see the module
-    docstring). ``model`` must be in eval mode and not change its weights afterwards (the step reads them
-    in place; ``.to()`` drops the step). ``log`` gets a line before and after compiling a package.
+    docstring), in the folder ``cache_dir/decode-KEY``. The step reads ``model``'s tensors in place
+    (module docstring: what makes it stand aside or drops it). ``log`` gets a line before and after
+    compiling a package, and one naming a cached package that fails to load (removed and compiled again).
 
-    Raises ``ValueError`` for a model ``supported`` refuses; export or compile errors pass through."""
+    Raises ``ValueError`` for a model ``supported`` refuses; export or compile errors pass through, and a
+    package that fails to load right after compiling raises ``RuntimeError`` naming it."""
     why = supported(model)
     if why is not None:
         raise ValueError(f"no compiled decode step for this model: {why}")
     model.eval()
-    path = Path(cache_dir) / f"decode-{step_key(model)}.pt2"
-    if not path.is_file():
+    path = Path(cache_dir) / f"decode-{step_key(model)}"
+    step = None
+    if path.is_dir():
+        try:
+            step = load_step(model, path)
+        except Exception as e:  # a damaged package (a full disk, another build): compiled again
+            if log is not None:
+                first = (str(e).strip().splitlines() or [""])[0][:300]
+                log(f"the compiled decode step {path} failed to load ({type(e).__name__}: {first}); "
+                    "compiling it again")  # fmt: skip
+            shutil.rmtree(path, ignore_errors=True)
+    if step is None:
         if log is not None:
             log(
                 f"compiling the decode step of this model and weight format (once; minutes on a small CPU) into {path}"
@@ -313,6 +413,9 @@ def attach_decode_step(
         export_step(model, path)
         if log is not None:
             log(f"compiled the decode step in {time.perf_counter() - t:.0f} s")
-    step = load_step(model, path)
-    model.__dict__.setdefault("_inference_copies", _InferenceCopies())[_HOLDER] = step
+        try:
+            step = load_step(model, path)
+        except Exception as e:
+            raise RuntimeError(f"the compiled decode step {path} failed to load: {e}") from e
+    model.__dict__.setdefault("_inference_copies", _InferenceCopies())[DECODE_STEP] = step
     return step

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lamina.errors import ConfigError
+from lamina.model.aot import detach_decode_step
 from lamina.model.layers import MLP, Attention
 from lamina.model.quant import Int4Linear, Int8Linear, convert_weights
 from lamina.model.transformer import Transformer
@@ -312,7 +313,8 @@ def check_adaptable(model: Transformer) -> None:
 
 def wrap_linear(model: nn.Module, name: str, cfg: LoraConfig) -> LoraLinear:
     """Replace the linear layer ``name`` of ``model`` by a ``LoraLinear`` over it (rank and scaling from
-    ``cfg``) and return the wrapper. Freezes nothing: ``apply_lora`` does that for the whole model."""
+    ``cfg``) and return the wrapper. Freezes nothing: ``apply_lora`` does that for the whole model. Drops
+    ``model``'s compiled decode step (``lamina.model.aot``: it would decode without the adapter)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     base = getattr(parent, child)
@@ -320,6 +322,7 @@ def wrap_linear(model: nn.Module, name: str, cfg: LoraConfig) -> LoraLinear:
         raise ConfigError(f"{name} is a {type(base).__name__}, not a linear layer LoRA can adapt")
     layer = LoraLinear(base, cfg)
     setattr(parent, child, layer)
+    detach_decode_step(model)
     return layer
 
 
@@ -535,6 +538,7 @@ def add_multi_adapter(
         if isinstance(layer, _BASE_TYPES):
             layer = MultiLoraLinear(layer)
             setattr(parent, child, layer)
+            detach_decode_step(model)  # lamina.model.aot's step would decode without the adapters
         if not isinstance(layer, MultiLoraLinear):
             raise ConfigError(f"adapter {name!r}: {module} is a {type(layer).__name__}, not a linear layer")
         layer.add_adapter(k, a, b, scaling)

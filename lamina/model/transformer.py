@@ -39,6 +39,8 @@ from lamina.model.layers import (
     transposed_matmul,
 )
 
+DECODE_STEP = "decode_step"  # the inference copy holding lamina.model.aot's compiled decode step
+
 
 def _identity(x: Tensor) -> Tensor:
     return x
@@ -235,7 +237,7 @@ class Transformer(HoldsInferenceCopies):
                 last_only,
                 source_ids=input_ids,
             )
-        step = self.__dict__.get("_inference_copies", {}).get("decode_step")  # lamina.model.aot
+        step = self.__dict__.get("_inference_copies", {}).get(DECODE_STEP)  # lamina.model.aot
         plain = (
             attention_mask is None and position_ids is None and token_type_ids is None and segment_ids is None
         )

@@ -478,9 +478,9 @@ class GenerationBatches:
             return
         why = aot.supported(self.model)
         if why is None:
-            from lamina.checkpoint.load import _attach_decode_step
+            from lamina.checkpoint.load import attach_decode_step_or_warn
 
-            _attach_decode_step(self.model)
+            attach_decode_step_or_warn(self.model)
             why = None if aot.attached_step(self.model) is not None else "its compile failed"
         if why is not None:
             self._eager_generation = True

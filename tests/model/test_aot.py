@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,9 +18,21 @@ import lamina
 from lamina.checkpoint.lamina import save_checkpoint
 from lamina.config import GenerationConfig, ModelConfig
 from lamina.generate.engine import generate_ids, greedy_decode
-from lamina.model.aot import DecodeStep, attached_step, export_step, step_key, supported
+from lamina.generate.speculative import layer_skip_draft
+from lamina.model import aot
+from lamina.model.aot import (
+    CompiledStep,
+    DecodeStep,
+    attach_decode_step,
+    attached_step,
+    export_step,
+    step_key,
+    supported,
+)
+from lamina.model.layers import _InferenceCopies
+from lamina.model.lora import LoraConfig, apply_lora
 from lamina.model.quant import PackedLinear, convert_weights
-from lamina.model.transformer import Transformer
+from lamina.model.transformer import DECODE_STEP, Transformer
 
 TINY = ModelConfig(
     vocab_size=97, max_seq_len=64, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=96,
@@ -70,7 +84,7 @@ def test_decode_step_computes_the_eager_step(pos: str) -> None:
     torch.testing.assert_close(_steps(model, _eager_step(model)), _steps(model), atol=1e-5, rtol=0)
 
 
-def test_supported_and_key() -> None:
+def test_supported_and_key(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     model = Transformer(copy.deepcopy(TINY)).eval()
     assert supported(model) is None
@@ -82,6 +96,72 @@ def test_supported_and_key() -> None:
     if any(isinstance(m, PackedLinear) for m in packed.modules()):
         assert "prepacked" in (supported(packed) or "")
     assert supported(convert_weights(Transformer(copy.deepcopy(TINY)).eval(), "fp32", pack=False)) is None
+
+    # head_topk's k is a Python attribute traced into the code: another k, another package
+    def topk(k: int) -> Transformer:
+        return convert_weights(Transformer(copy.deepcopy(TINY)).eval(), "int4", pack=False, head_topk=k)
+
+    assert step_key(topk(4)) != step_key(topk(8))
+    key = step_key(model)
+    monkeypatch.setattr(aot, "_cpu_digest", lambda: "another CPU's model name and flags")
+    assert step_key(model) != key
+
+
+def _stand_in(model: Transformer) -> list[int]:
+    """Attach a ``CompiledStep`` whose runner is ``DecodeStep`` run eagerly (nothing compiled) to
+    ``model``; returns the batch sizes of the steps it runs."""
+    calls: list[int] = []
+    run = DecodeStep(model)
+
+    def runner(*args: Any) -> torch.Tensor:
+        calls.append(args[0].shape[0])
+        return run(*args)
+
+    step = CompiledStep(runner, Path("stand-in"), {}, model)
+    model.__dict__.setdefault("_inference_copies", _InferenceCopies())[DECODE_STEP] = step
+    return calls
+
+
+def test_the_step_stands_aside_where_it_would_not_compute_the_model() -> None:
+    """A layer-skip draft (which shares the target's inference copies), autocast, and weights or modules
+    the step was not bound to decode eagerly; LoRA wrapping drops the step; in-place writes keep it."""
+    torch.manual_seed(0)
+    model = Transformer(copy.deepcopy(TINY)).eval()
+    calls = _stand_in(model)
+    expected = _steps(model, _eager_step(model))
+    assert calls == []
+    assert _steps(model).equal(expected) and calls == [3] * 6
+    calls.clear()
+    draft = layer_skip_draft(model, 1)  # its cache has 1 layer: the 2-layer step would fail on it
+    assert attached_step(draft) is attached_step(model)
+    _steps(draft)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _steps(model)
+    assert calls == []
+    with torch.no_grad():
+        model.blocks[0].mlp_norm.weight.mul_(2.0)  # in place: the step reads it
+    _steps(model)
+    assert calls == [3] * 6
+    calls.clear()
+    model.load_state_dict(copy.deepcopy(model.state_dict()), assign=True)  # new tensors
+    torch.testing.assert_close(_steps(model), _steps(model, _eager_step(model)))
+    assert calls == []
+    fresh = Transformer(copy.deepcopy(TINY)).eval()
+    calls = _stand_in(fresh)
+    fresh.blocks[1].attn.q_proj.weight.data = torch.zeros_like(fresh.blocks[1].attn.q_proj.weight)
+    _steps(fresh)
+    assert calls == []
+    calls = _stand_in(fresh)  # bound again: to the new tensor
+    _steps(fresh)
+    assert calls == [3] * 6
+    calls.clear()
+    fresh.blocks[0].mlp = copy.deepcopy(fresh.blocks[0].mlp)  # a module swapped
+    _steps(fresh)
+    assert calls == []
+    adapted = Transformer(copy.deepcopy(TINY)).eval()
+    _stand_in(adapted)
+    apply_lora(adapted, LoraConfig(r=2, target_modules=["attn.q_proj"]))
+    assert attached_step(adapted) is None
 
 
 @pytest.fixture(scope="session")
@@ -103,7 +183,7 @@ def test_load_with_compile_decodes_through_the_package(tiny_int4: Path) -> None:
     compiled = lamina.load(tiny_int4, weights="int4", compile=True).model
     step = attached_step(compiled)
     assert step is not None and attached_step(eager) is None
-    assert step.path.is_file() and step.path.with_suffix(".pt").is_file()
+    assert (step.path / "step.pt2").is_file() and (step.path / "constants.pt").is_file()
     runner, calls = step.runner, []
     step.runner = lambda *args: calls.append(args[0].shape[0]) or runner(*args)  # counts the compiled steps
     torch.testing.assert_close(_steps(compiled), _steps(eager), atol=0.02, rtol=0)
@@ -160,3 +240,63 @@ def _run_exported(run: object, ids: torch.Tensor, cache: object) -> torch.Tensor
     logits = run(ids, pos, torch.empty(offset + 1, 0), cache.valid, [*cache.k, *cache.v])  # type: ignore[operator,attr-defined]
     cache.next_pos, cache.length = pos[:, 0] + 1, offset + 1  # type: ignore[attr-defined]
     return logits
+
+
+def test_package_folder_is_written_at_once_and_rebuilt_when_broken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``attach_decode_step`` writes decode-KEY/ (package and constants) by one rename, keeps a folder
+    another process renamed first, removes old half-written folders, and compiles again (once, naming the
+    file) a cached package that fails to load (export and AOTInductor stubbed: no compiling here)."""
+    import torch._inductor
+    import torch.export
+
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(TINY, n_layers=1)).eval()
+    compiled: list[str] = []
+
+    def compile_stub(ep: object, package_path: str, **_: object) -> str:
+        compiled.append(package_path)
+        Path(package_path).write_bytes(b"package")
+        return package_path
+
+    class Runner:
+        def __init__(self, path: str) -> None:
+            if Path(path).read_bytes() != b"package":
+                raise RuntimeError("bad package")
+            self.run = DecodeStep(model)
+
+        def get_constant_fqns(self) -> list[str]:
+            return []
+
+        def load_constants(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def __call__(self, *args: Any) -> torch.Tensor:
+            return self.run(*args)
+
+    monkeypatch.setattr(torch.export, "export", lambda *args, **kwargs: None)
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_stub)
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", Runner)
+    old, recent = tmp_path / ".partial-killed", tmp_path / ".partial-running"
+    old.mkdir()
+    recent.mkdir()
+    os.utime(old, (1.0, 1.0))
+    lines: list[str] = []
+    step = attach_decode_step(model, tmp_path, log=lines.append)
+    assert step.path == tmp_path / f"decode-{step_key(model)}" and len(compiled) == 1
+    assert sorted(p.name for p in step.path.iterdir()) == ["constants.pt", "step.pt2"]
+    assert not old.exists() and recent.exists()  # a day-old one removed, a running compile's kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".partial-running", step.path.name]
+    torch.testing.assert_close(_steps(model), _steps(model, _eager_step(model)))
+
+    (step.path / "step.pt2").write_bytes(b"truncated")
+    lines.clear()
+    assert attach_decode_step(model, tmp_path, log=lines.append).path == step.path
+    assert len(compiled) == 2 and str(step.path) in lines[0] and "failed to load" in lines[0]
+    assert attach_decode_step(model, tmp_path).path == step.path and len(compiled) == 2  # loaded
+
+    (step.path / "step.pt2").write_bytes(b"theirs")  # another process renamed its folder first
+    export_step(model, step.path)
+    assert (step.path / "step.pt2").read_bytes() == b"theirs" and len(compiled) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".partial-running", step.path.name]

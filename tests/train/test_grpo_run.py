@@ -314,6 +314,7 @@ def test_compile_generation_decodes_through_the_attached_step(
 
     import lamina.checkpoint.load as load_module
     from lamina.model import aot
+    from lamina.model.transformer import DECODE_STEP
     from lamina.train.grpo import GenerationBatches
 
     lm = tiny_lm(d_model=32, n_heads=2, n_kv_heads=2, d_ff=64)
@@ -328,20 +329,16 @@ def test_compile_generation_decodes_through_the_attached_step(
 
         def __call__(self, x: torch.Tensor, cache: Any) -> Any:
             seen.append((x.shape[1], model.training))
-            copies = model.__dict__["_inference_copies"]
-            copies.pop(aot._HOLDER)
-            try:
+            with aot.decode_step_off(model):
                 return model(x, cache=cache)
-            finally:
-                copies[aot._HOLDER] = self
 
     attached: list[Any] = []
 
     def attach(net: Any) -> None:
         attached.append(net)
-        net.__dict__.setdefault("_inference_copies", {})[aot._HOLDER] = Step()
+        net.__dict__.setdefault("_inference_copies", {})[DECODE_STEP] = Step()
 
-    monkeypatch.setattr(load_module, "_attach_decode_step", attach)
+    monkeypatch.setattr(load_module, "attach_decode_step_or_warn", attach)
 
     def source(compile_generation: bool) -> GenerationBatches:
         cfg = GrpoConfig(reward_funcs=["zero"], num_generations=4, max_completion_length=6, samples=0,
@@ -361,6 +358,6 @@ def test_compile_generation_decodes_through_the_attached_step(
     assert all(s == (1, False) for s in seen)
 
     monkeypatch.setattr(aot, "supported", lambda net: "LoRA")
-    model.__dict__["_inference_copies"].pop(aot._HOLDER)
+    assert aot.detach_decode_step(model) is not None
     source(True).batch(0)
     assert attached == [model] and "generating eagerly (LoRA)" in capsys.readouterr().err
