@@ -43,19 +43,10 @@ WEIGHTS = (0.3, 0.5, 1.0, 1.5)
 
 def candidates(store: Any, emb: Any, question: str) -> tuple[list[str], list[float], list[str]]:
     """Dense's first DEPTH documents: ids, each one's best cosine, and the passage each is scored through."""
-    from lamina.rag.retrieve import dedupe, embed_query
+    from lamina.rag.retrieve import dedupe, embed_query, rerank_documents
 
     hits = dedupe(store.search_dense(embed_query(store, question, emb), CHUNKS, None))
-    first: dict[str, Any] = {}
-    passage: dict[str, Any] = {}
-    for h in hits:
-        d = h.chunk.doc_id
-        if d not in first:
-            if len(first) == DEPTH:
-                continue
-            first[d] = passage[d] = h
-        elif h.chunk.kind == "chunk" and passage[d].chunk.kind != "chunk":
-            passage[d] = h
+    first, passage = rerank_documents(hits, DEPTH)
     docs = list(first)
     return docs, [first[d].score for d in docs], [passage[d].chunk.text[:MAX_CHARS] for d in docs]
 

@@ -297,6 +297,23 @@ def rerank_llm(lm: LoadedModel, query: str, hits: list[Hit], max_passage_chars: 
 UPR_PROMPT = "Passage: {passage}\nPlease write a question based on this passage.\nQuestion:"
 
 
+def rerank_documents(hits: list[Hit], depth: int) -> tuple[dict[str, Hit], dict[str, Hit]]:
+    """The first ``depth`` documents of ``hits`` (in order) as {doc_id: its first (best) hit} and {doc_id:
+    the hit it is re-scored through}: its first ``chunk`` entry (the passage with its title line), else its
+    first hit."""
+    first: dict[str, Hit] = {}
+    passage: dict[str, Hit] = {}
+    for h in hits:
+        d = h.chunk.doc_id
+        if d not in first:
+            if len(first) == depth:
+                continue
+            first[d] = passage[d] = h
+        elif h.chunk.kind == "chunk" and passage[d].chunk.kind != "chunk":
+            passage[d] = h
+    return first, passage
+
+
 def rerank_likelihood(
     lm: LoadedModel,
     query: str,
@@ -327,16 +344,7 @@ def rerank_likelihood(
     tok = lm.tokenizer
     if tok is None:
         raise ConfigError(f"reranker {lm.entry.name!r} has no tokenizer")
-    first: dict[str, Hit] = {}
-    passage: dict[str, Hit] = {}
-    for h in hits:
-        d = h.chunk.doc_id
-        if d not in first:
-            if len(first) == depth:
-                continue
-            first[d] = passage[d] = h
-        elif h.chunk.kind == "chunk" and passage[d].chunk.kind != "chunk":
-            passage[d] = h
+    first, passage = rerank_documents(hits, depth)
     if not first:
         return hits
     q_ids = tok.encode(" " + query.strip(), add_special_tokens=False)
