@@ -495,20 +495,6 @@ def onednn_failed() -> None:
     _MKLDNN = False
 
 
-def transposed_matmul(x: Tensor, wt: Tensor) -> Tensor:
-    """``x @ wt``: x (M, in), wt (in, out) contiguous (a weight stored transposed, as the LM head's decode
-    copy) -> (M, out). One row: MKL's (a matrix-vector product that streams wt). From 2 rows in float32 on
-    CPU: oneDNN's linear on ``wt.t()`` as it lies (no copy, no reorder): MKL's float32 kernel for a few rows
-    is slow on this project's CPUs (AMD EPYC, one thread, t5-small's (512, 32128) head: 20 -> 12 ms for 8
-    rows; SmolLM2's 44 -> 25 ms). Outputs within ~1e-6 relative of ``x @ wt`` (another summation order)."""
-    if x.shape[0] > 1 and _MKLDNN and x.dtype == wt.dtype == torch.float32 and x.device.type == "cpu":
-        try:
-            return packed_linear(x, wt.t(), None)
-        except ONEDNN_ERRORS:
-            onednn_failed()
-    return x @ wt
-
-
 def _stacked_copies(
     linears: list[nn.Linear], pack: bool
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:

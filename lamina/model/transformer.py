@@ -36,7 +36,6 @@ from lamina.model.layers import (
     rope_inv_freq,
     rope_tables,
     sinusoidal_encoding,
-    transposed_matmul,
 )
 
 DECODE_STEP = "decode_step"  # the inference copy holding lamina.model.aot's compiled decode step
@@ -270,7 +269,7 @@ class Transformer(HoldsInferenceCopies):
         # (B*T, d) @ (d, V) as one 2-D matmul: a non-contiguous (B, T, d) (the last position of a prefill,
         # h[:, -1:]) sent torch.matmul to bmm, which expanded head_t to (B, d, V) and copied it (906 MB
         # for 16 SmolLM2 prompts in bf16)
-        logits = transposed_matmul(h.reshape(-1, h.shape[-1]), head_t).view(*h.shape[:-1], -1)
+        logits = (h.reshape(-1, h.shape[-1]) @ head_t).view(*h.shape[:-1], head_t.shape[-1])
         return logits if self.lm_head.bias is None else logits + self.lm_head.bias
 
     _DECODE_ROWS = 16  # at most this many positions: a decoding step (see _head_t)
@@ -281,8 +280,9 @@ class Transformer(HoldsInferenceCopies):
 
         On CPU, ``h @ W.T`` with W.T stored contiguous runs about 2x faster than ``F.linear(h, W)`` for
         one row against a large vocabulary (t5-small's head: 13 -> 5 ms on one thread; a decoding step is
-        memory-bound and the head is much of it); from 2 rows oneDNN multiplies the same copy
-        (``layers.transposed_matmul``: 1.7x MKL's for 8 rows). Made once per weight version
+        memory-bound and the head is much of it), 1.3x for 8 rows, nothing by 64. (oneDNN's linear on this
+        copy's transpose was faster from 2 rows but gave wrong logits after LoRA GRPO training: removed.) Made
+        once per weight version
         and held by the model (``layers.inference_copy``: not deep-copied or pickled; an optimizer step or
         ``load_state_dict`` makes a new one): one more copy of the head, only on models that decode on CPU."""
         head = self.lm_head

@@ -170,27 +170,6 @@ def test_the_transposed_head_takes_a_non_contiguous_last_position_as_one_matmul(
     assert torch.allclose(logits.float(), model.lm_head(h).float(), atol=1e-2)
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch build")
-@pytest.mark.parametrize("rows", [1, 5])
-def test_transposed_matmul_equals_the_product_and_falls_back_for_good(
-    rows: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """transposed_matmul(x, wt) = x @ wt within 1e-5 (one row: MKL; more: oneDNN on wt.t()); a failing
-    private op gives the plain product and turns oneDNN off."""
-    monkeypatch.setattr(layers, "_MKLDNN", True)
-    x, wt = torch.randn(rows, 64), torch.randn(64, 300)
-    with torch.profiler.profile() as prof:
-        y = layers.transposed_matmul(x, wt)
-    torch.testing.assert_close(y, x @ wt, atol=1e-5, rtol=1e-5)
-    assert any("mkldnn::_linear_pointwise" in e.name for e in prof.events()) == (rows > 1)
-
-    def fail(*args: object) -> None:
-        raise RuntimeError("no such op")
-
-    monkeypatch.setattr(layers, "packed_linear", fail)
-    assert torch.equal(layers.transposed_matmul(x, wt), x @ wt) and (rows == 1) == layers._MKLDNN
-
-
 def test_cross_attention_mask_is_sdpas_bool_mask_made_once() -> None:
     valid = torch.tensor([[True, True, False], [False, False, False]])
     mask = layers.cross_attention_mask(valid, torch.float32)
