@@ -45,3 +45,14 @@ def tiny_lm(generation: Any = None, **model: Any) -> Any:
     cfg = ModelConfig.preset("llama-tiny", **{"vocab_size": tok.vocab_size, "max_seq_len": CONTEXT, **model})
     gen = generation or GenerationConfig(eos_token_ids=[tok.eos_token_id])
     return LoadedModel(Transformer(cfg).eval(), tok, gen, ModelEntry("tiny", Path("."), "path", "lamina"))
+
+
+def tiny_llama_config() -> Any:
+    """A Llama-shaped decoder config small enough for fast tests (RoPE, RMSNorm, SwiGLU, GQA, tied
+    embeddings; vocab 97, 2 layers, d_model 64): tests/model's quantization and compiled-step tests."""
+    from lamina.config import ModelConfig
+
+    return ModelConfig(
+        vocab_size=97, max_seq_len=64, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=96,
+        pos_encoding="rope", norm="rmsnorm", activation="swiglu", bias=False, tie_embeddings=True,
+    )  # fmt: skip

@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 import torch
+from tiny_chat import tiny_llama_config
 
 import lamina
 from lamina.checkpoint.lamina import save_checkpoint
-from lamina.config import GenerationConfig, ModelConfig
+from lamina.config import GenerationConfig
 from lamina.generate.engine import generate_ids, greedy_decode
 from lamina.generate.speculative import layer_skip_draft
 from lamina.model import aot
@@ -34,10 +35,7 @@ from lamina.model.lora import LoraConfig, apply_lora
 from lamina.model.quant import PackedLinear, convert_weights
 from lamina.model.transformer import DECODE_STEP, Transformer
 
-TINY = ModelConfig(
-    vocab_size=97, max_seq_len=64, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=96,
-    pos_encoding="rope", norm="rmsnorm", activation="swiglu", bias=False, tie_embeddings=True,
-)  # fmt: skip
+TINY = tiny_llama_config()  # fp32 tests with a tiny RoPE / SwiGLU / GQA decoder
 
 
 def _ids(B: int, T: int) -> torch.Tensor:

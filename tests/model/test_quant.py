@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_chat import tiny_llama_config
 
 import lamina
 from lamina.checkpoint.hf import export_hf
 from lamina.checkpoint.lamina import save_checkpoint
-from lamina.config import ModelConfig
 from lamina.errors import CheckpointError, ConfigError
 from lamina.model.quant import (
     DEQUANT_ROWS,
@@ -43,10 +43,7 @@ from lamina.model.quant import (
 )
 from lamina.model.transformer import Transformer
 
-TINY = ModelConfig(
-    vocab_size=97, max_seq_len=64, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=96,
-    pos_encoding="rope", norm="rmsnorm", activation="swiglu", bias=False, tie_embeddings=True,
-)  # fmt: skip
+TINY = tiny_llama_config()
 
 
 def _tiny() -> Transformer:
