@@ -235,7 +235,9 @@ def step_key(model: Transformer) -> str:
     ``STEP_VERSION`` and the source of the code it is traced from (not the thread count: the kernels
     take OpenMP's at run time)."""
     step = DecodeStep(model)
-    tensors = [(k, list(t.shape), str(t.dtype)) for k, t in _named_tensors(step).items()]
+    # and a non-contiguous tensor's strides: the package reads each tensor with the strides it was traced with
+    tensors = [(k, list(t.shape), str(t.dtype), *([] if t.is_contiguous() else [list(t.stride())]))
+               for k, t in _named_tensors(step).items()]  # fmt: skip
     what = {
         "config": asdict(model.config),
         "tensors": tensors,
