@@ -22,7 +22,10 @@ within ~1e-5 of eager's; bf16 activations within bf16 rounding), and attends ove
 the explicit mask of its valid slots (eager skips the mask when no row has padding: the same values).
 
 Supported: decoders with an LM head, pre- or post-norm, RoPE (not dynamic scaling), learned, sinusoidal
-or no positions, any weight format of ``lamina.model.quant``, no LoRA; ``supported(model)`` says why not.
+or no positions, any weight format of ``lamina.model.quant`` but the prepacked ``fp32`` one, no LoRA;
+and the decoders of encoder-decoders (T5's relative bias, the 2017 Transformer's sinusoidal positions;
+no copy head): ``EncDecStep`` takes the cross-attention keys and values the first, eager step computed
+from the encoder output as inputs, with the source's mask. ``supported(model)`` says why not.
 """
 
 from __future__ import annotations
@@ -46,7 +49,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lamina.model.layers import Attention, KVCache, _InferenceCopies, rope_tables
+from lamina.model.layers import (
+    Attention,
+    KVCache,
+    _InferenceCopies,
+    _same_weights,
+    _weights_key,
+    inference_copy,
+    rope_tables,
+)
 from lamina.model.quant import PackedLinear
 from lamina.model.transformer import DECODE_STEP, Block, Transformer
 
@@ -57,14 +68,21 @@ _PARTIAL_MAX_AGE_S = 24 * 3600  # a half-written package folder older than this 
 def supported(model: Transformer) -> str | None:
     """None when ``model`` can decode through a compiled step; else why not (one phrase)."""
     cfg = model.config
+    if cfg.arch == "encoder-decoder":
+        return _enc_dec_unsupported(model) or _weights_unsupported(model)
     if cfg.arch != "decoder" or model.lm_head is None:
-        return f"arch={cfg.arch!r} head={cfg.head!r} (a decoder with an LM head only)"
+        return f"arch={cfg.arch!r} head={cfg.head!r} (a decoder or an encoder-decoder with an LM head only)"
     if cfg.pos_encoding in ("alibi", "relative") or cfg.rope_scaling == "dynamic":
         return f"pos_encoding={cfg.pos_encoding!r} rope_scaling={cfg.rope_scaling!r}"
     if model.copy_head is not None or model.type_emb is not None or model.lm_transform is not None:
         return "a copy head, token types or an LM head transform"
     if cfg.scale_decoder_outputs:
         return "scale_decoder_outputs"
+    return _weights_unsupported(model)
+
+
+def _weights_unsupported(model: Transformer) -> str | None:
+    """Why ``model``'s layers or device cannot be exported (None: they can)."""
     if any(type(m).__module__ == "lamina.model.lora" for m in model.modules()):
         return "LoRA adapters (merge them first)"
     if any(isinstance(m, PackedLinear) for m in model.modules()):  # an opaque weight export cannot take
@@ -234,7 +252,7 @@ def step_key(model: Transformer) -> str:
     CPU (capability, machine, model name and flags: inductor builds with ``-march=native``),
     ``STEP_VERSION`` and the source of the code it is traced from (not the thread count: the kernels
     take OpenMP's at run time)."""
-    step = DecodeStep(model)
+    step = _step_module(model)
     # and a non-contiguous tensor's strides: the package reads each tensor with the strides it was traced with
     tensors = [(k, list(t.shape), str(t.dtype), *([] if t.is_contiguous() else [list(t.stride())]))
                for k, t in _named_tensors(step).items()]  # fmt: skip
@@ -293,7 +311,6 @@ def export_step(model: Transformer, path: Path) -> Path:
 
     cfg = model.config
     assert cfg.n_kv_heads is not None and cfg.head_dim is not None
-    step = DecodeStep(model).eval()
     B, C, S = 2, 8, 5  # example sizes (not 0 or 1: those would be specialized)
     dtype = model.tok_emb.weight.dtype
     kv = [torch.zeros(B, cfg.n_kv_heads, C, cfg.head_dim, dtype=dtype) for _ in range(2 * len(model.blocks))]
@@ -302,9 +319,14 @@ def export_step(model: Transformer, path: Path) -> Path:
     pos = torch.full((B, 1), S - 1, dtype=torch.long)
     batch, slots = Dim("batch", min=1, max=4096), Dim("slots", min=2, max=2**20)
     span = Dim("span", min=2, max=2**20)
-    shapes = ({0: batch}, {0: batch}, {0: span}, {0: batch, 1: slots}, [{0: batch, 2: slots}] * len(kv))
-    with torch.no_grad():
-        ep = export(step, (ids, pos, torch.empty(S, 0), valid, kv), dynamic_shapes=shapes)
+    if cfg.arch == "encoder-decoder":
+        ep = _export_enc_dec(model, ids, pos, S, valid, kv, (batch, slots, span))
+    else:
+        shapes = ({0: batch}, {0: batch}, {0: span}, {0: batch, 1: slots}, [{0: batch, 2: slots}] * len(kv))
+        with torch.no_grad():
+            ep = export(
+                DecodeStep(model).eval(), (ids, pos, torch.empty(S, 0), valid, kv), dynamic_shapes=shapes
+            )
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_partial(path.parent)
     tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=path.parent))
@@ -369,7 +391,7 @@ def load_step(model: Transformer, path: Path) -> CompiledStep:
     from torch._inductor import aoti_load_package
 
     runner = aoti_load_package(str(path / "step.pt2"))
-    tensors = _named_tensors(DecodeStep(model))
+    tensors = _named_tensors(_step_module(model))
     tensors.update(torch.load(path / "constants.pt", weights_only=True))
     missing = [k for k in runner.get_constant_fqns() if k not in tensors]
     if missing:
@@ -378,7 +400,8 @@ def load_step(model: Transformer, path: Path) -> CompiledStep:
         )
     constants = {k: tensors[k] for k in runner.get_constant_fqns()}
     runner.load_constants(constants, check_full_update=True, user_managed=True)
-    return CompiledStep(runner, path, constants, model)
+    kind = EncDecCompiledStep if model.config.arch == "encoder-decoder" else CompiledStep
+    return kind(runner, path, constants, model)
 
 
 def attach_decode_step(
@@ -421,3 +444,165 @@ def attach_decode_step(
             raise RuntimeError(f"the compiled decode step {path} failed to load: {e}") from e
     model.__dict__.setdefault("_inference_copies", _InferenceCopies())[DECODE_STEP] = step
     return step
+
+
+# -- encoder-decoders (T5, the 2017 Transformer): the decoder's step, the cross-attention keys as inputs --
+
+
+def _enc_dec_unsupported(model: Transformer) -> str | None:
+    """Why the decoder of encoder-decoder ``model`` has no compiled step (None: it has one)."""
+    cfg = model.config
+    if model.lm_head is None or model.copy_head is not None or model.lm_transform is not None:
+        return f"head={cfg.head!r} copy_attention={cfg.copy_attention} (an LM head only)"
+    if cfg.pos_encoding in ("alibi", "rope"):
+        return f"pos_encoding={cfg.pos_encoding!r} in an encoder-decoder"
+    if cfg.pos_encoding == "relative" and cfg.n_kv_heads != cfg.n_heads:
+        return "T5's relative bias with grouped KV heads"
+    return None
+
+
+def _step_module(model: Transformer) -> nn.Module:
+    """The tensor-only step that is exported for ``model`` (its tensors are the package's constants)."""
+    return EncDecStep(model) if model.config.arch == "encoder-decoder" else DecodeStep(model)
+
+
+class EncDecStep(nn.Module):
+    """The tensor-only decoder step of an encoder-decoder ``Transformer``: what ``model.decode(ids, None,
+    cache=cache)`` computes for one token per row once the cache holds the cross-attention keys.
+
+    ``forward(ids, positions, span, valid, key_positions, cross_mask, kv)``: as ``DecodeStep`` 's, plus
+    ``key_positions`` (B, C) long, the cache's position ids (T5's relative bias, computed once per step
+    for all layers), ``cross_mask`` (B, 1, 1, S_src) additive (``KVCache.cross_mask``; zeros without
+    padding), and ``kv``: the n self-attention keys, the n values, then the n cross-attention keys and
+    the n values (B, Hkv, S_src, hd), computed once from the encoder output (by the eager first step).
+    Writes each layer's new key and value at slot S - 1 and returns the logits (B, 1, vocab_size)."""
+
+    head_t: Tensor
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+        assert model.lm_head is not None
+        w = model.lm_head.weight  # the eager step's transposed head copy (Transformer._head_t), shared
+        head_t = inference_copy(model, "_head_t", [w], lambda: w.detach().t().contiguous())
+        self.register_buffer("head_t", w.detach().t().contiguous() if head_t is None else head_t)
+        self.head_key = _weights_key([w])  # the step stands aside once the head's weight changed
+
+    def forward(
+        self, ids: Tensor, positions: Tensor, span: Tensor, valid: Tensor, key_positions: Tensor,
+        cross_mask: Tensor, kv: list[Tensor],
+    ) -> Tensor:  # fmt: skip
+        m = self.model
+        S, n = span.shape[0], len(m.blocks)
+        x = m._embed(ids, positions, None)
+        mask = valid[:, None, None, :S]  # (B, 1, 1, S)
+        if m.rel_bias is not None:  # as Transformer._attention_mask: the bias where a key is read
+            bias = m._relative_bias(m.rel_bias, positions, key_positions[:, :S], bidirectional=False)
+            mask = bias.masked_fill(~mask, float("-inf")).to(x.dtype)  # (B, H, 1, S)
+        for i, block in enumerate(m.blocks):
+            assert isinstance(block, Block) and block.cross_attn is not None and block.cross_norm is not None
+            a, c, ck, cv = block.attn, block.cross_attn, kv[2 * n + i], kv[3 * n + i]
+            if block.pre_norm:
+                x = x + _attend(a, block.attn_norm(x), None, mask, kv[i], kv[n + i], S)
+                x = x + _cross_attend(c, block.cross_norm(x), ck, cv, cross_mask)
+                x = x + block.mlp(block.mlp_norm(x))
+            else:
+                x = block.attn_norm(x + _attend(a, x, None, mask, kv[i], kv[n + i], S))
+                x = block.cross_norm(x + _cross_attend(c, x, ck, cv, cross_mask))
+                x = block.mlp_norm(x + block.mlp(x))
+        if m.final_norm is not None:
+            x = m.final_norm(x)
+        if m.config.scale_decoder_outputs:  # as Transformer._lm_logits (T5 v1.0's tied embeddings)
+            x = x * m.config.d_model**-0.5
+        assert m.lm_head is not None
+        # as Transformer._lm_logits on CPU: (B, d) @ (d, V) stored contiguous, MKL's matrix-vector product,
+        # ~2x faster than F.linear's for one row against t5-small's head (the step's largest matmul)
+        logits = (x.reshape(x.shape[0], -1) @ self.head_t).view(x.shape[0], 1, -1)
+        return logits if m.lm_head.bias is None else logits + m.lm_head.bias
+
+
+def _cross_attend(a: Attention, x: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+    """``Attention.cross_forward`` for one token per row with the cached keys: x (B, 1, d) -> (B, 1, d)."""
+    B = x.shape[0]
+    q = a.q_proj(x).view(B, 1, a.n_heads, a.head_dim).transpose(1, 2)  # (B, H, 1, hd)
+    y = F.scaled_dot_product_attention(
+        q, keys, values, attn_mask=mask, enable_gqa=a.n_heads > a.n_kv_heads, scale=a.scale
+    )
+    return a.o_proj(y.transpose(1, 2).reshape(B, 1, -1))
+
+
+def _export_enc_dec(
+    model: Transformer, ids: Tensor, pos: Tensor, S: int, valid: Tensor, kv: list[Tensor],
+    dims: tuple[Any, Any, Any],
+) -> Any:  # fmt: skip
+    """``torch.export`` of ``EncDecStep`` with ``export_step`` 's example inputs and dims (batch, slots,
+    span), the source length dynamic too."""
+    from torch.export import Dim, export
+
+    cfg = model.config
+    assert cfg.n_kv_heads is not None and cfg.head_dim is not None
+    batch, slots, span = dims
+    B, C = valid.shape
+    S_src = 6
+    cross = [torch.zeros(B, cfg.n_kv_heads, S_src, cfg.head_dim, dtype=kv[0].dtype) for _ in kv]
+    cross_mask = torch.zeros(B, 1, 1, S_src, dtype=kv[0].dtype)
+    key_pos = torch.arange(C).expand(B, C).contiguous()
+    source = Dim("source", min=2, max=2**20)
+    shapes = (
+        {0: batch}, {0: batch}, {0: span}, {0: batch, 1: slots}, {0: batch, 1: slots}, {0: batch, 3: source},
+        [{0: batch, 2: slots}] * len(kv) + [{0: batch, 2: source}] * len(cross),
+    )  # fmt: skip
+    args = (ids, pos, torch.empty(S, 0), valid, key_pos, cross_mask, [*kv, *cross])
+    with torch.no_grad():
+        return export(EncDecStep(model).eval(), args, dynamic_shapes=shapes)
+
+
+class EncDecCompiledStep(CompiledStep):
+    """``CompiledStep`` for an encoder-decoder's decoder: called as ``step(ids, cache)`` once ``cache``
+    holds the cross-attention keys (the first, eager step computes them from the encoder output)."""
+
+    def __init__(self, runner: Any, path: Path, constants: dict[str, Tensor], model: Transformer) -> None:
+        self.runner, self.path = runner, path
+        self.dtype, self.n_layers = model.tok_emb.weight.dtype, len(model.blocks)
+        self._constants = constants
+        step = EncDecStep(model)
+        self._bound, self._head, self._head_key = _Binding(step), model.lm_head, step.head_key
+
+    def applies(self, ids: Tensor, cache: KVCache | None) -> bool:
+        """As ``CompiledStep.applies``, for a cache holding one layer of cross-attention keys per block."""
+        return (
+            cache is not None
+            and ids.dim() == 2
+            and ids.shape[1] == 1
+            and cache.length > 0
+            and cache.dtype == self.dtype
+            and len(cache.k) == self.n_layers
+            and len(cache.cross_k) == self.n_layers
+            and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")
+            and self._bound.holds()
+            and self._head is not None
+            and _same_weights(self._head_key, [self._head.weight])  # its transposed copy is current
+        )
+
+    def __call__(self, ids: Tensor, cache: KVCache) -> Tensor:
+        offset = cache.length
+        if offset + 1 > cache.capacity:
+            raise ValueError(f"KV cache full: {offset} + 1 tokens > capacity {cache.capacity}")
+        for kv in (cache.cross_k, cache.cross_v):  # the package reads them as laid out when exported
+            for i, t in enumerate(kv):
+                if not t.is_contiguous():
+                    kv[i] = t.contiguous()
+        cross = cache.cross_mask(self.dtype)
+        if cross is None:  # no padded source slot: nothing masked
+            B, S_src = cache.cross_k[0].shape[0], cache.cross_k[0].shape[2]
+            cross = torch.zeros(B, 1, 1, S_src, dtype=self.dtype)
+        positions = cache.next_pos[:, None].clone()  # (B, 1)
+        cache.valid[:, offset] = True
+        cache.positions[:, offset] = positions[:, 0]
+        span = torch.empty(offset + 1, 0)
+        kv = [*cache.k, *cache.v, *cache.cross_k, *cache.cross_v]
+        logits = self.runner(ids.contiguous(), positions, span, cache.valid, cache.positions, cross, kv)
+        cache.next_pos = positions[:, 0] + 1
+        cache.length = offset + 1
+        return logits

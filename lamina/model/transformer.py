@@ -336,7 +336,15 @@ class Transformer(HoldsInferenceCopies):
         of logits, copying from ``source_ids`` (B, S), the source's token ids (kept in the cache with the
         keys). Raises ``ConfigError`` (a ValueError) when they are needed and missing, before the cache
         is touched.
+
+        One token per row with a cache that holds the cross keys (no ``memory``, mask or positions: every
+        step of ``lamina.generate`` after the first) runs the compiled step of ``lamina.model.aot`` when
+        one is attached (``lamina.load(compile=True)``).
         """
+        step = self.__dict__.get("_inference_copies", {}).get(DECODE_STEP)  # lamina.model.aot
+        plain = memory is None and attention_mask is None and position_ids is None and not self.training
+        if step is not None and plain and step.applies(input_ids, cache):
+            return step(input_ids, cache)  # one token per row, the cross keys cached: the compiled step
         if self.copy_head is not None and not self._copy_keys_cached(cache) and source_ids is None:
             raise ConfigError(
                 "copy_attention copies source tokens: decode() needs source_ids (B, S), the source's token ids"
