@@ -12,11 +12,13 @@ same data and batch, in the same process, alternating rounds, each side keeping 
   engine, scoring, reference) + ``grpo_objective``; TRL: ``GRPOTrainer.training_step`` (its default
   generation path: transformers ``generate``, then scoring, reference and loss).
 - GRPO generation tokens/s: completion tokens per second of the generation alone: lamina's
-  ``generate_ids`` (one request with n = num_generations per prompt) on the generating model of
-  ``GenerationBatches`` against ``GRPOTrainer._generate``. With ``--compile`` the GRPO config sets
-  ``grpo.compile_generation`` (``lamina.model.aot``'s compiled decode step, for the GRPO steps too): it is
-  compiled once per architecture into lamina's compile cache (or loaded from it), at the first generation,
-  a warm-up before any timing, its seconds printed apart; the eager engine's tokens/s are printed too.
+  ``GenerationBatches.generate`` (the GRPO run's generation: ``generate_ids``, one request with
+  n = num_generations per prompt) against ``GRPOTrainer._generate``. With ``--compile`` the GRPO config
+  sets ``grpo.compile_generation``: generation runs on a merged copy of the policy (``MergedCopy``,
+  refreshed from the policy before each generation, inside the timing) through ``lamina.model.aot``'s
+  compiled decode step, for the GRPO steps too; the step is compiled once per architecture into lamina's
+  compile cache (or loaded from it) at the first generation, a warm-up before any timing, its seconds
+  printed apart; the eager engine's tokens/s (a run without ``compile_generation``) are printed too.
 
 Targets (``headline:`` lines): DPO step >= 1.0x TRL (TRL's time over lamina's), GRPO step >= 1.0x TRL,
 GRPO generation tokens/s >= 2x TRL.
@@ -29,7 +31,6 @@ GRPO generation tokens/s >= 2x TRL.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import sys
@@ -159,6 +160,9 @@ class Grpo:
                                         [("length", length_reward)], _reference(self.model, False), bs, 1, 0,
                                         out / "lamina", [2])  # fmt: skip
         self.objective = grpo_objective(cfg, self.source)
+        eager = GrpoConfig(**{**vars(cfg), "compile_generation": False})
+        self.eager_source = GenerationBatches(self.model, self.tok, texts, ids, [{} for _ in texts], eager,
+                                              [("length", length_reward)], None, bs, 1, 0, out / "lamina", [2])  # fmt: skip
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-6)
         self.step_index = 0
         args = GRPOConfig(output_dir=str(out / "grpo"), report_to=[], use_cpu=True, bf16=False,
@@ -197,24 +201,17 @@ class Grpo:
         return time.perf_counter() - t
 
     def lamina_generation(self, eager: bool = False) -> float:
-        """Completion tokens/s of lamina's engine on the step's prompts, as the GRPO run generates (with
-        ``grpo.compile_generation``: its compiled decode step) or, ``eager``, without a compiled step."""
-        import torch
-
+        """Completion tokens/s of lamina's engine on the step's prompts, as the GRPO run generates
+        (``GenerationBatches.generate``: with ``grpo.compile_generation`` the refresh of its merged copy
+        and the compiled decode step) or, ``eager``, as a run without ``compile_generation``."""
         from lamina.config import GenerationConfig
-        from lamina.generate.engine import generate_ids
-        from lamina.model import aot
 
-        self.model.eval()
-        self.source.attach_decode_step()
+        source = self.eager_source if eager else self.source
         prompts = [self.tok.encode(t) for t in self.texts[: self.source.per_batch]]
         cfg = GenerationConfig(n=self.G, temperature=1.0, max_new_tokens=self.max_new, seed=0)
-        off = aot.decode_step_off(self.model) if eager else contextlib.nullcontext()  # this generation only
         t = time.perf_counter()
-        with torch.no_grad(), off:
-            seqs = generate_ids(self.model, prompts, cfg, [2], tokenizer=self.tok)
+        seqs = source.generate(prompts, [cfg] * len(prompts))
         dt = time.perf_counter() - t
-        self.model.train()
         return sum(len(s.tokens) for s in seqs) / dt
 
     def trl_generation(self) -> float:

@@ -336,6 +336,14 @@ def token_logps(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return tok - torch.logsumexp(logits, dim=-1)
 
 
+def completion_text(tokenizer: Any, prompt: Sequence[int], tokens: Sequence[int]) -> str:
+    """The text of a completion's ``tokens`` as the engine streams it (special tokens skipped, the
+    prompt's last 6 ids as context so that a leading space is kept), decoded once."""
+    context = list(prompt)[-6:]
+    before = tokenizer.decode(context, skip_special_tokens=True)
+    return tokenizer.decode(context + list(tokens), skip_special_tokens=True)[len(before) :]
+
+
 class GenerationBatches:
     """The trainer's ``BatchSource`` for GRPO: micro-batch ``i`` of step ``s = i // grad_accum`` is the
     generation of round ``s // num_iterations`` (made the first time it is asked for, with the policy as it
@@ -381,6 +389,7 @@ class GenerationBatches:
         self._cache: dict[tuple[int, int], dict[str, Tensor]] = {}
         self._round_raw: dict[int, list[dict[str, Tensor]]] = {}  # per round: each micro-batch's raw values
         self._eager_generation = not cfg.compile_generation  # True also once the compiled step is refused
+        self._copy: Any = None  # the MergedCopy that generates with compile_generation (made at the first)
 
     def batch(self, index: int) -> dict[str, Tensor]:
         """Micro-batch ``index`` (generated when its round first asks for it)."""
@@ -393,7 +402,6 @@ class GenerationBatches:
 
     def _generate(self, g: int, step: int) -> dict[str, Tensor]:
         from lamina.config import GenerationConfig
-        from lamina.generate.engine import generate_ids
 
         cfg, G = self.cfg, self.cfg.num_generations
         g = g * self.world_size + self.rank  # each process its own prompts (and seeds)
@@ -405,19 +413,10 @@ class GenerationBatches:
                              max_new_tokens=cfg.max_completion_length, seed=(self.seed * 1_000_003 + g * 1009 + j) % 2**31)
             for j in range(len(rows))
         ]  # fmt: skip
-        model = self.model
-        was_training = model.training
-        model.eval()
-        try:
-            self.attach_decode_step()
-            with torch.no_grad():
-                seqs = generate_ids(
-                    model, [self.prompt_ids[r] for r in rows], gens, self.eos, tokenizer=self.tok
-                )
-        finally:
-            model.train(was_training)
+        seqs = self.generate([self.prompt_ids[r] for r in rows], gens)
         comp_ids = [s.tokens + ([s.stop_token] if s.stop_token is not None else []) for s in seqs]
-        texts = [s.text if s.text is not None else self.tok.decode(s.tokens) for s in seqs]
+        texts = [completion_text(self.tok, self.prompt_ids[r], s.tokens) for r, s in zip(
+            [r for r in rows for _ in range(G)], seqs, strict=True)]  # fmt: skip
         prompts = [self.prompts[r] for r in rows for _ in range(G)]
         completions: list[Any] = [
             [{"role": "assistant", "content": t}] if not isinstance(p, str) else t
@@ -443,6 +442,7 @@ class GenerationBatches:
             att[b, : len(ids)] = 1
             comp[b, pl : len(ids)] = 1
         batch = {"input_ids": x, "attention_mask": att, "completion_mask": comp, "advantages": adv}
+        model = self.model
         dev = model.tok_emb.weight.device
         on_dev = {k: v.to(dev) for k, v in batch.items()}
         # in the run's precision (bf16 autocast where auto picks it), as the objective computes the
@@ -466,25 +466,68 @@ class GenerationBatches:
                                          "reward": _number(total[j]), "advantage": float(adv[j])}) + "\n")  # fmt: skip
         return batch
 
-    def attach_decode_step(self) -> None:
-        """With ``grpo.compile_generation``: the policy's compiled decode step (``lamina.model.aot``, which
-        ``model(ids, cache=cache)`` runs for one token per row in eval mode without autograd: every decoding
-        step of the generation, never training's forwards), attached at the first generation and again
-        if ``.to()`` dropped it; a model it does not cover, or a failed compile, decodes eagerly (one line
-        on stderr)."""
+    def generate(self, prompt_ids: list[list[int]], configs: list[Any]) -> list[Any]:
+        """The completions (``lamina.generate.engine.generate_ids``'s sequences, prompt by prompt) of
+        ``prompt_ids`` with ``configs`` (one ``GenerationConfig`` per prompt), sampled from the policy as it
+        is now: through ``generating_model()`` in eval mode without autograd (the policy's mode is
+        restored). No tokenizer goes to the engine (GRPO has no stop strings): ``completion_text`` decodes
+        each completion once, after."""
+        from lamina.generate.engine import generate_ids
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            model = self.generating_model()
+            with torch.no_grad():
+                return generate_ids(model, prompt_ids, configs, self.eos)
+        finally:
+            self.model.train(was_training)
+
+    def generating_model(self) -> Any:
+        """The model that generates: the policy, or with ``grpo.compile_generation`` its ``MergedCopy``
+        (adapters merged, linear weights transposed; refreshed here from the policy's current weights)
+        with ``lamina.model.aot``'s compiled decode step attached (at the first call, and again if it was
+        dropped); a policy the copy or the step does not cover (an int8/int4 base under LoRA, a model
+        ``aot.supported`` refuses) or a failed compile generates eagerly from the policy (one line on
+        stderr)."""
+        if self._eager_generation:
+            return self.model
+        if self._copy is None:
+            from lamina.model.lora import MergedCopy
+
+            try:
+                self._copy = MergedCopy(self.model, transpose_linears=True)
+            except ConfigError as e:
+                return self._generate_eagerly(str(e))
+        model = self._copy.refresh()
+        self.attach_decode_step(model)
+        return self.model if self._eager_generation else model
+
+    def attach_decode_step(self, model: Any = None) -> None:
+        """With ``grpo.compile_generation``: ``model``'s (default: the generating model's) compiled decode
+        step (``lamina.model.aot``, which ``model(ids, cache=cache)`` runs for one token per row in eval
+        mode without autograd: every decoding step of the generation, never training's forwards), attached
+        at the first generation and again if ``.to()`` dropped it; a model it does not cover, or a failed
+        compile, decodes eagerly (one line on stderr)."""
         from lamina.model import aot
 
-        if self._eager_generation or aot.attached_step(self.model) is not None:
+        if model is None:
+            model = self.generating_model()
+        if self._eager_generation or aot.attached_step(model) is not None:
             return
-        why = aot.supported(self.model)
+        why = aot.supported(model)
         if why is None:
             from lamina.checkpoint.load import attach_decode_step_or_warn
 
-            attach_decode_step_or_warn(self.model)
-            why = None if aot.attached_step(self.model) is not None else "its compile failed"
+            attach_decode_step_or_warn(model)
+            why = None if aot.attached_step(model) is not None else "its compile failed"
         if why is not None:
-            self._eager_generation = True
-            print(f"lamina: grpo.compile_generation: generating eagerly ({why})", file=sys.stderr)
+            self._generate_eagerly(why)
+
+    def _generate_eagerly(self, why: str) -> Any:
+        self._eager_generation, self._copy = True, None
+        print(f"lamina: grpo.compile_generation: generating eagerly ({why})", file=sys.stderr)
+        return self.model
 
     def round_values(self, step: int) -> dict[str, Tensor]:
         """Step ``step``'s generation, its micro-batches together: ``total`` (N,), ``rewards`` (N, F),

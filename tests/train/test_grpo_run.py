@@ -305,11 +305,12 @@ def test_step_one_in_bf16_has_ratio_one_and_no_kl(
 def test_compile_generation_decodes_through_the_attached_step(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """``grpo.compile_generation``: the decode step (``lamina.model.aot``; a counting stand-in here, which
-    runs the eager step: compiling takes minutes) is attached once, at the first generation, and runs
-    every one-token step of the generations (never the prompt, never training); the completions equal
-    the eager engine's for the same seed; a model the step does not cover generates eagerly, with one
-    line on stderr."""
+    """``grpo.compile_generation``: generation runs on the policy's ``MergedCopy`` (refreshed before each
+    generation: an optimizer's in-place update reaches it); its decode step (``lamina.model.aot``; a
+    counting stand-in here, which runs the eager step: compiling takes minutes) is attached once, at the
+    first generation, and runs every one-token step of the generations (never the prompt, never
+    training); the completions equal the eager engine's for the same seed, and their texts the engine's
+    streamed ones; a model the step does not cover generates eagerly, with one line on stderr."""
     import torch
 
     import lamina.checkpoint.load as load_module
@@ -324,19 +325,22 @@ def test_compile_generation_decodes_through_the_attached_step(
     seen: list[tuple[int, bool]] = []  # (tokens per row, training) of each call of the step
 
     class Step:
+        def __init__(self, net: Any) -> None:
+            self.net = net
+
         def applies(self, x: torch.Tensor, cache: Any) -> bool:
             return cache is not None and x.shape[1] == 1 and not torch.is_grad_enabled()
 
         def __call__(self, x: torch.Tensor, cache: Any) -> Any:
-            seen.append((x.shape[1], model.training))
-            with aot.decode_step_off(model):
-                return model(x, cache=cache)
+            seen.append((x.shape[1], model.training or self.net.training))
+            with aot.decode_step_off(self.net):
+                return self.net(x, cache=cache)
 
     attached: list[Any] = []
 
     def attach(net: Any) -> None:
         attached.append(net)
-        net.__dict__.setdefault("_inference_copies", {})[DECODE_STEP] = Step()
+        net.__dict__.setdefault("_inference_copies", {})[DECODE_STEP] = Step(net)
 
     monkeypatch.setattr(load_module, "attach_decode_step_or_warn", attach)
 
@@ -352,12 +356,30 @@ def test_compile_generation_decodes_through_the_attached_step(
     compiled = source(True)
     got = [compiled.batch(i)["input_ids"] for i in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(eager, got, strict=True))
-    assert attached == [model] and seen and all(s == (1, False) for s in seen)
+    assert attached == [compiled._copy.model] and attached[0] is not model
+    assert seen and all(s == (1, False) for s in seen)
     assert model.training  # restored after generating
     model(torch.tensor([ids[0]])).sum().backward()  # training's forward: not the step
     assert all(s == (1, False) for s in seen)
+    # the texts the rewards get: as the engine streams them
+    from lamina.config import GenerationConfig
+    from lamina.generate.engine import generate_ids
+    from lamina.train.grpo import completion_text
+
+    cfg = GenerationConfig(n=4, temperature=1.0, max_new_tokens=6, seed=3)
+    with torch.no_grad():
+        streamed = generate_ids(model.eval(), ids, cfg, [tok.eos_token_id], tokenizer=tok)
+    model.train()
+    per_prompt = [p for p in ids for _ in range(4)]
+    assert [completion_text(tok, p, s.tokens) for p, s in zip(per_prompt, streamed, strict=True)] == [
+        s.text for s in streamed
+    ]
+    with torch.no_grad():  # an optimizer's in-place step: the next generation samples from it
+        model.lm_head.weight.mul_(0.5)
+    copy = compiled._copy.model
+    compiled.generating_model()
+    assert torch.equal(copy.lm_head.weight, model.lm_head.weight)
 
     monkeypatch.setattr(aot, "supported", lambda net: "LoRA")
-    assert aot.detach_decode_step(model) is not None
     source(True).batch(0)
-    assert attached == [model] and "generating eagerly (LoRA)" in capsys.readouterr().err
+    assert attached == [copy] and "generating eagerly (LoRA)" in capsys.readouterr().err
