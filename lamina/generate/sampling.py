@@ -468,6 +468,10 @@ def draw(probs: Tensor, uniforms: Tensor) -> Tensor:
     cdf = probs.double().cumsum(-1)
     target = uniforms.to(cdf) * cdf[:, -1]
     idx = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)
+    # idx < V has cdf[idx] > cdf[idx - 1]: a token of nonzero probability; only idx = V (rounding put the
+    # target at the total) needs the last possible token (one check instead of three passes over probs)
+    if not bool((idx >= probs.shape[-1]).any()):
+        return idx
     last_possible = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1)
     return torch.minimum(idx, last_possible)
 
