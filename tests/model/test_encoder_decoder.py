@@ -263,3 +263,27 @@ def test_lamina_checkpoint_round_trip(tmp_path: Path) -> None:
         assert torch.equal(
             again(src, src_mask, decoder_input_ids=tgt), net(src, src_mask, decoder_input_ids=tgt)
         )
+
+
+@pytest.mark.parametrize("preset", ["t5-tiny", "transformer-base"])
+def test_batched_decoding_steps_use_the_prepacked_head(preset: str) -> None:
+    """2-16 rows of decoder states (a batched step) through the oneDNN-prepacked head copy give the plain
+    head's logits within 1e-5 (T5's output rescaling and the biased head applied), one row and autograd do
+    not use it, and an in-place write to the head makes the copy again."""
+    from lamina.model.layers import onednn_available
+
+    net = _model(preset=preset, vocab_size=101) if preset == "t5-tiny" else _model(**TINY_BASE)
+    if preset == "transformer-base":
+        net.lm_head.bias = torch.nn.Parameter(torch.randn(101))  # type: ignore[union-attr]
+    h = torch.randn(8, 1, net.config.d_model)
+    with torch.no_grad():
+        assert net._rows_logits(h[:1]) is None
+        rows = net._rows_logits(h)
+        if not onednn_available():
+            assert rows is None
+            return
+        assert rows is not None
+        torch.testing.assert_close(rows, net._lm_logits(h), atol=1e-5, rtol=0)
+        net.lm_head.weight.mul_(2.0)  # type: ignore[union-attr]
+        torch.testing.assert_close(net._rows_logits(h), net._lm_logits(h), atol=2e-5, rtol=0)
+    assert net._rows_logits(h) is None  # autograd on
