@@ -12,7 +12,8 @@ and the clipped-ratio objective with a KL penalty to the reference; ``lamina fin
 Every ``num_iterations`` optimisation steps, each micro-batch's ``batch_size / num_generations`` prompts
 get ``num_generations`` completions each from the policy as it is, sampled by lamina's batched engine
 (``lamina.generate.engine.generate_ids``; ``temperature``, ``top_p``, ``top_k``, ``max_completion_length``;
-the end-of-turn token kept in the completion, as TRL). Each reward is a Python function with TRL's
+the end-of-turn token kept in the completion, as TRL; with ``compile_generation`` from a merged copy
+through the compiled decode step, ``GenerationBatches.generating_model``). Each reward is a Python function with TRL's
 signature ``f(prompts, completions, completion_ids, **columns) -> list[float | None]`` (``module:function``
 or ``path/to/file.py:function``; completions are strings, or ``[{"role": "assistant", "content": ...}]``
 for conversational prompts; None: not applicable) or a reward model folder (``finetune --task reward``),
@@ -181,9 +182,10 @@ class GrpoConfig:
     prompt_field: str = "prompt"  # the JSONL key holding each prompt (a string or a list of messages)
     samples: int = 1  # prompts per generation batch whose completions go to samples.jsonl (0: none)
     chat_template: str | None = None  # a Jinja chat template file (or text); None: the tokenizer's
-    # generate through lamina.model.aot's compiled decode step (as --compile; it reads the policy's weights
-    # in place, so training's updates need no recompile): compiled once per architecture into
-    # compile_cache_dir() (about a minute), then loaded in a second; models it does not cover (LoRA) decode eagerly
+    # generate from a merged copy of the policy (LoRA merged in, refreshed before each generation: one more
+    # copy of the weights) through lamina.model.aot's compiled decode step (as --compile): compiled once per
+    # architecture into compile_cache_dir() (about a minute), then loaded in a second; an int8/int4 LoRA
+    # base or a model the step does not cover generates eagerly from the policy
     compile_generation: bool = False
 
     def __post_init__(self) -> None:
@@ -495,6 +497,9 @@ class GenerationBatches:
         if self._copy is None:
             from lamina.model.lora import MergedCopy
 
+            device = self.model.tok_emb.weight.device
+            if device.type != "cpu":  # no copy made for nothing: the compiled step is the CPU's
+                return self._generate_eagerly(f"device {device} (CPU only)")
             try:
                 self._copy = MergedCopy(self.model, transpose_linears=True)
             except ConfigError as e:
