@@ -36,7 +36,7 @@ class LoadOptions:
     # decode through an ahead-of-time compiled step (lamina.model.aot): minutes of compiling the first time
     # for a model architecture and weight format, kept in compile_cache_dir() ($LAMINA_COMPILE_CACHE, else
     # compile/ in lamina's data directory), about a second to load after; prompts stay eager. Models the
-    # step does not cover (encoder-decoders, ALiBi, LoRA) use torch.compile instead (every start traces)
+    # step does not cover (ALiBi, a copy head, LoRA) use torch.compile instead (every start traces)
     compile: bool = False
     threads: int | None = None  # torch CPU threads of this process (None: torch's choice, one per core)
 
