@@ -88,6 +88,7 @@ class Run:
     client_cpu: float = 0.0
     server_cpu: float = 0.0
     peak_batch: float = 0.0
+    kv_storage: float = 0.0  # the server's largest batch KV cache storage so far, MiB (/metrics)
     request_tokens: list[int] = field(default_factory=list)  # prompt + generated tokens of each request
 
     @property
@@ -226,6 +227,8 @@ async def drive(url: str, clients: int, requests: int, tokens: int, server_pid: 
     for line in metrics.splitlines():
         if line.startswith("lamina_running_sequences_max"):
             run.peak_batch = float(line.rsplit(" ", 1)[1])
+        if line.startswith("lamina_kv_cache_bytes_max"):
+            run.kv_storage = float(line.rsplit(" ", 1)[1]) / 2**20
     return run
 
 
@@ -331,7 +334,7 @@ def main() -> None:
     print(f"\nserver RSS: {loaded_rss:.0f} MiB loaded, {idle_rss:.0f} MiB idle after a warm-up request, peak "
           f"{peak_rss:.0f} MiB over the runs; growth {growth:.1f} MiB; KV cache {last.clients} clients need "
           f"{kv:.1f} MiB ({kv_token} bytes a token x {sum(sorted(last.request_tokens)[-last.clients :])} "
-          f"tokens); growth / KV = {growth / kv:.2f} (target <= 1.5: "
+          f"tokens; the batch's KV storage peaked at {last.kv_storage:.1f} MiB); growth / KV = {growth / kv:.2f} (target <= 1.5: "
           f"{'met' if growth <= 1.5 * kv else 'NOT met'})")  # fmt: skip
     headline(f"serve {last.clients} clients tokens/s {args.weights}", last.rate / ref.rate, f"{ref.clients} client",
              scale_target)  # fmt: skip

@@ -64,6 +64,24 @@ if TYPE_CHECKING:  # constrain.py defines the protocol; the engine imports it on
 GREEDY = GenerationConfig(temperature=0.0)
 
 
+def batch_rows(n: int, most: int) -> int:
+    """The rows a decoding step of ``n`` sequences runs, and that the batch's KV cache holds: ``n``
+    rounded up to 1, 2, 4, 8, then a multiple of 8, but not past ``most`` (the engine's
+    ``max_batch_size``) unless ``n`` is. A matmul library keeps kernels and buffers per row count (oneDNN
+    ~0.6 MiB per weight shape and row count for SmolLM2, kept in its primitive cache): a server decoding
+    every batch size from 1 to 16 kept 16 sets; padded, 5. A decoding step reads every weight whatever
+    its rows, so the padding rows cost little at these sizes."""
+    b = 1 << (n - 1).bit_length() if n <= 8 else -(-n // 8) * 8
+    return max(n, min(b, most))
+
+
+def prefill_tokens(n: int) -> int:
+    """The tokens per row a prefill of prompts (rests after their cached prefixes) of at most ``n``
+    tokens runs: 8, 16, 32, 64, then a multiple of 64 (left padding, masked; dropped from the cache after
+    the forward), so that prefills make a bounded set of matmul row counts (``batch_rows``)."""
+    return 8 if n <= 8 else 1 << (n - 1).bit_length() if n <= 64 else -(-n // 64) * 64
+
+
 def max_source_tokens(config: ModelConfig) -> int | None:
     """The longest source an encoder-decoder's encoder reads: ``max_seq_len`` with learned or sinusoidal
     positions (a learned table ends there), None (no limit) with T5's relative position bias, whose
@@ -212,6 +230,10 @@ class Engine:
     generate, a negative ``prefix_cache_mib``, and for a draft with an encoder-decoder.
     """
 
+    pad_shapes = (
+        True  # decoding steps and prefills run padded shapes (batch_rows, prefill_tokens); False: exact
+    )
+
     def __init__(
         self,
         model: Transformer,
@@ -251,6 +273,7 @@ class Engine:
         self._running: list[_Unit] = []  # per cache row, in row order (a beam group on each of its rows)
         self._owner: dict[int, int] = {}  # id(Sequence_) -> request id, for cancellation
         self._cache: KVCache | None = None
+        self._step_rows = 0  # the most rows the batch can have once this step's admissions join
         self._rid_adapter: dict[int, int] = {}  # request id -> its LoRA adapter, when not 0 (the base)
         self._lora_layers: list[MultiLoraLinear] | None = None  # found at the first adapter request
         p = model.tok_emb.weight
@@ -379,6 +402,24 @@ class Engine:
         return len(self._running)
 
     @property
+    def cache_bytes(self) -> int:
+        """Bytes of keys and values the running batch's KV cache storage holds (its rows, spare rows and
+        slots included; an encoder-decoder's cross-attention keys not); 0 without a batch."""
+        cache = self._cache
+        if cache is None:
+            return 0
+        k = cache.k[0]  # (rows, n_kv_heads, capacity, head_dim) of the first layer
+        return (
+            2
+            * len(cache.k)
+            * cache.max_batch_size
+            * k.shape[1]
+            * cache.capacity
+            * k.shape[3]
+            * k.element_size()
+        )
+
+    @property
     def num_queued(self) -> int:
         """Requests waiting to be admitted."""
         return len(self._queue) + (self._partial is not None)
@@ -399,9 +440,11 @@ class Engine:
         out: list[Delta] = []
         self._apply_cancellations(out)
         budget = self.max_prefill_tokens
+        self._step_rows = len(self._running) + (self._partial.req.rows if self._partial is not None else 0)
         if self._partial is not None:  # the next chunk of a long prompt first; the queue waits behind it
             budget -= self._continue_partial(budget, out)
         taken = self._admissible(budget) if self._partial is None and budget > 0 else []
+        self._step_rows += sum(r.rows for r in taken)
         together = [r for r in taken if self._batched_prefill(r)]
         if together:
             out += self._admit_together(together, budget)
@@ -514,12 +557,18 @@ class Engine:
         return pc.cached_length(req.prompt, self._rid_adapter.get(req.request_id, 0))
 
     def _join(self, prefilled: KVCache, rows: int, capacity: int, row: int = 0) -> None:
-        """Add ``rows`` copies of a prefilled request's cache row ``row`` to the batch's cache."""
+        """Add ``rows`` copies of a prefilled request's cache row ``row`` to the batch's cache. Its storage
+        is made (or grown) once for the rows this step's admissions can bring, rounded up as decoding
+        steps pad them (``batch_rows``), instead of growing as each request joins."""
+        n = len(self._running) if self._cache is not None else 0
+        room = batch_rows(max(n + rows, self._step_rows), self.max_batch_size)
         if self._cache is None or not self._running:
             self._cache = None  # an emptied batch's storage goes before the new one is made
             self._cache = KVCache(
-                self.model.config, 0, capacity, self._dtype, self._device, max_batch_size=rows
+                self.model.config, 0, capacity, self._dtype, self._device, max_batch_size=room
             )
+        elif n + rows > self._cache.max_batch_size:
+            self._cache.reserve_rows(room)
         self._cache.add_rows(prefilled, [row] * rows)
 
     def _admit(self, req: _Request) -> list[Delta]:
@@ -675,12 +724,24 @@ class Engine:
         instead of computed); the rest of each prompt is left-padded to the longest rest. Row i's slots:
         its cached prefix just before slot P0 (the longest prefix), padding, then its rest ending at the
         last slot; positions count real tokens only, so every row computes what it would alone. The
-        rows' new whole blocks go to the prefix cache (``salts[i]``: the row's LoRA adapter)."""
+        rows' new whole blocks go to the prefix cache (``salts[i]``: the row's LoRA adapter).
+
+        With ``pad_shapes`` the forward runs ``prefill_tokens`` tokens per row (more left padding, unless
+        that would cross an int8/int4 path length) and ``batch_rows`` rows (copies of row 0, without
+        adapters), so a server's prefills make a bounded set of matmul shapes; the padding slots left
+        empty in every row leave the cache after the forward (``KVCache.compact``)."""
         B, P0 = len(prompts), max(h for h, _ in found)
-        T = max(len(p) - h for p, (h, _) in zip(prompts, found, strict=True))
-        cache = KVCache(self.model.config, B, P0 + T, self._dtype, self._device)
-        ids = torch.zeros(B, T, dtype=torch.long)
-        real = torch.zeros(B, T, dtype=torch.bool)
+        rests = [len(p) - h for p, (h, _) in zip(prompts, found, strict=True)]
+        T = max(rests)
+        if self.pad_shapes:
+            padded = prefill_tokens(T)
+            T = T if pads_across(min(rests), padded, self._path_lengths) else padded
+            if not any(salts):
+                copies = batch_rows(B, self.max_batch_size) - B
+                prompts, found = prompts + [prompts[0]] * copies, found + [found[0]] * copies
+        cache = KVCache(self.model.config, len(prompts), P0 + T, self._dtype, self._device)
+        ids = torch.zeros(len(prompts), T, dtype=torch.long)
+        real = torch.zeros(len(prompts), T, dtype=torch.bool)
         for i, (p, (h, kv)) in enumerate(zip(prompts, found, strict=True)):
             if kv is not None:
                 place(kv, cache, i, P0 - h)
@@ -692,9 +753,11 @@ class Engine:
         logits = self.model(ids.to(self._device), attention_mask=mask, cache=cache, last_only=True)
         pc = self.prefix_cache
         if pc is not None:
-            for i, (p, s, (h, _)) in enumerate(zip(prompts, salts, found, strict=True)):
+            for i, (p, s, (h, _)) in enumerate(zip(prompts[:B], salts, found[:B], strict=True)):
                 pc.store(p, cache, s, row=i, offset=P0 + T - len(p), start=h)
-        return cache, logits
+        if T > max(rests):
+            cache.compact()
+        return cache, logits[:B]
 
     def _prefill(
         self, prompt: list[int], source: list[int] | None, last_only: bool, salt: int = 0
@@ -754,11 +817,13 @@ class Engine:
         T = 1 + max((len(p) for p in props.values()), default=0)
         B = len(self._running)
         real = None  # T > 1: right-padded, rows without proposals read one token
+        pad = 0  # T == 1: padding rows after the batch's (batch_rows)
         if T == 1:  # one token per row: one tensor from a list (per-row tensors cost ~3 ops a row)
             feeds: list[int] = []
             for _, u in units:
                 feeds += u.group.feeds if isinstance(u, _Beams) else [u.feed]
-            ids = torch.tensor(feeds, dtype=torch.long).view(B, 1)
+            pad = self._padded_rows(B, cache) - B
+            ids = torch.tensor(feeds + [0] * pad, dtype=torch.long).view(B + pad, 1)
         else:
             ids = torch.zeros(B, T, dtype=torch.long)
             mask = torch.zeros(B, T, dtype=torch.long)
@@ -776,6 +841,9 @@ class Engine:
         start = cache.length
         if self._enc_dec:  # the cross-attention keys are in the cache
             logits = self.model.decode(ids.to(self._device), None, attention_mask=real, cache=cache)
+        elif pad:
+            with cache.padded_rows(B + pad):
+                logits = self.model(ids.to(self._device), cache=cache)[:B]
         else:
             logits = self.model(ids.to(self._device), attention_mask=real, cache=cache)
         out: list[Delta] = []
@@ -834,6 +902,16 @@ class Engine:
             self._drafter.settle(accepted, nexts)
         self._retire(keep)
         return out
+
+    def _padded_rows(self, B: int, cache: KVCache) -> int:
+        """The rows a decoding step of the batch's ``B`` rows (one token each) runs: ``batch_rows`` when
+        ``pad_shapes`` and the padding rows fit the cache's storage, else ``B``. Not for an
+        encoder-decoder (its rows' cross keys) nor while a request runs a LoRA adapter (rows select
+        theirs)."""
+        if not self.pad_shapes or self._enc_dec or self._rid_adapter:
+            return B
+        P = batch_rows(B, self.max_batch_size)
+        return P if P <= cache.max_batch_size else B
 
     def _retire(self, keep: list[int]) -> None:
         """Rows ``keep`` (in their new order: beam groups reorder their rows) stay; the others leave the

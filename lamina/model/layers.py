@@ -6,6 +6,7 @@ from ``ModelConfig``; ``transformer.py`` only stacks the parts.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -290,6 +291,30 @@ class KVCache:
             self.memory_ids = self.memory_ids[:, :S].index_select(0, rows)
         self.cross_k = [t[:, :, :S].index_select(0, rows) for t in self.cross_k]
         self.cross_v = [t[:, :, :S].index_select(0, rows) for t in self.cross_v]
+
+    def reserve_rows(self, rows: int) -> None:
+        """Make the storage hold at least ``rows`` rows, grown once to exactly that many when it must
+        grow (``add_rows`` alone doubles it as rows join one request at a time)."""
+        if rows > self.max_batch_size:
+            self._grow(rows, self.capacity)
+
+    @contextlib.contextmanager
+    def padded_rows(self, rows: int) -> Iterator[None]:
+        """Within, the cache shows ``rows`` rows (at most ``max_batch_size``): its own rows, then padding
+        rows over the spare storage, so a forward of ``rows`` rows (e.g. a decoding step padded to a few
+        batch sizes) writes and reads there. A padding row gets position 0 and sees every slot before
+        ``length`` (old keys in spare storage, finite); no real row reads its slots (a row that joins
+        later has its slots written by ``add_rows`` and its own steps). The real rows are unchanged."""
+        n = self.rows
+        if rows > self.max_batch_size:
+            raise ValueError(f"padded_rows({rows}): the storage holds {self.max_batch_size} rows")
+        self._next_pos[n:rows] = 0
+        self._valid[n:rows, : self.length] = True
+        self._set_rows(rows)
+        try:
+            yield
+        finally:
+            self._set_rows(n)
 
     def add_rows(self, src: KVCache, src_rows: Sequence[int] | None = None) -> None:
         """Append rows of ``src`` (a cache of the same model; all its rows, or ``src_rows``, repeats

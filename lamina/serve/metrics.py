@@ -66,6 +66,7 @@ class Metrics:
             ("running_sequences", g, "sequences in the running batch now"),
             ("running_sequences_max", g, "the largest running batch since the server started"),
             ("queued_requests", g, "requests waiting to join the batch (queue depth)"),
+            ("kv_cache_bytes_max", g, "the largest KV cache storage of the running batch so far"),
             ("tokens_per_second", g, "generated tokens per second over the last 10 s"),
             ("draft_tokens_proposed", g, "speculative decoding: draft tokens proposed (and verified)"),
             ("draft_tokens_accepted", g, "speculative decoding: draft tokens the model agreed with"),

@@ -157,6 +157,7 @@ class Scheduler:
         metrics.set("running_sequences", lambda: self.engine.num_running, model=name)
         metrics.set("queued_requests", lambda: self.engine.num_queued, model=name)
         metrics.set("running_sequences_max", 0, model=name)
+        metrics.set("kv_cache_bytes_max", 0, model=name)
         if self.engine.draft_stats is not None:  # speculative decoding: how often the draft is right
             metrics.set("draft_tokens_proposed", lambda: self._draft("proposed"), model=name)
             metrics.set("draft_tokens_accepted", lambda: self._draft("accepted"), model=name)
@@ -305,6 +306,7 @@ class Scheduler:
             m.inc("decode_steps_total", model=name)
             m.observe("batch_size", running, model=name)
             m.set_max("running_sequences_max", running, model=name)
+            m.set_max("kv_cache_bytes_max", self.engine.cache_bytes, model=name)
 
     def _fail_all(self, error: APIError) -> None:
         """Every job in flight gets ``error``; the engine is rebuilt empty."""

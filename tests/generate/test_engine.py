@@ -463,3 +463,48 @@ def test_an_emptied_batch_frees_its_kv_cache_before_the_next_batch() -> None:
     engine.submit([6, 7, 8], cfg)
     engine.step()
     assert engine._cache is not None and engine.num_running == 1
+
+
+@torch.no_grad()
+def test_padded_shapes_keep_every_rows_output() -> None:
+    """Decoding steps run ``batch_rows`` rows and prefills ``prefill_tokens`` tokens per row (a bounded
+    set of matmul shapes for the server's memory); the padding changes no real row's tokens or logprobs,
+    also for rows that join later in storage rows the padding used (learned positions: a padding row's
+    position stays in the table)."""
+    from lamina.config import ModelConfig
+    from lamina.generate.engine import Engine, batch_rows, prefill_tokens
+    from lamina.model.transformer import Transformer
+
+    assert [batch_rows(n, 32) for n in (1, 2, 3, 5, 8, 9, 16, 17, 31)] == [1, 2, 4, 8, 8, 16, 16, 24, 32]
+    assert [batch_rows(n, 12) for n in (3, 9, 12, 14)] == [4, 12, 12, 14]
+    assert [prefill_tokens(n) for n in (1, 8, 9, 33, 64, 65, 130)] == [8, 8, 16, 64, 64, 128, 192]
+    torch.manual_seed(0)
+    gpt = Transformer(ModelConfig.preset("tiny", vocab_size=48, max_seq_len=40)).eval()
+    prompts = [[4], [7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [5, 6], [9, 1, 9], [3, 3, 3, 3]]
+    budgets = [12, 3, 8, 10, 6, 9]  # rows leave at different steps; later ones join padded storage
+    for model in (_tiny_model(), gpt):
+        runs: list[list[Any]] = []
+        shapes: list[tuple[int, ...]] = []
+        hook = model.register_forward_pre_hook(lambda m, args, seen=shapes: seen.append(tuple(args[0].shape)))
+        for pad in (False, True):
+            engine = Engine(model, max_batch_size=8)
+            engine.pad_shapes = pad
+            seqs = []
+            for i, (p, n) in enumerate(zip(prompts, budgets, strict=True)):
+                cfg = GenerationConfig(temperature=0.0, max_new_tokens=n, ignore_eos=True, logprobs=True)
+                seqs += engine.submit(p, cfg)
+                if i in (0, 2, 3):
+                    for _ in range(3):
+                        engine.step()
+            while engine.has_work():
+                engine.step()
+            runs.append(seqs)
+        hook.remove()
+        half = len(shapes) // 2  # the padded run's forwards are the second half (same step count)
+        assert {b for b, t in shapes[:half] if t == 1} >= {3, 5}  # unpadded decoding batches
+        assert {b for b, t in shapes[half:] if t == 1} <= {1, 2, 4, 8}
+        assert {t for _, t in shapes[half:] if t > 1} <= {8, 16}
+        for a, b in zip(*runs, strict=True):
+            assert a.tokens == b.tokens
+            assert a.logprobs is not None and b.logprobs is not None
+            assert [x.logprob for x in a.logprobs] == pytest.approx([y.logprob for y in b.logprobs], abs=1e-5)
