@@ -89,7 +89,12 @@ class Running:
         self.hold = max((len(s) for s in self.cfg.stop), default=1) - 1
         self.plain = constraint is None and greedy_is_argmax(self.cfg)
         # greedy with only min_new_tokens on: the argmax once the stop ids are banned (as its processor does)
-        self.argmax = constraint is None and greedy_is_argmax(replace(self.cfg, min_new_tokens=0))
+        # (a sampled row never is: no replace(), whose validation costs ~1 ms a sequence)
+        self.argmax = (
+            constraint is None
+            and not self.cfg.sampling
+            and greedy_is_argmax(replace(self.cfg, min_new_tokens=0))
+        )
         self.min_new_bans = min_new_tokens_stops(self.cfg)
         self.spec = False  # decoded speculatively (a greedy row of an engine with a draft)
         self.feed = -1  # the token to feed the model at the next decode step
