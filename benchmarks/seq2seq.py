@@ -13,11 +13,16 @@ other jobs falls on both systems alike; figures are medians over ``--repeats``. 
 ``torch.set_num_threads``. fp32 always; bf16 as well when the CPU has native bf16 (AVX-512 BF16 or AMX)
 or with ``--dtypes fp32,bf16``.
 
+fp32 is also timed as ``lamina.load(..., weights="fp32", compile=True)`` (unpacked weights and the
+ahead-of-time compiled decoder step of ``lamina.model.aot``: compiled once, ~1 minute, then read from
+``$LAMINA_COMPILE_CACHE``; not timed), its greedy ids checked too; ``--no-compile`` skips it.
+
 Targets (one ``headline:`` line each at the end, see common.py): greedy tokens/s >= 1.5x `transformers`
-at batch 1 and at batch 8 (fp32).
+at batch 1 and at batch 8 (fp32; lamina's faster fp32 way at that batch size, named in the line when it
+is the compiled one). `transformers` runs eager fp32 (bf16 rows: both in bf16).
 
     python benchmarks/seq2seq.py [--tokens 64] [--repeats 5] [--threads 2] [--dtypes fp32,bf16]
-    python benchmarks/seq2seq.py --quick      # 16 tokens, 1 repeat, fp32 only
+    python benchmarks/seq2seq.py --quick      # 16 tokens, 1 repeat, fp32 only, no compile
 """
 
 from __future__ import annotations
