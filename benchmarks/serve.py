@@ -262,6 +262,13 @@ def main() -> None:
     ap.add_argument(
         "--system-repeats", type=int, default=8, help="shared-system-prompt requests of each kind"
     )
+    ap.add_argument(
+        "--pad-shapes",
+        default="true",
+        choices=["true", "false"],
+        help="the server's --pad-shapes (padded batch sizes and prompt lengths: a bounded set of matmul "
+        "shapes; false: exact shapes), to compare speed and memory both ways",
+    )
     ap.add_argument("--quick", action="store_true", help="16 tokens, 1 request per client")
     args = ap.parse_args()
     if args.quick:
@@ -271,7 +278,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "lamina", "serve", "smollm2", "--port", str(port), "--log-level", "warning",
            "--threads", str(args.threads), "--max-batch-size", str(args.max_batch_size),
-           "--weights", args.weights]  # fmt: skip
+           "--weights", args.weights, "--pad-shapes", args.pad_shapes]  # fmt: skip
     env = dict(os.environ)
     if args.omp_wait_policy != "default":
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy

@@ -226,13 +226,12 @@ class Engine:
     The int8/int4 layers choose their kernel by the tokens per sequence of a forward, never by the batch
     size (``lamina.model.quant``; groups never pad across a switch), so batch-mates do not change which
     kernel a row gets. ``max_prefill_tokens`` counts the tokens a prompt runs through
-    the model (not its cached prefix). Raises ``ConfigError`` for a model (or draft) that cannot
-    generate, a negative ``prefix_cache_mib``, and for a draft with an encoder-decoder.
+    the model (not its cached prefix). ``pad_shapes`` runs decoding steps of ``batch_rows`` rows and
+    prefills of ``prefill_tokens`` tokens per row (padding; outputs as above), a bounded set of matmul
+    shapes (the memory a matmul library keeps per shape stays bounded); False: the exact shapes.
+    Raises ``ConfigError`` for a model (or draft) that cannot generate, a negative
+    ``prefix_cache_mib``, and for a draft with an encoder-decoder.
     """
-
-    pad_shapes = (
-        True  # decoding steps and prefills run padded shapes (batch_rows, prefill_tokens); False: exact
-    )
 
     def __init__(
         self,
@@ -245,6 +244,7 @@ class Engine:
         draft: Transformer | None = None,
         num_draft_tokens: int = SpeculativeOptions.num_draft_tokens,
         prefix_cache_mib: float = 0.0,
+        pad_shapes: bool = True,
     ) -> None:
         require_generative(model.config)
         if max_batch_size < 1:
@@ -253,6 +253,7 @@ class Engine:
         self.eos_token_ids = list(eos_token_ids)
         self.max_batch_size, self.max_tokens_in_flight = max_batch_size, max_tokens_in_flight
         self.max_prefill_tokens = max_prefill_tokens
+        self.pad_shapes = pad_shapes
         self._drafter: Drafter | None = None
         self._enc_dec = model.config.arch == "encoder-decoder"
         if draft is not None and self._enc_dec:

@@ -114,6 +114,7 @@ class Registry:
                     draft=draft,
                     num_draft_tokens=cfg.num_draft_tokens,
                     prefix_cache_mib=cfg.prefix_cache_mib if cfg.enable_prefix_caching else 0.0,
+                    pad_shapes=cfg.pad_shapes,
                 )
 
             served.scheduler = Scheduler(

@@ -33,6 +33,9 @@ class ServeConfig:
       ``max_source_tokens`` [None = the model's ``max_seq_len``] (longer: 400 ``context_length_exceeded``).
     - ``enable_prefix_caching`` [True]: requests that share a prompt prefix reuse its keys and values,
       at most ``prefix_cache_mib`` [256] MiB per model (``lamina.generate.prefix_cache``).
+    - ``pad_shapes`` [True]: decoding steps and prefills run padded batch sizes and prompt lengths
+      (``lamina.generate.engine.batch_rows``, ``prefill_tokens``), so the memory kept per matmul shape
+      stays bounded.
     - speculative decoding of greedy requests (``SpeculativeOptions``): ``draft`` [None] a draft model,
       or ``speculative_layers`` [None] the served model's own first K layers; ``num_draft_tokens`` [4].
     - retrieval: ``index`` [None] an index of ``lamina index`` (SQLite file or ``postgresql://`` URL) for
@@ -74,6 +77,10 @@ class ServeConfig:
     # only the rest of a prompt is prefilled (vLLM's --enable-prefix-caching); the output does not change
     enable_prefix_caching: bool = True
     prefix_cache_mib: float = 256.0  # most MiB of cached prefix keys and values per model, > 0; LRU eviction
+    # decoding steps run 1, 2, 4, 8, then a multiple of 8 rows and prefills 8, 16, 32, 64, then a multiple
+    # of 64 tokens per row (padding; the output does not change): the matmul shapes, and the memory oneDNN
+    # keeps per shape, stay a small set; false: exact shapes (a step of 9 rows then computes 9, not 16)
+    pad_shapes: bool = True
     # LoRA adapters served over a MODEL, each chosen per request by its name (vLLM's --lora-modules):
     # NAME=PATH over the first MODEL ('[a=PATH, b=PATH]' for several), or a JSON object string
     # '{"name": ..., "path": ..., "base_model_name": MODEL}' as an item

@@ -487,8 +487,7 @@ def test_padded_shapes_keep_every_rows_output() -> None:
         shapes: list[tuple[int, ...]] = []
         hook = model.register_forward_pre_hook(lambda m, args, seen=shapes: seen.append(tuple(args[0].shape)))
         for pad in (False, True):
-            engine = Engine(model, max_batch_size=8)
-            engine.pad_shapes = pad
+            engine = Engine(model, max_batch_size=8, pad_shapes=pad)
             seqs = []
             for i, (p, n) in enumerate(zip(prompts, budgets, strict=True)):
                 cfg = GenerationConfig(temperature=0.0, max_new_tokens=n, ignore_eos=True, logprobs=True)
