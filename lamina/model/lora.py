@@ -590,14 +590,12 @@ class MergedCopy:
     counter and identity: an optimizer step, ``load_state_dict``) are copied or merged again, so a LoRA
     run pays for its adapters' ``B @ A`` products and a full fine-tune for one copy of its weights.
 
-    ``transpose_linears``: each ``nn.Linear`` weight (out, in) is stored as a view of (in, out) row-major
-    storage (values unchanged): a matmul ``x @ W.T`` then reads W row by row (MKL's plain layout; ~15%
-    faster for the small-batch decode steps of ``lamina.model.aot`` on CPU). The copy never trains
-    (``requires_grad`` off, eval mode) and costs one more copy of the model's weights.
+    The copy never trains (``requires_grad`` off, eval mode) and costs one more copy of the model's
+    weights (GRPO's ``grpo.compile_generation`` generates from it).
 
     Raises ``ConfigError`` for an int8/int4 base under an adapter (it cannot hold a merged weight)."""
 
-    def __init__(self, model: Transformer, transpose_linears: bool = False) -> None:
+    def __init__(self, model: Transformer) -> None:
         for layer in lora_layers(model).values():
             if not isinstance(layer.base_layer, nn.Linear):
                 raise ConfigError("cannot merge adapters into an int8/int4 base for generation")
@@ -616,10 +614,6 @@ class MergedCopy:
             m.__dict__.pop("_inference_copies", None)
         unload_lora(plain)
         plain.requires_grad_(False).eval()
-        if transpose_linears:
-            for m in plain.modules():
-                if type(m) is nn.Linear:
-                    m.weight.data = m.weight.data.t().contiguous().t()
         self.model = plain
         self.source = model
         # (destination, source module, attribute, adapter layer or None), every tensor once

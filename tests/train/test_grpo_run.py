@@ -324,9 +324,15 @@ def test_compile_generation_decodes_through_the_attached_step(
     ids = [tok.encode(p) for p in prompts]
     seen: list[tuple[int, bool]] = []  # (tokens per row, training) of each call of the step
 
+    bound: list[dict[str, torch.Tensor]] = []  # what each generation binds as the step's packed weights
+
+    class Runner:
+        def load_constants(self, constants: dict[str, torch.Tensor], **kw: Any) -> None:
+            bound.append(dict(constants))
+
     class Step:
         def __init__(self, net: Any) -> None:
-            self.net = net
+            self.net, self.runner = net, Runner()
 
         def applies(self, x: torch.Tensor, cache: Any) -> bool:
             return cache is not None and x.shape[1] == 1 and not torch.is_grad_enabled()
@@ -374,11 +380,25 @@ def test_compile_generation_decodes_through_the_attached_step(
     assert [completion_text(tok, p, s.tokens) for p, s in zip(per_prompt, streamed, strict=True)] == [
         s.text for s in streamed
     ]
+    # the copy's linears: oneDNN's linear on prepacked weights in the compiled step, bound at each generation
+    from lamina.model.layers import packed_linear
+    from lamina.train.grpo import StepLinear
+
+    copy = compiled._copy.model
+    linears = {n for n, m in copy.named_modules() if isinstance(m, StepLinear)}
+    assert linears and not any(type(m) is torch.nn.Linear for m in copy.modules())
+    assert len(bound) == 2 and set(bound[0]) == {f"model.{n}.packed" for n in linears}
+    x = torch.randn(3, 1, copy.lm_head.in_features)
+    got = packed_linear(x, bound[-1]["model.lm_head.packed"], None)
+    assert (got - torch.nn.functional.linear(x, model.lm_head.weight)).abs().max() < 1e-5
     with torch.no_grad():  # an optimizer's in-place step: the next generation samples from it
         model.lm_head.weight.mul_(0.5)
-    copy = compiled._copy.model
     compiled.generating_model()
     assert torch.equal(copy.lm_head.weight, model.lm_head.weight)
+    repacked = {k for k, t in bound[-1].items() if t is not bound[-2][k]}
+    assert "model.lm_head.packed" in repacked and len(repacked) < len(linears)  # only what changed
+    got = packed_linear(x, bound[-1]["model.lm_head.packed"], None)
+    assert (got - torch.nn.functional.linear(x, model.lm_head.weight)).abs().max() < 1e-5
 
     monkeypatch.setattr(aot, "supported", lambda net: "LoRA")
     source(True).batch(0)
