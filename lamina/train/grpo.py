@@ -559,7 +559,7 @@ class GenerationBatches:
 
     def generating_model(self) -> Any:
         """The model that generates: the policy, or with ``grpo.compile_generation`` its ``MergedCopy``
-        (adapters merged; refreshed here from the policy's current weights; float32 linears as
+        (adapters merged, projections fused; refreshed here from the policy's current weights; float32 linears as
         ``StepLinear`` s, their prepacked weights bound to the step here) with ``lamina.model.aot``'s
         compiled decode step attached (at the first call, and again if it was dropped); a policy the copy
         or the step does not cover (off the CPU, an int8/int4 base under LoRA, a model ``aot.supported``
@@ -573,7 +573,7 @@ class GenerationBatches:
             if device.type != "cpu":  # no copy made for nothing: the compiled step is the CPU's
                 return self._generate_eagerly(f"device {device} (CPU only)")
             try:
-                self._copy = MergedCopy(self.model)
+                self._copy = MergedCopy(self.model, fuse=True)
             except ConfigError as e:
                 return self._generate_eagerly(str(e))
             self._packed = PackedBinding(step_linears(self._copy.model))

@@ -153,6 +153,13 @@ def test_merged_copy_generates_as_the_adapted_model_and_follows_its_updates(
         assert (plain(ids) - model(ids)).abs().max() < 1e-5
     changed = {n for n, t in plain.named_parameters() if not torch.equal(t, before[n])}
     assert changed == {"blocks.0.attn.q_proj.weight", "final_norm.weight"}
+    fused = MergedCopy(model, fuse=True)  # q/k/v and gate/up as one linear each, refreshed into slices
+    with torch.no_grad():
+        assert fused.refresh().blocks[0].attn.qkv_proj is not None
+        assert (fused.model(ids) - model(ids)).abs().max() < 1e-5
+        model.blocks[1].attn.v_proj.lora_A.weight.mul_(3.0)
+        model.blocks[1].mlp.up_proj.lora_B.weight.mul_(-1.0)
+        assert (fused.refresh()(ids) - model(ids)).abs().max() < 1e-5
     # a compiled step traced from contiguous weights is never loaded for another layout (aot.step_key)
     from lamina.model.aot import step_key
 
