@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lamina.model import int4_cpu
 from lamina.model.layers import (
     Attention,
     KVCache,
@@ -335,7 +336,10 @@ def export_step(model: Transformer, path: Path) -> Path:
             aoti_compile_and_package(
                 ep,
                 package_path=str(tmp / "step.pt2"),
-                inductor_configs={"aot_inductor.package_constants_in_so": False},
+                inductor_configs={
+                    "aot_inductor.package_constants_in_so": False,
+                    **int4_cpu.aoti_configs(model),
+                },
             )
         torch.save(made, tmp / "constants.pt")
         try:

@@ -18,7 +18,9 @@ swap each ``nn.Linear`` for a module holding integer weights and their scales:
   scores the vocabulary and the k best are rescored in int8, about half the head's time). An eighth of
   fp32's bytes in the blocks: the fastest at batch 1. From
   ``INT4_DEQUANT_ROWS`` tokens per sequence (prefill) a layer unpacks its codes to the same bf16 weight
-  and runs one bf16 matmul instead, as ``int8`` does past ``DEQUANT_ROWS``.
+  and runs one bf16 matmul instead, as ``int8`` does past ``DEQUANT_ROWS``. Opt-in
+  ``use_int4_kernel(model, build_dir)``: decode steps through ``lamina.model.int4_cpu``'s AVX-512 BF16
+  kernel (built on first use; 2.1-2.3x the aten kernel at one row, the same numerics).
 - ``w8a8``: int8 weights and int8 activations, quantized per token on the fly (dynamic), an int8 x int8
   -> int32 matmul (``torch._int_mm``), then both scales. Activations stay fp32 between layers. On CPUs
   whose int8 matmul saturates (AVX2 without VNNI: oneDNN sums u8 x s8 pairs in int16), the weights get
@@ -41,6 +43,7 @@ matmuls there are ~1.3-1.4x slower than the dequantized weight's (int4's kernel 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
@@ -48,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lamina.errors import ConfigError
+from lamina.model import int4_cpu
 from lamina.model.layers import (
     MLP,
     ONEDNN_ERRORS,
@@ -209,10 +213,14 @@ class Int4Linear(nn.Module):
     packed: Tensor
     scale_offset: Tensor
     bias: Tensor | None
+    mv_packed: Tensor | None
+    mv_so: Tensor | None
 
     def __init__(self, linear: nn.Linear, group: int = INT4_GROUP) -> None:
         super().__init__()
         self.in_features, self.out_features, self.group = linear.in_features, linear.out_features, group
+        self.register_buffer("mv_packed", None)  # use_kernel: the codes in int4_cpu's layout
+        self.register_buffer("mv_so", None)
         self.pad_in = -self.in_features % group
         pad_out = -self.out_features % 16
         w = F.pad(linear.weight.detach().float(), (0, self.pad_in, 0, pad_out))
@@ -239,6 +247,8 @@ class Int4Linear(nn.Module):
             # prefill: matmul-bound; dequantizing the layer (the same bf16 weight the kernel uses) and
             # the bf16 matmul beat the int4 kernel from about 64 rows on (B = 1)
             y = F.linear(x2, self._dequantize_padded())
+        elif self.mv_packed is not None and self.mv_so is not None:
+            y = int4_cpu.mv(x2.contiguous(), self.mv_packed, self.mv_so)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scale_offset)
         if y.shape[1] != self.out_features:
@@ -246,6 +256,26 @@ class Int4Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def use_kernel(self) -> bool:
+        """Also keep the codes in ``int4_cpu``'s layout (as many bytes again): forwards of fewer than
+        ``INT4_DEQUANT_ROWS`` tokens per sequence (decode steps) then run its kernel, the same products
+        with another summation order (``int4_cpu.load`` must have succeeded). False (nothing changed)
+        for a group other than 32 or a packed layout this code cannot unpack."""
+        n, k = self.packed.shape[0], self.packed.shape[1] * 2
+        if self.group != 32 or not self.unpackable or n % 64:
+            return False
+        so = self.scale_offset  # (k // group, n, 2)
+        packed, mv_so = int4_cpu.pack(_unpack_int4(self.packed, n, k), so[:, :, 0].t(), so[:, :, 1].t())
+        self.register_buffer("mv_packed", packed)
+        self.register_buffer("mv_so", mv_so)
+        return True
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, "
+            f"kernel={'int4_cpu' if self.mv_packed is not None else 'aten'}"
+        )
 
     def _dequantize_padded(self) -> Tensor:
         """The padded weight (out_pad, in_pad) in bf16 from the packed codes: ``q * scale + (offset - 8
@@ -501,6 +531,25 @@ def convert_weights(
         model.to(torch.bfloat16)  # int8 buffers stay int8; scales, norms and embeddings become bf16
     model.weight_format = fmt
     return model
+
+
+def use_int4_kernel(model: nn.Module, build_dir: Path) -> str | None:
+    """Run every ``Int4Linear`` of ``model`` (an int4-converted model, a ``RescoredHead`` 's int4 copy
+    included) through ``lamina.model.int4_cpu``'s kernel at decode steps: 2.1-2.3x the aten kernel at one
+    row, the same numerics up to summation order. Builds the kernel into ``build_dir`` the first time
+    (a minute or two; a C++ compiler is needed). Returns None when it is in use, else why not (the
+    model then runs as before): no AVX-512 BF16, no compiler, no int4 layer. Call it before
+    ``lamina.model.aot.attach_decode_step`` (the compiled step then calls the kernel)."""
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    if not layers:
+        return "no int4 layer (convert_weights(model, 'int4') first)"
+    why = int4_cpu.load(build_dir)
+    if why is not None:
+        return why
+    for layer in layers:
+        if layer.mv_packed is None:
+            layer.use_kernel()
+    return None
 
 
 @torch.inference_mode()

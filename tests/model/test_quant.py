@@ -25,7 +25,9 @@ from tiny_chat import tiny_llama_config
 import lamina
 from lamina.checkpoint.hf import export_hf
 from lamina.checkpoint.lamina import save_checkpoint
+from lamina.checkpoint.load import compile_cache_dir
 from lamina.errors import CheckpointError, ConfigError
+from lamina.model import int4_cpu
 from lamina.model.quant import (
     DEQUANT_ROWS,
     FORMATS,
@@ -35,11 +37,13 @@ from lamina.model.quant import (
     Int8Linear,
     PackedLinear,
     RescoredHead,
+    _unpack_int4,
     convert_weights,
     logit_agreement,
     path_lengths,
     quantize_groupwise_int4,
     quantize_per_channel,
+    use_int4_kernel,
 )
 from lamina.model.transformer import Transformer
 
@@ -321,6 +325,62 @@ def test_fp32_format_packs_only_a_model_converted_for_inference(tmp_path: Path) 
         assert model.weight_format is None
         assert not any(isinstance(m, PackedLinear) for m in model.modules())
     save_checkpoint(tmp_path / "plain", plain)
+
+
+@pytest.fixture(scope="module")
+def int4_kernel() -> Path:
+    """Where ``int4_cpu``'s kernel is built (once per machine: the tests' shared compile directory) and
+    loaded; skipped on CPUs without AVX-512 BF16 (a failed build on a capable CPU fails)."""
+    why = int4_cpu.unavailable_reason()
+    if why is not None:
+        pytest.skip(why)
+    build = compile_cache_dir() / "int4"
+    assert int4_cpu.load(build) is None
+    return build
+
+
+@pytest.mark.slow  # the first run on a machine builds the kernel (about a minute of CPU)
+@pytest.mark.parametrize(("in_f", "out_f", "rows"), [(64, 128, 1), (96, 192, 3), (40, 64, 2)])
+def test_int4_kernel_multiplies_by_the_dequantized_weight(int4_kernel: Path, in_f: int, out_f: int, rows: int) -> None:  # fmt: skip
+    torch.manual_seed(0)
+    layer = Int4Linear(torch.nn.Linear(in_f, out_f)).to(torch.bfloat16)
+    x = torch.randn(rows, 1, in_f).bfloat16()
+    with torch.no_grad():
+        aten = layer(x).float()
+        assert layer.use_kernel() and layer.mv_packed is not None
+        got = layer(x).float()
+    assert got.shape == (rows, 1, out_f) and "kernel=int4_cpu" in repr(layer)
+    # the weight both kernels multiply by, exactly: (q - 8) * scale + offset in fp32 per group
+    n, k = layer.packed.shape[0], layer.packed.shape[1] * 2
+    so = layer.scale_offset.float()  # (k / 32, n, 2)
+    q = _unpack_int4(layer.packed, n, k, torch.float32).view(n, k // 32, 32)
+    w = ((q - 8) * so[:, :, 0].t()[..., None] + so[:, :, 1].t()[..., None]).view(n, k)[:out_f, :in_f]
+    prod, bias = x.float() @ w.t(), layer.bias.float()  # type: ignore[union-attr]
+    want = prod + bias
+    step = (prod.abs() + bias.abs()) * 2**-7 + 1e-6  # the bf16 roundings of the product and of the sum
+    assert bool(((got - want).abs() <= step).all())
+    assert bool(((got - aten).abs() <= 2 * step).all())  # the aten kernel's product, other summation order
+    # a padded output count that is not a multiple of 64 keeps the aten kernel
+    assert not Int4Linear(torch.nn.Linear(64, 48)).use_kernel()
+
+
+@pytest.mark.slow
+def test_use_int4_kernel_decodes_as_the_aten_kernel(int4_kernel: Path) -> None:
+    ref = _tiny()
+    assert use_int4_kernel(copy.deepcopy(ref), int4_kernel) is not None  # not converted: refused
+    aten = convert_weights(copy.deepcopy(ref), "int4")
+    model = convert_weights(copy.deepcopy(ref), "int4")
+    assert use_int4_kernel(model, int4_kernel) is None
+    layers = [m for m in model.blocks.modules() if isinstance(m, Int4Linear)]
+    assert layers and all(m.mv_packed is not None for m in layers)
+    ids = _ids(2, 12)
+    with torch.no_grad():
+        out = []
+        for m in (aten, model):
+            cache = m.new_cache(2, 16)
+            out.append(torch.cat([m(ids[:, :8], cache=cache)] + [m(ids[:, t : t + 1], cache=cache) for t in range(8, 12)], 1).float())  # fmt: skip
+    torch.testing.assert_close(out[1], out[0], atol=0.03, rtol=0)
+    assert torch.equal(out[1][:, 8:].argmax(-1), out[0][:, 8:].argmax(-1))
 
 
 def test_rescored_head_keeps_int8s_top_k_and_int4s_tail() -> None:
