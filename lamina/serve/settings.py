@@ -79,7 +79,7 @@ class ServeConfig:
     prefix_cache_mib: float = 256.0  # most MiB of cached prefix keys and values per model, > 0; LRU eviction
     # decoding steps run 1, 2, 4, 8, then a multiple of 8 rows and prefills 8, 16, 32, 64, then a multiple
     # of 64 tokens per row (padding; the output does not change): the matmul shapes, and the memory oneDNN
-    # keeps per shape, stay a small set; false: exact shapes (a step of 9 rows then computes 9, not 16)
+    # keeps per shape, stay a small set (fp32, bf16); false, and int8/int4/w8a8 weights: exact shapes
     pad_shapes: bool = True
     # LoRA adapters served over a MODEL, each chosen per request by its name (vLLM's --lora-modules):
     # NAME=PATH over the first MODEL ('[a=PATH, b=PATH]' for several), or a JSON object string
