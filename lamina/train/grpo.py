@@ -183,9 +183,9 @@ class GrpoConfig:
     samples: int = 1  # prompts per generation batch whose completions go to samples.jsonl (0: none)
     chat_template: str | None = None  # a Jinja chat template file (or text); None: the tokenizer's
     # generate from a merged copy of the policy (LoRA merged in, refreshed before each generation: one more
-    # copy of the weights) through lamina.model.aot's compiled decode step (as --compile): compiled once per
-    # architecture into compile_cache_dir() (about a minute), then loaded in a second; an int8/int4 LoRA
-    # base or a model the step does not cover generates eagerly from the policy
+    # copy of the weights, plus their oneDNN-packed copies in float32) through lamina.model.aot's compiled
+    # decode step (as --compile): compiled once per architecture into compile_cache_dir() (about a minute),
+    # then loaded in a second; an int8/int4 LoRA base or a model the step does not cover generates eagerly
     compile_generation: bool = False
 
     def __post_init__(self) -> None:
