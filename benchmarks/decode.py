@@ -28,6 +28,7 @@ llama.cpp runs with ``--threads`` threads too (node-llama-cpp: installed on firs
 
     python benchmarks/decode.py [--tokens 64] [--threads 2] [--formats fp32,bf16,int8,int4,w8a8] [--compile int4]
     python benchmarks/decode.py --formats int4 --compile int4 --head-topk 16   # the rescored head too
+    python benchmarks/decode.py --formats int4 --compile int4 --head-topk 16 --int4-kernel   # and int4_cpu's kernel
     python benchmarks/decode.py --quick      # 16 tokens, 1 repeat, fp32 and int4
 """
 
@@ -152,6 +153,17 @@ class LlamaCpp:
             self.proc.wait(timeout=60)
 
 
+def step_agreement(model: torch.nn.Module, reference_logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, float]:  # fmt: skip
+    """``logit_agreement`` with ``ids`` fed one token per step through the KV cache: the path a decode step
+    takes (a 256-token forward takes the prefill's dequantized matmul, not a decode kernel)."""
+    with torch.inference_mode():
+        cache = model.new_cache(1, ids.shape[1])
+        logits = torch.cat([model(ids[:, t : t + 1], cache=cache) for t in range(ids.shape[1])], 1).float()
+    err = (logits - reference_logits).abs().max().item()
+    top1 = (logits.argmax(-1) == reference_logits.argmax(-1)).float().mean().item()
+    return err, top1
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per decode")
@@ -174,6 +186,12 @@ def main() -> None:
         metavar="K",
         help="also time int4 with convert_weights(head_topk=K) (an int4 head, top K rescored in int8): int4+headK",
     )
+    ap.add_argument(
+        "--int4-kernel",
+        action="store_true",
+        help="also time each int4 variant with quant.use_int4_kernel (lamina.model.int4_cpu's AVX-512 BF16 "
+        "kernel at decode steps; built on first use): NAME+kernel",
+    )
     ap.add_argument("--quick", action="store_true", help="16 tokens, 1 repeat, fp32 and int4 only")
     ap.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp column")
     args = ap.parse_args()
@@ -189,7 +207,7 @@ def main() -> None:
     from lamina.checkpoint.registry import packaged_path
     from lamina.generate.engine import greedy_decode
     from lamina.model.aot import attach_decode_step
-    from lamina.model.quant import convert_weights, logit_agreement
+    from lamina.model.quant import convert_weights, logit_agreement, use_int4_kernel
     from lamina.model.transformer import Transformer
 
     path = packaged_path("smollm2")
@@ -247,17 +265,26 @@ def main() -> None:
     agreement = {}
     with torch.inference_mode():
         ref_logits = fp32(long).float()
-    variants = [(fmt, fmt, 0) for fmt in args.formats.split(",")]  # (name, format, head_topk)
+    variants = [(fmt, fmt, 0, False) for fmt in args.formats.split(",")]  # (name, format, head_topk, kernel)
     if args.head_topk and "int4" in args.formats.split(","):
-        variants.append((f"int4+head{args.head_topk}", "int4", args.head_topk))
-    for variant, fmt, k in variants:
+        variants.append((f"int4+head{args.head_topk}", "int4", args.head_topk, False))
+    if args.int4_kernel:
+        variants += [(f"{v[0]}+kernel", "int4", v[2], True) for v in variants if v[1] == "int4"]
+    kernel_dir = compile_cache_dir() / "int4"
+    for variant, fmt, k, kernel in variants:
         model = convert_weights(copy.deepcopy(fp32), fmt, head_topk=k)
-        agreement[variant] = logit_agreement(model, ref_logits, long)
+        if kernel:
+            why = use_int4_kernel(model, kernel_dir)
+            if why is not None:
+                raise SystemExit(f"--int4-kernel: {why}")
+        agreement[variant] = step_agreement(model, ref_logits, long) if kernel else logit_agreement(model, ref_logits, long)  # fmt: skip
         names = [variant] + ([f"{variant}+compile"] if fmt in args.compile.split(",") else [])
         for name in names:
             if name.endswith("+compile"):  # the decode step lamina.load(compile=True) attaches
                 # unpacked, as load(compile=True) converts
                 model = convert_weights(copy.deepcopy(fp32), fmt, pack=False, head_topk=k)
+                if kernel:
+                    use_int4_kernel(model, kernel_dir)
                 t = time.perf_counter()
                 attach_decode_step(model, compile_cache_dir() / "aot", log=lambda line: print(f"  {line}"))
                 print(f"  {name}: decode step ready in {time.perf_counter() - t:.1f} s", flush=True)
@@ -282,20 +309,20 @@ def main() -> None:
     hf, hf_pf = rate[("transformers", "decode")], rate[("transformers", "prefill")]
     b = f"batch {args.batch}"
     print()
-    print(f"{'tokens/s':28}{'decode':>9}{'vs hf':>7}{'vs llama':>9}{'max|dlogit|':>13}{'top-1':>7}"
+    print(f"{'tokens/s':34}{'decode':>9}{'vs hf':>7}{'vs llama':>9}{'max|dlogit|':>13}{'top-1':>7}"
           f"{f'prefill {long.shape[1]}':>13}{'vs hf':>7}{'vs llama':>9}{b:>10}{'vs b1':>7}")  # fmt: skip
     lc = rate.get(("llama.cpp", "decode"), float("nan"))
     lc_pf = rate.get(("llama.cpp", "prefill"), float("nan"))
-    print(f"{'transformers':28}{hf:>9.1f}{1:>7.2f}{hf / lc:>9.2f}{'':>13}{'':>7}{hf_pf:>13.0f}{1:>7.2f}"
+    print(f"{'transformers':34}{hf:>9.1f}{1:>7.2f}{hf / lc:>9.2f}{'':>13}{'':>7}{hf_pf:>13.0f}{1:>7.2f}"
           f"{hf_pf / lc_pf:>9.2f}")  # fmt: skip
     if llama is not None:
-        print(f"{'llama.cpp':28}{lc:>9.1f}{lc / hf:>7.2f}{1:>9.2f}{'':>13}{'':>7}{lc_pf:>13.0f}"
+        print(f"{'llama.cpp':34}{lc:>9.1f}{lc / hf:>7.2f}{1:>9.2f}{'':>13}{'':>7}{lc_pf:>13.0f}"
               f"{lc_pf / hf_pf:>7.2f}{1:>9.2f}")  # fmt: skip
     systems = [k[0] for k in tasks if k[1] == "decode" and k[0] not in ("transformers", "llama.cpp")]
     for name in systems:
         err, top1 = agreement[name.removesuffix("+compile")]
         d, pf, rb = rate[(name, "decode")], rate[(name, "prefill")], rate[(name, b)]
-        print(f"{'lamina ' + name:28}{d:>9.1f}{d / hf:>7.2f}{d / lc:>9.2f}{err:>13.3f}{top1:>7.3f}"
+        print(f"{'lamina ' + name:34}{d:>9.1f}{d / hf:>7.2f}{d / lc:>9.2f}{err:>13.3f}{top1:>7.3f}"
               f"{pf:>13.0f}{pf / hf_pf:>7.2f}{pf / lc_pf:>9.2f}{rb:>10.1f}{rb / d:>7.2f}")  # fmt: skip
     best = max(systems, key=lambda n: rate[(n, "decode")])
     print(f"\nbest at batch 1: lamina {best}, {rate[(best, 'decode')] / hf:.2f}x transformers, "
