@@ -9,9 +9,10 @@ byte-table lookup (``vpermw``) and ``vdpbf16ps`` sums their products with the bf
 (exact products: the numerics of the bf16 activations, no activation quantization), the scale is applied
 once per group. 2.1-2.3x the aten kernel at one row on SmolLM2's layer shapes (1 thread).
 
-Layout (``pack``): for each block of 16 outputs and group of 32 inputs, 8 steps of 32 bytes; byte
-``2 * lane + p`` of step ``s`` holds the code of output ``lane``, input ``4 s + p`` in its low nibble and
-input ``4 s + 2 + p`` in its high nibble; scales and offsets (N / 16, groups, 2, 16) bf16.
+Layout (``pack``): for each block of 64 outputs (4 sub-blocks of 16) and group of 32 inputs, 8 steps of
+4 x 32 bytes (the 4 sub-blocks interleaved: the kernel reads one sequential stream); byte ``2 * lane + p``
+of sub-block i's 32 bytes at step ``s`` holds the code of output ``16 i + lane``, input ``4 s + p`` in its
+low nibble and input ``4 s + 2 + p`` in its high nibble; scales and offsets (N / 64, groups, 4, 2, 16) bf16.
 
 The C++ source below is compiled once into a folder of ``build_dir`` named by its digest
 (``torch.utils.cpp_extension``: a C++ compiler is needed, as for ``--compile``), registered as
@@ -46,10 +47,11 @@ static inline __m512 bf16x16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
 }
 
-// NBLK blocks of 16 outputs for one row x (K bf16) with per-group sums xsum; y gets NBLK * 16 bf16
-template <int NBLK>
-static inline void blocks(const uint8_t* P, const uint16_t* S, int64_t G, int64_t bstride,
-                          int64_t sstride, const uint16_t* x, const float* xsum, uint16_t* y) {
+// one block of 64 outputs (4 x 16, interleaved: one stream) for one row x (K bf16) with per-group sums
+// xsum; y gets 64 bf16
+static inline void block64(const uint8_t* P, const uint16_t* S, int64_t G, const uint16_t* x,
+                           const float* xsum, uint16_t* y) {
+  constexpr int NBLK = 4;
   alignas(64) static const uint16_t lut_[32] = {  // bf16 of 0..15, twice (vpermw reads 5 bits)
     0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
     0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170,
@@ -68,7 +70,7 @@ static inline void blocks(const uint8_t* P, const uint16_t* S, int64_t G, int64_
       __m512bh xb = (__m512bh)_mm512_set1_epi32(xg[2 * s + 1]);
       for (int i = 0; i < NBLK; ++i) {
         __m512i w = _mm512_cvtepu8_epi16(
-            _mm256_loadu_si256((const __m256i*)(P + i * bstride + (g * 8 + s) * 32)));
+            _mm256_loadu_si256((const __m256i*)(P + ((g * 8 + s) * NBLK + i) * 32)));
         __m512i lo = _mm512_permutexvar_epi16(w, lut);
         __m512i hi = _mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), lut);
         dot[i] = _mm512_dpbf16_ps(dot[i], (__m512bh)lo, xa);
@@ -77,7 +79,7 @@ static inline void blocks(const uint8_t* P, const uint16_t* S, int64_t G, int64_
     }
     __m512 sum = _mm512_set1_ps(xsum[g]);
     for (int i = 0; i < NBLK; ++i) {
-      const uint16_t* so = S + i * sstride + g * 32;
+      const uint16_t* so = S + (g * NBLK + i) * 32;
       __m512 sc = bf16x16(so), shift = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), bf16x16(so), bf16x16(so + 16));
       acc[i] = _mm512_fmadd_ps(dot[i], sc, acc[i]);
       acc[i] = _mm512_fmadd_ps(shift, sum, acc[i]);
@@ -87,12 +89,12 @@ static inline void blocks(const uint8_t* P, const uint16_t* S, int64_t G, int64_
     _mm256_storeu_si256((__m256i*)(y + i * 16), (__m256i)_mm512_cvtneps_pbh(acc[i]));
 }
 
-// x (M, K) bf16 contiguous; packed (N / 16, K / 32, 8, 32) uint8; so (N / 16, K / 32, 2, 16) bf16
+// x (M, K) bf16 contiguous; packed (N / 64, K / 32, 8, 4, 32) uint8; so (N / 64, K / 32, 4, 2, 16) bf16
 at::Tensor mv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& so) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous(), "x: (M, K) bf16");
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 4, "packed");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 5, "packed");
   TORCH_CHECK(so.scalar_type() == at::kBFloat16 && so.is_contiguous(), "so");
-  int64_t M = x.size(0), K = x.size(1), G = K / 32, NB = packed.size(0), N = NB * 16;
+  int64_t M = x.size(0), K = x.size(1), G = K / 32, NB = packed.size(0), N = NB * 64;
   TORCH_CHECK(K % 32 == 0 && packed.size(1) == G, "K must be the packed weight's inputs");
   auto xsum = at::empty({M, G}, x.options().dtype(at::kFloat));
   const uint16_t* X = (const uint16_t*)x.data_ptr();
@@ -111,18 +113,11 @@ at::Tensor mv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& s
   const uint8_t* P = packed.data_ptr<uint8_t>();
   const uint16_t* S = (const uint16_t*)so.data_ptr();
   uint16_t* Y = (uint16_t*)y.data_ptr();
-  const int64_t bstride = G * 256, sstride = G * 32;
-  constexpr int NBLK = 4;
-  at::parallel_for(0, NB / NBLK, 4, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, NB, 4, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t m = 0; m < M; ++m)
-        blocks<NBLK>(P + b * NBLK * bstride, S + b * NBLK * sstride, G, bstride, sstride, X + m * K,
-                     XS + m * G, Y + m * N + b * NBLK * 16);
+        block64(P + b * G * 1024, S + b * G * 128, G, X + m * K, XS + m * G, Y + m * N + b * 64);
   });
-  for (int64_t b = (NB / NBLK) * NBLK; b < NB; ++b)
-    for (int64_t m = 0; m < M; ++m)
-      blocks<1>(P + b * bstride, S + b * sstride, G, bstride, sstride, X + m * K, XS + m * G,
-                Y + m * N + b * 16);
   return y;
 }
 
@@ -202,20 +197,22 @@ def _register_fake() -> None:
 
     @torch.library.register_fake("lamina_int4::lamina_int4_mv")
     def _(x: Tensor, packed: Tensor, so: Tensor) -> Tensor:
-        return x.new_empty((x.shape[0], packed.shape[0] * 16))
+        return x.new_empty((x.shape[0], packed.shape[0] * 64))
 
 
 def pack(q: Tensor, scale: Tensor, offset: Tensor) -> tuple[Tensor, Tensor]:
     """The kernel's layout of int4 codes ``q`` (N, K) in 0..15 (N a multiple of 64, K of 32) and their
     group scales and offsets (N, K / 32) bf16 (``weight = (q - 8) * scale + offset``): ``packed``
-    (N / 16, K / 32, 8, 32) uint8 and ``so`` (N / 16, K / 32, 2, 16) bf16 (module docstring)."""
+    (N / 64, K / 32, 8, 4, 32) uint8 and ``so`` (N / 64, K / 32, 4, 2, 16) bf16 (module docstring)."""
     N, K = q.shape
     G = K // 32
-    c = q.to(torch.uint8).view(N // 16, 16, G, 8, 2, 2)  # block, lane, group, step, high nibble, p
-    c = c.permute(0, 2, 3, 1, 5, 4)  # block, group, step, lane, p, high nibble
-    packed = (c[..., 0] | (c[..., 1] << 4)).contiguous().view(N // 16, G, 8, 32)
-    so = torch.stack([scale.view(N // 16, 16, G), offset.view(N // 16, 16, G)], 1)  # block, 2, lane, g
-    return packed, so.permute(0, 3, 1, 2).contiguous().to(torch.bfloat16)
+    c = q.to(torch.uint8).view(N // 64, 4, 16, G, 8, 2, 2)  # block, sub, lane, group, step, high, p
+    c = c.permute(0, 3, 4, 1, 2, 6, 5)  # block, group, step, sub, lane, p, high nibble
+    packed = (c[..., 0] | (c[..., 1] << 4)).contiguous().view(N // 64, G, 8, 4, 32)
+    so = torch.stack(
+        [scale.view(N // 64, 4, 16, G), offset.view(N // 64, 4, 16, G)], 2
+    )  # block, sub, 2, lane, g
+    return packed, so.permute(0, 4, 1, 2, 3).contiguous().to(torch.bfloat16)
 
 
 def mv(x: Tensor, packed: Tensor, so: Tensor) -> Tensor:
