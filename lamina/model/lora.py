@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from lamina.errors import ConfigError
 from lamina.model.aot import detach_decode_step
-from lamina.model.layers import MLP, Attention
+from lamina.model.layers import MLP, Attention, _same_weights, _weights_key
 from lamina.model.quant import Int4Linear, Int8Linear, convert_weights
 from lamina.model.transformer import Transformer
 
@@ -586,9 +586,10 @@ class MergedCopy:
     """A plain copy of ``model`` for generation: no adapter wrappers, each LoRA layer's weight the merged
     ``W + scaling * B @ A`` (fp32 sum, stored in W's dtype, as ``merge_lora``), every other tensor the
     model's. ``refresh()`` brings it up to date in place (its tensors keep their storage, so a compiled
-    step bound to them stays valid): only the tensors that changed since the last refresh (by version
-    counter and identity: an optimizer step, ``load_state_dict``) are copied or merged again, so a LoRA
-    run pays for its adapters' ``B @ A`` products and a full fine-tune for one copy of its weights.
+    step bound to them stays valid): only the tensors that changed since the last refresh (an optimizer
+    step, ``load_state_dict``, a swapped adapter: ``refresh`` says how it tells) are copied or merged
+    again, so a LoRA run pays for its adapters' ``B @ A`` products and a full fine-tune for one copy of
+    its weights.
 
     ``fuse``: each attention's q/k/v and each gated MLP's gate/up projections as one linear
     (``fuse_projections``; refreshed into its slices): fewer, larger matmuls for generation. The copy
@@ -618,20 +619,16 @@ class MergedCopy:
         plain.requires_grad_(False).eval()
         self.model = plain
         self.source = model
-        # (destination, source module, attribute, adapter layer or None), every tensor once
-        self._pairs: list[tuple[Tensor, nn.Module, str, LoraLinear | None]] = []
+        # (destination, source module's name, attribute), every tensor once; the source module is looked up
+        # by name at each refresh, so a wrapper swapped in or taken off since is seen
+        self._pairs: list[tuple[Tensor, str, str]] = []
         seen: set[int] = set()
         for name, dst_module in plain.named_modules():
-            src_module = model.get_submodule(name) if name else model
-            adapter = src_module if isinstance(src_module, LoraLinear) else None
-            if adapter is not None:
-                src_module = adapter.base_layer
             for attr, dst in [*dst_module._parameters.items(), *dst_module._buffers.items()]:
                 if dst is None or id(dst) in seen:
                     continue
                 seen.add(id(dst))
-                merge = adapter if adapter is not None and attr == "weight" else None
-                self._pairs.append((dst, src_module, attr, merge))
+                self._pairs.append((dst, name, attr))
         if fuse:  # each part's tensors become slices of its fused linear's
             slices: dict[int, Tensor] = {}
             for m in plain.modules():
@@ -651,22 +648,49 @@ class MergedCopy:
                     if part.bias is not None and fused.bias is not None:
                         slices[id(part.bias)] = fused.bias.detach()[o : o + part.out_features]
                     o += part.out_features
-            self._pairs = [(slices.get(id(d), d), sm, a, ad) for d, sm, a, ad in self._pairs]
+            self._pairs = [(slices.get(id(d), d), n, a) for d, n, a in self._pairs]
             plain.requires_grad_(False)
-        self._seen: list[tuple[tuple[int, int], ...] | None] = [None] * len(self._pairs)
+        self._seen: list[tuple | None] = [None] * len(self._pairs)
 
     def refresh(self) -> Transformer:
-        """Copy (or merge) into the copy what changed in the model since the last call; returns the copy."""
+        """Copy (or merge) into the copy what changed in the model since the last call; returns the copy.
+
+        A tensor is copied again unless it is the same tensor object with the same version counter, data
+        pointer and dtype as at the last refresh (``layers._same_weights``: a parameter replaced by
+        ``load_state_dict(assign=True)``, ``p.data = t`` or ``.to()`` is seen), and a LoRA layer's weight
+        also when its adapters, ``scaling``, ``merged`` or ``disabled`` changed or the wrapper was swapped.
+        Writes through ``.data`` (``p.data.add_(x)``) keep the version and are not seen.
+
+        Raises ``ConfigError`` when a module of the copy is gone from the model, or an adapter swapped in
+        since has an int8/int4 base."""
+        modules = dict(self.source.named_modules(remove_duplicate=False))
         with torch.no_grad():
-            for i, (dst, module, attr, layer) in enumerate(self._pairs):
-                src = getattr(module, attr)
-                tensors = [src] if layer is None else [src, layer.lora_A.weight, layer.lora_B.weight]
-                state = tuple((id(t), t._version) for t in tensors)
-                if state == self._seen[i]:
+            for i, (dst, name, attr) in enumerate(self._pairs):
+                module = modules.get(name)
+                layer = module if isinstance(module, LoraLinear) else None
+                if layer is not None:
+                    module = layer.base_layer
+                src = getattr(module, attr, None)
+                if not isinstance(src, Tensor):
+                    raise ConfigError(
+                        f"the model has no tensor {name}.{attr} any more: make the generation copy again "
+                        "(MergedCopy) after changing its modules"
+                    )
+                merge = layer is not None and attr == "weight" and not (layer.merged or layer.disabled)
+                tensors = [src]
+                if merge:
+                    assert layer is not None
+                    if not isinstance(layer.base_layer, nn.Linear):
+                        raise ConfigError("cannot merge adapters into an int8/int4 base for generation")
+                    tensors += [layer.lora_A.weight, layer.lora_B.weight]
+                held = self._seen[i]
+                scaling = layer.scaling if merge and layer is not None else None
+                if held is not None and held[0] == (merge, scaling) and _same_weights(held[1], tensors):
                     continue
-                if layer is None or layer.merged:
-                    dst.copy_(src)
-                else:
+                if merge:
+                    assert layer is not None
                     dst.copy_((src.float() + layer.delta_weight()).to(dst.dtype))
-                self._seen[i] = state
+                else:
+                    dst.copy_(src)
+                self._seen[i] = ((merge, scaling), _weights_key(tensors))
         return self.model

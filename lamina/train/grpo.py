@@ -338,77 +338,6 @@ def token_logps(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return tok - torch.logsumexp(logits, dim=-1)
 
 
-class StepLinear(nn.Module):
-    """An ``nn.Linear`` of the generation copy (same ``weight`` and ``bias`` tensors) whose exported forward
-    (``lamina.model.aot``'s compiled decode step) is oneDNN's linear (``layers.packed_linear``) on a
-    prepacked copy of its weight, the ``packed`` constant of the step, bound by ``bind_packed`` after each
-    refresh (exported with the dense weight as placeholder); eager forwards (prompts) are ``F.linear``.
-    oneDNN's prepacked fp32 matmul reads these small weights ~1.3-1.6x faster than MKL's for a few rows
-    (the eager decode step's ``layers.inference_linear`` uses it too)."""
-
-    weight: Tensor
-    bias: Tensor | None
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
-        self.register_parameter("bias", linear.bias)
-        # a placeholder of its own (export lifts tensors sharing storage as one constant); never written,
-        # so its pages are never touched (no memory in practice)
-        w = linear.weight
-        self.register_buffer("packed", torch.empty(w.shape, dtype=w.dtype, device=w.device), persistent=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if torch.compiler.is_exporting():
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return nn.functional.linear(x, self.weight, self.bias)
-
-    def extra_repr(self) -> str:
-        # part of the compiled step's key (aot.step_key: every module's repr), which does not read this
-        # file's code: a change to forward changes the version here
-        return f"in_features={self.in_features}, out_features={self.out_features}, onednn_version=1"
-
-
-def step_linears(model: nn.Module) -> dict[str, StepLinear]:
-    """Every float32 ``nn.Linear`` of ``model`` (a generation copy on CPU) replaced by a ``StepLinear``
-    (its tensors kept), by name; none where oneDNN is unavailable."""
-    from lamina.model.layers import onednn_available
-
-    swapped: dict[str, StepLinear] = {}
-    if not onednn_available():
-        return swapped
-    for name, m in list(model.named_modules()):
-        if type(m) is nn.Linear and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu":
-            parent, _, child = name.rpartition(".")
-            swapped[name] = StepLinear(m)
-            setattr(model.get_submodule(parent) if parent else model, child, swapped[name])
-    return swapped
-
-
-class PackedBinding:
-    """The prepacked weights of a generation copy's ``StepLinear`` s, bound to its compiled step:
-    ``bind(step)`` packs the weights that changed since the last call (by identity and version) and
-    hands the step every packed tensor (``load_constants``, user-managed: this object keeps them
-    alive)."""
-
-    def __init__(self, linears: dict[str, StepLinear]) -> None:
-        self.linears = linears
-        self.packed: dict[str, Tensor] = {}
-        self.seen: dict[str, tuple[int, int]] = {}
-
-    def bind(self, step: Any) -> None:
-        from lamina.model.layers import prepack
-
-        with torch.no_grad():
-            for name, m in self.linears.items():
-                key = (id(m.weight), m.weight._version)
-                if self.seen.get(name) != key:
-                    self.packed[f"model.{name}.packed"] = prepack(m.weight.detach().contiguous())
-                    self.seen[name] = key
-        step.runner.load_constants(self.packed, check_full_update=False, user_managed=True)
-
-
 def completion_text(tokenizer: Any, prompt: Sequence[int], tokens: Sequence[int]) -> str:
     """The text of a completion's ``tokens`` as the engine streams it (special tokens skipped, the
     prompt's last 6 ids as context so that a leading space is kept), decoded once."""
@@ -559,11 +488,12 @@ class GenerationBatches:
 
     def generating_model(self) -> Any:
         """The model that generates: the policy, or with ``grpo.compile_generation`` its ``MergedCopy``
-        (adapters merged, projections fused; refreshed here from the policy's current weights; float32 linears as
-        ``StepLinear`` s, their prepacked weights bound to the step here) with ``lamina.model.aot``'s
-        compiled decode step attached (at the first call, and again if it was dropped); a policy the copy
-        or the step does not cover (off the CPU, an int8/int4 base under LoRA, a model ``aot.supported``
-        refuses) or a failed compile generates eagerly from the policy (one line on stderr)."""
+        (adapters merged, projections fused; refreshed here from the policy's current weights; float32
+        linears as ``aot.StepLinear`` s, their prepacked weights bound to the step here) with
+        ``lamina.model.aot``'s compiled decode step attached (at the first call, and again if it was
+        dropped); a policy the copy or the step does not cover (off the CPU, an int8/int4 base under LoRA,
+        a model ``aot.supported`` refuses) or a failed compile generates eagerly from the policy (one line
+        on stderr)."""
         if self._eager_generation:
             return self.model
         if self._copy is None:
@@ -576,8 +506,13 @@ class GenerationBatches:
                 self._copy = MergedCopy(self.model, fuse=True)
             except ConfigError as e:
                 return self._generate_eagerly(str(e))
+            from lamina.model.aot import PackedBinding, step_linears
+
             self._packed = PackedBinding(step_linears(self._copy.model))
-        model = self._copy.refresh()
+        try:
+            model = self._copy.refresh()
+        except ConfigError as e:  # an adapter swapped in with an int8/int4 base, a module taken out
+            return self._generate_eagerly(str(e))
         self.attach_decode_step(model)
         if self._eager_generation:
             return self.model

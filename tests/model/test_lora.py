@@ -168,6 +168,39 @@ def test_merged_copy_generates_as_the_adapted_model_and_follows_its_updates(
     assert step_key(other) != step_key(plain) == step_key(copy.deepcopy(plain))
 
 
+def test_merged_copy_sees_replaced_tensors_adapter_flags_and_swapped_wrappers(
+    base: Transformer, ids: torch.Tensor
+) -> None:
+    """``MergedCopy.refresh`` tells a change by tensor object, version, data pointer and dtype (a tensor
+    put in through ``p.data = t`` keeps the parameter's id and version), and follows a LoRA layer's
+    ``disabled`` flag and ``scaling`` and a wrapper swapped in after the copy was made."""
+    from lamina.model.lora import MergedCopy, disable_adapters, wrap_linear
+
+    model = _lora(base, r=4, init_lora_weights=False, target_modules=["attn.q_proj"]).eval()
+    gen = MergedCopy(model, fuse=True)
+
+    def gap() -> float:  # the copy's largest logit difference from the model's after a refresh
+        with torch.no_grad():
+            return float((gen.refresh()(ids) - model(ids)).abs().max())
+
+    assert gap() < 1e-5
+    q = model.blocks[0].attn.q_proj
+    assert isinstance(q, LoraLinear)
+    b, norm = q.lora_B.weight, model.final_norm.weight
+    versions = (b._version, norm._version)
+    b.data, norm.data = b.data * -2.0, norm.data + 0.5
+    assert (b._version, norm._version) == versions  # the same objects, the same versions: new values
+    assert gap() < 1e-5
+    with disable_adapters(model):
+        assert gap() < 1e-5
+    assert gap() < 1e-5
+    q.scaling *= 3.0
+    assert gap() < 1e-5
+    torch.manual_seed(3)
+    wrap_linear(model, "blocks.1.attn.k_proj", LoraConfig(r=2, init_lora_weights=False))
+    assert gap() < 1e-5
+
+
 def test_state_dict_round_trip(base: Transformer, ids: torch.Tensor) -> None:
     a = _lora(base, r=4, init_lora_weights=False)
     b = _lora(base, r=4)

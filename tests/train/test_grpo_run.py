@@ -381,8 +381,8 @@ def test_compile_generation_decodes_through_the_attached_step(
         s.text for s in streamed
     ]
     # the copy's linears: oneDNN's linear on prepacked weights in the compiled step, bound at each generation
+    from lamina.model.aot import StepLinear
     from lamina.model.layers import packed_linear
-    from lamina.train.grpo import StepLinear
 
     copy = compiled._copy.model
     linears = {n for n, m in copy.named_modules() if isinstance(m, StepLinear)}
