@@ -270,11 +270,10 @@ def main() -> None:
         variants.append((f"int4+head{args.head_topk}", "int4", args.head_topk, False))
     if args.int4_kernel:
         variants += [(f"{v[0]}+kernel", "int4", v[2], True) for v in variants if v[1] == "int4"]
-    kernel_dir = compile_cache_dir() / "int4"
     for variant, fmt, k, kernel in variants:
         model = convert_weights(copy.deepcopy(fp32), fmt, head_topk=k)
         if kernel:
-            why = use_int4_kernel(model, kernel_dir)
+            why = use_int4_kernel(model)
             if why is not None:
                 raise SystemExit(f"--int4-kernel: {why}")
         agreement[variant] = step_agreement(model, ref_logits, long) if kernel else logit_agreement(model, ref_logits, long)  # fmt: skip
@@ -284,7 +283,7 @@ def main() -> None:
                 # unpacked, as load(compile=True) converts
                 model = convert_weights(copy.deepcopy(fp32), fmt, pack=False, head_topk=k)
                 if kernel:
-                    use_int4_kernel(model, kernel_dir)
+                    use_int4_kernel(model)
                 t = time.perf_counter()
                 attach_decode_step(model, compile_cache_dir() / "aot", log=lambda line: print(f"  {line}"))
                 print(f"  {name}: decode step ready in {time.perf_counter() - t:.1f} s", flush=True)

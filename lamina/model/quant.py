@@ -20,7 +20,8 @@ swap each ``nn.Linear`` for a module holding integer weights and their scales:
   ``INT4_DEQUANT_ROWS`` tokens per sequence (prefill) a layer unpacks its codes to the same bf16 weight
   and runs one bf16 matmul instead, as ``int8`` does past ``DEQUANT_ROWS``. Opt-in
   ``use_int4_kernel(model, build_dir)``: decode steps through ``lamina.model.int4_cpu``'s AVX-512 BF16
-  kernel (built on first use; 2.1-2.3x the aten kernel at one row, the same numerics).
+  kernel (built on first use; 1.5x the aten kernel at one row with the weights streamed from memory,
+  1 thread: figures in its docstring; outputs equal up to one bf16 rounding).
 - ``w8a8``: int8 weights and int8 activations, quantized per token on the fly (dynamic), an int8 x int8
   -> int32 matmul (``torch._int_mm``), then both scales. Activations stay fp32 between layers. On CPUs
   whose int8 matmul saturates (AVX2 without VNNI: oneDNN sums u8 x s8 pairs in int16), the weights get
@@ -219,8 +220,10 @@ class Int4Linear(nn.Module):
     def __init__(self, linear: nn.Linear, group: int = INT4_GROUP) -> None:
         super().__init__()
         self.in_features, self.out_features, self.group = linear.in_features, linear.out_features, group
-        self.register_buffer("mv_packed", None)  # use_kernel: the codes in int4_cpu's layout
-        self.register_buffer("mv_so", None)
+        # use_kernel: the codes in int4_cpu's layout, derived from ``packed`` (not saved: a state dict
+        # loads into any int4 model)
+        self.register_buffer("mv_packed", None, persistent=False)
+        self.register_buffer("mv_so", None, persistent=False)
         self.pad_in = -self.in_features % group
         pad_out = -self.out_features % 16
         w = F.pad(linear.weight.detach().float(), (0, self.pad_in, 0, pad_out))
@@ -247,7 +250,8 @@ class Int4Linear(nn.Module):
             # prefill: matmul-bound; dequantizing the layer (the same bf16 weight the kernel uses) and
             # the bf16 matmul beat the int4 kernel from about 64 rows on (B = 1)
             y = F.linear(x2, self._dequantize_padded())
-        elif self.mv_packed is not None and self.mv_so is not None:
+        elif self.mv_packed is not None and self.mv_so is not None and int4_cpu.op_loaded():
+            # (a pickled copy or a spawned process without int4_cpu.load takes the aten kernel)
             y = int4_cpu.mv(x2.contiguous(), self.mv_packed, self.mv_so)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scale_offset)
@@ -267,8 +271,8 @@ class Int4Linear(nn.Module):
             return False
         so = self.scale_offset  # (k // group, n, 2)
         packed, mv_so = int4_cpu.pack(_unpack_int4(self.packed, n, k), so[:, :, 0].t(), so[:, :, 1].t())
-        self.register_buffer("mv_packed", packed)
-        self.register_buffer("mv_so", mv_so)
+        self.register_buffer("mv_packed", packed, persistent=False)
+        self.register_buffer("mv_so", mv_so, persistent=False)
         return True
 
     def extra_repr(self) -> str:
@@ -533,12 +537,15 @@ def convert_weights(
     return model
 
 
-def use_int4_kernel(model: nn.Module, build_dir: Path) -> str | None:
+def use_int4_kernel(model: nn.Module, build_dir: Path | None = None) -> str | None:
     """Run every ``Int4Linear`` of ``model`` (an int4-converted model, a ``RescoredHead`` 's int4 copy
-    included) through ``lamina.model.int4_cpu``'s kernel at decode steps: 2.1-2.3x the aten kernel at one
-    row, the same numerics up to summation order. Builds the kernel into ``build_dir`` the first time
-    (a minute or two; a C++ compiler is needed). Returns None when it is in use, else why not (the
-    model then runs as before): no AVX-512 BF16, no compiler, no int4 layer. Call it before
+    included) through ``lamina.model.int4_cpu``'s kernel at decode steps: 1.5x the aten kernel at one row
+    with the weights streamed from memory (1 thread; figures in its docstring), outputs equal up to one
+    bf16 rounding. Builds the kernel into ``build_dir`` (default ``int4_cpu.default_build_dir()``) the
+    first time (a minute or two; a C++ compiler and ninja are needed). Returns None when it is in use,
+    else why not (the model then runs as before): no AVX-512 BF16, no compiler or ninja, no int4 layer.
+    The kernel's copy of the codes is not in the state dict; a process that unpickles the model runs
+    the aten kernel until it calls this again. Call it before
     ``lamina.model.aot.attach_decode_step`` (the compiled step then calls the kernel)."""
     layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
     if not layers:

@@ -25,7 +25,6 @@ from tiny_chat import tiny_llama_config
 import lamina
 from lamina.checkpoint.hf import export_hf
 from lamina.checkpoint.lamina import save_checkpoint
-from lamina.checkpoint.load import compile_cache_dir
 from lamina.errors import CheckpointError, ConfigError
 from lamina.model import int4_cpu
 from lamina.model.quant import (
@@ -330,11 +329,18 @@ def test_fp32_format_packs_only_a_model_converted_for_inference(tmp_path: Path) 
 @pytest.fixture(scope="module")
 def int4_kernel() -> Path:
     """Where ``int4_cpu``'s kernel is built (once per machine: the tests' shared compile directory) and
-    loaded; skipped on CPUs without AVX-512 BF16 (a failed build on a capable CPU fails)."""
+    loaded; skipped on CPUs without AVX-512 BF16 and without ninja or a C++ compiler (a failed build
+    where all are there fails)."""
+    from torch.utils.cpp_extension import is_ninja_available
+
     why = int4_cpu.unavailable_reason()
     if why is not None:
         pytest.skip(why)
-    build = compile_cache_dir() / "int4"
+    if not is_ninja_available():
+        pytest.skip("torch's C++ extension builder needs ninja (pip install ninja)")
+    if not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("the int4 kernel's build needs a C++ compiler")
+    build = int4_cpu.default_build_dir()
     assert int4_cpu.load(build) is None
     return build
 
@@ -381,6 +387,29 @@ def test_use_int4_kernel_decodes_as_the_aten_kernel(int4_kernel: Path) -> None:
             out.append(torch.cat([m(ids[:, :8], cache=cache)] + [m(ids[:, t : t + 1], cache=cache) for t in range(8, 12)], 1).float())  # fmt: skip
     torch.testing.assert_close(out[1], out[0], atol=0.03, rtol=0)
     assert torch.equal(out[1][:, 8:].argmax(-1), out[0][:, 8:].argmax(-1))
+    # the kernel's copy of the codes is not saved: the state dict loads strictly into a fresh int4 model
+    state = model.state_dict()
+    assert not any("mv_" in k for k in state) and state.keys() == aten.state_dict().keys()
+    convert_weights(copy.deepcopy(ref), "int4").load_state_dict(state, strict=True)
+    # where the op is not registered (an unpickled copy in another process), the aten kernel runs
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(int4_cpu, "op_loaded", lambda: False)
+        assert int4_cpu.aoti_configs(model) == {}
+        assert torch.equal(model(ids[:, :1]), aten(ids[:, :1]))
+
+
+@pytest.mark.slow
+def test_int4_kernel_checks_its_shapes(int4_kernel: Path) -> None:
+    """The kernel refuses a layout other than ``pack``'s (it would read out of bounds)."""
+    layer = Int4Linear(torch.nn.Linear(64, 128)).to(torch.bfloat16)
+    assert layer.use_kernel() and layer.mv_packed is not None and layer.mv_so is not None
+    x = torch.randn(1, 64).bfloat16()
+    assert int4_cpu.mv(x, layer.mv_packed, layer.mv_so).shape == (1, 128)
+    bad = [(layer.mv_packed, layer.mv_so[:, :, :2].contiguous()), (layer.mv_packed[:1], layer.mv_so),
+           (layer.mv_packed.view(2, 2, 4, 8, 32), layer.mv_so), (layer.mv_packed, layer.mv_so.flatten())]  # fmt: skip
+    for packed, so in bad:
+        with pytest.raises(RuntimeError):
+            int4_cpu.mv(x, packed, so)
 
 
 def test_rescored_head_keeps_int8s_top_k_and_int4s_tail() -> None:
