@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import os
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from lamina.checkpoint.lamina import save_checkpoint
 from lamina.config import GenerationConfig, ModelConfig
 from lamina.generate.engine import generate_ids, greedy_decode
 from lamina.generate.speculative import layer_skip_draft
-from lamina.model import aot
+from lamina.model import aot, int4_cpu
 from lamina.model.aot import (
     CompiledStep,
     DecodeStep,
@@ -32,7 +33,7 @@ from lamina.model.aot import (
 )
 from lamina.model.layers import _InferenceCopies
 from lamina.model.lora import LoraConfig, apply_lora
-from lamina.model.quant import PackedLinear, convert_weights
+from lamina.model.quant import Int4Linear, PackedLinear, convert_weights, use_int4_kernel
 from lamina.model.transformer import DECODE_STEP, Transformer
 
 TINY = tiny_llama_config()  # fp32 tests with a tiny RoPE / SwiGLU / GQA decoder
@@ -174,14 +175,28 @@ def tiny_int4(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.skipif(
     not (shutil.which("c++") or shutil.which("g++")), reason="AOTInductor needs a C++ compiler"
 )
-def test_load_with_compile_decodes_through_the_package(tiny_int4: Path) -> None:
+def test_load_with_compile_decodes_through_the_package(tiny_int4: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """``lamina.load(compile=True)`` attaches the compiled step (int4); decoding through it gives the eager
-    model's logits within bf16 rounding and the same greedy tokens; a second load reads the package."""
+    model's logits within bf16 rounding and the same greedy tokens; a second load reads the package.
+    Where ``int4_cpu``'s kernel builds, the compiled models use it (``use_int4_kernel`` before the
+    compile): the package calls its C shim, and the eager model (the aten kernel) stays the reference."""
+    from torch.utils.cpp_extension import is_ninja_available
+
+    import lamina.checkpoint.load as loading
+
+    kernel = int4_cpu.unavailable_reason() is None and is_ninja_available() and int4_cpu.load() is None
+    if kernel:
+        compile_model = loading.compile_model
+        monkeypatch.setattr(loading, "compile_model", lambda net: use_int4_kernel(net) or compile_model(net))
     eager = lamina.load(tiny_int4, weights="int4").model
     compiled = lamina.load(tiny_int4, weights="int4", compile=True).model
     step = attached_step(compiled)
     assert step is not None and attached_step(eager) is None
     assert (step.path / "step.pt2").is_file() and (step.path / "constants.pt").is_file()
+    if kernel:  # every int4 linear of the tiny model has 64 | outputs: all on the kernel, through the shim
+        assert all(m.mv_packed is not None for m in compiled.modules() if isinstance(m, Int4Linear))
+        with zipfile.ZipFile(step.path / "step.pt2") as pt2:
+            assert any(b"aoti_torch_cpu_lamina_int4_mv" in pt2.read(n) for n in pt2.namelist())
     runner, calls = step.runner, []
     step.runner = lambda *args: calls.append(args[0].shape[0]) or runner(*args)  # counts the compiled steps
     torch.testing.assert_close(_steps(compiled), _steps(eager), atol=0.02, rtol=0)
