@@ -163,11 +163,13 @@ class CompiledStep:
     done as ``Transformer.hidden_states`` does it. ``runner(ids, positions, span, valid, kv)`` is the
     loaded package (or anything computing ``DecodeStep``'s forward)."""
 
+    step_module: Callable[[Transformer], nn.Module] = DecodeStep  # the module the package was exported from
+
     def __init__(self, runner: Any, path: Path, constants: dict[str, Tensor], model: Transformer) -> None:
         self.runner, self.path = runner, path
         self.dtype, self.n_layers = model.tok_emb.weight.dtype, len(model.blocks)
         self._constants = constants  # the runner reads these tensors (user-managed): kept alive here
-        self._bound = _Binding(DecodeStep(model))
+        self._bound = _Binding(self.step_module(model))
 
     def applies(self, ids: Tensor, cache: KVCache | None) -> bool:
         """Whether this step computes ``model(ids, cache=cache)`` (no mask, no positions given): one token
@@ -568,15 +570,18 @@ class EncDecCompiledStep(CompiledStep):
     """``CompiledStep`` for an encoder-decoder's decoder: called as ``step(ids, cache)`` once ``cache``
     holds the cross-attention keys (the first, eager step computes them from the encoder output)."""
 
+    step_module = EncDecStep
+
     def __init__(self, runner: Any, path: Path, constants: dict[str, Tensor], model: Transformer) -> None:
-        self.runner, self.path = runner, path
-        self.dtype, self.n_layers = model.tok_emb.weight.dtype, len(model.blocks)
-        self._constants = constants
-        step = EncDecStep(model)
-        self._bound, self._head, self._head_key = _Binding(step), model.lm_head, step.head_key
+        super().__init__(runner, path, constants, model)
+        assert model.lm_head is not None
+        self._head = model.lm_head  # EncDecStep's transposed head copy is current while its weight is
+        self._head_key = _weights_key([model.lm_head.weight])
 
     def applies(self, ids: Tensor, cache: KVCache | None) -> bool:
-        """As ``CompiledStep.applies``, for a cache holding one layer of cross-attention keys per block."""
+        """As ``CompiledStep.applies``, for a cache holding one layer of cross-attention keys per block
+        over a source of at least 2 slots (the package was exported for ``Dim("source", min=2)``: a
+        one-token source, or ``keep`` trimming the cross keys to one slot, decodes eagerly)."""
         return (
             cache is not None
             and ids.dim() == 2
@@ -585,6 +590,7 @@ class EncDecCompiledStep(CompiledStep):
             and cache.dtype == self.dtype
             and len(cache.k) == self.n_layers
             and len(cache.cross_k) == self.n_layers
+            and cache.cross_k[0].shape[2] >= 2
             and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled("cpu")
             and self._bound.holds()

@@ -369,6 +369,21 @@ def test_enc_dec_step_computes_the_eager_step(preset: str) -> None:
     assert calls == [3] * 6
 
 
+def test_a_one_token_source_decodes_eagerly() -> None:
+    """The package is exported for sources of >= 2 tokens (``Dim("source", min=2)``): a cache whose cross
+    keys hold one source slot decodes eagerly, not through the step."""
+    model = _enc_dec("t5-tiny")
+    calls = _enc_dec_stand_in(model)
+    src, real = torch.tensor([[7]]), torch.ones(1, 1, dtype=torch.long)
+    cache = model.new_cache(1, 8)
+    with torch.inference_mode():
+        memory = model.encode(src, real)
+        model.decode(torch.zeros(1, 1, dtype=torch.long), memory, real, cache=cache, last_only=True)
+        for t in (5, 9):
+            model.decode(torch.tensor([[t]]), None, cache=cache)
+    assert cache.cross_k[0].shape[2] == 1 and cache.length == 3 and calls == []
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     not (shutil.which("c++") or shutil.which("g++")), reason="AOTInductor needs a C++ compiler"
