@@ -70,12 +70,14 @@ UNPADDED_FORMATS = ("int8", "int4", "w8a8")
 
 
 def batch_rows(n: int, most: int) -> int:
-    """The rows a decoding step of ``n`` sequences runs, and that the batch's KV cache holds: ``n``
-    rounded up to 1, 2, 4, 8, then a multiple of 8, but not past ``most`` (the engine's
-    ``max_batch_size``) unless ``n`` is. A matmul library keeps kernels and buffers per row count (oneDNN
-    ~0.6 MiB per weight shape and row count for SmolLM2, kept in its primitive cache): a server decoding
-    every batch size from 1 to 16 kept 16 sets; padded, 5. A decoding step reads every weight whatever
-    its rows, so the padding rows cost little at these sizes."""
+    """The rows a decoding step of ``n`` sequences runs, and that the batch's KV cache holds, with the
+    engine's ``pad_shapes``: ``n`` rounded up to 1, 2, 4, 8, then a multiple of 8, but not past ``most``
+    (the engine's ``max_batch_size``) unless ``n`` is. A matmul library keeps kernels and buffers per row
+    count (oneDNN ~0.6 MiB per weight shape and row count for SmolLM2, kept in its primitive cache): a
+    server decoding every batch size from 1 to 16 kept 16 sets; padded, 5. A decoding step reads every
+    weight whatever its rows, so the padding rows cost little at these sizes (yet a padded fp32 step
+    takes 1.09-1.31x on CPU, RESULTS: the engine pads only when asked). The real rows get the same tokens
+    up to float rounding (the row count changes which matmul kernel runs)."""
     b = 1 << (n - 1).bit_length() if n <= 8 else -(-n // 8) * 8
     return max(n, min(b, most))
 
@@ -232,9 +234,11 @@ class Engine:
     size (``lamina.model.quant``; groups never pad across a switch), so batch-mates do not change which
     kernel a row gets. ``max_prefill_tokens`` counts the tokens a prompt runs through
     the model (not its cached prefix). ``pad_shapes`` runs decoding steps of ``batch_rows`` rows and
-    prefills of ``prefill_tokens`` tokens per row (padding; outputs as above), a bounded set of matmul
-    shapes (the memory a matmul library keeps per shape stays bounded); False, and for the integer
-    weight formats (``UNPADDED_FORMATS``): the exact shapes.
+    prefills of ``prefill_tokens`` tokens per row (padding; the same tokens up to float rounding: the
+    row count changes which matmul kernel runs), a bounded set of matmul shapes (the memory a matmul
+    library keeps per shape stays bounded: ``lamina serve`` turns it on, ``ServeConfig.pad_shapes``);
+    False (offline generation, where it buys nothing), and for the integer weight formats
+    (``UNPADDED_FORMATS``): the exact shapes.
     Raises ``ConfigError`` for a model (or draft) that cannot generate, a negative
     ``prefix_cache_mib``, and for a draft with an encoder-decoder.
     """
@@ -250,7 +254,7 @@ class Engine:
         draft: Transformer | None = None,
         num_draft_tokens: int = SpeculativeOptions.num_draft_tokens,
         prefix_cache_mib: float = 0.0,
-        pad_shapes: bool = True,
+        pad_shapes: bool = False,
     ) -> None:
         require_generative(model.config)
         if max_batch_size < 1:
@@ -412,19 +416,8 @@ class Engine:
     def cache_bytes(self) -> int:
         """Bytes of keys and values the running batch's KV cache storage holds (its rows, spare rows and
         slots included; an encoder-decoder's cross-attention keys not); 0 without a batch."""
-        cache = self._cache
-        if cache is None:
-            return 0
-        k = cache.k[0]  # (rows, n_kv_heads, capacity, head_dim) of the first layer
-        return (
-            2
-            * len(cache.k)
-            * cache.max_batch_size
-            * k.shape[1]
-            * cache.capacity
-            * k.shape[3]
-            * k.element_size()
-        )
+        cache = self._cache  # its k and v are views of the first rows of each layer's storage
+        return 0 if cache is None else sum(t.untyped_storage().nbytes() for t in (*cache.k, *cache.v))
 
     @property
     def num_queued(self) -> int:
@@ -565,10 +558,12 @@ class Engine:
 
     def _join(self, prefilled: KVCache, rows: int, capacity: int, row: int = 0) -> None:
         """Add ``rows`` copies of a prefilled request's cache row ``row`` to the batch's cache. Its storage
-        is made (or grown) once for the rows this step's admissions can bring, rounded up as decoding
-        steps pad them (``batch_rows``), instead of growing as each request joins."""
+        is made (or grown) once for the rows this step's admissions can bring (with ``pad_shapes``
+        rounded up as decoding steps pad them, ``batch_rows``), instead of growing as each request joins."""
         n = len(self._running) if self._cache is not None else 0
-        room = batch_rows(max(n + rows, self._step_rows), self.max_batch_size)
+        room = max(n + rows, self._step_rows)
+        if self.pad_shapes:
+            room = batch_rows(room, self.max_batch_size)
         if self._cache is None or not self._running:
             self._cache = None  # an emptied batch's storage goes before the new one is made
             self._cache = KVCache(

@@ -35,7 +35,8 @@ class ServeConfig:
       at most ``prefix_cache_mib`` [256] MiB per model (``lamina.generate.prefix_cache``).
     - ``pad_shapes`` [True]: decoding steps and prefills run padded batch sizes and prompt lengths
       (``lamina.generate.engine.batch_rows``, ``prefill_tokens``), so the memory kept per matmul shape
-      stays bounded.
+      stays bounded; the same tokens up to float rounding (the row count changes which matmul kernel
+      runs).
     - speculative decoding of greedy requests (``SpeculativeOptions``): ``draft`` [None] a draft model,
       or ``speculative_layers`` [None] the served model's own first K layers; ``num_draft_tokens`` [4].
     - retrieval: ``index`` [None] an index of ``lamina index`` (SQLite file or ``postgresql://`` URL) for
@@ -78,8 +79,8 @@ class ServeConfig:
     enable_prefix_caching: bool = True
     prefix_cache_mib: float = 256.0  # most MiB of cached prefix keys and values per model, > 0; LRU eviction
     # decoding steps run 1, 2, 4, 8, then a multiple of 8 rows and prefills 8, 16, 32, 64, then a multiple
-    # of 64 tokens per row (padding; the output does not change): the matmul shapes, and the memory oneDNN
-    # keeps per shape, stay a small set (fp32, bf16); false, and int8/int4/w8a8 weights: exact shapes
+    # of 64 tokens per row (padding; the same tokens up to float rounding): the matmul shapes, and the memory
+    # oneDNN keeps per shape, stay a small set (fp32, bf16); false, and int8/int4/w8a8 weights: exact shapes
     pad_shapes: bool = True
     # LoRA adapters served over a MODEL, each chosen per request by its name (vLLM's --lora-modules):
     # NAME=PATH over the first MODEL ('[a=PATH, b=PATH]' for several), or a JSON object string

@@ -480,7 +480,19 @@ def test_padded_shapes_keep_every_rows_output() -> None:
     assert [prefill_tokens(n) for n in (1, 8, 9, 33, 64, 65, 130)] == [8, 8, 16, 64, 64, 128, 192]
     quantized = _tiny_model()
     quantized.weight_format = "int4"  # integer formats decode exact shapes (padding costs them ~1.5x a step)
-    assert not Engine(quantized).pad_shapes and Engine(_tiny_model()).pad_shapes
+    # offline generation runs exact shapes unless asked (lamina serve asks: ServeConfig.pad_shapes)
+    assert not Engine(_tiny_model()).pad_shapes and Engine(_tiny_model(), pad_shapes=True).pad_shapes
+    assert not Engine(quantized, pad_shapes=True).pad_shapes
+    cfg = GenerationConfig(temperature=0.0, max_new_tokens=4, ignore_eos=True)
+    for pad, storage in ((False, 3), (True, 4)):  # 3 rows: KV storage for 3, or as the steps pad them, 4
+        engine = Engine(_tiny_model(), max_batch_size=8, pad_shapes=pad)
+        for p in ([1, 2], [3], [4, 5, 6]):
+            engine.submit(p, cfg)
+        engine.step()
+        cache = engine._cache
+        assert cache is not None and engine.num_running == 3 and cache.max_batch_size == storage
+        k = cache.k[0]  # (rows, n_kv_heads, capacity, head_dim) views of (storage, ...)
+        assert engine.cache_bytes == 2 * len(cache.k) * storage * k[0].numel() * k.element_size()
     torch.manual_seed(0)
     gpt = Transformer(ModelConfig.preset("tiny", vocab_size=48, max_seq_len=40)).eval()
     prompts = [[4], [7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [5, 6], [9, 1, 9], [3, 3, 3, 3]]

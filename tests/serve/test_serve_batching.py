@@ -115,6 +115,7 @@ def test_a_client_that_disconnects_leaves_the_batch(server: Any) -> None:
     aborted = 'lamina_sequences_finished_total{finish_reason="abort",model="smollm2"}'
     before = _metrics(server)
     engine = server.registry.get("smollm2").scheduler.engine
+    assert engine.pad_shapes  # lamina serve pads shapes by default (ServeConfig.pad_shapes; Engine does not)
     body = {"model": "smollm2", "prompt": "Tell me a long story.", "max_tokens": 2000, "ignore_eos": True}
     with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
         lines = r.iter_lines()
