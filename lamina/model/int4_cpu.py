@@ -10,15 +10,16 @@ byte-table lookup (``vpermw``) and ``vdpbf16ps`` sums their products with the bf
 once per group: outputs equal the aten kernel's up to one bf16 rounding (~0.02% of them differ). Speed
 (one row, 1 thread, SmolLM2-135M's 120 linears with their weights streamed from memory, the decoding
 case): 1.52x the aten kernel (4.6 vs 7.0 ms); the compiled int4 decode step 1.45x tokens/s (with the
-weights in cache a single layer is 2.1-2.3x; benchmarks/RESULTS.md).
+weights in cache a single layer is 2.1-2.3x; benchmarks/RESULTS.md). Its blocks of 64 outputs are split
+between threads by ``at::parallel_for`` (built with OpenMP).
 
 Layout (``pack``): for each block of 64 outputs (4 sub-blocks of 16) and group of 32 inputs, 8 steps of
 4 x 32 bytes (the 4 sub-blocks interleaved: the kernel reads one sequential stream); byte ``2 * lane + p``
 of sub-block i's 32 bytes at step ``s`` holds the code of output ``16 i + lane``, input ``4 s + p`` in its
 low nibble and input ``4 s + 2 + p`` in its high nibble; scales and offsets (N / 64, groups, 4, 2, 16) bf16.
 
-The C++ source below is compiled once (``-march=native``) into a folder of ``build_dir`` named by the
-digest of the source, torch's version and the CPU (``default_build_dir()`` unless given;
+The C++ source below is compiled once (``_CFLAGS``: ``-march=native``, OpenMP) into a folder of ``build_dir`` named by the
+digest of the source, the flags, torch's version and the CPU (``default_build_dir()`` unless given;
 ``torch.utils.cpp_extension``: a C++ compiler and ninja are needed), registered as
 ``torch.ops.lamina_int4.lamina_int4_mv`` (with a shape function for ``torch.export``), with a C shim
 that an AOTInductor package calls directly (``aoti_configs``: no boxed call through the dispatcher, which
@@ -38,6 +39,10 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+# -fopenmp: at::parallel_for in ATen's headers splits the work only under OpenMP (without it, one thread);
+# the library links torch's own libgomp.so.1 (already loaded, the same soname), not a second runtime
+_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 _SRC = r"""
 #include <torch/library.h>
@@ -181,7 +186,9 @@ def load(build_dir: Path | None = None) -> str | None:
 
     build_dir = default_build_dir() if build_dir is None else Path(build_dir)
     # -march=native: a folder shared between machines (an NFS home) must not give one CPU another's build
-    digest = hashlib.sha256((_SRC + torch.__version__ + aot._cpu_digest()).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(
+        (_SRC + " ".join(_CFLAGS) + torch.__version__ + aot._cpu_digest()).encode()
+    ).hexdigest()[:16]
     folder = build_dir / f"int4-mv-{digest}"
     if str(folder) in _LOADED:
         return _LOADED[str(folder)]
@@ -207,7 +214,7 @@ def _build(build_dir: Path, folder: Path, name: str) -> None:
     """Compile ``_SRC`` into ``folder/name.so`` and load it: built (and loaded from) a fresh ``.partial-*``
     folder with its own ninja lock (a killed build's lock blocks no later one), renamed to ``folder`` at
     once; when another process got there first, its folder is kept (the same source: the same build)."""
-    from torch.utils.cpp_extension import is_ninja_available, load_inline
+    from torch.utils.cpp_extension import is_ninja_available, load
 
     from lamina.model import aot
 
@@ -217,9 +224,11 @@ def _build(build_dir: Path, folder: Path, name: str) -> None:
     aot._remove_partial(build_dir)
     tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=build_dir))
     try:
-        load_inline(
-            name, cpp_sources=_SRC, extra_cflags=["-O3", "-march=native"],
-            build_directory=str(tmp), is_python_module=False, with_pytorch_error_handling=False,
+        src = tmp / f"{name}.cpp"  # a file, not load_inline (which adds torch/extension.h: 25 s vs 7 s)
+        src.write_text(_SRC)
+        load(
+            name, sources=[str(src)], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
+            build_directory=str(tmp), is_python_module=False,
         )  # fmt: skip
         ctypes.CDLL(str(tmp / f"{name}.so"), mode=ctypes.RTLD_GLOBAL)  # the shim, for packages
         try:

@@ -542,7 +542,7 @@ def use_int4_kernel(model: nn.Module, build_dir: Path | None = None) -> str | No
     included) through ``lamina.model.int4_cpu``'s kernel at decode steps: 1.5x the aten kernel at one row
     with the weights streamed from memory (1 thread; figures in its docstring), outputs equal up to one
     bf16 rounding. Builds the kernel into ``build_dir`` (default ``int4_cpu.default_build_dir()``) the
-    first time (a minute or two; a C++ compiler and ninja are needed). Returns None when it is in use,
+    first time (about 7 s of CPU here; a C++ compiler and ninja are needed). Returns None when it is in use,
     else why not (the model then runs as before): no AVX-512 BF16, no compiler or ninja, no int4 layer.
     The kernel's copy of the codes is not in the state dict; a process that unpickles the model runs
     the aten kernel until it calls this again. Call it before
