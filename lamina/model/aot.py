@@ -183,11 +183,15 @@ class CompiledStep:
             and cache.length > 0
             and cache.dtype == self.dtype
             and len(cache.k) == self.n_layers
-            and not cache.cross_k
+            and self._fits_cross(cache)
             and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled("cpu")
             and self._bound.holds()
         )
+
+    def _fits_cross(self, cache: KVCache) -> bool:
+        """Whether the cache's cross-attention keys are what the package was exported for: none here."""
+        return not cache.cross_k
 
     def __call__(self, ids: Tensor, cache: KVCache) -> Tensor:
         offset = cache.length
@@ -583,20 +587,13 @@ class EncDecCompiledStep(CompiledStep):
         over a source of at least 2 slots (the package was exported for ``Dim("source", min=2)``: a
         one-token source, or ``keep`` trimming the cross keys to one slot, decodes eagerly)."""
         return (
-            cache is not None
-            and ids.dim() == 2
-            and ids.shape[1] == 1
-            and cache.length > 0
-            and cache.dtype == self.dtype
-            and len(cache.k) == self.n_layers
-            and len(cache.cross_k) == self.n_layers
-            and cache.cross_k[0].shape[2] >= 2
-            and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu")
-            and self._bound.holds()
+            super().applies(ids, cache)
             and self._head is not None
             and _same_weights(self._head_key, [self._head.weight])  # its transposed copy is current
         )
+
+    def _fits_cross(self, cache: KVCache) -> bool:
+        return len(cache.cross_k) == self.n_layers and cache.cross_k[0].shape[2] >= 2
 
     def __call__(self, ids: Tensor, cache: KVCache) -> Tensor:
         offset = cache.length
