@@ -153,17 +153,6 @@ class LlamaCpp:
             self.proc.wait(timeout=60)
 
 
-def step_agreement(model: torch.nn.Module, reference_logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, float]:  # fmt: skip
-    """``logit_agreement`` with ``ids`` fed one token per step through the KV cache: the path a decode step
-    takes (a 256-token forward takes the prefill's dequantized matmul, not a decode kernel)."""
-    with torch.inference_mode():
-        cache = model.new_cache(1, ids.shape[1])
-        logits = torch.cat([model(ids[:, t : t + 1], cache=cache) for t in range(ids.shape[1])], 1).float()
-    err = (logits - reference_logits).abs().max().item()
-    top1 = (logits.argmax(-1) == reference_logits.argmax(-1)).float().mean().item()
-    return err, top1
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per decode")
@@ -276,7 +265,7 @@ def main() -> None:
             why = use_int4_kernel(model)
             if why is not None:
                 raise SystemExit(f"--int4-kernel: {why}")
-        agreement[variant] = step_agreement(model, ref_logits, long) if kernel else logit_agreement(model, ref_logits, long)  # fmt: skip
+        agreement[variant] = logit_agreement(model, ref_logits, long, stepwise=kernel)
         names = [variant] + ([f"{variant}+compile"] if fmt in args.compile.split(",") else [])
         for name in names:
             if name.endswith("+compile"):  # the decode step lamina.load(compile=True) attaches

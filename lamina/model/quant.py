@@ -560,10 +560,19 @@ def use_int4_kernel(model: nn.Module, build_dir: Path | None = None) -> str | No
 
 
 @torch.inference_mode()
-def logit_agreement(model: nn.Module, reference_logits: Tensor, input_ids: Tensor) -> tuple[float, float]:
-    """How close ``model``'s logits on ``input_ids`` are to ``reference_logits`` (same shape): the max
-    absolute difference and the fraction of positions whose top-1 token agrees."""
-    logits = model(input_ids).float()
+def logit_agreement(
+    model: Transformer, reference_logits: Tensor, input_ids: Tensor, stepwise: bool = False
+) -> tuple[float, float]:
+    """How close ``model``'s logits on ``input_ids`` (1, T) are to ``reference_logits`` (1, T, V): the max
+    absolute difference and the fraction of positions whose top-1 token agrees. ``stepwise``: the ids fed
+    one token per step through a KV cache (the path a decode step takes; one forward of T tokens takes
+    the prefill's matmuls, e.g. int4's dequantized one, not a decode kernel)."""
+    if stepwise:
+        cache = model.new_cache(1, input_ids.shape[1])
+        steps = [model(input_ids[:, t : t + 1], cache=cache) for t in range(input_ids.shape[1])]
+        logits = torch.cat(steps, 1).float()
+    else:
+        logits = model(input_ids).float()
     err = (logits - reference_logits).abs().max().item()
     top1 = (logits.argmax(-1) == reference_logits.argmax(-1)).float().mean().item()
     return err, top1

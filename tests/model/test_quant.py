@@ -545,3 +545,18 @@ def test_smollm2_formats_agree_with_fp32(
     max_err, min_top1 = SMOLLM2_BOUNDS[fmt]
     assert err <= max_err and top1 >= min_top1, f"{fmt}: max |dlogit| {err:.3f}, top-1 agreement {top1:.3f}"
     assert lamina_smollm2.model.tok_emb.weight.dtype == torch.float32
+
+
+def test_logit_agreement_stepwise_feeds_the_cache_one_token_at_a_time() -> None:
+    model = _tiny()
+    ids = torch.randint(0, TINY.vocab_size, (1, 12))
+    with torch.no_grad():
+        ref = model(ids).float()
+    assert logit_agreement(model, ref, ids, stepwise=True) == pytest.approx((0.0, 1.0), abs=1e-4)
+    calls: list[int] = []
+    hook = model.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append(args[0].shape[1]), with_kwargs=True
+    )
+    logit_agreement(model, ref, ids, stepwise=True)
+    hook.remove()
+    assert calls == [1] * 12  # one token per forward, through the cache
