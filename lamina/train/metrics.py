@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from lamina.train.precision import cpu_features
+
 _PEAK_CACHE: dict[tuple[str, torch.dtype], float] = {}
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -22,7 +24,8 @@ def peak_flops(device: torch.device | str = "cpu", precision: str = "fp32") -> f
     denominator of MFU (model-FLOPs utilisation), so MFU stays at most 100% whatever the precision.
 
     - CPU (Linux): the datasheet formula ``cores x clock x FLOPs per cycle per core``
-      (:func:`cpu_peak_flops`), with the CPU's vector extensions read at run time from /proc/cpuinfo.
+      (:func:`cpu_peak_flops`), with the CPU's vector extensions probed at run time
+      (``lamina.train.precision.cpu_features``, the probe bf16 autocast is chosen by).
       bf16 autocast on a CPU with AVX512_BF16 or AMX has a higher peak than fp32; on one without them
       bf16 matmuls run on the fp32 units, at the fp32 peak.
     - CUDA, MPS, or a CPU without /proc/cpuinfo: the measured rate of a large matmul in the precision's
@@ -39,7 +42,8 @@ def peak_flops(device: torch.device | str = "cpu", precision: str = "fp32") -> f
 
 
 def cpu_flops_per_cycle(precision: str, flags: set[str]) -> int:
-    """Peak FLOPs per cycle of one x86 core for ``precision``, from its /proc/cpuinfo ``flags``.
+    """Peak FLOPs per cycle of one x86 core for ``precision``, from its vector extensions ``flags``
+    (named as /proc/cpuinfo names them; ``lamina.train.precision.cpu_features()`` for this CPU).
 
     An FMA is 2 FLOPs; the figures assume two vector FMA pipes per core (Intel's optimization manual for
     Skylake-SP and later; AMD Zen 2-4 have two 256-bit FMA pipes, so on Zen 4 AVX-512 and AVX512_BF16
@@ -67,15 +71,22 @@ def cpu_flops_per_cycle(precision: str, flags: set[str]) -> int:
 
 
 def cpu_peak_flops(
-    precision: str = "fp32", cpuinfo: str | None = None, threads: int | None = None
+    precision: str = "fp32",
+    cpuinfo: str | None = None,
+    threads: int | None = None,
+    features: frozenset[str] | None = None,
 ) -> float | None:
-    """``cores x GHz x 1e9 x cpu_flops_per_cycle(precision, flags)`` for this process, or None when the
-    CPU cannot be read (no /proc/cpuinfo, or not x86).
+    """``cores x GHz x 1e9 x cpu_flops_per_cycle(precision, features)`` for this process, or None when
+    the CPU cannot be read (no /proc/cpuinfo, or not x86).
+
+    features: the vector extensions, by default ``cpu_features()`` (torch's probe, which also decides
+    bf16 autocast: one detection, so the MFU peak and the precision chosen never disagree).
 
     cores: the physical cores (distinct ``physical id``/``core id``) among the CPUs this process may
     run on, at most ``threads`` (default ``torch.get_num_threads()``). clock: the highest of
     /sys/devices/system/cpu/cpu*/cpufreq/cpuinfo_max_freq (the turbo clock), else of the ``cpu MHz``
-    lines, else the ``@ 2.40GHz`` of the model name. ``cpuinfo`` (the text of /proc/cpuinfo) is for tests.
+    lines, else the ``@ 2.40GHz`` of the model name. ``cpuinfo`` (the text of /proc/cpuinfo, read for the
+    cores and clock only) and ``features`` are for tests.
     """
     if cpuinfo is None:
         try:
@@ -86,6 +97,8 @@ def cpu_peak_flops(
     blocks = [b for b in blocks if "processor" in b]
     if not blocks or "flags" not in blocks[0]:
         return None  # not x86 (ARM lists "Features"): measure instead
+    if features is None:
+        features = cpu_features()
     try:
         allowed = os.sched_getaffinity(0)
     except (AttributeError, OSError):
@@ -96,7 +109,7 @@ def cpu_peak_flops(
     ghz = _max_ghz(mine)
     if ghz is None:
         return None
-    return cores * ghz * 1e9 * cpu_flops_per_cycle(precision, set(blocks[0]["flags"].split()))
+    return cores * ghz * 1e9 * cpu_flops_per_cycle(precision, set(features))
 
 
 def _fields(block: str) -> list[tuple[str, str]]:

@@ -49,15 +49,31 @@ def native_bf16(device: torch.device | str = "cpu") -> tuple[bool, str]:
         return False, f"{name} has no native bf16 (compute capability below 8.0)"
     if dev.type != "cpu":
         return False, f"bf16 autocast is not chosen automatically on {dev.type}"
-    cpu = getattr(torch, "cpu", None)
-    found = [
-        name
-        for name, probe in (("AMX", "_is_amx_tile_supported"), ("AVX512_BF16", "_is_avx512_bf16_supported"))
-        if _probe(cpu, probe)
-    ]
+    features = cpu_features()
+    found = [name for name, flag in (("AMX", "amx_bf16"), ("AVX512_BF16", "avx512_bf16")) if flag in features]
     if found:
         return True, f"the CPU has {' and '.join(found)}"
     return False, "the CPU has neither AVX512_BF16 nor AMX (bf16 would be converted to fp32 and run slower)"
+
+
+def cpu_features() -> frozenset[str]:
+    """This CPU's vector extensions that decide matmul speed, by torch's own CPU-feature probe (the
+    cpuinfo library's, the same on every OS), named as Linux's /proc/cpuinfo ``flags`` name them:
+    ``avx2`` and ``fma``, ``avx512f``, ``avx512_bf16``, ``amx_bf16`` and ``avx512_fp16`` (every CPU with
+    AMX tiles, Sapphire Rapids on, also has both), ``amx_fp16``. Empty on CPUs that are not x86. The one
+    detection lamina uses: ``native_bf16`` (autocast) and the MFU peak (``lamina.train.metrics``)."""
+    cpu = getattr(torch, "cpu", None)
+    found: set[str] = set()
+    for probe, flags in (
+        ("_is_avx2_supported", ("avx2", "fma")),  # every AVX2 CPU (Haswell, Zen on) has FMA3
+        ("_is_avx512_supported", ("avx512f",)),
+        ("_is_avx512_bf16_supported", ("avx512_bf16",)),
+        ("_is_amx_tile_supported", ("amx_bf16", "avx512_fp16")),
+        ("_is_amx_fp16_supported", ("amx_fp16",)),
+    ):
+        if _probe(cpu, probe):
+            found.update(flags)
+    return frozenset(found)
 
 
 def resolve_precision(precision: str, device: torch.device | str = "cpu") -> tuple[str, str]:

@@ -14,6 +14,7 @@ from lamina.model.transformer import Transformer
 from lamina.train import trainer
 from lamina.train.metrics import cpu_flops_per_cycle, cpu_peak_flops, peak_flops
 from lamina.train.objectives import causal_lm
+from lamina.train.precision import cpu_features, native_bf16
 
 
 def _cpuinfo(
@@ -42,14 +43,34 @@ def test_flops_per_cycle_follow_the_vector_units() -> None:
 
 def test_cpu_peak_is_cores_times_clock_times_flops_per_cycle() -> None:
     flags = "fpu sse2 avx avx2 fma avx512f avx512_bf16"
-    fp32 = cpu_peak_flops("fp32", _cpuinfo(2, flags), threads=8)
+    avx512 = frozenset(flags.split())
+    fp32 = cpu_peak_flops("fp32", _cpuinfo(2, flags), threads=8, features=avx512)
     assert fp32 == pytest.approx(2 * 2.0e9 * 64)  # 2 cores (not 8 threads) x 2 GHz x 64
-    assert cpu_peak_flops("bf16", _cpuinfo(2, flags), threads=8) == pytest.approx(2 * fp32)
-    assert cpu_peak_flops("fp32", _cpuinfo(2, flags), threads=1) == pytest.approx(fp32 / 2)  # 1 thread
+    assert cpu_peak_flops("bf16", _cpuinfo(2, flags), threads=8, features=avx512) == pytest.approx(2 * fp32)
+    assert cpu_peak_flops("fp32", _cpuinfo(2, flags), threads=1, features=avx512) == pytest.approx(fp32 / 2)
     # hyperthreads share a core's vector units; without "cpu MHz" the model name's clock is used
     ht = _cpuinfo(2, "avx2 fma", mhz=None, cores_per_cpu=2, name="Intel(R) Xeon(R) CPU @ 2.50GHz")
-    assert cpu_peak_flops("fp32", ht, threads=2) == pytest.approx(1 * 2.5e9 * 32)
+    assert cpu_peak_flops("fp32", ht, threads=2, features=frozenset({"avx2", "fma"})) == pytest.approx(
+        1 * 2.5e9 * 32
+    )
     assert cpu_peak_flops("fp32", "processor\t: 0\nFeatures\t: fp asimd\n") is None  # ARM: measured
+
+
+def test_the_peak_follows_the_probe_that_chooses_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vector extensions come from torch's probe (precision.cpu_features, which native_bf16 uses),
+    never from /proc/cpuinfo's flags: the MFU peak and autocast's choice cannot disagree."""
+    monkeypatch.delenv("LAMINA_NATIVE_BF16", raising=False)
+    probes = {"_is_avx2_supported": True, "_is_avx512_supported": True, "_is_avx512_bf16_supported": False}
+    probes |= {"_is_amx_tile_supported": False, "_is_amx_fp16_supported": False}
+    for name, value in probes.items():
+        monkeypatch.setattr(torch.cpu, name, lambda value=value: value)
+    text = _cpuinfo(1, "avx2 fma avx512f avx512_bf16 amx_bf16")  # flags the probe does not confirm
+    assert not native_bf16("cpu")[0]
+    assert cpu_peak_flops("bf16", text, threads=1) == cpu_peak_flops("fp32", text, threads=1) == 2.0e9 * 64
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)  # AMX: AMX-BF16 and AVX512-FP16
+    assert native_bf16("cpu")[0] and cpu_features() >= {"amx_bf16", "avx512_fp16"}
+    assert cpu_peak_flops("bf16", text, threads=1) == 2.0e9 * 1024
+    assert cpu_peak_flops("fp16", text, threads=1) == 2.0e9 * 128
 
 
 def test_this_cpu_bf16_peak_is_at_least_the_fp32_peak() -> None:
