@@ -27,7 +27,7 @@ The reference libraries are the ``seq2seq`` extra (``pip install 'lamina[seq2seq
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -53,6 +53,7 @@ __all__ = [
     "score_pairs",
     "seq2seq_predictor",
     "trained_source_len",
+    "with_controls",
 ]
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
@@ -197,42 +198,59 @@ def evaluate_pairs(
 
 
 def generation_predictor(
-    lm: LoadedModel, *, chat: bool | None = False, max_batch_size: int | None = None, **controls: Any
+    lm: LoadedModel,
+    *,
+    config: GenerationConfig | None = None,
+    chat: bool | None = False,
+    max_batch_size: int | None = None,
+    **controls: Any,
 ) -> Predict:
-    """A ``predict`` callable over a loaded model, with the decoding ``controls`` (``GenerationConfig``
-    fields; default: the model's own, else greedy); each output is stripped of surrounding whitespace.
+    """A ``predict`` callable over a loaded model; each output is stripped of surrounding whitespace.
+
+    Decoding: ``config``, else the model's own controls (its generation.yaml), else greedy; ``controls``
+    (``GenerationConfig`` field names, values read by the field's type: ``max_new_tokens=32``,
+    ``num_beams="4"``) replace fields on top. They are checked here, once, before any text is decoded.
 
     An encoder-decoder translates each text (``seq2seq_predictor``: a batch through
-    ``lamina.generate.seq2seq``, starting from the checkpoint's decoding defaults, else greedy, with
-    ``controls`` replacing fields; stop strings, beams and logprobs are not there yet); a decoder continues it (``chat=False``: no chat template), each batch of
-    texts decoding together on the generation engine (``lamina.generate.batch.generate_batch``).
-    Raises ``ConfigError`` for controls the model cannot take.
-    """
-    if lm.model.config.arch == "encoder-decoder":
-        import dataclasses
+    ``lamina.generate.seq2seq``; stop strings, beams and logprobs are not there yet); a decoder continues
+    it (``chat=False``: no chat template), each batch of texts decoding together on the generation engine
+    (``lamina.generate.batch.generate_batch``).
 
+    Raises ``ConfigError`` for a name that is not a ``GenerationConfig`` field (naming the nearest), a
+    value its field refuses, or controls the model cannot take (token ids outside its vocabulary).
+    """
+    from lamina.config import to_dict
+    from lamina.generate.text import generation_config, model_defaults
+
+    if lm.model.config.arch == "encoder-decoder":
         from lamina.config import GenerationConfig
-        from lamina.generate.text import model_defaults
 
         if lm.tokenizer is None:
             raise ConfigError(f"{lm.entry.name} has no tokenizer; texts cannot be encoded for it")
         # the checkpoint's own decoding controls, else greedy; the controls given on top
-        base = model_defaults(lm) or GenerationConfig(
-            temperature=0.0,
-            max_new_tokens=lm.generation.max_new_tokens,
-            eos_token_ids=lm.generation.eos_token_ids,
+        base = (
+            config
+            or model_defaults(lm)
+            or GenerationConfig(
+                temperature=0.0,
+                max_new_tokens=lm.generation.max_new_tokens,
+                eos_token_ids=lm.generation.eos_token_ids,
+            )
         )
-        config = dataclasses.replace(base, **{k: v for k, v in controls.items() if v is not None})
-        config.check_token_ids(lm.model.config.vocab_size)
-        return seq2seq_predictor(lm.model, lm.tokenizer, config=config, max_source_len=trained_source_len(lm))
+        decoding = with_controls(base, controls)
+        decoding.check_token_ids(lm.model.config.vocab_size)
+        return seq2seq_predictor(
+            lm.model, lm.tokenizer, config=decoding, max_source_len=trained_source_len(lm)
+        )
 
     from lamina.generate.batch import MAX_BATCH_SIZE, generate_batch
 
+    decoding = generation_config(lm, config, **controls)  # every control checked now, not at the first batch
     rows_at_once = max_batch_size or MAX_BATCH_SIZE
 
     def predict(texts: list[str]) -> list[str]:
         rows = generate_batch(
-            lm, [{"prompt": t} for t in texts], chat=chat, max_batch_size=rows_at_once, **controls
+            lm, [{"prompt": t} for t in texts], chat=chat, max_batch_size=rows_at_once, **to_dict(decoding)
         )
         out = [""] * len(texts)
         for row in rows:
@@ -241,6 +259,17 @@ def generation_predictor(
         return out
 
     return predict
+
+
+def with_controls(config: GenerationConfig, controls: Mapping[str, Any]) -> GenerationConfig:
+    """``config`` with ``controls`` (``GenerationConfig`` field names; None values skipped) replacing its
+    fields, built through ``lamina.fields.build`` as flags and YAML are: values read by the field's type,
+    the whole config validated. Raises ``ConfigError`` for an unknown name (naming the nearest field) or
+    a value its field refuses."""
+    from lamina.config import GenerationConfig, from_dict, to_dict
+
+    given = {k: v for k, v in controls.items() if v is not None}
+    return from_dict(GenerationConfig, {**to_dict(config), **given}) if given else config
 
 
 def trained_source_len(lm: LoadedModel) -> int:
@@ -276,18 +305,18 @@ def seq2seq_predictor(
     encodes sources (tokens + eos, cut to ``max_source_len``), decoded together by
     ``lamina.generate.seq2seq.generate_seq2seq`` (the encoder once, cached decoder) with ``config`` (default:
     greedy, stopping at the tokenizer's eos, max_new_tokens 64, ``controls`` on top) and turned back
-    into text without special tokens, stripped. Raises ``ConfigError`` for a model of another arch.
+    into text without special tokens, stripped. ``controls`` replace fields of ``config`` as in
+    ``generation_predictor`` (``with_controls``). Raises ``ConfigError`` for a model of another arch, and
+    for a control that is not a ``GenerationConfig`` field or a value its field refuses.
     """
     from lamina.config import GenerationConfig
-    from lamina.fields import build
     from lamina.generate.seq2seq import generate_seq2seq
 
     net: Any = getattr(model, "module", model)  # DDP / FSDP wrappers keep the model as .module
     if config is None:
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        config = build(
-            GenerationConfig, {"temperature": 0.0, "max_new_tokens": 64, "eos_token_ids": eos, **controls}
-        )
+        config = GenerationConfig(temperature=0.0, max_new_tokens=64, eos_token_ids=eos)
+    config = with_controls(config, controls)
     eos_id = tokenizer.eos_token_id
 
     def predict(texts: list[str]) -> list[str]:

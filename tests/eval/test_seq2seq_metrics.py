@@ -249,3 +249,31 @@ def test_generation_predictor_cuts_sources_at_the_trained_length(t5: tuple[Any, 
     got = generation_predictor(lm, max_new_tokens=5)(texts)
     assert got == seq2seq_predictor(model, tok, max_source_len=3, max_new_tokens=5)(texts)
     assert got != seq2seq_predictor(model, tok, max_new_tokens=5)(texts)
+
+
+def test_controls_are_generation_config_fields_checked_up_front(t5: tuple[Any, Any]) -> None:
+    """Decoding controls are read through GenerationConfig's fields (a wrong name: one ConfigError naming
+    the nearest field, never a TypeError), replace fields of a given config, and are checked when the
+    predictor is made, before any text is decoded."""
+    from tiny_chat import tiny_lm
+
+    from lamina.checkpoint.load import LoadedModel
+    from lamina.checkpoint.registry import ModelEntry
+    from lamina.config import GenerationConfig
+    from lamina.eval.seq2seq import seq2seq_predictor
+
+    model, tok = t5
+    eos = tok.eos_token_id
+    long = GenerationConfig(temperature=0.0, max_new_tokens=6, eos_token_ids=[eos])
+    short = seq2seq_predictor(model, tok, config=long, max_new_tokens="1")(["s1 s2 s3", "s7"])
+    assert short == seq2seq_predictor(model, tok, max_new_tokens=1)(["s1 s2 s3", "s7"])
+    assert all(len(t.split()) <= 1 for t in short)  # the control replaced the config's 6 tokens
+    with pytest.raises(ConfigError, match=r"unknown GenerationConfig field 'top_pp'.*'top_p'"):
+        seq2seq_predictor(model, tok, top_pp=0.5)
+    t5_lm = LoadedModel(model, tok, long, ModelEntry("t5", Path("."), "path", "lamina"))
+    with pytest.raises(ConfigError, match=r"'num_beam'.*'num_beams'"):
+        generation_predictor(t5_lm, num_beam=2)
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        generation_predictor(t5_lm, max_new_tokens="many")
+    with pytest.raises(ConfigError, match=r"'top_pp'.*'top_p'"):
+        generation_predictor(tiny_lm(), top_pp=0.5)  # a decoder: refused now, not at the first batch
