@@ -399,6 +399,26 @@ def test_use_int4_kernel_decodes_as_the_aten_kernel(int4_kernel: Path) -> None:
 
 
 @pytest.mark.slow
+def test_int4_kernel_rows_and_threads_do_not_change_a_row(int4_kernel: Path) -> None:
+    """Rows computed 4 at a time (then 3, 2 or 1) and half-blocks split between threads give each row
+    the outputs of that row alone on one thread, bit for bit."""
+    torch.manual_seed(0)
+    layer = Int4Linear(torch.nn.Linear(96, 192)).to(torch.bfloat16)  # 3 blocks of 64: 6 halves
+    assert layer.use_kernel() and layer.mv_packed is not None and layer.mv_so is not None
+    x = torch.randn(11, 96).bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = torch.cat([int4_cpu.mv(x[i : i + 1].contiguous(), layer.mv_packed, layer.mv_so) for i in range(11)])  # fmt: skip
+        for n in (11, 7, 6, 5):  # 4 + 4 + 3, 4 + 3, 4 + 2, 4 + 1 rows
+            assert torch.equal(int4_cpu.mv(x[:n], layer.mv_packed, layer.mv_so), alone[:n])
+        torch.set_num_threads(2)  # 3 halves each: the middle block split
+        assert torch.equal(int4_cpu.mv(x, layer.mv_packed, layer.mv_so), alone)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
 def test_int4_kernel_checks_its_shapes(int4_kernel: Path) -> None:
     """The kernel refuses a layout other than ``pack``'s (it would read out of bounds)."""
     layer = Int4Linear(torch.nn.Linear(64, 128)).to(torch.bfloat16)
