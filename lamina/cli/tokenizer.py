@@ -80,5 +80,14 @@ def _decode(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         raise TokenizerError(f"cannot read token ids from {raw!r}: give integers or a JSON list") from e
-    print(load_tokenizer(args.tokenizer).decode(ids))
+    if not isinstance(ids, list) or not all(type(i) is int for i in ids):
+        raise TokenizerError(f"cannot read token ids from {raw!r}: give integers or a JSON list of integers")
+    tok = load_tokenizer(args.tokenizer)
+    bad = [i for i in ids if not 0 <= i < tok.vocab_size]
+    if bad:  # the backend decodes an id past the vocabulary as nothing, and overflows on a negative one
+        raise TokenizerError(
+            f"token id {bad[0]} is outside the vocabulary of {args.tokenizer} "
+            f"({tok.vocab_size} tokens: ids 0..{tok.vocab_size - 1})"
+        )
+    print(tok.decode(ids))
     return 0

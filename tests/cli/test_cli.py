@@ -115,6 +115,17 @@ def test_tokenizer_train_encode_decode_count(tmp_path: Path, capsys: pytest.Capt
     assert run(capsys, "tokenizer", "count", str(tmp_path / "tok"), "the lazy fox ü")[1].strip() == str(
         len(ids)
     )
+    # ids the tokenizer does not have: one line naming the id and the range (was: nothing printed for
+    # 400, an OverflowError traceback for -1), and JSON that is not a list of integers
+    for bad, needle in (("[400]", "token id 400 is outside"), ("-1", "token id -1 is outside")):
+        _assert_clean_error(
+            _cli_in_process(capsys, "tokenizer", "decode", str(tmp_path / "tok"), bad), needle
+        )
+    for bad in ('["a"]', "[1.5]", '{"a": 1}'):
+        _assert_clean_error(
+            _cli_in_process(capsys, "tokenizer", "decode", str(tmp_path / "tok"), bad),
+            "cannot read token ids",
+        )
 
 
 # -- bad input: one line on stderr, exit 1, no traceback, nothing half-written -------------------------------
