@@ -86,25 +86,29 @@ class Completion:
         ``prompt 31 tokens, 0.21 s (148 tokens/s) | generated 20 tokens, 1.19 s (16.0 tokens/s)``.
 
         The prompt rate covers the prefill (which also picks the first token); the generation rate the
-        decode steps after it. A choice cut by the budget adds ``cut at max_new_tokens=N``; speculative
-        decoding adds its acceptance rate (``draft accepted 41/60 (68%)``).
+        decode steps after it. A choice cut by the budget adds ``cut at max_new_tokens=N``, one cut
+        sooner by a full context window (the model's ``max_seq_len``) ``cut by the context window``;
+        speculative decoding adds its acceptance rate (``draft accepted 41/60 (68%)``).
         """
         n = len(self.choices)
         head = f"prompt {self.prompt_tokens} tokens, {self.prefill_seconds:.2f} s"
         if self.prefill_seconds > 0:
             head += f" ({self.prompt_tokens / self.prefill_seconds:.0f} tokens/s)"
-        gen = f"generated {self.completion_tokens} tokens" + (f" in {n} choices" if n > 1 else "")
+        tokens = "token" if self.completion_tokens == 1 else "tokens"
+        gen = f"generated {self.completion_tokens} {tokens}" + (f" in {n} choices" if n > 1 else "")
         gen += f", {self.prefill_seconds + self.decode_seconds:.2f} s"
         if self.decode_seconds > 0 and self.decode_tokens:
             gen += f" ({self.decode_tokens / self.decode_seconds:.1f} tokens/s)"
-        cut = sum(c.finish_reason == "length" for c in self.choices)
-        if cut:
-            budget = self.config.max_new_tokens
-            gen += (
-                f"; {'all' if cut == n else cut} cut at max_new_tokens={budget}"
-                if n > 1
-                else (f"; cut at max_new_tokens={budget}")
-            )
+        budget = self.config.max_new_tokens
+        cut = [c for c in self.choices if c.finish_reason == "length"]
+        # "length" before max_new_tokens tokens: the context window filled up first
+        full = sum(len(c.tokens) < budget for c in cut)
+        for count, why in (
+            (len(cut) - full, f"cut at max_new_tokens={budget}"),
+            (full, "cut by the context window"),
+        ):
+            if count:
+                gen += f"; {('all' if count == n else str(count)) + ' ' if n > 1 else ''}{why}"
         if self.draft is not None:
             gen += " | " + draft_summary(self.draft)
         return f"{head} | {gen}"

@@ -102,6 +102,17 @@ def test_n_choices_with_logprobs_counts_and_summary(tiny: Any) -> None:
         complete(tiny, "hello", num_beams=2, logprobs=True)
 
 
+def test_the_summary_says_what_cut_a_reply(tiny: Any) -> None:
+    """A reply stopped by a full context window is not said to be cut at max_new_tokens (it was cut
+    sooner); one generated token is "1 token"."""
+    window = tiny.model.config.max_seq_len
+    long = complete(tiny, "hello", max_new_tokens=window + 5, ignore_eos=True)
+    assert long.prompt_tokens + len(long.choices[0].tokens) == window
+    assert long.summary().endswith("; cut by the context window") and "max_new_tokens" not in long.summary()
+    one = complete(tiny, "hello", max_new_tokens=1, ignore_eos=True)
+    assert "generated 1 token," in one.summary() and one.summary().endswith("; cut at max_new_tokens=1")
+
+
 def test_streamed_text_is_the_first_choice(tiny: Any) -> None:
     deltas: list[str] = []
     r = complete(tiny, "hello", max_new_tokens=5, ignore_eos=True, stream=deltas.append)
