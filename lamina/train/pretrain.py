@@ -113,6 +113,11 @@ def prepare_data(run: RunConfig, progress: bool = True) -> Manifest:
     if (out / "manifest.json").is_file() and not run.data.overwrite:
         return Manifest.load(out)
     cfg = run.data
+    if not cfg.sources and cfg.builtin is None:  # nothing to prepare: most likely a mistyped data.out
+        raise ConfigError(
+            f"data.out={cfg.out!r} holds no prepared data (no manifest.json): give the folder "
+            "`lamina data prepare --out` wrote, or data.sources / data.builtin to prepare it in this run"
+        )
     if cfg.tokenizer is None and cfg.train_tokenizer is None:
         if run.init is None:
             raise ConfigError(

@@ -117,6 +117,13 @@ def test_empty_corpus_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFix
     assert "empty" in capsys.readouterr().err.lower()
 
 
+def test_a_data_folder_without_data_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--data.out naming no prepared data, with nothing to prepare, says so (it was told to set a tokenizer)."""
+    assert main(["pretrain", "--data.out", str(tmp_path / "nodata"), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "holds no prepared data" in err and "nodata" in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_unknown_section_in_run_config() -> None:
     with pytest.raises(ConfigError, match="unknown run config section"):
         RunConfig.from_dict({"optim": {}})
