@@ -30,7 +30,9 @@ Progress = Callable[[str, int, int], None]
 class EvalConfig:
     """What ``lamina eval`` runs (the ``--tasks/--data/--shots/...`` flags)."""
 
-    tasks: list[str] = field(default_factory=list)  # task names, comma-separated: mmlu,arc_easy,hellaswag,...
+    # task names, comma-separated: mmlu, arc_easy, arc_challenge, hellaswag, truthfulqa_mc1, truthfulqa_mc2,
+    # wic, gsm8k, squad, bigbench_NAME (a BIG-bench JSON task under data/bigbench/NAME)
+    tasks: list[str] = field(default_factory=list)
     data: str | None = None  # folder of the tasks' published files (layout: `lamina eval --help`)
     shots: int = 0  # few-shot examples before each question (TruthfulQA stays zero-shot)
     seed: int = 1234  # draws the few-shot examples (MMLU takes the first k of its dev file)

@@ -143,3 +143,14 @@ def test_hf_parquet_folder(tmp_path: Path) -> None:
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "ARC-Easy" / "test-00000-of-00001.parquet")
     task = load_task("arc_easy", tmp_path)
     assert task.items[0].query == "Question: Which is hot?\nAnswer:" and task.items[0].gold == 1
+
+
+def test_the_tasks_flag_help_names_every_task() -> None:
+    """`lamina eval --help` lists the task names (it showed "mmlu,arc_easy,hellaswag," and nothing more)."""
+    from lamina.eval.runner import EvalConfig
+    from lamina.eval.tasks import TASKS
+    from lamina.fields import fields_of
+
+    text = next(f.help for f in fields_of(EvalConfig) if f.name == "tasks")
+    assert not text.endswith(("...", ",")) and "bigbench_NAME" in text
+    assert [t for t in TASKS if t not in text.replace(",", " ").split()] == []
