@@ -33,8 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("question", metavar="QUESTION", help="the question")
     p.add_argument(
         "--index",
+        "--store",  # the name `lamina index` writes it under (its --store)
+        dest="index",
         metavar="FILE",
-        help="the index: a SQLite file or a postgresql:// URL (default: where `lamina index` writes)",
+        help="the index: a SQLite file or a postgresql:// URL, as `lamina index --store` wrote it "
+        "(default: where `lamina index` writes)",
     )
     p.add_argument(
         "--model",

@@ -84,6 +84,10 @@ def test_the_index_embedding_model_is_enforced(index: Path) -> None:
 def test_a_missing_index_says_how_to_build_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["ask", QUESTION, "--index", str(tmp_path / "none.sqlite")]) == 1
     assert "lamina index" in capsys.readouterr().err
+    # --store, the flag `lamina index` writes the index with, names it here too (it was refused)
+    assert main(["ask", QUESTION, "--store", str(tmp_path / "other.sqlite")]) == 1
+    err = capsys.readouterr().err
+    assert "other.sqlite" in err and "lamina index" in err
 
 
 def test_lamina_index_eval_reports_the_three_modes(
