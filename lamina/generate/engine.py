@@ -430,12 +430,15 @@ class Engine:
 
     # -- the loop ------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self, decode: bool = True) -> list[Delta]:
+    def step(self, decode: bool = True, emit: Callable[[list[Delta]], None] | None = None) -> list[Delta]:
         """Admit what fits from the queue, then decode one token for every running sequence (up to
         ``num_draft_tokens`` + 1 for a speculative one; one step of every beam search).
 
         ``decode=False`` only admits (prefills the prompts and picks their first tokens): a caller timing
         the prefill apart from decoding, as ``lamina.generate.text.complete`` does, steps once so.
+        ``emit``, when given, receives the admission's deltas (the new requests' first tokens) before the
+        decoding forward runs, instead of with the returned ones, so that a server streams a first token
+        one decoding step sooner (its time to first token); the returned list then holds the rest.
         """
         out: list[Delta] = []
         self._apply_cancellations(out)
@@ -456,6 +459,9 @@ class Engine:
             if all(s.finish_reason is not None for s in req.seqs):  # done at admission
                 self._rid_adapter.pop(req.request_id, None)
         if decode and self._running:
+            if emit is not None and out:
+                emit(out)
+                out = []
             with self._adapters(self._row_adapters()):
                 out += self._decode()
         return out
