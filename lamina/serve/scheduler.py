@@ -7,7 +7,9 @@ the event loop:
 - ``submit`` (on the event loop) checks the queue bound (429 with ``Retry-After`` when full) and the
   tokens-in-flight limit, queues the request's prompts in the engine and returns a ``Job``;
 - the engine thread steps while there is work, sleeps when there is none, and hands each step's deltas
-  to their job's ``asyncio.Queue`` with ``loop.call_soon_threadsafe`` (one call per job per step);
+  to their job's ``asyncio.Queue`` with ``loop.call_soon_threadsafe`` (one call per job per step; the
+  first tokens of newly admitted requests go before the step's decoding forward, ``Engine.step(emit=)``,
+  so a request's time to first token is its prefill, not its prefill and a decoding step);
 - ``Job.events()`` yields ``(prompt index, Delta)`` on the event loop, raising a 504 ``APIError`` when the
   request's timeout passes (the job is then cancelled); ``Job.cancel()`` (client disconnected) makes its
   sequences leave the batch at the next step;
@@ -250,7 +252,7 @@ class Scheduler:
                 if self._stopping:
                     return
             try:
-                self._dispatch(self.engine.step())
+                self._dispatch(self.engine.step(emit=self._emit))
             except Exception as e:  # the step, or routing its deltas: never a dead thread and hung requests
                 log.exception("engine step failed; failing the requests in flight and restarting the engine")
                 self.metrics.inc("engine_failures_total", model=self.name)
@@ -262,7 +264,13 @@ class Scheduler:
         stats = self.engine.draft_stats
         return float(getattr(stats, which)) if stats is not None else 0.0
 
-    def _dispatch(self, deltas: list[Delta]) -> None:
+    def _emit(self, deltas: list[Delta]) -> None:
+        """The admission's deltas (first tokens), handed on before the step's decoding forward runs."""
+        self._dispatch(deltas, step=False)
+
+    def _dispatch(self, deltas: list[Delta], step: bool = True) -> None:
+        """Route deltas to their jobs and record the metrics; ``step``: the call that ends an engine step
+        (counts it and its batch size)."""
         now = time.monotonic()
         name, m = self.name, self.metrics
         running = self.engine.num_running
@@ -302,7 +310,7 @@ class Scheduler:
             m.observe("request_duration_seconds", now - job.arrived, model=name)
         if tokens:
             m.generated(tokens, model=name)
-        if running or tokens:
+        if step and (running or tokens):
             m.inc("decode_steps_total", model=name)
             m.observe("batch_size", running, model=name)
             m.set_max("running_sequences_max", running, model=name)

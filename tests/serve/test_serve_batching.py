@@ -181,7 +181,7 @@ def test_timeout_answers_504_and_the_engine_failure_500(make_server: Any) -> Non
     sched = server.registry.get("smollm2").scheduler
     sched.timeout = 90.0  # the failure half must not race the 0.5 s timeout on a loaded machine
 
-    def boom() -> Any:
+    def boom(**_: Any) -> Any:
         raise RuntimeError("simulated failure")
 
     sched.engine.step = boom  # the next step fails; the scheduler rebuilds the engine

@@ -454,7 +454,7 @@ def test_api_key_and_readable_errors_keep_the_conversation(browser: Any, models:
         sched = server.registry.get("tiny-a").scheduler
 
         # a failed engine step: the stream's error event
-        def boom() -> Any:
+        def boom(**_: Any) -> Any:
             raise RuntimeError("simulated failure")
 
         sched.engine.step = boom
