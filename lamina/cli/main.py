@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from collections.abc import Sequence
 from types import ModuleType
 from typing import NoReturn
@@ -88,16 +89,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:
         unknown_arguments(parser, argv, extra)
+    said = " ".join(w for w in (args.verb, getattr(args, "action", None)) if w)
     try:
-        if getattr(args, "print_config", False) and getattr(args, "_lamina_sources", None):
-            print_flat_config(args)  # a one-config verb: the same for every verb, before any work
-            return 0
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            if not args.debug:  # a warning is one line, as an error is (not Python's file:line + source line)
+                warnings.showwarning = lambda message, category, *_, **__: print(
+                    f"lamina {said}: warning: {message}", file=sys.stderr
+                )
+            if getattr(args, "print_config", False) and getattr(args, "_lamina_sources", None):
+                print_flat_config(args)  # a one-config verb: the same for every verb, before any work
+                return 0
+            return int(args.func(args) or 0)
     except LaminaError as e:
         if args.debug:
             raise
-        verb = " ".join(w for w in (args.verb, getattr(args, "action", None)) if w)
-        print(f"lamina {verb}: error: {e}", file=sys.stderr)
+        print(f"lamina {said}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # Ctrl-C: 130; a trainer stopped by SIGTERM says 143 (128 + 15)
         print("interrupted", file=sys.stderr)

@@ -128,6 +128,22 @@ def test_tokenizer_train_encode_decode_count(tmp_path: Path, capsys: pytest.Capt
         )
 
 
+def test_a_warning_is_one_line_naming_the_verb(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A library warning reaches the user as ``lamina VERB: warning: ...`` (it was Python's
+    ``/path/file.py:61: UserWarning: ...`` followed by the source line that warned)."""
+    import lamina.cli.models
+
+    def warns(args: Any) -> int:
+        warnings.warn("activation='gelu' is written as gelu_tanh", UserWarning, stacklevel=1)
+        return 0
+
+    monkeypatch.setattr(lamina.cli.models, "run", warns)
+    assert main(["models"]) == 0
+    assert capsys.readouterr().err == "lamina models: warning: activation='gelu' is written as gelu_tanh\n"
+
+
 # -- bad input: one line on stderr, exit 1, no traceback, nothing half-written -------------------------------
 
 
