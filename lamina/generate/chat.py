@@ -22,7 +22,10 @@ from lamina.generate.speculative import DraftStats, SpeculativeOptions
 from lamina.generate.text import complete, generation_config, model_defaults, resolve_draft
 from lamina.model.transformer import Transformer
 
-COMMANDS = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit"
+COMMANDS = (
+    "commands: /reset or /clear (forget the conversation), /system TEXT (set the system prompt), "
+    "/exit, /quit or /bye"
+)
 
 CHAT_DEFAULTS: dict[str, Any] = {
     "temperature": 0.7,
@@ -116,9 +119,9 @@ def chat_loop(
             continue
         if line.startswith("/"):
             cmd, _, rest = line.partition(" ")
-            if cmd in ("/exit", "/quit"):
+            if cmd in ("/exit", "/quit", "/bye"):  # /bye, /clear: what Ollama's chat takes
                 break
-            if cmd == "/reset":
+            if cmd in ("/reset", "/clear"):
                 history.clear()
                 write("(conversation reset)\n")
             elif cmd == "/system":

@@ -33,6 +33,13 @@ def test_a_reply_cut_by_the_budget_says_so(tiny: Any) -> None:
     assert history == [{"role": "user", "content": "hello"}, {"role": "assistant", "content": reply}]
 
 
+def test_ollamas_commands_clear_and_bye_work(tiny: Any) -> None:
+    """/clear forgets the conversation and /bye ends the session, as in Ollama (they were unknown commands,
+    and the session went on after /bye)."""
+    out, history = _session(tiny, ["hello", "/clear", "/bye", "never"], max_new_tokens=2, temperature=0)
+    assert "(conversation reset)" in out and "unknown command" not in out and history == []
+
+
 def test_ctrl_c_stops_the_reply_and_the_session_goes_on(tiny: Any) -> None:
     written: list[str] = []
 
