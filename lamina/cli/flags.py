@@ -291,6 +291,7 @@ def normalize_argv(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list
     out: list[str] = []
     bools: set[str] = getattr(parser, "_lamina_bools", set())
     numeric: set[str] = getattr(parser, "_lamina_numeric_bools", set())
+    bare: set[int] = set()  # where a boolean flag given without a value got =true (unknown_arguments)
     current = parser
     i = 0
     argv = list(argv)
@@ -327,17 +328,29 @@ def normalize_argv(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list
                 tok, i = f"{flag}={nxt}", i + 1
             else:
                 tok = f"{flag}=true"
+                bare.add(len(out))
         out.append(tok)
+    parser._lamina_bare_bools = bare  # type: ignore[attr-defined]
     return out
 
 
 def unknown_arguments(parser: argparse.ArgumentParser, argv: Sequence[str], extra: Sequence[str]) -> None:
-    """Exit (2) with the verb's own usage and "did you mean" for each unknown flag in ``extra``."""
+    """Exit (2) with the verb's own usage and "did you mean" for each unknown flag in ``extra``; a word
+    left over right after a boolean flag given without a value (``--pad-shapes maybe``) is named as that
+    flag's value: one line saying which values it takes."""
     import difflib
 
     current = parser
     for tok in argv:
         current = _subparser(current, tok) or current
+    bare: set[int] = getattr(parser, "_lamina_bare_bools", set())
+    for j in sorted(bare):
+        if j + 1 < len(argv) and argv[j + 1] in extra and not argv[j + 1].startswith("-"):
+            flag = argv[j].partition("=")[0]
+            current.error(
+                f"{flag} {argv[j + 1]!r}: the flag is true or false (yes/no, on/off, 1/0; {flag} alone "
+                "means true)"
+            )
     hints = []
     for tok in extra:
         if tok.startswith("-"):

@@ -374,3 +374,26 @@ def test_unknown_flag_names_the_verb_and_the_nearest(capsys: pytest.CaptureFixtu
 def test_single_stop_string_reads_escapes_as_llama_cpp() -> None:
     assert coerce("\\n", list[str]) == ["\n"]
     assert coerce('["\\n\\n"]', list[str]) == ["\n\n"]
+
+
+def test_a_boolean_flag_with_a_word_that_is_no_boolean_says_so_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # `--pad-shapes maybe` used to end as argparse's "unrecognized arguments: 'maybe'" (the bare flag
+    # meant true and the word was left over); every boolean flag of every verb now names its values
+    from lamina.cli.flags import unknown_arguments
+
+    checked = 0
+    for verb, parser in _verbs().items():
+        for flag in sorted(getattr(parser, "_lamina_bools", set())):
+            argv = normalize_argv(PARSER, [*verb.split(), *POSITIONALS.get(verb, []), flag, "maybe"])
+            _, extra = PARSER.parse_known_args(argv)
+            if "maybe" not in extra:
+                continue  # a verb whose trailing positionals take any word (data prepare's PATHS)
+            with pytest.raises(SystemExit) as e:
+                unknown_arguments(PARSER, argv, extra)
+            err = capsys.readouterr().err.strip()
+            assert e.value.code == 2 and len(err.splitlines()) == 1, err
+            assert f"{flag} 'maybe': " in err and "true or false" in err, err
+            checked += 1
+    assert checked > 50
