@@ -92,7 +92,8 @@ class Completion:
         """
         n = len(self.choices)
         head = f"prompt {self.prompt_tokens} tokens, {self.prefill_seconds:.2f} s"
-        if self.prefill_seconds > 0:
+        ran = self.completion_tokens > 0 or self.prompt_logprobs is not None  # max_new_tokens=0 runs nothing
+        if self.prefill_seconds > 0 and ran:
             head += f" ({self.prompt_tokens / self.prefill_seconds:.0f} tokens/s)"
         tokens = "token" if self.completion_tokens == 1 else "tokens"
         gen = f"generated {self.completion_tokens} {tokens}" + (f" in {n} choices" if n > 1 else "")

@@ -111,6 +111,8 @@ def test_the_summary_says_what_cut_a_reply(tiny: Any) -> None:
     assert long.summary().endswith("; cut by the context window") and "max_new_tokens" not in long.summary()
     one = complete(tiny, "hello", max_new_tokens=1, ignore_eos=True)
     assert "generated 1 token," in one.summary() and one.summary().endswith("; cut at max_new_tokens=1")
+    none = complete(tiny, "hello", max_new_tokens=0)  # the prompt never runs: no rate for it
+    assert none.summary().startswith(f"prompt {none.prompt_tokens} tokens, 0.00 s |")
 
 
 def test_streamed_text_is_the_first_choice(tiny: Any) -> None:
