@@ -48,8 +48,10 @@ class FitConfig:
 
     out: str | None = None  # folder for scaling_fit.png and fit.json (None: print only)
     bootstrap: int = 200  # refits on resampled runs for the 95% intervals (0: none)
-    predict_params: float | None = field(default=None, metadata=COUNT)  # predict the loss of N parameters ...
-    predict_tokens: float | None = field(default=None, metadata=COUNT)  # ... trained on this many tokens
+    # predict the loss of a model of this many parameters (with predict_tokens: trained on that many tokens)
+    predict_params: float | None = field(default=None, metadata=COUNT)
+    # predict the loss after this many training tokens (with predict_params: of a model that size)
+    predict_tokens: float | None = field(default=None, metadata=COUNT)
     budget: float | None = None  # also give the fitted law's compute-optimal N and D for this FLOP budget
     held_out: str | None = None  # a run left out of the fit: its loss predicted and compared
     seed: int = 0  # draws the bootstrap resamples

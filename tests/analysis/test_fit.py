@@ -91,3 +91,13 @@ def test_read_run_and_report(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "fit" / "fit.json").read_text())
     assert report["prediction"]["params"] == 1e6
     assert report["held_out"]["error"] == pytest.approx(1 / 1.02 - 1, abs=1e-3)
+
+
+def test_every_flag_help_is_a_whole_sentence() -> None:
+    """`lamina scaling fit --help` showed "predict the loss of N parameters" and "... trained on this many
+    tokens": a help split over two fields with "..." reads as two broken ones (the trailing dots are cut)."""
+    from lamina.fields import fields_of
+
+    helps = {f.name: f.help for f in fields_of(FitConfig)}
+    assert [n for n, h in helps.items() if h.startswith("...") or h.endswith("...")] == []
+    assert "predict_tokens" in helps["predict_params"] and "predict_params" in helps["predict_tokens"]
