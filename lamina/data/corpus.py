@@ -71,7 +71,7 @@ TASK_BYTES = 1 << 20
 JSONL_CHUNK_BYTES = 64 << 20
 UINT16_VOCAB = 1 << 16
 # how a JSONL field's value is named in messages (a JSON number, array, object, boolean)
-_JSON_KIND = {bool: "a boolean", list: "an array", dict: "an object"}
+_JSON_KIND = {bool: "a boolean", list: "an array", dict: "an object", str: "a string", type(None): "null"}
 
 
 @dataclass
@@ -565,11 +565,13 @@ def _read_jsonl(item: _Item, jsonl_field: str, log: _Read) -> Iterator[str]:
                 continue
             value = record.get(jsonl_field) if isinstance(record, dict) else None
             if not isinstance(value, str):
-                what = (
-                    f"no {jsonl_field!r} field"
-                    if value is None
-                    else f"{jsonl_field!r} is {_JSON_KIND.get(type(value), 'a number')}, not a string"
-                )
+                if not isinstance(record, dict):
+                    what = f"{_JSON_KIND.get(type(record), 'a number')}, not an object"
+                elif value is None:  # name the keys it has: the field asked for is most likely one of them
+                    keys = ", ".join(repr(k) for k in list(record)[:8]) or "none"
+                    what = f"no {jsonl_field!r} field (its keys: {keys})"
+                else:
+                    what = f"{jsonl_field!r} is {_JSON_KIND.get(type(value), 'a number')}, not a string"
                 log.skip(item.name, "bad_record", f"first at {where}: {what}")
                 continue
             if not value.strip():
@@ -897,6 +899,9 @@ def _empty_corpus_message(plan: _Plan, log: _Read) -> str:
         f"{len(names)} {reason} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
         for reason, names in sorted(by_reason.items())
     )
+    first = next(iter(log.skipped.values()), None)
+    if first is not None and first.detail:  # the first case's own words: which line, which field
+        what += f"; {first.source}, {first.detail}"
     return (
         f"the corpus is empty after filtering: no document left in {n_files} input file(s); skipped: "
         f"{what or 'nothing'}; fix: point to text files, or for JSONL choose the field with jsonl_field= "

@@ -114,6 +114,17 @@ def test_jsonl_field_and_bad_records(tmp_path: Path, tok_dir: Path, tok: Tokeniz
     assert bad.source.endswith("a.jsonl") and "line 3" in bad.detail and "not valid JSON" in bad.detail
 
 
+def test_jsonl_without_the_field_names_the_keys_it_has(tmp_path: Path, tok_dir: Path) -> None:
+    """Every record lacks --jsonl-field: the error names the keys the first one has (was only "1 bad_record"),
+    and a record that is not an object says what it is."""
+    write(tmp_path / "a.jsonl", json.dumps({"content": "hello", "id": 1}) + "\n")
+    with pytest.raises(DataError, match=r"line 1: no 'text' field \(its keys: 'content', 'id'\); fix"):
+        prepare(config(tmp_path, [str(tmp_path / "a.jsonl")], tok_dir, val_fraction=0), progress=False)
+    write(tmp_path / "a.jsonl", json.dumps("just a string") + "\n")
+    with pytest.raises(DataError, match="line 1: a string, not an object"):
+        prepare(config(tmp_path, [str(tmp_path / "a.jsonl")], tok_dir, val_fraction=0), progress=False)
+
+
 @pytest.mark.parametrize(
     ("value", "named"), [(3, "a number"), (2.5, "a number"), (["a"], "an array"), ({"a": 1}, "an object"), (True, "a boolean")]
 )  # fmt: skip
