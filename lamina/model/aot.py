@@ -40,7 +40,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -169,13 +169,22 @@ class CompiledStep:
         self.runner, self.path = runner, path
         self.dtype, self.n_layers = model.tok_emb.weight.dtype, len(model.blocks)
         self._constants = constants  # the runner reads these tensors (user-managed): kept alive here
-        self._bound = _Binding(self.step_module(model))
+        self._bound = _Binding(self.step_module(model), constants.values())
+
+    @property
+    def runner(self) -> Any:
+        """The loaded package (or a stand-in), called with the step's inputs."""
+        return self._runner
+
+    @runner.setter
+    def runner(self, runner: Any) -> None:
+        self._runner, self._run = runner, _flat_runner(runner)
 
     def applies(self, ids: Tensor, cache: KVCache | None) -> bool:
         """Whether this step computes ``model(ids, cache=cache)`` (no mask, no positions given): one token
         per row, a cache of the model's dtype and layer count (not a layer-skip draft's) holding at least
         one slot, no autograd, no autocast, and the model still holding the modules and tensors the step
-        was bound to (``_Binding``: ~40 µs a step for a 30-layer model, 2 busy cores)."""
+        was bound to (``_Binding``)."""
         return (
             cache is not None
             and ids.dim() == 2
@@ -201,19 +210,54 @@ class CompiledStep:
         cache.valid[:, offset] = True
         cache.positions[:, offset] = positions[:, 0]
         span = torch.empty(offset + 1, 0)
-        logits = self.runner(ids.contiguous(), positions, span, cache.valid, [*cache.k, *cache.v])
+        logits = self._run(ids.contiguous(), positions, span, cache.valid, [*cache.k, *cache.v])
         cache.next_pos = positions[:, 0] + 1
         cache.length = offset + 1
         return logits
 
 
+_EPOCH = [0]  # module, parameter and buffer registrations in this process (hooks below), once installed
+_HOOKS: list[Any] = []
+
+
+def _registered(*args: Any) -> None:
+    """A global registration hook: something was assigned to a module's ``_modules``, ``_parameters`` or
+    ``_buffers`` (``setattr``, ``register_*``, ``add_module``, ``load_state_dict(assign=True)``)."""
+    _EPOCH[0] += 1
+
+
+def _count_registrations() -> None:
+    """Install the hooks that count registrations (once per process: ``torch.nn.modules.module``'s
+    global registration hooks, each a counter increment)."""
+    if not _HOOKS:
+        from torch.nn.modules import module as nn_module
+
+        _HOOKS.extend(
+            hook(_registered)
+            for hook in (
+                nn_module.register_module_module_registration_hook,
+                nn_module.register_module_parameter_registration_hook,
+                nn_module.register_module_buffer_registration_hook,
+            )
+        )
+
+
 class _Binding:
     """The modules and tensors a step was bound to, each with the table (``_modules``, ``_parameters``,
-    ``_buffers`` of its parent) and name it was found under, and each tensor's data pointer: ``holds()``
-    is False once one of them was replaced (``load_state_dict(assign=True)``, ``p.data = t``, a module
-    swapped), when the step would read tensors the model no longer uses."""
+    ``_buffers`` of its parent) and name it was found under, and the data pointers of the tensors the
+    step reads (``read``: those sharing a constant's data): ``holds()`` is False once one of them was
+    replaced (``load_state_dict(assign=True)``, ``p.data = t``, a module swapped), when the step would
+    read tensors the model no longer uses.
 
-    def __init__(self, root: nn.Module) -> None:
+    Walking every table takes ~0.5 ms a step on a 30-layer model (its ~900 objects are out of the CPU's
+    caches after each step streams the weights: ~10% of an int4 step), so the tables are walked only
+    when a module, parameter or buffer was registered anywhere in the process since the last walk (a
+    counter kept by torch's global registration hooks; direct writes into ``_modules`` / ``_parameters``
+    / ``_buffers`` are not seen); the data pointers (``p.data = t`` registers nothing) every time."""
+
+    def __init__(self, root: nn.Module, read: Iterable[Tensor] = ()) -> None:
+        _count_registrations()
+        self.epoch = _EPOCH[0]
         self.tables: list[dict[str, Any]] = []
         self.names: list[str] = []
         self.items: list[Any] = []
@@ -224,12 +268,47 @@ class _Binding:
                         self.tables.append(table)
                         self.names.append(name)
                         self.items.append(item)
-        self.tensors = [t for t in self.items if isinstance(t, Tensor)]
+        read_ptrs = {t.data_ptr() for t in read}
+        self.tensors = [t for t in self.items if isinstance(t, Tensor) and t.data_ptr() in read_ptrs]
         self.pointers = [t.data_ptr() for t in self.tensors]
 
     def holds(self) -> bool:
-        same = all(map(operator.is_, map(dict.get, self.tables, self.names), self.items))
-        return same and list(map(Tensor.data_ptr, self.tensors)) == self.pointers
+        if self.epoch != _EPOCH[0]:
+            epoch = _EPOCH[0]
+            if not all(map(operator.is_, map(dict.get, self.tables, self.names), self.items)):
+                return False
+            self.epoch = epoch
+        return list(map(Tensor.data_ptr, self.tensors)) == self.pointers
+
+
+def _flat_runner(runner: Any) -> Callable[..., Tensor]:
+    """``runner`` (an ``aoti_load_package`` model returning one tensor, or a stand-in) as a function of
+    the step's inputs (tensors and lists of tensors) returning that tensor. A loaded package's own
+    ``__call__`` parses its input and output specs and flattens the inputs with ``torch.utils._pytree``
+    each call (~0.1 ms); here the inputs are flattened into a list for its ``boxed_run`` directly (the
+    order the spec gives: positional arguments in turn, a list's items in place)."""
+    loader = getattr(runner, "loader", None)
+    if loader is None or not hasattr(loader, "boxed_run"):
+        return runner
+    import torch.utils._pytree as pytree
+
+    in_spec, out_spec = (pytree.treespec_loads(s) for s in loader.get_call_spec())
+    if not out_spec.is_leaf():
+        return runner
+    leaves = in_spec.num_leaves
+
+    def run(*args: Any) -> Tensor:
+        flat: list[Tensor] = []
+        for a in args:
+            if isinstance(a, list):
+                flat += a
+            else:
+                flat.append(a)
+        if len(flat) != leaves:  # not the exported signature: the package's own call says why
+            return runner(*args)
+        return loader.boxed_run(flat)[0]
+
+    return run
 
 
 def attached_step(model: nn.Module) -> CompiledStep | None:
@@ -612,7 +691,7 @@ class EncDecCompiledStep(CompiledStep):
         cache.positions[:, offset] = positions[:, 0]
         span = torch.empty(offset + 1, 0)
         kv = [*cache.k, *cache.v, *cache.cross_k, *cache.cross_v]
-        logits = self.runner(ids.contiguous(), positions, span, cache.valid, cache.positions, cross, kv)
+        logits = self._run(ids.contiguous(), positions, span, cache.valid, cache.positions, cross, kv)
         cache.next_pos = positions[:, 0] + 1
         cache.length = offset + 1
         return logits

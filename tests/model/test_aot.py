@@ -116,7 +116,7 @@ def _stand_in(model: Transformer) -> list[int]:
         calls.append(args[0].shape[0])
         return run(*args)
 
-    step = CompiledStep(runner, Path("stand-in"), {}, model)
+    step = CompiledStep(runner, Path("stand-in"), aot._named_tensors(DecodeStep(model)), model)  # reads all
     model.__dict__.setdefault("_inference_copies", _InferenceCopies())[DECODE_STEP] = step
     return calls
 
@@ -199,8 +199,12 @@ def test_load_with_compile_decodes_through_the_package(tiny_int4: Path, monkeypa
             assert any(b"aoti_torch_cpu_lamina_int4_mv" in pt2.read(n) for n in pt2.namelist())
     runner, calls = step.runner, []
     step.runner = lambda *args: calls.append(args[0].shape[0]) or runner(*args)  # counts the compiled steps
-    torch.testing.assert_close(_steps(compiled), _steps(eager), atol=0.02, rtol=0)
+    stepped = _steps(compiled)  # through the package's own call
+    torch.testing.assert_close(stepped, _steps(eager), atol=0.02, rtol=0)
     assert calls == [3] * 6
+    step.runner = runner  # its boxed run, the inputs flattened by the step (not the package's call)
+    assert step._run is not runner and torch.equal(_steps(compiled), stepped)
+    step.runner = lambda *args: calls.append(args[0].shape[0]) or runner(*args)
     prompts = [[5, 7, 9], [11, 3, 8, 2, 4]]
     assert greedy_decode(compiled, prompts, 8) == greedy_decode(eager, prompts, 8)
     # continuous batching: rows leave at different steps and a queued one joins, the cache grows
@@ -406,8 +410,12 @@ def test_load_with_compile_decodes_an_encoder_decoder_through_the_package(
     assert isinstance(step, aot.EncDecCompiledStep)
     runner, calls = step.runner, []
     step.runner = lambda *args: calls.append(args[0].shape[0]) or runner(*args)
-    torch.testing.assert_close(_enc_dec_steps(compiled), _enc_dec_steps(eager), atol=1e-4, rtol=0)
+    stepped = _enc_dec_steps(compiled)
+    torch.testing.assert_close(stepped, _enc_dec_steps(eager), atol=1e-4, rtol=0)
     assert calls == [3] * 6
+    step.runner = runner  # its boxed run (the flattened inputs in the exported order)
+    assert step._run is not runner and torch.equal(_enc_dec_steps(compiled), stepped)
+    step.runner = lambda *args: calls.append(args[0].shape[0]) or runner(*args)
     sources = [[5, 7, 9], [11, 3, 8, 2, 4, 6, 7], [9, 9]]
     for cfg in (GenerationConfig(temperature=0.0, max_new_tokens=8, min_new_tokens=8),
                 GenerationConfig(num_beams=2, max_new_tokens=5)):  # fmt: skip
