@@ -9,6 +9,10 @@ difference B - A of the mean is resampled over items with replacement ``n_resamp
 the interval is the (alpha/2, 1 - alpha/2) percentiles (Efron & Tibshirani 1993; Koehn 2004 for MT).
 A change is significant when the interval excludes 0. Results without per-sample records fall back to an
 unpaired normal interval from the two standard errors (marked "unpaired").
+
+Two results with ``--perplexity`` on the same text (the same file and byte count) also get a
+``perplexity`` row on ``bits_per_byte`` (lower is better; comparable across tokenizers). Perplexity keeps
+no per-window records, so that row has no interval and is never marked significant.
 """
 
 from __future__ import annotations
@@ -82,9 +86,11 @@ def compare_results(
     """Per task present in both results: the main metric's change with its interval (module doc)."""
     ra, rb = _read(a), _read(b)
     common = [t for t in ra["results"] if t in rb["results"]]
-    if not common:
+    perplexity = _perplexity_row(ra, rb)
+    if not common and perplexity is None:
         raise ConfigError(
-            f"{a} and {b} share no task (A: {sorted(ra['results'])}, B: {sorted(rb['results'])})"
+            f"{a} and {b} share no task (A: {sorted(ra['results'])}, B: {sorted(rb['results'])}) and no "
+            "perplexity on the same text; evaluate both with the same --tasks or --perplexity FILE"
         )
     z = 1.959963984540054 if alpha == 0.05 else _z(alpha)
     rows = []
@@ -106,7 +112,27 @@ def compare_results(
             rows.append(
                 Comparison(task, metric, va, vb, vb - va, vb - va - z * se, vb - va + z * se, n, False)
             )
-    return rows
+    return rows if perplexity is None else [*rows, perplexity]
+
+
+def _perplexity_row(ra: dict[str, Any], rb: dict[str, Any]) -> Comparison | None:
+    """The ``bits_per_byte`` change when both results scored perplexity on the same text, else None."""
+    pa, pb = ra.get("perplexity"), rb.get("perplexity")
+    if (
+        not isinstance(pa, dict)
+        or not isinstance(pb, dict)
+        or "bits_per_byte" not in pa
+        or "bits_per_byte" not in pb
+    ):
+        return None
+    same_file = (ra.get("config") or {}).get("perplexity") == (rb.get("config") or {}).get("perplexity")
+    if not same_file or pa.get("bytes") != pb.get("bytes"):
+        return None
+    va, vb = float(pa["bits_per_byte"]), float(pb["bits_per_byte"])
+    nan = float("nan")  # no per-window records: no interval, never "significant"
+    return Comparison(
+        "perplexity", "bits_per_byte", va, vb, vb - va, nan, nan, int(pa.get("bytes", 0)), False
+    )
 
 
 def _z(alpha: float) -> float:
@@ -122,9 +148,11 @@ def format_comparison(rows: list[Comparison], alpha: float = 0.05) -> str:
     for r in rows:
         mark = " *" if r.significant else ""
         kind = "" if r.paired else " unpaired"
+        interval = f"[{r.low:+.4f}, {r.high:+.4f}]"
+        if math.isnan(r.low):  # perplexity: no per-item records to resample; n counts bytes
+            interval, kind = f"{'(no interval)':<19}", " bytes; lower is better"
         lines.append(
-            f"{r.task:<28} {r.metric:<12} {r.a:>7.4f} {r.b:>7.4f} {r.delta:>+8.4f}  "
-            f"[{r.low:+.4f}, {r.high:+.4f}] {r.n:>5}{mark}{kind}"
+            f"{r.task:<28} {r.metric:<12} {r.a:>7.4f} {r.b:>7.4f} {r.delta:>+8.4f}  {interval} {r.n:>5}{mark}{kind}"
         )
     lines.append("* the interval excludes 0: a significant change")
     return "\n".join(lines)

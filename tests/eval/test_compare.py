@@ -48,3 +48,24 @@ def test_compare(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ConfigError, match=r"bad.json: not a `lamina eval --out` result"):
         compare_results(a, tmp_path / "bad.json")
+
+
+def test_perplexity_on_the_same_text_is_compared(tmp_path: Path) -> None:
+    """Two `lamina eval --perplexity t.txt` results (two checkpoints) compare on bits per byte; they were
+    refused as sharing no task. Perplexity on different texts is not compared."""
+
+    def ppl(name: str, bpb: float, text: str = "t.txt", size: int = 3000) -> Path:
+        out = {"config": {"perplexity": text}, "results": {}, "samples": {},
+               "perplexity": {"bits_per_byte": bpb, "token_perplexity": 9.0, "bytes": size}}  # fmt: skip
+        (tmp_path / name).write_text(json.dumps(out))
+        return tmp_path / name
+
+    (row,) = compare_results(ppl("a.json", 5.6), ppl("b.json", 4.1))
+    assert (row.task, row.metric, row.n) == ("perplexity", "bits_per_byte", 3000)
+    assert row.delta == pytest.approx(-1.5) and not row.significant
+    table = format_comparison([row])
+    assert "(no interval)" in table and "lower is better" in table and "nan" not in table
+    with pytest.raises(ConfigError, match="no perplexity on the same text"):
+        compare_results(ppl("a.json", 5.6), ppl("c.json", 4.1, text="other.txt"))
+    with pytest.raises(ConfigError, match="share no task"):
+        compare_results(ppl("a.json", 5.6), ppl("d.json", 4.1, size=10))
