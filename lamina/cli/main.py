@@ -48,6 +48,30 @@ VERBS = {
 }
 
 
+# words other tools use for a lamina verb (llama.cpp, HF, Ollama): `lamina train` points at these
+OTHER_WORDS = {
+    "train": "pretrain (a new model) or finetune (from a model)",
+    "run": "generate or chat",
+    "complete": "generate",
+    "server": "serve",
+    "quantize": "convert (--to gguf, or generate --weights int4)",
+    "export": "convert",
+    "perplexity": "eval (--perplexity FILE)",
+    "list": "models",
+    "show": "inspect",
+}
+
+
+def unknown_verb(word: str) -> str:
+    """The one-line refusal of ``word`` as a verb, naming the verb meant (``did you mean``)."""
+    import difflib
+
+    close = difflib.get_close_matches(word, VERBS, n=2, cutoff=0.6)
+    hint = OTHER_WORDS.get(word) or (" or ".join(close) if close else None)
+    meant = f"; did you mean {hint}?" if hint else f"; verbs: {', '.join(VERBS)}"
+    return f"lamina: error: unknown verb {word!r}{meant} (`lamina --help` lists every verb)"
+
+
 def verb_module(verb: str) -> ModuleType:
     """The module of ``verb`` (``fill-mask`` -> ``lamina.cli.fill_mask``), imported now."""
     return importlib.import_module("lamina.cli." + verb.replace("-", "_"))
@@ -84,6 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse ``argv`` and run the verb; a ``LaminaError`` prints one line and exits 1."""
     argv = list(sys.argv[1:] if argv is None else argv)
     verb = next((a for a in argv if not a.startswith("-")), "")  # the first word (top-level flags take none)
+    if verb and verb not in VERBS:
+        print(unknown_verb(verb), file=sys.stderr)
+        return 2
     parser = build_parser(verb)
     argv = normalize_argv(parser, argv)
     args, extra = parser.parse_known_args(argv)

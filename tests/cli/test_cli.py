@@ -128,6 +128,20 @@ def test_tokenizer_train_encode_decode_count(tmp_path: Path, capsys: pytest.Capt
         )
 
 
+@pytest.mark.parametrize(
+    ("word", "meant"),
+    [("genrate", "did you mean generate?"), ("train", "did you mean pretrain (a new model) or finetune"),
+     ("quantize", "did you mean convert"), ("xyzzy", "verbs: models, inspect")],
+)  # fmt: skip
+def test_an_unknown_verb_names_the_one_meant(
+    capsys: pytest.CaptureFixture[str], word: str, meant: str
+) -> None:
+    """A typo, or another tool's word for a verb, is one line naming the verb (argparse listed all 22)."""
+    assert main([word, "smollm2", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lamina: error: unknown verb {word!r}; {meant}") and err.count("\n") == 1, err
+
+
 def test_a_warning_is_one_line_naming_the_verb(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
