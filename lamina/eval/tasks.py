@@ -477,7 +477,14 @@ def load_task(name: str, data_dir: str | Path) -> Task:
         return _load_bigbench(name, data_dir)
     spec = TASKS.get(name)
     if spec is None:
-        raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(known_tasks(data_dir))}")
+        import difflib
+
+        known = known_tasks(data_dir)
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        meant = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(
+            f"unknown task {name!r}; known tasks: {', '.join(known)}, bigbench_NAME (data/bigbench/NAME){meant}"
+        )
     test = _find(data_dir, spec.test)
     if not test:
         raise ConfigError(

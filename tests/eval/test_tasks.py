@@ -82,6 +82,8 @@ def test_unknown_task_lists_the_known_ones() -> None:
     ):
         load_task("mmlux", FIXTURES)
     assert "bigbench_simple_answers" in known_tasks(FIXTURES)
+    with pytest.raises(ConfigError, match=r"bigbench_NAME \(data/bigbench/NAME\) \(did you mean 'mmlu'\?\)$"):
+        load_task("mmlx", FIXTURES)  # a typo gets the task meant
 
 
 def test_missing_files_say_where_they_were_looked_for(tmp_path: Path) -> None:
