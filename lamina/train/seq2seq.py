@@ -16,7 +16,8 @@ The pairs are read by ``lamina.data.pairs`` (TSV/CSV with a header, or JSONL) an
 ``val_rouge1``, ``val_rouge2``, ``val_rougeL``, ``val_rougeLsum``, ``val_exact_match``, printed and written
 to ``metrics.jsonl``. The checkpoints' generation.yaml holds that decoding (greedy, ``max_target_len`` new
 tokens, ``seq2seq.no_repeat_ngram_size``, ``seq2seq.repetition_penalty``), so ``lamina generate`` and
-``generation_predictor`` decode as the evaluations did.
+``generation_predictor`` decode as the evaluations did. ``seq2seq.best_metric`` picks ``OUT/best`` by
+another figure of the evaluation than the validation loss (``val_rougeL``: the highest wins).
 """
 
 from __future__ import annotations
@@ -31,12 +32,18 @@ from lamina.errors import ConfigError
 from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
 from lamina.train.objectives import seq2seq
-from lamina.train.trainer import TrainResult, train
+from lamina.train.trainer import LOWER_IS_BETTER, TrainResult, train
 
 if TYPE_CHECKING:
     from lamina.train.finetune import FinetuneRun
 
-__all__ = ["Seq2SeqConfig", "finetune_seq2seq", "pair_config"]
+__all__ = ["BEST_METRICS", "Seq2SeqConfig", "finetune_seq2seq", "pair_config"]
+
+# what seq2seq.best_metric may name: the validation loss, its exponential, and pair_metrics' figures
+BEST_METRICS = (
+    "val_loss", "val_ppl", "val_bleu", "val_chrf", "val_rouge1", "val_rouge2", "val_rougeL", "val_rougeLsum",
+    "val_exact_match",
+)  # fmt: skip
 
 
 @dataclass
@@ -55,10 +62,22 @@ class Seq2SeqConfig:
     no_repeat_ngram_size: int = 0
     # greedy decoding's HF/CTRL repetition penalty (> 0; 1: off), in the evaluations and generation.yaml
     repetition_penalty: float = 1.0
+    # the evaluation's figure that picks OUT/best (and early stopping): val_loss (lower wins) or a pair
+    # metric, val_rougeL, val_bleu, ... (higher wins; needs eval_pairs > 0)
+    best_metric: str = "val_loss"
 
     def __post_init__(self) -> None:
         if self.eval_pairs < 0:
             raise ConfigError(f"seq2seq.eval_pairs={self.eval_pairs} must be >= 0")
+        if self.best_metric not in BEST_METRICS:
+            raise ConfigError(
+                f"seq2seq.best_metric={self.best_metric!r} must be one of {', '.join(BEST_METRICS)}"
+            )
+        if self.best_metric not in LOWER_IS_BETTER and not self.eval_pairs:
+            raise ConfigError(
+                f"seq2seq.best_metric={self.best_metric!r} is scored on the decoded validation pairs: "
+                "set seq2seq.eval_pairs > 0"
+            )
         self.generation(max_new_tokens=1)  # the decoding fields, checked once (GenerationConfig.validate)
 
     def generation(self, max_new_tokens: int) -> GenerationConfig:
@@ -137,7 +156,7 @@ def finetune_seq2seq(
         model, tcfg, train_b, seq2seq(tcfg.label_smoothing), val_b.eval_batches,
         tokens_per_batch=max(1, round(per_pair * tcfg.batch_size)), total_steps=steps, tokenizer=tokenizer,
         run_config=dataclasses.replace(run, train=tcfg).to_dict(), eval_metrics=metrics, resume=resume,
-        overwrite=overwrite, data_stats=stats, notes=notes, generation=decoding,
+        overwrite=overwrite, data_stats=stats, notes=notes, generation=decoding, best_metric=s.best_metric,
     )  # fmt: skip
     return model, tokenizer, result
 

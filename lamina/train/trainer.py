@@ -11,7 +11,7 @@ resume); metrics and the progress bar.
 Output folder::
 
     OUT/checkpoints/step-00000500/   lamina checkpoint + train_state/ (optimizer, scheduler, RNG, step)
-    OUT/best/                        the checkpoint with the lowest validation loss
+    OUT/best/                        the checkpoint with the lowest validation loss (or best best_metric)
     OUT/last/                        the final checkpoint (with train_state/)
     OUT/metrics.jsonl, OUT/tensorboard/, OUT/curves.png, OUT/run.yaml, OUT/report.html
 
@@ -248,6 +248,7 @@ def train(
     notes: list[str] | None = None,
     generation: GenerationConfig | None = None,
     ema_decay: float | None = None,
+    best_metric: str = "val_loss",
 ) -> TrainResult:
     """Train ``model`` in place; returns a summary. See the module docstring for what is written.
 
@@ -276,6 +277,9 @@ def train(
     config with its ``kind`` (``lamina.checkpoint.lamina.write_checkpoint_files``).
     ``ema_decay`` keeps an exponential moving average of the weights (decay ``min(ema_decay, (1 + step)
     / (10 + step))``, diffusers' EMAModel), written as every checkpoint's ``EMA_FILE`` and resumed.
+    ``best_metric`` is the evaluation's figure that picks ``OUT/best`` and drives early stopping:
+    ``val_loss`` (the default) or ``val_ppl`` (lower wins), or a key of ``eval_metrics``' result such as
+    ``val_rougeL`` (higher wins); ``ConfigError`` at the first evaluation when it has no such figure.
     """
     started = time.perf_counter()
     if cfg.parallel == "fsdp" and _has_lora(model):  # finetune refuses it before loading; a backstop
@@ -531,8 +535,9 @@ def train(
                 shown = "".join(f", {k} {v:.4f}" for k, v in extra.items())
                 shown = f", perplexity {ppl['val_ppl']:.2f}{shown}" if perplexity else shown
                 bar.write(f"step {step}: val loss {val:.4f}{shown}")
-                if val < best_val - cfg.early_stopping_min_delta:
-                    best_val, bad_evals = val, 0
+                score = _best_score(best_metric, {"val_loss": val, **ppl, **extra})
+                if score < best_val - cfg.early_stopping_min_delta:
+                    best_val, bad_evals = score, 0
                     save(out / "best", with_state=False)
                 else:
                     bad_evals += 1
@@ -564,7 +569,10 @@ def train(
         log.close()
         D.cleanup(info)
     result.steps = step
-    result.best_val_loss = best_val if math.isfinite(best_val) else None
+    if best_metric == "val_loss":
+        result.best_val_loss = best_val if math.isfinite(best_val) else None
+    else:  # best_val holds the chosen figure (negated when higher wins): report the lowest loss seen
+        result.best_val_loss = min((v for _, v in result.val_losses), default=None)
     if info.is_main and (out / "metrics.jsonl").exists():
         plot_curves(out / "metrics.jsonl", out / "curves.png")
         from lamina.analysis.report import write_report
@@ -720,6 +728,22 @@ def _has_lora(model: nn.Module) -> bool:
 def _copy_into(src: Path, dst: Path) -> None:
     for p in src.iterdir():
         (shutil.copytree if p.is_dir() else shutil.copy2)(p, dst / p.name)
+
+
+# best_metric's figures that improve downwards; every other figure improves upwards
+LOWER_IS_BETTER = ("val_loss", "val_ppl")
+
+
+def _best_score(best_metric: str, figures: dict[str, float]) -> float:
+    """The evaluation's figure named ``best_metric`` as a score that improves downwards (negated when a
+    higher figure is better). ``ConfigError`` when the evaluation has no such figure."""
+    if best_metric not in figures:
+        raise ConfigError(
+            f"best_metric={best_metric!r} is not a figure of the evaluation (it has {', '.join(sorted(figures))}); "
+            "fix: choose one of those"
+        )
+    value = float(figures[best_metric])
+    return value if best_metric in LOWER_IS_BETTER else -value
 
 
 def _prune(folder: Path, keep: int) -> None:

@@ -102,6 +102,43 @@ def test_cli_trains_a_checkpoint_that_loads_and_generates(
     assert "seq2seq" in (out / "run.yaml").read_text()
 
 
+def test_best_metric_picks_the_checkpoint_with_the_highest_rouge(
+    reverse: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``seq2seq.best_metric val_rougeL``: OUT/best is the evaluation with the highest ROUGE-L (the first of
+    two here, faked so that it is), not the one with the lowest validation loss (the default's choice)."""
+    import lamina.eval.seq2seq as metrics_module
+
+    def fake_pair_metrics(*args: object, **kwargs: object) -> object:
+        scores = iter([0.9, 0.1])  # evaluation 1 (step 2) scores best, evaluation 2 (step 4) worse
+        return lambda model: {"val_rougeL": next(scores)}
+
+    monkeypatch.setattr(metrics_module, "pair_metrics", fake_pair_metrics)
+    rows = [json.loads(x) for x in reverse["val"].read_text().splitlines()[:20]]
+    data = _write_jsonl(tmp_path / "pairs.jsonl", rows)
+    weights = "model.safetensors"
+    for metric, best_step in (("val_rougeL", 2), ("val_loss", 4)):
+        out = tmp_path / metric
+        args = ("--task.val_fraction", "0.2", "--train.save_every", "2", "--train.lr", "3e-2",
+                "--seq2seq.best_metric", metric)  # fmt: skip
+        assert main(_cli(data, reverse["tokenizer"], out, *args)) == 0
+        losses = [r["val_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                  if "val_loss" in r]  # fmt: skip
+        assert len(losses) == 2 and losses[1] < losses[0]  # so val_loss would pick step 4
+        best = (out / "best" / weights).read_bytes()
+        assert best == (out / "checkpoints" / f"step-{best_step:08d}" / weights).read_bytes(), metric
+        assert best != (out / "checkpoints" / f"step-{6 - best_step:08d}" / weights).read_bytes(), metric
+
+
+def test_best_metric_is_checked() -> None:
+    from lamina.train.seq2seq import Seq2SeqConfig
+
+    with pytest.raises(ConfigError, match=r"^seq2seq\.best_metric='rougeL' must be one of val_loss, "):
+        Seq2SeqConfig(best_metric="rougeL")
+    with pytest.raises(ConfigError, match=r"set seq2seq\.eval_pairs > 0"):
+        Seq2SeqConfig(best_metric="val_rougeL", eval_pairs=0)
+
+
 def test_the_decoding_fields_are_checked_once_by_generation_config() -> None:
     from lamina.train.seq2seq import Seq2SeqConfig
 
