@@ -52,6 +52,7 @@ from lamina.generate.prefix_cache import PrefixCache, place
 from lamina.generate.sampling import Sampler, prompt_logprobs, sample_batch, token_logprobs
 from lamina.generate.sequences import Delta, Running, Sequence_, TokenLogprob
 from lamina.generate.speculative import Drafter, DraftStats, SpeculativeOptions, keep_slots
+from lamina.malloc import trim
 from lamina.model.layers import KVCache
 from lamina.model.lora import MultiLoraLinear, adapter_names, multi_lora_layers, select_adapters
 from lamina.model.quant import pads_across, path_lengths
@@ -285,6 +286,10 @@ class Engine:
         self._owner: dict[int, int] = {}  # id(Sequence_) -> request id, for cancellation
         self._cache: KVCache | None = None
         self._step_rows = 0  # the most rows the batch can have once this step's admissions join
+        self._view: KVCache | None = None  # a prefill's rows in the batch's storage, until _settle
+        self._view_rows: list[int] = []  # the storage rows of the view that joined, in order
+        self._compact = False  # _settle drops leading slots empty in every row (the prefill's padding)
+        self._decode_rows = 0  # the rows of the last one-token decoding step
         self._rid_adapter: dict[int, int] = {}  # request id -> its LoRA adapter, when not 0 (the base)
         self._lora_layers: list[MultiLoraLinear] | None = None  # found at the first adapter request
         p = model.tok_emb.weight
@@ -444,7 +449,8 @@ class Engine:
         self._apply_cancellations(out)
         budget = self.max_prefill_tokens
         self._step_rows = len(self._running) + (self._partial.req.rows if self._partial is not None else 0)
-        if self._partial is not None:  # the next chunk of a long prompt first; the queue waits behind it
+        prefilled = self._partial is not None
+        if prefilled:  # the next chunk of a long prompt first; the queue waits behind it
             budget -= self._continue_partial(budget, out)
         taken = self._admissible(budget) if self._partial is None and budget > 0 else []
         self._step_rows += sum(r.rows for r in taken)
@@ -458,6 +464,8 @@ class Engine:
                     out += self._admit(req)
             if all(s.finish_reason is not None for s in req.seqs):  # done at admission
                 self._rid_adapter.pop(req.request_id, None)
+        if taken or prefilled:  # a prefill's activations were freed: their pages go back (``release`` only)
+            trim()
         if decode and self._running:
             if emit is not None and out:
                 emit(out)
@@ -566,6 +574,10 @@ class Engine:
         """Add ``rows`` copies of a prefilled request's cache row ``row`` to the batch's cache. Its storage
         is made (or grown) once for the rows this step's admissions can bring (with ``pad_shapes``
         rounded up as decoding steps pad them, ``batch_rows``), instead of growing as each request joins."""
+        if self._view is not None:  # rows of a prefill into the batch's storage
+            assert prefilled is self._view and self._cache is not None
+            self._view_rows += [self._cache.rows + row] * rows  # storage rows (the batch's rows: before)
+            return
         n = len(self._running) if self._cache is not None else 0
         room = max(n + rows, self._step_rows)
         if self.pad_shapes:
@@ -645,13 +657,19 @@ class Engine:
             self._continue_partial(budget, out)
             return out
         rests = [len(r.prompt) - h for r, (h, _) in zip(reqs, found, strict=True)]
-        for group in _length_groups(rests, self._path_lengths):
+        groups = [p for g in _length_groups(rests, self._path_lengths) for p in self._pieces(g, any(salts))]
+        for group in groups:
+            budget_of = max(reqs[i].running[0].budget for i in group)
             with self._adapters([salts[i] for i in group]):
                 cache, logits = self._prefill_rows(
-                    [reqs[i].prompt for i in group], [salts[i] for i in group], [found[i] for i in group]
-                )
-            for row, i in enumerate(group):
-                out += self._start(reqs[i], logits[row : row + 1, -1], cache, row)
+                    [reqs[i].prompt for i in group], [salts[i] for i in group], [found[i] for i in group],
+                    into_batch=budget_of,
+                )  # fmt: skip
+            try:
+                for row, i in enumerate(group):
+                    out += self._start(reqs[i], logits[row : row + 1, -1], cache, row)
+            finally:
+                self._settle()
         return out
 
     def _admit_sources(self, reqs: list[_Request], salts: list[int]) -> list[Delta]:
@@ -723,7 +741,11 @@ class Engine:
         return out
 
     def _prefill_rows(
-        self, prompts: list[list[int]], salts: list[int], found: list[tuple[int, Tensor | None]]
+        self,
+        prompts: list[list[int]],
+        salts: list[int],
+        found: list[tuple[int, Tensor | None]],
+        into_batch: int | None = None,
     ) -> tuple[KVCache, Tensor]:
         """Prefill decoder ``prompts`` in one forward: (cache, one row each, logits (B, 1, V) of each
         prompt's last token).
@@ -737,7 +759,13 @@ class Engine:
         With ``pad_shapes`` the forward runs ``prefill_tokens`` tokens per row (more left padding, unless
         that would cross an int8/int4 path length) and ``batch_rows`` rows (copies of row 0, without
         adapters), so a server's prefills make a bounded set of matmul shapes; the padding slots left
-        empty in every row leave the cache after the forward (``KVCache.compact``)."""
+        empty in every row leave the cache after the forward (``KVCache.compact``).
+
+        ``into_batch`` (the longest output budget of the rows): the forward writes straight into spare
+        rows of the batch's KV storage (``KVCache.rows_view``; made or grown first), aligned to end where
+        the batch's rows end, so no one-off cache is made and copied (its memory was alive beside the
+        batch's at the peak); the rows that ``_start`` keeps join at ``_settle``. Without room for the
+        padded rows in the storage the rows get their own cache as before."""
         B, P0 = len(prompts), max(h for h, _ in found)
         rests = [len(p) - h for p, (h, _) in zip(prompts, found, strict=True)]
         T = max(rests)
@@ -747,7 +775,17 @@ class Engine:
             if not any(salts):
                 copies = batch_rows(B, self.max_batch_size) - B
                 prompts, found = prompts + [prompts[0]] * copies, found + [found[0]] * copies
-        cache = KVCache(self.model.config, len(prompts), P0 + T, self._dtype, self._device)
+        view = (
+            self._batch_view(len(prompts), P0 + T, max(len(p) for p in prompts) + into_batch, B)
+            if into_batch is not None
+            else None
+        )
+        if view is None:
+            cache = KVCache(self.model.config, len(prompts), P0 + T, self._dtype, self._device)
+        else:
+            cache, P0 = view, view.length - T  # the prompts end where the batch's rows end
+            cache.valid[:, :P0] = False  # the spare rows' old slots before the prompts: masked
+            cache.positions[:, :P0] = 0
         ids = torch.zeros(len(prompts), T, dtype=torch.long)
         real = torch.zeros(len(prompts), T, dtype=torch.bool)
         for i, (p, (h, kv)) in enumerate(zip(prompts, found, strict=True)):
@@ -763,9 +801,77 @@ class Engine:
         if pc is not None:
             for i, (p, s, (h, _)) in enumerate(zip(prompts[:B], salts, found[:B], strict=True)):
                 pc.store(p, cache, s, row=i, offset=P0 + T - len(p), start=h)
-        if T > max(rests):
+        if view is not None:
+            self._compact = T > max(rests)  # after the rows join (_settle): slots empty in every row
+        elif T > max(rests):
             cache.compact()
         return cache, logits[:B]
+
+    def _room(self, rows: int) -> tuple[int, int]:
+        """(rows running, rows the batch's storage is made or grown to) when ``rows`` more join now."""
+        n = len(self._running) if self._cache is not None else 0
+        room = max(n + rows, self._step_rows)
+        return n, batch_rows(room, self.max_batch_size) if self.pad_shapes else room
+
+    def _pieces(self, group: list[int], adapters: bool) -> list[list[int]]:
+        """``group`` (a prefill group) as it is prefilled: whole, or, when its padded rows
+        (``batch_rows``) do not fit the batch's storage beside the running rows, in pieces of 8, 4, 2, 1
+        rows (each a padded size), so that every piece prefills into the storage (``_batch_view``)."""
+        if not self.pad_shapes or adapters or self._enc_dec:
+            return [group]
+        n, room = self._room(len(group))
+        if n + batch_rows(len(group), self.max_batch_size) <= room:
+            return [group]
+        pieces, rest = [], group
+        while rest:
+            k = min(8, 1 << (len(rest).bit_length() - 1))
+            pieces.append(rest[:k])
+            rest = rest[k:]
+        return pieces
+
+    def _batch_view(self, rows: int, slots: int, capacity: int, real: int) -> KVCache | None:
+        """A view (``KVCache.rows_view``) of ``rows`` spare rows of the batch's KV storage (``real`` of
+        them requests', the others padding) for a prefill of ``slots`` slots per row, its ``length`` where
+        the batch's rows end (the prefill's tokens end there too). The storage is made, or grown in rows
+        and slots, first: rows as ``_join`` grows them; when made, ``capacity`` slots (the longest prompt
+        and output budget; the prefill's padding slots leave at ``_settle``). None (the prefill gets its
+        own cache) when the rows do not fit the rows this step's batch can have, for an encoder-decoder,
+        and while a view is pending."""
+        if self._enc_dec or self._view is not None:
+            return None
+        n, room = self._room(real)
+        if n + rows > room:
+            return None
+        if self._cache is None or not self._running:
+            self._cache = None  # an emptied batch's storage goes before the new one is made
+            self._cache = KVCache(
+                self.model.config, 0, max(slots, capacity), self._dtype, self._device, max_batch_size=room
+            )
+        batch = self._cache
+        batch.reserve_rows(room)
+        if slots > batch.length:  # the running rows get masked, empty slots up to the prefill's end
+            if slots > batch.capacity:
+                batch.compact()
+            if slots > batch.capacity:
+                batch.reserve(slots - batch.length)
+            if slots > batch.length:
+                batch.valid[:, batch.length : slots] = False
+                batch.length = slots
+        self._view, self._view_rows = batch.rows_view(n, rows), []
+        return self._view
+
+    def _settle(self) -> None:
+        """The rows of a prefill into the batch's storage (``_batch_view``) that ``_start`` kept join the
+        batch (their storage rows, in order); the others' rows stay spare."""
+        view, self._view = self._view, None
+        if view is None:
+            return
+        assert self._cache is not None
+        self._cache.settle_rows(self._view_rows)
+        if not self._cache.rows:
+            self._cache = None  # nothing joined and nothing runs: no storage kept
+        elif self._compact:
+            self._cache.compact()
 
     def _prefill(
         self, prompt: list[int], source: list[int] | None, last_only: bool, salt: int = 0
@@ -831,6 +937,9 @@ class Engine:
             for _, u in units:
                 feeds += u.group.feeds if isinstance(u, _Beams) else [u.feed]
             pad = self._padded_rows(B, cache) - B
+            if B + pad != self._decode_rows:  # the kernels' buffers of the last row count go (``release``)
+                self._decode_rows = B + pad
+                trim()
             ids = torch.tensor(feeds + [0] * pad, dtype=torch.long).view(B + pad, 1)
         else:
             ids = torch.zeros(B, T, dtype=torch.long)

@@ -7,6 +7,7 @@ from ``ModelConfig``; ``transformer.py`` only stacks the parts.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -298,6 +299,34 @@ class KVCache:
         if rows > self.max_batch_size:
             self._grow(rows, self.capacity)
 
+    def rows_view(self, start: int, rows: int) -> KVCache:
+        """A cache over this one's storage rows [start, start + rows) (within ``max_batch_size``, past its
+        own rows: e.g. rows about to join), sharing its storage: a forward through it writes there, so
+        that a prefill lands in the batch's storage without a copy. Its ``length`` is this cache's; the
+        caller keeps the two consistent and must not grow this cache's storage while the view is used.
+        Not for an encoder-decoder's rows (no cross-attention keys)."""
+        if start + rows > self.max_batch_size:
+            raise ValueError(f"rows_view({start}, {rows}): the storage holds {self.max_batch_size} rows")
+        view = copy.copy(self)
+        view._k, view._v = [t[start:] for t in self._k], [t[start:] for t in self._v]
+        view._valid, view._positions = self._valid[start:], self._positions[start:]
+        view._next_pos = self._next_pos[start:]
+        view.cross_k, view.cross_v, view.memory_ids = [], [], None
+        view._memory_valid, view._cross_mask = None, None
+        view._set_rows(rows)
+        return view
+
+    def settle_rows(self, rows: Sequence[int]) -> None:
+        """This cache's rows become its own first rows followed by storage rows ``rows`` (indices >= its
+        row count, e.g. written through ``rows_view``; repeats allowed), copying only when they are not
+        already the next rows in order."""
+        n, m = self.rows, len(rows)
+        if list(rows) != list(range(n, n + m)):
+            idx = torch.tensor(list(rows), dtype=torch.long, device=self.device)
+            for t in self._storage():
+                t[n : n + m] = t.index_select(0, idx)
+        self._set_rows(n + m)
+
     @contextlib.contextmanager
     def padded_rows(self, rows: int) -> Iterator[None]:
         """Within, the cache shows ``rows`` rows (at most ``max_batch_size``): its own rows, then padding
@@ -403,7 +432,10 @@ class KVCache:
     def _grow(self, rows: int, capacity: int) -> None:
         """Reallocate the storage for ``rows`` rows of ``capacity`` slots, one tensor at a time (each old
         one freed before the next is made: the memory peak is the cache plus one layer's keys, not two
-        whole caches)."""
+        whole caches; under ``lamina.malloc``'s ``release`` policy the freed tensor's pages go back to the
+        system at once, ``trim``: a heap keeps them otherwise, as a larger tensor does not fit its hole)."""
+        from lamina.malloc import trim
+
         n, L = self.rows, self.length
         fresh = self._zeros(rows, capacity)
         for store, views in ((self._k, self.k), (self._v, self.v)):
@@ -412,6 +444,7 @@ class KVCache:
                 new[:n, :, :L] = old[:n, :, :L]
                 store[i], views[i] = new, new[:n]  # the old tensor's last references go
                 del old
+                trim()
         valid, positions, next_pos = self._valid, self._positions, self._next_pos
         self._valid, self._positions, self._next_pos = fresh
         self._valid[:n, :L], self._positions[:n, :L] = valid[:n, :L], positions[:n, :L]

@@ -522,3 +522,47 @@ def test_padded_shapes_keep_every_rows_output() -> None:
             assert a.tokens == b.tokens
             assert a.logprobs is not None and b.logprobs is not None
             assert [x.logprob for x in a.logprobs] == pytest.approx([y.logprob for y in b.logprobs], abs=1e-5)
+
+
+@torch.no_grad()
+def test_prefills_write_into_the_batch_s_kv_storage() -> None:
+    """Prompts admitted beside running rows prefill straight into spare rows of the batch's KV storage
+    (no one-off cache made and copied: it was alive beside the batch's storage at the server's RSS
+    peak), also when a group's padded rows do not fit beside the running ones (it is prefilled in
+    pieces), with rows repeated (n=2) or done at their first token; every row gets the tokens and
+    logprobs it gets alone."""
+    from unittest import mock
+
+    from lamina.generate.engine import Engine
+    from lamina.model.layers import KVCache
+
+    model = _tiny_model()
+
+    def cfg(n: int, k: int = 1) -> GenerationConfig:
+        return GenerationConfig(temperature=0.0, max_new_tokens=n, ignore_eos=True, logprobs=True, n=k)
+
+    first = [([1, 2, 3], cfg(9)), ([4, 5], cfg(7)), ([6], cfg(8))]
+    later = [([7, 8, 9, 10], cfg(5)), ([11], cfg(1)), ([12, 13], cfg(4)), ([3, 4], cfg(6)), ([5], cfg(3))]
+    later.append(([9, 9], cfg(4, 2)))  # waits for rows (8 at most), then joins as two rows
+    alone = []
+    for p, c in first + later:
+        one = Engine(model, max_batch_size=8)
+        alone += one.submit(p, c)
+        while one.has_work():
+            one.step()
+    for pad in (False, True):
+        engine = Engine(model, max_batch_size=8, pad_shapes=pad)
+        seqs = [s for p, c in first for s in engine.submit(p, c)]
+        engine.step()
+        engine.step()
+        assert engine._cache is not None and engine.num_running == 3
+        seqs += [s for p, c in later for s in engine.submit(p, c)]
+        with mock.patch.object(KVCache, "__init__", side_effect=AssertionError("a one-off cache")):
+            engine.step()  # 5 new rows beside 3: padded to 8 they do not fit 8, so in pieces of 4 and 1
+        assert engine.num_running == 7 and engine.num_queued == 1  # one left at its first token
+        while engine.has_work():
+            engine.step()
+        for a, b in zip(seqs, alone, strict=True):
+            assert a.tokens == b.tokens
+            assert a.logprobs is not None and b.logprobs is not None
+            assert [x.logprob for x in a.logprobs] == pytest.approx([y.logprob for y in b.logprobs], abs=1e-5)
