@@ -16,7 +16,7 @@ request). Target: TTFT on a cache hit under a fifth of the uncached TTFT (uncach
 Memory: the server's resident set (RSS, /proc) when idle with the model loaded (after one warm-up
 request) and its peak while the client counts run (the kernel's high-water mark, reset at idle), against
 the KV cache the largest count's clients need (layers x 2 x kv_heads x head_dim x (prompt + generated)
-tokens x 4 bytes, summed over one request per client). Target: the growth from idle to that peak at most
+tokens x the bytes of the engine's KV dtype, summed over one request per client: ``KV_BYTES``). Target: the growth from idle to that peak at most
 1.5x that KV (headline: 1.5 KV / growth >= 1x). RSS does not depend on timing, so it holds under load.
 The server runs under ``lamina serve``'s glibc malloc policy (``lamina.malloc``, ``release``) unless this
 process's environment sets malloc itself (``MALLOC_*``, ``GLIBC_TUNABLES``, ``LD_PRELOAD``, ``LAMINA_MALLOC=off``).
@@ -74,6 +74,11 @@ SYSTEM = (
     "the user asks for another language, and explain what the code does in a sentence before it. "
 ) * 5  # about 500 tokens with SmolLM2's tokenizer (the run prints the count)
 QUESTIONS = ["How do I install the library?", "What is your refund policy?", "Can you write a sort?"]
+
+
+# bytes of one KV element per --weights: the engine keeps keys and values in the embedding's dtype after
+# the conversion (bf16 activations for bf16, int8 and int4 weights; fp32 for fp32 and w8a8)
+KV_BYTES = {"fp32": 4, "bf16": 2, "int8": 2, "int4": 2, "w8a8": 4}
 
 
 @dataclass
@@ -335,9 +340,12 @@ def main() -> None:
           f"(min {1000 * min(uncached):.0f} / {1000 * min(cached):.0f}); target cached < uncached / 5: "
           f"{'met' if 5 * c50 < u50 else 'NOT met'}")  # fmt: skip
     print(f"TTFT p50 at {last.clients} clients: {pct(last.ttft, 50):.0f} ms")
-    kv_token = kv_bytes_per_token(dtype_bytes=2 if args.weights == "bf16" else 4)  # the cache's dtype
+    kv_token = kv_bytes_per_token(dtype_bytes=KV_BYTES[args.weights])  # the cache's dtype
     kv = kv_token * sum(sorted(last.request_tokens)[-last.clients :]) / 2**20
     growth = peak_rss - idle_rss
+    if last.kv_storage and not 0.8 <= last.kv_storage / kv <= 2:  # the storage holds their tokens, ~1x
+        print(f"warning: the batch's KV storage ({last.kv_storage:.1f} MiB) is far from the KV computed "
+              f"({kv:.1f} MiB): is KV_BYTES[{args.weights!r}] the engine's KV dtype?")  # fmt: skip
     print(f"\nserver RSS: {loaded_rss:.0f} MiB loaded, {idle_rss:.0f} MiB idle after a warm-up request, peak "
           f"{peak_rss:.0f} MiB over the runs; growth {growth:.1f} MiB; KV cache {last.clients} clients need "
           f"{kv:.1f} MiB ({kv_token} bytes a token x {sum(sorted(last.request_tokens)[-last.clients :])} "
