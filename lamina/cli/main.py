@@ -8,7 +8,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from types import ModuleType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from lamina import __version__
 from lamina.cli.flags import normalize_argv, print_flat_config, unknown_arguments
@@ -78,7 +78,30 @@ def verb_module(verb: str) -> ModuleType:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with a usage error on one line (a verb's full usage lists hundreds of flags)."""
+    """argparse, with a usage error on one line (a verb's full usage lists hundreds of flags), and a verb's
+    positionals free to come after its flags (``lamina generate MODEL --max-new-tokens 20 "prompt"``, as
+    ``llama-cli`` and most CLIs take them: plain argparse stops filling MODEL [PROMPT] at the first flag
+    and refuses the prompt after it)."""
+
+    _intermixing = False
+
+    def parse_known_args(  # type: ignore[override]  # argparse's stub overloads on namespace's type
+        self, args: Any = None, namespace: Any = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self._intermixing or not self._can_intermix():
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True  # parse_known_intermixed_args calls parse_known_args twice
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+    def _can_intermix(self) -> bool:
+        """argparse intermixes a parser without sub-commands or catch-all positionals (the verbs')."""
+        return not any(
+            isinstance(a, argparse._SubParsersAction) or a.nargs in (argparse.PARSER, argparse.REMAINDER)
+            for a in self._actions
+        )
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists every flag)\n")

@@ -142,6 +142,24 @@ def test_an_unknown_verb_names_the_one_meant(
     assert err.startswith(f"lamina: error: unknown verb {word!r}; {meant}") and err.count("\n") == 1, err
 
 
+def test_positionals_may_follow_flags() -> None:
+    """`lamina VERB --flag value POSITIONAL` parses as `lamina VERB POSITIONAL --flag value` (the prompt after
+    --max-new-tokens was refused as an unrecognized argument); a word too many is still refused."""
+    from lamina.cli.main import build_parser
+
+    parser = build_parser("generate")
+    args, extra = parser.parse_known_args(["generate", "smollm2", "--max-new-tokens", "5", "Hello there"])
+    assert (args.model, args.prompt, extra) == ("smollm2", "Hello there", [])
+    args, _ = parser.parse_known_args(["generate", "--raw", "smollm2", "--seed", "1", "-"])
+    assert (args.model, args.prompt, args.chat) == ("smollm2", "-", False)
+    assert parser.parse_known_args(["generate", "m", "--n", "2", "p", "extra"])[1] == ["extra"]
+    tok = build_parser("tokenizer")  # an action's positionals too
+    args, extra = tok.parse_known_args(
+        ["tokenizer", "train", "--vocab-size", "260", "a.txt", "--out", "t", "b.txt"]
+    )
+    assert (args.files, args.out, extra) == (["a.txt", "b.txt"], "t", [])
+
+
 def test_a_warning_is_one_line_naming_the_verb(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
