@@ -90,8 +90,12 @@ def chat_loop(
             if lm.model.config.arch == "encoder-decoder"
             else "continues plain text"
         )
+        import shlex
+
+        # the path the user gave (a checkpoint's folder name alone, "last", would not load)
+        model = shlex.quote(str(lm.entry.path) if lm.entry.source == "path" else lm.entry.name)
         raise ConfigError(
-            f"model {lm.entry.name!r} has no chat template; `lamina generate {lm.entry.name} PROMPT` {does}"
+            f"model {lm.entry.name!r} has no chat template; `lamina generate {model} PROMPT` {does}"
         )
     cfg = chat_config(lm, config, **controls)
     one_reply = {"n": cfg.n > 1, "num_beams": cfg.num_beams > 1, "logprobs": cfg.logprobs,

@@ -103,7 +103,14 @@ def test_chat_defaults_when_the_checkpoint_has_none_else_its_own(tiny: Any) -> N
 def test_a_model_that_cannot_chat_is_refused_at_once() -> None:
     with pytest.raises(ConfigError, match=r"encoder.*lamina embed"):
         chat_loop(tiny_lm(arch="encoder", head="none"), lambda: "hello", print)
+    import dataclasses
+    from pathlib import Path
+
+    from lamina.checkpoint.registry import ModelEntry
+
     lm = tiny_lm()
     lm.tokenizer.chat_template = None
-    with pytest.raises(ConfigError, match="no chat template; `lamina generate tiny PROMPT`"):
+    # `lamina chat "runs/my gpt/last"`: generate is suggested with the path given, not the folder's name
+    lm = dataclasses.replace(lm, entry=ModelEntry("last", Path("runs/my gpt/last"), "path", "lamina"))
+    with pytest.raises(ConfigError, match=r"no chat template; `lamina generate 'runs/my gpt/last' PROMPT`"):
         chat_loop(lm, lambda: "hello", print)

@@ -162,7 +162,7 @@ def test_what_an_encoder_decoder_cannot_do_is_one_clear_error(t5: tuple[Transfor
     from lamina.generate.chat import chat_loop
 
     model, tok = t5
-    lm = LoadedModel(model, tok, GenerationConfig(), ModelEntry("t5", Path("."), "path", "lamina"))
+    lm = LoadedModel(model, tok, GenerationConfig(), ModelEntry("t5", Path("t5"), "path", "lamina"))
     with pytest.raises(
         ConfigError, match="has no chat template; `lamina generate t5 PROMPT` maps one source"
     ):
