@@ -84,6 +84,7 @@ class Parser(argparse.ArgumentParser):
     and refuses the prompt after it)."""
 
     _intermixing = False
+    intermix = True  # main turns it off for an argv whose boolean flag is followed by a word (see there)
 
     def parse_known_args(  # type: ignore[override]  # argparse's stub overloads on namespace's type
         self, args: Any = None, namespace: Any = None
@@ -98,7 +99,7 @@ class Parser(argparse.ArgumentParser):
 
     def _can_intermix(self) -> bool:
         """argparse intermixes a parser without sub-commands or catch-all positionals (the verbs')."""
-        return not any(
+        return Parser.intermix and not any(
             isinstance(a, argparse._SubParsersAction) or a.nargs in (argparse.PARSER, argparse.REMAINDER)
             for a in self._actions
         )
@@ -136,7 +137,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     parser = build_parser(verb)
     argv = normalize_argv(parser, argv)
-    args, extra = parser.parse_known_args(argv)
+    # a word right after a boolean flag given bare (--compile maybe) is that flag's bad value, which
+    # unknown_arguments names: it must stay left over, not be taken as a positional (PROMPT) by intermixing
+    bare: set[int] = getattr(parser, "_lamina_bare_bools", set())
+    Parser.intermix = not any(j + 1 < len(argv) and not argv[j + 1].startswith("-") for j in bare)
+    try:
+        args, extra = parser.parse_known_args(argv)
+    finally:
+        Parser.intermix = True
     if extra:
         unknown_arguments(parser, argv, extra)
     said = " ".join(w for w in (args.verb, getattr(args, "action", None)) if w)

@@ -142,7 +142,7 @@ def test_an_unknown_verb_names_the_one_meant(
     assert err.startswith(f"lamina: error: unknown verb {word!r}; {meant}") and err.count("\n") == 1, err
 
 
-def test_positionals_may_follow_flags() -> None:
+def test_positionals_may_follow_flags(capsys: pytest.CaptureFixture[str]) -> None:
     """`lamina VERB --flag value POSITIONAL` parses as `lamina VERB POSITIONAL --flag value` (the prompt after
     --max-new-tokens was refused as an unrecognized argument); a word too many is still refused."""
     from lamina.cli.main import build_parser
@@ -153,6 +153,9 @@ def test_positionals_may_follow_flags() -> None:
     args, _ = parser.parse_known_args(["generate", "--raw", "smollm2", "--seed", "1", "-"])
     assert (args.model, args.prompt, args.chat) == ("smollm2", "-", False)
     assert parser.parse_known_args(["generate", "m", "--n", "2", "p", "extra"])[1] == ["extra"]
+    with pytest.raises(SystemExit):  # a bare boolean flag's bad value is still named, not taken as PROMPT
+        main(["generate", "smollm2", "--compile", "maybe"])
+    assert "--compile 'maybe': the flag is true or false" in capsys.readouterr().err
     tok = build_parser("tokenizer")  # an action's positionals too
     args, extra = tok.parse_known_args(
         ["tokenizer", "train", "--vocab-size", "260", "a.txt", "--out", "t", "b.txt"]
