@@ -334,22 +334,48 @@ def normalize_argv(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list
     return out
 
 
-def unknown_arguments(parser: argparse.ArgumentParser, argv: Sequence[str], extra: Sequence[str]) -> None:
-    """Exit (2) with the verb's own usage and "did you mean" for each unknown flag in ``extra``; a word
-    left over right after a boolean flag given without a value (``--pad-shapes maybe``) is named as that
-    flag's value: one line saying which values it takes."""
-    import difflib
+def could_be_bool(word: str) -> bool:
+    """Whether ``word``, right after a boolean flag given bare, may be meant as the flag's (misspelt)
+    value: one short word of letters, or a number (``maybe``, ``ture``, ``2``). A word with spaces,
+    punctuation, or letters and digits mixed (a prompt, ``smollm2``, ``gpt/last``) cannot be one."""
+    return len(word) <= 8 and re.fullmatch(r"[A-Za-z]+|[+-]?\d+", word) is not None
 
+
+def bool_typos(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[int]:
+    """Where in ``argv`` (``normalize_argv``'s output) a boolean flag given bare is followed by a word that
+    could be its value (``could_be_bool``): that word must stay left over for ``unknown_arguments`` to
+    name, not fill a positional (PROMPT)."""
+    bare: set[int] = getattr(parser, "_lamina_bare_bools", set())
+    return [j for j in sorted(bare) if j + 1 < len(argv) and could_be_bool(argv[j + 1])]
+
+
+def verb_parser(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The parser of the verb (and action) that ``argv`` names: the one whose flags and positionals it
+    fills (``parser`` itself when it names none)."""
     current = parser
     for tok in argv:
         current = _subparser(current, tok) or current
-    bare: set[int] = getattr(parser, "_lamina_bare_bools", set())
-    for j in sorted(bare):
-        if j + 1 < len(argv) and argv[j + 1] in extra and not argv[j + 1].startswith("-"):
+    return current
+
+
+def unknown_arguments(parser: argparse.ArgumentParser, argv: Sequence[str], extra: Sequence[str]) -> None:
+    """Exit (2) with the verb's own usage and "did you mean" for each unknown flag in ``extra``; a word
+    left over right after a boolean flag given without a value, that could be its value (``--pad-shapes
+    maybe``: ``could_be_bool``), is named as that flag's value: one line saying which values it takes and,
+    where the verb takes an optional positional, how to give the word as that instead."""
+    import difflib
+
+    current = verb_parser(parser, argv)
+    for j in bool_typos(parser, argv):
+        word = argv[j + 1]
+        if word in extra:
             flag = argv[j].partition("=")[0]
+            optional = [str(a.metavar or a.dest.upper()) for a in current._actions
+                        if not a.option_strings and a.nargs in ("?", "*", "+")]  # fmt: skip
+            meant = f"; if {word!r} is the {' or '.join(optional)}, put it before {flag} or write {flag}=true"
             current.error(
-                f"{flag} {argv[j + 1]!r}: the flag is true or false (yes/no, on/off, 1/0; {flag} alone "
-                "means true)"
+                f"{flag} {word!r}: the flag is true or false (yes/no, on/off, 1/0; {flag} alone means "
+                f"true){meant if optional else ''}"
             )
     hints = []
     for tok in extra:

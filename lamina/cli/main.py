@@ -11,7 +11,13 @@ from types import ModuleType
 from typing import Any, NoReturn
 
 from lamina import __version__
-from lamina.cli.flags import normalize_argv, print_flat_config, unknown_arguments
+from lamina.cli.flags import (
+    bool_typos,
+    normalize_argv,
+    print_flat_config,
+    unknown_arguments,
+    verb_parser,
+)
 from lamina.errors import LaminaError
 
 # verb -> its one-line help in `lamina --help`; the verb's module is lamina.cli.<verb> ("-" -> "_").
@@ -84,7 +90,7 @@ class Parser(argparse.ArgumentParser):
     and refuses the prompt after it)."""
 
     _intermixing = False
-    intermix = True  # main turns it off for an argv whose boolean flag is followed by a word (see there)
+    intermix = True  # parse turns it off, on the verb's parser only, for a boolean flag's bad value
 
     def parse_known_args(  # type: ignore[override]  # argparse's stub overloads on namespace's type
         self, args: Any = None, namespace: Any = None
@@ -99,7 +105,7 @@ class Parser(argparse.ArgumentParser):
 
     def _can_intermix(self) -> bool:
         """argparse intermixes a parser without sub-commands or catch-all positionals (the verbs')."""
-        return Parser.intermix and not any(
+        return self.intermix and not any(
             isinstance(a, argparse._SubParsersAction) or a.nargs in (argparse.PARSER, argparse.REMAINDER)
             for a in self._actions
         )
@@ -128,6 +134,28 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """``argv`` parsed as ``main`` does: flags normalized, positionals anywhere, and a usage error (exit 2)
+    for anything left over.
+
+    A word right after a boolean flag given bare that could be the flag's value (``--compile maybe``:
+    ``could_be_bool``) stays left over, for ``unknown_arguments`` to name as the flag's bad value, instead
+    of filling an optional positional by intermixing; any other word (``--ignore-eos "Tell me a story"``)
+    is a positional, as it is after any other flag (``--max-new-tokens 5 "hi"``).
+    """
+    argv = normalize_argv(parser, argv)
+    verb = verb_parser(parser, argv)
+    intermix = getattr(verb, "intermix", True)
+    verb.intermix = not bool_typos(parser, argv)  # type: ignore[attr-defined]  # a Parser's (this parser's)
+    try:
+        args, extra = parser.parse_known_args(argv)
+    finally:
+        verb.intermix = intermix  # type: ignore[attr-defined]
+    if extra:
+        unknown_arguments(parser, argv, extra)
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse ``argv`` and run the verb; a ``LaminaError`` prints one line and exits 1."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -135,24 +163,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if verb and verb not in VERBS:
         print(unknown_verb(verb), file=sys.stderr)
         return 2
-    parser = build_parser(verb)
-    argv = normalize_argv(parser, argv)
-    # a word right after a boolean flag given bare (--compile maybe) is that flag's bad value, which
-    # unknown_arguments names: it must stay left over, not be taken as a positional (PROMPT) by intermixing
-    bare: set[int] = getattr(parser, "_lamina_bare_bools", set())
-    Parser.intermix = not any(j + 1 < len(argv) and not argv[j + 1].startswith("-") for j in bare)
-    try:
-        args, extra = parser.parse_known_args(argv)
-    finally:
-        Parser.intermix = True
-    if extra:
-        unknown_arguments(parser, argv, extra)
+    args = parse(build_parser(verb), argv)
     said = " ".join(w for w in (args.verb, getattr(args, "action", None)) if w)
     try:
         with warnings.catch_warnings():
             if not args.debug:  # a warning is one line, as an error is (not Python's file:line + source line)
                 warnings.showwarning = lambda message, category, *_, **__: print(
-                    f"lamina {said}: warning: {message}", file=sys.stderr
+                    f"lamina {said}: warning: {' '.join(str(message).split())}", file=sys.stderr
                 )
             if getattr(args, "print_config", False) and getattr(args, "_lamina_sources", None):
                 print_flat_config(args)  # a one-config verb: the same for every verb, before any work

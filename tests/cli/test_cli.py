@@ -155,7 +155,22 @@ def test_positionals_may_follow_flags(capsys: pytest.CaptureFixture[str]) -> Non
     assert parser.parse_known_args(["generate", "m", "--n", "2", "p", "extra"])[1] == ["extra"]
     with pytest.raises(SystemExit):  # a bare boolean flag's bad value is still named, not taken as PROMPT
         main(["generate", "smollm2", "--compile", "maybe"])
-    assert "--compile 'maybe': the flag is true or false" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--compile 'maybe': the flag is true or false" in err
+    assert "if 'maybe' is the PROMPT, put it before --compile or write --compile=true" in err
+    # a word that cannot be a boolean's value is the PROMPT, as after any other flag (it was refused as
+    # --ignore-eos's bad value, while `--max-new-tokens 5 "Tell me a story"` ran)
+    from lamina.cli.main import parse
+
+    for flag in ("--ignore-eos", "--compile", "--do-sample"):
+        args = parse(parser, ["generate", "smollm2", flag, "Tell me a story"])
+        assert (args.model, args.prompt) == ("smollm2", "Tell me a story")
+    assert parse(parser, ["generate", "--ignore-eos", "smollm2", "hi"]).model == "smollm2"
+    from lamina.cli.flags import verb_parser
+
+    with pytest.raises(SystemExit):
+        parse(parser, ["generate", "m", "--compile", "maybe"])
+    assert verb_parser(parser, ["generate"]).intermix  # the verb's parser intermixes again afterwards
     tok = build_parser("tokenizer")  # an action's positionals too
     args, extra = tok.parse_known_args(
         ["tokenizer", "train", "--vocab-size", "260", "a.txt", "--out", "t", "b.txt"]
@@ -171,11 +186,11 @@ def test_a_warning_is_one_line_naming_the_verb(
     import lamina.cli.models
 
     def warns(args: Any) -> int:
-        warnings.warn("activation='gelu' is written as gelu_tanh", UserWarning, stacklevel=1)
+        warnings.warn("activation='gelu' is written\n  as gelu_tanh", UserWarning, stacklevel=1)
         return 0
 
     monkeypatch.setattr(lamina.cli.models, "run", warns)
-    assert main(["models"]) == 0
+    assert main(["models"]) == 0  # a warning of several lines (torch's often are) is one line too
     assert capsys.readouterr().err == "lamina models: warning: activation='gelu' is written as gelu_tanh\n"
 
 
