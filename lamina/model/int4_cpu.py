@@ -55,7 +55,9 @@ _SRC = r"""
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/inductor/aoti_torch/utils.h>
 #include <immintrin.h>
+#include <cmath>
 #include <cstring>
+#include <algorithm>
 #include <vector>
 
 static inline __m512 bf16x16(const uint16_t* p) {
@@ -163,8 +165,121 @@ static at::Tensor mv(const at::Tensor& x, const at::Tensor& packed, const at::Te
   return y;
 }
 
-TORCH_LIBRARY(lamina_int4, m) { m.def("lamina_int4_mv(Tensor x, Tensor packed, Tensor so) -> Tensor"); }
-TORCH_LIBRARY_IMPL(lamina_int4, CPU, m) { m.impl("lamina_int4_mv", &mv); }
+// -- single-query attention (the compiled decode step's) --
+static inline float ld(const float* p) { return *p; }
+static inline float ld(const uint16_t* p) { uint32_t u = uint32_t(*p) << 16; float f; memcpy(&f, &u, 4); return f; }
+#ifdef __AVX512F__
+static inline __m512 ld16(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 ld16(const uint16_t* p) { return bf16x16(p); }
+#endif
+static inline void st(float* p, float x) { *p = x; }
+static inline void st(uint16_t* p, float x) { at::BFloat16 b(x); memcpy(p, &b, 2); }  // round to nearest even
+
+// one (row, KV head): R query rows q (R, D) fp32 already scaled, S keys and values of D (row stride ks, vs),
+// valid (S) with stride ms; out (R, D) contiguous. sc: R * S floats of scratch.
+template <typename T>
+static void attend_head(const float* q, int64_t R, int64_t D, const T* k, int64_t ks, const T* v, int64_t vs,
+                        const bool* valid, int64_t ms, int64_t S, T* out, float* sc) {
+  for (int64_t r = 0; r < R; ++r) {
+    float* sr = sc + r * S;
+    const float* qr = q + r * D;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < S; ++j) {
+      if (!valid[j * ms]) { sr[j] = -INFINITY; continue; }
+      const T* kj = k + j * ks;
+      float s = 0.f;
+      int64_t d = 0;
+#ifdef __AVX512F__
+      __m512 acc = _mm512_setzero_ps();
+      for (; d + 16 <= D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qr + d), ld16(kj + d), acc);
+      s = _mm512_reduce_add_ps(acc);
+#endif
+      for (; d < D; ++d) s += qr[d] * ld(kj + d);
+      sr[j] = s;
+      mx = s > mx ? s : mx;
+    }
+    float sum = 0.f;
+    for (int64_t j = 0; j < S; ++j) {
+      float e = sr[j] == -INFINITY ? 0.f : std::exp(sr[j] - mx);
+      sr[j] = e;
+      sum += e;
+    }
+    float inv = sum > 0.f ? 1.f / sum : 0.f;  // no valid key: zeros
+    T* o = out + r * D;
+    int64_t d = 0;
+#ifdef __AVX512F__
+    for (; d + 64 <= D; d += 64) {
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t j = 0; j < S; ++j) {
+        if (sr[j] == 0.f) continue;
+        __m512 p = _mm512_set1_ps(sr[j]);
+        const T* vj = v + j * vs + d;
+        a0 = _mm512_fmadd_ps(p, ld16(vj), a0);
+        a1 = _mm512_fmadd_ps(p, ld16(vj + 16), a1);
+        a2 = _mm512_fmadd_ps(p, ld16(vj + 32), a2);
+        a3 = _mm512_fmadd_ps(p, ld16(vj + 48), a3);
+      }
+      __m512 sc4 = _mm512_set1_ps(inv);
+      alignas(64) float tmp[64];
+      _mm512_store_ps(tmp, _mm512_mul_ps(a0, sc4));
+      _mm512_store_ps(tmp + 16, _mm512_mul_ps(a1, sc4));
+      _mm512_store_ps(tmp + 32, _mm512_mul_ps(a2, sc4));
+      _mm512_store_ps(tmp + 48, _mm512_mul_ps(a3, sc4));
+      for (int i = 0; i < 64; ++i) st(o + d + i, tmp[i]);
+    }
+#endif
+    for (; d < D; ++d) {
+      float a = 0.f;
+      for (int64_t j = 0; j < S; ++j) a += sr[j] * ld(v + j * vs + d);
+      st(o + d, a * inv);
+    }
+  }
+}
+
+// q (B, H, R, D) fp32, the query rows of KV head h already multiplied by the scale; k, v (B, H, S, D)
+// fp32 or bf16 (any strides, the last 1); valid (B, S) bool -> (B, H, R, D) in v's dtype:
+// softmax(q k^T masked) v per (b, h), fp32 accumulation
+static at::Tensor attn(const at::Tensor& q_, const at::Tensor& k, const at::Tensor& v, const at::Tensor& valid) {
+  TORCH_CHECK(q_.scalar_type() == at::kFloat && q_.dim() == 4, "q: (B, H, R, D) fp32");
+  TORCH_CHECK(k.dim() == 4 && v.dim() == 4 && k.scalar_type() == v.scalar_type() &&
+              (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16), "k, v: (B, H, S, D) fp32 or bf16");
+  TORCH_CHECK(valid.scalar_type() == at::kBool && valid.dim() == 2, "valid: (B, S) bool");
+  int64_t B = q_.size(0), H = q_.size(1), R = q_.size(2), D = q_.size(3), S = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D && v.sizes() == k.sizes() &&
+              valid.size(0) == B && valid.size(1) == S, "q, k, v, valid: shapes disagree");
+  at::Tensor q = q_.contiguous();
+  at::Tensor kk = k.stride(3) == 1 ? k : k.contiguous(), vv = v.stride(3) == 1 ? v : v.contiguous();
+  auto out = at::empty({B, H, R, D}, v.options().memory_format(at::MemoryFormat::Contiguous));
+  const bool* M = valid.data_ptr<bool>();
+  int64_t ms0 = valid.stride(0), ms1 = valid.stride(1);
+  int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, S * D * R));
+  at::parallel_for(0, B * H, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<float> sc(R * S);
+    for (int64_t i = i0; i < i1; ++i) {
+      int64_t b = i / H, h = i % H;
+      const float* qp = q.data_ptr<float>() + i * R * D;
+      if (kk.scalar_type() == at::kFloat)
+        attend_head<float>(qp, R, D, kk.data_ptr<float>() + b * kk.stride(0) + h * kk.stride(1), kk.stride(2),
+                           vv.data_ptr<float>() + b * vv.stride(0) + h * vv.stride(1), vv.stride(2),
+                           M + b * ms0, ms1, S, out.data_ptr<float>() + i * R * D, sc.data());
+      else
+        attend_head<uint16_t>(qp, R, D,
+                              (const uint16_t*)kk.data_ptr() + b * kk.stride(0) + h * kk.stride(1), kk.stride(2),
+                              (const uint16_t*)vv.data_ptr() + b * vv.stride(0) + h * vv.stride(1), vv.stride(2),
+                              M + b * ms0, ms1, S, (uint16_t*)out.data_ptr() + i * R * D, sc.data());
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY(lamina_int4, m) {
+  m.def("lamina_int4_mv(Tensor x, Tensor packed, Tensor so) -> Tensor");
+  m.def("lamina_int4_attn(Tensor q, Tensor k, Tensor v, Tensor valid) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(lamina_int4, CPU, m) {
+  m.impl("lamina_int4_mv", &mv);
+  m.impl("lamina_int4_attn", &attn);
+}
 
 // the C shim AOTInductor calls directly (aot_inductor.custom_ops_to_c_shims), not through the dispatcher
 extern "C" AOTITorchError aoti_torch_cpu_lamina_int4_mv(AtenTensorHandle x, AtenTensorHandle packed,
@@ -173,6 +288,16 @@ extern "C" AOTITorchError aoti_torch_cpu_lamina_int4_mv(AtenTensorHandle x, Aten
     using torch::aot_inductor::tensor_handle_to_tensor_pointer;
     *ret0 = torch::aot_inductor::new_tensor_handle(mv(*tensor_handle_to_tensor_pointer(x),
         *tensor_handle_to_tensor_pointer(packed), *tensor_handle_to_tensor_pointer(so)));
+  });
+}
+
+extern "C" AOTITorchError aoti_torch_cpu_lamina_int4_attn(AtenTensorHandle q, AtenTensorHandle k,
+    AtenTensorHandle v, AtenTensorHandle valid, AtenTensorHandle* ret0) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    using torch::aot_inductor::tensor_handle_to_tensor_pointer;
+    *ret0 = torch::aot_inductor::new_tensor_handle(attn(*tensor_handle_to_tensor_pointer(q),
+        *tensor_handle_to_tensor_pointer(k), *tensor_handle_to_tensor_pointer(v),
+        *tensor_handle_to_tensor_pointer(valid)));
   });
 }
 """
@@ -277,6 +402,10 @@ def _register_fake() -> None:
     def _(x: Tensor, packed: Tensor, so: Tensor) -> Tensor:
         return x.new_empty((x.shape[0], packed.shape[0] * 64))
 
+    @torch.library.register_fake("lamina_int4::lamina_int4_attn")
+    def _attn(q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> Tensor:
+        return q.new_empty(q.shape, dtype=v.dtype)
+
 
 def pack(q: Tensor, scale: Tensor, offset: Tensor) -> tuple[Tensor, Tensor]:
     """The kernel's layout of int4 codes ``q`` (N, K) in 0..15 (N a multiple of 64, K of 32) and their
@@ -298,16 +427,45 @@ def mv(x: Tensor, packed: Tensor, so: Tensor) -> Tensor:
     return torch.ops.lamina_int4.lamina_int4_mv(x, packed, so)
 
 
+def attn_loaded() -> bool:
+    """Whether ``torch.ops.lamina_int4.lamina_int4_attn`` is registered in this process (``load`` ran)."""
+    return hasattr(torch.ops.lamina_int4, "lamina_int4_attn")
+
+
+def attn(q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> Tensor:
+    """Attention of a few query rows per KV head through the loaded kernel (``load`` first): q (B, H, R, D)
+    fp32 already multiplied by the scale (R: the query heads sharing KV head h, one token each), k and v
+    (B, H, S, D) fp32 or bf16 (views of a cache: any strides, the last 1), valid (B, S) bool (True: attend)
+    -> (B, H, R, D) in v's dtype: ``softmax(q k^T) v`` over the valid keys with fp32 accumulation, what
+    ``F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None], scale=1)`` computes (zeros
+    for a row without a valid key). The decode step's (``lamina.model.aot``), where aten's flash attention
+    costs ~20 us a call at one query (Dao et al. 2022's tiling pays off only from many queries)."""
+    return torch.ops.lamina_int4.lamina_int4_attn(q, k, v, valid)
+
+
 _SHIM = (
     "AOTITorchError aoti_torch_cpu_lamina_int4_mv(AtenTensorHandle x, AtenTensorHandle packed, "
     "AtenTensorHandle so, AtenTensorHandle* ret0)"
 )
+_ATTN_SHIM = (
+    "AOTITorchError aoti_torch_cpu_lamina_int4_attn(AtenTensorHandle q, AtenTensorHandle k, "
+    "AtenTensorHandle v, AtenTensorHandle valid, AtenTensorHandle* ret0)"
+)
+
+
+def uses_kernel(module: torch.nn.Module) -> bool:
+    """Whether one of ``module``'s layers runs this kernel (a ``mv_packed`` buffer set and the op loaded):
+    then a compiled decode step also attends through ``attn``."""
+    return op_loaded() and any(getattr(m, "mv_packed", None) is not None for m in module.modules())
 
 
 def aoti_configs(module: torch.nn.Module) -> dict[str, object]:
     """The AOTInductor settings for compiling ``module``: when one of its layers runs this kernel (a
     ``mv_packed`` buffer set and the op loaded), the op's C shim, so the package calls the kernel
     directly; else none."""
-    if not op_loaded() or not any(getattr(m, "mv_packed", None) is not None for m in module.modules()):
+    if not uses_kernel(module):
         return {}
-    return {"aot_inductor.custom_ops_to_c_shims": {torch.ops.lamina_int4.lamina_int4_mv.default: [_SHIM]}}
+    shims = {torch.ops.lamina_int4.lamina_int4_mv.default: [_SHIM]}
+    if attn_loaded():
+        shims[torch.ops.lamina_int4.lamina_int4_attn.default] = [_ATTN_SHIM]
+    return {"aot_inductor.custom_ops_to_c_shims": shims}

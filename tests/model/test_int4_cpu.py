@@ -1,0 +1,69 @@
+"""``lamina.model.int4_cpu``'s single-query attention (the compiled decode step's) against SDPA."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lamina.model import int4_cpu
+
+
+@pytest.fixture(scope="module")
+def kernel() -> None:
+    """``int4_cpu`` built (the tests' shared compile directory) and loaded; skipped on CPUs without AVX-512
+    BF16 and without ninja or a C++ compiler (a failed build where all are there fails)."""
+    from torch.utils.cpp_extension import is_ninja_available
+
+    why = int4_cpu.unavailable_reason()
+    if why is not None:
+        pytest.skip(why)
+    if not is_ninja_available():
+        pytest.skip("torch's C++ extension builder needs ninja (pip install ninja)")
+    if not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("the int4 kernel's build needs a C++ compiler")
+    assert int4_cpu.load() is None and int4_cpu.attn_loaded()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attn_is_sdpa_over_the_valid_slots(kernel: None, dtype: torch.dtype) -> None:
+    """GQA's query rows per KV head (3 of 9 heads), cache views of S of C slots (S = 1, 15, 16, 17, 40,
+    a non-multiple of 16 among them), padded slots masked: SDPA's output within fp32 rounding (bf16: the
+    same fp32 result rounded once; SDPA's bf16 path rounds its own sums too)."""
+    g = torch.Generator().manual_seed(0)
+    for S in (1, 15, 16, 17, 40):
+        C = S + 5
+        q = torch.randn(2, 3, 3, 64, generator=g).to(dtype)
+        kc, vc = (torch.randn(2, 3, C, 64, generator=g).to(dtype) for _ in range(2))
+        valid = torch.rand(2, C, generator=g) > 0.4
+        valid[:, S - 1] = True  # the step's own slot
+        k, v = kc[:, :, :S], vc[:, :, :S]  # strided views, as the step slices its cache
+        out = int4_cpu.attn(q.float() * 0.125, k, v, valid[:, :S])
+        assert out.dtype == dtype and out.shape == q.shape
+        ref = F.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), attn_mask=valid[:, None, None, :S], scale=0.125
+        )
+        if dtype == torch.float32:
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        else:
+            torch.testing.assert_close(out, ref.to(dtype), rtol=0.008, atol=1e-3)  # one bf16 rounding
+        if S > 1:  # the mask is read: a masked slot changed does not change the output, an unmasked one does
+            masked = (~valid[0, : S - 1]).nonzero()
+            if len(masked):
+                v2 = vc.clone()
+                v2[0, :, masked[0, 0]] += 100
+                assert torch.equal(int4_cpu.attn(q.float() * 0.125, k, v2[:, :, :S], valid[:, :S]), out)
+            v2 = vc.clone()
+            v2[0, :, S - 1] += 100
+            assert not torch.equal(int4_cpu.attn(q.float() * 0.125, k, v2[:, :, :S], valid[:, :S]), out)
+
+
+def test_attn_checks_its_shapes(kernel: None) -> None:
+    """Mismatched shapes or dtypes are refused (a RuntimeError naming the argument), not read past."""
+    q, k = torch.randn(1, 3, 3, 64), torch.randn(1, 3, 8, 64)
+    with pytest.raises(RuntimeError, match="shapes disagree"):
+        int4_cpu.attn(q, k, k, torch.ones(1, 7, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="fp32"):
+        int4_cpu.attn(q.bfloat16(), k, k, torch.ones(1, 8, dtype=torch.bool))
