@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from lamina.tokenizer import Tokenizer
 
 __all__ = [
+    "PAIR_METRICS",
     "ROUGE_TYPES",
     "MissingExtraError",
     "PairEvaluation",
@@ -58,6 +59,8 @@ __all__ = [
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 RougeTokenizer = Literal["default", "unicode"]
+# the figures pair_metrics returns at each evaluation (score_pairs' keys but n, prefixed val_)
+PAIR_METRICS = tuple(f"val_{k}" for k in ("bleu", "chrf", *ROUGE_TYPES, "exact_match"))
 Predict = Callable[[list[str]], list[str]]
 
 
@@ -348,7 +351,7 @@ def pair_metrics(
     ``config`` (default: greedy, 64 new tokens; the tokenizer's end-of-generation ids added, as the
     trainer adds them to a checkpoint's generation.yaml) by ``seq2seq_predictor`` for the first ``limit``
     validation ``pairs`` (None: all), scored by ``score_pairs``; the keys get a ``val_`` prefix
-    (``val_bleu``, ``val_rougeL``, ...; ``n`` left out)."""
+    (``PAIR_METRICS``: ``val_bleu``, ``val_rougeL``, ...; ``n`` left out)."""
     from lamina.checkpoint.eos import eos_token_ids
     from lamina.config import GenerationConfig
 

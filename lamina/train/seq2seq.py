@@ -13,7 +13,7 @@ The pairs are read by ``lamina.data.pairs`` (TSV/CSV with a header, or JSONL) an
 ``PairBatches`` with the model's ``decoder_start_token_id``; truncation is counted in the run's notes and
 ``data_stats``. Every evaluation adds, next to the validation loss, the greedy outputs' scores on the first
 ``seq2seq.eval_pairs`` validation pairs (``lamina.eval.seq2seq.pair_metrics``): ``val_bleu``, ``val_chrf``,
-``val_rouge1``, ``val_rouge2``, ``val_rougeL``, ``val_rougeLsum``, ``val_exact_match``, printed and written
+``val_rouge1``, ``val_rouge2``, ``val_rougeL``, ``val_exact_match``, printed and written
 to ``metrics.jsonl``. The checkpoints' generation.yaml holds that decoding (greedy, ``max_target_len`` new
 tokens, ``seq2seq.no_repeat_ngram_size``, ``seq2seq.repetition_penalty``), so ``lamina generate`` and
 ``generation_predictor`` decode as the evaluations did. ``seq2seq.best_metric`` picks ``OUT/best`` by
@@ -29,10 +29,11 @@ from typing import TYPE_CHECKING
 from lamina.config import GenerationConfig
 from lamina.data.pairs import PairBatches, PairData, PairDataConfig, load_pairs
 from lamina.errors import ConfigError
+from lamina.eval.seq2seq import PAIR_METRICS
 from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
 from lamina.train.objectives import seq2seq
-from lamina.train.trainer import LOWER_IS_BETTER, TrainResult, train
+from lamina.train.trainer import DEFAULT_BEST_METRIC, LOWER_IS_BETTER, TrainResult, train
 
 if TYPE_CHECKING:
     from lamina.train.finetune import FinetuneRun
@@ -40,10 +41,7 @@ if TYPE_CHECKING:
 __all__ = ["BEST_METRICS", "Seq2SeqConfig", "finetune_seq2seq", "pair_config"]
 
 # what seq2seq.best_metric may name: the validation loss, its exponential, and pair_metrics' figures
-BEST_METRICS = (
-    "val_loss", "val_ppl", "val_bleu", "val_chrf", "val_rouge1", "val_rouge2", "val_rougeL", "val_rougeLsum",
-    "val_exact_match",
-)  # fmt: skip
+BEST_METRICS = (*LOWER_IS_BETTER, *PAIR_METRICS)
 
 
 @dataclass
@@ -64,7 +62,7 @@ class Seq2SeqConfig:
     repetition_penalty: float = 1.0
     # the evaluation's figure that picks OUT/best (and early stopping): val_loss (lower wins) or a pair
     # metric, val_rougeL, val_bleu, ... (higher wins; needs eval_pairs > 0)
-    best_metric: str = "val_loss"
+    best_metric: str = DEFAULT_BEST_METRIC
 
     def __post_init__(self) -> None:
         if self.eval_pairs < 0:

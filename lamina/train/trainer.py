@@ -178,6 +178,11 @@ class EMA:
             self.shadow[k].copy_(v)
 
 
+# best_metric's figures that improve downwards (the first: the default); every other figure improves upwards
+LOWER_IS_BETTER = ("val_loss", "val_ppl")
+DEFAULT_BEST_METRIC = LOWER_IS_BETTER[0]
+
+
 @dataclass
 class TrainResult:
     """What a run did."""
@@ -197,14 +202,20 @@ class TrainResult:
     # wall-clock seconds: of train(); pretrain() and finetune() count from their call (data included)
     elapsed: float = 0.0
     is_main: bool = True  # rank 0 (or the only process): under torchrun only it prints the summary
+    best_metric: str = DEFAULT_BEST_METRIC  # the evaluation's figure that chose OUT/best (train's)
+    # (step, figure) of OUT/best, by best_metric (the figure as evaluated: a ROUGE-L, not negated)
+    best: tuple[int, float] | None = None
 
     def summary(self) -> str:
         """The run in one line, as the CLI prints it at the end: steps and elapsed time, the final and
-        best losses, the last evaluation's metrics, the notes, and where the checkpoints are."""
+        best losses (or the figure that chose ``OUT/best``, when that is not the validation loss), the last
+        evaluation's metrics, the notes, and where the checkpoints are."""
         head = f"trained {self.steps} steps in {format_duration(self.elapsed)}"
         if math.isfinite(self.final_loss):
             head += f", final loss {self.final_loss:.4f}"
-        if self.best_val_loss is not None:
+        if self.best_metric != DEFAULT_BEST_METRIC and self.best is not None:  # not the lowest loss's
+            head += f", best {self.best_metric} {self.best[1]:.4f} (step {self.best[0]})"
+        elif self.best_val_loss is not None:
             head += f", best validation loss {self.best_val_loss:.4f}"
         parts = [head]
         if self.val_metrics:
@@ -248,7 +259,7 @@ def train(
     notes: list[str] | None = None,
     generation: GenerationConfig | None = None,
     ema_decay: float | None = None,
-    best_metric: str = "val_loss",
+    best_metric: str = DEFAULT_BEST_METRIC,
 ) -> TrainResult:
     """Train ``model`` in place; returns a summary. See the module docstring for what is written.
 
@@ -279,9 +290,13 @@ def train(
     / (10 + step))``, diffusers' EMAModel), written as every checkpoint's ``EMA_FILE`` and resumed.
     ``best_metric`` is the evaluation's figure that picks ``OUT/best`` and drives early stopping:
     ``val_loss`` (the default) or ``val_ppl`` (lower wins), or a key of ``eval_metrics``' result such as
-    ``val_rougeL`` (higher wins); ``ConfigError`` at the first evaluation when it has no such figure.
+    ``val_rougeL`` (higher wins). ``ConfigError`` at once for a figure the evaluation cannot have
+    (``val_ppl`` with ``perplexity=False``; any other without ``eval_metrics``), and at the first
+    evaluation when ``eval_metrics``' result has no such figure. A run resumed with another
+    ``best_metric`` than it was saved with chooses ``OUT/best`` afresh (the figures do not compare).
     """
     started = time.perf_counter()
+    check_best_metric(best_metric, eval_metrics is not None, perplexity)
     if cfg.parallel == "fsdp" and _has_lora(model):  # finetune refuses it before loading; a backstop
         raise ConfigError(LORA_UNDER_FSDP)
     converted = getattr(model, "weight_format", None)
@@ -357,6 +372,7 @@ def train(
         run_config = {**run_config, "train": {**run_config["train"], "precision": precision}}
     scaler = torch.amp.GradScaler(info.device.type, enabled=precision == "fp16")
     step, best_val, bad_evals = 0, math.inf, 0
+    best_step: int | None = None  # of OUT/best
     if start_state is not None:
         D.load_optimizer_state(net, opt, start_state["optimizer"], info)
         sched.load_state_dict(start_state["scheduler"])
@@ -365,6 +381,13 @@ def train(
         if info.device.type == "cuda" and "cuda" in start_state["rng"]:
             torch.cuda.set_rng_state_all(start_state["rng"]["cuda"])
         step, best_val, bad_evals = start_state["step"], start_state["best_val"], start_state["bad_evals"]
+        best_step = start_state.get("best_step")
+        saved_by = start_state.get("best_metric", DEFAULT_BEST_METRIC)  # states before it was kept: val_loss
+        if saved_by != best_metric:  # a loss and a negated ROUGE-L do not compare: OUT/best starts afresh
+            best_val, bad_evals, best_step = math.inf, 0, None
+            if info.is_main:
+                print(f"lamina: best_metric is now {best_metric} (the run was saved choosing OUT/best by "
+                      f"{saved_by}): the next evaluation replaces OUT/best", file=sys.stderr)  # fmt: skip
     if cfg.compile:
         net = torch.compile(net)  # type: ignore[assignment]
 
@@ -404,6 +427,8 @@ def train(
                 "rng": _rng_state(info.device),
                 "step": step,
                 "best_val": best_val,
+                "best_metric": best_metric,  # what best_val measures (a resume by another starts afresh)
+                "best_step": best_step,
                 "bad_evals": bad_evals,
             }
             if adapted:
@@ -438,7 +463,8 @@ def train(
         return float(sums[0] / sums[1])
 
     result = TrainResult(steps=step, final_loss=math.nan, best_val_loss=None, out_dir=out,
-                         data=dict(data_stats or {}), notes=list(notes or []), is_main=info.is_main)  # fmt: skip
+                         data=dict(data_stats or {}), notes=list(notes or []), is_main=info.is_main,
+                         best_metric=best_metric)  # fmt: skip
     bar = tqdm(
         total=steps,
         initial=step,
@@ -537,7 +563,7 @@ def train(
                 bar.write(f"step {step}: val loss {val:.4f}{shown}")
                 score = _best_score(best_metric, {"val_loss": val, **ppl, **extra})
                 if score < best_val - cfg.early_stopping_min_delta:
-                    best_val, bad_evals = score, 0
+                    best_val, bad_evals, best_step = score, 0, step
                     save(out / "best", with_state=False)
                 else:
                     bad_evals += 1
@@ -569,6 +595,8 @@ def train(
         log.close()
         D.cleanup(info)
     result.steps = step
+    if best_step is not None and math.isfinite(best_val):  # best_val is negated where higher wins
+        result.best = (best_step, best_val if best_metric in LOWER_IS_BETTER else -best_val)
     if best_metric == "val_loss":
         result.best_val_loss = best_val if math.isfinite(best_val) else None
     else:  # best_val holds the chosen figure (negated when higher wins): report the lowest loss seen
@@ -730,8 +758,19 @@ def _copy_into(src: Path, dst: Path) -> None:
         (shutil.copytree if p.is_dir() else shutil.copy2)(p, dst / p.name)
 
 
-# best_metric's figures that improve downwards; every other figure improves upwards
-LOWER_IS_BETTER = ("val_loss", "val_ppl")
+def check_best_metric(best_metric: str, eval_metrics: bool, perplexity: bool) -> None:
+    """``ConfigError`` for a ``best_metric`` no evaluation of ``train`` can have: ``val_ppl`` when
+    ``perplexity`` is off, any figure but the two losses without ``eval_metrics`` (given: True)."""
+    if best_metric == "val_ppl" and not perplexity:
+        raise ConfigError(
+            "best_metric='val_ppl': this run's loss has no perplexity (perplexity=False); fix: best_metric='val_loss'"
+        )
+    if best_metric not in LOWER_IS_BETTER and not eval_metrics:
+        has = "val_loss, val_ppl" if perplexity else "val_loss"
+        raise ConfigError(
+            f"best_metric={best_metric!r} is not a figure of the evaluation (it has {has}: no eval_metrics "
+            "given); fix: choose one of those, or pass eval_metrics that returns it"
+        )
 
 
 def _best_score(best_metric: str, figures: dict[str, float]) -> float:

@@ -229,6 +229,11 @@ def test_pair_metrics_scores_the_models_outputs(t5: tuple[Any, Any]) -> None:
     outputs = seq2seq_predictor(model, tok, max_new_tokens=8)(data.sources[:6])
     want = score_pairs(outputs, data.targets[:6])
     assert got == {f"val_{k}": v for k, v in want.items() if k != "n"}
+    from lamina.eval.seq2seq import PAIR_METRICS
+    from lamina.train.seq2seq import BEST_METRICS
+
+    # what seq2seq.best_metric accepts is what an evaluation has (val_rougeLsum was accepted, never scored)
+    assert tuple(got) == PAIR_METRICS and set(BEST_METRICS) == {"val_loss", "val_ppl", *got}
 
 
 def test_generation_predictor_cuts_sources_at_the_trained_length(t5: tuple[Any, Any], tmp_path: Path) -> None:

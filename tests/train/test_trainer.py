@@ -230,11 +230,52 @@ def test_summary_and_durations() -> None:
         "trained 12 steps in 1 min 15 s, final loss 1.2346, best validation loss 1.5000; held-out accuracy "
         "0.7500; 3 of 80 training texts truncated to 16 tokens; checkpoints in runs/x"
     )
+    # OUT/best chosen by another figure: the summary names it (it said "best validation loss 1.5000", the
+    # figure of another checkpoint than OUT/best)
+    res = TrainResult(
+        steps=900, final_loss=1.2, best_val_loss=1.5, best_metric="val_rougeL", best=(800, 0.2035)
+    )
+    assert res.summary().startswith(
+        "trained 900 steps in 0.0 s, final loss 1.2000, best val_rougeL 0.2035 (step 800);"
+    )
     assert [format_duration(s) for s in (4.25, 59.96, 3600 + 7 * 60 + 20)] == [
         "4.2 s",
         "60.0 s",
         "1 h 07 min",
     ]
+
+
+def test_best_metric_is_checked_at_once_and_a_resume_by_another_starts_afresh(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a figure no evaluation has is refused at the start (it was refused at the first evaluation, hours in)
+    for metric, kw in (("val_rougeL", {}), ("val_ppl", {"perplexity": False})):
+        with pytest.raises(ConfigError, match=rf"^best_metric='{metric}'"):
+            train(_model(), _cfg(tmp_path / "x"), Windows(), causal_lm(), _val, tokens_per_batch=256,
+                  best_metric=metric, **kw)  # fmt: skip
+    assert not (tmp_path / "x").exists()
+    scores = iter([5.0, 1.0])  # higher wins: step 2's evaluation is the best of the two
+
+    def score(model: torch.nn.Module) -> dict[str, float]:
+        return {"val_score": next(scores)}
+
+    cfg = _cfg(tmp_path, max_steps=4, eval_every=2, save_every=2)
+    res = train(_model(), cfg, Windows(), causal_lm(), _val, tokens_per_batch=256, eval_metrics=score,
+                best_metric="val_score")  # fmt: skip
+    assert res.best == (2, 5.0) and "best val_score 5.0000 (step 2)" in res.summary()
+    # resumed choosing by the loss: the saved best (-5.0, a negated score) does not compare with a loss, so
+    # step 6's evaluation replaces OUT/best (with the -5.0 kept, no loss ever beat it)
+    cfg = _cfg(tmp_path, max_steps=6, eval_every=2, save_every=2)
+    res = train(_model(), cfg, Windows(), causal_lm(), _val, tokens_per_batch=256, resume=True)
+    assert (
+        "best_metric is now val_loss (the run was saved choosing OUT/best by val_score)"
+        in capsys.readouterr().err
+    )
+    weights = "model.safetensors"
+    assert (tmp_path / "best" / weights).read_bytes() == (
+        tmp_path / "checkpoints" / "step-00000006" / weights
+    ).read_bytes()
+    assert res.best is not None and res.best[0] == 6 and res.best[1] == res.val_losses[-1][1]
 
 
 def test_early_stopping(tmp_path: Path) -> None:
