@@ -222,7 +222,6 @@ def generation_predictor(
     Raises ``ConfigError`` for a name that is not a ``GenerationConfig`` field (naming the nearest), a
     value its field refuses, or controls the model cannot take (token ids outside its vocabulary).
     """
-    from lamina.config import to_dict
     from lamina.generate.text import generation_config, model_defaults
 
     if lm.model.config.arch == "encoder-decoder":
@@ -252,9 +251,9 @@ def generation_predictor(
     rows_at_once = max_batch_size or MAX_BATCH_SIZE
 
     def predict(texts: list[str]) -> list[str]:
-        rows = generate_batch(
-            lm, [{"prompt": t} for t in texts], chat=chat, max_batch_size=rows_at_once, **to_dict(decoding)
-        )
+        # decoding as resolved above, exactly (its None fields stay None; not merged and checked again)
+        rows = generate_batch(lm, [{"prompt": t} for t in texts], chat=chat, max_batch_size=rows_at_once,
+                              config=decoding)  # fmt: skip
         out = [""] * len(texts)
         for row in rows:
             if row.get("n", 0) == 0:  # the first choice of each request

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lamina.checkpoint.load import LoadedModel
 from lamina.data.rows import iter_jsonl
@@ -24,6 +24,9 @@ from lamina.generate.speculative import DraftStats, SpeculativeOptions
 from lamina.generate.text import build_prompt_ids, generation_config, resolve_draft
 from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from lamina.config import GenerationConfig
 
 MAX_BATCH_SIZE = 16  # sequences decoded together by default
 
@@ -60,6 +63,7 @@ def generate_batch(
     speculative_layers: int | None = None,
     num_draft_tokens: int = SpeculativeOptions.num_draft_tokens,
     stats: dict[str, DraftStats] | None = None,
+    config: GenerationConfig | None = None,
     **controls: Any,
 ) -> list[dict[str, Any]]:
     """Run every request through one engine; one result row per choice, in request order.
@@ -69,8 +73,10 @@ def generate_batch(
     ``completion_tokens``; with ``logprobs`` also ``tokens`` (each generated token's text) and
     ``logprobs`` (their log-probabilities), with ``top_logprobs`` > 0 ``top_logprobs`` (per token, the
     most likely alternatives as ``{"token", "id", "logprob"}``), with ``prompt_logprobs`` set
-    ``prompt_logprobs`` (per prompt token, None for the first). ``controls`` (``GenerationConfig``
-    fields) apply to every request, each request's own fields on top; ``chat`` / ``system`` as for
+    ``prompt_logprobs`` (per prompt token, None for the first). Every request starts from ``config``
+    exactly as given (its None fields too), else from the model's defaults (``generation_config``);
+    ``controls`` (``GenerationConfig`` fields) apply on top to every request, each request's own fields on
+    top of those; ``chat`` / ``system`` as for
     ``lamina.generate``. ``labels[i]`` names request i in errors (default "request i");
     ``progress(finished, total)`` is called as sequences finish. ``draft`` / ``speculative_layers`` /
     ``num_draft_tokens`` decode the greedy requests speculatively (``lamina.generate``); ``stats``, when
@@ -81,7 +87,7 @@ def generate_batch(
     for i, req in enumerate(requests):  # every request is checked before any decoding
         own = {k: v for k, v in req.items() if k not in ("prompt", "messages", "id")}
         try:
-            cfg = generation_config(lm, None, **{**controls, **own})
+            cfg = generation_config(lm, config, **{**controls, **own})
             if "messages" not in req and not isinstance(req.get("prompt"), str):
                 raise ConfigError('a request needs "prompt" (a string) or "messages"')
             prompt = req["messages"] if "messages" in req else req["prompt"]

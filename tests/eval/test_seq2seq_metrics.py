@@ -124,6 +124,29 @@ def test_generation_predictor_batches_through_the_engine() -> None:
     assert out[1] == alone  # batched decoding gives what one prompt alone gives
 
 
+def test_generation_predictor_decodes_with_the_config_given_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``config=`` is every request's decoding as given: its None fields stay None (they were filled from
+    the checkpoint's generation.yaml, as generate_batch rebuilt the config from the model's defaults)."""
+    from tiny_chat import tiny_lm
+
+    from lamina.config import GenerationConfig
+    from lamina.generate import batch
+
+    own = GenerationConfig(temperature=0.7, top_n_sigma=1.0, seed=7, max_new_tokens=2)
+    lm = tiny_lm(generation=own)
+    config = GenerationConfig(temperature=0.0, max_new_tokens=1, eos_token_ids=own.eos_token_ids)
+    used = []
+
+    def spy(*args: Any, **kwargs: Any) -> GenerationConfig:
+        used.append(generation_config(*args, **kwargs))
+        return used[-1]
+
+    generation_config = batch.generation_config
+    monkeypatch.setattr(batch, "generation_config", spy)
+    generation_predictor(lm, config=config)(["the cat"])
+    assert used == [config]
+
+
 def test_missing_extra_is_one_line_naming_the_extra() -> None:
     code = (
         "import sys; sys.modules['sacrebleu'] = None\n"
