@@ -60,8 +60,10 @@ def cpu_features() -> frozenset[str]:
     """This CPU's vector extensions that decide matmul speed, by torch's own CPU-feature probe (the
     cpuinfo library's, the same on every OS), named as Linux's /proc/cpuinfo ``flags`` name them:
     ``avx2`` and ``fma``, ``avx512f``, ``avx512_bf16``, ``amx_bf16`` and ``avx512_fp16`` (every CPU with
-    AMX tiles, Sapphire Rapids on, also has both), ``amx_fp16``. Empty on CPUs that are not x86. The one
-    detection lamina uses: ``native_bf16`` (autocast) and the MFU peak (``lamina.train.metrics``)."""
+    AMX tiles, Sapphire Rapids on, also has both), ``amx_fp16``; ``avx`` with AVX2, or where
+    /proc/cpuinfo lists it (torch has no probe for AVX alone: Sandy/Ivy Bridge would get the SSE peak).
+    Empty on CPUs that are not x86. The one detection lamina uses: ``native_bf16`` (autocast) and the MFU
+    peak (``lamina.train.metrics``)."""
     cpu = getattr(torch, "cpu", None)
     found: set[str] = set()
     for probe, flags in (
@@ -73,7 +75,21 @@ def cpu_features() -> frozenset[str]:
     ):
         if _probe(cpu, probe):
             found.update(flags)
+    if "avx2" in found or "avx" in _proc_flags():  # AVX alone decides only the fp32 peak, not autocast
+        found.add("avx")
     return frozenset(found)
+
+
+def _proc_flags() -> set[str]:
+    """The first CPU's ``flags`` in /proc/cpuinfo (Linux x86); empty where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
 
 
 def resolve_precision(precision: str, device: torch.device | str = "cpu") -> tuple[str, str]:

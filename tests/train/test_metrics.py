@@ -73,6 +73,19 @@ def test_the_peak_follows_the_probe_that_chooses_bf16(monkeypatch: pytest.Monkey
     assert cpu_peak_flops("fp16", text, threads=1) == 2.0e9 * 128
 
 
+def test_an_avx_only_cpu_gets_the_avx_peak(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch probes AVX2 and up only; /proc/cpuinfo's avx is the floor (it got SSE's 8, halving the peak)."""
+    import lamina.train.precision as precision
+
+    for name in ("_is_avx2_supported", "_is_avx512_supported", "_is_avx512_bf16_supported",
+                 "_is_amx_tile_supported", "_is_amx_fp16_supported"):  # fmt: skip
+        monkeypatch.setattr(torch.cpu, name, lambda: False)
+    monkeypatch.setattr(precision, "_proc_flags", lambda: {"sse4_2", "avx"})
+    assert cpu_features() == {"avx"} and cpu_flops_per_cycle("fp32", set(cpu_features())) == 16
+    monkeypatch.setattr(precision, "_proc_flags", set)
+    assert cpu_features() == set()
+
+
 def test_this_cpu_bf16_peak_is_at_least_the_fp32_peak() -> None:
     assert peak_flops("cpu", "bf16") >= peak_flops("cpu", "fp32") > 0
     with pytest.raises(ValueError, match="precision='int8'"):
