@@ -567,7 +567,7 @@ def _read_jsonl(item: _Item, jsonl_field: str, log: _Read) -> Iterator[str]:
             if not isinstance(value, str):
                 if not isinstance(record, dict):
                     what = f"{_JSON_KIND.get(type(record), 'a number')}, not an object"
-                elif value is None:  # name the keys it has: the field asked for is most likely one of them
+                elif jsonl_field not in record:  # name the keys it has: the one asked for is most likely one
                     keys = ", ".join(repr(k) for k in list(record)[:8]) or "none"
                     what = f"no {jsonl_field!r} field (its keys: {keys})"
                 else:

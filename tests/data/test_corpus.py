@@ -126,7 +126,8 @@ def test_jsonl_without_the_field_names_the_keys_it_has(tmp_path: Path, tok_dir: 
 
 
 @pytest.mark.parametrize(
-    ("value", "named"), [(3, "a number"), (2.5, "a number"), (["a"], "an array"), ({"a": 1}, "an object"), (True, "a boolean")]
+    ("value", "named"), [(3, "a number"), (2.5, "a number"), (["a"], "an array"), ({"a": 1}, "an object"), (True, "a boolean"),
+     (None, "null")]  # null: it said "no 'text' field (its keys: 'text')"
 )  # fmt: skip
 def test_a_field_that_is_not_a_string_is_named_as_json_names_it(
     tmp_path: Path, tok_dir: Path, value: object, named: str
