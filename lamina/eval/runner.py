@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lamina.errors import ConfigError
+from lamina.eval.tasks import TASKS
 
 if TYPE_CHECKING:
     from lamina.checkpoint.load import LoadedModel
@@ -30,9 +31,13 @@ Progress = Callable[[str, int, int], None]
 class EvalConfig:
     """What ``lamina eval`` runs (the ``--tasks/--data/--shots/...`` flags)."""
 
-    # task names, comma-separated: mmlu, arc_easy, arc_challenge, hellaswag, truthfulqa_mc1, truthfulqa_mc2,
-    # wic, gsm8k, squad, bigbench_NAME (a BIG-bench JSON task under data/bigbench/NAME)
-    tasks: list[str] = field(default_factory=list)
+    tasks: list[str] = field(
+        default_factory=list,
+        metadata={  # the names from TASKS, so a new task is listed
+            "help": f"task names, comma-separated: {', '.join(TASKS)}, bigbench_NAME (a BIG-bench JSON task "
+            "under data/bigbench/NAME)"
+        },
+    )
     data: str | None = None  # folder of the tasks' published files (layout: `lamina eval --help`)
     shots: int = 0  # few-shot examples before each question (TruthfulQA stays zero-shot)
     seed: int = 1234  # draws the few-shot examples (MMLU takes the first k of its dev file)
