@@ -116,9 +116,8 @@ def resolve(model: str | os.PathLike[str]) -> ModelEntry:
         fmt = detect_format(p)
         if fmt is None:
             inside = [p / sub for sub in ("best", "last") if detect_format(p / sub) is not None]
-            if (
-                inside
-            ):  # a training run's folder (lamina pretrain / finetune --out): its checkpoints are inside
+            # a training run's folder (lamina pretrain / finetune --out): its checkpoints are inside
+            if inside:
                 raise ModelNotFoundError(
                     f"{p} is a training run, not a model: give one of its checkpoints, "
                     + " or ".join(str(c) for c in inside)
