@@ -10,7 +10,8 @@ the interval is the (alpha/2, 1 - alpha/2) percentiles (Efron & Tibshirani 1993;
 A change is significant when the interval excludes 0. Results without per-sample records fall back to an
 unpaired normal interval from the two standard errors (marked "unpaired").
 
-Two results with ``--perplexity`` on the same text (the same file and byte count) also get a
+Two results with ``--perplexity`` on the same text (the same file, its paths resolved from the current
+folder, and the same byte count) also get a
 ``perplexity`` row on ``bits_per_byte`` (lower is better; comparable across tokenizers). Perplexity keeps
 no per-window records, so that row has no interval and is never marked significant.
 """
@@ -125,7 +126,9 @@ def _perplexity_row(ra: dict[str, Any], rb: dict[str, Any]) -> Comparison | None
         or "bits_per_byte" not in pb
     ):
         return None
-    same_file = (ra.get("config") or {}).get("perplexity") == (rb.get("config") or {}).get("perplexity")
+    fa, fb = ((r.get("config") or {}).get("perplexity") for r in (ra, rb))
+    # one file given as data/t.txt and as /home/me/data/t.txt is the same file
+    same_file = fa == fb or (isinstance(fa, str) and isinstance(fb, str) and _resolved(fa) == _resolved(fb))
     if not same_file or pa.get("bytes") != pb.get("bytes"):
         return None
     va, vb = float(pa["bits_per_byte"]), float(pb["bits_per_byte"])
@@ -133,6 +136,10 @@ def _perplexity_row(ra: dict[str, Any], rb: dict[str, Any]) -> Comparison | None
     return Comparison(
         "perplexity", "bits_per_byte", va, vb, vb - va, nan, nan, int(pa.get("bytes", 0)), False
     )
+
+
+def _resolved(path: str) -> Path:
+    return Path(path).expanduser().resolve()
 
 
 def _z(alpha: float) -> float:

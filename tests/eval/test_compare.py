@@ -67,5 +67,7 @@ def test_perplexity_on_the_same_text_is_compared(tmp_path: Path) -> None:
     assert "(no interval)" in table and "lower is better" in table and "nan" not in table
     with pytest.raises(ConfigError, match="no perplexity on the same text"):
         compare_results(ppl("a.json", 5.6), ppl("c.json", 4.1, text="other.txt"))
+    absolute = str(Path("t.txt").resolve())  # the same file by another path: compared (it was refused)
+    assert len(compare_results(ppl("a.json", 5.6), ppl("e.json", 4.1, text=absolute))) == 1
     with pytest.raises(ConfigError, match="share no task"):
         compare_results(ppl("a.json", 5.6), ppl("d.json", 4.1, size=10))
