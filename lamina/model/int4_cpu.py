@@ -171,20 +171,82 @@ static inline float ld(const uint16_t* p) { uint32_t u = uint32_t(*p) << 16; flo
 #ifdef __AVX512F__
 static inline __m512 ld16(const float* p) { return _mm512_loadu_ps(p); }
 static inline __m512 ld16(const uint16_t* p) { return bf16x16(p); }
+
+// lane i of the result: the sum of v[i]'s 16 lanes (a transposing tree: pairs, quads, 128-bit lanes)
+static inline __m512 sum16(const __m512* v) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [x0+x2, y0+y2, x1+x3, y1+y3]
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: the lane's sums of v[4i .. 4i + 3]
+    __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+    b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int i = 0; i < 2; ++i)
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+}
 #endif
 static inline void st(float* p, float x) { *p = x; }
 static inline void st(uint16_t* p, float x) { at::BFloat16 b(x); memcpy(p, &b, 2); }  // round to nearest even
 
+#ifdef __AVX512F__
+// NR query rows' probabilities p (row stride S) times 64 columns of the values (row stride vs), over the
+// valid keys, times inv: out (row stride D)
+template <typename T, int NR>
+static inline void pv(const float* p, int64_t S, const T* v, int64_t vs, const bool* valid, int64_t ms,
+                      const float* inv, T* out, int64_t D) {
+  __m512 acc[NR][4];
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < S; ++j) {
+    if (!valid[j * ms]) continue;
+    const T* vj = v + j * vs;
+    __m512 x[4] = {ld16(vj), ld16(vj + 16), ld16(vj + 32), ld16(vj + 48)};
+    for (int r = 0; r < NR; ++r) {
+      __m512 pr = _mm512_set1_ps(p[r * S + j]);
+      for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_fmadd_ps(pr, x[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    alignas(64) float tmp[64];
+    __m512 s = _mm512_set1_ps(inv[r]);
+    for (int c = 0; c < 4; ++c) _mm512_store_ps(tmp + 16 * c, _mm512_mul_ps(acc[r][c], s));
+    for (int i = 0; i < 64; ++i) st(out + r * D + i, tmp[i]);
+  }
+}
+#endif
+
 // one (row, KV head): R query rows q (R, D) fp32 already scaled, S keys and values of D (row stride ks, vs),
-// valid (S) with stride ms; out (R, D) contiguous. sc: R * S floats of scratch.
+// valid (S) with stride ms; out (R, D) contiguous. sc: R * S floats of scratch, inv: R.
 template <typename T>
 static void attend_head(const float* q, int64_t R, int64_t D, const T* k, int64_t ks, const T* v, int64_t vs,
-                        const bool* valid, int64_t ms, int64_t S, T* out, float* sc) {
+                        const bool* valid, int64_t ms, int64_t S, T* out, float* sc, float* inv) {
   for (int64_t r = 0; r < R; ++r) {
     float* sr = sc + r * S;
     const float* qr = q + r * D;
     float mx = -INFINITY;
-    for (int64_t j = 0; j < S; ++j) {
+    int64_t j = 0;
+#ifdef __AVX512F__
+    // 16 keys at a time: 16 dot products' lanes summed by one transposing tree (not 16 reductions)
+    for (; D % 16 == 0 && j + 16 <= S; j += 16) {
+      __m512 acc[16];
+      for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; d += 16) {
+        __m512 qd = _mm512_loadu_ps(qr + d);
+        for (int t = 0; t < 16; ++t) acc[t] = _mm512_fmadd_ps(qd, ld16(k + (j + t) * ks + d), acc[t]);
+      }
+      __m512 sums = sum16(acc);
+      alignas(64) float tmp[16];
+      _mm512_store_ps(tmp, sums);
+      for (int t = 0; t < 16; ++t) {
+        float x = valid[(j + t) * ms] ? tmp[t] : -INFINITY;
+        sr[j + t] = x;
+        mx = x > mx ? x : mx;
+      }
+    }
+#endif
+    for (; j < S; ++j) {
       if (!valid[j * ms]) { sr[j] = -INFINITY; continue; }
       const T* kj = k + j * ks;
       float s = 0.f;
@@ -199,41 +261,58 @@ static void attend_head(const float* q, int64_t R, int64_t D, const T* k, int64_
       mx = s > mx ? s : mx;
     }
     float sum = 0.f;
-    for (int64_t j = 0; j < S; ++j) {
+    j = 0;
+#ifdef __AVX512F__
+    // exp(x - mx) 16 at a time: n = round(x log2 e), r = x - n ln 2 (Cody-Waite), e^r by its Taylor
+    // series to degree 7 (|r| <= ln 2 / 2: error < 1e-8 relative), times 2^n (vscalefps); masked: 0
+    __m512 vmx = _mm512_set1_ps(mx), vsum = _mm512_setzero_ps();
+    for (; j < S; j += 16) {
+      __mmask16 in = S - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (S - j)) - 1);
+      __m512 x = _mm512_maskz_loadu_ps(in, sr + j);
+      __mmask16 live = _mm512_mask_cmp_ps_mask(in, x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+      x = _mm512_max_ps(_mm512_sub_ps(x, vmx), _mm512_set1_ps(-104.f));
+      __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+      r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+      __m512 e = _mm512_set1_ps(1.f / 5040.f);
+      e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f / 720.f));
+      e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f / 120.f));
+      e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f / 24.f));
+      e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f / 6.f));
+      e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(0.5f));
+      e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f));
+      e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f));
+      e = _mm512_maskz_mov_ps(live, _mm512_scalef_ps(e, n));
+      _mm512_mask_storeu_ps(sr + j, in, e);
+      vsum = _mm512_add_ps(vsum, e);
+    }
+    sum = _mm512_reduce_add_ps(vsum);
+#endif
+    for (; j < S; ++j) {
       float e = sr[j] == -INFINITY ? 0.f : std::exp(sr[j] - mx);
       sr[j] = e;
       sum += e;
     }
-    float inv = sum > 0.f ? 1.f / sum : 0.f;  // no valid key: zeros
-    T* o = out + r * D;
-    int64_t d = 0;
+    inv[r] = sum > 0.f ? 1.f / sum : 0.f;  // no valid key: zeros
+  }
+  // out = p v / sum: each value converted once for up to 4 query rows
+  int64_t d = 0;
 #ifdef __AVX512F__
-    for (; d + 64 <= D; d += 64) {
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int64_t j = 0; j < S; ++j) {
-        if (sr[j] == 0.f) continue;
-        __m512 p = _mm512_set1_ps(sr[j]);
-        const T* vj = v + j * vs + d;
-        a0 = _mm512_fmadd_ps(p, ld16(vj), a0);
-        a1 = _mm512_fmadd_ps(p, ld16(vj + 16), a1);
-        a2 = _mm512_fmadd_ps(p, ld16(vj + 32), a2);
-        a3 = _mm512_fmadd_ps(p, ld16(vj + 48), a3);
-      }
-      __m512 sc4 = _mm512_set1_ps(inv);
-      alignas(64) float tmp[64];
-      _mm512_store_ps(tmp, _mm512_mul_ps(a0, sc4));
-      _mm512_store_ps(tmp + 16, _mm512_mul_ps(a1, sc4));
-      _mm512_store_ps(tmp + 32, _mm512_mul_ps(a2, sc4));
-      _mm512_store_ps(tmp + 48, _mm512_mul_ps(a3, sc4));
-      for (int i = 0; i < 64; ++i) st(o + d + i, tmp[i]);
+  for (; d + 64 <= D; d += 64)
+    for (int64_t r0 = 0; r0 < R; r0 += 4) switch (std::min<int64_t>(4, R - r0)) {
+      case 4: pv<T, 4>(sc + r0 * S, S, v + d, vs, valid, ms, inv + r0, out + r0 * D + d, D); break;
+      case 3: pv<T, 3>(sc + r0 * S, S, v + d, vs, valid, ms, inv + r0, out + r0 * D + d, D); break;
+      case 2: pv<T, 2>(sc + r0 * S, S, v + d, vs, valid, ms, inv + r0, out + r0 * D + d, D); break;
+      case 1: pv<T, 1>(sc + r0 * S, S, v + d, vs, valid, ms, inv + r0, out + r0 * D + d, D); break;
     }
 #endif
-    for (; d < D; ++d) {
+  for (; d < D; ++d)
+    for (int64_t r = 0; r < R; ++r) {
       float a = 0.f;
-      for (int64_t j = 0; j < S; ++j) a += sr[j] * ld(v + j * vs + d);
-      st(o + d, a * inv);
+      for (int64_t j = 0; j < S; ++j) a += sc[r * S + j] * ld(v + j * vs + d);
+      st(out + r * D + d, a * inv[r]);
     }
-  }
 }
 
 // q (B, H, R, D) fp32, the query rows of KV head h already multiplied by the scale; k, v (B, H, S, D)
@@ -254,19 +333,19 @@ static at::Tensor attn(const at::Tensor& q_, const at::Tensor& k, const at::Tens
   int64_t ms0 = valid.stride(0), ms1 = valid.stride(1);
   int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, S * D * R));
   at::parallel_for(0, B * H, grain, [&](int64_t i0, int64_t i1) {
-    std::vector<float> sc(R * S);
+    std::vector<float> sc(R * S), inv(R);
     for (int64_t i = i0; i < i1; ++i) {
       int64_t b = i / H, h = i % H;
       const float* qp = q.data_ptr<float>() + i * R * D;
       if (kk.scalar_type() == at::kFloat)
         attend_head<float>(qp, R, D, kk.data_ptr<float>() + b * kk.stride(0) + h * kk.stride(1), kk.stride(2),
                            vv.data_ptr<float>() + b * vv.stride(0) + h * vv.stride(1), vv.stride(2),
-                           M + b * ms0, ms1, S, out.data_ptr<float>() + i * R * D, sc.data());
+                           M + b * ms0, ms1, S, out.data_ptr<float>() + i * R * D, sc.data(), inv.data());
       else
         attend_head<uint16_t>(qp, R, D,
                               (const uint16_t*)kk.data_ptr() + b * kk.stride(0) + h * kk.stride(1), kk.stride(2),
                               (const uint16_t*)vv.data_ptr() + b * vv.stride(0) + h * vv.stride(1), vv.stride(2),
-                              M + b * ms0, ms1, S, (uint16_t*)out.data_ptr() + i * R * D, sc.data());
+                              M + b * ms0, ms1, S, (uint16_t*)out.data_ptr() + i * R * D, sc.data(), inv.data());
     }
   });
   return out;

@@ -29,13 +29,19 @@ def kernel() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attn_is_sdpa_over_the_valid_slots(kernel: None, dtype: torch.dtype) -> None:
-    """GQA's query rows per KV head (3 of 9 heads), cache views of S of C slots (S = 1, 15, 16, 17, 40,
-    a non-multiple of 16 among them), padded slots masked: SDPA's output within fp32 rounding (bf16: the
+    """GQA's query rows per KV head (3 of 9 heads; 1 and 5 too), cache views of S of C slots (S = 1, 15,
+    16, 17, 40: keys are read 16 at a time), padded slots masked: SDPA's output within fp32 rounding (bf16: the
     same fp32 result rounded once; SDPA's bf16 path rounds its own sums too)."""
     g = torch.Generator().manual_seed(0)
-    for S in (1, 15, 16, 17, 40):
+    for S, R in (
+        (1, 3),
+        (15, 3),
+        (16, 1),
+        (17, 5),
+        (40, 3),
+    ):  # R: query rows per KV head (computed 4 at a time)
         C = S + 5
-        q = torch.randn(2, 3, 3, 64, generator=g).to(dtype)
+        q = torch.randn(2, 3, R, 64, generator=g).to(dtype)
         kc, vc = (torch.randn(2, 3, C, 64, generator=g).to(dtype) for _ in range(2))
         valid = torch.rand(2, C, generator=g) > 0.4
         valid[:, S - 1] = True  # the step's own slot
