@@ -73,3 +73,36 @@ def test_attn_checks_its_shapes(kernel: None) -> None:
         int4_cpu.attn(q, k, k, torch.ones(1, 7, dtype=torch.bool))
     with pytest.raises(RuntimeError, match="fp32"):
         int4_cpu.attn(q.bfloat16(), k, k, torch.ones(1, 8, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("d_model", [64, 256])  # head_dim 16 (the plain loop over columns) and 64
+def test_decode_step_attends_through_the_kernel_as_through_sdpa(kernel: None, d_model: int) -> None:
+    """``aot.DecodeStep`` (the compiled step's module, run eagerly) with ``attn_kernel`` set gives the
+    logits and cache writes of its SDPA path (GQA, padded slots masked) within fp32 rounding."""
+    import dataclasses
+
+    from tiny_chat import tiny_llama_config
+
+    from lamina.model.aot import DecodeStep
+    from lamina.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny_llama_config(), d_model=d_model)
+    model = Transformer(cfg).eval()
+    step = DecodeStep(model)
+    assert not step.attn_kernel  # the model runs no int4 kernel: off unless opted in
+    B, C, S = 2, 24, 19
+    assert cfg.n_kv_heads is not None and cfg.head_dim is not None
+    kv = [torch.randn(B, cfg.n_kv_heads, C, cfg.head_dim) for _ in range(2 * cfg.n_layers)]
+    valid = torch.rand(B, C) > 0.3
+    valid[:, S - 1] = True
+    ids, pos = torch.tensor([[5], [7]]), torch.tensor([[S - 1], [S - 3]])
+    out = {}
+    with torch.no_grad():
+        for on in (False, True):
+            step.attn_kernel, cache = on, [t.clone() for t in kv]
+            out[on] = step(ids, pos, torch.empty(S, 0), valid, cache), cache
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(out[True][1], out[False][1], strict=True):  # layer 2's keys: from layer 1's output
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[True][1][0], out[False][1][0])  # layer 1's: the same inputs
