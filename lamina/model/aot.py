@@ -380,11 +380,11 @@ def _cpu_digest() -> str:
 
 def _code_digest() -> str:
     """A digest of the source the step is traced from (this module and the model's: layers, transformer,
-    quant), so that a package traced from other code is never loaded."""
+    quant; int4_cpu, whose ops a package calls), so that a package traced from other code is never loaded."""
     from lamina.model import layers, quant, transformer
 
     h = hashlib.sha256()
-    for module in (sys.modules[__name__], layers, quant, transformer):
+    for module in (sys.modules[__name__], layers, quant, transformer, int4_cpu):
         h.update(Path(module.__file__ or "").read_bytes())
     return h.hexdigest()
 
