@@ -21,6 +21,16 @@ Layout (``pack``): for each block of 64 outputs (4 sub-blocks of 16) and group o
 of sub-block i's 32 bytes at step ``s`` holds the code of output ``16 i + lane``, input ``4 s + p`` in its
 low nibble and input ``4 s + 2 + p`` in its high nibble; scales and offsets (N / 64, groups, 4, 2, 16) bf16.
 
+The same library holds the compiled decode step's attention (``attn``, ``torch.ops.lamina_int4.lamina_int4_attn``,
+used by ``lamina.model.aot.DecodeStep`` where this kernel is: the step's attention at one query row):
+softmax(q k^T) v per row and KV head (GQA: a KV head's query heads as its rows) over the valid slots of
+the cache, read in place (strided views), in fp32 (bf16 keys and values widened; output rounded once to
+their dtype): SDPA's result within fp32 rounding. aten's flash attention (tiled for many queries) costs
+~23 us a call at one query row and 40 keys (SmolLM2's 9 heads, bf16, 1 thread) against ~8 us (~2.5 us
+without the dispatcher, as the package calls it); the compiled int4 step 1.04-1.09x tokens/s (1 thread,
+under load; benchmarks/RESULTS.md). AVX-512 F code (16 keys' dot products at a time, a vectorized exp),
+plain C++ loops where the compiler lacks it.
+
 The C++ source below is compiled once (``_CFLAGS``: ``-march=native``, OpenMP) into a folder of ``build_dir`` named by the
 digest of the source, the flags, torch's version and the CPU (``default_build_dir()`` unless given;
 ``torch.utils.cpp_extension``: a C++ compiler and ninja are needed), registered as
