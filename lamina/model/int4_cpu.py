@@ -28,7 +28,7 @@ the cache, read in place (strided views), in fp32 (bf16 keys and values widened;
 their dtype): SDPA's result within fp32 rounding. aten's flash attention (tiled for many queries) costs
 ~23 us a call at one query row and 40 keys (SmolLM2's 9 heads, bf16, 1 thread) against ~8 us (~2.5 us
 without the dispatcher, as the package calls it); the compiled int4 step 1.04-1.09x tokens/s (1 thread,
-under load; benchmarks/RESULTS.md). AVX-512 F code (16 keys' dot products at a time, a vectorized exp),
+under load, one process A/B). AVX-512 F code (16 keys' dot products at a time, a vectorized exp),
 plain C++ loops where the compiler lacks it.
 
 The C++ source below is compiled once (``_CFLAGS``: ``-march=native``, OpenMP) into a folder of ``build_dir`` named by the
