@@ -163,6 +163,40 @@ def test_the_step_stands_aside_where_it_would_not_compute_the_model() -> None:
     assert attached_step(adapted) is None
 
 
+def test_direct_table_writes_make_the_step_stand_aside() -> None:
+    """``torch.func.functional_call`` with other weights (it writes the modules' ``_parameters``
+    directly: no registration hook fires) decodes eagerly with those weights while a step is attached,
+    and through the step again once it restored them; a module written into a ``ModuleList``'s table
+    (as ``ModuleList.insert`` does) and a parameter deleted then set as a plain attribute decode
+    eagerly too."""
+    torch.manual_seed(0)
+    model = Transformer(copy.deepcopy(TINY)).eval()
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():  # the tied embedding and head once
+            p.add_(torch.randn_like(p) * 0.1)
+    calls = _stand_in(model)
+    new = dict(other.named_parameters())
+    swapped = _steps(
+        model, lambda ids, cache: torch.func.functional_call(model, new, (ids,), {"cache": cache})
+    )
+    assert calls == []
+    torch.testing.assert_close(swapped, _steps(model, lambda ids, cache: other(ids, cache=cache)))
+    _steps(model)
+    assert calls == [3] * 6
+    calls.clear()
+    model.blocks._modules["1"] = copy.deepcopy(model.blocks[1])
+    _steps(model)
+    assert calls == []
+    calls = _stand_in(model)  # bound again: to the new block
+    norm = model.blocks[0].mlp_norm
+    weight = norm.weight
+    del norm.weight
+    norm.weight = weight.detach().clone()  # a plain attribute now (no table holds it)
+    _steps(model)
+    assert calls == []
+
+
 @pytest.fixture(scope="session")
 def tiny_int4(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
