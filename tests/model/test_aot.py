@@ -389,7 +389,8 @@ def _enc_dec_stand_in(model: Transformer) -> list[int]:
         calls.append(args[0].shape[0])
         return run(*args)
 
-    step = aot.EncDecCompiledStep(runner, Path("stand-in"), {}, model)
+    constants = aot._named_tensors(aot.EncDecStep(model))  # what a package reads: the binding checks them
+    step = aot.EncDecCompiledStep(runner, Path("stand-in"), constants, model)
     model.__dict__.setdefault("_inference_copies", _InferenceCopies())[DECODE_STEP] = step
     return calls
 
@@ -398,13 +399,19 @@ def _enc_dec_stand_in(model: Transformer) -> list[int]:
 def test_enc_dec_step_computes_the_eager_step(preset: str) -> None:
     """EncDecStep (what is exported for T5: relative bias, pre-norm; the 2017 Transformer: sinusoidal,
     post-norm) gives the eager decoder's logits with padded sources, fp32 within 1e-5; the first step
-    (which computes the cross keys) stays eager."""
+    (which computes the cross keys) stays eager, and so do all steps once a tensor the step reads was
+    replaced (the stand-in is bound to the constants a package reads)."""
     model = _enc_dec(preset)
     assert supported(model) is None
     expected = _enc_dec_steps(model)
     calls = _enc_dec_stand_in(model)
     torch.testing.assert_close(_enc_dec_steps(model), expected, atol=1e-5, rtol=0)
     assert calls == [3] * 6
+    calls.clear()
+    q = model.blocks[0].cross_attn.q_proj  # type: ignore[union-attr]
+    q.weight.data = q.weight.detach().clone()  # a constant of the step replaced: eager steps
+    torch.testing.assert_close(_enc_dec_steps(model), expected, atol=1e-5, rtol=0)
+    assert calls == []
 
 
 def test_a_one_token_source_decodes_eagerly() -> None:
