@@ -29,6 +29,7 @@ One policy per process: the first one applied stays, since glibc cannot report t
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 from collections.abc import Mapping
@@ -108,22 +109,29 @@ def _mkl() -> Any:
     """The loaded torch library that carries MKL's service functions (``mkl_serv_free_buffers``), when
     torch is imported and has them (x86 builds link MKL statically), else None."""
     torch = sys.modules.get("torch")
-    path = os.path.join(os.path.dirname(getattr(torch, "__file__", None) or "."), "lib", "libtorch_cpu.so")
-    if torch is None or not os.path.exists(path):
+    return None if torch is None else _torch_mkl(os.path.dirname(getattr(torch, "__file__", None) or "."))
+
+
+@functools.cache
+def _torch_mkl(folder: str) -> Any:
+    """``_mkl`` for torch installed in ``folder``, looked up once (a trim runs every few decoding steps)."""
+    path = os.path.join(folder, "lib", "libtorch_cpu.so")
+    if not os.path.exists(path):
         return None
     lib = ctypes.CDLL(path)
     return lib if hasattr(lib, "mkl_serv_free_buffers") else None
 
 
-def trim() -> None:
+def trim(mkl: bool = True) -> None:
     """Return free memory to the system now when the policy in force is ``release`` (nothing
-    otherwise): MKL's buffers (its allocator keeps a packing buffer per thread for every sgemm row count
-    it has seen, ~2.3 MiB each for SmolLM2's LM head: ``mkl_free_buffers``; the next call of a size makes
-    its own again) and the free memory of every heap (``malloc_trim(0)``)."""
+    otherwise): with ``mkl``, MKL's buffers (its allocator keeps a packing buffer per thread for every
+    sgemm row count it has seen, ~2.3 MiB each for SmolLM2's LM head: ``mkl_free_buffers``; the next call
+    of a size makes its own again, so a caller whose next matmuls are the same keeps them, ``mkl=False``),
+    then the free memory of every heap (``malloc_trim(0)``)."""
     if _active in TRIMS:
-        mkl = _mkl()
-        if mkl is not None:
-            mkl.mkl_serv_free_buffers()
+        lib = _mkl() if mkl else None
+        if lib is not None:
+            lib.mkl_serv_free_buffers()
         libc = _glibc()
         if libc is not None:
             libc.malloc_trim(0)

@@ -83,6 +83,31 @@ def test_one_policy_per_process_with_mallopt_checked(
     assert malloc.set_malloc_policy("release") is False
 
 
+def test_trim_frees_mkl_s_buffers_unless_asked_to_keep_them(
+    fake: FakeLibc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class FakeMkl:
+        def mkl_serv_free_buffers(self) -> None:
+            fake.calls.append(("mkl", 0, 0))
+
+    monkeypatch.setattr(malloc, "_mkl", FakeMkl)
+    malloc.trim()
+    assert fake.calls == []  # no policy: nothing
+    assert malloc.set_malloc_policy("release") is True
+    fake.calls.clear()
+    malloc.trim()
+    malloc.trim(mkl=False)
+    assert fake.calls == [("mkl", 0, 0), ("trim", 0, 0), ("trim", 0, 0)]
+
+
+def test_torch_s_mkl_is_looked_up_once() -> None:
+    import torch  # noqa: F401  (the lookup finds its library)
+
+    first = malloc._mkl()
+    hits = malloc._torch_mkl.cache_info().hits
+    assert malloc._mkl() is first and malloc._torch_mkl.cache_info().hits == hits + 1
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
 def test_the_real_glibc_takes_a_policy() -> None:
     env = {k: v for k, v in os.environ.items() if not malloc.skip_reason({k: v})}

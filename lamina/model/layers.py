@@ -432,8 +432,9 @@ class KVCache:
     def _grow(self, rows: int, capacity: int) -> None:
         """Reallocate the storage for ``rows`` rows of ``capacity`` slots, one tensor at a time (each old
         one freed before the next is made: the memory peak is the cache plus one layer's keys, not two
-        whole caches; under ``lamina.malloc``'s ``release`` policy the freed tensor's pages go back to the
-        system at once, ``trim``: a heap keeps them otherwise, as a larger tensor does not fit its hole)."""
+        whole caches). Under ``lamina.malloc``'s ``release`` policy a layer's keys from 4 MiB are mapped
+        apart and go back to the system when freed; the heap's free memory goes back once the storage
+        is made (``trim``, MKL's buffers kept: the decoding step that grew the cache uses them next)."""
         from lamina.malloc import trim
 
         n, L = self.rows, self.length
@@ -444,13 +445,14 @@ class KVCache:
                 new[:n, :, :L] = old[:n, :, :L]
                 store[i], views[i] = new, new[:n]  # the old tensor's last references go
                 del old
-                trim()
         valid, positions, next_pos = self._valid, self._positions, self._next_pos
         self._valid, self._positions, self._next_pos = fresh
         self._valid[:n, :L], self._positions[:n, :L] = valid[:n, :L], positions[:n, :L]
         self._next_pos[:n] = next_pos[:n]
         self.capacity = capacity
         self._set_rows(n)
+        del valid, positions, next_pos
+        trim(mkl=False)
 
 
 # -- inference copies -----------------------------------------------------------------------------------

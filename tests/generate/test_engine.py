@@ -417,11 +417,16 @@ def test_min_new_tokens_bans_only_ids_in_the_vocabulary() -> None:
     assert seq.finish_reason == "length" and len(seq.tokens) == 4
 
 
-def test_kv_cache_grows_no_further_than_its_rows_can_use() -> None:
+def test_kv_cache_grows_no_further_than_its_rows_can_use(monkeypatch: pytest.MonkeyPatch) -> None:
     """``reserve(slots, limit)`` grows by half the capacity, but to at most ``limit`` slots after
-    ``length``; growing keeps every row's keys, values and masks."""
+    ``length``; growing keeps every row's keys, values and masks, and returns free memory once (not
+    per layer), keeping MKL's buffers (the decoding step that grew the cache uses them next)."""
+    import lamina.malloc
     from lamina.config import ModelConfig
     from lamina.model.layers import KVCache
+
+    trims: list[bool] = []
+    monkeypatch.setattr(lamina.malloc, "trim", lambda mkl=True: trims.append(mkl))
 
     cfg = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=256)
     cache = KVCache(cfg, 2, 8, max_batch_size=2)
@@ -432,6 +437,7 @@ def test_kv_cache_grows_no_further_than_its_rows_can_use() -> None:
     kept = [t.clone() for t in (*cache.k, *cache.v)]
     cache.reserve(1, limit=3)
     assert cache.capacity == 11  # not 12 (8 + 8 // 2): no row can use more than 3 more slots
+    assert trims == [False]
     for old, new in zip(kept, (*cache.k, *cache.v), strict=True):
         assert torch.equal(new[:, :, :8], old)
     assert bool(cache.valid[:, :8].all()) and not bool(cache.valid[:, 8:].any())
