@@ -289,7 +289,7 @@ class Engine:
         self._view: KVCache | None = None  # a prefill's rows in the batch's storage, until _settle
         self._view_rows: list[int] = []  # the storage rows of the view that joined, in order
         self._compact = False  # _settle drops leading slots empty in every row (the prefill's padding)
-        self._decode_rows = 0  # the rows of the last one-token decoding step
+        self._decode_rows = 0  # the rows of the last one-token decoding step (0: none since emptied)
         self._rid_adapter: dict[int, int] = {}  # request id -> its LoRA adapter, when not 0 (the base)
         self._lora_layers: list[MultiLoraLinear] | None = None  # found at the first adapter request
         p = model.tok_emb.weight
@@ -442,10 +442,12 @@ class Engine:
         ``decode=False`` only admits (prefills the prompts and picks their first tokens): a caller timing
         the prefill apart from decoding, as ``lamina.generate.text.complete`` does, steps once so.
         ``emit``, when given, receives the admission's deltas (the new requests' first tokens) before the
-        decoding forward runs, instead of with the returned ones, so that a server streams a first token
-        one decoding step sooner (its time to first token); the returned list then holds the rest.
+        decoding forward runs (and before the memory the prefill freed is returned, ``trim``), instead of
+        with the returned ones, so that a server streams a first token one decoding step sooner (its time
+        to first token); the returned list then holds the rest.
         """
         out: list[Delta] = []
+        ran = bool(self._running)
         self._apply_cancellations(out)
         budget = self.max_prefill_tokens
         self._step_rows = len(self._running) + (self._partial.req.rows if self._partial is not None else 0)
@@ -464,14 +466,21 @@ class Engine:
                     out += self._admit(req)
             if all(s.finish_reason is not None for s in req.seqs):  # done at admission
                 self._rid_adapter.pop(req.request_id, None)
-        if taken or prefilled:  # a prefill's activations were freed: their pages go back (``release`` only)
-            trim()
+        if emit is not None and out:
+            emit(out)
+            out = []
+        # a prefill's activations were freed: their pages go back (``trim``, ``release`` policy only);
+        # MKL's buffers stay while rows run (the next decoding step's; ``_decode`` frees them when its
+        # row count changes) and go with the batch
+        admitted = bool(taken or prefilled)
+        if admitted and self._running:
+            trim(mkl=False)
         if decode and self._running:
-            if emit is not None and out:
-                emit(out)
-                out = []
             with self._adapters(self._row_adapters()):
                 out += self._decode()
+        if not self._running and (admitted or ran):
+            self._decode_rows = 0
+            trim()
         return out
 
     def _row_adapters(self) -> list[int]:
@@ -578,18 +587,11 @@ class Engine:
             assert prefilled is self._view and self._cache is not None
             self._view_rows += [self._cache.rows + row] * rows  # storage rows (the batch's rows: before)
             return
-        n = len(self._running) if self._cache is not None else 0
-        room = max(n + rows, self._step_rows)
-        if self.pad_shapes:
-            room = batch_rows(room, self.max_batch_size)
-        if self._cache is None or not self._running:
-            self._cache = None  # an emptied batch's storage goes before the new one is made
-            self._cache = KVCache(
-                self.model.config, 0, capacity, self._dtype, self._device, max_batch_size=room
-            )
-        elif n + rows > self._cache.max_batch_size:
-            self._cache.reserve_rows(room)
-        self._cache.add_rows(prefilled, [row] * rows)
+        n, room = self._room(rows)
+        batch = self._batch_storage(capacity, room)
+        if n + rows > batch.max_batch_size:
+            batch.reserve_rows(room)
+        batch.add_rows(prefilled, [row] * rows)
 
     def _admit(self, req: _Request) -> list[Delta]:
         """Prefill one request alone, choose each sequence's first token, and add its rows to the batch."""
@@ -660,12 +662,12 @@ class Engine:
         groups = [p for g in _length_groups(rests, self._path_lengths) for p in self._pieces(g, any(salts))]
         for group in groups:
             budget_of = max(reqs[i].running[0].budget for i in group)
-            with self._adapters([salts[i] for i in group]):
-                cache, logits = self._prefill_rows(
-                    [reqs[i].prompt for i in group], [salts[i] for i in group], [found[i] for i in group],
-                    into_batch=budget_of,
-                )  # fmt: skip
-            try:
+            try:  # a prefill that fails (an error, Ctrl-C) leaves no view pending: none of its rows join
+                with self._adapters([salts[i] for i in group]):
+                    cache, logits = self._prefill_rows(
+                        [reqs[i].prompt for i in group], [salts[i] for i in group],
+                        [found[i] for i in group], into_batch=budget_of,
+                    )  # fmt: skip
                 for row, i in enumerate(group):
                     out += self._start(reqs[i], logits[row : row + 1, -1], cache, row)
             finally:
@@ -761,11 +763,15 @@ class Engine:
         adapters), so a server's prefills make a bounded set of matmul shapes; the padding slots left
         empty in every row leave the cache after the forward (``KVCache.compact``).
 
-        ``into_batch`` (the longest output budget of the rows): the forward writes straight into spare
-        rows of the batch's KV storage (``KVCache.rows_view``; made or grown first), aligned to end where
-        the batch's rows end, so no one-off cache is made and copied (its memory was alive beside the
-        batch's at the peak); the rows that ``_start`` keeps join at ``_settle``. Without room for the
-        padded rows in the storage the rows get their own cache as before."""
+        ``into_batch`` (tokens: the longest output budget of the rows): the forward writes straight into
+        spare rows of the batch's KV storage (``KVCache.rows_view``; made or grown first), aligned to end
+        where the batch's rows end, so no one-off cache is made and copied (its memory was alive beside
+        the batch's at the peak); the rows that ``_start`` keeps join at ``_settle``. Without room for
+        the padded rows in the storage the rows get their own cache as before. A view's ``length`` is
+        the batch's (> 0 once rows ran), so one-token prompts prefilled into it take the model's
+        decoding-step path (a compiled step when attached) where an own cache's are eager: the same
+        result up to float rounding. A failed forward leaves the view to ``_settle``, which joins none
+        of its rows."""
         B, P0 = len(prompts), max(h for h, _ in found)
         rests = [len(p) - h for p, (h, _) in zip(prompts, found, strict=True)]
         T = max(rests)
@@ -842,12 +848,7 @@ class Engine:
         n, room = self._room(real)
         if n + rows > room:
             return None
-        if self._cache is None or not self._running:
-            self._cache = None  # an emptied batch's storage goes before the new one is made
-            self._cache = KVCache(
-                self.model.config, 0, max(slots, capacity), self._dtype, self._device, max_batch_size=room
-            )
-        batch = self._cache
+        batch = self._batch_storage(max(slots, capacity), room)
         batch.reserve_rows(room)
         if slots > batch.length:  # the running rows get masked, empty slots up to the prefill's end
             if slots > batch.capacity:
@@ -857,8 +858,18 @@ class Engine:
             if slots > batch.length:
                 batch.valid[:, batch.length : slots] = False
                 batch.length = slots
-        self._view, self._view_rows = batch.rows_view(n, rows), []
+        self._view, self._view_rows, self._compact = batch.rows_view(n, rows), [], False
         return self._view
+
+    def _batch_storage(self, capacity: int, room: int) -> KVCache:
+        """The batch's KV cache; with no running rows a new one (no rows yet, storage for ``room`` rows
+        of ``capacity`` slots), the emptied batch's storage freed before it is made."""
+        if self._cache is None or not self._running:
+            self._cache = None  # the old storage goes first: two at once were the server's RSS peak
+            self._cache = KVCache(
+                self.model.config, 0, capacity, self._dtype, self._device, max_batch_size=room
+            )
+        return self._cache
 
     def _settle(self) -> None:
         """The rows of a prefill into the batch's storage (``_batch_view``) that ``_start`` kept join the

@@ -472,6 +472,76 @@ def test_an_emptied_batch_frees_its_kv_cache_before_the_next_batch() -> None:
 
 
 @torch.no_grad()
+def test_first_tokens_go_out_before_memory_is_returned_and_mkl_s_buffers_go_with_the_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``step(emit=)`` hands the first tokens on before the prefill's memory goes back (``trim``: not in
+    the time to first token); while rows run an admission keeps MKL's buffers (the next decoding
+    step's), which go when the decoding row count changes and when the batch empties."""
+    from lamina.generate import engine as engine_module
+    from lamina.generate.engine import Engine
+
+    events: list[tuple[str, Any]] = []
+    monkeypatch.setattr(engine_module, "trim", lambda mkl=True: events.append(("trim", mkl)))
+    emit = lambda deltas: events.append(("emit", len(deltas)))  # noqa: E731
+    engine = Engine(_tiny_model(), max_batch_size=4)
+    cfg = GenerationConfig(temperature=0.0, max_new_tokens=3, ignore_eos=True)
+    engine.submit([1, 2, 3], cfg)
+    engine.submit([4, 5], cfg)
+    engine.step(emit=emit)  # admits two rows, decodes their second tokens
+    assert events == [("emit", 2), ("trim", False), ("trim", True)]  # the last: 2 decoding rows, not 0
+    engine.submit([6], GenerationConfig(temperature=0.0, max_new_tokens=1))  # done at its first token
+    events.clear()
+    engine.step(emit=emit)  # the two rows finish: the batch empties
+    assert events == [("emit", 1), ("trim", False), ("trim", True)] and not engine.has_work()
+    engine.submit([7, 8], GenerationConfig(temperature=0.0, max_new_tokens=1))
+    events.clear()
+    engine.step(emit=emit)  # no batch: the admission returns everything
+    assert events == [("emit", 1), ("trim", True)]
+
+
+@torch.no_grad()
+def test_a_failed_prefill_leaves_the_engine_admitting() -> None:
+    """A prefill into the batch's storage whose forward raises (an error, Ctrl-C) leaves no view of the
+    storage pending: the engine's next admissions decode what they decode alone, beside the rows that
+    ran on, and an engine with no rows keeps no storage."""
+    from lamina.generate.engine import Engine
+
+    model = _tiny_model()
+    cfg = GenerationConfig(temperature=0.0, max_new_tokens=6, ignore_eos=True, logprobs=True)
+    alone = []
+    for p in ([1, 2, 3], [4, 5], [6, 7, 8, 9]):
+        one = Engine(model)
+        alone += one.submit(p, cfg)
+        while one.has_work():
+            one.step()
+    forward = model.forward
+
+    def fail_once(*args: Any, **kw: Any) -> Any:
+        del model.forward  # the class's forward again
+        raise RuntimeError("out of memory")
+
+    for running in (False, True):
+        engine = Engine(model, max_batch_size=4)
+        first = engine.submit([1, 2, 3], cfg) if running else []
+        if running:
+            engine.step()
+        engine.submit([9, 9], cfg)
+        model.forward = fail_once  # the step's first forward: the admission's prefill
+        with pytest.raises(RuntimeError, match="out of memory"):
+            engine.step()
+        assert engine._view is None and (engine._cache is None) == (not running)
+        assert model.forward == forward
+        later = engine.submit([4, 5], cfg) + engine.submit([6, 7, 8, 9], cfg)
+        while engine.has_work():
+            engine.step()
+        for a, b in zip(first + later, alone if running else alone[1:], strict=True):
+            assert a.tokens == b.tokens
+            assert a.logprobs is not None and b.logprobs is not None
+            assert [x.logprob for x in a.logprobs] == pytest.approx([y.logprob for y in b.logprobs], abs=1e-5)
+
+
+@torch.no_grad()
 def test_padded_shapes_keep_every_rows_output() -> None:
     """Decoding steps run ``batch_rows`` rows and prefills ``prefill_tokens`` tokens per row (a bounded
     set of matmul shapes for the server's memory); the padding changes no real row's tokens or logprobs,
