@@ -57,7 +57,8 @@ class Completion:
     ended it is not among them), ``.finish_reason`` "stop" or "length", ``.logprobs`` one
     ``TokenLogprob`` per generated token when ``config.logprobs``. ``prompt_logprobs`` has one entry per
     prompt token (None for the first) when ``config.prompt_logprobs`` is set. ``prefill_seconds`` is the
-    wall time of the prompt's forward pass and the first token; ``decode_seconds`` the rest, in which
+    wall time of the prompt's forward pass and the first token (0 when the prompt did not run:
+    ``max_new_tokens=0`` without prompt logprobs, ``prompt_ran``); ``decode_seconds`` the rest, in which
     ``decode_tokens`` tokens (over all choices) were produced. ``draft`` counts the draft tokens
     proposed and accepted when the engine decoded speculatively.
     """
@@ -77,6 +78,12 @@ class Completion:
         return self.choices[0].text or ""
 
     @property
+    def prompt_ran(self) -> bool:
+        """Whether the prompt's forward ran: a token was to be generated (even when the first was an eos,
+        which ``tokens`` leaves out) or the prompt's logprobs were asked for."""
+        return self.config.max_new_tokens > 0 or self.config.prompt_logprobs is not None
+
+    @property
     def completion_tokens(self) -> int:
         """Generated tokens over all choices."""
         return sum(len(c.tokens) for c in self.choices)
@@ -92,8 +99,7 @@ class Completion:
         """
         n = len(self.choices)
         head = f"prompt {self.prompt_tokens} tokens, {self.prefill_seconds:.2f} s"
-        ran = self.completion_tokens > 0 or self.prompt_logprobs is not None  # max_new_tokens=0 runs nothing
-        if self.prefill_seconds > 0 and ran:
+        if self.prefill_seconds > 0 and self.prompt_ran:
             head += f" ({self.prompt_tokens / self.prefill_seconds:.0f} tokens/s)"
         tokens = "token" if self.completion_tokens == 1 else "tokens"
         gen = f"generated {self.completion_tokens} {tokens}" + (f" in {n} choices" if n > 1 else "")
@@ -170,10 +176,13 @@ def complete(
     failed = next((s for s in seqs if s.finish_reason == "error"), None)
     if failed is not None:
         raise ConfigError(f"generation stopped at token {len(failed.tokens)}: {failed.error}")
-    return Completion(
+    done = Completion(
         seqs, len(ids), cfg, seqs[0].prompt_logprobs, prefill, total - prefill, decode_tokens,
         engine.draft_stats,
     )  # fmt: skip
+    if not done.prompt_ran:  # the first step only admitted (and finished) the request: no prefill time
+        done.prefill_seconds, done.decode_seconds = 0.0, total
+    return done
 
 
 def resolve_draft(

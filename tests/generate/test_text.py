@@ -104,15 +104,20 @@ def test_n_choices_with_logprobs_counts_and_summary(tiny: Any) -> None:
 
 def test_the_summary_says_what_cut_a_reply(tiny: Any) -> None:
     """A reply stopped by a full context window is not said to be cut at max_new_tokens (it was cut
-    sooner); one generated token is "1 token"."""
+    sooner); one generated token is "1 token"; the prompt's rate is given when the prompt ran, also
+    for a reply that ended at its first token (a stop token, not in ``tokens``), and not when it did
+    not (``max_new_tokens=0``: no prefill time either)."""
     window = tiny.model.config.max_seq_len
     long = complete(tiny, "hello", max_new_tokens=window + 5, ignore_eos=True)
     assert long.prompt_tokens + len(long.choices[0].tokens) == window
     assert long.summary().endswith("; cut by the context window") and "max_new_tokens" not in long.summary()
     one = complete(tiny, "hello", max_new_tokens=1, ignore_eos=True)
     assert "generated 1 token," in one.summary() and one.summary().endswith("; cut at max_new_tokens=1")
-    none = complete(tiny, "hello", max_new_tokens=0)  # the prompt never runs: no rate for it
-    assert none.summary().startswith(f"prompt {none.prompt_tokens} tokens, 0.00 s |")
+    none = complete(tiny, "hello", max_new_tokens=0)  # the prompt never runs: no time, no rate for it
+    assert none.prefill_seconds == 0.0 and "tokens/s)" not in none.summary().split(" | ")[0]
+    stopped = complete(tiny, "hello", max_new_tokens=3, stop_token_ids=one.choices[0].tokens)
+    assert stopped.completion_tokens == 0 and stopped.choices[0].finish_reason == "stop"
+    assert stopped.summary().split(" | ")[0].endswith(" tokens/s)")  # its prompt ran
 
 
 def test_streamed_text_is_the_first_choice(tiny: Any) -> None:
