@@ -42,12 +42,14 @@ AVX-512 BF16, not x86-64 Linux, no compiler or ninja, a failed build.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
 import platform
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -436,17 +438,38 @@ def load(build_dir: Path | None = None) -> str | None:
         return None
     so = folder / f"lamina_int4_{digest}.so"
     try:
-        if so.is_file():
-            torch.ops.load_library(str(so))
-            ctypes.CDLL(str(so), mode=ctypes.RTLD_GLOBAL)  # the shim, for packages
-        else:
-            _build(build_dir, folder, so.stem)
+        with _one_builder(build_dir):  # a second process waits for the first's build, then loads it
+            if so.is_file():
+                torch.ops.load_library(str(so))
+                ctypes.CDLL(str(so), mode=ctypes.RTLD_GLOBAL)  # the shim, for packages
+            else:
+                _build(build_dir, folder, so.stem)
         _register_fake()
         _LOADED[str(folder)] = None
     except Exception as e:  # no compiler or ninja, a failed build: the aten kernel stays
         first = (str(e).strip().splitlines() or [""])[0][:200]
         _LOADED[str(folder)] = f"the int4 kernel did not build ({type(e).__name__}: {first})"
     return _LOADED[str(folder)]
+
+
+@contextlib.contextmanager
+def _one_builder(build_dir: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``build_dir/.build-lock`` (released by the kernel when the process
+    dies, so a killed build never blocks a later one): processes starting together (test workers, a
+    server's forks) build the kernel once instead of each compiling it (~10 s of CPU). No lock where
+    ``fcntl`` is missing."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / ".build-lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _build(build_dir: Path, folder: Path, name: str) -> None:

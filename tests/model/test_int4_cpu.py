@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,3 +107,14 @@ def test_decode_step_attends_through_the_kernel_as_through_sdpa(kernel: None, d_
     for a, b in zip(out[True][1], out[False][1], strict=True):  # layer 2's keys: from layer 1's output
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert torch.equal(out[True][1][0], out[False][1][0])  # layer 1's: the same inputs
+
+
+def test_one_process_builds_at_a_time(tmp_path: Path) -> None:
+    """While one process holds the build lock, another cannot take it (it waits, then loads the build
+    instead of compiling it again); the lock is free again after."""
+    fcntl = pytest.importorskip("fcntl")
+    lock = tmp_path / ".build-lock"
+    with int4_cpu._one_builder(tmp_path), open(lock, "a+") as other, pytest.raises(BlockingIOError):
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(lock, "a+") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
