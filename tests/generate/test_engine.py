@@ -19,6 +19,7 @@ PROMPTS = [
     "Translate to French: Good morning, my friend.",
     "1, 2, 3, 5, 8, 13,",
 ]
+GENERATED = PROMPTS[1:4]  # code, a story, a list
 
 
 @pytest.mark.slow
@@ -35,6 +36,8 @@ def test_greedy_32_tokens_and_last_logits_equal_transformers(
         ours_last = model(x)[0, -1]
         ref_last = hf_smollm2(x).logits[0, -1]
         assert (ours_last - ref_last).abs().max().item() < 1e-3, prompt
+        if prompt not in GENERATED:
+            continue  # (32 greedy tokens of both models a prompt: ~4 s; three kinds of text are enough)
         ref = hf_smollm2.generate(
             x, max_new_tokens=32, do_sample=False, eos_token_id=eos, pad_token_id=eos[0]
         )
