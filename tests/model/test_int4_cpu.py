@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from int4_kernel import built_or_skip
 
 from lamina.model import int4_cpu
 
 
 @pytest.fixture(scope="module")
 def kernel() -> None:
-    """``int4_cpu`` built (the tests' shared compile directory) and loaded; skipped on CPUs without AVX-512
-    BF16 and without ninja or a C++ compiler (a failed build where all are there fails)."""
-    from torch.utils.cpp_extension import is_ninja_available
-
-    why = int4_cpu.unavailable_reason()
-    if why is not None:
-        pytest.skip(why)
-    if not is_ninja_available():
-        pytest.skip("torch's C++ extension builder needs ninja (pip install ninja)")
-    if not (shutil.which("c++") or shutil.which("g++")):
-        pytest.skip("the int4 kernel's build needs a C++ compiler")
-    assert int4_cpu.load() is None and int4_cpu.attn_loaded()
+    """``int4_cpu`` built and loaded (``int4_kernel.built_or_skip``)."""
+    built_or_skip()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

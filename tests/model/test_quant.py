@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from int4_kernel import built_or_skip
 from tiny_chat import tiny_llama_config
 
 import lamina
@@ -328,21 +329,8 @@ def test_fp32_format_packs_only_a_model_converted_for_inference(tmp_path: Path) 
 
 @pytest.fixture(scope="module")
 def int4_kernel() -> Path:
-    """Where ``int4_cpu``'s kernel is built (once per machine: the tests' shared compile directory) and
-    loaded; skipped on CPUs without AVX-512 BF16 and without ninja or a C++ compiler (a failed build
-    where all are there fails)."""
-    from torch.utils.cpp_extension import is_ninja_available
-
-    why = int4_cpu.unavailable_reason()
-    if why is not None:
-        pytest.skip(why)
-    if not is_ninja_available():
-        pytest.skip("torch's C++ extension builder needs ninja (pip install ninja)")
-    if not (shutil.which("c++") or shutil.which("g++")):
-        pytest.skip("the int4 kernel's build needs a C++ compiler")
-    build = int4_cpu.default_build_dir()
-    assert int4_cpu.load(build) is None
-    return build
+    """``int4_cpu`` built and loaded (``int4_kernel.built_or_skip``)."""
+    return built_or_skip()
 
 
 @pytest.mark.slow  # the first run on a machine builds the kernel (about a minute of CPU)
