@@ -69,6 +69,14 @@ def test_empty_prompt_and_overlong_prompt_are_clear_errors(lamina_smollm2: Any) 
 # -- per-sequence configs, stopping and freed slots ---------------------------------------------------------
 
 
+def _same_tokens_and_logprobs(got: Any, want: Any) -> None:
+    """Each sequence of ``got`` has the tokens of its twin in ``want`` and their logprobs within 1e-5."""
+    for a, b in zip(got, want, strict=True):
+        assert a.tokens == b.tokens
+        assert a.logprobs is not None and b.logprobs is not None
+        assert [x.logprob for x in a.logprobs] == pytest.approx([y.logprob for y in b.logprobs], abs=1e-5)
+
+
 def _first_diff_margin(model: Any, prompt: list[int], a: list[int], b: list[int]) -> float:
     """The reference's top-2 logit margin at the first position where two continuations differ."""
     k = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
@@ -340,10 +348,7 @@ def test_prompts_prefilled_together_equal_alone() -> None:
     assert engine.num_running == len(prompts) and engine.prefix_cache is not None
     while engine.has_work():
         engine.step()
-    for a, b in zip(alone, together, strict=True):
-        assert a.tokens == b.tokens
-        assert a.logprobs is not None and b.logprobs is not None
-        assert [x.logprob for x in a.logprobs] == pytest.approx([y.logprob for y in b.logprobs], abs=1e-5)
+    _same_tokens_and_logprobs(alone, together)
     assert _length_groups([1, 3, 7, 2, 59]) == [[0, 3, 1, 2], [4]]
 
 
@@ -366,9 +371,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_batch_decodes() -> None:
     assert len(seq.tokens) == 2 and engine.num_running == 2
     while engine.has_work():
         engine.step()
-    for a, b in zip(alone, [short, seq], strict=True):
-        assert a.tokens == b.tokens and a.logprobs is not None and b.logprobs is not None
-        assert [x.logprob for x in a.logprobs] == pytest.approx([y.logprob for y in b.logprobs], abs=1e-5)
+    _same_tokens_and_logprobs(alone, [short, seq])
     assert engine.prefix_cache is not None and engine.prefix_cache.num_blocks == 3  # its whole blocks
     again = engine.submit([1, *long], cfg)  # no cached prefix: chunked again, then cancelled midway
     engine.step()
@@ -538,10 +541,7 @@ def test_a_failed_prefill_leaves_the_engine_admitting() -> None:
         later = engine.submit([4, 5], cfg) + engine.submit([6, 7, 8, 9], cfg)
         while engine.has_work():
             engine.step()
-        for a, b in zip(first + later, alone if running else alone[1:], strict=True):
-            assert a.tokens == b.tokens
-            assert a.logprobs is not None and b.logprobs is not None
-            assert [x.logprob for x in a.logprobs] == pytest.approx([y.logprob for y in b.logprobs], abs=1e-5)
+        _same_tokens_and_logprobs(first + later, alone if running else alone[1:])
 
 
 @torch.no_grad()
@@ -597,10 +597,7 @@ def test_padded_shapes_keep_every_rows_output() -> None:
         assert {b for b, t in shapes[:half] if t == 1} >= {3, 5}  # unpadded decoding batches
         assert {b for b, t in shapes[half:] if t == 1} <= {1, 2, 4, 8}
         assert {t for _, t in shapes[half:] if t > 1} <= {8, 16}
-        for a, b in zip(*runs, strict=True):
-            assert a.tokens == b.tokens
-            assert a.logprobs is not None and b.logprobs is not None
-            assert [x.logprob for x in a.logprobs] == pytest.approx([y.logprob for y in b.logprobs], abs=1e-5)
+        _same_tokens_and_logprobs(*runs)
 
 
 @torch.no_grad()
@@ -641,7 +638,4 @@ def test_prefills_write_into_the_batch_s_kv_storage() -> None:
         assert engine.num_running == 7 and engine.num_queued == 1  # one left at its first token
         while engine.has_work():
             engine.step()
-        for a, b in zip(seqs, alone, strict=True):
-            assert a.tokens == b.tokens
-            assert a.logprobs is not None and b.logprobs is not None
-            assert [x.logprob for x in a.logprobs] == pytest.approx([y.logprob for y in b.logprobs], abs=1e-5)
+        _same_tokens_and_logprobs(seqs, alone)
