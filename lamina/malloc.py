@@ -59,8 +59,10 @@ def skip_reason(environ: Mapping[str, str] = os.environ) -> str | None:
     return f"{chosen[0]} is set (the environment chooses malloc)" if chosen else None
 
 
+@functools.cache
 def _glibc() -> Any:
-    """This process's C library when it is glibc (with mallopt and malloc_trim), else None."""
+    """This process's C library when it is glibc (with mallopt and malloc_trim), else None (looked up once:
+    ``platform.libc_ver`` reads the interpreter's binary, and ``trim`` runs on the engine's steps)."""
     if not sys.platform.startswith("linux"):
         return None
     import platform
