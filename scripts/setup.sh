@@ -16,7 +16,10 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1; then
     pip_install torch
   elif [[ "$(uname -s)" == Linux ]]; then
-    pip_install "torch==2.13.0+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
+    # A wheel pip already sees (a local wheel folder or index) first: no request to PyTorch's index,
+    # which a machine that reaches only PyPI would retry for every dependency.
+    pip_install "torch==2.13.0+cpu" 2>/dev/null \
+      || pip_install "torch==2.13.0+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
   else
     pip_install torch==2.13.0
   fi
