@@ -47,6 +47,9 @@ T = TypeVar("T")
 NONE_WORDS = ("null", "none", "~", "")
 TRUE_WORDS = ("true", "yes", "on", "1", "y")
 FALSE_WORDS = ("false", "no", "off", "0", "n")
+ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+"""Other spellings of a choice, read wherever that choice is allowed: torch's dtype names
+(``--dtype float16`` is ``fp16``, ``precision: bfloat16`` is ``bf16``)."""
 
 
 @dataclass(frozen=True)
@@ -175,7 +178,7 @@ def _coerce(value: Any, tp: Any) -> Any:
         if not isinstance(value, str):
             return value
         for choice in args:
-            if isinstance(choice, str) and choice == value:
+            if isinstance(choice, str) and choice in (value, ALIASES.get(value)):
                 return choice
         for choice in args:  # non-string literals (numbers, booleans) written as text
             if not isinstance(choice, str):
@@ -184,8 +187,12 @@ def _coerce(value: Any, tp: Any) -> Any:
                         return choice
                 except _CoerceError:
                     pass
-        hint = did_you_mean(value, [a for a in args if isinstance(a, str)])
-        raise _CoerceError(f"is not one of {', '.join(repr(a) for a in args)}{hint if '(' in hint else ''}")
+        aliases = [k for k, v in ALIASES.items() if v in args]
+        hint = did_you_mean(value, [a for a in args if isinstance(a, str)] + aliases)
+        also = f" (or torch's {', '.join(repr(a) for a in aliases)})" if aliases else ""
+        raise _CoerceError(
+            f"is not one of {', '.join(repr(a) for a in args)}{also}{hint if '(' in hint else ''}"
+        )
     if origin in (list, tuple, set, abc.Sequence):
         (item,) = args[:1] or (Any,)
         if isinstance(value, str):

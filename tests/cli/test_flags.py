@@ -243,6 +243,20 @@ def test_yaml_traps_are_read_by_the_field_type() -> None:
         coerce("fp8", Literal["fp32", "bf16"], "precision")
 
 
+def test_torch_dtype_names_are_read_as_the_short_ones() -> None:
+    from lamina.checkpoint.load import LoadOptions
+
+    args = PARSER.parse_args(normalize_argv(PARSER, ["generate", "m", "p", "--dtype", "float16"]))
+    assert values(args, LoadOptions) == {"dtype": "fp16"}
+    assert build(TrainConfig, {"precision": "bfloat16"}).precision == "bf16"  # a YAML key
+    assert coerce("float32", Literal["fp32", "bf16"] | None, "weights") == "fp32"
+    with pytest.raises(ConfigError, match=r"'fp16' \(or torch's 'float32', 'bfloat16', 'float16'\)"):
+        coerce("float8", Literal["fp32", "bf16", "fp16"], "dtype")
+    with pytest.raises(ConfigError, match="is not one of 'f32', 'f16'") as e:  # no alias without its target
+        coerce("float16", Literal["f32", "f16"], "quant")
+    assert "torch" not in str(e.value)
+
+
 def test_setting_epochs_clears_max_steps_and_back() -> None:
     assert build(TrainConfig, {"epochs": "2"}).max_steps is None
     assert build(TrainConfig, {"max_steps": 5}).epochs is None
