@@ -15,7 +15,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar, get_args, get_type_hints
@@ -890,6 +890,38 @@ class GenerationConfig:
         if self.do_sample is not None:
             return self.do_sample
         return self.temperature > 0 and self.num_beams == 1
+
+    def ignored(self, names: Collection[str]) -> str | None:
+        """One line naming those of the fields ``names`` (the controls a caller gave) that switch on a
+        sampler this decoding never runs, and why; None when every one has its effect.
+
+        Truncation and temperature samplers run only when sampling: greedy decoding and beam search skip
+        them; mirostat replaces the truncation samplers. transformers warns of the same
+        (``do_sample=False`` with ``temperature`` set); ``generation_config`` warns with this line. A
+        field is not an error here, since a model's or a verb's own defaults (top_p=0.9) stay set
+        under ``temperature=0``.
+        """
+        if not self.sampling:
+            skipped: tuple[str, ...] = ("truncation", "temperature")
+            why = (
+                f"num_beams={self.num_beams} is beam search, which does not sample; num_beams=1 samples"
+                if self.num_beams > 1
+                else "do_sample=False decodes greedily; do_sample=True samples"
+                if self.do_sample is False
+                else f"temperature={self.temperature} decodes greedily; temperature > 0 samples"
+            )
+        elif self.mirostat:
+            skipped = ("truncation",)
+            why = f"mirostat={self.mirostat} replaces the truncation samplers; mirostat=0 runs them"
+        else:
+            return None
+        found = [f for p in LOGITS_PROCESSORS if p.stage in skipped and p.on(self) for f in p.fields
+                 if f in names]  # fmt: skip
+        if not found:
+            return None
+        shown = ", ".join(f"{f}={getattr(self, f)!r}" for f in found)
+        verb = "has" if len(found) == 1 else "have"
+        return f"{shown} {verb} no effect: {why} (or leave {' and '.join(found)} unset)"
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the field, its value and the allowed range of any invalid setting."""

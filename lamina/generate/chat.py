@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 from lamina.checkpoint.load import LoadedModel
-from lamina.config import GenerationConfig, from_dict, to_dict
+from lamina.config import GenerationConfig, from_dict
 from lamina.errors import ConfigError
 from lamina.generate.engine import require_generative
 from lamina.generate.speculative import DraftStats, SpeculativeOptions
@@ -54,8 +54,7 @@ def chat_config(lm: LoadedModel, config: GenerationConfig | None = None, **contr
         base = from_dict(GenerationConfig, {"eos_token_ids": lm.generation.eos_token_ids, **CHAT_DEFAULTS})
         if lm.generation.max_new_tokens != GenerationConfig().max_new_tokens:  # the checkpoint's budget
             base = replace(base, max_new_tokens=lm.generation.max_new_tokens)
-    given = {k: v for k, v in controls.items() if v is not None}
-    return generation_config(lm, from_dict(GenerationConfig, {**to_dict(base), **given}) if given else base)
+    return generation_config(lm, base, **controls)  # controls over base, checked (and warned of) there
 
 
 def chat_loop(

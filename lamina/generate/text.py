@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -318,8 +319,9 @@ def generation_config(
     model's eos ids and max_new_tokens); ``controls`` on top, validated, token ids checked against the
     model's vocabulary. Asking for a sampling control (``top_p``, ``seed``, ...) or for ``n`` > 1
     choices without a ``config`` on greedy defaults asks for sampling (temperature 1; ``num_beams``
-    and ``temperature=0`` say otherwise). Raises ``ConfigError`` naming the field, and for a model that
-    cannot generate (``require_generative``).
+    and ``temperature=0`` say otherwise). A control given that the decoding skips (``top_p`` with beam
+    search or greedy decoding: ``GenerationConfig.ignored``) is a warning. Raises ``ConfigError`` naming
+    the field, and for a model that cannot generate (``require_generative``).
     """
     require_generative(lm.model.config, lm.entry.name)
     base = config or model_defaults(lm) or _greedy(lm)
@@ -331,6 +333,9 @@ def generation_config(
     given = {k: v for k, v in controls.items() if v is not None}
     cfg = from_dict(GenerationConfig, {**to_dict(base), **given}) if given else base
     cfg.check_token_ids(lm.model.config.vocab_size)
+    note = cfg.ignored(given)
+    if note is not None:  # a control given that this decoding skips (top_p with beams): one line
+        warnings.warn(note, stacklevel=2)
     return cfg
 
 

@@ -92,7 +92,8 @@ def test_chat_defaults_when_the_checkpoint_has_none_else_its_own(tiny: Any) -> N
     cfg = chat_config(tiny)
     assert cfg.sampling and all(getattr(cfg, k) == v for k, v in CHAT_DEFAULTS.items())
     assert cfg.eos_token_ids == tiny.generation.eos_token_ids
-    assert chat_config(tiny, temperature=0, top_k=5).sampling is False  # controls on top
+    with pytest.warns(UserWarning, match="top_k=5 has no effect"):  # greedy skips top_k, as generate says
+        assert chat_config(tiny, temperature=0, top_k=5).sampling is False  # controls on top
     own = GenerationConfig(eos_token_ids=[2], temperature=0.2, top_p=0.9, max_new_tokens=40)
     cfg = chat_config(tiny_lm(generation=own), seed=3)
     assert (cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.repetition_penalty, cfg.seed) == (

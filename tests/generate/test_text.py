@@ -139,3 +139,26 @@ def test_the_checkpoint_decoding_defaults_are_used_when_it_has_them() -> None:
     torch.manual_seed(0)
     r = complete(lm, "hello", seed=5, ignore_eos=True)
     assert r.config.temperature == 0.3 and len(r.choices[0].tokens) == 7
+
+
+def test_a_sampling_control_the_decoding_skips_is_one_warning_line(recwarn: Any) -> None:
+    # before: beam search and greedy decoding dropped temperature / top_p without a word
+    plain = tiny_lm()
+    with pytest.warns(UserWarning) as caught:
+        cfg = generation_config(plain, num_beams=2, temperature=0.7, top_p=0.5)
+    assert cfg.num_beams == 2 and not cfg.sampling
+    (line,) = [str(w.message) for w in caught]
+    assert (
+        line.startswith("top_p=0.5, temperature=0.7 have no effect: num_beams=2 is beam search")
+        and "\n" not in line
+    )
+    with pytest.warns(UserWarning, match=r"top_k=5 has no effect: temperature=0.0 decodes greedily"):
+        generation_config(plain, temperature=0, top_k=5)
+    with pytest.warns(UserWarning, match=r"min_p=0.1 has no effect: mirostat=2 replaces"):
+        generation_config(plain, mirostat=2, min_p=0.1)
+    recwarn.clear()
+    lm = tiny_lm(generation=GenerationConfig(eos_token_ids=[2], temperature=0.3, top_p=0.8))
+    generation_config(lm, temperature=0)  # the model's own top_p stays set: not the caller's doing
+    generation_config(plain, num_beams=2, temperature=1.0, repetition_penalty=1.2)  # both still apply
+    generation_config(plain, top_p=0.5)  # asks for sampling: applies
+    assert [str(w.message) for w in recwarn] == []
