@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 from collections import abc
 from collections.abc import Mapping, Sequence
@@ -409,10 +410,20 @@ def _is_bool(tp: Any) -> bool:
     return get_origin(tp) in (Union, type(int | None)) and bool in args and len(args) == 2
 
 
+_PATH_WORDS = ("path", "dir", "file", "folder", "out", "data", "tokenizer", "lora")
+"""A text field whose name ends in one of these words (``out_dir``, ``val_data``, ``merge_lora``) names a
+file, a folder or a URL path: its metavar is PATH, as is that of a field typed as a path."""
+
+
 def _metavar(f: Field) -> str:
     tp = f.type
     args = [a for a in get_args(tp) if a is not type(None)]
-    if get_origin(tp) in (Union, type(int | None)) and str in args:
+    union = get_origin(tp) in (Union, type(int | None))
+    if any(isinstance(a, type) and issubclass(a, os.PathLike) for a in [tp, *args]) or (
+        (tp is str or (union and str in args)) and f.name.rpartition("_")[2] in _PATH_WORDS
+    ):
+        return "PATH"
+    if union and str in args:
         return "TEXT"
     core = args[0] if get_origin(tp) in (Union, type(int | None)) and len(args) == 1 else tp
     origin = get_origin(core)

@@ -257,6 +257,17 @@ def test_torch_dtype_names_are_read_as_the_short_ones() -> None:
     assert "torch" not in str(e.value)
 
 
+def test_a_path_field_shows_metavar_path() -> None:
+    def metavar(verb: str, flag: str) -> str:
+        (action,) = [a for a in _verbs()[verb]._actions if flag in a.option_strings]
+        return str(action.metavar)
+
+    assert metavar("pretrain", "--train.out_dir") == "PATH" == metavar("pretrain", "--out")  # str, alias
+    assert metavar("pretrain", "--data.tokenizer") == "PATH" == metavar("generate", "--lora")  # str | None
+    assert metavar("convert", "--out") == "PATH"  # typed str | os.PathLike
+    assert metavar("generate", "--regex") == "TEXT" == metavar("generate", "--system")  # text, not a path
+
+
 def test_setting_epochs_clears_max_steps_and_back() -> None:
     assert build(TrainConfig, {"epochs": "2"}).max_steps is None
     assert build(TrainConfig, {"max_steps": 5}).epochs is None
