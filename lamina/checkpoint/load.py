@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch import nn
 
 from lamina.checkpoint.eos import eos_token_ids
 from lamina.checkpoint.gguf import gguf_to_hf, read_gguf
@@ -19,15 +20,16 @@ from lamina.checkpoint.lamina import build_model, load_checkpoint
 from lamina.checkpoint.registry import ModelEntry, lamina_home, resolve
 from lamina.config import GenerationConfig, from_dict
 from lamina.errors import CheckpointError, ConfigError, TokenizerError
-from lamina.model import aot
-from lamina.model.quant import FORMATS, WeightFormat, convert_weights
+from lamina.model import aot, int4_cpu
+from lamina.model.quant import FORMATS, WeightFormat, convert_weights, use_int4_kernel
 from lamina.model.transformer import Transformer
 from lamina.tokenizer import Tokenizer
 
 
 @dataclass
 class LoadOptions:
-    """How ``load`` prepares a model for inference (the ``--dtype/--weights/--compile`` flags)."""
+    """How ``load`` prepares a model for inference (the ``--dtype/--weights/--compile/--int4-kernel/
+    --head-topk/--threads`` flags)."""
 
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # weights dtype when --weights is not given
     # convert the weights for inference: int4 (4-bit groups of 32, GGUF Q4_1's layout) decodes fastest
@@ -38,11 +40,37 @@ class LoadOptions:
     # compile/ in lamina's data directory), about a second to load after; prompts stay eager. Models the
     # step does not cover (ALiBi, a copy head, LoRA) use torch.compile instead (every start traces)
     compile: bool = False
+    # int4: decode steps (and prompts of fewer than 64 tokens a row) through lamina's AVX-512 BF16 kernel
+    # (lamina.model.int4_cpu; outputs equal aten's up to one bf16 rounding; built once into
+    # compile_cache_dir()/int4: a C++ compiler and ninja, the kernels extra). Unset: used where it can be
+    # (x86-64 Linux with AVX-512 BF16, the build works), else aten's kernel; true: an error where it
+    # cannot be; false: aten's kernel
+    int4_kernel: bool | None = None
+    # int4: score the vocabulary with an int4 copy of the output head and rescore each position's k best
+    # with the int8 head (RescoredHead: about half the head's time; the other logits keep int4's error)
+    head_topk: int | None = None
     threads: int | None = None  # torch CPU threads of this process (None: torch's choice, one per core)
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads={self.threads} must be >= 1 (or unset: torch's choice)")
+        check_int4_options(self.weights, self.int4_kernel, self.head_topk)
+
+
+def check_int4_options(weights: str | None, int4_kernel: bool | None, head_topk: int | None) -> None:
+    """Raise ``ConfigError`` when ``int4_kernel=True`` or ``head_topk`` is given without ``weights="int4"``,
+    or ``head_topk`` is under 1."""
+    if int4_kernel and weights != "int4":
+        raise ConfigError(
+            f"int4_kernel=true runs int4 weights (got weights={weights!r}): add --weights int4 or drop it"
+        )
+    if head_topk is not None and weights != "int4":
+        raise ConfigError(
+            f"head_topk={head_topk} rescores int4's head (got weights={weights!r}): add --weights int4 or "
+            "drop it"
+        )
+    if head_topk is not None and head_topk < 1:
+        raise ConfigError(f"head_topk={head_topk} must be >= 1 (or unset: the int8 head)")
 
 
 @dataclass
@@ -61,6 +89,8 @@ def load(
     device: torch.device | str = "cpu",
     weights: str | None = LoadOptions.weights,
     compile: bool = LoadOptions.compile,
+    int4_kernel: bool | None = LoadOptions.int4_kernel,
+    head_topk: int | None = LoadOptions.head_topk,
 ) -> LoadedModel:
     """Load MODEL (a path, a name in the models directory, or a packaged short name such as ``smollm2``).
 
@@ -73,22 +103,30 @@ def load(
     instead (dynamic shapes; each process traces again). When the step cannot be built, one line on
     stderr says why and the model decodes eagerly.
 
+    ``int4_kernel`` and ``head_topk`` (``weights="int4"`` only) are ``LoadOptions``' fields of the same
+    names: lamina's int4 kernel (None: where it can run) and the rescored output head; see
+    ``prepare_for_inference``, which converts the loaded model.
+
     ``generation.eos_token_ids`` holds every end-of-generation id the checkpoint names (generation
     files, config.json, GGUF eos/eot/eom, the tokenizer's eos, the chat template's end of turn; see
     ``lamina.checkpoint.eos``), so a chat reply stops at the end of its turn. ``generation`` also holds
     the checkpoint's decoding defaults: lamina's generation.yaml, a HF folder's generation_config.json
     (``hf_decoding_defaults``), a GGUF file's ``general.sampling.*`` (``gguf_decoding_defaults``).
-    Raises ``CheckpointError`` when a generation file cannot be read or holds an invalid value.
+    Raises ``CheckpointError`` when a generation file cannot be read or holds an invalid value;
+    ``ConfigError`` for an unknown weight format, ``int4_kernel=True`` or ``head_topk`` without int4
+    weights, and ``int4_kernel=True`` where the kernel cannot run.
     """
     if weights is not None and weights not in FORMATS:
         raise ConfigError(f"weight format {weights!r} is not one of {', '.join(FORMATS)}")
+    check_int4_options(weights, int4_kernel, head_topk)
     entry = resolve(model)
     dt = torch.float32 if weights is not None else _dtype(dtype)
     if entry.format == "lamina":
         net, gen = load_checkpoint(entry.path, dtype=dt, device=device)
         tok = _tokenizer_of(entry)
         gen = replace(gen, eos_token_ids=_in_vocab(eos_token_ids(gen.eos_token_ids, tokenizer=tok), net))
-        return LoadedModel(_convert(net, weights, compile), tok, gen, entry)
+        net = prepare_for_inference(net, weights, compile, int4_kernel, head_topk)
+        return LoadedModel(net, tok, gen, entry)
     hf_gen: dict[str, Any] = {}
     if entry.format == "gguf":
         gf = read_gguf(entry.path)
@@ -108,7 +146,8 @@ def load(
         gen = from_dict(GenerationConfig, {**defaults, "eos_token_ids": eos})
     except ConfigError as e:
         raise CheckpointError(f"{source}: decoding default {e}; fix or delete the value") from None
-    return LoadedModel(_convert(net, weights, compile), tok, gen, entry)
+    net = prepare_for_inference(net, weights, compile, int4_kernel, head_topk)
+    return LoadedModel(net, tok, gen, entry)
 
 
 def load_tokenizer(model: str | os.PathLike[str]) -> Tokenizer:
@@ -207,12 +246,40 @@ def _compile_with_caches(
         )
 
 
-def _convert(net: Transformer, weights: str | None, compile: bool) -> Transformer:
-    if weights is not None:  # fp32: prepacked for oneDNN unless compiled (inductor cannot lower that)
-        convert_weights(net, weights, pack=not compile)
+def prepare_for_inference(
+    net: Transformer,
+    weights: str | None = LoadOptions.weights,
+    compile: bool = LoadOptions.compile,
+    int4_kernel: bool | None = LoadOptions.int4_kernel,
+    head_topk: int | None = LoadOptions.head_topk,
+) -> Transformer:
+    """What ``load`` does to the model it read (in place; returns ``net``): converted to weight format
+    ``weights`` (``convert_weights``; fp32 prepacked for oneDNN unless compiled: inductor cannot lower
+    that), int4's rescored head (``head_topk``), int4's kernel (``use_int4_kernel_or_explain``), then the
+    compiled decode step (``compile_model``), in that order: the step calls the kernel it was traced with.
+
+    Raises ``ConfigError`` as ``load`` does (``check_int4_options``, an ``int4_kernel=True`` that cannot
+    run) and as ``convert_weights`` does (a model already converted)."""
+    check_int4_options(weights, int4_kernel, head_topk)
+    if weights is not None:
+        convert_weights(net, weights, pack=not compile, head_topk=head_topk or 0)
+    if weights == "int4":
+        use_int4_kernel_or_explain(net, int4_kernel)
     if compile:
         compile_model(net)
     return net
+
+
+def use_int4_kernel_or_explain(net: nn.Module, int4_kernel: bool | None = LoadOptions.int4_kernel) -> None:
+    """``int4_kernel`` (``LoadOptions``) on an int4 model: False leaves aten's kernel; None takes lamina's
+    (``quant.use_int4_kernel``: built on the first use, one line on stderr then) where it can run, else
+    quietly aten's; True takes it or raises ``ConfigError`` naming why not and the fix."""
+    if int4_kernel is False:
+        return
+    why = use_int4_kernel(net, log=lambda line: print(f"lamina: {line}", file=sys.stderr))
+    if why is not None and int4_kernel:
+        build = "" if int4_cpu.unavailable_reason() else "a C++ compiler and ninja (lamina[kernels]), or "
+        raise ConfigError(f"int4_kernel=true: {why}; fix: {build}leave int4_kernel unset (aten's kernel)")
 
 
 def compile_model(net: Transformer) -> None:

@@ -40,7 +40,15 @@ from safetensors.torch import load_file, save_file
 
 from lamina.checkpoint.hf import _LAYER, _LLAMA_LAYER, _LLAMA_TOP, hf_family
 from lamina.checkpoint.lamina import atomic_folder
-from lamina.checkpoint.load import LoadedModel, compile_model, load
+from lamina.checkpoint.load import (
+    LoadedModel,
+    LoadOptions,
+    check_int4_options,
+    compile_model,
+    load,
+    prepare_for_inference,
+    use_int4_kernel_or_explain,
+)
 from lamina.config import ModelConfig
 from lamina.errors import CheckpointError, ConfigError
 from lamina.model.lora import (
@@ -495,17 +503,23 @@ def load_adaptable(
     model: str | os.PathLike[str],
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
     weights: str | None = None,
+    int4_kernel: bool | None = LoadOptions.int4_kernel,
+    head_topk: int | None = LoadOptions.head_topk,
 ) -> LoadedModel:
     """``lamina.load(model)`` ready for unmerged adapters: in ``dtype``, or converted to weight format
-    ``weights`` with q/k/v and gate/up kept apart (adapters target them by name). Not compiled: put the
-    adapters on first, then ``lm.model.compile(dynamic=True)``.
+    ``weights`` with q/k/v and gate/up kept apart (adapters target them by name); int4's kernel and
+    rescored head as ``load`` gives them (``int4_kernel``, ``head_topk``). Not compiled: put the adapters
+    on first, then ``lm.model.compile(dynamic=True)``.
 
     Raises ``ConfigError`` for a weight format adapters cannot go over (w8a8), and as ``load`` does."""
     if weights not in (None, "fp32", "bf16", "int8", "int4"):
         raise ConfigError(f"LoRA adapters run over fp32, bf16, int8 or int4 weights, not weights={weights!r}")
+    check_int4_options(weights, int4_kernel, head_topk)
     lm = load(model, dtype=dtype if weights is None else "fp32")
     if weights is not None:
-        convert_weights(lm.model, weights, fuse=False)
+        convert_weights(lm.model, weights, fuse=False, head_topk=head_topk or 0)
+    if weights == "int4":
+        use_int4_kernel_or_explain(lm.model, int4_kernel)
     return lm
 
 
@@ -516,6 +530,8 @@ def load_with_adapter(
     weights: str | None = None,
     compile: bool = False,
     merge: bool = True,
+    int4_kernel: bool | None = LoadOptions.int4_kernel,
+    head_topk: int | None = LoadOptions.head_topk,
 ) -> LoadedModel:
     """``lamina.load(model)`` with the PEFT adapter at ``adapter`` on it, for inference (``generate``,
     ``chat``, ``serve``, ``convert --merge-lora``).
@@ -524,25 +540,24 @@ def load_with_adapter(
     model becomes ``dtype`` / weight format ``weights``; decoding then costs what the base costs.
     ``merge=False``: the base loads in ``dtype`` / ``weights`` (``load_adaptable``) and the adapter runs
     beside it in fp32 (``LoraLinear``, as ``PeftModel.from_pretrained`` and vLLM do), so a quantized base
-    keeps the adapter's exact update. Either way the model compiles last when ``compile``.
+    keeps the adapter's exact update. Either way the model compiles last when ``compile``; ``int4_kernel``
+    and ``head_topk`` as ``load`` reads them.
 
     Raises ``CheckpointError`` / ``ConfigError`` as ``load`` and ``load_adapter`` do.
     """
+    check_int4_options(weights, int4_kernel, head_topk)
     if not merge:
-        lm = load_adaptable(model, dtype, weights)
+        lm = load_adaptable(model, dtype, weights, int4_kernel, head_topk)
         load_adapter(lm.model, adapter)
         if compile:
             compile_model(lm.model)
         return lm
     lm = load(model, dtype="fp32")
     merge_lora(load_adapter(lm.model, adapter), unload=True)
-    net = lm.model
-    if weights is not None:  # fp32 prepacked for oneDNN unless compiled (as lamina.load)
-        convert_weights(net, weights, pack=not compile)
-    elif dtype != "fp32":
-        net.to(torch.bfloat16 if dtype == "bf16" else torch.float16)
-    if compile:  # the merged model: lamina.load's compiled decode step
-        compile_model(net)
+    if weights is None and dtype != "fp32":
+        lm.model.to(torch.bfloat16 if dtype == "bf16" else torch.float16)
+    # the merged model as lamina.load prepares one: converted, int4's kernel, the compiled decode step
+    prepare_for_inference(lm.model, weights, compile, int4_kernel, head_topk)
     return lm
 
 

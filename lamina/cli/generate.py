@@ -91,7 +91,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
-    """``--dtype``, ``--weights`` and ``--compile`` (``LoadOptions``): how MODEL is loaded for inference."""
+    """``--dtype``, ``--weights``, ``--compile``, ``--int4-kernel``, ``--head-topk`` and ``--threads``
+    (``LoadOptions``): how MODEL is loaded for inference."""
     add_fields(p, LoadOptions, title="loading the model")
 
 
@@ -138,11 +139,15 @@ def load_from_args(
         raise ConfigError("--merge-lora merges the adapter --lora PATH names: give --lora too")
     if adapter.lora is not None and wanted:
         return load_with_adapter(
-            target, adapter.lora, opts.dtype, opts.weights, opts.compile, merge=adapter.merge_lora
-        )
+            target, adapter.lora, opts.dtype, opts.weights, opts.compile, merge=adapter.merge_lora,
+            int4_kernel=opts.int4_kernel, head_topk=opts.head_topk,
+        )  # fmt: skip
     if adaptable:
-        return load_adaptable(target, opts.dtype, opts.weights)
-    return load(target, dtype=opts.dtype, weights=opts.weights, compile=opts.compile)
+        return load_adaptable(target, opts.dtype, opts.weights, opts.int4_kernel, opts.head_topk)
+    return load(
+        target, dtype=opts.dtype, weights=opts.weights, compile=opts.compile, int4_kernel=opts.int4_kernel,
+        head_topk=opts.head_topk,
+    )  # fmt: skip
 
 
 def add_control_flags(p: argparse.ArgumentParser) -> None:

@@ -155,7 +155,10 @@ def augment(
             import torch
 
             torch.set_num_threads(opts.threads)
-        lm = load_model(cfg.back_translate, dtype=opts.dtype, weights=opts.weights, compile=opts.compile)
+        lm = load_model(
+            cfg.back_translate, dtype=opts.dtype, weights=opts.weights, compile=opts.compile,
+            int4_kernel=opts.int4_kernel, head_topk=opts.head_topk,
+        )  # fmt: skip
     predict = generation_predictor(lm, max_batch_size=cfg.max_batch_size, **controls)
     pairs = back_translate(predict, kept, batch_size=cfg.max_batch_size, progress=progress)
     out = write_pairs(pairs, cfg.out, cfg.source_field, cfg.target_field)

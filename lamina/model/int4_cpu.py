@@ -49,7 +49,7 @@ import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -412,14 +412,14 @@ def default_build_dir() -> Path:
     return compile_cache_dir() / "int4"
 
 
-def load(build_dir: Path | None = None) -> str | None:
+def load(build_dir: Path | None = None, log: Callable[[str], None] | None = None) -> str | None:
     """Build (once per source, torch version and CPU, into ``build_dir/int4-mv-DIGEST``; ``build_dir``
     defaults to ``default_build_dir()``) and load the kernel, registering
     ``torch.ops.lamina_int4.lamina_int4_mv`` and its C shim (the library loaded with its symbols global,
     so a compiled package finds them). The build runs in a temporary ``.partial-*`` folder renamed into
     place when done, so a process killed mid-build leaves no lock behind (such folders over a day old
     are removed). Returns None when it is loaded, else why not (one phrase: no AVX-512 BF16, no compiler
-    or ninja, a build error's first line)."""
+    or ninja, a build error's first line). ``log`` gets one line before a build starts."""
     why = unavailable_reason()
     if why is not None:
         return why
@@ -443,6 +443,8 @@ def load(build_dir: Path | None = None) -> str | None:
                 torch.ops.load_library(str(so))
                 ctypes.CDLL(str(so), mode=ctypes.RTLD_GLOBAL)  # the shim, for packages
             else:
+                if log is not None:
+                    log(f"building lamina's int4 kernel (once per machine, ~10 s) into {folder}")
                 _build(build_dir, folder, so.stem)
         _register_fake()
         _LOADED[str(folder)] = None

@@ -18,8 +18,9 @@ swap each ``nn.Linear`` for a module holding integer weights and their scales:
   scores the vocabulary and the k best are rescored in int8, about half the head's time). An eighth of
   fp32's bytes in the blocks: the fastest at batch 1. From
   ``INT4_DEQUANT_ROWS`` tokens per sequence (prefill) a layer unpacks its codes to the same bf16 weight
-  and runs one bf16 matmul instead, as ``int8`` does past ``DEQUANT_ROWS``. Opt-in
-  ``use_int4_kernel(model, build_dir)``: decode steps through ``lamina.model.int4_cpu``'s AVX-512 BF16
+  and runs one bf16 matmul instead, as ``int8`` does past ``DEQUANT_ROWS``.
+  ``use_int4_kernel(model, build_dir)`` (``lamina.load``'s default where it can run:
+  ``LoadOptions.int4_kernel``): decode steps through ``lamina.model.int4_cpu``'s AVX-512 BF16
   kernel (built on first use; 1.5x the aten kernel at one row with the weights streamed from memory,
   1 thread: figures in its docstring; outputs equal up to one bf16 rounding).
 - ``w8a8``: int8 weights and int8 activations, quantized per token on the fly (dynamic), an int8 x int8
@@ -537,7 +538,9 @@ def convert_weights(
     return model
 
 
-def use_int4_kernel(model: nn.Module, build_dir: Path | None = None) -> str | None:
+def use_int4_kernel(
+    model: nn.Module, build_dir: Path | None = None, log: Callable[[str], None] | None = None
+) -> str | None:
     """Run every ``Int4Linear`` of ``model`` (an int4-converted model, a ``RescoredHead`` 's int4 copy
     included) through ``lamina.model.int4_cpu``'s kernel at decode steps: 1.5x the aten kernel at one row
     with the weights streamed from memory (1 thread; figures in its docstring), outputs equal up to one
@@ -546,11 +549,12 @@ def use_int4_kernel(model: nn.Module, build_dir: Path | None = None) -> str | No
     else why not (the model then runs as before): no AVX-512 BF16, no compiler or ninja, no int4 layer.
     The kernel's copy of the codes is not in the state dict; a process that unpickles the model runs
     the aten kernel until it calls this again. Call it before
-    ``lamina.model.aot.attach_decode_step`` (the compiled step then calls the kernel)."""
+    ``lamina.model.aot.attach_decode_step`` (the compiled step then calls the kernel). ``log`` gets one
+    line before a build (``int4_cpu.load``)."""
     layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
     if not layers:
         return "no int4 layer (convert_weights(model, 'int4') first)"
-    why = int4_cpu.load(build_dir)
+    why = int4_cpu.load(build_dir, log)
     if why is not None:
         return why
     for layer in layers:

@@ -257,6 +257,26 @@ def test_torch_dtype_names_are_read_as_the_short_ones() -> None:
     assert "torch" not in str(e.value)
 
 
+def test_int4_kernel_and_head_topk_flags_reach_load_options() -> None:
+    """``--int4-kernel`` / ``--no-int4-kernel`` / unset (automatic) and ``--head-topk K`` are LoadOptions'
+    fields; either without ``--weights int4`` is a one-line error."""
+    from lamina.checkpoint.load import LoadOptions
+
+    def opts(*flags: str) -> LoadOptions:
+        args = PARSER.parse_args(normalize_argv(PARSER, ["generate", "m", "p", *flags]))
+        return build(LoadOptions, values(args, LoadOptions))
+
+    fast = opts("--weights", "int4", "--compile", "--int4-kernel", "--head-topk", "16")
+    assert (fast.weights, fast.compile, fast.int4_kernel, fast.head_topk) == ("int4", True, True, 16)
+    assert opts("--weights", "int4", "--no-int4-kernel").int4_kernel is False
+    assert opts("--weights", "int4").int4_kernel is None and opts().head_topk is None
+    with pytest.raises(ConfigError, match=r"int4_kernel=true runs int4 weights \(got weights='int8'\)"):
+        opts("--weights", "int8", "--int4-kernel")
+    with pytest.raises(ConfigError, match=r"head_topk=4 rescores int4's head"):
+        opts("--head-topk", "4")
+    assert opts("--weights", "bf16", "--no-int4-kernel").int4_kernel is False  # off: nothing to refuse
+
+
 def test_a_path_field_shows_metavar_path() -> None:
     def metavar(verb: str, flag: str) -> str:
         (action,) = [a for a in _verbs()[verb]._actions if flag in a.option_strings]

@@ -33,7 +33,7 @@ from lamina.model.aot import (
 )
 from lamina.model.layers import _InferenceCopies
 from lamina.model.lora import LoraConfig, apply_lora
-from lamina.model.quant import Int4Linear, PackedLinear, convert_weights, use_int4_kernel
+from lamina.model.quant import Int4Linear, PackedLinear, convert_weights
 from lamina.model.transformer import DECODE_STEP, Transformer
 
 TINY = tiny_llama_config()  # fp32 tests with a tiny RoPE / SwiGLU / GQA decoder
@@ -209,20 +209,16 @@ def tiny_int4(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.skipif(
     not (shutil.which("c++") or shutil.which("g++")), reason="AOTInductor needs a C++ compiler"
 )
-def test_load_with_compile_decodes_through_the_package(tiny_int4: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_load_with_compile_decodes_through_the_package(tiny_int4: Path) -> None:
     """``lamina.load(compile=True)`` attaches the compiled step (int4); decoding through it gives the eager
     model's logits within bf16 rounding and the same greedy tokens; a second load reads the package.
-    Where ``int4_cpu``'s kernel builds, the compiled models use it (``use_int4_kernel`` before the
-    compile): the package calls its C shim, and the eager model (the aten kernel) stays the reference."""
+    Where ``int4_cpu``'s kernel builds, the compiled models use it (``load``'s ``int4_kernel`` unset: on
+    where it builds, before the compile): the package calls its C shim, and the eager model
+    (``int4_kernel=False``: the aten kernel) stays the reference."""
     from torch.utils.cpp_extension import is_ninja_available
 
-    import lamina.checkpoint.load as loading
-
     kernel = int4_cpu.unavailable_reason() is None and is_ninja_available() and int4_cpu.load() is None
-    if kernel:
-        compile_model = loading.compile_model
-        monkeypatch.setattr(loading, "compile_model", lambda net: use_int4_kernel(net) or compile_model(net))
-    eager = lamina.load(tiny_int4, weights="int4").model
+    eager = lamina.load(tiny_int4, weights="int4", int4_kernel=False).model
     compiled = lamina.load(tiny_int4, weights="int4", compile=True).model
     step = attached_step(compiled)
     assert step is not None and attached_step(eager) is None
