@@ -48,8 +48,10 @@ def run(args: argparse.Namespace) -> int:
     for line in memory_lines(cfg, batch_size=1, optimizer="adamw"):
         print(line)
     print("config")
-    for f in dataclasses.fields(cfg):
-        print(f"  {f.name:<26}{getattr(cfg, f.name)}")
+    fields = dataclasses.fields(cfg)
+    width = max(len(f.name) for f in fields) + 1  # the longest name keeps a space before its value
+    for f in fields:
+        print(f"  {f.name:<{width}}{getattr(cfg, f.name)}")
     tok = lm.tokenizer
     if tok is None:
         print("tokenizer    none")

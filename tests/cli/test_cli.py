@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import warnings
@@ -78,7 +79,11 @@ def test_models_dir_is_searched_before_packages(
 def test_inspect_smollm2(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "inspect", "smollm2")
     assert code == 0
-    assert "134,515,008" in out and "chat template present" in out and "n_kv_heads                3" in out
+    assert (
+        "134,515,008" in out and "chat template present" in out and re.search(r"^  n_kv_heads +3$", out, re.M)
+    )
+    # before: names of 26 characters and more ran into their values (relative_attention_num_buckets32)
+    assert re.search(r"^  relative_attention_num_buckets +32$", out, re.M)
 
 
 def test_generate_matches_the_python_api(capsys: pytest.CaptureFixture[str], lamina_smollm2: Any) -> None:
