@@ -35,14 +35,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_file(t)
     add_fields(t, Tokenizer.train, title="training (Tokenizer.train)", skip=("texts", "files"))
     t.set_defaults(func=_train)
+    which = "a tokenizer.json, a folder holding one, or any MODEL (e.g. smollm2)"
     for name, helptext in (("encode", "text -> token ids (JSON)"), ("count", "number of tokens in the text")):
         e = acts.add_parser(name, help=helptext, description=helptext)
-        e.add_argument("tokenizer", metavar="TOKENIZER")
-        e.add_argument("text", nargs="?", default="-", help="text, or '-' (default) for standard input")
+        e.add_argument("tokenizer", metavar="TOKENIZER", help=which)
+        e.add_argument(
+            "text",
+            nargs="?",
+            default="-",
+            metavar="TEXT",
+            help="the text, or '-' (default) for standard input",
+        )
         e.set_defaults(func=_encode if name == "encode" else _count)
     d = acts.add_parser("decode", help="token ids -> text", description="Decode ids (JSON list or spaces).")
-    d.add_argument("tokenizer", metavar="TOKENIZER")
-    d.add_argument("ids", nargs="+", help="ids, or one JSON list")
+    d.add_argument("tokenizer", metavar="TOKENIZER", help=which)
+    d.add_argument("ids", nargs="+", metavar="IDS", help="token ids, or one JSON list ('[1, 2]')")
     d.set_defaults(func=_decode)
 
 
