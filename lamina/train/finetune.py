@@ -160,7 +160,10 @@ class FinetuneRun:
         model = from_dict(ModelConfig, data["model"], "model") if data.get("model") else None
         init = coerce(data.get("init"), str | None, "init")
         if (model is None) == (init is None):
-            raise ConfigError("give exactly one of init (a MODEL to fine-tune) and model (a config to build)")
+            raise ConfigError(
+                "give exactly one of init (a MODEL to fine-tune: --init smollm2) and model (a config to "
+                f"build: --model.preset tiny); got {'both' if init is not None else 'neither'}"
+            )
         return cls(
             task=from_dict(TaskConfig, data.get("task") or {}, "task"),
             # the train section starts from the `finetune` preset (a few epochs at a small lr)

@@ -170,6 +170,14 @@ def test_frozen_layers_stay_bit_identical(task: dict[str, Path], tmp_path: Path)
                  "train": {"max_steps": 1, "freeze": ["5"], "progress": False, "out_dir": str(tmp_path / "o2")}}))  # fmt: skip
 
 
+def test_init_and_model_missing_or_both_name_the_flags() -> None:
+    # before: "give exactly one of init ... and model ..." named YAML keys only, and not which case it was
+    with pytest.raises(ConfigError, match=r"--init smollm2.*--model\.preset tiny\); got neither$"):
+        FinetuneRun.from_dict({})
+    with pytest.raises(ConfigError, match=r"got both$"):
+        FinetuneRun.from_dict({"init": "smollm2", "model": {"preset": "tiny"}})
+
+
 def test_metrics_accuracy_and_macro_f1() -> None:
     m = classification_metrics(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 1, 1]), 2)
     assert m["accuracy"] == 0.75 and abs(m["f1"] - (2 / 3 + 0.8) / 2) < 1e-9
