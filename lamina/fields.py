@@ -189,7 +189,7 @@ def _coerce(value: Any, tp: Any) -> Any:
                     pass
         aliases = [k for k, v in ALIASES.items() if v in args]
         hint = did_you_mean(value, [a for a in args if isinstance(a, str)] + aliases)
-        also = f" (or torch's {', '.join(repr(a) for a in aliases)})" if aliases else ""
+        also = f" (or torch's names {', '.join(repr(a) for a in aliases)})" if aliases else ""
         raise _CoerceError(
             f"is not one of {', '.join(repr(a) for a in args)}{also}{hint if '(' in hint else ''}"
         )

@@ -250,7 +250,7 @@ def test_torch_dtype_names_are_read_as_the_short_ones() -> None:
     assert values(args, LoadOptions) == {"dtype": "fp16"}
     assert build(TrainConfig, {"precision": "bfloat16"}).precision == "bf16"  # a YAML key
     assert coerce("float32", Literal["fp32", "bf16"] | None, "weights") == "fp32"
-    with pytest.raises(ConfigError, match=r"'fp16' \(or torch's 'float32', 'bfloat16', 'float16'\)"):
+    with pytest.raises(ConfigError, match=r"'fp16' \(or torch's names 'float32', 'bfloat16', 'float16'\)"):
         coerce("float8", Literal["fp32", "bf16", "fp16"], "dtype")
     with pytest.raises(ConfigError, match="is not one of 'f32', 'f16'") as e:  # no alias without its target
         coerce("float16", Literal["f32", "f16"], "quant")
