@@ -131,9 +131,14 @@ def compile_grammar(kind: str, source: Any) -> str:
         raise ConfigError(f"{kind}: cannot be read: {e}") from None
     failed, messages = M.validate_grammar_with_warnings(grammar)
     if failed or messages:
-        what = "; ".join(m.strip() for m in messages)[:400] or "invalid"
-        fix = "remove or rewrite those keywords" if kind == "json_schema" else "fix the " + kind
-        raise ConfigError(f"{kind} is not supported as given: {what}; fix: {fix}")
+        # one line: llguidance's messages quote the source under a caret on indented lines; keep the rest
+        lines = [ln.strip() for m in messages for ln in m.splitlines() if ln.strip() and not ln[0].isspace()]
+        what = " ".join(lines)[:400] or "invalid"
+        if kind == "json_schema":
+            raise ConfigError(
+                f"{kind} is not supported as given: {what}; fix: remove or rewrite those keywords"
+            )
+        raise ConfigError(f"{kind} is invalid: {what}; fix the {kind}")
     return grammar
 
 
