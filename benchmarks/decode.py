@@ -29,6 +29,10 @@ llama.cpp runs with ``--threads`` threads too (node-llama-cpp: installed on firs
     python benchmarks/decode.py [--tokens 64] [--threads 2] [--formats fp32,bf16,int8,int4,w8a8] [--compile int4]
     python benchmarks/decode.py --formats int4 --compile int4 --head-topk 16   # the rescored head too
     python benchmarks/decode.py --formats int4 --compile int4 --head-topk 16 --int4-kernel   # and int4_cpu's kernel
+
+Each lamina model is prepared as ``lamina.load`` prepares it (``prepare_for_inference``): the variant
+int4+head16+kernel+compile is what ``lamina generate smollm2 --weights int4 --head-topk 16 --compile``
+runs (the kernel is on by default where it builds), and plain int4 is ``--weights int4 --no-int4-kernel``.
     python benchmarks/decode.py --quick      # 16 tokens, 1 repeat, fp32 and int4
 """
 
@@ -173,12 +177,13 @@ def main() -> None:
         type=int,
         default=0,
         metavar="K",
-        help="also time int4 with convert_weights(head_topk=K) (an int4 head, top K rescored in int8): int4+headK",
+        help="also time int4 with the rescored head (--head-topk K of lamina generate: an int4 head, top K "
+        "rescored in int8): int4+headK",
     )
     ap.add_argument(
         "--int4-kernel",
         action="store_true",
-        help="also time each int4 variant with quant.use_int4_kernel (lamina.model.int4_cpu's AVX-512 BF16 "
+        help="also time each int4 variant with --int4-kernel (lamina.model.int4_cpu's AVX-512 BF16 "
         "kernel at decode steps; built on first use): NAME+kernel",
     )
     ap.add_argument("--quick", action="store_true", help="16 tokens, 1 repeat, fp32 and int4 only")
@@ -192,11 +197,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import lamina
-    from lamina.checkpoint.load import compile_cache_dir
+    from lamina.checkpoint.load import prepare_for_inference
     from lamina.checkpoint.registry import packaged_path
     from lamina.generate.engine import greedy_decode
-    from lamina.model.aot import attach_decode_step
-    from lamina.model.quant import convert_weights, logit_agreement, use_int4_kernel
+    from lamina.model.aot import attached_step
+    from lamina.model.quant import logit_agreement
     from lamina.model.transformer import Transformer
 
     path = packaged_path("smollm2")
@@ -260,21 +265,17 @@ def main() -> None:
     if args.int4_kernel:
         variants += [(f"{v[0]}+kernel", "int4", v[2], True) for v in variants if v[1] == "int4"]
     for variant, fmt, k, kernel in variants:
-        model = convert_weights(copy.deepcopy(fp32), fmt, head_topk=k)
-        if kernel:
-            why = use_int4_kernel(model)
-            if why is not None:
-                raise SystemExit(f"--int4-kernel: {why}")
+        # lamina.load's own preparation: --weights FMT [--head-topk K] --int4-kernel / --no-int4-kernel
+        int4 = {"int4_kernel": kernel, "head_topk": k or None} if fmt == "int4" else {}
+        model = prepare_for_inference(copy.deepcopy(fp32), fmt, **int4)
         agreement[variant] = logit_agreement(model, ref_logits, long, stepwise=kernel)
         names = [variant] + ([f"{variant}+compile"] if fmt in args.compile.split(",") else [])
         for name in names:
-            if name.endswith("+compile"):  # the decode step lamina.load(compile=True) attaches
-                # unpacked, as load(compile=True) converts
-                model = convert_weights(copy.deepcopy(fp32), fmt, pack=False, head_topk=k)
-                if kernel:
-                    use_int4_kernel(model)
+            if name.endswith("+compile"):  # and --compile: the decode step load(compile=True) attaches
                 t = time.perf_counter()
-                attach_decode_step(model, compile_cache_dir() / "aot", log=lambda line: print(f"  {line}"))
+                model = prepare_for_inference(copy.deepcopy(fp32), fmt, compile=True, **int4)
+                if attached_step(model) is None:
+                    raise SystemExit(f"{name}: no compiled decode step (why: the lamina: line above)")
                 print(f"  {name}: decode step ready in {time.perf_counter() - t:.1f} s", flush=True)
             tasks[(name, "decode")] = (decode(model, 1), N)
             tasks[(name, f"batch {args.batch}")] = (decode(model, args.batch), N * args.batch)
