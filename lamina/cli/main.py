@@ -159,6 +159,9 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Name
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse ``argv`` and run the verb; a ``LaminaError`` prints one line and exits 1."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    if "--debug" in argv[1:cut]:  # `lamina generate ... --debug`: the top-level flag, wherever it is given
+        argv = ["--debug", *(a for i, a in enumerate(argv) if a != "--debug" or i > cut)]
     verb = next((a for a in argv if not a.startswith("-")), "")  # the first word (top-level flags take none)
     if verb and verb not in VERBS:
         print(unknown_verb(verb), file=sys.stderr)

@@ -288,6 +288,17 @@ def test_a_path_field_shows_metavar_path() -> None:
     assert metavar("generate", "--regex") == "TEXT" == metavar("generate", "--system")  # text, not a path
 
 
+def test_every_argument_of_every_verb_says_what_it_takes() -> None:
+    # before: `lamina tokenizer count --help` listed TOKENIZER with no help and a lowercase "text"
+    bare = [
+        f"{verb} {a.option_strings or a.metavar or a.dest}"
+        for verb, parser in _verbs().items()
+        for a in parser._actions
+        if not a.help or (not a.option_strings and not str(a.metavar or a.dest).isupper())
+    ]
+    assert bare == []
+
+
 def test_setting_epochs_clears_max_steps_and_back() -> None:
     assert build(TrainConfig, {"epochs": "2"}).max_steps is None
     assert build(TrainConfig, {"max_steps": 5}).epochs is None
