@@ -446,6 +446,6 @@ def _help(f: Field) -> str:
     )
     if isinstance(default, list | dict) and len(repr(default)) > 100:
         shown = repr(default)[:97] + "..."
-    if default == "":
-        return text.replace("%", "%%")
+    if default == "" or (default is None and re.search(r"\b[Nn]one\b\s*(given\s*)?[:=]", text)):
+        return text.replace("%", "%%")  # an empty default, or one the help explains ("None: all")
     return f"{text} (default: {shown})".replace("%", "%%") if text else f"default: {shown}".replace("%", "%%")

@@ -288,6 +288,14 @@ def test_a_path_field_shows_metavar_path() -> None:
     assert metavar("generate", "--regex") == "TEXT" == metavar("generate", "--system")  # text, not a path
 
 
+def test_a_help_that_explains_none_does_not_repeat_default_none() -> None:
+    helps = {a.option_strings[0]: a.help for a in _verbs()["generate"]._actions if a.option_strings}
+    # before: "...; None: a seed drawn from torch's global generator (default: none)"
+    assert "None:" in helps["--seed"] and "default:" not in helps["--seed"]
+    assert helps["--top-n-sigma"].endswith("(default: none)")  # "None or -1 = off" does not say which
+    assert helps["--temperature"].endswith("(default: 1.0)")
+
+
 def test_every_argument_of_every_verb_says_what_it_takes() -> None:
     # before: `lamina tokenizer count --help` listed TOKENIZER with no help and a lowercase "text"
     bare = [
