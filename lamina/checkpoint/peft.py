@@ -43,6 +43,7 @@ from lamina.checkpoint.lamina import atomic_folder
 from lamina.checkpoint.load import (
     LoadedModel,
     LoadOptions,
+    _dtype,
     check_int4_options,
     compile_model,
     load,
@@ -554,8 +555,8 @@ def load_with_adapter(
         return lm
     lm = load(model, dtype="fp32")
     merge_lora(load_adapter(lm.model, adapter), unload=True)
-    if weights is None and dtype != "fp32":
-        lm.model.to(torch.bfloat16 if dtype == "bf16" else torch.float16)
+    if weights is None and _dtype(dtype) != torch.float32:  # torch's names too: "bfloat16" is bf16
+        lm.model.to(_dtype(dtype))
     # the merged model as lamina.load prepares one: converted, int4's kernel, the compiled decode step
     prepare_for_inference(lm.model, weights, compile, int4_kernel, head_topk)
     return lm

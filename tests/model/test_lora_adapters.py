@@ -91,6 +91,13 @@ def test_unmerged_and_merged_adapters_give_pefts_logits(folders: dict[str, Path]
         assert (q(IDS).float() - want).abs().max() < 0.05
 
 
+def test_a_merged_adapter_takes_torchs_dtype_names(folders: dict[str, Path]) -> None:
+    # before: any dtype but "fp32" and "bf16" cast the merged model to fp16 ("bfloat16", even "float32")
+    for name, want in (("bfloat16", torch.bfloat16), ("float32", torch.float32), ("fp16", torch.float16)):
+        net = load_with_adapter(folders["hf"], folders["a"], dtype=name).model  # type: ignore[arg-type]
+        assert next(net.parameters()).dtype == want, name
+
+
 def _run(argv: list[str], capsys: pytest.CaptureFixture[str], stdin: str | None = None) -> str:
     if stdin is not None:
         import sys
