@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import mmap
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
@@ -173,6 +174,24 @@ def cross_attention_mask(valid: Tensor | None, dtype: torch.dtype, check_all: bo
     return mask[:, None, None, :]
 
 
+LAZY_ZEROS_MIN_BYTES = 128 << 10  # lazy_zeros maps tensors from this size (glibc's default mmap threshold)
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``torch.zeros(shape)`` whose memory becomes resident only where it is written: on CPU, from
+    ``LAZY_ZEROS_MIN_BYTES``, a private anonymous mapping of its own (``mmap``; the kernel gives a page at
+    its first write, reads of a page never written see the shared zero page and take no memory; unmapped
+    when the tensor is freed), else ``torch.zeros``. Always zeros, never reused memory: the KV cache's
+    slots that no row writes (a row that joins a batch later, right-aligned, leaves the earlier slots
+    empty) are masked and read as 0, never NaN (a masked NaN key or value would still make NaN through
+    the softmax's and the value matmul's arithmetic)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+    if device.type != "cpu" or nbytes < LAZY_ZEROS_MIN_BYTES or not hasattr(mmap, "MAP_ANONYMOUS"):
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return torch.frombuffer(mmap.mmap(-1, nbytes, flags=flags), dtype=dtype).view(shape)
+
+
 class KVCache:
     """Preallocated keys and values for incremental decoding.
 
@@ -234,10 +253,11 @@ class KVCache:
 
     def _zeros(self, rows: int, capacity: int) -> Iterator[Tensor]:
         """Empty storage for ``rows`` rows of ``capacity`` slots, in ``_storage``'s order (the keys, the
-        values, valid, positions, next_pos), made one tensor at a time as the caller takes them."""
+        values, valid, positions, next_pos), made one tensor at a time as the caller takes them. The keys
+        and values are ``lazy_zeros``: resident only where a row writes."""
         kv = (rows, self._kv_shape[0], capacity, self._kv_shape[1])
         for _ in range(2 * self._n_layers):
-            yield torch.zeros(kv, dtype=self.dtype, device=self.device)
+            yield lazy_zeros(kv, self.dtype, self.device)
         yield torch.zeros(rows, capacity, dtype=torch.bool, device=self.device)
         yield torch.zeros(rows, capacity, dtype=torch.long, device=self.device)
         yield torch.zeros(rows, dtype=torch.long, device=self.device)
@@ -276,10 +296,17 @@ class KVCache:
         return [*self._k, *self._v, self._valid, self._positions, self._next_pos]
 
     def keep(self, rows: Tensor) -> None:
-        """Keep only ``rows`` (indices, in the new order): finished sequences leave the batch."""
+        """Keep only ``rows`` (indices, in the new order): finished sequences leave the batch. Keys and
+        values are copied only for the rows that move and only their slots before ``length`` (the slots
+        after it are written before they are read), so storage never written stays unwritten."""
         rows = rows.to(self.device)
         n = rows.numel()
-        for t in self._storage():
+        dst = (rows != torch.arange(n, device=self.device)).nonzero().squeeze(1)  # the rows that move
+        if dst.numel():
+            src, L = rows.index_select(0, dst), self.length
+            for t in (*self._k, *self._v):
+                t[dst, :, :L] = t[:, :, :L].index_select(0, src)
+        for t in (self._valid, self._positions, self._next_pos):
             t[:n] = t.index_select(0, rows)
         self._set_rows(n)
         S = self.cross_k[0].shape[2] if self.cross_k else 0
