@@ -144,7 +144,16 @@ def test_compile_failures_are_one_line_and_decode_eagerly(
     assert aot.attached_step(model) is None
 
 
-def test_int4_kernel_and_head_topk_reach_the_loaded_model(hf_folder: Path) -> None:
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny HF folder of its own (tests above write generation files into ``hf_folder``)."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("hf") / "tiny"
+    export_hf(folder, Transformer(ModelConfig.preset("llama-tiny", vocab_size=101, max_seq_len=32)).eval())
+    return folder
+
+
+def test_int4_kernel_and_head_topk_reach_the_loaded_model(tiny_folder: Path) -> None:
     """``load(weights="int4", int4_kernel=True)`` runs every int4 linear (the tiny model's outputs are all
     multiples of 64) through ``int4_cpu``'s kernel; unset does too where it builds; False keeps aten's;
     ``head_topk`` gives the rescored head."""
@@ -154,17 +163,17 @@ def test_int4_kernel_and_head_topk_reach_the_loaded_model(hf_folder: Path) -> No
 
     built_or_skip()
     for kernel in (True, None):
-        model = lamina.load(hf_folder, weights="int4", int4_kernel=kernel, head_topk=4).model
+        model = lamina.load(tiny_folder, weights="int4", int4_kernel=kernel, head_topk=4).model
         blocks = [m for m in model.blocks.modules() if isinstance(m, Int4Linear)]
         assert blocks and all(m.mv_packed is not None for m in blocks)
         assert isinstance(model.lm_head, RescoredHead) and model.lm_head.k == 4
-    model = lamina.load(hf_folder, weights="int4", int4_kernel=False).model
+    model = lamina.load(tiny_folder, weights="int4", int4_kernel=False).model
     assert all(m.mv_packed is None for m in model.modules() if isinstance(m, Int4Linear))
     assert not isinstance(model.lm_head, RescoredHead)
 
 
 def test_int4_options_without_int4_or_the_kernel_are_one_line_errors(
-    hf_folder: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``int4_kernel=True`` or ``head_topk`` with other weights, ``head_topk`` < 1, and ``int4_kernel=True``
     where the kernel cannot run are ``ConfigError`` s naming the fix; unset, the model quietly keeps
@@ -173,16 +182,16 @@ def test_int4_options_without_int4_or_the_kernel_are_one_line_errors(
     from lamina.model.quant import Int4Linear
 
     with pytest.raises(lamina.ConfigError, match=r"int4_kernel=true runs int4 weights .*--weights int4"):
-        lamina.load(hf_folder, weights="int8", int4_kernel=True)
+        lamina.load(tiny_folder, weights="int8", int4_kernel=True)
     with pytest.raises(lamina.ConfigError, match=r"head_topk=16 rescores int4's head \(got weights=None\)"):
-        lamina.load(hf_folder, head_topk=16)
+        lamina.load(tiny_folder, head_topk=16)
     with pytest.raises(lamina.ConfigError, match=r"head_topk=0 must be >= 1"):
-        lamina.load(hf_folder, weights="int4", head_topk=0)
+        lamina.load(tiny_folder, weights="int4", head_topk=0)
     why = "the CPU lacks AVX-512 BF16"
     monkeypatch.setattr(int4_cpu, "unavailable_reason", lambda: why)
     monkeypatch.setattr(int4_cpu, "load", lambda build_dir=None, log=None: why)
     with pytest.raises(lamina.ConfigError) as e:
-        lamina.load(hf_folder, weights="int4", int4_kernel=True)
+        lamina.load(tiny_folder, weights="int4", int4_kernel=True)
     assert str(e.value) == f"int4_kernel=true: {why}; fix: leave int4_kernel unset (aten's kernel)"
-    model = lamina.load(hf_folder, weights="int4").model
+    model = lamina.load(tiny_folder, weights="int4").model
     assert all(m.mv_packed is None for m in model.modules() if isinstance(m, Int4Linear))
