@@ -449,12 +449,29 @@ class KVCache:
         first = int(used[0]) if used.numel() else self.length
         if first == 0:
             return
-        L = self.length
+        L, live = self.length, self._live_rows()
         for t in (*self.k, *self.v):
-            t[:, :, : L - first] = t[:, :, first:L].clone()
+            for rows, s in live:  # a row's masked slots before its first valid one do not move
+                t[rows, :, s - first : L - first] = t[rows, :, s:L].clone()
         for t in (self.valid, self.positions):
             t[:, : L - first] = t[:, first:L].clone()
         self.length = L - first
+
+    def _live_rows(self) -> list[tuple[slice | Tensor, int]]:
+        """The rows grouped by their first valid slot s before ``length``: (rows, s) pairs, rows a slice
+        when consecutive. Slots before a row's first valid one are masked (a row that joined a running
+        batch, right-aligned, never wrote them), so ``_grow`` and ``compact`` leave them unwritten (with
+        ``lazy_zeros`` storage: not resident) instead of copying them."""
+        L = self.length
+        v = self.valid[:, :L]
+        firsts = torch.where(v.any(1), v.to(torch.uint8).argmax(1), L).tolist()  # argmax: the first True
+        groups: dict[int, list[int]] = {}
+        for r, s in enumerate(firsts):
+            groups.setdefault(s, []).append(r)
+        return [
+            (slice(g[0], g[-1] + 1) if g[-1] - g[0] + 1 == len(g) else torch.tensor(g, device=self.device), s)
+            for s, g in groups.items()
+        ]
 
     def _grow(self, rows: int, capacity: int) -> None:
         """Reallocate the storage for ``rows`` rows of ``capacity`` slots, one tensor at a time (each old
@@ -465,11 +482,13 @@ class KVCache:
         from lamina.malloc import trim
 
         n, L = self.rows, self.length
+        live = self._live_rows()
         fresh = self._zeros(rows, capacity)
         for store, views in ((self._k, self.k), (self._v, self.v)):
             for i, old in enumerate(store):
                 new = next(fresh)
-                new[:n, :, :L] = old[:n, :, :L]
+                for idx, s in live:  # each row from its first valid slot: no other slot is written
+                    new[idx, :, s:L] = old[idx, :, s:L]
                 store[i], views[i] = new, new[:n]  # the old tensor's last references go
                 del old
         valid, positions, next_pos = self._valid, self._positions, self._next_pos

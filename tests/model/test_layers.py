@@ -218,3 +218,23 @@ def test_kv_storage_is_resident_only_where_rows_write_and_reads_zero_elsewhere()
     assert torch.equal(cache.v[0][:, :, :16], v[[6, 1, 0]])
     # never-written storage reads as zeros (a NaN there would reach masked attention's arithmetic)
     assert not cache._k[2].isnan().any() and torch.count_nonzero(cache._k[2][:, :, 16:]) == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_kv_growth_and_compaction_leave_rows_masked_leading_slots_unwritten() -> None:
+    # row 0 holds slots [512, 1040), rows 1-7 joined later (right-aligned): slots [1024, 1040) only
+    cfg = ModelConfig(vocab_size=97, d_model=128, n_layers=4, n_heads=2, n_kv_heads=2, d_ff=96, max_seq_len=4096)  # fmt: skip
+    cache = layers.KVCache(cfg, batch_size=8, capacity=1040)
+    k = torch.randn(8, 2, 1040, 64)
+    for t in (*cache.k, *cache.v):
+        t[0, :, 512:] = k[0, :, 512:]
+        t[1:, :, 1024:] = k[1:, :, 1024:]
+    cache.valid[0, 512:] = cache.valid[1:, 1024:] = True
+    cache.length = 1040
+    before = _rss_mib()
+    cache._grow(8, 2048)  # rows 1-7's 1024 masked slots each are not copied (4 x 2 x 14 MiB if they were)
+    cache.compact()  # slots [0, 512) are empty in every row: the others move left by 512
+    assert _rss_mib() - before < 16, "growth or compaction wrote the rows' masked leading slots"
+    assert cache.length == 528 and cache.valid[1:, :512].sum() == 0 and cache.valid[:, 512:528].all()
+    for t in (*cache.k, *cache.v):
+        assert torch.equal(t[0, :, :528], k[0, :, 512:]) and torch.equal(t[1:, :, 512:528], k[1:, :, 1024:])
