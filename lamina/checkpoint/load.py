@@ -43,8 +43,10 @@ class LoadOptions:
     # int4: decode steps (and prompts of fewer than 64 tokens a row) through lamina's AVX-512 BF16 kernel
     # (lamina.model.int4_cpu; outputs equal aten's up to one bf16 rounding; built once into
     # compile_cache_dir()/int4: a C++ compiler and ninja, the kernels extra). Unset: used where it can be
-    # (x86-64 Linux with AVX-512 BF16, the build works), else aten's kernel; true: an error where it
-    # cannot be; false: aten's kernel
+    # (x86-64 Linux with AVX-512 BF16, the build works), else aten's kernel; no row limit: it was not
+    # slower at 1 or 8 rows (eager SmolLM2 through the engine, 1 thread: 1.17x and 1.47x aten's tokens/s;
+    # 2 threads: 1.23x and 1.29x; under load, A/B in one process); true: an error where it cannot be;
+    # false: aten's
     int4_kernel: bool | None = None
     # int4: score the vocabulary with an int4 copy of the output head and rescore each position's k best
     # with the int8 head (RescoredHead: about half the head's time; the other logits keep int4's error)
