@@ -516,7 +516,7 @@ def load_adaptable(
     if weights not in (None, "fp32", "bf16", "int8", "int4"):
         raise ConfigError(f"LoRA adapters run over fp32, bf16, int8 or int4 weights, not weights={weights!r}")
     check_int4_options(weights, int4_kernel, head_topk)
-    lm = load(model, dtype=dtype if weights is None else "fp32")
+    lm = load(model, dtype=dtype if weights is None else "fp32", compile=False)
     if weights is not None:
         convert_weights(lm.model, weights, fuse=False, head_topk=head_topk or 0)
     if weights == "int4":
@@ -529,7 +529,7 @@ def load_with_adapter(
     adapter: str | os.PathLike[str],
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
     weights: str | None = None,
-    compile: bool = False,
+    compile: bool | None = LoadOptions.compile,
     merge: bool = True,
     int4_kernel: bool | None = LoadOptions.int4_kernel,
     head_topk: int | None = LoadOptions.head_topk,
@@ -553,7 +553,7 @@ def load_with_adapter(
         if compile:
             compile_model(lm.model)
         return lm
-    lm = load(model, dtype="fp32")
+    lm = load(model, dtype="fp32", compile=False)  # compiled (or a cached step attached) after merging
     merge_lora(load_adapter(lm.model, adapter), unload=True)
     if weights is None and _dtype(dtype) != torch.float32:  # torch's names too: "bfloat16" is bf16
         lm.model.to(_dtype(dtype))

@@ -486,6 +486,16 @@ def load_step(model: Transformer, path: Path) -> CompiledStep:
     return kind(runner, path, constants, model)
 
 
+def cached_step_path(model: Transformer, cache_dir: Path) -> Path | None:
+    """The folder under ``cache_dir`` that holds ``model``'s compiled decode step when an earlier
+    ``attach_decode_step`` compiled it (same ``step_key``), else None (also for a model ``supported``
+    refuses). Compiles nothing."""
+    if supported(model) is not None:
+        return None
+    path = Path(cache_dir) / f"decode-{step_key(model)}"
+    return path if path.is_dir() else None
+
+
 def attach_decode_step(
     model: Transformer, cache_dir: Path, log: Callable[[str], None] | None = None
 ) -> CompiledStep:

@@ -218,7 +218,7 @@ def test_load_with_compile_decodes_through_the_package(tiny_int4: Path) -> None:
     from torch.utils.cpp_extension import is_ninja_available
 
     kernel = int4_cpu.unavailable_reason() is None and is_ninja_available() and int4_cpu.load() is None
-    eager = lamina.load(tiny_int4, weights="int4", int4_kernel=False).model
+    eager = lamina.load(tiny_int4, weights="int4", int4_kernel=False, compile=False).model
     compiled = lamina.load(tiny_int4, weights="int4", compile=True).model
     step = attached_step(compiled)
     assert step is not None and attached_step(eager) is None
@@ -244,8 +244,25 @@ def test_load_with_compile_decodes_through_the_package(tiny_int4: Path) -> None:
     assert 1 in calls and 2 in calls  # steps at batch 2 and, once rows left, at batch 1
     again = lamina.load(tiny_int4, weights="int4", compile=True).model
     assert attached_step(again).path == step.path  # type: ignore[union-attr]
+    auto = lamina.load(tiny_int4, weights="int4").model  # compile unset: the cached package is attached
+    assert attached_step(auto).path == step.path  # type: ignore[union-attr]
+    assert greedy_decode(auto, prompts, 8) == greedy_decode(eager, prompts, 8)
+    assert attached_step(lamina.load(tiny_int4, weights="int4", compile=False).model) is None
     assert attached_step(copy.deepcopy(compiled)) is None  # a copy's weights are its own: no step
     assert attached_step(compiled.to(torch.float32)) is None  # .to() drops it
+
+
+def test_compile_unset_attaches_only_a_cached_step(
+    tiny_int4: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``load``'s ``compile`` unset with no package in the cache: eager decoding, nothing compiled (a
+    compile would take minutes: ``export_step`` must not run)."""
+    monkeypatch.setenv("LAMINA_COMPILE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(aot, "export_step", lambda *a: pytest.fail("compile unset compiled a step"))
+    model = lamina.load(tiny_int4, weights="int4").model
+    assert attached_step(model) is None and aot.supported(model) is None
+    (tmp_path / "cache" / "aot").mkdir(parents=True)  # an empty cache directory: still no package
+    assert attached_step(lamina.load(tiny_int4, weights="int4").model) is None
 
 
 def test_the_rescored_int4_head_exports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
