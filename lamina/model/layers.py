@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import mmap
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
@@ -174,24 +173,6 @@ def cross_attention_mask(valid: Tensor | None, dtype: torch.dtype, check_all: bo
     return mask[:, None, None, :]
 
 
-LAZY_ZEROS_MIN_BYTES = 128 << 10  # lazy_zeros maps tensors from this size (glibc's default mmap threshold)
-
-
-def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``torch.zeros(shape)`` whose memory becomes resident only where it is written: on CPU, from
-    ``LAZY_ZEROS_MIN_BYTES``, a private anonymous mapping of its own (``mmap``; the kernel gives a page at
-    its first write, reads of a page never written see the shared zero page and take no memory; unmapped
-    when the tensor is freed), else ``torch.zeros``. Always zeros, never reused memory: the KV cache's
-    slots that no row writes (a row that joins a batch later, right-aligned, leaves the earlier slots
-    empty) are masked and read as 0, never NaN (a masked NaN key or value would still make NaN through
-    the softmax's and the value matmul's arithmetic)."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
-    if device.type != "cpu" or nbytes < LAZY_ZEROS_MIN_BYTES or not hasattr(mmap, "MAP_ANONYMOUS"):
-        return torch.zeros(shape, dtype=dtype, device=device)
-    return torch.frombuffer(mmap.mmap(-1, nbytes, flags=flags), dtype=dtype).view(shape)
-
-
 class KVCache:
     """Preallocated keys and values for incremental decoding.
 
@@ -253,11 +234,10 @@ class KVCache:
 
     def _zeros(self, rows: int, capacity: int) -> Iterator[Tensor]:
         """Empty storage for ``rows`` rows of ``capacity`` slots, in ``_storage``'s order (the keys, the
-        values, valid, positions, next_pos), made one tensor at a time as the caller takes them. The keys
-        and values are ``lazy_zeros``: resident only where a row writes."""
+        values, valid, positions, next_pos), made one tensor at a time as the caller takes them."""
         kv = (rows, self._kv_shape[0], capacity, self._kv_shape[1])
         for _ in range(2 * self._n_layers):
-            yield lazy_zeros(kv, self.dtype, self.device)
+            yield torch.zeros(kv, dtype=self.dtype, device=self.device)
         yield torch.zeros(rows, capacity, dtype=torch.bool, device=self.device)
         yield torch.zeros(rows, capacity, dtype=torch.long, device=self.device)
         yield torch.zeros(rows, dtype=torch.long, device=self.device)
@@ -296,17 +276,10 @@ class KVCache:
         return [*self._k, *self._v, self._valid, self._positions, self._next_pos]
 
     def keep(self, rows: Tensor) -> None:
-        """Keep only ``rows`` (indices, in the new order): finished sequences leave the batch. Keys and
-        values are copied only for the rows that move and only their slots before ``length`` (the slots
-        after it are written before they are read), so storage never written stays unwritten."""
+        """Keep only ``rows`` (indices, in the new order): finished sequences leave the batch."""
         rows = rows.to(self.device)
         n = rows.numel()
-        dst = (rows != torch.arange(n, device=self.device)).nonzero().squeeze(1)  # the rows that move
-        if dst.numel():
-            src, L = rows.index_select(0, dst), self.length
-            for t in (*self._k, *self._v):
-                t[dst, :, :L] = t[:, :, :L].index_select(0, src)
-        for t in (self._valid, self._positions, self._next_pos):
+        for t in self._storage():
             t[:n] = t.index_select(0, rows)
         self._set_rows(n)
         S = self.cross_k[0].shape[2] if self.cross_k else 0
@@ -449,29 +422,12 @@ class KVCache:
         first = int(used[0]) if used.numel() else self.length
         if first == 0:
             return
-        L, live = self.length, self._live_rows()
+        L = self.length
         for t in (*self.k, *self.v):
-            for rows, s in live:  # a row's masked slots before its first valid one do not move
-                t[rows, :, s - first : L - first] = t[rows, :, s:L].clone()
+            t[:, :, : L - first] = t[:, :, first:L].clone()
         for t in (self.valid, self.positions):
             t[:, : L - first] = t[:, first:L].clone()
         self.length = L - first
-
-    def _live_rows(self) -> list[tuple[slice | Tensor, int]]:
-        """The rows grouped by their first valid slot s before ``length``: (rows, s) pairs, rows a slice
-        when consecutive. Slots before a row's first valid one are masked (a row that joined a running
-        batch, right-aligned, never wrote them), so ``_grow`` and ``compact`` leave them unwritten (with
-        ``lazy_zeros`` storage: not resident) instead of copying them."""
-        L = self.length
-        v = self.valid[:, :L]
-        firsts = torch.where(v.any(1), v.to(torch.uint8).argmax(1), L).tolist()  # argmax: the first True
-        groups: dict[int, list[int]] = {}
-        for r, s in enumerate(firsts):
-            groups.setdefault(s, []).append(r)
-        return [
-            (slice(g[0], g[-1] + 1) if g[-1] - g[0] + 1 == len(g) else torch.tensor(g, device=self.device), s)
-            for s, g in groups.items()
-        ]
 
     def _grow(self, rows: int, capacity: int) -> None:
         """Reallocate the storage for ``rows`` rows of ``capacity`` slots, one tensor at a time (each old
@@ -482,13 +438,11 @@ class KVCache:
         from lamina.malloc import trim
 
         n, L = self.rows, self.length
-        live = self._live_rows()
         fresh = self._zeros(rows, capacity)
         for store, views in ((self._k, self.k), (self._v, self.v)):
             for i, old in enumerate(store):
                 new = next(fresh)
-                for idx, s in live:  # each row from its first valid slot: no other slot is written
-                    new[idx, :, s:L] = old[idx, :, s:L]
+                new[:n, :, :L] = old[:n, :, :L]
                 store[i], views[i] = new, new[:n]  # the old tensor's last references go
                 del old
         valid, positions, next_pos = self._valid, self._positions, self._next_pos

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import pickle
-import sys
 
 import pytest
 import torch
@@ -192,49 +191,3 @@ def test_cross_attention_mask_is_sdpas_bool_mask_made_once() -> None:
     assert cache.cross_mask(torch.float32) is first
     cache.memory_valid = valid[:1]
     assert cache.cross_mask(torch.float32).shape == (1, 1, 1, 3)
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
-def test_kv_storage_is_resident_only_where_rows_write_and_reads_zero_elsewhere() -> None:
-    # 4 layers' keys and values of 8 rows x 2048 slots: 4 x 2 x 8 MiB of storage, of which the rows
-    # write 16 slots (rows joining a batch late leave earlier slots empty; the slots ahead wait)
-    cfg = ModelConfig(vocab_size=97, d_model=128, n_layers=4, n_heads=2, n_kv_heads=2, d_ff=96, max_seq_len=4096)  # fmt: skip
-    junk = [torch.full((1 << 18,), float("nan")) for _ in range(32)]  # freed heap memory full of NaN
-    del junk
-    before = _rss_mib()
-    cache = layers.KVCache(cfg, batch_size=8, capacity=2048)
-    k, v = torch.randn(8, 2, 16, 64), torch.randn(8, 2, 16, 64)
-    for i in range(4):
-        cache.k[i][:, :, :16], cache.v[i][:, :, :16] = k, v
-    cache.length = 16
-    cache.keep(torch.tensor([6, 1, 0]))  # rows move: only their 16 written slots are copied
-    assert _rss_mib() - before < 16, "the cache's storage became resident beyond what the rows wrote"
-    assert torch.equal(cache.k[3], torch.cat([k[[6, 1, 0]], torch.zeros(3, 2, 2032, 64)], 2))
-    assert torch.equal(cache.v[0][:, :, :16], v[[6, 1, 0]])
-    # never-written storage reads as zeros (a NaN there would reach masked attention's arithmetic)
-    assert not cache._k[2].isnan().any() and torch.count_nonzero(cache._k[2][:, :, 16:]) == 0
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
-def test_kv_growth_and_compaction_leave_rows_masked_leading_slots_unwritten() -> None:
-    # row 0 holds slots [512, 1040), rows 1-7 joined later (right-aligned): slots [1024, 1040) only
-    cfg = ModelConfig(vocab_size=97, d_model=128, n_layers=4, n_heads=2, n_kv_heads=2, d_ff=96, max_seq_len=4096)  # fmt: skip
-    cache = layers.KVCache(cfg, batch_size=8, capacity=1040)
-    k = torch.randn(8, 2, 1040, 64)
-    for t in (*cache.k, *cache.v):
-        t[0, :, 512:] = k[0, :, 512:]
-        t[1:, :, 1024:] = k[1:, :, 1024:]
-    cache.valid[0, 512:] = cache.valid[1:, 1024:] = True
-    cache.length = 1040
-    before = _rss_mib()
-    cache._grow(8, 2048)  # rows 1-7's 1024 masked slots each are not copied (4 x 2 x 14 MiB if they were)
-    cache.compact()  # slots [0, 512) are empty in every row: the others move left by 512
-    assert _rss_mib() - before < 16, "growth or compaction wrote the rows' masked leading slots"
-    assert cache.length == 528 and cache.valid[1:, :512].sum() == 0 and cache.valid[:, 512:528].all()
-    for t in (*cache.k, *cache.v):
-        assert torch.equal(t[0, :, :528], k[0, :, 512:]) and torch.equal(t[1:, :, 512:528], k[1:, :, 1024:])
