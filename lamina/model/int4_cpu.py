@@ -437,21 +437,49 @@ def load(build_dir: Path | None = None, log: Callable[[str], None] | None = None
         _LOADED[str(folder)] = None
         return None
     so = folder / f"lamina_int4_{digest}.so"
+    failed = build_dir / f"int4-mv-{digest}.failed"  # a build that failed here: not tried at every start
     try:
         with _one_builder(build_dir):  # a second process waits for the first's build, then loads it
             if so.is_file():
                 torch.ops.load_library(str(so))
                 ctypes.CDLL(str(so), mode=ctypes.RTLD_GLOBAL)  # the shim, for packages
+            elif (missing := _missing_build_tools()) is not None:
+                _LOADED[str(folder)] = missing
+                return missing
+            elif failed.is_file():
+                _LOADED[str(folder)] = f"{failed.read_text().strip()} (delete {failed} to build it again)"
+                return _LOADED[str(folder)]
             else:
                 if log is not None:
                     log(f"building lamina's int4 kernel (once per machine, ~10 s) into {folder}")
-                _build(build_dir, folder, so.stem)
+                try:
+                    _build(build_dir, folder, so.stem)
+                except Exception as e:
+                    first = (str(e).strip().splitlines() or [""])[0][:200]
+                    why = f"the int4 kernel did not build ({type(e).__name__}: {first})"
+                    with contextlib.suppress(OSError):
+                        failed.write_text(why + "\n")
+                    if log is not None:
+                        log(f"{why}; aten's int4 kernel instead")
+                    raise
         _register_fake()
         _LOADED[str(folder)] = None
-    except Exception as e:  # no compiler or ninja, a failed build: the aten kernel stays
+    except Exception as e:  # a failed build or load: the aten kernel stays
         first = (str(e).strip().splitlines() or [""])[0][:200]
         _LOADED[str(folder)] = f"the int4 kernel did not build ({type(e).__name__}: {first})"
     return _LOADED[str(folder)]
+
+
+def _missing_build_tools() -> str | None:
+    """Why the kernel cannot be built here (no ninja, no C++ compiler), checked before a build is
+    announced; None: both are there."""
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if not is_ninja_available():
+        return "ninja is not installed (pip install 'lamina[kernels]')"
+    if not (shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")):
+        return "no C++ compiler (c++ or g++, or $CXX)"
+    return None
 
 
 @contextlib.contextmanager
@@ -478,12 +506,10 @@ def _build(build_dir: Path, folder: Path, name: str) -> None:
     """Compile ``_SRC`` into ``folder/name.so`` and load it: built (and loaded from) a fresh ``.partial-*``
     folder with its own ninja lock (a killed build's lock blocks no later one), renamed to ``folder`` at
     once; when another process got there first, its folder is kept (the same source: the same build)."""
-    from torch.utils.cpp_extension import is_ninja_available, load
+    from torch.utils.cpp_extension import load
 
     from lamina.model import aot
 
-    if not is_ninja_available():
-        raise RuntimeError("ninja is not installed (pip install ninja)")
     build_dir.mkdir(parents=True, exist_ok=True)
     aot._remove_partial(build_dir)
     tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=build_dir))

@@ -108,3 +108,29 @@ def test_one_process_builds_at_a_time(tmp_path: Path) -> None:
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
     with open(lock, "a+") as other:
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_failed_build_is_remembered_and_missing_tools_announce_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without ninja or a compiler, ``load`` says so and announces no build; a build that failed is
+    written down, so a later process does not build again at every start (the reason names the file)."""
+    monkeypatch.setattr(int4_cpu, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(int4_cpu, "op_loaded", lambda: False)
+    monkeypatch.setattr(int4_cpu, "_LOADED", {})
+    lines: list[str] = []
+    monkeypatch.setattr(int4_cpu, "_missing_build_tools", lambda: "ninja is not installed")
+    assert int4_cpu.load(tmp_path, log=lines.append) == "ninja is not installed" and lines == []
+
+    def fail(*args: object) -> None:
+        raise RuntimeError("c++: error: bad flag")
+
+    monkeypatch.setattr(int4_cpu, "_LOADED", {})  # ninja installed, then a new process
+    monkeypatch.setattr(int4_cpu, "_missing_build_tools", lambda: None)
+    monkeypatch.setattr(int4_cpu, "_build", fail)
+    why = int4_cpu.load(tmp_path, log=lines.append)
+    assert why is not None and "bad flag" in why and len(lines) == 2 and "bad flag" in lines[1]
+    monkeypatch.setattr(int4_cpu, "_LOADED", {})  # a new process
+    monkeypatch.setattr(int4_cpu, "_build", lambda *a: pytest.fail("built again"))
+    again = int4_cpu.load(tmp_path, log=lines.append)
+    assert again is not None and "bad flag" in again and ".failed" in again and len(lines) == 2
