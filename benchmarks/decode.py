@@ -267,7 +267,9 @@ def main() -> None:
     for variant, fmt, k, kernel in variants:
         # lamina.load's own preparation: --weights FMT [--head-topk K] --int4-kernel / --no-int4-kernel
         int4 = {"int4_kernel": kernel, "head_topk": k or None} if fmt == "int4" else {}
-        model = prepare_for_inference(copy.deepcopy(fp32), fmt, **int4)
+        model = prepare_for_inference(
+            copy.deepcopy(fp32), fmt, compile=False, **int4
+        )  # eager (+compile below)
         agreement[variant] = logit_agreement(model, ref_logits, long, stepwise=kernel)
         names = [variant] + ([f"{variant}+compile"] if fmt in args.compile.split(",") else [])
         for name in names:

@@ -107,8 +107,8 @@ def load(
     by later processes. A model the step does not cover runs ``model(...)`` through ``torch.compile``
     instead (dynamic shapes; each process traces again). When the step cannot be built, one line on
     stderr says why and the model decodes eagerly. ``compile=None`` (the default) attaches the step only
-    when the cache already holds it (``attach_cached_step``), so it costs a start nothing; ``False``
-    never.
+    when the cache already holds it (``attach_cached_step``: loading it takes about a second, nothing
+    is compiled); ``False`` never.
 
     ``int4_kernel`` and ``head_topk`` (``weights="int4"`` only) are ``LoadOptions``' fields of the same
     names: lamina's int4 kernel (None: where it can run) and the rescored output head; see
@@ -281,13 +281,18 @@ def prepare_for_inference(
 
 def attach_cached_step(net: Transformer) -> bool:
     """``compile`` unset: attach ``net``'s compiled decode step when ``compile_cache_dir()`` already holds
-    it (``aot.cached_step_path``; about a second), else leave ``net`` eager. Returns whether it attached.
-    A cached package that fails to load is compiled again, as ``compile=True`` would."""
+    it (``aot.attach_decode_step(..., compile_missing=False)``: about a second), else leave ``net`` eager;
+    nothing is compiled. A cached package that fails to load: one line on stderr, eager decoding.
+    Returns whether a step was attached."""
     path = compile_cache_dir() / "aot"
-    if not path.is_dir() or aot.cached_step_path(net, path) is None:
+    if not path.is_dir() or aot.supported(net) is not None:
         return False
-    attach_decode_step_or_warn(net)
-    return aot.attached_step(net) is not None
+    try:
+        return aot.attach_decode_step(net, path, compile_missing=False) is not None
+    except Exception as e:  # a damaged package: --compile would compile it again
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"lamina: decoding eagerly: {first} (--compile compiles it again)", file=sys.stderr)
+        return False
 
 
 def use_int4_kernel_or_explain(net: nn.Module, int4_kernel: bool | None = LoadOptions.int4_kernel) -> None:

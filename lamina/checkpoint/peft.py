@@ -502,8 +502,8 @@ class AdapterOptions:
 
 def load_adaptable(
     model: str | os.PathLike[str],
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
-    weights: str | None = None,
+    dtype: Literal["fp32", "bf16", "fp16"] = LoadOptions.dtype,
+    weights: str | None = LoadOptions.weights,
     int4_kernel: bool | None = LoadOptions.int4_kernel,
     head_topk: int | None = LoadOptions.head_topk,
 ) -> LoadedModel:
@@ -527,8 +527,8 @@ def load_adaptable(
 def load_with_adapter(
     model: str | os.PathLike[str],
     adapter: str | os.PathLike[str],
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
-    weights: str | None = None,
+    dtype: Literal["fp32", "bf16", "fp16"] = LoadOptions.dtype,
+    weights: str | None = LoadOptions.weights,
     compile: bool | None = LoadOptions.compile,
     merge: bool = True,
     int4_kernel: bool | None = LoadOptions.int4_kernel,

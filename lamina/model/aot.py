@@ -486,23 +486,18 @@ def load_step(model: Transformer, path: Path) -> CompiledStep:
     return kind(runner, path, constants, model)
 
 
-def cached_step_path(model: Transformer, cache_dir: Path) -> Path | None:
-    """The folder under ``cache_dir`` that holds ``model``'s compiled decode step when an earlier
-    ``attach_decode_step`` compiled it (same ``step_key``), else None (also for a model ``supported``
-    refuses). Compiles nothing."""
-    if supported(model) is not None:
-        return None
-    path = Path(cache_dir) / f"decode-{step_key(model)}"
-    return path if path.is_dir() else None
-
-
 def attach_decode_step(
-    model: Transformer, cache_dir: Path, log: Callable[[str], None] | None = None
-) -> CompiledStep:
+    model: Transformer,
+    cache_dir: Path,
+    log: Callable[[str], None] | None = None,
+    compile_missing: bool = True,
+) -> CompiledStep | None:
     """Compile (or load from ``cache_dir``) ``model``'s decode step and attach it (see the module
     docstring), in the folder ``cache_dir/decode-KEY``. The step reads ``model``'s tensors in place
     (module docstring: what makes it stand aside or drops it). ``log`` gets a line before and after
     compiling a package, and one naming a cached package that fails to load (removed and compiled again).
+    ``compile_missing=False``: only a package already in ``cache_dir`` is attached (None when there is
+    none; one that fails to load raises ``RuntimeError``): nothing is compiled.
 
     Raises ``ValueError`` for a model ``supported`` refuses; export or compile errors pass through, and a
     package that fails to load right after compiling raises ``RuntimeError`` naming it."""
@@ -516,11 +511,15 @@ def attach_decode_step(
         try:
             step = load_step(model, path)
         except Exception as e:  # a damaged package (a full disk, another build): compiled again
+            if not compile_missing:
+                raise RuntimeError(f"the compiled decode step {path} failed to load: {e}") from e
             if log is not None:
                 first = (str(e).strip().splitlines() or [""])[0][:300]
                 log(f"the compiled decode step {path} failed to load ({type(e).__name__}: {first}); "
                     "compiling it again")  # fmt: skip
             shutil.rmtree(path, ignore_errors=True)
+    if step is None and not compile_missing:
+        return None
     if step is None:
         if log is not None:
             log(

@@ -497,7 +497,7 @@ def base_model(run: FinetuneRun) -> tuple[Transformer, Tokenizer]:
     if run.init is not None:
         from lamina.checkpoint.load import load
 
-        lm = load(run.init)
+        lm = load(run.init, compile=False)  # a model to train: no compiled decode step
         if lm.tokenizer is None:
             raise ConfigError(f"init model {run.init!r} has no tokenizer; fine-tuning needs one")
         return lm.model.float(), lm.tokenizer

@@ -135,7 +135,7 @@ def build_model(run: RunConfig, tokenizer: Tokenizer) -> tuple[Transformer, Gene
     if run.init is not None:
         from lamina.checkpoint.load import load
 
-        lm = load(run.init)
+        lm = load(run.init, compile=False)  # a model to train: no compiled decode step
         model, generation = lm.model.train(), lm.generation
     else:
         cfg = run.model

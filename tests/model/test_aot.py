@@ -259,10 +259,10 @@ def test_compile_unset_attaches_only_a_cached_step(
     compile would take minutes: ``export_step`` must not run)."""
     monkeypatch.setenv("LAMINA_COMPILE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(aot, "export_step", lambda *a: pytest.fail("compile unset compiled a step"))
-    model = lamina.load(tiny_int4, weights="int4").model
+    model = lamina.load(tiny_int4, weights="int4", int4_kernel=False).model  # (no kernel build in tmp_path)
     assert attached_step(model) is None and aot.supported(model) is None
     (tmp_path / "cache" / "aot").mkdir(parents=True)  # an empty cache directory: still no package
-    assert attached_step(lamina.load(tiny_int4, weights="int4").model) is None
+    assert attached_step(lamina.load(tiny_int4, weights="int4", int4_kernel=False).model) is None
 
 
 def test_the_rescored_int4_head_exports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
