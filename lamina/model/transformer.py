@@ -274,21 +274,10 @@ class Transformer(HoldsInferenceCopies):
         # (B*T, d) @ (d, V) as one 2-D matmul: a non-contiguous (B, T, d) (the last position of a prefill,
         # h[:, -1:]) sent torch.matmul to bmm, which expanded head_t to (B, d, V) and copied it (906 MB
         # for 16 SmolLM2 prompts in bf16)
-        x, V, cols = h.reshape(-1, h.shape[-1]), head_t.shape[-1], self._HEAD_COLUMNS
-        if x.dtype == torch.float32 and x.shape[0] >= 4 and V > cols:
-            # MKL's sgemm keeps a packing buffer per thread for every row count from 4 (4.7 MiB each for
-            # SmolLM2's 576 x 49,152 head); it scales with the columns of one call: 1.5 MiB for 2,048. Same
-            # logits (the columns are independent), as fast when the machine is quiet
-            logits = x.new_empty(x.shape[0], V)
-            for a in range(0, V, cols):
-                torch.mm(x, head_t[:, a : a + cols], out=logits[:, a : a + cols])
-        else:
-            logits = x @ head_t
-        logits = logits.view(*h.shape[:-1], V)
+        logits = (h.reshape(-1, h.shape[-1]) @ head_t).view(*h.shape[:-1], head_t.shape[-1])
         return logits if self.lm_head.bias is None else logits + self.lm_head.bias
 
     _DECODE_ROWS = 16  # at most this many positions: a decoding step (see _head_t)
-    _HEAD_COLUMNS = 2048  # vocabulary columns per matmul of a float32 decoding step's head (see _lm_logits)
 
     def _head_t(self, h: Tensor) -> Tensor | None:
         """The LM head's weight transposed and contiguous (d_model, V) for a decoding step on CPU without

@@ -7,7 +7,6 @@ head_dim, ...), plus the KV cache, padding, dropout, initialisers and gradients.
 
 from __future__ import annotations
 
-import ctypes
 import math
 from typing import Any
 
@@ -610,32 +609,3 @@ def test_t5_init_is_transformers_t5_init() -> None:
         b = torch.cat([p.flatten() for n, p in theirs.items() if hfs in n and "layer_norm" not in n])
         assert a.std().item() == pytest.approx(b.std().item(), rel=0.15), mine
     assert all(p.min() == p.max() == 1 for n, p in ours.items() if "norm" in n)
-
-
-def test_a_float32_decoding_head_multiplies_vocabulary_chunks_into_the_same_logits() -> None:
-    """The transposed head in chunks of ``_HEAD_COLUMNS`` columns: the logits of one matmul, and MKL's
-    packing buffer (one per thread per row count, sized by the columns of a call) smaller."""
-    from lamina.malloc import _mkl
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        vocab_size=8192, d_model=576, n_layers=1, n_heads=9, n_kv_heads=3, d_ff=64, max_seq_len=16
-    )
-    model = Transformer(cfg).eval()
-    h = torch.randn(16, 1, 576)
-    with torch.no_grad():
-        head_t = model._head_t(h)
-        assert head_t is not None and cfg.vocab_size > model._HEAD_COLUMNS
-        mkl = _mkl()
-        if mkl is not None and hasattr(mkl, "mkl_serv_mem_stat"):
-            mkl.mkl_serv_mem_stat.restype = ctypes.c_int64
-            n = ctypes.c_int(0)
-            mkl.mkl_serv_free_buffers()
-            want = h.reshape(16, -1) @ head_t
-            one_call = mkl.mkl_serv_mem_stat(ctypes.byref(n))
-            mkl.mkl_serv_free_buffers()
-            logits = model._lm_logits(h)
-            assert mkl.mkl_serv_mem_stat(ctypes.byref(n)) < one_call
-        else:
-            want, logits = h.reshape(16, -1) @ head_t, model._lm_logits(h)
-    assert torch.equal(logits, want.view(16, 1, -1))
