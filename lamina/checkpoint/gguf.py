@@ -401,10 +401,12 @@ class GGUFFile:
         for name in names:
             _check_supported(self.tensor_info(name).qtype, f"tensor {name!r} of {self.path}")
         workers = workers or min(8, _cpu_count())
-        # a bar appears only if dequantizing takes over 2 s (big files, busy machines)
+        # a bar appears only if dequantizing takes over 2 s (big files, busy machines), and only on a
+        # terminal (disable=None): logs and pipes get no carriage-return frames
         bar = tqdm(
-            total=len(names), desc=f"dequantizing {self.path.name}", unit="tensor", delay=2.0, leave=False
-        )
+            total=len(names), desc=f"dequantizing {self.path.name}", unit="tensor", delay=2.0, leave=False,
+            disable=None,
+        )  # fmt: skip
         with bar:
             if workers == 1 or len(names) < 2:
                 out = {}
