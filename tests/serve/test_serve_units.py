@@ -64,7 +64,7 @@ def test_cli_serve_builds_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     events: list[str] = []  # the server process returns free memory (lamina.malloc), set after loading
     monkeypatch.setattr(lamina.cli.generate, "load",
-                        lambda model, dtype, weights, compile: events.append("load") or f"loaded {model}")  # fmt: skip
+                        lambda model, **options: events.append("load") or f"loaded {model}")  # fmt: skip
     monkeypatch.setattr(lamina.cli.serve, "set_malloc_policy", lambda policy: events.append(policy))
     monkeypatch.setenv("LAMINA_API_KEY", "k1,k2")
     argv = ["serve", "smollm2", "minilm", "--served-model-name", "chat", "--port", "9001", "--max-n", "4",
