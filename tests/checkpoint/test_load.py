@@ -19,12 +19,16 @@ from lamina.generate.text import model_defaults
 from lamina.model.transformer import Transformer
 
 
-@pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _tiny_hf_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("hf") / "tiny"
     export_hf(folder, Transformer(ModelConfig.preset("llama-tiny", vocab_size=101, max_seq_len=32)).eval())
     return folder
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _tiny_hf_folder(tmp_path_factory)
 
 
 def _with_generation_config(folder: Path, gen: dict[str, Any]) -> Path:
@@ -147,10 +151,7 @@ def test_compile_failures_are_one_line_and_decode_eagerly(
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny HF folder of its own (tests above write generation files into ``hf_folder``)."""
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("hf") / "tiny"
-    export_hf(folder, Transformer(ModelConfig.preset("llama-tiny", vocab_size=101, max_seq_len=32)).eval())
-    return folder
+    return _tiny_hf_folder(tmp_path_factory)
 
 
 def test_int4_kernel_and_head_topk_reach_the_loaded_model(tiny_folder: Path) -> None:
