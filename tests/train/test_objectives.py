@@ -73,3 +73,30 @@ def test_the_trainer_runs_pair_batches(setup: tuple[Transformer, PairBatches], t
                       log_every=5, progress=False)  # fmt: skip
     res = train(model, cfg, batches, seq2seq(0.1), lambda: batches.eval_batches(), tokens_per_batch=16 * 18)
     assert res.steps == 20 and res.val_losses[-1][1] < res.val_losses[0][1]
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_bf16_cross_entropy_matches_the_fp32_upcast(label_smoothing: float) -> None:
+    """bf16 logits with a gradient take the chunked path (token_cross_entropy's _ReducedCrossEntropy,
+    several chunks here): same loss and gradient as F.cross_entropy on the fp32 upcast."""
+    import lamina.train.objectives as objectives
+
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(3, 50, 1000, generator=g)).bfloat16().requires_grad_()
+    targets = torch.randint(0, 1000, (3, 50), generator=g)
+    targets[0, :7] = -100
+    rows = objectives._CHUNK_ELEMENTS
+    objectives._CHUNK_ELEMENTS = 16 * 1000  # 16 rows per chunk: 10 chunks, the last one short
+    try:
+        loss, n = objectives.token_cross_entropy(logits, targets, label_smoothing=label_smoothing)
+    finally:
+        objectives._CHUNK_ELEMENTS = rows
+    (2 * loss).backward()
+    grad, logits.grad = logits.grad, None
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                            label_smoothing=label_smoothing, reduction="sum") / n  # fmt: skip
+    (2 * ref).backward()
+    assert n == 143 and torch.allclose(loss, ref, rtol=1e-6)
+    assert grad is not None and logits.grad is not None and grad.dtype == torch.bfloat16
+    assert torch.allclose(grad.float(), logits.grad.float(), rtol=2**-7, atol=1e-12)  # a bf16 rounding apart
+    assert grad[0, :7].abs().sum() == 0  # ignored targets: no gradient
