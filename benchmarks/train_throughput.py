@@ -31,6 +31,7 @@ from common import headline, machine
 
 from lamina.config import ModelConfig, TrainConfig
 from lamina.model.transformer import Transformer
+from lamina.train.distributed import keep_freed_memory_on_cpu
 from lamina.train.metrics import matmul_peak_flops
 from lamina.train.objectives import causal_lm
 from lamina.train.precision import native_bf16, resolve_precision
@@ -108,12 +109,17 @@ def main() -> None:
         ap.error("--steps must be at least 2 (lamina's rate is timed between fetched batches)")
     variants = args.variants.split(",")
     torch.set_num_threads(args.threads)
+    # the allocator `lamina pretrain` / `finetune` use on CPU (the whole process: the bare loop gets it too)
+    kept = keep_freed_memory_on_cpu("cpu")
     cfg = model().config
     fpt = cfg.flops_per_token(T, training=True)
     peak = {"fp32": matmul_peak_flops("cpu", torch.float32)}
     if "bf16" in variants:
         peak["bf16"] = matmul_peak_flops("cpu", torch.bfloat16)
     print(f"machine: {machine(args.threads)}")
+    print(
+        f"malloc: {'keep_freed (as lamina pretrain on CPU)' if kept else 'glibc defaults (keep_freed not set)'}"
+    )
     print(f"model: {cfg.n_params / 1e6:.1f}M parameters, {fpt / 1e6:.0f} MFLOP per token, batch {B} x {T}")
     for precision, rate in peak.items():
         print(f"measured {precision} matmul peak (2048^2): {rate / 1e9:.1f} GFLOP/s")

@@ -77,7 +77,7 @@ def test_one_policy_per_process_with_mallopt_checked(
     fake.calls.clear()
     fake.refuse = -1  # M_TRIM_THRESHOLD refused: recorded, reported, not in force
     assert malloc.set_malloc_policy("keep_freed") is False
-    assert fake.calls == [("mallopt", -3, 32 << 20), ("mallopt", -1, 1 << 30)]
+    assert fake.calls == [("mallopt", -3, 32 << 20), ("mallopt", -4, 0), ("mallopt", -1, 1 << 30)]
     assert "keep_freed only partly set" in capsys.readouterr().err
     assert malloc.active_policy() == "keep_freed" and malloc.set_malloc_policy("keep_freed") is False
     assert malloc.set_malloc_policy("release") is False

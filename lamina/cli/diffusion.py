@@ -89,8 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> int:
     from lamina.config import from_dict
     from lamina.diffusion.training import train_diffusion
-    from lamina.malloc import set_malloc_policy
-    from lamina.train.distributed import resolve_device
+    from lamina.train.distributed import keep_freed_memory_on_cpu
 
     sections = _sections()
     data = merged(args, sections)
@@ -102,8 +101,7 @@ def _train(args: argparse.Namespace) -> int:
 
         print_config({k: asdict(v) for k, v in cfgs.items()})
         return 0
-    if resolve_device(cfgs["train"].device) == "cpu":  # a CPU run owns this process: keep what steps free
-        set_malloc_policy("keep_freed")
+    keep_freed_memory_on_cpu(cfgs["train"].device)  # a CPU run owns this process: keep what steps free
     _, result = train_diffusion(cfgs["unet"], cfgs["noise"], cfgs["images"], cfgs["train"], cfgs["diffusion"],
                                 resume=args.resume, overwrite=args.overwrite)  # fmt: skip
     if result.is_main:  # under torchrun, rank 0 alone

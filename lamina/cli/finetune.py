@@ -20,6 +20,7 @@ from lamina.cli.flags import (
 )
 from lamina.cli.pretrain import _overwrite
 from lamina.config import TRAIN_PRESETS, TrainConfig
+from lamina.train.distributed import keep_freed_memory_on_cpu
 from lamina.train.finetune import SECTIONS as RUN_SECTIONS
 from lamina.train.finetune import FinetuneRun, TaskConfig, finetune
 
@@ -91,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print_config(run_config.to_dict())
         return 0
+    keep_freed_memory_on_cpu(run_config.train.device)  # a CPU run owns this process: keep what steps free
     _, _, result = finetune(run_config, resume=args.resume, **_overwrite(args))
     if result.is_main:  # under torchrun, rank 0 alone
         print(result.summary())

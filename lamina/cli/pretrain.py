@@ -6,6 +6,7 @@ import argparse
 
 from lamina.cli.flags import add_alias, add_config_file, add_fields, add_top_level, merged, print_config
 from lamina.config import TrainConfig
+from lamina.train.distributed import keep_freed_memory_on_cpu
 from lamina.train.pretrain import SECTIONS as RUN_SECTIONS
 from lamina.train.pretrain import RunConfig, pretrain
 
@@ -46,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print_config(run_config.to_dict())
         return 0
+    keep_freed_memory_on_cpu(run_config.train.device)  # a CPU run owns this process: keep what steps free
     _, _, result = pretrain(run_config, resume=args.resume, **_overwrite(args))
     if result.is_main:  # under torchrun, rank 0 alone
         print(result.summary())

@@ -41,6 +41,15 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+def keep_freed_memory_on_cpu(device: str = "auto") -> bool:
+    """For a training entry point that owns its process (``lamina pretrain``, ``finetune``, ``diffusion
+    train``): on CPU, glibc keeps the memory a step frees for the next one (``lamina.malloc``'s
+    ``keep_freed``; nothing on CUDA). Returns whether that policy is in force."""
+    from lamina.malloc import set_malloc_policy
+
+    return resolve_device(device) == "cpu" and set_malloc_policy("keep_freed")
+
+
 def setup(device: str = "auto", parallel: str = "auto") -> DistInfo:
     """Initialise the process group when launched by torchrun; pick the device (``resolve_device``)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

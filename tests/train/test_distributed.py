@@ -159,3 +159,31 @@ def test_finetune_refuses_lora_under_fsdp_before_loading(tmp_path: Path) -> None
                                  "train": {"parallel": "fsdp", "out_dir": str(tmp_path / "out")}})  # fmt: skip
     with pytest.raises(ConfigError, match=r"--train\.parallel ddp"):  # not the missing model or data
         finetune(run)
+
+
+def test_keep_freed_memory_on_cpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training entry points keep freed memory (``lamina.malloc``'s ``keep_freed``) on CPU only."""
+    from lamina import malloc
+    from lamina.train.distributed import keep_freed_memory_on_cpu
+
+    asked: list[str] = []
+    monkeypatch.setattr(malloc, "set_malloc_policy", lambda policy: asked.append(policy) or True)
+    assert keep_freed_memory_on_cpu("cuda:0") is False and asked == []
+    assert keep_freed_memory_on_cpu("cpu") is True and asked == ["keep_freed"]
+    assert (malloc.M_MMAP_MAX, 0) in malloc.POLICIES["keep_freed"]  # every size from the heap
+
+
+def test_pretrain_verb_keeps_freed_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``lamina pretrain`` (a CPU run owns its process) asks for ``keep_freed`` before training."""
+    import lamina.cli.pretrain as verb
+    from lamina.cli.main import main
+
+    events: list[str] = []
+    monkeypatch.setattr(verb, "keep_freed_memory_on_cpu", lambda device: events.append(f"malloc {device}"))
+    monkeypatch.setattr(verb, "pretrain", lambda *a, **k: events.append("train") or (None, None, _Done()))
+    assert main(["pretrain", "--train.device", "cpu"]) == 0
+    assert events == ["malloc cpu", "train"]
+
+
+class _Done:
+    is_main = False
