@@ -127,7 +127,7 @@ def load(
         raise ConfigError(f"weight format {weights!r} is not one of {', '.join(FORMATS)}")
     check_int4_options(weights, int4_kernel, head_topk)
     entry = resolve(model)
-    dt = torch.float32 if weights is not None else _dtype(dtype)
+    dt = torch.float32 if weights is not None else torch_dtype(dtype)
     if entry.format == "lamina":
         net, gen = load_checkpoint(entry.path, dtype=dt, device=device)
         tok = _tokenizer_of(entry)
@@ -259,17 +259,19 @@ def prepare_for_inference(
     compile: bool | None = LoadOptions.compile,
     int4_kernel: bool | None = LoadOptions.int4_kernel,
     head_topk: int | None = LoadOptions.head_topk,
+    fuse: bool = True,
 ) -> Transformer:
     """What ``load`` does to the model it read (in place; returns ``net``): converted to weight format
     ``weights`` (``convert_weights``; fp32 prepacked for oneDNN unless compiled: inductor cannot lower
-    that), int4's rescored head (``head_topk``), int4's kernel (``use_int4_kernel_or_explain``), then the
-    compiled decode step (``compile_model``), in that order: the step calls the kernel it was traced with.
+    that; ``fuse=False`` keeps q/k/v and gate/up apart, for adapters), int4's rescored head
+    (``head_topk``), int4's kernel (``use_int4_kernel_or_explain``), then the compiled decode step
+    (``compile_model``), in that order: the step calls the kernel it was traced with.
 
     Raises ``ConfigError`` as ``load`` does (``check_int4_options``, an ``int4_kernel=True`` that cannot
     run) and as ``convert_weights`` does (a model already converted)."""
     check_int4_options(weights, int4_kernel, head_topk)
     if weights is not None:
-        convert_weights(net, weights, pack=not compile, head_topk=head_topk or 0)
+        convert_weights(net, weights, fuse=fuse, pack=not compile, head_topk=head_topk or 0)
     if weights == "int4":
         use_int4_kernel_or_explain(net, int4_kernel)
     if compile:
@@ -394,7 +396,9 @@ def _in_vocab(ids: list[int], net: Transformer) -> list[int]:
     return [i for i in ids if 0 <= i < net.config.vocab_size]
 
 
-def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+def torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """The torch dtype a ``dtype`` setting names (``fp32``/``bf16``/``fp16`` or torch's names); raises
+    ``ConfigError`` for another name."""
     if isinstance(dtype, torch.dtype):
         return dtype
     table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,

@@ -43,12 +43,11 @@ from lamina.checkpoint.lamina import atomic_folder
 from lamina.checkpoint.load import (
     LoadedModel,
     LoadOptions,
-    _dtype,
     check_int4_options,
     compile_model,
     load,
     prepare_for_inference,
-    use_int4_kernel_or_explain,
+    torch_dtype,
 )
 from lamina.config import ModelConfig
 from lamina.errors import CheckpointError, ConfigError
@@ -64,7 +63,6 @@ from lamina.model.lora import (
     saved_modules,
     wrap_linear,
 )
-from lamina.model.quant import convert_weights
 from lamina.model.transformer import Transformer
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -517,10 +515,7 @@ def load_adaptable(
         raise ConfigError(f"LoRA adapters run over fp32, bf16, int8 or int4 weights, not weights={weights!r}")
     check_int4_options(weights, int4_kernel, head_topk)
     lm = load(model, dtype=dtype if weights is None else "fp32", compile=False)
-    if weights is not None:
-        convert_weights(lm.model, weights, fuse=False, head_topk=head_topk or 0)
-    if weights == "int4":
-        use_int4_kernel_or_explain(lm.model, int4_kernel)
+    prepare_for_inference(lm.model, weights, False, int4_kernel, head_topk, fuse=False)
     return lm
 
 
@@ -555,8 +550,8 @@ def load_with_adapter(
         return lm
     lm = load(model, dtype="fp32", compile=False)  # compiled (or a cached step attached) after merging
     merge_lora(load_adapter(lm.model, adapter), unload=True)
-    if weights is None and _dtype(dtype) != torch.float32:  # torch's names too: "bfloat16" is bf16
-        lm.model.to(_dtype(dtype))
+    if weights is None and torch_dtype(dtype) != torch.float32:  # torch's names too: "bfloat16" is bf16
+        lm.model.to(torch_dtype(dtype))
     # the merged model as lamina.load prepares one: converted, int4's kernel, the compiled decode step
     prepare_for_inference(lm.model, weights, compile, int4_kernel, head_topk)
     return lm
